@@ -1,0 +1,238 @@
+"""Joules into kWh, grams CO2e and money: offline intensity tables, PUE, price, time series."""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import datetime as dt
+import difflib
+import functools
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+J_PER_KWH = 3.6e6
+WORLD_G_PER_KWH = 481.0
+OWID = "Our World in Data energy dataset (Ember, Energy Institute), CC BY 4.0"
+
+
+@dataclass(frozen=True)
+class CarbonIntensity:
+    """Grams CO2e per kWh and where the figure came from."""
+
+    g_per_kwh: float
+    label: str
+    source: str
+    year: str
+
+    def as_params(self) -> dict[str, str]:
+        return {"carbon_intensity_g_per_kwh": f"{self.g_per_kwh:g}", "carbon_intensity_label": self.label,
+                "carbon_intensity_source": self.source, "carbon_intensity_year": self.year}
+
+
+def _read_table(name: str) -> list[dict[str, str]]:
+    with resources.files("green_callbacks.data").joinpath(name).open(encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@functools.cache
+def country_table() -> dict[str, dict[str, str]]:
+    """Rows of the country table keyed by alpha-3, alpha-2 and lower-case name."""
+    table: dict[str, dict[str, str]] = {}
+    for row in _read_table("grid_carbon_intensity_by_country.csv"):
+        for key in (row["iso3"], row["iso2"], row["country"].lower()):
+            table[key] = row
+    return table
+
+
+@functools.cache
+def region_table() -> dict[str, dict[str, str]]:
+    """Rows of the cloud-region table keyed by ``provider:region``."""
+    return {f"{r['provider']}:{r['region']}": r for r in _read_table("cloud_region_carbon_intensity.csv")}
+
+
+def _unknown(kind: str, value: str, choices: list[str], hint: str = "") -> ValueError:
+    close = difflib.get_close_matches(value, choices, n=5, cutoff=0.5)
+    near = f" Did you mean: {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown {kind} {value!r}.{near}{hint}")
+
+
+def country_intensity(country: str) -> CarbonIntensity:
+    """Intensity of a country by ISO alpha-2, alpha-3 or English name (case-insensitive)."""
+    table = country_table()
+    key = country.strip()
+    row = table.get(key.upper()) or table.get(key.lower())
+    if row is None:
+        names = sorted({r["country"] for r in table.values()})
+        codes = sorted({r["iso3"] for r in table.values()} | {r["iso2"] for r in table.values()})
+        close = difflib.get_close_matches(key.lower(), [n.lower() for n in names], n=5, cutoff=0.6)
+        close = [n for n in names if n.lower() in close]
+        close += difflib.get_close_matches(key.upper(), codes, n=3, cutoff=0.6)
+        near = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown country {country!r}.{near} Use an ISO 3166 alpha-2 or alpha-3 "
+                         f"code or an English name; `green-callbacks intensity --list` lists all {len(names)}.")
+    return CarbonIntensity(float(row["g_co2e_per_kwh"]), f"{row['country']} ({row['iso3']})", OWID, row["year"])
+
+
+def region_intensity(region: str) -> CarbonIntensity:
+    """Intensity of a cloud region written ``provider:region`` (Google Cloud publishes these)."""
+    table = region_table()
+    key = region.strip().lower()
+    row = table.get(key)
+    if row is None:
+        provider = key.split(":", 1)[0] if ":" in key else ""
+        hint = ""
+        if provider and provider not in {k.split(":")[0] for k in table}:
+            hint = (f" Provider {provider!r} publishes no per-region figure; pass the region's "
+                    "country instead (country='DE' for Frankfurt, say).")
+        elif not provider:
+            hint = " Write it as provider:region, for example 'gcp:europe-west1'."
+        raise _unknown("cloud region", key, sorted(table), hint)
+    return CarbonIntensity(float(row["g_co2e_per_kwh"]), f"{key} ({row['location']})",
+                           f"Google Cloud region carbon data ({row['source_url']})", "as published")
+
+
+def world_intensity() -> CarbonIntensity:
+    return CarbonIntensity(WORLD_G_PER_KWH, "world average",
+                           f"generation-weighted mean of the {OWID} country table", "2022-2023")
+
+
+def resolve_intensity(
+    g_per_kwh: float | None = None, country: str | None = None, region: str | None = None
+) -> CarbonIntensity:
+    """The carbon intensity from exactly one of: an explicit value, a country, a cloud region.
+
+    With none given, the world average. Giving more than one is an error: which would win is
+    a guess we do not make for the user.
+    """
+    given = {k: v for k, v in (("carbon_intensity_g_per_kwh", g_per_kwh), ("country", country),
+                               ("cloud_region", region)) if v is not None}
+    if len(given) > 1:
+        settings = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise ValueError(f"carbon intensity is set more than once ({settings}); "
+                         "choose one of carbon_intensity_g_per_kwh, country, cloud_region")
+    if g_per_kwh is not None:
+        value = float(g_per_kwh)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"carbon_intensity_g_per_kwh={g_per_kwh!r} must be a finite number >= 0")
+        return CarbonIntensity(value, "explicit", "set by the user", "n/a")
+    if country is not None:
+        return country_intensity(country)
+    if region is not None:
+        return region_intensity(region)
+    return world_intensity()
+
+
+class IntensitySeries:
+    """Carbon intensity over time from a CSV of ``timestamp,g_per_kwh`` rows.
+
+    Each value holds from its timestamp until the next (a step function); a window's intensity
+    is the time-weighted mean over it. Timestamps are ISO 8601 (naive ones are UTC) or Unix
+    seconds. Before the first row the first value holds, after the last the last.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        rows: list[tuple[float, float]] = []
+        with self.path.open(encoding="utf-8") as f:
+            reader = csv.reader(f)
+            for n, row in enumerate(reader, start=1):
+                if not row or row[0].strip().lower() in ("timestamp", "time", "datetime"):
+                    continue
+                try:
+                    rows.append((self._parse_time(row[0]), float(row[1])))
+                except (ValueError, IndexError) as exc:
+                    raise ValueError(f"{self.path}:{n}: expected 'timestamp,g_per_kwh', got {row!r} ({exc})") from exc
+        if not rows:
+            raise ValueError(f"{self.path}: no 'timestamp,g_per_kwh' rows")
+        rows.sort()
+        if any(v < 0 for _, v in rows):
+            raise ValueError(f"{self.path}: carbon intensity values must be >= 0")
+        self.times = [t for t, _ in rows]
+        self.values = [v for _, v in rows]
+
+    @staticmethod
+    def _parse_time(text: str) -> float:
+        text = text.strip()
+        try:
+            return float(text)
+        except ValueError:
+            stamp = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+            if stamp.tzinfo is None:
+                stamp = stamp.replace(tzinfo=dt.timezone.utc)
+            return stamp.timestamp()
+
+    def mean_between(self, start_unix: float, end_unix: float) -> float:
+        """Time-weighted mean intensity over ``[start_unix, end_unix]`` (g/kWh)."""
+        if end_unix <= start_unix:
+            i = max(0, bisect.bisect_right(self.times, start_unix) - 1)
+            return self.values[i]
+        total, t = 0.0, start_unix
+        i = max(0, bisect.bisect_right(self.times, start_unix) - 1)
+        while t < end_unix:
+            nxt = self.times[i + 1] if i + 1 < len(self.times) else math.inf
+            seg_end = min(nxt, end_unix)
+            if seg_end > t:
+                total += self.values[i] * (seg_end - t)
+                t = seg_end
+            i += 1
+        return total / (end_unix - start_unix)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What some joules mean: kWh at the device, kWh at the meter (x PUE), gCO2e, cost."""
+
+    joules: float
+    kwh: float
+    facility_kwh: float
+    g_co2e: float
+    cost: float | None
+
+
+@dataclass(frozen=True)
+class Accountant:
+    """Turns joules spent over a time span into a :class:`Footprint`.
+
+    Args:
+        intensity: the carbon intensity (see :func:`resolve_intensity`).
+        pue: power usage effectiveness of the facility, >= 1.0 (1.0 means "not counted"; about
+            1.1 for hyperscalers, 1.58 as an industry average).
+        price_per_kwh: electricity price per facility kWh, for a cost figure.
+        currency: the price's currency code, for labels.
+        series: a time series of intensity that overrides ``intensity`` inside its span.
+    """
+
+    intensity: CarbonIntensity
+    pue: float = 1.0
+    price_per_kwh: float | None = None
+    currency: str = "EUR"
+    series: IntensitySeries | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.pue, int | float) and math.isfinite(self.pue) and self.pue >= 1.0):
+            raise ValueError(f"pue={self.pue!r} must be a number >= 1.0 (1.0 = no facility overhead; "
+                             "about 1.1 hyperscale, 1.58 industry average)")
+        if self.price_per_kwh is not None and not (math.isfinite(self.price_per_kwh) and self.price_per_kwh >= 0):
+            raise ValueError(f"price_per_kwh={self.price_per_kwh!r} must be a finite number >= 0")
+
+    def g_per_kwh(self, start_unix: float, end_unix: float) -> float:
+        if self.series is not None:
+            return self.series.mean_between(start_unix, end_unix)
+        return self.intensity.g_per_kwh
+
+    def footprint(self, joules: float, start_unix: float, end_unix: float) -> Footprint:
+        kwh = joules / J_PER_KWH
+        facility = kwh * self.pue
+        g = facility * self.g_per_kwh(start_unix, end_unix)
+        cost = facility * self.price_per_kwh if self.price_per_kwh is not None else None
+        return Footprint(joules, kwh, facility, g, cost)
+
+    def as_params(self) -> dict[str, str]:
+        params = {**self.intensity.as_params(), "pue": f"{self.pue:g}"}
+        if self.price_per_kwh is not None:
+            params["price_per_kwh"] = f"{self.price_per_kwh:g} {self.currency}"
+        if self.series is not None:
+            params["carbon_intensity_series"] = str(self.series.path)
+        return params

@@ -1,0 +1,268 @@
+"""The energy meter: owns the sensors and one sampler thread, and measures named windows."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from green_callbacks.sensors.base import Method, Reading, Sensor, log
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+DEFAULT_PERIOD_S = 0.05
+COMPONENTS = ("gpu", "cpu", "dram")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one window cost: joules per component and device, power, and how it was known.
+
+    ``joules[component][device]`` and ``methods[component][device]`` run in parallel;
+    ``start_s``/``end_s`` are monotonic seconds, ``start_unix`` wall-clock seconds.
+    """
+
+    name: str
+    start_s: float
+    end_s: float
+    start_unix: float
+    joules: Mapping[str, Mapping[str, float]]
+    methods: Mapping[str, Mapping[str, Method]]
+    peak_power_w: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+    def component_j(self, component: str) -> float:
+        return sum(self.joules.get(component, {}).values())
+
+    @property
+    def total_j(self) -> float:
+        return sum(self.component_j(c) for c in self.joules)
+
+    def method(self, component: str) -> Method:
+        """The component's method: the weakest of its devices'."""
+        return Method.weakest(list(self.methods.get(component, {}).values()))
+
+    def mean_power_w(self, component: str) -> float:
+        return self.component_j(component) / self.duration_s if self.duration_s > 0 else 0.0
+
+
+class DecimatingTrace:
+    """A power trace of bounded length covering the whole run.
+
+    When ``capacity`` points are held, neighbours are averaged pairwise and the stride doubles,
+    so a 24-hour run keeps the same memory as a 5-minute one at coarser resolution.
+    """
+
+    def __init__(self, columns: Sequence[str], capacity: int = 4096) -> None:
+        if capacity < 2:
+            raise ValueError(f"trace capacity={capacity} must be at least 2")
+        self.columns = list(columns)
+        self.capacity = capacity
+        self.stride = 1
+        self._points: list[tuple[float, ...]] = []
+        self._acc: list[float] | None = None
+        self._n = 0
+
+    def add(self, t_s: float, values: Sequence[float]) -> None:
+        row = (t_s, *values)
+        self._acc = list(row) if self._acc is None else [a + b for a, b in zip(self._acc, row, strict=True)]
+        self._n += 1
+        if self._n < self.stride:
+            return
+        self._points.append(tuple(a / self._n for a in self._acc))
+        self._acc, self._n = None, 0
+        if len(self._points) >= self.capacity:
+            pts = self._points
+            self._points = [tuple((a + b) / 2 for a, b in zip(pts[i], pts[i + 1], strict=True))
+                            for i in range(0, len(pts) - 1, 2)]
+            self.stride *= 2
+
+    def rows(self) -> list[tuple[float, ...]]:
+        return list(self._points)
+
+    def __len__(self) -> int:
+        return len(self._points)
+
+
+@dataclass
+class _Open:
+    start_s: float
+    start_unix: float
+    start: list[Reading]
+    peak_w: dict[str, float]
+
+
+class EnergyMeter:
+    """Measures named, nestable windows over a set of sensors.
+
+    One daemon thread samples every sensor each ``period_s`` (power integration, counter
+    wraparound, the power trace, peak power of open windows). Opening and closing a window
+    reads each sensor once in the caller's thread; nothing there waits on the sampler beyond
+    a lock held for a few arithmetic operations.
+
+    Args:
+        sensors: the energy sources (see :func:`green_callbacks.sensors.build_sensors`).
+        period_s: sampling period in seconds (default 50 ms; sample faster than the sensors
+            refresh).
+        trace_capacity: points kept in the power trace (memory stays flat, see
+            :class:`DecimatingTrace`).
+        cuda_sync: synchronise CUDA at window edges so queued GPU work lands in the window
+            that queued it; ``None`` does so when torch has CUDA initialised.
+        clock: monotonic clock in seconds (tests pin it to a fake GPU's clock).
+    """
+
+    def __init__(
+        self,
+        sensors: Sequence[Sensor],
+        period_s: float = DEFAULT_PERIOD_S,
+        trace_capacity: int = 4096,
+        cuda_sync: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not period_s > 0:
+            raise ValueError(f"period_s={period_s!r} must be a positive number of seconds")
+        self.sensors = list(sensors)
+        self.period_s = float(period_s)
+        self.cuda_sync = cuda_sync
+        self.clock = clock
+        self.components = [c for c in COMPONENTS if any(s.component == c for s in self.sensors)]
+        self.trace = DecimatingTrace([f"{c}_w" for c in self.components], trace_capacity)
+        self._open: dict[str, _Open] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._t0_s = 0.0
+        self._broken: set[int] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> EnergyMeter:
+        if self._thread is not None:
+            return self
+        self._t0_s = self.clock()
+        for i, sensor in enumerate(self.sensors):
+            self._guard(i, sensor.start, self._t0_s)
+        self._thread = threading.Thread(target=self._run, name="green-callbacks-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * self.period_s + 1.0)
+        for i, sensor in enumerate(self.sensors):
+            self._guard(i, sensor.close)
+
+    def __enter__(self) -> EnergyMeter:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _guard(self, i: int, fn: Callable, *args: float):  # type: ignore[type-arg]
+        """Call a sensor; a bug or fault inside it disables that sensor, never the run."""
+        if i in self._broken:
+            return None
+        try:
+            return fn(*args)
+        except Exception as exc:
+            self._broken.add(i)
+            log.warning("%s sensor failed (%r); its energy is 'unavailable' from now on.",
+                        self.sensors[i].component, exc)
+            return None
+
+    def _run(self) -> None:
+        next_s = self.clock()
+        while not self._stop.is_set():
+            now = self.clock()
+            power = {c: 0.0 for c in self.components}
+            for i, sensor in enumerate(self.sensors):
+                watts = self._guard(i, sensor.sample, now)
+                if watts:
+                    power[sensor.component] += sum(watts.values())
+            with self._lock:
+                self.trace.add(now - self._t0_s, [power[c] for c in self.components])
+                for window in self._open.values():
+                    for c, w in power.items():
+                        window.peak_w[c] = max(window.peak_w.get(c, 0.0), w)
+            next_s += self.period_s
+            self._stop.wait(max(0.0, next_s - self.clock()))
+
+    # -- windows ---------------------------------------------------------------------------
+    def _sync(self) -> None:
+        import sys
+
+        torch = sys.modules.get("torch")
+        if self.cuda_sync is False or torch is None:
+            return
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    def _read_all(self, now_s: float) -> list[Reading]:
+        readings = []
+        for i, sensor in enumerate(self.sensors):
+            reading = self._guard(i, sensor.read, now_s)
+            readings.append(reading if reading is not None else Reading(
+                {d: 0.0 for d in sensor.devices}, {d: Method.UNAVAILABLE for d in sensor.devices}))
+        return readings
+
+    def begin(self, name: str) -> None:
+        """Open window ``name`` (windows nest and may overlap; names are unique while open)."""
+        if name in self._open:
+            raise ValueError(f"window {name!r} is already open; open windows: {sorted(self._open)}")
+        self._sync()
+        now = self.clock()
+        start = self._read_all(now)
+        with self._lock:
+            self._open[name] = _Open(now, time.time(), start, {})
+
+    def is_open(self, name: str) -> bool:
+        return name in self._open
+
+    def end(self, name: str) -> Measurement:
+        """Close window ``name`` and return what it cost."""
+        if name not in self._open:
+            raise ValueError(f"window {name!r} is not open; open windows: {sorted(self._open)}")
+        self._sync()
+        now = self.clock()
+        end = self._read_all(now)
+        with self._lock:
+            window = self._open.pop(name)
+        return self._measure(name, window.start_s, now, window.start_unix, window.start, end, window.peak_w)
+
+    def since_start(self) -> Measurement:
+        """Everything measured since ``start``, as a window named ``run``."""
+        now = self.clock()
+        zero = [Reading({d: 0.0 for d in s.devices}, {}) for s in self.sensors]
+        return self._measure("run", self._t0_s, now, time.time() - (now - self._t0_s), zero,
+                             self._read_all(now), {})
+
+    def _measure(self, name: str, start_s: float, end_s: float, start_unix: float,
+                 start: list[Reading], end: list[Reading], peak_w: dict[str, float]) -> Measurement:
+        joules: dict[str, dict[str, float]] = {c: {} for c in self.components}
+        methods: dict[str, dict[str, Method]] = {c: {} for c in self.components}
+        for sensor, a, b in zip(self.sensors, start, end, strict=True):
+            for device, j_end in b.joules.items():
+                joules[sensor.component][device] = max(0.0, j_end - a.joules.get(device, 0.0))
+                methods[sensor.component][device] = b.methods.get(device, Method.UNAVAILABLE)
+        return Measurement(name, start_s, end_s, start_unix, joules, methods, dict(peak_w))
+
+    def describe(self) -> dict[str, dict[str, str]]:
+        """Per component, what each device is (names, UUIDs, zones), for the run's params."""
+        out: dict[str, dict[str, str]] = {}
+        for sensor in self.sensors:
+            out.setdefault(sensor.component, {}).update(sensor.describe())
+        return out
+
+    def trace_frame(self) -> pd.DataFrame:
+        """The power trace as a DataFrame: ``time_s`` since start and one ``<component>_w`` each."""
+        import pandas as pd
+
+        with self._lock:
+            rows = self.trace.rows()
+        return pd.DataFrame(rows, columns=["time_s", *self.trace.columns])

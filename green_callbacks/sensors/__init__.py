@@ -1,0 +1,59 @@
+"""Where joules come from: NVML, RAPL, or an estimate, behind one interface."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from green_callbacks.sensors.base import Method, Reading, Sensor, log
+from green_callbacks.sensors.estimate import DEFAULT_CPU_TDP_W, CpuEstimateSensor
+from green_callbacks.sensors.nvml import GpuSelection, NvmlSensor, NvmlUnavailable, load_nvml
+from green_callbacks.sensors.rapl import POWERCAP_ROOT, RaplPermissionError, RaplSensor
+
+__all__ = [
+    "DEFAULT_CPU_TDP_W", "CpuEstimateSensor", "GpuSelection", "Method", "NvmlSensor",
+    "NvmlUnavailable", "RaplPermissionError", "RaplSensor", "Reading", "Sensor", "build_sensors",
+    "load_nvml",
+]
+
+
+def build_sensors(
+    gpus: GpuSelection | None = "auto",
+    cuda_indices: Sequence[int] | None = None,
+    measure_cpu: bool = True,
+    cpu_tdp_w: float | None = None,
+    rapl_root: Path | str = POWERCAP_ROOT,
+    nvml: Any = None,
+) -> list[Sensor]:
+    """The best sensor for each component this process should measure.
+
+    GPUs through NVML when it loads (``gpus=None`` or an empty ``cuda_indices`` with ``"auto"``
+    measures none); CPU and DRAM through RAPL when readable, else CPU by estimate. Every
+    fallback is logged once with its reason; nothing here raises for missing hardware.
+    """
+    sensors: list[Sensor] = []
+    wants_gpu = gpus is not None and not (gpus == "auto" and cuda_indices is not None and not cuda_indices)
+    if wants_gpu:
+        try:
+            sensor = NvmlSensor(gpus, cuda_indices, nvml=nvml)
+        except NvmlUnavailable as exc:
+            if gpus != "auto":
+                log.warning("GPU energy is 'unavailable': %s", exc)
+        else:
+            if sensor.devices:
+                sensors.append(sensor)
+    if measure_cpu:
+        for component in ("cpu", "dram"):
+            try:
+                sensors.append(RaplSensor(component, rapl_root))
+            except RaplPermissionError as exc:
+                log.warning("%s; CPU energy falls back to an estimate.", exc)
+                break
+            except (FileNotFoundError, OSError, ValueError):
+                if component == "dram":
+                    continue
+                break
+        if not any(s.component == "cpu" for s in sensors):
+            sensors.append(CpuEstimateSensor(cpu_tdp_w))
+    return sensors

@@ -1,0 +1,58 @@
+"""Shared fixtures. Fakes stand only where the hardware is: NVML and the powercap tree."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+FAKE_NVML_DIR = Path(__file__).parent / "fake_nvml"
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    """A fresh simulated NVML installed as ``pynvml`` for this test."""
+    spec = importlib.util.spec_from_file_location("pynvml", FAKE_NVML_DIR / "pynvml.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "pynvml", module)
+    spec.loader.exec_module(module)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    return module
+
+
+@pytest.fixture
+def green_log(caplog):
+    caplog.set_level(logging.WARNING, logger="green_callbacks")
+    return caplog
+
+
+def make_powercap(root: Path, packages: int = 1, dram: bool = True, max_uj: int = 262143328850,
+                  start_uj: int = 1_000_000) -> Path:
+    """A powercap tree like /sys/class/powercap: package zones, each with a dram subzone."""
+    for p in range(packages):
+        zone = root / f"intel-rapl:{p}"
+        zone.mkdir(parents=True)
+        (zone / "name").write_text(f"package-{p}\n")
+        (zone / "energy_uj").write_text(f"{start_uj}\n")
+        (zone / "max_energy_range_uj").write_text(f"{max_uj}\n")
+        core = zone / f"intel-rapl:{p}:0"
+        core.mkdir()
+        (core / "name").write_text("core\n")
+        (core / "energy_uj").write_text("0\n")
+        (core / "max_energy_range_uj").write_text(f"{max_uj}\n")
+        if dram:
+            d = zone / f"intel-rapl:{p}:1"
+            d.mkdir()
+            (d / "name").write_text("dram\n")
+            (d / "energy_uj").write_text(f"{start_uj}\n")
+            (d / "max_energy_range_uj").write_text(f"{max_uj}\n")
+    psys = root / f"intel-rapl:{packages}"
+    psys.mkdir()
+    (psys / "name").write_text("psys\n")
+    (psys / "energy_uj").write_text("5\n")
+    (psys / "max_energy_range_uj").write_text(f"{max_uj}\n")
+    return root

@@ -1,0 +1,193 @@
+"""A fake ``pynvml`` for tests: simulated GPUs whose exact energy over any interval is known.
+
+Each device follows a periodic, piecewise-constant ("bursty") power profile on the real
+monotonic clock. ``energy_between`` integrates it exactly, so a test can compare the meter's
+joules with the truth. Faults are injected per call name. Configure in-process with
+``configure(...)``, or for subprocesses (DDP) through the ``FAKE_NVML_CONFIG`` environment
+variable holding the same keyword arguments as JSON.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+NVML_SUCCESS = 0
+NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_UNKNOWN = 999
+NVML_ERROR_GPU_IS_LOST = 15
+NVML_FI_DEV_POWER_INSTANT = 186
+
+
+class NVMLError(Exception):
+    def __init__(self, value: int) -> None:
+        super().__init__(f"NVML error {value}")
+        self.value = value
+
+
+def bursty_profile(seed: int = 0, period_s: float = 8.0, low_w: float = 60.0,
+                   high_w: float = 400.0) -> list[tuple[float, float]]:
+    """Segments of 20-400 ms at random levels: the shape of a training step's power."""
+    rng = random.Random(seed)
+    segments, total = [], 0.0
+    while total < period_s:
+        d = rng.uniform(0.02, 0.4)
+        segments.append((d, rng.uniform(low_w, high_w)))
+        total += d
+    return segments
+
+
+@dataclass
+class Device:
+    index: int
+    uuid: str
+    name: str = "Fake H100"
+    profile: list[tuple[float, float]] = field(default_factory=bursty_profile)
+    counter: bool = True
+    instant: bool = True
+    refresh_s: float = 0.0  # how often the instant power reading refreshes (0: continuously)
+    mig: bool = False
+    t0: float = 0.0
+    faults: dict[str, int] = field(default_factory=dict)  # call name -> error code
+    counter_offset_mj: int = 0
+
+    def __post_init__(self) -> None:
+        self._edges = [0.0]
+        self._cum = [0.0]
+        for d, w in self.profile:
+            self._edges.append(self._edges[-1] + d)
+            self._cum.append(self._cum[-1] + d * w)
+        self.period = self._edges[-1]
+
+    def power_at(self, t: float) -> float:
+        x = (t - self.t0) % self.period
+        i = bisect.bisect_right(self._edges, x) - 1
+        return self.profile[min(i, len(self.profile) - 1)][1]
+
+    def _energy_to(self, t: float) -> float:
+        x = t - self.t0
+        n = math.floor(x / self.period)
+        r = x - n * self.period
+        i = bisect.bisect_right(self._edges, r) - 1
+        i = min(i, len(self.profile) - 1)
+        return n * self._cum[-1] + self._cum[i] + (r - self._edges[i]) * self.profile[i][1]
+
+    def energy_between(self, t1: float, t2: float) -> float:
+        return self._energy_to(t2) - self._energy_to(t1)
+
+
+_devices: list[Device] = []
+_initialised = False
+
+
+def configure(devices: list[dict] | None = None, n: int = 1, **common) -> list[Device]:
+    """Set up the simulated GPUs, their clocks starting now."""
+    global _devices
+    specs = devices if devices is not None else [{} for _ in range(n)]
+    now = time.monotonic()
+    _devices = []
+    for i, spec in enumerate(specs):
+        spec = {**common, **spec}
+        if "profile_seed" in spec:
+            spec["profile"] = bursty_profile(spec.pop("profile_seed"))
+        if isinstance(spec.get("profile"), list):
+            spec["profile"] = [tuple(p) for p in spec["profile"]]
+        spec.setdefault("uuid", f"GPU-{i:08d}-fake-0000-0000-{i:012d}")
+        _devices.append(Device(index=i, t0=now, **spec))
+    return _devices
+
+
+def devices() -> list[Device]:
+    return _devices
+
+
+if os.environ.get("FAKE_NVML_CONFIG"):
+    configure(**json.loads(os.environ["FAKE_NVML_CONFIG"]))
+
+
+def _check(dev: Device, call: str) -> None:
+    code = dev.faults.get(call)
+    if code is not None:
+        raise NVMLError(code)
+
+
+def nvmlInit() -> None:
+    global _initialised
+    if not _devices:
+        raise NVMLError(NVML_ERROR_UNKNOWN)
+    _initialised = True
+
+
+def nvmlShutdown() -> None:
+    global _initialised
+    _initialised = False
+
+
+def nvmlDeviceGetCount() -> int:
+    return len(_devices)
+
+
+def nvmlDeviceGetHandleByIndex(i: int) -> Device:
+    return _devices[i]
+
+
+def nvmlDeviceGetUUID(h: Device) -> str:
+    return h.uuid
+
+
+def nvmlDeviceGetName(h: Device) -> str:
+    return h.name
+
+
+def nvmlDeviceGetMigMode(h: Device) -> tuple[int, int]:
+    if not h.mig:
+        raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+    return (1, 1)
+
+
+def nvmlDeviceGetTotalEnergyConsumption(h: Device) -> int:
+    _check(h, "nvmlDeviceGetTotalEnergyConsumption")
+    if not h.counter:
+        raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+    # mJ since the "driver loaded": an arbitrary offset plus the exact integral, floored
+    return h.counter_offset_mj + int(h.energy_between(h.t0, time.monotonic()) * 1000)
+
+
+class _Value:
+    def __init__(self, ui: int) -> None:
+        self.uiVal = ui
+
+
+class _Field:
+    def __init__(self, ret: int, ui: int) -> None:
+        self.nvmlReturn = ret
+        self.value = _Value(ui)
+
+
+def _instant_w(h: Device, t: float) -> float:
+    if h.refresh_s > 0:
+        t = h.t0 + math.floor((t - h.t0) / h.refresh_s) * h.refresh_s
+    return h.power_at(t)
+
+
+def nvmlDeviceGetFieldValues(h: Device, field_ids: list[int]) -> list[_Field]:
+    _check(h, "nvmlDeviceGetFieldValues")
+    out = []
+    for fid in field_ids:
+        if fid == NVML_FI_DEV_POWER_INSTANT and h.instant:
+            out.append(_Field(NVML_SUCCESS, int(_instant_w(h, time.monotonic()) * 1000)))
+        else:
+            out.append(_Field(NVML_ERROR_NOT_SUPPORTED, 0))
+    return out
+
+
+def nvmlDeviceGetPowerUsage(h: Device) -> int:
+    """Mean power over the last second, in mW, as recent GPUs report it."""
+    _check(h, "nvmlDeviceGetPowerUsage")
+    t = time.monotonic()
+    return int(h.energy_between(t - 1.0, t) * 1000)

@@ -1,0 +1,101 @@
+"""Carbon intensity lookups, PUE, cost, time series, and the errors for bad input."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+
+import pytest
+
+from green_callbacks.accounting import (
+    J_PER_KWH,
+    Accountant,
+    IntensitySeries,
+    resolve_intensity,
+)
+
+
+@pytest.mark.parametrize("name", ["FR", "fra", "France", " france "])
+def test_country_by_alpha2_alpha3_or_name(name):
+    ci = resolve_intensity(country=name)
+    assert ci.label == "France (FRA)"
+    assert 0 < ci.g_per_kwh < 120  # nuclear-heavy grid
+    assert ci.year in ("2022", "2023") and "Our World in Data" in ci.source
+
+
+def test_cloud_region_and_world_default():
+    region = resolve_intensity(region="gcp:europe-west1")
+    assert region.label.startswith("gcp:europe-west1") and "cloud.google.com" in region.source
+    assert resolve_intensity().g_per_kwh == 481.0
+    assert resolve_intensity(g_per_kwh=12.5).label == "explicit"
+
+
+def test_unknown_country_suggests_close_names():
+    with pytest.raises(ValueError, match=r"unknown country 'Germny'.*Did you mean: Germany"):
+        resolve_intensity(country="Germny")
+
+
+def test_unknown_region_suggests_and_explains_providers():
+    with pytest.raises(ValueError, match=r"Did you mean: gcp:europe-west1"):
+        resolve_intensity(region="gcp:europe-wst1")
+    with pytest.raises(ValueError, match=r"Provider 'aws' publishes no per-region figure; pass the region's country"):
+        resolve_intensity(region="aws:eu-central-1")
+    with pytest.raises(ValueError, match="provider:region"):
+        resolve_intensity(region="europe-west1")
+
+
+def test_contradictory_or_negative_intensity_is_rejected():
+    with pytest.raises(ValueError, match=r"set more than once \(carbon_intensity_g_per_kwh=100, country='FR'\)"):
+        resolve_intensity(g_per_kwh=100, country="FR")
+    with pytest.raises(ValueError, match=r"carbon_intensity_g_per_kwh=-1 must be"):
+        resolve_intensity(g_per_kwh=-1)
+
+
+def test_pue_and_price_scale_the_facility_energy():
+    acc = Accountant(resolve_intensity(g_per_kwh=400.0), pue=1.5, price_per_kwh=0.2)
+    fp = acc.footprint(J_PER_KWH * 2, 0.0, 10.0)  # 2 kWh at the devices
+    assert fp.kwh == pytest.approx(2.0)
+    assert fp.facility_kwh == pytest.approx(3.0)
+    assert fp.g_co2e == pytest.approx(1200.0)
+    assert fp.cost == pytest.approx(0.6)
+    assert acc.as_params()["pue"] == "1.5"
+    assert Accountant(resolve_intensity()).footprint(1.0, 0, 1).cost is None
+
+
+@pytest.mark.parametrize("pue", [0.9, -1, float("nan")])
+def test_bad_pue_is_rejected(pue):
+    with pytest.raises(ValueError, match=r"pue=.* must be a number >= 1.0"):
+        Accountant(resolve_intensity(), pue=pue)
+
+
+def test_time_series_is_integrated_over_the_window(tmp_path):
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    path = tmp_path / "ci.csv"
+    path.write_text("timestamp,g_per_kwh\n"
+                    f"{t0.isoformat()},100\n"
+                    f"{(t0 + dt.timedelta(hours=1)).isoformat()},300\n"
+                    f"{(t0 + dt.timedelta(hours=2)).strftime('%Y-%m-%dT%H:%M:%S')},50\n")
+    series = IntensitySeries(path)
+    s = t0.timestamp()
+    assert series.mean_between(s, s + 3600) == pytest.approx(100)
+    assert series.mean_between(s + 1800, s + 5400) == pytest.approx(200)  # half 100, half 300
+    assert series.mean_between(s + 3600, s + 3 * 3600) == pytest.approx(175)  # past the end: last value holds
+    assert series.mean_between(s - 3600, s) == pytest.approx(100)  # before the start: first value holds
+    acc = Accountant(resolve_intensity(), series=series)
+    assert acc.footprint(J_PER_KWH, s + 1800, s + 5400).g_co2e == pytest.approx(200)
+
+
+def test_bad_time_series_rows_name_the_line(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("timestamp,g_per_kwh\n2026-01-01T00:00:00,100\nyesterday,abc\n")
+    with pytest.raises(ValueError, match=r"bad.csv:3: expected 'timestamp,g_per_kwh'"):
+        IntensitySeries(path)
+
+
+def test_import_is_light_and_fast():
+    code = ("import sys, time; t = time.perf_counter(); import green_callbacks; "
+            "dt = time.perf_counter() - t; heavy = [m for m in ('torch', 'lightning', 'transformers', 'mlflow', "
+            "'pandas') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

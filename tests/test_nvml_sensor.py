@@ -1,0 +1,195 @@
+"""NVML sensor and meter against a simulated GPU whose exact energy is known."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from green_callbacks.meter import EnergyMeter
+from green_callbacks.sensors import Method, NvmlSensor, build_sensors
+
+
+def busy_wait(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.001)
+
+
+def truth(device, m) -> float:
+    return device.energy_between(m.start_s, m.end_s)
+
+
+def test_counter_path_matches_exact_energy(fake_nvml):
+    devs = fake_nvml.configure([{"profile_seed": 1}, {"profile_seed": 2}])
+    meter = EnergyMeter([NvmlSensor("all", nvml=fake_nvml)]).start()
+    try:
+        for seconds in (0.3, 1.0, 2.0):
+            meter.begin("w")
+            busy_wait(seconds)
+            m = meter.end("w")
+            assert m.method("gpu") is Method.COUNTER
+            for label, dev in (("gpu0", devs[0]), ("gpu1", devs[1])):
+                exact = truth(dev, m)
+                # floor to whole mJ at both edges, plus microseconds between clock and read
+                assert m.joules["gpu"][label] == pytest.approx(exact, rel=1e-3, abs=0.05)
+            assert m.component_j("gpu") == pytest.approx(truth(devs[0], m) + truth(devs[1], m), rel=1e-3)
+    finally:
+        meter.close()
+
+
+def test_sampled_path_stays_close_on_a_bursty_profile(fake_nvml):
+    (dev,) = fake_nvml.configure([{"profile_seed": 3, "counter": False}])
+    meter = EnergyMeter([NvmlSensor("all", nvml=fake_nvml)], period_s=0.01).start()
+    try:
+        errors = []
+        for _ in range(3):
+            meter.begin("w")
+            busy_wait(2.0)
+            m = meter.end("w")
+            assert m.method("gpu") is Method.SAMPLED
+            errors.append(abs(m.component_j("gpu") - truth(dev, m)) / truth(dev, m))
+    finally:
+        meter.close()
+    # segments of 20-400 ms sampled every 10 ms: each edge costs at most one period of error
+    assert max(errors) < 0.03, errors
+
+
+def test_power_usage_fallback_when_instant_power_is_missing(fake_nvml, green_log):
+    (dev,) = fake_nvml.configure([{"profile": [(0.5, 100.0), (0.5, 300.0)], "counter": False,
+                                   "instant": False}])
+    meter = EnergyMeter([NvmlSensor("all", nvml=fake_nvml)], period_s=0.02).start()
+    try:
+        busy_wait(1.0)
+        meter.begin("w")
+        busy_wait(3.0)
+        m = meter.end("w")
+    finally:
+        meter.close()
+    assert m.method("gpu") is Method.SAMPLED
+    # the 1-second average lags but over whole periods of a 1 s profile it averages to 200 W
+    assert m.component_j("gpu") == pytest.approx(truth(dev, m), rel=0.1)
+    assert "nvmlDeviceGetPowerUsage" in green_log.text
+
+
+def test_not_supported_mid_run_switches_to_sampling(fake_nvml, green_log):
+    (dev,) = fake_nvml.configure([{"profile_seed": 4}])
+    meter = EnergyMeter([NvmlSensor("all", nvml=fake_nvml)], period_s=0.01).start()
+    try:
+        meter.begin("epoch")
+        busy_wait(0.5)
+        dev.faults["nvmlDeviceGetTotalEnergyConsumption"] = fake_nvml.NVML_ERROR_NOT_SUPPORTED
+        busy_wait(1.5)
+        m = meter.end("epoch")
+        meter.begin("next")
+        busy_wait(0.5)
+        m2 = meter.end("next")
+    finally:
+        meter.close()
+    assert m.method("gpu") is Method.SAMPLED and m2.method("gpu") is Method.SAMPLED
+    assert m.component_j("gpu") == pytest.approx(truth(dev, m), rel=0.05)
+    assert m2.component_j("gpu") == pytest.approx(truth(dev, m2), rel=0.05)
+    assert green_log.text.count("NOT_SUPPORTED") == 1
+
+
+def test_gpu_lost_mid_run_keeps_the_run_and_the_joules_before(fake_nvml, green_log):
+    devs = fake_nvml.configure(n=2)
+    meter = EnergyMeter([NvmlSensor("all", nvml=fake_nvml)], period_s=0.01).start()
+    try:
+        meter.begin("epoch")
+        busy_wait(0.5)
+        before = devs[1].energy_between(devs[1].t0, time.monotonic())
+        for call in ("nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetFieldValues", "nvmlDeviceGetPowerUsage"):
+            devs[1].faults[call] = fake_nvml.NVML_ERROR_GPU_IS_LOST
+        busy_wait(0.5)
+        m = meter.end("epoch")
+        meter.begin("after")
+        busy_wait(0.2)
+        m2 = meter.end("after")
+    finally:
+        meter.close()
+    assert m.methods["gpu"]["gpu0"] is Method.COUNTER
+    assert m.methods["gpu"]["gpu1"] is Method.UNAVAILABLE
+    assert m.method("gpu") is Method.UNAVAILABLE
+    assert m.joules["gpu"]["gpu0"] == pytest.approx(truth(devs[0], m), rel=1e-3, abs=0.05)
+    # the lost GPU keeps what was measured up to the loss, and adds nothing after it
+    assert 0 < m.joules["gpu"]["gpu1"] <= before + 50
+    assert m2.joules["gpu"]["gpu1"] == 0.0
+    assert green_log.text.count("gpu1: NVML failed") == 1
+
+
+def test_counter_reset_counts_on(fake_nvml, green_log):
+    (dev,) = fake_nvml.configure([{"counter_offset_mj": 10_000_000}])
+    meter = EnergyMeter([NvmlSensor("all", nvml=fake_nvml)], period_s=0.01).start()
+    try:
+        meter.begin("w")
+        busy_wait(0.3)
+        dev.counter_offset_mj = 0  # driver reload: the counter restarts near zero
+        busy_wait(0.3)
+        m = meter.end("w")
+    finally:
+        meter.close()
+    assert m.method("gpu") is Method.COUNTER
+    assert 0 < m.component_j("gpu") <= truth(dev, m) * 1.01 + dev.energy_between(dev.t0, m.end_s)
+    assert "went backwards" in green_log.text
+
+
+def test_cuda_visible_devices_maps_by_uuid(fake_nvml, monkeypatch):
+    devs = fake_nvml.configure([{"profile_seed": s} for s in range(4)])
+    # CUDA device 0 is NVML device 2 and CUDA device 1 is NVML device 0, named by UUID prefix
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"{devs[2].uuid[:12]},{devs[0].uuid}")
+    sensor = NvmlSensor("all", nvml=fake_nvml)
+    assert sensor.devices == ["gpu0", "gpu1"]
+    assert sensor.describe()["gpu0"].endswith(f"({devs[2].uuid})")
+    meter = EnergyMeter([sensor]).start()
+    try:
+        meter.begin("w")
+        busy_wait(0.5)
+        m = meter.end("w")
+    finally:
+        meter.close()
+    assert m.joules["gpu"]["gpu0"] == pytest.approx(truth(devs[2], m), rel=1e-3, abs=0.05)
+    assert m.joules["gpu"]["gpu1"] == pytest.approx(truth(devs[0], m), rel=1e-3, abs=0.05)
+    # each DDP rank measures only its own device: LOCAL_RANK picks it under "auto"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert NvmlSensor("auto", nvml=fake_nvml).describe() == {"gpu1": f"Fake H100 ({devs[0].uuid})"}
+    assert NvmlSensor("auto", cuda_indices=[0], nvml=fake_nvml).describe()["gpu0"].endswith(f"({devs[2].uuid})")
+
+
+def test_cuda_visible_devices_integers_and_invalid_entries(fake_nvml, monkeypatch):
+    devs = fake_nvml.configure(n=3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,1,bogus,0")  # CUDA stops at the bad entry
+    sensor = NvmlSensor("all", nvml=fake_nvml)
+    assert [v.split("(")[1][:-1] for v in sensor.describe().values()] == [devs[2].uuid, devs[1].uuid]
+
+
+def test_bad_gpu_selection_names_the_valid_choices(fake_nvml):
+    fake_nvml.configure(n=2)
+    with pytest.raises(ValueError, match=r"gpus=\[5\].*valid indices are \[0, 1\]"):
+        NvmlSensor([5], nvml=fake_nvml)
+    with pytest.raises(ValueError, match=r"gpus='some'.*\"auto\", \"all\""):
+        NvmlSensor("some", nvml=fake_nvml)
+
+
+def test_mig_instance_is_explained_and_unavailable(fake_nvml, green_log):
+    fake_nvml.configure([{"mig": True}])
+    meter = EnergyMeter([NvmlSensor("all", nvml=fake_nvml)]).start()
+    try:
+        meter.begin("w")
+        m = meter.end("w")
+    finally:
+        meter.close()
+    assert m.method("gpu") is Method.UNAVAILABLE
+    assert "MIG instance" in green_log.text and "whole physical GPU" in green_log.text
+
+
+def test_no_nvml_means_no_gpu_sensor_and_no_error(monkeypatch, tmp_path):
+    import sys
+
+    class Broken:
+        def nvmlInit(self):
+            raise OSError("libnvidia-ml.so.1: cannot open shared object file")
+
+    monkeypatch.setitem(sys.modules, "pynvml", Broken())
+    sensors = build_sensors("auto", rapl_root=tmp_path)
+    assert [s.component for s in sensors] == ["cpu"]
