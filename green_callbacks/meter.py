@@ -158,6 +158,11 @@ class EnergyMeter:
         for i, sensor in enumerate(self.sensors):
             self._guard(i, sensor.close)
 
+    @property
+    def t0_s(self) -> float:
+        """The clock reading at ``start``: the trace's time zero."""
+        return self._t0_s
+
     def __enter__(self) -> EnergyMeter:
         return self.start()
 

@@ -1,0 +1,69 @@
+"""Rank facts and the one collective each window needs: gather every rank's joules on all ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits in a (possibly multi-node) job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    node: str = ""
+
+    @property
+    def is_zero(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def measures_host(self) -> bool:
+        """CPU and DRAM belong to the node: measured once per node, by its local rank 0."""
+        return self.local_rank == 0
+
+    @classmethod
+    def from_env(cls) -> RankInfo:
+        """From torch.distributed when it is up, else torchrun's / SLURM's environment."""
+        env = os.environ
+        rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+        local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+        world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+        dist = _dist()
+        if dist is not None:
+            rank, world = dist.get_rank(), dist.get_world_size()
+        return cls(rank, local, world, socket.gethostname())
+
+
+def _dist() -> Any:
+    """``torch.distributed`` when a process group is initialised, else ``None`` (no torch import)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` without a process group).
+
+    Collective: every rank must call it at the same point, as with any all-gather.
+    """
+    dist = _dist()
+    if dist is None:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (the decision all ranks must share)."""
+    return any(gather(bool(flag)))

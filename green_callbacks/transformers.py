@@ -1,0 +1,141 @@
+"""Hugging Face ``Trainer`` callbacks: ``Trainer(callbacks=[EnergyMonitor()])``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
+
+from green_callbacks.core import EnergyTracker
+from green_callbacks.distributed import RankInfo
+
+__all__ = ["EnergyMonitor"]
+
+# eval metrics about the evaluation itself, not the model
+_NOT_MODEL_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second", "epoch")
+
+
+def _rank(args: TrainingArguments) -> RankInfo:
+    import socket
+
+    return RankInfo(args.process_index, args.local_process_index, args.world_size, socket.gethostname())
+
+
+def _cuda_indices(args: TrainingArguments) -> list[int]:
+    return [args.device.index or 0] if args.device.type == "cuda" else []
+
+
+def model_metrics(metrics: dict[str, Any] | None, prefix: str = "eval_") -> dict[str, float]:
+    """Evaluation metrics of the model (``eval_accuracy``...), without runtime/throughput entries."""
+    return {k: float(v) for k, v in (metrics or {}).items()
+            if k.startswith(prefix) and not k.endswith(_NOT_MODEL_METRICS) and isinstance(v, int | float)}
+
+
+def _evaluates_each_epoch(args: TrainingArguments) -> bool:
+    strategy = getattr(args, "eval_strategy", None) or getattr(args, "evaluation_strategy", "no")
+    return str(getattr(strategy, "value", strategy)) == "epoch"
+
+
+def load_saved_state(callback: Any, state: TrainerState) -> dict[str, Any] | None:
+    """This callback's attributes from ``state.stateful_callbacks`` (a resumed checkpoint's).
+
+    HF re-creates stateful callbacks only with ``restore_callback_states_from_checkpoint=True``;
+    reading the attributes here restores the totals either way.
+    """
+    saved = (state.stateful_callbacks or {}).get(type(callback).__name__)
+    if isinstance(saved, list):
+        saved = saved[0] if saved else None
+    return (saved or {}).get("attributes")
+
+
+class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
+    """Measures every epoch's energy (evaluation included) and logs it to the MLflow run.
+
+    Arguments are those of :class:`green_callbacks.core.EnergyTracker`, identical in
+    ``green_callbacks.lightning.EnergyMonitor``. Logs into the run of HF's ``MLflowCallback``
+    (``report_to="mlflow"``) or any active MLflow run, else a run it opens itself. With
+    ``eval_strategy="epoch"`` the epoch window closes after the evaluation that follows
+    ``on_epoch_end``. ``trainer.evaluate()``/``predict()`` outside training are measured from
+    the end of their first batch (HF has no hook before it) and reported per sample.
+    """
+
+    def state(self) -> dict[str, Any]:
+        args = {k: list(v) if isinstance(v, tuple) else v for k, v in self._init_args.items()}
+        return {"args": args, "attributes": {"green_state": self.state_dict()}}
+
+    def _start(self, args: TrainingArguments) -> None:
+        if not self._started:
+            self.start(_rank(args), _cuda_indices(args))
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        saved = getattr(self, "green_state", None) or (load_saved_state(self, state) or {}).get("green_state")
+        if saved and saved.get("records") and not self.records:
+            self.load_state_dict(saved)
+        self._training = True
+        self._eval_pending = False
+        self._start(args)
+
+    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        self._close_epoch({})
+        self._epoch = math.floor(state.epoch or 0)
+        self.begin_epoch()
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if _evaluates_each_epoch(args) and self.epoch_open:
+            self._eval_pending = True  # HF evaluates after on_epoch_end: the epoch waits for it
+            self.begin_validation()
+        else:
+            self._close_epoch({})
+
+    def on_prediction_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                           **kwargs: Any) -> None:
+        if getattr(self, "_training", False):
+            self.begin_validation()
+            return
+        # evaluate() and predict() share this loop; which one it was is known only at its end
+        self._start(args)
+        if not self.stage_open("inference"):
+            self._steps = [0, 0]  # [steps seen, steps measured]
+            self.begin_stage("inference")
+        else:
+            self._steps[1] += 1
+        self._steps[0] += 1
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if getattr(self, "_training", False):
+            self.end_validation()
+            if self._eval_pending:
+                self._close_epoch(model_metrics(metrics))
+        else:
+            self._end_inference("evaluate", args, metrics)
+
+    def on_predict(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                   metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
+        self._end_inference("predict", args, metrics)
+
+    def _end_inference(self, label: str, args: TrainingArguments, metrics: dict[str, float] | None) -> None:
+        """Samples in the measured steps: HF's sample count scaled by the share of steps measured."""
+        metrics = metrics or {}
+        rate = next((v for k, v in metrics.items() if k.endswith("_samples_per_second")), 0.0)
+        runtime = next((v for k, v in metrics.items() if k.endswith("_runtime")), 0.0)
+        seen, measured = getattr(self, "_steps", [0, 0])
+        total = round(rate * runtime)  # HF divides the job-wide sample count by the runtime
+        share = total * measured / seen / args.world_size if seen else 0.0
+        self.end_stage("inference", samples=round(share), label=label)
+
+    def _close_epoch(self, metrics: dict[str, float]) -> None:
+        self._eval_pending = False
+        if self.epoch_open:
+            self.end_epoch(self._epoch, metrics)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        self._close_epoch({})
+        self._training = False
+        self.finish("FINISHED")
