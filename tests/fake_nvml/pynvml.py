@@ -106,8 +106,22 @@ def devices() -> list[Device]:
     return _devices
 
 
+def _rank() -> int:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+
+
+_per_rank: list[dict] | None = None
 if os.environ.get("FAKE_NVML_CONFIG"):
-    configure(**json.loads(os.environ["FAKE_NVML_CONFIG"]))
+    _config = json.loads(os.environ["FAKE_NVML_CONFIG"])
+    # {"per_rank": [spec0, spec1]}: each DDP rank is a node that sees only its own GPU
+    _per_rank = _config.pop("per_rank", None)
+    if _per_rank is None:
+        configure(**_config)
 
 
 def _check(dev: Device, call: str) -> None:
@@ -118,6 +132,9 @@ def _check(dev: Device, call: str) -> None:
 
 def nvmlInit() -> None:
     global _initialised
+    if _per_rank is not None and not _devices:
+        rank = _rank()
+        configure([{"uuid": f"GPU-rank{rank}-fake", **_per_rank[rank]}])
     if not _devices:
         raise NVMLError(NVML_ERROR_UNKNOWN)
     _initialised = True

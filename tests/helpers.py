@@ -1,0 +1,98 @@
+"""Small real pieces the tests share: MLflow queries, tiny models, a digits data set."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAKE_NVML_DIR
+
+CONTRACT = ["energy/epoch_j", "energy/gpu_j", "energy/cpu_j", "energy/val_j", "energy/cumulative_j",
+            "energy/epoch_kwh", "emissions/epoch_g", "emissions/cumulative_g", "power/gpu_mean_w",
+            "power/gpu_peak_w", "time/epoch_s", "energy/gpu0_j"]
+
+
+def runs(uri: str, experiment: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exps = [client.get_experiment_by_name(experiment)] if experiment else client.search_experiments()
+    return client, client.search_runs([e.experiment_id for e in exps if e is not None])
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def artifacts(client, run_id: str) -> list[str]:
+    return sorted(a.path for a in client.list_artifacts(run_id, "green_callbacks"))
+
+
+def fake_nvml_env(config: str) -> dict[str, str]:
+    """Environment for a subprocess whose ``import pynvml`` finds the fake, configured by JSON."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(FAKE_NVML_DIR), str(Path(__file__).parent), *sys.path])
+    env["FAKE_NVML_CONFIG"] = config
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 over a sqlite store; stop and start it at will."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        import urllib.request
+
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=1).read()
+                return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        pytest.fail("mlflow server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            import signal
+
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+
+def digits_tensors(seed: int = 0):
+    """scikit-learn's bundled 8x8 digits (1,797 images), scaled to [0, 1], split 80/20."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(x), generator=g)
+    x = torch.tensor(x, dtype=torch.float32)[idx] / 16.0
+    y = torch.tensor(y, dtype=torch.long)[idx]
+    cut = int(0.8 * len(x))
+    return (x[:cut], y[:cut]), (x[cut:], y[cut:])

@@ -1,0 +1,202 @@
+"""EnergyMonitor in a real Lightning Trainer, logging into a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import mlflow
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import MLFlowLogger
+
+from green_callbacks.accounting import J_PER_KWH
+from green_callbacks.lightning import EnergyMonitor
+
+from helpers import CONTRACT, artifacts, history, runs
+
+
+class ValModel(BoringModel):
+    def validation_step(self, batch, batch_idx):
+        out = super().validation_step(batch, batch_idx)
+        self.log("val_loss", out["x"])
+        self.log("val_score", 1.0 + self.current_epoch)
+        return out
+
+
+def trainer(tmp_path, callbacks, max_epochs=3, **kw):
+    kw.setdefault("logger", False)
+    kw.setdefault("enable_checkpointing", False)
+    return pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, accelerator="cpu", devices=1,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kw)
+
+
+class WindowTruth(pl.Callback):
+    """Records, after EnergyMonitor closes each epoch, the fake GPU's exact joules over that window."""
+
+    def __init__(self, monitor, device):
+        self.monitor, self.device, self.truth = monitor, device, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        w = self.monitor.last_window
+        self.truth.append(self.device.energy_between(w.start_s, w.end_s))
+
+
+def test_logs_the_metric_contract_per_epoch_into_the_loggers_run(tmp_path, fake_nvml):
+    (dev,) = fake_nvml.configure([{"profile_seed": 5}])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = MLFlowLogger(experiment_name="lit", tracking_uri=uri)
+    monitor = EnergyMonitor(gpus="all", output_dir=str(tmp_path / "out"), country="DE", price_per_kwh=0.3)
+    truth = WindowTruth(monitor, dev)
+    trainer(tmp_path, [monitor, truth], logger=logger).fit(ValModel())
+
+    client, found = runs(uri, "lit")
+    assert len(found) == 1, "one training, one run"
+    run = found[0]
+    assert run.info.run_id == logger.run_id
+    for key in [*CONTRACT, "efficiency/val_score_per_kj", "cost/epoch"]:
+        assert [s for s, _ in history(client, run.info.run_id, key)] == [0, 1, 2], key
+    epoch = dict(history(client, run.info.run_id, "energy/epoch_j"))
+    gpu = dict(history(client, run.info.run_id, "energy/gpu_j"))
+    gpu0 = dict(history(client, run.info.run_id, "energy/gpu0_j"))
+    cpu = dict(history(client, run.info.run_id, "energy/cpu_j"))
+    val = dict(history(client, run.info.run_id, "energy/val_j"))
+    cumulative = dict(history(client, run.info.run_id, "energy/cumulative_j"))
+    grams = dict(history(client, run.info.run_id, "emissions/epoch_g"))
+    intensity = float(run.data.params["green.carbon_intensity_g_per_kwh"])
+    running = 0.0
+    for step in range(3):
+        assert gpu0[step] == pytest.approx(truth.truth[step], rel=1e-3, abs=0.05)  # the simulated GPU's truth
+        assert gpu[step] == pytest.approx(gpu0[step])
+        assert epoch[step] == pytest.approx(gpu[step] + cpu[step])
+        assert 0 < val[step] < epoch[step]
+        running += epoch[step]
+        assert cumulative[step] == pytest.approx(running)
+        assert grams[step] == pytest.approx(epoch[step] / J_PER_KWH * intensity)
+    eff = dict(history(client, run.info.run_id, "efficiency/val_score_per_kj"))
+    assert eff[2] == pytest.approx(3.0 / (cumulative[2] / 1000), rel=1e-6)
+    assert run.data.params["green.carbon_intensity_label"] == "Germany (DEU)"
+    assert run.data.params["green.world_size"] == "1"
+    assert run.data.tags["green.method.gpu"] == "counter"
+    assert run.data.tags["green.method.cpu"] == "estimated"
+    assert run.data.tags["green.gpu_names"].startswith("Fake H100")
+    assert artifacts(client, run.info.run_id) == [
+        "green_callbacks/epochs.csv", "green_callbacks/power.png", "green_callbacks/power_trace.csv",
+        "green_callbacks/summary.json"]
+    local = client.download_artifacts(run.info.run_id, "green_callbacks/summary.json", str(tmp_path))
+    summary = json.loads(Path(local).read_text())
+    assert summary["energy_j"] == pytest.approx(cumulative[2])
+    assert summary["cost"] == pytest.approx(cumulative[2] / J_PER_KWH * 0.3)
+
+
+def test_without_a_logger_opens_one_run_and_measures_test_per_sample(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monitor = EnergyMonitor(tracking_uri=uri, experiment_name="own", run_name="digits",
+                            output_dir=str(tmp_path / "out"))
+    t = trainer(tmp_path, [monitor], max_epochs=2)
+    model = ValModel()
+    t.fit(model)
+    t.test(model)
+    client, found = runs(uri, "own")
+    assert len(found) == 1
+    run = found[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "digits"
+    test_j = history(client, run.info.run_id, "energy/test_j")
+    per_sample = history(client, run.info.run_id, "energy/test_j_per_sample")
+    samples = history(client, run.info.run_id, "test/samples")
+    assert samples == [(0, 64.0)]  # BoringModel's test set: 64 samples
+    assert per_sample[0][1] == pytest.approx(test_j[0][1] / 64)
+    out = capsys.readouterr().out
+    assert out.count("green-callbacks [finished]: 2 epochs") == 1
+    assert f"MLflow run {run.info.run_id}" in out
+
+
+def test_logs_into_the_users_active_run(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run() as active:
+            trainer(tmp_path, [EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False)],
+                    max_epochs=1).fit(ValModel())
+        client, found = runs(uri)
+        assert [r.info.run_id for r in found] == [active.info.run_id]
+        assert history(client, active.info.run_id, "energy/epoch_j")
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_resume_continues_the_totals_in_the_same_run(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+
+    def monitor():
+        return EnergyMonitor(tracking_uri=uri, experiment_name="resume", output_dir=str(tmp_path / "out"),
+                             log_artifacts=False)
+
+    trainer(tmp_path, [monitor(), ckpt], max_epochs=2, enable_checkpointing=True).fit(ValModel())
+    first = monitor()
+    trainer(tmp_path, [first, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_epochs=4,
+            enable_checkpointing=True).fit(ValModel(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    client, found = runs(uri, "resume")
+    assert len(found) == 1, "the resumed training continues its own run"
+    run_id = found[0].info.run_id
+    epoch = history(client, run_id, "energy/epoch_j")
+    cumulative = history(client, run_id, "energy/cumulative_j")
+    assert [s for s, _ in epoch] == [0, 1, 2, 3]
+    assert cumulative[3][1] == pytest.approx(sum(v for _, v in epoch))
+    assert [r.epoch for r in first.records] == [0, 1, 2, 3]
+
+
+def test_exception_in_training_step_keeps_the_partial_epoch_and_marks_the_run_failed(tmp_path):
+    class Boom(ValModel):
+        def training_step(self, batch, batch_idx):
+            if self.current_epoch == 1 and batch_idx == 3:
+                raise RuntimeError("user bug")
+            return super().training_step(batch, batch_idx)
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monitor = EnergyMonitor(tracking_uri=uri, output_dir=str(tmp_path / "out"))
+    with pytest.raises(RuntimeError, match="user bug"):
+        trainer(tmp_path, [monitor], max_epochs=3).fit(Boom())
+    client, (run,) = runs(uri)
+    assert run.info.status == "FAILED"
+    assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [0, 1]
+    assert monitor.records[-1].partial and monitor.records[-1].epoch == 1
+    assert "green_callbacks/summary.json" in artifacts(client, run.info.run_id)
+
+
+def test_gpu_lost_mid_training_warns_once_and_training_finishes(tmp_path, fake_nvml, green_log):
+    (dev,) = fake_nvml.configure(n=1)
+
+    class Lose(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                for call in ("nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetFieldValues",
+                             "nvmlDeviceGetPowerUsage"):
+                    dev.faults[call] = fake_nvml.NVML_ERROR_GPU_IS_LOST
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monitor = EnergyMonitor(gpus="all", tracking_uri=uri, output_dir=str(tmp_path / "out"), log_artifacts=False)
+    t = trainer(tmp_path, [monitor, Lose()], max_epochs=3)
+    t.fit(ValModel())
+    assert t.current_epoch == 3
+    assert [r.methods["gpu"] for r in monitor.records] == ["counter", "unavailable", "unavailable"]
+    assert green_log.text.count("gpu0: NVML failed") == 1
+
+
+def test_bad_arguments_fail_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown country 'Atlantis'"):
+        EnergyMonitor(country="Atlantis")
+    with pytest.raises(ValueError, match=r"log_artifacts=\['epochs', 'video'\]: unknown \['video'\]"):
+        EnergyMonitor(log_artifacts=["epochs", "video"])
+    with pytest.raises(ValueError, match=r"sampling_period_s=0"):
+        EnergyMonitor(sampling_period_s=0)
+    with pytest.raises(ValueError, match=r"gpus='first'"):
+        EnergyMonitor(gpus="first")
+
+
+def test_state_keys_allow_several_instances():
+    a, b = EnergyMonitor(run_name="a"), EnergyMonitor(run_name="b")
+    assert a.state_key != b.state_key
