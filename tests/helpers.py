@@ -96,3 +96,50 @@ def digits_tensors(seed: int = 0):
     y = torch.tensor(y, dtype=torch.long)[idx]
     cut = int(0.8 * len(x))
     return (x[:cut], y[:cut]), (x[cut:], y[cut:])
+
+
+def hf_digits_model(hidden: int = 32, seed: int = 0):
+    """A tiny MLP classifier for 8x8 digits, built from a ``PretrainedConfig`` (nothing downloaded)."""
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    class DigitsConfig(PretrainedConfig):
+        model_type = "digits-mlp"
+
+        def __init__(self, hidden: int = 32, **kw):
+            super().__init__(**kw)
+            self.hidden = hidden
+
+    class DigitsMLP(PreTrainedModel):
+        config_class = DigitsConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.net = torch.nn.Sequential(torch.nn.Linear(64, config.hidden), torch.nn.ReLU(),
+                                           torch.nn.Linear(config.hidden, 10))
+            self.post_init()
+
+        def forward(self, pixels, labels=None):
+            logits = self.net(pixels)
+            loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+            return {"loss": loss, "logits": logits}
+
+    torch.manual_seed(seed)
+    return DigitsMLP(DigitsConfig(hidden=hidden))
+
+
+class DigitsDataset:
+    """(pixels, labels) tensors as the dict rows the HF Trainer collates."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"pixels": self.x[i], "labels": self.y[i]}
+
+
+def hf_accuracy(pred) -> dict[str, float]:
+    return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}

@@ -1,0 +1,40 @@
+"""HF Trainer under torchrun (2 CPU processes, gloo) with EnergyMonitor; each rank's GPU is simulated.
+
+Usage: torchrun --nproc_per_node 2 hf_ddp.py TRACKING_URI OUT_DIR.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from green_callbacks.transformers import EnergyMonitor
+
+from helpers import DigitsDataset, digits_tensors, hf_accuracy, hf_digits_model
+
+
+class Truth(TrainerCallback):
+    def __init__(self, monitor, out):
+        self.monitor, self.out, self.truth = monitor, out, []
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        import pynvml
+
+        (dev,) = pynvml.devices()
+        w = self.monitor.last_window
+        self.truth.append(dev.energy_between(w.start_s, w.end_s))
+        Path(self.out, f"truth-rank{args.process_index}.json").write_text(json.dumps(self.truth))
+
+
+if __name__ == "__main__":
+    uri, out = sys.argv[1], sys.argv[2]
+    (xt, yt), (xv, yv) = digits_tensors()
+    args = TrainingArguments(output_dir=out, num_train_epochs=2, per_device_train_batch_size=32,
+                             eval_strategy="epoch", save_strategy="no", report_to="none", use_cpu=True,
+                             disable_tqdm=True, ddp_backend="gloo")
+    monitor = EnergyMonitor(gpus="all", tracking_uri=uri, experiment_name="ddp", output_dir=out)
+    trainer = Trainer(model=hf_digits_model(), args=args, train_dataset=DigitsDataset(xt[:512], yt[:512]),
+                      eval_dataset=DigitsDataset(xv[:128], yv[:128]), compute_metrics=hf_accuracy,
+                      callbacks=[monitor, Truth(monitor, out)])
+    trainer.train()

@@ -1,0 +1,53 @@
+"""Real DDP on CPU with gloo: each rank measures only its own (simulated) GPU; rank 0 logs the exact sum."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import fake_nvml_env, free_port, history, runs
+
+SCRIPTS = Path(__file__).parent / "ddp_scripts"
+PER_RANK = json.dumps({"per_rank": [{"profile_seed": 11}, {"profile_seed": 12}]})
+
+
+def check_sums(uri: str, out: Path, epochs: int) -> None:
+    client, found = runs(uri, "ddp")
+    assert len(found) == 1, "rank 0 alone logs, into one run"
+    run = found[0]
+    truth = [json.loads((out / f"truth-rank{r}.json").read_text()) for r in range(2)]
+    h = {k: dict(history(client, run.info.run_id, k)) for k in
+         ("energy/gpu0_j", "energy/gpu1_j", "energy/gpu_j", "energy/cpu_j", "energy/epoch_j")}
+    assert sorted(h["energy/gpu_j"]) == list(range(epochs))
+    for step in range(epochs):
+        # each rank's device, measured by that rank, equals that device's exact energy
+        assert h["energy/gpu0_j"][step] == pytest.approx(truth[0][step], rel=1e-3, abs=0.05)
+        assert h["energy/gpu1_j"][step] == pytest.approx(truth[1][step], rel=1e-3, abs=0.05)
+        # totals are the exact sum over devices: no device counted twice, CPU once per node
+        assert h["energy/gpu_j"][step] == pytest.approx(h["energy/gpu0_j"][step] + h["energy/gpu1_j"][step])
+        assert h["energy/epoch_j"][step] == pytest.approx(h["energy/gpu_j"][step] + h["energy/cpu_j"][step])
+    assert run.data.params["green.world_size"] == "2"
+    assert run.data.tags["green.gpu_count"] == "2"
+
+
+@pytest.mark.slow
+def test_lightning_ddp_spawn_two_ranks(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "lightning_ddp.py"), uri, str(tmp_path)],
+                          env=fake_nvml_env(PER_RANK), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_sums(uri, tmp_path, epochs=2)
+
+
+@pytest.mark.slow
+def test_hf_torchrun_two_ranks(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), str(SCRIPTS / "hf_ddp.py"), uri, str(tmp_path)],
+                          env=fake_nvml_env(PER_RANK), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_sums(uri, tmp_path, epochs=2)
