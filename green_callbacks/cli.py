@@ -44,7 +44,8 @@ def _intensity(args: argparse.Namespace) -> int:
 
     if args.list:
         for row in sorted({r["iso3"]: r for r in country_table().values()}.values(), key=lambda r: r["country"]):
-            print(f"{row['iso3']}  {row['iso2']}  {row['country']:<40} {float(row['g_co2e_per_kwh']):8.1f}  {row['year']}")
+            value = float(row["g_co2e_per_kwh"])
+            print(f"{row['iso3']}  {row['iso2']}  {row['country']:<40} {value:8.1f}  {row['year']}")
         for key, row in sorted(region_table().items()):
             print(f"{key:<32} {float(row['g_co2e_per_kwh']):8.1f}  {row['location']}")
         return 0

@@ -6,6 +6,7 @@ import atexit
 import functools
 import json
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,13 +16,30 @@ from green_callbacks import __version__
 from green_callbacks.accounting import Accountant, Footprint, IntensitySeries, resolve_intensity
 from green_callbacks.distributed import RankInfo, gather
 from green_callbacks.meter import DEFAULT_PERIOD_S, EnergyMeter, Measurement
+from green_callbacks.policies import Decision, Totals
 from green_callbacks.sensors import GpuSelection, Method, build_sensors
 from green_callbacks.sensors.base import log
 from green_callbacks.sinks import MlflowSink, RunRef, find_or_start_run
+from green_callbacks.stopping import BudgetStopper, Stopper
 
 ARTIFACT_DIR = "green_callbacks"
 ARTIFACT_CHOICES = ("epochs", "trace", "plot", "summary")
+VALIDATION_PREFIXES = ("val", "eval_")  # Lightning's and HF's naming of validation metrics
 F = TypeVar("F", bound=Callable[..., Any])
+_RUNNING: list[weakref.ref[EnergyTracker]] = []
+
+
+def running_tracker() -> EnergyTracker:
+    """The most recently started tracker of this process that has not finished.
+
+    How stopping callbacks find the EnergyMonitor in frameworks whose callbacks cannot see
+    each other (HF's ``Trainer``).
+    """
+    live = [t for t in (ref() for ref in _RUNNING) if t is not None and t._started]
+    if not live:
+        raise ValueError("EfficiencyEarlyStopping and EnergyBudget need an EnergyMonitor in the same Trainer's "
+                         "callbacks: callbacks=[EnergyMonitor(...), EnergyBudget(...)]; it measures, they decide")
+    return live[-1]
 
 
 def never_raises(fn: F) -> F:
@@ -88,7 +106,8 @@ class EpochRecord:
             out["cost/cumulative"] = self.cumulative_cost
         if self.cumulative_j > 0:
             for key, value in self.metrics.items():
-                if (efficiency_keys is None or key in efficiency_keys) and math.isfinite(value):
+                wanted = key.startswith(VALIDATION_PREFIXES) if efficiency_keys is None else key in efficiency_keys
+                if wanted and math.isfinite(value):
                     out[f"efficiency/{key}_per_kj"] = value / (self.cumulative_j / 1000.0)
         return out
 
@@ -232,6 +251,8 @@ class EnergyTracker:
         self.meter: EnergyMeter | None = None
         self.sink: MlflowSink | None = None
         self.last_window: Measurement | None = None  # this rank's latest epoch, for custom callbacks
+        self.stoppers: list[Stopper] = []
+        self.stop_decision: Decision | None = None
         self._samples: dict[str, int] = {}
         self._val_j = 0.0
         self._warned: set[str] = set()
@@ -252,6 +273,7 @@ class EnergyTracker:
         self.meter = EnergyMeter(sensors, self.sampling_period_s, cuda_sync=self.cuda_sync).start()
         self._started = True
         self._finished = False
+        _RUNNING.append(weakref.ref(self))
         atexit.register(self._atexit)
         if rank.is_zero and self.use_mlflow:
             self._open_sink(run_id, tracking_uri)
@@ -343,6 +365,76 @@ class EnergyTracker:
             gpu_peak_w=peak, start_rel_s=m.start_s - t0, end_rel_s=m.end_s - t0,
             metrics={k: float(v) for k, v in metrics.items()}, partial=partial, samples=samples)
 
+    # -- stopping ------------------------------------------------------------------------------
+    def attach(self, stopper: Stopper) -> None:
+        """Ask ``stopper`` after every epoch (and every N steps, if it wants) whether to stop."""
+        if stopper not in self.stoppers:
+            if isinstance(stopper, BudgetStopper):
+                stopper.validate_against(self.accountant.price_per_kwh, self.accountant.currency)
+            self.stoppers.append(stopper)
+
+    def totals(self) -> Totals:
+        return Totals(self.cumulative_j, self.cumulative_g, self.cumulative_cost)
+
+    def _per_epoch(self) -> Totals:
+        recent = [r for r in self.records[-3:] if not r.partial] or self.records[-1:]
+        n = max(len(recent), 1)
+        cost = None if self.cumulative_cost is None else sum(r.footprint.cost or 0.0 for r in recent) / n
+        return Totals(sum(r.energy_j for r in recent) / n, sum(r.footprint.g_co2e for r in recent) / n, cost)
+
+    def decide(self, record: EpochRecord | None, remaining_epochs: float | None,
+               reduce: Callable[[bool], bool]) -> Decision | None:
+        """After an epoch: every stopper's verdict, made identical on all ranks by ``reduce``."""
+        if not self.stoppers or record is None:
+            return None
+        so_far, per_epoch = self.totals(), self._per_epoch()
+        local = None
+        for stopper in self.stoppers:
+            if isinstance(stopper, BudgetStopper) and remaining_epochs is not None and not stopper.projection_logged \
+                    and len(self.records) >= stopper.budget.warmup_epochs:
+                whole = stopper.project(so_far, per_epoch, remaining_epochs)
+                self._log_metrics({"projection/energy_j": whole.j, "projection/emissions_g": whole.g,
+                                   **({"projection/cost": whole.cost} if whole.cost is not None else {})},
+                                  record.epoch)
+            decision = stopper.after_epoch(so_far, record.metrics, per_epoch, remaining_epochs, len(self.records))
+            local = local or (decision if decision.should_stop else None)
+        return self._agree(local, reduce, record.epoch, remaining_epochs)
+
+    def check_step(self, step: int, reduce: Callable[[bool], bool]) -> Decision | None:
+        """Between epochs' ends: the budget stoppers that asked for a check every N steps."""
+        due = [s for s in self.stoppers if s.check_every_n_steps and step % s.check_every_n_steps == 0]
+        if not due or not self.epoch_open:
+            return None
+        assert self.meter is not None
+        peek = self.meter.peek("epoch")
+        devices, _, _ = merge_ranks(gather(_window_payload(peek, self.rank)))
+        joules = sum(sum(d.values()) for d in devices.values())
+        fp = self.accountant.footprint(joules, peek.start_unix, peek.start_unix + peek.duration_s)
+        so_far = self.totals() + Totals(joules, fp.g_co2e, fp.cost)
+        local = next((d for d in (s.at_step(so_far) for s in due) if d.should_stop), None)
+        epoch = self.records[-1].epoch + 1 if self.records else 0
+        return self._agree(local, reduce, epoch, None)
+
+    def _agree(self, local: Decision | None, reduce: Callable[[bool], bool], epoch: int,
+               remaining_epochs: float | None) -> Decision | None:
+        if not reduce(local is not None):
+            return None
+        decision = local or Decision(True, None, "another rank decided to stop")
+        self.stop_decision = decision
+        log.warning("green-callbacks: stopping: %s", decision.message)
+        if self.rank.is_zero and self.sink is not None:
+            self.sink.set_tags({"green.stop_reason": decision.reason.value if decision.reason else "other_rank",
+                                "green.stop_message": decision.message})
+        if remaining_epochs:
+            saved = self._per_epoch()
+            self._log_metrics({"energy/saved_j_projected": saved.j * remaining_epochs,
+                               "emissions/saved_g_projected": saved.g * remaining_epochs}, epoch)
+        return decision
+
+    def _log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.rank.is_zero and self.sink is not None:
+            self.sink.log_metrics(metrics, step=step)
+
     # -- test / predict / standalone evaluation -----------------------------------------------
     @never_raises
     def begin_stage(self, stage: str) -> None:
@@ -379,6 +471,10 @@ class EnergyTracker:
             self.sink.log_metrics(out, step=step)
             self.sink.set_tags({f"green.method.{stage}.{c}": v for c, v in methods.items()})
         return out
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait (at most ``timeout_s``) until MLflow has what was logged so far; outside training only."""
+        return self.sink.flush(timeout_s) if self.sink is not None else True
 
     # -- the end -----------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

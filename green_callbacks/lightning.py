@@ -9,8 +9,9 @@ from lightning.pytorch.callbacks import Callback
 
 from green_callbacks.core import EnergyTracker, batch_size
 from green_callbacks.distributed import RankInfo
+from green_callbacks.stopping import BudgetStopper, EfficiencyStopper, Stopper
 
-__all__ = ["EnergyMonitor"]
+__all__ = ["EfficiencyEarlyStopping", "EnergyBudget", "EnergyMonitor"]
 
 
 def _rank(trainer: pl.Trainer) -> RankInfo:
@@ -34,13 +35,22 @@ def _mlflow_logger_run(trainer: pl.Trainer) -> tuple[str | None, str | None]:
     return None, None
 
 
-def scalar_metrics(trainer: pl.Trainer, prefix: str = "val") -> dict[str, float]:
-    """The trainer's scalar callback metrics whose names start with ``prefix``."""
-    out = {}
-    for key, value in trainer.callback_metrics.items():
-        if key.startswith(prefix) and getattr(value, "numel", lambda: 1)() == 1:
-            out[key] = float(value)
-    return out
+def scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """The trainer's scalar callback metrics as floats."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+
+
+def _remaining_epochs(trainer: pl.Trainer) -> float | None:
+    """Epochs left to ``max_epochs``, or to ``max_steps`` in epochs; ``None`` when unbounded."""
+    if trainer.max_steps and trainer.max_steps > 0 and trainer.num_training_batches:
+        return max(trainer.max_steps - trainer.global_step, 0) / trainer.num_training_batches
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        return float(max(trainer.max_epochs - trainer.current_epoch - 1, 0))
+    return None
+
+
+def _reducer(trainer: pl.Trainer):
+    return lambda stop: trainer.strategy.reduce_boolean_decision(stop, all=False)
 
 
 class EnergyMonitor(EnergyTracker, Callback):
@@ -63,6 +73,9 @@ class EnergyMonitor(EnergyTracker, Callback):
 
     # -- fit -----------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for callback in trainer.callbacks:
+            if isinstance(callback, Stopper):
+                self.attach(callback)
         self._start(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -76,7 +89,14 @@ class EnergyMonitor(EnergyTracker, Callback):
         self.end_validation()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.end_epoch(trainer.current_epoch, scalar_metrics(trainer))
+        record = self.end_epoch(trainer.current_epoch, scalar_metrics(trainer))
+        if self.decide(record, _remaining_epochs(trainer), _reducer(trainer)):
+            trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.stoppers and self.check_step(trainer.global_step, _reducer(trainer)):
+            trainer.should_stop = True
 
     # -- test / predict ------------------------------------------------------------------------
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -108,3 +128,61 @@ class EnergyMonitor(EnergyTracker, Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         status = "KILLED" if isinstance(exception, KeyboardInterrupt) else "FAILED"
         self.finish(status, epoch=trainer.current_epoch)
+
+
+def _require_monitor(trainer: pl.Trainer, who: str) -> None:
+    if not any(isinstance(cb, EnergyMonitor) for cb in trainer.callbacks):
+        raise ValueError(f"{who} needs an EnergyMonitor in the same Trainer's callbacks: "
+                         f"callbacks=[EnergyMonitor(...), {who}(...)]; it measures, {who} decides")
+
+
+class EfficiencyEarlyStopping(EfficiencyStopper, Callback):
+    """Stops training when the monitored metric's gain per kilojoule flattens out.
+
+    Arguments: see :class:`green_callbacks.stopping.EfficiencyStopper` (the same in
+    ``green_callbacks.transformers``). Needs an :class:`EnergyMonitor` in the same trainer; the
+    decision is reduced across DDP ranks; the reason and the projected energy saved versus
+    running to ``max_epochs`` go to the MLflow run.
+    """
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self._init_args["monitor"], mode=self._init_args["mode"])
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _require_monitor(trainer, type(self).__name__)
+        self.resolve("val_loss", "min")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and self.monitor not in trainer.callback_metrics:
+            raise ValueError(f"EfficiencyEarlyStopping(monitor={self.monitor!r}): the metric is not logged; the "
+                             f"metrics that are: {sorted(trainer.callback_metrics)}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.policy_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.load_policy_state(state_dict)
+
+
+class EnergyBudget(BudgetStopper, Callback):
+    """Stops training before an energy, emissions or cost budget would be exceeded.
+
+    Arguments: see :class:`green_callbacks.stopping.BudgetStopper` (the same in
+    ``green_callbacks.transformers``); budgets take units as strings ("2.5 kWh", "300 g",
+    "0.5 EUR"), and ``EnergyBudget.from_file("green.yaml")`` reads them from config.
+    """
+
+    @property
+    def state_key(self) -> str:
+        a = self._init_args
+        return self._generate_state_key(energy=a["energy"], emissions=a["emissions"], cost=a["cost"])
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _require_monitor(trainer, type(self).__name__)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.policy_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.load_policy_state(state_dict)

@@ -229,6 +229,15 @@ class EnergyMeter:
     def is_open(self, name: str) -> bool:
         return name in self._open
 
+    def peek(self, name: str) -> Measurement:
+        """What open window ``name`` has cost so far, leaving it open (no CUDA sync: it is cheap)."""
+        if name not in self._open:
+            raise ValueError(f"window {name!r} is not open; open windows: {sorted(self._open)}")
+        now = self.clock()
+        window = self._open[name]
+        return self._measure(name, window.start_s, now, window.start_unix, window.start, self._read_all(now),
+                             dict(window.peak_w))
+
     def end(self, name: str) -> Measurement:
         """Close window ``name`` and return what it cost."""
         if name not in self._open:

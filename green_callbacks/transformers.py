@@ -8,10 +8,11 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from green_callbacks.core import EnergyTracker
-from green_callbacks.distributed import RankInfo
+from green_callbacks.core import EnergyTracker, running_tracker
+from green_callbacks.distributed import RankInfo, any_rank
+from green_callbacks.stopping import BudgetStopper, EfficiencyStopper
 
-__all__ = ["EnergyMonitor"]
+__all__ = ["EfficiencyEarlyStopping", "EnergyBudget", "EnergyMonitor"]
 
 # eval metrics about the evaluation itself, not the model
 _NOT_MODEL_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second", "epoch")
@@ -36,6 +37,18 @@ def model_metrics(metrics: dict[str, Any] | None, prefix: str = "eval_") -> dict
 def _evaluates_each_epoch(args: TrainingArguments) -> bool:
     strategy = getattr(args, "eval_strategy", None) or getattr(args, "evaluation_strategy", "no")
     return str(getattr(strategy, "value", strategy)) == "epoch"
+
+
+def _remaining_epochs(state: TrainerState) -> float | None:
+    """Epochs left until HF's ``max_steps`` (which it derives from ``num_train_epochs`` too)."""
+    if not state.max_steps or not state.num_train_epochs:
+        return None
+    steps_per_epoch = state.max_steps / state.num_train_epochs
+    return max(state.max_steps - state.global_step, 0) / steps_per_epoch
+
+
+def _eval_name(name: str) -> str:
+    return name if name.startswith("eval_") else f"eval_{name}"
 
 
 def load_saved_state(callback: Any, state: TrainerState) -> dict[str, Any] | None:
@@ -80,7 +93,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
 
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
-        self._close_epoch({})
+        self._close_epoch(state, control, {})
         self._epoch = math.floor(state.epoch or 0)
         self.begin_epoch()
 
@@ -90,7 +103,12 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
             self._eval_pending = True  # HF evaluates after on_epoch_end: the epoch waits for it
             self.begin_validation()
         else:
-            self._close_epoch({})
+            self._close_epoch(state, control, {})
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        if self.stoppers and self.check_step(state.global_step, any_rank):
+            control.should_training_stop = True
 
     def on_prediction_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                            **kwargs: Any) -> None:
@@ -101,6 +119,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         self._start(args)
         if not self.stage_open("inference"):
             self._steps = [0, 0]  # [steps seen, steps measured]
+            self._dataset_len = len(getattr(kwargs.get("eval_dataloader"), "dataset", None) or [])
             self.begin_stage("inference")
         else:
             self._steps[1] += 1
@@ -111,7 +130,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         if getattr(self, "_training", False):
             self.end_validation()
             if self._eval_pending:
-                self._close_epoch(model_metrics(metrics))
+                self._close_epoch(state, control, model_metrics(metrics))
         else:
             self._end_inference("evaluate", args, metrics)
 
@@ -120,22 +139,77 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         self._end_inference("predict", args, metrics)
 
     def _end_inference(self, label: str, args: TrainingArguments, metrics: dict[str, float] | None) -> None:
-        """Samples in the measured steps: HF's sample count scaled by the share of steps measured."""
+        """Samples in the measured steps: the data set's size scaled by the share of steps measured."""
         metrics = metrics or {}
-        rate = next((v for k, v in metrics.items() if k.endswith("_samples_per_second")), 0.0)
-        runtime = next((v for k, v in metrics.items() if k.endswith("_runtime")), 0.0)
         seen, measured = getattr(self, "_steps", [0, 0])
-        total = round(rate * runtime)  # HF divides the job-wide sample count by the runtime
+        total = getattr(self, "_dataset_len", 0)
+        if not total:  # a data set without len(): HF's rounded rate x runtime
+            rate = next((v for k, v in metrics.items() if k.endswith("_samples_per_second")), 0.0)
+            runtime = next((v for k, v in metrics.items() if k.endswith("_runtime")), 0.0)
+            total = round(rate * runtime)
         share = total * measured / seen / args.world_size if seen else 0.0
         self.end_stage("inference", samples=round(share), label=label)
+        # evaluate()/predict() returned to the user, who expects the numbers in MLflow now
+        self.flush()
 
-    def _close_epoch(self, metrics: dict[str, float]) -> None:
+    def _close_epoch(self, state: TrainerState, control: TrainerControl, metrics: dict[str, float]) -> None:
         self._eval_pending = False
         if self.epoch_open:
-            self.end_epoch(self._epoch, metrics)
+            record = self.end_epoch(self._epoch, metrics)
+            if self.decide(record, _remaining_epochs(state), any_rank):
+                control.should_training_stop = True
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
-        self._close_epoch({})
+        self._close_epoch(state, control, {})
         self._training = False
         self.finish("FINISHED")
+
+
+class _HfStopper(ExportableState):
+    """What both HF stopping callbacks do: find the monitor, save and restore their state."""
+
+    def state(self) -> dict[str, Any]:
+        return {"args": dict(self._init_args), "attributes": {"green_policy": self.policy_state()}}
+
+    def _attach(self, state: TrainerState) -> None:
+        saved = getattr(self, "green_policy", None) or (load_saved_state(self, state) or {}).get("green_policy")
+        if saved and not getattr(self, "_restored", False):
+            self.load_policy_state(saved)
+        self._restored = True
+        running_tracker().attach(self)
+
+    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        # every callback's on_train_begin has run by now, the EnergyMonitor's included
+        self._attach(state)
+
+
+class EfficiencyEarlyStopping(_HfStopper, EfficiencyStopper, TrainerCallback):
+    """Stops training when the monitored metric's gain per kilojoule flattens out.
+
+    Arguments: see :class:`green_callbacks.stopping.EfficiencyStopper` (the same in
+    ``green_callbacks.lightning``). ``monitor`` follows ``metric_for_best_model``: "accuracy"
+    and "eval_accuracy" are the same metric; ``None`` takes ``metric_for_best_model`` and
+    ``greater_is_better``. The decision sets ``control.should_training_stop`` on every rank.
+    """
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        default = args.metric_for_best_model or "loss"
+        greater = args.greater_is_better if args.greater_is_better is not None else "loss" not in default
+        self.resolve(_eval_name(default), "max" if greater else "min", _eval_name)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if metrics is not None and self.monitor not in metrics:
+            raise ValueError(f"EfficiencyEarlyStopping(monitor={self.monitor!r}): the metric is not reported; "
+                             f"the metrics that are: {sorted(metrics)}")
+
+
+class EnergyBudget(_HfStopper, BudgetStopper, TrainerCallback):
+    """Stops training before an energy, emissions or cost budget would be exceeded.
+
+    Arguments: see :class:`green_callbacks.stopping.BudgetStopper` (the same in
+    ``green_callbacks.lightning``).
+    """

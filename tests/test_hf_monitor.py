@@ -84,7 +84,7 @@ def test_evaluate_and_predict_report_joules_per_sample(tmp_path, digits, trackin
     assert len(found) == 1
     run_id = found[0].info.run_id
     for stage in ("evaluate", "predict"):
-        (step, joules), = history(client, run_id, f"energy/{stage}_j")
+        (_, joules), = history(client, run_id, f"energy/{stage}_j")
         (_, samples), = history(client, run_id, f"{stage}/samples")
         (_, per_sample), = history(client, run_id, f"energy/{stage}_j_per_sample")
         assert samples == 96  # 128 samples in 4 batches; the first batch precedes any HF hook

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
+from test_lightning_monitor import ValModel, trainer
 
 from green_callbacks.cli import main as cli
 from green_callbacks.lightning import EnergyMonitor
 from green_callbacks.sinks import MlflowSink, find_or_start_run, read_spool
+
 from helpers import MlflowServer, history, runs
-from test_lightning_monitor import ValModel, trainer
 
 
 @pytest.fixture

@@ -1,0 +1,198 @@
+"""The stopping callbacks' shared core: policies wired to an EnergyTracker's records, and config files."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from green_callbacks.policies import Budget, Decision, EfficiencyPlateau, Totals
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+log = logging.getLogger("green_callbacks")
+S = TypeVar("S", bound="Stopper")
+
+
+class Stopper:
+    """Something an :class:`~green_callbacks.core.EnergyTracker` asks, after each epoch, whether to stop."""
+
+    section = ""  # the key of this stopper's table in a config file
+    check_every_n_steps: int | None = None
+
+    def after_epoch(self, so_far: Totals, metrics: Mapping[str, float], per_epoch: Totals,
+                    remaining_epochs: float | None, epochs_done: int) -> Decision:
+        raise NotImplementedError
+
+    def at_step(self, so_far: Totals) -> Decision:
+        raise NotImplementedError
+
+    def policy_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_policy_state(self, state: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def from_file(cls: type[S], path: str | Path, **overrides: Any) -> S:
+        """Build from a YAML file or a TOML file (``pyproject.toml`` included).
+
+        The arguments are read from the ``green-callbacks.<section>`` table (TOML:
+        ``[tool.green-callbacks.<section>]`` or ``[green-callbacks.<section>]``; YAML: a
+        ``green-callbacks:`` mapping, or ``<section>:`` at the top level). Unknown keys are errors.
+        """
+        path = Path(path)
+        if path.suffix == ".toml":
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            data = data.get("tool", {}).get("green-callbacks") or data.get("green-callbacks") or data
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = data.get("green-callbacks", data)
+        else:
+            raise ValueError(f"{path}: unknown config format {path.suffix!r}; use .yaml, .yml or .toml")
+        if cls.section not in data:
+            raise ValueError(f"{path}: no '{cls.section}' table under green-callbacks; found {sorted(data)}")
+        table = dict(data[cls.section] or {})
+        import inspect
+
+        valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        unknown = sorted(set(table) - set(valid))
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown} in '{cls.section}'; valid keys are {valid}")
+        return cls(**{**table, **overrides})
+
+
+class EfficiencyStopper(Stopper):
+    """Stop when accuracy bought per joule flattens out (see :class:`EfficiencyPlateau`).
+
+    Args:
+        monitor: the validation metric to watch (``val_acc``; for HF ``eval_accuracy`` or
+            ``accuracy``, following ``metric_for_best_model``). ``None``: ``val_loss`` in
+            Lightning, ``metric_for_best_model`` (else ``eval_loss``) in HF.
+        mode: ``"max"`` when higher is better, ``"min"`` when lower is better; ``None`` guesses
+            ``"min"`` for names containing "loss" and ``"max"`` otherwise.
+        min_gain_per_kj: the smallest worthwhile improvement of ``monitor`` per kilojoule.
+        patience: consecutive validations below ``min_gain_per_kj`` before stopping.
+        warmup_epochs: validations to ignore at the start (the steep early climb).
+        smoothing: weight of the past in an exponential moving average of the metric, in [0, 1).
+        verbose: log the gain at every check.
+    """
+
+    section = "efficiency"
+
+    def __init__(self, monitor: str | None = None, mode: str | None = None, min_gain_per_kj: float = 0.0,
+                 patience: int = 3, warmup_epochs: int = 1, smoothing: float = 0.0, verbose: bool = False) -> None:
+        # validate every argument now; a monitor left to the framework's default is filled in at fit start
+        self.plateau = EfficiencyPlateau(monitor or "pending", mode or "max", min_gain_per_kj, patience,
+                                         warmup_epochs, smoothing)
+        self._resolved = monitor is not None and mode is not None
+        self.verbose = bool(verbose)
+        self._init_args = {"monitor": monitor, "mode": mode, "min_gain_per_kj": min_gain_per_kj,
+                           "patience": patience, "warmup_epochs": warmup_epochs, "smoothing": smoothing,
+                           "verbose": verbose}
+
+    @property
+    def monitor(self) -> str:
+        return self.plateau.monitor
+
+    def resolve(self, default_monitor: str, default_mode: str, normalise: Any = None) -> None:
+        """Fill in the framework's default monitor/mode, and its naming convention, at fit start."""
+        if self._resolved:
+            return
+        args = self._init_args
+        monitor = args["monitor"] or default_monitor
+        self.plateau.monitor = normalise(monitor) if normalise else monitor
+        self.plateau.mode = args["mode"] or (default_mode if args["monitor"] is None else
+                                             ("min" if "loss" in monitor else "max"))
+        self._resolved = True
+
+    def after_epoch(self, so_far: Totals, metrics: Mapping[str, float], per_epoch: Totals,
+                    remaining_epochs: float | None, epochs_done: int) -> Decision:
+        if self.monitor not in metrics:
+            return Decision(False)
+        decision = self.plateau.update(metrics[self.monitor], so_far.j)
+        if self.verbose:
+            log.warning("EfficiencyEarlyStopping: %s=%.4g, gain %s per kJ, %d/%d below %g", self.monitor,
+                        metrics[self.monitor], "n/a" if self.plateau.last_gain is None else
+                        f"{self.plateau.last_gain:.4g}", self.plateau.wait, self.plateau.patience,
+                        self.plateau.min_gain_per_kj)
+        return decision
+
+    def policy_state(self) -> dict[str, Any]:
+        return self.plateau.state_dict()
+
+    def load_policy_state(self, state: Mapping[str, Any]) -> None:
+        self.plateau.load_state_dict(state)
+
+
+class BudgetStopper(Stopper):
+    """Stop before an energy, emissions or cost budget would be exceeded (see :class:`Budget`).
+
+    Args:
+        energy: joules, or a string with a unit: "2.5 kWh", "900 kJ".
+        emissions: grams CO2e, or a string: "300 g", "1.2 kg".
+        cost: money in the EnergyMonitor's ``currency`` (needs its ``price_per_kwh``), or "0.5 EUR".
+        on_exceed: ``"stop"`` (stop before the budget is exceeded) or ``"warn"``.
+        check_every_n_steps: also check every N training steps, for long epochs.
+        warmup_epochs: epochs after which the whole run is projected, logged, and warned about.
+    """
+
+    section = "budget"
+
+    def __init__(self, energy: float | str | None = None, emissions: float | str | None = None,
+                 cost: float | str | None = None, on_exceed: str = "stop", check_every_n_steps: int | None = None,
+                 warmup_epochs: int = 1) -> None:
+        self.budget = Budget(energy, emissions, cost, on_exceed, warmup_epochs)
+        if check_every_n_steps is not None and (isinstance(check_every_n_steps, bool) or
+                                                not isinstance(check_every_n_steps, int) or check_every_n_steps < 1):
+            raise ValueError(f"check_every_n_steps={check_every_n_steps!r} must be an integer >= 1 or None")
+        self.check_every_n_steps = check_every_n_steps
+        self.projection_logged = False
+        self._init_args = {"energy": energy, "emissions": emissions, "cost": cost, "on_exceed": on_exceed,
+                           "check_every_n_steps": check_every_n_steps, "warmup_epochs": warmup_epochs}
+
+    def validate_against(self, price_per_kwh: float | None, currency: str) -> None:
+        """A cost budget needs the monitor's price, in the same currency; say so before training."""
+        if self.budget.cost is None:
+            return
+        if price_per_kwh is None:
+            raise ValueError(f"EnergyBudget(cost={self._init_args['cost']!r}) needs a price: set price_per_kwh "
+                             "on the EnergyMonitor")
+        if self.budget.currency and self.budget.currency != currency.upper():
+            raise ValueError(f"EnergyBudget cost is in {self.budget.currency} but the EnergyMonitor's price is in "
+                             f"{currency.upper()}; use the same currency")
+
+    def _act(self, decision: Decision) -> Decision:
+        if decision.should_stop and self.budget.on_exceed == "warn":
+            log.warning("EnergyBudget: %s (on_exceed='warn': training continues).", decision.message)
+            return Decision(False)
+        return decision
+
+    def after_epoch(self, so_far: Totals, metrics: Mapping[str, float], per_epoch: Totals,
+                    remaining_epochs: float | None, epochs_done: int) -> Decision:
+        return self._act(self.budget.check(so_far))
+
+    def at_step(self, so_far: Totals) -> Decision:
+        return self._act(self.budget.check(so_far))
+
+    def project(self, so_far: Totals, per_epoch: Totals, remaining_epochs: float) -> Totals:
+        whole, broken = self.budget.projection(so_far, per_epoch, remaining_epochs)
+        if broken:
+            log.warning("EnergyBudget: at this rate the whole run would need %s; it stops before that%s.",
+                        "; ".join(broken), "" if self.budget.on_exceed == "stop" else " only if on_exceed='stop'")
+        self.projection_logged = True
+        return whole
+
+    def policy_state(self) -> dict[str, Any]:
+        return {**self.budget.state_dict(), "projection_logged": self.projection_logged}
+
+    def load_policy_state(self, state: Mapping[str, Any]) -> None:
+        self.budget.load_state_dict(state)
+        self.projection_logged = bool(state.get("projection_logged", False))

@@ -1,0 +1,64 @@
+"""Strict parsing of quantities with units from config: "2.5 kWh", "300 g", "1.2 kg", "0.5 EUR"."""
+
+from __future__ import annotations
+
+import math
+import re
+
+ENERGY_J = {"J": 1.0, "kJ": 1e3, "MJ": 1e6, "Wh": 3600.0, "kWh": 3.6e6, "MWh": 3.6e9}
+# "mj" could be milli or mega: case only forgives where it cannot change the meaning
+_ENERGY_ANY_CASE = {u.lower(): f for u, f in ENERGY_J.items() if u.lower() not in ("mj", "mwh")}
+MASS_G = {"g": 1.0, "kg": 1e3, "t": 1e6}
+_QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([A-Za-z]*)\s*(?:co2e?)?\s*$", re.I)
+
+
+def _number(name: str, value: object) -> tuple[float, str]:
+    if isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is not a quantity")
+    if isinstance(value, int | float):
+        return float(value), ""
+    if not isinstance(value, str):
+        raise ValueError(f"{name}={value!r} must be a number or a string with a unit")
+    match = _QUANTITY.match(value)
+    if not match:
+        raise ValueError(f"{name}={value!r} is not '<number> <unit>'")
+    return float(match.group(1)), match.group(2)
+
+
+def _positive(name: str, value: float, original: object) -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={original!r} must be a positive, finite amount")
+    return value
+
+
+def parse_energy_j(name: str, value: float | str) -> float:
+    """Joules from a number (joules) or a string with J, kJ, MJ, Wh, kWh or MWh."""
+    number, unit = _number(name, value)
+    factor = ENERGY_J.get(unit, _ENERGY_ANY_CASE.get(unit.lower())) if unit else 1.0
+    if factor is None:
+        raise ValueError(f"{name}={value!r}: unknown energy unit {unit!r}; choose one of {', '.join(ENERGY_J)}")
+    return _positive(name, number * factor, value)
+
+
+def parse_mass_g(name: str, value: float | str) -> float:
+    """Grams CO2e from a number (grams) or a string with g, kg or t (optionally followed by CO2e)."""
+    number, unit = _number(name, value)
+    factor = MASS_G.get(unit.lower()) if unit else 1.0
+    if factor is None:
+        raise ValueError(f"{name}={value!r}: unknown mass unit {unit!r}; choose one of g, kg, t (of CO2e)")
+    return _positive(name, number * factor, value)
+
+
+def parse_money(name: str, value: float | str, currency: str | None = None) -> tuple[float, str | None]:
+    """An amount and its currency code from a number or a string like "0.5 EUR".
+
+    When ``currency`` is given (the monitor's price currency) a different code is an error.
+    """
+    number, unit = _number(name, value)
+    code = unit.upper() or None
+    if code is not None and not re.fullmatch(r"[A-Z]{3}", code):
+        raise ValueError(f"{name}={value!r}: {unit!r} is not a currency code; write it like '0.5 EUR' or '2 USD'")
+    if code and currency and code != currency.upper():
+        raise ValueError(f"{name}={value!r} is in {code} but the electricity price is in {currency.upper()}; "
+                         "use the same currency")
+    return _positive(name, number, value), code
