@@ -143,3 +143,40 @@ class DigitsDataset:
 
 def hf_accuracy(pred) -> dict[str, float]:
     return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+
+
+def lightning_digits_module(lr: float = 1e-3, hidden: int = 32, optimizer: str = "adam"):
+    """A LightningModule classifying digits, logging val_acc and val_loss."""
+    import lightning.pytorch as pl
+    import torch
+
+    class DigitsModule(pl.LightningModule):
+        def __init__(self, lr: float = lr, hidden: int = hidden, optimizer: str = optimizer) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            logits = self.net(x)
+            self.log("val_loss", torch.nn.functional.cross_entropy(logits, y))
+            self.log("val_acc", (logits.argmax(-1) == y).float().mean())
+
+        def configure_optimizers(self):
+            if self.hparams.optimizer == "sgd":
+                return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+    return DigitsModule
+
+
+def digits_loaders(batch_size: int = 64):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    (xt, yt), (xv, yv) = digits_tensors()
+    return (DataLoader(TensorDataset(xt, yt), batch_size=batch_size, shuffle=True),
+            DataLoader(TensorDataset(xv, yv), batch_size=512))

@@ -1,0 +1,221 @@
+"""Energy-aware stopping in real training on scikit-learn's digits: Lightning and HF."""
+
+from __future__ import annotations
+
+import time
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from green_callbacks import lightning as gl
+from green_callbacks import transformers as gt
+from helpers import (
+    DigitsDataset,
+    digits_loaders,
+    digits_tensors,
+    hf_accuracy,
+    hf_digits_model,
+    history,
+    lightning_digits_module,
+    runs,
+)
+
+# A simulated GPU at a constant 250 W and a fixed pause per epoch make each epoch cost ~87 J on
+# any machine, so thresholds in J and per-kJ gains mean the same thing everywhere.
+CONSTANT_250W = [{"profile": [(1.0, 250.0)]}]
+
+
+class Pace(pl.Callback):
+    def __init__(self, per_epoch_s: float = 0.3, per_step_s: float = 0.0):
+        self.per_epoch_s, self.per_step_s = per_epoch_s, per_step_s
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        time.sleep(self.per_epoch_s)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        time.sleep(self.per_step_s)
+
+
+def fit(tmp_path, callbacks, module, max_epochs, ckpt_path=None, **kw):
+    pl.seed_everything(0, verbose=False)
+    t = pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, accelerator="cpu", devices=1, logger=False,
+                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                   enable_checkpointing=kw.pop("enable_checkpointing", False), **kw)
+    t.fit(module, *digits_loaders(), ckpt_path=ckpt_path)
+    return t
+
+
+def monitor(tmp_path, **kw):
+    kw.setdefault("log_artifacts", False)
+    return gl.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                            output_dir=str(tmp_path / "out"), **kw)
+
+
+def plateau(**kw):
+    return dict(monitor="val_acc", mode="max", min_gain_per_kj=0.3, patience=3, warmup_epochs=1, smoothing=0.5) | kw
+
+
+def test_lightning_plateau_stops_when_accuracy_saturates(tmp_path, fake_nvml):
+    fake_nvml.configure(CONSTANT_250W)
+    mon = monitor(tmp_path)
+    t = fit(tmp_path, [mon, gl.EfficiencyEarlyStopping(**plateau()), Pace()],
+            lightning_digits_module(lr=1e-2)(), max_epochs=30)
+    assert t.current_epoch < 15, "stopped well before max_epochs once accuracy flattened"
+    assert mon.records[-1].metrics["val_acc"] > 0.9
+    client, (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db")
+    assert run.data.tags["green.stop_reason"] == "efficiency_plateau"
+    assert "val_acc gained less than 0.3 per kJ" in run.data.tags["green.stop_message"]
+    (step, saved), = history(client, run.info.run_id, "energy/saved_j_projected")
+    per_epoch = sum(r.energy_j for r in mon.records[-3:]) / 3
+    assert saved == pytest.approx(per_epoch * (30 - step - 1))
+
+
+def test_lightning_plateau_does_not_stop_while_accuracy_climbs(tmp_path, fake_nvml):
+    fake_nvml.configure(CONSTANT_250W)
+    mon = monitor(tmp_path)
+    t = fit(tmp_path, [mon, gl.EfficiencyEarlyStopping(**plateau()), Pace()],
+            lightning_digits_module(lr=0.05, optimizer="sgd")(), max_epochs=6)
+    accs = [r.metrics["val_acc"] for r in mon.records]
+    assert t.current_epoch == 6 and len(accs) == 6
+    assert accs[-1] - accs[0] > 0.3, "accuracy was still climbing steeply"
+    assert mon.stop_decision is None
+
+
+def test_lightning_energy_budget_stops_before_it_is_exceeded(tmp_path, fake_nvml, green_log):
+    fake_nvml.configure(CONSTANT_250W)
+    mon = monitor(tmp_path)
+    budget = gl.EnergyBudget(energy="0.45 kJ", warmup_epochs=1)
+    t = fit(tmp_path, [mon, budget, Pace()], lightning_digits_module()(), max_epochs=20)
+    spent = mon.cumulative_j
+    assert t.current_epoch < 20
+    assert spent <= 450.0, "stopped before the budget"
+    assert spent + max(r.energy_j for r in mon.records) > 450.0, "but not needlessly early"
+    client, (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db")
+    assert run.data.tags["green.stop_reason"] == "energy_budget"
+    (_, projected), = history(client, run.info.run_id, "projection/energy_j")
+    assert projected == pytest.approx(mon.records[0].energy_j * 20, rel=0.2)
+    assert "at this rate the whole run would need energy" in green_log.text
+
+
+def test_lightning_step_checks_bound_the_overshoot_to_one_interval(tmp_path, fake_nvml):
+    fake_nvml.configure(CONSTANT_250W)
+    mon = monitor(tmp_path)
+    budget = gl.EnergyBudget(energy=300, check_every_n_steps=4)
+    fit(tmp_path, [mon, budget, Pace(per_epoch_s=0.0, per_step_s=0.02)], lightning_digits_module()(),
+        max_epochs=20)
+    interval_j = max(t.j for t in budget.budget.recent)
+    assert mon.cumulative_j <= 300 + interval_j
+    assert mon.records[-1].epoch <= 1 and mon.stop_decision.reason.value == "energy_budget"
+
+
+def test_warn_mode_only_warns(tmp_path, fake_nvml, green_log):
+    fake_nvml.configure(CONSTANT_250W)
+    mon = monitor(tmp_path)
+    t = fit(tmp_path, [mon, gl.EnergyBudget(energy="100 J", on_exceed="warn"), Pace(0.1)],
+            lightning_digits_module()(), max_epochs=3)
+    assert t.current_epoch == 3 and mon.cumulative_j > 100
+    assert "on_exceed='warn': training continues" in green_log.text
+
+
+def test_plateau_state_survives_resume(tmp_path, fake_nvml):
+    fake_nvml.configure(CONSTANT_250W)
+    ckpt = tmp_path / "ckpt"
+    first = gl.EfficiencyEarlyStopping(**plateau(min_gain_per_kj=0.0))
+    fit(tmp_path, [monitor(tmp_path), first, ModelCheckpoint(dirpath=ckpt, save_last=True)],
+        lightning_digits_module()(), max_epochs=3, enable_checkpointing=True)
+    second = gl.EfficiencyEarlyStopping(**plateau(min_gain_per_kj=0.0))
+    fit(tmp_path, [monitor(tmp_path), second, ModelCheckpoint(dirpath=ckpt, save_last=True)],
+        lightning_digits_module()(), max_epochs=4, ckpt_path=str(ckpt / "last.ckpt"), enable_checkpointing=True)
+    assert second.plateau.checks == 4, "three checks restored from the checkpoint, one more after it"
+
+
+def test_missing_metric_and_missing_monitor_and_missing_price_are_clear_errors(tmp_path, fake_nvml):
+    fake_nvml.configure(CONSTANT_250W)
+    with pytest.raises(ValueError, match=r"monitor='val_f1'.*not logged.*\['val_acc', 'val_loss'\]"):
+        fit(tmp_path, [monitor(tmp_path), gl.EfficiencyEarlyStopping(monitor="val_f1")],
+            lightning_digits_module()(), max_epochs=2, num_sanity_val_steps=0)
+    with pytest.raises(ValueError, match=r"EnergyBudget needs an EnergyMonitor"):
+        fit(tmp_path, [gl.EnergyBudget(energy="1 kWh")], lightning_digits_module()(), max_epochs=1)
+    with pytest.raises(ValueError, match=r"cost='2 EUR'\) needs a price: set price_per_kwh"):
+        fit(tmp_path, [monitor(tmp_path), gl.EnergyBudget(cost="2 EUR")], lightning_digits_module()(), max_epochs=1)
+    with pytest.raises(ValueError, match=r"cost is in USD but the EnergyMonitor's price is in EUR"):
+        fit(tmp_path, [monitor(tmp_path, price_per_kwh=0.3), gl.EnergyBudget(cost="2 USD")],
+            lightning_digits_module()(), max_epochs=1)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"energy": -1}, r"energy=-1 must be a positive"),
+    ({"energy": "0 kWh"}, r"energy='0 kWh' must be a positive"),
+    ({"energy": "3 horsepower"}, r"unknown energy unit 'horsepower'; choose one of J, kJ, MJ, Wh, kWh, MWh"),
+    ({"emissions": "2 lb"}, r"unknown mass unit 'lb'; choose one of g, kg, t"),
+    ({"cost": "5 euros"}, r"'euros' is not a currency code"),
+    ({}, r"at least one of energy, emissions, cost"),
+    ({"energy": "1 kWh", "on_exceed": "panic"}, r"on_exceed='panic' is not valid; choose one of \['stop', 'warn'\]"),
+    ({"energy": "1 kWh", "check_every_n_steps": 0}, r"check_every_n_steps=0 must be an integer >= 1"),
+])
+def test_bad_budgets_are_rejected_at_construction(kwargs, message):
+    for module in (gl, gt):
+        with pytest.raises(ValueError, match=message):
+            module.EnergyBudget(**kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"mode": "maximise"}, r"mode='maximise' is not valid; choose 'max'"),
+    ({"min_gain_per_kj": -0.1}, r"min_gain_per_kj=-0.1 must be a finite number >= 0"),
+    ({"patience": 0}, r"patience=0 must be an integer >= 1"),
+    ({"smoothing": 1.0}, r"smoothing=1.0 must be in \[0, 1\)"),
+])
+def test_bad_efficiency_settings_are_rejected_at_construction(kwargs, message):
+    for module in (gl, gt):
+        with pytest.raises(ValueError, match=message):
+            module.EfficiencyEarlyStopping(monitor="val_acc", **kwargs)
+
+
+class HfPace(TrainerCallback):
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        time.sleep(0.3)
+
+
+def hf_fit(tmp_path, callbacks, epochs, lr):
+    (xt, yt), (xv, yv) = digits_tensors()
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), num_train_epochs=epochs, per_device_train_batch_size=32,
+                             eval_strategy="epoch", save_strategy="no", report_to="none", use_cpu=True,
+                             disable_tqdm=True, learning_rate=lr, metric_for_best_model="accuracy",
+                             lr_scheduler_type="constant", seed=0)
+    trainer = Trainer(model=hf_digits_model(), args=args, train_dataset=DigitsDataset(xt, yt),
+                      eval_dataset=DigitsDataset(xv, yv), compute_metrics=hf_accuracy, callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+def hf_monitor(tmp_path):
+    return gt.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                            output_dir=str(tmp_path / "out"), log_artifacts=False)
+
+
+def test_hf_plateau_stops_on_saturation_and_not_while_climbing(tmp_path, fake_nvml):
+    fake_nvml.configure(CONSTANT_250W)
+    mon = hf_monitor(tmp_path)
+    # monitor=None follows metric_for_best_model="accuracy" -> eval_accuracy, greater is better
+    stop = gt.EfficiencyEarlyStopping(min_gain_per_kj=0.3, patience=3, warmup_epochs=1, smoothing=0.5)
+    trainer = hf_fit(tmp_path, [mon, stop, HfPace()], epochs=30, lr=1e-2)
+    assert stop.monitor == "eval_accuracy" and stop.plateau.mode == "max"
+    assert trainer.state.epoch < 15 and mon.stop_decision.reason.value == "efficiency_plateau"
+    assert mon.records[-1].metrics["eval_accuracy"] > 0.9
+
+    climbing = hf_monitor(tmp_path)
+    stop = gt.EfficiencyEarlyStopping(monitor="accuracy", min_gain_per_kj=0.3, patience=3, smoothing=0.5)
+    trainer = hf_fit(tmp_path, [climbing, stop, HfPace()], epochs=5, lr=2e-4)
+    accs = [r.metrics["eval_accuracy"] for r in climbing.records]
+    assert round(trainer.state.epoch) == 5 and climbing.stop_decision is None
+    assert accs[-1] - accs[0] > 0.2
+
+
+def test_hf_energy_budget_stops_before_it_is_exceeded(tmp_path, fake_nvml):
+    fake_nvml.configure(CONSTANT_250W)
+    mon = hf_monitor(tmp_path)
+    trainer = hf_fit(tmp_path, [mon, gt.EnergyBudget(energy="400 J"), HfPace()], epochs=20, lr=1e-3)
+    assert trainer.state.epoch < 20
+    assert mon.cumulative_j <= 400 < mon.cumulative_j + max(r.energy_j for r in mon.records)
