@@ -51,3 +51,30 @@ def test_hf_torchrun_two_ranks(tmp_path):
                           env=fake_nvml_env(PER_RANK), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_sums(uri, tmp_path, epochs=2)
+
+
+@pytest.mark.slow
+def test_lightning_ddp_ranks_decide_the_same(tmp_path):
+    """Only rank 1's metric flattens; the reduced decision stops both ranks at the same epoch."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "lightning_ddp.py"), uri, str(tmp_path), "stop"],
+                          env=fake_nvml_env(PER_RANK), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stopped = [int((tmp_path / f"stopped-rank{r}.txt").read_text()) for r in range(2)]
+    assert stopped[0] == stopped[1] < 10
+    client, (run,) = runs(uri, "ddp")
+    assert run.data.tags["green.stop_reason"] in ("efficiency_plateau", "other_rank")
+
+
+@pytest.mark.slow
+def test_hf_torchrun_budget_stops_both_ranks(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), str(SCRIPTS / "hf_ddp.py"), uri, str(tmp_path), "stop"],
+                          env=fake_nvml_env(PER_RANK), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stopped = [int((tmp_path / f"stopped-rank{r}.txt").read_text()) for r in range(2)]
+    assert stopped[0] == stopped[1] < 20
+    client, (run,) = runs(uri, "ddp")
+    assert run.data.tags["green.stop_reason"] == "energy_budget"
+    assert history(client, run.info.run_id, "energy/cumulative_j")[-1][1] <= 2000

@@ -11,6 +11,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from green_callbacks import lightning as gl
 from green_callbacks import transformers as gt
+
 from helpers import (
     DigitsDataset,
     digits_loaders,

@@ -1,6 +1,7 @@
 """HF Trainer under torchrun (2 CPU processes, gloo) with EnergyMonitor; each rank's GPU is simulated.
 
-Usage: torchrun --nproc_per_node 2 hf_ddp.py TRACKING_URI OUT_DIR.
+Usage: torchrun --nproc_per_node 2 hf_ddp.py TRACKING_URI OUT_DIR [stop]. With ``stop``, an
+EnergyBudget ends training early; each rank writes the epoch it stopped at to stopped-rank{r}.txt.
 """
 
 import json
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from green_callbacks.transformers import EnergyMonitor
+from green_callbacks.transformers import EnergyBudget, EnergyMonitor
 
 from helpers import DigitsDataset, digits_tensors, hf_accuracy, hf_digits_model
 
@@ -29,12 +30,14 @@ class Truth(TrainerCallback):
 
 if __name__ == "__main__":
     uri, out = sys.argv[1], sys.argv[2]
+    stop = sys.argv[3:] == ["stop"]
     (xt, yt), (xv, yv) = digits_tensors()
-    args = TrainingArguments(output_dir=out, num_train_epochs=2, per_device_train_batch_size=32,
+    args = TrainingArguments(output_dir=out, num_train_epochs=20 if stop else 2, per_device_train_batch_size=32,
                              eval_strategy="epoch", save_strategy="no", report_to="none", use_cpu=True,
                              disable_tqdm=True, ddp_backend="gloo")
     monitor = EnergyMonitor(gpus="all", tracking_uri=uri, experiment_name="ddp", output_dir=out)
     trainer = Trainer(model=hf_digits_model(), args=args, train_dataset=DigitsDataset(xt[:512], yt[:512]),
                       eval_dataset=DigitsDataset(xv[:128], yv[:128]), compute_metrics=hf_accuracy,
-                      callbacks=[monitor, Truth(monitor, out)])
+                      callbacks=[monitor, Truth(monitor, out), *([EnergyBudget(energy="2 kJ")] if stop else [])])
     trainer.train()
+    Path(out, f"stopped-rank{args.process_index}.txt").write_text(str(round(trainer.state.epoch)))

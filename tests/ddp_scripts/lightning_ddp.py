@@ -1,7 +1,9 @@
 """Lightning DDP (ddp_spawn, 2 CPU processes, gloo) with EnergyMonitor; each rank's GPU is simulated.
 
-Usage: python lightning_ddp.py TRACKING_URI OUT_DIR. Each rank writes the exact joules of its own
-simulated GPU over each of its epoch windows to OUT_DIR/truth-rank{r}.json.
+Usage: python lightning_ddp.py TRACKING_URI OUT_DIR [stop]. Each rank writes the exact joules of its
+own simulated GPU over each of its epoch windows to OUT_DIR/truth-rank{r}.json. With ``stop``, an
+EfficiencyEarlyStopping watches a metric that flattens on rank 1 only; each rank writes the epoch it
+stopped at to OUT_DIR/stopped-rank{r}.txt.
 """
 
 import json
@@ -11,7 +13,25 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from green_callbacks.lightning import EnergyMonitor
+from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyMonitor
+
+
+class RankDependent(BoringModel):
+    """``val_gain`` climbs steeply on rank 0 and is flat on rank 1: only rank 1 wants to stop."""
+
+    def validation_step(self, batch, batch_idx):
+        out = super().validation_step(batch, batch_idx)
+        rank = self.trainer.global_rank
+        self.log("val_gain", 1.0 if rank == 1 else 1000.0 * (self.current_epoch + 1))
+        return out
+
+
+class Stopped(pl.Callback):
+    def __init__(self, out):
+        self.out = out
+
+    def on_fit_end(self, trainer, pl_module):
+        Path(self.out, f"stopped-rank{trainer.global_rank}.txt").write_text(str(trainer.current_epoch))
 
 
 class Truth(pl.Callback):
@@ -29,8 +49,12 @@ class Truth(pl.Callback):
 
 if __name__ == "__main__":
     uri, out = sys.argv[1], sys.argv[2]
+    stop = sys.argv[3:] == ["stop"]
     monitor = EnergyMonitor(gpus="all", tracking_uri=uri, experiment_name="ddp", output_dir=out)
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[monitor, Truth(monitor, out)], default_root_dir=out)
-    trainer.fit(BoringModel())
+    callbacks = [monitor, Truth(monitor, out), Stopped(out)]
+    if stop:
+        callbacks.append(EfficiencyEarlyStopping(monitor="val_gain", mode="max", min_gain_per_kj=1.0, patience=2))
+    trainer = pl.Trainer(max_epochs=10 if stop else 2, accelerator="cpu", devices=2, strategy="ddp_spawn",
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=callbacks, default_root_dir=out)
+    trainer.fit(RankDependent() if stop else BoringModel())

@@ -1,0 +1,146 @@
+"""Budgets and thresholds from config: LightningCLI YAML, Hydra/OmegaConf, plain YAML and TOML files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from green_callbacks import lightning as gl
+from green_callbacks import transformers as gt
+
+from helpers import history, runs
+
+
+def test_lightning_cli_yaml_with_budgets(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(f"""
+        trainer:
+          max_epochs: 50
+          accelerator: cpu
+          logger: false
+          enable_checkpointing: false
+          enable_progress_bar: false
+          default_root_dir: {tmp_path}
+          callbacks:
+            - class_path: green_callbacks.lightning.EnergyMonitor
+              init_args:
+                tracking_uri: {uri}
+                experiment_name: cli
+                country: FR
+                pue: 1.2
+                log_artifacts: [epochs, summary]
+                output_dir: {tmp_path / "out"}
+            - class_path: green_callbacks.lightning.EnergyBudget
+              init_args:
+                energy: 60 J
+                emissions: 1.2 kg
+            - class_path: green_callbacks.lightning.EfficiencyEarlyStopping
+              init_args:
+                monitor: val_acc
+                mode: max
+                min_gain_per_kj: 0.5
+                patience: 2
+        model:
+          lr: 0.01
+    """))
+    script = Path(__file__).parent / "cli" / "digits_cli.py"
+    env_path = [str(Path(__file__).parent), *sys.path]
+    proc = subprocess.run([sys.executable, str(script), "fit", "--config", str(config)], capture_output=True,
+                          text=True, timeout=300, env={"PYTHONPATH": ":".join(env_path), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, (run,) = runs(uri, "cli")
+    assert run.data.params["green.pue"] == "1.2"
+    assert run.data.params["green.carbon_intensity_label"] == "France (FRA)"
+    epochs = history(client, run.info.run_id, "energy/epoch_j")
+    assert 0 < len(epochs) < 50, "a budget or the plateau stopped it"
+    assert run.data.tags["green.stop_reason"] in ("energy_budget", "efficiency_plateau")
+
+
+def test_lightning_cli_rejects_a_bad_unit_before_training(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(textwrap.dedent("""
+        trainer:
+          max_epochs: 1
+          accelerator: cpu
+          logger: false
+          callbacks:
+            - class_path: green_callbacks.lightning.EnergyBudget
+              init_args:
+                energy: 2.5 kWatt
+    """))
+    script = Path(__file__).parent / "cli" / "digits_cli.py"
+    proc = subprocess.run([sys.executable, str(script), "fit", "--config", str(config)], capture_output=True,
+                          text=True, timeout=300,
+                          env={"PYTHONPATH": ":".join([str(Path(__file__).parent), *sys.path]), "PATH": "/usr/bin"})
+    assert proc.returncode != 0
+    assert "unknown energy unit 'kWatt'; choose one of J, kJ, MJ, Wh, kWh, MWh" in proc.stderr
+
+
+def test_hydra_instantiate_with_dictconfig_values(tmp_path):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({
+        "monitor": {"_target_": "green_callbacks.lightning.EnergyMonitor", "gpus": [0], "country": "SE",
+                    "log_artifacts": ["epochs", "plot"], "efficiency_metrics": ["val_acc"]},
+        "budget": {"_target_": "green_callbacks.transformers.EnergyBudget", "energy": "${oc.env:BUDGET,2.5 kWh}",
+                   "cost": 1.5},
+        "efficiency": {"_target_": "green_callbacks.lightning.EfficiencyEarlyStopping", "monitor": "val_acc",
+                       "min_gain_per_kj": 0.25},
+    })
+    monitor = instantiate(cfg.monitor)
+    budget = instantiate(cfg.budget)
+    efficiency = instantiate(cfg.efficiency)
+    assert monitor.gpus == [0] and monitor.accountant.intensity.label == "Sweden (SWE)"
+    assert monitor.artifacts == ["epochs", "plot"] and monitor.efficiency_metrics == ["val_acc"]
+    assert budget.budget.energy_j == 2.5 * 3.6e6 and budget.budget.cost == 1.5
+    assert efficiency.plateau.min_gain_per_kj == 0.25
+    with pytest.raises(Exception, match=r"unknown country 'Narnia'"):
+        instantiate(OmegaConf.create({"_target_": "green_callbacks.lightning.EnergyMonitor", "country": "Narnia"}))
+
+
+def test_from_yaml_and_toml_files(tmp_path):
+    yaml_file = tmp_path / "green.yaml"
+    yaml_file.write_text(textwrap.dedent("""
+        green-callbacks:
+          budget:
+            energy: 2.5 kWh
+            emissions: 300 g
+            cost: 0.5 EUR
+            check_every_n_steps: 100
+          efficiency:
+            monitor: accuracy
+            min_gain_per_kj: 0.01
+            patience: 5
+    """))
+    budget = gl.EnergyBudget.from_file(yaml_file)
+    assert (budget.budget.energy_j, budget.budget.emissions_g, budget.budget.cost, budget.budget.currency) == (
+        9e6, 300.0, 0.5, "EUR")
+    assert budget.check_every_n_steps == 100
+    efficiency = gt.EfficiencyEarlyStopping.from_file(yaml_file)
+    assert efficiency.plateau.patience == 5
+
+    toml_file = tmp_path / "pyproject.toml"
+    toml_file.write_text(textwrap.dedent("""
+        [project]
+        name = "mine"
+        [tool.green-callbacks.budget]
+        emissions = "1.2 kg"
+        on_exceed = "warn"
+    """))
+    budget = gt.EnergyBudget.from_file(toml_file)
+    assert budget.budget.emissions_g == 1200.0 and budget.budget.on_exceed == "warn"
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("green-callbacks:\n  budget:\n    energy: 1 kWh\n    energey: 2 kWh\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['energey'\] in 'budget'; valid keys are \['energy'"):
+        gl.EnergyBudget.from_file(bad)
+    with pytest.raises(ValueError, match=r"no 'efficiency' table under green-callbacks; found \['budget'\]"):
+        gl.EfficiencyEarlyStopping.from_file(bad)
+    with pytest.raises(ValueError, match=r"unknown config format '.ini'"):
+        gl.EnergyBudget.from_file(tmp_path / "green.ini")
