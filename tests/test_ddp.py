@@ -62,7 +62,7 @@ def test_lightning_ddp_ranks_decide_the_same(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     stopped = [int((tmp_path / f"stopped-rank{r}.txt").read_text()) for r in range(2)]
     assert stopped[0] == stopped[1] < 10
-    client, (run,) = runs(uri, "ddp")
+    _, (run,) = runs(uri, "ddp")
     assert run.data.tags["green.stop_reason"] in ("efficiency_plateau", "other_rank")
 
 
