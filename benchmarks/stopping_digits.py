@@ -20,10 +20,10 @@ from lightning.pytorch.callbacks import EarlyStopping
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-from digits_common import digits  # noqa: E402
-from lightning_digits import DigitsClassifier  # noqa: E402
+from digits_common import digits
+from lightning_digits import DigitsClassifier
 
-from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyMonitor  # noqa: E402
+from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyMonitor
 
 
 def run(rule: str, epochs: int, seed: int) -> dict[str, float | str]:

@@ -4,7 +4,9 @@
     python examples/lightning_digits.py --quick    # three epochs, for CI
 
 Logs into MLflow's default store (``mlflow.db`` here, unless MLFLOW_TRACKING_URI says otherwise),
-in the run of Lightning's MLFlowLogger, then prints a per-epoch table and where to look.
+in the run of Lightning's MLFlowLogger, then prints a per-epoch table and where to look. Training
+stops early when validation accuracy bought per kJ flattens out (EfficiencyEarlyStopping), and
+before the budgets in examples/green.yaml would be exceeded (EnergyBudget).
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from lightning.pytorch.loggers import MLFlowLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from digits_common import digits, mlp  # noqa: E402
+from digits_common import digits, mlp
 
-from green_callbacks.lightning import EnergyMonitor  # noqa: E402
-from green_callbacks.report import epoch_table  # noqa: E402
+from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyBudget, EnergyMonitor
+from green_callbacks.report import epoch_table
 
 
 class DigitsClassifier(pl.LightningModule):
@@ -53,10 +55,11 @@ class DigitsClassifier(pl.LightningModule):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="3 epochs, to check that it runs")
     parser.add_argument("--experiment", default="green-callbacks-digits")
-    parser.add_argument("--country", default=None, help="grid of this country (ISO code or name); world average if unset")
+    parser.add_argument("--country", default=None,
+                        help="grid of this country (ISO code or name); world average if unset")
     args = parser.parse_args(argv)
     epochs = 3 if args.quick else args.epochs
 
@@ -68,12 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     uri = mlflow.get_tracking_uri()
     logger = MLFlowLogger(experiment_name=args.experiment, tracking_uri=uri, run_name="lightning-digits")
     monitor = EnergyMonitor(country=args.country, efficiency_metrics=["val_acc"])
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="auto", devices=1, logger=logger, callbacks=[monitor],
+    config = Path(__file__).parent / "green.yaml"
+    callbacks = [monitor, EfficiencyEarlyStopping.from_file(config), EnergyBudget.from_file(config)]
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="auto", devices=1, logger=logger, callbacks=callbacks,
                          enable_checkpointing=False, log_every_n_steps=10)
     trainer.fit(DigitsClassifier(), train, val)
 
     print("\nPer epoch (all measured components; accuracy per kJ of cumulative energy):")
     print(epoch_table(monitor.frame(), "val_acc"))
+    if monitor.stop_decision is not None:
+        print(f"\nStopped early: {monitor.stop_decision.message}")
     print(f"\nEnergy is in MLflow run {logger.run_id} of experiment {args.experiment!r} at {uri}.")
     print(f"See it: mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000")
     return 0

@@ -92,7 +92,6 @@ class EfficiencyStopper(Stopper):
         # validate every argument now; a monitor left to the framework's default is filled in at fit start
         self.plateau = EfficiencyPlateau(monitor or "pending", mode or "max", min_gain_per_kj, patience,
                                          warmup_epochs, smoothing)
-        self._resolved = monitor is not None and mode is not None
         self.verbose = bool(verbose)
         self._init_args = {"monitor": monitor, "mode": mode, "min_gain_per_kj": min_gain_per_kj,
                            "patience": patience, "warmup_epochs": warmup_epochs, "smoothing": smoothing,
@@ -104,14 +103,11 @@ class EfficiencyStopper(Stopper):
 
     def resolve(self, default_monitor: str, default_mode: str, normalise: Any = None) -> None:
         """Fill in the framework's default monitor/mode, and its naming convention, at fit start."""
-        if self._resolved:
-            return
         args = self._init_args
         monitor = args["monitor"] or default_monitor
         self.plateau.monitor = normalise(monitor) if normalise else monitor
         self.plateau.mode = args["mode"] or (default_mode if args["monitor"] is None else
                                              ("min" if "loss" in monitor else "max"))
-        self._resolved = True
 
     def after_epoch(self, so_far: Totals, metrics: Mapping[str, float], per_epoch: Totals,
                     remaining_epochs: float | None, epochs_done: int) -> Decision:
