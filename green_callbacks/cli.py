@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -33,8 +34,11 @@ def _probe(args: argparse.Namespace) -> int:
         print(f"{r[0]:<10} {r[1]:<{width}} {r[2]:<12} {r[3]}")
     measured = [r for r in rows if r[2] in ("counter", "sampled")]
     if not measured:
-        print("\nNothing here is measured: energy will be estimated (CPU: TDP x utilisation). "
-              "See `green-callbacks probe` notes in the README for NVML and RAPL permissions.")
+        from green_callbacks.sensors.rapl import RAPL_FIX
+
+        print("\nNothing here is measured: energy will be estimated (CPU: TDP x utilisation).\n"
+              "GPUs are measured through NVML, which needs the NVIDIA driver (libnvidia-ml.so).\n"
+              f"CPU/DRAM are measured through RAPL where /sys/class/powercap exists. {RAPL_FIX}")
         return 1
     return 0
 
@@ -74,6 +78,30 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    import os
+
+    # a CLI talking to a dead server should say so in seconds, not after MLflow's minutes of retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from green_callbacks.report import experiment_frame, markdown_table, plot_pareto
+
+    try:
+        frame = experiment_frame(args.experiment, args.tracking_uri, args.metric)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if args.csv:
+        frame.to_csv(args.csv, index=False)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(frame))
+    if args.plot:
+        plot_pareto(frame, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="green-callbacks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("spool", help="the spool-<run_id>.jsonl file")
     p.add_argument("--tracking-uri", help="send to this tracking URI instead of the one recorded")
     p.set_defaults(func=_replay)
+    p = sub.add_parser("report", help="the runs of an MLflow experiment: energy, emissions, cost, metric per kJ")
+    p.add_argument("experiment", help="experiment name")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's default)")
+    p.add_argument("--metric", help="the quality metric (default: val_acc, eval_accuracy or the first val metric)")
+    p.add_argument("--csv", help="also save the table as CSV")
+    p.add_argument("--markdown", help="also save the table as Markdown")
+    p.add_argument("--plot", help="save a PNG of the metric against energy with the Pareto front")
+    p.set_defaults(func=_report)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

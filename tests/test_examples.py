@@ -9,15 +9,57 @@ from pathlib import Path
 
 import pytest
 
+from helpers import runs
+
 EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def run_example(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    proc = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["lightning_digits.py", "hf_digits.py"])
-def test_example_runs_and_prints_its_table(tmp_path, script):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    proc = subprocess.run([sys.executable, str(EXAMPLES / script), "--quick"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "accuracy per kJ" in proc.stdout and "MLflow run" in proc.stdout
-    assert "_per_kj" in proc.stdout
+def test_digits_examples_print_their_table(tmp_path, script):
+    out = run_example(tmp_path, str(EXAMPLES / script), "--quick").stdout
+    assert "accuracy per kJ" in out and "MLflow run" in out and "_per_kj" in out
+
+
+@pytest.mark.slow
+def test_ddp_example_logs_one_run(tmp_path):
+    run_example(tmp_path, str(EXAMPLES / "ddp_digits.py"), "--quick")
+    _, (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db", "green-callbacks-ddp")
+    assert run.data.params["green.world_size"] == "2"
+
+
+@pytest.mark.slow
+def test_lightning_cli_example(tmp_path):
+    config = (EXAMPLES / "lightning_cli.yaml").read_text().replace("sqlite:///mlflow.db",
+                                                                   f"sqlite:///{tmp_path}/mlflow.db")
+    (tmp_path / "cli.yaml").write_text(config)
+    run_example(tmp_path, str(EXAMPLES / "lightning_cli.py"), "fit", "--config", str(tmp_path / "cli.yaml"),
+                "--trainer.max_epochs=2")
+    _, (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db", "green-callbacks-cli")
+    assert run.data.params["green.price_per_kwh"] == "0.25 EUR"
+    assert run.data.metrics["cost/cumulative"] > 0
+
+
+@pytest.mark.slow
+def test_hydra_example(tmp_path):
+    run_example(tmp_path, str(EXAMPLES / "hydra_digits.py"), "max_epochs=2", "callbacks.budget.energy=2 kJ",
+                f"hydra.run.dir={tmp_path}/hydra")
+    _, (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db", "green-callbacks-hydra")
+    assert run.data.params["green.carbon_intensity_label"] == "Germany (DEU)"
+
+
+@pytest.mark.slow
+def test_green_ai_comparison_is_one_run_per_model(tmp_path):
+    out = run_example(tmp_path, str(EXAMPLES / "green_ai_comparison.py"), "--quick").stdout
+    _, found = runs(f"sqlite:///{tmp_path}/mlflow.db", "green-ai-comparison")
+    assert sorted(r.info.run_name for r in found) == ["baseline", "distilled", "pruned", "quantised"]
+    assert all("energy/test_j_per_sample" in r.data.metrics for r in found)
+    assert "inference saved" in out
