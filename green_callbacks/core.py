@@ -6,6 +6,10 @@ import atexit
 import functools
 import json
 import math
+import os
+import signal
+import sys
+import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,13 +33,49 @@ F = TypeVar("F", bound=Callable[..., Any])
 _RUNNING: list[weakref.ref[EnergyTracker]] = []
 
 
+_UNCAUGHT: list[type[BaseException]] = []
+_HOOKED = False
+
+
+def _live_trackers() -> list[EnergyTracker]:
+    return [t for t in (ref() for ref in _RUNNING) if t is not None and t._started]
+
+
+def _install_process_hooks() -> None:
+    """Know how a process ended, so an interrupted run is recorded as KILLED or FAILED.
+
+    Chains ``sys.excepthook`` (the type of an uncaught exception, read at exit), and where nobody
+    handles SIGTERM (Lightning does; HF and plain scripts do not) records the partial epoch and
+    summary on SIGTERM, then lets the default action end the process as it would have.
+    """
+    global _HOOKED
+    if _HOOKED:
+        return
+    _HOOKED = True
+    previous = sys.excepthook
+
+    def excepthook(etype: type[BaseException], value: BaseException, tb: Any) -> None:
+        _UNCAUGHT.append(etype)
+        previous(etype, value, tb)
+
+    sys.excepthook = excepthook
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        def on_sigterm(signum: int, frame: Any) -> None:
+            for tracker in _live_trackers():
+                tracker._interrupted("KILLED")
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def running_tracker() -> EnergyTracker:
     """The most recently started tracker of this process that has not finished.
 
     How stopping callbacks find the EnergyMonitor in frameworks whose callbacks cannot see
     each other (HF's ``Trainer``).
     """
-    live = [t for t in (ref() for ref in _RUNNING) if t is not None and t._started]
+    live = _live_trackers()
     if not live:
         raise ValueError("EfficiencyEarlyStopping and EnergyBudget need an EnergyMonitor in the same Trainer's "
                          "callbacks: callbacks=[EnergyMonitor(...), EnergyBudget(...)]; it measures, they decide")
@@ -154,12 +194,28 @@ def merge_ranks(payloads: Sequence[Mapping[str, Any]]) -> tuple[dict[str, dict[s
     return devices, {c: Method.weakest(ms).value for c, ms in methods.items()}, peak
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_gpus(gpus: Any) -> GpuSelection | None:
+    """``"auto"``, ``"all"``, ``None`` (no GPU) or a list of CUDA indices; anything else is an error."""
+    valid = '"auto", "all", None (no GPU) or a list of CUDA device indices like [0, 1]'
+    if gpus is None or gpus in ("auto", "all"):
+        return gpus
+    if isinstance(gpus, str) or not isinstance(gpus, Sequence):
+        raise ValueError(f"gpus={gpus!r} is not valid; choose {valid}")
+    if not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus):
+        raise ValueError(f"gpus={list(gpus)!r}: CUDA device indices are integers >= 0; choose {valid}")
+    return [int(g) for g in gpus]
+
+
 class EnergyTracker:
     """Measures a training job epoch by epoch and logs it to MLflow; the adapters drive it.
 
     Args:
         gpus: which GPUs: ``"auto"`` (those this process trains on), ``"all"`` (all visible to
-            the process) or a list of CUDA device indices.
+            the process), a list of CUDA device indices, or ``None`` for none.
         measure_cpu: measure CPU (and DRAM where RAPL allows) once per node.
         sampling_period_s: the background sampler's period (default 0.05 s).
         cpu_tdp_w: CPU TDP for the estimate used when RAPL is not readable (default 85 W).
@@ -184,7 +240,7 @@ class EnergyTracker:
 
     def __init__(
         self,
-        gpus: GpuSelection = "auto",
+        gpus: GpuSelection | None = "auto",
         measure_cpu: bool = True,
         sampling_period_s: float = DEFAULT_PERIOD_S,
         cpu_tdp_w: float | None = None,
@@ -206,23 +262,32 @@ class EnergyTracker:
     ) -> None:
         init_args = {k: v for k, v in locals().items() if k != "self"}
         # every check happens here, before training starts
-        if isinstance(gpus, str) and gpus not in ("auto", "all"):
-            raise ValueError(f'gpus={gpus!r} is not valid; choose "auto", "all" or a list of CUDA device indices')
-        if not isinstance(gpus, str):
-            gpus = [int(g) for g in gpus]
-            if any(g < 0 for g in gpus):
-                raise ValueError(f"gpus={gpus!r}: CUDA device indices are >= 0")
-        if not (isinstance(sampling_period_s, int | float) and 0 < sampling_period_s <= 60):
+        gpus = _check_gpus(gpus)
+        if not _is_number(sampling_period_s) or not 0 < sampling_period_s <= 60:
             raise ValueError(f"sampling_period_s={sampling_period_s!r} must be a number of seconds in (0, 60]")
-        if cpu_tdp_w is not None and not (isinstance(cpu_tdp_w, int | float) and cpu_tdp_w > 0):
+        if cpu_tdp_w is not None and not (_is_number(cpu_tdp_w) and cpu_tdp_w > 0):
             raise ValueError(f"cpu_tdp_w={cpu_tdp_w!r} must be a positive number of watts")
+        numbers = (("price_per_kwh", price_per_kwh), ("carbon_intensity_g_per_kwh", carbon_intensity_g_per_kwh))
+        for name, value in numbers:
+            if value is not None and not _is_number(value):
+                raise ValueError(f"{name}={value!r} must be a number")
+        for name, value in (("country", country), ("cloud_region", cloud_region), ("currency", currency),
+                            ("carbon_intensity_csv", carbon_intensity_csv)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name}={value!r} must be a string")
         if isinstance(log_artifacts, bool):
             artifacts = list(ARTIFACT_CHOICES) if log_artifacts else []
-        else:
+        elif isinstance(log_artifacts, Sequence) and not isinstance(log_artifacts, str):
             artifacts = list(log_artifacts)
             bad = [a for a in artifacts if a not in ARTIFACT_CHOICES]
             if bad:
                 raise ValueError(f"log_artifacts={artifacts!r}: unknown {bad}; choose from {list(ARTIFACT_CHOICES)}")
+        else:
+            raise ValueError(f"log_artifacts={log_artifacts!r} must be True, False or a list from "
+                             f"{list(ARTIFACT_CHOICES)}")
+        if efficiency_metrics is not None and (isinstance(efficiency_metrics, str) or not all(
+                isinstance(m, str) for m in efficiency_metrics)):
+            raise ValueError(f"efficiency_metrics={efficiency_metrics!r} must be a list of metric names or None")
         series = IntensitySeries(carbon_intensity_csv) if carbon_intensity_csv else None
         self.accountant = Accountant(
             resolve_intensity(carbon_intensity_g_per_kwh, country, cloud_region), pue,
@@ -269,11 +334,14 @@ class EnergyTracker:
         if self._started:
             return
         self.rank = rank
+        import pandas  # noqa: F401 - imported now, not first at interpreter exit where imports can fail
+
         sensors = build_sensors(self.gpus, cuda_indices, self.measure_cpu and rank.measures_host, self.cpu_tdp_w)
         self.meter = EnergyMeter(sensors, self.sampling_period_s, cuda_sync=self.cuda_sync).start()
         self._started = True
         self._finished = False
         _RUNNING.append(weakref.ref(self))
+        _install_process_hooks()
         atexit.register(self._atexit)
         if rank.is_zero and self.use_mlflow:
             self._open_sink(run_id, tracking_uri)
@@ -518,10 +586,17 @@ class EnergyTracker:
         self._started = False
         atexit.unregister(self._atexit)
 
+    def _interrupted(self, status: str) -> None:
+        """The process is ending mid-run: keep the partial epoch and write the summary."""
+        last = self.records[-1].epoch + 1 if self.records else 0
+        self.finish(status, epoch=last)
+
     def _atexit(self) -> None:
         if self._started and not self._finished:
-            last = self.records[-1].epoch + 1 if self.records else 0
-            self.finish("KILLED", epoch=last)
+            if _UNCAUGHT:
+                self._interrupted("KILLED" if issubclass(_UNCAUGHT[-1], KeyboardInterrupt) else "FAILED")
+            else:
+                self._interrupted("KILLED" if self.epoch_open else "FINISHED")
 
     def _write_outputs(self, trace) -> None:  # trace: pandas.DataFrame
         if not self.records or not self.artifacts:

@@ -126,7 +126,8 @@ class EnergyMonitor(EnergyTracker, Callback):
         self.finish("FINISHED")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        status = "KILLED" if isinstance(exception, KeyboardInterrupt) else "FAILED"
+        # Ctrl-C, and SIGTERM (Lightning turns it into SIGTERMException, a SystemExit), kill the run
+        status = "KILLED" if isinstance(exception, KeyboardInterrupt | SystemExit) else "FAILED"
         self.finish(status, epoch=trainer.current_epoch)
 
 

@@ -184,19 +184,22 @@ class EnergyMeter:
     def _run(self) -> None:
         next_s = self.clock()
         while not self._stop.is_set():
-            now = self.clock()
-            power = {c: 0.0 for c in self.components}
-            for i, sensor in enumerate(self.sensors):
-                watts = self._guard(i, sensor.sample, now)
-                if watts:
-                    power[sensor.component] += sum(watts.values())
-            with self._lock:
-                self.trace.add(now - self._t0_s, [power[c] for c in self.components])
-                for window in self._open.values():
-                    for c, w in power.items():
-                        window.peak_w[c] = max(window.peak_w.get(c, 0.0), w)
+            self.tick(self.clock())
             next_s += self.period_s
             self._stop.wait(max(0.0, next_s - self.clock()))
+
+    def tick(self, now: float) -> None:
+        """One sampler step: every sensor sampled, the trace and open windows' peaks updated."""
+        power = {c: 0.0 for c in self.components}
+        for i, sensor in enumerate(self.sensors):
+            watts = self._guard(i, sensor.sample, now)
+            if watts:
+                power[sensor.component] += sum(watts.values())
+        with self._lock:
+            self.trace.add(now - self._t0_s, [power[c] for c in self.components])
+            for window in self._open.values():
+                for c, w in power.items():
+                    window.peak_w[c] = max(window.peak_w.get(c, 0.0), w)
 
     # -- windows ---------------------------------------------------------------------------
     def _sync(self) -> None:

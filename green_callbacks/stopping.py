@@ -47,18 +47,25 @@ class Stopper:
         ``green-callbacks:`` mapping, or ``<section>:`` at the top level). Unknown keys are errors.
         """
         path = Path(path)
-        if path.suffix == ".toml":
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-            data = data.get("tool", {}).get("green-callbacks") or data.get("green-callbacks") or data
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            data = data.get("green-callbacks", data)
-        else:
+        if path.suffix not in (".toml", ".yaml", ".yml"):
             raise ValueError(f"{path}: unknown config format {path.suffix!r}; use .yaml, .yml or .toml")
-        if cls.section not in data:
-            raise ValueError(f"{path}: no '{cls.section}' table under green-callbacks; found {sorted(data)}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix == ".toml":
+                data = tomllib.loads(text)
+                data = data.get("tool", {}).get("green-callbacks") or data.get("green-callbacks") or data
+            else:
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+                data = data.get("green-callbacks", data) if isinstance(data, dict) else data
+        except Exception as exc:  # the parsers' own errors, named with the file
+            raise ValueError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from exc
+        if not isinstance(data, dict) or cls.section not in data:
+            found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{path}: no '{cls.section}' table under green-callbacks; found {found}")
+        if not isinstance(data[cls.section], dict | None):
+            raise ValueError(f"{path}: '{cls.section}' must be a table of settings, not {data[cls.section]!r}")
         table = dict(data[cls.section] or {})
         import inspect
 

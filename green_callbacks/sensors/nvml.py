@@ -229,7 +229,11 @@ class NvmlSensor(Sensor):
             gpu.integrator.add(now_s, power)
 
     def _power_w(self, gpu: _Gpu) -> float | None:
-        """Instant power, else the averaged reading, else ``None`` (device unavailable)."""
+        """Instant power, else the averaged reading, else ``None``.
+
+        Where power is the energy source (sampling) a failure makes the device unavailable; on
+        a counter device power only feeds the trace and peak, so the counter carries on.
+        """
         nvml, h = self._nvml, gpu.target.handle
         if gpu.use_instant_field:
             try:
@@ -245,7 +249,11 @@ class NvmlSensor(Sensor):
         try:
             return nvml.nvmlDeviceGetPowerUsage(h) / 1000.0
         except Exception as exc:
-            self._lose(gpu, exc)
+            if gpu.method is Method.COUNTER:
+                self.warn_once(f"power-{gpu.target.label}", f"{gpu.target.label}: power is not readable ({exc}); "
+                               "energy still comes from the counter, the power trace shows 0 W.")
+            else:
+                self._lose(gpu, exc)
             return None
 
     def _lose(self, gpu: _Gpu, exc: Exception) -> None:
@@ -290,10 +298,9 @@ class NvmlSensor(Sensor):
                     self._poll_counter(gpu, now_s)
                 if gpu.method in (Method.COUNTER, Method.SAMPLED):
                     power = self._power_w(gpu)
-                    if power is not None:
-                        gpu.power_w = power
-                        if gpu.method is Method.SAMPLED:
-                            gpu.integrator.add(now_s, power)
+                    gpu.power_w = power or 0.0
+                    if power is not None and gpu.method is Method.SAMPLED:
+                        gpu.integrator.add(now_s, power)
                 else:
                     gpu.power_w = 0.0
             return {g.target.label: g.power_w for g in self._gpus}

@@ -1,0 +1,235 @@
+"""Every benchmark, side by side in one run, printed as Markdown tables.
+
+    python benchmarks/run_all.py [--quick] [--out docs/performance.md]
+
+- accuracy: per-window GPU energy error against a simulated NVML whose exact energy is known
+  (a GPU with an energy counter, a GPU with power readings only, and the floor: an ideal sampler
+  reading every sensor refresh), windows 0.3 s to 30 s, on a bursty power profile;
+- overhead: Lightning epoch time with the callbacks over without, interleaved in one process;
+- sampler cost: CPU seconds per wall second of the sampler thread at 20 Hz;
+- memory: RSS growth over a simulated 24 hours of 20 Hz sampling with a window every minute;
+- import time of green_callbacks and of each adapter.
+Peers (Zeus, CodeCarbon) are listed as not run unless installed and wired to the simulated GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def fake_nvml():
+    spec = importlib.util.spec_from_file_location("pynvml", ROOT / "tests" / "fake_nvml" / "pynvml.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pynvml"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def accuracy(quick: bool) -> str:
+    from green_callbacks.meter import EnergyMeter
+    from green_callbacks.sensors import NvmlSensor
+
+    nvml = fake_nvml()
+    refresh = 0.02  # the simulated sensor refreshes its instant power every 20 ms
+    devs = nvml.configure([{"profile_seed": 21, "refresh_s": refresh},
+                           {"profile_seed": 21, "refresh_s": refresh, "counter": False}])
+    windows = [0.3, 1.0, 3.0] if quick else [0.3, 1.0, 3.0, 10.0, 30.0]
+    repeats = 3 if quick else 5
+    rows = []
+    for period in (0.05, 0.01):
+        meter = EnergyMeter([NvmlSensor("all", nvml=nvml)], period_s=period).start()
+        errors: dict[float, dict[str, list[float]]] = {w: {"counter": [], "sampled": [], "ideal": []} for w in windows}
+        try:
+            for _ in range(repeats):
+                for w in windows:
+                    meter.begin("w")
+                    time.sleep(w)
+                    m = meter.end("w")
+                    truth = devs[0].energy_between(m.start_s, m.end_s)
+                    errors[w]["counter"].append(abs(m.joules["gpu"]["gpu0"] - truth) / truth)
+                    truth1 = devs[1].energy_between(m.start_s, m.end_s)
+                    errors[w]["sampled"].append(abs(m.joules["gpu"]["gpu1"] - truth1) / truth1)
+                    # the floor: a sampler reading every refresh of the instant power, exactly on time
+                    k0 = int((m.start_s - devs[1].t0) / refresh) + 1
+                    k1 = int((m.end_s - devs[1].t0) / refresh)
+                    ideal = sum(devs[1].power_at(devs[1].t0 + k * refresh) * refresh for k in range(k0, k1))
+                    ideal += devs[1].power_at(m.start_s) * (devs[1].t0 + k0 * refresh - m.start_s)
+                    ideal += devs[1].power_at(m.end_s) * (m.end_s - devs[1].t0 - k1 * refresh)
+                    errors[w]["ideal"].append(abs(ideal - truth1) / truth1)
+        finally:
+            meter.close()
+        for w in windows:
+            e = errors[w]
+            rows.append(f"| {period * 1000:.0f} ms | {w:g} s | {100 * statistics.mean(e['counter']):.4f} % | "
+                        f"{100 * statistics.mean(e['sampled']):.3f} % (max {100 * max(e['sampled']):.3f} %) | "
+                        f"{100 * statistics.mean(e['ideal']):.3f} % |")
+    head = ("| sampling period | window | counter GPU: mean error | power-only GPU (sampled): mean error | "
+            "ideal sampler (every 20 ms refresh) |\n| --- | --- | ---: | ---: | ---: |")
+    peers = [p for p in ("zeus", "codecarbon") if importlib.util.find_spec(p)]
+    note = (f"\nPeers installed but not wired to the simulated GPU: {peers}." if peers else
+            "\nPeers: Zeus and CodeCarbon are not installed here (optional); not run.")
+    return head + "\n" + "\n".join(rows) + "\n" + note
+
+
+def overhead(quick: bool) -> str:
+    import lightning.pytorch as pl
+    from digits_common import digits
+    from lightning_digits import DigitsClassifier
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyBudget, EnergyMonitor
+
+    (xt, yt), (xv, yv) = digits()
+    train = DataLoader(TensorDataset(xt, yt), batch_size=32, shuffle=True)
+    val = DataLoader(TensorDataset(xv, yv), batch_size=512)
+
+    class EpochTimer(pl.Callback):
+        def __init__(self):
+            self.times = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.t = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.times.append(time.perf_counter() - self.t)
+
+    def epoch_times(extra) -> list[float]:
+        timer = EpochTimer()
+        trainer = pl.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[timer, *extra()])
+        trainer.fit(DigitsClassifier(), train, val)
+        return timer.times[1:]  # the first epoch warms caches
+
+    configs = {
+        "without": lambda: [],
+        "an empty Callback (Lightning's own cost per callback)": lambda: [pl.Callback()],
+        "EnergyMonitor": lambda: [EnergyMonitor(mlflow=False, log_artifacts=False)],
+        "EnergyMonitor + stopping": lambda: [
+            EnergyMonitor(mlflow=False, log_artifacts=False),
+            EfficiencyEarlyStopping(monitor="val_acc", mode="max", min_gain_per_kj=0.0, patience=100),
+            EnergyBudget(energy="1 MWh", check_every_n_steps=10)],
+    }
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(2 if quick else 6):  # interleaved: the machine's noise falls on all alike
+        for name, make in configs.items():
+            times[name] += epoch_times(make)
+    base = statistics.median(times["without"])
+    rows = [f"| {name} | {1000 * statistics.median(t):.1f} ms | {statistics.median(t) / base:.3f} |"
+            for name, t in times.items()]
+    return ("| callbacks | median epoch (45 steps + validation) | ratio to without |\n| --- | ---: | ---: |\n"
+            + "\n".join(rows))
+
+
+def sampler_cost() -> str:
+    import psutil
+
+    from green_callbacks.meter import EnergyMeter
+    from green_callbacks.sensors import CpuEstimateSensor, NvmlSensor
+
+    nvml = fake_nvml()
+    nvml.configure(n=1)
+    meter = EnergyMeter([NvmlSensor("all", nvml=nvml), CpuEstimateSensor()], period_s=0.05).start()
+    native = meter._thread.native_id
+
+    def cpu() -> float:
+        t = next(t for t in psutil.Process().threads() if t.id == native)
+        return t.user_time + t.system_time
+
+    c0, w0 = cpu(), time.monotonic()
+    time.sleep(10)
+    c1, w1 = cpu(), time.monotonic()
+    meter.close()
+    return (f"Sampler thread at 20 Hz (one simulated GPU + CPU estimate): {(c1 - c0) / (w1 - w0):.4f} CPU s per "
+            f"wall s ({100 * (c1 - c0) / (w1 - w0):.2f} % of one core).")
+
+
+def memory(quick: bool) -> str:
+    import gc
+
+    import psutil
+
+    from green_callbacks.meter import EnergyMeter
+    from green_callbacks.sensors import Reading, Sensor
+    from green_callbacks.sensors.base import Method
+
+    class Steady(Sensor):
+        component = "gpu"
+
+        @property
+        def devices(self):
+            return ["gpu0"]
+
+        def read(self, now_s):
+            return Reading({"gpu0": now_s * 300.0}, {"gpu0": Method.COUNTER}, {"gpu0": 300.0})
+
+    hours = 2 if quick else 24
+    ticks = hours * 3600 * 20
+    meter = EnergyMeter([Steady()], period_s=0.05, clock=lambda: 0.0)
+    proc = psutil.Process()
+    gc.collect()
+    rss0 = proc.memory_info().rss
+    t0 = time.perf_counter()
+    for i in range(ticks):
+        now = i * 0.05
+        meter.tick(now)
+        if i % 1200 == 0:  # a window a minute: ~1,440 windows a day
+            if meter.is_open("epoch"):
+                meter.end("epoch")
+            meter.begin("epoch")
+    gc.collect()
+    rss1 = proc.memory_info().rss
+    took = time.perf_counter() - t0
+    return (f"Simulated {hours} h at 20 Hz ({ticks:,} samples, {ticks // 1200:,} windows, {took:.0f} s "
+            f"to simulate): RSS growth {(rss1 - rss0) / 2**20:.2f} MiB; trace holds {len(meter.trace)} points "
+            f"(stride {meter.trace.stride}).")
+
+
+def import_times() -> str:
+    rows = []
+    for module in ("green_callbacks", "green_callbacks.lightning", "green_callbacks.transformers"):
+        runs = []
+        for _ in range(5):
+            code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+            runs.append(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                             check=True).stdout))
+        rows.append(f"| `import {module}` | {1000 * statistics.median(runs):.1f} ms |")
+    return "| import | median of 5 fresh processes |\n| --- | ---: |\n" + "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter windows and fewer repeats")
+    parser.add_argument("--out", help="also write the tables (with date and machine) to this Markdown file")
+    args = parser.parse_args()
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    sections = [("Accuracy against a simulated GPU with known exact energy", accuracy(args.quick)),
+                ("Overhead on Lightning training (digits MLP, CPU)", overhead(args.quick)),
+                ("Sampler cost", sampler_cost()),
+                ("Memory over a long run", memory(args.quick)),
+                ("Import time", import_times())]
+    cpu = platform.processor() or platform.machine()
+    header = (f"Measured {dt.date.today().isoformat()} on {platform.node()} ({os.cpu_count()} CPUs, {cpu}, "
+              f"Python {platform.python_version()}) with `python benchmarks/run_all.py"
+              f"{' --quick' if args.quick else ''}`.")
+    text = header + "\n\n" + "\n\n".join(f"## {title}\n\n{body}" for title, body in sections) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text("# Performance\n\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

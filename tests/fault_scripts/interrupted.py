@@ -1,0 +1,50 @@
+"""Training interrupted mid-epoch 1: python interrupted.py lightning|hf sigterm|keyboard|exception URI OUT."""
+
+import os
+import signal
+import sys
+
+framework, fault, uri, out = sys.argv[1:5]
+
+
+def strike():
+    if fault == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif fault == "keyboard":
+        raise KeyboardInterrupt
+    else:
+        raise RuntimeError("a bug in the user's training step")
+
+
+if framework == "lightning":
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from green_callbacks.lightning import EnergyMonitor
+
+    class Model(BoringModel):
+        def training_step(self, batch, batch_idx):
+            if self.current_epoch == 1 and batch_idx == 5:
+                strike()
+            return super().training_step(batch, batch_idx)
+
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, callbacks=[EnergyMonitor(tracking_uri=uri, output_dir=out)])
+    trainer.fit(Model())
+else:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from green_callbacks.transformers import EnergyMonitor
+
+    from helpers import DigitsDataset, digits_tensors, hf_digits_model
+
+    class Strike(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.epoch > 1.3:
+                strike()
+
+    (xt, yt), _ = digits_tensors()
+    args = TrainingArguments(output_dir=out, num_train_epochs=3, per_device_train_batch_size=32, save_strategy="no",
+                             report_to="none", use_cpu=True, disable_tqdm=True)
+    Trainer(model=hf_digits_model(), args=args, train_dataset=DigitsDataset(xt[:320], yt[:320]),
+            callbacks=[EnergyMonitor(tracking_uri=uri, output_dir=out), Strike()]).train()

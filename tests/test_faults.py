@@ -1,0 +1,172 @@
+"""The fault matrix: every row ends in a run that finished or stopped cleanly with no finished epoch lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_lightning_monitor import ValModel, trainer
+
+from green_callbacks import lightning as gl
+from green_callbacks import transformers as gt
+
+from helpers import fake_nvml_env, history, runs
+
+SCRIPTS = Path(__file__).parent / "fault_scripts"
+ENERGY = "nvmlDeviceGetTotalEnergyConsumption"
+FIELDS = "nvmlDeviceGetFieldValues"
+POWER = "nvmlDeviceGetPowerUsage"
+
+
+class Inject:
+    """A Lightning callback that changes the simulated GPU at the end of epoch 0."""
+
+    def __new__(cls, change):
+        import lightning.pytorch as pl
+
+        class _Inject(pl.Callback):
+            def on_train_epoch_end(self, trainer, pl_module):
+                if trainer.current_epoch == 0:
+                    change()
+
+        return _Inject()
+
+
+@pytest.mark.parametrize(("calls", "code", "method_after", "warning"), [
+    ([ENERGY], "NVML_ERROR_UNKNOWN", "unavailable", "gpu0: NVML failed"),
+    ([ENERGY, FIELDS, POWER], "NVML_ERROR_GPU_IS_LOST", "unavailable", "gpu0: NVML failed"),
+    ([ENERGY], "NVML_ERROR_NOT_SUPPORTED", "sampled", "became NOT_SUPPORTED"),
+    ([FIELDS], "NVML_ERROR_UNKNOWN", "counter", "instant power is not readable"),
+    ([FIELDS, POWER], "NVML_ERROR_UNKNOWN", "counter", "the power trace shows 0 W"),
+])
+def test_nvml_faults_mid_training(tmp_path, fake_nvml, green_log, calls, code, method_after, warning):
+    (dev,) = fake_nvml.configure(n=1)
+
+    def change():
+        for call in calls:
+            dev.faults[call] = getattr(fake_nvml, code)
+
+    monitor = gl.EnergyMonitor(gpus="all", tracking_uri=f"sqlite:///{tmp_path}/m.db", output_dir=str(tmp_path),
+                               log_artifacts=False)
+    t = trainer(tmp_path, [monitor, Inject(change)], max_epochs=3)
+    t.fit(ValModel())
+    assert t.current_epoch == 3, "training ended normally"
+    assert [r.epoch for r in monitor.records] == [0, 1, 2], "no epoch record lost"
+    assert [r.methods["gpu"] for r in monitor.records] == ["counter", method_after, method_after]
+    assert green_log.text.count(warning) == 1
+    client, (run,) = runs(f"sqlite:///{tmp_path}/m.db")
+    assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [0, 1, 2]
+
+
+def test_counter_reset_to_zero_mid_training(tmp_path, fake_nvml, green_log):
+    (dev,) = fake_nvml.configure([{"counter_offset_mj": 50_000_000}])
+
+    def reset():  # the driver restarted: the counter counts from zero again
+        dev.counter_offset_mj = 0
+        dev.t0 = time.monotonic()
+
+    monitor = gl.EnergyMonitor(gpus="all", mlflow=False, log_artifacts=False)
+    t = trainer(tmp_path, [monitor, Inject(reset)], max_epochs=3)
+    t.fit(ValModel())
+    assert t.current_epoch == 3 and len(monitor.records) == 3
+    assert all(r.methods["gpu"] == "counter" and r.energy_j > 0 for r in monitor.records)
+    assert green_log.text.count("went backwards") == 1
+
+
+def test_nvml_fault_mid_training_hf(tmp_path, fake_nvml, green_log):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from helpers import DigitsDataset, digits_tensors, hf_digits_model
+
+    (dev,) = fake_nvml.configure(n=1)
+
+    class Lose(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            dev.faults[ENERGY] = fake_nvml.NVML_ERROR_GPU_IS_LOST
+
+    (xt, yt), _ = digits_tensors()
+    monitor = gt.EnergyMonitor(gpus="all", mlflow=False, log_artifacts=False)
+    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=3, per_device_train_batch_size=64,
+                             save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+    Trainer(model=hf_digits_model(), args=args, train_dataset=DigitsDataset(xt[:256], yt[:256]),
+            callbacks=[monitor, Lose()]).train()
+    assert [r.methods["gpu"] for r in monitor.records] == ["counter", "unavailable", "unavailable"]
+    assert green_log.text.count("gpu0: NVML failed") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["lightning", "hf"])
+@pytest.mark.parametrize(("fault", "status"), [("sigterm", "KILLED"), ("keyboard", "KILLED"),
+                                               ("exception", "FAILED")])
+def test_interrupted_mid_epoch_keeps_the_partial_epoch_and_summary(tmp_path, framework, fault, status):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "interrupted.py"), framework, fault, uri, str(tmp_path)],
+                          env=fake_nvml_env("{}"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, "the interruption still ends the process"
+    client, (run,) = runs(uri)
+    assert run.info.status == status, proc.stderr[-2000:]
+    assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [0, 1], \
+        "epoch 0, and the partial epoch 1"
+    summary = json.loads((tmp_path / run.info.run_id / "summary.json").read_text())
+    assert summary["epochs"] == 2
+    assert f"green-callbacks [{status.lower()}]" in proc.stdout
+
+
+# -- property-based fuzzing: accepted, or rejected with the package's own clear error -------------
+anything = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.floats(allow_nan=True, allow_infinity=True),
+                     st.text(max_size=10), st.lists(st.integers(-2, 3), max_size=3),
+                     st.sampled_from(["2.5 kWh", "300 g", "0.5 EUR", "auto", "all", "FR", "gcp:europe-west1",
+                                      "max", "min", "stop", "warn", "-1 J", "1e3 kJ", "epochs"]))
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def accepted_or_clear(make) -> None:
+    try:
+        make()
+    except ValueError as exc:
+        assert str(exc), "an error says what is wrong"
+
+
+@FUZZ
+@given(gpus=anything, period=anything, country=anything, pue=anything, price=anything, artifacts=anything,
+       tdp=anything)
+def test_fuzz_energy_monitor(gpus, period, country, pue, price, artifacts, tdp):
+    kwargs = {"gpus": gpus, "sampling_period_s": period, "country": country, "pue": pue, "price_per_kwh": price,
+              "log_artifacts": artifacts, "cpu_tdp_w": tdp}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("country", "price_per_kwh", "cpu_tdp_w")}
+    accepted_or_clear(lambda: gl.EnergyMonitor(**kwargs))
+
+
+@FUZZ
+@given(energy=anything, emissions=anything, cost=anything, on_exceed=anything, steps=anything, warmup=anything)
+def test_fuzz_energy_budget(energy, emissions, cost, on_exceed, steps, warmup):
+    accepted_or_clear(lambda: gt.EnergyBudget(energy=energy, emissions=emissions, cost=cost,
+                                              on_exceed=on_exceed if on_exceed is not None else "stop",
+                                              check_every_n_steps=steps,
+                                              warmup_epochs=warmup if warmup is not None else 1))
+
+
+@FUZZ
+@given(monitor=anything, mode=anything, gain=anything, patience=anything, warmup=anything, smoothing=anything)
+def test_fuzz_efficiency_early_stopping(monitor, mode, gain, patience, warmup, smoothing):
+    kwargs = {"monitor": monitor, "mode": mode, "min_gain_per_kj": gain, "patience": patience,
+              "warmup_epochs": warmup, "smoothing": smoothing}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("monitor", "mode")}
+    accepted_or_clear(lambda: gl.EfficiencyEarlyStopping(**kwargs))
+
+
+@FUZZ
+@given(text=st.one_of(st.text(max_size=80), st.builds(
+    lambda k, v: f"green-callbacks:\n  budget:\n    {k}: {v}\n",
+    st.sampled_from(["energy", "emissions", "cost", "on_exceed", "check_every_n_steps", "bogus", "energy:"]),
+    st.one_of(st.text(max_size=12), st.sampled_from(["2.5 kWh", "[1, 2]", "{a: 1}", "-3", "null", "1e400 J"])))))
+def test_fuzz_config_loader(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("cfg") / "green.yaml"
+    path.write_text(text)
+    accepted_or_clear(lambda: gl.EnergyBudget.from_file(path))
