@@ -66,8 +66,8 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
     try:
+        client = MlflowClient(tracking_uri)
         exp = client.get_experiment_by_name(experiment)
         names = [] if exp is not None else sorted(e.name for e in client.search_experiments())
     except Exception as exc:
@@ -92,6 +92,8 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
                      "method_cpu": run.data.tags.get("green.method.cpu")})
     if not rows:
         raise ValueError(f"experiment {experiment!r} has no run with green-callbacks energy metrics")
+    if metric and all(r["value"] is None for r in rows):
+        raise ValueError(f"metric {metric!r} is in no run of {experiment!r}")
     return pd.DataFrame(rows).sort_values("energy_j").reset_index(drop=True)
 
 
@@ -121,6 +123,7 @@ def plot_pareto(frame: pd.DataFrame, path: str | Path) -> Path:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    frame = frame[frame["value"].notna()]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter(frame["energy_j"], frame["value"], color="grey", label="runs")
     front = frame.loc[pareto_front(frame)]

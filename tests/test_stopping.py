@@ -220,3 +220,21 @@ def test_hf_energy_budget_stops_before_it_is_exceeded(tmp_path, fake_nvml):
     trainer = hf_fit(tmp_path, [mon, gt.EnergyBudget(energy="400 J"), HfPace()], epochs=20, lr=1e-3)
     assert trainer.state.epoch < 20
     assert mon.cumulative_j <= 400 < mon.cumulative_j + max(r.energy_j for r in mon.records)
+
+
+def test_hf_stopper_state_survives_resume(tmp_path, fake_nvml):
+    fake_nvml.configure(CONSTANT_250W)
+    (xt, yt), (xv, yv) = digits_tensors()
+
+    def run(epochs, resume):
+        stop = gt.EfficiencyEarlyStopping(monitor="accuracy", min_gain_per_kj=0.0, patience=50)
+        args = TrainingArguments(output_dir=str(tmp_path / "hf"), num_train_epochs=epochs,
+                                 per_device_train_batch_size=64, eval_strategy="epoch", save_strategy="epoch",
+                                 report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
+        Trainer(model=hf_digits_model(), args=args, train_dataset=DigitsDataset(xt[:256], yt[:256]),
+                eval_dataset=DigitsDataset(xv[:64], yv[:64]), compute_metrics=hf_accuracy,
+                callbacks=[hf_monitor(tmp_path), stop]).train(resume_from_checkpoint=resume or None)
+        return stop
+
+    assert run(2, False).plateau.checks == 2
+    assert run(4, True).plateau.checks == 4, "two checks restored from the checkpoint, two more after it"

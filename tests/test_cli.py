@@ -1,0 +1,75 @@
+"""The green-callbacks command: probe, intensity, report; clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_lightning_monitor import ValModel, trainer
+
+from green_callbacks.cli import main as cli
+from green_callbacks.lightning import EnergyMonitor
+
+
+def test_probe_without_any_measurable_sensor_says_so_and_fails():
+    if any(Path("/sys/class/powercap").glob("intel-rapl:*")) or Path("/dev/nvidiactl").exists():
+        pytest.skip("this machine can measure something: the 'nothing measurable' path needs one that cannot")
+    proc = subprocess.run([sys.executable, "-m", "green_callbacks.cli", "probe", "--seconds", "0.2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "cpu" in proc.stdout and "estimated" in proc.stdout
+    assert "Nothing here is measured" in proc.stdout and "sudo chmod o+r" in proc.stdout
+
+
+def test_probe_with_a_simulated_gpu_succeeds(fake_nvml, capsys):
+    fake_nvml.configure(n=2)
+    assert cli(["probe", "--seconds", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("counter") == 2 and "Fake H100" in out
+
+
+def test_intensity(capsys):
+    assert cli(["intensity", "SE"]) == 0
+    assert "Sweden (SWE)" in capsys.readouterr().out
+    assert cli(["intensity", "gcp:us-central1"]) == 0
+    assert "cloud.google.com" in capsys.readouterr().out
+    assert cli(["intensity", "Swedn"]) == 2
+    err = capsys.readouterr().err
+    assert "Did you mean:" in err and "Sweden" in err
+    assert cli(["intensity", "--list"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 213 + 40
+
+
+@pytest.mark.slow
+def test_report_table_csv_markdown_and_pareto_plot(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    for name, epochs in (("short", 1), ("long", 3)):
+        logger = MLFlowLogger(experiment_name="rep", tracking_uri=uri, run_name=name)
+        trainer(tmp_path, [EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False)],
+                max_epochs=epochs, logger=logger).fit(ValModel())
+    csv, md, png = tmp_path / "r.csv", tmp_path / "r.md", tmp_path / "p.png"
+    assert cli(["report", "rep", "--tracking-uri", uri, "--metric", "val_score", "--csv", str(csv),
+                "--markdown", str(md), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "short" in out and "long" in out and "value_per_kj" in out
+    import pandas as pd
+
+    frame = pd.read_csv(csv)
+    assert list(frame["run"]) == ["short", "long"]  # sorted by energy
+    assert frame["value_per_kj"].iloc[0] == pytest.approx(frame["value"].iloc[0] / (frame["energy_j"].iloc[0] / 1000))
+    assert md.read_text().startswith("| run | status | energy_j")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert cli(["report", "rep", "--tracking-uri", uri, "--metric", "val_f1"]) == 2
+    assert "metric 'val_f1' is in no run" in capsys.readouterr().err
+    assert cli(["report", "nope", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert "no experiment 'nope'" in err and "'rep'" in err
+
+
+def test_report_bad_tracking_uri_is_a_clear_error(capsys):
+    assert cli(["report", "x", "--tracking-uri", "bogus://nowhere"]) == 2
+    assert "error: cannot read MLflow at bogus://nowhere" in capsys.readouterr().err
