@@ -83,20 +83,32 @@ def running_tracker() -> EnergyTracker:
 
 
 def never_raises(fn: F) -> F:
-    """Telemetry must not break training: a fault becomes one warning per hook and the run goes on."""
+    """Telemetry must not break training: a fault becomes one warning per hook and the run goes on.
+
+    The one exception that passes is a ``ValueError`` from ``start``: a bad setting that could only
+    be checked against the hardware (a GPU index this machine does not have) stops the run before
+    its first step, with the message naming the value and the valid choices.
+    """
 
     @functools.wraps(fn)
     def wrapper(self: EnergyTracker, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(self, *args, **kwargs)
+        except ValueError:
+            if fn.__name__ == "start":
+                raise
+            return _warn_hook(self, fn.__name__, sys.exc_info()[1])
         except Exception as exc:
-            key = f"hook-{fn.__name__}"
-            if key not in self._warned:
-                self._warned.add(key)
-                log.warning("green-callbacks: %s failed (%r); training continues without it.", fn.__name__, exc)
-            return None
+            return _warn_hook(self, fn.__name__, exc)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _warn_hook(tracker: EnergyTracker, name: str, exc: BaseException | None) -> None:
+    key = f"hook-{name}"
+    if key not in tracker._warned:
+        tracker._warned.add(key)
+        log.warning("green-callbacks: %s failed (%r); training continues without it.", name, exc)
 
 
 @dataclass(frozen=True)

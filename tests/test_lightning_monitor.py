@@ -200,3 +200,9 @@ def test_bad_arguments_fail_before_training(tmp_path):
 def test_state_keys_allow_several_instances():
     a, b = EnergyMonitor(run_name="a"), EnergyMonitor(run_name="b")
     assert a.state_key != b.state_key
+
+
+def test_a_gpu_index_the_machine_lacks_stops_before_the_first_step(tmp_path, fake_nvml):
+    fake_nvml.configure(n=2)
+    with pytest.raises(ValueError, match=r"gpus=\[3\]: CUDA device\(s\) \[3\] do not exist.*\[0, 1\]"):
+        trainer(tmp_path, [EnergyMonitor(gpus=[3], mlflow=False)], max_epochs=1).fit(ValModel())
