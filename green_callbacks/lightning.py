@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import lightning.pytorch as pl
@@ -63,8 +64,9 @@ class EnergyMonitor(EnergyTracker, Callback):
     the sum. The totals are saved in checkpoints, so a resumed run continues them.
     """
 
-    @property
-    def state_key(self) -> str:
+    # Lightning reads state_key at every hook call (profiler names): built once, then a dict lookup
+    @functools.cached_property
+    def state_key(self) -> str:  # type: ignore[override]
         return self._generate_state_key(gpus=self.gpus, experiment=self.experiment_name, run_name=self.run_name)
 
     def _start(self, trainer: pl.Trainer) -> None:
@@ -146,8 +148,8 @@ class EfficiencyEarlyStopping(EfficiencyStopper, Callback):
     running to ``max_epochs`` go to the MLflow run.
     """
 
-    @property
-    def state_key(self) -> str:
+    @functools.cached_property
+    def state_key(self) -> str:  # type: ignore[override]
         return self._generate_state_key(monitor=self._init_args["monitor"], mode=self._init_args["mode"])
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -174,8 +176,8 @@ class EnergyBudget(BudgetStopper, Callback):
     "0.5 EUR"), and ``EnergyBudget.from_file("green.yaml")`` reads them from config.
     """
 
-    @property
-    def state_key(self) -> str:
+    @functools.cached_property
+    def state_key(self) -> str:  # type: ignore[override]
         a = self._init_args
         return self._generate_state_key(energy=a["energy"], emissions=a["emissions"], cost=a["cost"])
 
