@@ -182,14 +182,18 @@ class NvmlSensor(Sensor):
         gpus: which GPUs, see :func:`resolve_gpus`.
         cuda_indices: the CUDA devices the trainer runs on (for ``gpus="auto"``).
         nvml: an initialised ``pynvml`` module (tests pass a fake); loaded when ``None``.
+        use_counter: read the energy counter where it exists; ``False`` samples power even
+            there (to compare the two methods on the same GPU).
     """
 
     component = "gpu"
 
     def __init__(
-        self, gpus: GpuSelection = "auto", cuda_indices: Sequence[int] | None = None, nvml: Any = None
+        self, gpus: GpuSelection = "auto", cuda_indices: Sequence[int] | None = None, nvml: Any = None,
+        use_counter: bool = True,
     ) -> None:
         super().__init__()
+        self.use_counter = use_counter
         self._nvml = nvml if nvml is not None else load_nvml()
         self._lock = threading.Lock()
         self._gpus = [_Gpu(t) for t in resolve_gpus(self._nvml, gpus, cuda_indices)]
@@ -210,6 +214,9 @@ class NvmlSensor(Sensor):
     def start(self, now_s: float) -> None:
         for gpu in self._gpus:
             if gpu.target.nvml_index is None:
+                continue
+            if not self.use_counter:
+                self._start_sampling(gpu, now_s)
                 continue
             try:
                 gpu.counter_last_mj = int(self._nvml.nvmlDeviceGetTotalEnergyConsumption(gpu.target.handle))
