@@ -53,12 +53,8 @@ def _intensity(args: argparse.Namespace) -> int:
         for key, row in sorted(region_table().items()):
             print(f"{key:<32} {float(row['g_co2e_per_kwh']):8.1f}  {row['location']}")
         return 0
-    try:
-        ci = resolve_intensity(country=args.name if args.name and ":" not in args.name else None,
-                               region=args.name if args.name and ":" in args.name else None)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    ci = resolve_intensity(country=args.name if args.name and ":" not in args.name else None,
+                           region=args.name if args.name and ":" in args.name else None)
     print(f"{ci.label}: {ci.g_per_kwh:g} gCO2e/kWh ({ci.year}); source: {ci.source}")
     return 0
 
@@ -86,11 +82,7 @@ def _report(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from green_callbacks.report import experiment_frame, markdown_table, plot_pareto
 
-    try:
-        frame = experiment_frame(args.experiment, args.tracking_uri, args.metric)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    frame = experiment_frame(args.experiment, args.tracking_uri, args.metric)
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if args.csv:
         frame.to_csv(args.csv, index=False)
@@ -126,7 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--plot", help="save a PNG of the metric against energy with the Pareto front")
     p.set_defaults(func=_report)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ValueError as exc:  # the package's own errors name the bad value and the choices
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

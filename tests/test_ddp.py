@@ -34,33 +34,35 @@ def check_sums(uri: str, out: Path, epochs: int) -> None:
     assert run.data.tags["green.gpu_count"] == "2"
 
 
-@pytest.mark.slow
-def test_lightning_ddp_spawn_two_ranks(tmp_path):
+def launch(framework: str, tmp_path: Path, *extra: str) -> str:
+    """Run a 2-rank job on CPU (Lightning ddp_spawn, or HF under torchrun); return its tracking URI."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = subprocess.run([sys.executable, str(SCRIPTS / "lightning_ddp.py"), uri, str(tmp_path)],
-                          env=fake_nvml_env(PER_RANK), capture_output=True, text=True, timeout=300)
+    if framework == "lightning":
+        command = [sys.executable, str(SCRIPTS / "lightning_ddp.py")]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port()), str(SCRIPTS / "hf_ddp.py")]
+    proc = subprocess.run([*command, uri, str(tmp_path), *extra], env=fake_nvml_env(PER_RANK),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_sums(uri, tmp_path, epochs=2)
+    return uri
+
+
+def stopped_epochs(tmp_path: Path) -> list[int]:
+    return [int((tmp_path / f"stopped-rank{r}.txt").read_text()) for r in range(2)]
 
 
 @pytest.mark.slow
-def test_hf_torchrun_two_ranks(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), str(SCRIPTS / "hf_ddp.py"), uri, str(tmp_path)],
-                          env=fake_nvml_env(PER_RANK), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    check_sums(uri, tmp_path, epochs=2)
+@pytest.mark.parametrize("framework", ["lightning", "hf"])
+def test_two_ranks_log_the_exact_sum_once(tmp_path, framework):
+    check_sums(launch(framework, tmp_path), tmp_path, epochs=2)
 
 
 @pytest.mark.slow
 def test_lightning_ddp_ranks_decide_the_same(tmp_path):
     """Only rank 1's metric flattens; the reduced decision stops both ranks at the same epoch."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = subprocess.run([sys.executable, str(SCRIPTS / "lightning_ddp.py"), uri, str(tmp_path), "stop"],
-                          env=fake_nvml_env(PER_RANK), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stopped = [int((tmp_path / f"stopped-rank{r}.txt").read_text()) for r in range(2)]
+    uri = launch("lightning", tmp_path, "stop")
+    stopped = stopped_epochs(tmp_path)
     assert stopped[0] == stopped[1] < 10
     _, (run,) = runs(uri, "ddp")
     assert run.data.tags["green.stop_reason"] in ("efficiency_plateau", "other_rank")
@@ -68,12 +70,8 @@ def test_lightning_ddp_ranks_decide_the_same(tmp_path):
 
 @pytest.mark.slow
 def test_hf_torchrun_budget_stops_both_ranks(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), str(SCRIPTS / "hf_ddp.py"), uri, str(tmp_path), "stop"],
-                          env=fake_nvml_env(PER_RANK), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stopped = [int((tmp_path / f"stopped-rank{r}.txt").read_text()) for r in range(2)]
+    uri = launch("hf", tmp_path, "stop")
+    stopped = stopped_epochs(tmp_path)
     assert stopped[0] == stopped[1] < 20
     client, (run,) = runs(uri, "ddp")
     assert run.data.tags["green.stop_reason"] == "energy_budget"
