@@ -87,7 +87,20 @@ def send(client: Any, run_id: str, records: list[Record]) -> None:
     params: list[Any] = []
     tags: list[Any] = []
 
+    def drop_existing_params() -> None:
+        """MLflow refuses to change a param: a resumed run keeps the first value, and says so once."""
+        if not params:
+            return
+        existing = client.get_run(run_id).data.params
+        changed = [f"{p.key}: {existing[p.key]!r} -> {p.value!r}" for p in params
+                   if p.key in existing and existing[p.key] != p.value]
+        if changed:
+            log.warning("green-callbacks: MLflow params cannot change within a run; kept the first values (%s).",
+                        "; ".join(changed))
+        params[:] = [p for p in params if p.key not in existing]
+
     def flush() -> None:
+        drop_existing_params()
         while metrics or params or tags:
             client.log_batch(run_id, metrics=metrics[:_MAX_METRICS], params=params[:_MAX_PARAMS],
                              tags=tags[:_MAX_TAGS], synchronous=True)

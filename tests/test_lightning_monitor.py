@@ -131,12 +131,12 @@ def test_resume_continues_the_totals_in_the_same_run(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
 
-    def monitor():
+    def monitor(**kw):
         return EnergyMonitor(tracking_uri=uri, experiment_name="resume", output_dir=str(tmp_path / "out"),
-                             log_artifacts=False)
+                             log_artifacts=False, **kw)
 
     trainer(tmp_path, [monitor(), ckpt], max_epochs=2, enable_checkpointing=True).fit(ValModel())
-    first = monitor()
+    first = monitor(country="FR")  # a changed setting: MLflow keeps the first param value, logging goes on
     trainer(tmp_path, [first, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_epochs=4,
             enable_checkpointing=True).fit(ValModel(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     client, found = runs(uri, "resume")
@@ -147,6 +147,7 @@ def test_resume_continues_the_totals_in_the_same_run(tmp_path):
     assert [s for s, _ in epoch] == [0, 1, 2, 3]
     assert cumulative[3][1] == pytest.approx(sum(v for _, v in epoch))
     assert [r.epoch for r in first.records] == [0, 1, 2, 3]
+    assert found[0].data.params["green.carbon_intensity_label"] == "world average"
 
 
 def test_exception_in_training_step_keeps_the_partial_epoch_and_marks_the_run_failed(tmp_path):
