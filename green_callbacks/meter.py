@@ -211,10 +211,10 @@ class EnergyMeter:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
 
-    def _read_all(self, now_s: float) -> list[Reading]:
+    def _read_all(self, now_s: float, cheap: bool = False) -> list[Reading]:
         readings = []
         for i, sensor in enumerate(self.sensors):
-            reading = self._guard(i, sensor.read, now_s)
+            reading = self._guard(i, sensor.peek if cheap else sensor.read, now_s)
             readings.append(reading if reading is not None else Reading(
                 {d: 0.0 for d in sensor.devices}, {d: Method.UNAVAILABLE for d in sensor.devices}))
         return readings
@@ -233,13 +233,17 @@ class EnergyMeter:
         return name in self._open
 
     def peek(self, name: str) -> Measurement:
-        """What open window ``name`` has cost so far, leaving it open (no CUDA sync: it is cheap)."""
+        """What open window ``name`` has cost so far, leaving it open.
+
+        Cheap enough for every few steps: no CUDA sync, and sensors give their cheap reading
+        (an NVML energy counter read costs milliseconds on some GPUs; see ``NvmlSensor.peek``).
+        """
         if name not in self._open:
             raise ValueError(f"window {name!r} is not open; open windows: {sorted(self._open)}")
         now = self.clock()
         window = self._open[name]
-        return self._measure(name, window.start_s, now, window.start_unix, window.start, self._read_all(now),
-                             dict(window.peak_w))
+        return self._measure(name, window.start_s, now, window.start_unix, window.start,
+                             self._read_all(now, cheap=True), dict(window.peak_w))
 
     def end(self, name: str) -> Measurement:
         """Close window ``name`` and return what it cost."""

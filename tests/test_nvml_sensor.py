@@ -38,6 +38,48 @@ def test_counter_path_matches_exact_energy(fake_nvml):
         meter.close()
 
 
+def test_the_counter_is_read_at_window_edges_and_about_once_a_second_between(fake_nvml):
+    # one read costs milliseconds of driver time on real GPUs (2.4 ms on an H100): not at every tick
+    (dev,) = fake_nvml.configure([{"profile_seed": 6}])
+    meter = EnergyMeter([NvmlSensor("all", nvml=fake_nvml)], period_s=0.01).start()
+    try:
+        reads = dev.calls["nvmlDeviceGetTotalEnergyConsumption"]
+        meter.begin("w")
+        busy_wait(2.5)
+        m = meter.end("w")
+        reads = dev.calls["nvmlDeviceGetTotalEnergyConsumption"] - reads
+    finally:
+        meter.close()
+    assert 2 + 2 <= reads <= 2 + 3, reads  # the two edges and a poll every second, not 250 ticks
+    assert dev.calls["nvmlDeviceGetFieldValues"] > 150  # the cheap instant power feeds the trace
+    assert m.method("gpu") is Method.COUNTER
+    assert m.component_j("gpu") == pytest.approx(truth(dev, m), rel=1e-3, abs=0.05)
+
+
+def test_peek_makes_no_counter_read_and_stays_close(fake_nvml):
+    (dev,) = fake_nvml.configure([{"profile_seed": 7}])
+    meter = EnergyMeter([NvmlSensor("all", nvml=fake_nvml, counter_poll_s=10.0)], period_s=0.01).start()
+    try:
+        meter.begin("w")
+        busy_wait(1.5)
+        reads = dev.calls["nvmlDeviceGetTotalEnergyConsumption"]
+        peeked = meter.peek("w")
+        assert dev.calls["nvmlDeviceGetTotalEnergyConsumption"] == reads
+        m = meter.end("w")
+    finally:
+        meter.close()
+    assert peeked.method("gpu") is Method.COUNTER
+    exact = dev.energy_between(peeked.start_s, peeked.end_s)
+    assert peeked.component_j("gpu") == pytest.approx(exact, rel=0.03)  # 1.5 s of instant power at 100 Hz
+    assert m.component_j("gpu") == pytest.approx(truth(dev, m), rel=1e-3, abs=0.05)  # the edge is the counter's
+
+
+def test_counter_poll_period_must_be_a_number_of_seconds(fake_nvml):
+    fake_nvml.configure(n=1)
+    with pytest.raises(ValueError, match="counter_poll_s=-1"):
+        NvmlSensor("all", nvml=fake_nvml, counter_poll_s=-1)
+
+
 def test_sampled_path_stays_close_on_a_bursty_profile(fake_nvml):
     (dev,) = fake_nvml.configure([{"profile_seed": 3, "counter": False}])
     meter = EnergyMeter([NvmlSensor("all", nvml=fake_nvml)], period_s=0.01).start()
@@ -193,3 +235,11 @@ def test_no_nvml_means_no_gpu_sensor_and_no_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "pynvml", Broken())
     sensors = build_sensors("auto", rapl_root=tmp_path)
     assert [s.component for s in sensors] == ["cpu"]
+
+
+def test_a_sensor_leaves_the_callers_nvml_initialised(fake_nvml):
+    # NVML's init is reference-counted per process: closing a sensor must not shut down the caller's
+    fake_nvml.configure(n=1)
+    fake_nvml.nvmlInit()
+    NvmlSensor("all", nvml=fake_nvml).close()
+    assert fake_nvml._initialised

@@ -60,6 +60,10 @@ class Sensor(abc.ABC):
     def read(self, now_s: float) -> Reading:
         """Cumulative joules per device from ``start`` up to ``now_s`` (monotonic seconds)."""
 
+    def peek(self, now_s: float) -> Reading:
+        """A cheap reading between window edges (per-step budget checks); ``read`` unless overridden."""
+        return self.read(now_s)
+
     def start(self, now_s: float) -> None:  # noqa: B027 - optional hook
         """Take the baseline; called once before the first ``read``/``sample``."""
 

@@ -54,6 +54,7 @@ class Device:
     mig: bool = False
     t0: float = 0.0
     faults: dict[str, int] = field(default_factory=dict)  # call name -> error code
+    calls: dict[str, int] = field(default_factory=dict)  # call name -> how many times it was made
     counter_offset_mj: int = 0
 
     def __post_init__(self) -> None:
@@ -125,6 +126,7 @@ if os.environ.get("FAKE_NVML_CONFIG"):
 
 
 def _check(dev: Device, call: str) -> None:
+    dev.calls[call] = dev.calls.get(call, 0) + 1
     code = dev.faults.get(call)
     if code is not None:
         raise NVMLError(code)

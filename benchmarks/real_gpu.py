@@ -1,0 +1,346 @@
+"""On a real NVIDIA GPU: counter against sampled energy on the same windows, NVML call costs,
+the sampler's CPU cost, and the callbacks' overhead on GPU training, as Markdown tables.
+
+    python benchmarks/real_gpu.py [--quick] [--out docs/performance-gpu.md]
+
+Exits with status 3 (and says why) where there is no GPU that NVML and torch can both see.
+
+- counter vs sampled: four meters run side by side on GPU 0 over the same windows of a bursty
+  load (matmul bursts and idle gaps of 20-400 ms): the energy counter (the reference), instant
+  power (``NVML_FI_DEV_POWER_INSTANT``) integrated at 50 ms and at 10 ms, and
+  ``nvmlDeviceGetPowerUsage`` (the 1-second average) integrated at 50 ms;
+- NVML call cost: median microseconds of each call the sensor makes;
+- sampler cost: CPU seconds per wall second of the sampler thread at 20 Hz on the real GPU;
+- overhead: Lightning epoch time on the GPU with the callbacks over without, interleaved in one
+  process (with MLflow logging to a sqlite store when mlflow is importable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+
+def gpu_or_exit():
+    try:
+        import pynvml
+        import torch
+
+        pynvml.nvmlInit()
+    except Exception as exc:
+        print(f"no NVIDIA GPU here: {exc}")
+        sys.exit(3)
+    if not torch.cuda.is_available():
+        print("torch sees no CUDA device here")
+        sys.exit(3)
+    return pynvml, torch
+
+
+def power_usage_only(nvml):
+    """The real pynvml, except that the instant-power field reads as NOT_SUPPORTED (older GPUs)."""
+    proxy = types.ModuleType("pynvml_power_usage_only")
+    proxy.__dict__.update(nvml.__dict__)
+
+    def no_field(handle, fields):
+        raise nvml.NVMLError(nvml.NVML_ERROR_NOT_SUPPORTED)
+
+    proxy.nvmlDeviceGetFieldValues = no_field
+    return proxy
+
+
+def bursty_load(torch, seconds: float, rng: random.Random, x) -> None:
+    """Matmul bursts and idle gaps of 20-400 ms each, until ``seconds`` have passed."""
+    end = time.monotonic() + seconds
+    while (now := time.monotonic()) < end:
+        burst_end = min(end, now + rng.uniform(0.02, 0.4))
+        while time.monotonic() < burst_end:
+            for _ in range(4):
+                x = torch.tanh(x @ x * (1.0 / x.shape[0]))
+            torch.cuda.synchronize()
+        gap = min(end - time.monotonic(), rng.uniform(0.02, 0.4))
+        if gap > 0:
+            time.sleep(gap)
+
+
+def counter_vs_sampled(nvml, torch, quick: bool) -> str:
+    from green_callbacks.meter import EnergyMeter
+    from green_callbacks.sensors import Method, NvmlSensor
+
+    meters = {
+        "counter": EnergyMeter([NvmlSensor([0], nvml=nvml)], period_s=0.05),
+        "instant @50 ms": EnergyMeter([NvmlSensor([0], nvml=nvml, use_counter=False)], period_s=0.05),
+        "instant @10 ms": EnergyMeter([NvmlSensor([0], nvml=nvml, use_counter=False)], period_s=0.01),
+        "power usage (1 s avg) @50 ms": EnergyMeter(
+            [NvmlSensor([0], nvml=power_usage_only(nvml), use_counter=False)], period_s=0.05),
+    }
+    for m in meters.values():
+        m.start()
+    windows = [0.3, 1.0, 3.0] if quick else [0.3, 1.0, 3.0, 10.0]
+    repeats = 3 if quick else 6
+    rng = random.Random(7)
+    x = torch.randn(4096, 4096, device="cuda")
+    diffs: dict[float, dict[str, list[float]]] = {w: {k: [] for k in meters if k != "counter"} for w in windows}
+    joules: dict[float, list[float]] = {w: [] for w in windows}
+    methods = {}
+    try:
+        bursty_load(torch, 2.0, rng, x)  # warm up clocks and kernels
+        for _ in range(repeats):
+            for w in windows:
+                for m in meters.values():
+                    m.begin("w")
+                bursty_load(torch, w, rng, x)
+                got = {k: m.end("w") for k, m in meters.items()}
+                ref = got["counter"].total_j
+                joules[w].append(ref)
+                for k, meas in got.items():
+                    methods[k] = meas.method("gpu").value
+                    if k != "counter":
+                        diffs[w][k].append((meas.total_j - ref) / ref)
+    finally:
+        for m in meters.values():
+            m.close()
+    assert methods["counter"] == Method.COUNTER.value, methods
+    names = [k for k in meters if k != "counter"]
+    head = ("| window | counter energy (mean) | " + " | ".join(f"{k}: mean abs diff (mean signed)" for k in names)
+            + " |\n| --- | ---: |" + " ---: |" * len(names))
+    rows = []
+    for w in windows:
+        cells = [f"{100 * statistics.mean(abs(d) for d in diffs[w][k]):.2f} % "
+                 f"({100 * statistics.mean(diffs[w][k]):+.2f} %)" for k in names]
+        rows.append(f"| {w:g} s | {statistics.mean(joules[w]):.1f} J | " + " | ".join(cells) + " |")
+    note = (f"\n\nMethods recorded: {methods}. The counter is the reference; {repeats} windows of each length on a "
+            "bursty load (matmul bursts and idle gaps of 20-400 ms), all four meters over the same windows.")
+    return head + "\n" + "\n".join(rows) + note
+
+
+def nvml_call_cost(nvml) -> str:
+    h = nvml.nvmlDeviceGetHandleByIndex(0)
+    calls = {
+        "nvmlDeviceGetTotalEnergyConsumption": lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(h),
+        "nvmlDeviceGetFieldValues(POWER_INSTANT)": lambda: nvml.nvmlDeviceGetFieldValues(
+            h, [nvml.NVML_FI_DEV_POWER_INSTANT]),
+        "nvmlDeviceGetPowerUsage": lambda: nvml.nvmlDeviceGetPowerUsage(h),
+    }
+    rows = []
+    for name, call in calls.items():
+        times = []
+        for _ in range(500):
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+        rows.append(f"| `{name}` | {1e6 * statistics.median(times):.1f} µs | {1e6 * max(times):.1f} µs |")
+    return "| call | median | max (500 calls) |\n| --- | ---: | ---: |\n" + "\n".join(rows)
+
+
+def refresh_periods(nvml, torch) -> str:
+    """How often each NVML reading changes under a steady load: the finest window it can resolve."""
+    h = nvml.nvmlDeviceGetHandleByIndex(0)
+    calls = {
+        "energy counter": lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(h),
+        "instant power field": lambda: nvml.nvmlDeviceGetFieldValues(
+            h, [nvml.NVML_FI_DEV_POWER_INSTANT])[0].value.uiVal,
+        "power usage": lambda: nvml.nvmlDeviceGetPowerUsage(h),
+    }
+    x = torch.randn(8192, 8192, device="cuda")
+    rows = []
+    for name, call in calls.items():
+        for _ in range(120):  # about 3 s of queued work: the GPU stays busy while the CPU polls
+            x = torch.tanh(x @ x * (1.0 / 8192))
+        changes, last, end = [], call(), time.monotonic() + 2.0
+        while time.monotonic() < end:
+            value = call()
+            if value != last:
+                changes.append(time.monotonic())
+                last = value
+        torch.cuda.synchronize()
+        gaps = [b - a for a, b in itertools.pairwise(changes)]
+        median = f"{1000 * statistics.median(gaps):.1f} ms" if gaps else "-"
+        rows.append(f"| {name} | {len(changes)} | {median} |")
+    return ("| reading | changes in 2 s under load | median time between changes |\n| --- | ---: | ---: |\n"
+            + "\n".join(rows))
+
+
+def sampler_cost(nvml) -> str:
+    import psutil
+
+    from green_callbacks.meter import EnergyMeter
+    from green_callbacks.sensors import NvmlSensor
+
+    out = []
+    for label, kw in (("energy counter at every tick (0.1.0)", {"counter_poll_s": 0.0}),
+                      ("energy counter each second, instant power at every tick", {}),
+                      ("instant power only (no counter)", {"use_counter": False})):
+        meter = EnergyMeter([NvmlSensor([0], nvml=nvml, **kw)], period_s=0.05).start()
+        native = meter._thread.native_id
+
+        def cpu(native: int = native) -> float:
+            t = next(t for t in psutil.Process().threads() if t.id == native)
+            return t.user_time + t.system_time
+
+        c0, w0 = cpu(), time.monotonic()
+        time.sleep(10)
+        c1, w1 = cpu(), time.monotonic()
+        meter.close()
+        out.append(f"| {label} | {(c1 - c0) / (w1 - w0):.4f} | {100 * (c1 - c0) / (w1 - w0):.2f} % |")
+    return ("| sampler at 20 Hz on the real GPU, reading | CPU s per wall s | of one core |\n| --- | ---: | ---: |\n"
+            + "\n".join(out))
+
+
+def overhead(torch, quick: bool) -> str:
+    import importlib.util
+
+    import lightning.pytorch as pl
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyBudget, EnergyMonitor
+
+    class Mlp(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(1024, 8192), nn.GELU(), nn.Linear(8192, 8192), nn.GELU(),
+                                     nn.Linear(8192, 10))
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def validation_step(self, batch, _):
+            x, y = batch
+            self.log("val_acc", (self.net(x).argmax(1) == y).float().mean())
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+    # GPU-bound on purpose (fp32 matmuls, data already on the GPU): the GPU time a callback could steal
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xt = torch.randn(100 * 1024, 1024, device="cuda", generator=g)
+    yt = torch.randint(0, 10, (100 * 1024,), device="cuda", generator=g)
+
+    class Batches(torch.utils.data.IterableDataset):
+        def __init__(self, n: int):
+            self.n = n
+
+        def __iter__(self):
+            for i in range(self.n):
+                yield xt[i * 1024:(i + 1) * 1024], yt[i * 1024:(i + 1) * 1024]
+
+        def __len__(self):
+            return self.n
+
+    train = DataLoader(Batches(100), batch_size=None)
+    val = DataLoader(Batches(4), batch_size=None)
+
+    class EpochTimer(pl.Callback):
+        def __init__(self):
+            self.times = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.t)
+
+    tmp = tempfile.mkdtemp()
+    has_mlflow = importlib.util.find_spec("mlflow") is not None
+    monitors: list[EnergyMonitor] = []
+
+    def monitor(**kw):
+        m = EnergyMonitor(output_dir=tmp, log_artifacts=False, **kw)
+        monitors.append(m)
+        return m
+
+    import functools
+
+    import green_callbacks.sensors as sensors_module
+
+    class EveryTick(pl.Callback):
+        """Makes the sensors built during this fit read the energy counter at every tick (0.1.0)."""
+
+        def setup(self, trainer, pl_module, stage):
+            self.real = sensors_module.NvmlSensor
+            sensors_module.NvmlSensor = functools.partial(self.real, counter_poll_s=0.0)
+
+        def on_fit_start(self, trainer, pl_module):
+            sensors_module.NvmlSensor = self.real
+
+    def every_tick(**kw):
+        return [monitor(**kw), EveryTick()]  # after the monitor: it builds its sensors in on_fit_start
+
+    configs = {
+        "without": lambda: [],
+        "an empty Callback": lambda: [pl.Callback()],
+        "EnergyMonitor (no MLflow), counter read at every tick (0.1.0)": lambda: every_tick(mlflow=False),
+        "EnergyMonitor (no MLflow)": lambda: [monitor(mlflow=False)],
+        "EnergyMonitor + stopping (no MLflow)": lambda: [
+            monitor(mlflow=False),
+            EfficiencyEarlyStopping(monitor="val_acc", mode="max", min_gain_per_kj=0.0, patience=100),
+            EnergyBudget(energy="1 MWh", check_every_n_steps=10)],
+    }
+    if has_mlflow:
+        configs["EnergyMonitor logging to MLflow (sqlite)"] = lambda: [
+            monitor(tracking_uri=f"sqlite:///{tmp}/mlflow.db", experiment_name="overhead")]
+
+    def epoch_times(extra) -> list[float]:
+        timer = EpochTimer()
+        trainer = pl.Trainer(max_epochs=5, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[timer, *extra()])
+        trainer.fit(Mlp(), train, val)
+        return timer.times[1:]
+
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(2 if quick else 4):
+        for name, make in configs.items():
+            times[name] += epoch_times(make)
+    base = statistics.median(times["without"])
+    rows = [f"| {name} | {1000 * statistics.median(t):.1f} ms | {statistics.median(t) / base:.3f} |"
+            for name, t in times.items()]
+    rec = monitors[-1].records[-1]
+    parts = {k: round(v, 1) for k, v in rec.components_j.items()}
+    sample = (f"\n\nOne epoch as the last run recorded it: {rec.energy_j:.1f} J in {rec.duration_s:.2f} s, "
+              f"by component {parts} J, methods {rec.methods}, GPU peak {rec.gpu_peak_w:.0f} W.")
+    return ("| callbacks | median epoch (100 fp32 steps of a 1024-8192-8192-10 MLP, batch 1024) | ratio to without |\n"
+            "| --- | ---: | ---: |\n" + "\n".join(rows) + sample)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer windows and epochs")
+    parser.add_argument("--out", help="also write the tables (with date and machine) to this Markdown file")
+    args = parser.parse_args()
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    nvml, torch = gpu_or_exit()
+    h = nvml.nvmlDeviceGetHandleByIndex(0)
+    name = nvml.nvmlDeviceGetName(h)
+    name = name.decode() if isinstance(name, bytes) else name
+    driver = nvml.nvmlSystemGetDriverVersion()
+    driver = driver.decode() if isinstance(driver, bytes) else driver
+    sections = [("Counter against sampled energy on the same windows", counter_vs_sampled(nvml, torch, args.quick)),
+                ("NVML call cost", nvml_call_cost(nvml)),
+                ("How often each reading refreshes", refresh_periods(nvml, torch)),
+                ("Sampler cost", sampler_cost(nvml)),
+                ("Overhead on GPU training (Lightning)", overhead(torch, args.quick))]
+    header = (f"Measured {dt.date.today().isoformat()} on {name} (driver {driver}), {os.cpu_count()} CPUs, "
+              f"torch {torch.__version__}, Python {platform.python_version()}, with `python benchmarks/real_gpu.py"
+              f"{' --quick' if args.quick else ''}`.")
+    text = header + "\n\n" + "\n\n".join(f"## {t}\n\n{b}" for t, b in sections) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text("# Performance on a real GPU\n\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
