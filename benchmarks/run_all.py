@@ -9,7 +9,8 @@
 - sampler cost: CPU seconds per wall second of the sampler thread at 20 Hz;
 - memory: RSS growth over a simulated 24 hours of 20 Hz sampling with a window every minute;
 - import time of green_callbacks and of each adapter.
-Peers (Zeus, CodeCarbon) are listed as not run unless installed and wired to the simulated GPU.
+- peers: Zeus and CodeCarbon on the same simulated GPU and windows, when installed (the
+  ``bench`` extra), and CodeCarbon's overhead on the same training.
 """
 
 from __future__ import annotations
@@ -78,10 +79,62 @@ def accuracy(quick: bool) -> str:
                         f"{100 * statistics.mean(e['ideal']):.3f} % |")
     head = ("| sampling period | window | counter GPU: mean error | power-only GPU (sampled): mean error | "
             "ideal sampler (every 20 ms refresh) |\n| --- | --- | ---: | ---: | ---: |")
-    peers = [p for p in ("zeus", "codecarbon") if importlib.util.find_spec(p)]
-    note = (f"\nPeers installed but not wired to the simulated GPU: {peers}." if peers else
-            "\nPeers: Zeus and CodeCarbon are not installed here (optional); not run.")
-    return head + "\n" + "\n".join(rows) + "\n" + note
+    return head + "\n" + "\n".join(rows)
+
+
+def peer_accuracy(quick: bool) -> str:
+    """Zeus and CodeCarbon beside green-callbacks (default 50 ms) over the same windows."""
+    import peers
+
+    from green_callbacks.meter import EnergyMeter
+    from green_callbacks.sensors import NvmlSensor
+
+    names = peers.installed()
+    if not names:
+        return "Zeus and CodeCarbon are not installed here (`pip install -e \".[bench]\"`); not run."
+    nvml = fake_nvml()
+    specs = [{"profile_seed": 21, "refresh_s": 0.02}, {"profile_seed": 21, "refresh_s": 0.02, "counter": False}]
+    devs = nvml.configure(specs)
+    peers.expose_to_subprocesses(specs, devs)
+    running = peers.start(names)
+    meter = EnergyMeter([NvmlSensor("all", nvml=nvml)]).start()
+    windows = [0.3, 1.0, 3.0] if quick else [0.3, 1.0, 3.0, 10.0, 30.0]
+    repeats = 3 if quick else 5
+    who = ["green-callbacks"] + [p.name for p in running]
+    errors = {(w, n, g): [] for w in windows for n in who for g in (0, 1)}
+    try:
+        time.sleep(3)  # the peers' own start-up (Zeus infers its power monitor's period)
+        for _ in range(repeats):
+            for w in windows:
+                edges = {}
+                for p in running:
+                    _, edges[p.name] = peers.timed(p.begin)
+                meter.begin("w")
+                time.sleep(w)
+                m = meter.end("w")
+                got = {"green-callbacks": ({0: m.joules["gpu"]["gpu0"], 1: m.joules["gpu"]["gpu1"]},
+                                           m.start_s, m.end_s)}
+                for p in reversed(running):
+                    joules, t_end = peers.timed(p.end)
+                    got[p.name] = (joules, edges[p.name], t_end)
+                for n, (joules, t0, t1) in got.items():
+                    for g in (0, 1):
+                        exact = devs[g].energy_between(t0, t1)
+                        errors[(w, n, g)].append(abs(joules.get(g, 0.0) - exact) / exact)
+    finally:
+        meter.close()
+        for p in running:
+            p.close()
+    cols = [f"{n}: {regime}" for regime in ("counter GPU", "power-only GPU") for n in who]
+    head = "| window | " + " | ".join(cols) + " |\n| --- |" + " ---: |" * len(cols)
+    rows = []
+    for w in windows:
+        cells = [f"{100 * statistics.mean(errors[(w, n, g)]):.3f} %" for g in (0, 1) for n in who]
+        rows.append(f"| {w:g} s | " + " | ".join(cells) + " |")
+    settings = "; ".join(p.settings for p in running)
+    return (head + "\n" + "\n".join(rows) + f"\n\nMean error over {repeats} windows of each length, all "
+            f"measuring at once. green-callbacks at its defaults (50 ms sampling); {settings}. Each peer is "
+            "judged on the interval between the midpoints of its own begin and end calls.")
 
 
 def overhead(quick: bool) -> str:
@@ -122,6 +175,44 @@ def overhead(quick: bool) -> str:
             EfficiencyEarlyStopping(monitor="val_acc", mode="max", min_gain_per_kj=0.0, patience=100),
             EnergyBudget(energy="1 MWh", check_every_n_steps=10)],
     }
+    import peers
+
+    class ZeusEpochs(pl.Callback):
+        """Zeus as its docs show it: a ZeusMonitor window around each epoch."""
+
+        def on_fit_start(self, trainer, pl_module):
+            from zeus.monitor import ZeusMonitor
+
+            self.monitor = ZeusMonitor(approx_instant_energy=True)
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.monitor.begin_window("epoch", sync_execution=False)  # torch here has no CUDA to sync
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.monitor.end_window("epoch", sync_execution=False)
+
+        def on_fit_end(self, trainer, pl_module):
+            if getattr(self.monitor, "power_monitor", None) is not None:
+                self.monitor.power_monitor.stop()
+
+    class CodeCarbonFit(pl.Callback):
+        """CodeCarbon as its docs show it: a tracker started before training and stopped after."""
+
+        def on_fit_start(self, trainer, pl_module):
+            from codecarbon import OfflineEmissionsTracker
+
+            self.tracker = OfflineEmissionsTracker(country_iso_code="FRA", save_to_file=False, log_level="error",
+                                                   allow_multiple_runs=True)
+            self.tracker.start()
+
+        def on_fit_end(self, trainer, pl_module):
+            self.tracker.stop()
+
+    installed = peers.installed()
+    if "zeus" in installed:
+        configs["Zeus (peer): ZeusMonitor window per epoch"] = lambda: [ZeusEpochs()]
+    if "codecarbon" in installed:
+        configs["CodeCarbon (peer): tracker around fit"] = lambda: [CodeCarbonFit()]
     times: dict[str, list[float]] = {k: [] for k in configs}
     for _ in range(2 if quick else 6):  # interleaved: the machine's noise falls on all alike
         for name, make in configs.items():
@@ -216,6 +307,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     sections = [("Accuracy against a simulated GPU with known exact energy", accuracy(args.quick)),
+                ("Peers on the same simulated GPU and windows", peer_accuracy(args.quick)),
                 ("Overhead on Lightning training (digits MLP, CPU)", overhead(args.quick)),
                 ("Sampler cost", sampler_cost()),
                 ("Memory over a long run", memory(args.quick)),

@@ -18,16 +18,46 @@ import time
 from dataclasses import dataclass, field
 
 NVML_SUCCESS = 0
+NVML_ERROR_UNINITIALIZED = 1
+NVML_ERROR_INVALID_ARGUMENT = 2
 NVML_ERROR_NOT_SUPPORTED = 3
-NVML_ERROR_UNKNOWN = 999
+NVML_ERROR_NO_PERMISSION = 4
+NVML_ERROR_ALREADY_INITIALIZED = 5
+NVML_ERROR_NOT_FOUND = 6
+NVML_ERROR_INSUFFICIENT_SIZE = 7
+NVML_ERROR_INSUFFICIENT_POWER = 8
+NVML_ERROR_DRIVER_NOT_LOADED = 9
+NVML_ERROR_TIMEOUT = 10
+NVML_ERROR_IRQ_ISSUE = 11
+NVML_ERROR_LIBRARY_NOT_FOUND = 12
+NVML_ERROR_FUNCTION_NOT_FOUND = 13
+NVML_ERROR_CORRUPTED_INFOROM = 14
 NVML_ERROR_GPU_IS_LOST = 15
+NVML_ERROR_RESET_REQUIRED = 16
+NVML_ERROR_OPERATING_SYSTEM = 17
+NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
+NVML_ERROR_MEMORY = 20
+NVML_ERROR_UNKNOWN = 999
+NVML_FI_DEV_POWER_AVERAGE = 185
 NVML_FI_DEV_POWER_INSTANT = 186
+NVML_POWER_SCOPE_GPU = 0
+NVML_POWER_SCOPE_MODULE = 1
+NVML_POWER_SCOPE_MEMORY = 2
+NVML_DEVICE_ARCH_PASCAL = 4
+NVML_DEVICE_ARCH_VOLTA = 5
+NVML_DEVICE_ARCH_HOPPER = 9
+NVML_TEMPERATURE_GPU = 0
 
 
 class NVMLError(Exception):
     def __init__(self, value: int) -> None:
         super().__init__(f"NVML error {value}")
         self.value = value
+
+
+class NVMLError_NotSupported(NVMLError):
+    def __init__(self) -> None:
+        super().__init__(NVML_ERROR_NOT_SUPPORTED)
 
 
 def bursty_profile(seed: int = 0, period_s: float = 8.0, low_w: float = 60.0,
@@ -99,7 +129,8 @@ def configure(devices: list[dict] | None = None, n: int = 1, **common) -> list[D
         if isinstance(spec.get("profile"), list):
             spec["profile"] = [tuple(p) for p in spec["profile"]]
         spec.setdefault("uuid", f"GPU-{i:08d}-fake-0000-0000-{i:012d}")
-        _devices.append(Device(index=i, t0=now, **spec))
+        spec.setdefault("t0", now)  # FAKE_NVML_CONFIG may pin it: CLOCK_MONOTONIC is shared by processes
+        _devices.append(Device(index=i, **spec))
     return _devices
 
 
@@ -198,8 +229,11 @@ def nvmlDeviceGetFieldValues(h: Device, field_ids: list[int]) -> list[_Field]:
     _check(h, "nvmlDeviceGetFieldValues")
     out = []
     for fid in field_ids:
+        fid = fid[0] if isinstance(fid, tuple) else fid  # (field, scope), as Zeus asks
         if fid == NVML_FI_DEV_POWER_INSTANT and h.instant:
             out.append(_Field(NVML_SUCCESS, int(_instant_w(h, time.monotonic()) * 1000)))
+        elif fid == NVML_FI_DEV_POWER_AVERAGE:
+            out.append(_Field(NVML_SUCCESS, nvmlDeviceGetPowerUsage(h)))
         else:
             out.append(_Field(NVML_ERROR_NOT_SUPPORTED, 0))
     return out
@@ -210,3 +244,66 @@ def nvmlDeviceGetPowerUsage(h: Device) -> int:
     _check(h, "nvmlDeviceGetPowerUsage")
     t = time.monotonic()
     return int(h.energy_between(t - 1.0, t) * 1000)
+
+
+# -- what the peers' bindings (Zeus, CodeCarbon) also call, so they can read the same simulated GPU --
+
+
+def _nvmlGetFunctionPointer(name: str) -> None:
+    raise NVMLError(NVML_ERROR_FUNCTION_NOT_FOUND)
+
+
+def nvmlDeviceGetArchitecture(h: Device) -> int:
+    """A GPU with an energy counter is Volta or newer; one without is older (Pascal)."""
+    return NVML_DEVICE_ARCH_HOPPER if h.counter else NVML_DEVICE_ARCH_PASCAL
+
+
+def nvmlDeviceGetC2cModeInfoV(h: Device) -> None:
+    raise NVMLError(NVML_ERROR_NOT_SUPPORTED)  # not a Grace Hopper module
+
+
+def nvmlSystemGetDriverVersion() -> str:
+    return "580.0-fake"
+
+
+def nvmlDeviceGetTemperature(h: Device, sensor: int) -> int:
+    return 50
+
+
+nvmlDeviceGetTemperatureV = nvmlDeviceGetTemperature
+
+
+def nvmlDeviceGetEnforcedPowerLimit(h: Device) -> int:
+    return 700_000
+
+
+nvmlDeviceGetPowerManagementDefaultLimit = nvmlDeviceGetEnforcedPowerLimit
+
+
+class c_nvmlMemory_t:
+    def __init__(self, total: int, free: int, used: int) -> None:
+        self.total, self.free, self.used = total, free, used
+
+
+def nvmlDeviceGetMemoryInfo(h: Device) -> c_nvmlMemory_t:
+    return c_nvmlMemory_t(80 * 2**30, 70 * 2**30, 10 * 2**30)
+
+
+class _Utilization:
+    gpu = 90
+    memory = 40
+
+
+def nvmlDeviceGetUtilizationRates(h: Device) -> _Utilization:
+    return _Utilization()
+
+
+def nvmlDeviceGetComputeMode(h: Device) -> int:
+    return 0
+
+
+def nvmlDeviceGetComputeRunningProcesses(h: Device) -> list:
+    return []
+
+
+nvmlDeviceGetGraphicsRunningProcesses = nvmlDeviceGetComputeRunningProcesses
