@@ -30,6 +30,9 @@ import time
 import types
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import epoch_timer, interleaved_ratios, report, sampler_cpu_share
+
 
 def gpu_or_exit():
     try:
@@ -171,8 +174,6 @@ def refresh_periods(nvml, torch) -> str:
 
 
 def sampler_cost(nvml) -> str:
-    import psutil
-
     from green_callbacks.meter import EnergyMeter
     from green_callbacks.sensors import NvmlSensor
 
@@ -180,18 +181,8 @@ def sampler_cost(nvml) -> str:
     for label, kw in (("energy counter at every tick (0.1.0)", {"counter_poll_s": 0.0}),
                       ("energy counter each second, instant power at every tick", {}),
                       ("instant power only (no counter)", {"use_counter": False})):
-        meter = EnergyMeter([NvmlSensor([0], nvml=nvml, **kw)], period_s=0.05).start()
-        native = meter._thread.native_id
-
-        def cpu(native: int = native) -> float:
-            t = next(t for t in psutil.Process().threads() if t.id == native)
-            return t.user_time + t.system_time
-
-        c0, w0 = cpu(), time.monotonic()
-        time.sleep(10)
-        c1, w1 = cpu(), time.monotonic()
-        meter.close()
-        out.append(f"| {label} | {(c1 - c0) / (w1 - w0):.4f} | {100 * (c1 - c0) / (w1 - w0):.2f} % |")
+        share = sampler_cpu_share(EnergyMeter([NvmlSensor([0], nvml=nvml, **kw)], period_s=0.05).start())
+        out.append(f"| {label} | {share:.4f} | {100 * share:.2f} % |")
     return ("| sampler at 20 Hz on the real GPU, reading | CPU s per wall s | of one core |\n| --- | ---: | ---: |\n"
             + "\n".join(out))
 
@@ -241,18 +232,6 @@ def overhead(torch, quick: bool) -> str:
     train = DataLoader(Batches(100), batch_size=None)
     val = DataLoader(Batches(4), batch_size=None)
 
-    class EpochTimer(pl.Callback):
-        def __init__(self):
-            self.times = []
-
-        def on_train_epoch_start(self, trainer, pl_module):
-            torch.cuda.synchronize()
-            self.t = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer, pl_module):
-            torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self.t)
-
     tmp = tempfile.mkdtemp()
     has_mlflow = importlib.util.find_spec("mlflow") is not None
     monitors: list[EnergyMonitor] = []
@@ -294,25 +273,19 @@ def overhead(torch, quick: bool) -> str:
             monitor(tracking_uri=f"sqlite:///{tmp}/mlflow.db", experiment_name="overhead")]
 
     def epoch_times(extra) -> list[float]:
-        timer = EpochTimer()
+        timer = epoch_timer(torch.cuda.synchronize)
         trainer = pl.Trainer(max_epochs=5, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, callbacks=[timer, *extra()])
         trainer.fit(Mlp(), train, val)
         return timer.times[1:]
 
-    times: dict[str, list[float]] = {k: [] for k in configs}
-    for _ in range(2 if quick else 4):
-        for name, make in configs.items():
-            times[name] += epoch_times(make)
-    base = statistics.median(times["without"])
-    rows = [f"| {name} | {1000 * statistics.median(t):.1f} ms | {statistics.median(t) / base:.3f} |"
-            for name, t in times.items()]
+    table = interleaved_ratios(configs, epoch_times, 2 if quick else 4,
+                               "100 fp32 steps of a 1024-8192-8192-10 MLP, batch 1024")
     rec = monitors[-1].records[-1]
     parts = {k: round(v, 1) for k, v in rec.components_j.items()}
     sample = (f"\n\nOne epoch as the last run recorded it: {rec.energy_j:.1f} J in {rec.duration_s:.2f} s, "
               f"by component {parts} J, methods {rec.methods}, GPU peak {rec.gpu_peak_w:.0f} W.")
-    return ("| callbacks | median epoch (100 fp32 steps of a 1024-8192-8192-10 MLP, batch 1024) | ratio to without |\n"
-            "| --- | ---: | ---: |\n" + "\n".join(rows) + sample)
+    return table + sample
 
 
 def main() -> int:
@@ -335,10 +308,7 @@ def main() -> int:
     header = (f"Measured {dt.date.today().isoformat()} on {name} (driver {driver}), {os.cpu_count()} CPUs, "
               f"torch {torch.__version__}, Python {platform.python_version()}, with `python benchmarks/real_gpu.py"
               f"{' --quick' if args.quick else ''}`.")
-    text = header + "\n\n" + "\n\n".join(f"## {t}\n\n{b}" for t, b in sections) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text("# Performance on a real GPU\n\n" + text)
+    report("Performance on a real GPU", header, sections, args.out)
     return 0
 
 

@@ -1,0 +1,66 @@
+"""What the benchmark scripts share: the sampler's CPU cost, epoch timing, interleaving, the report."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def sampler_cpu_share(meter: Any, seconds: float = 10.0) -> float:
+    """CPU seconds per wall second of a started meter's sampler thread over ``seconds``; closes it."""
+    import psutil
+
+    native = meter._thread.native_id
+
+    def cpu() -> float:
+        t = next(t for t in psutil.Process().threads() if t.id == native)
+        return t.user_time + t.system_time
+
+    c0, w0 = cpu(), time.monotonic()
+    time.sleep(seconds)
+    c1, w1 = cpu(), time.monotonic()
+    meter.close()
+    return (c1 - c0) / (w1 - w0)
+
+
+def epoch_timer(sync: Callable[[], None] = lambda: None) -> Any:
+    """A Lightning callback that records each training epoch's wall time (``sync`` at both ends)."""
+    import lightning.pytorch as pl
+
+    class EpochTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            sync()
+            self.t = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            sync()
+            self.times.append(time.perf_counter() - self.t)
+
+    return EpochTimer()
+
+
+def interleaved_ratios(configs: dict[str, Callable[[], list]], epoch_times: Callable[[Callable[[], list]], list[float]],
+                       rounds: int, what: str) -> str:
+    """Each configuration's median epoch over ``rounds`` interleaved fits, as a ratio to the first."""
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(rounds):  # interleaved: the machine's noise falls on all alike
+        for name, make in configs.items():
+            times[name] += epoch_times(make)
+    base = statistics.median(next(iter(times.values())))
+    rows = [f"| {name} | {1000 * statistics.median(t):.1f} ms | {statistics.median(t) / base:.3f} |"
+            for name, t in times.items()]
+    return f"| callbacks | median epoch ({what}) | ratio to without |\n| --- | ---: | ---: |\n" + "\n".join(rows)
+
+
+def report(title: str, header: str, sections: list[tuple[str, str]], out: str | None) -> None:
+    """Print the sections as Markdown under ``header``; also write them to ``out`` when given."""
+    text = header + "\n\n" + "\n\n".join(f"## {name}\n\n{body}" for name, body in sections) + "\n"
+    print(text)
+    if out:
+        Path(out).write_text(f"# {title}\n\n" + text)
