@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import epoch_timer, interleaved_ratios, report, sampler_cpu_share  # noqa: E402
 
 
 def fake_nvml():
@@ -149,18 +151,11 @@ def overhead(quick: bool) -> str:
     train = DataLoader(TensorDataset(xt, yt), batch_size=32, shuffle=True)
     val = DataLoader(TensorDataset(xv, yv), batch_size=512)
 
-    class EpochTimer(pl.Callback):
-        def __init__(self):
-            self.times = []
-
-        def on_train_epoch_start(self, trainer, pl_module):
-            self.t = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer, pl_module):
-            self.times.append(time.perf_counter() - self.t)
+    # every configuration measures the same simulated GPU (one with an energy counter) and the CPU
+    fake_nvml().configure(n=1)
 
     def epoch_times(extra) -> list[float]:
-        timer = EpochTimer()
+        timer = epoch_timer()
         trainer = pl.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, callbacks=[timer, *extra()])
         trainer.fit(DigitsClassifier(), train, val)
@@ -213,38 +208,19 @@ def overhead(quick: bool) -> str:
         configs["Zeus (peer): ZeusMonitor window per epoch"] = lambda: [ZeusEpochs()]
     if "codecarbon" in installed:
         configs["CodeCarbon (peer): tracker around fit"] = lambda: [CodeCarbonFit()]
-    times: dict[str, list[float]] = {k: [] for k in configs}
-    for _ in range(2 if quick else 6):  # interleaved: the machine's noise falls on all alike
-        for name, make in configs.items():
-            times[name] += epoch_times(make)
-    base = statistics.median(times["without"])
-    rows = [f"| {name} | {1000 * statistics.median(t):.1f} ms | {statistics.median(t) / base:.3f} |"
-            for name, t in times.items()]
-    return ("| callbacks | median epoch (45 steps + validation) | ratio to without |\n| --- | ---: | ---: |\n"
-            + "\n".join(rows))
+    return interleaved_ratios(configs, epoch_times, 2 if quick else 6, "45 steps + validation")
 
 
 def sampler_cost() -> str:
-    import psutil
 
     from green_callbacks.meter import EnergyMeter
     from green_callbacks.sensors import CpuEstimateSensor, NvmlSensor
 
     nvml = fake_nvml()
     nvml.configure(n=1)
-    meter = EnergyMeter([NvmlSensor("all", nvml=nvml), CpuEstimateSensor()], period_s=0.05).start()
-    native = meter._thread.native_id
-
-    def cpu() -> float:
-        t = next(t for t in psutil.Process().threads() if t.id == native)
-        return t.user_time + t.system_time
-
-    c0, w0 = cpu(), time.monotonic()
-    time.sleep(10)
-    c1, w1 = cpu(), time.monotonic()
-    meter.close()
-    return (f"Sampler thread at 20 Hz (one simulated GPU + CPU estimate): {(c1 - c0) / (w1 - w0):.4f} CPU s per "
-            f"wall s ({100 * (c1 - c0) / (w1 - w0):.2f} % of one core).")
+    share = sampler_cpu_share(EnergyMeter([NvmlSensor("all", nvml=nvml), CpuEstimateSensor()], period_s=0.05).start())
+    return (f"Sampler thread at 20 Hz (one simulated GPU + CPU estimate): {share:.4f} CPU s per wall s "
+            f"({100 * share:.2f} % of one core).")
 
 
 def memory(quick: bool) -> str:
@@ -308,7 +284,8 @@ def main() -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     sections = [("Accuracy against a simulated GPU with known exact energy", accuracy(args.quick)),
                 ("Peers on the same simulated GPU and windows", peer_accuracy(args.quick)),
-                ("Overhead on Lightning training (digits MLP, CPU)", overhead(args.quick)),
+                ("Overhead on Lightning training (digits MLP on the CPU, a simulated GPU measured)",
+                 overhead(args.quick)),
                 ("Sampler cost", sampler_cost()),
                 ("Memory over a long run", memory(args.quick)),
                 ("Import time", import_times())]
@@ -316,10 +293,7 @@ def main() -> int:
     header = (f"Measured {dt.date.today().isoformat()} on {platform.node()} ({os.cpu_count()} CPUs, {cpu}, "
               f"Python {platform.python_version()}) with `python benchmarks/run_all.py"
               f"{' --quick' if args.quick else ''}`.")
-    text = header + "\n\n" + "\n\n".join(f"## {title}\n\n{body}" for title, body in sections) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text("# Performance\n\n" + text)
+    report("Performance", header, sections, args.out)
     return 0
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
+from test_hf_monitor import digits, hf_trainer  # noqa: F401 - digits is a fixture
 from test_lightning_monitor import ValModel, trainer
+from transformers import TrainerCallback
 
 from green_callbacks.cli import main as cli
 from green_callbacks.lightning import EnergyMonitor
 from green_callbacks.sinks import MlflowSink, find_or_start_run, read_spool
+from green_callbacks.transformers import EnergyMonitor as HfEnergyMonitor
 
 from helpers import MlflowServer, history, runs
 
@@ -36,6 +39,24 @@ def test_server_killed_mid_training_and_restarted_loses_no_epoch(tmp_path, serve
     monitor = EnergyMonitor(tracking_uri=server.uri, experiment_name="outage", output_dir=str(tmp_path / "out"))
     trainer(tmp_path, [monitor, Outage()], max_epochs=5).fit(ValModel())
     client, (run,) = runs(server.uri, "outage")
+    assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [0, 1, 2, 3, 4]
+    assert "green_callbacks/summary.json" in [a.path for a in client.list_artifacts(run.info.run_id, "green_callbacks")]
+    assert green_log.text.count("is unavailable") == 1
+    assert not list((tmp_path / "out").glob("spool-*.jsonl")), "the spool is emptied once all was sent"
+
+
+@pytest.mark.slow
+def test_hf_server_killed_mid_training_and_restarted_loses_no_epoch(tmp_path, server, green_log, digits):  # noqa: F811
+    class Outage(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if round(state.epoch) == 1:
+                server.stop()
+            if round(state.epoch) == 3:
+                server.start()
+
+    monitor = HfEnergyMonitor(tracking_uri=server.uri, experiment_name="outage-hf", output_dir=str(tmp_path / "out"))
+    hf_trainer(tmp_path, digits, [monitor, Outage()], epochs=5).train()
+    client, (run,) = runs(server.uri, "outage-hf")
     assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [0, 1, 2, 3, 4]
     assert "green_callbacks/summary.json" in [a.path for a in client.list_artifacts(run.info.run_id, "green_callbacks")]
     assert green_log.text.count("is unavailable") == 1
