@@ -34,6 +34,11 @@ from common import epoch_timer, interleaved_ratios, report, sampler_cpu_share  #
 
 
 def fake_nvml():
+    """The simulated NVML as ``pynvml``: one module for the whole run, so that a peer which imported it
+    earlier (Zeus keeps its own reference) sees the GPUs configured later."""
+    loaded = sys.modules.get("pynvml")
+    if loaded is not None and hasattr(loaded, "configure"):
+        return loaded
     spec = importlib.util.spec_from_file_location("pynvml", ROOT / "tests" / "fake_nvml" / "pynvml.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["pynvml"] = module
@@ -153,6 +158,7 @@ def overhead(quick: bool) -> str:
 
     # every configuration measures the same simulated GPU (one with an energy counter) and the CPU
     fake_nvml().configure(n=1)
+    os.environ.pop("FAKE_NVML_CONFIG", None)  # set by the peer accuracy run for spawned monitors
 
     def epoch_times(extra) -> list[float]:
         timer = epoch_timer()
@@ -164,9 +170,11 @@ def overhead(quick: bool) -> str:
     configs = {
         "without": lambda: [],
         "an empty Callback (Lightning's own cost per callback)": lambda: [pl.Callback()],
-        "EnergyMonitor": lambda: [EnergyMonitor(mlflow=False, log_artifacts=False)],
-        "EnergyMonitor + stopping": lambda: [
-            EnergyMonitor(mlflow=False, log_artifacts=False),
+        "EnergyMonitor": lambda: [EnergyMonitor(gpus="all", mlflow=False, log_artifacts=False)],
+        "EnergyMonitor + two empty Callbacks (what two more callbacks cost in Lightning)": lambda: [
+            EnergyMonitor(gpus="all", mlflow=False, log_artifacts=False), pl.Callback(), pl.Callback()],
+        "EnergyMonitor + stopping (EfficiencyEarlyStopping, EnergyBudget every 10 steps)": lambda: [
+            EnergyMonitor(gpus="all", mlflow=False, log_artifacts=False),
             EfficiencyEarlyStopping(monitor="val_acc", mode="max", min_gain_per_kj=0.0, patience=100),
             EnergyBudget(energy="1 MWh", check_every_n_steps=10)],
     }
@@ -176,9 +184,11 @@ def overhead(quick: bool) -> str:
         """Zeus as its docs show it: a ZeusMonitor window around each epoch."""
 
         def on_fit_start(self, trainer, pl_module):
+            import zeus.device.gpu
             from zeus.monitor import ZeusMonitor
 
-            self.monitor = ZeusMonitor(approx_instant_energy=True)
+            zeus.device.gpu._gpus = None  # Zeus caches the GPUs it found; the accuracy run had two
+            self.monitor = ZeusMonitor(gpu_indices=[0], approx_instant_energy=True)
 
         def on_train_epoch_start(self, trainer, pl_module):
             self.monitor.begin_window("epoch", sync_execution=False)  # torch here has no CUDA to sync
