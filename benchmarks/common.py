@@ -58,6 +58,26 @@ def interleaved_ratios(configs: dict[str, Callable[[], list]], epoch_times: Call
     return f"| callbacks | median epoch ({what}) | ratio to without |\n| --- | ---: | ---: |\n" + "\n".join(rows)
 
 
+def parse_args(doc: str | None, quick_help: str) -> Any:
+    """The benchmarks' shared command line (``--quick``, ``--out``); warnings off for clean tables."""
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", help="also write the tables (with date and machine) to this Markdown file")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    return parser.parse_args()
+
+
+def measured_on(machine: str, script: str, quick: bool) -> str:
+    """The header line of a report: today's date, the machine and the command that produced it."""
+    import datetime as dt
+
+    return (f"Measured {dt.date.today().isoformat()} on {machine} with `python benchmarks/{script}"
+            f"{' --quick' if quick else ''}`.")
+
+
 def report(title: str, header: str, sections: list[tuple[str, str]], out: str | None) -> None:
     """Print the sections as Markdown under ``header``; also write them to ``out`` when given."""
     text = header + "\n\n" + "\n\n".join(f"## {name}\n\n{body}" for name, body in sections) + "\n"

@@ -17,8 +17,6 @@ Exits with status 3 (and says why) where there is no GPU that NVML and torch can
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import itertools
 import os
 import platform
@@ -31,7 +29,7 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import epoch_timer, interleaved_ratios, report, sampler_cpu_share
+from common import epoch_timer, interleaved_ratios, measured_on, parse_args, report, sampler_cpu_share
 
 
 def gpu_or_exit():
@@ -289,11 +287,7 @@ def overhead(torch, quick: bool) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer windows and epochs")
-    parser.add_argument("--out", help="also write the tables (with date and machine) to this Markdown file")
-    args = parser.parse_args()
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    args = parse_args(__doc__, "fewer windows and epochs")
     nvml, torch = gpu_or_exit()
     h = nvml.nvmlDeviceGetHandleByIndex(0)
     name = nvml.nvmlDeviceGetName(h)
@@ -305,10 +299,9 @@ def main() -> int:
                 ("How often each reading refreshes", refresh_periods(nvml, torch)),
                 ("Sampler cost", sampler_cost(nvml)),
                 ("Overhead on GPU training (Lightning)", overhead(torch, args.quick))]
-    header = (f"Measured {dt.date.today().isoformat()} on {name} (driver {driver}), {os.cpu_count()} CPUs, "
-              f"torch {torch.__version__}, Python {platform.python_version()}, with `python benchmarks/real_gpu.py"
-              f"{' --quick' if args.quick else ''}`.")
-    report("Performance on a real GPU", header, sections, args.out)
+    machine = (f"{name} (driver {driver}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
+               f"Python {platform.python_version()},")
+    report("Performance on a real GPU", measured_on(machine, "real_gpu.py", args.quick), sections, args.out)
     return 0
 
 

@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import importlib.util
 import os
 import platform
@@ -30,7 +28,7 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import epoch_timer, interleaved_ratios, report, sampler_cpu_share  # noqa: E402
+from common import epoch_timer, interleaved_ratios, measured_on, parse_args, report, sampler_cpu_share  # noqa: E402
 
 
 def fake_nvml():
@@ -287,11 +285,7 @@ def import_times() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="shorter windows and fewer repeats")
-    parser.add_argument("--out", help="also write the tables (with date and machine) to this Markdown file")
-    args = parser.parse_args()
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    args = parse_args(__doc__, "shorter windows and fewer repeats")
     sections = [("Accuracy against a simulated GPU with known exact energy", accuracy(args.quick)),
                 ("Peers on the same simulated GPU and windows", peer_accuracy(args.quick)),
                 ("Overhead on Lightning training (digits MLP on the CPU, a simulated GPU measured)",
@@ -300,10 +294,8 @@ def main() -> int:
                 ("Memory over a long run", memory(args.quick)),
                 ("Import time", import_times())]
     cpu = platform.processor() or platform.machine()
-    header = (f"Measured {dt.date.today().isoformat()} on {platform.node()} ({os.cpu_count()} CPUs, {cpu}, "
-              f"Python {platform.python_version()}) with `python benchmarks/run_all.py"
-              f"{' --quick' if args.quick else ''}`.")
-    report("Performance", header, sections, args.out)
+    machine = f"{platform.node()} ({os.cpu_count()} CPUs, {cpu}, Python {platform.python_version()})"
+    report("Performance", measured_on(machine, "run_all.py", args.quick), sections, args.out)
     return 0
 
 
