@@ -10,7 +10,7 @@
 - memory: RSS growth over a simulated 24 hours of 20 Hz sampling with a window every minute;
 - import time of green_callbacks and of each adapter.
 - peers: Zeus and CodeCarbon on the same simulated GPU and windows, when installed (the
-  ``bench`` extra), and CodeCarbon's overhead on the same training.
+  ``bench`` extra), and their overhead on the same training.
 """
 
 from __future__ import annotations
@@ -165,14 +165,17 @@ def overhead(quick: bool) -> str:
         trainer.fit(DigitsClassifier(), train, val)
         return timer.times[1:]  # the first epoch warms caches
 
+    def monitor():
+        return EnergyMonitor(gpus="all", mlflow=False, log_artifacts=False)
+
     configs = {
         "without": lambda: [],
         "an empty Callback (Lightning's own cost per callback)": lambda: [pl.Callback()],
-        "EnergyMonitor": lambda: [EnergyMonitor(gpus="all", mlflow=False, log_artifacts=False)],
+        "EnergyMonitor": lambda: [monitor()],
         "EnergyMonitor + two empty Callbacks (what two more callbacks cost in Lightning)": lambda: [
-            EnergyMonitor(gpus="all", mlflow=False, log_artifacts=False), pl.Callback(), pl.Callback()],
+            monitor(), pl.Callback(), pl.Callback()],
         "EnergyMonitor + stopping (EfficiencyEarlyStopping, EnergyBudget every 10 steps)": lambda: [
-            EnergyMonitor(gpus="all", mlflow=False, log_artifacts=False),
+            monitor(),
             EfficiencyEarlyStopping(monitor="val_acc", mode="max", min_gain_per_kj=0.0, patience=100),
             EnergyBudget(energy="1 MWh", check_every_n_steps=10)],
     }

@@ -329,7 +329,6 @@ class EnergyTracker:
         self.sink: MlflowSink | None = None
         self.last_window: Measurement | None = None  # this rank's latest epoch, for custom callbacks
         self.stoppers: list[Stopper] = []
-        self._step_intervals: tuple[int, ...] = ()  # the stoppers' check_every_n_steps, for step_check_due
         self.stop_decision: Decision | None = None
         self._samples: dict[str, int] = {}
         self._val_j = 0.0
@@ -453,12 +452,6 @@ class EnergyTracker:
             if isinstance(stopper, BudgetStopper):
                 stopper.validate_against(self.accountant.price_per_kwh, self.accountant.currency)
             self.stoppers.append(stopper)
-            self._step_intervals = tuple(sorted({s.check_every_n_steps for s in self.stoppers
-                                                 if s.check_every_n_steps}))
-
-    def step_check_due(self, step: int) -> bool:
-        """Cheap enough for every training step: does any stopper want a check at ``step``?"""
-        return any(step % n == 0 for n in self._step_intervals)
 
     def totals(self) -> Totals:
         return Totals(self.cumulative_j, self.cumulative_g, self.cumulative_cost)
@@ -488,7 +481,10 @@ class EnergyTracker:
         return self._agree(local, reduce, record.epoch, remaining_epochs)
 
     def check_step(self, step: int, reduce: Callable[[bool], bool]) -> Decision | None:
-        """Between epochs' ends: the budget stoppers that asked for a check every N steps."""
+        """Between epochs' ends: the budget stoppers that asked for a check every N steps.
+
+        Called at every training step; a step where no stopper is due costs one modulo per stopper.
+        """
         due = [s for s in self.stoppers if s.check_every_n_steps and step % s.check_every_n_steps == 0]
         if not due or not self.epoch_open:
             return None

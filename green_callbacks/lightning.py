@@ -97,7 +97,7 @@ class EnergyMonitor(EnergyTracker, Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.step_check_due(trainer.global_step) and self.check_step(trainer.global_step, _reducer(trainer)):
+        if self.stoppers and self.check_step(trainer.global_step, _reducer(trainer)):
             trainer.should_stop = True
 
     # -- test / predict ------------------------------------------------------------------------

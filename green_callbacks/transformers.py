@@ -107,7 +107,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
-        if self.step_check_due(state.global_step) and self.check_step(state.global_step, any_rank):
+        if self.stoppers and self.check_step(state.global_step, any_rank):
             control.should_training_stop = True
 
     def on_prediction_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
