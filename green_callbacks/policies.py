@@ -16,6 +16,7 @@ ON_EXCEED = ("stop", "warn")
 
 class StopReason(str, enum.Enum):
     EFFICIENCY_PLATEAU = "efficiency_plateau"
+    DIVERGED = "diverged"
     ENERGY_BUDGET = "energy_budget"
     EMISSIONS_BUDGET = "emissions_budget"
     COST_BUDGET = "cost_budget"
@@ -99,6 +100,29 @@ class EfficiencyPlateau:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for k, v in state.items():
             setattr(self, k, v)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a stopper is shown at one check (an evaluation, an epoch end, a logging point).
+
+    Args:
+        so_far: the whole run's energy, emissions and cost up to now (every rank summed).
+        step: the trainer's global step (optimizer steps) at this check.
+        metrics: this evaluation's metrics; empty when no new evaluation happened.
+        evaluation: whether a new evaluation happened since the previous check.
+        rate_per_step: a robust recent cost per training step (``None`` until known).
+        remaining_steps: training steps left to the run's end (``None`` when unbounded).
+        evaluations: evaluations so far in the run, this one included.
+    """
+
+    so_far: Totals
+    step: int
+    metrics: Mapping[str, float]
+    evaluation: bool
+    rate_per_step: Totals | None = None
+    remaining_steps: float | None = None
+    evaluations: int = 0
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from green_callbacks.policies import Budget, Decision, EfficiencyPlateau, Totals
+from green_callbacks.policies import Budget, Decision, EfficiencyPlateau, Progress, Totals
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -20,17 +20,27 @@ S = TypeVar("S", bound="Stopper")
 
 
 class Stopper:
-    """Something an :class:`~green_callbacks.core.EnergyTracker` asks, after each epoch, whether to stop."""
+    """Something an :class:`~green_callbacks.tracker.EnergyTracker` asks, at every check, whether to stop.
+
+    Checks happen at every evaluation (``progress.evaluation`` is true and ``progress.metrics``
+    holds that evaluation's metrics), at every epoch end and logging point, and every
+    ``check_every_n_steps`` steps where a stopper asks for it. The tracker reduces the decision
+    across DDP ranks, so a stopper decides from what it is shown and nothing else.
+    """
 
     section = ""  # the key of this stopper's table in a config file
     check_every_n_steps: int | None = None
 
-    def after_epoch(self, so_far: Totals, metrics: Mapping[str, float], per_epoch: Totals,
-                    remaining_epochs: float | None, epochs_done: int) -> Decision:
+    def check(self, progress: Progress) -> Decision:
+        """This check's verdict."""
         raise NotImplementedError
 
-    def at_step(self, so_far: Totals) -> Decision:
-        raise NotImplementedError
+    def statistics(self) -> dict[str, float]:
+        """Numbers to log as MLflow metrics at this check (``stopping/...``), so a stop message can be found."""
+        return {}
+
+    def require_metric(self, available: Collection[str]) -> None:
+        """Called with the metric names an evaluation produced before training (Lightning's sanity check)."""
 
     def policy_state(self) -> dict[str, Any]:
         raise NotImplementedError
