@@ -8,9 +8,9 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from green_callbacks.core import EnergyTracker, batch_size
 from green_callbacks.distributed import RankInfo
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper, Stopper
+from green_callbacks.tracker import EnergyTracker, batch_size
 
 __all__ = ["EfficiencyEarlyStopping", "EnergyBudget", "EnergyMonitor"]
 
@@ -41,27 +41,23 @@ def scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
 
 
-def _remaining_epochs(trainer: pl.Trainer) -> float | None:
-    """Epochs left to ``max_epochs``, or to ``max_steps`` in epochs; ``None`` when unbounded."""
-    if trainer.max_steps and trainer.max_steps > 0 and trainer.num_training_batches:
-        return max(trainer.max_steps - trainer.global_step, 0) / trainer.num_training_batches
-    if trainer.max_epochs is not None and trainer.max_epochs > 0:
-        return float(max(trainer.max_epochs - trainer.current_epoch - 1, 0))
-    return None
-
-
-def _reducer(trainer: pl.Trainer):
-    return lambda stop: trainer.strategy.reduce_boolean_decision(stop, all=False)
+def _max_steps(trainer: pl.Trainer) -> float | None:
+    """The run's total optimizer steps (``max_steps``, or ``max_epochs`` x batches); inf when unbounded."""
+    try:
+        return float(trainer.estimated_stepping_batches)
+    except Exception:  # a loader without len() and no max_steps: Lightning cannot tell
+        return None
 
 
 class EnergyMonitor(EnergyTracker, Callback):
-    """Measures every epoch's energy (validation included) and logs it to the MLflow run.
+    """Measures every interval of training (each epoch, each validation, every N steps) and logs it to MLflow.
 
-    Arguments are those of :class:`green_callbacks.core.EnergyTracker`, identical in
+    Arguments are those of :class:`green_callbacks.tracker.EnergyTracker`, identical in
     ``green_callbacks.transformers.EnergyMonitor``. Logs into the run of a ``MLFlowLogger``
-    when the trainer has one, else the active MLflow run, else a run it opens itself. Under
-    DDP each rank measures its own GPU, the node's local rank 0 the CPU/DRAM, and rank 0 logs
-    the sum. The totals are saved in checkpoints, so a resumed run continues them.
+    when the trainer has one, else the active MLflow run, else a run it opens itself, at the
+    trainer's global step. Under DDP each rank measures its own GPU, the node's local rank 0
+    the CPU/DRAM, and rank 0 logs the sum. The totals are saved in checkpoints, so a resumed run
+    continues them.
     """
 
     # Lightning reads state_key at every hook call (profiler names): built once, then a dict lookup
@@ -73,6 +69,11 @@ class EnergyMonitor(EnergyTracker, Callback):
         run_id, uri = _mlflow_logger_run(trainer) if trainer.global_rank == 0 else (None, None)
         self.start(_rank(trainer), _cuda_indices(trainer), run_id, uri)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if any(isinstance(cb, EnergyMonitor) and cb is not self for cb in trainer.callbacks):
+            raise ValueError("two EnergyMonitors in one Trainer: keep one (it measures every device of the run; "
+                             "gpus='all' or a list of indices picks which)")
+
     # -- fit -----------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for callback in trainer.callbacks:
@@ -80,25 +81,34 @@ class EnergyMonitor(EnergyTracker, Callback):
                 self.attach(callback)
         self._start(trainer)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.max_steps = _max_steps(trainer)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.begin_epoch()
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking and self.epoch_open:
-            self.begin_validation()
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.end_validation()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        record = self.end_epoch(trainer.current_epoch, scalar_metrics(trainer))
-        if self.decide(record, _remaining_epochs(trainer), _reducer(trainer)):
-            trainer.should_stop = True
+        self.begin_epoch(trainer.current_epoch)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.stoppers and self.check_step(trainer.global_step, _reducer(trainer)):
+        if self.on_step(trainer.global_step):
             trainer.should_stop = True
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and self.started:
+            self.begin_evaluation()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            for stopper in self.stoppers:  # a typo in a monitored metric fails here, before the first step
+                stopper.require_metric(scalar_metrics(trainer))
+        elif self.started and self.end_evaluation(trainer.global_step, scalar_metrics(trainer)):
+            trainer.should_stop = True
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.end_epoch(trainer.global_step):
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.end_training(trainer.global_step)
 
     # -- test / predict ------------------------------------------------------------------------
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -129,8 +139,7 @@ class EnergyMonitor(EnergyTracker, Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Ctrl-C, and SIGTERM (Lightning turns it into SIGTERMException, a SystemExit), kill the run
-        status = "KILLED" if isinstance(exception, KeyboardInterrupt | SystemExit) else "FAILED"
-        self.finish(status, epoch=trainer.current_epoch)
+        self.finish("KILLED" if isinstance(exception, KeyboardInterrupt | SystemExit) else "FAILED")
 
 
 def _require_monitor(trainer: pl.Trainer, who: str) -> None:
@@ -155,11 +164,6 @@ class EfficiencyEarlyStopping(EfficiencyStopper, Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _require_monitor(trainer, type(self).__name__)
         self.resolve("val_loss", "min")
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking and self.monitor not in trainer.callback_metrics:
-            raise ValueError(f"EfficiencyEarlyStopping(monitor={self.monitor!r}): the metric is not logged; the "
-                             f"metrics that are: {sorted(trainer.callback_metrics)}")
 
     def state_dict(self) -> dict[str, Any]:
         return self.policy_state()

@@ -256,6 +256,18 @@ class EnergyMeter:
             window = self._open.pop(name)
         return self._measure(name, window.start_s, now, window.start_unix, window.start, end, window.peak_w)
 
+    def split(self, name: str) -> Measurement:
+        """Close window ``name`` and reopen it at the same instant: consecutive windows, no gap, one read."""
+        if name not in self._open:
+            raise ValueError(f"window {name!r} is not open; open windows: {sorted(self._open)}")
+        self._sync()
+        now = self.clock()
+        end = self._read_all(now)
+        with self._lock:
+            window = self._open.pop(name)
+            self._open[name] = _Open(now, time.time(), end, {})
+        return self._measure(name, window.start_s, now, window.start_unix, window.start, end, window.peak_w)
+
     def since_start(self) -> Measurement:
         """Everything measured since ``start``, as a window named ``run``."""
         now = self.clock()

@@ -22,6 +22,13 @@ class StopReason(str, enum.Enum):
     COST_BUDGET = "cost_budget"
 
 
+class MonitorError(ValueError):
+    """A stopper's monitored metric is not among the evaluation's metrics (``strict=True``).
+
+    A configuration error, not a telemetry fault: it passes through the adapters into the trainer.
+    """
+
+
 @dataclass(frozen=True)
 class Decision:
     """A policy's verdict: stop or not, why (an enum for machines, a sentence for people)."""
@@ -137,6 +144,9 @@ class Totals:
         cost = None if self.cost is None or other.cost is None else self.cost + other.cost
         return Totals(self.j + other.j, self.g + other.g, cost)
 
+    def scaled(self, factor: float) -> Totals:
+        return Totals(self.j * factor, self.g * factor, None if self.cost is None else self.cost * factor)
+
     def __sub__(self, other: Totals) -> Totals:
         cost = None if self.cost is None or other.cost is None else self.cost - other.cost
         return Totals(self.j - other.j, self.g - other.g, cost)
@@ -145,7 +155,7 @@ class Totals:
 class Budget:
     """Stop before an energy, emissions or cost budget would be exceeded.
 
-    At each check (epoch end, and every N steps where asked) the next interval's cost is
+    At each check (every point of the run, and every N steps where asked) the next interval's cost is
     projected as the largest of the last three intervals; if the run so far plus that
     projection would exceed a budget, it stops now. The overshoot is therefore bounded by how
     much one interval exceeds the largest of its recent predecessors.
@@ -155,11 +165,10 @@ class Budget:
         emissions: grams CO2e, or a string ("300 g", "1.2 kg").
         cost: an amount in the price's currency, or a string ("0.5 EUR").
         on_exceed: ``"stop"`` or ``"warn"`` (log the breach and carry on).
-        warmup_epochs: epochs before the whole-run projection is logged and checked.
     """
 
     def __init__(self, energy: float | str | None = None, emissions: float | str | None = None,
-                 cost: float | str | None = None, on_exceed: str = "stop", warmup_epochs: int = 1) -> None:
+                 cost: float | str | None = None, on_exceed: str = "stop") -> None:
         if energy is None and emissions is None and cost is None:
             raise ValueError("a budget needs at least one of energy, emissions, cost")
         if on_exceed not in ON_EXCEED:
@@ -168,7 +177,6 @@ class Budget:
         self.emissions_g = parse_mass_g("emissions", emissions) if emissions is not None else None
         self.cost, self.currency = parse_money("cost", cost) if cost is not None else (None, None)
         self.on_exceed = on_exceed
-        self.warmup_epochs = _check_int("warmup_epochs", warmup_epochs, 0)
         self.recent: list[Totals] = []
         self.last_check: Totals = Totals()
 
@@ -204,11 +212,9 @@ class Budget:
                                               f"{self.describe(reason, limit)}")
         return CONTINUE
 
-    def projection(self, so_far: Totals, per_epoch: Totals, remaining_epochs: float) -> tuple[Totals, list[str]]:
-        """The whole run's totals projected from the recent per-epoch cost, and the budgets it breaks."""
-        whole = Totals(so_far.j + per_epoch.j * remaining_epochs, so_far.g + per_epoch.g * remaining_epochs,
-                       None if so_far.cost is None or per_epoch.cost is None
-                       else so_far.cost + per_epoch.cost * remaining_epochs)
+    def projection(self, so_far: Totals, rate_per_step: Totals, remaining_steps: float) -> tuple[Totals, list[str]]:
+        """The whole run's totals projected from the recent cost per step, and the budgets it breaks."""
+        whole = so_far + rate_per_step.scaled(remaining_steps)
         broken = [f"{name} {self.describe(reason, get(whole))} > {self.describe(reason, limit)}"
                   for reason, name, limit, get in self._limits() if get(whole) > limit]
         return whole, broken

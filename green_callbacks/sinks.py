@@ -35,6 +35,17 @@ class Record:
 
 
 @dataclass(frozen=True)
+class RunTarget:
+    """Where the tracker wants its records (see the sinks package's contract)."""
+
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    experiment_name: str | None = None
+    run_name: str | None = None
+    owned: bool = True
+
+
+@dataclass(frozen=True)
 class RunRef:
     """The MLflow run to log into, and whether this package opened it (and so must close it)."""
 
@@ -159,10 +170,15 @@ class MlflowSink:
     costs one warning and durability, not the run.
     """
 
-    def __init__(self, run: RunRef, spool_path: str | Path, retry_s: float = 5.0) -> None:
+    def __init__(self, run: RunRef | RunTarget, spool_path: str | Path, retry_s: float = 5.0) -> None:
         from mlflow.tracking import MlflowClient
 
+        if isinstance(run, RunTarget):  # transitional: resolved here, blocking, until the sinks package lands
+            run = find_or_start_run(run.run_id, run.tracking_uri, run.experiment_name, run.run_name)
+            spool_path = Path(spool_path) / f"spool-{run.run_id}.jsonl"
         self.run = run
+        self.run_ref = run
+        self.local_id = run.run_id
         self.spool_path = Path(spool_path)
         self.retry_s = retry_s
         self._client = MlflowClient(run.tracking_uri)
@@ -189,7 +205,11 @@ class MlflowSink:
         self._queue.put(Record("artifact", {"path": str(Path(path).resolve()), "artifact_path": artifact_path}))
 
     def set_status(self, status: str) -> None:
-        self._queue.put(Record("status", {"status": status}))
+        if self.run.owned:
+            self._queue.put(Record("status", {"status": status}))
+
+    def interval_end(self) -> None:
+        """Transitional: the spool is written by the worker."""
 
     # -- the worker --------------------------------------------------------------------------
     def _warn_once(self, key: str, message: str) -> None:

@@ -148,28 +148,32 @@ class EfficiencyStopper(Stopper):
 class BudgetStopper(Stopper):
     """Stop before an energy, emissions or cost budget would be exceeded (see :class:`Budget`).
 
+    Checked at every point of the run (each evaluation, epoch end and logging point), and every
+    ``check_every_n_steps`` training steps where given. Once the run's recent cost per step is
+    known, the whole run (to ``max_steps`` / ``max_epochs``) is projected at each evaluation and
+    epoch end (``projection/energy_j``...), with one warning when it would break a budget.
+
     Args:
         energy: joules, or a string with a unit: "2.5 kWh", "900 kJ".
         emissions: grams CO2e, or a string: "300 g", "1.2 kg".
         cost: money in the EnergyMonitor's ``currency`` (needs its ``price_per_kwh``), or "0.5 EUR".
         on_exceed: ``"stop"`` (stop before the budget is exceeded) or ``"warn"``.
-        check_every_n_steps: also check every N training steps, for long epochs.
-        warmup_epochs: epochs after which the whole run is projected, logged, and warned about.
+        check_every_n_steps: also check every N training steps, between points.
     """
 
     section = "budget"
 
     def __init__(self, energy: float | str | None = None, emissions: float | str | None = None,
-                 cost: float | str | None = None, on_exceed: str = "stop", check_every_n_steps: int | None = None,
-                 warmup_epochs: int = 1) -> None:
-        self.budget = Budget(energy, emissions, cost, on_exceed, warmup_epochs)
+                 cost: float | str | None = None, on_exceed: str = "stop",
+                 check_every_n_steps: int | None = None) -> None:
+        self.budget = Budget(energy, emissions, cost, on_exceed)
         if check_every_n_steps is not None and (isinstance(check_every_n_steps, bool) or
                                                 not isinstance(check_every_n_steps, int) or check_every_n_steps < 1):
             raise ValueError(f"check_every_n_steps={check_every_n_steps!r} must be an integer >= 1 or None")
         self.check_every_n_steps = check_every_n_steps
-        self.projection_logged = False
+        self.projection_warned = False
         self._init_args = {"energy": energy, "emissions": emissions, "cost": cost, "on_exceed": on_exceed,
-                           "check_every_n_steps": check_every_n_steps, "warmup_epochs": warmup_epochs}
+                           "check_every_n_steps": check_every_n_steps}
 
     def validate_against(self, price_per_kwh: float | None, currency: str) -> None:
         """A cost budget needs the monitor's price, in the same currency; say so before training."""
@@ -188,24 +192,19 @@ class BudgetStopper(Stopper):
             return Decision(False)
         return decision
 
-    def after_epoch(self, so_far: Totals, metrics: Mapping[str, float], per_epoch: Totals,
-                    remaining_epochs: float | None, epochs_done: int) -> Decision:
-        return self._act(self.budget.check(so_far))
-
-    def at_step(self, so_far: Totals) -> Decision:
-        return self._act(self.budget.check(so_far))
-
-    def project(self, so_far: Totals, per_epoch: Totals, remaining_epochs: float) -> Totals:
-        whole, broken = self.budget.projection(so_far, per_epoch, remaining_epochs)
-        if broken:
-            log.warning("EnergyBudget: at this rate the whole run would need %s; it stops before that%s.",
-                        "; ".join(broken), "" if self.budget.on_exceed == "stop" else " only if on_exceed='stop'")
-        self.projection_logged = True
-        return whole
+    def check(self, progress: Progress) -> Decision:
+        if not self.projection_warned and progress.rate_per_step is not None and progress.remaining_steps:
+            _, broken = self.budget.projection(progress.so_far, progress.rate_per_step, progress.remaining_steps)
+            if broken:
+                self.projection_warned = True
+                log.warning("EnergyBudget: at this rate the whole run would need %s; it stops before that%s.",
+                            "; ".join(broken), "" if self.budget.on_exceed == "stop" else
+                            " only if on_exceed='stop'")
+        return self._act(self.budget.check(progress.so_far))
 
     def policy_state(self) -> dict[str, Any]:
-        return {**self.budget.state_dict(), "projection_logged": self.projection_logged}
+        return {**self.budget.state_dict(), "projection_warned": self.projection_warned}
 
     def load_policy_state(self, state: Mapping[str, Any]) -> None:
         self.budget.load_state_dict(state)
-        self.projection_logged = bool(state.get("projection_logged", False))
+        self.projection_warned = bool(state.get("projection_warned", False))

@@ -8,9 +8,10 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from green_callbacks.core import EnergyTracker, running_tracker
-from green_callbacks.distributed import RankInfo, any_rank
+from green_callbacks.distributed import RankInfo
+from green_callbacks.process import running_tracker
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper
+from green_callbacks.tracker import EnergyTracker
 
 __all__ = ["EfficiencyEarlyStopping", "EnergyBudget", "EnergyMonitor"]
 
@@ -34,19 +35,6 @@ def model_metrics(metrics: dict[str, Any] | None, prefix: str = "eval_") -> dict
             if k.startswith(prefix) and not k.endswith(_NOT_MODEL_METRICS) and isinstance(v, int | float)}
 
 
-def _evaluates_each_epoch(args: TrainingArguments) -> bool:
-    strategy = getattr(args, "eval_strategy", None) or getattr(args, "evaluation_strategy", "no")
-    return str(getattr(strategy, "value", strategy)) == "epoch"
-
-
-def _remaining_epochs(state: TrainerState) -> float | None:
-    """Epochs left until HF's ``max_steps`` (which it derives from ``num_train_epochs`` too)."""
-    if not state.max_steps or not state.num_train_epochs:
-        return None
-    steps_per_epoch = state.max_steps / state.num_train_epochs
-    return max(state.max_steps - state.global_step, 0) / steps_per_epoch
-
-
 def _eval_name(name: str) -> str:
     return name if name.startswith("eval_") else f"eval_{name}"
 
@@ -64,14 +52,16 @@ def load_saved_state(callback: Any, state: TrainerState) -> dict[str, Any] | Non
 
 
 class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
-    """Measures every epoch's energy (evaluation included) and logs it to the MLflow run.
+    """Measures every interval of training (each epoch, each evaluation, every N steps) and logs it to MLflow.
 
-    Arguments are those of :class:`green_callbacks.core.EnergyTracker`, identical in
+    Arguments are those of :class:`green_callbacks.tracker.EnergyTracker`, identical in
     ``green_callbacks.lightning.EnergyMonitor``. Logs into the run of HF's ``MLflowCallback``
-    (``report_to="mlflow"``) or any active MLflow run, else a run it opens itself. With
-    ``eval_strategy="epoch"`` the epoch window closes after the evaluation that follows
-    ``on_epoch_end``. ``trainer.evaluate()``/``predict()`` outside training are measured from
-    the end of their first batch (HF has no hook before it) and reported per sample.
+    (``report_to="mlflow"``) or any active MLflow run, else a run it opens itself, at the
+    trainer's global step. An evaluation's window opens when HF decides to evaluate (after the
+    step or epoch that triggers it) and closes at ``on_evaluate``; with ``eval_strategy="epoch"``
+    the epoch window closes after its evaluation. ``trainer.evaluate()``/``predict()`` outside
+    training are measured from the end of their first batch (HF has no hook before it) and
+    reported per sample.
     """
 
     def state(self) -> dict[str, Any]:
@@ -79,7 +69,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         return {"args": args, "attributes": {"green_state": self.state_dict()}}
 
     def _start(self, args: TrainingArguments) -> None:
-        if not self._started:
+        if not self.started:
             self.start(_rank(args), _cuda_indices(args))
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -88,38 +78,41 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         if saved and saved.get("records") and not self.records:
             self.load_state_dict(saved)
         self._training = True
-        self._eval_pending = False
+        self._epoch_pending = False
         self._start(args)
+        self.max_steps = float(state.max_steps) if state.max_steps and state.max_steps > 0 else None
 
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
-        self._close_epoch(state, control, {})
-        self._epoch = math.floor(state.epoch or 0)
-        self.begin_epoch()
-
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
-        if _evaluates_each_epoch(args) and self.epoch_open:
-            self._eval_pending = True  # HF evaluates after on_epoch_end: the epoch waits for it
-            self.begin_validation()
-        else:
-            self._close_epoch(state, control, {})
+        self._close_epoch(state, control)
+        self.begin_epoch(math.floor(state.epoch or 0))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
-        if self.stoppers and self.check_step(state.global_step, any_rank):
+        if self.on_step(state.global_step):
             control.should_training_stop = True
+        if control.should_evaluate:  # set by HF's DefaultFlowCallback, which runs before user callbacks
+            self.begin_evaluation()
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if control.should_evaluate and self.epoch_open:
+            self._epoch_pending = True  # HF evaluates after on_epoch_end: the epoch waits for it
+            self.begin_evaluation()
+        else:
+            self._close_epoch(state, control)
 
     def on_prediction_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                            **kwargs: Any) -> None:
         if getattr(self, "_training", False):
-            self.begin_validation()
+            if not self.evaluation_open:
+                self.begin_evaluation()
             return
         # evaluate() and predict() share this loop; which one it was is known only at its end
         self._start(args)
         if not self.stage_open("inference"):
             self._steps = [0, 0]  # [steps seen, steps measured]
-            self._dataset_len = len(getattr(kwargs.get("eval_dataloader"), "dataset", None) or [])
+            self._dataset_len = _length(getattr(kwargs.get("eval_dataloader"), "dataset", None))
             self.begin_stage("inference")
         else:
             self._steps[1] += 1
@@ -127,12 +120,13 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if getattr(self, "_training", False):
-            self.end_validation()
-            if self._eval_pending:
-                self._close_epoch(state, control, model_metrics(metrics))
-        else:
+        if not getattr(self, "_training", False):
             self._end_inference("evaluate", args, metrics)
+            return
+        if self.end_evaluation(state.global_step, model_metrics(metrics)):
+            control.should_training_stop = True
+        if self._epoch_pending:
+            self._close_epoch(state, control)
 
     def on_predict(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                    metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
@@ -152,18 +146,25 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         # evaluate()/predict() returned to the user, who expects the numbers in MLflow now
         self.flush()
 
-    def _close_epoch(self, state: TrainerState, control: TrainerControl, metrics: dict[str, float]) -> None:
-        self._eval_pending = False
-        if self.epoch_open:
-            record = self.end_epoch(self._epoch, metrics)
-            if self.decide(record, _remaining_epochs(state), any_rank):
-                control.should_training_stop = True
+    def _close_epoch(self, state: TrainerState, control: TrainerControl) -> None:
+        self._epoch_pending = False
+        if self.epoch_open and self.end_epoch(state.global_step):
+            control.should_training_stop = True
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
-        self._close_epoch(state, control, {})
+        self._epoch_pending = False
+        self.end_training(state.global_step)
         self._training = False
         self.finish("FINISHED")
+
+
+def _length(dataset: Any) -> int:
+    """``len(dataset)``, or 0 for a data set without one (an ``IterableDataset``)."""
+    try:
+        return len(dataset) if dataset is not None else 0
+    except TypeError:
+        return 0
 
 
 class _HfStopper(ExportableState):
@@ -199,12 +200,6 @@ class EfficiencyEarlyStopping(_HfStopper, EfficiencyStopper, TrainerCallback):
         default = args.metric_for_best_model or "loss"
         greater = args.greater_is_better if args.greater_is_better is not None else "loss" not in default
         self.resolve(_eval_name(default), "max" if greater else "min", _eval_name)
-
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if metrics is not None and self.monitor not in metrics:
-            raise ValueError(f"EfficiencyEarlyStopping(monitor={self.monitor!r}): the metric is not reported; "
-                             f"the metrics that are: {sorted(metrics)}")
 
 
 class EnergyBudget(_HfStopper, BudgetStopper, TrainerCallback):

@@ -1,0 +1,94 @@
+"""What a run leaves behind: its own folder (CSV, power trace, plot, summary), the artifacts, one printed line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from green_callbacks.process import warn_once
+from green_callbacks.records import Kind
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from green_callbacks.tracker import EnergyTracker
+
+ARTIFACT_DIR = "green_callbacks"
+
+
+def summary(t: EnergyTracker) -> dict[str, Any]:
+    """The run in one dict: totals, methods, counts, carbon settings and where the MLflow run is."""
+    epochs = [r for r in t.records if r.kind is Kind.EPOCH]
+    last = t.records[-1] if t.records else None
+    out: dict[str, Any] = {
+        "energy_j": t.cumulative_j, "energy_kwh": t.cumulative_j / 3.6e6, "emissions_g": t.cumulative_g,
+        "cost": t.cumulative_cost, "currency": t.accountant.currency if t.cumulative_cost is not None else None,
+        "duration_s": last.end_rel_s if last is not None else 0.0, "epochs": len(epochs),
+        "evaluations": t.evaluations, "steps": last.step if last is not None else 0,
+        "methods": last.methods if last is not None else {}, "world_size": t.rank.world_size,
+        **t.accountant.as_params()}
+    run = t.run or (t.sink.run_ref if t.sink is not None else None)
+    if run is not None:
+        out["mlflow_run_id"] = run.run_id
+        out["mlflow_tracking_uri"] = run.tracking_uri
+    elif t.sink is not None:
+        out["mlflow_spool"] = str(t.sink.spool_path)
+    return out
+
+
+def write(t: EnergyTracker, trace: pd.DataFrame | None) -> None:
+    """Rank 0 at the end: the files in the run's own folder, logged as artifacts; then the summary line.
+
+    A folder that cannot be written costs one warning and the files, never the run's status.
+    """
+    if not t.records:
+        return
+    written: list[Path] = []
+    if t.artifacts:
+        try:
+            written = _write_files(t, trace, t.run_folder)
+        except OSError as exc:
+            warn_once(t, "outputs", f"cannot write the run's outputs under {t.output_dir} ({exc}); the metrics are "
+                                    "in MLflow, the files are not written")
+    if t.sink is not None:
+        for path in written:
+            t.sink.log_artifact(path, ARTIFACT_DIR)
+    print_summary(t)
+
+
+def _write_files(t: EnergyTracker, trace: pd.DataFrame | None, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out: list[Path] = []
+
+    def target(name: str) -> Path:
+        path = folder / name
+        if path.is_symlink():  # never write through a link planted at an output path
+            path.unlink()
+        out.append(path)
+        return path
+
+    if "intervals" in t.artifacts:
+        t.frame().to_csv(target("intervals.csv"), index=False)
+    if "trace" in t.artifacts and trace is not None:
+        trace.to_csv(target("power_trace.csv"), index=False)
+    if "summary" in t.artifacts:
+        target("summary.json").write_text(json.dumps(summary(t), indent=2, default=str), encoding="utf-8")
+    if "plot" in t.artifacts and trace is not None:
+        from green_callbacks.report import plot_power
+
+        plot_power(trace, t.records, target("power.png"))
+    return out
+
+
+def print_summary(t: EnergyTracker) -> None:
+    s = summary(t)
+    cost = f", cost {s['cost']:.4g} {s['currency']}" if s["cost"] is not None else ""
+    methods = ", ".join(f"{c} {m}" for c, m in s["methods"].items()) or "nothing measured"
+    where = (f"\n  MLflow run {s['mlflow_run_id']}" if "mlflow_run_id" in s else
+             f"\n  MLflow: not reached yet; records kept in {s['mlflow_spool']}" if "mlflow_spool" in s else "")
+    # a leading newline: progress bars (HF's tqdm) leave the cursor mid-line
+    print(f"\ngreen-callbacks: {s['epochs']} epochs, {s['evaluations']} evaluations, {s['steps']} steps, "
+          f"{s['energy_j']:.1f} J ({s['energy_kwh']:.6f} kWh), {s['emissions_g']:.3f} gCO2e{cost} over "
+          f"{s['duration_s']:.1f} s ({methods}; {s['carbon_intensity_g_per_kwh']} g/kWh, PUE {s['pue']}){where}",
+          flush=True)

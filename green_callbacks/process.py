@@ -1,0 +1,115 @@
+"""How a process ends: SIGTERM, uncaught exceptions and interpreter exit, and the trackers still running.
+
+The module-level state of the package lives here and nowhere else: the live trackers (how HF's
+stopping callbacks, which cannot see each other, find the EnergyMonitor) and the type of an
+uncaught exception (so a run killed by Ctrl-C is recorded as KILLED and a crash as FAILED).
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import signal
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from green_callbacks.policies import MonitorError
+from green_callbacks.sensors.base import log
+
+if TYPE_CHECKING:
+    from green_callbacks.tracker import EnergyTracker
+
+F = TypeVar("F", bound=Callable[..., Any])
+_RUNNING: list[weakref.ref[EnergyTracker]] = []
+_UNCAUGHT: list[type[BaseException]] = []
+_HOOKED = False
+
+
+def register(tracker: EnergyTracker) -> None:
+    """A tracker has started: it ends its run properly however the process ends."""
+    _RUNNING.append(weakref.ref(tracker))
+    atexit.register(tracker._atexit)
+    _install_hooks()
+
+
+def unregister(tracker: EnergyTracker) -> None:
+    atexit.unregister(tracker._atexit)
+
+
+def live_trackers() -> list[EnergyTracker]:
+    return [t for t in (ref() for ref in _RUNNING) if t is not None and t.started]
+
+
+def uncaught() -> type[BaseException] | None:
+    """The type of the exception that is ending the process, if one is."""
+    return _UNCAUGHT[-1] if _UNCAUGHT else None
+
+
+def _install_hooks() -> None:
+    """Chain ``sys.excepthook``, and where nobody handles SIGTERM (Lightning does; HF and plain scripts
+    do not) record the partial interval and summary on SIGTERM, then let the default action end the
+    process as it would have."""
+    global _HOOKED
+    if _HOOKED:
+        return
+    _HOOKED = True
+    previous = sys.excepthook
+
+    def excepthook(etype: type[BaseException], value: BaseException, tb: Any) -> None:
+        _UNCAUGHT.append(etype)
+        previous(etype, value, tb)
+
+    sys.excepthook = excepthook
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        def on_sigterm(signum: int, frame: Any) -> None:
+            for tracker in live_trackers():
+                tracker.finish("KILLED")
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def running_tracker() -> EnergyTracker:
+    """The most recently started tracker of this process that has not finished."""
+    live = live_trackers()
+    if not live:
+        raise ValueError("EfficiencyEarlyStopping and EnergyBudget need an EnergyMonitor in the same Trainer's "
+                         "callbacks: callbacks=[EnergyMonitor(...), EnergyBudget(...)]; it measures, they decide")
+    return live[-1]
+
+
+def never_raises(fn: F) -> F:
+    """Telemetry must not break training: a fault becomes one warning per hook and the run goes on.
+
+    Two exceptions pass: a ``ValueError`` from ``start`` (a bad setting that could only be checked
+    against the hardware, like a GPU index this machine does not have, stops the run before its
+    first step) and a :class:`~green_callbacks.policies.MonitorError` (a stopper's monitored metric
+    that the evaluation does not produce, with ``strict=True``).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except MonitorError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, ValueError) and fn.__name__ == "start":
+                raise
+            return warn_once(self, f"hook-{fn.__name__}", f"{fn.__name__} failed ({exc!r}); training continues "
+                                                           "without it.")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def warn_once(owner: Any, key: str, message: str) -> None:
+    """One warning per ``key`` for the life of ``owner`` (which holds a ``_warned`` set)."""
+    warned: set[str] = owner.__dict__.setdefault("_warned", set())
+    if key not in warned:
+        warned.add(key)
+        log.warning("green-callbacks: %s", message)

@@ -1,0 +1,205 @@
+"""Interval records (epoch, evaluation, logging point), the merge of ranks, and the MLflow metric contract.
+
+Every name green-callbacks logs to MLflow is written in this file; ``docs/metrics.md`` is its
+reader's version. Points that belong to a moment of training are logged at the trainer's global
+step, so in the MLflow UI they overlay the loss and accuracy charts.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from green_callbacks.accounting import Footprint
+from green_callbacks.meter import Measurement
+from green_callbacks.sensors import Method
+
+VALIDATION_PREFIXES = ("val", "eval_")  # Lightning's and HF's naming of validation metrics
+
+
+class Kind(str, enum.Enum):
+    """What closed an interval."""
+
+    EPOCH = "epoch"            # a training epoch, its evaluations included
+    EVALUATION = "evaluation"  # from the previous evaluation's end (or the start) to this evaluation's end
+    POINT = "point"            # a logging point every N steps, between evaluations
+    END = "end"                # what is left when the run ends (or is interrupted)
+
+
+@dataclass(frozen=True)
+class IntervalRecord:
+    """One interval of the whole job, every rank's devices summed.
+
+    ``start_step``..``step`` are the trainer's global steps the interval covers; ``eval_j`` is
+    the energy of the evaluation(s) inside it (an epoch's validation, or the evaluation that
+    closes an evaluation interval).
+    """
+
+    kind: Kind
+    index: int
+    epoch: int
+    start_step: int
+    step: int
+    duration_s: float
+    energy_j: float
+    components_j: dict[str, float]
+    devices_j: dict[str, float]
+    methods: dict[str, str]
+    footprint: Footprint
+    cumulative_j: float
+    cumulative_g: float
+    cumulative_cost: float | None
+    start_rel_s: float
+    end_rel_s: float
+    eval_j: float = 0.0
+    eval_s: float = 0.0
+    gpu_peak_w: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    partial: bool = False
+
+    @property
+    def mean_power_w(self) -> float:
+        return self.energy_j / self.duration_s if self.duration_s > 0 else 0.0
+
+    def row(self) -> dict[str, Any]:
+        """A flat row for ``intervals.csv`` and pandas."""
+        fp = self.footprint
+        row: dict[str, Any] = {
+            "kind": self.kind.value, "index": self.index, "epoch": self.epoch, "start_step": self.start_step,
+            "step": self.step, "duration_s": self.duration_s, "energy_j": self.energy_j,
+            **{f"{c}_j": j for c, j in self.components_j.items()}, "eval_j": self.eval_j, "kwh": fp.kwh,
+            "g_co2e": fp.g_co2e, "cost": fp.cost, "cumulative_j": self.cumulative_j,
+            "cumulative_g": self.cumulative_g, "gpu_peak_w": self.gpu_peak_w, "partial": self.partial}
+        row.update({f"method_{c}": m for c, m in self.methods.items()})
+        row.update(self.metrics)
+        return row
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "kind": self.kind.value}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> IntervalRecord:
+        return cls(**{**d, "kind": Kind(d["kind"]), "footprint": Footprint(**d["footprint"])})
+
+
+# -- the metric contract ---------------------------------------------------------------------------
+def cumulative_metrics(cumulative_j: float, cumulative_g: float, cumulative_cost: float | None,
+                       mean_power_w: float) -> dict[str, float]:
+    """At most once per global step, at the first point (evaluation, epoch end, every-N-steps) of that step;
+    ``power/mean_w`` is the mean total power since the previous point."""
+    out = {"energy/cumulative_j": cumulative_j, "emissions/cumulative_g": cumulative_g, "power/mean_w": mean_power_w}
+    if cumulative_cost is not None:
+        out["cost/cumulative"] = cumulative_cost
+    return out
+
+
+def epoch_metrics(r: IntervalRecord) -> dict[str, float]:
+    """At each epoch's end: the epoch's energy by component and device, power, time, emissions."""
+    fp = r.footprint
+    out = {"energy/epoch_j": r.energy_j, "energy/val_j": r.eval_j, "energy/epoch_kwh": fp.kwh,
+           "emissions/epoch_g": fp.g_co2e, "time/epoch_s": r.duration_s}
+    for component, joules in r.components_j.items():
+        out[f"energy/{component}_j"] = joules
+        out[f"power/{component}_mean_w"] = joules / r.duration_s if r.duration_s > 0 else 0.0
+    if "gpu" in r.components_j:
+        out["power/gpu_peak_w"] = r.gpu_peak_w
+    out.update({f"energy/{d}_j": j for d, j in r.devices_j.items() if d.startswith("gpu")})
+    if fp.cost is not None:
+        out["cost/epoch"] = fp.cost
+    return out
+
+
+def efficiency_metrics(metrics: Mapping[str, float], cumulative_j: float,
+                       wanted: Sequence[str] | None) -> dict[str, float]:
+    """``efficiency/<metric>_per_kj``: an evaluation metric per kJ of the run's cumulative energy."""
+    if cumulative_j <= 0:
+        return {}
+    return {f"efficiency/{k}_per_kj": v / (cumulative_j / 1000.0) for k, v in metrics.items()
+            if (k.startswith(VALIDATION_PREFIXES) if wanted is None else k in wanted) and math.isfinite(v)}
+
+
+def evaluation_metrics(r: IntervalRecord, wanted: Sequence[str] | None) -> dict[str, float]:
+    """At each evaluation: the evaluation itself, the interval since the previous one, efficiency."""
+    out = {"energy/eval_j": r.eval_j, "time/eval_s": r.eval_s, "energy/interval_j": r.energy_j,
+           "time/interval_s": r.duration_s, "emissions/interval_g": r.footprint.g_co2e}
+    if r.footprint.cost is not None:
+        out["cost/interval"] = r.footprint.cost
+    out.update(efficiency_metrics(r.metrics, r.cumulative_j, wanted))
+    return out
+
+
+def total_metrics(cumulative_j: float, cumulative_g: float, cost: float | None, duration_s: float) -> dict[str, float]:
+    """Once, when the run ends: the totals (the last value of the cumulative series may predate the end)."""
+    out = {"energy/total_j": cumulative_j, "energy/total_kwh": cumulative_j / 3.6e6,
+           "emissions/total_g": cumulative_g, "time/total_s": duration_s}
+    if cost is not None:
+        out["cost/total"] = cost
+    return out
+
+
+def stage_metrics(stage: str, joules: float, duration_s: float, g_co2e: float, samples: int) -> dict[str, float]:
+    """``trainer.test``/``predict`` (Lightning), ``evaluate``/``predict`` outside training (HF)."""
+    out = {f"energy/{stage}_j": joules, f"time/{stage}_s": duration_s, f"emissions/{stage}_g": g_co2e,
+           f"{stage}/samples": float(samples)}
+    if samples:
+        out[f"energy/{stage}_j_per_sample"] = joules / samples
+    return out
+
+
+# -- ranks --------------------------------------------------------------------------------------------
+def window_payload(m: Measurement, rank: int, node: str) -> dict[str, Any]:
+    """One rank's window, as plain data for the all-gather."""
+    return {"rank": rank, "node": node, "joules": {c: dict(d) for c, d in m.joules.items()},
+            "methods": {c: {k: v.value for k, v in d.items()} for c, d in m.methods.items()},
+            "peak": dict(m.peak_power_w), "duration_s": m.duration_s}
+
+
+@dataclass(frozen=True)
+class Merged:
+    """Every rank's window under job-wide device labels."""
+
+    devices: dict[str, dict[str, float]]
+    methods: dict[str, str]
+    gpu_peak_w: float
+    duration_s: float
+
+    @property
+    def components_j(self) -> dict[str, float]:
+        return {c: sum(d.values()) for c, d in self.devices.items()}
+
+    @property
+    def total_j(self) -> float:
+        return sum(sum(d.values()) for d in self.devices.values())
+
+    @property
+    def devices_j(self) -> dict[str, float]:
+        return {d: j for ds in self.devices.values() for d, j in ds.items()}
+
+
+def merge_ranks(payloads: Sequence[Mapping[str, Any]]) -> Merged:
+    """Per component, every rank's devices under job-wide labels; the method per component; GPU peak.
+
+    GPUs are numbered across ranks in rank order (``gpu0``..``gpuN``), so no device is counted
+    twice and the total is the exact sum over devices. Host components keep their label,
+    prefixed by the node when more than one node measured them.
+    """
+    devices: dict[str, dict[str, float]] = {}
+    methods: dict[str, list[Method]] = {}
+    nodes = {p["node"] for p in payloads if any(c != "gpu" and p["joules"][c] for c in p["joules"])}
+    gpu_index, peak = 0, 0.0
+    for p in payloads:
+        for component, per_device in p["joules"].items():
+            for device, joules in per_device.items():
+                if component == "gpu":
+                    label = f"gpu{gpu_index}"
+                    gpu_index += 1
+                else:
+                    label = f"{p['node']}/{device}" if len(nodes) > 1 else device
+                devices.setdefault(component, {})[label] = joules
+                methods.setdefault(component, []).append(Method(p["methods"][component][device]))
+        peak += p["peak"].get("gpu", 0.0)
+    return Merged(devices, {c: Method.weakest(ms).value for c, ms in methods.items()}, peak,
+                  max((p["duration_s"] for p in payloads), default=0.0))

@@ -1,0 +1,100 @@
+"""Every EnergyTracker argument checked before training: a ValueError naming it, its value and the choices."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+ARTIFACT_CHOICES = ("intervals", "trace", "plot", "summary")
+MIN_SAMPLING_PERIOD_S = 0.005  # NVML and RAPL refresh every 1-100 ms: faster sampling only burns a core
+GPU_CHOICES = '"auto", "all", None (no GPU) or a list of CUDA device indices like [0, 1]'
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be True or False")
+    return value
+
+
+def _number(name: str, value: Any, low: float, high: float = math.inf, optional: bool = False,
+            what: str = "") -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or not low <= value <= high:
+        bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        raise ValueError(f"{name}={value!r} must be a finite number {bounds}{what}{' or None' if optional else ''}")
+    return float(value)
+
+
+def _string(name: str, value: Any, optional: bool = True) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name}={value!r} must be a non-empty string{' or None' if optional else ''}")
+    return value
+
+
+def check_gpus(gpus: Any) -> Any:
+    """``"auto"``, ``"all"``, ``None`` (no GPU) or a list of CUDA indices; anything else is an error."""
+    if gpus is None or (isinstance(gpus, str) and gpus in ("auto", "all")):
+        return gpus
+    if isinstance(gpus, str | bytes) or not isinstance(gpus, Sequence):
+        raise ValueError(f"gpus={gpus!r} is not valid; choose {GPU_CHOICES}")
+    if not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus):
+        raise ValueError(f"gpus={list(gpus)!r}: CUDA device indices are integers >= 0; choose {GPU_CHOICES}")
+    return [int(g) for g in gpus]
+
+
+def check_currency(currency: Any) -> str:
+    if not isinstance(currency, str) or not _CURRENCY.match(currency.upper()):
+        raise ValueError(f"currency={currency!r} must be an ISO 4217 code of three letters, like 'EUR', 'USD', 'GBP'")
+    return currency.upper()
+
+
+def check_tracker_args(a: Mapping[str, Any]) -> dict[str, Any]:
+    """The EnergyTracker's arguments, checked and normalised."""
+    out = dict(a)
+    out["gpus"] = check_gpus(a["gpus"])
+    for name in ("measure_cpu", "mlflow"):
+        out[name] = _bool(name, a[name])
+    if a["cuda_sync"] is not None:
+        _bool("cuda_sync", a["cuda_sync"])
+    out["sampling_period_s"] = _number("sampling_period_s", a["sampling_period_s"], MIN_SAMPLING_PERIOD_S, 60.0,
+                                       what=" seconds (the sensors refresh no faster than every few ms)")
+    out["cpu_tdp_w"] = _number("cpu_tdp_w", a["cpu_tdp_w"], 1.0, 10_000.0, optional=True, what=" watts")
+    out["price_per_kwh"] = _number("price_per_kwh", a["price_per_kwh"], 0.0, 1e6, optional=True)
+    out["carbon_intensity_g_per_kwh"] = _number("carbon_intensity_g_per_kwh", a["carbon_intensity_g_per_kwh"],
+                                                0.0, 5000.0, optional=True, what=" g CO2e per kWh")
+    out["pue"] = _number("pue", a["pue"], 1.0, 10.0, what=" (1.0 = no facility overhead; about 1.1 hyperscale, "
+                                                          "1.58 industry average)")
+    out["currency"] = check_currency(a["currency"])
+    for name in ("country", "cloud_region", "carbon_intensity_csv", "tracking_uri", "experiment_name", "run_name"):
+        out[name] = _string(name, a[name])
+    if out["experiment_name"] is not None and len(out["experiment_name"]) > 500:
+        raise ValueError(f"experiment_name of {len(out['experiment_name'])} characters: MLflow accepts at most 500")
+    out["output_dir"] = _string("output_dir", a["output_dir"], optional=False)
+    artifacts = a["log_artifacts"]
+    if isinstance(artifacts, bool):
+        out["log_artifacts"] = list(ARTIFACT_CHOICES) if artifacts else []
+    elif isinstance(artifacts, Sequence) and not isinstance(artifacts, str | bytes):
+        artifacts = ["intervals" if x == "epochs" else x for x in artifacts]  # the name before intervals
+        bad = [x for x in artifacts if x not in ARTIFACT_CHOICES]
+        if bad:
+            raise ValueError(f"log_artifacts={list(artifacts)!r}: unknown {bad}; choose from {list(ARTIFACT_CHOICES)}")
+        out["log_artifacts"] = list(artifacts)
+    else:
+        raise ValueError(f"log_artifacts={artifacts!r} must be True, False or a list from {list(ARTIFACT_CHOICES)}")
+    metrics = a["efficiency_metrics"]
+    if metrics is not None and (isinstance(metrics, str | bytes) or not isinstance(metrics, Sequence)
+                                or not all(isinstance(m, str) and m for m in metrics)):
+        raise ValueError(f"efficiency_metrics={metrics!r} must be a list of metric names or None")
+    out["efficiency_metrics"] = None if metrics is None else list(metrics)
+    n = a["log_every_n_steps"]
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"log_every_n_steps={n!r} must be an integer >= 1, or None to derive it from log_every_s")
+    out["log_every_s"] = _number("log_every_s", a["log_every_s"], 0.1, 86_400.0, what=" seconds")
+    return out
