@@ -140,6 +140,21 @@ def total_metrics(cumulative_j: float, cumulative_g: float, cost: float | None, 
     return out
 
 
+def run_facts(accountant_params: Mapping[str, str], world_size: int, version: str, record: IntervalRecord,
+              names: Sequence[Mapping[str, Mapping[str, str]]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Once per run: carbon settings and world size as params; methods and devices as tags."""
+    params: dict[str, Any] = {f"green.{k}": v for k, v in accountant_params.items()}
+    params.update({"green.world_size": world_size, "green.version": version})
+    gpu_names = [n for per_rank in names for n in per_rank.get("gpu", {}).values()]
+    tags: dict[str, Any] = {f"green.method.{c}": m for c, m in record.methods.items()}
+    tags.update({"green.gpu_count": sum(d.startswith("gpu") for d in record.devices_j),
+                 "green.gpu_names": "; ".join(gpu_names) or "none",
+                 "green.cpu": "; ".join(v for n in names for v in n.get("cpu", {}).values()) or "not measured"})
+    for component in ("gpu", "cpu", "dram"):
+        tags.setdefault(f"green.method.{component}", Method.UNAVAILABLE.value)
+    return params, tags
+
+
 def stage_metrics(stage: str, joules: float, duration_s: float, g_co2e: float, samples: int) -> dict[str, float]:
     """``trainer.test``/``predict`` (Lightning), ``evaluate``/``predict`` outside training (HF)."""
     out = {f"energy/{stage}_j": joules, f"time/{stage}_s": duration_s, f"emissions/{stage}_g": g_co2e,
@@ -203,3 +218,14 @@ def merge_ranks(payloads: Sequence[Mapping[str, Any]]) -> Merged:
         peak += p["peak"].get("gpu", 0.0)
     return Merged(devices, {c: Method.weakest(ms).value for c, ms in methods.items()}, peak,
                   max((p["duration_s"] for p in payloads), default=0.0))
+
+
+def batch_size(batch: Any) -> int:
+    """The number of samples in a batch: the leading dimension of its first tensor-like value."""
+    if hasattr(batch, "shape") and len(batch.shape) > 0:
+        return int(batch.shape[0])
+    if isinstance(batch, Mapping):
+        return next((batch_size(v) for v in batch.values() if batch_size(v)), 0)
+    if isinstance(batch, list | tuple) and batch:
+        return batch_size(batch[0]) if not isinstance(batch[0], int | float | str) else len(batch)
+    return 0

@@ -8,42 +8,41 @@ trainer's global step and asks the stoppers. Epoch and evaluation windows run be
 
 from __future__ import annotations
 
-import statistics
 import time
-import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from green_callbacks import __version__, outputs, process
 from green_callbacks.accounting import Accountant, IntensitySeries, resolve_intensity
+from green_callbacks.decisions import StopperHost
 from green_callbacks.distributed import RankInfo, gather
+from green_callbacks.ledger import RunLedger
 from green_callbacks.meter import DEFAULT_PERIOD_S, EnergyMeter, Measurement
-from green_callbacks.policies import Decision, Progress, Totals
+from green_callbacks.policies import Decision
 from green_callbacks.process import never_raises, warn_once
 from green_callbacks.records import (
     IntervalRecord,
     Kind,
-    Merged,
+    batch_size,
     cumulative_metrics,
     epoch_metrics,
     evaluation_metrics,
     merge_ranks,
+    run_facts,
     stage_metrics,
     total_metrics,
     window_payload,
 )
-from green_callbacks.sensors import GpuSelection, Method, build_sensors
-from green_callbacks.sensors.base import log
-from green_callbacks.stopping import BudgetStopper, Stopper
+from green_callbacks.sensors import GpuSelection, build_sensors
+from green_callbacks.stopping import Stopper
 from green_callbacks.validation import check_tracker_args
 
 CALIBRATION_STEPS = 10  # steps timed at the start to turn log_every_s into a step count
 RATE_WINDOW = 5  # recent intervals whose median cost per step projects the rest of the run
 
 
-class EnergyTracker:
+class EnergyTracker(StopperHost, RunLedger):
     """Measures a training job interval by interval and logs it to MLflow; the adapters drive it.
 
     Args:
@@ -124,34 +123,11 @@ class EnergyTracker:
         self.meter: EnergyMeter | None = None
         self.sink: Any = None  # green_callbacks.sinks.MlflowSink on rank 0 with MLflow on
         self.stoppers: list[Stopper] = []
-        self.max_steps: float | None = None  # the run's total training steps, set by the adapter when known
         self.started = False
         self._finished = False
         self._restored = False
         self._fits = 0
-        self._reset_run()
-
-    def _reset_run(self) -> None:
-        """The state of one MLflow run, saved in checkpoints (see ``state_dict``)."""
-        self.run: Any = None  # green_callbacks.sinks.RunRef once known
-        self.local_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        self.records: list[IntervalRecord] = []
-        self.cumulative_j = 0.0
-        self.cumulative_g = 0.0
-        self.cumulative_cost: float | None = None if self.accountant.price_per_kwh is None else 0.0
-        self.stage_counts: dict[str, int] = {}
-        self.evaluations = 0
-        self.points = 0
-        self.epoch = 0
-        self.step_offset = 0
-        self.last_logged_step = -1
-        self.stop_decision: Decision | None = None
-        self._since_eval = _Since()
-        self._recent: list[tuple[int, float]] = []  # (steps, joules) of recent intervals
-        self._last_point_step = 0
-        self._previous_point_step = 0
-        self._last_point_j = 0.0
-        self._params_logged = False
+        self.reset_run()
 
     # -- lifecycle ---------------------------------------------------------------------------
     @never_raises
@@ -191,7 +167,7 @@ class EnergyTracker:
         """A monitor handed to a second ``fit``: a run it opened gets a fresh run; a run it was given
         (the same logger or active run again) continues its step axis instead of logging a step twice."""
         if self.run is None or self.run.owned or (run_id and run_id != self.run.run_id):
-            self._reset_run()
+            self.reset_run()
         else:
             self.step_offset = self.last_logged_step + 1
 
@@ -295,65 +271,25 @@ class EnergyTracker:
             "names": self.meter.describe() if not self._params_logged else None}
         payloads = gather(payload) if collective else [payload]
         merged = merge_ranks([p["interval"] for p in payloads])
-        t0 = self.meter.t0_s
-        self._add(merged, interval, step, t0)
+        epoch_merged = merge_ranks([p["epoch"] for p in payloads]) if epoch_m is not None else None
         eval_j, eval_s = sum(p["eval"][0] for p in payloads), max(p["eval"][1] for p in payloads)
-        self._epoch_eval = (self._epoch_eval[0] + eval_j, self._epoch_eval[1] + eval_s)
-        end_rel = interval.end_s - t0
-        if kind is Kind.EPOCH:
-            assert epoch_m is not None
-            record = self._make(kind, self.epoch, self._epoch_start_step, step,
-                                merge_ranks([p["epoch"] for p in payloads]), epoch_m.start_unix,
-                                epoch_m.start_s - t0, end_rel, {}, *self._epoch_eval)
-            self._epoch_eval = (0.0, 0.0)
-        elif kind is Kind.EVALUATION:
-            since, self._since_eval = self._since_eval, _Since(step)
-            self.evaluations += 1
-            record = self._make(kind, self.evaluations - 1, since.start_step, step, since.merged(),
-                                since.start_unix or interval.start_unix, since.start_rel_s, end_rel,
-                                metrics or {}, eval_j, eval_s)
-        else:
-            self.points += 1
-            record = self._make(kind, self.points - 1, self._previous_point_step, step, merged,
-                                interval.start_unix, interval.start_s - t0, end_rel, {})
-        self.records.append(record)
+        record = self.close_interval(kind, step, merged, interval, self.meter.t0_s, epoch_merged, epoch_m,
+                                     (eval_j, eval_s), metrics or {}, partial=self._finishing_status is not None
+                                     and self._finishing_status != "FINISHED")
         self._log_point(record, [p["names"] for p in payloads if p["names"] is not None])
         if self.sink is not None:
             self.sink.interval_end()
         return self._decide(record, collective)
 
-    def _add(self, merged: Merged, interval: Measurement, step: int, t0: float) -> None:
-        fp = self.accountant.footprint(merged.total_j, interval.start_unix, interval.start_unix + interval.duration_s)
-        self.cumulative_j += merged.total_j
-        self.cumulative_g += fp.g_co2e
-        if self.cumulative_cost is not None and fp.cost is not None:
-            self.cumulative_cost += fp.cost
-        self._since_eval.add(merged, interval, t0)
-        self._previous_point_step = self._last_point_step
-        if step > self._last_point_step:
-            self._recent = [*self._recent[-(RATE_WINDOW - 1):], (step - self._last_point_step, merged.total_j)]
-        self._last_point_step = step
-        self._last_point_j = merged.total_j / interval.duration_s if interval.duration_s > 0 else 0.0
-
-    def _make(self, kind: Kind, index: int, start_step: int, step: int, merged: Merged, start_unix: float,
-              start_rel_s: float, end_rel_s: float, metrics: Mapping[str, float], eval_j: float = 0.0,
-              eval_s: float = 0.0) -> IntervalRecord:
-        duration = max(end_rel_s - start_rel_s, 0.0)
-        fp = self.accountant.footprint(merged.total_j, start_unix, start_unix + duration)
-        return IntervalRecord(
-            kind=kind, index=index, epoch=self.epoch, start_step=start_step + self.step_offset,
-            step=step + self.step_offset, duration_s=duration, energy_j=merged.total_j,
-            components_j=merged.components_j, devices_j=merged.devices_j, methods=merged.methods, footprint=fp,
-            cumulative_j=self.cumulative_j, cumulative_g=self.cumulative_g, cumulative_cost=self.cumulative_cost,
-            start_rel_s=start_rel_s, end_rel_s=end_rel_s, eval_j=eval_j, eval_s=eval_s,
-            gpu_peak_w=merged.gpu_peak_w, metrics={k: float(v) for k, v in metrics.items()},
-            partial=self._finishing_status not in (None, "FINISHED"))
-
     def _log_point(self, record: IntervalRecord, names: Sequence[Mapping[str, Mapping[str, str]]]) -> None:
         """The metric contract at one point (see ``records``); rank 0 only."""
         if not self.rank.is_zero or self.sink is None:
             return
-        self._log_run_facts(record, names)
+        if not self._params_logged:
+            self._params_logged = True
+            params, tags = run_facts(self.accountant.as_params(), self.rank.world_size, __version__, record, names)
+            self.sink.log_params(params)
+            self.sink.set_tags(tags)
         out: dict[str, float] = {}
         if record.step > self.last_logged_step:
             out.update(cumulative_metrics(record.cumulative_j, record.cumulative_g, record.cumulative_cost,
@@ -366,103 +302,9 @@ class EnergyTracker:
             self.sink.log_metrics(out, step=record.step)
             self.last_logged_step = max(self.last_logged_step, record.step)
 
-    def _log_run_facts(self, record: IntervalRecord, names: Sequence[Mapping[str, Mapping[str, str]]]) -> None:
-        """Once per run: carbon settings and world size as params; methods and devices as tags."""
-        if self._params_logged or self.sink is None:
-            return
-        self._params_logged = True
-        params = {f"green.{k}": v for k, v in self.accountant.as_params().items()}
-        params.update({"green.world_size": self.rank.world_size, "green.version": __version__})
-        self.sink.log_params(params)
-        gpu_names = [n for per_rank in names for n in per_rank.get("gpu", {}).values()]
-        tags: dict[str, Any] = {f"green.method.{c}": m for c, m in record.methods.items()}
-        tags.update({"green.gpu_count": sum(d.startswith("gpu") for d in record.devices_j),
-                     "green.gpu_names": "; ".join(gpu_names) or "none",
-                     "green.cpu": "; ".join(v for n in names for v in n.get("cpu", {}).values()) or "not measured"})
-        for component in ("gpu", "cpu", "dram"):
-            tags.setdefault(f"green.method.{component}", Method.UNAVAILABLE.value)
-        self.sink.set_tags(tags)
-
     def _log(self, metrics: Mapping[str, float], step: int) -> None:
         if self.rank.is_zero and self.sink is not None and metrics:
             self.sink.log_metrics(metrics, step=step + self.step_offset)
-
-    # -- stopping ------------------------------------------------------------------------------
-    def attach(self, stopper: Stopper) -> None:
-        """Ask ``stopper`` at every point (evaluation, epoch end, every N steps) whether to stop."""
-        if stopper not in self.stoppers:
-            if isinstance(stopper, BudgetStopper):
-                stopper.validate_against(self.accountant.price_per_kwh, self.accountant.currency)
-            self.stoppers.append(stopper)
-
-    def totals(self) -> Totals:
-        return Totals(self.cumulative_j, self.cumulative_g, self.cumulative_cost)
-
-    def rate_per_step(self) -> Totals | None:
-        """The median cost per training step of the recent intervals (the first one, with its warm-up
-        and data loading, only while it is the only one)."""
-        recent = self._recent[1:] if len(self._recent) > 1 and len(self.records) <= RATE_WINDOW else self._recent
-        if not recent:
-            return None
-        j = statistics.median(joules / steps for steps, joules in recent)
-        g_per_j = self.cumulative_g / self.cumulative_j if self.cumulative_j > 0 else 0.0
-        cost = None if self.cumulative_cost is None else (
-            j * self.cumulative_cost / self.cumulative_j if self.cumulative_j > 0 else 0.0)
-        return Totals(j, j * g_per_j, cost)
-
-    def remaining_steps(self, step: int) -> float | None:
-        if self.max_steps is None or self.max_steps == float("inf"):
-            return None
-        return max(self.max_steps - step, 0.0)
-
-    def progress(self, step: int, metrics: Mapping[str, float] | None = None,
-                 so_far: Totals | None = None) -> Progress:
-        return Progress(so_far or self.totals(), step, dict(metrics or {}), metrics is not None,
-                        self.rate_per_step(), self.remaining_steps(step), self.evaluations)
-
-    def _decide(self, record: IntervalRecord, collective: bool) -> Decision | None:
-        """Every stopper's verdict at this point, made identical on all ranks by one reduction."""
-        if not self.stoppers or self._finishing_status is not None:
-            return None
-        evaluation = record.kind is Kind.EVALUATION
-        progress = self.progress(record.step - self.step_offset, record.metrics if evaluation else None)
-        local, stats = None, {}
-        for stopper in self.stoppers:
-            decision = stopper.check(progress)
-            stats.update(stopper.statistics() if evaluation else {})
-            local = local or (decision if decision.should_stop else None)
-        if record.kind in (Kind.EVALUATION, Kind.EPOCH) and progress.rate_per_step is not None \
-                and progress.remaining_steps is not None and any(isinstance(s, BudgetStopper) for s in self.stoppers):
-            whole = progress.so_far + progress.rate_per_step.scaled(progress.remaining_steps)
-            stats.update({"projection/energy_j": whole.j, "projection/emissions_g": whole.g,
-                          **({"projection/cost": whole.cost} if whole.cost is not None else {})})
-        self._log(stats, progress.step)
-        return self._agree(local, progress, collective)
-
-    def _check_between_points(self, step: int) -> Decision | None:
-        """A budget check between points (``check_every_n_steps``): what the open interval cost so far."""
-        assert self.meter is not None
-        peek = self.meter.peek("interval")
-        merged = merge_ranks(gather(window_payload(peek, self.rank.rank, self.rank.node)))
-        fp = self.accountant.footprint(merged.total_j, peek.start_unix, peek.start_unix + peek.duration_s)
-        progress = self.progress(step, None, self.totals() + Totals(merged.total_j, fp.g_co2e, fp.cost))
-        due = [s for s in self.stoppers if s.check_every_n_steps and step % s.check_every_n_steps == 0]
-        local = next((d for d in (s.check(progress) for s in due) if d.should_stop), None)
-        return self._agree(local, progress, True)
-
-    def _agree(self, local: Decision | None, progress: Progress, collective: bool) -> Decision | None:
-        if not (any(gather(local is not None)) if collective else local is not None):
-            return None
-        decision = local or Decision(True, None, "another rank decided to stop")
-        self.stop_decision = decision
-        log.warning("green-callbacks: stopping: %s", decision.message)
-        if self.rank.is_zero and self.sink is not None:
-            self.sink.set_tags({"green.stop_reason": decision.reason.value if decision.reason else "other_rank",
-                                "green.stop_message": decision.message})
-        if progress.rate_per_step is not None and progress.remaining_steps:
-            saved = progress.rate_per_step.scaled(progress.remaining_steps)
-            self._log({"energy/saved_j_projected": saved.j, "emissions/saved_g_projected": saved.g}, progress.step)
-        return decision
 
     # -- test / predict / standalone evaluation -----------------------------------------------
     @never_raises
@@ -553,69 +395,6 @@ class EnergyTracker:
     def summary(self) -> dict[str, Any]:
         return outputs.summary(self)
 
-    def frame(self):  # -> pandas.DataFrame
-        import pandas as pd
-
-        return pd.DataFrame([r.row() for r in self.records])
-
-    # -- resume ------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable totals and counters, so a resumed run continues instead of restarting at zero."""
-        run = self.run or (self.sink.run_ref if self.sink is not None else None)
-        return {"cumulative_j": self.cumulative_j, "cumulative_g": self.cumulative_g,
-                "cumulative_cost": self.cumulative_cost, "stage_counts": dict(self.stage_counts),
-                "evaluations": self.evaluations, "points": self.points, "epoch": self.epoch,
-                "step_offset": self.step_offset, "last_logged_step": self.last_logged_step,
-                "records": [r.to_json() for r in self.records], "run": asdict(run) if run is not None else None,
-                "local_id": self.local_id}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        from green_callbacks.sinks import RunRef
-
-        self.cumulative_j = float(state["cumulative_j"])
-        self.cumulative_g = float(state["cumulative_g"])
-        self.cumulative_cost = state.get("cumulative_cost")
-        self.stage_counts = dict(state.get("stage_counts", {}))
-        for key in ("evaluations", "points", "epoch", "step_offset", "last_logged_step"):
-            setattr(self, key, int(state.get(key, getattr(self, key))))
-        self.records = [IntervalRecord.from_json(r) for r in state.get("records", [])]
-        self.local_id = state.get("local_id", self.local_id)
-        if self.records:
-            self._last_point_step = self.records[-1].step - self.step_offset
-            self._since_eval = _Since(self._last_point_step)
-        if state.get("run") and self.run is None:
-            self.run = RunRef(**state["run"])
-        self._params_logged = self.run is not None
-        self._restored = True
-
-
-class _Since:
-    """What the intervals since the last evaluation add up to: the next evaluation interval."""
-
-    def __init__(self, start_step: int = 0) -> None:
-        self.start_step = start_step
-        self.start_unix: float | None = None
-        self.start_rel_s = 0.0
-        self.devices: dict[str, dict[str, float]] = {}
-        self.methods: dict[str, list[str]] = {}
-        self.peak_w = 0.0
-
-    def add(self, merged: Merged, interval: Measurement, t0: float) -> None:
-        if self.start_unix is None:
-            self.start_unix, self.start_rel_s = interval.start_unix, interval.start_s - t0
-        for component, per_device in merged.devices.items():
-            mine = self.devices.setdefault(component, {})
-            for device, joules in per_device.items():
-                mine[device] = mine.get(device, 0.0) + joules
-        for component, method in merged.methods.items():
-            self.methods.setdefault(component, []).append(method)
-        self.peak_w = max(self.peak_w, merged.gpu_peak_w)
-
-    def merged(self) -> Merged:
-        methods = {c: Method.weakest([Method(m) for m in ms]).value for c, ms in self.methods.items()}
-        return Merged(self.devices, methods, self.peak_w, 0.0)
-
-
 def _active_run_id() -> str | None:
     """MLflow's active fluent run (HF's MLflowCallback, the user's ``mlflow.start_run``): no network."""
     import sys
@@ -625,15 +404,4 @@ def _active_run_id() -> str | None:
     return active.info.run_id if active is not None else None
 
 
-def batch_size(batch: Any) -> int:
-    """The number of samples in a batch: the leading dimension of its first tensor-like value."""
-    if hasattr(batch, "shape") and len(batch.shape) > 0:
-        return int(batch.shape[0])
-    if isinstance(batch, Mapping):
-        return next((batch_size(v) for v in batch.values() if batch_size(v)), 0)
-    if isinstance(batch, list | tuple) and batch:
-        return batch_size(batch[0]) if not isinstance(batch[0], int | float | str) else len(batch)
-    return 0
-
-
-__all__ = ["EnergyTracker", "batch_size"]
+__all__ = ["EnergyTracker", "batch_size"]  # batch_size: for the adapters

@@ -1,0 +1,78 @@
+"""Decisions at the run's points: every attached stopper asked, one reduction across ranks, the reason recorded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from green_callbacks.distributed import RankInfo, gather
+from green_callbacks.meter import EnergyMeter
+from green_callbacks.policies import Decision, Progress, Totals
+from green_callbacks.records import IntervalRecord, Kind, merge_ranks, window_payload
+from green_callbacks.sensors.base import log
+from green_callbacks.stopping import BudgetStopper, Stopper
+
+
+class StopperHost:
+    """The stopping half of :class:`~green_callbacks.tracker.EnergyTracker`.
+
+    A stopper decides from what it is shown (:class:`~green_callbacks.policies.Progress`); the
+    decision is reduced across DDP ranks here, in one place, so every rank stops at the same step.
+    """
+
+    stoppers: list[Stopper]
+    stop_decision: Decision | None
+    rank: RankInfo
+    meter: EnergyMeter | None
+    sink: Any
+    _finishing_status: str | None
+
+    def attach(self, stopper: Stopper) -> None:
+        """Ask ``stopper`` at every point (evaluation, epoch end, every N steps) whether to stop."""
+        if stopper not in self.stoppers:
+            if isinstance(stopper, BudgetStopper):
+                stopper.validate_against(self.accountant.price_per_kwh, self.accountant.currency)
+            self.stoppers.append(stopper)
+
+    def _decide(self, record: IntervalRecord, collective: bool) -> Decision | None:
+        """Every stopper's verdict at this point, made identical on all ranks by one reduction."""
+        if not self.stoppers or self._finishing_status is not None:
+            return None
+        evaluation = record.kind is Kind.EVALUATION
+        progress = self.progress(record.step - self.step_offset, record.metrics if evaluation else None)
+        local, stats = None, {}
+        for stopper in self.stoppers:
+            decision = stopper.check(progress)
+            stats.update(stopper.statistics() if evaluation else {})
+            local = local or (decision if decision.should_stop else None)
+        if record.kind in (Kind.EVALUATION, Kind.EPOCH) and progress.rate_per_step is not None \
+                and progress.remaining_steps is not None and any(isinstance(s, BudgetStopper) for s in self.stoppers):
+            whole = progress.so_far + progress.rate_per_step.scaled(progress.remaining_steps)
+            stats.update({"projection/energy_j": whole.j, "projection/emissions_g": whole.g,
+                          **({"projection/cost": whole.cost} if whole.cost is not None else {})})
+        self._log(stats, progress.step)
+        return self._agree(local, progress, collective)
+
+    def _check_between_points(self, step: int) -> Decision | None:
+        """A budget check between points (``check_every_n_steps``): what the open interval cost so far."""
+        assert self.meter is not None
+        peek = self.meter.peek("interval")
+        merged = merge_ranks(gather(window_payload(peek, self.rank.rank, self.rank.node)))
+        fp = self.accountant.footprint(merged.total_j, peek.start_unix, peek.start_unix + peek.duration_s)
+        progress = self.progress(step, None, self.totals() + Totals(merged.total_j, fp.g_co2e, fp.cost))
+        due = [s for s in self.stoppers if s.check_every_n_steps and step % s.check_every_n_steps == 0]
+        local = next((d for d in (s.check(progress) for s in due) if d.should_stop), None)
+        return self._agree(local, progress, True)
+
+    def _agree(self, local: Decision | None, progress: Progress, collective: bool) -> Decision | None:
+        if not (any(gather(local is not None)) if collective else local is not None):
+            return None
+        decision = local or Decision(True, None, "another rank decided to stop")
+        self.stop_decision = decision
+        log.warning("green-callbacks: stopping: %s", decision.message)
+        if self.rank.is_zero and self.sink is not None:
+            self.sink.set_tags({"green.stop_reason": decision.reason.value if decision.reason else "other_rank",
+                                "green.stop_message": decision.message})
+        if progress.rate_per_step is not None and progress.remaining_steps:
+            saved = progress.rate_per_step.scaled(progress.remaining_steps)
+            self._log({"energy/saved_j_projected": saved.j, "emissions/saved_g_projected": saved.g}, progress.step)
+        return decision

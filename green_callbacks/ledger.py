@@ -1,0 +1,192 @@
+"""The run's ledger: totals, interval records, the recent cost per step, and what a checkpoint saves."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
+
+from green_callbacks.accounting import Accountant
+from green_callbacks.meter import Measurement
+from green_callbacks.policies import Decision, Progress, Totals
+from green_callbacks.records import IntervalRecord, Kind, Merged
+from green_callbacks.sensors import Method
+
+RATE_WINDOW = 5  # recent intervals whose median cost per step projects the rest of the run
+
+
+class RunLedger:
+    """What one MLflow run has spent so far, interval by interval; survives a checkpoint resume.
+
+    ``EnergyTracker`` is a ledger with sensors, windows and a sink around it.
+    """
+
+    accountant: Accountant
+    max_steps: float | None = None  # the run's total training steps, set by the adapter when known
+
+    def reset_run(self) -> None:
+        """Forget the run: a fresh MLflow run and totals from zero."""
+        self.run: Any = None  # green_callbacks.sinks.RunRef once known
+        self.local_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.records: list[IntervalRecord] = []
+        self.cumulative_j = 0.0
+        self.cumulative_g = 0.0
+        self.cumulative_cost: float | None = None if self.accountant.price_per_kwh is None else 0.0
+        self.stage_counts: dict[str, int] = {}
+        self.evaluations = 0
+        self.points = 0
+        self.epoch = 0
+        self.step_offset = 0
+        self.last_logged_step = -1
+        self.stop_decision: Decision | None = None
+        self._since_eval = _Since()
+        self._recent: list[tuple[int, float]] = []  # (steps, joules) of recent intervals
+        self._last_point_step = 0
+        self._previous_point_step = 0
+        self._last_point_j = 0.0
+        self._params_logged = False
+        self._epoch_eval = (0.0, 0.0)
+        self._epoch_start_step = 0
+
+    def close_interval(self, kind: Kind, step: int, merged: Merged, interval: Measurement, t0: float,
+                       epoch: Merged | None, epoch_m: Measurement | None, evaluation: tuple[float, float],
+                       metrics: Mapping[str, float], partial: bool = False) -> IntervalRecord:
+        """Book one point: the interval since the previous point into the totals, and the record it leaves
+        (the epoch at an epoch end, the stretch since the last evaluation at an evaluation, else the interval)."""
+        self._add(merged, interval, step, t0)
+        eval_j, eval_s = evaluation
+        self._epoch_eval = (self._epoch_eval[0] + eval_j, self._epoch_eval[1] + eval_s)
+        end_rel = interval.end_s - t0
+        if epoch is not None and epoch_m is not None:
+            record = self._make(kind, self.epoch, self._epoch_start_step, step, epoch, epoch_m.start_unix,
+                                epoch_m.start_s - t0, end_rel, {}, *self._epoch_eval, partial=partial)
+            self._epoch_eval = (0.0, 0.0)
+        elif kind is Kind.EVALUATION:
+            since, self._since_eval = self._since_eval, _Since(step)
+            self.evaluations += 1
+            record = self._make(kind, self.evaluations - 1, since.start_step, step, since.merged(),
+                                since.start_unix or interval.start_unix, since.start_rel_s, end_rel, metrics,
+                                eval_j, eval_s, partial=partial)
+        else:
+            self.points += 1
+            record = self._make(kind, self.points - 1, self._previous_point_step, step, merged,
+                                interval.start_unix, interval.start_s - t0, end_rel, {}, partial=partial)
+        self.records.append(record)
+        return record
+
+    def _add(self, merged: Merged, interval: Measurement, step: int, t0: float) -> None:
+        fp = self.accountant.footprint(merged.total_j, interval.start_unix, interval.start_unix + interval.duration_s)
+        self.cumulative_j += merged.total_j
+        self.cumulative_g += fp.g_co2e
+        if self.cumulative_cost is not None and fp.cost is not None:
+            self.cumulative_cost += fp.cost
+        self._since_eval.add(merged, interval, t0)
+        self._previous_point_step = self._last_point_step
+        if step > self._last_point_step:
+            self._recent = [*self._recent[-(RATE_WINDOW - 1):], (step - self._last_point_step, merged.total_j)]
+        self._last_point_step = step
+        self._last_point_j = merged.total_j / interval.duration_s if interval.duration_s > 0 else 0.0
+
+    def _make(self, kind: Kind, index: int, start_step: int, step: int, merged: Merged, start_unix: float,
+              start_rel_s: float, end_rel_s: float, metrics: Mapping[str, float], eval_j: float = 0.0,
+              eval_s: float = 0.0, partial: bool = False) -> IntervalRecord:
+        duration = max(end_rel_s - start_rel_s, 0.0)
+        fp = self.accountant.footprint(merged.total_j, start_unix, start_unix + duration)
+        return IntervalRecord(
+            kind=kind, index=index, epoch=self.epoch, start_step=start_step + self.step_offset,
+            step=step + self.step_offset, duration_s=duration, energy_j=merged.total_j,
+            components_j=merged.components_j, devices_j=merged.devices_j, methods=merged.methods, footprint=fp,
+            cumulative_j=self.cumulative_j, cumulative_g=self.cumulative_g, cumulative_cost=self.cumulative_cost,
+            start_rel_s=start_rel_s, end_rel_s=end_rel_s, eval_j=eval_j, eval_s=eval_s,
+            gpu_peak_w=merged.gpu_peak_w, metrics={k: float(v) for k, v in metrics.items()},
+            partial=partial)
+
+    def totals(self) -> Totals:
+        return Totals(self.cumulative_j, self.cumulative_g, self.cumulative_cost)
+
+    def rate_per_step(self) -> Totals | None:
+        """The median cost per training step of the recent intervals (the first one, with its warm-up
+        and data loading, only while it is the only one)."""
+        recent = self._recent[1:] if len(self._recent) > 1 and len(self.records) <= RATE_WINDOW else self._recent
+        if not recent:
+            return None
+        j = statistics.median(joules / steps for steps, joules in recent)
+        g_per_j = self.cumulative_g / self.cumulative_j if self.cumulative_j > 0 else 0.0
+        cost = None if self.cumulative_cost is None else (
+            j * self.cumulative_cost / self.cumulative_j if self.cumulative_j > 0 else 0.0)
+        return Totals(j, j * g_per_j, cost)
+
+    def remaining_steps(self, step: int) -> float | None:
+        if self.max_steps is None or self.max_steps == float("inf"):
+            return None
+        return max(self.max_steps - step, 0.0)
+
+    def progress(self, step: int, metrics: Mapping[str, float] | None = None,
+                 so_far: Totals | None = None) -> Progress:
+        return Progress(so_far or self.totals(), step, dict(metrics or {}), metrics is not None,
+                        self.rate_per_step(), self.remaining_steps(step), self.evaluations)
+
+    def frame(self):  # -> pandas.DataFrame
+        import pandas as pd
+
+        return pd.DataFrame([r.row() for r in self.records])
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable totals and counters, so a resumed run continues instead of restarting at zero."""
+        run = self.run or (self.sink.run_ref if self.sink is not None else None)
+        return {"cumulative_j": self.cumulative_j, "cumulative_g": self.cumulative_g,
+                "cumulative_cost": self.cumulative_cost, "stage_counts": dict(self.stage_counts),
+                "evaluations": self.evaluations, "points": self.points, "epoch": self.epoch,
+                "step_offset": self.step_offset, "last_logged_step": self.last_logged_step,
+                "records": [r.to_json() for r in self.records], "run": asdict(run) if run is not None else None,
+                "local_id": self.local_id}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        from green_callbacks.sinks import RunRef
+
+        self.cumulative_j = float(state["cumulative_j"])
+        self.cumulative_g = float(state["cumulative_g"])
+        self.cumulative_cost = state.get("cumulative_cost")
+        self.stage_counts = dict(state.get("stage_counts", {}))
+        for key in ("evaluations", "points", "epoch", "step_offset", "last_logged_step"):
+            setattr(self, key, int(state.get(key, getattr(self, key))))
+        self.records = [IntervalRecord.from_json(r) for r in state.get("records", [])]
+        self.local_id = state.get("local_id", self.local_id)
+        if self.records:
+            self._last_point_step = self.records[-1].step - self.step_offset
+            self._since_eval = _Since(self._last_point_step)
+        if state.get("run") and self.run is None:
+            self.run = RunRef(**state["run"])
+        self._params_logged = self.run is not None
+        self._restored = True
+
+
+
+class _Since:
+    """What the intervals since the last evaluation add up to: the next evaluation interval."""
+
+    def __init__(self, start_step: int = 0) -> None:
+        self.start_step = start_step
+        self.start_unix: float | None = None
+        self.start_rel_s = 0.0
+        self.devices: dict[str, dict[str, float]] = {}
+        self.methods: dict[str, list[str]] = {}
+        self.peak_w = 0.0
+
+    def add(self, merged: Merged, interval: Measurement, t0: float) -> None:
+        if self.start_unix is None:
+            self.start_unix, self.start_rel_s = interval.start_unix, interval.start_s - t0
+        for component, per_device in merged.devices.items():
+            mine = self.devices.setdefault(component, {})
+            for device, joules in per_device.items():
+                mine[device] = mine.get(device, 0.0) + joules
+        for component, method in merged.methods.items():
+            self.methods.setdefault(component, []).append(method)
+        self.peak_w = max(self.peak_w, merged.gpu_peak_w)
+
+    def merged(self) -> Merged:
+        methods = {c: Method.weakest([Method(m) for m in ms]).value for c, ms in self.methods.items()}
+        return Merged(self.devices, methods, self.peak_w, 0.0)
