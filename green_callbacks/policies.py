@@ -1,17 +1,20 @@
-"""When to stop: the accuracy-per-joule plateau and energy/carbon/cost budgets. No framework here."""
+"""When to stop: the metric gained per doubling of energy, and energy/carbon/cost budgets. No framework here."""
 
 from __future__ import annotations
 
 import enum
+import logging
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from green_callbacks.units import parse_energy_j, parse_mass_g, parse_money
+from green_callbacks.units import ENERGY_J, parse_energy_j, parse_mass_g, parse_money
 
 MODES = ("min", "max")
 ON_EXCEED = ("stop", "warn")
+log = logging.getLogger("green_callbacks")
 
 
 class StopReason(str, enum.Enum):
@@ -47,66 +50,162 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-class EfficiencyPlateau:
-    """Stop when the monitored metric's gain per kilojoule stays below a threshold.
+WINDOW_MAX_POINTS = 128  # evaluations kept in the window; beyond, every other older one is dropped
 
-    After each validation: ``gain = (metric change in its improving direction) / (kJ spent since
-    the previous check)``. After ``warmup_epochs`` checks are ignored, ``patience`` consecutive
-    checks with ``gain < min_gain_per_kj`` stop the run. ``smoothing`` in ``[0, 1)`` is the weight
-    of the past in an exponential moving average of the metric, for noisy metrics.
+
+def theil_sen_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """The median of the slopes between every pair of points (Sen 1968): one outlier moves it little."""
+    slopes = sorted((ys[b] - ys[a]) / (xs[b] - xs[a]) for a in range(len(xs)) for b in range(a + 1, len(xs))
+                    if xs[b] != xs[a])
+    if not slopes:
+        return None
+    mid = len(slopes) // 2
+    return slopes[mid] if len(slopes) % 2 else (slopes[mid - 1] + slopes[mid]) / 2
+
+
+class GainThreshold:
+    """The smallest worthwhile gain of a metric, written as a person reads it.
+
+    ``"<number>% per doubling"`` (relative: the metric improves by less than that share of its
+    value when the energy spent doubles; needs a positive metric), ``"<number> per doubling"`` (the
+    same in the metric's units) or ``"<number> per <energy unit>"`` (an exchange rate: metric units
+    per J, kJ, MJ, Wh, kWh or MWh, which depends on the hardware's power).
     """
 
-    def __init__(self, monitor: str, mode: str = "max", min_gain_per_kj: float = 0.0, patience: int = 3,
-                 warmup_epochs: int = 1, smoothing: float = 0.0) -> None:
+    FORMS = ('"0.5% per doubling"', '"0.002 per doubling"', '"0.1 per kWh"')
+    _TEXT = re.compile(r"^\s*((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(%?)\s*per\s+([A-Za-z]+)\s*$")
+
+    def __init__(self, text: str) -> None:
+        match = self._TEXT.match(text) if isinstance(text, str) else None
+        unit = match.group(3) if match else ""
+        per = "doubling" if unit.lower() == "doubling" else next(
+            (u for u in ENERGY_J if unit == u or (unit.lower() == u.lower() and u not in ("MJ", "MWh"))), None)
+        if match is None or per is None or (match.group(2) and per != "doubling"):
+            raise ValueError(f"min_gain={text!r} is not a gain threshold; write one of {', '.join(self.FORMS)}: a "
+                             f"number >= 0, '%' only per doubling, energy units {', '.join(ENERGY_J)}")
+        self.text = " ".join(text.split())
+        self.value = float(match.group(1))
+        self.relative = bool(match.group(2))
+        self.per = per
+        self.unit_j = ENERGY_J.get(per)
+
+    def name(self, monitor: str) -> str:
+        """The statistic's metric name, its unit in the name: ``stopping/val_acc_gain_pct_per_doubling``."""
+        return f"stopping/{monitor}_gain_{'pct_' if self.relative else ''}per_{self.per.lower()}"
+
+    def describe(self, statistic: float) -> str:
+        """``"0.21 % per doubling of energy"``, ``"0.3 per kWh"``."""
+        return f"{statistic:.4g}{' %' if self.relative else ''} per {self.per}" + (
+            " of energy" if self.unit_j is None else "")
+
+
+class EfficiencyPlateau:
+    """Stop when spending more energy no longer buys a worthwhile gain of the monitored metric.
+
+    At each evaluation the pair (cumulative joules, metric) joins a window that holds the
+    evaluations of the last doubling of energy (those with at least half of today's joules). The
+    gain is the Theil–Sen slope of the metric, in its improving direction, against log2(energy)
+    over that window: what the last doubling of energy bought, fitted so that one noisy evaluation
+    does not decide. With a relative threshold (``"0.5% per doubling"``, the default) the slope is
+    taken of log2(metric), so the gain is the metric's relative change per doubling, ``2**slope - 1``:
+    a dimensionless elasticity, the same whatever the power of the hardware or the metric's unit.
+    ``patience`` evaluations in a row at or below the threshold stop the run; a perfectly flat
+    metric gains exactly 0 and stops. No decision is made before the energy has doubled since the
+    first evaluation and the window holds ``min_evaluations`` evaluations (the warm-up).
+
+    A non-finite metric is skipped with one warning; ``patience`` of them in a row are a divergence.
+
+    Args:
+        monitor: the metric's name (for messages and the statistic's name).
+        mode: ``"max"`` when higher is better, ``"min"`` when lower is better.
+        min_gain: the smallest worthwhile gain, see :class:`GainThreshold`.
+        patience: evaluations in a row at or below ``min_gain`` (or not finite) before stopping.
+        min_evaluations: the fewest evaluations in the window for a decision.
+    """
+
+    def __init__(self, monitor: str, mode: str = "max", min_gain: str = "0.5% per doubling", patience: int = 3,
+                 min_evaluations: int = 4) -> None:
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"monitor={monitor!r} must name a validation metric, like 'val_acc'")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not valid; choose 'max' (accuracy-like) or 'min' (loss-like)")
-        if not isinstance(min_gain_per_kj, int | float) or isinstance(min_gain_per_kj, bool) \
-                or not math.isfinite(min_gain_per_kj) or min_gain_per_kj < 0:
-            raise ValueError(f"min_gain_per_kj={min_gain_per_kj!r} must be a finite number >= 0 "
-                             "(metric units per kilojoule)")
-        if not isinstance(smoothing, int | float) or not 0 <= smoothing < 1:
-            raise ValueError(f"smoothing={smoothing!r} must be in [0, 1) (0: no smoothing)")
         self.monitor = monitor
         self.mode = mode
-        self.min_gain_per_kj = float(min_gain_per_kj)
+        self.min_gain = GainThreshold(min_gain)
         self.patience = _check_int("patience", patience, 1)
-        self.warmup_epochs = _check_int("warmup_epochs", warmup_epochs, 0)
-        self.smoothing = float(smoothing)
-        self.checks = 0
-        self.wait = 0
-        self.smoothed: float | None = None
-        self.last_value: float | None = None
-        self.last_j: float | None = None
-        self.last_gain: float | None = None
+        self.min_evaluations = _check_int("min_evaluations", min_evaluations, 2)
+        self.window: list[tuple[float, float]] = []  # (cumulative joules, metric) of the last doubling
+        self.first_j: float | None = None
+        self.wait = 0  # evaluations in a row at or below the threshold
+        self.bad = 0  # non-finite metrics in a row
+        self.gain: float | None = None  # the statistic at the latest evaluation, None until it decides
+        self._warned: set[str] = set()
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
 
     def update(self, value: float, cumulative_j: float) -> Decision:
-        """One validation's metric and the run's cumulative joules so far."""
-        self.checks += 1
+        """One evaluation's metric and the run's cumulative joules at it."""
+        self.gain = None
         value = float(value)
-        self.smoothed = value if self.smoothed is None else (
-            self.smoothing * self.smoothed + (1 - self.smoothing) * value)
-        previous, previous_j = self.last_value, self.last_j
-        self.last_value, self.last_j = self.smoothed, cumulative_j
-        if previous is None or previous_j is None or self.checks <= self.warmup_epochs:
+        if not math.isfinite(value):
+            self.bad += 1
+            self._warn_once("nan", "EfficiencyEarlyStopping: %s=%s at an evaluation; skipped (%d such evaluations in "
+                            "a row stop the run as diverged)", self.monitor, value, self.patience)
+            if self.bad >= self.patience:
+                return Decision(True, StopReason.DIVERGED, f"{self.monitor} was not finite ({value}) at {self.bad} "
+                                                           "evaluations in a row: training diverged")
             return CONTINUE
-        spent_kj = (cumulative_j - previous_j) / 1000.0
-        change = (self.smoothed - previous) * (1 if self.mode == "max" else -1)
-        self.last_gain = change / spent_kj if spent_kj > 0 else math.inf
-        self.wait = self.wait + 1 if self.last_gain < self.min_gain_per_kj else 0
+        self.bad = 0
+        if not (math.isfinite(cumulative_j) and cumulative_j > 0):
+            self._warn_once("energy", "EfficiencyEarlyStopping: no energy measured yet at an evaluation "
+                            "(%r J); it is not used", cumulative_j)
+            return CONTINUE
+        if self.min_gain.relative and value <= 0:
+            self._warn_once("sign", "EfficiencyEarlyStopping: %s=%g; min_gain=%r is relative and needs a positive "
+                            "metric, so this evaluation is not used (an absolute threshold such as '0.002 per "
+                            "doubling' uses every value)", self.monitor, value, self.min_gain.text)
+            return CONTINUE
+        if self.first_j is None:
+            self.first_j = cumulative_j
+        self.window = [p for p in self.window if 2 * p[0] >= cumulative_j] + [(cumulative_j, value)]
+        if len(self.window) > WINDOW_MAX_POINTS:
+            self.window = self.window[::-1][::2][::-1]  # every other one, keeping the latest
+        if 2 * self.first_j > cumulative_j or len(self.window) < self.min_evaluations:
+            return CONTINUE
+        self.gain = self._gain()
+        if self.gain is None:
+            return CONTINUE
+        self.wait = self.wait + 1 if self.gain <= self.min_gain.value else 0
         if self.wait >= self.patience:
             return Decision(True, StopReason.EFFICIENCY_PLATEAU,
-                            f"{self.monitor} gained less than {self.min_gain_per_kj:g} per kJ for {self.wait} "
-                            f"checks in a row (last: {self.last_gain:.4g} per kJ)")
+                            f"{self.monitor} gained {self.min_gain.describe(self.gain)} over the last "
+                            f"{len(self.window)} evaluations, at or below min_gain={self.min_gain.text!r} for "
+                            f"{self.wait} evaluations in a row")
         return CONTINUE
 
+    def _gain(self) -> float | None:
+        joules = [j for j, _ in self.window]
+        values = [v for _, v in self.window]
+        if self.min_gain.unit_j is not None:  # an exchange rate: metric units per unit of energy
+            slope = theil_sen_slope([j / self.min_gain.unit_j for j in joules], values)
+        elif self.min_gain.relative:
+            slope = theil_sen_slope([math.log2(j) for j in joules], [math.log2(v) for v in values])
+            slope = None if slope is None else 100 * (2 ** slope - 1)
+        else:
+            slope = theil_sen_slope([math.log2(j) for j in joules], values)
+        return None if slope is None else slope if self.mode == "max" else -slope
+
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("checks", "wait", "smoothed", "last_value", "last_j", "last_gain")}
+        return {"window": [list(p) for p in self.window], "first_j": self.first_j, "wait": self.wait,
+                "bad": self.bad, "gain": self.gain}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
+        self.window = [(float(j), float(v)) for j, v in state["window"]]
+        self.first_j = state["first_j"]
+        self.wait, self.bad, self.gain = int(state["wait"]), int(state["bad"]), state["gain"]
 
 
 @dataclass(frozen=True)

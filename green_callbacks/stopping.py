@@ -8,7 +8,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from green_callbacks.policies import Budget, Decision, EfficiencyPlateau, Progress, Totals
+from green_callbacks.policies import CONTINUE, MODES, Budget, Decision, EfficiencyPlateau, MonitorError, Progress
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -87,7 +87,14 @@ class Stopper:
 
 
 class EfficiencyStopper(Stopper):
-    """Stop when accuracy bought per joule flattens out (see :class:`EfficiencyPlateau`).
+    """Stop when another doubling of the energy spent no longer buys a worthwhile gain of a metric.
+
+    Decided at every evaluation from that evaluation's metric (see :class:`EfficiencyPlateau`);
+    a check without a new evaluation changes nothing. The criterion's statistic is logged at every
+    evaluation where it is defined, as ``stopping/<monitor>_gain_pct_per_doubling`` (the name
+    follows ``min_gain``'s unit), and the stop message quotes it. The default threshold is free
+    of the hardware's power and of the metric's unit: the same training stops at the same
+    evaluation on a laptop and on an 8-GPU node. See ``docs/stopping.md``.
 
     Args:
         monitor: the validation metric to watch (``val_acc``; for HF ``eval_accuracy`` or
@@ -95,24 +102,42 @@ class EfficiencyStopper(Stopper):
             Lightning, ``metric_for_best_model`` (else ``eval_loss``) in HF.
         mode: ``"max"`` when higher is better, ``"min"`` when lower is better; ``None`` guesses
             ``"min"`` for names containing "loss" and ``"max"`` otherwise.
-        min_gain_per_kj: the smallest worthwhile improvement of ``monitor`` per kilojoule.
-        patience: consecutive validations below ``min_gain_per_kj`` before stopping.
-        warmup_epochs: validations to ignore at the start (the steep early climb).
-        smoothing: weight of the past in an exponential moving average of the metric, in [0, 1).
-        verbose: log the gain at every check.
+        min_gain: the smallest worthwhile gain. ``"0.5% per doubling"``: stop once doubling the
+            energy spent improves the metric by less than 0.5 % of its value (needs a positive
+            metric); ``"0.002 per doubling"``: the same in the metric's units; ``"0.1 per kWh"``
+            (J, kJ, MJ, Wh, kWh, MWh): an exchange rate, which depends on the hardware's power.
+        patience: evaluations in a row at or below ``min_gain`` before stopping; as many
+            non-finite values of ``monitor`` in a row stop the run as diverged.
+        min_evaluations: the warm-up: no decision before the energy has doubled since the first
+            evaluation and the last doubling of energy holds this many evaluations (at least 2).
+        strict: a ``monitor`` missing from an evaluation's metrics (or from Lightning's sanity
+            check) raises :class:`~green_callbacks.policies.MonitorError`; ``False`` warns once
+            and waits for it, for a metric first logged at a later evaluation.
+        verbose: log the statistic at every evaluation.
     """
 
     section = "efficiency"
 
-    def __init__(self, monitor: str | None = None, mode: str | None = None, min_gain_per_kj: float = 0.0,
-                 patience: int = 3, warmup_epochs: int = 1, smoothing: float = 0.0, verbose: bool = False) -> None:
-        # validate every argument now; a monitor left to the framework's default is filled in at fit start
-        self.plateau = EfficiencyPlateau(monitor or "pending", mode or "max", min_gain_per_kj, patience,
-                                         warmup_epochs, smoothing)
-        self.verbose = bool(verbose)
-        self._init_args = {"monitor": monitor, "mode": mode, "min_gain_per_kj": min_gain_per_kj,
-                           "patience": patience, "warmup_epochs": warmup_epochs, "smoothing": smoothing,
-                           "verbose": verbose}
+    def __init__(self, monitor: str | None = None, mode: str | None = None, min_gain: str = "0.5% per doubling",
+                 patience: int = 3, min_evaluations: int = 4, strict: bool = True, verbose: bool = False) -> None:
+        # every argument is validated now; a monitor left to the framework's default is filled in at fit start
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(f"monitor={monitor!r} must name a validation metric, like 'val_acc', or be None "
+                             "(the framework's loss)")
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not valid; choose 'max' (accuracy-like), 'min' (loss-like) or None "
+                             "(guessed from the name)")
+        for name, value in (("strict", strict), ("verbose", verbose)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be True or False")
+        guess = "min" if monitor and "loss" in monitor else "max"  # resolve() redoes it for a default monitor
+        self.plateau = EfficiencyPlateau(monitor or "pending", mode or guess, min_gain, patience, min_evaluations)
+        self.strict = strict
+        self.verbose = verbose
+        self._statistics: dict[str, float] = {}
+        self._warned_missing = False
+        self._init_args = {"monitor": monitor, "mode": mode, "min_gain": min_gain, "patience": patience,
+                           "min_evaluations": min_evaluations, "strict": strict, "verbose": verbose}
 
     @property
     def monitor(self) -> str:
@@ -126,17 +151,39 @@ class EfficiencyStopper(Stopper):
         self.plateau.mode = args["mode"] or (default_mode if args["monitor"] is None else
                                              ("min" if "loss" in monitor else "max"))
 
-    def after_epoch(self, so_far: Totals, metrics: Mapping[str, float], per_epoch: Totals,
-                    remaining_epochs: float | None, epochs_done: int) -> Decision:
-        if self.monitor not in metrics:
-            return Decision(False)
-        decision = self.plateau.update(metrics[self.monitor], so_far.j)
+    def _missing(self, available: Collection[str]) -> None:
+        message = (f"{type(self).__name__}(monitor={self.monitor!r}): no such metric; the evaluation's metrics "
+                   f"are {sorted(available)}")
+        if self.strict:
+            raise MonitorError(f"{message}. Log it under that name, or pass strict=False to wait for it.")
+        if not self._warned_missing:
+            self._warned_missing = True
+            log.warning("%s; waiting for it (strict=False).", message)
+
+    def require_metric(self, available: Collection[str]) -> None:
+        if self.monitor not in available:
+            self._missing(available)
+
+    def check(self, progress: Progress) -> Decision:
+        self._statistics = {}
+        if not progress.evaluation:
+            return CONTINUE
+        if self.monitor not in progress.metrics:
+            self._missing(progress.metrics)
+            return CONTINUE
+        decision = self.plateau.update(progress.metrics[self.monitor], progress.so_far.j)
+        gain = self.plateau.gain
+        if gain is not None:
+            self._statistics = {self.plateau.min_gain.name(self.monitor): gain}
         if self.verbose:
-            log.warning("EfficiencyEarlyStopping: %s=%.4g, gain %s per kJ, %d/%d below %g", self.monitor,
-                        metrics[self.monitor], "n/a" if self.plateau.last_gain is None else
-                        f"{self.plateau.last_gain:.4g}", self.plateau.wait, self.plateau.patience,
-                        self.plateau.min_gain_per_kj)
+            log.warning("%s: %s=%.4g, gained %s, %d/%d at or below min_gain=%r", type(self).__name__, self.monitor,
+                        progress.metrics[self.monitor], "n/a (warm-up)" if gain is None else
+                        self.plateau.min_gain.describe(gain), self.plateau.wait, self.plateau.patience,
+                        self.plateau.min_gain.text)
         return decision
+
+    def statistics(self) -> dict[str, float]:
+        return dict(self._statistics)
 
     def policy_state(self) -> dict[str, Any]:
         return self.plateau.state_dict()

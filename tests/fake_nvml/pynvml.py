@@ -5,6 +5,10 @@ monotonic clock. ``energy_between`` integrates it exactly, so a test can compare
 joules with the truth. Faults are injected per call name. Configure in-process with
 ``configure(...)``, or for subprocesses (DDP) through the ``FAKE_NVML_CONFIG`` environment
 variable holding the same keyword arguments as JSON.
+
+``configure(..., work_clock=True)`` runs the devices on a simulated clock instead, which only
+``advance(seconds)`` moves: the training code says how much work it did, and the energy is a
+function of that work, not of the machine's speed or load (identical runs, identical joules).
 """
 
 from __future__ import annotations
@@ -114,13 +118,29 @@ class Device:
 
 _devices: list[Device] = []
 _initialised = False
+_work_s: float | None = None  # the simulated work clock; None: the devices run on time.monotonic()
 
 
-def configure(devices: list[dict] | None = None, n: int = 1, **common) -> list[Device]:
-    """Set up the simulated GPUs, their clocks starting now."""
-    global _devices
+def _now() -> float:
+    return time.monotonic() if _work_s is None else _work_s
+
+
+def advance(seconds: float) -> None:
+    """Move the work clock on by ``seconds`` of simulated work (needs ``configure(work_clock=True)``)."""
+    global _work_s
+    if _work_s is None:
+        raise RuntimeError("advance() needs configure(..., work_clock=True)")
+    if not seconds >= 0:
+        raise ValueError(f"seconds={seconds!r} must be >= 0")
+    _work_s += seconds
+
+
+def configure(devices: list[dict] | None = None, n: int = 1, work_clock: bool = False, **common) -> list[Device]:
+    """Set up the simulated GPUs, their clocks starting now (at 0 on a work clock)."""
+    global _devices, _work_s
     specs = devices if devices is not None else [{} for _ in range(n)]
-    now = time.monotonic()
+    _work_s = 0.0 if work_clock else None
+    now = _now()
     _devices = []
     for i, spec in enumerate(specs):
         spec = {**common, **spec}
@@ -205,7 +225,7 @@ def nvmlDeviceGetTotalEnergyConsumption(h: Device) -> int:
     if not h.counter:
         raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
     # mJ since the "driver loaded": an arbitrary offset plus the exact integral, floored
-    return h.counter_offset_mj + int(h.energy_between(h.t0, time.monotonic()) * 1000)
+    return h.counter_offset_mj + int(h.energy_between(h.t0, _now()) * 1000)
 
 
 class _Value:
@@ -231,7 +251,7 @@ def nvmlDeviceGetFieldValues(h: Device, field_ids: list[int]) -> list[_Field]:
     for fid in field_ids:
         fid = fid[0] if isinstance(fid, tuple) else fid  # (field, scope), as Zeus asks
         if fid == NVML_FI_DEV_POWER_INSTANT and h.instant:
-            out.append(_Field(NVML_SUCCESS, int(_instant_w(h, time.monotonic()) * 1000)))
+            out.append(_Field(NVML_SUCCESS, int(_instant_w(h, _now()) * 1000)))
         elif fid == NVML_FI_DEV_POWER_AVERAGE:
             out.append(_Field(NVML_SUCCESS, nvmlDeviceGetPowerUsage(h)))
         else:
@@ -242,7 +262,7 @@ def nvmlDeviceGetFieldValues(h: Device, field_ids: list[int]) -> list[_Field]:
 def nvmlDeviceGetPowerUsage(h: Device) -> int:
     """Mean power over the last second, in mW, as recent GPUs report it."""
     _check(h, "nvmlDeviceGetPowerUsage")
-    t = time.monotonic()
+    t = _now()
     return int(h.energy_between(t - 1.0, t) * 1000)
 
 
