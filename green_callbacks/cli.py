@@ -60,18 +60,49 @@ def _intensity(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from green_callbacks.sinks import replay_spool
+    import os
 
-    try:
-        n = replay_spool(args.spool, args.tracking_uri)
-    except FileNotFoundError:
-        print(f"error: no spool file at {args.spool}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        print(f"error: replay failed, the spool is kept: {exc!r}", file=sys.stderr)
-        return 1
-    print(f"sent {n} records from {args.spool}")
-    return 0
+    # the CLI's own MLflow calls: a dead server answers in seconds, not after MLflow's minutes of retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from green_callbacks.sinks import SpoolBusy, replay_spool
+
+    spools: list[Path] = []
+    for name in args.spool:
+        path = Path(name)
+        spools += sorted(p for p in path.glob("spool-*.jsonl") if not p.name.endswith(".rejected.jsonl")) \
+            if path.is_dir() else [path]
+    if not spools:
+        print(f"no spool files in {', '.join(args.spool)}: nothing to send", file=sys.stderr)
+        return 0
+    code = 0
+    for spool in spools:
+        try:
+            result = replay_spool(spool, args.tracking_uri, args.wait)
+        except FileNotFoundError:
+            print(f"error: no spool file at {spool} (a sender removes its spool once everything is sent)",
+                  file=sys.stderr)
+            code = max(code, 2)
+            continue
+        except (SpoolBusy, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            code = max(code, 1)
+            continue
+        except Exception as exc:
+            print(f"error: replay of {spool} failed, the spool is kept: {exc!r}", file=sys.stderr)
+            code = max(code, 1)
+            continue
+        for note in result.notes:
+            print(note.removeprefix("green-callbacks: "), file=sys.stderr)
+        where = f" to run {result.run_id} at {result.tracking_uri}" if result.run_id else ""
+        aside = f"; {result.set_aside} set aside (see the warnings above)" if result.set_aside else ""
+        if result.complete:
+            print(f"sent {result.sent} records from {spool}{where}{aside}")
+        else:
+            print(f"error: sent {result.sent} records from {spool}{where}{aside}; the rest stays in the spool: "
+                  "run replay again once MLflow can take it", file=sys.stderr)
+            code = max(code, 1)
+    return code
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -105,9 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("name", nargs="?", help="ISO code or name of a country, or provider:region")
     p.add_argument("--list", action="store_true", help="list every country and region")
     p.set_defaults(func=_intensity)
-    p = sub.add_parser("replay", help="send a spool file's records to MLflow (after an outage)")
-    p.add_argument("spool", help="the spool-<run_id>.jsonl file")
-    p.add_argument("--tracking-uri", help="send to this tracking URI instead of the one recorded")
+    p = sub.add_parser("replay", help="send what spool files still hold to MLflow (after an outage), exactly once")
+    p.add_argument("spool", nargs="+", help="spool-<local_id>.jsonl files, or folders holding them")
+    p.add_argument("--tracking-uri", help="reach the run at this URI instead of the recorded one (the same server "
+                                          "under another address: progress is kept, nothing is sent twice)")
+    p.add_argument("--wait", type=float, default=60.0,
+                   help="seconds to wait for a sender still busy with a spool (default 60)")
     p.set_defaults(func=_replay)
     p = sub.add_parser("report", help="the runs of an MLflow experiment: energy, emissions, cost, metric per kJ")
     p.add_argument("experiment", help="experiment name")

@@ -1,0 +1,7 @@
+"""``python -m green_callbacks.sinks SPOOL``: the sender process that ``MlflowSink`` starts."""
+
+import sys
+
+from green_callbacks.sinks.sender import main
+
+sys.exit(main())

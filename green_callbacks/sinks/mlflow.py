@@ -1,0 +1,299 @@
+"""``MlflowSink``: the training's side of the MLflow path. It writes the spool and never waits on MLflow.
+
+Each call appends its record to the spool and returns (tens of microseconds, no network, no MLflow
+import); a sender process started here does all MLflow work, from finding or creating the run to
+setting its final status. ``close`` waits a short, configurable time for the sender to confirm,
+and otherwise leaves it to finish (or ``green-callbacks replay`` later).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from green_callbacks.sinks.names import Names
+from green_callbacks.sinks.sender import SENDER_ENV
+from green_callbacks.sinks.spool import FORMAT, SENDABLE, SpoolWriter, State, state_path
+
+log = logging.getLogger("green_callbacks")
+
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """Where the records should go; resolved by the sender, off the training thread.
+
+    Args:
+        tracking_uri: MLflow tracking URI; ``None`` for MLflow's default as the training sees it.
+        run_id: an existing run (a trainer's ``MLFlowLogger``, the active run, a resumed run).
+        experiment_name: the experiment of a run this package opens (MLflow's default when ``None``).
+        run_name: the name of a run this package opens.
+        owned: this package opened (or opens) the run, so it sets the run's final status.
+    """
+
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    experiment_name: str | None = None
+    run_name: str | None = None
+    owned: bool = True
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """The MLflow run records go to, and whether this package opened it (and so must close it)."""
+
+    run_id: str
+    tracking_uri: str
+    owned: bool = False
+
+
+def new_local_id() -> str:
+    """Unique per sink: the time it was opened and 6 random hex digits (``20261123-081502-3fa9c1``)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+class MlflowSink:
+    """Logs to one MLflow run through a spool (write-ahead log) and a sender process.
+
+    Args:
+        target: which run (see :class:`RunTarget`).
+        output_dir: folder of the spool ``spool-<local_id>.jsonl``; when it cannot be written, the
+            spool goes to the temporary directory instead (one warning).
+        close_wait_s: how long ``close`` waits for MLflow to confirm everything (default 10 s).
+        cadence_s: the sender coalesces records and sends at most once per ``cadence_s``
+            (an artifact, the status and the end are sent at once).
+        linger_s: how long the sender keeps trying after the training stopped waiting for it
+            (``close`` timed out, or the process was killed) before leaving the rest to replay.
+    """
+
+    def __init__(self, target: RunTarget, output_dir: str | Path, *, close_wait_s: float = 10.0,
+                 cadence_s: float = 1.0, linger_s: float = 60.0) -> None:
+        if not isinstance(target, RunTarget):
+            raise ValueError(f"target={target!r} must be a green_callbacks.sinks.RunTarget")
+        for name, value in (("close_wait_s", close_wait_s), ("cadence_s", cadence_s), ("linger_s", linger_s)):
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 86400:
+                raise ValueError(f"{name}={value!r} must be a number of seconds in [0, 86400)")
+        self.target = target
+        self.close_wait_s = float(close_wait_s)
+        self.linger_s = float(linger_s)
+        self.local_id = new_local_id()
+        self._names = Names()
+        self._warned: set[str] = set()
+        self._state = State()
+        self._state_mtime = 0
+        self._relayed = 0
+        self._next_poll = 0.0
+        self._sendable: list[int] = []  # seq of every record meant for MLflow
+        self._closed: bool | None = None  # close()'s answer once closed
+        mlflow = sys.modules.get("mlflow")  # the user's process already has it: its URI costs nothing
+        uri = target.tracking_uri or (mlflow.get_tracking_uri() if mlflow is not None else None)
+        self._run_ref = RunRef(target.run_id, uri, target.owned) if target.run_id and uri else None
+        self._writer = self._open_spool(Path(output_dir))
+        self._proc: subprocess.Popen[bytes] | None = None
+        if self._writer is None:
+            return
+        self._writer.append("open", {
+            "format": FORMAT, "target": {**asdict(target), "tracking_uri": uri}, "local_id": self.local_id,
+            "pid": os.getpid(), "host": socket.gethostname(), "cwd": os.getcwd(), "t_ms": int(time.time() * 1000),
+            "env_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
+            "env_experiment_name": os.environ.get("MLFLOW_EXPERIMENT_NAME"),
+            "env_experiment_id": os.environ.get("MLFLOW_EXPERIMENT_ID"),
+            "cadence_s": float(cadence_s), "linger_s": self.linger_s})
+        self._proc = self._start_sender()
+        weakref.finalize(self, _abandon, self._writer)
+
+    # -- setting up ------------------------------------------------------------------------------
+    def _open_spool(self, output_dir: Path) -> SpoolWriter | None:
+        name = f"spool-{self.local_id}.jsonl"
+        errors = []
+        for folder in (output_dir, Path(tempfile.gettempdir()) / "green_callbacks"):
+            try:
+                writer = SpoolWriter(folder / name, self._write_failed)
+            except OSError as exc:
+                errors.append(f"{folder}: {exc}")
+                continue
+            if errors:
+                log.warning("green-callbacks: cannot write to %s (%s); the MLflow spool is %s instead.", output_dir,
+                            errors[0], writer.path)
+            return writer
+        log.warning("green-callbacks: no folder for the MLflow spool can be written (%s); energy is measured "
+                    "but not logged to MLflow.", "; ".join(errors))
+        return None
+
+    def _start_sender(self) -> subprocess.Popen[bytes] | None:
+        assert self._writer is not None
+        env = {**os.environ, **SENDER_ENV}
+        root = str(Path(__file__).resolve().parents[2])  # the folder that holds green_callbacks
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            return subprocess.Popen([sys.executable, "-m", "green_callbacks.sinks", str(self._writer.path)],
+                                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    start_new_session=True, close_fds=True)
+        except OSError as exc:
+            log.warning("green-callbacks: cannot start its MLflow sender (%s); records are kept in %s. Send them "
+                        "with: green-callbacks replay %s", exc, self._writer.path, self._writer.path)
+            return None
+
+    def _write_failed(self, exc: OSError) -> None:
+        self._warn_once("write", f"green-callbacks cannot append to its MLflow spool {self.spool_path} ({exc}); "
+                                 "records are kept in memory and written when it can be.")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    # -- what the tracker calls ------------------------------------------------------------------
+    @property
+    def spool_path(self) -> Path:
+        return self._writer.path if self._writer is not None else Path()
+
+    @property
+    def run_ref(self) -> RunRef | None:
+        """The run, once known: at once when the target names it, else when the sender has opened it."""
+        if self._run_ref is None:
+            self._poll()
+            s = self._state
+            if s.run_id and s.tracking_uri:
+                self._run_ref = RunRef(s.run_id, s.tracking_uri, s.owned)
+        return self._run_ref
+
+    def _append(self, kind: str, data: dict[str, Any], step: int | None = None) -> None:
+        if self._writer is None or self._closed is not None:
+            return
+        seq = self._writer.append(kind, data, step)
+        if kind in SENDABLE:
+            self._sendable.append(seq)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Append one step's metrics to the spool (on disk before this returns)."""
+        self._append("metrics", self._names.metrics(metrics), int(step))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._append("params", self._names.strings(params))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._append("tags", self._names.strings(tags))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = "green_callbacks") -> None:
+        self._append("artifact", {"path": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    def set_status(self, status: str) -> None:
+        """The run's final status; only for a run this package owns."""
+        if status not in STATUSES:
+            raise ValueError(f"status={status!r} is not an MLflow final status; choose from {list(STATUSES)}")
+        if self.target.owned:
+            self._append("status", {"status": status})
+
+    def interval_end(self) -> None:
+        """The interval's records are written: make them durable (off this thread) and hear from the sender."""
+        if self._writer is not None and self._closed is None:
+            self._writer.sync()
+            self._poll()
+
+    # -- hearing from the sender -----------------------------------------------------------------
+    def _poll(self, force: bool = False) -> None:
+        """Read the sender's state when it changed (at most every 0.5 s unless ``force``); relay its warnings."""
+        now = time.monotonic()
+        if self._writer is None or (not force and now < self._next_poll):
+            return
+        self._next_poll = now + 0.5
+        try:
+            mtime = os.stat(state_path(self._writer.path)).st_mtime_ns
+            if mtime != self._state_mtime:
+                self._state = State.load(self._writer.path)
+                self._state_mtime = mtime
+        except (OSError, ValueError, TypeError):
+            return  # not written yet, or replaced at this instant: the next poll reads it
+        for text in self._state.notes[self._relayed:]:
+            log.warning(text)
+        self._relayed = len(self._state.notes)
+
+    def _sender_gone(self) -> bool:
+        if self._proc is None:
+            return True
+        code = self._proc.poll()
+        if code is not None and code != 0:
+            self._warn_once("sender", f"green-callbacks: its MLflow sender ended early (exit code {code}); "
+                                      f"records are kept in {self.spool_path}.")
+        return code is not None
+
+    def _unsent(self) -> int:
+        return len(self._sendable) - bisect.bisect_right(self._sendable, self._state.seq)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait (at most ``timeout_s``) until MLflow confirmed everything logged so far."""
+        if self._writer is None or self._closed is not None:
+            return self._closed is True
+        self._append("flush", {})  # the sender sends now instead of at its next cadence
+        end = time.monotonic() + timeout_s
+        while True:
+            self._poll(force=True)
+            if self._state.offset >= self._writer.offset and not self._writer.unwritten:
+                return True
+            if self._state.blocked or self._sender_gone() or time.monotonic() >= end:
+                return False
+            time.sleep(0.05)
+
+    def close(self, timeout_s: float | None = None) -> bool:
+        """End the spool; wait at most ``timeout_s`` (default ``close_wait_s``) for MLflow to have it all.
+
+        Returns True when everything was confirmed (the spool is then removed). Otherwise the
+        sender keeps trying for its linger time, the spool keeps what is unsent, and one warning
+        gives the command that sends it later.
+        """
+        if self._closed is not None:
+            return self._closed
+        writer = self._writer
+        if writer is None:
+            self._closed = False
+            return False
+        wait = self.close_wait_s if timeout_s is None else float(timeout_s)
+        writer.append("close", {"wait_s": wait})
+        writer.sync()
+        end = time.monotonic() + wait
+        while not self._state.done and not self._state.blocked and not self._sender_gone() \
+                and time.monotonic() < end:
+            time.sleep(0.05)
+            self._poll(force=True)
+        if not self._state.done:
+            writer.append("detach", {})  # the sender is on its own from here: it removes the files when done
+            self._poll(force=True)
+        writer.close()
+        done = self._state.done and not writer.unwritten
+        if done:
+            for path in (writer.path, state_path(writer.path)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        else:
+            uri = self._run_ref.tracking_uri if self._run_ref else self._state.tracking_uri or "its tracking URI"
+            lost = f"; {writer.unwritten} could not be written to it and are lost" if writer.unwritten else ""
+            trying = (f"; its sender keeps trying for up to {self.linger_s:g} s"
+                      if not self._sender_gone() else "")
+            log.warning("green-callbacks: %d records are not yet confirmed by MLflow at %s; they are kept in %s%s%s. "
+                        "Send them with: green-callbacks replay %s", self._unsent(), uri, writer.path, lost, trying,
+                        writer.path)
+        self._closed = done
+        return done
+
+
+def _abandon(writer: SpoolWriter) -> None:
+    """A sink dropped without ``close``: tell its sender it is on its own, so it ends when done."""
+    if not writer.closed:
+        with contextlib.suppress(OSError, ValueError):
+            writer.append("detach", {})
+            writer.close()

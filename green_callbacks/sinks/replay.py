@@ -1,0 +1,80 @@
+"""``green-callbacks replay``: send what a spool still holds, exactly once, and remove it when all went."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from green_callbacks.sinks.sender import Sender, lock
+from green_callbacks.sinks.spool import State, Unreadable
+
+
+@dataclass
+class ReplayResult:
+    """What ``replay_spool`` did: records sent now, set aside now, unreadable lines, the run, all done."""
+
+    sent: int
+    set_aside: int
+    unreadable: list[int]
+    run_id: str | None
+    tracking_uri: str | None
+    complete: bool
+    notes: list[str]
+
+
+class SpoolBusy(RuntimeError):
+    """Another process is still writing or sending the spool."""
+
+
+def replay_spool(path: str | Path, tracking_uri: str | None = None, wait_s: float = 60.0) -> ReplayResult:
+    """Send what a spool still holds to its run (creating the run if it never was), then remove it.
+
+    Idempotent: what an earlier sender or replay sent (the state file says so) is not sent again.
+    Unreadable lines are reported by number and set aside in ``<spool>.rejected.jsonl``; a spool is
+    removed only when nothing in it is left unsent. ``wait_s`` bounds the wait for a sender that
+    still holds it (one keeps trying for a while after its training ended).
+    """
+    spool = Path(path)
+    if not spool.is_file():
+        raise FileNotFoundError(f"no spool file at {spool}")
+    end = time.monotonic() + wait_s
+    while (held := lock(spool)) is None:
+        if time.monotonic() > end:
+            raise SpoolBusy(f"a green-callbacks sender (pid {State.load(spool).pid}) is still sending {spool}; it "
+                            "stops by itself once done or after its linger time; run replay again then")
+        time.sleep(0.5)
+    try:
+        sender = Sender(spool, tracking_uri)
+        _check_writer_gone(sender.header, spool)
+        before_sent, before_aside = sender.state.sent, sender.state.set_aside
+        notes = len(sender.state.notes)
+        sender.state.blocked = None  # try again: the run may have been restored
+        sender.read(final=True)
+        unreadable = [i.line for i in sender.pending if isinstance(i, Unreadable)]
+        complete = sender.send()
+        state = sender.state
+        if complete:
+            sender.cleanup()
+        return ReplayResult(state.sent - before_sent, state.set_aside - before_aside, unreadable, state.run_id,
+                            state.tracking_uri, complete, state.notes[notes:])
+    finally:
+        held.close()
+
+
+def _check_writer_gone(header: dict[str, Any], spool: Path) -> None:
+    """Refuse to replay a spool whose training is still running (its own sender sends it)."""
+    import socket
+
+    import psutil
+
+    pid = header.get("pid")
+    if header.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid() \
+            or not psutil.pid_exists(pid):
+        return
+    with contextlib.suppress(psutil.Error):  # a process started after the spool only reuses the pid
+        if psutil.Process(pid).create_time() <= header["t_ms"] / 1000 + 2.0:
+            raise SpoolBusy(f"the training that writes {spool} (pid {pid}) is still running; its sender sends it")

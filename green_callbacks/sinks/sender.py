@@ -1,0 +1,313 @@
+"""The sender: reads a spool in order and sends it to MLflow, in its own process, at its own pace.
+
+``MlflowSink`` starts ``python -m green_callbacks.sinks SPOOL`` beside the training, at idle
+CPU priority and with short MLflow HTTP timeouts in its own environment. It tails the spool,
+coalesces what arrived into ``log_batch`` calls once per cadence (the close, an artifact or a
+status are sent at once), and records its progress in the state file, so that nothing is sent
+twice by it, by a later sender or by ``green-callbacks replay``. A refusal (4xx) costs only the
+refused metric, param or tag; an outage, a retry with backoff. It ends when the spool is closed
+and all is sent; when the training has gone (closed after a timeout, or killed) it keeps trying
+for ``linger_s`` and then leaves what is unsent for ``replay``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from green_callbacks.sinks.spool import SENDABLE, Record, State, Unreadable, rejected_path, scan, set_aside, state_path
+from green_callbacks.sinks.tracking import Blocked, RunClient, describe, entities, permanent, resolve_uri
+
+POLL_S = 0.2
+BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0)
+# MLflow's HTTP client reads these; the sender's own, so an outage costs seconds, not MLflow's minutes
+SENDER_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
+BATCH_KINDS = ("metrics", "params", "tags")
+
+
+class Sender:
+    """Sends one spool's records to its run in order; ``send`` stops at the first outage."""
+
+    def __init__(self, spool: Path, tracking_uri: str | None = None,
+                 echo: Callable[[str], None] | None = None) -> None:
+        self.spool = spool
+        self.state = State.load(spool)
+        self.state.pid = os.getpid()
+        self.override = tracking_uri
+        self.echo = echo
+        first = next(scan(spool), None)
+        if not isinstance(first, Record) or first.kind != "open":
+            raise ValueError(f"{spool} does not start with a green-callbacks spool header")
+        self.header: dict[str, Any] = first.data
+        self.pending: list[Record | Unreadable] = []
+        self.read_to = (self.state.offset, self.state.line)
+        self.client: RunClient | None = None
+        self.down_since: float | None = None
+        self.failures = 0
+        self.retry_at = 0.0
+        self.closed_until: float | None = None  # when the training's close() stops waiting
+        self.detached = False
+        self._noted: set[str] = set()
+
+    # -- reading -------------------------------------------------------------------------------
+    def read(self, final: bool = False) -> None:
+        """Take the lines appended since the last read (a torn last line only when ``final``)."""
+        with contextlib.suppress(FileNotFoundError):  # removed by the training's close() once all was sent
+            for item in scan(self.spool, *self.read_to, final=final):
+                self.pending.append(item)
+                self.read_to = (item.end, item.line)
+                if isinstance(item, Record) and item.kind == "detach":
+                    self.detached = True  # the training stopped waiting: from now on the sender is alone
+
+    @property
+    def urgent(self) -> bool:
+        return any(isinstance(i, Record) and i.kind not in BATCH_KINDS for i in self.pending)
+
+    @property
+    def finished(self) -> bool:
+        return self.closed_until is not None and not self.pending
+
+    # -- notes ---------------------------------------------------------------------------------
+    def note(self, key: str, text: str) -> None:
+        """One warning per ``key``: kept in the state (the training relays it) and echoed when alone."""
+        if key in self._noted:
+            return
+        self._noted.add(key)
+        self.state.notes.append(text)
+        self.state.save(self.spool)
+        if self.echo is not None:
+            self.echo(text)
+
+    # -- sending -------------------------------------------------------------------------------
+    @property
+    def uri(self) -> str:
+        return self.override or self.state.tracking_uri or resolve_uri(self.header)
+
+    def send(self) -> bool:
+        """Send everything pending; False when MLflow was unreachable (retried after a backoff) or blocked."""
+        if not self.pending or self.state.blocked or time.monotonic() < self.retry_at:
+            return not self.pending
+        try:
+            self._open()
+            while self.pending:
+                self._send_next()
+        except Exception as exc:
+            if isinstance(exc, Blocked) or permanent(exc):  # refusals of single records were handled below
+                self.state.blocked = str(exc) if isinstance(exc, Blocked) else f"MLflow at {self.uri}: {describe(exc)}"
+                self.note("blocked", f"green-callbacks: nothing more can be sent: {self.state.blocked}; the records "
+                                     f"stay in {self.spool}.")
+                return False
+            self._down(exc)
+            return False
+        if self.down_since is not None:
+            self._noted.discard("down")
+            self.note("back", f"green-callbacks: MLflow at {self.uri} is back; the spooled records were sent.")
+            self._noted.discard("back")
+        self.down_since, self.failures = None, 0
+        return True
+
+    def _down(self, exc: BaseException) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+        self.retry_at = time.monotonic() + BACKOFF_S[min(self.failures, len(BACKOFF_S) - 1)]
+        self.failures += 1
+        self.note("down", f"green-callbacks: MLflow at {self.uri} cannot be reached ({describe(exc)}); the records "
+                          f"wait in {self.spool} and are sent when it is back.")
+
+    def _open(self) -> None:
+        if self.client is not None and self.client.run_id is not None:
+            return
+        self.client = self.client or RunClient(self.uri)
+        if self.state.run_id is not None:
+            self.client.run_id = self.state.run_id
+            return
+        self.state.tracking_uri = self.client.uri
+        self.state.run_id, self.state.owned = self.client.open(self.header)
+        self.state.save(self.spool)
+
+    def _send_next(self) -> None:
+        assert self.client is not None
+        item = self.pending[0]
+        if isinstance(item, Unreadable):
+            self._set_aside(item.line, "unreadable line (torn by a crash mid-write, or damaged)", item.text,
+                            f"line {item.line} of {self.spool} cannot be read")
+            return self._done([item])
+        if item.kind in BATCH_KINDS:
+            return self._send_batch()
+        if item.kind == "artifact":
+            try:
+                self.client.log_artifact(item)
+            except Exception as exc:
+                if not permanent(exc):
+                    raise
+                self._set_aside(item.line, describe(exc), item.data, f"the artifact {item.data.get('path')}")
+        elif item.kind == "status" and self.state.owned:
+            self.client.set_status(str(item.data["status"]))
+        elif item.kind == "close":
+            self.closed_until = item.t_ms / 1000 + float(item.data.get("wait_s", 0.0))
+        return self._done([item])
+
+    def _send_batch(self) -> None:
+        """The run of metrics/params/tags records at the head of the queue, in one or a few requests."""
+        assert self.client is not None
+        batch: list[Record] = []
+        for item in self.pending:
+            if not isinstance(item, Record) or item.kind not in BATCH_KINDS:
+                break
+            batch.append(item)
+        metrics, params, tags = [], [], []
+        for r in batch:
+            m, p, t = entities(r)
+            metrics += m
+            params += p
+            tags += t
+        params = self._new_params(params)
+        try:
+            self.client.log_batch(metrics, params, tags)
+        except Exception as exc:
+            if not permanent(exc):
+                raise
+            self.client.check(self.client.run_id or "")  # the run itself gone: Blocked
+            self._isolate(batch)
+        self._done(batch)
+
+    def _new_params(self, params: list[Any]) -> list[Any]:
+        """MLflow refuses to change a param: a resumed run keeps its first values, with one warning."""
+        if not params:
+            return params
+        assert self.client is not None
+        existing = self.client.existing_params()
+        changed = [f"{p.key}: {existing[p.key]!r} -> {p.value!r}" for p in params
+                   if p.key in existing and existing[p.key] != p.value]
+        if changed:
+            self.note("params", "green-callbacks: MLflow params cannot change within a run; kept the first values "
+                                f"({'; '.join(changed)}).")
+        return [p for p in params if p.key not in existing]
+
+    def _isolate(self, batch: list[Record]) -> None:
+        """A refused batch: each metric, param and tag alone, so only the refused ones are set aside."""
+        assert self.client is not None
+        for r in batch:
+            m, p, t = entities(r)
+            for slot, (kind, group) in enumerate((("metric", m), ("param", self._new_params(p)), ("tag", t))):
+                for e in group:
+                    alone: list[list[Any]] = [[], [], []]
+                    alone[slot] = [e]
+                    try:
+                        self.client.log_batch(*alone)
+                    except Exception as exc:
+                        if not permanent(exc):
+                            raise
+                        value = getattr(e, "value", None)
+                        self._set_aside(r.line, describe(exc), {"kind": kind, "key": e.key, "value": value,
+                                                                "step": getattr(e, "step", None)},
+                                        f"the {kind} {e.key!r}")
+
+    def _set_aside(self, line: int, reason: str, content: Any, what: str) -> None:
+        set_aside(self.spool, line, reason, content)
+        self.state.set_aside += 1
+        self.note(f"aside:{what}", f"green-callbacks: MLflow at {self.uri} refused {what} ({reason}); it is set "
+                                   f"aside in {rejected_path(self.spool)} and everything else is sent."
+                  if "line" not in what else f"green-callbacks: {what}; it is set aside in "
+                                             f"{rejected_path(self.spool)} and everything else is sent.")
+
+    def _done(self, items: list[Record | Unreadable]) -> None:
+        last = items[-1]
+        self.state.offset, self.state.line = last.end, last.line
+        for item in items:
+            if isinstance(item, Record):
+                self.state.seq = item.seq
+                self.state.sent += item.kind in SENDABLE
+        del self.pending[:len(items)]
+        self.state.save(self.spool)
+
+    def cleanup(self) -> None:
+        """Everything is done: the spool and its state go (a ``.rejected`` file stays for a person)."""
+        for path in (self.spool, state_path(self.spool)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def lock(spool: Path) -> Any:
+    """An exclusive lock on the spool (one sender or replay at a time), or None when another holds it.
+
+    The training appends without locking (the lock is advisory); the lock dies with its process.
+    """
+    f = spool.open("rb")
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): one sender per spool by construction
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
+def _lower_priority() -> None:
+    """Telemetry takes the CPU time training leaves free."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return
+    with contextlib.suppress(AttributeError, OSError):
+        os.nice(19)
+
+
+def follow(spool: Path) -> int:
+    """The sender process: tail ``spool`` until it is closed and sent, or given up on."""
+    held = lock(spool)
+    if held is None:
+        return 0  # another sender (or a replay) has it
+    parent = os.getppid()
+    sender = Sender(spool)
+    sender.state.save(spool)  # with this process's pid, for replay's message
+    cadence = float(sender.header.get("cadence_s", 1.0))
+    linger = float(sender.header.get("linger_s", 60.0))
+    alone_since: float | None = None  # the training has closed after its wait, or is gone
+    last_send = 0.0
+    while True:
+        gone = os.getppid() != parent
+        if alone_since is None and (gone or sender.detached):
+            alone_since = time.monotonic()
+            sender.echo = lambda text: print(text, file=sys.stderr, flush=True)
+        sender.read(final=gone)
+        now = time.monotonic()
+        if sender.pending and (sender.urgent or gone or now - last_send >= cadence):
+            sender.send()
+            last_send = now
+        if gone and not sender.pending:
+            sender.closed_until = sender.closed_until or time.time()
+        if sender.finished and sender.state.blocked is None:
+            sender.state.done = True
+            sender.state.save(spool)
+            # the training's close() is waiting: it relays the last warnings and removes the files
+            while spool.exists() and not (gone or sender.detached) and time.time() < sender.closed_until + 2.0:
+                time.sleep(0.05)
+                sender.read()
+                gone = os.getppid() != parent
+            sender.cleanup()
+            return 0
+        if sender.state.blocked or (alone_since is not None and now - alone_since > linger):
+            n = sum(isinstance(i, Record) and i.kind in SENDABLE for i in sender.pending)
+            print(f"green-callbacks: {n} records could not be sent to MLflow at {sender.uri}; they are kept in "
+                  f"{spool}. Send them with: green-callbacks replay {spool}", file=sys.stderr, flush=True)
+            return 1
+        time.sleep(POLL_S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m green_callbacks.sinks SPOOL", file=sys.stderr)
+        return 2
+    _lower_priority()
+    return follow(Path(args[0]))
+

@@ -1,0 +1,235 @@
+"""The spool: a write-ahead log of everything meant for MLflow, one JSON record per line.
+
+The training process is its only writer (``SpoolWriter``): each record is appended with one
+``write`` before the call that produced it returns, so a kill -9 at any later moment loses
+nothing (the kernel keeps the page); ``sync`` asks a small thread to ``fdatasync`` it, so an
+interval also survives a power cut. Whoever sends (the sender process, or ``green-callbacks
+replay``) keeps its progress beside it, in ``<spool>.state.json``: how many bytes are done, the
+run they went to, the warnings it gave. A record MLflow refuses for good, or a line that cannot
+be read (torn by a crash mid-write), goes to ``<spool>.rejected.jsonl`` with its line number and
+the reason, and the rest flows on.
+
+Line framing means a torn line costs only itself: a writer that finds the file not ending with a
+newline (its own failed write, or a crashed predecessor's) starts its next line with one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT = 1
+SENDABLE = ("metrics", "params", "tags", "artifact", "status")  # kinds that carry something for MLflow
+
+
+@dataclass(frozen=True)
+class Record:
+    """One line of a spool: ``kind`` is open (the header), metrics, params, tags, artifact, status,
+    close or detach; ``line`` is its 1-based line number and ``end`` the byte offset after it."""
+
+    seq: int
+    kind: str
+    data: dict[str, Any]
+    step: int | None
+    t_ms: int
+    line: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A line that is not a record (torn by a crash mid-write, or damaged)."""
+
+    line: int
+    end: int
+    text: str
+
+
+@dataclass
+class SpoolContents:
+    """What ``read_spool`` finds: the header, every readable record, the numbers of unreadable lines."""
+
+    header: dict[str, Any] | None
+    records: list[Record]
+    unreadable: list[int]
+
+
+def state_path(spool: Path) -> Path:
+    return spool.with_name(spool.name + ".state.json")
+
+
+def rejected_path(spool: Path) -> Path:
+    return spool.with_name(spool.name.removesuffix(".jsonl") + ".rejected.jsonl")
+
+
+def parse(raw: bytes, line: int, end: int) -> Record | Unreadable:
+    try:
+        d = json.loads(raw)
+        return Record(int(d["seq"]), str(d["kind"]), dict(d.get("data") or {}), d.get("step"), int(d["t"]), line, end)
+    except (ValueError, KeyError, TypeError) as exc:
+        text = raw.decode("utf-8", "replace")
+        return Unreadable(line, end, f"{text[:500]} ({type(exc).__name__})")
+
+
+def scan(path: Path, offset: int = 0, line: int = 0, final: bool = False) -> Iterator[Record | Unreadable]:
+    """The complete lines of ``path`` after byte ``offset`` (which ends line number ``line``).
+
+    A last line without its newline may still be being written; it is returned (as unreadable
+    unless it parses) only when ``final``: nobody writes to the file any more.
+    """
+    with path.open("rb") as f:
+        f.seek(offset)
+        data = f.read()
+    start = 0
+    while True:
+        nl = data.find(b"\n", start)
+        if nl < 0:
+            break
+        line += 1
+        if nl > start:  # an empty line is the newline that closed a torn one
+            yield parse(data[start:nl], line, offset + nl + 1)
+        start = nl + 1
+    if final and start < len(data):
+        yield parse(data[start:], line + 1, offset + len(data))
+
+
+def read_spool(path: str | Path) -> SpoolContents:
+    """Every readable record of a spool file and the numbers of its unreadable lines (nothing is sent)."""
+    items = list(scan(Path(path), final=True))
+    records = [r for r in items if isinstance(r, Record)]
+    header = records[0].data if records and records[0].kind == "open" else None
+    return SpoolContents(header, records, [u.line for u in items if isinstance(u, Unreadable)])
+
+
+@dataclass
+class State:
+    """The sender's progress on one spool, saved beside it (``<spool>.state.json``)."""
+
+    offset: int = 0  # bytes done: sent, set aside, or nothing to send
+    line: int = 0  # the line number that ends at ``offset``
+    seq: int = 0  # the last record done
+    run_id: str | None = None
+    tracking_uri: str | None = None
+    owned: bool = False
+    sent: int = 0  # records sent
+    set_aside: int = 0  # records (or parts of them) set aside in the .rejected file
+    done: bool = False  # everything up to and including the close record is done
+    blocked: str | None = None  # why nothing more can be sent to this run (it was deleted, say)
+    notes: list[str] = field(default_factory=list)  # the warnings given, oldest first
+    pid: int | None = None
+
+    @classmethod
+    def load(cls, spool: Path) -> State:
+        try:
+            d = json.loads(state_path(spool).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return cls()
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    def save(self, spool: Path) -> None:
+        path = state_path(spool)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.__dict__), encoding="utf-8")
+        os.replace(tmp, path)  # readers see the old state or the new one, never half
+
+
+def set_aside(spool: Path, line: int, reason: str, content: Any) -> None:
+    """Keep something that will never be sent, with why, for a person to look at."""
+    entry = {"line": line, "reason": reason, "content": content, "t": int(time.time() * 1000)}
+    with rejected_path(spool).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+class SpoolWriter:
+    """Appends records to a spool file: each in one ``write`` before ``append`` returns.
+
+    A write that fails (disk full) keeps the record in memory and retries it at the next append;
+    ``on_error`` hears about it once. ``sync`` returns at once: a thread runs ``fdatasync``.
+    """
+
+    def __init__(self, path: Path, on_error: Callable[[OSError], None]) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(self._fd).st_size
+        self._torn = size > 0 and _last_byte(path) != b"\n"
+        self.offset = size  # the end of the last complete record this writer wrote
+        self.seq = 0
+        self._unwritten: list[bytes] = []
+        self._on_error = on_error
+        self._sync = threading.Event()
+        self._syncer: threading.Thread | None = None
+        self._fd_lock = threading.Lock()  # the sync thread never touches a closed (or reused) descriptor
+        self.closed = False
+
+    def append(self, kind: str, data: dict[str, Any], step: int | None = None) -> int:
+        if self.closed:
+            raise ValueError(f"the spool {self.path} is closed; nothing more can be appended")
+        self.seq += 1
+        line = json.dumps({"seq": self.seq, "kind": kind, "t": int(time.time() * 1000), "step": step, "data": data},
+                          separators=(",", ":")).encode() + b"\n"
+        self._unwritten.append(line)
+        self._write_pending()
+        return self.seq
+
+    @property
+    def unwritten(self) -> int:
+        return len(self._unwritten)
+
+    def _write_pending(self) -> None:
+        while self._unwritten:
+            buf = (b"\n" if self._torn else b"") + self._unwritten[0]
+            written = 0
+            try:
+                while written < len(buf):
+                    written += os.write(self._fd, buf[written:])
+            except OSError as exc:
+                if written:
+                    self._torn = True
+                self._on_error(exc)
+                return
+            self._torn = False
+            self.offset += len(buf)
+            self._unwritten.pop(0)
+
+    def sync(self) -> None:
+        """Make what was appended durable, off this thread."""
+        if self._syncer is None:
+            self._syncer = threading.Thread(target=self._sync_loop, name="green-callbacks-spool-sync", daemon=True)
+            self._syncer.start()
+        self._sync.set()
+
+    def _sync_loop(self) -> None:
+        sync = getattr(os, "fdatasync", os.fsync)
+        while True:
+            self._sync.wait()
+            self._sync.clear()
+            with self._fd_lock:
+                if self.closed:
+                    return
+                with contextlib.suppress(OSError):
+                    sync(self._fd)
+
+    def close(self) -> None:
+        """Sync now and close the file."""
+        with self._fd_lock:
+            if self.closed:
+                return
+            self.closed = True
+            with contextlib.suppress(OSError):
+                os.fsync(self._fd)
+            os.close(self._fd)
+        self._sync.set()  # the sync thread wakes and ends
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)

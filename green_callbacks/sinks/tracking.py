@@ -1,0 +1,167 @@
+"""The MLflow side of sending: where the run is, batches in ``log_batch``'s limits, refusal or outage.
+
+Everything here runs in the sender process (or ``green-callbacks replay``), never in training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from green_callbacks.sinks.names import MAX_ENTITIES, MAX_METRICS, MAX_PARAMS, MAX_TAGS
+from green_callbacks.sinks.spool import Record
+
+LOCAL_ID_TAG = "green.local_id"  # finds a run created by an earlier try whose answer was lost
+
+
+class Blocked(Exception):
+    """Nothing more can go to this run (it was deleted, say); the records stay in the spool."""
+
+
+def permanent(exc: BaseException) -> bool:
+    """Whether MLflow refused for good (a 4xx: invalid value, unknown run) rather than was unreachable."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        status = exc.get_http_status_code()
+        return 400 <= status < 500 and status not in (408, 429)
+    return isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError)
+
+
+def describe(exc: BaseException) -> str:
+    """An exception in one short line: MLflow's error code and message, or the type and message."""
+    code = getattr(exc, "error_code", None)
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return f"{code}: {text}" if code else f"{type(exc).__name__}: {text}"
+
+
+@contextlib.contextmanager
+def _as_in(cwd: str | None) -> Iterator[None]:
+    """As the training saw it: its working directory, and no ``MLFLOW_TRACKING_URI`` (it had none)."""
+    old = os.getcwd()
+    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        if cwd and Path(cwd).is_dir():
+            os.chdir(cwd)
+        yield
+    finally:
+        os.chdir(old)
+        if saved is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def resolve_uri(header: dict[str, Any]) -> str:
+    """The tracking URI the training meant: its explicit one, its environment's, else MLflow's default
+    resolved in the training's working directory (``sqlite:///<cwd>/mlflow.db`` for MLflow 3)."""
+    uri = header["target"].get("tracking_uri") or header.get("env_tracking_uri")
+    if uri:
+        return str(uri)
+    import mlflow
+
+    with _as_in(header.get("cwd")):
+        return str(mlflow.get_tracking_uri())
+
+
+class RunClient:
+    """One run at one tracking URI."""
+
+    def __init__(self, uri: str) -> None:
+        import logging
+
+        from mlflow.tracking import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no store start-up chatter in the user's terminal
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        self.run_id: str | None = None
+
+    def open(self, header: dict[str, Any]) -> tuple[str, bool]:
+        """The run of a spool: the one it names, else the one an earlier try created, else a new one."""
+        target = header["target"]
+        c = self.client
+        if target.get("run_id"):
+            run_id = str(target["run_id"])
+            self.check(run_id)
+            if target.get("owned"):  # a run this package opened, resumed: running again
+                c.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+            return run_id, bool(target.get("owned"))
+        exp_id = self._experiment(target.get("experiment_name") or header.get("env_experiment_name"),
+                                  header.get("env_experiment_id"))
+        local_id = header["local_id"]
+        found = c.search_runs([exp_id], f"tags.`{LOCAL_ID_TAG}` = '{local_id}'", max_results=1)
+        if found:
+            self.run_id = found[0].info.run_id
+        else:
+            tags = {"mlflow.source.name": "green-callbacks", LOCAL_ID_TAG: local_id}
+            run = c.create_run(exp_id, start_time=int(header["t_ms"]), tags=tags, run_name=target.get("run_name"))
+            self.run_id = run.info.run_id
+        return self.run_id, True
+
+    def _experiment(self, name: str | None, exp_id: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        if not name:
+            return str(exp_id or "0")
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                return str(self.client.create_experiment(name))
+            except MlflowException:  # created meanwhile by another process
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage == "deleted":
+            raise Blocked(f"the experiment {name!r} at {self.uri} is deleted (restore it, or replay with another "
+                          "--tracking-uri)")
+        return str(exp.experiment_id)
+
+    def check(self, run_id: str) -> None:
+        """Raise ``Blocked`` when the run cannot take records (missing or deleted)."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception as exc:
+            if permanent(exc):
+                raise Blocked(f"the run {run_id} cannot be read at {self.uri} ({describe(exc)})") from exc
+            raise
+        if run.info.lifecycle_stage == "deleted":
+            raise Blocked(f"the run {run_id} at {self.uri} is deleted")
+
+    def existing_params(self) -> dict[str, str]:
+        assert self.run_id is not None
+        return dict(self.client.get_run(self.run_id).data.params)
+
+    def log_batch(self, metrics: list[Any], params: list[Any], tags: list[Any]) -> None:
+        """Log entities in as few requests as MLflow's per-request limits allow."""
+        metrics, params, tags = list(metrics), list(params), list(tags)
+        while metrics or params or tags:
+            p, t = params[:MAX_PARAMS], tags[:MAX_TAGS]
+            m = metrics[:min(MAX_METRICS, MAX_ENTITIES - len(p) - len(t))]
+            self.client.log_batch(self.run_id, metrics=m, params=p, tags=t, synchronous=True)
+            del metrics[:len(m)], params[:len(p)], tags[:len(t)]
+
+    def log_artifact(self, record: Record) -> None:
+        path = record.data["path"]
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"the artifact file {path} no longer exists")
+        self.client.log_artifact(self.run_id, path, record.data.get("artifact_path"))
+
+    def set_status(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def entities(record: Record) -> tuple[list[Any], list[Any], list[Any]]:
+    """A metrics, params or tags record as MLflow entities."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    if record.kind == "metrics":
+        return [Metric(k, float(v), record.t_ms, int(record.step or 0)) for k, v in record.data.items()], [], []
+    if record.kind == "params":
+        return [], [Param(k, str(v)) for k, v in record.data.items()], []
+    return [], [], [RunTag(k, str(v)) for k, v in record.data.items()]
