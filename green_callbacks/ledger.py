@@ -62,7 +62,7 @@ class RunLedger:
         end_rel = interval.end_s - t0
         if epoch is not None and epoch_m is not None:
             record = self._make(kind, self.epoch, self._epoch_start_step, step, epoch, epoch_m.start_unix,
-                                epoch_m.start_s - t0, end_rel, {}, *self._epoch_eval, partial=partial)
+                                epoch_m.start_s - t0, epoch_m.end_s - t0, {}, *self._epoch_eval, partial=partial)
             self._epoch_eval = (0.0, 0.0)
         elif kind is Kind.EVALUATION:
             since, self._since_eval = self._since_eval, _Since(step)

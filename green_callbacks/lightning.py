@@ -41,6 +41,12 @@ def scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
 
 
+def _step(trainer: pl.Trainer) -> int:
+    """The step Lightning logs at: the index of the latest optimizer step (``global_step - 1``), so energy
+    points overlay the loss and accuracy charts of the same run."""
+    return max(trainer.global_step - 1, 0)
+
+
 def _max_steps(trainer: pl.Trainer) -> float | None:
     """The run's total optimizer steps (``max_steps``, or ``max_epochs`` x batches); inf when unbounded."""
     try:
@@ -87,9 +93,14 @@ class EnergyMonitor(EnergyTracker, Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.begin_epoch(trainer.current_epoch)
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.before_step():
+            trainer.should_stop = True
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.on_step(trainer.global_step):
+        if self.on_step(_step(trainer)):
             trainer.should_stop = True
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -100,15 +111,15 @@ class EnergyMonitor(EnergyTracker, Callback):
         if trainer.sanity_checking:
             for stopper in self.stoppers:  # a typo in a monitored metric fails here, before the first step
                 stopper.require_metric(scalar_metrics(trainer))
-        elif self.started and self.end_evaluation(trainer.global_step, scalar_metrics(trainer)):
+        elif self.started and self.end_evaluation(_step(trainer), scalar_metrics(trainer)):
             trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.end_epoch(trainer.global_step):
+        if self.end_epoch(_step(trainer)):
             trainer.should_stop = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.end_training(trainer.global_step)
+        self.end_training(_step(trainer))
 
     # -- test / predict ------------------------------------------------------------------------
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

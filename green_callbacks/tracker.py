@@ -150,6 +150,7 @@ class EnergyTracker(StopperHost, RunLedger):
         self._every = self.log_every_n_steps
         self._calibration: tuple[int, float] | None = None
         self._last_step_seen = -1
+        self._due: int | None = None  # a logging point due at this step, not yet taken
         self._eval_window: Measurement | None = None
         self._samples: dict[str, int] = {}
         self._epoch_eval = (0.0, 0.0)
@@ -233,7 +234,9 @@ class EnergyTracker(StopperHost, RunLedger):
     def on_step(self, step: int) -> Decision | None:
         """After every optimizer step: a logging point every N steps, and budget checks where asked.
 
-        A step where nothing is due costs two comparisons and a modulo.
+        A step where nothing is due costs two comparisons and a modulo. A logging point that falls
+        due is taken at the start of the next step (:meth:`before_step`), unless an evaluation or an
+        epoch end at this same step takes it first: one point, and one cumulative value, per step.
         """
         if step == self._last_step_seen or self.meter is None:
             return None
@@ -241,10 +244,17 @@ class EnergyTracker(StopperHost, RunLedger):
         if self._every is None:
             self._calibrate(step)
         elif step % self._every == 0:
-            return self._point(Kind.POINT, step)
+            self._due = step
         if any(s.check_every_n_steps and step % s.check_every_n_steps == 0 for s in self.stoppers):
             return self._check_between_points(step)
         return None
+
+    @never_raises
+    def before_step(self) -> Decision | None:
+        """Before an optimizer step: the logging point that fell due at the previous one, if nothing took it."""
+        if self._due is None or self.meter is None:
+            return None
+        return self._point(Kind.POINT, self._due)
 
     def _calibrate(self, step: int) -> None:
         """Turn ``log_every_s`` into a step count every rank agrees on (the slowest rank's step time)."""
@@ -259,6 +269,7 @@ class EnergyTracker(StopperHost, RunLedger):
                collective: bool = True) -> Decision | None:
         """Close the interval since the previous point (and the epoch, at an epoch end); log; decide."""
         assert self.meter is not None
+        self._due = None
         node = (self.rank.rank, self.rank.node)
         interval = self.meter.split("interval")
         epoch_m = self.meter.end("epoch") if kind is Kind.EPOCH else None

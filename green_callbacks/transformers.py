@@ -87,6 +87,11 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         self._close_epoch(state, control)
         self.begin_epoch(math.floor(state.epoch or 0))
 
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
+        if self.before_step():
+            control.should_training_stop = True
+
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
         if self.on_step(state.global_step):

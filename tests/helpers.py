@@ -13,9 +13,13 @@ import pytest
 
 from conftest import FAKE_NVML_DIR
 
-CONTRACT = ["energy/epoch_j", "energy/gpu_j", "energy/cpu_j", "energy/val_j", "energy/cumulative_j",
-            "energy/epoch_kwh", "emissions/epoch_g", "emissions/cumulative_g", "power/gpu_mean_w",
-            "power/gpu_peak_w", "time/epoch_s", "energy/gpu0_j"]
+# logged at each epoch's end, at the trainer's global step
+EPOCH_CONTRACT = ["energy/epoch_j", "energy/gpu_j", "energy/cpu_j", "energy/val_j", "energy/epoch_kwh",
+                  "emissions/epoch_g", "power/gpu_mean_w", "power/gpu_peak_w", "time/epoch_s", "energy/gpu0_j"]
+# logged at each evaluation, at the trainer's global step
+EVAL_CONTRACT = ["energy/eval_j", "time/eval_s", "energy/interval_j", "time/interval_s", "emissions/interval_g"]
+# logged at most once per global step: at every evaluation, epoch end and every-N-steps point
+CUMULATIVE = ["energy/cumulative_j", "emissions/cumulative_g", "power/mean_w"]
 
 
 def runs(uri: str, experiment: str | None = None):
@@ -28,6 +32,11 @@ def runs(uri: str, experiment: str | None = None):
 
 def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def steps(client, run_id: str, key: str) -> list[int]:
+    """The global steps at which ``key`` was logged, in order (a step twice shows twice)."""
+    return [s for s, _ in history(client, run_id, key)]
 
 
 def artifacts(client, run_id: str) -> list[str]:

@@ -8,7 +8,7 @@ from transformers import Trainer, TrainingArguments
 
 from green_callbacks.transformers import EnergyMonitor
 
-from helpers import CONTRACT, DigitsDataset, artifacts, digits_tensors, hf_accuracy, hf_digits_model, history, runs
+from helpers import CUMULATIVE, EPOCH_CONTRACT, EVAL_CONTRACT, DigitsDataset, artifacts, digits_tensors, hf_accuracy, hf_digits_model, history, runs, steps
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +43,17 @@ def test_logs_into_the_mlflow_callbacks_run_per_epoch(tmp_path, digits, tracking
     assert len(found) == 1, "HF's MLflowCallback run is the only run"
     run = found[0]
     assert history(client, run.info.run_id, "eval_accuracy"), "HF's own metrics are in the same run"
-    for key in [*CONTRACT, "efficiency/eval_accuracy_per_kj"]:
-        assert [s for s, _ in history(client, run.info.run_id, key)] == [0, 1, 2], key
+    ends = [16, 32, 48]  # 512 samples in batches of 32: 16 steps an epoch
+    assert steps(client, run.info.run_id, "eval_accuracy") == ends
+    for key in [*EPOCH_CONTRACT, *EVAL_CONTRACT, *CUMULATIVE, "efficiency/eval_accuracy_per_kj"]:
+        assert steps(client, run.info.run_id, key) == ends, key
     epoch = dict(history(client, run.info.run_id, "energy/epoch_j"))
     val = dict(history(client, run.info.run_id, "energy/val_j"))
     acc = dict(history(client, run.info.run_id, "eval_accuracy"))
     cum = dict(history(client, run.info.run_id, "energy/cumulative_j"))
     eff = dict(history(client, run.info.run_id, "efficiency/eval_accuracy_per_kj"))
-    assert all(0 < val[s] < epoch[s] for s in range(3)), "the evaluation after on_epoch_end is inside the epoch"
-    # HF logs eval_accuracy at the global step, we at the epoch: compare values in order
-    assert [eff[s] for s in range(3)] == pytest.approx([a / (cum[s] / 1000) for s, a in
-                                                        zip(range(3), [acc[k] for k in sorted(acc)], strict=True)])
+    assert all(0 < val[s] < epoch[s] for s in ends), "the evaluation after on_epoch_end is inside the epoch"
+    assert [eff[s] for s in ends] == pytest.approx([acc[s] / (cum[s] / 1000) for s in ends])
     assert run.data.tags["green.method.gpu"] == "counter"
     assert "green_callbacks/power.png" in artifacts(client, run.info.run_id)
 
@@ -69,9 +69,10 @@ def test_resume_from_checkpoint_continues_the_totals(tmp_path, digits, tracking)
     assert len(found) == 1, "the resumed training continues its own run"
     run_id = found[0].info.run_id
     epoch = history(client, run_id, "energy/epoch_j")
-    assert [s for s, _ in epoch] == [0, 1, 2, 3]
-    assert history(client, run_id, "energy/cumulative_j")[-1][1] == pytest.approx(sum(v for _, v in epoch))
-    assert [r.epoch for r in second.records] == [0, 1, 2, 3]
+    assert [s for s, _ in epoch] == [16, 32, 48, 64]
+    assert history(client, run_id, "energy/total_j")[-1][1] == pytest.approx(second.cumulative_j)
+    assert second.cumulative_j >= sum(v for _, v in epoch)
+    assert [r.epoch for r in second.records if r.kind.value == "epoch"] == [0, 1, 2, 3]
 
 
 def test_evaluate_and_predict_report_joules_per_sample(tmp_path, digits, tracking):

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from green_callbacks.accounting import J_PER_KWH
 from green_callbacks.lightning import EnergyMonitor
 
-from helpers import CONTRACT, artifacts, history, runs
+from helpers import CUMULATIVE, EPOCH_CONTRACT, EVAL_CONTRACT, artifacts, history, runs, steps
 
 
 class ValModel(BoringModel):
@@ -33,62 +33,66 @@ def trainer(tmp_path, callbacks, max_epochs=3, **kw):
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kw)
 
 
-class WindowTruth(pl.Callback):
-    """Records, after EnergyMonitor closes each epoch, the fake GPU's exact joules over that window."""
-
-    def __init__(self, monitor, device):
-        self.monitor, self.device, self.truth = monitor, device, []
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        w = self.monitor.last_window
-        self.truth.append(self.device.energy_between(w.start_s, w.end_s))
+def epochs_of(monitor):
+    return [r for r in monitor.records if r.kind.value == "epoch"]
 
 
-def test_logs_the_metric_contract_per_epoch_into_the_loggers_run(tmp_path, fake_nvml):
+def test_logs_the_metric_contract_per_epoch_and_evaluation_at_the_global_step(tmp_path, fake_nvml):
     (dev,) = fake_nvml.configure([{"profile_seed": 5}])
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     logger = MLFlowLogger(experiment_name="lit", tracking_uri=uri)
     monitor = EnergyMonitor(gpus="all", output_dir=str(tmp_path / "out"), country="DE", price_per_kwh=0.3)
-    truth = WindowTruth(monitor, dev)
-    trainer(tmp_path, [monitor, truth], logger=logger).fit(ValModel())
+    trainer(tmp_path, [monitor], logger=logger, log_every_n_steps=16).fit(ValModel())
 
     client, found = runs(uri, "lit")
     assert len(found) == 1, "one training, one run"
     run = found[0]
-    assert run.info.run_id == logger.run_id
-    for key in [*CONTRACT, "efficiency/val_score_per_kj", "cost/epoch"]:
-        assert [s for s, _ in history(client, run.info.run_id, key)] == [0, 1, 2], key
-    epoch = dict(history(client, run.info.run_id, "energy/epoch_j"))
-    gpu = dict(history(client, run.info.run_id, "energy/gpu_j"))
-    gpu0 = dict(history(client, run.info.run_id, "energy/gpu0_j"))
-    cpu = dict(history(client, run.info.run_id, "energy/cpu_j"))
-    val = dict(history(client, run.info.run_id, "energy/val_j"))
-    cumulative = dict(history(client, run.info.run_id, "energy/cumulative_j"))
-    grams = dict(history(client, run.info.run_id, "emissions/epoch_g"))
+    rid = run.info.run_id
+    assert rid == logger.run_id
+    ends = [63, 127, 191]  # BoringModel: 64 batches an epoch, validation at its end; Lightning's step axis
+    for key in [*EPOCH_CONTRACT, *EVAL_CONTRACT, "efficiency/val_score_per_kj", "cost/epoch"]:
+        assert steps(client, rid, key) == ends, key
+    # the trainer's own loss is on the same axis: the charts overlay
+    assert steps(client, rid, "val_loss") == ends
+    for key in CUMULATIVE:
+        logged = steps(client, rid, key)
+        assert set(ends) <= set(logged) and len(logged) == len(set(logged)), key
+    epoch = dict(history(client, rid, "energy/epoch_j"))
+    gpu, gpu0 = dict(history(client, rid, "energy/gpu_j")), dict(history(client, rid, "energy/gpu0_j"))
+    cpu, val = dict(history(client, rid, "energy/cpu_j")), dict(history(client, rid, "energy/val_j"))
+    evals, interval = dict(history(client, rid, "energy/eval_j")), dict(history(client, rid, "energy/interval_j"))
+    cumulative = dict(history(client, rid, "energy/cumulative_j"))
+    grams = dict(history(client, rid, "emissions/epoch_g"))
     intensity = float(run.data.params["green.carbon_intensity_g_per_kwh"])
-    running = 0.0
-    for step in range(3):
-        assert gpu0[step] == pytest.approx(truth.truth[step], rel=1e-3, abs=0.05)  # the simulated GPU's truth
+    t0 = monitor.meter.t0_s
+    for step, record in zip(ends, epochs_of(monitor), strict=True):
+        truth = dev.energy_between(t0 + record.start_rel_s, t0 + record.end_rel_s)
+        assert gpu0[step] == pytest.approx(truth, rel=1e-3, abs=0.05)  # the simulated GPU's exact energy
         assert gpu[step] == pytest.approx(gpu0[step])
         assert epoch[step] == pytest.approx(gpu[step] + cpu[step])
+        assert val[step] == pytest.approx(evals[step])
         assert 0 < val[step] < epoch[step]
-        running += epoch[step]
-        assert cumulative[step] == pytest.approx(running)
+        assert 0 < evals[step] < interval[step]
         assert grams[step] == pytest.approx(epoch[step] / J_PER_KWH * intensity)
-    eff = dict(history(client, run.info.run_id, "efficiency/val_score_per_kj"))
-    assert eff[2] == pytest.approx(3.0 / (cumulative[2] / 1000), rel=1e-6)
+    # the evaluation intervals tile the run; the last cumulative point, the total, and the summary agree
+    total = history(client, rid, "energy/total_j")
+    assert total[0][1] == pytest.approx(monitor.cumulative_j)
+    assert sum(interval.values()) == pytest.approx(monitor.cumulative_j, rel=0.02)
+    assert cumulative[191] <= total[0][1]
+    eff = dict(history(client, rid, "efficiency/val_score_per_kj"))
+    assert eff[191] == pytest.approx(3.0 / (cumulative[191] / 1000), rel=1e-6)
     assert run.data.params["green.carbon_intensity_label"] == "Germany (DEU)"
     assert run.data.params["green.world_size"] == "1"
     assert run.data.tags["green.method.gpu"] == "counter"
     assert run.data.tags["green.method.cpu"] == "estimated"
     assert run.data.tags["green.gpu_names"].startswith("Fake H100")
-    assert artifacts(client, run.info.run_id) == [
-        "green_callbacks/epochs.csv", "green_callbacks/power.png", "green_callbacks/power_trace.csv",
+    assert artifacts(client, rid) == [
+        "green_callbacks/intervals.csv", "green_callbacks/power.png", "green_callbacks/power_trace.csv",
         "green_callbacks/summary.json"]
-    local = client.download_artifacts(run.info.run_id, "green_callbacks/summary.json", str(tmp_path))
+    local = client.download_artifacts(rid, "green_callbacks/summary.json", str(tmp_path))
     summary = json.loads(Path(local).read_text())
-    assert summary["energy_j"] == pytest.approx(cumulative[2])
-    assert summary["cost"] == pytest.approx(cumulative[2] / J_PER_KWH * 0.3)
+    assert summary["energy_j"] == pytest.approx(total[0][1])
+    assert summary["cost"] == pytest.approx(total[0][1] / J_PER_KWH * 0.3)
 
 
 def test_without_a_logger_opens_one_run_and_measures_test_per_sample(tmp_path, capsys):
@@ -109,7 +113,7 @@ def test_without_a_logger_opens_one_run_and_measures_test_per_sample(tmp_path, c
     assert samples == [(0, 64.0)]  # BoringModel's test set: 64 samples
     assert per_sample[0][1] == pytest.approx(test_j[0][1] / 64)
     out = capsys.readouterr().out
-    assert out.count("green-callbacks [finished]: 2 epochs") == 1
+    assert out.count("green-callbacks: 2 epochs, 2 evaluations, 127 steps") == 1
     assert f"MLflow run {run.info.run_id}" in out
 
 
@@ -143,10 +147,12 @@ def test_resume_continues_the_totals_in_the_same_run(tmp_path):
     assert len(found) == 1, "the resumed training continues its own run"
     run_id = found[0].info.run_id
     epoch = history(client, run_id, "energy/epoch_j")
-    cumulative = history(client, run_id, "energy/cumulative_j")
-    assert [s for s, _ in epoch] == [0, 1, 2, 3]
-    assert cumulative[3][1] == pytest.approx(sum(v for _, v in epoch))
-    assert [r.epoch for r in first.records] == [0, 1, 2, 3]
+    assert [s for s, _ in epoch] == [63, 127, 191, 255], "the resumed run continues the global step axis"
+    assert len(steps(client, run_id, "energy/cumulative_j")) == len(set(steps(client, run_id, "energy/cumulative_j")))
+    total = history(client, run_id, "energy/total_j")
+    assert total[-1][1] == pytest.approx(first.cumulative_j)
+    assert first.cumulative_j > sum(v for _, v in epoch) * 0.9, "the first run's totals are carried on"
+    assert [r.epoch for r in epochs_of(first)] == [0, 1, 2, 3]
     assert found[0].data.params["green.carbon_intensity_label"] == "world average"
 
 
@@ -163,8 +169,8 @@ def test_exception_in_training_step_keeps_the_partial_epoch_and_marks_the_run_fa
         trainer(tmp_path, [monitor], max_epochs=3).fit(Boom())
     client, (run,) = runs(uri)
     assert run.info.status == "FAILED"
-    assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [0, 1]
-    assert monitor.records[-1].partial and monitor.records[-1].epoch == 1
+    assert steps(client, run.info.run_id, "energy/epoch_j") == [63, 67], "the partial epoch ends at its last step"
+    assert epochs_of(monitor)[-1].partial and epochs_of(monitor)[-1].epoch == 1
     assert "green_callbacks/summary.json" in artifacts(client, run.info.run_id)
 
 
@@ -183,15 +189,15 @@ def test_gpu_lost_mid_training_warns_once_and_training_finishes(tmp_path, fake_n
     t = trainer(tmp_path, [monitor, Lose()], max_epochs=3)
     t.fit(ValModel())
     assert t.current_epoch == 3
-    assert [r.methods["gpu"] for r in monitor.records] == ["counter", "unavailable", "unavailable"]
+    assert [r.methods["gpu"] for r in epochs_of(monitor)] == ["counter", "unavailable", "unavailable"]
     assert green_log.text.count("gpu0: NVML failed") == 1
 
 
 def test_bad_arguments_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"unknown country 'Atlantis'"):
         EnergyMonitor(country="Atlantis")
-    with pytest.raises(ValueError, match=r"log_artifacts=\['epochs', 'video'\]: unknown \['video'\]"):
-        EnergyMonitor(log_artifacts=["epochs", "video"])
+    with pytest.raises(ValueError, match=r"log_artifacts=\['intervals', 'video'\]: unknown \['video'\]"):
+        EnergyMonitor(log_artifacts=["intervals", "video"])
     with pytest.raises(ValueError, match=r"sampling_period_s=0"):
         EnergyMonitor(sampling_period_s=0)
     with pytest.raises(ValueError, match=r"gpus='first'"):

@@ -1,0 +1,261 @@
+"""Intervals, not epochs: energy at every evaluation and every N steps, on the trainer's step axis.
+
+Real Lightning and HF trainers, real MLflow stores; the GPU is simulated (tests/fake_nvml), on a
+work clock where a run must be repeatable to the joule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import MLFlowLogger
+from test_hf_monitor import digits, tracking  # noqa: F401 - fixtures
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from green_callbacks import lightning as gl
+from green_callbacks import transformers as gt
+
+from helpers import (
+    CUMULATIVE,
+    EVAL_CONTRACT,
+    digits_tensors,
+    hf_accuracy,
+    hf_digits_model,
+    history,
+    lightning_digits_module,
+    runs,
+    steps,
+)
+
+
+# -- Hugging Face, as LLM fine-tuning runs it ---------------------------------------------------------
+def step_trainer(tmp_path, data, callbacks, max_steps, eval_steps=10, report_to="none", **kw):
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), max_steps=max_steps, eval_strategy="steps", eval_steps=eval_steps,
+        logging_strategy="steps", logging_steps=eval_steps, save_strategy=kw.pop("save_strategy", "no"),
+        per_device_train_batch_size=4, per_device_eval_batch_size=64, report_to=report_to, use_cpu=True,
+        disable_tqdm=True, learning_rate=kw.pop("learning_rate", 5e-3), seed=0, **kw)
+    return Trainer(model=hf_digits_model(), args=args, train_dataset=data[0], eval_dataset=data[1],
+                   compute_metrics=hf_accuracy, callbacks=callbacks)
+
+
+def test_hf_step_mode_logs_energy_at_every_evaluation_on_the_trainers_axis(tmp_path, digits, tracking):  # noqa: F811
+    monitor = gt.EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False, log_every_n_steps=5)
+    t = step_trainer(tmp_path, digits, [monitor], max_steps=60, report_to=["mlflow"])  # 128 steps an epoch: the run ends mid-epoch
+    t.train()
+    client, (run,) = runs(tracking)
+    rid = run.info.run_id
+    evals = steps(client, rid, "eval_accuracy")
+    assert evals == [10, 20, 30, 40, 50, 60]
+    for key in EVAL_CONTRACT + ["efficiency/eval_accuracy_per_kj"]:
+        assert steps(client, rid, key) == evals, key
+    assert steps(client, rid, "loss") == steps(client, rid, "energy/interval_j"), "energy overlays HF's loss chart"
+    cumulative = steps(client, rid, "energy/cumulative_j")
+    assert cumulative == list(range(5, 61, 5)), "every 5 steps between evaluations, once per step"
+    for key in CUMULATIVE:
+        assert steps(client, rid, key) == cumulative, key
+    values = [v for _, v in history(client, rid, "energy/cumulative_j")]
+    assert values == sorted(values) and values[0] > 0
+    # the evaluation intervals tile the run up to its last evaluation
+    interval = [v for _, v in history(client, rid, "energy/interval_j")]
+    assert sum(interval) == pytest.approx(dict(history(client, rid, "energy/cumulative_j"))[60])
+    assert [r.start_step for r in monitor.records if r.kind.value == "evaluation"] == [0, 10, 20, 30, 40, 50]
+
+
+def test_hf_step_mode_stops_at_an_evaluation_once_accuracy_flattens(tmp_path, digits, tracking):  # noqa: F811
+    monitor = gt.EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False)
+    stopper = gt.EfficiencyEarlyStopping(monitor="accuracy")  # the defaults
+    t = step_trainer(tmp_path, digits, [monitor, stopper], max_steps=1200, eval_steps=20, report_to=["mlflow"])
+    t.train()
+    client, (run,) = runs(tracking)
+    rid = run.info.run_id
+    assert t.state.global_step < 1200, "stopped before max_steps"
+    assert t.state.global_step % 20 == 0, "at an evaluation"
+    assert run.data.tags["green.stop_reason"] == "efficiency_plateau"
+    stat = [k for k in run.data.metrics if k.startswith("stopping/")]
+    assert stat, "the criterion's statistic is in the run"
+    assert steps(client, rid, stat[0]) == steps(client, rid, "eval_accuracy")
+    assert history(client, rid, "energy/saved_j_projected")[0][1] > 0
+
+
+# -- Lightning, as pre-training runs it ----------------------------------------------------------------
+class Endless(IterableDataset):
+    """An endless stream of digits, as a pre-training corpus is for practical purposes."""
+
+    def __init__(self) -> None:
+        (self.x, self.y), _ = digits_tensors()
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            idx = torch.randint(len(self.x), (32,), generator=g)
+            yield self.x[idx], self.y[idx]
+
+
+def test_lightning_endless_stream_logs_every_validation_at_lightnings_step(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = MLFlowLogger(experiment_name="stream", tracking_uri=uri)
+    monitor = gl.EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False)
+    (_, _), (xv, yv) = digits_tensors()
+    trainer = pl.Trainer(max_steps=120, val_check_interval=20, check_val_every_n_epoch=None, logger=logger,
+                         callbacks=[monitor], enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=10)
+    trainer.fit(lightning_digits_module()(), DataLoader(Endless(), batch_size=None),
+                DataLoader(TensorDataset(xv, yv), batch_size=512))
+    client, (run,) = runs(uri, "stream")
+    rid = run.info.run_id
+    vals = steps(client, rid, "val_acc")
+    assert len(vals) == 6
+    for key in EVAL_CONTRACT + ["efficiency/val_acc_per_kj"]:
+        assert steps(client, rid, key) == vals, key
+    assert set(vals) <= set(steps(client, rid, "energy/cumulative_j"))
+    assert history(client, rid, "energy/total_j")[0][1] == pytest.approx(monitor.cumulative_j)
+
+
+# -- the energy-aware stop does not depend on the run's watts ------------------------------------------
+class Work(pl.Callback):
+    """The simulated GPU's work clock: 10 ms of work per training batch, 2 ms per validation batch."""
+
+    def __init__(self, fake) -> None:
+        self.fake = fake
+
+    def on_train_batch_end(self, *args) -> None:
+        self.fake.advance(0.010)
+
+    def on_validation_batch_end(self, *args) -> None:
+        self.fake.advance(0.002)
+
+
+def run_at(tmp_path, fake, watts: float, **stopper):
+    fake.configure([{"profile": [[1.0, watts]]}], work_clock=True)
+    pl.seed_everything(0)
+    module = lightning_digits_module(lr=3e-3)()
+    (xt, yt), (xv, yv) = digits_tensors()
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False)
+    stop = gl.EfficiencyEarlyStopping(monitor="val_acc", **stopper)
+    trainer = pl.Trainer(max_epochs=60, callbacks=[monitor, stop, Work(fake)], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer.fit(module, DataLoader(TensorDataset(xt, yt), batch_size=128, shuffle=True,
+                                   generator=torch.Generator().manual_seed(0)),
+                DataLoader(TensorDataset(xv, yv), batch_size=512))
+    return trainer, monitor
+
+
+def test_the_same_training_at_5_w_and_2000_w_stops_at_the_same_evaluation(tmp_path, fake_nvml):
+    low, low_monitor = run_at(tmp_path, fake_nvml, 5.0)
+    high, high_monitor = run_at(tmp_path, fake_nvml, 2000.0)
+    assert low.current_epoch < 59, "the default criterion stops this saturating run"
+    assert (low.global_step, low.current_epoch) == (high.global_step, high.current_epoch)
+    assert high_monitor.cumulative_j == pytest.approx(400 * low_monitor.cumulative_j, rel=1e-6)
+
+
+# -- metrics as they really arrive ---------------------------------------------------------------------
+def val_module(values):
+    """A digits module whose validation also logs ``score``: ``values[i]`` at the i-th validation."""
+    base = lightning_digits_module()
+
+    class Scored(base):
+        def on_validation_epoch_end(self) -> None:
+            if not self.trainer.sanity_checking:
+                i = self.trainer.current_epoch
+                if i < len(values) and values[i] is not None:
+                    self.log("score", float(values[i]))
+
+    return Scored()
+
+
+def lightning_fit(tmp_path, module, callbacks, max_epochs, **kw):
+    (xt, yt), (xv, yv) = digits_tensors()
+    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path, **kw)
+    trainer.fit(module, DataLoader(TensorDataset(xt[:256], yt[:256]), batch_size=64),
+                DataLoader(TensorDataset(xv, yv), batch_size=512))
+    return trainer
+
+
+class CountSteps(pl.Callback):
+    steps = 0
+
+    def on_train_batch_start(self, *args) -> None:
+        self.steps += 1
+
+
+def test_a_typo_in_the_monitored_metric_fails_before_the_first_step(tmp_path):
+    counter = CountSteps()
+    with pytest.raises(ValueError, match=r"val_accuracy.*val_acc"):
+        lightning_fit(tmp_path, lightning_digits_module()(), [gl.EnergyMonitor(mlflow=False, log_artifacts=False),
+                      gl.EfficiencyEarlyStopping(monitor="val_accuracy"), counter], max_epochs=3)
+    assert counter.steps == 0
+
+
+def test_a_metric_appearing_late_waits_with_strict_false(tmp_path, green_log):
+    values = [None, None, 0.5, 0.6, 0.7]
+    t = lightning_fit(tmp_path, val_module(values), [gl.EnergyMonitor(mlflow=False, log_artifacts=False),
+                      gl.EfficiencyEarlyStopping(monitor="score", strict=False)], max_epochs=5,
+                      num_sanity_val_steps=0)
+    assert t.current_epoch == 5, "trained on"
+    assert green_log.text.count("score") >= 1
+
+
+def test_nan_is_skipped_once_and_nan_for_patience_evaluations_is_a_divergence(tmp_path, green_log):
+    monitor = gl.EnergyMonitor(mlflow=False, log_artifacts=False)
+    t = lightning_fit(tmp_path, val_module([0.5, math.nan, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97]),
+                      [monitor, gl.EfficiencyEarlyStopping(monitor="score", patience=3)], max_epochs=8,
+                      num_sanity_val_steps=0)
+    assert t.current_epoch >= 4, "one NaN does not stop nor disable the stopper"
+    assert monitor.stop_decision is None or monitor.stop_decision.reason.value != "diverged"
+    monitor = gl.EnergyMonitor(mlflow=False, log_artifacts=False)
+    t = lightning_fit(tmp_path, val_module([0.5, 0.6, math.nan, math.inf, math.nan, 0.9, 0.95]),
+                      [monitor, gl.EfficiencyEarlyStopping(monitor="score", patience=3)], max_epochs=7,
+                      num_sanity_val_steps=0)
+    assert monitor.stop_decision.reason.value == "diverged"
+    assert t.current_epoch == 5, "stopped at the third non-finite evaluation in a row"
+
+
+def test_epochs_without_a_validation_are_not_checks(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monitor = gl.EnergyMonitor(tracking_uri=uri, output_dir=str(tmp_path / "out"), log_artifacts=False)
+    lightning_fit(tmp_path, lightning_digits_module()(), [monitor, gl.EfficiencyEarlyStopping(monitor="val_acc")],
+                  max_epochs=9, check_val_every_n_epoch=3)
+    client, (run,) = runs(uri)
+    rid = run.info.run_id
+    stat = [k for k in run.data.metrics if k.startswith("stopping/")]
+    assert stat and steps(client, rid, stat[0]) == steps(client, rid, "energy/interval_j") == [11, 23, 35]
+    assert steps(client, rid, "energy/epoch_j") == [3, 7, 11, 15, 19, 23, 27, 31, 35]
+
+
+# -- resume in the middle of a step-based run ----------------------------------------------------------
+class StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_hf_resume_mid_run_continues_the_step_axis_and_the_totals(tmp_path, digits, tracking):  # noqa: F811
+    def monitor():
+        return gt.EnergyMonitor(experiment_name="resume-steps", output_dir=str(tmp_path / "out"),
+                                log_artifacts=False, log_every_n_steps=5)
+
+    first = monitor()
+    step_trainer(tmp_path, digits, [first, StopAt(30)], max_steps=60, save_strategy="steps", save_steps=30).train()
+    second = monitor()
+    step_trainer(tmp_path, digits, [second], max_steps=60, save_strategy="steps",
+                 save_steps=30).train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-30"))
+    client, found = runs(tracking, "resume-steps")
+    assert len(found) == 1, "the resumed training continues its own run"
+    rid = found[0].info.run_id
+    assert steps(client, rid, "energy/interval_j") == [10, 20, 30, 40, 50, 60]
+    cumulative = history(client, rid, "energy/cumulative_j")
+    assert [s for s, _ in cumulative] == list(range(5, 61, 5))
+    values = [v for _, v in cumulative]
+    assert values == sorted(values), "the totals go on from the checkpoint's"
+    assert second.cumulative_j > first.cumulative_j
+    assert history(client, rid, "energy/total_j")[-1][1] == pytest.approx(second.cumulative_j)
