@@ -25,6 +25,7 @@ class StopperHost:
     meter: EnergyMeter | None
     sink: Any
     _finishing_status: str | None
+    _projected_step: int
 
     def attach(self, stopper: Stopper) -> None:
         """Ask ``stopper`` at every point (evaluation, epoch end, every N steps) whether to stop."""
@@ -35,8 +36,8 @@ class StopperHost:
 
     def _decide(self, record: IntervalRecord, collective: bool) -> Decision | None:
         """Every stopper's verdict at this point, made identical on all ranks by one reduction."""
-        if not self.stoppers or self._finishing_status is not None:
-            return None
+        if not self.stoppers or self._finishing_status is not None or self.stop_decision is not None:
+            return None  # nothing to decide, or already stopping
         evaluation = record.kind is Kind.EVALUATION
         progress = self.progress(record.step - self.step_offset, record.metrics if evaluation else None)
         local, stats = None, {}
@@ -44,8 +45,10 @@ class StopperHost:
             decision = stopper.check(progress)
             stats.update(stopper.statistics() if evaluation else {})
             local = local or (decision if decision.should_stop else None)
-        if record.kind in (Kind.EVALUATION, Kind.EPOCH) and progress.rate_per_step is not None \
-                and progress.remaining_steps is not None and any(isinstance(s, BudgetStopper) for s in self.stoppers):
+        if record.kind in (Kind.EVALUATION, Kind.EPOCH) and progress.step > self._projected_step \
+                and progress.rate_per_step is not None and progress.remaining_steps is not None \
+                and any(isinstance(s, BudgetStopper) for s in self.stoppers):
+            self._projected_step = progress.step  # once per step: an evaluation and an epoch end may share one
             whole = progress.so_far + progress.rate_per_step.scaled(progress.remaining_steps)
             stats.update({"projection/energy_j": whole.j, "projection/emissions_g": whole.g,
                           **({"projection/cost": whole.cost} if whole.cost is not None else {})})

@@ -48,9 +48,10 @@ def _step(trainer: pl.Trainer) -> int:
 
 
 def _max_steps(trainer: pl.Trainer) -> float | None:
-    """The run's total optimizer steps (``max_steps``, or ``max_epochs`` x batches); inf when unbounded."""
+    """The last step of the run on :func:`_step`'s axis (``max_steps``, or ``max_epochs`` x batches, less one);
+    inf when unbounded."""
     try:
-        return float(trainer.estimated_stepping_batches)
+        return float(trainer.estimated_stepping_batches) - 1
     except Exception:  # a loader without len() and no max_steps: Lightning cannot tell
         return None
 

@@ -151,6 +151,7 @@ class EnergyTracker(StopperHost, RunLedger):
         self._calibration: tuple[int, float] | None = None
         self._last_step_seen = -1
         self._due: int | None = None  # a logging point due at this step, not yet taken
+        self._projected_step = -1
         self._eval_window: Measurement | None = None
         self._samples: dict[str, int] = {}
         self._epoch_eval = (0.0, 0.0)

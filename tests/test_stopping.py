@@ -28,6 +28,25 @@ from helpers import (
 CONSTANT_250W = [{"profile": [(1.0, 250.0)]}]
 
 
+class Work(pl.Callback):
+    """The simulated GPU's work clock (``configure(work_clock=True)``): 10 ms of work per training step,
+    so at 250 W a step costs exactly 2.5 J whatever the machine's speed or load."""
+
+    def __init__(self, fake) -> None:
+        self.fake = fake
+
+    def on_train_batch_end(self, *args) -> None:
+        self.fake.advance(0.010)
+
+
+class HfWork(TrainerCallback):
+    def __init__(self, fake) -> None:
+        self.fake = fake
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.fake.advance(0.010)
+
+
 class Pace(pl.Callback):
     def __init__(self, per_epoch_s: float = 0.3, per_step_s: float = 0.0):
         self.per_epoch_s, self.per_step_s = per_epoch_s, per_step_s
@@ -84,31 +103,35 @@ def test_lightning_plateau_does_not_stop_while_accuracy_climbs(tmp_path, fake_nv
     assert mon.stop_decision is None
 
 
+def epochs_of(mon):
+    return [r for r in mon.records if r.kind.value == "epoch"]
+
+
 def test_lightning_energy_budget_stops_before_it_is_exceeded(tmp_path, fake_nvml, green_log):
-    fake_nvml.configure(CONSTANT_250W)
+    fake_nvml.configure(CONSTANT_250W, work_clock=True)  # 23 steps an epoch: 57.5 J
     mon = monitor(tmp_path)
-    budget = gl.EnergyBudget(energy="0.45 kJ", warmup_epochs=1)
-    t = fit(tmp_path, [mon, budget, Pace()], lightning_digits_module()(), max_epochs=20)
+    budget = gl.EnergyBudget(energy="0.45 kJ")
+    t = fit(tmp_path, [mon, budget, Work(fake_nvml)], lightning_digits_module()(), max_epochs=20)
     spent = mon.cumulative_j
     assert t.current_epoch < 20
     assert spent <= 450.0, "stopped before the budget"
-    assert spent + max(r.energy_j for r in mon.records) > 450.0, "but not needlessly early"
+    assert spent + max(r.energy_j for r in epochs_of(mon)) > 450.0, "but not needlessly early"
     client, (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db")
     assert run.data.tags["green.stop_reason"] == "energy_budget"
-    (_, projected), = history(client, run.info.run_id, "projection/energy_j")
-    assert projected == pytest.approx(mon.records[0].energy_j * 20, rel=0.2)
+    projected = history(client, run.info.run_id, "projection/energy_j")
+    assert [s for s, _ in projected] == sorted({s for s, _ in projected}), "once per step"
+    # the projection uses the run's recent cost per step, not the first epoch with its warm-up
+    assert projected[-1][1] == pytest.approx(57.5 * 20, rel=1e-6)
     assert "at this rate the whole run would need energy" in green_log.text
 
 
 def test_lightning_step_checks_bound_the_overshoot_to_one_interval(tmp_path, fake_nvml):
-    fake_nvml.configure(CONSTANT_250W)
+    fake_nvml.configure(CONSTANT_250W, work_clock=True)
     mon = monitor(tmp_path)
-    budget = gl.EnergyBudget(energy=300, check_every_n_steps=4)
-    fit(tmp_path, [mon, budget, Pace(per_epoch_s=0.0, per_step_s=0.02)], lightning_digits_module()(),
-        max_epochs=20)
-    interval_j = max(t.j for t in budget.budget.recent)
-    assert mon.cumulative_j <= 300 + interval_j
-    assert mon.records[-1].epoch <= 1 and mon.stop_decision.reason.value == "energy_budget"
+    budget = gl.EnergyBudget(energy=100, check_every_n_steps=4)  # an epoch costs 57.5 J: stop mid-epoch 1
+    fit(tmp_path, [mon, budget, Work(fake_nvml)], lightning_digits_module()(), max_epochs=20)
+    assert 100 - 4 * 2.5 <= mon.cumulative_j <= 100, "within one check interval of the budget, never over"
+    assert mon.epoch == 1 and mon.stop_decision.reason.value == "energy_budget"
 
 
 def test_warn_mode_only_warns(tmp_path, fake_nvml, green_log):
@@ -215,11 +238,11 @@ def test_hf_plateau_stops_on_saturation_and_not_while_climbing(tmp_path, fake_nv
 
 
 def test_hf_energy_budget_stops_before_it_is_exceeded(tmp_path, fake_nvml):
-    fake_nvml.configure(CONSTANT_250W)
+    fake_nvml.configure(CONSTANT_250W, work_clock=True)  # 45 steps an epoch: 112.5 J
     mon = hf_monitor(tmp_path)
-    trainer = hf_fit(tmp_path, [mon, gt.EnergyBudget(energy="400 J"), HfPace()], epochs=20, lr=1e-3)
+    trainer = hf_fit(tmp_path, [mon, gt.EnergyBudget(energy="400 J"), HfWork(fake_nvml)], epochs=20, lr=1e-3)
     assert trainer.state.epoch < 20
-    assert mon.cumulative_j <= 400 < mon.cumulative_j + max(r.energy_j for r in mon.records)
+    assert mon.cumulative_j <= 400 < mon.cumulative_j + max(r.energy_j for r in epochs_of(mon))
 
 
 def test_hf_stopper_state_survives_resume(tmp_path, fake_nvml):
