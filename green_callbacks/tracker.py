@@ -383,7 +383,7 @@ class EnergyTracker(StopperHost, RunLedger):
                 trace = self.meter.trace_frame()
                 self.meter.close()
             if self.rank.is_zero:
-                outputs.write(self, trace)
+                outputs.write(self, trace, status)
         finally:
             if self.sink is not None:
                 if self.run is None:
