@@ -123,6 +123,7 @@ class EnergyTracker(StopperHost, RunLedger):
         self.meter: EnergyMeter | None = None
         self.sink: Any = None  # green_callbacks.sinks.MlflowSink on rank 0 with MLflow on
         self.stoppers: list[Stopper] = []
+        self.last_window: Measurement | None = None  # this rank's latest epoch window, for custom callbacks
         self.started = False
         self._finished = False
         self._restored = False
@@ -274,6 +275,7 @@ class EnergyTracker(StopperHost, RunLedger):
         node = (self.rank.rank, self.rank.node)
         interval = self.meter.split("interval")
         epoch_m = self.meter.end("epoch") if kind is Kind.EPOCH else None
+        self.last_window = epoch_m or self.last_window
         eval_m = self._eval_window if kind is Kind.EVALUATION else None
         self._eval_window = None
         payload: dict[str, Any] = {
