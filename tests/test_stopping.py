@@ -73,31 +73,32 @@ def monitor(tmp_path, **kw):
                             output_dir=str(tmp_path / "out"), **kw)
 
 
-def plateau(**kw):
-    return dict(monitor="val_acc", mode="max", min_gain_per_kj=0.3, patience=3, warmup_epochs=1, smoothing=0.5) | kw
+def evaluations(mon):
+    return [r for r in mon.records if r.kind.value == "evaluation"]
 
 
 def test_lightning_plateau_stops_when_accuracy_saturates(tmp_path, fake_nvml):
-    fake_nvml.configure(CONSTANT_250W)
+    fake_nvml.configure(CONSTANT_250W, work_clock=True)  # 2.5 J a step, 23 steps an epoch
     mon = monitor(tmp_path)
-    t = fit(tmp_path, [mon, gl.EfficiencyEarlyStopping(**plateau()), Pace()],
-            lightning_digits_module(lr=1e-2)(), max_epochs=30)
-    assert t.current_epoch < 15, "stopped well before max_epochs once accuracy flattened"
-    assert mon.records[-1].metrics["val_acc"] > 0.9
+    t = fit(tmp_path, [mon, gl.EfficiencyEarlyStopping(monitor="val_acc"), Work(fake_nvml)],
+            lightning_digits_module(lr=1e-2)(), max_epochs=40)
+    assert t.current_epoch < 39, "stopped before max_epochs once accuracy flattened"
+    assert evaluations(mon)[-1].metrics["val_acc"] > 0.9
     client, (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db")
+    rid = run.info.run_id
     assert run.data.tags["green.stop_reason"] == "efficiency_plateau"
-    assert "val_acc gained less than 0.3 per kJ" in run.data.tags["green.stop_message"]
-    (step, saved), = history(client, run.info.run_id, "energy/saved_j_projected")
-    per_epoch = sum(r.energy_j for r in mon.records[-3:]) / 3
-    assert saved == pytest.approx(per_epoch * (30 - step - 1))
+    stat = history(client, rid, "stopping/val_acc_gain_pct_per_doubling")
+    assert f"{stat[-1][1]:.3g}" in run.data.tags["green.stop_message"], "the message quotes the logged statistic"
+    (step, saved), = history(client, rid, "energy/saved_j_projected")
+    assert saved == pytest.approx(2.5 * (40 * 23 - (step + 1)), rel=1e-6), "the rest of the run at 2.5 J a step"
 
 
 def test_lightning_plateau_does_not_stop_while_accuracy_climbs(tmp_path, fake_nvml):
-    fake_nvml.configure(CONSTANT_250W)
+    fake_nvml.configure(CONSTANT_250W, work_clock=True)
     mon = monitor(tmp_path)
-    t = fit(tmp_path, [mon, gl.EfficiencyEarlyStopping(**plateau()), Pace()],
+    t = fit(tmp_path, [mon, gl.EfficiencyEarlyStopping(monitor="val_acc"), Work(fake_nvml)],
             lightning_digits_module(lr=0.05, optimizer="sgd")(), max_epochs=6)
-    accs = [r.metrics["val_acc"] for r in mon.records]
+    accs = [r.metrics["val_acc"] for r in evaluations(mon)]
     assert t.current_epoch == 6 and len(accs) == 6
     assert accs[-1] - accs[0] > 0.3, "accuracy was still climbing steeply"
     assert mon.stop_decision is None
@@ -126,12 +127,14 @@ def test_lightning_energy_budget_stops_before_it_is_exceeded(tmp_path, fake_nvml
 
 
 def test_lightning_step_checks_bound_the_overshoot_to_one_interval(tmp_path, fake_nvml):
-    fake_nvml.configure(CONSTANT_250W, work_clock=True)
+    fake_nvml.configure(CONSTANT_250W)  # real time: between points the checks peek at sampled power
     mon = monitor(tmp_path)
-    budget = gl.EnergyBudget(energy=100, check_every_n_steps=4)  # an epoch costs 57.5 J: stop mid-epoch 1
-    fit(tmp_path, [mon, budget, Work(fake_nvml)], lightning_digits_module()(), max_epochs=20)
-    assert 100 - 4 * 2.5 <= mon.cumulative_j <= 100, "within one check interval of the budget, never over"
-    assert mon.epoch == 1 and mon.stop_decision.reason.value == "energy_budget"
+    budget = gl.EnergyBudget(energy=300, check_every_n_steps=4)
+    fit(tmp_path, [mon, budget, Pace(per_epoch_s=0.0, per_step_s=0.02)], lightning_digits_module()(),
+        max_epochs=20)
+    interval_j = max(t.j for t in budget.budget.recent)
+    assert mon.cumulative_j <= 300 + interval_j
+    assert mon.epoch <= 2 and mon.stop_decision.reason.value == "energy_budget"
 
 
 def test_warn_mode_only_warns(tmp_path, fake_nvml, green_log):
@@ -144,20 +147,29 @@ def test_warn_mode_only_warns(tmp_path, fake_nvml, green_log):
 
 
 def test_plateau_state_survives_resume(tmp_path, fake_nvml):
-    fake_nvml.configure(CONSTANT_250W)
     ckpt = tmp_path / "ckpt"
-    first = gl.EfficiencyEarlyStopping(**plateau(min_gain_per_kj=0.0))
-    fit(tmp_path, [monitor(tmp_path), first, ModelCheckpoint(dirpath=ckpt, save_last=True)],
+
+    def stopper():
+        return gl.EfficiencyEarlyStopping(monitor="val_acc", min_gain="0 per doubling", min_evaluations=2)
+
+    fake_nvml.configure(CONSTANT_250W, work_clock=True)
+    straight = stopper()
+    fit(tmp_path / "a", [monitor(tmp_path / "a"), straight, Work(fake_nvml)], lightning_digits_module()(), max_epochs=4)
+    fake_nvml.configure(CONSTANT_250W, work_clock=True)
+    first = stopper()
+    fit(tmp_path, [monitor(tmp_path), first, Work(fake_nvml), ModelCheckpoint(dirpath=ckpt, save_last=True)],
         lightning_digits_module()(), max_epochs=3, enable_checkpointing=True)
-    second = gl.EfficiencyEarlyStopping(**plateau(min_gain_per_kj=0.0))
-    fit(tmp_path, [monitor(tmp_path), second, ModelCheckpoint(dirpath=ckpt, save_last=True)],
+    second = stopper()
+    fit(tmp_path, [monitor(tmp_path), second, Work(fake_nvml), ModelCheckpoint(dirpath=ckpt, save_last=True)],
         lightning_digits_module()(), max_epochs=4, ckpt_path=str(ckpt / "last.ckpt"), enable_checkpointing=True)
-    assert second.plateau.checks == 4, "three checks restored from the checkpoint, one more after it"
+    # three evaluations restored from the checkpoint, one more after it: the energies of an uninterrupted run
+    assert [j for j, _ in second.plateau.window] == pytest.approx([j for j, _ in straight.plateau.window])
+    assert second.plateau.first_j == pytest.approx(straight.plateau.first_j)
 
 
 def test_missing_metric_and_missing_monitor_and_missing_price_are_clear_errors(tmp_path, fake_nvml):
     fake_nvml.configure(CONSTANT_250W)
-    with pytest.raises(ValueError, match=r"monitor='val_f1'.*not logged.*\['val_acc', 'val_loss'\]"):
+    with pytest.raises(ValueError, match=r"val_f1.*\['val_acc', 'val_loss'\]"):
         fit(tmp_path, [monitor(tmp_path), gl.EfficiencyEarlyStopping(monitor="val_f1")],
             lightning_digits_module()(), max_epochs=2, num_sanity_val_steps=0)
     with pytest.raises(ValueError, match=r"EnergyBudget needs an EnergyMonitor"):
@@ -187,19 +199,16 @@ def test_bad_budgets_are_rejected_at_construction(kwargs, message):
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"mode": "maximise"}, r"mode='maximise' is not valid; choose 'max'"),
-    ({"min_gain_per_kj": -0.1}, r"min_gain_per_kj=-0.1 must be a finite number >= 0"),
+    ({"min_gain": "-0.1 per doubling"}, r"min_gain='-0.1 per doubling' is not a gain threshold; write one of"),
+    ({"min_gain": "0.5 per lightyear"}, r"min_gain='0.5 per lightyear' is not a gain threshold"),
     ({"patience": 0}, r"patience=0 must be an integer >= 1"),
-    ({"smoothing": 1.0}, r"smoothing=1.0 must be in \[0, 1\)"),
+    ({"min_evaluations": 1}, r"min_evaluations=1 must be an integer >= 2"),
+    ({"strict": "no"}, r"strict='no' must be True or False"),
 ])
 def test_bad_efficiency_settings_are_rejected_at_construction(kwargs, message):
     for module in (gl, gt):
         with pytest.raises(ValueError, match=message):
             module.EfficiencyEarlyStopping(monitor="val_acc", **kwargs)
-
-
-class HfPace(TrainerCallback):
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        time.sleep(0.3)
 
 
 def hf_fit(tmp_path, callbacks, epochs, lr):
@@ -220,19 +229,19 @@ def hf_monitor(tmp_path):
 
 
 def test_hf_plateau_stops_on_saturation_and_not_while_climbing(tmp_path, fake_nvml):
-    fake_nvml.configure(CONSTANT_250W)
+    fake_nvml.configure(CONSTANT_250W, work_clock=True)
     mon = hf_monitor(tmp_path)
-    # monitor=None follows metric_for_best_model="accuracy" -> eval_accuracy, greater is better
-    stop = gt.EfficiencyEarlyStopping(min_gain_per_kj=0.3, patience=3, warmup_epochs=1, smoothing=0.5)
-    trainer = hf_fit(tmp_path, [mon, stop, HfPace()], epochs=30, lr=1e-2)
+    stop = gt.EfficiencyEarlyStopping()  # monitor=None follows metric_for_best_model="accuracy"
+    trainer = hf_fit(tmp_path, [mon, stop, HfWork(fake_nvml)], epochs=30, lr=1e-2)
     assert stop.monitor == "eval_accuracy" and stop.plateau.mode == "max"
-    assert trainer.state.epoch < 15 and mon.stop_decision.reason.value == "efficiency_plateau"
-    assert mon.records[-1].metrics["eval_accuracy"] > 0.9
+    assert trainer.state.epoch < 20 and mon.stop_decision.reason.value == "efficiency_plateau"
+    assert evaluations(mon)[-1].metrics["eval_accuracy"] > 0.9
 
+    fake_nvml.configure(CONSTANT_250W, work_clock=True)
     climbing = hf_monitor(tmp_path)
-    stop = gt.EfficiencyEarlyStopping(monitor="accuracy", min_gain_per_kj=0.3, patience=3, smoothing=0.5)
-    trainer = hf_fit(tmp_path, [climbing, stop, HfPace()], epochs=5, lr=2e-4)
-    accs = [r.metrics["eval_accuracy"] for r in climbing.records]
+    stop = gt.EfficiencyEarlyStopping(monitor="accuracy")
+    trainer = hf_fit(tmp_path, [climbing, stop, HfWork(fake_nvml)], epochs=5, lr=2e-4)
+    accs = [r.metrics["eval_accuracy"] for r in evaluations(climbing)]
     assert round(trainer.state.epoch) == 5 and climbing.stop_decision is None
     assert accs[-1] - accs[0] > 0.2
 
@@ -246,18 +255,19 @@ def test_hf_energy_budget_stops_before_it_is_exceeded(tmp_path, fake_nvml):
 
 
 def test_hf_stopper_state_survives_resume(tmp_path, fake_nvml):
-    fake_nvml.configure(CONSTANT_250W)
     (xt, yt), (xv, yv) = digits_tensors()
 
     def run(epochs, resume):
-        stop = gt.EfficiencyEarlyStopping(monitor="accuracy", min_gain_per_kj=0.0, patience=50)
+        fake_nvml.configure(CONSTANT_250W, work_clock=True)  # 4 steps an epoch: evaluations at 10, 20, 30, 40 J
+        stop = gt.EfficiencyEarlyStopping(monitor="accuracy", min_gain="0 per doubling", patience=50)
         args = TrainingArguments(output_dir=str(tmp_path / "hf"), num_train_epochs=epochs,
                                  per_device_train_batch_size=64, eval_strategy="epoch", save_strategy="epoch",
                                  report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
         Trainer(model=hf_digits_model(), args=args, train_dataset=DigitsDataset(xt[:256], yt[:256]),
                 eval_dataset=DigitsDataset(xv[:64], yv[:64]), compute_metrics=hf_accuracy,
-                callbacks=[hf_monitor(tmp_path), stop]).train(resume_from_checkpoint=resume or None)
+                callbacks=[hf_monitor(tmp_path), stop, HfWork(fake_nvml)]).train(resume_from_checkpoint=resume or None)
         return stop
 
-    assert run(2, False).plateau.checks == 2
-    assert run(4, True).plateau.checks == 4, "two checks restored from the checkpoint, two more after it"
+    assert [j for j, _ in run(2, False).plateau.window] == pytest.approx([10.0, 20.0])
+    # the window of the last doubling of energy at 40 J holds 20 J, restored from the checkpoint
+    assert [j for j, _ in run(4, True).plateau.window] == pytest.approx([20.0, 30.0, 40.0])
