@@ -123,6 +123,8 @@ class EfficiencyPlateau:
         min_evaluations: the fewest evaluations in the window for a decision.
     """
 
+    slope = staticmethod(theil_sen_slope)  # the estimator; benchmarks/stopping.py compares least squares
+
     def __init__(self, monitor: str, mode: str = "max", min_gain: str = "0.5% per doubling", patience: int = 3,
                  min_evaluations: int = 4) -> None:
         if not isinstance(monitor, str) or not monitor:
@@ -190,12 +192,12 @@ class EfficiencyPlateau:
         joules = [j for j, _ in self.window]
         values = [v for _, v in self.window]
         if self.min_gain.unit_j is not None:  # an exchange rate: metric units per unit of energy
-            slope = theil_sen_slope([j / self.min_gain.unit_j for j in joules], values)
+            slope = self.slope([j / self.min_gain.unit_j for j in joules], values)
         elif self.min_gain.relative:
-            slope = theil_sen_slope([math.log2(j) for j in joules], [math.log2(v) for v in values])
+            slope = self.slope([math.log2(j) for j in joules], [math.log2(v) for v in values])
             slope = None if slope is None else 100 * (2 ** slope - 1)
         else:
-            slope = theil_sen_slope([math.log2(j) for j in joules], values)
+            slope = self.slope([math.log2(j) for j in joules], values)
         return None if slope is None else slope if self.mode == "max" else -slope
 
     def state_dict(self) -> dict[str, Any]:
