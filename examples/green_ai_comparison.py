@@ -72,7 +72,7 @@ def measured(name: str, module: Classifier, loaders, epochs: int, params: dict) 
     train, val, test = loaders
     logger = MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=mlflow.get_tracking_uri(), run_name=name)
     logger.log_hyperparams(params)
-    monitor = EnergyMonitor(log_artifacts=["epochs", "summary"])
+    monitor = EnergyMonitor(log_artifacts=["intervals", "summary"])
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger, callbacks=[monitor],
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     if epochs:

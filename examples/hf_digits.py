@@ -19,7 +19,7 @@ from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArg
 sys.path.insert(0, str(Path(__file__).parent))
 from digits_common import digits, mlp
 
-from green_callbacks.report import epoch_table
+from green_callbacks.report import interval_table
 from green_callbacks.transformers import EfficiencyEarlyStopping, EnergyBudget, EnergyMonitor
 
 
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                       callbacks=[monitor, EfficiencyEarlyStopping.from_file(config, monitor="accuracy"),
                                  EnergyBudget.from_file(config)])
     trainer.train()
-    print("\nPer epoch (all measured components; accuracy per kJ of cumulative energy):")
-    print(epoch_table(monitor.frame(), "eval_accuracy"))
+    print("\nPer evaluation (energy since the previous one, all components; accuracy per kJ so far):")
+    print(interval_table(monitor.frame(), "eval_accuracy"))
     if monitor.stop_decision is not None:
         print(f"\nStopped early: {monitor.stop_decision.message}")
     if monitor.run is not None:

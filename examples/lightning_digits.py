@@ -1,11 +1,12 @@
-"""Train a small MLP on scikit-learn's digits with Lightning, measuring energy per epoch into MLflow.
+"""Train a small MLP on scikit-learn's digits with Lightning, measuring energy at every evaluation into MLflow.
 
     python examples/lightning_digits.py            # the README's main job
     python examples/lightning_digits.py --quick    # three epochs, for CI
 
 Logs into MLflow's default store (``mlflow.db`` here, unless MLFLOW_TRACKING_URI says otherwise),
-in the run of Lightning's MLFlowLogger, then prints a per-epoch table and where to look. Training
-stops early when validation accuracy bought per kJ flattens out (EfficiencyEarlyStopping), and
+in the run of Lightning's MLFlowLogger, then prints a per-evaluation table and where to look. Training
+stops early when doubling the energy spent no longer buys a worthwhile gain in validation accuracy
+(EfficiencyEarlyStopping), and
 before the budgets in examples/green.yaml would be exceeded (EnergyBudget).
 """
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from digits_common import digits, mlp
 
 from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyBudget, EnergyMonitor
-from green_callbacks.report import epoch_table
+from green_callbacks.report import interval_table
 
 
 class DigitsClassifier(pl.LightningModule):
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                          enable_checkpointing=False, log_every_n_steps=10)
     trainer.fit(DigitsClassifier(), train, val)
 
-    print("\nPer epoch (all measured components; accuracy per kJ of cumulative energy):")
-    print(epoch_table(monitor.frame(), "val_acc"))
+    print("\nPer evaluation (energy since the previous one, all components; accuracy per kJ so far):")
+    print(interval_table(monitor.frame(), "val_acc"))
     if monitor.stop_decision is not None:
         print(f"\nStopped early: {monitor.stop_decision.message}")
     print(f"\nEnergy is in MLflow run {logger.run_id} of experiment {args.experiment!r} at {uri}.")

@@ -74,7 +74,7 @@ class EnergyMonitor(EnergyTracker, Callback):
 
     def _start(self, trainer: pl.Trainer) -> None:
         run_id, uri = _mlflow_logger_run(trainer) if trainer.global_rank == 0 else (None, None)
-        self.start(_rank(trainer), _cuda_indices(trainer), run_id, uri)
+        self.start(_rank(trainer), _cuda_indices(trainer), run_id, uri, session=trainer)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if any(isinstance(cb, EnergyMonitor) and cb is not self for cb in trainer.callbacks):

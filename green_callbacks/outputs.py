@@ -37,8 +37,8 @@ def summary(t: EnergyTracker) -> dict[str, Any]:
     return out
 
 
-def write(t: EnergyTracker, trace: pd.DataFrame | None, status: str) -> None:
-    """Rank 0 at the end: the files in the run's own folder, logged as artifacts; then the summary line.
+def write(t: EnergyTracker, trace: pd.DataFrame | None) -> None:
+    """Rank 0 at the end: the files in the run's own folder, logged as artifacts.
 
     A folder that cannot be written costs one warning and the files, never the run's status.
     """
@@ -54,7 +54,6 @@ def write(t: EnergyTracker, trace: pd.DataFrame | None, status: str) -> None:
     if t.sink is not None:
         for path in written:
             t.sink.log_artifact(path, ARTIFACT_DIR)
-    print_summary(t, status)
 
 
 def _write_files(t: EnergyTracker, trace: pd.DataFrame | None, folder: Path) -> list[Path]:
@@ -86,9 +85,11 @@ def print_summary(t: EnergyTracker, status: str) -> None:
     cost = f", cost {s['cost']:.4g} {s['currency']}" if s["cost"] is not None else ""
     methods = ", ".join(f"{c} {m}" for c, m in s["methods"].items()) or "nothing measured"
     where = (f"\n  MLflow run {s['mlflow_run_id']}" if "mlflow_run_id" in s else
-             f"\n  MLflow: not reached yet; records kept in {s['mlflow_spool']}" if "mlflow_spool" in s else "")
+             f"\n  MLflow not reached yet: the records are kept in {s['mlflow_spool']} and sent when it answers "
+             f"(or: green-callbacks replay {s['mlflow_spool']})" if "mlflow_spool" in s else "")
     # a leading newline: progress bars (HF's tqdm) leave the cursor mid-line
-    print(f"\ngreen-callbacks [{status.lower()}]: {s['epochs']} epochs, {s['evaluations']} evaluations, {s['steps']} steps, "
+    print(f"\ngreen-callbacks [{status.lower()}]: {s['epochs']} epochs, {s['evaluations']} evaluations, "
+          f"{s['steps']} steps, "
           f"{s['energy_j']:.1f} J ({s['energy_kwh']:.6f} kWh), {s['emissions_g']:.3f} gCO2e{cost} over "
           f"{s['duration_s']:.1f} s ({methods}; {s['carbon_intensity_g_per_kwh']} g/kWh, PUE {s['pue']}){where}",
           flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,31 +11,42 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+def _intervals(records: Sequence[Any]) -> list[Any]:
+    """The intervals a person reads: the epochs of an epoch-based run, else its evaluations, else every point."""
+    for kind in ("epoch", "evaluation"):
+        chosen = [r for r in records if r.kind.value == kind]
+        if chosen:
+            return chosen
+    return list(records)
+
+
 def plot_power(trace: pd.DataFrame, records: Sequence[Any], path: str | Path) -> Path:
-    """Save a PNG: power per component over time with epoch edges, and energy per epoch."""
+    """Save a PNG: power per component over time with interval edges, and energy per interval."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    shown = _intervals(records)
+    kind = shown[0].kind.value if shown else "epoch"
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), gridspec_kw={"height_ratios": [3, 2]})
     for column in trace.columns[1:]:
         top.plot(trace["time_s"], trace[column], label=column.replace("_w", " (W)"), linewidth=1)
-    for r in records:
+    for r in shown:
         top.axvline(r.start_rel_s, color="grey", linewidth=0.6, linestyle="--")
     top.set_xlabel("time since start (s)")
     top.set_ylabel("power (W)")
-    top.set_title("Power over time (dashed: epoch starts; this rank's devices)")
+    top.set_title(f"Power over time (dashed: {kind} starts; this rank's devices)")
     top.legend(loc="upper right")
-    epochs = [r.epoch for r in records]
-    bottom_base = [0.0] * len(records)
-    components = sorted({c for r in records for c in r.components_j})
-    for c in components:
-        values = [r.components_j.get(c, 0.0) for r in records]
-        bottom.bar(epochs, values, bottom=bottom_base, label=c)
-        bottom_base = [a + b for a, b in zip(bottom_base, values, strict=True)]
-    bottom.set_xlabel("epoch")
-    bottom.set_ylabel("energy (J, all ranks)")
+    steps = [r.step for r in shown]
+    width = max(1.0, 0.8 * min((b - a for a, b in itertools.pairwise(steps)), default=1.0))
+    base = [0.0] * len(shown)
+    for c in sorted({c for r in shown for c in r.components_j}):
+        values = [r.components_j.get(c, 0.0) for r in shown]
+        bottom.bar(steps, values, bottom=base, label=c, width=width)
+        base = [a + b for a, b in zip(base, values, strict=True)]
+    bottom.set_xlabel(f"training step at the {kind}'s end")
+    bottom.set_ylabel(f"energy per {kind} (J, all ranks)")
     bottom.legend(loc="upper right")
     fig.tight_layout()
     path = Path(path)
@@ -43,13 +55,17 @@ def plot_power(trace: pd.DataFrame, records: Sequence[Any], path: str | Path) ->
     return path
 
 
-def epoch_table(frame: pd.DataFrame, metric: str | None = None) -> str:
-    """A plain-text per-epoch table: energy, emissions, the metric and metric per kJ."""
-    cols = ["epoch", "energy_j", "g_co2e", "duration_s"]
-    out = frame[cols].copy()
-    if metric and metric in frame:
-        out[metric] = frame[metric]
-        out[f"{metric}_per_kj"] = frame[metric] / (frame["cumulative_j"] / 1000.0)
+def interval_table(frame: pd.DataFrame, metric: str | None = None) -> str:
+    """A plain-text table of the run's evaluations (else its epochs): step, energy, emissions, the metric
+    and the metric per kJ of cumulative energy."""
+    if frame.empty:
+        return "(nothing measured)"
+    kinds = set(frame["kind"])
+    out = frame[frame["kind"] == ("evaluation" if "evaluation" in kinds else "epoch")]
+    out = out[["epoch", "step", "energy_j", "cumulative_j", "g_co2e", "duration_s"]
+              + ([metric] if metric and metric in frame else [])].copy()
+    if metric and metric in out:
+        out[f"{metric}_per_kj"] = out[metric] / (out["cumulative_j"] / 1000.0)
     return out.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 

@@ -128,17 +128,23 @@ class EnergyTracker(StopperHost, RunLedger):
         self._finished = False
         self._restored = False
         self._fits = 0
+        self._session = 0
         self.reset_run()
 
     # -- lifecycle ---------------------------------------------------------------------------
     @never_raises
     def start(self, rank: RankInfo | None = None, cuda_indices: Sequence[int] | None = None,
-              run_id: str | None = None, tracking_uri: str | None = None) -> None:
-        """Build the sensors and the meter on this rank; on rank 0 open the MLflow sink (no network here)."""
+              run_id: str | None = None, tracking_uri: str | None = None, session: object = None) -> None:
+        """Build the sensors and the meter on this rank; on rank 0 open the MLflow sink (no network here).
+
+        ``session`` is the trainer (or its arguments): a later stage of the same one (``test`` after
+        ``fit``) continues the run; another one is a new training (see :meth:`_reuse`).
+        """
         if self.started:
             return
-        if self._fits and not self._restored:
+        if self._fits and not self._restored and id(session) != self._session:
             self._reuse(run_id)
+        self._session = id(session)
         self._fits += 1
         self._restored = False
         self.rank = rank or RankInfo.from_env()
@@ -376,23 +382,28 @@ class EnergyTracker(StopperHost, RunLedger):
             return
         self._finished = True
         self._finishing_status = status
+        trace = None
+        report = self.rank.is_zero and len(self.records) > self._reported  # a later stage re-reports only news
         try:
             if self.meter is not None:
                 if status != "FINISHED" or self.epoch_open:  # interrupted: this rank's part, without collectives
                     if self.epoch_open:
                         self._point(Kind.EPOCH, self._last_step_seen_or_point(), collective=False)
                     self._point(Kind.END, self._last_step_seen_or_point(), collective=False)
+                    report = self.rank.is_zero
                 trace = self.meter.trace_frame()
                 self.meter.close()
-            if self.rank.is_zero:
-                outputs.write(self, trace, status)
+            if report:
+                outputs.write(self, trace)
         finally:
             if self.sink is not None:
-                if self.run is None:
-                    self.run = self.sink.run_ref
                 self.sink.set_status(status)
                 self.sink.close()
-                self.sink = None
+                self.run = self.run or self.sink.run_ref
+            if report:
+                self._reported = len(self.records)
+                outputs.print_summary(self, status)
+            self.sink = None
             self.started = False
             self._finishing_status = None
             process.unregister(self)

@@ -70,7 +70,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
 
     def _start(self, args: TrainingArguments) -> None:
         if not self.started:
-            self.start(_rank(args), _cuda_indices(args))
+            self.start(_rank(args), _cuda_indices(args), session=args)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:

@@ -33,7 +33,7 @@ def test_lightning_cli_yaml_with_budgets(tmp_path):
                 experiment_name: cli
                 country: FR
                 pue: 1.2
-                log_artifacts: [epochs, summary]
+                log_artifacts: [intervals, summary]
                 output_dir: {tmp_path / "out"}
             - class_path: green_callbacks.lightning.EnergyBudget
               init_args:
@@ -43,7 +43,7 @@ def test_lightning_cli_yaml_with_budgets(tmp_path):
               init_args:
                 monitor: val_acc
                 mode: max
-                min_gain_per_kj: 0.5
+                min_gain: 1% per doubling
                 patience: 2
         model:
           lr: 0.01
@@ -87,19 +87,19 @@ def test_hydra_instantiate_with_dictconfig_values(tmp_path):
 
     cfg = OmegaConf.create({
         "monitor": {"_target_": "green_callbacks.lightning.EnergyMonitor", "gpus": [0], "country": "SE",
-                    "log_artifacts": ["epochs", "plot"], "efficiency_metrics": ["val_acc"]},
+                    "log_artifacts": ["intervals", "plot"], "efficiency_metrics": ["val_acc"]},
         "budget": {"_target_": "green_callbacks.transformers.EnergyBudget", "energy": "${oc.env:BUDGET,2.5 kWh}",
                    "cost": 1.5},
         "efficiency": {"_target_": "green_callbacks.lightning.EfficiencyEarlyStopping", "monitor": "val_acc",
-                       "min_gain_per_kj": 0.25},
+                       "min_gain": "0.1 per kWh"},
     })
     monitor = instantiate(cfg.monitor)
     budget = instantiate(cfg.budget)
     efficiency = instantiate(cfg.efficiency)
     assert monitor.gpus == [0] and monitor.accountant.intensity.label == "Sweden (SWE)"
-    assert monitor.artifacts == ["epochs", "plot"] and monitor.efficiency_metrics == ["val_acc"]
+    assert monitor.artifacts == ["intervals", "plot"] and monitor.efficiency_metrics == ["val_acc"]
     assert budget.budget.energy_j == 2.5 * 3.6e6 and budget.budget.cost == 1.5
-    assert efficiency.plateau.min_gain_per_kj == 0.25
+    assert efficiency.plateau.min_gain.text == "0.1 per kWh"
     with pytest.raises(Exception, match=r"unknown country 'Narnia'"):
         instantiate(OmegaConf.create({"_target_": "green_callbacks.lightning.EnergyMonitor", "country": "Narnia"}))
 
@@ -115,7 +115,7 @@ def test_from_yaml_and_toml_files(tmp_path):
             check_every_n_steps: 100
           efficiency:
             monitor: accuracy
-            min_gain_per_kj: 0.01
+            min_gain: 0.002 per doubling
             patience: 5
     """))
     budget = gl.EnergyBudget.from_file(yaml_file)

@@ -157,10 +157,12 @@ def test_fuzz_energy_budget(energy, emissions, cost, on_exceed, steps):
 
 
 @FUZZ
-@given(monitor=anything, mode=anything, gain=anything, patience=anything, warmup=anything, smoothing=anything)
-def test_fuzz_efficiency_early_stopping(monitor, mode, gain, patience, warmup, smoothing):
-    kwargs = {"monitor": monitor, "mode": mode, "min_gain_per_kj": gain, "patience": patience,
-              "warmup_epochs": warmup, "smoothing": smoothing}
+@given(monitor=anything, mode=anything, gain=st.one_of(anything, st.sampled_from(
+    ["0.5% per doubling", "0.002 per doubling", "0.1 per kWh", "1 per J", "-1 per doubling", "5%", "per kWh"])),
+    patience=anything, evaluations=anything, strict=anything)
+def test_fuzz_efficiency_early_stopping(monitor, mode, gain, patience, evaluations, strict):
+    kwargs = {"monitor": monitor, "mode": mode, "min_gain": gain, "patience": patience,
+              "min_evaluations": evaluations, "strict": strict}
     kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("monitor", "mode")}
     accepted_or_clear(lambda: gl.EfficiencyEarlyStopping(**kwargs))
 

@@ -8,7 +8,19 @@ from transformers import Trainer, TrainingArguments
 
 from green_callbacks.transformers import EnergyMonitor
 
-from helpers import CUMULATIVE, EPOCH_CONTRACT, EVAL_CONTRACT, DigitsDataset, artifacts, digits_tensors, hf_accuracy, hf_digits_model, history, runs, steps
+from helpers import (
+    CUMULATIVE,
+    EPOCH_CONTRACT,
+    EVAL_CONTRACT,
+    DigitsDataset,
+    artifacts,
+    digits_tensors,
+    hf_accuracy,
+    hf_digits_model,
+    history,
+    runs,
+    steps,
+)
 
 
 @pytest.fixture(scope="module")

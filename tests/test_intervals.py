@@ -43,7 +43,8 @@ def step_trainer(tmp_path, data, callbacks, max_steps, eval_steps=10, report_to=
                    compute_metrics=hf_accuracy, callbacks=callbacks)
 
 
-def test_hf_step_mode_logs_energy_at_every_evaluation_on_the_trainers_axis(tmp_path, digits, tracking):  # noqa: F811
+def test_hf_step_mode_logs_energy_at_every_evaluation_on_the_trainers_axis(tmp_path, digits,  # noqa: F811
+                                                                             tracking):  # noqa: F811
     monitor = gt.EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False, log_every_n_steps=5)
     t = step_trainer(tmp_path, digits, [monitor], max_steps=60, report_to=["mlflow"])  # 128 steps an epoch: the run ends mid-epoch
     t.train()
@@ -51,7 +52,7 @@ def test_hf_step_mode_logs_energy_at_every_evaluation_on_the_trainers_axis(tmp_p
     rid = run.info.run_id
     evals = steps(client, rid, "eval_accuracy")
     assert evals == [10, 20, 30, 40, 50, 60]
-    for key in EVAL_CONTRACT + ["efficiency/eval_accuracy_per_kj"]:
+    for key in [*EVAL_CONTRACT, "efficiency/eval_accuracy_per_kj"]:
         assert steps(client, rid, key) == evals, key
     assert steps(client, rid, "loss") == steps(client, rid, "energy/interval_j"), "energy overlays HF's loss chart"
     cumulative = steps(client, rid, "energy/cumulative_j")
@@ -110,7 +111,7 @@ def test_lightning_endless_stream_logs_every_validation_at_lightnings_step(tmp_p
     rid = run.info.run_id
     vals = steps(client, rid, "val_acc")
     assert len(vals) == 6
-    for key in EVAL_CONTRACT + ["efficiency/val_acc_per_kj"]:
+    for key in [*EVAL_CONTRACT, "efficiency/val_acc_per_kj"]:
         assert steps(client, rid, key) == vals, key
     assert set(vals) <= set(steps(client, rid, "energy/cumulative_j"))
     assert history(client, rid, "energy/total_j")[0][1] == pytest.approx(monitor.cumulative_j)

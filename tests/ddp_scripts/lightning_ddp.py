@@ -17,7 +17,7 @@ from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyMonitor
 
 
 class RankDependent(BoringModel):
-    """``val_gain`` climbs steeply on rank 0 and is flat on rank 1: only rank 1 wants to stop."""
+    """``val_gain`` doubles with every epoch on rank 0 and is flat on rank 1: only rank 1 wants to stop."""
 
     def validation_step(self, batch, batch_idx):
         out = super().validation_step(batch, batch_idx)
@@ -53,7 +53,7 @@ if __name__ == "__main__":
     monitor = EnergyMonitor(gpus="all", tracking_uri=uri, experiment_name="ddp", output_dir=out)
     callbacks = [monitor, Truth(monitor, out), Stopped(out)]
     if stop:
-        callbacks.append(EfficiencyEarlyStopping(monitor="val_gain", mode="max", min_gain_per_kj=1.0, patience=2))
+        callbacks.append(EfficiencyEarlyStopping(monitor="val_gain", mode="max", min_evaluations=2, patience=2))
     trainer = pl.Trainer(max_epochs=10 if stop else 2, accelerator="cpu", devices=2, strategy="ddp_spawn",
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=callbacks, default_root_dir=out)
