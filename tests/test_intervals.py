@@ -46,7 +46,8 @@ def step_trainer(tmp_path, data, callbacks, max_steps, eval_steps=10, report_to=
 def test_hf_step_mode_logs_energy_at_every_evaluation_on_the_trainers_axis(tmp_path, digits,  # noqa: F811
                                                                              tracking):  # noqa: F811
     monitor = gt.EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False, log_every_n_steps=5)
-    t = step_trainer(tmp_path, digits, [monitor], max_steps=60, report_to=["mlflow"])  # 128 steps an epoch: the run ends mid-epoch
+    # 128 steps an epoch: the run ends mid-epoch
+    t = step_trainer(tmp_path, digits, [monitor], max_steps=60, report_to=["mlflow"])
     t.train()
     client, (run,) = runs(tracking)
     rid = run.info.run_id
