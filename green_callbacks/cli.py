@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -59,12 +61,26 @@ def _intensity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replay(args: argparse.Namespace) -> int:
-    import os
+@contextlib.contextmanager
+def _quick_mlflow() -> Iterator[None]:
+    """The CLI's own MLflow calls: a dead server answers in seconds, not after MLflow's minutes of retries
+    (a value the user set wins; the environment is restored after, for callers of ``main``)."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    added = [k for k in quick if k not in os.environ]
+    os.environ.update({k: quick[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
-    # the CLI's own MLflow calls: a dead server answers in seconds, not after MLflow's minutes of retries
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+def _replay(args: argparse.Namespace) -> int:
+    with _quick_mlflow():
+        return _replay_spools(args)
+
+
+def _replay_spools(args: argparse.Namespace) -> int:
     from green_callbacks.sinks import SpoolBusy, replay_spool
 
     spools: list[Path] = []

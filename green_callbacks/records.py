@@ -112,6 +112,18 @@ def epoch_metrics(r: IntervalRecord) -> dict[str, float]:
     return out
 
 
+def point_metrics(r: IntervalRecord, first_at_step: bool, mean_power_w: float,
+                  wanted: Sequence[str] | None) -> dict[str, float]:
+    """Everything one point logs at ``r.step``: the cumulative series (first point of a step only), and the
+    epoch's or the evaluation's own names."""
+    out = cumulative_metrics(r.cumulative_j, r.cumulative_g, r.cumulative_cost, mean_power_w) if first_at_step else {}
+    if r.kind is Kind.EPOCH:
+        out.update(epoch_metrics(r))
+    elif r.kind is Kind.EVALUATION:
+        out.update(evaluation_metrics(r, wanted))
+    return out
+
+
 def efficiency_metrics(metrics: Mapping[str, float], cumulative_j: float,
                        wanted: Sequence[str] | None) -> dict[str, float]:
     """``efficiency/<metric>_per_kj``: an evaluation metric per kJ of the run's cumulative energy."""

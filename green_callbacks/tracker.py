@@ -25,16 +25,14 @@ from green_callbacks.records import (
     IntervalRecord,
     Kind,
     batch_size,
-    cumulative_metrics,
-    epoch_metrics,
-    evaluation_metrics,
     merge_ranks,
+    point_metrics,
     run_facts,
-    stage_metrics,
     total_metrics,
     window_payload,
 )
 from green_callbacks.sensors import GpuSelection, build_sensors
+from green_callbacks.stages import StageHost
 from green_callbacks.stopping import Stopper
 from green_callbacks.validation import check_tracker_args
 
@@ -42,7 +40,7 @@ CALIBRATION_STEPS = 10  # steps timed at the start to turn log_every_s into a st
 RATE_WINDOW = 5  # recent intervals whose median cost per step projects the rest of the run
 
 
-class EnergyTracker(StopperHost, RunLedger):
+class EnergyTracker(StageHost, StopperHost, RunLedger):
     """Measures a training job interval by interval and logs it to MLflow; the adapters drive it.
 
     Args:
@@ -310,14 +308,7 @@ class EnergyTracker(StopperHost, RunLedger):
             params, tags = run_facts(self.accountant.as_params(), self.rank.world_size, __version__, record, names)
             self.sink.log_params(params)
             self.sink.set_tags(tags)
-        out: dict[str, float] = {}
-        if record.step > self.last_logged_step:
-            out.update(cumulative_metrics(record.cumulative_j, record.cumulative_g, record.cumulative_cost,
-                                          self._last_point_j))
-        if record.kind is Kind.EPOCH:
-            out.update(epoch_metrics(record))
-        elif record.kind is Kind.EVALUATION:
-            out.update(evaluation_metrics(record, self.efficiency_metrics))
+        out = point_metrics(record, record.step > self.last_logged_step, self._last_point_j, self.efficiency_metrics)
         if out:
             self.sink.log_metrics(out, step=record.step)
             self.last_logged_step = max(self.last_logged_step, record.step)
@@ -325,39 +316,6 @@ class EnergyTracker(StopperHost, RunLedger):
     def _log(self, metrics: Mapping[str, float], step: int) -> None:
         if self.rank.is_zero and self.sink is not None and metrics:
             self.sink.log_metrics(metrics, step=step + self.step_offset)
-
-    # -- test / predict / standalone evaluation -----------------------------------------------
-    @never_raises
-    def begin_stage(self, stage: str) -> None:
-        if self.meter is not None and not self.meter.is_open(stage):
-            self._samples[stage] = 0
-            self.meter.begin(stage)
-
-    def stage_open(self, stage: str) -> bool:
-        return self.meter is not None and self.meter.is_open(stage)
-
-    def add_samples(self, stage: str, n: int) -> None:
-        self._samples[stage] = self._samples.get(stage, 0) + int(n)
-
-    @never_raises
-    def end_stage(self, window: str, samples: int | None = None, label: str | None = None) -> dict[str, float] | None:
-        """Close a test/predict window (collective); logs ``energy/<label>_j`` and joules per sample."""
-        if self.meter is None or not self.meter.is_open(window):
-            return None
-        m = self.meter.end(window)
-        n = self._samples.pop(window, 0) if samples is None else samples
-        stage = label or window
-        payloads = gather({**window_payload(m, self.rank.rank, self.rank.node), "samples": n})
-        merged = merge_ranks(payloads)
-        fp = self.accountant.footprint(merged.total_j, m.start_unix, m.start_unix + m.duration_s)
-        out = stage_metrics(stage, merged.total_j, merged.duration_s, fp.g_co2e, sum(p["samples"] for p in payloads))
-        step = self.stage_counts.get(stage, 0)
-        self.stage_counts[stage] = step + 1
-        if self.rank.is_zero and self.sink is not None:
-            self.sink.log_metrics(out, step=step)
-            self.sink.set_tags({f"green.method.{stage}.{c}": v for c, v in merged.methods.items()})
-            self.sink.interval_end()
-        return out
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait (at most ``timeout_s``) until MLflow has what was logged so far; outside training only."""
@@ -384,6 +342,7 @@ class EnergyTracker(StopperHost, RunLedger):
         self._finishing_status = status
         trace = None
         report = self.rank.is_zero and len(self.records) > self._reported  # a later stage re-reports only news
+        confirmed = True
         try:
             if self.meter is not None:
                 if status != "FINISHED" or self.epoch_open:  # interrupted: this rank's part, without collectives
@@ -394,11 +353,14 @@ class EnergyTracker(StopperHost, RunLedger):
                 trace = self.meter.trace_frame()
                 self.meter.close()
             if report:
+                if self.sink is not None:  # MLflow has the run, so its id names the outputs (one wait, shared)
+                    confirmed = self.sink.flush(self.sink.close_wait_s)
+                    self.run = self.run or self.sink.run_ref
                 outputs.write(self, trace)
         finally:
             if self.sink is not None:
                 self.sink.set_status(status)
-                self.sink.close()
+                self.sink.close(None if confirmed else 0.0)
                 self.run = self.run or self.sink.run_ref
             if report:
                 self._reported = len(self.records)

@@ -61,6 +61,17 @@ class RunRef:
     owned: bool = False
 
 
+def spool_header(target: RunTarget, local_id: str, cadence_s: float = 5.0, first_send_s: float = 10.0,
+                 linger_s: float = 60.0) -> dict[str, Any]:
+    """The spool's first record: all a sender (or a replay, days later) needs to find or create the run."""
+    return {"format": FORMAT, "target": asdict(target), "local_id": local_id, "pid": os.getpid(),
+            "host": socket.gethostname(), "cwd": os.getcwd(), "t_ms": int(time.time() * 1000),
+            "env_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
+            "env_experiment_name": os.environ.get("MLFLOW_EXPERIMENT_NAME"),
+            "env_experiment_id": os.environ.get("MLFLOW_EXPERIMENT_ID"),
+            "cadence_s": cadence_s, "first_send_s": first_send_s, "linger_s": linger_s}
+
+
 def new_local_id() -> str:
     """Unique per sink: the time it was opened and 6 random hex digits (``20261123-081502-3fa9c1``)."""
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
@@ -75,16 +86,20 @@ class MlflowSink:
             spool goes to the temporary directory instead (one warning).
         close_wait_s: how long ``close`` waits for MLflow to confirm everything (default 10 s).
         cadence_s: the sender coalesces records and sends at most once per ``cadence_s``
-            (an artifact, the status and the end are sent at once).
+            (an artifact, the status, ``flush`` and the end are sent at once).
+        first_send_s: the sender starts MLflow (seconds of CPU: imports, the store) and finds or
+            creates the run this long after the sink opened, or at once when the training ends,
+            flushes or dies: a short training never shares its CPU with MLflow's start-up.
         linger_s: how long the sender keeps trying after the training stopped waiting for it
             (``close`` timed out, or the process was killed) before leaving the rest to replay.
     """
 
     def __init__(self, target: RunTarget, output_dir: str | Path, *, close_wait_s: float = 10.0,
-                 cadence_s: float = 1.0, linger_s: float = 60.0) -> None:
+                 cadence_s: float = 5.0, first_send_s: float = 10.0, linger_s: float = 60.0) -> None:
         if not isinstance(target, RunTarget):
             raise ValueError(f"target={target!r} must be a green_callbacks.sinks.RunTarget")
-        for name, value in (("close_wait_s", close_wait_s), ("cadence_s", cadence_s), ("linger_s", linger_s)):
+        for name, value in (("close_wait_s", close_wait_s), ("cadence_s", cadence_s), ("first_send_s", first_send_s),
+                            ("linger_s", linger_s)):
             if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 86400:
                 raise ValueError(f"{name}={value!r} must be a number of seconds in [0, 86400)")
         self.target = target
@@ -106,13 +121,8 @@ class MlflowSink:
         self._proc: subprocess.Popen[bytes] | None = None
         if self._writer is None:
             return
-        self._writer.append("open", {
-            "format": FORMAT, "target": {**asdict(target), "tracking_uri": uri}, "local_id": self.local_id,
-            "pid": os.getpid(), "host": socket.gethostname(), "cwd": os.getcwd(), "t_ms": int(time.time() * 1000),
-            "env_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
-            "env_experiment_name": os.environ.get("MLFLOW_EXPERIMENT_NAME"),
-            "env_experiment_id": os.environ.get("MLFLOW_EXPERIMENT_ID"),
-            "cadence_s": float(cadence_s), "linger_s": self.linger_s})
+        self._writer.append("open", spool_header(RunTarget(**{**asdict(target), "tracking_uri": uri}), self.local_id,
+                                                 float(cadence_s), float(first_send_s), self.linger_s))
         self._proc = self._start_sender()
         weakref.finalize(self, _abandon, self._writer)
 
@@ -161,6 +171,11 @@ class MlflowSink:
     @property
     def spool_path(self) -> Path:
         return self._writer.path if self._writer is not None else Path()
+
+    @property
+    def sender_pid(self) -> int | None:
+        """The sender process (None when it could not start)."""
+        return self._proc.pid if self._proc is not None else None
 
     @property
     def run_ref(self) -> RunRef | None:

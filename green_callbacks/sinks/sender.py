@@ -2,9 +2,11 @@
 
 ``MlflowSink`` starts ``python -m green_callbacks.sinks SPOOL`` beside the training, at idle
 CPU priority and with short MLflow HTTP timeouts in its own environment. It tails the spool,
-coalesces what arrived into ``log_batch`` calls once per cadence (the close, an artifact or a
-status are sent at once), and records its progress in the state file, so that nothing is sent
-twice by it, by a later sender or by ``green-callbacks replay``. A refusal (4xx) costs only the
+imports MLflow and makes its first contact ``first_send_s`` after the training started (at once
+when the training ends, flushes or dies), then coalesces what arrived into ``log_batch`` calls
+once per cadence (an artifact, the status and the end are sent at once). Its progress is kept
+in the state file, so that nothing is sent twice by it, by a later sender or by
+``green-callbacks replay``. A refusal (4xx) costs only the
 refused metric, param or tag; an outage, a retry with backoff. It ends when the spool is closed
 and all is sent; when the training has gone (closed after a timeout, or killed) it keeps trying
 for ``linger_s`` and then leaves what is unsent for ``replay``.
@@ -29,6 +31,7 @@ BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0)
 SENDER_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
 BATCH_KINDS = ("metrics", "params", "tags")
+URGENT = ("artifact", "status", "flush", "close", "detach")  # the end of a run, or someone waiting: send now
 
 
 class Sender:
@@ -67,7 +70,7 @@ class Sender:
 
     @property
     def urgent(self) -> bool:
-        return any(isinstance(i, Record) and i.kind not in BATCH_KINDS for i in self.pending)
+        return any(isinstance(i, Record) and i.kind in URGENT for i in self.pending)
 
     @property
     def finished(self) -> bool:
@@ -254,6 +257,12 @@ def lock(spool: Path) -> Any:
 
 def _lower_priority() -> None:
     """Telemetry takes the CPU time training leaves free."""
+    mode = os.environ.get("XPRIO", "idle")
+    if mode == "normal":
+        return
+    if mode == "nice":
+        os.nice(10)
+        return
     with contextlib.suppress(AttributeError, OSError):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         return
@@ -269,8 +278,9 @@ def follow(spool: Path) -> int:
     parent = os.getppid()
     sender = Sender(spool)
     sender.state.save(spool)  # with this process's pid, for replay's message
-    cadence = float(sender.header.get("cadence_s", 1.0))
+    cadence = float(sender.header.get("cadence_s", 5.0))
     linger = float(sender.header.get("linger_s", 60.0))
+    first_send_at = sender.header["t_ms"] / 1000 + float(sender.header.get("first_send_s", 10.0))
     alone_since: float | None = None  # the training has closed after its wait, or is gone
     last_send = 0.0
     while True:
@@ -280,7 +290,9 @@ def follow(spool: Path) -> int:
             sender.echo = lambda text: print(text, file=sys.stderr, flush=True)
         sender.read(final=gone)
         now = time.monotonic()
-        if sender.pending and (sender.urgent or gone or now - last_send >= cadence):
+        # MLflow's start-up (seconds of CPU) waits until the training is under way, or over
+        due = gone or sender.urgent or (time.time() >= first_send_at and now - last_send >= cadence)
+        if sender.pending and due:
             sender.send()
             last_send = now
         if gone and not sender.pending:
