@@ -26,6 +26,8 @@ class StopperHost:
     sink: Any
     _finishing_status: str | None
     _projected_step: int
+    gpus: Any
+    measure_cpu: bool
 
     def attach(self, stopper: Stopper) -> None:
         """Ask ``stopper`` at every point (evaluation, epoch end, every N steps) whether to stop."""
@@ -33,6 +35,14 @@ class StopperHost:
             if isinstance(stopper, BudgetStopper):
                 stopper.validate_against(self.accountant.price_per_kwh, self.accountant.currency)
             self.stoppers.append(stopper)
+            self.check_measurable()
+
+    def check_measurable(self) -> None:
+        """A stopper with nothing measured would never act: say so before the first training step."""
+        if self.stoppers and not getattr(self, "measurable", True):
+            raise ValueError(f"{', '.join(type(s).__name__ for s in self.stoppers)} cannot act: nothing is measured "
+                             f"here (gpus={self.gpus!r}, measure_cpu={self.measure_cpu!r}, no GPU readable); measure "
+                             "something (gpus='auto' or 'all', measure_cpu=True) or remove the stopper")
 
     def _decide(self, record: IntervalRecord, collective: bool) -> Decision | None:
         """Every stopper's verdict at this point, made identical on all ranks by one reduction."""

@@ -20,7 +20,7 @@ from green_callbacks.distributed import RankInfo, gather
 from green_callbacks.ledger import RunLedger
 from green_callbacks.meter import DEFAULT_PERIOD_S, EnergyMeter, Measurement
 from green_callbacks.policies import Decision
-from green_callbacks.process import never_raises, warn_once
+from green_callbacks.process import never_raises
 from green_callbacks.records import (
     IntervalRecord,
     Kind,
@@ -149,6 +149,8 @@ class EnergyTracker(StageHost, StopperHost, RunLedger):
         import pandas  # noqa: F401 - imported now, not first at interpreter exit where imports can fail
 
         sensors = build_sensors(self.gpus, cuda_indices, self.measure_cpu and self.rank.measures_host, self.cpu_tdp_w)
+        self.measurable = any(s.devices for s in sensors) or not self.rank.measures_host
+        self.check_measurable()
         self.meter = EnergyMeter(sensors, self.sampling_period_s, cuda_sync=self.cuda_sync).start()
         self.meter.begin("interval")
         self.started, self._finished = True, False
@@ -164,9 +166,6 @@ class EnergyTracker(StageHost, StopperHost, RunLedger):
         self._finishing_status: str | None = None
         self._t_start = time.monotonic()
         process.register(self)
-        if self.stoppers and not any(s.devices for s in sensors):
-            warn_once(self, "nothing", "nothing can be measured on this rank (no GPU selected or readable, CPU "
-                                       "not measured): energy stays 0 and the energy-aware stoppers cannot act")
         if self.rank.is_zero and self.use_mlflow:
             self._open_sink(run_id, tracking_uri)
 

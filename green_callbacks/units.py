@@ -56,6 +56,9 @@ def parse_money(name: str, value: float | str, currency: str | None = None) -> t
     """
     number, unit = _number(name, value)
     code = unit.upper() or None
+    if code is not None and unit.lower() in {u.lower() for u in (*ENERGY_J, *MASS_G)}:
+        raise ValueError(f"{name}={value!r}: {unit!r} is a unit of energy or mass, not a currency; write the "
+                         "amount of money like '0.5 EUR' (energy and emissions budgets have their own arguments)")
     if code is not None and not re.fullmatch(r"[A-Z]{3}", code):
         raise ValueError(f"{name}={value!r}: {unit!r} is not a currency code; write it like '0.5 EUR' or '2 USD'")
     if code and currency and code != currency.upper():
