@@ -47,25 +47,34 @@ def epoch_timer(sync: Callable[[], None] = lambda: None) -> Any:
 
 def interleaved_ratios(configs: dict[str, Callable[[], list]], epoch_times: Callable[[Callable[[], list]], list[float]],
                        rounds: int, what: str) -> str:
-    """Each configuration's median epoch over ``rounds`` interleaved fits, as a ratio to the first."""
-    times: dict[str, list[float]] = {k: [] for k in configs}
+    """Each configuration's median epoch over ``rounds`` interleaved fits, as a ratio to the first,
+    with the range of the per-round ratios (how much the machine's noise moves it)."""
+    rounds_of: dict[str, list[list[float]]] = {k: [] for k in configs}
     for _ in range(rounds):  # interleaved: the machine's noise falls on all alike
         for name, make in configs.items():
-            times[name] += epoch_times(make)
-    base = statistics.median(next(iter(times.values())))
-    rows = [f"| {name} | {1000 * statistics.median(t):.1f} ms | {statistics.median(t) / base:.3f} |"
-            for name, t in times.items()]
-    return f"| callbacks | median epoch ({what}) | ratio to without |\n| --- | ---: | ---: |\n" + "\n".join(rows)
+            rounds_of[name].append(epoch_times(make))
+    first = next(iter(rounds_of.values()))
+    base = statistics.median([t for r in first for t in r])
+    rows = []
+    for name, per_round in rounds_of.items():
+        median = statistics.median([t for r in per_round for t in r])
+        ratios = [statistics.median(r) / statistics.median(b) for r, b in zip(per_round, first, strict=True)]
+        rows.append(f"| {name} | {1000 * median:.1f} ms | {median / base:.3f} | {min(ratios):.3f}–{max(ratios):.3f} |")
+    return (f"| callbacks | median epoch ({what}) | ratio to without | range over rounds |\n"
+            "| --- | ---: | ---: | ---: |\n" + "\n".join(rows))
 
 
-def parse_args(doc: str | None, quick_help: str) -> Any:
-    """The benchmarks' shared command line (``--quick``, ``--out``); warnings off for clean tables."""
+def parse_args(doc: str | None, quick_help: str, sections: list[str] | None = None) -> Any:
+    """The benchmarks' shared command line (``--quick``, ``--out``, ``--only`` when a script has
+    ``sections``); warnings off for clean tables."""
     import argparse
     import os
 
     parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", help="also write the tables (with date and machine) to this Markdown file")
+    if sections:
+        parser.add_argument("--only", nargs="+", choices=sections, help="run only these sections")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     return parser.parse_args()
 

@@ -1,11 +1,13 @@
 """Every benchmark, side by side in one run, printed as Markdown tables.
 
-    python benchmarks/run_all.py [--quick] [--out docs/performance.md]
+    python benchmarks/run_all.py [--quick] [--out docs/performance.md] [--only overhead ...]
 
 - accuracy: per-window GPU energy error against a simulated NVML whose exact energy is known
   (a GPU with an energy counter, a GPU with power readings only, and the floor: an ideal sampler
   reading every sensor refresh), windows 0.3 s to 30 s, on a bursty power profile;
-- overhead: Lightning epoch time with the callbacks over without, interleaved in one process;
+- overhead: Lightning epoch time with the callbacks over without, interleaved in one process, with
+  EnergyMonitor at its defaults (MLflow on, logging to MLflow's default local store) beside
+  ``mlflow=False``, Zeus and CodeCarbon;
 - sampler cost: CPU seconds per wall second of the sampler thread at 20 Hz;
 - memory: RSS growth over a simulated 24 hours of 20 Hz sampling with a window every minute;
 - import time of green_callbacks and of each adapter.
@@ -15,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import platform
@@ -22,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -142,6 +146,26 @@ def peer_accuracy(quick: bool) -> str:
             "judged on the interval between the midpoints of its own begin and end calls.")
 
 
+@contextlib.contextmanager
+def fresh_project() -> Iterator[Path]:
+    """A new user's project folder as the working directory: no MLflow settings, so MLflow's default
+    store is created there (``mlflow.db``, MLflow 3), and green-callbacks' default ``output_dir``."""
+    import tempfile
+
+    old, saved = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
+    mlflow = sys.modules.get("mlflow")
+    with tempfile.TemporaryDirectory(prefix="green-bench-") as folder:
+        os.chdir(folder)
+        if mlflow is not None:
+            mlflow.set_tracking_uri(None)
+        try:
+            yield Path(folder)
+        finally:
+            os.chdir(old)
+            if saved is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
 def overhead(quick: bool) -> str:
     import lightning.pytorch as pl
     from digits_common import digits
@@ -157,6 +181,10 @@ def overhead(quick: bool) -> str:
     # every configuration measures the same simulated GPU (one with an energy counter) and the CPU
     fake_nvml().configure(n=1)
     os.environ.pop("FAKE_NVML_CONFIG", None)  # set by the peer accuracy run for spawned monitors
+    import torch
+
+    # one intra-op thread: on a shared 2-CPU VM two made epochs 5-10x slower and their times noise
+    torch.set_num_threads(1)
 
     def epoch_times(extra) -> list[float]:
         timer = epoch_timer()
@@ -165,20 +193,6 @@ def overhead(quick: bool) -> str:
         trainer.fit(DigitsClassifier(), train, val)
         return timer.times[1:]  # the first epoch warms caches
 
-    def monitor():
-        return EnergyMonitor(gpus="all", mlflow=False, log_artifacts=False)
-
-    configs = {
-        "without": lambda: [],
-        "an empty Callback (Lightning's own cost per callback)": lambda: [pl.Callback()],
-        "EnergyMonitor": lambda: [monitor()],
-        "EnergyMonitor + two empty Callbacks (what two more callbacks cost in Lightning)": lambda: [
-            monitor(), pl.Callback(), pl.Callback()],
-        "EnergyMonitor + stopping (EfficiencyEarlyStopping, EnergyBudget every 10 steps)": lambda: [
-            monitor(),
-            EfficiencyEarlyStopping(monitor="val_acc", mode="max", min_gain_per_kj=0.0, patience=100),
-            EnergyBudget(energy="1 MWh", check_every_n_steps=10)],
-    }
     import peers
 
     class ZeusEpochs(pl.Callback):
@@ -214,12 +228,34 @@ def overhead(quick: bool) -> str:
         def on_fit_end(self, trainer, pl_module):
             self.tracker.stop()
 
+    # EnergyMonitor as the README's main job runs it: MLflow on, MLflow's default store, default output_dir
+    configs = {
+        "without": lambda: [],
+        "an empty Callback (Lightning's own cost per callback)": lambda: [pl.Callback()],
+        "EnergyMonitor(mlflow=False)": lambda: [EnergyMonitor(gpus="all", mlflow=False)],
+        "EnergyMonitor at its defaults (MLflow on, default local store)": lambda: [EnergyMonitor(gpus="all")],
+        "EnergyMonitor at its defaults + stopping (EfficiencyEarlyStopping, EnergyBudget every 10 steps)": lambda: [
+            EnergyMonitor(gpus="all"),
+            EfficiencyEarlyStopping(monitor="val_acc", mode="max", min_gain="0 per doubling", patience=100),
+            EnergyBudget(energy="1 MWh", check_every_n_steps=10)],
+    }
     installed = peers.installed()
     if "zeus" in installed:
         configs["Zeus (peer): ZeusMonitor window per epoch"] = lambda: [ZeusEpochs()]
     if "codecarbon" in installed:
         configs["CodeCarbon (peer): tracker around fit"] = lambda: [CodeCarbonFit()]
-    return interleaved_ratios(configs, epoch_times, 2 if quick else 6, "45 steps + validation")
+    with fresh_project() as folder:
+        table = interleaved_ratios(configs, epoch_times, 3 if quick else 8, "45 steps + validation")
+        runs = len(list((folder / "green_callbacks_output").glob("*")))
+        left = list((folder / "green_callbacks_output").glob("spool-*"))
+        store = "created" if (folder / "mlflow.db").exists() else "missing"
+    note = (f"\n\nEach row: {3 if quick else 8} fits of 5 epochs, interleaved (the first epoch of each fit "
+            "not counted); the ratio is of medians, the range that of each round's ratio. The default rows "
+            f"log to MLflow's default store (`mlflow.db` in a new working directory: {store}; {runs} run folders, "
+            f"{len(left)} spools left unsent).")
+    if not installed:
+        note += " Zeus and CodeCarbon are not installed here (`pip install -e \".[bench]\"`); their rows are missing."
+    return table + note
 
 
 def sampler_cost() -> str:
@@ -287,15 +323,20 @@ def import_times() -> str:
     return "| import | median of 5 fresh processes |\n| --- | ---: |\n" + "\n".join(rows)
 
 
+SECTIONS = {
+    "accuracy": ("Accuracy against a simulated GPU with known exact energy", accuracy),
+    "peers": ("Peers on the same simulated GPU and windows", peer_accuracy),
+    "overhead": ("Overhead on Lightning training at the defaults (digits MLP on the CPU, a simulated GPU measured, "
+                 "MLflow's default store)", overhead),
+    "sampler": ("Sampler cost", lambda quick: sampler_cost()),
+    "memory": ("Memory over a long run", memory),
+    "imports": ("Import time", lambda quick: import_times()),
+}
+
+
 def main() -> int:
-    args = parse_args(__doc__, "shorter windows and fewer repeats")
-    sections = [("Accuracy against a simulated GPU with known exact energy", accuracy(args.quick)),
-                ("Peers on the same simulated GPU and windows", peer_accuracy(args.quick)),
-                ("Overhead on Lightning training (digits MLP on the CPU, a simulated GPU measured)",
-                 overhead(args.quick)),
-                ("Sampler cost", sampler_cost()),
-                ("Memory over a long run", memory(args.quick)),
-                ("Import time", import_times())]
+    args = parse_args(__doc__, "shorter windows and fewer repeats", list(SECTIONS))
+    sections = [(SECTIONS[name][0], SECTIONS[name][1](args.quick)) for name in args.only or SECTIONS]
     cpu = platform.processor() or platform.machine()
     machine = f"{platform.node()} ({os.cpu_count()} CPUs, {cpu}, Python {platform.python_version()})"
     report("Performance", measured_on(machine, "run_all.py", args.quick), sections, args.out)

@@ -10,6 +10,7 @@ import pytest
 from test_lightning_monitor import ValModel, trainer
 
 from green_callbacks.lightning import EnergyMonitor
+from green_callbacks.records import Kind
 
 from helpers import MlflowServer
 
@@ -38,15 +39,17 @@ def test_energy_reaches_a_real_tracking_server(tmp_path):
         run = found[0]
         run_id = run["info"]["run_id"]
         assert run["info"]["status"] == "FINISHED"
-        for key in ("energy/epoch_j", "energy/cumulative_j", "emissions/epoch_g", "time/epoch_s"):
+        epochs = sorted(r.step for r in monitor.records if r.kind is Kind.EPOCH)
+        assert len(epochs) == 3
+        for key in ("energy/epoch_j", "emissions/epoch_g", "time/epoch_s"):
             steps = [m["step"] for m in rest(server, "metrics/get-history", run_id=run_id, metric_key=key)["metrics"]]
-            assert sorted(steps) == [0, 1, 2], key
+            assert sorted(steps) == epochs, key
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
         assert params["green.carbon_intensity_label"] == "France (FRA)"
         tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
         assert tags["green.method.cpu"] in ("estimated", "counter")
         files = rest(server, "artifacts/list", run_id=run_id, path="green_callbacks")["files"]
-        assert sorted(f["path"] for f in files) == ["green_callbacks/epochs.csv", "green_callbacks/power.png",
+        assert sorted(f["path"] for f in files) == ["green_callbacks/intervals.csv", "green_callbacks/power.png",
                                                     "green_callbacks/power_trace.csv",
                                                     "green_callbacks/summary.json"]
     finally:

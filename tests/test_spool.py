@@ -1,102 +1,180 @@
-"""MLflow away: nothing is lost. A real ``mlflow server`` on 127.0.0.1, stopped and restarted."""
+"""The spool and its sender: each record on disk before the call returns; replay sends each exactly once."""
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
 import pytest
-from test_hf_monitor import digits, hf_trainer  # noqa: F401 - digits is a fixture
-from test_lightning_monitor import ValModel, trainer
-from transformers import TrainerCallback
+from mlflow.tracking import MlflowClient
 
 from green_callbacks.cli import main as cli
-from green_callbacks.lightning import EnergyMonitor
-from green_callbacks.sinks import MlflowSink, find_or_start_run, read_spool
-from green_callbacks.transformers import EnergyMonitor as HfEnergyMonitor
+from green_callbacks.sinks import MlflowSink, RunTarget, read_spool, replay_spool
+from green_callbacks.sinks.mlflow import spool_header
+from green_callbacks.sinks.names import sanitise
+from green_callbacks.sinks.spool import SpoolWriter, State, rejected_path, state_path
 
-from helpers import MlflowServer, history, runs
-
-
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-    # fail fast against a dead server instead of MLflow's minutes of retries
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    s = MlflowServer(tmp_path)
-    s.start()
-    yield s
-    s.stop()
+from helpers import free_port, history
 
 
-@pytest.mark.slow
-def test_server_killed_mid_training_and_restarted_loses_no_epoch(tmp_path, server, green_log):
-    class Outage(pl.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            if trainer.current_epoch == 0:
-                server.stop()
-            if trainer.current_epoch == 2:
-                server.start()
+def write_spool(path: Path, target: RunTarget, records: list[tuple[str, dict, int | None]]) -> Path:
+    """A spool as a training leaves it when its sender never ran (killed with it, say)."""
 
-    monitor = EnergyMonitor(tracking_uri=server.uri, experiment_name="outage", output_dir=str(tmp_path / "out"))
-    trainer(tmp_path, [monitor, Outage()], max_epochs=5).fit(ValModel())
-    client, (run,) = runs(server.uri, "outage")
-    assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [0, 1, 2, 3, 4]
-    assert "green_callbacks/summary.json" in [a.path for a in client.list_artifacts(run.info.run_id, "green_callbacks")]
-    assert green_log.text.count("is unavailable") == 1
-    assert not list((tmp_path / "out").glob("spool-*.jsonl")), "the spool is emptied once all was sent"
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    writer = SpoolWriter(path, fail)
+    writer.append("open", spool_header(target, path.stem.removeprefix("spool-")))
+    for kind, data, step in records:
+        writer.append(kind, data, step)
+    writer.close()
+    return path
 
 
-@pytest.mark.slow
-def test_hf_server_killed_mid_training_and_restarted_loses_no_epoch(tmp_path, server, green_log, digits):  # noqa: F811
-    class Outage(TrainerCallback):
-        def on_epoch_end(self, args, state, control, **kwargs):
-            if round(state.epoch) == 1:
-                server.stop()
-            if round(state.epoch) == 3:
-                server.start()
-
-    monitor = HfEnergyMonitor(tracking_uri=server.uri, experiment_name="outage-hf", output_dir=str(tmp_path / "out"))
-    hf_trainer(tmp_path, digits, [monitor, Outage()], epochs=5).train()
-    client, (run,) = runs(server.uri, "outage-hf")
-    assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [0, 1, 2, 3, 4]
-    assert "green_callbacks/summary.json" in [a.path for a in client.list_artifacts(run.info.run_id, "green_callbacks")]
-    assert green_log.text.count("is unavailable") == 1
-    assert not list((tmp_path / "out").glob("spool-*.jsonl")), "the spool is emptied once all was sent"
+def epochs(n: int, start: int = 0) -> list[tuple[str, dict, int | None]]:
+    return [("metrics", {"energy/epoch_j": 10.0 * s, "time/epoch_s": 0.1}, s) for s in range(start, start + n)]
 
 
-@pytest.mark.slow
-def test_server_that_never_returns_leaves_a_complete_spool_to_replay(tmp_path, server, green_log, capsys):
-    run = find_or_start_run(tracking_uri=server.uri, experiment_name="gone")
-    spool = tmp_path / "spool.jsonl"
-    sink = MlflowSink(run, spool, retry_s=0.2)
-    sink.log_metrics({"energy/epoch_j": 1.0}, step=0)
-    assert sink.flush(timeout_s=30)
-    server.stop()
-    for step in (1, 2, 3):
-        sink.log_metrics({"energy/epoch_j": float(step + 1)}, step=step)
-    sink.set_tags({"green.method.gpu": "counter"})
-    assert sink.close(timeout_s=5) is False
-    records = read_spool(spool)
-    assert [r.step for _, _, r in records if r.kind == "metrics"] == [1, 2, 3]
-    assert "green-callbacks replay" in green_log.text
-    # the documented command sends it once the server is back
-    server.start()
+def test_names_are_sanitised_as_lightnings_mlflow_logger_does(tmp_path):
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    names = ["val_acc@1", "loss (train)", "a:b", "ü-score", "top-5/acc", "x#y$z", "ok_name.1/2 -3", "f1[macro]"]
+    uri = f"sqlite:///{tmp_path}/m.db"
+    logger = MLFlowLogger(experiment_name="names", tracking_uri=uri)
+    logger.log_metrics({n: 1.0 for n in names}, step=0)
+    logged = set(MlflowClient(uri).get_run(logger.run_id).data.metrics)
+    assert logged == {sanitise(n) for n in names}
+    assert sanitise("val_acc@1") == "val_acc1"
+
+
+def test_a_torn_line_costs_only_itself_and_replay_reports_it_by_number(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    spool = write_spool(tmp_path / "spool-a.jsonl", RunTarget(uri, experiment_name="torn"), epochs(2))
+    with spool.open("ab") as f:  # a crash in the middle of writing the next record
+        f.write(b'{"seq":4,"kind":"metrics","t":1,"st')
+    writer = SpoolWriter(spool, lambda exc: None)  # the next process to append: its first record stays whole
+    writer.seq = 10
+    writer.append("metrics", {"energy/epoch_j": 20.0, "time/epoch_s": 0.1}, 2)
+    writer.close()
+    contents = read_spool(spool)
+    assert contents.unreadable == [4]
+    assert [r.step for r in contents.records if r.kind == "metrics"] == [0, 1, 2]
+
     assert cli(["replay", str(spool)]) == 0
-    assert "sent 4 records" in capsys.readouterr().out
-    client, _ = runs(server.uri)
-    assert history(client, run.run_id, "energy/epoch_j") == [(0, 1.0), (1, 2.0), (2, 3.0), (3, 4.0)]
-    assert client.get_run(run.run_id).data.tags["green.method.gpu"] == "counter"
+    out, err = capsys.readouterr()
+    assert "line 4 of" in err and "sent 3 records" in out
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("torn").experiment_id])
+    assert history(client, run.info.run_id, "energy/epoch_j") == [(0, 0.0), (1, 10.0), (2, 20.0)]
+    assert not spool.exists() and not state_path(spool).exists()
+    (kept,) = [json.loads(line) for line in rejected_path(spool).read_text().splitlines()]
+    assert kept["line"] == 4 and kept["content"].startswith('{"seq":4')
+
+
+def test_replay_sends_only_what_was_not_sent_yet(tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run("0").info.run_id
+    spool = write_spool(tmp_path / "spool-b.jsonl", RunTarget(uri, run_id, owned=False), epochs(6))
+    records = read_spool(spool).records
+    third = records[3]  # header, then epochs 0, 1, 2: an earlier sender says it sent them (it did not, here,
+    # so a replay that sent them again would show them)
+    State(offset=third.end, line=third.line, seq=third.seq, run_id=run_id, tracking_uri=uri).save(spool)
+
+    result = replay_spool(spool)
+    assert (result.sent, result.complete, result.run_id) == (3, True, run_id)
+    assert [s for s, _ in history(client, run_id, "energy/epoch_j")] == [3, 4, 5]
     assert not spool.exists()
 
 
-def test_unwritable_spool_warns_once_and_logging_goes_on(tmp_path, green_log):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    run = find_or_start_run(tracking_uri=uri)
-    blocker = tmp_path / "file"
-    blocker.write_text("not a folder")
-    sink = MlflowSink(run, blocker / "spool.jsonl")  # its parent is a file: every write fails
+def test_a_refused_name_is_set_aside_and_everything_else_is_sent(tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    # 'a//b' passes Lightning's character rule, but MLflow refuses a name that resolves to another path
+    records = [("metrics", {"energy/epoch_j": float(s), "efficiency/a//b_per_kj": 1.0}, s) for s in range(3)]
+    records += [("params", {"green.pue": "1.0"}, None), ("tags", {"green.method.gpu": "counter"}, None),
+                ("status", {"status": "FINISHED"}, None)]
+    spool = write_spool(tmp_path / "spool-c.jsonl", RunTarget(uri, experiment_name="poison"), records)
+
+    result = replay_spool(spool)
+    assert result.complete and result.set_aside == 3
+    (note,) = result.notes
+    assert "refused the metric 'efficiency/a//b_per_kj'" in note and "INVALID_PARAMETER_VALUE" in note
+    assert "cannot be reached" not in note
+    client = MlflowClient(uri)
+    run = client.get_run(result.run_id)
+    assert [s for s, _ in history(client, result.run_id, "energy/epoch_j")] == [0, 1, 2]
+    assert run.data.params["green.pue"] == "1.0" and run.data.tags["green.method.gpu"] == "counter"
+    assert run.info.status == "FINISHED"
+    kept = [json.loads(line) for line in rejected_path(spool).read_text().splitlines()]
+    assert [(k["content"]["key"], k["content"]["step"]) for k in kept] == [("efficiency/a//b_per_kj", s)
+                                                                            for s in range(3)]
+
+
+def test_replay_never_removes_a_spool_it_could_not_send(tmp_path, capsys):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    spool = write_spool(tmp_path / "spool-d.jsonl", RunTarget(uri, experiment_name="away"), epochs(2))
+    assert cli(["replay", str(spool)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot be reached" in err and "stays in the spool" in err
+    assert [r.step for r in read_spool(spool).records if r.kind == "metrics"] == [0, 1]
+    assert State.load(spool).offset == 0, "nothing was marked sent"
+
+
+@pytest.fixture
+def default_store(tmp_path, monkeypatch):
+    """MLflow's default store as a new user has it: ``mlflow.db`` in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+@pytest.mark.slow
+def test_sink_writes_ahead_and_fills_the_default_store_then_a_resumed_sink_continues(tmp_path, default_store):
+    sink = MlflowSink(RunTarget(experiment_name="sink"), tmp_path / "out")
     for step in range(3):
         sink.log_metrics({"energy/epoch_j": float(step)}, step=step)
-    assert sink.close(timeout_s=30)
-    client, _ = runs(uri)
-    assert [s for s, _ in history(client, run.run_id, "energy/epoch_j")] == [0, 1, 2]
-    assert green_log.text.count("cannot write its spool") == 1
+        on_disk = read_spool(sink.spool_path).records  # read before anything else runs: written ahead
+        assert on_disk[-1].kind == "metrics" and on_disk[-1].step == step
+        sink.interval_end()
+    sink.log_params({"green.pue": 1.2})
+    sink.set_tags({"green.method.gpu": "counter"})
+    artifact = tmp_path / "summary.json"
+    artifact.write_text("{}")
+    sink.log_artifact(artifact)
+    sink.set_status("FINISHED")
+    assert sink.close(timeout_s=60)
+    assert not sink.spool_path.exists() and not state_path(sink.spool_path).exists()
+    ref = sink.run_ref
+    assert ref is not None and ref.owned and ref.tracking_uri == default_store
+
+    # a resumed training: the checkpoint's RunRef, passed back as the target
+    resumed = MlflowSink(RunTarget(**asdict(ref)), tmp_path / "out")
+    assert resumed.run_ref == ref, "known at once: no wait for the sender"
+    resumed.log_metrics({"energy/epoch_j": 3.0}, step=3)
+    resumed.set_status("FINISHED")
+    assert resumed.close(timeout_s=60)
+    client = MlflowClient(default_store)
+    run = client.get_run(ref.run_id)
+    assert history(client, ref.run_id, "energy/epoch_j") == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0)]
+    assert run.info.status == "FINISHED" and run.data.params["green.pue"] == "1.2"
+    assert [a.path for a in client.list_artifacts(ref.run_id, "green_callbacks")] == ["green_callbacks/summary.json"]
+
+
+@pytest.mark.slow
+def test_unwritable_output_dir_costs_one_warning_and_nothing_else(tmp_path, default_store, green_log):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    sink = MlflowSink(RunTarget(experiment_name="elsewhere"), blocker / "out")  # its parent is a file
+    for step in range(3):
+        sink.log_metrics({"energy/epoch_j": float(step)}, step=step)
+        sink.interval_end()
+    sink.set_status("FINISHED")
+    assert sink.close(timeout_s=60)
+    warnings = [r.getMessage() for r in green_log.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "the MLflow spool is" in warnings[0] and str(blocker) in warnings[0]
+    client = MlflowClient(default_store)
+    assert [s for s, _ in history(client, sink.run_ref.run_id, "energy/epoch_j")] == [0, 1, 2]

@@ -26,7 +26,7 @@ from green_callbacks.sinks.spool import SENDABLE, Record, State, Unreadable, rej
 from green_callbacks.sinks.tracking import Blocked, RunClient, describe, entities, permanent, resolve_uri
 
 POLL_S = 0.2
-BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0)
+BACKOFF_S = (1.0, 2.0, 4.0, 8.0)  # then every 8 s: a refused connection costs nothing, a hung one 5 s here
 # MLflow's HTTP client reads these; the sender's own, so an outage costs seconds, not MLflow's minutes
 SENDER_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
@@ -257,12 +257,6 @@ def lock(spool: Path) -> Any:
 
 def _lower_priority() -> None:
     """Telemetry takes the CPU time training leaves free."""
-    mode = os.environ.get("XPRIO", "idle")
-    if mode == "normal":
-        return
-    if mode == "nice":
-        os.nice(10)
-        return
     with contextlib.suppress(AttributeError, OSError):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         return

@@ -1,0 +1,453 @@
+"""MLflow away, hung, restarted or refusing, the training killed: nothing finished is lost, training never waits.
+
+MLflow's client runs at its default settings (no ``MLFLOW_HTTP_REQUEST_*`` here). The server is a real
+``mlflow server`` on 127.0.0.1; a ``Link`` stands between client and server as a network does: up
+(forwards), down (nothing listens) or hung (accepts and never answers). Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning.pytorch as pl
+import psutil
+import pytest
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.tracking import MlflowClient
+from test_hf_monitor import digits, hf_trainer  # noqa: F401 - digits is a fixture
+from test_lightning_monitor import ValModel, trainer
+from transformers import TrainerCallback
+
+from green_callbacks.cli import main as cli
+from green_callbacks.lightning import EnergyMonitor
+from green_callbacks.records import Kind
+from green_callbacks.sinks import read_spool
+from green_callbacks.sinks.spool import State
+from green_callbacks.transformers import EnergyMonitor as HfEnergyMonitor
+
+from helpers import MlflowServer, fake_nvml_env, free_port
+
+SCRIPT = Path(__file__).parent / "fault_scripts" / "mlflow_kill.py"
+
+
+class Link:
+    """A TCP hop on 127.0.0.1 in front of a real server: ``up``, ``down`` (port closed) or ``hung``.
+
+    Changing state drops every open connection, as a server that goes away does.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = upstream_port
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.state = "down"
+        self._listener: socket.socket | None = None
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def set(self, state: str) -> None:
+        with self._lock:
+            self.state = state
+            for s in self._open:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            self._open.clear()
+            if state == "down" and self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            elif state != "down" and self._listener is None:
+                self._listener = socket.socket()
+                self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                self._listener.bind(("127.0.0.1", self.port))
+                self._listener.listen(64)
+                threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._open.append(conn)
+                if self.state != "up":
+                    continue  # hung: the request is never read, never answered
+                upstream = socket.create_connection(("127.0.0.1", self.upstream))
+                self._open.append(upstream)
+            threading.Thread(target=self._pump, args=(conn, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, conn), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow sqlite store with its tables made once: each test copies it (MLflow's migrations take
+    seconds, and two processes making the tables of one new store at once trip over each other)."""
+    path = tmp_path_factory.mktemp("store") / "empty.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def store(empty_store: Path, path: Path) -> str:
+    shutil.copyfile(empty_store, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def starting_server(request, tmp_path_factory, empty_store):
+    """The module's real MLflow server, starting (tens of seconds here) while the first tests run,
+    when a selected test needs it."""
+    root = tmp_path_factory.mktemp("server")
+    store(empty_store, root / "server.db")
+    s = MlflowServer(root)
+    thread = threading.Thread(target=s.start, daemon=True)
+    if any("server" in item.fixturenames for item in request.session.items):
+        thread.start()
+    yield s, thread
+    if thread.is_alive():
+        thread.join(timeout=120)
+    s.stop()
+
+
+@pytest.fixture
+def server(starting_server):
+    s, thread = starting_server
+    if thread.is_alive():
+        thread.join(timeout=120)
+    if s.proc is None:
+        pytest.fail("the mlflow server did not start")
+    return s
+
+
+@pytest.fixture
+def link(server):
+    link = Link(server.port)
+    yield link
+    link.set("down")
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > end:
+            pytest.fail(f"not within {timeout_s:g} s: {what}")
+        time.sleep(0.25)
+
+
+def the_run(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    found = client.search_runs([exp.experiment_id]) if exp is not None else []
+    assert len(found) <= 1, f"one run in {experiment}, not {len(found)}"
+    return client, (found[0] if found else None)
+
+
+def finished(uri: str, experiment: str) -> bool:
+    _, run = the_run(uri, experiment)
+    return run is not None and run.info.status == "FINISHED"
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def assert_every_interval(client: MlflowClient, run_id: str, records) -> None:
+    """Each epoch and evaluation the monitor recorded is in the run, once, at its step."""
+    for kind, key in ((Kind.EPOCH, "energy/epoch_j"), (Kind.EVALUATION, "energy/interval_j")):
+        assert steps(client, run_id, key) == sorted(r.step for r in records if r.kind is kind), key
+    assert len(client.get_metric_history(run_id, "energy/total_j")) == 1
+
+
+def no_spool(folder: Path) -> bool:
+    return not list(folder.glob("spool-*.jsonl*")) or all(p.name.endswith(".rejected.jsonl")
+                                                          for p in folder.glob("spool-*"))
+
+
+class FirstStep:
+    """When the first training step began."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def mark(self) -> None:
+        if self.at is None:
+            self.at = time.monotonic()
+
+
+def start_script(tmp_path: Path, *args: str, uri: str | None = None) -> subprocess.Popen[str]:
+    cmd = [sys.executable, str(SCRIPT), *args, str(tmp_path)] + (["--uri", uri] if uri else [])
+    env = fake_nvml_env("{}")
+    env.pop("MLFLOW_TRACKING_URI", None)  # MLflow's default store: mlflow.db in the script's working directory
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+
+def lines_until(proc: subprocess.Popen[str], prefix: str, timeout_s: float = 120.0) -> list[str]:
+    """The script's lines up to the first starting with ``prefix`` (or its end)."""
+    got: list[str] = []
+    end = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        got.append(line.strip())
+        if line.startswith(prefix) or time.monotonic() > end:
+            break
+    return got
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("framework", "delay_ms"), [("lightning", 0), ("lightning", 5), ("hf", 0), ("hf", 5)])
+def test_killed_right_after_an_epoch_hook_the_epoch_reaches_the_run(tmp_path, empty_store, framework, delay_ms):
+    # the sender dies too (the machine went down): only the spool is left, and replay sends it
+    uri = store(empty_store, tmp_path / "mlflow.db")  # MLflow's default store, in the script's working directory
+    proc = start_script(tmp_path, framework, "--epochs", "3", "--kill-epoch", "1", "--delay-ms", str(delay_ms),
+                        "--kill-sender")
+    try:
+        printed = lines_until(proc, "epoch 1")
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        proc.kill()
+    spool = printed[0].split()[2]
+    killed_at = int(printed[-1].split()[-1])
+    assert cli(["replay", spool, "--wait", "10"]) == 0
+    client, run = the_run(uri, "killed")
+    assert steps(client, run.info.run_id, "energy/epoch_j")[-1] == killed_at
+    assert len(steps(client, run.info.run_id, "energy/epoch_j")) == 2
+
+
+class OddNames(ValModel):
+    def validation_step(self, batch, batch_idx):
+        out = super().validation_step(batch, batch_idx)
+        self.log("val_acc@1", 0.5 + 0.1 * self.current_epoch)  # MLFlowLogger would log it as val_acc1
+        self.log("val/../rank", 1.0)  # allowed characters, but MLflow refuses a name resolving to another path
+        return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["lightning", "hf"])
+def test_a_refused_metric_name_costs_only_itself(tmp_path, empty_store, green_log, digits, framework):  # noqa: F811
+    uri, out = store(empty_store, tmp_path / "m.db"), tmp_path / "out"
+    if framework == "lightning":
+        monitor = EnergyMonitor(tracking_uri=uri, experiment_name="names", output_dir=str(out))
+        trainer(tmp_path, [monitor], max_epochs=3).fit(OddNames())
+        renamed, refused = "val_acc@1", "val/../rank"
+    else:
+        def odd_metrics(pred):
+            return {"acc@1": float((pred.predictions.argmax(-1) == pred.label_ids).mean()), "/../rank": 1.0}
+
+        monitor = HfEnergyMonitor(tracking_uri=uri, experiment_name="names", output_dir=str(out))
+        hf = hf_trainer(tmp_path, digits, [monitor], epochs=3)
+        hf.compute_metrics = odd_metrics
+        hf.train()
+        renamed, refused = "eval_acc@1", "eval_/../rank"
+    client, run = the_run(uri, "names")
+    assert run.info.status == "FINISHED"
+    assert_every_interval(client, run.info.run_id, monitor.records)
+    evaluations = sorted(r.step for r in monitor.records if r.kind is Kind.EVALUATION)
+    assert steps(client, run.info.run_id, f"efficiency/{renamed.replace('@', '')}_per_kj") == evaluations
+    assert run.data.params and run.data.tags["green.method.cpu"] in ("estimated", "counter")
+    assert len(client.list_artifacts(run.info.run_id, "green_callbacks")) == 4
+    assert green_log.text.count(f"'efficiency/{renamed}_per_kj' is logged as") == 1
+    assert green_log.text.count(f"refused the metric 'efficiency/{refused}_per_kj' (INVALID_PARAMETER_VALUE") == 1
+    assert "cannot be reached" not in green_log.text
+
+
+@pytest.mark.slow
+def test_a_torn_spool_line_and_a_resumed_process(tmp_path, empty_store, capsys):
+    uri = store(empty_store, tmp_path / "m.db")
+    ckpts = tmp_path / "ckpt"
+    # the machine goes down at the start of epoch 3, after epoch 2's checkpoint: trainer and sender killed
+    proc = start_script(tmp_path, "lightning", "--epochs", "5", "--checkpoints", str(ckpts), "--wait-run",
+                        "--kill-at-start", "3", "--kill-sender", uri=uri)
+    try:
+        spool = Path(lines_until(proc, "sender")[-1].split()[2])
+        assert proc.wait(timeout=120) == -signal.SIGKILL
+    finally:
+        proc.kill()
+    with spool.open("ab") as f:  # it died in the middle of a write
+        f.write(b'{"seq":99,"kind":"metrics","t":1795000000000,"step":48,"data":{"energy/epo')
+    torn_line = len(spool.read_bytes().splitlines())
+    resumed = start_script(tmp_path, "lightning", "--epochs", "5", "--resume", str(ckpts / "last.ckpt"), uri=uri)
+    assert resumed.wait(timeout=120) == 0
+
+    assert cli(["replay", str(spool), "--wait", "10"]) == 0
+    assert f"line {torn_line} of {spool} cannot be read" in capsys.readouterr().err
+    client, run = the_run(uri, "killed")
+    epochs = steps(client, run.info.run_id, "energy/epoch_j")
+    assert len(epochs) == 5 and len(set(epochs)) == 5, "every epoch of both processes, none twice"
+    assert run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_unwritable_output_dir_costs_one_warning_and_the_run_finishes(tmp_path, empty_store, green_log, capsys):
+    uri = store(empty_store, tmp_path / "m.db")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder's parent should be")
+    monitor = EnergyMonitor(tracking_uri=uri, experiment_name="unwritable", output_dir=str(blocker / "out"))
+    trainer(tmp_path, [monitor], max_epochs=2).fit(ValModel())
+    client, run = the_run(uri, "unwritable")
+    assert run.info.status == "FINISHED"
+    assert_every_interval(client, run.info.run_id, monitor.records)
+    assert green_log.text.count("the MLflow spool is") == 1
+    assert green_log.text.count("cannot write the run's outputs") == 1
+    summary = capsys.readouterr().out
+    assert "green-callbacks [finished]: 2 epochs" in summary and f"MLflow run {run.info.run_id}" in summary
+
+
+@pytest.mark.slow
+def test_a_monitor_reused_in_a_second_fit_never_logs_a_step_twice(tmp_path, empty_store, digits):  # noqa: F811
+    uri = store(empty_store, tmp_path / "m.db")
+    out = str(tmp_path / "out")
+    logger = MLFlowLogger(experiment_name="logger", tracking_uri=uri)
+    given = EnergyMonitor(output_dir=out)  # logs into the logger's run: the second fit continues its steps
+    own = HfEnergyMonitor(tracking_uri=uri, experiment_name="hf", output_dir=out)  # its own run: a new one
+    for _ in range(2):
+        trainer(tmp_path, [given], max_epochs=2, logger=logger).fit(ValModel())
+        hf_trainer(tmp_path, digits, [own], epochs=1).train()
+    client = MlflowClient(uri)
+    for experiment, runs, points in (("logger", 1, 4), ("hf", 2, 2)):
+        found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        assert len(found) == runs, experiment
+        for run in found:
+            epochs = steps(client, run.info.run_id, "energy/epoch_j")
+            assert len(epochs) == len(set(epochs)), f"{experiment}: a step logged twice {epochs}"
+        assert sum(len(steps(client, r.info.run_id, "energy/epoch_j")) for r in found) == points, experiment
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["lightning", "hf"])
+def test_server_down_at_start_then_up(tmp_path, server, link, digits, framework, green_log):  # noqa: F811
+    experiment, first = f"late-{framework}", FirstStep()
+    out = tmp_path / "out"
+
+    def back_once_it_was_missed() -> None:
+        """Up again once the sender has found it down (it first calls MLflow ~10 s into training)."""
+        wait_for("the sender found MLflow down", lambda: any(
+            "cannot be reached" in note for note in State.load(monitor.sink.spool_path).notes), 60)
+        link.set("up")
+
+    t0 = time.monotonic()
+    if framework == "lightning":
+        class Net(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                first.mark()
+
+            def on_train_epoch_end(self, trainer, pl_module):
+                if trainer.current_epoch == 1:
+                    back_once_it_was_missed()
+
+        monitor = EnergyMonitor(tracking_uri=link.uri, experiment_name=experiment, output_dir=str(out))
+        trainer(tmp_path, [monitor, Net()], max_epochs=4).fit(ValModel())
+    else:
+        class HfNet(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                first.mark()
+
+            def on_epoch_end(self, args, state, control, **kwargs):
+                if round(state.epoch) == 2:
+                    back_once_it_was_missed()
+
+        monitor = HfEnergyMonitor(tracking_uri=link.uri, experiment_name=experiment, output_dir=str(out))
+        hf_trainer(tmp_path, digits, [monitor, HfNet()], epochs=4).train()
+    assert first.at is not None and first.at - t0 < 30, "the first step did not wait for MLflow"
+    wait_for("the run finished in MLflow", lambda: finished(server.uri, experiment))
+    client, run = the_run(server.uri, experiment)
+    assert_every_interval(client, run.info.run_id, monitor.records)
+    assert "green_callbacks/summary.json" in [a.path for a in client.list_artifacts(run.info.run_id, "green_callbacks")]
+    assert green_log.text.count("cannot be reached") == 1, "one warning for the outage"
+    wait_for("the sender removed its spool", lambda: no_spool(out), 30)
+
+
+@pytest.mark.slow
+def test_server_down_at_start_and_never_back_replay_creates_and_fills_the_run(tmp_path, server, link, green_log,
+                                                                             capsys):
+    out = tmp_path / "out"
+    monitor = EnergyMonitor(tracking_uri=link.uri, experiment_name="never", output_dir=str(out))
+    t0 = time.monotonic()
+    trainer(tmp_path, [monitor], max_epochs=3).fit(ValModel())
+    assert time.monotonic() - t0 < 60, "training and its end took MLflow's minutes of retries"
+    (spool,) = out.glob("spool-*[0-9a-f].jsonl")
+    assert f"green-callbacks replay {spool}" in green_log.text
+    held = read_spool(spool)
+    assert sorted(r.step for r in held.records if r.kind == "metrics" and "energy/epoch_j" in r.data) == \
+        sorted(r.step for r in monitor.records if r.kind is Kind.EPOCH)
+    assert [r.data["status"] for r in held.records if r.kind == "status"] == ["FINISHED"]
+    # the sender would keep trying a while; here it gave up (the machine was switched off, say)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(State.load(spool).pid, signal.SIGKILL)
+
+    link.set("up")
+    assert cli(["replay", str(out), "--wait", "10"]) == 0
+    assert "sent" in capsys.readouterr().out
+    client, run = the_run(server.uri, "never")
+    assert run.info.status == "FINISHED"
+    assert_every_interval(client, run.info.run_id, monitor.records)
+    assert len(client.list_artifacts(run.info.run_id, "green_callbacks")) == 4
+    assert no_spool(out)
+
+
+@pytest.mark.slow
+def test_server_hung_mid_run_then_training_killed_loses_no_epoch(tmp_path, server, link):
+    link.set("up")
+    proc = start_script(tmp_path, "lightning", "--epochs", "6", "--pause-epoch", "0", "--kill-epoch", "3",
+                        uri=link.uri)
+    try:
+        _, spool = lines_until(proc, "sender")[-1].split()[1:]
+        lines_until(proc, "epoch 0")
+        wait_for("epoch 0 in MLflow", lambda: (r := the_run(server.uri, "killed")[1]) is not None
+                 and bool(MlflowClient(server.uri).get_metric_history(r.info.run_id, "energy/epoch_j")))
+        link.set("hung")  # from here every request hangs
+        (tmp_path / "go").touch()
+        printed = lines_until(proc, "epoch 3")
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        proc.kill()
+    logged = [int(line.split()[-1]) for line in printed if line.startswith("epoch")]
+    held = read_spool(spool)
+    assert [r.step for r in held.records if "energy/epoch_j" in r.data][-3:] == logged, "written ahead of the hang"
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(State.load(Path(spool)).pid, signal.SIGKILL)  # still waiting on the hung server
+    link.set("up")
+    assert cli(["replay", spool, "--wait", "10"]) == 0
+    client, run = the_run(server.uri, "killed")
+    assert len(steps(client, run.info.run_id, "energy/epoch_j")) == 4, "epochs 0-3, each once"
+
+
+@pytest.mark.slow
+def test_server_restarted_across_the_end_of_fit(tmp_path, server, green_log):
+    out, sender = tmp_path / "out", []
+
+    class Restart(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == trainer.max_epochs - 1:
+                sender.append(monitor.sink.sender_pid)
+                server.stop()  # the artifacts and the status are still to come
+
+    monitor = EnergyMonitor(tracking_uri=server.uri, experiment_name="restart", output_dir=str(out))
+    trainer(tmp_path, [monitor, Restart()], max_epochs=3).fit(ValModel())
+    assert "green-callbacks replay" in green_log.text, "close() gave up after its short wait and said how to replay"
+    server.start()
+    wait_for("the run finished in MLflow", lambda: finished(server.uri, "restart"), 90)
+    client, run = the_run(server.uri, "restart")
+    assert_every_interval(client, run.info.run_id, monitor.records)
+    assert len(client.list_artifacts(run.info.run_id, "green_callbacks")) == 4
+    wait_for("the sender removed the spool", lambda: no_spool(out), 30)
+    wait_for("the sender ended", lambda: not psutil.pid_exists(sender[0])
+             or psutil.Process(sender[0]).status() == psutil.STATUS_ZOMBIE, 30)
