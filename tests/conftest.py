@@ -56,3 +56,18 @@ def make_powercap(root: Path, packages: int = 1, dram: bool = True, max_uj: int 
     (psys / "energy_uj").write_text("5\n")
     (psys / "max_energy_range_uj").write_text(f"{max_uj}\n")
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Training on one thread: the same seed gives the same curve, so stopping tests decide the same way
+    every run (multithreaded CPU reductions are not bit-reproducible), and a 2-core CI is not oversubscribed."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dev dependency
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -141,7 +141,7 @@ def run_at(tmp_path, fake, watts: float, **stopper):
     module = lightning_digits_module(lr=3e-3)()
     (xt, yt), (xv, yv) = digits_tensors()
     monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False)
-    stop = gl.EfficiencyEarlyStopping(monitor="val_acc", **stopper)
+    stop = gl.EfficiencyEarlyStopping(monitor="val_acc", min_gain="2% per doubling", **stopper)
     trainer = pl.Trainer(max_epochs=60, callbacks=[monitor, stop, Work(fake)], logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          default_root_dir=tmp_path, num_sanity_val_steps=0)
@@ -154,7 +154,7 @@ def run_at(tmp_path, fake, watts: float, **stopper):
 def test_the_same_training_at_5_w_and_2000_w_stops_at_the_same_evaluation(tmp_path, fake_nvml):
     low, low_monitor = run_at(tmp_path, fake_nvml, 5.0)
     high, high_monitor = run_at(tmp_path, fake_nvml, 2000.0)
-    assert low.current_epoch < 59, "the default criterion stops this saturating run"
+    assert low.current_epoch < 59, "the criterion stops this saturating run"
     assert (low.global_step, low.current_epoch) == (high.global_step, high.current_epoch)
     # NVML counts whole millijoules: at 5 W that rounds a little
     assert high_monitor.cumulative_j == pytest.approx(400 * low_monitor.cumulative_j, rel=1e-4)

@@ -80,9 +80,9 @@ def evaluations(mon):
 def test_lightning_plateau_stops_when_accuracy_saturates(tmp_path, fake_nvml):
     fake_nvml.configure(CONSTANT_250W, work_clock=True)  # 2.5 J a step, 23 steps an epoch
     mon = monitor(tmp_path)
-    t = fit(tmp_path, [mon, gl.EfficiencyEarlyStopping(monitor="val_acc"), Work(fake_nvml)],
-            lightning_digits_module(lr=1e-2)(), max_epochs=40)
-    assert t.current_epoch < 39, "stopped before max_epochs once accuracy flattened"
+    stop = gl.EfficiencyEarlyStopping(monitor="val_acc", min_gain="2% per doubling")
+    t = fit(tmp_path, [mon, stop, Work(fake_nvml)], lightning_digits_module(lr=1e-2)(), max_epochs=40)
+    assert t.current_epoch < 30, "stopped well before max_epochs once accuracy flattened"
     assert evaluations(mon)[-1].metrics["val_acc"] > 0.9
     client, (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db")
     rid = run.info.run_id
