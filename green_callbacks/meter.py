@@ -245,8 +245,9 @@ class EnergyMeter:
         return self._measure(name, window.start_s, now, window.start_unix, window.start,
                              self._read_all(now, cheap=True), dict(window.peak_w))
 
-    def end(self, name: str) -> Measurement:
-        """Close window ``name`` and return what it cost."""
+    def end(self, name: str, reopen: bool = False) -> Measurement:
+        """Close window ``name`` and return what it cost; with ``reopen``, open it again at the same
+        instant (consecutive windows, no gap, one sensor read)."""
         if name not in self._open:
             raise ValueError(f"window {name!r} is not open; open windows: {sorted(self._open)}")
         self._sync()
@@ -254,18 +255,8 @@ class EnergyMeter:
         end = self._read_all(now)
         with self._lock:
             window = self._open.pop(name)
-        return self._measure(name, window.start_s, now, window.start_unix, window.start, end, window.peak_w)
-
-    def split(self, name: str) -> Measurement:
-        """Close window ``name`` and reopen it at the same instant: consecutive windows, no gap, one read."""
-        if name not in self._open:
-            raise ValueError(f"window {name!r} is not open; open windows: {sorted(self._open)}")
-        self._sync()
-        now = self.clock()
-        end = self._read_all(now)
-        with self._lock:
-            window = self._open.pop(name)
-            self._open[name] = _Open(now, time.time(), end, {})
+            if reopen:
+                self._open[name] = _Open(now, time.time(), end, {})
         return self._measure(name, window.start_s, now, window.start_unix, window.start, end, window.peak_w)
 
     def since_start(self) -> Measurement:

@@ -276,7 +276,7 @@ class EnergyTracker(StageHost, StopperHost, RunLedger):
         assert self.meter is not None
         self._due = None
         node = (self.rank.rank, self.rank.node)
-        interval = self.meter.split("interval")
+        interval = self.meter.end("interval", reopen=True)
         epoch_m = self.meter.end("epoch") if kind is Kind.EPOCH else None
         self.last_window = epoch_m or self.last_window
         eval_m = self._eval_window if kind is Kind.EVALUATION else None
