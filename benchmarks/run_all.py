@@ -166,31 +166,34 @@ def fresh_project() -> Iterator[Path]:
                 os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
-def overhead(quick: bool) -> str:
+def digits_fit(callbacks: list, epochs: int = 5) -> None:
+    """The overhead workload: the digits MLP on the CPU, 45 steps + validation per epoch, one
+    simulated GPU (with an energy counter) for every configuration to measure."""
     import lightning.pytorch as pl
+    import torch
     from digits_common import digits
     from lightning_digits import DigitsClassifier
     from torch.utils.data import DataLoader, TensorDataset
 
-    from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyBudget, EnergyMonitor
-
-    (xt, yt), (xv, yv) = digits()
-    train = DataLoader(TensorDataset(xt, yt), batch_size=32, shuffle=True)
-    val = DataLoader(TensorDataset(xv, yv), batch_size=512)
-
-    # every configuration measures the same simulated GPU (one with an energy counter) and the CPU
     fake_nvml().configure(n=1)
     os.environ.pop("FAKE_NVML_CONFIG", None)  # set by the peer accuracy run for spawned monitors
-    import torch
-
     # one intra-op thread: on a shared 2-CPU VM two made epochs 5-10x slower and their times noise
     torch.set_num_threads(1)
+    (xt, yt), (xv, yv) = digits()
+    train = DataLoader(TensorDataset(xt, yt), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+               ).fit(DigitsClassifier(), train, DataLoader(TensorDataset(xv, yv), batch_size=512))
+
+
+def overhead(quick: bool) -> str:
+    import lightning.pytorch as pl
+
+    from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyBudget, EnergyMonitor
 
     def epoch_times(extra) -> list[float]:
         timer = epoch_timer()
-        trainer = pl.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, callbacks=[timer, *extra()])
-        trainer.fit(DigitsClassifier(), train, val)
+        digits_fit([timer, *extra()])
         return timer.times[1:]  # the first epoch warms caches
 
     import peers
@@ -256,6 +259,64 @@ def overhead(quick: bool) -> str:
     if not installed:
         note += " Zeus and CodeCarbon are not installed here (`pip install -e \".[bench]\"`); their rows are missing."
     return table + note
+
+
+def mlflow_path(quick: bool) -> str:
+    """Where the MLflow path's time goes, counted rather than inferred from epoch times: the sink's
+    calls on the training thread, and the sender process's CPU while the epochs ran."""
+    import functools
+
+    import lightning.pytorch as pl
+    import psutil
+
+    from green_callbacks.lightning import EnergyMonitor
+    from green_callbacks.sinks.mlflow import MlflowSink
+
+    spent = [0.0]
+
+    def counted(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - t
+        return wrapper
+
+    class Sender(pl.Callback):
+        def __init__(self, monitor):
+            self.monitor, self.cpu_s = monitor, 0.0
+
+        def on_train_end(self, trainer, pl_module):  # before the monitor's end starts MLflow in the sender
+            cpu = psutil.Process(self.monitor.sink.sender_pid).cpu_times()
+            self.cpu_s = cpu.user + cpu.system
+
+    calls = ("log_metrics", "log_params", "set_tags", "interval_end")
+    originals = {name: getattr(MlflowSink, name) for name in calls}
+    rows = []
+    try:
+        for name in calls:
+            setattr(MlflowSink, name, counted(originals[name]))
+        with fresh_project():
+            for epochs, what in ((5, "as in the fits above"),
+                                 (80 if quick else 150, "the sender starts MLflow at 10 s, then sends every 5 s")):
+                spent[0] = 0.0
+                timer, monitor = epoch_timer(), EnergyMonitor(gpus="all")
+                sender = Sender(monitor)
+                digits_fit([timer, monitor, sender], epochs)
+                median = statistics.median(timer.times[1:])
+                per_epoch = spent[0] / epochs
+                rows.append(f"| {epochs} epochs: {what} | {1000 * median:.1f} ms | {1e6 * per_epoch:.0f} µs | "
+                            f"{100 * per_epoch / median:.2f} % | {sender.cpu_s:.2f} s over "
+                            f"{sum(timer.times):.1f} s |")
+    finally:
+        for name, fn in originals.items():
+            setattr(MlflowSink, name, fn)
+    return ("| EnergyMonitor at its defaults | median epoch | sink calls on the training thread, per epoch | "
+            "share of an epoch | sender process CPU while the epochs ran |\n| --- | ---: | ---: | ---: | ---: |\n"
+            + "\n".join(rows) + "\n\nThe sender runs at idle CPU priority in its own process; its CPU here is "
+            "Python's start-up, and in the long fit MLflow's import and store start-up plus a `log_batch` every 5 s.")
 
 
 def sampler_cost() -> str:
@@ -328,6 +389,7 @@ SECTIONS = {
     "peers": ("Peers on the same simulated GPU and windows", peer_accuracy),
     "overhead": ("Overhead on Lightning training at the defaults (digits MLP on the CPU, a simulated GPU measured, "
                  "MLflow's default store)", overhead),
+    "mlflow": ("Where the MLflow path's time goes", mlflow_path),
     "sampler": ("Sampler cost", lambda quick: sampler_cost()),
     "memory": ("Memory over a long run", memory),
     "imports": ("Import time", lambda quick: import_times()),

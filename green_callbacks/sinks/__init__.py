@@ -4,13 +4,36 @@
 - the sender (``python -m green_callbacks.sinks``): finds or creates the run and sends, in its own process.
 - ``replay_spool`` / ``green-callbacks replay``: sends what a spool still holds, later, exactly once.
 - ``names``: the naming rule (Lightning's ``MLFlowLogger``'s) every metric, param and tag name follows.
+
+The names below load on first use, so the sender process imports only what it needs.
 """
 
 from __future__ import annotations
 
-from green_callbacks.sinks.mlflow import MlflowSink, RunRef, RunTarget
-from green_callbacks.sinks.replay import ReplayResult, SpoolBusy, replay_spool
-from green_callbacks.sinks.spool import Record, SpoolContents, read_spool
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["MlflowSink", "Record", "ReplayResult", "RunRef", "RunTarget", "SpoolBusy", "SpoolContents",
-           "read_spool", "replay_spool"]
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load on first use
+    from green_callbacks.sinks.mlflow import MlflowSink, RunRef, RunTarget  # noqa: F401
+    from green_callbacks.sinks.replay import ReplayResult, SpoolBusy, replay_spool  # noqa: F401
+    from green_callbacks.sinks.spool import Record, SpoolContents, read_spool  # noqa: F401
+
+_LAZY = {
+    "MlflowSink": "green_callbacks.sinks.mlflow",
+    "RunRef": "green_callbacks.sinks.mlflow",
+    "RunTarget": "green_callbacks.sinks.mlflow",
+    "ReplayResult": "green_callbacks.sinks.replay",
+    "SpoolBusy": "green_callbacks.sinks.replay",
+    "replay_spool": "green_callbacks.sinks.replay",
+    "Record": "green_callbacks.sinks.spool",
+    "SpoolContents": "green_callbacks.sinks.spool",
+    "read_spool": "green_callbacks.sinks.spool",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'green_callbacks.sinks' has no attribute {name!r}")

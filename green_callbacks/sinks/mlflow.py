@@ -19,14 +19,14 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from green_callbacks.sinks.names import Names
 from green_callbacks.sinks.sender import SENDER_ENV
-from green_callbacks.sinks.spool import FORMAT, SENDABLE, SpoolWriter, State, state_path
+from green_callbacks.sinks.spool import FORMAT, SENDABLE, STARTUP_S, SpoolWriter, State, state_path
 
 log = logging.getLogger("green_callbacks")
 
@@ -109,7 +109,7 @@ class MlflowSink:
         self._names = Names()
         self._warned: set[str] = set()
         self._state = State()
-        self._state_mtime = 0
+        self._state_seen: tuple[int, int, int] | None = None  # inode, mtime, size of the state last read
         self._relayed = 0
         self._next_poll = 0.0
         self._sendable: list[int] = []  # seq of every record meant for MLflow
@@ -228,10 +228,11 @@ class MlflowSink:
             return
         self._next_poll = now + 0.5
         try:
-            mtime = os.stat(state_path(self._writer.path)).st_mtime_ns
-            if mtime != self._state_mtime:
+            st = os.stat(state_path(self._writer.path))
+            seen = (st.st_ino, st.st_mtime_ns, st.st_size)  # each save is a new file: a new inode
+            if seen != self._state_seen:
                 self._state = State.load(self._writer.path)
-                self._state_mtime = mtime
+                self._state_seen = seen
         except (OSError, ValueError, TypeError):
             return  # not written yet, or replaced at this instant: the next poll reads it
         for text in self._state.notes[self._relayed:]:
@@ -250,22 +251,35 @@ class MlflowSink:
     def _unsent(self) -> int:
         return len(self._sendable) - bisect.bisect_right(self._sendable, self._state.seq)
 
-    def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait (at most ``timeout_s``) until MLflow confirmed everything logged so far."""
-        if self._writer is None or self._closed is not None:
-            return self._closed is True
-        self._append("flush", {})  # the sender sends now instead of at its next cadence
-        end = time.monotonic() + timeout_s
+    def _wait(self, timeout_s: float, done: Callable[[], bool]) -> bool:
+        """Poll the sender until ``done()``. ``timeout_s`` counts from its first call to MLflow, so that
+        its own start-up (imports, seconds on a busy machine) is not the server's time; the whole wait
+        is capped at ``timeout_s + STARTUP_S``."""
+        start = time.monotonic()
         while True:
             self._poll(force=True)
-            if self._state.offset >= self._writer.offset and not self._writer.unwritten:
+            if done() or not self.spool_path.exists():  # only a sender that sent everything removes it
                 return True
-            if self._state.blocked or self._sender_gone() or time.monotonic() >= end:
+            if self._state.blocked or self._sender_gone():
+                return False
+            elapsed = time.monotonic() - start
+            trying = self._state.trying_since
+            waited = 0.0 if trying is None else min(elapsed, time.time() - trying)
+            if waited >= timeout_s or elapsed >= timeout_s + STARTUP_S:
                 return False
             time.sleep(0.05)
 
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until MLflow confirmed everything logged so far (``timeout_s`` as in ``close``)."""
+        if self._writer is None or self._closed is not None:
+            return self._closed is True
+        writer = self._writer
+        self._append("flush", {})  # the sender sends now instead of at its next cadence
+        return self._wait(timeout_s, lambda: self._state.offset >= writer.offset and not writer.unwritten)
+
     def close(self, timeout_s: float | None = None) -> bool:
-        """End the spool; wait at most ``timeout_s`` (default ``close_wait_s``) for MLflow to have it all.
+        """End the spool; wait ``timeout_s`` (default ``close_wait_s``; counted from the sender's first call
+        to MLflow, at most ``STARTUP_S`` more for its start-up) for MLflow to have it all.
 
         Returns True when everything was confirmed (the spool is then removed). Otherwise the
         sender keeps trying for its linger time, the spool keeps what is unsent, and one warning
@@ -280,16 +294,13 @@ class MlflowSink:
         wait = self.close_wait_s if timeout_s is None else float(timeout_s)
         writer.append("close", {"wait_s": wait})
         writer.sync()
-        end = time.monotonic() + wait
-        while not self._state.done and not self._state.blocked and not self._sender_gone() \
-                and time.monotonic() < end:
-            time.sleep(0.05)
-            self._poll(force=True)
-        if not self._state.done:
+        done = self._wait(wait, lambda: self._state.done)
+        if not done:
             writer.append("detach", {})  # the sender is on its own from here: it removes the files when done
             self._poll(force=True)
+            done = self._state.done or not writer.path.exists()
         writer.close()
-        done = self._state.done and not writer.unwritten
+        done = done and not writer.unwritten
         if done:
             for path in (writer.path, state_path(writer.path)):
                 with contextlib.suppress(FileNotFoundError):

@@ -37,7 +37,11 @@ class Names:
         return clean
 
     def metrics(self, metrics: Mapping[str, Any]) -> dict[str, float]:
-        return {self(k): float(v) for k, v in metrics.items()}
+        known = self._known
+        try:  # every name seen before: the common case, one lookup each
+            return {known[k]: float(v) for k, v in metrics.items()}
+        except KeyError:
+            return {self(k): float(v) for k, v in metrics.items()}
 
     def strings(self, values: Mapping[str, Any]) -> dict[str, str]:
         return {self(k): str(v) for k, v in values.items()}

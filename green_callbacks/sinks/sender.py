@@ -22,7 +22,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from green_callbacks.sinks.spool import SENDABLE, Record, State, Unreadable, rejected_path, scan, set_aside, state_path
+from green_callbacks.sinks.spool import (
+    SENDABLE,
+    STARTUP_S,
+    Record,
+    State,
+    Unreadable,
+    rejected_path,
+    scan,
+    set_aside,
+    state_path,
+)
 from green_callbacks.sinks.tracking import Blocked, RunClient, describe, entities, permanent, resolve_uri
 
 POLL_S = 0.2
@@ -127,6 +137,9 @@ class Sender:
         if self.client is not None and self.client.run_id is not None:
             return
         self.client = self.client or RunClient(self.uri)
+        if self.state.trying_since is None:
+            self.state.trying_since = time.time()
+            self.state.save(self.spool)
         if self.state.run_id is not None:
             self.client.run_id = self.state.run_id
             return
@@ -153,7 +166,7 @@ class Sender:
         elif item.kind == "status" and self.state.owned:
             self.client.set_status(str(item.data["status"]))
         elif item.kind == "close":
-            self.closed_until = item.t_ms / 1000 + float(item.data.get("wait_s", 0.0))
+            self.closed_until = item.t_ms / 1000 + float(item.data.get("wait_s", 0.0)) + STARTUP_S
         return self._done([item])
 
     def _send_batch(self) -> None:

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = 1
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps builds one per call
 SENDABLE = ("metrics", "params", "tags", "artifact", "status")  # kinds that carry something for MLflow
+STARTUP_S = 30.0  # the most a wait grants the sender's start-up (MLflow's imports, the store) on top of its own
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ class State:
     blocked: str | None = None  # why nothing more can be sent to this run (it was deleted, say)
     notes: list[str] = field(default_factory=list)  # the warnings given, oldest first
     pid: int | None = None
+    trying_since: float | None = None  # when the sender first called MLflow (time.time()); None: starting up
 
     @classmethod
     def load(cls, spool: Path) -> State:
@@ -163,6 +166,8 @@ class SpoolWriter:
         self.offset = size  # the end of the last complete record this writer wrote
         self.seq = 0
         self._unwritten: list[bytes] = []
+        self._writing = False
+        self._fd_open = True
         self._on_error = on_error
         self._sync = threading.Event()
         self._syncer: threading.Thread | None = None
@@ -173,8 +178,8 @@ class SpoolWriter:
         if self.closed:
             raise ValueError(f"the spool {self.path} is closed; nothing more can be appended")
         self.seq += 1
-        line = json.dumps({"seq": self.seq, "kind": kind, "t": int(time.time() * 1000), "step": step, "data": data},
-                          separators=(",", ":")).encode() + b"\n"
+        line = _encode({"seq": self.seq, "kind": kind, "t": int(time.time() * 1000), "step": step,
+                        "data": data}).encode() + b"\n"
         self._unwritten.append(line)
         self._write_pending()
         return self.seq
@@ -184,6 +189,17 @@ class SpoolWriter:
         return len(self._unwritten)
 
     def _write_pending(self) -> None:
+        if self._writing:  # re-entered from a signal handler mid-write: the outer loop writes it next
+            return
+        self._writing = True
+        try:
+            self._write_loop()
+        finally:
+            self._writing = False
+            if self.closed:  # closed by a signal handler that interrupted this write
+                self._close_fd()
+
+    def _write_loop(self) -> None:
         while self._unwritten:
             buf = (b"\n" if self._torn else b"") + self._unwritten[0]
             written = 0
@@ -212,20 +228,24 @@ class SpoolWriter:
             self._sync.wait()
             self._sync.clear()
             with self._fd_lock:
-                if self.closed:
+                if not self._fd_open:
                     return
                 with contextlib.suppress(OSError):
                     sync(self._fd)
 
     def close(self) -> None:
-        """Sync now and close the file."""
+        """Sync now and close the file (after the write a signal handler interrupted, if it did)."""
+        self.closed = True
+        if not self._writing:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
         with self._fd_lock:
-            if self.closed:
-                return
-            self.closed = True
-            with contextlib.suppress(OSError):
-                os.fsync(self._fd)
-            os.close(self._fd)
+            if self._fd_open:
+                self._fd_open = False
+                with contextlib.suppress(OSError):
+                    os.fsync(self._fd)
+                os.close(self._fd)
         self._sync.set()  # the sync thread wakes and ends
 
 

@@ -4,8 +4,8 @@
         [--kill-sender] [--pause-epoch P] [--checkpoints DIR] [--kill-at-start K] [--wait-run] [--resume CKPT]
 
 Prints ``sender PID SPOOL`` once the monitor started and ``epoch E step S`` after each epoch's hook
-(S: the step the monitor logged the epoch at). ``--pause-epoch`` waits after that epoch until the
-file OUT/go exists, so the test can change the network mid-run.
+(S: the step the monitor logged the epoch at). ``--pause-epoch`` flushes that epoch to MLflow, prints,
+and waits until the file OUT/go exists, so the test can change the network mid-run.
 """
 
 import argparse
@@ -40,6 +40,8 @@ def started():
 
 
 def after_epoch(epoch):
+    if epoch == args.pause_epoch:
+        sink().flush(60)  # in MLflow before the test changes the network
     print(f"epoch {epoch} step {monitor.records[-1].step}", flush=True)
     if args.wait_run and epoch == 0:
         end = time.monotonic() + 60
