@@ -16,7 +16,11 @@ the first evaluation within 0.5 points of the fixed run's final accuracy. Energy
 accuracy lost are against the fixed run's final evaluation. Rules whose decisions use energy run
 at both powers; Lightning's ``EarlyStopping`` runs at 5 W only. Other criteria (thresholds,
 estimators, the first version's per-kJ rule, marginal/average efficiency, Prechelt's GL and PQ)
-are replayed on the fixed runs' evaluations. ``--quick``: one seed per task instead of three.
+and variants of the default (the window's width, the best value so far, patience in energy, no new best)
+are replayed on the fixed runs' evaluations, and the default and patience in energy again as if the runs
+had been evaluated every 2nd or 3rd epoch. Printed: means over every run (with the worst task's mean over
+its seeds and the worst single run), each task's means over its seeds, and every run.
+``--quick``: one seed per task instead of three.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from common import measured_on, parse_args, report
 from run_all import fake_nvml
 
 from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyMonitor
-from green_callbacks.policies import EfficiencyPlateau
+from green_callbacks.policies import EfficiencyPlateau, theil_sen_slope
 
 MAX_EPOCHS = 60
 POWERS_W = (5.0, 2000.0)
@@ -190,6 +194,46 @@ def plateau(min_gain: str = "0.5% per doubling", patience: int = 3, metric: str 
     return rule
 
 
+def doubling_variant(width: float = 1.0, best: bool = False, span: float | None = None, span_from: str = "streak",
+                     no_new_best: int | float | None = None, patience: int = 3) -> Replay:
+    """The default criterion (val_acc, 0.5 % per doubling, min_evaluations 4) with one part changed.
+
+    ``width``: the window holds the last ``width`` doublings of energy (default 1). ``best``: the slope
+    is fitted to the best value so far (what a checkpoint keeps) instead of the raw values. ``span``:
+    patience in energy instead of evaluations: stop once the gain has been at or below the threshold
+    at every evaluation of the last ``span`` doublings; ``span_from="streak"`` measures from the first
+    evaluation at or below, ``"above"`` from the last evaluation above it (or the warm-up's end).
+    ``no_new_best``: also require no new best value for that many evaluations (an int) or doublings
+    of energy (a float), Prechelt-style.
+    """
+    def rule(run: Evaluations) -> int:
+        window: list[tuple[float, float]] = []
+        wait, streak_j, above_j, best_v, best_i = 0, 0.0, run.true_j[0], -math.inf, 0
+        for i, (v, j) in enumerate(zip(run.acc, run.true_j, strict=True)):
+            if v > best_v:
+                best_v, best_i = v, i
+            window = [p for p in window if j <= 2 ** width * p[0]] + [(j, best_v if best else v)]
+            if j < 2 * run.true_j[0] or len(window) < 4:
+                above_j = j
+                continue
+            slope = theil_sen_slope([math.log2(p[0]) for p in window], [math.log2(p[1]) for p in window])
+            if slope is not None and 100 * (2 ** slope - 1) <= 0.5:
+                wait, streak_j = wait + 1, streak_j if wait else j
+            else:
+                wait, above_j = 0, j
+                continue
+            ref = streak_j if span_from == "streak" else above_j
+            stop = wait >= patience if span is None else math.log2(j / ref) >= span
+            if isinstance(no_new_best, int):
+                stop = stop and i - best_i >= no_new_best
+            elif no_new_best is not None:
+                stop = stop and math.log2(j / run.true_j[best_i]) >= no_new_best
+            if stop:
+                return i
+        return len(run.acc) - 1
+    return rule
+
+
 class LeastSquaresPlateau(EfficiencyPlateau):
     """The same criterion with an ordinary least-squares slope instead of Theil-Sen."""
 
@@ -255,6 +299,19 @@ REPLAYS: dict[str, Replay] = {
     "0.5% per doubling, patience 2": plateau(patience=2),
     "0.5% per doubling, patience 5": plateau(patience=5),
     "least squares instead of Theil-Sen": plateau(kind=LeastSquaresPlateau),
+    "window: the last half doubling": doubling_variant(width=0.5),
+    "window: the last 1.5 doublings": doubling_variant(width=1.5),
+    "window: the last two doublings": doubling_variant(width=2.0),
+    "slope of the best value so far (what a checkpoint keeps)": doubling_variant(best=True),
+    "best value so far, window the last half doubling": doubling_variant(width=0.5, best=True),
+    "patience in energy: at or below for the last 1/8 doubling": doubling_variant(span=1 / 8),
+    "patience in energy: at or below for the last 1/4 doubling": doubling_variant(span=1 / 4),
+    "patience in energy: at or below for the last 1/2 doubling": doubling_variant(span=1 / 2),
+    "patience in energy: last gain above 1/8 doubling back": doubling_variant(span=1 / 8, span_from="above"),
+    "patience in energy: last gain above 1/4 doubling back": doubling_variant(span=1 / 4, span_from="above"),
+    "and no new best for 5 evaluations (Prechelt-style)": doubling_variant(no_new_best=5),
+    "and no new best for 1/2 doubling of energy": doubling_variant(no_new_best=0.5),
+    "best value so far, patience in energy 1/2 doubling": doubling_variant(best=True, span=1 / 2),
     "absolute: 0.005 per doubling (val_acc units)": plateau("0.005 per doubling"),
     "0.5% per doubling on val_loss": plateau(metric="loss"),
     "exchange rate: 0.1 per kWh (Theil-Sen over the last doubling)": plateau("0.1 per kWh"),
@@ -267,14 +324,58 @@ REPLAYS: dict[str, Replay] = {
 }
 
 
+SPARSE_EVERY = (1, 2, 3)
+ORDINAL = {1: "", 2: "2nd ", 3: "3rd "}
+SPARSE: dict[str, Replay] = {
+    "default: patience 3 evaluations": plateau(),
+    "patience in energy: at or below for the last 1/4 doubling": doubling_variant(span=1 / 4),
+    "patience in energy: last gain above 1/8 doubling back": doubling_variant(span=1 / 8, span_from="above"),
+}
+
+
+def every(run: Evaluations, k: int) -> Evaluations:
+    """The fixed run as if it had been evaluated every k-th epoch (its joules still include every validation)."""
+    sparse = Evaluations()
+    sparse.acc, sparse.loss, sparse.true_j = run.acc[k - 1::k], run.loss[k - 1::k], run.true_j[k - 1::k]
+    return sparse
+
+
+def sparse_table(fixed_runs: list[Evaluations]) -> str:
+    lines = ["| criterion (val_acc, 0.5 % per doubling) | " + " | ".join(
+        f"every {ORDINAL[k]}epoch: saved / lost (pt)" for k in SPARSE_EVERY)
+        + " |", "| --- |" + " ---: |" * len(SPARSE_EVERY)]
+    for name, rule in SPARSE.items():
+        cells = []
+        for k in SPARSE_EVERY:
+            saved, lost = [], []
+            for run in fixed_runs:
+                sparse = every(run, k)
+                stop = rule(sparse)
+                saved.append(1 - sparse.true_j[stop] / run.true_j[-1])
+                lost.append(100 * (run.acc[-1] - sparse.acc[stop]))
+            cells.append(f"{100 * statistics.fmean(saved):.1f} % / {statistics.fmean(lost):+.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # -- the report ---------------------------------------------------------------------------------------
 
 
 @dataclass
 class Outcome:
+    task: str
     saved: float  # fraction of the fixed run's energy, at 5 W
     lost_pt: float  # accuracy points below the fixed run's final evaluation
     same: bool | None  # the same stop (evaluation, energy fraction) at 5 W and 2000 W; None: uses no energy
+
+
+def task_means(results: list[Outcome]) -> dict[str, tuple[float, float]]:
+    """Each task's (energy saved, accuracy points lost), means over its seeds."""
+    tasks: dict[str, list[Outcome]] = {}
+    for o in results:
+        tasks.setdefault(o.task, []).append(o)
+    return {t: (statistics.fmean(o.saved for o in rs), statistics.fmean(o.lost_pt for o in rs))
+            for t, rs in tasks.items()}
 
 
 def same_stops(results: list[Outcome]) -> str:
@@ -284,13 +385,28 @@ def same_stops(results: list[Outcome]) -> str:
 
 
 def summary(outcomes: dict[str, list[Outcome]], what: str) -> str:
-    lines = [f"| {what} | mean energy saved | mean accuracy lost (pt) | worst loss (pt) | "
-             "same stop at 5 W and 2000 W |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [f"| {what} | mean energy saved | mean accuracy lost (pt) | worst task: mean loss (pt) | "
+             "worst run: loss (pt) | same stop at 5 W and 2000 W |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for rule, results in outcomes.items():
+        worst_task, (_, worst_loss) = max(task_means(results).items(), key=lambda kv: kv[1][1])
         lines.append(f"| {rule} | {100 * statistics.fmean(o.saved for o in results):.1f} % | "
                      f"{statistics.fmean(o.lost_pt for o in results):+.2f} | "
+                     f"{worst_loss:+.2f} ({worst_task}) | "
                      f"{max(o.lost_pt for o in results):+.2f} | "
                      f"{same_stops(results)} |")
+    return "\n".join(lines)
+
+
+def per_task(outcomes: dict[str, list[Outcome]]) -> str:
+    """Energy saved and accuracy lost per task (means over its seeds), and their means over tasks."""
+    names = [task.name for task in TASKS]
+    lines = ["| rule | " + " | ".join(names) + " | mean of the tasks |", "| --- |" + " ---: |" * (len(names) + 1)]
+    for rule, results in outcomes.items():
+        means = task_means(results)
+        cells = [f"{100 * means[t][0]:.1f} % / {means[t][1]:+.2f}" for t in names]
+        cells.append(f"{100 * statistics.fmean(means[t][0] for t in names):.1f} % / "
+                     f"{statistics.fmean(means[t][1] for t in names):+.2f}")
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -309,7 +425,7 @@ def by_power(replayed: dict[str, list[tuple[Outcome, ...]]]) -> dict[str, list[O
 def benchmark(seeds: int) -> list[tuple[str, str]]:
     real: dict[str, list[Outcome]] = {rule: [] for rule in [*RULES, "oracle"]}
     replayed: dict[str, list[tuple[Outcome, ...]]] = {name: [] for name in REPLAYS}
-    rows, agree = [], 0
+    rows, agree, fixed_runs = [], 0, []
     with tempfile.TemporaryDirectory() as out:
         for task in TASKS:
             for seed in range(seeds):
@@ -326,19 +442,21 @@ def benchmark(seeds: int) -> list[tuple[str, str]]:
                         same = hi.acc == lo.acc and abs(1 - hi_j / fixed[POWERS_W[1]][1] - saved) < 1e-9
                         stops = f"{len(lo.acc)} / {len(hi.acc)}"
                     prefix = lo.acc == fixed[POWERS_W[0]][0].acc[:len(lo.acc)]
-                    real[rule].append(Outcome(saved, 100 * (final - lo.acc[-1]), same))
+                    real[rule].append(Outcome(task.name, saved, 100 * (final - lo.acc[-1]), same))
                     rows.append(f"| {task.name} ({task.shape}) | {seed} | {rule} | {stops} | {100 * saved:.1f} % | "
                                 f"{lo.acc[-1]:.4f} | {100 * (final - lo.acc[-1]):+.2f} |"
                                 f"{'' if prefix else ' **not a prefix of the fixed run**'}")
                 base = fixed[POWERS_W[0]][0]
+                fixed_runs.append(base)
                 k = next(i for i, a in enumerate(base.acc) if a >= final - ORACLE_TOLERANCE)
-                real["oracle"].append(Outcome(1 - base.true_j[k] / base.true_j[-1], 100 * (final - base.acc[k]), None))
+                real["oracle"].append(Outcome(task.name, 1 - base.true_j[k] / base.true_j[-1],
+                                              100 * (final - base.acc[k]), None))
                 rows.append(f"| {task.name} ({task.shape}) | {seed} | oracle | {k + 1} | "
                             f"{100 * real['oracle'][-1].saved:.1f} % | {base.acc[k]:.4f} | "
                             f"{real['oracle'][-1].lost_pt:+.2f} |")
                 for name, rule in REPLAYS.items():
                     stops = [rule(fixed[w][0]) for w in POWERS_W]
-                    replayed[name].append(tuple(Outcome(1 - base.true_j[stop] / base.true_j[-1],
+                    replayed[name].append(tuple(Outcome(task.name, 1 - base.true_j[stop] / base.true_j[-1],
                                                         100 * (final - base.acc[stop]), stops[0] == stops[1])
                                                 for stop in stops))
                 agree += plateau()(base) + 1 == len(runs['EfficiencyEarlyStopping("val_acc")', POWERS_W[0]][0].acc)
@@ -353,7 +471,14 @@ def benchmark(seeds: int) -> list[tuple[str, str]]:
             "the energy scale has the same row at both powers.")
     return [(f"Stopping rules in real training ({len(TASKS)} tasks x {seeds} seeds, max {MAX_EPOCHS} epochs)",
              summary(real, "rule")),
+            ("Per task: energy saved / accuracy lost (pt), means over the seeds",
+             "Each cell is one task's mean over its seeds; \"no task above 2.5 points\" is judged on these.\n\n"
+             + per_task(real)),
             ("Criteria compared", note + "\n\n" + summary(by_power(replayed), "criterion")),
+            ("Evaluating less often",
+             "The fixed runs replayed as if evaluated every 2nd or 3rd epoch (their joules still include the "
+             "skipped validations, a validation sample costing a third of a training sample): a decision that "
+             "does not depend on how often one evaluates keeps its row.\n\n" + sparse_table(fixed_runs)),
             ("Per task and seed", head + "\n" + "\n".join(rows))]
 
 
