@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import lightning.pytorch as pl
@@ -88,7 +89,8 @@ def test_lightning_plateau_stops_when_accuracy_saturates(tmp_path, fake_nvml):
     rid = run.info.run_id
     assert run.data.tags["green.stop_reason"] == "efficiency_plateau"
     stat = history(client, rid, "stopping/val_acc_gain_pct_per_doubling")
-    assert f"{stat[-1][1]:.3g}" in run.data.tags["green.stop_message"], "the message quotes the logged statistic"
+    quoted = float(re.search(r"gained (-?[0-9.e+-]+) %", run.data.tags["green.stop_message"]).group(1))
+    assert quoted == pytest.approx(stat[-1][1], rel=1e-3), "the message quotes the logged statistic"
     (step, saved), = history(client, rid, "energy/saved_j_projected")
     assert saved == pytest.approx(2.5 * (40 * 23 - (step + 1)), rel=1e-6), "the rest of the run at 2.5 J a step"
 
