@@ -285,12 +285,19 @@ def mlflow_path(quick: bool) -> str:
         return wrapper
 
     class Sender(pl.Callback):
-        def __init__(self, monitor):
-            self.monitor, self.cpu_s = monitor, 0.0
+        """At the last epoch's end, before the monitor's end starts MLflow in the sender: its CPU so
+        far, and the largest gap between two of the sampler's readings (a stall in the training
+        process would show there)."""
 
-        def on_train_end(self, trainer, pl_module):  # before the monitor's end starts MLflow in the sender
+        def __init__(self, monitor):
+            self.monitor, self.cpu_s, self.gap_s = monitor, 0.0, 0.0
+
+        def on_train_end(self, trainer, pl_module):
             cpu = psutil.Process(self.monitor.sink.sender_pid).cpu_times()
             self.cpu_s = cpu.user + cpu.system
+            trace = self.monitor.meter.trace_frame()
+            if self.monitor.meter.trace.stride == 1:
+                self.gap_s = float(trace["time_s"].diff().max())
 
     calls = ("log_metrics", "log_params", "set_tags", "interval_end")
     originals = {name: getattr(MlflowSink, name) for name in calls}
@@ -309,12 +316,13 @@ def mlflow_path(quick: bool) -> str:
                 per_epoch = spent[0] / epochs
                 rows.append(f"| {epochs} epochs: {what} | {1000 * median:.1f} ms | {1e6 * per_epoch:.0f} µs | "
                             f"{100 * per_epoch / median:.2f} % | {sender.cpu_s:.2f} s over "
-                            f"{sum(timer.times):.1f} s |")
+                            f"{sum(timer.times):.1f} s | {1000 * sender.gap_s:.0f} ms |")
     finally:
         for name, fn in originals.items():
             setattr(MlflowSink, name, fn)
     return ("| EnergyMonitor at its defaults | median epoch | sink calls on the training thread, per epoch | "
-            "share of an epoch | sender process CPU while the epochs ran |\n| --- | ---: | ---: | ---: | ---: |\n"
+            "share of an epoch | sender process CPU while the epochs ran | largest gap between sampler readings "
+            "(period 50 ms) |\n| --- | ---: | ---: | ---: | ---: | ---: |\n"
             + "\n".join(rows) + "\n\nThe sender runs at idle CPU priority in its own process; its CPU here is "
             "Python's start-up, and in the long fit MLflow's import and store start-up plus a `log_batch` every 5 s.")
 

@@ -117,7 +117,7 @@ class MlflowSink:
         mlflow = sys.modules.get("mlflow")  # the user's process already has it: its URI costs nothing
         uri = target.tracking_uri or (mlflow.get_tracking_uri() if mlflow is not None else None)
         self._run_ref = RunRef(target.run_id, uri, target.owned) if target.run_id and uri else None
-        self._writer = self._open_spool(Path(output_dir))
+        self._writer = self._open_spool(Path(output_dir).absolute())  # the sender and replay commands see it
         self._proc: subprocess.Popen[bytes] | None = None
         if self._writer is None:
             return
