@@ -186,7 +186,7 @@ class EnergyTracker(StageHost, StopperHost, RunLedger):
             target = RunTarget(tracking_uri or self.tracking_uri, active, owned=False)
         else:
             target = RunTarget(tracking_uri or self.tracking_uri, run_id, self.experiment_name, self.run_name,
-                               owned=run_id is None)
+                               owned=run_id is None, local_id=self.local_id)  # a resumed run found by its tag
         self.sink = MlflowSink(target, self.output_dir)
         if self.run is None:
             self.run = self.sink.run_ref

@@ -43,6 +43,9 @@ class RunTarget:
         experiment_name: the experiment of a run this package opens (MLflow's default when ``None``).
         run_name: the name of a run this package opens.
         owned: this package opened (or opens) the run, so it sets the run's final status.
+        local_id: names a run this package opens (its tag ``green.local_id``; the sink's own
+            ``local_id`` when ``None``), so that a training resumed before the run existed in MLflow
+            (its sender had not reached the server yet) continues that run instead of opening another.
     """
 
     tracking_uri: str | None = None
@@ -50,6 +53,7 @@ class RunTarget:
     experiment_name: str | None = None
     run_name: str | None = None
     owned: bool = True
+    local_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,8 @@ class RunClient:
         self.run_id: str | None = None
 
     def open(self, header: dict[str, Any]) -> tuple[str, bool]:
-        """The run of a spool: the one it names, else the one an earlier try created, else a new one."""
+        """The run of a spool: the one it names, else the one tagged with its local id (created by an
+        earlier try whose answer was lost, or by the training this one resumes), else a new one."""
         target = header["target"]
         c = self.client
         if target.get("run_id"):
@@ -94,7 +95,7 @@ class RunClient:
             return run_id, bool(target.get("owned"))
         exp_id = self._experiment(target.get("experiment_name") or header.get("env_experiment_name"),
                                   header.get("env_experiment_id"))
-        local_id = header["local_id"]
+        local_id = target.get("local_id") or header["local_id"]
         found = c.search_runs([exp_id], f"tags.`{LOCAL_ID_TAG}` = '{local_id}'", max_results=1)
         if found:
             self.run_id = found[0].info.run_id
