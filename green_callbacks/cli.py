@@ -94,7 +94,7 @@ def _replay_spools(args: argparse.Namespace) -> int:
     code = 0
     for spool in spools:
         try:
-            result = replay_spool(spool, args.tracking_uri, args.wait)
+            result = replay_spool(spool, args.tracking_uri, args.wait, lambda text: print(text, file=sys.stderr))
         except FileNotFoundError:
             print(f"error: no spool file at {spool} (a sender removes its spool once everything is sent)",
                   file=sys.stderr)

@@ -273,8 +273,9 @@ def test_a_refused_metric_name_costs_only_itself(tmp_path, empty_store, green_lo
 def test_a_torn_spool_line_and_a_resumed_process(tmp_path, empty_store, capsys):
     uri = store(empty_store, tmp_path / "m.db")
     ckpts = tmp_path / "ckpt"
-    # the machine goes down at the start of epoch 3, after epoch 2's checkpoint: trainer and sender killed
-    proc = start_script(tmp_path, "lightning", "--epochs", "5", "--checkpoints", str(ckpts), "--wait-run",
+    # the machine goes down at the start of epoch 3, after epoch 2's checkpoint: trainer and sender killed,
+    # likely before the sender made the run (it calls MLflow 10 s in); the run is found by its local id
+    proc = start_script(tmp_path, "lightning", "--epochs", "5", "--checkpoints", str(ckpts),
                         "--kill-at-start", "3", "--kill-sender", uri=uri)
     try:
         spool = Path(lines_until(proc, "sender")[-1].split()[2])

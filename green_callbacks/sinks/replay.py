@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,19 +31,25 @@ class SpoolBusy(RuntimeError):
     """Another process is still writing or sending the spool."""
 
 
-def replay_spool(path: str | Path, tracking_uri: str | None = None, wait_s: float = 60.0) -> ReplayResult:
+def replay_spool(path: str | Path, tracking_uri: str | None = None, wait_s: float = 60.0,
+                 waiting: Callable[[str], None] | None = None) -> ReplayResult:
     """Send what a spool still holds to its run (creating the run if it never was), then remove it.
 
     Idempotent: what an earlier sender or replay sent (the state file says so) is not sent again.
     Unreadable lines are reported by number and set aside in ``<spool>.rejected.jsonl``; a spool is
     removed only when nothing in it is left unsent. ``wait_s`` bounds the wait for a sender that
-    still holds it (one keeps trying for a while after its training ended).
+    still holds it (one keeps trying for a while after its training ended); ``waiting`` hears once
+    that it waits.
     """
     spool = Path(path)
     if not spool.is_file():
         raise FileNotFoundError(f"no spool file at {spool}")
     end = time.monotonic() + wait_s
     while (held := lock(spool)) is None:
+        if waiting is not None:
+            waiting(f"a green-callbacks sender (pid {State.load(spool).pid}) is still sending {spool}; waiting up to "
+                    f"{wait_s:g} s for it")
+            waiting = None
         if time.monotonic() > end:
             raise SpoolBusy(f"a green-callbacks sender (pid {State.load(spool).pid}) is still sending {spool}; it "
                             "stops by itself once done or after its linger time; run replay again then")

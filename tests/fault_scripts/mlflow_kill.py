@@ -1,7 +1,7 @@
 """A training killed with SIGKILL right after an epoch's hook; what it logged must reach MLflow after all.
 
     python mlflow_kill.py lightning|hf OUT [--uri URI] [--epochs N] [--kill-epoch K] [--delay-ms D]
-        [--kill-sender] [--pause-epoch P] [--checkpoints DIR] [--kill-at-start K] [--wait-run] [--resume CKPT]
+        [--kill-sender] [--pause-epoch P] [--checkpoints DIR] [--kill-at-start K] [--resume CKPT]
 
 Prints ``sender PID SPOOL`` once the monitor started and ``epoch E step S`` after each epoch's hook
 (S: the step the monitor logged the epoch at). ``--pause-epoch`` flushes that epoch to MLflow, prints,
@@ -25,7 +25,6 @@ parser.add_argument("--kill-sender", action="store_true", help="kill the sender 
 parser.add_argument("--pause-epoch", type=int)
 parser.add_argument("--checkpoints", help="save a Lightning checkpoint after every epoch here")
 parser.add_argument("--kill-at-start", type=int, help="kill at the start of this epoch (after its checkpoint)")
-parser.add_argument("--wait-run", action="store_true", help="after epoch 0, wait until the MLflow run is known")
 parser.add_argument("--resume", help="a Lightning checkpoint to resume from")
 args = parser.parse_args()
 out = Path(args.out)
@@ -43,10 +42,6 @@ def after_epoch(epoch):
     if epoch == args.pause_epoch:
         sink().flush(60)  # in MLflow before the test changes the network
     print(f"epoch {epoch} step {monitor.records[-1].step}", flush=True)
-    if args.wait_run and epoch == 0:
-        end = time.monotonic() + 60
-        while sink().run_ref is None and time.monotonic() < end:
-            time.sleep(0.1)
     if epoch == args.pause_epoch:
         end = time.monotonic() + 60
         while not (out / "go").exists() and time.monotonic() < end:
