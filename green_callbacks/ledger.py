@@ -7,7 +7,6 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from green_callbacks.accounting import Accountant
@@ -145,9 +144,7 @@ class RunLedger:
                 "evaluations": self.evaluations, "points": self.points, "epoch": self.epoch,
                 "step_offset": self.step_offset, "last_logged_step": self.last_logged_step,
                 "records": [r.to_json() for r in self.records], "run": asdict(run) if run is not None else None,
-                "local_id": self.local_id,
-                # the run may not exist yet (the sender opens it): its spool knows it once it does
-                "spool": str(self.sink.spool_path) if self.sink is not None and run is None else None}
+                "local_id": self.local_id}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         from green_callbacks.sinks import RunRef
@@ -165,12 +162,6 @@ class RunLedger:
             self._since_eval = _Since(self._last_point_step)
         if state.get("run") and self.run is None:
             self.run = RunRef(**state["run"])
-        elif state.get("spool") and self.run is None:
-            from green_callbacks.sinks.spool import State
-
-            sent = State.load(Path(state["spool"]))
-            if sent.run_id and sent.tracking_uri:
-                self.run = RunRef(sent.run_id, sent.tracking_uri, sent.owned)
         self._params_logged = self.run is not None
         self._restored = True
 

@@ -70,7 +70,7 @@ def test_hf_step_mode_logs_energy_at_every_evaluation_on_the_trainers_axis(tmp_p
 
 def test_hf_step_mode_stops_at_an_evaluation_once_accuracy_flattens(tmp_path, digits, tracking):  # noqa: F811
     monitor = gt.EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False)
-    stopper = gt.EfficiencyEarlyStopping(monitor="accuracy")  # the defaults
+    stopper = gt.EfficiencyEarlyStopping(monitor="accuracy", min_gain="2% per doubling")
     t = step_trainer(tmp_path, digits, [monitor, stopper], max_steps=1200, eval_steps=20, report_to=["mlflow"])
     t.train()
     client, (run,) = runs(tracking)

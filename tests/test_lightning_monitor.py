@@ -113,7 +113,7 @@ def test_without_a_logger_opens_one_run_and_measures_test_per_sample(tmp_path, c
     assert samples == [(0, 64.0)]  # BoringModel's test set: 64 samples
     assert per_sample[0][1] == pytest.approx(test_j[0][1] / 64)
     out = capsys.readouterr().out
-    assert out.count("green-callbacks: 2 epochs, 2 evaluations, 127 steps") == 1
+    assert out.count("green-callbacks [finished]: 2 epochs, 2 evaluations, 127 steps") == 1
     assert f"MLflow run {run.info.run_id}" in out
 
 
@@ -169,7 +169,7 @@ def test_exception_in_training_step_keeps_the_partial_epoch_and_marks_the_run_fa
         trainer(tmp_path, [monitor], max_epochs=3).fit(Boom())
     client, (run,) = runs(uri)
     assert run.info.status == "FAILED"
-    assert steps(client, run.info.run_id, "energy/epoch_j") == [63, 67], "the partial epoch ends at its last step"
+    assert steps(client, run.info.run_id, "energy/epoch_j") == [63, 66], "the partial epoch ends at its last step"
     assert epochs_of(monitor)[-1].partial and epochs_of(monitor)[-1].epoch == 1
     assert "green_callbacks/summary.json" in artifacts(client, run.info.run_id)
 
