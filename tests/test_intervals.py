@@ -68,10 +68,23 @@ def test_hf_step_mode_logs_energy_at_every_evaluation_on_the_trainers_axis(tmp_p
     assert [r.start_step for r in monitor.records if r.kind.value == "evaluation"] == [0, 10, 20, 30, 40, 50]
 
 
-def test_hf_step_mode_stops_at_an_evaluation_once_accuracy_flattens(tmp_path, digits, tracking):  # noqa: F811
-    monitor = gt.EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False)
-    stopper = gt.EfficiencyEarlyStopping(monitor="accuracy", min_gain="2% per doubling")
-    t = step_trainer(tmp_path, digits, [monitor, stopper], max_steps=1200, eval_steps=20, report_to=["mlflow"])
+class HfWork(TrainerCallback):
+    """The simulated GPU's work clock: 10 ms of work per optimizer step."""
+
+    def __init__(self, fake) -> None:
+        self.fake = fake
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.fake.advance(0.010)
+
+
+def test_hf_step_mode_stops_at_an_evaluation_once_accuracy_flattens(tmp_path, digits, tracking,  # noqa: F811
+                                                                    fake_nvml):
+    fake_nvml.configure([{"profile": [[1.0, 300.0]]}], work_clock=True)
+    monitor = gt.EnergyMonitor(gpus="all", measure_cpu=False, output_dir=str(tmp_path / "out"), log_artifacts=False)
+    stopper = gt.EfficiencyEarlyStopping(monitor="accuracy", min_gain="5% per doubling")
+    t = step_trainer(tmp_path, digits, [monitor, stopper, HfWork(fake_nvml)], max_steps=1200, eval_steps=20,
+                     report_to=["mlflow"])
     t.train()
     client, (run,) = runs(tracking)
     rid = run.info.run_id
