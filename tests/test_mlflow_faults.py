@@ -261,7 +261,9 @@ def test_a_refused_metric_name_costs_only_itself(tmp_path, empty_store, green_lo
     assert run.info.status == "FINISHED"
     assert_every_interval(client, run.info.run_id, monitor.records)
     evaluations = sorted(r.step for r in monitor.records if r.kind is Kind.EVALUATION)
-    assert steps(client, run.info.run_id, f"efficiency/{renamed.replace('@', '')}_per_kj") == evaluations
+    eff = steps(client, run.info.run_id, f"efficiency/{renamed.replace('@', '')}_per_kj")
+    # per kJ needs energy: the CPU estimate can read 0 J before its first utilisation sample
+    assert eff == evaluations[len(evaluations) - len(eff):] and len(eff) >= len(evaluations) - 1
     assert run.data.params and run.data.tags["green.method.cpu"] in ("estimated", "counter")
     assert len(client.list_artifacts(run.info.run_id, "green_callbacks")) == 4
     assert green_log.text.count(f"'efficiency/{renamed}_per_kj' is logged as") == 1
