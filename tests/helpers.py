@@ -189,3 +189,36 @@ def digits_loaders(batch_size: int = 64):
     (xt, yt), (xv, yv) = digits_tensors()
     return (DataLoader(TensorDataset(xt, yt), batch_size=batch_size, shuffle=True),
             DataLoader(TensorDataset(xv, yv), batch_size=512))
+
+
+def work_clock(fake, train_s: float = 0.010, val_s: float = 0.0):
+    """A Lightning callback that moves the simulated GPU's work clock (``configure(work_clock=True)``):
+    ``train_s`` of work per training step, ``val_s`` per validation batch, so energy follows the work
+    done, not the machine's speed or load."""
+    import lightning.pytorch as pl
+
+    class Work(pl.Callback):
+        def on_train_batch_end(self, *args) -> None:
+            fake.advance(train_s)
+
+        def on_validation_batch_end(self, *args) -> None:
+            if val_s:
+                fake.advance(val_s)
+
+    return Work()
+
+
+def hf_work_clock(fake, train_s: float = 0.010):
+    """The same for HF's ``Trainer``: ``train_s`` of work per optimizer step."""
+    from transformers import TrainerCallback
+
+    class HfWork(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            fake.advance(train_s)
+
+    return HfWork()
+
+
+def records_of(monitor, kind: str) -> list:
+    """The monitor's interval records of one kind (``epoch``, ``evaluation``, ``point``, ``end``)."""
+    return [r for r in monitor.records if r.kind.value == kind]

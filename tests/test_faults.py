@@ -16,11 +16,7 @@ from test_lightning_monitor import ValModel, trainer
 from green_callbacks import lightning as gl
 from green_callbacks import transformers as gt
 
-from helpers import fake_nvml_env, history, runs
-
-
-def epochs_of(monitor):
-    return [r for r in monitor.records if r.kind.value == "epoch"]
+from helpers import fake_nvml_env, history, records_of, runs
 
 SCRIPTS = Path(__file__).parent / "fault_scripts"
 ENERGY = "nvmlDeviceGetTotalEnergyConsumption"
@@ -61,8 +57,8 @@ def test_nvml_faults_mid_training(tmp_path, fake_nvml, green_log, calls, code, m
     t = trainer(tmp_path, [monitor, Inject(change)], max_epochs=3)
     t.fit(ValModel())
     assert t.current_epoch == 3, "training ended normally"
-    assert [r.epoch for r in epochs_of(monitor)] == [0, 1, 2], "no epoch record lost"
-    assert [r.methods["gpu"] for r in epochs_of(monitor)] == ["counter", method_after, method_after]
+    assert [r.epoch for r in records_of(monitor, "epoch")] == [0, 1, 2], "no epoch record lost"
+    assert [r.methods["gpu"] for r in records_of(monitor, "epoch")] == ["counter", method_after, method_after]
     assert green_log.text.count(warning) == 1
     client, (run,) = runs(f"sqlite:///{tmp_path}/m.db")
     assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [63, 127, 191]
@@ -78,8 +74,8 @@ def test_counter_reset_to_zero_mid_training(tmp_path, fake_nvml, green_log):
     monitor = gl.EnergyMonitor(gpus="all", mlflow=False, log_artifacts=False)
     t = trainer(tmp_path, [monitor, Inject(reset)], max_epochs=3)
     t.fit(ValModel())
-    assert t.current_epoch == 3 and len(epochs_of(monitor)) == 3
-    assert all(r.methods["gpu"] == "counter" and r.energy_j > 0 for r in epochs_of(monitor))
+    assert t.current_epoch == 3 and len(records_of(monitor, "epoch")) == 3
+    assert all(r.methods["gpu"] == "counter" and r.energy_j > 0 for r in records_of(monitor, "epoch"))
     assert green_log.text.count("went backwards") == 1
 
 
@@ -100,7 +96,7 @@ def test_nvml_fault_mid_training_hf(tmp_path, fake_nvml, green_log):
                              save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
     Trainer(model=hf_digits_model(), args=args, train_dataset=DigitsDataset(xt[:256], yt[:256]),
             callbacks=[monitor, Lose()]).train()
-    assert [r.methods["gpu"] for r in epochs_of(monitor)] == ["counter", "unavailable", "unavailable"]
+    assert [r.methods["gpu"] for r in records_of(monitor, "epoch")] == ["counter", "unavailable", "unavailable"]
     assert green_log.text.count("gpu0: NVML failed") == 1
 
 

@@ -25,10 +25,12 @@ from helpers import (
     digits_tensors,
     hf_accuracy,
     hf_digits_model,
+    hf_work_clock,
     history,
     lightning_digits_module,
     runs,
     steps,
+    work_clock,
 )
 
 
@@ -71,22 +73,12 @@ def test_hf_step_mode_logs_energy_at_every_evaluation_on_the_trainers_axis(tmp_p
     assert [r.start_step for r in monitor.records if r.kind.value == "evaluation"] == [0, 10, 20, 30, 40, 50]
 
 
-class HfWork(TrainerCallback):
-    """The simulated GPU's work clock: 10 ms of work per optimizer step."""
-
-    def __init__(self, fake) -> None:
-        self.fake = fake
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.fake.advance(0.010)
-
-
 def test_hf_step_mode_stops_at_an_evaluation_once_accuracy_flattens(tmp_path, digits, tracking,  # noqa: F811
                                                                     fake_nvml):
     fake_nvml.configure([{"profile": [[1.0, 300.0]]}], work_clock=True)
     monitor = gt.EnergyMonitor(gpus="all", measure_cpu=False, output_dir=str(tmp_path / "out"), log_artifacts=False)
     stopper = gt.EfficiencyEarlyStopping(monitor="accuracy", min_gain="5% per doubling")
-    t = step_trainer(tmp_path, digits, [monitor, stopper, HfWork(fake_nvml)], max_steps=1200, eval_steps=20,
+    t = step_trainer(tmp_path, digits, [monitor, stopper, hf_work_clock(fake_nvml)], max_steps=1200, eval_steps=20,
                      report_to=["mlflow"])
     t.train()
     client, (run,) = runs(tracking)
@@ -138,19 +130,6 @@ def test_lightning_endless_stream_logs_every_validation_at_lightnings_step(tmp_p
 
 
 # -- the energy-aware stop does not depend on the run's watts ------------------------------------------
-class Work(pl.Callback):
-    """The simulated GPU's work clock: 10 ms of work per training batch, 2 ms per validation batch."""
-
-    def __init__(self, fake) -> None:
-        self.fake = fake
-
-    def on_train_batch_end(self, *args) -> None:
-        self.fake.advance(0.010)
-
-    def on_validation_batch_end(self, *args) -> None:
-        self.fake.advance(0.002)
-
-
 def run_at(tmp_path, fake, watts: float, **stopper):
     fake.configure([{"profile": [[1.0, watts]]}], work_clock=True)
     pl.seed_everything(0)
@@ -158,7 +137,7 @@ def run_at(tmp_path, fake, watts: float, **stopper):
     (xt, yt), (xv, yv) = digits_tensors()
     monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False)
     stop = gl.EfficiencyEarlyStopping(monitor="val_acc", min_gain="2% per doubling", **stopper)
-    trainer = pl.Trainer(max_epochs=60, callbacks=[monitor, stop, Work(fake)], logger=False,
+    trainer = pl.Trainer(max_epochs=60, callbacks=[monitor, stop, work_clock(fake, val_s=0.002)], logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          default_root_dir=tmp_path, num_sanity_val_steps=0)
     trainer.fit(module, DataLoader(TensorDataset(xt, yt), batch_size=128, shuffle=True,
@@ -245,8 +224,8 @@ def test_epochs_without_a_validation_are_not_checks(tmp_path, fake_nvml):
     monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=uri, output_dir=str(tmp_path / "out"),
                                log_artifacts=False)
     stopper = gl.EfficiencyEarlyStopping(monitor="val_acc", min_evaluations=2)
-    lightning_fit(tmp_path, lightning_digits_module()(), [monitor, stopper, Work(fake_nvml)], max_epochs=12,
-                  check_val_every_n_epoch=3)
+    lightning_fit(tmp_path, lightning_digits_module()(), [monitor, stopper, work_clock(fake_nvml, val_s=0.002)],
+                  max_epochs=12, check_val_every_n_epoch=3)
     client, (run,) = runs(uri)
     rid = run.info.run_id
     vals = steps(client, rid, "energy/interval_j")

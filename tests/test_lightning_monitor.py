@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from green_callbacks.accounting import J_PER_KWH
 from green_callbacks.lightning import EnergyMonitor
 
-from helpers import CUMULATIVE, EPOCH_CONTRACT, EVAL_CONTRACT, artifacts, history, runs, steps
+from helpers import CUMULATIVE, EPOCH_CONTRACT, EVAL_CONTRACT, artifacts, history, records_of, runs, steps
 
 
 class ValModel(BoringModel):
@@ -32,9 +32,6 @@ def trainer(tmp_path, callbacks, max_epochs=3, **kw):
     return pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, accelerator="cpu", devices=1,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kw)
 
-
-def epochs_of(monitor):
-    return [r for r in monitor.records if r.kind.value == "epoch"]
 
 
 def test_logs_the_metric_contract_per_epoch_and_evaluation_at_the_global_step(tmp_path, fake_nvml):
@@ -65,7 +62,7 @@ def test_logs_the_metric_contract_per_epoch_and_evaluation_at_the_global_step(tm
     grams = dict(history(client, rid, "emissions/epoch_g"))
     intensity = float(run.data.params["green.carbon_intensity_g_per_kwh"])
     t0 = monitor.meter.t0_s
-    for step, record in zip(ends, epochs_of(monitor), strict=True):
+    for step, record in zip(ends, records_of(monitor, "epoch"), strict=True):
         truth = dev.energy_between(t0 + record.start_rel_s, t0 + record.end_rel_s)
         assert gpu0[step] == pytest.approx(truth, rel=1e-3, abs=0.05)  # the simulated GPU's exact energy
         assert gpu[step] == pytest.approx(gpu0[step])
@@ -152,7 +149,7 @@ def test_resume_continues_the_totals_in_the_same_run(tmp_path):
     total = history(client, run_id, "energy/total_j")
     assert total[-1][1] == pytest.approx(first.cumulative_j)
     assert first.cumulative_j > sum(v for _, v in epoch) * 0.9, "the first run's totals are carried on"
-    assert [r.epoch for r in epochs_of(first)] == [0, 1, 2, 3]
+    assert [r.epoch for r in records_of(first, "epoch")] == [0, 1, 2, 3]
     assert found[0].data.params["green.carbon_intensity_label"] == "world average"
 
 
@@ -170,7 +167,7 @@ def test_exception_in_training_step_keeps_the_partial_epoch_and_marks_the_run_fa
     client, (run,) = runs(uri)
     assert run.info.status == "FAILED"
     assert steps(client, run.info.run_id, "energy/epoch_j") == [63, 66], "the partial epoch ends at its last step"
-    assert epochs_of(monitor)[-1].partial and epochs_of(monitor)[-1].epoch == 1
+    assert records_of(monitor, "epoch")[-1].partial and records_of(monitor, "epoch")[-1].epoch == 1
     assert "green_callbacks/summary.json" in artifacts(client, run.info.run_id)
 
 
@@ -189,7 +186,7 @@ def test_gpu_lost_mid_training_warns_once_and_training_finishes(tmp_path, fake_n
     t = trainer(tmp_path, [monitor, Lose()], max_epochs=3)
     t.fit(ValModel())
     assert t.current_epoch == 3
-    assert [r.methods["gpu"] for r in epochs_of(monitor)] == ["counter", "unavailable", "unavailable"]
+    assert [r.methods["gpu"] for r in records_of(monitor, "epoch")] == ["counter", "unavailable", "unavailable"]
     assert green_log.text.count("gpu0: NVML failed") == 1
 
 

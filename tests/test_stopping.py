@@ -8,7 +8,7 @@ import time
 import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from green_callbacks import lightning as gl
 from green_callbacks import transformers as gt
@@ -19,33 +19,17 @@ from helpers import (
     digits_tensors,
     hf_accuracy,
     hf_digits_model,
+    hf_work_clock,
     history,
     lightning_digits_module,
+    records_of,
     runs,
+    work_clock,
 )
 
 # A simulated GPU at a constant 250 W and a fixed pause per epoch make each epoch cost ~87 J on
 # any machine, so thresholds in J and per-kJ gains mean the same thing everywhere.
 CONSTANT_250W = [{"profile": [(1.0, 250.0)]}]
-
-
-class Work(pl.Callback):
-    """The simulated GPU's work clock (``configure(work_clock=True)``): 10 ms of work per training step,
-    so at 250 W a step costs exactly 2.5 J whatever the machine's speed or load."""
-
-    def __init__(self, fake) -> None:
-        self.fake = fake
-
-    def on_train_batch_end(self, *args) -> None:
-        self.fake.advance(0.010)
-
-
-class HfWork(TrainerCallback):
-    def __init__(self, fake) -> None:
-        self.fake = fake
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.fake.advance(0.010)
 
 
 class Pace(pl.Callback):
@@ -74,17 +58,13 @@ def monitor(tmp_path, **kw):
                             output_dir=str(tmp_path / "out"), **kw)
 
 
-def evaluations(mon):
-    return [r for r in mon.records if r.kind.value == "evaluation"]
-
-
 def test_lightning_plateau_stops_when_accuracy_saturates(tmp_path, fake_nvml):
     fake_nvml.configure(CONSTANT_250W, work_clock=True)  # 2.5 J a step, 23 steps an epoch
     mon = monitor(tmp_path)
     stop = gl.EfficiencyEarlyStopping(monitor="val_acc", min_gain="2% per doubling")
-    t = fit(tmp_path, [mon, stop, Work(fake_nvml)], lightning_digits_module(lr=1e-2)(), max_epochs=40)
+    t = fit(tmp_path, [mon, stop, work_clock(fake_nvml)], lightning_digits_module(lr=1e-2)(), max_epochs=40)
     assert t.current_epoch < 30, "stopped well before max_epochs once accuracy flattened"
-    assert evaluations(mon)[-1].metrics["val_acc"] > 0.9
+    assert records_of(mon, "evaluation")[-1].metrics["val_acc"] > 0.9
     client, (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db")
     rid = run.info.run_id
     assert run.data.tags["green.stop_reason"] == "efficiency_plateau"
@@ -98,27 +78,23 @@ def test_lightning_plateau_stops_when_accuracy_saturates(tmp_path, fake_nvml):
 def test_lightning_plateau_does_not_stop_while_accuracy_climbs(tmp_path, fake_nvml):
     fake_nvml.configure(CONSTANT_250W, work_clock=True)
     mon = monitor(tmp_path)
-    t = fit(tmp_path, [mon, gl.EfficiencyEarlyStopping(monitor="val_acc"), Work(fake_nvml)],
+    t = fit(tmp_path, [mon, gl.EfficiencyEarlyStopping(monitor="val_acc"), work_clock(fake_nvml)],
             lightning_digits_module(lr=0.05, optimizer="sgd")(), max_epochs=6)
-    accs = [r.metrics["val_acc"] for r in evaluations(mon)]
+    accs = [r.metrics["val_acc"] for r in records_of(mon, "evaluation")]
     assert t.current_epoch == 6 and len(accs) == 6
     assert accs[-1] - accs[0] > 0.3, "accuracy was still climbing steeply"
     assert mon.stop_decision is None
-
-
-def epochs_of(mon):
-    return [r for r in mon.records if r.kind.value == "epoch"]
 
 
 def test_lightning_energy_budget_stops_before_it_is_exceeded(tmp_path, fake_nvml, green_log):
     fake_nvml.configure(CONSTANT_250W, work_clock=True)  # 23 steps an epoch: 57.5 J
     mon = monitor(tmp_path)
     budget = gl.EnergyBudget(energy="0.45 kJ")
-    t = fit(tmp_path, [mon, budget, Work(fake_nvml)], lightning_digits_module()(), max_epochs=20)
+    t = fit(tmp_path, [mon, budget, work_clock(fake_nvml)], lightning_digits_module()(), max_epochs=20)
     spent = mon.cumulative_j
     assert t.current_epoch < 20
     assert spent <= 450.0, "stopped before the budget"
-    assert spent + max(r.energy_j for r in epochs_of(mon)) > 450.0, "but not needlessly early"
+    assert spent + max(r.energy_j for r in records_of(mon, "epoch")) > 450.0, "but not needlessly early"
     client, (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db")
     assert run.data.tags["green.stop_reason"] == "energy_budget"
     projected = history(client, run.info.run_id, "projection/energy_j")
@@ -156,13 +132,14 @@ def test_plateau_state_survives_resume(tmp_path, fake_nvml):
 
     fake_nvml.configure(CONSTANT_250W, work_clock=True)
     straight = stopper()
-    fit(tmp_path / "a", [monitor(tmp_path / "a"), straight, Work(fake_nvml)], lightning_digits_module()(), max_epochs=4)
+    fit(tmp_path / "a", [monitor(tmp_path / "a"), straight, work_clock(fake_nvml)], lightning_digits_module()(),
+        max_epochs=4)
     fake_nvml.configure(CONSTANT_250W, work_clock=True)
     first = stopper()
-    fit(tmp_path, [monitor(tmp_path), first, Work(fake_nvml), ModelCheckpoint(dirpath=ckpt, save_last=True)],
+    fit(tmp_path, [monitor(tmp_path), first, work_clock(fake_nvml), ModelCheckpoint(dirpath=ckpt, save_last=True)],
         lightning_digits_module()(), max_epochs=3, enable_checkpointing=True)
     second = stopper()
-    fit(tmp_path, [monitor(tmp_path), second, Work(fake_nvml), ModelCheckpoint(dirpath=ckpt, save_last=True)],
+    fit(tmp_path, [monitor(tmp_path), second, work_clock(fake_nvml), ModelCheckpoint(dirpath=ckpt, save_last=True)],
         lightning_digits_module()(), max_epochs=4, ckpt_path=str(ckpt / "last.ckpt"), enable_checkpointing=True)
     # three evaluations restored from the checkpoint, one more after it: the energies of an uninterrupted run
     assert [j for j, _ in second.plateau.window] == pytest.approx([j for j, _ in straight.plateau.window])
@@ -234,16 +211,16 @@ def test_hf_plateau_stops_on_saturation_and_not_while_climbing(tmp_path, fake_nv
     fake_nvml.configure(CONSTANT_250W, work_clock=True)
     mon = hf_monitor(tmp_path)
     stop = gt.EfficiencyEarlyStopping()  # monitor=None follows metric_for_best_model="accuracy"
-    trainer = hf_fit(tmp_path, [mon, stop, HfWork(fake_nvml)], epochs=30, lr=1e-2)
+    trainer = hf_fit(tmp_path, [mon, stop, hf_work_clock(fake_nvml)], epochs=30, lr=1e-2)
     assert stop.monitor == "eval_accuracy" and stop.plateau.mode == "max"
     assert trainer.state.epoch < 20 and mon.stop_decision.reason.value == "efficiency_plateau"
-    assert evaluations(mon)[-1].metrics["eval_accuracy"] > 0.9
+    assert records_of(mon, "evaluation")[-1].metrics["eval_accuracy"] > 0.9
 
     fake_nvml.configure(CONSTANT_250W, work_clock=True)
     climbing = hf_monitor(tmp_path)
     stop = gt.EfficiencyEarlyStopping(monitor="accuracy")
-    trainer = hf_fit(tmp_path, [climbing, stop, HfWork(fake_nvml)], epochs=5, lr=2e-4)
-    accs = [r.metrics["eval_accuracy"] for r in evaluations(climbing)]
+    trainer = hf_fit(tmp_path, [climbing, stop, hf_work_clock(fake_nvml)], epochs=5, lr=2e-4)
+    accs = [r.metrics["eval_accuracy"] for r in records_of(climbing, "evaluation")]
     assert round(trainer.state.epoch) == 5 and climbing.stop_decision is None
     assert accs[-1] - accs[0] > 0.2
 
@@ -251,9 +228,9 @@ def test_hf_plateau_stops_on_saturation_and_not_while_climbing(tmp_path, fake_nv
 def test_hf_energy_budget_stops_before_it_is_exceeded(tmp_path, fake_nvml):
     fake_nvml.configure(CONSTANT_250W, work_clock=True)  # 45 steps an epoch: 112.5 J
     mon = hf_monitor(tmp_path)
-    trainer = hf_fit(tmp_path, [mon, gt.EnergyBudget(energy="400 J"), HfWork(fake_nvml)], epochs=20, lr=1e-3)
+    trainer = hf_fit(tmp_path, [mon, gt.EnergyBudget(energy="400 J"), hf_work_clock(fake_nvml)], epochs=20, lr=1e-3)
     assert trainer.state.epoch < 20
-    assert mon.cumulative_j <= 400 < mon.cumulative_j + max(r.energy_j for r in epochs_of(mon))
+    assert mon.cumulative_j <= 400 < mon.cumulative_j + max(r.energy_j for r in records_of(mon, "epoch"))
 
 
 def test_hf_stopper_state_survives_resume(tmp_path, fake_nvml):
@@ -267,7 +244,8 @@ def test_hf_stopper_state_survives_resume(tmp_path, fake_nvml):
                                  report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
         Trainer(model=hf_digits_model(), args=args, train_dataset=DigitsDataset(xt[:256], yt[:256]),
                 eval_dataset=DigitsDataset(xv[:64], yv[:64]), compute_metrics=hf_accuracy,
-                callbacks=[hf_monitor(tmp_path), stop, HfWork(fake_nvml)]).train(resume_from_checkpoint=resume or None)
+                callbacks=[hf_monitor(tmp_path), stop, hf_work_clock(fake_nvml)],
+                ).train(resume_from_checkpoint=resume or None)
         return stop
 
     assert [j for j, _ in run(2, False).plateau.window] == pytest.approx([10.0, 20.0])
