@@ -1,0 +1,270 @@
+"""What every GPU vendor's sensor shares: an energy counter where it works, sampled power elsewhere.
+
+A vendor module (``nvml.py``, ``amd.py``) finds the devices and says how to read one device's
+counter and power; :class:`GpuEnergySensor` decides the method per device, switches it when the
+hardware misbehaves (counter NOT_SUPPORTED, stuck, reset, a lost device) and keeps the joules
+measured before any switch.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from green_callbacks.sensors.base import Method, Reading, Sensor
+from green_callbacks.sensors.integrator import PowerIntegrator
+
+GPU_CHOICES = ('"auto"', '"all"', "a list of device indices")
+
+
+@dataclass(frozen=True)
+class GpuTarget:
+    """One device of this process (its index in the framework's numbering) and the handle that measures it."""
+
+    index: int
+    handle: Any  # None: not measurable (a MIG instance, a partition, an unknown id); ``reason`` says why
+    name: str
+    uuid: str
+    reason: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"gpu{self.index}"
+
+    @property
+    def measurable(self) -> bool:
+        return self.handle is not None
+
+
+def choose_indices(gpus: Any, cuda_indices: Any, visible: int, local_rank: str | None) -> list[int]:
+    """The device indices ``gpus`` names, out of ``visible`` devices (the same rules for every vendor).
+
+    ``"auto"``: the trainer's devices (``cuda_indices``), else this rank's ``LOCAL_RANK`` device,
+    else device 0; ``"all"``: every visible device; a list: those indices, checked.
+    """
+    if gpus == "all":
+        return list(range(visible))
+    if gpus == "auto":
+        if cuda_indices is not None:
+            return list(cuda_indices)
+        if local_rank is not None and visible:
+            return [int(local_rank) % visible]
+        return [0] if visible else []
+    if isinstance(gpus, str):
+        raise ValueError(f"gpus={gpus!r} is not valid; choose {', '.join(GPU_CHOICES)}")
+    chosen = [int(i) for i in gpus]
+    bad = [i for i in chosen if not 0 <= i < visible]
+    if bad:
+        raise ValueError(
+            f"gpus={list(gpus)!r}: device(s) {bad} do not exist; this process sees "
+            f"{visible} GPU(s), valid indices are {list(range(visible))}"
+        )
+    return chosen
+
+
+class GpuState:
+    """Per-device state: which method, the counter's last value, the integrators."""
+
+    def __init__(self, target: GpuTarget) -> None:
+        self.target = target
+        self.method = Method.UNAVAILABLE
+        self.counter_last_j: float | None = None
+        self.counter_j = 0.0  # joules accumulated from counter deltas
+        self.frozen_j = 0.0  # joules measured before a switch of method
+        self.integrator = PowerIntegrator()
+        self.since_poll = PowerIntegrator()  # counter devices: power integrated since the last counter read
+        self.unchanged_j = 0.0  # power integrated over earlier reads that left the counter where it was
+        self.changed_s = 0.0  # when the counter last moved
+        self.polled_s = float("-inf")
+        self.power_w = 0.0
+
+
+class GpuEnergySensor(Sensor):
+    """GPU energy per device: the counter at window edges and every ``counter_poll_s``, else sampled power.
+
+    Subclasses implement ``_counter_j`` (the device's cumulative counter in joules),
+    ``_power_now_w`` (its power now) and ``_not_supported`` (whether an error means the feature
+    is absent rather than the device failing). Where a vendor sets ``stuck_after_s``, a counter
+    that stays still that long while power says at least ``stuck_min_j`` was spent is declared
+    stuck (MI100, ROCm/amdsmi#38) and the device is sampled instead; the power integrated
+    meanwhile is kept.
+    """
+
+    component = "gpu"
+    library = "the GPU library"
+    stuck_after_s: float | None = None  # None: the vendor's counters are trusted to move
+    stuck_min_j = 1.0
+
+    def __init__(self, targets: list[GpuTarget], use_counter: bool = True, counter_poll_s: float = 1.0) -> None:
+        super().__init__()
+        if not counter_poll_s >= 0:
+            raise ValueError(f"counter_poll_s={counter_poll_s!r} must be a number of seconds >= 0")
+        self.use_counter = use_counter
+        self.counter_poll_s = float(counter_poll_s)
+        self._lock = threading.Lock()
+        self._gpus = [GpuState(t) for t in targets]
+        for gpu in self._gpus:
+            if not gpu.target.measurable:
+                self.warn_once(f"unmeasurable-{gpu.target.label}", gpu.target.reason)
+
+    @abc.abstractmethod
+    def _counter_j(self, gpu: GpuState) -> float:
+        """The device's energy counter in joules (any origin); raises when it cannot be read."""
+
+    @abc.abstractmethod
+    def _power_now_w(self, gpu: GpuState) -> float:
+        """The device's power in watts, the freshest reading there is; raises when it cannot be read."""
+
+    @abc.abstractmethod
+    def _not_supported(self, exc: Exception) -> bool:
+        """Whether ``exc`` says the feature does not exist (rather than that the device failed)."""
+
+    @property
+    def devices(self) -> list[str]:
+        return [g.target.label for g in self._gpus]
+
+    def describe(self) -> dict[str, str]:
+        return {g.target.label: f"{g.target.name} ({g.target.uuid})" for g in self._gpus}
+
+    def start(self, now_s: float) -> None:
+        for gpu in self._gpus:
+            if not gpu.target.measurable:
+                continue
+            if not self.use_counter:
+                self._start_sampling(gpu, now_s)
+                continue
+            try:
+                gpu.counter_last_j = self._counter_j(gpu)
+            except Exception:
+                self._start_sampling(gpu, now_s)
+            else:
+                gpu.method = Method.COUNTER
+                gpu.polled_s = gpu.changed_s = now_s
+
+    def _start_sampling(self, gpu: GpuState, now_s: float) -> None:
+        if gpu.method is Method.COUNTER:  # what the counter has not yet shown, from the power since it last moved
+            gpu.frozen_j += gpu.counter_j + gpu.unchanged_j + gpu.since_poll.joules_at(now_s)
+        gpu.counter_j = gpu.unchanged_j = 0.0
+        gpu.integrator = PowerIntegrator()
+        gpu.method = Method.SAMPLED
+        power = self._power_w(gpu)
+        if power is not None:
+            gpu.integrator.add(now_s, power)
+
+    def _power_w(self, gpu: GpuState) -> float | None:
+        """Power now, or ``None``. Where power is the energy source (sampling) a failure makes the
+        device unavailable; on a counter device power only feeds the trace and peak, so the counter carries on."""
+        try:
+            return float(self._power_now_w(gpu))
+        except Exception as exc:
+            if gpu.method is Method.COUNTER:
+                self.warn_once(
+                    f"power-{gpu.target.label}",
+                    f"{gpu.target.label}: power is not readable ({exc}); "
+                    "energy still comes from the counter, the power trace shows 0 W.",
+                )
+            else:
+                self._lose(gpu, exc)
+            return None
+
+    def _lose(self, gpu: GpuState, exc: Exception) -> None:
+        self.warn_once(
+            f"lost-{gpu.target.label}",
+            f"{gpu.target.label}: {self.library} failed ({exc}); its energy is 'unavailable' "
+            "from now on, the joules measured before are kept.",
+        )
+        if gpu.method is Method.COUNTER:
+            gpu.frozen_j += gpu.counter_j + gpu.unchanged_j + gpu.since_poll.integrated_j
+        elif gpu.method is Method.SAMPLED:
+            gpu.frozen_j += gpu.integrator.integrated_j
+        gpu.counter_j = gpu.unchanged_j = 0.0
+        gpu.integrator = PowerIntegrator()
+        gpu.method = Method.UNAVAILABLE
+
+    def _poll_counter(self, gpu: GpuState, now_s: float) -> None:
+        label = gpu.target.label
+        try:
+            value_j = self._counter_j(gpu)
+        except Exception as exc:
+            if self._not_supported(exc):
+                self.warn_once(
+                    f"counter-{label}", f"{label}: the energy counter became NOT_SUPPORTED; switching to sampled power."
+                )
+                self._start_sampling(gpu, now_s)
+            else:
+                self._lose(gpu, exc)
+            return
+        last = gpu.counter_last_j if gpu.counter_last_j is not None else value_j
+        if value_j == last:
+            gpu.unchanged_j += gpu.since_poll.joules_at(now_s)
+            stuck_after_s = self.stuck_after_s
+            if (
+                stuck_after_s is not None
+                and now_s - gpu.changed_s >= stuck_after_s
+                and gpu.unchanged_j >= self.stuck_min_j
+            ):
+                self.warn_once(
+                    f"stuck-{label}",
+                    f"{label}: the energy counter has not moved for {now_s - gpu.changed_s:.1f} s "
+                    f"while power says {gpu.unchanged_j:.1f} J were spent (a counter that does "
+                    "not work on this GPU); switching to sampled power.",
+                )
+                gpu.since_poll = PowerIntegrator()  # already in unchanged_j
+                self._start_sampling(gpu, now_s)
+                return
+        else:
+            gpu.unchanged_j = 0.0
+            gpu.changed_s = now_s
+            if value_j < last:
+                # The counter restarted (driver reload, reset): what it shows now was spent since.
+                self.warn_once(
+                    f"reset-{label}",
+                    f"{label}: the energy counter went backwards ({last:.3f} -> {value_j:.3f} J); "
+                    "treating it as a reset and counting on.",
+                )
+                gpu.counter_j += value_j
+            else:
+                gpu.counter_j += value_j - last
+        gpu.counter_last_j = value_j
+        gpu.polled_s = now_s
+        gpu.since_poll = PowerIntegrator()
+        gpu.since_poll.add(now_s, gpu.power_w)
+
+    def sample(self, now_s: float) -> dict[str, float]:
+        with self._lock:
+            for gpu in self._gpus:
+                if gpu.method is Method.COUNTER and now_s - gpu.polled_s >= self.counter_poll_s:
+                    self._poll_counter(gpu, now_s)
+                if gpu.method in (Method.COUNTER, Method.SAMPLED):
+                    power = self._power_w(gpu)
+                    gpu.power_w = power or 0.0
+                    if power is not None:
+                        (gpu.integrator if gpu.method is Method.SAMPLED else gpu.since_poll).add(now_s, power)
+                else:
+                    gpu.power_w = 0.0
+            return {g.target.label: g.power_w for g in self._gpus}
+
+    def read(self, now_s: float) -> Reading:
+        return self._reading(now_s, fresh=True)
+
+    def peek(self, now_s: float) -> Reading:
+        """Counter devices: the last counter read plus the power integrated since (no library call)."""
+        return self._reading(now_s, fresh=False)
+
+    def _reading(self, now_s: float, fresh: bool) -> Reading:
+        joules, methods, power = {}, {}, {}
+        with self._lock:
+            for gpu in self._gpus:
+                if gpu.method is Method.COUNTER and fresh:
+                    self._poll_counter(gpu, now_s)
+                if gpu.method is Method.COUNTER:
+                    live = gpu.counter_j + (0.0 if fresh else gpu.since_poll.joules_at(now_s))
+                else:
+                    live = gpu.integrator.joules_at(now_s) if gpu.method is Method.SAMPLED else 0.0
+                label = gpu.target.label
+                joules[label] = gpu.frozen_j + live
+                methods[label] = gpu.method
+                power[label] = gpu.power_w
+        return Reading(joules, methods, power)
