@@ -7,6 +7,7 @@ import csv
 import datetime as dt
 import difflib
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 from importlib import resources
@@ -134,23 +135,32 @@ class IntensitySeries:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        rows: list[tuple[float, float]] = []
-        with self.path.open(encoding="utf-8") as f:
-            reader = csv.reader(f)
-            for n, row in enumerate(reader, start=1):
-                if not row or row[0].strip().lower() in ("timestamp", "time", "datetime"):
-                    continue
-                try:
-                    rows.append((self._parse_time(row[0]), float(row[1])))
-                except (ValueError, IndexError) as exc:
-                    raise ValueError(f"{self.path}:{n}: expected 'timestamp,g_per_kwh', got {row!r} ({exc})") from exc
+        rows: list[tuple[float, float, int]] = []
+        try:
+            text = self.path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"carbon_intensity_csv={str(self.path)!r}: not a UTF-8 text file (byte {exc.start}); "
+                             "save it as UTF-8 CSV of 'timestamp,g_per_kwh' rows") from exc
+        for n, row in enumerate(csv.reader(text.splitlines()), start=1):
+            if not row or row[0].strip().lower() in ("timestamp", "time", "datetime"):
+                continue
+            try:
+                t, value = self._parse_time(row[0]), float(row[1])
+            except (ValueError, IndexError, OverflowError) as exc:
+                raise ValueError(f"{self.path}:{n}: expected 'timestamp,g_per_kwh', got {row!r} ({exc})") from exc
+            if not (math.isfinite(t) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{self.path}:{n}: {row!r}: the timestamp must be finite and the carbon intensity a "
+                                 "finite number of g/kWh >= 0")
+            rows.append((t, value, n))
         if not rows:
             raise ValueError(f"{self.path}: no 'timestamp,g_per_kwh' rows")
         rows.sort()
-        if any(v < 0 for _, v in rows):
-            raise ValueError(f"{self.path}: carbon intensity values must be >= 0")
-        self.times = [t for t, _ in rows]
-        self.values = [v for _, v in rows]
+        for (t0, _, n0), (t1, _, n1) in itertools.pairwise(rows):
+            if t0 == t1:
+                raise ValueError(f"{self.path}: lines {min(n0, n1)} and {max(n0, n1)} give the same timestamp; "
+                                 "give each time one value")
+        self.times = [t for t, _, _ in rows]
+        self.values = [v for _, v, _ in rows]
 
     @staticmethod
     def _parse_time(text: str) -> float:

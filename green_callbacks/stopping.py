@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from green_callbacks.policies import CONTINUE, MODES, Budget, Decision, EfficiencyPlateau, MonitorError, Progress
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 log = logging.getLogger("green_callbacks")
 S = TypeVar("S", bound="Stopper")
@@ -54,35 +48,15 @@ class Stopper:
 
         The arguments are read from the ``green-callbacks.<section>`` table (TOML:
         ``[tool.green-callbacks.<section>]`` or ``[green-callbacks.<section>]``; YAML: a
-        ``green-callbacks:`` mapping, or ``<section>:`` at the top level). Unknown keys are errors.
+        ``green-callbacks:`` mapping, or ``<section>:`` at the top level). Unknown keys, a key given
+        twice and a file that is not UTF-8 are errors naming the file.
         """
-        path = Path(path)
-        if path.suffix not in (".toml", ".yaml", ".yml"):
-            raise ValueError(f"{path}: unknown config format {path.suffix!r}; use .yaml, .yml or .toml")
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix == ".toml":
-                data = tomllib.loads(text)
-                data = data.get("tool", {}).get("green-callbacks") or data.get("green-callbacks") or data
-            else:
-                import yaml
-
-                data = yaml.safe_load(text) or {}
-                data = data.get("green-callbacks", data) if isinstance(data, dict) else data
-        except Exception as exc:  # the parsers' own errors, named with the file
-            raise ValueError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from exc
-        if not isinstance(data, dict) or cls.section not in data:
-            found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"{path}: no '{cls.section}' table under green-callbacks; found {found}")
-        if not isinstance(data[cls.section], dict | None):
-            raise ValueError(f"{path}: '{cls.section}' must be a table of settings, not {data[cls.section]!r}")
-        table = dict(data[cls.section] or {})
         import inspect
 
+        from green_callbacks.config import read_section
+
         valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        unknown = sorted(set(table) - set(valid))
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown} in '{cls.section}'; valid keys are {valid}")
+        table = read_section(path, cls.section, valid)
         return cls(**{**table, **overrides})
 
 

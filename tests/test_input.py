@@ -74,3 +74,51 @@ def test_hf_evaluate_on_an_iterable_dataset_is_measured(tmp_path, digits):  # no
     metrics = trainer.evaluate(Stream(DigitsDataset(xv[:96], yv[:96])))
     assert "eval_accuracy" in metrics
     assert monitor.stage_counts == {"evaluate": 1}
+
+
+# -- files: config and intensity series -------------------------------------------------------------
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("dup.yaml", b"green-callbacks:\n  budget:\n    energy: 1 kWh\n    energy: 500 kWh\n",
+     r"dup.yaml: not valid YAML: duplicate key 'energy' \(line 3 and line 4\)"),
+    ("dup2.yaml", b"budget:\n  energy: 1 kWh\nbudget:\n  energy: 2 kWh\n",
+     r"duplicate key 'budget' \(line 1 and line 3\)"),
+    ("dup.toml", b"[green-callbacks.budget]\nenergy = '1 kWh'\nenergy = '5 kWh'\n",
+     r"dup.toml: not valid TOML: Cannot overwrite a value \(at line 3"),
+    ("latin1.yaml", "budget:\n  energy: 1 kWh  # Énergie\n".encode("latin-1"),
+     r"latin1.yaml: not a UTF-8 text file \(byte 27 is 0xc9\); save it as UTF-8 YAML"),
+    ("latin1.toml", "[budget]\nenergy = '1 kWh' # é\n".encode("latin-1"), r"latin1.toml: not a UTF-8 text file"),
+    ("tool.toml", b"tool = 5\n", r"tool.toml: 'tool' must be a table of settings, not int 5"),
+    ("gc.toml", b"[tool]\ngreen-callbacks = 'yes'\n", r"'tool.green-callbacks' must be a table of settings, not str"),
+    ("list.yaml", b"- budget\n", r"list.yaml: the file must hold a table of settings, not list"),
+    ("section.toml", b"[green-callbacks]\nbudget = 3\n", r"'budget' must be a table of settings, not 3"),
+])
+def test_bad_config_files_name_the_file_and_what_is_wrong(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        gl.EnergyBudget.from_file(path)
+
+
+def test_a_config_section_at_the_top_level_still_reads(tmp_path):
+    path = tmp_path / "green.yaml"
+    path.write_text("budget:\n  energy: 1 kWh\n")
+    assert gt.EnergyBudget.from_file(path).budget.energy_j == 3.6e6
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    (b"timestamp,g_per_kwh\n2026-01-01T00:00,100\n2026-01-01T01:00,nan\n",
+     r"series.csv:3: \['2026-01-01T01:00', 'nan'\]: "
+     r"the timestamp must be finite and the carbon intensity a finite number of g/kWh >= 0"),
+    (b"0,100\n3600,inf\n", r"series.csv:2: .*finite number"),
+    (b"0,100\n3600,-5\n", r"series.csv:2: .*>= 0"),
+    (b"nan,100\n", r"series.csv:1: \['nan', '100'\]: the timestamp must be finite"),
+    (b"0,100\n3600,200\n0,300\n", r"series.csv: lines 1 and 3 give the same timestamp"),
+    (b"2026-01-01T00:00Z,100\n1767225600,5\n", r"series.csv: lines 1 and 2 give the same timestamp"),
+    (b"0,100\n\xff\xfe,3\n", r"carbon_intensity_csv='.*series.csv': not a UTF-8 text file \(byte 6\)"),
+])
+def test_bad_intensity_series_fail_at_construction(tmp_path, rows, message):
+    path = tmp_path / "series.csv"
+    path.write_bytes(rows)
+    for module in (gl, gt):
+        with pytest.raises(ValueError, match=message):
+            module.EnergyMonitor(carbon_intensity_csv=str(path), mlflow=False)

@@ -1,0 +1,100 @@
+"""Config files for the stoppers: one table of settings read from YAML or TOML, strictly.
+
+A duplicate key, a file that is not UTF-8, a table that is not a table: each a ValueError that
+names the file and what is wrong, before training.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+FORMATS = (".toml", ".yaml", ".yml")
+
+
+def _yaml_loader() -> type:
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.setdefault(key, line)
+                except TypeError:  # an unhashable key: PyYAML's own error says so below
+                    continue
+                if first != line:
+                    raise ValueError(f"duplicate key {key!r} (line {first} and line {line}); give each key once")
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
+def _table(path: Path, data: dict[str, Any], *keys: str) -> dict[str, Any] | None:
+    """``data[keys[0]][keys[1]]...``; None where a level is missing, an error where one is not a table."""
+    for n, key in enumerate(keys, start=1):
+        if key not in data:
+            return None
+        data = data[key]
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: '{'.'.join(keys[:n])}' must be a table of settings, not "
+                             f"{type(data).__name__} {data!r:.60}")
+    return data
+
+
+def read_section(path: str | Path, section: str, valid: Collection[str]) -> dict[str, Any]:
+    """The ``green-callbacks.<section>`` table of a YAML or TOML file (``pyproject.toml`` included).
+
+    TOML: ``[tool.green-callbacks.<section>]`` or ``[green-callbacks.<section>]`` or ``[<section>]``;
+    YAML: a ``green-callbacks:`` mapping, or ``<section>:`` at the top level. Keys outside ``valid``
+    are errors.
+    """
+    path = Path(path)
+    if path.suffix not in FORMATS:
+        raise ValueError(f"{path}: unknown config format {path.suffix!r}; use .yaml, .yml or .toml")
+    kind = path.suffix[1:].upper()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {exc.start} is {exc.object[exc.start]:#04x}); "
+                         f"save it as UTF-8 {kind}") from exc
+    try:
+        if path.suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader that refuses duplicate keys
+    except Exception as exc:  # the parsers' own errors and a duplicate key, named with the file
+        raise ValueError(f"{path}: not valid {kind}: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the file must hold a table of settings, not {type(data).__name__} {data!r:.60}")
+    for keys in (("tool", "green-callbacks"), ("green-callbacks",)):
+        found = _table(path, data, *keys)
+        if found is not None:
+            data, where = found, ".".join(keys)
+            break
+    else:
+        where = "the top level"
+    if section not in data:
+        raise ValueError(f"{path}: no '{section}' table under {where}; found {sorted(map(str, data))}")
+    table = data[section]
+    if not isinstance(table, dict | None):
+        raise ValueError(f"{path}: '{section}' must be a table of settings, not {table!r:.60}")
+    table = dict(table or {})
+    unknown = sorted(map(str, set(table) - set(valid)))
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown} in '{section}'; valid keys are {list(valid)}")
+    return table
