@@ -1,7 +1,8 @@
 """green-callbacks: the energy and carbon of training, measured, logged to MLflow, acted on.
 
 ``import green_callbacks`` stays light (no torch, lightning, transformers or mlflow); the
-framework adapters live in ``green_callbacks.lightning`` and ``green_callbacks.transformers``.
+framework adapters live in ``green_callbacks.lightning`` and ``green_callbacks.transformers``;
+``EnergyTracker`` (a plain PyTorch or Accelerate loop, see ``green_callbacks.loop``) loads on first use.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "EnergyTracker": "green_callbacks.tracker",
     "EnergyMeter": "green_callbacks.meter",
     "Measurement": "green_callbacks.meter",
     "Method": "green_callbacks.sensors.base",

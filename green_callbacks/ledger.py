@@ -39,7 +39,7 @@ class RunLedger:
         self.stage_counts: dict[str, int] = {}
         self.evaluations = 0
         self.points = 0
-        self.epoch = 0
+        self.current_epoch = 0  # the epoch window's number (``epoch`` is the plain-loop window method)
         self.step_offset = 0
         self.last_logged_step = -1
         self.stop_decision: Decision | None = None
@@ -63,7 +63,7 @@ class RunLedger:
         self._epoch_eval = (self._epoch_eval[0] + eval_j, self._epoch_eval[1] + eval_s)
         end_rel = interval.end_s - t0
         if epoch is not None and epoch_m is not None:
-            record = self._make(kind, self.epoch, self._epoch_start_step, step, epoch, epoch_m.start_unix,
+            record = self._make(kind, self.current_epoch, self._epoch_start_step, step, epoch, epoch_m.start_unix,
                                 epoch_m.start_s - t0, epoch_m.end_s - t0, {}, *self._epoch_eval, partial=partial)
             self._epoch_eval = (0.0, 0.0)
         elif kind is Kind.EVALUATION:
@@ -98,7 +98,7 @@ class RunLedger:
         duration = max(end_rel_s - start_rel_s, 0.0)
         fp = self.accountant.footprint(merged.total_j, start_unix, start_unix + duration)
         return IntervalRecord(
-            kind=kind, index=index, epoch=self.epoch, start_step=start_step + self.step_offset,
+            kind=kind, index=index, epoch=self.current_epoch, start_step=start_step + self.step_offset,
             step=step + self.step_offset, duration_s=duration, energy_j=merged.total_j,
             components_j=merged.components_j, devices_j=merged.devices_j, methods=merged.methods, footprint=fp,
             cumulative_j=self.cumulative_j, cumulative_g=self.cumulative_g, cumulative_cost=self.cumulative_cost,
@@ -141,7 +141,7 @@ class RunLedger:
         run = self.run or (self.sink.run_ref if self.sink is not None else None)
         return {"cumulative_j": self.cumulative_j, "cumulative_g": self.cumulative_g,
                 "cumulative_cost": self.cumulative_cost, "stage_counts": dict(self.stage_counts),
-                "evaluations": self.evaluations, "points": self.points, "epoch": self.epoch,
+                "evaluations": self.evaluations, "points": self.points, "epoch": self.current_epoch,
                 "step_offset": self.step_offset, "last_logged_step": self.last_logged_step,
                 "records": [r.to_json() for r in self.records], "run": asdict(run) if run is not None else None,
                 "local_id": self.local_id}
@@ -153,8 +153,9 @@ class RunLedger:
         self.cumulative_g = float(state["cumulative_g"])
         self.cumulative_cost = state.get("cumulative_cost")
         self.stage_counts = dict(state.get("stage_counts", {}))
-        for key in ("evaluations", "points", "epoch", "step_offset", "last_logged_step"):
+        for key in ("evaluations", "points", "step_offset", "last_logged_step"):
             setattr(self, key, int(state.get(key, getattr(self, key))))
+        self.current_epoch = int(state.get("epoch", self.current_epoch))
         self.records = [IntervalRecord.from_json(r) for r in state.get("records", [])]
         self.local_id = state.get("local_id", self.local_id)
         if self.records:

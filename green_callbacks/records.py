@@ -176,6 +176,17 @@ def stage_metrics(stage: str, joules: float, duration_s: float, g_co2e: float, s
     return out
 
 
+def throughput_metrics(samples: int, tokens: int | None, training_j: float) -> dict[str, float]:
+    """At every point whose interval trained something: samples (and tokens) per joule of that interval's
+    training energy (the interval's energy less the evaluation inside it), every rank summed."""
+    if samples <= 0 or training_j <= 0:
+        return {}
+    out = {"throughput/samples_per_j": samples / training_j}
+    if tokens is not None:
+        out["throughput/tokens_per_j"] = tokens / training_j
+    return out
+
+
 # -- ranks --------------------------------------------------------------------------------------------
 def window_payload(m: Measurement, rank: int, node: str) -> dict[str, Any]:
     """One rank's window, as plain data for the all-gather."""

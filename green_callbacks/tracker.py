@@ -18,6 +18,7 @@ from green_callbacks.accounting import Accountant, IntensitySeries, resolve_inte
 from green_callbacks.decisions import StopperHost
 from green_callbacks.distributed import RankInfo, gather
 from green_callbacks.ledger import RunLedger
+from green_callbacks.loop import LoopHost
 from green_callbacks.meter import DEFAULT_PERIOD_S, EnergyMeter, Measurement
 from green_callbacks.policies import Decision
 from green_callbacks.process import never_raises
@@ -34,13 +35,14 @@ from green_callbacks.records import (
 from green_callbacks.sensors import GpuSelection, build_sensors
 from green_callbacks.stages import StageHost
 from green_callbacks.stopping import Stopper
+from green_callbacks.throughput import ThroughputHost
 from green_callbacks.validation import check_tracker_args
 
 CALIBRATION_STEPS = 10  # steps timed at the start to turn log_every_s into a step count
 RATE_WINDOW = 5  # recent intervals whose median cost per step projects the rest of the run
 
 
-class EnergyTracker(StageHost, StopperHost, RunLedger):
+class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger):
     """Measures a training job interval by interval and logs it to MLflow; the adapters drive it.
 
     Args:
@@ -201,7 +203,7 @@ class EnergyTracker(StageHost, StopperHost, RunLedger):
     @never_raises
     def begin_epoch(self, epoch: int) -> None:
         if self.meter is not None and not self.meter.is_open("epoch"):
-            self.epoch = epoch
+            self.current_epoch = epoch
             self._epoch_eval = (0.0, 0.0)
             self._epoch_start_step = self._last_step_seen_or_point()
             self.meter.begin("epoch")
@@ -285,7 +287,7 @@ class EnergyTracker(StageHost, StopperHost, RunLedger):
             "interval": window_payload(interval, *node),
             "epoch": window_payload(epoch_m, *node) if epoch_m is not None else None,
             "eval": (eval_m.total_j, eval_m.duration_s) if eval_m is not None else (0.0, 0.0),
-            "names": self.meter.describe() if not self._params_logged else None}
+            "names": self.meter.describe() if not self._params_logged else None, "work": self.take_work()}
         payloads = gather(payload) if collective else [payload]
         merged = merge_ranks([p["interval"] for p in payloads])
         epoch_merged = merge_ranks([p["epoch"] for p in payloads]) if epoch_m is not None else None
@@ -294,6 +296,7 @@ class EnergyTracker(StageHost, StopperHost, RunLedger):
                                      (eval_j, eval_s), metrics or {}, partial=self._finishing_status is not None
                                      and self._finishing_status != "FINISHED")
         self._log_point(record, [p["names"] for p in payloads if p["names"] is not None])
+        self.log_throughput([p["work"] for p in payloads], merged.total_j - eval_j, record.step)
         if self.sink is not None:
             self.sink.interval_end()
         return self._decide(record, collective)

@@ -81,6 +81,14 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         self._epoch_pending = False
         self._start(args)
         self.max_steps = float(state.max_steps) if state.max_steps and state.max_steps > 0 else None
+        model = kwargs.get("model")
+        if model is not None and getattr(self, "_count_hook", None) is None:
+            # HF hands callbacks no batch: the model's forward sees every (micro-)batch, on every rank
+            self._count_hook = model.register_forward_pre_hook(self._count_forward, with_kwargs=True)
+
+    def _count_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if module.training:  # evaluation batches are not training throughput
+            self.count_batch(kwargs or (args[0] if args else None))
 
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
@@ -161,6 +169,9 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         self._epoch_pending = False
         self.end_training(state.global_step)
         self._training = False
+        if getattr(self, "_count_hook", None) is not None:
+            self._count_hook.remove()
+            self._count_hook = None
         self.finish("FINISHED")
 
 

@@ -112,7 +112,7 @@ def test_lightning_step_checks_bound_the_overshoot_to_one_interval(tmp_path, fak
         max_epochs=20)
     interval_j = max(t.j for t in budget.budget.recent)
     assert mon.cumulative_j <= 300 + interval_j
-    assert mon.epoch <= 2 and mon.stop_decision.reason.value == "energy_budget"
+    assert mon.current_epoch <= 2 and mon.stop_decision.reason.value == "energy_budget"
 
 
 def test_warn_mode_only_warns(tmp_path, fake_nvml, green_log):

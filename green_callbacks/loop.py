@@ -1,0 +1,163 @@
+"""The tracker in a loop you write yourself (plain PyTorch, 🤗 Accelerate): context managers instead of hooks.
+
+```python
+tracker = EnergyTracker(country="FR", experiment_name="my-run")
+tracker.attach(BudgetStopper(energy="2 kWh"))
+with tracker:
+    for epoch in range(max_epochs):
+        with tracker.epoch(epoch):
+            for batch in loader:
+                ...  # forward, backward, optimizer.step()
+                tracker.step(batch=batch)  # optional: the step axis, logging points, throughput
+            with tracker.evaluation():
+                acc = evaluate()
+            tracker.report({"val_acc": acc})
+        if tracker.should_stop:
+            break
+```
+
+These calls drive the same methods the Lightning and HF adapters drive from their hooks, so the
+intervals, the MLflow contract, the stoppers and the ranks' merge are the adapters' own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from green_callbacks.distributed import RankInfo, gather
+from green_callbacks.process import never_raises
+
+if TYPE_CHECKING:
+    from green_callbacks.tracker import EnergyTracker
+
+
+class LoopHost:
+    """The plain-loop half of :class:`~green_callbacks.tracker.EnergyTracker`.
+
+    ``with tracker:`` starts the sensors and opens the MLflow run (or logs into the active one,
+    ``mlflow.start_run()``); its end logs the totals, writes the artifacts and the summary, and
+    sets the run's status: ``FINISHED``, or ``FAILED`` (``KILLED`` for Ctrl-C or ``SystemExit``)
+    when an exception leaves the block, which then propagates unchanged.
+
+    The step axis: call :meth:`step` after every optimizer step (with the step you log your own
+    metrics at, or nothing to count from 0) to get logging points every ``log_every_n_steps``
+    steps (or ``log_every_s``), budget checks between points and throughput per joule. Without
+    :meth:`step` the axis is the epoch number: each epoch's evaluation and end are logged at step
+    ``epoch``. Set ``tracker.max_steps`` (the last step on that axis) for budget projections.
+    """
+
+    _loop_step: int = -1  # the latest step given to step(); -1: none, the epoch number is the axis
+    _loop_pending: bool = False  # an evaluation window closed and not yet reported
+
+    # -- the run ---------------------------------------------------------------------------------
+    def __enter__(self: EnergyTracker) -> EnergyTracker:
+        session = object()  # a new ``with`` is a new training: a run this tracker opened is not reused
+        self._loop_step, self._loop_pending = -1, False
+        self.start(loop_rank(), _cuda_indices(), session=session)
+        self._loop_session = session
+        return self
+
+    def __exit__(self: EnergyTracker, exc_type: type[BaseException] | None, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self._flush_evaluation()
+            self.end_training(self._loop_point_step())
+            self.finish("FINISHED")
+        else:
+            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt | SystemExit) else "FAILED")
+
+    @property
+    def should_stop(self: EnergyTracker) -> bool:
+        """An attached stopper decided to stop (the same on every rank)."""
+        return self.stop_decision is not None
+
+    # -- windows ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def epoch(self: EnergyTracker, epoch: int) -> Iterator[EnergyTracker]:
+        """One training epoch's window; its end is a point (collective under DDP: every rank leaves it).
+
+        An exception leaving the block skips the point: ``with tracker:`` records the partial epoch.
+        """
+        self.begin_epoch(epoch)
+        yield self
+        self._flush_evaluation()
+        self.end_epoch(self._loop_point_step())
+
+    @contextlib.contextmanager
+    def evaluation(self: EnergyTracker) -> Iterator[EnergyTracker]:
+        """An evaluation's window; its point is made by :meth:`report` with the metrics it produced (or,
+        without a report, at the next step, evaluation or epoch end, with none)."""
+        self._flush_evaluation()
+        self.begin_evaluation()
+        yield self
+        self._close_evaluation()
+
+    @never_raises
+    def _close_evaluation(self: EnergyTracker) -> None:
+        if self.evaluation_open and self.meter is not None:
+            self._eval_window = self.meter.end("evaluation")
+            self._loop_pending = True
+
+    def report(self: EnergyTracker, metrics: Mapping[str, Any], step: int | None = None) -> bool:
+        """The evaluation's metrics (``{"val_acc": 0.93}``): an evaluation point for efficiency metrics and stoppers.
+
+        After (or inside) ``with tracker.evaluation():`` it closes that evaluation; alone, it is an
+        evaluation point with no evaluation energy. ``step`` overrides the step it is logged at.
+        Collective under DDP: every rank reports (each its own value; stoppers decide on each rank
+        and the decision is reduced). Returns :attr:`should_stop`.
+        """
+        self._loop_pending = False
+        values = {k: float(v) for k, v in metrics.items()}  # a tensor's value is the caller's to read
+        self.end_evaluation(self._loop_point_step() if step is None else step, values)
+        return self.should_stop
+
+    def step(self: EnergyTracker, step: int | None = None, batch: Any = None) -> bool:
+        """After an optimizer step: ``step`` is its index on your step axis (default: one more than the last).
+
+        ``batch`` (the step's batch) counts samples and tokens for ``throughput/*_per_j``; with
+        gradient accumulation count the other micro-batches with :meth:`count_batch`. A logging
+        point that falls due is taken here at once (a loop has no "next batch starts" hook), so an
+        evaluation at the same step logs its own point after it. Returns :attr:`should_stop`.
+        """
+        self._flush_evaluation()
+        if batch is not None:
+            self.count_batch(batch)
+        self._loop_step = self._loop_step + 1 if step is None else int(step)
+        self.on_step(self._loop_step)
+        self.before_step()
+        return self.should_stop
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _loop_point_step(self: EnergyTracker) -> int:
+        return self._loop_step if self._loop_step >= 0 else self.current_epoch
+
+    def _flush_evaluation(self: EnergyTracker) -> None:
+        """An evaluation nobody reported: its point, without metrics, before anything else happens."""
+        if self._loop_pending:
+            self._loop_pending = False
+            self.end_evaluation(self._loop_point_step(), {})
+
+
+def loop_rank() -> RankInfo:
+    """Rank facts from ``torch.distributed`` (else the launcher's environment); a launcher that sets no
+    ``LOCAL_RANK`` (``torch.multiprocessing.spawn``) gets it from the ranks' host names (one collective)."""
+    info = RankInfo.from_env()
+    if info.world_size > 1 and not {"LOCAL_RANK", "SLURM_LOCALID"} & os.environ.keys():
+        hosts = gather(info.node)
+        info = dataclasses.replace(info, local_rank=hosts[: info.rank].count(info.node))
+    return info
+
+
+def _cuda_indices() -> list[int] | None:
+    """The CUDA device this process trains on, as torch knows it; ``[]`` where torch has no CUDA (CPU training);
+    ``None`` (NVML's own ``LOCAL_RANK`` rule) before torch is imported or CUDA is initialised."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.current_device()] if torch.cuda.is_initialized() else None

@@ -1,0 +1,87 @@
+"""Throughput per joule: the samples (and tokens) trained in each interval, counted per batch without a device sync.
+
+A batch's samples are its leading dimension (:func:`~green_callbacks.records.batch_size`): shape
+metadata, free on any device. Tokens are counted where the batch is a mapping with ``input_ids``:
+the sum of its ``attention_mask`` where present (padding is not work), else ``input_ids.numel()``.
+On the CPU the sum is taken at once; on an accelerator ``mask.sum()`` is queued into a running
+device tensor (asynchronous, no sync), read once per interval, at the point, where the meter has
+already synchronised the device for its window edge. So no batch waits for the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from green_callbacks.distributed import RankInfo
+from green_callbacks.process import never_raises
+from green_callbacks.records import batch_size, throughput_metrics
+
+
+class BatchCounter:
+    """Samples and tokens since the last :meth:`take`; tokens stay ``None`` until a batch carries ``input_ids``."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.tokens: int | None = None
+        self._device_tokens: Any = None  # a 0-d device tensor: the queued attention-mask sums
+
+    def add(self, batch: Any) -> None:
+        self.samples += batch_size(batch)
+        if not isinstance(batch, Mapping):
+            return
+        mask, ids = batch.get("attention_mask"), batch.get("input_ids")
+        if hasattr(mask, "sum") and hasattr(mask, "device") and mask.device.type != "cpu":
+            total = mask.sum()  # queued on the device; read in take()
+            if self._device_tokens is None:
+                self._device_tokens = total
+            else:
+                self._device_tokens.add_(total)
+            self.tokens = self.tokens or 0
+        elif hasattr(mask, "sum"):
+            self.tokens = (self.tokens or 0) + int(mask.sum())
+        elif hasattr(ids, "numel"):
+            self.tokens = (self.tokens or 0) + int(ids.numel())
+
+    def take(self) -> tuple[int, int | None]:
+        """The counts since the previous call, as plain ints (they travel in the ranks' all-gather)."""
+        tokens = self.tokens
+        if self._device_tokens is not None:
+            tokens = (tokens or 0) + int(self._device_tokens.item())
+        out = (self.samples, tokens)
+        self.samples, self.tokens, self._device_tokens = 0, None, None
+        return out
+
+
+class ThroughputHost:
+    """The throughput half of :class:`~green_callbacks.tracker.EnergyTracker`: counts batches, logs per point."""
+
+    rank: RankInfo
+    sink: Any
+    started: bool
+
+    @property
+    def batch_counter(self) -> BatchCounter:
+        counter = self.__dict__.get("_batch_counter")
+        if counter is None:
+            counter = self.__dict__["_batch_counter"] = BatchCounter()
+        return counter
+
+    @never_raises
+    def count_batch(self, batch: Any) -> None:
+        """Count one training (micro-)batch's samples and tokens into the open interval."""
+        if self.started:
+            self.batch_counter.add(batch)
+
+    def take_work(self) -> tuple[int, int | None]:
+        """This rank's samples and tokens since the previous point (for the point's all-gather)."""
+        return self.batch_counter.take()
+
+    def log_throughput(self, works: Sequence[tuple[int, int | None]], training_j: float, step: int) -> None:
+        """``throughput/*_per_j`` of one interval: every rank's samples (tokens) over its training joules."""
+        if not self.rank.is_zero or self.sink is None:
+            return
+        tokens = [t for _, t in works if t is not None]
+        out = throughput_metrics(sum(s for s, _ in works), sum(tokens) if tokens else None, training_j)
+        if out:
+            self.sink.log_metrics(out, step=step)
