@@ -161,7 +161,10 @@ def run_facts(accountant_params: Mapping[str, str], world_size: int, version: st
     tags: dict[str, Any] = {f"green.method.{c}": m for c, m in record.methods.items()}
     tags.update({"green.gpu_count": sum(d.startswith("gpu") for d in record.devices_j),
                  "green.gpu_names": "; ".join(gpu_names) or "none",
-                 "green.cpu": "; ".join(v for n in names for v in n.get("cpu", {}).values()) or "not measured"})
+                 "green.cpu": "; ".join(v for n in names for k, v in n.get("cpu", {}).items()
+                                        if k != "attribution") or "not measured",
+                 "green.cpu_attribution": "; ".join(n["cpu"]["attribution"] for n in names
+                                                    if "attribution" in n.get("cpu", {})) or "not measured"})
     for component in ("gpu", "cpu", "dram"):
         tags.setdefault(f"green.method.{component}", Method.UNAVAILABLE.value)
     return params, tags

@@ -50,7 +50,10 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
             the process), a list of CUDA device indices, or ``None`` for none.
         measure_cpu: measure CPU (and DRAM where RAPL allows) once per node.
         sampling_period_s: the background sampler's period (default 0.05 s, at least 0.005 s).
-        cpu_tdp_w: CPU TDP for the estimate used when RAPL is not readable (default 85 W).
+        cpu_tdp_w: TDP of the CPU cores this machine shows, for the estimate used when RAPL is not
+            readable (default: the known model's TDP per core, else 12 W per core).
+        cpu_scope: what that estimate counts: ``"process"`` (this training's process tree) or
+            ``"machine"`` (every process); RAPL, where readable, measures the whole package.
         country: ISO alpha-2/alpha-3 code or English name for the grid's carbon intensity.
         cloud_region: ``provider:region`` (``gcp:europe-west1``) for the carbon intensity.
         carbon_intensity_g_per_kwh: an explicit carbon intensity (g CO2e per kWh).
@@ -80,6 +83,7 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         measure_cpu: bool = True,
         sampling_period_s: float = DEFAULT_PERIOD_S,
         cpu_tdp_w: float | None = None,
+        cpu_scope: str = "process",
         country: str | None = None,
         cloud_region: str | None = None,
         carbon_intensity_g_per_kwh: float | None = None,
@@ -108,6 +112,7 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         self.measure_cpu = args["measure_cpu"]
         self.sampling_period_s = args["sampling_period_s"]
         self.cpu_tdp_w = args["cpu_tdp_w"]
+        self.cpu_scope = args["cpu_scope"]
         self.tracking_uri = args["tracking_uri"]
         self.experiment_name = args["experiment_name"]
         self.run_name = args["run_name"]
@@ -150,7 +155,8 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         self.rank = rank or RankInfo.from_env()
         import pandas  # noqa: F401 - imported now, not first at interpreter exit where imports can fail
 
-        sensors = build_sensors(self.gpus, cuda_indices, self.measure_cpu and self.rank.measures_host, self.cpu_tdp_w)
+        sensors = build_sensors(self.gpus, cuda_indices, self.measure_cpu and self.rank.measures_host, self.cpu_tdp_w,
+                                cpu_scope=self.cpu_scope)
         self.measurable = any(s.devices for s in sensors) or not self.rank.measures_host
         self.check_measurable()
         self.meter = EnergyMeter(sensors, self.sampling_period_s, cuda_sync=self.cuda_sync).start()

@@ -7,6 +7,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from green_callbacks.sensors.estimate import CPU_SCOPES
+
 ARTIFACT_CHOICES = ("intervals", "trace", "plot", "summary")
 MIN_SAMPLING_PERIOD_S = 0.005  # NVML and RAPL refresh every 1-100 ms: faster sampling only burns a core
 GPU_CHOICES = '"auto", "all", None (no GPU) or a list of CUDA device indices like [0, 1]'
@@ -66,6 +68,8 @@ def check_tracker_args(a: Mapping[str, Any]) -> dict[str, Any]:
     out["sampling_period_s"] = _number("sampling_period_s", a["sampling_period_s"], MIN_SAMPLING_PERIOD_S, 60.0,
                                        what=" seconds (the sensors refresh no faster than every few ms)")
     out["cpu_tdp_w"] = _number("cpu_tdp_w", a["cpu_tdp_w"], 1.0, 10_000.0, optional=True, what=" watts")
+    if a["cpu_scope"] not in CPU_SCOPES:
+        raise ValueError(f"cpu_scope={a['cpu_scope']!r} is not valid; choose from {list(CPU_SCOPES)}")
     out["price_per_kwh"] = _number("price_per_kwh", a["price_per_kwh"], 0.0, 1e6, optional=True)
     out["carbon_intensity_g_per_kwh"] = _number("carbon_intensity_g_per_kwh", a["carbon_intensity_g_per_kwh"],
                                                 0.0, 5000.0, optional=True, what=" g CO2e per kWh")

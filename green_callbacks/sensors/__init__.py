@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from green_callbacks.sensors.base import Method, Reading, Sensor, log
-from green_callbacks.sensors.estimate import DEFAULT_CPU_TDP_W, CpuEstimateSensor
+from green_callbacks.sensors.estimate import CPU_SCOPES, DEFAULT_CORE_W, CpuEstimateSensor
 from green_callbacks.sensors.nvml import GpuSelection, NvmlSensor, NvmlUnavailable, load_nvml
 from green_callbacks.sensors.rapl import POWERCAP_ROOT, RaplPermissionError, RaplSensor
 
 __all__ = [
-    "DEFAULT_CPU_TDP_W", "CpuEstimateSensor", "GpuSelection", "Method", "NvmlSensor",
+    "CPU_SCOPES", "DEFAULT_CORE_W", "CpuEstimateSensor", "GpuSelection", "Method", "NvmlSensor",
     "NvmlUnavailable", "RaplPermissionError", "RaplSensor", "Reading", "Sensor", "build_sensors",
     "load_nvml",
 ]
@@ -25,11 +25,13 @@ def build_sensors(
     cpu_tdp_w: float | None = None,
     rapl_root: Path | str = POWERCAP_ROOT,
     nvml: Any = None,
+    cpu_scope: str = "process",
 ) -> list[Sensor]:
     """The best sensor for each component this process should measure.
 
     GPUs through NVML when it loads (``gpus=None`` or an empty ``cuda_indices`` with ``"auto"``
-    measures none); CPU and DRAM through RAPL when readable, else CPU by estimate. Every
+    measures none); CPU and DRAM through RAPL when readable (the whole package), else CPU by an
+    estimate of ``cpu_scope`` (``"process"``: this training's process tree; ``"machine"``). Every
     fallback is logged once with its reason; nothing here raises for missing hardware.
     """
     sensors: list[Sensor] = []
@@ -55,5 +57,5 @@ def build_sensors(
                     continue
                 break
         if not any(s.component == "cpu" for s in sensors):
-            sensors.append(CpuEstimateSensor(cpu_tdp_w))
+            sensors.append(CpuEstimateSensor(cpu_tdp_w, cpu_scope))
     return sensors

@@ -89,7 +89,10 @@ class RaplSensor(Sensor):
         return [z.label for z in self._zones]
 
     def describe(self) -> dict[str, str]:
-        return {z.label: str(z.energy_path.parent) for z in self._zones}
+        out = {z.label: str(z.energy_path.parent) for z in self._zones}
+        if self.component == "cpu":
+            out["attribution"] = "whole package measured by RAPL: every process on the socket"
+        return out
 
     def start(self, now_s: float) -> None:
         for zone in self._zones:
