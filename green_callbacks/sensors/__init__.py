@@ -1,4 +1,4 @@
-"""Where joules come from: NVML, RAPL, or an estimate, behind one interface."""
+"""Where joules come from: NVML, amdsmi, RAPL, or an estimate, behind one interface."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from green_callbacks.sensors.amd import AmdSmiSensor, AmdSmiUnavailable
 from green_callbacks.sensors.base import Method, Reading, Sensor, log
 from green_callbacks.sensors.estimate import CPU_SCOPES, DEFAULT_CORE_W, CpuEstimateSensor
+from green_callbacks.sensors.gpu import build_gpu_sensor
 from green_callbacks.sensors.nvml import GpuSelection, NvmlSensor, NvmlUnavailable, load_nvml
 from green_callbacks.sensors.rapl import POWERCAP_ROOT, RaplPermissionError, RaplSensor
 
 __all__ = [
-    "CPU_SCOPES", "DEFAULT_CORE_W", "CpuEstimateSensor", "GpuSelection", "Method", "NvmlSensor",
-    "NvmlUnavailable", "RaplPermissionError", "RaplSensor", "Reading", "Sensor", "build_sensors",
-    "load_nvml",
+    "CPU_SCOPES", "DEFAULT_CORE_W", "AmdSmiSensor", "AmdSmiUnavailable", "CpuEstimateSensor", "GpuSelection",
+    "Method", "NvmlSensor", "NvmlUnavailable", "RaplPermissionError", "RaplSensor", "Reading", "Sensor",
+    "build_sensors", "load_nvml",
 ]
 
 
@@ -29,22 +31,17 @@ def build_sensors(
 ) -> list[Sensor]:
     """The best sensor for each component this process should measure.
 
-    GPUs through NVML when it loads (``gpus=None`` or an empty ``cuda_indices`` with ``"auto"``
-    measures none); CPU and DRAM through RAPL when readable (the whole package), else CPU by an
-    estimate of ``cpu_scope`` (``"process"``: this training's process tree; ``"machine"``). Every
+    GPUs through NVML or amdsmi, whichever sees them (``gpus=None`` or an empty ``cuda_indices``
+    with ``"auto"`` measures none); CPU and DRAM through RAPL when readable (the whole package),
+    else CPU by an estimate of ``cpu_scope`` (``"process"``: this training's process tree; ``"machine"``). Every
     fallback is logged once with its reason; nothing here raises for missing hardware.
     """
     sensors: list[Sensor] = []
     wants_gpu = gpus is not None and not (gpus == "auto" and cuda_indices is not None and not cuda_indices)
     if wants_gpu:
-        try:
-            sensor = NvmlSensor(gpus, cuda_indices, nvml=nvml)
-        except NvmlUnavailable as exc:
-            if gpus != "auto":
-                log.warning("GPU energy is 'unavailable': %s", exc)
-        else:
-            if sensor.devices:
-                sensors.append(sensor)
+        sensor = build_gpu_sensor(gpus, cuda_indices, nvml=nvml)
+        if sensor is not None:
+            sensors.append(sensor)
     if measure_cpu:
         for component in ("cpu", "dram"):
             try:

@@ -1,0 +1,238 @@
+"""AMD GPUs through amdsmi, against a simulated amdsmi whose GPUs' exact energy is known."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from green_callbacks.meter import EnergyMeter
+from green_callbacks.sensors import AmdSmiSensor, Method, build_sensors
+from green_callbacks.sensors.amd import shut_down_amdsmi
+
+FAKE_AMDSMI = Path(__file__).parent / "fake_amdsmi" / "amdsmi.py"
+SAMPLED_TOLERANCE = {"current": 0.03, "average": 0.05}  # sampled every 10 ms, 2 s windows: relative error
+
+
+class _NoNvml:
+    """pynvml where no NVIDIA driver is installed, so the AMD path is the one taken."""
+
+    def nvmlInit(self):
+        raise OSError("libnvidia-ml.so.1: cannot open shared object file")
+
+
+@pytest.fixture
+def fake_amdsmi(monkeypatch):
+    spec = importlib.util.spec_from_file_location("amdsmi", FAKE_AMDSMI)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "amdsmi", module)
+    monkeypatch.setitem(sys.modules, "pynvml", _NoNvml())
+    spec.loader.exec_module(module)
+    for var in ("HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    yield module
+    shut_down_amdsmi()
+
+
+def busy_wait(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.001)
+
+
+def truth(device, m) -> float:
+    return device.energy_between(m.start_s, m.end_s)
+
+
+def windows(meter, seconds=(0.3, 1.0, 2.0)):
+    out = []
+    for s in seconds:
+        meter.begin("w")
+        busy_wait(s)
+        out.append(meter.end("w"))
+    return out
+
+
+def test_counter_devices_match_exact_energy_whatever_the_key(fake_amdsmi):
+    # 7.0: energy_accumulator only; 6.2: the same count under the key 'power'; 6.3: both
+    devs = fake_amdsmi.configure([{"profile_seed": 1, "version": "7.0"}, {"profile_seed": 2, "version": "6.2"},
+                                  {"profile_seed": 3, "version": "6.3", "start_count": 2**40}])
+    sensors = build_sensors("all", measure_cpu=False)
+    assert [type(s) for s in sensors] == [AmdSmiSensor]
+    meter = EnergyMeter(sensors, period_s=0.01).start()
+    try:
+        for m in windows(meter):
+            assert m.method("gpu") is Method.COUNTER
+            for i, dev in enumerate(devs):
+                # whole counts of 15.3 µJ at both edges, plus microseconds between clock and read
+                assert m.joules["gpu"][f"gpu{i}"] == pytest.approx(truth(dev, m), rel=1e-3, abs=0.05)
+    finally:
+        meter.close()
+    assert devs[0].calls["amdsmi_get_energy_count"] < 20  # edges and a poll a second, not every 10 ms tick
+
+
+@pytest.mark.parametrize("power_key", ["current", "average"])
+def test_a_device_without_counter_is_sampled_within_the_stated_tolerance(fake_amdsmi, power_key):
+    # MI100: NOT_SUPPORTED; current_socket_power on MI300-class, average_socket_power before
+    (dev,) = fake_amdsmi.configure([{"profile_seed": 4, "counter": False, "power_key": power_key,
+                                     "name": "AMD Instinct MI100"}])
+    meter = EnergyMeter([AmdSmiSensor("all")], period_s=0.01).start()
+    try:
+        ms = windows(meter, (2.0, 2.0, 2.0))
+    finally:
+        meter.close()
+    assert {m.method("gpu") for m in ms} == {Method.SAMPLED}
+    errors = [abs(m.component_j("gpu") - truth(dev, m)) / truth(dev, m) for m in ms]
+    assert max(errors) < SAMPLED_TOLERANCE[power_key], errors
+
+
+def test_a_stuck_counter_is_detected_and_the_device_sampled(fake_amdsmi, green_log):
+    # MI100 with a counter that answers but never advances (ROCm/amdsmi#38)
+    (dev,) = fake_amdsmi.configure([{"profile_seed": 5, "counter": "stuck", "name": "AMD Instinct MI100"}])
+    meter = EnergyMeter([AmdSmiSensor("all")], period_s=0.01).start()
+    try:
+        (m,) = windows(meter, (3.0,))
+    finally:
+        meter.close()
+    assert m.method("gpu") is Method.SAMPLED
+    # the second before detection is integrated from power too, not lost
+    assert m.component_j("gpu") == pytest.approx(truth(dev, m), rel=SAMPLED_TOLERANCE["current"])
+    assert green_log.text.count("the energy counter has not moved") == 1
+
+
+def test_errors_mid_run_leave_the_run_going_with_one_warning(fake_amdsmi, green_log):
+    devs = fake_amdsmi.configure(n=2)
+    meter = EnergyMeter([AmdSmiSensor("all")], period_s=0.01).start()
+    try:
+        meter.begin("epoch")
+        busy_wait(0.5)
+        before = devs[1].energy_between(devs[1].t0, time.monotonic())
+        for call in ("amdsmi_get_energy_count", "amdsmi_get_power_info"):
+            devs[1].faults[call] = fake_amdsmi.amdsmi_wrapper.AMDSMI_STATUS_IO
+        busy_wait(0.5)
+        m = meter.end("epoch")
+        (m2,) = windows(meter, (0.2,))
+    finally:
+        meter.close()
+    assert m.methods["gpu"] == {"gpu0": Method.COUNTER, "gpu1": Method.UNAVAILABLE}
+    assert m.joules["gpu"]["gpu0"] == pytest.approx(truth(devs[0], m), rel=1e-3, abs=0.05)
+    assert 0 < m.joules["gpu"]["gpu1"] <= before + 50  # what was measured before the fault is kept
+    assert m2.joules["gpu"]["gpu1"] == 0.0
+    assert green_log.text.count("gpu1: amdsmi failed") == 1
+
+
+def test_counter_not_supported_mid_run_switches_to_sampling(fake_amdsmi, green_log):
+    (dev,) = fake_amdsmi.configure([{"profile_seed": 6}])
+    meter = EnergyMeter([AmdSmiSensor("all")], period_s=0.01).start()
+    try:
+        meter.begin("w")
+        busy_wait(0.5)
+        dev.faults["amdsmi_get_energy_count"] = fake_amdsmi.amdsmi_wrapper.AMDSMI_STATUS_NOT_SUPPORTED
+        busy_wait(1.5)
+        m = meter.end("w")
+    finally:
+        meter.close()
+    assert m.method("gpu") is Method.SAMPLED
+    assert m.component_j("gpu") == pytest.approx(truth(dev, m), rel=SAMPLED_TOLERANCE["current"])
+    assert green_log.text.count("NOT_SUPPORTED") == 1
+
+
+def test_amdsmi_is_shut_down_once_and_only_if_this_package_started_it(fake_amdsmi):
+    fake_amdsmi.configure(n=1)
+    AmdSmiSensor("all").close()
+    AmdSmiSensor("all").close()
+    assert (fake_amdsmi.init_calls, fake_amdsmi.shut_down_calls) == (1, 0)  # closing a sensor ends nothing
+    shut_down_amdsmi()  # what runs at exit
+    shut_down_amdsmi()
+    assert fake_amdsmi.shut_down_calls == 1
+    # initialised by someone else in the process: used as it is, never shut down from here
+    fake_amdsmi.configure(n=1)
+    fake_amdsmi.amdsmi_init(fake_amdsmi.AmdSmiInitFlags.INIT_AMD_GPUS)
+    AmdSmiSensor("all").close()
+    shut_down_amdsmi()
+    assert (fake_amdsmi.init_calls, fake_amdsmi.shut_down_calls, fake_amdsmi.initialised) == (1, 0, True)
+
+
+def test_visible_devices_map_through_rocr_then_hip(fake_amdsmi, monkeypatch):
+    devs = fake_amdsmi.configure([{"profile_seed": s} for s in range(4)])
+    # ROCr keeps physical 3, 1, 0 (the middle one named by its UUID); HIP then takes ROCr's 2 and 0
+    monkeypatch.setenv("ROCR_VISIBLE_DEVICES", f"3,GPU-{devs[1].uuid.replace('-', '')[:16]},0")
+    monkeypatch.setenv("HIP_VISIBLE_DEVICES", "2,0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # ignored: HIP_VISIBLE_DEVICES wins
+    sensor = AmdSmiSensor("all")
+    assert sensor.describe() == {"gpu0": f"AMD Instinct MI300X ({devs[0].uuid})",
+                                 "gpu1": f"AMD Instinct MI300X ({devs[3].uuid})"}
+    monkeypatch.setenv("LOCAL_RANK", "1")  # each DDP rank measures its own device under "auto"
+    assert list(AmdSmiSensor("auto").describe().values()) == [f"AMD Instinct MI300X ({devs[3].uuid})"]
+    monkeypatch.delenv("HIP_VISIBLE_DEVICES")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,bogus,0")  # HIP honours it too; it stops at a bad entry
+    assert list(AmdSmiSensor("all").describe().values()) == [f"AMD Instinct MI300X ({devs[1].uuid})"]
+
+
+def test_without_enumeration_info_the_order_is_pci_order(fake_amdsmi):
+    # amdsmi before 6.4 has no HIP ids: HIP enumerates in PCI bus order
+    devs = fake_amdsmi.configure([{"bdf": "0000:c1:00.0"}, {"bdf": "0000:05:00.0"}], enumeration_info=False)
+    assert not hasattr(fake_amdsmi, "amdsmi_get_gpu_enumeration_info")
+    assert [v.split("(")[1][:-1] for v in AmdSmiSensor("all").describe().values()] == [devs[1].uuid, devs[0].uuid]
+
+
+def test_bad_selection_names_the_valid_choices(fake_amdsmi):
+    fake_amdsmi.configure(n=2)
+    with pytest.raises(ValueError, match=r"gpus=\[5\].*valid indices are \[0, 1\]"):
+        AmdSmiSensor([5])
+    with pytest.raises(ValueError, match=r"gpus='some'.*\"auto\", \"all\""):
+        AmdSmiSensor("some")
+
+
+def test_a_partitioned_mi300_is_explained_and_unavailable(fake_amdsmi, green_log):
+    devs = fake_amdsmi.configure([{"partition": "CPX"}, {"partition": "SPX", "profile_seed": 7}])
+    meter = EnergyMeter([AmdSmiSensor("all")]).start()
+    try:
+        (m,) = windows(meter, (0.3,))
+    finally:
+        meter.close()
+    assert m.methods["gpu"] == {"gpu0": Method.UNAVAILABLE, "gpu1": Method.COUNTER}
+    assert m.joules["gpu"]["gpu1"] == pytest.approx(truth(devs[1], m), rel=1e-3, abs=0.05)
+    assert "gpu0 is a partition" in green_log.text and "not measurable per partition" in green_log.text
+
+
+def test_a_broken_amdsmi_import_is_silent_and_explained(monkeypatch, tmp_path, capsys, green_log):
+    # what amdsmi 7.0.2 does without libamd_smi.so: print to stdout, then KeyError from its wrapper
+    pkg = tmp_path / "amdsmi"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        'print("Unable to find libamd_smi.so library try installing amd-smi-lib from your package manager")\n'
+        "raise KeyError('libamd_smi.so')\n")
+    monkeypatch.delitem(sys.modules, "amdsmi", raising=False)
+    monkeypatch.setitem(sys.modules, "pynvml", _NoNvml())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert [s.component for s in build_sensors("auto", rapl_root=tmp_path / "none")] == ["cpu"]
+    assert capsys.readouterr().out == "" and green_log.text == ""  # "auto" on a machine without GPUs: quiet
+    assert [s.component for s in build_sensors([0], rapl_root=tmp_path / "none")] == ["cpu"]
+    assert capsys.readouterr().out == ""
+    assert green_log.text.count("GPU energy is 'unavailable'") == 1
+    assert "KeyError" in green_log.text and "Unable to find libamd_smi.so" in green_log.text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("amdsmi") is None, reason="the real amdsmi package is not installed")
+def test_the_real_amdsmi_package_without_its_library_keeps_the_package_silent(tmp_path):
+    if Path("/opt/rocm/lib/libamd_smi.so").exists():
+        pytest.skip("ROCm is installed here: amdsmi imports cleanly")
+    code = ("import green_callbacks\nfrom green_callbacks.sensors import build_sensors\n"
+            "print(sorted(s.component for s in build_sensors('auto', measure_cpu=False)))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "[]\n"  # nothing printed but the test's own line, no traceback
+
+
+def test_probe_shows_the_amd_gpu(fake_amdsmi, capsys):
+    from green_callbacks.cli import main as cli
+
+    fake_amdsmi.configure([{"counter": False, "name": "AMD Instinct MI100"}, {}])
+    assert cli(["probe", "--seconds", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "AMD Instinct MI100" in out and "sampled" in out and "AMD Instinct MI300X" in out and "counter" in out
