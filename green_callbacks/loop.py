@@ -83,6 +83,8 @@ class LoopHost:
         An exception leaving the block skips the point: ``with tracker:`` records the partial epoch.
         """
         self.begin_epoch(epoch)
+        if self._loop_step < 0:  # no step() so far: the epoch number is the step axis, the tracker's too
+            self.on_step(int(epoch))
         yield self
         self._flush_evaluation()
         self.end_epoch(self._loop_point_step())

@@ -1,0 +1,183 @@
+"""EnergyTracker in a plain PyTorch loop: the API of issue 15 exactly, on a real MLflow store.
+
+The GPU is simulated on a work clock (tests/fake_nvml) at a constant 100 W: a training step does
+0.01 s of work (1 J), an evaluation 0.05 s (5 J), and the CPU is not measured, so every number
+logged has an exact expected value.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import digits_tensors, history, runs
+
+STEP_J, EVAL_J, BATCH = 1.0, 5.0, 64
+
+
+@pytest.fixture
+def gpu(fake_nvml):
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    return fake_nvml
+
+
+@pytest.fixture
+def uri(tmp_path):
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+class Digits:
+    """A real model on real data; each step and each evaluation move the simulated GPU's work clock."""
+
+    def __init__(self, gpu, n_train: int = 512) -> None:
+        torch.manual_seed(0)
+        (xt, yt), (xv, yv) = digits_tensors()
+        self.train = DataLoader(TensorDataset(xt[:n_train], yt[:n_train]), batch_size=BATCH, shuffle=True)
+        self.xv, self.yv = xv, yv
+        self.model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-2)
+        self.gpu = gpu
+
+    def batches(self):
+        for x, y in self.train:
+            loss = torch.nn.functional.cross_entropy(self.model(x), y)
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+            self.gpu.advance(STEP_J / 100.0)
+            yield x, y
+
+    def evaluate(self) -> float:
+        self.gpu.advance(EVAL_J / 100.0)
+        with torch.no_grad():
+            return float((self.model(self.xv).argmax(-1) == self.yv).float().mean())
+
+
+def tracker_for(tmp_path, uri, **kw):
+    from green_callbacks import EnergyTracker  # the issue's import, exactly
+
+    return EnergyTracker(country="FR", experiment_name="my-run", gpus="all", measure_cpu=False,
+                         tracking_uri=uri, output_dir=str(tmp_path / "out"), **kw)
+
+
+def test_the_issues_loop_logs_every_epoch_and_evaluation(tmp_path, uri, gpu):
+    from green_callbacks.stopping import BudgetStopper, EfficiencyStopper  # noqa: F401 - the issue's import
+
+    tracker = tracker_for(tmp_path, uri)
+    tracker.attach(BudgetStopper(energy="2 kWh"))
+    work, accs = Digits(gpu), []
+    with tracker:
+        for epoch in range(3):
+            with tracker.epoch(epoch):
+                for _ in work.batches():
+                    pass
+                with tracker.evaluation():
+                    acc = work.evaluate()
+                tracker.report({"val_acc": acc})
+                accs.append(acc)
+            if tracker.should_stop:
+                break
+    client, (run,) = runs(uri, "my-run")
+    rid = run.info.run_id
+    assert run.info.status == "FINISHED" and not tracker.should_stop
+    epoch_j = 8 * STEP_J + EVAL_J  # 512 samples in batches of 64, then the evaluation
+    # without step() the step axis is the epoch number: one point of each kind per epoch
+    assert history(client, rid, "energy/epoch_j") == [(e, pytest.approx(epoch_j)) for e in range(3)]
+    assert history(client, rid, "energy/eval_j") == [(e, pytest.approx(EVAL_J)) for e in range(3)]
+    assert history(client, rid, "energy/val_j") == [(e, pytest.approx(EVAL_J)) for e in range(3)]
+    assert history(client, rid, "energy/interval_j") == [(e, pytest.approx(epoch_j)) for e in range(3)]
+    assert history(client, rid, "efficiency/val_acc_per_kj") == [
+        (e, pytest.approx(acc / (epoch_j * (e + 1) / 1000))) for e, acc in enumerate(accs)]
+    assert run.data.metrics["energy/total_j"] == pytest.approx(3 * epoch_j)
+    assert run.data.params["green.carbon_intensity_label"].startswith("France")
+    assert "green_callbacks/summary.json" in [a.path for a in client.list_artifacts(rid, "green_callbacks")]
+
+
+def test_a_budget_sets_should_stop_and_the_loop_breaks(tmp_path, uri, gpu):
+    from green_callbacks.stopping import BudgetStopper
+
+    tracker = tracker_for(tmp_path, uri)
+    tracker.attach(BudgetStopper(energy="30 J"))
+    work, epochs = Digits(gpu), 0
+    with tracker:
+        for epoch in range(10):
+            with tracker.epoch(epoch):
+                for _ in work.batches():
+                    pass
+                with tracker.evaluation():
+                    acc = work.evaluate()
+                tracker.report({"val_acc": acc})
+            epochs += 1
+            if tracker.should_stop:
+                break
+    _, (run,) = runs(uri, "my-run")
+    # 13 J an epoch: after two (26 J) a third would overshoot 30 J
+    assert tracker.should_stop and epochs == 2
+    assert run.data.tags["green.stop_reason"] == "energy_budget"
+    assert run.data.metrics["energy/total_j"] == pytest.approx(26.0) and run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(("error", "status"), [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_an_exception_in_the_block_propagates_and_ends_the_run(tmp_path, uri, gpu, error, status):
+    tracker = tracker_for(tmp_path, uri)
+    work = Digits(gpu)
+    with pytest.raises(error, match="boom"), tracker:
+        with tracker.epoch(0):
+            for _ in work.batches():
+                pass
+        with tracker.epoch(1):
+            for i, _ in enumerate(work.batches()):
+                if i == 2:
+                    raise error("boom")
+    client, (run,) = runs(uri, "my-run")
+    assert run.info.status == status
+    # the finished epoch, then the partial one (3 steps) booked as the run ends
+    assert history(client, run.info.run_id, "energy/epoch_j") == [(0, pytest.approx(8.0)),
+                                                                   (1, pytest.approx(3.0, abs=0.01))]
+    assert not tracker.started
+
+
+def test_step_axis_points_and_samples_per_joule(tmp_path, uri, gpu):
+    tracker = tracker_for(tmp_path, uri, log_every_n_steps=3)
+    work = Digits(gpu, n_train=500)  # 8 steps an epoch: seven of 64 samples, one of 52
+    sizes: dict[int, int] = {}
+    step = -1
+    with tracker:
+        for epoch in range(2):
+            with tracker.epoch(epoch):
+                for x, _ in work.batches():
+                    step += 1
+                    sizes[step] = len(x)
+                    tracker.step(step, batch=(x, _))
+                with tracker.evaluation():
+                    acc = work.evaluate()
+                tracker.report({"val_acc": acc})
+    client, (run,) = runs(uri, "my-run")
+    rid = run.info.run_id
+    assert [s for s, _ in history(client, rid, "energy/cumulative_j")] == [0, 3, 6, 7, 9, 12, 15]
+    assert [s for s, _ in history(client, rid, "energy/eval_j")] == [7, 15]
+    # each interval: the samples of its steps over its training joules (1 J a step; evaluations excluded)
+    logged = history(client, rid, "throughput/samples_per_j")
+    edges = [-1, 0, 3, 6, 7, 9, 12, 15]
+    expected = [(b, sum(sizes[s] for s in range(a + 1, b + 1)) / ((b - a) * STEP_J)) for a, b in zip(edges, edges[1:])]
+    assert logged == [(s, pytest.approx(v)) for s, v in expected]
+    assert "throughput/tokens_per_j" not in run.data.metrics  # no input_ids in these batches
+
+
+def test_logs_into_the_active_mlflow_run(tmp_path, uri, gpu):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=mlflow.create_experiment("mine")) as active:
+            tracker = tracker_for(tmp_path, uri)
+            with tracker, tracker.epoch(0):
+                for _ in Digits(gpu).batches():
+                    pass
+    finally:
+        mlflow.set_tracking_uri(None)
+    client, (run,) = runs(uri, "mine")
+    assert run.info.run_id == active.info.run_id and tracker.run.run_id == active.info.run_id
+    assert history(client, run.info.run_id, "energy/epoch_j") == [(0, pytest.approx(8.0))]
+    assert runs(uri, "my-run")[1] == []
