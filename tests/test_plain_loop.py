@@ -7,6 +7,8 @@ logged has an exact expected value.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -160,7 +162,8 @@ def test_step_axis_points_and_samples_per_joule(tmp_path, uri, gpu):
     # each interval: the samples of its steps over its training joules (1 J a step; evaluations excluded)
     logged = history(client, rid, "throughput/samples_per_j")
     edges = [-1, 0, 3, 6, 7, 9, 12, 15]
-    expected = [(b, sum(sizes[s] for s in range(a + 1, b + 1)) / ((b - a) * STEP_J)) for a, b in zip(edges, edges[1:])]
+    expected = [(b, sum(sizes[s] for s in range(a + 1, b + 1)) / ((b - a) * STEP_J))
+                for a, b in itertools.pairwise(edges)]
     assert logged == [(s, pytest.approx(v)) for s, v in expected]
     assert "throughput/tokens_per_j" not in run.data.metrics  # no input_ids in these batches
 
