@@ -1,0 +1,138 @@
+"""Throughput per joule: samples (and tokens) trained in each interval over its training energy.
+
+Real Lightning and HF trainers and MLflow stores; the GPU is simulated at a constant 100 W on a
+work clock that moves 0.01 s per training step, so every step costs exactly 1 J and evaluations 0 J.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from test_hf_monitor import tracking  # noqa: F401 - fixture
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+from green_callbacks import lightning as gl
+from green_callbacks import transformers as gt
+from green_callbacks.throughput import BatchCounter
+
+from helpers import digits_loaders, hf_work_clock, history, lightning_digits_module, runs, work_clock
+
+STEP_J = 1.0
+
+
+@pytest.fixture
+def gpu(fake_nvml):
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    return fake_nvml
+
+
+def expected_per_j(point_steps: list[int], samples_at: dict[int, int], first: int) -> list[tuple[int, float]]:
+    """Each point's interval (previous point, this point]: its samples over its steps' joules."""
+    out, prev = [], first
+    for step in point_steps:
+        if step > prev:
+            out.append((step, sum(samples_at[s] for s in range(prev + 1, step + 1)) / ((step - prev) * STEP_J)))
+        prev = max(prev, step)
+    return out
+
+
+def test_lightning_samples_per_joule_per_interval(tmp_path, gpu, tracking):  # noqa: F811
+    train, val = digits_loaders(batch_size=64)  # 1,437 samples: 22 batches of 64 and one of 29 an epoch
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, log_every_n_steps=5, log_artifacts=False,
+                               output_dir=str(tmp_path / "out"))
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[monitor, work_clock(gpu, train_s=STEP_J / 100)])
+    trainer.fit(lightning_digits_module()(), train, val)
+    client, (run,) = runs(tracking)
+    samples_at = {s: 29 if s % 23 == 22 else 64 for s in range(46)}
+    expected = expected_per_j([r.step for r in monitor.records], samples_at, first=-1)
+    assert [s for s, _ in expected][:6] == [0, 5, 10, 15, 20, 22]
+    logged = history(client, run.info.run_id, "throughput/samples_per_j")
+    assert logged == [(s, pytest.approx(v, rel=1e-3)) for s, v in expected]
+    # the same value from the records: a logging point's interval has no evaluation in it
+    points = [r for r in monitor.records if r.kind.value == "point"]
+    by_step = dict(logged)
+    for r in points[1:]:
+        samples = sum(samples_at[s] for s in range(r.start_step + 1, r.step + 1))
+        assert by_step[r.step] == pytest.approx(samples / r.energy_j, rel=1e-3)
+    assert "throughput/tokens_per_j" not in run.data.metrics
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Sequences of 16 token ids, 10 of them real and 6 padding: 10 tokens a sample, not 16."""
+
+    def __init__(self, n: int = 64) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1, 50, (n, 16), generator=g)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        mask = torch.tensor([1] * 10 + [0] * 6)
+        return {"input_ids": self.ids[i] * mask, "attention_mask": mask, "labels": self.labels[i]}
+
+
+def test_hf_samples_and_tokens_per_joule_counted_at_the_models_forward(tmp_path, gpu, tracking):  # noqa: F811
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, num_labels=2)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)  # built from a config: nothing downloaded
+    monitor = gt.EnergyMonitor(gpus="all", measure_cpu=False, log_every_n_steps=5, log_artifacts=False,
+                               output_dir=str(tmp_path / "out"))
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=20, eval_strategy="steps", eval_steps=10,
+                             per_device_train_batch_size=4, per_device_eval_batch_size=16, report_to="none",
+                             use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0)
+    Trainer(model=model, args=args, train_dataset=Tokens(64), eval_dataset=Tokens(32),
+            # the step's work is done before HF's on_step_end opens the evaluation window at steps 10 and 20
+            callbacks=[hf_work_clock(gpu, train_s=STEP_J / 100), monitor]).train()
+    client, (run,) = runs(tracking)
+    rid = run.info.run_id
+    # 16 steps an epoch: points every 5 steps, the evaluations at 10 and 20, the epoch's end at 16
+    expected = expected_per_j([r.step for r in monitor.records], dict.fromkeys(range(1, 21), 4), first=0)
+    assert [s for s, _ in expected] == [5, 10, 15, 16, 20]
+    assert history(client, rid, "throughput/samples_per_j") == [(s, pytest.approx(4.0, rel=1e-3)) for s, _ in expected]
+    # the attention mask's sum, not the padded length: 10 tokens a sample (evaluation batches not counted)
+    assert history(client, rid, "throughput/tokens_per_j") == [(s, pytest.approx(40.0, rel=1e-3))
+                                                              for s, _ in expected]
+    assert monitor._count_hook is None  # removed at the end of training
+
+
+def test_counter_defers_a_device_masks_sum_to_the_point():
+    class DeviceMask:
+        """An accelerator tensor's surface: a device, and a sum that stays on it until read."""
+
+        device = torch.device("meta")
+
+        def __init__(self, total: int) -> None:
+            self.total = total
+
+        def sum(self):
+            return Lazy(self.total)
+
+    class Lazy:
+        reads = 0
+
+        def __init__(self, value: int) -> None:
+            self.value = value
+
+        def add_(self, other):
+            self.value += other.value
+            return self
+
+        def item(self):
+            Lazy.reads += 1
+            return self.value
+
+    counter = BatchCounter()
+    for total in (30, 12):
+        counter.add({"input_ids": torch.zeros(4, 16), "attention_mask": DeviceMask(total)})
+    assert Lazy.reads == 0  # nothing read per batch
+    assert counter.take() == (8, 42) and Lazy.reads == 1
+    counter.add({"input_ids": torch.zeros(2, 16)})  # no mask: every position is a token
+    counter.add((torch.zeros(3, 64), torch.zeros(3)))  # no input_ids: samples only
+    assert counter.take() == (5, 32)
+    assert counter.take() == (0, None)
