@@ -39,7 +39,8 @@ def _probe(args: argparse.Namespace) -> int:
         from green_callbacks.sensors.rapl import RAPL_FIX
 
         print("\nNothing here is measured: energy will be estimated (CPU: TDP x utilisation).\n"
-              "GPUs are measured through NVML, which needs the NVIDIA driver (libnvidia-ml.so).\n"
+              "NVIDIA GPUs are measured through NVML, which needs the NVIDIA driver (libnvidia-ml.so);\n"
+              "AMD GPUs through amdsmi, which needs ROCm (libamd_smi.so) and `pip install green-callbacks[amd]`.\n"
               f"CPU/DRAM are measured through RAPL where /sys/class/powercap exists. {RAPL_FIX}")
         return 1
     return 0

@@ -15,7 +15,9 @@ from green_callbacks.sensors import AmdSmiSensor, Method, build_sensors
 from green_callbacks.sensors.amd import shut_down_amdsmi
 
 FAKE_AMDSMI = Path(__file__).parent / "fake_amdsmi" / "amdsmi.py"
-SAMPLED_TOLERANCE = {"current": 0.03, "average": 0.05}  # sampled every 10 ms, 2 s windows: relative error
+# relative error of sampled power over 2 s windows at 10 ms (bench: current 0.44 %, average 3.9 % at most:
+# average_socket_power is the mean of the last 0.1 s, so it lags each window edge by about 50 ms)
+SAMPLED_TOLERANCE = {"current": 0.03, "average": 0.06}
 
 
 class _NoNvml:
@@ -59,8 +61,13 @@ def windows(meter, seconds=(0.3, 1.0, 2.0)):
 
 def test_counter_devices_match_exact_energy_whatever_the_key(fake_amdsmi):
     # 7.0: energy_accumulator only; 6.2: the same count under the key 'power'; 6.3: both
-    devs = fake_amdsmi.configure([{"profile_seed": 1, "version": "7.0"}, {"profile_seed": 2, "version": "6.2"},
-                                  {"profile_seed": 3, "version": "6.3", "start_count": 2**40}])
+    devs = fake_amdsmi.configure(
+        [
+            {"profile_seed": 1, "version": "7.0"},
+            {"profile_seed": 2, "version": "6.2"},
+            {"profile_seed": 3, "version": "6.3", "start_count": 2**40},
+        ]
+    )
     sensors = build_sensors("all", measure_cpu=False)
     assert [type(s) for s in sensors] == [AmdSmiSensor]
     meter = EnergyMeter(sensors, period_s=0.01).start()
@@ -78,8 +85,9 @@ def test_counter_devices_match_exact_energy_whatever_the_key(fake_amdsmi):
 @pytest.mark.parametrize("power_key", ["current", "average"])
 def test_a_device_without_counter_is_sampled_within_the_stated_tolerance(fake_amdsmi, power_key):
     # MI100: NOT_SUPPORTED; current_socket_power on MI300-class, average_socket_power before
-    (dev,) = fake_amdsmi.configure([{"profile_seed": 4, "counter": False, "power_key": power_key,
-                                     "name": "AMD Instinct MI100"}])
+    (dev,) = fake_amdsmi.configure(
+        [{"profile_seed": 4, "counter": False, "power_key": power_key, "name": "AMD Instinct MI100"}]
+    )
     meter = EnergyMeter([AmdSmiSensor("all")], period_s=0.01).start()
     try:
         ms = windows(meter, (2.0, 2.0, 2.0))
@@ -164,8 +172,10 @@ def test_visible_devices_map_through_rocr_then_hip(fake_amdsmi, monkeypatch):
     monkeypatch.setenv("HIP_VISIBLE_DEVICES", "2,0")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # ignored: HIP_VISIBLE_DEVICES wins
     sensor = AmdSmiSensor("all")
-    assert sensor.describe() == {"gpu0": f"AMD Instinct MI300X ({devs[0].uuid})",
-                                 "gpu1": f"AMD Instinct MI300X ({devs[3].uuid})"}
+    assert sensor.describe() == {
+        "gpu0": f"AMD Instinct MI300X ({devs[0].uuid})",
+        "gpu1": f"AMD Instinct MI300X ({devs[3].uuid})",
+    }
     monkeypatch.setenv("LOCAL_RANK", "1")  # each DDP rank measures its own device under "auto"
     assert list(AmdSmiSensor("auto").describe().values()) == [f"AMD Instinct MI300X ({devs[3].uuid})"]
     monkeypatch.delenv("HIP_VISIBLE_DEVICES")
@@ -206,7 +216,8 @@ def test_a_broken_amdsmi_import_is_silent_and_explained(monkeypatch, tmp_path, c
     pkg.mkdir()
     (pkg / "__init__.py").write_text(
         'print("Unable to find libamd_smi.so library try installing amd-smi-lib from your package manager")\n'
-        "raise KeyError('libamd_smi.so')\n")
+        "raise KeyError('libamd_smi.so')\n"
+    )
     monkeypatch.delitem(sys.modules, "amdsmi", raising=False)
     monkeypatch.setitem(sys.modules, "pynvml", _NoNvml())
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -222,8 +233,10 @@ def test_a_broken_amdsmi_import_is_silent_and_explained(monkeypatch, tmp_path, c
 def test_the_real_amdsmi_package_without_its_library_keeps_the_package_silent(tmp_path):
     if Path("/opt/rocm/lib/libamd_smi.so").exists():
         pytest.skip("ROCm is installed here: amdsmi imports cleanly")
-    code = ("import green_callbacks\nfrom green_callbacks.sensors import build_sensors\n"
-            "print(sorted(s.component for s in build_sensors('auto', measure_cpu=False)))\n")
+    code = (
+        "import green_callbacks\nfrom green_callbacks.sensors import build_sensors\n"
+        "print(sorted(s.component for s in build_sensors('auto', measure_cpu=False)))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "[]\n"  # nothing printed but the test's own line, no traceback
@@ -236,3 +249,43 @@ def test_probe_shows_the_amd_gpu(fake_amdsmi, capsys):
     assert cli(["probe", "--seconds", "0.3"]) == 0
     out = capsys.readouterr().out
     assert "AMD Instinct MI100" in out and "sampled" in out and "AMD Instinct MI300X" in out and "counter" in out
+
+
+def test_a_lightning_run_logs_the_amd_gpus_energy_into_mlflow(fake_amdsmi, tmp_path):
+    from test_lightning_monitor import ValModel, trainer
+
+    from green_callbacks.lightning import EnergyMonitor
+
+    from helpers import history, records_of, runs
+
+    (dev,) = fake_amdsmi.configure([{"profile_seed": 8}])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monitor = EnergyMonitor(gpus="all", tracking_uri=uri, experiment_name="amd", output_dir=str(tmp_path / "out"))
+    trainer(tmp_path, [monitor], max_epochs=2).fit(ValModel())
+    client, found = runs(uri, "amd")
+    assert len(found) == 1
+    run = found[0]
+    gpu0 = [v for _, v in history(client, run.info.run_id, "energy/gpu0_j")]
+    gpu = [v for _, v in history(client, run.info.run_id, "energy/gpu_j")]
+    t0 = monitor.meter.t0_s
+    exact = [dev.energy_between(t0 + r.start_rel_s, t0 + r.end_rel_s) for r in records_of(monitor, "epoch")]
+    assert len(gpu0) == len(exact) == 2
+    assert gpu0 == pytest.approx(exact, rel=1e-3, abs=0.05) and gpu == pytest.approx(gpu0)
+    assert run.data.tags["green.method.gpu"] == "counter"
+    assert run.data.tags["green.gpu_names"].startswith("AMD Instinct MI300X")
+
+
+def test_torch_on_rocm_maps_its_devices_by_uuid(fake_amdsmi, monkeypatch):
+    # the HIP runtime's answers (what torch on ROCm reports once it holds the GPUs), not amdsmi's order
+    import torch
+
+    devs = fake_amdsmi.configure([{"profile_seed": s} for s in range(3)])
+    fake_amdsmi.amdsmi_init()
+    hip_uuids = [fake_amdsmi.amdsmi_get_gpu_enumeration_info(d.handle)["hip_uuid"] for d in devs]
+    props = [type("Props", (), {"uuid": hip_uuids[i][4:]})() for i in (2, 0)]  # torch drops the GPU- prefix
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
+    monkeypatch.setenv("HIP_VISIBLE_DEVICES", "0")  # read only where torch cannot say
+    assert [v.split("(")[1][:-1] for v in AmdSmiSensor("all").describe().values()] == [devs[2].uuid, devs[0].uuid]
