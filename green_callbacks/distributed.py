@@ -37,7 +37,23 @@ class RankInfo:
         dist = _dist()
         if dist is not None:
             rank, world = dist.get_rank(), dist.get_world_size()
-        return cls(rank, local, world, socket.gethostname())
+        return cls(rank, local, world, node_name())
+
+
+NODE_INDEX_VARS = ("GROUP_RANK", "NODE_RANK", "SLURM_NODEID")  # torchrun, Lightning, Slurm
+
+
+def node_name(index: int | None = None) -> str:
+    """This process's node: ``node<i>`` from the launcher's node index (``index``, else torchrun's
+    ``GROUP_RANK``, Lightning's ``NODE_RANK`` or Slurm's ``SLURM_NODEID``), else the host name.
+
+    The launcher's index, not the host name, tells nodes apart: two nodes of a job may share a host
+    (a test, containers on one machine), and a node's CPU must still be counted once per node.
+    """
+    if index is None:
+        found = next((os.environ[v] for v in NODE_INDEX_VARS if os.environ.get(v, "").strip().isdigit()), None)
+        index = int(found) if found is not None else None
+    return f"node{index}" if index is not None else socket.gethostname()
 
 
 def _dist() -> Any:

@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from green_callbacks.distributed import RankInfo
+from green_callbacks.distributed import RankInfo, node_name
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper, Stopper
 from green_callbacks.tracker import EnergyTracker, batch_size
 
@@ -16,9 +16,7 @@ __all__ = ["EfficiencyEarlyStopping", "EnergyBudget", "EnergyMonitor"]
 
 
 def _rank(trainer: pl.Trainer) -> RankInfo:
-    import socket
-
-    return RankInfo(trainer.global_rank, trainer.local_rank, trainer.world_size, socket.gethostname())
+    return RankInfo(trainer.global_rank, trainer.local_rank, trainer.world_size, node_name(trainer.node_rank))
 
 
 def _cuda_indices(trainer: pl.Trainer) -> list[int]:

@@ -106,7 +106,8 @@ def epoch_metrics(r: IntervalRecord) -> dict[str, float]:
         out[f"power/{component}_mean_w"] = joules / r.duration_s if r.duration_s > 0 else 0.0
     if "gpu" in r.components_j:
         out["power/gpu_peak_w"] = r.gpu_peak_w
-    out.update({f"energy/{d}_j": j for d, j in r.devices_j.items() if d.startswith("gpu")})
+    # GPUs, and host devices labelled by node when several nodes measured theirs (node0/cpu, node1/cpu)
+    out.update({f"energy/{d}_j": j for d, j in r.devices_j.items() if d.startswith("gpu") or "/" in d})
     if fp.cost is not None:
         out["cost/epoch"] = fp.cost
     return out

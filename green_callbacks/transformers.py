@@ -8,7 +8,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from green_callbacks.distributed import RankInfo
+from green_callbacks.distributed import RankInfo, node_name
 from green_callbacks.process import running_tracker
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper
 from green_callbacks.tracker import EnergyTracker
@@ -20,9 +20,7 @@ _NOT_MODEL_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second", "e
 
 
 def _rank(args: TrainingArguments) -> RankInfo:
-    import socket
-
-    return RankInfo(args.process_index, args.local_process_index, args.world_size, socket.gethostname())
+    return RankInfo(args.process_index, args.local_process_index, args.world_size, node_name())
 
 
 def _cuda_indices(args: TrainingArguments) -> list[int]:
