@@ -19,15 +19,22 @@ import time
 import types
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("_fake_gpu_profiles", Path(__file__).parent.parent / "fake_nvml" / "pynvml.py")
+_spec = importlib.util.spec_from_file_location(
+    "_fake_gpu_profiles", Path(__file__).parent.parent / "fake_nvml" / "pynvml.py"
+)
 _profiles = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = _profiles  # its dataclasses look their module up there
 _spec.loader.exec_module(_profiles)
 bursty_profile = _profiles.bursty_profile
 
 amdsmi_wrapper = types.SimpleNamespace(
-    AMDSMI_STATUS_SUCCESS=0, AMDSMI_STATUS_INVAL=1, AMDSMI_STATUS_NOT_SUPPORTED=2, AMDSMI_STATUS_IO=12,
-    AMDSMI_STATUS_INIT_ERROR=18, AMDSMI_STATUS_NOT_INIT=32, AMDSMI_STATUS_DRIVER_NOT_LOADED=34,
+    AMDSMI_STATUS_SUCCESS=0,
+    AMDSMI_STATUS_INVAL=1,
+    AMDSMI_STATUS_NOT_SUPPORTED=2,
+    AMDSMI_STATUS_IO=12,
+    AMDSMI_STATUS_INIT_ERROR=18,
+    AMDSMI_STATUS_NOT_INIT=32,
+    AMDSMI_STATUS_DRIVER_NOT_LOADED=34,
 )
 
 
@@ -56,9 +63,19 @@ class AmdSmiLibraryException(AmdSmiException):
 class Device(_profiles.Device):
     """A fake NVML device's power profile, plus what amdsmi shows of it."""
 
-    def __init__(self, *, counter: bool | str = True, power_key: str = "current", resolution_uj: float = 15.3,
-                 version: str = "7.0", partition: str | None = None, bdf: str = "", hip_uuid: str = "",
-                 start_count: int = 0, **kw) -> None:
+    def __init__(
+        self,
+        *,
+        counter: bool | str = True,
+        power_key: str = "current",
+        resolution_uj: float = 15.3,
+        version: str = "7.0",
+        partition: str | None = None,
+        bdf: str = "",
+        hip_uuid: str = "",
+        start_count: int = 0,
+        **kw,
+    ) -> None:
         super().__init__(counter=counter, **kw)
         self.power_key = power_key  # "current" (MI300), "average" (MI200, MI100) or "none"
         self.resolution_uj = resolution_uj
@@ -149,8 +166,13 @@ def amdsmi_get_gpu_asic_info(h: ctypes.c_void_p) -> dict:
 
 def _enumeration_info(h: ctypes.c_void_p) -> dict:
     dev = _device(h, "amdsmi_get_gpu_enumeration_info")
-    return {"drm_render": 128 + dev.index, "drm_card": dev.index, "hsa_id": 2 + dev.index, "hip_id": dev.index,
-            "hip_uuid": dev.hip_uuid or f"GPU-{dev.uuid.replace('-', '')[:16]}"}
+    return {
+        "drm_render": 128 + dev.index,
+        "drm_card": dev.index,
+        "hsa_id": 2 + dev.index,
+        "hip_id": dev.index,
+        "hip_uuid": dev.hip_uuid or f"GPU-{dev.uuid.replace('-', '')[:16]}",
+    }
 
 
 def __getattr__(name: str):
@@ -180,8 +202,15 @@ def amdsmi_get_power_info(h: ctypes.c_void_p) -> dict:
     """Integer watts; the instant reading on MI300-class, the mean of the last 0.1 s (one SMU update) before."""
     dev = _device(h, "amdsmi_get_power_info")
     t = time.monotonic()
-    info = {"socket_power": "N/A", "current_socket_power": "N/A", "average_socket_power": "N/A",
-            "gfx_voltage": 800, "soc_voltage": 900, "mem_voltage": 1100, "power_limit": 750_000_000}
+    info = {
+        "socket_power": "N/A",
+        "current_socket_power": "N/A",
+        "average_socket_power": "N/A",
+        "gfx_voltage": 800,
+        "soc_voltage": 900,
+        "mem_voltage": 1100,
+        "power_limit": 750_000_000,
+    }
     if dev.power_key == "current":
         info["current_socket_power"] = info["socket_power"] = round(dev.power_at(t))
     elif dev.power_key == "average":
