@@ -189,7 +189,7 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         from green_callbacks.sinks import MlflowSink, RunTarget
 
         if run_id is None and self.run is not None:  # resumed from a checkpoint
-            target = RunTarget(self.run.tracking_uri, self.run.run_id, owned=self.run.owned)
+            target = RunTarget(self.run.tracking_uri, self.run.run_id, owned=self.run.owned, local_id=self.local_id)
         elif run_id is None and (active := _active_run_id()) is not None:
             target = RunTarget(tracking_uri or self.tracking_uri, active, owned=False)
         else:
@@ -284,8 +284,10 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         assert self.meter is not None
         self._due = None
         node = (self.rank.rank, self.rank.node)
-        interval = self.meter.end("interval", reopen=True)
-        epoch_m = self.meter.end("epoch") if kind is Kind.EPOCH else None
+        if kind is Kind.EPOCH:  # one instant, one sensor read
+            interval, epoch_m = self.meter.end_many(("interval", "epoch"), reopen=("interval",))
+        else:
+            interval, epoch_m = self.meter.end("interval", reopen=True, exact=kind is Kind.END), None
         self.last_window = epoch_m or self.last_window
         eval_m = self._eval_window if kind is Kind.EVALUATION else None
         self._eval_window = None
