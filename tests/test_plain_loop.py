@@ -184,3 +184,26 @@ def test_logs_into_the_active_mlflow_run(tmp_path, uri, gpu):
     assert run.info.run_id == active.info.run_id and tracker.run.run_id == active.info.run_id
     assert history(client, run.info.run_id, "energy/epoch_j") == [(0, pytest.approx(8.0))]
     assert runs(uri, "my-run")[1] == []
+
+
+@pytest.mark.slow
+def test_two_spawned_ranks_log_both_energies_once(tmp_path):
+    """torch.multiprocessing.spawn + gloo, no LOCAL_RANK: one run, each rank's GPU exact, the CPU measured once."""
+    import subprocess
+    import sys
+
+    from test_ddp import PER_RANK, SCRIPTS, check_sums
+
+    from helpers import fake_nvml_env, free_port
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "plain_ddp.py"), uri, str(tmp_path), str(free_port())],
+                          env=fake_nvml_env(PER_RANK), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_sums(uri, tmp_path, epochs=2)
+    assert [(tmp_path / f"local-rank{r}.txt").read_text() for r in range(2)] == ["0", "1"]
+    client, (run,) = runs(uri, "ddp")
+    # both ranks' samples (2 x 16 a step) over the job's energy of the interval (0, 5]
+    cumulative = dict(history(client, run.info.run_id, "energy/cumulative_j"))
+    per_j = dict(history(client, run.info.run_id, "throughput/samples_per_j"))
+    assert per_j[5] == pytest.approx(5 * 32 / (cumulative[5] - cumulative[0]))
