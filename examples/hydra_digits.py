@@ -2,6 +2,7 @@
 
     python examples/hydra_digits.py
     python examples/hydra_digits.py max_epochs=3 callbacks.budget.energy="2 kJ"
+    python examples/hydra_digits.py --quick       (what CI runs: 2 epochs)
 """
 
 from __future__ import annotations
@@ -34,4 +35,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if "--quick" in sys.argv:  # Hydra takes overrides, not flags: --quick is max_epochs=2
+        sys.argv = [a for a in sys.argv if a != "--quick"] + ["max_epochs=2"]
     main()

@@ -1,4 +1,7 @@
-"""LightningCLI with budgets in YAML:  python examples/lightning_cli.py fit --config examples/lightning_cli.yaml"""
+"""LightningCLI with budgets in YAML:  python examples/lightning_cli.py fit --config examples/lightning_cli.yaml
+
+``--quick`` (what CI runs): the same with that config and 2 epochs.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +32,17 @@ class DigitsData(pl.LightningDataModule):
         return DataLoader(TensorDataset(self.xv, self.yv), batch_size=512)
 
 
+def quick_argv(argv: list[str]) -> list[str]:
+    """``--quick``: fit with this folder's lightning_cli.yaml (unless a subcommand is given) for 2 epochs."""
+    if "--quick" not in argv:
+        return argv
+    argv = [a for a in argv if a != "--quick"]
+    if not any(a in ("fit", "validate", "test", "predict") for a in argv[1:]):
+        argv[1:1] = ["fit", "--config", str(Path(__file__).with_name("lightning_cli.yaml"))]
+    return [*argv, "--trainer.max_epochs=2"]
+
+
 if __name__ == "__main__":
+    sys.argv = quick_argv(sys.argv)
     # MLflow keeps the config as run params; no config file to save next to a local log dir
     LightningCLI(DigitsClassifier, DigitsData, save_config_callback=None)

@@ -9,12 +9,14 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+DESCRIPTION = "Probe this machine, look up carbon intensities, replay a spool, report an experiment's runs."
+
 
 def _probe(args: argparse.Namespace) -> int:
     from green_callbacks.meter import EnergyMeter
     from green_callbacks.sensors import build_sensors
 
-    sensors = build_sensors("all" if args.gpus == "all" else "auto", measure_cpu=True)
+    sensors = build_sensors("all" if args.gpus == "all" else "auto", measure_cpu=True, cpu_scope="machine")
     rows = []
     with EnergyMeter(sensors, period_s=0.05) as meter:
         meter.begin("probe")
@@ -38,7 +40,8 @@ def _probe(args: argparse.Namespace) -> int:
     if not measured:
         from green_callbacks.sensors.rapl import RAPL_FIX
 
-        print("\nNothing here is measured: energy will be estimated (CPU: TDP x utilisation).\n"
+        print("\nNothing here is measured: energy will be estimated (CPU: CPU time of the training x watts "
+              "per busy CPU).\n"
               "NVIDIA GPUs are measured through NVML, which needs the NVIDIA driver (libnvidia-ml.so);\n"
               "AMD GPUs through amdsmi, which needs ROCm (libamd_smi.so) and `pip install green-callbacks[amd]`.\n"
               f"CPU/DRAM are measured through RAPL where /sys/class/powercap exists. {RAPL_FIX}")
@@ -95,7 +98,8 @@ def _replay_spools(args: argparse.Namespace) -> int:
     code = 0
     for spool in spools:
         try:
-            result = replay_spool(spool, args.tracking_uri, args.wait, lambda text: print(text, file=sys.stderr))
+            result = replay_spool(spool, args.tracking_uri, args.wait, lambda text: print(text, file=sys.stderr),
+                                  plan=print)
         except FileNotFoundError:
             print(f"error: no spool file at {spool} (a sender removes its spool once everything is sent)",
                   file=sys.stderr)
@@ -123,27 +127,36 @@ def _replay_spools(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    import os
+    with _quick_mlflow():
+        return _report_experiment(args)
 
-    # a CLI talking to a dead server should say so in seconds, not after MLflow's minutes of retries
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    from green_callbacks.report import experiment_frame, markdown_table, plot_pareto
 
-    frame = experiment_frame(args.experiment, args.tracking_uri, args.metric)
-    print(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+def _report_experiment(args: argparse.Namespace) -> int:
+    from green_callbacks.comparison import experiment_frame, group_frame, markdown_table, text_table
+    from green_callbacks.pareto_plot import plot_pareto
+
+    frame = experiment_frame(args.experiment, args.tracking_uri, args.metric, args.energy, args.group_by)
+    missing = frame[frame[frame.attrs["energy_column"]].isna()]
+    table = group_frame(frame) if args.group_by else frame
+    print(text_table(table))
+    if len(missing):
+        print(f"\n{len(missing)} run(s) have no {frame.attrs['energy_column']}: "
+              f"{', '.join(missing['run'] + ' (' + missing['run_id'] + ')')}; compare them with --energy "
+              f"{'test' if args.energy == 'training' else 'training'}")
     if args.csv:
-        frame.to_csv(args.csv, index=False)
+        table.to_csv(args.csv, index=False)
     if args.markdown:
-        Path(args.markdown).write_text(markdown_table(frame))
+        Path(args.markdown).write_text(markdown_table(table))
     if args.plot:
-        plot_pareto(frame, args.plot)
+        plot_pareto(table, args.plot, grouped=bool(args.group_by))
         print(f"plot: {args.plot}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="green-callbacks", description=__doc__)
+    from green_callbacks.comparison import ENERGY_CHOICES
+
+    parser = argparse.ArgumentParser(prog="green-callbacks", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("probe", help="what can be measured on this machine, and how")
     p.add_argument("--gpus", choices=["auto", "all"], default="all")
@@ -156,14 +169,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("replay", help="send what spool files still hold to MLflow (after an outage), exactly once")
     p.add_argument("spool", nargs="+", help="spool-<local_id>.jsonl files, or folders holding them")
     p.add_argument("--tracking-uri", help="reach the run at this URI instead of the recorded one (the same server "
-                                          "under another address: progress is kept, nothing is sent twice)")
+                                          "under another address: progress is kept, nothing is sent twice); a "
+                                          "user:password in it goes to MLflow through its environment variables")
     p.add_argument("--wait", type=float, default=60.0,
                    help="seconds to wait for a sender still busy with a spool (default 60)")
     p.set_defaults(func=_replay)
-    p = sub.add_parser("report", help="the runs of an MLflow experiment: energy, emissions, cost, metric per kJ")
+    p = sub.add_parser("report", help="the runs of an MLflow experiment: energy, emissions, cost, metric per kJ",
+                       description="The runs of an MLflow experiment (training and inference-only) in one table: "
+                                   "the compared energy, emissions, cost, the metric and metric per kJ. The same "
+                                   "columns go to the console, --csv and --markdown.")
     p.add_argument("experiment", help="experiment name")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's default)")
-    p.add_argument("--metric", help="the quality metric (default: val_acc, eval_accuracy or the first val metric)")
+    p.add_argument("--metric", help="the quality metric (default: val_acc, eval_accuracy, test_acc or the first "
+                                    "val/eval/test metric)")
+    p.add_argument("--energy", choices=ENERGY_CHOICES, default="training",
+                   help="what to compare: training (cumulative joules of the run) or joules per sample of a "
+                        "test, predict or evaluate stage (default: training)")
+    p.add_argument("--group-by", metavar="NAME",
+                   help="a param or tag whose value groups repeats: one row per group with mean and sd, "
+                        "error bars on the plot")
     p.add_argument("--csv", help="also save the table as CSV")
     p.add_argument("--markdown", help="also save the table as Markdown")
     p.add_argument("--plot", help="save a PNG of the metric against energy with the Pareto front")
@@ -174,6 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # the package's own errors name the bad value and the choices
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # piped into head: the reader has gone, which is no error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's last flush does not raise again
+        return 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,9 +88,19 @@ def print_summary(t: EnergyTracker, status: str) -> None:
     where = (f"\n  MLflow run {s['mlflow_run_id']}" if "mlflow_run_id" in s else
              f"\n  MLflow not reached yet: the records are kept in {s['mlflow_spool']} and sent when it answers "
              f"(or: green-callbacks replay {s['mlflow_spool']})" if "mlflow_spool" in s else "")
-    # a leading newline: progress bars (HF's tqdm) leave the cursor mid-line
-    print(f"\ngreen-callbacks [{status.lower()}]: {s['epochs']} epochs, {s['evaluations']} evaluations, "
-          f"{s['steps']} steps, "
-          f"{s['energy_j']:.1f} J ({s['energy_kwh']:.6f} kWh), {s['emissions_g']:.3f} gCO2e{cost} over "
-          f"{s['duration_s']:.1f} s ({methods}; {s['carbon_intensity_g_per_kwh']} g/kWh, PUE {s['pue']}){where}",
-          flush=True)
+    say(f"green-callbacks [{status.lower()}]: {s['epochs']} epochs, {s['evaluations']} evaluations, "
+        f"{s['steps']} steps, "
+        f"{s['energy_j']:.1f} J ({s['energy_kwh']:.6f} kWh), {s['emissions_g']:.3f} gCO2e{cost} over "
+        f"{s['duration_s']:.1f} s ({methods}; {s['carbon_intensity_g_per_kwh']} g/kWh, PUE {s['pue']}){where}")
+
+
+def say(text: str) -> None:
+    """Print a line of our own on a line of its own: through ``tqdm.write`` when tqdm is loaded (HF's and
+    Lightning's progress bars), which clears a live bar, prints, and draws the bar again below; after a
+    newline in any case, since a bar that stopped leaves the cursor mid-line."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None and hasattr(tqdm, "tqdm"):
+        tqdm.tqdm.write("\n" + text, file=sys.stdout)
+        sys.stdout.flush()
+    else:
+        print("\n" + text, flush=True)

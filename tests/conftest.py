@@ -12,6 +12,14 @@ import pytest
 FAKE_NVML_DIR = Path(__file__).parent / "fake_nvml"
 
 
+@pytest.fixture(autouse=True)
+def _work_in_a_temp_folder(tmp_path_factory, monkeypatch):
+    """Every test runs in a fresh temporary folder: whatever lands in the working directory (a sqlite
+    store's default artifact root ./mlruns, a monitor's default output_dir, Lightning's logs, the
+    processes a test starts) lands there, never in the checkout (tests/test_clean_tree.py checks)."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture
 def fake_nvml(monkeypatch):
     """A fresh simulated NVML installed as ``pynvml`` for this test."""

@@ -55,14 +55,14 @@ def test_report_table_csv_markdown_and_pareto_plot(tmp_path, capsys):
     assert cli(["report", "rep", "--tracking-uri", uri, "--metric", "val_score", "--csv", str(csv),
                 "--markdown", str(md), "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "short" in out and "long" in out and "value_per_kj" in out
+    assert "short" in out and "long" in out and "value_per_kj" in out and "training_j" in out
     import pandas as pd
 
     frame = pd.read_csv(csv)
     assert sorted(frame["run"]) == ["long", "short"]
-    assert list(frame["energy_j"]) == sorted(frame["energy_j"])  # cheapest first (CPU estimates: either order)
-    assert frame["value_per_kj"].iloc[0] == pytest.approx(frame["value"].iloc[0] / (frame["energy_j"].iloc[0] / 1000))
-    assert md.read_text().startswith("| run | status | energy_j")
+    assert list(frame["training_j"]) == sorted(frame["training_j"])  # cheapest first (CPU estimates: either order)
+    assert frame["value_per_kj"].iloc[0] == pytest.approx(frame["value"].iloc[0] / (frame["training_j"].iloc[0] / 1000))
+    assert md.read_text().startswith("| run | run_id | status | training_j")
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert cli(["report", "rep", "--tracking-uri", uri, "--metric", "val_f1"]) == 2
     assert "metric 'val_f1' is in no run" in capsys.readouterr().err

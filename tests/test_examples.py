@@ -41,18 +41,19 @@ def test_lightning_cli_example(tmp_path):
     config = (EXAMPLES / "lightning_cli.yaml").read_text().replace("sqlite:///mlflow.db",
                                                                    f"sqlite:///{tmp_path}/mlflow.db")
     (tmp_path / "cli.yaml").write_text(config)
-    run_example(tmp_path, str(EXAMPLES / "lightning_cli.py"), "fit", "--config", str(tmp_path / "cli.yaml"),
-                "--trainer.max_epochs=2")
-    _, (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db", "green-callbacks-cli")
+    run_example(tmp_path, str(EXAMPLES / "lightning_cli.py"), "fit", "--config", str(tmp_path / "cli.yaml"), "--quick")
+    client, (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db", "green-callbacks-cli")
+    assert len(client.get_metric_history(run.info.run_id, "energy/epoch_j")) <= 2  # --quick: 2 epochs
     assert run.data.params["green.price_per_kwh"] == "0.25 EUR"
     assert run.data.metrics["cost/cumulative"] > 0
 
 
 @pytest.mark.slow
 def test_hydra_example(tmp_path):
-    run_example(tmp_path, str(EXAMPLES / "hydra_digits.py"), "max_epochs=2", "callbacks.budget.energy=2 kJ",
+    run_example(tmp_path, str(EXAMPLES / "hydra_digits.py"), "--quick", "callbacks.budget.energy=2 kJ",
                 f"hydra.run.dir={tmp_path}/hydra")
-    _, (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db", "green-callbacks-hydra")
+    client, (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db", "green-callbacks-hydra")
+    assert len(client.get_metric_history(run.info.run_id, "energy/epoch_j")) <= 2  # --quick: 2 epochs
     assert run.data.params["green.carbon_intensity_label"] == "Germany (DEU)"
 
 

@@ -1,0 +1,192 @@
+"""The runs of an MLflow experiment compared: one table (console, CSV, Markdown), repeats grouped, a Pareto plot."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+ENERGY_CHOICES = ("training", "test", "predict", "evaluate")
+_PREFERRED_METRICS = ("val_acc", "val_accuracy", "eval_accuracy", "accuracy", "test_acc", "test_accuracy")
+_STAGE_PREFIX = {"test": "test_", "predict": "predict_", "evaluate": "eval_"}
+SHORT_ID = 8  # characters of a run id shown beside its name
+
+
+def energy_key(energy: str) -> tuple[str, str]:
+    """The MLflow metric and the table column for ``energy`` (one of :data:`ENERGY_CHOICES`)."""
+    if energy not in ENERGY_CHOICES:
+        raise ValueError(f"energy={energy!r} is not valid; choose from {list(ENERGY_CHOICES)}")
+    if energy == "training":
+        return "energy/cumulative_j", "training_j"
+    return f"energy/{energy}_j_per_sample", f"{energy}_j_per_sample"
+
+
+def money(value: float | None, currency: str = "") -> str:
+    """Cost as a person reads it: ``"< 0.0001 EUR"`` rather than ``"0.0000"``, ``""`` when unknown."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    unit = f" {currency}" if currency else ""
+    if value == 0:
+        return f"0{unit}"
+    if abs(value) < 0.0001:
+        return f"< 0.0001{unit}"
+    return f"{value:.4f}{unit}" if abs(value) < 100 else f"{value:,.2f}{unit}"
+
+
+def _metric_name(metric: str | None, metrics: dict[str, float], stage: str | None) -> str | None:
+    """The named metric, else the stage's own accuracy (``test_acc`` for test energy), else a preferred
+    validation metric, else the first val/eval/test metric."""
+    if metric:
+        return metric
+    if stage is not None:
+        prefix = _STAGE_PREFIX[stage]
+        found = next((k for k in (f"{prefix}acc", f"{prefix}accuracy") if k in metrics), None) or next(
+            (k for k in sorted(metrics) if k.startswith(prefix) and "/" not in k), None)
+        if found:
+            return found
+    return next((k for k in _PREFERRED_METRICS if k in metrics), None) or next(
+        (k for k in sorted(metrics) if k.startswith(("val", "eval_", "test_")) and "/" not in k), None)
+
+
+def _label(name: str | None, run_id: str) -> str:
+    return f"{name or 'unnamed'} ({run_id[:SHORT_ID]})"
+
+
+def _group_value(run: Any, group_by: str) -> str | None:
+    return run.data.params.get(group_by, run.data.tags.get(group_by))
+
+
+def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: str | None = None,
+                     energy: str = "training", group_by: str | None = None) -> pd.DataFrame:
+    """One row per run of ``experiment`` that green-callbacks measured, training or inference only.
+
+    ``energy`` picks what is compared: ``"training"`` (the run's cumulative joules) or a stage's
+    joules per sample (``"test"``, ``"predict"``, ``"evaluate"``). A run without that energy keeps its
+    row with an empty energy cell, so nothing is dropped silently. ``group_by`` names a param or tag
+    whose value groups repeats (see :func:`group_frame`).
+
+    Raises:
+        ValueError: the tracking URI cannot be reached, the experiment does not exist (the message
+            lists those that do), no run has energy metrics, or ``metric`` is in no run.
+    """
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    key, column = energy_key(energy)
+    try:
+        client = MlflowClient(tracking_uri)
+        exp = client.get_experiment_by_name(experiment)
+        names = [] if exp is not None else sorted(e.name for e in client.search_experiments())
+        runs = client.search_runs([exp.experiment_id], max_results=5000) if exp is not None else []
+    except Exception as exc:
+        raise ValueError(f"cannot read MLflow at {tracking_uri or 'the default tracking URI'}: {exc}") from exc
+    if exp is None:
+        raise ValueError(f"no experiment {experiment!r} at {client.tracking_uri}; experiments there: {names}")
+    rows = []
+    for run in runs:
+        m = run.data.metrics
+        if not any(k.startswith("energy/") for k in m):
+            continue
+        stage = energy if energy != "training" else None
+        name = _metric_name(metric, m, stage)
+        value, joules = m.get(name) if name else None, m.get(key)
+        grams = m.get("emissions/cumulative_g") if stage is None else (
+            m[f"emissions/{stage}_g"] / m[f"{stage}/samples"]
+            if m.get(f"{stage}/samples") and f"emissions/{stage}_g" in m else None)
+        price = run.data.params.get("green.price_per_kwh", "")
+        end = run.info.end_time or run.info.start_time
+        rows.append({
+            "run": run.info.run_name or "unnamed", "run_id": run.info.run_id[:SHORT_ID],
+            **({"group": _group_value(run, group_by)} if group_by else {}),
+            "status": run.info.status, column: joules,
+            column.replace("_j", "_g", 1): grams,
+            "cost": m.get("cost/cumulative") if stage is None else None,
+            "currency": price.split()[-1] if price and stage is None else "",
+            "duration_s": (end - run.info.start_time) / 1000.0,
+            "metric": name, "value": value,
+            "value_per_kj": value / (joules / 1000) if value is not None and joules else None,
+            "method": run.data.tags.get(f"green.method.{stage}.cpu" if stage else "green.method.cpu", ""),
+            "inference_only": "energy/cumulative_j" not in m})
+    if not rows:
+        raise ValueError(f"experiment {experiment!r} has no run with green-callbacks energy metrics")
+    if metric and all(r["value"] is None for r in rows):
+        raise ValueError(f"metric {metric!r} is in no run of {experiment!r}")
+    if all(r[column] is None for r in rows):
+        have = sorted({c for c in ENERGY_CHOICES if c != energy})
+        raise ValueError(f"no run of {experiment!r} has {key} (energy={energy!r}); try one of {have}")
+    frame = pd.DataFrame(rows)
+    if group_by and frame["group"].isna().all():
+        raise ValueError(f"group_by={group_by!r} is neither a param nor a tag of any run of {experiment!r}")
+    frame.attrs["energy_column"] = column
+    return frame.sort_values(column, na_position="last").reset_index(drop=True)
+
+
+def group_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Repeats folded into one row per group: n, mean and sample standard deviation (``sd``) of the
+    energy, the metric and metric per kJ, and the runs' short ids."""
+    import pandas as pd
+
+    column = frame.attrs["energy_column"]
+    rows = []
+    for group, runs in frame.groupby(frame["group"].fillna("(none)"), sort=False):
+        row: dict[str, Any] = {"group": group, "n": len(runs)}
+        for name in (column, "value", "value_per_kj"):
+            values = pd.to_numeric(runs[name], errors="coerce").dropna()
+            row[f"{name}_mean"] = values.mean() if len(values) else None
+            row[f"{name}_sd"] = values.std(ddof=1) if len(values) > 1 else None
+        row["metric"] = runs["metric"].dropna().iloc[0] if runs["metric"].notna().any() else None
+        row["runs"] = " ".join(runs["run_id"])
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out.attrs["energy_column"] = column
+    return out.sort_values(f"{column}_mean", na_position="last").reset_index(drop=True)
+
+
+def _cells(frame: pd.DataFrame) -> list[list[str]]:
+    """Every cell as text, the same in the console and Markdown: numbers to 4 significant digits,
+    money with :func:`money`, missing values empty."""
+    out = []
+    for _, row in frame.iterrows():
+        cells = []
+        for col, v in row.items():
+            if col == "cost":
+                cells.append(money(v))
+            elif v is None or (isinstance(v, float) and math.isnan(v)):
+                cells.append("")
+            elif isinstance(v, float):
+                cells.append(f"{v:.4g}")
+            else:
+                cells.append(str(v))
+        out.append(cells)
+    return out
+
+
+def text_table(frame: pd.DataFrame) -> str:
+    cols, rows = list(frame.columns), _cells(frame)
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    lines += ["| " + " | ".join(r) + " |" for r in _cells(frame)]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_front(x: list[float], y: list[float]) -> list[int]:
+    """Indices of the points no other beats on both less ``x`` (energy) and a higher ``y`` (metric)."""
+    front, best = [], -math.inf
+    for i in sorted(range(len(x)), key=lambda i: (x[i], -y[i])):
+        if y[i] > best:
+            front.append(i)
+            best = y[i]
+    return front
+
+
+__all__ = ["ENERGY_CHOICES", "energy_key", "experiment_frame", "group_frame", "markdown_table", "money",
+           "pareto_front", "text_table"]

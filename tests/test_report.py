@@ -1,0 +1,149 @@
+"""green-callbacks report on a real MLflow store: inference-only runs, the energy compared, repeats grouped,
+runs told apart, one set of columns in every format, a pipe closed early, money."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from green_callbacks.cli import main as cli
+from green_callbacks.comparison import experiment_frame, money
+from green_callbacks.records import stage_metrics
+
+# (run name, model, training joules or None for inference only, val_acc, test joules, test_acc)
+RUNS = [("baseline", "baseline", 100.0, 0.90, 2.0, 0.91), ("baseline", "baseline", 110.0, 0.92, 2.2, 0.90),
+        ("baseline", "baseline", 90.0, 0.88, 1.8, 0.92), ("student", "student", 40.0, 0.85, 0.9, 0.84),
+        ("student", "student", 44.0, 0.86, 1.1, 0.85), ("quantised", "quantised", None, None, 0.5, 0.80)]
+SAMPLES = 100
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A sqlite store whose artifacts live in tmp_path too, with the runs above logged under the names
+    green-callbacks uses (stage metrics from records.stage_metrics itself)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("cmp", artifact_location=(tmp_path / "artifacts").as_uri())
+    ids = []
+    for name, model, train_j, val_acc, test_j, test_acc in RUNS:
+        run = client.create_run(exp, run_name=name)
+        client.log_param(run.info.run_id, "model", model)
+        metrics = {**stage_metrics("test", test_j, 1.0, test_j / 3.6e6 * 300, SAMPLES), "test_acc": test_acc}
+        if train_j is not None:
+            metrics.update({"energy/cumulative_j": train_j, "val_acc": val_acc,
+                            "emissions/cumulative_g": train_j / 3.6e6 * 300, "cost/cumulative": train_j / 3.6e6 * 0.3})
+            client.log_param(run.info.run_id, "green.price_per_kwh", "0.3 EUR")
+            client.set_tag(run.info.run_id, "green.method.cpu", "estimated")
+        client.set_tag(run.info.run_id, "green.method.test.cpu", "estimated")
+        for key, value in metrics.items():
+            client.log_metric(run.info.run_id, key, value, step=0)
+        client.set_terminated(run.info.run_id)
+        ids.append(run.info.run_id)
+    return uri, ids
+
+
+def test_inference_only_runs_are_kept_and_the_energy_is_chosen(store, capsys):
+    uri, ids = store
+    frame = experiment_frame("cmp", uri)
+    assert len(frame) == 6 and list(frame["training_j"][:5]) == [40.0, 44.0, 90.0, 100.0, 110.0]
+    quantised = frame[frame["run"] == "quantised"].iloc[0]
+    assert pd.isna(quantised["training_j"]) and quantised["inference_only"]
+    assert cli(["report", "cmp", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert f"1 run(s) have no training_j: quantised ({ids[5][:8]}); compare them with --energy test" in out
+    test = experiment_frame("cmp", uri, energy="test")
+    assert test["test_j_per_sample"].notna().all()
+    assert test["test_j_per_sample"].iloc[0] == pytest.approx(0.5 / SAMPLES) and test["run"].iloc[0] == "quantised"
+    assert set(test["metric"]) == {"test_acc"}  # the metric follows the stage when none is named
+    assert test["value_per_kj"].iloc[0] == pytest.approx(0.80 / (0.005 / 1000))
+    assert cli(["report", "cmp", "--tracking-uri", uri, "--energy", "predict"]) == 2
+    assert "no run of 'cmp' has energy/predict_j_per_sample" in capsys.readouterr().err
+
+
+def test_runs_of_one_name_are_told_apart_and_every_format_has_the_same_columns(store, tmp_path, capsys):
+    uri, ids = store
+    csv, md, png = tmp_path / "r.csv", tmp_path / "r.md", tmp_path / "p.png"
+    assert cli(["report", "cmp", "--tracking-uri", uri, "--csv", str(csv), "--markdown", str(md),
+                "--plot", str(png)]) == 0
+    console = capsys.readouterr().out.splitlines()
+    header = console[0].split()
+    frame = pd.read_csv(csv)
+    assert list(frame.columns) == header
+    assert md.read_text().splitlines()[0] == "| " + " | ".join(header) + " |"
+    baselines = frame[frame["run"] == "baseline"]
+    assert len(baselines) == 3 and baselines["run_id"].nunique() == 3
+    assert set(frame["run_id"]) == {i[:8] for i in ids}
+    # money: the cheapest training costs 1.1e-5 EUR: a bound, not 0.0000 or None
+    assert "< 0.0001" in console[1] and "EUR" in console[1] and "None" not in "\n".join(console)
+    assert "| < 0.0001 | EUR |" in md.read_text()
+    assert frame["cost"].iloc[0] == pytest.approx(40 / 3.6e6 * 0.3)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_repeats_grouped_into_mean_and_spread(store, tmp_path, capsys):
+    uri, _ = store
+    csv, png = tmp_path / "g.csv", tmp_path / "g.png"
+    assert cli(["report", "cmp", "--tracking-uri", uri, "--group-by", "model", "--csv", str(csv),
+                "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    groups = pd.read_csv(csv).set_index("group")
+    assert out.splitlines()[0].split() == ["group", *groups.columns]
+    assert list(groups.index) == ["student", "baseline", "quantised"]
+    assert groups.loc["baseline", "n"] == 3
+    assert groups.loc["baseline", "training_j_mean"] == pytest.approx(100.0)
+    assert groups.loc["baseline", "training_j_sd"] == pytest.approx(10.0)  # sample sd of 90, 100, 110
+    assert groups.loc["student", "value_sd"] == pytest.approx(pd.Series([0.85, 0.86]).std())
+    assert pd.isna(groups.loc["quantised", "training_j_mean"])
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    test = experiment_frame("cmp", uri, energy="test", group_by="model")
+    assert test.attrs["energy_column"] == "test_j_per_sample"
+    assert cli(["report", "cmp", "--tracking-uri", uri, "--group-by", "nothing"]) == 2
+    assert "group_by='nothing' is neither a param nor a tag" in capsys.readouterr().err
+
+
+def test_labels_of_crowded_points_do_not_overlap():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from green_callbacks.pareto_plot import place_labels
+
+    xs = [100.0, 101.0, 102.0, 100.5, 140.0, 141.0, 100.2]
+    ys = [0.90, 0.901, 0.899, 0.90, 0.95, 0.951, 0.902]
+    labels = [f"baseline ({i:08x})" for i in range(len(xs))]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.scatter(xs, ys)
+    boxes = place_labels(ax, xs, ys, labels)
+    plt.close(fig)
+    assert len(boxes) == len(xs)
+    for a, b in itertools.combinations(boxes, 2):
+        assert not a.overlaps(b), (a, b)
+
+
+def test_money_reads_as_money():
+    assert money(0.00002, "EUR") == "< 0.0001 EUR"
+    assert money(0.0123, "EUR") == "0.0123 EUR"
+    assert money(0.0) == "0" and money(None) == "" and money(float("nan")) == ""
+    assert money(12345.678, "USD") == "12,345.68 USD"
+
+
+@pytest.mark.slow
+def test_piped_into_head_no_broken_pipe_and_help_has_no_markup(store):
+    uri, _ = store
+    proc = subprocess.Popen([sys.executable, "-m", "green_callbacks.cli", "report", "cmp", "--tracking-uri", uri],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line, as when head has read enough
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "BrokenPipeError" not in err and "Traceback" not in err
+    for argv in (["--help"], ["report", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "green_callbacks.cli", *argv], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+        assert "``" not in out and "usage: green-callbacks" in out
