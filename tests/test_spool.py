@@ -61,6 +61,7 @@ def test_a_torn_line_costs_only_itself_and_replay_reports_it_by_number(tmp_path,
     writer.close()
     contents = read_spool(spool)
     assert contents.unreadable == [4]
+    MlflowClient(uri).search_experiments()  # the store exists: replay creates none at a path a spool names
     assert [r.step for r in contents.records if r.kind == "metrics"] == [0, 1, 2]
 
     assert cli(["replay", str(spool)]) == 0
@@ -97,6 +98,7 @@ def test_a_refused_name_is_set_aside_and_everything_else_is_sent(tmp_path):
     records += [("params", {"green.pue": "1.0"}, None), ("tags", {"green.method.gpu": "counter"}, None),
                 ("status", {"status": "FINISHED"}, None)]
     spool = write_spool(tmp_path / "spool-c.jsonl", RunTarget(uri, experiment_name="poison"), records)
+    MlflowClient(uri).search_experiments()  # the store exists: replay creates none at a path a spool names
 
     result = replay_spool(spool)
     assert result.complete and result.set_aside == 3

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from green_callbacks.sinks.sender import Sender, lock
+from green_callbacks.sinks.sender import lock
 from green_callbacks.sinks.spool import State, Unreadable
+from green_callbacks.sinks.vetting import ReplaySender
+from green_callbacks.uris import credentials_in_env, split_credentials
 
 
 @dataclass
@@ -32,16 +34,21 @@ class SpoolBusy(RuntimeError):
 
 
 def replay_spool(path: str | Path, tracking_uri: str | None = None, wait_s: float = 60.0,
-                 waiting: Callable[[str], None] | None = None) -> ReplayResult:
+                 waiting: Callable[[str], None] | None = None,
+                 plan: Callable[[str], None] | None = None) -> ReplayResult:
     """Send what a spool still holds to its run (creating the run if it never was), then remove it.
 
     Idempotent: what an earlier sender or replay sent (the state file says so) is not sent again.
     Unreadable lines are reported by number and set aside in ``<spool>.rejected.jsonl``; a spool is
     removed only when nothing in it is left unsent. ``wait_s`` bounds the wait for a sender that
     still holds it (one keeps trying for a while after its training ended); ``waiting`` hears once
-    that it waits.
+    that it waits, ``plan`` what will be sent where before anything is.
+
+    Nothing in the spool (or its state file) is trusted: see :class:`~green_callbacks.sinks.vetting.ReplaySender`.
+    A user and password in ``tracking_uri`` reach MLflow through its environment variables only.
     """
     spool = Path(path)
+    uri, credentials = split_credentials(tracking_uri)
     if not spool.is_file():
         raise FileNotFoundError(f"no spool file at {spool}")
     end = time.monotonic() + wait_s
@@ -55,14 +62,17 @@ def replay_spool(path: str | Path, tracking_uri: str | None = None, wait_s: floa
                             "stops by itself once done or after its linger time; run replay again then")
         time.sleep(0.5)
     try:
-        sender = Sender(spool, tracking_uri)
+        sender = ReplaySender(spool, uri)
         _check_writer_gone(sender.header, spool)
         before_sent, before_aside = sender.state.sent, sender.state.set_aside
         notes = len(sender.state.notes)
         sender.state.blocked = None  # try again: the run may have been restored
         sender.read(final=True)
         unreadable = [i.line for i in sender.pending if isinstance(i, Unreadable)]
-        complete = sender.send()
+        if plan is not None:
+            plan(sender.plan(from_user=tracking_uri is not None))
+        with credentials_in_env(credentials):
+            complete = sender.send()
         state = sender.state
         if complete:
             sender.cleanup()

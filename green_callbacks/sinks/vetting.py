@@ -1,0 +1,183 @@
+"""Replay of a spool nobody vouches for: it acts on its own run only, uploads only this package's files.
+
+A spool (and its state file) is a file anyone who can write the folder could have forged. The live
+sender trusts its spool (the training beside it wrote it a moment ago); ``green-callbacks replay``
+does not:
+
+- the destination: a local store (sqlite, a file store) the spool names must already exist (a
+  replay creates no database at a path a file names), and a server the spool names gets no MLflow
+  credentials from the environment unless the user names it (``--tracking-uri``);
+- the run: records go to the run the header names, or to the run tagged with the spool's local id
+  (created if it never was). Its status is set only when that tag proves this package opened it;
+  a state file naming any other run is refused;
+- the records: params and tags only under ``green.`` (never ``mlflow.runName`` or another system
+  tag), numeric metrics, and artifacts only the files this package writes, in a run folder beside
+  the spool. Anything else is set aside in ``<spool>.rejected.jsonl`` with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from green_callbacks.sinks.sender import Sender
+from green_callbacks.sinks.spool import Record, state_path
+from green_callbacks.sinks.tracking import LOCAL_ID_TAG, Blocked, resolve_uri
+from green_callbacks.uris import PASSWORD_ENV, redact
+
+ARTIFACT_DIR = "green_callbacks"  # outputs.ARTIFACT_DIR, without importing the tracker's side
+ARTIFACT_NAMES = ("intervals.csv", "power_trace.csv", "summary.json", "power.png")  # outputs._write_files
+CREDENTIAL_ENV = (PASSWORD_ENV, "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH", "DATABRICKS_TOKEN")
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # run ids and local ids: nothing a search filter would read as syntax
+REFUSED = "refused"  # the kind a record takes once vetting refused it; set aside when it reaches the head
+
+
+def local_store(uri: str) -> Path | None:
+    """The file or folder of a local MLflow store (sqlite, file store, a plain path); None for a server."""
+    scheme = urlsplit(uri).scheme.lower()
+    if scheme == "sqlite":
+        path = uri.split(":///", 1)[1].split("?", 1)[0] if ":///" in uri else ""
+        return Path(path) if path and path != ":memory:" else None
+    if scheme == "file":
+        return Path(urlsplit(uri).path)
+    if scheme == "" or len(scheme) == 1:  # a path (or a Windows drive letter)
+        return Path(uri)
+    return None
+
+
+def _store_exists(path: Path) -> bool:
+    if path.is_dir():  # a file store: MLflow keeps a meta.yaml per experiment
+        return any(path.glob("*/meta.yaml"))
+    try:
+        with path.open("rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
+
+
+class ReplaySender(Sender):
+    """A :class:`Sender` that checks everything a spool asks for (see the module's docstring)."""
+
+    def __init__(self, spool: Path, tracking_uri: str | None = None) -> None:
+        super().__init__(spool, tracking_uri)
+        self.folder = spool.resolve().parent
+        target = self.header.get("target")
+        if not isinstance(target, dict):
+            raise ValueError(f"{spool}: its header has no run target: not a spool green-callbacks wrote")
+        ids = (("target.run_id", target.get("run_id")), ("target.local_id", target.get("local_id")),
+               ("local_id", self.header.get("local_id")), ("env_experiment_id", self.header.get("env_experiment_id")))
+        for name, value in ids:
+            if value is not None and not (isinstance(value, str) and _ID.match(value)):
+                raise ValueError(f"{spool}: {name}={value!r} is not an id green-callbacks writes; refused")
+        for name in ("experiment_name", "run_name", "tracking_uri"):
+            if not isinstance(target.get(name), str | None):
+                raise ValueError(f"{spool}: target.{name}={target.get(name)!r} is not a string; refused")
+        self.local_ids = {i for i in (target.get("local_id"), self.header.get("local_id")) if i}
+        self.claimed_run: str | None = target.get("run_id")
+        self.user_named = tracking_uri is not None
+        recorded = self.state.tracking_uri if isinstance(self.state.tracking_uri, str) else None
+        self.override = tracking_uri or redact(recorded or resolve_uri(self.header))
+        if not self.user_named:
+            self._check_destination(self.override)
+        self.header = {**self.header, "target": {**target, "owned": False}}  # a claim sets no status, proof does
+
+    def _check_destination(self, uri: str) -> None:
+        again = f"run replay again with --tracking-uri {uri} if that is where the run belongs"
+        store = local_store(uri)
+        if store is not None and not _store_exists(store):
+            raise ValueError(f"{self.spool} names the MLflow store {uri}, which does not exist; replay creates no "
+                             f"store at a path a spool names: create it, or {again}")
+        secrets = [k for k in CREDENTIAL_ENV if os.environ.get(k)]
+        env_uri = redact(os.environ.get("MLFLOW_TRACKING_URI"))
+        if store is None and secrets and (not env_uri or urlsplit(env_uri).netloc != urlsplit(uri).netloc):
+            raise ValueError(f"{self.spool} names the server {uri}; MLflow credentials in the environment "
+                             f"({', '.join(secrets)}) go only to a server you name: {again}")
+
+    # -- the records -------------------------------------------------------------------------------
+    def read(self, final: bool = False) -> None:
+        start = len(self.pending)
+        super().read(final)
+        for i in range(start, len(self.pending)):
+            item = self.pending[i]
+            if isinstance(item, Record) and (why := self._refusal(item)) is not None:
+                self.pending[i] = replace(item, kind=REFUSED, data={
+                    "reason": why, "record": {"kind": item.kind, "step": item.step, "data": item.data}})
+
+    def _refusal(self, r: Record) -> str | None:
+        """Why a record is not one this package writes; None when it is."""
+        if r.kind in ("params", "tags"):
+            bad = [k for k in r.data if not (isinstance(k, str) and k.startswith("green."))]
+            return f"{r.kind} {bad} are not green-callbacks' own (green.*)" if bad else None
+        if r.kind == "metrics":
+            bad = [k for k, v in r.data.items() if isinstance(v, bool) or not isinstance(v, int | float)]
+            step_ok = r.step is None or (isinstance(r.step, int) and not isinstance(r.step, bool))
+            return None if not bad and step_ok else f"metrics {bad} (step {r.step!r}) are not numbers"
+        if r.kind == "artifact":
+            return self._artifact_refusal(r.data)
+        if r.kind == "status":
+            return None if r.data.get("status") in ("FINISHED", "FAILED", "KILLED") else "not a final status"
+        if r.kind == "close":
+            wait = r.data.get("wait_s", 0.0)
+            return None if isinstance(wait, int | float) and not isinstance(wait, bool) else "wait_s is not a number"
+        return None
+
+    def _artifact_refusal(self, data: dict[str, Any]) -> str | None:
+        path = data.get("path")
+        why = (f"replay uploads only green-callbacks' own files ({', '.join(ARTIFACT_NAMES)}) from a run folder beside "
+               f"the spool ({self.folder}{os.sep}<run>{os.sep}), never through a link")
+        if not isinstance(path, str) or data.get("artifact_path") != ARTIFACT_DIR:
+            return why
+        p = Path(path)
+        if not p.is_absolute() or p.name not in ARTIFACT_NAMES or p.parent.parent != self.folder \
+                or os.path.realpath(p) != str(p):
+            return why
+        return None
+
+    def _send_next(self) -> None:
+        item = self.pending[0]
+        if isinstance(item, Record) and item.kind == REFUSED:
+            record = item.data["record"]
+            self._set_aside(item.line, item.data["reason"], record, f"line {item.line} ({record['kind']})")
+            return self._done([item])
+        if isinstance(item, Record) and item.kind == "status" and not self.state.owned:
+            self.note("status", f"green-callbacks: the status {item.data['status']} is not set: the run "
+                                f"{self.state.run_id} does not carry this spool's tag {LOCAL_ID_TAG}, so "
+                                "green-callbacks did not open it (the trainer's logger, or a forged spool)")
+            return self._done([item])
+        return super()._send_next()
+
+    # -- the run -------------------------------------------------------------------------------------
+    def _open(self) -> None:
+        if self.client is not None and self.client.run_id is not None:
+            return
+        super()._open()
+        assert self.client is not None and self.client.run_id is not None
+        run_id = self.client.run_id
+        tags = self.client.client.get_run(run_id).data.tags
+        mine = tags.get(LOCAL_ID_TAG) in self.local_ids
+        if not mine and run_id != self.claimed_run:
+            self.client.run_id = None
+            raise Blocked(f"{state_path(self.spool)} names the run {run_id}, which is not this spool's run (its "
+                          f"header names {self.claimed_run or 'a run tagged ' + LOCAL_ID_TAG}); delete the state "
+                          "file if the spool is yours")
+        self.state.owned = mine
+        self.state.save(self.spool)
+
+    def plan(self, from_user: bool) -> str:
+        """What will be sent where, in one line, before anything is."""
+        kinds = Counter(r.kind for r in self.pending if isinstance(r, Record))
+        files = [Path(r.data["path"]).name for r in self.pending if isinstance(r, Record) and r.kind == "artifact"]
+        what = ", ".join(f"{kinds[k]} {k} records" for k in ("metrics", "params", "tags", "status") if kinds[k])
+        target = self.header["target"]
+        run = (self.state.run_id or self.claimed_run or
+               f"the run tagged {LOCAL_ID_TAG}={next(iter(sorted(self.local_ids)), '?')} in experiment "
+               f"{target.get('experiment_name') or self.header.get('env_experiment_name') or 'Default'} "
+               "(created if missing)")
+        refused = f"; {kinds[REFUSED]} records refused (set aside)" if kinds[REFUSED] else ""
+        return (f"replay {self.spool}: {what or 'nothing'}{', files ' + ', '.join(files) if files else ''} to run "
+                f"{run} at {self.uri} ({'--tracking-uri' if from_user else 'named by the spool'}){refused}")

@@ -1,0 +1,53 @@
+"""Tracking URIs without their secrets: ``http://user:password@host`` is written and printed as ``http://host``.
+
+The credentials travel the way MLflow intends, in its environment variables
+(``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``) of the process that talks to the
+server (the sender, or ``green-callbacks replay``), never in a file or a line of output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+
+
+def split_credentials(uri: str | None) -> tuple[str | None, dict[str, str]]:
+    """``uri`` without a user or password, and those as MLflow's environment variables (empty when none)."""
+    if not uri or "@" not in uri:
+        return uri, {}
+    try:
+        parts = urlsplit(uri)
+        user, password, host = parts.username, parts.password, parts.hostname
+    except ValueError:  # not a URL (a Windows path, say): nothing to take apart
+        return uri, {}
+    if user is None and password is None:
+        return uri, {}
+    netloc = parts.netloc.rpartition("@")[2] if host else ""
+    env = {USERNAME_ENV: unquote(user or "")}
+    if password is not None:
+        env[PASSWORD_ENV] = unquote(password)
+    return urlunsplit(parts._replace(netloc=netloc)), env
+
+
+def redact(uri: str | None) -> str | None:
+    """``uri`` without its user and password (unchanged when it has none)."""
+    return split_credentials(uri)[0]
+
+
+@contextlib.contextmanager
+def credentials_in_env(env: Mapping[str, str]) -> Iterator[None]:
+    """MLflow's credential variables set to ``env`` for a while, then as they were."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

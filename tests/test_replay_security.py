@@ -1,0 +1,163 @@
+"""``green-callbacks replay`` of a forged spool: it acts on its own run only, uploads only this package's files,
+creates no store and sends no credential to a server the file names; it says where it sends what."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from mlflow.tracking import MlflowClient
+from test_spool import epochs, write_spool
+
+from green_callbacks.cli import main as cli
+from green_callbacks.sinks import RunTarget, replay_spool
+from green_callbacks.sinks.spool import State, rejected_path
+from green_callbacks.sinks.tracking import LOCAL_ID_TAG
+
+from helpers import free_port
+
+
+@pytest.fixture(scope="module")
+def empty_db(tmp_path_factory):
+    """An sqlite store with MLflow's tables made once (its migrations take seconds): each test copies it."""
+    path = tmp_path_factory.mktemp("store") / "empty.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, empty_db):
+    shutil.copyfile(empty_db, tmp_path / "m.db")
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(uri)
+    victim = client.create_run(client.create_experiment("someone else's"), run_name="precious").info.run_id
+    return uri, client, victim
+
+
+def rejected(spool) -> list[dict]:
+    return [json.loads(line) for line in rejected_path(spool).read_text().splitlines()]
+
+
+def test_a_forged_spool_neither_renames_nor_ends_another_run(tmp_path, store, capsys):
+    uri, client, victim = store
+    records = [*epochs(2), ("tags", {"mlflow.runName": "pwned", "green.method.gpu": "counter"}, None),
+               ("params", {"mlflow.user": "mallory"}, None), ("status", {"status": "KILLED"}, None)]
+    spool = write_spool(tmp_path / "spool-f1.jsonl", RunTarget(uri, victim, owned=True), records)
+    assert cli(["replay", str(spool)]) == 0
+    out, err = capsys.readouterr()
+    assert f"replay {spool}: 2 metrics records, 1 status records to run {victim} at {uri} (named by the spool); 2 " \
+           "records refused (set aside)" in out
+    assert "the status KILLED is not set" in err and "did not open it" in err
+    run = client.get_run(victim)
+    assert (run.info.run_name, run.info.status) == ("precious", "RUNNING")
+    assert "mlflow.user" not in run.data.params and "green.method.gpu" not in run.data.tags
+    assert {r["content"]["kind"] for r in rejected(spool)} == {"tags", "params"}
+
+
+def test_a_forged_state_file_cannot_point_replay_at_another_run(tmp_path, store, capsys):
+    uri, client, victim = store
+    spool = write_spool(tmp_path / "spool-f2.jsonl", RunTarget(uri, experiment_name="mine"),
+                        [*epochs(2), ("status", {"status": "KILLED"}, None)])
+    State(run_id=victim, tracking_uri=uri, owned=True).save(spool)
+    assert cli(["replay", str(spool)]) == 1
+    assert f"names the run {victim}, which is not this spool's run" in capsys.readouterr().err
+    run = client.get_run(victim)
+    assert run.info.status == "RUNNING" and not run.data.metrics
+    assert spool.exists(), "the spool is kept"
+
+
+def test_its_own_run_gets_its_status_and_files_from_its_run_folder(tmp_path, store):
+    uri, client, _ = store
+    out = tmp_path / "out"
+    folder = out / "local-own"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text("{}")
+    records = [*epochs(1), ("artifact", {"path": str(folder / "summary.json"), "artifact_path": "green_callbacks"},
+                            None), ("status", {"status": "FINISHED"}, None)]
+    spool = write_spool(out / "spool-own.jsonl", RunTarget(uri, experiment_name="mine"), records)
+    result = replay_spool(spool)
+    assert result.complete and result.set_aside == 0
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[LOCAL_ID_TAG] == "own"
+    assert [a.path for a in client.list_artifacts(result.run_id, "green_callbacks")] == ["green_callbacks/summary.json"]
+
+
+def test_a_forged_spool_uploads_no_file_but_this_packages_own(tmp_path, store):
+    uri, client, _ = store
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hunter2")
+    out = tmp_path / "out"
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "summary.json").symlink_to(secret)  # a link with an output's name
+    (out / "run" / "notes.txt").write_text("not an output")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "intervals.csv").write_text("a,b\n")  # an output's name, not beside the spool
+    paths = [(str(secret), "green_callbacks"), (str(out / "run" / "summary.json"), "green_callbacks"),
+             (str(out / "run" / "notes.txt"), "green_callbacks"), (str(tmp_path / "elsewhere" / "intervals.csv"),
+                                                                   "green_callbacks"),
+             (str(out / "run" / ".." / ".." / "secret.txt"), "green_callbacks"), ("secret.txt", "green_callbacks")]
+    records = [("artifact", {"path": p, "artifact_path": a}, None) for p, a in paths]
+    spool = write_spool(out / "spool-f3.jsonl", RunTarget(uri, experiment_name="mine"), [*epochs(1), *records])
+    result = replay_spool(spool)
+    assert result.complete and result.set_aside == len(paths)
+    assert client.list_artifacts(result.run_id) == []
+    assert all("replay uploads only green-callbacks' own files" in r["reason"] for r in rejected(spool))
+
+
+def test_a_forged_spool_creates_no_store_at_a_path_it_names(tmp_path, empty_db, capsys):
+    evil = tmp_path / "planted" / "evil.db"
+    evil.parent.mkdir()
+    spool = write_spool(tmp_path / "spool-f4.jsonl", RunTarget(f"sqlite:///{evil}", experiment_name="x"), epochs(1))
+    assert cli(["replay", str(spool)]) == 1
+    err = capsys.readouterr().err
+    assert f"names the MLflow store sqlite:///{evil}, which does not exist; replay creates no store" in err
+    assert not evil.exists() and spool.exists()
+    file_store = tmp_path / "planted" / "mlruns"
+    spool = write_spool(tmp_path / "spool-f5.jsonl", RunTarget(str(file_store), experiment_name="x"), epochs(1))
+    with pytest.raises(ValueError, match="which does not exist"):
+        replay_spool(spool)
+    assert not file_store.exists()
+    shutil.copyfile(empty_db, tmp_path / "mine.db")
+    mine = f"sqlite:///{tmp_path}/mine.db"  # the store the user names
+    assert cli(["replay", str(spool), "--tracking-uri", mine]) == 0
+    assert "(--tracking-uri)" in capsys.readouterr().out
+    assert len(MlflowClient(mine).search_runs([MlflowClient(mine).get_experiment_by_name("x").experiment_id])) == 1
+
+
+def test_credentials_in_the_environment_go_only_to_a_server_the_user_names(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    named = f"http://127.0.0.1:{free_port()}"
+    spool = write_spool(tmp_path / "spool-f6.jsonl", RunTarget(named, experiment_name="x"), epochs(1))
+    assert cli(["replay", str(spool)]) == 1
+    err = capsys.readouterr().err
+    assert f"names the server {named}; MLflow credentials in the environment (MLFLOW_TRACKING_PASSWORD) go only " \
+           f"to a server you name: run replay again with --tracking-uri {named}" in err
+    assert "cannot be reached" not in err, "refused before any request"
+    assert cli(["replay", str(spool), "--tracking-uri", named, "--wait", "1"]) == 1
+    assert "cannot be reached" in capsys.readouterr().err, "named by the user: tried"
+
+
+@pytest.mark.parametrize("field", ["local_id", "run_id"])
+def test_an_id_that_is_not_one_is_refused(tmp_path, store, field):
+    uri, _, _ = store
+    target = RunTarget(uri, **{field: "x' OR tags.a = 'b"})
+    spool = write_spool(tmp_path / "spool-f7.jsonl", target, epochs(1))
+    with pytest.raises(ValueError, match=rf"target.{field}=\"x' OR tags.a = 'b\" is not an id green-callbacks writes"):
+        replay_spool(spool)
+
+
+def test_credentials_in_the_replay_uri_are_never_written_or_printed(tmp_path, store, capsys):
+    uri, _, _ = store
+    spool = write_spool(tmp_path / "spool-f8.jsonl", RunTarget(uri, experiment_name="x"), epochs(1))
+    port = free_port()
+    assert cli(["replay", str(spool), "--tracking-uri", f"http://u:hunter2@127.0.0.1:{port}", "--wait", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert f"at http://127.0.0.1:{port} (--tracking-uri)" in out and "cannot be reached" in err
+    assert "hunter2" not in out + err
+    assert "MLFLOW_TRACKING_PASSWORD" not in os.environ, "set for the replay only"
+    for path in tmp_path.iterdir():
+        if path.is_file():
+            assert b"hunter2" not in path.read_bytes(), path
