@@ -27,6 +27,11 @@ class BatchCounter:
         self._device_tokens: Any = None  # a 0-d device tensor: the queued attention-mask sums
 
     def add(self, batch: Any) -> None:
+        if type(batch) in (list, tuple) and batch:  # the usual (inputs, targets): a few attribute reads
+            shape = getattr(batch[0], "shape", None)
+            if shape:
+                self.samples += int(shape[0])
+                return
         self.samples += batch_size(batch)
         if not isinstance(batch, Mapping):
             return

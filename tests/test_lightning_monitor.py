@@ -209,5 +209,5 @@ def test_state_keys_allow_several_instances():
 
 def test_a_gpu_index_the_machine_lacks_stops_before_the_first_step(tmp_path, fake_nvml):
     fake_nvml.configure(n=2)
-    with pytest.raises(ValueError, match=r"gpus=\[3\]: CUDA device\(s\) \[3\] do not exist.*\[0, 1\]"):
+    with pytest.raises(ValueError, match=r"gpus=\[3\]: device\(s\) \[3\] do not exist.*\[0, 1\]"):
         trainer(tmp_path, [EnergyMonitor(gpus=[3], mlflow=False)], max_epochs=1).fit(ValModel())
