@@ -12,6 +12,7 @@ from green_callbacks.distributed import RankInfo, node_name
 from green_callbacks.process import running_tracker
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper
 from green_callbacks.tracker import EnergyTracker
+from green_callbacks.uris import redact
 
 __all__ = ["EfficiencyEarlyStopping", "EnergyBudget", "EnergyMonitor"]
 
@@ -64,6 +65,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
 
     def state(self) -> dict[str, Any]:
         args = {k: list(v) if isinstance(v, tuple) else v for k, v in self._init_args.items()}
+        args["tracking_uri"] = redact(args.get("tracking_uri"))  # trainer_state.json holds no password
         return {"args": args, "attributes": {"green_state": self.state_dict()}}
 
     def _start(self, args: TrainingArguments) -> None:

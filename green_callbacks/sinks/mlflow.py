@@ -27,6 +27,7 @@ from typing import Any
 from green_callbacks.sinks.names import Names
 from green_callbacks.sinks.sender import SENDER_ENV
 from green_callbacks.sinks.spool import FORMAT, SENDABLE, STARTUP_S, SpoolWriter, State, state_path
+from green_callbacks.uris import redact, split_credentials
 
 log = logging.getLogger("green_callbacks")
 
@@ -70,7 +71,7 @@ def spool_header(target: RunTarget, local_id: str, cadence_s: float = 5.0, first
     """The spool's first record: all a sender (or a replay, days later) needs to find or create the run."""
     return {"format": FORMAT, "target": asdict(target), "local_id": local_id, "pid": os.getpid(),
             "host": socket.gethostname(), "cwd": os.getcwd(), "t_ms": int(time.time() * 1000),
-            "env_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
+            "env_tracking_uri": redact(os.environ.get("MLFLOW_TRACKING_URI")),
             "env_experiment_name": os.environ.get("MLFLOW_EXPERIMENT_NAME"),
             "env_experiment_id": os.environ.get("MLFLOW_EXPERIMENT_ID"),
             "cadence_s": cadence_s, "first_send_s": first_send_s, "linger_s": linger_s}
@@ -120,6 +121,9 @@ class MlflowSink:
         self._closed: bool | None = None  # close()'s answer once closed
         mlflow = sys.modules.get("mlflow")  # the user's process already has it: its URI costs nothing
         uri = target.tracking_uri or (mlflow.get_tracking_uri() if mlflow is not None else None)
+        # a user:password in the URI reaches the sender through MLflow's env variables, never a file
+        uri, self._credentials = split_credentials(uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        uri = uri if target.tracking_uri or mlflow is not None else None
         self._run_ref = RunRef(target.run_id, uri, target.owned) if target.run_id and uri else None
         self._writer = self._open_spool(Path(output_dir).absolute())  # the sender and replay commands see it
         self._proc: subprocess.Popen[bytes] | None = None
@@ -150,7 +154,7 @@ class MlflowSink:
 
     def _start_sender(self) -> subprocess.Popen[bytes] | None:
         assert self._writer is not None
-        env = {**os.environ, **SENDER_ENV}
+        env = {**os.environ, **SENDER_ENV, **self._credentials}
         root = str(Path(__file__).resolve().parents[2])  # the folder that holds green_callbacks
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
