@@ -58,6 +58,8 @@ def write(t: EnergyTracker, trace: pd.DataFrame | None) -> None:
 
 
 def _write_files(t: EnergyTracker, trace: pd.DataFrame | None, folder: Path) -> list[Path]:
+    if folder.is_symlink():  # a link planted at the run's own folder: the folder is made here, never followed
+        folder.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     out: list[Path] = []
 

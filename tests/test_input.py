@@ -122,3 +122,22 @@ def test_bad_intensity_series_fail_at_construction(tmp_path, rows, message):
     for module in (gl, gt):
         with pytest.raises(ValueError, match=message):
             module.EnergyMonitor(carbon_intensity_csv=str(path), mlflow=False)
+
+
+def test_links_planted_at_output_paths_are_not_followed(tmp_path):
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    monitor = gl.EnergyMonitor(mlflow=False, output_dir=str(out), log_artifacts=["summary", "intervals"])
+    out.mkdir()
+    monitor.run_folder.symlink_to(victim, target_is_directory=True)  # the run's folder, planted before the run
+    lightning_fit(tmp_path, lightning_digits_module()(), [monitor], max_epochs=1)
+    assert sorted(p.name for p in victim.iterdir()) == ["keep.txt"]
+    assert not monitor.run_folder.is_symlink() and (monitor.run_folder / "summary.json").is_file()
+
+    second = gl.EnergyMonitor(mlflow=False, output_dir=str(out), log_artifacts=["summary"])
+    second.run_folder.mkdir()
+    (second.run_folder / "summary.json").symlink_to(victim / "keep.txt")  # a file link
+    lightning_fit(tmp_path, lightning_digits_module()(), [second], max_epochs=1)
+    assert (victim / "keep.txt").read_text() == "mine"
+    assert not (second.run_folder / "summary.json").is_symlink()
