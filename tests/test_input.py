@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_hf_monitor import digits, hf_trainer  # noqa: F401 - digits is a fixture
 from test_intervals import CountSteps, lightning_fit
 from torch.utils.data import IterableDataset
@@ -141,3 +145,67 @@ def test_links_planted_at_output_paths_are_not_followed(tmp_path):
     lightning_fit(tmp_path, lightning_digits_module()(), [second], max_epochs=1)
     assert (victim / "keep.txt").read_text() == "mine"
     assert not (second.run_folder / "summary.json").is_symlink()
+
+
+# -- fuzzing the shapes a careless user gives: each refused with its own name, never taken as something else --------
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+NUMBERS = ("sampling_period_s", "pue", "price_per_kwh", "cpu_tdp_w", "carbon_intensity_g_per_kwh", "log_every_s")
+EXTREME = st.sampled_from([math.inf, -math.inf, math.nan, 1e308, -1e308, 1.7976931348623157e308])
+not_a_bool = st.one_of(st.sampled_from(["false", "no", "0", "off", "True", ""]), st.text(max_size=6),
+                       st.binary(max_size=6), st.integers(), st.floats(allow_nan=True))
+not_a_number = st.one_of(st.booleans(), EXTREME, st.text(max_size=6), st.binary(max_size=6),
+                         st.sampled_from(["0.5", "1e-3", "1 kWh"]))
+
+
+@FUZZ
+@given(name=st.sampled_from(("measure_cpu", "mlflow", "cuda_sync")), value=not_a_bool)
+def test_fuzz_strings_bytes_and_numbers_for_booleans_are_refused(name, value):
+    with pytest.raises(ValueError, match=rf"^{name}=.* must be True or False"):
+        gl.EnergyMonitor(**{name: value})
+
+
+@FUZZ
+@given(name=st.sampled_from(NUMBERS), value=not_a_number)
+def test_fuzz_bools_strings_and_extreme_floats_for_numbers_are_refused(name, value):
+    with pytest.raises(ValueError, match=rf"^{name}=.* must be a finite number"):
+        gt.EnergyMonitor(**{name: value})
+
+
+@FUZZ
+@given(value=st.one_of(st.binary(max_size=8), st.lists(st.one_of(
+    st.booleans(), st.floats(), st.text(max_size=2), st.integers(max_value=-1)), min_size=1, max_size=3)))
+def test_fuzz_bytes_and_odd_lists_for_gpus_are_refused(value):
+    with pytest.raises(ValueError, match=r"^gpus=.*choose \"auto\", \"all\""):
+        gl.EnergyMonitor(gpus=value)
+
+
+@FUZZ
+@given(key=st.sampled_from(["energy", "emissions", "cost", "on_exceed", "check_every_n_steps"]),
+       first=st.sampled_from(["1 kWh", "300 g", "stop", "5"]), second=st.sampled_from(["500 kWh", "1 kg", "warn", "7"]),
+       between=st.sampled_from(["", "    emissions: 1 kg\n", "    # a comment\n"]))
+def test_fuzz_a_key_given_twice_is_refused(tmp_path_factory, key, first, second, between):
+    path = tmp_path_factory.mktemp("cfg") / "green.yaml"
+    path.write_text(f"green-callbacks:\n  budget:\n    {key}: {first}\n{between}    {key}: {second}\n")
+    with pytest.raises(ValueError, match=rf"green.yaml: not valid YAML: duplicate key '{key}' \(line 3 and line"):
+        gl.EnergyBudget.from_file(path)
+
+
+def _not_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+@FUZZ
+@given(data=st.binary(min_size=1, max_size=40).filter(_not_utf8), suffix=st.sampled_from([".yaml", ".toml"]))
+def test_fuzz_a_file_that_is_not_utf8_is_refused_by_name(tmp_path_factory, data, suffix):
+    path = tmp_path_factory.mktemp("cfg") / f"green{suffix}"
+    path.write_bytes(b"budget:\n  energy: 1 kWh # " + data)
+    with pytest.raises(ValueError, match=rf"green{suffix}: not a UTF-8 text file \(byte \d+ is 0x[0-9a-f]{{2}}\)"):
+        gt.EnergyBudget.from_file(path)
+    csv = path.with_suffix(".csv")
+    csv.write_bytes(b"0,100\n" + data)
+    with pytest.raises(ValueError, match=r"carbon_intensity_csv=.*not a UTF-8 text file"):
+        gl.EnergyMonitor(carbon_intensity_csv=str(csv), mlflow=False)
