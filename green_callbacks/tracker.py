@@ -70,6 +70,9 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
             (``efficiency/<metric>_per_kj``); ``None`` for every validation metric.
         output_dir: local folder for artifacts and the MLflow spool (one sub-folder per run).
         mlflow: log to MLflow at all (``False`` keeps the records local).
+        mlflow_wait_s: at the end, how long to wait for MLflow to confirm everything (counted from
+            the sender's first call to MLflow); what is unsent then stays in the spool, with the
+            command that sends it, and the sender keeps trying in the background for a minute.
         cuda_sync: synchronise CUDA at window edges (``None``: when CUDA is in use).
         log_every_n_steps: between evaluations, log the cumulative energy every this many
             training steps; ``None`` derives it from ``log_every_s``.
@@ -98,6 +101,7 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         efficiency_metrics: Sequence[str] | None = None,
         output_dir: str = "green_callbacks_output",
         mlflow: bool = True,
+        mlflow_wait_s: float = 10.0,
         cuda_sync: bool | None = None,
         log_every_n_steps: int | None = None,
         log_every_s: float = 30.0,
@@ -120,6 +124,7 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         self.efficiency_metrics = args["efficiency_metrics"]
         self.output_dir = Path(args["output_dir"])
         self.use_mlflow = args["mlflow"]
+        self.mlflow_wait_s = args["mlflow_wait_s"]
         self.cuda_sync = args["cuda_sync"]
         self.log_every_n_steps = args["log_every_n_steps"]
         self.log_every_s = args["log_every_s"]
@@ -195,7 +200,7 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         else:
             target = RunTarget(tracking_uri or self.tracking_uri, run_id, self.experiment_name, self.run_name,
                                owned=run_id is None, local_id=self.local_id)  # a resumed run found by its tag
-        self.sink = MlflowSink(target, self.output_dir)
+        self.sink = MlflowSink(target, self.output_dir, close_wait_s=self.mlflow_wait_s)
         if self.run is None:
             self.run = self.sink.run_ref
 

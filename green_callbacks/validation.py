@@ -101,4 +101,5 @@ def check_tracker_args(a: Mapping[str, Any]) -> dict[str, Any]:
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"log_every_n_steps={n!r} must be an integer >= 1, or None to derive it from log_every_s")
     out["log_every_s"] = _number("log_every_s", a["log_every_s"], 0.1, 86_400.0, what=" seconds")
+    out["mlflow_wait_s"] = _number("mlflow_wait_s", a["mlflow_wait_s"], 0.0, 3600.0, what=" seconds")
     return out

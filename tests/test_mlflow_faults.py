@@ -455,3 +455,29 @@ def test_server_restarted_across_the_end_of_fit(tmp_path, server, green_log):
     wait_for("the sender removed the spool", lambda: no_spool(out), 30)
     wait_for("the sender ended", lambda: not psutil.pid_exists(sender[0])
              or psutil.Process(sender[0]).status() == psutil.STATUS_ZOMBIE, 30)
+
+
+@pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), "10", True, None])
+def test_mlflow_wait_s_must_be_seconds(value):
+    with pytest.raises(ValueError, match=r"mlflow_wait_s=.* must be a finite number"):
+        EnergyMonitor(mlflow_wait_s=value)
+
+
+@pytest.mark.slow
+def test_the_end_waits_for_mlflow_no_longer_than_mlflow_wait_s(tmp_path, link, green_log):
+    """Server down: with ``mlflow_wait_s=0`` the end does not wait for the sender at all; the spool keeps it all."""
+    out, ended = tmp_path / "out", []
+
+    class TrainingEnd(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            ended.append(time.monotonic())
+
+    monitor = EnergyMonitor(tracking_uri=link.uri, experiment_name="no-wait", output_dir=str(out), mlflow_wait_s=0)
+    trainer(tmp_path, [monitor, TrainingEnd()], max_epochs=2).fit(ValModel())
+    assert time.monotonic() - ended[0] < 8, "the end waited for MLflow although mlflow_wait_s=0"
+    (spool,) = out.glob("spool-*[0-9a-f].jsonl")
+    assert f"green-callbacks replay {spool}" in green_log.text
+    held = read_spool(spool)
+    assert len([r for r in held.records if r.kind == "metrics" and "energy/epoch_j" in r.data]) == 2
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(State.load(spool).pid, signal.SIGKILL)
