@@ -30,7 +30,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from green_callbacks.distributed import RankInfo, gather
-from green_callbacks.process import never_raises
+from green_callbacks.process import never_raises, warn_once
 
 if TYPE_CHECKING:
     from green_callbacks.tracker import EnergyTracker
@@ -113,8 +113,7 @@ class LoopHost:
         and the decision is reduced). Returns :attr:`should_stop`.
         """
         self._loop_pending = False
-        values = {k: float(v) for k, v in metrics.items()}  # a tensor's value is the caller's to read
-        self.end_evaluation(self._loop_point_step() if step is None else step, values)
+        self.end_evaluation(self._loop_point_step() if step is None else int(step), _numbers(self, metrics))
         return self.should_stop
 
     def step(self: EnergyTracker, step: int | None = None, batch: Any = None) -> bool:
@@ -142,6 +141,18 @@ class LoopHost:
         if self._loop_pending:
             self._loop_pending = False
             self.end_evaluation(self._loop_point_step(), {})
+
+
+def _numbers(owner: object, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics as floats (a tensor's value is read here, as the caller's ``float`` would); one warning
+    per name that is not a number, which is left out rather than breaking the loop."""
+    out = {}
+    for name, value in metrics.items():
+        try:
+            out[str(name)] = float(value)
+        except (TypeError, ValueError):
+            warn_once(owner, f"report-{name}", f"report(): {name}={value!r} is not a number; left out")
+    return out
 
 
 def loop_rank() -> RankInfo:

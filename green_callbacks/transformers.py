@@ -81,10 +81,16 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         self._epoch_pending = False
         self._start(args)
         self.max_steps = float(state.max_steps) if state.max_steps and state.max_steps > 0 else None
+        self._remove_count_hook()  # left by a training that crashed
         model = kwargs.get("model")
-        if model is not None and getattr(self, "_count_hook", None) is None:
-            # HF hands callbacks no batch: the model's forward sees every (micro-)batch, on every rank
-            self._count_hook = model.register_forward_pre_hook(self._count_forward, with_kwargs=True)
+        # HF hands callbacks no batch: the model's forward sees every (micro-)batch, on every rank
+        self._count_hook = None if model is None else model.register_forward_pre_hook(self._count_forward,
+                                                                                       with_kwargs=True)
+
+    def _remove_count_hook(self) -> None:
+        if getattr(self, "_count_hook", None) is not None:
+            self._count_hook.remove()
+            self._count_hook = None
 
     def _count_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if module.training:  # evaluation batches are not training throughput
@@ -169,9 +175,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         self._epoch_pending = False
         self.end_training(state.global_step)
         self._training = False
-        if getattr(self, "_count_hook", None) is not None:
-            self._count_hook.remove()
-            self._count_hook = None
+        self._remove_count_hook()
         self.finish("FINISHED")
 
 

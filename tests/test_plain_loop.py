@@ -207,3 +207,14 @@ def test_two_spawned_ranks_log_both_energies_once(tmp_path):
     cumulative = dict(history(client, run.info.run_id, "energy/cumulative_j"))
     per_j = dict(history(client, run.info.run_id, "throughput/samples_per_j"))
     assert per_j[5] == pytest.approx(5 * 32 / (cumulative[5] - cumulative[0]))
+
+
+def test_report_takes_tensors_and_leaves_out_what_is_not_a_number(tmp_path, uri, gpu, green_log):
+    tracker = tracker_for(tmp_path, uri)
+    with tracker, tracker.epoch(0):
+        for _ in Digits(gpu).batches():
+            pass
+        tracker.report({"val_acc": torch.tensor(0.5), "val_note": "fine"})
+    client, (run,) = runs(uri, "my-run")
+    assert history(client, run.info.run_id, "efficiency/val_acc_per_kj") == [(0, pytest.approx(0.5 / 0.008))]
+    assert "val_note" in green_log.text and "not a number" in green_log.text
