@@ -136,3 +136,22 @@ def test_counter_defers_a_device_masks_sum_to_the_point():
     counter.add((torch.zeros(3, 64), torch.zeros(3)))  # no input_ids: samples only
     assert counter.take() == (5, 32)
     assert counter.take() == (0, None)
+
+
+@pytest.mark.gpu
+def test_counting_a_cuda_batch_never_synchronises_the_device():
+    """torch's sync debug mode raises on any synchronising call: counting a CUDA batch makes none."""
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    mask = torch.ones(8, 128, dtype=torch.long, device="cuda")
+    mask[:, 100:] = 0
+    batch = {"input_ids": torch.ones(8, 128, dtype=torch.long, device="cuda"), "attention_mask": mask}
+    counter = BatchCounter()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            counter.add(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert counter.take() == (24, 3 * 8 * 100)
