@@ -63,14 +63,11 @@ def tracker_for(tmp_path, uri, **kw):
                          tracking_uri=uri, output_dir=str(tmp_path / "out"), **kw)
 
 
-def test_the_issues_loop_logs_every_epoch_and_evaluation(tmp_path, uri, gpu):
-    from green_callbacks.stopping import BudgetStopper, EfficiencyStopper  # noqa: F401 - the issue's import
-
-    tracker = tracker_for(tmp_path, uri)
-    tracker.attach(BudgetStopper(energy="2 kWh"))
-    work, accs = Digits(gpu), []
+def the_issues_loop(tracker, work: Digits, max_epochs: int) -> list[float]:
+    """The loop of issue 15, as written there; returns each epoch's accuracy."""
+    accs = []
     with tracker:
-        for epoch in range(3):
+        for epoch in range(max_epochs):
             with tracker.epoch(epoch):
                 for _ in work.batches():
                     pass
@@ -80,6 +77,15 @@ def test_the_issues_loop_logs_every_epoch_and_evaluation(tmp_path, uri, gpu):
                 accs.append(acc)
             if tracker.should_stop:
                 break
+    return accs
+
+
+def test_the_issues_loop_logs_every_epoch_and_evaluation(tmp_path, uri, gpu):
+    from green_callbacks.stopping import BudgetStopper, EfficiencyStopper  # noqa: F401 - the issue's import
+
+    tracker = tracker_for(tmp_path, uri)
+    tracker.attach(BudgetStopper(energy="2 kWh"))
+    accs = the_issues_loop(tracker, Digits(gpu), max_epochs=3)
     client, (run,) = runs(uri, "my-run")
     rid = run.info.run_id
     assert run.info.status == "FINISHED" and not tracker.should_stop
@@ -101,21 +107,10 @@ def test_a_budget_sets_should_stop_and_the_loop_breaks(tmp_path, uri, gpu):
 
     tracker = tracker_for(tmp_path, uri)
     tracker.attach(BudgetStopper(energy="30 J"))
-    work, epochs = Digits(gpu), 0
-    with tracker:
-        for epoch in range(10):
-            with tracker.epoch(epoch):
-                for _ in work.batches():
-                    pass
-                with tracker.evaluation():
-                    acc = work.evaluate()
-                tracker.report({"val_acc": acc})
-            epochs += 1
-            if tracker.should_stop:
-                break
+    accs = the_issues_loop(tracker, Digits(gpu), max_epochs=10)
     _, (run,) = runs(uri, "my-run")
     # 13 J an epoch: after two (26 J) a third would overshoot 30 J
-    assert tracker.should_stop and epochs == 2
+    assert tracker.should_stop and len(accs) == 2
     assert run.data.tags["green.stop_reason"] == "energy_budget"
     assert run.data.metrics["energy/total_j"] == pytest.approx(26.0) and run.info.status == "FINISHED"
 
