@@ -79,3 +79,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The checkout's files before any test ran, for ``test_zz_clean_tree.py`` at the end."""
+    from test_clean_tree import tree_files
+
+    session.config.green_tree_before = tree_files()
