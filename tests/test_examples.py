@@ -61,6 +61,15 @@ def test_hydra_example(tmp_path):
 def test_green_ai_comparison_is_one_run_per_model(tmp_path):
     out = run_example(tmp_path, str(EXAMPLES / "green_ai_comparison.py"), "--quick").stdout
     _, found = runs(f"sqlite:///{tmp_path}/mlflow.db", "green-ai-comparison")
-    assert sorted(r.info.run_name for r in found) == ["baseline", "distilled", "pruned", "quantised"]
+    techniques = ["baseline", "bf16", "distilled", "pruned", "quantised"]
+    # --quick: k=2 repeats, one run per model per repeat, tagged so the report can group them
+    assert sorted(r.info.run_name for r in found) == sorted(techniques * 2)
+    assert sorted((r.data.tags["technique"], r.data.tags["repeat"]) for r in found) == sorted(
+        (t, str(k)) for t in techniques for k in range(2))
+    assert all(r.info.run_name == r.data.tags["technique"] for r in found)
     assert all("energy/test_j_per_sample" in r.data.metrics for r in found)
-    assert "inference saved" in out
+    # the pruned model really is smaller: channels removed, not zeroed
+    assert {r.data.params["hidden"] for r in found if r.info.run_name == "pruned"} == {"128"}
+    assert "mean ± sd" in out and "inference mJ/sample" in out
+    for t in techniques:
+        assert any(line.startswith(t) and "±" in line for line in out.splitlines())
