@@ -43,7 +43,6 @@ class CpuEstimateSensor(Sensor):
     """
 
     component = "cpu"
-    exact_edges = False  # window edges take ``peek``: no /proc reads on the training thread
 
     def __init__(self, tdp_w: float | None = None, scope: str = "process", pid: int | None = None) -> None:
         super().__init__()
@@ -141,9 +140,7 @@ class CpuEstimateSensor(Sensor):
                        {"cpu": self._power_w})
 
     def peek(self, now_s: float) -> Reading:
-        """The joules up to the latest sampler tick: no ``/proc`` read, and never more than a later
-        ``read`` finds (the held power is not extrapolated), so consecutive windows stay exact."""
-        return Reading({"cpu": self._integrator.integrated_j}, {"cpu": Method.ESTIMATED},
+        return Reading({"cpu": self._integrator.joules_at(now_s)}, {"cpu": Method.ESTIMATED},
                        {"cpu": self._power_w})
 
 

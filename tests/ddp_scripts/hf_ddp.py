@@ -39,6 +39,6 @@ if __name__ == "__main__":
     trainer = Trainer(model=hf_digits_model(), args=args, train_dataset=DigitsDataset(xt[:512], yt[:512]),
                       eval_dataset=DigitsDataset(xv[:128], yv[:128]), compute_metrics=hf_accuracy,
                       callbacks=[monitor, Truth(monitor, out),
-                                 *([EnergyBudget(energy="1.5 kJ", check_every_n_steps=2)] if stop else [])])
+                                 *([EnergyBudget(energy="0.5 kJ", check_every_n_steps=2)] if stop else [])])
     trainer.train()
     Path(out, f"stopped-rank{args.process_index}.txt").write_text(str(round(trainer.state.epoch)))
