@@ -41,7 +41,7 @@ def _run_workload() -> dict[str, float]:
 @pytest.mark.slow
 def test_a_busy_neighbour_moves_the_process_estimate_less_than_25_percent():
     alone, loaded = [], []
-    for _ in range(3):  # interleaved, so a drift of the machine's own load hits both sides
+    for _ in range(5):  # interleaved, so a drift of the machine's own load hits both sides
         alone.append(_run_workload())
         neighbour = subprocess.Popen([sys.executable, "-c", SPINNER])  # a sibling, not in the workload's tree
         try:
@@ -131,3 +131,28 @@ def test_watts_per_cpu_come_from_the_user_a_known_model_or_the_stated_default():
     assert unknown.watts == DEFAULT_CORE_W and "Green Algorithms" in unknown.source
     with pytest.raises(ValueError, match=r"cpu_scope='node'.*'process', 'machine'"):
         CpuEstimateSensor(scope="node")
+
+
+@pytest.mark.slow
+def test_the_packages_own_mlflow_sender_is_not_charged_to_the_training():
+    """A child that runs ``-m green_callbacks.sinks`` (the MLflow sender) spins: not charged; any other child is."""
+    def charged(argv: list[str]) -> float:
+        child = subprocess.Popen([sys.executable, "-c", SPINNER, *argv])
+        try:
+            time.sleep(0.3)
+            sensor = CpuEstimateSensor(tdp_w=24.0)  # 12 W per core on a 2-core view; scope="process"
+            meter = EnergyMeter([sensor], period_s=0.05).start()
+            meter.begin("w")
+            time.sleep(1.5)
+            cpu_s = meter.end("w").component_j("cpu") / sensor.core.watts
+            meter.close()
+        finally:
+            child.kill()
+            child.wait()
+        return cpu_s
+
+    sender_like = charged(["-m", "green_callbacks.sinks"])
+    other = charged(["-m", "some_worker"])
+    print(f"CPU seconds charged over 1.5 s: sender-like child {sender_like:.2f}, other child {other:.2f}")
+    assert other > 1.0, "a busy child of the training is charged"
+    assert sender_like < 0.3, "the package's own MLflow sender is not charged to the training"

@@ -127,7 +127,13 @@ class ProcessTree:
     kept monotonic. Listing descendants scans ``/proc`` (about 1.4 ms for 80 processes), so the list
     is refreshed every ``rescan_s``; between scans each known process costs one ``/proc/<pid>/stat``
     read. A child that lives less than ``rescan_s`` is still counted once its parent reaps it.
+
+    This package's own MLflow sender (``python -m green_callbacks.sinks``, a child of the training)
+    is left out: its CPU is the telemetry's cost, not the training's (docs/performance.md counts it),
+    and MLflow's import alone would add seconds of CPU to a short training's estimate.
     """
+
+    SENDER = ("-m", "green_callbacks.sinks")
 
     def __init__(self, psutil: Any, pid: int | None = None, rescan_s: float = 1.0) -> None:
         self._psutil = psutil
@@ -136,7 +142,19 @@ class ProcessTree:
         self._children: list[Any] = []
         self._scanned_s = -math.inf
         self._total_s = 0.0
+        self._senders: dict[int, bool] = {}  # pid -> whether it is this package's MLflow sender
         self.processes = 1  # the most processes seen at once (root included)
+
+    def _is_sender(self, child: Any) -> bool:
+        """Whether ``child`` runs ``-m green_callbacks.sinks`` (its command line read once per process)."""
+        known = self._senders.get(child.pid)
+        if known is None:
+            try:
+                argv = child.cmdline()
+            except self._psutil.Error:
+                argv = []
+            known = self._senders[child.pid] = any(tuple(argv[i:i + 2]) == self.SENDER for i in range(len(argv)))
+        return known
 
     @staticmethod
     def _seconds(times: Any) -> float:
@@ -146,7 +164,10 @@ class ProcessTree:
         """CPU seconds of the tree (monotonic); ``now_s`` decides when to list descendants again."""
         if now_s - self._scanned_s >= self.rescan_s:
             try:
-                self._children = self.root.children(recursive=True)
+                found = self.root.children(recursive=True)
+                live = {c.pid for c in found}
+                self._senders = {pid: v for pid, v in self._senders.items() if pid in live}  # pids get reused
+                self._children = [c for c in found if not self._is_sender(c)]
             except self._psutil.Error:
                 self._children = []
             self._scanned_s = now_s
