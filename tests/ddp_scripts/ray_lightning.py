@@ -1,0 +1,42 @@
+"""Lightning inside Ray Train's TorchTrainer (2 CPU workers, gloo) with EnergyMonitor; each worker's GPU is simulated.
+
+Usage: python ray_lightning.py TRACKING_URI OUT_DIR [stop]. Each worker writes the exact joules of its own
+simulated GPU over each of its epoch windows to OUT_DIR/truth-rank{r}.json, and the epoch it stopped at to
+OUT_DIR/stopped-rank{r}.txt. With ``stop``, an EnergyBudget ends training early.
+"""
+
+import sys
+
+import lightning.pytorch as pl
+import ray
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning_ddp import Stopped, Truth
+from ray.train import RunConfig, ScalingConfig
+from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
+from ray.train.torch import TorchTrainer
+
+from green_callbacks.lightning import EnergyBudget, EnergyMonitor
+
+
+def train_func(config: dict) -> None:
+    uri, out, stop = config["uri"], config["out"], config["stop"]
+    monitor = EnergyMonitor(gpus="all", tracking_uri=uri, experiment_name="ray", output_dir=out)
+    callbacks = [monitor, Truth(monitor, out), Stopped(out)]
+    if stop:
+        callbacks.append(EnergyBudget(energy="1 kJ"))
+    trainer = pl.Trainer(max_epochs=20 if stop else 2, accelerator="cpu", devices="auto",
+                         strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=callbacks, default_root_dir=out)
+    prepare_trainer(trainer).fit(BoringModel())
+
+
+if __name__ == "__main__":
+    uri, out = sys.argv[1], sys.argv[2]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    try:
+        TorchTrainer(train_func, train_loop_config={"uri": uri, "out": out, "stop": sys.argv[3:] == ["stop"]},
+                     scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+                     run_config=RunConfig(name="green", storage_path=f"{out}/ray_results")).fit()
+    finally:
+        ray.shutdown()
