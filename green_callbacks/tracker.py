@@ -8,6 +8,7 @@ trainer's global step and asks the stoppers. Epoch and evaluation windows run be
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -162,6 +163,12 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
 
         sensors = build_sensors(self.gpus, cuda_indices, self.measure_cpu and self.rank.measures_host, self.cpu_tdp_w,
                                 cpu_scope=self.cpu_scope)
+        if self.measure_cpu and self.rank.world_size > 1:  # collective: the node's ranks, for a process estimate
+            peers = [pid for node, pid in gather((self.rank.node, os.getpid()))
+                     if node == self.rank.node and pid != os.getpid()]
+            for sensor in sensors:
+                if hasattr(sensor, "add_peers"):
+                    sensor.add_peers(peers)
         self.measurable = any(s.devices for s in sensors) or not self.rank.measures_host
         self.check_measurable()
         self.meter = EnergyMeter(sensors, self.sampling_period_s, cuda_sync=self.cuda_sync).start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,9 @@ def test_ray_workers_one_run_exact_sum_same_stop(tmp_path, framework):
     # the node's CPU is measured once (by local rank 0): one estimate, rooted at one worker's process
     assert run.data.tags["green.method.cpu"] == "estimated"
     assert run.data.tags["green.cpu_attribution"].count("process tree of pid") == 1
+    # the node's CPU once, covering both workers: Ray starts them side by side, not one from the other
+    counted = int(re.search(r"up to (\d+) processes", run.data.tags["green.cpu_attribution"]).group(1))
+    assert counted >= 2, run.data.tags["green.cpu_attribution"]
 
     # the budget's decision is shared: both workers stop at the same epoch, well before max_epochs=20
     stopped = [int((tmp_path / f"stopped-rank{r}.txt").read_text()) for r in range(2)]

@@ -143,7 +143,17 @@ class ProcessTree:
         self._scanned_s = -math.inf
         self._total_s = 0.0
         self._senders: dict[int, bool] = {}  # pid -> whether it is this package's MLflow sender
+        self._peers: list[Any] = []  # other roots: this node's ranks that are not descendants (Ray, ddp_spawn)
         self.processes = 1  # the most processes seen at once (root included)
+
+    def add_peers(self, pids: list[int]) -> None:
+        """Also count these processes and their descendants (the node's other ranks) unless already in the tree."""
+        for pid in pids:
+            try:
+                self._peers.append(self._psutil.Process(pid))
+            except self._psutil.Error:
+                continue
+        self._scanned_s = -math.inf
 
     def _is_sender(self, child: Any) -> bool:
         """Whether ``child`` runs ``-m green_callbacks.sinks`` (its command line read once per process)."""
@@ -165,6 +175,15 @@ class ProcessTree:
         if now_s - self._scanned_s >= self.rescan_s:
             try:
                 found = self.root.children(recursive=True)
+                inside = {c.pid for c in found} | {self.root.pid}
+                for peer in self._peers:  # a rank started beside this one, not by it
+                    if peer.pid not in inside:
+                        try:
+                            more = [peer, *peer.children(recursive=True)]
+                        except self._psutil.Error:
+                            continue
+                        found += [c for c in more if c.pid not in inside]
+                        inside |= {c.pid for c in more}
                 live = {c.pid for c in found}
                 self._senders = {pid: v for pid, v in self._senders.items() if pid in live}  # pids get reused
                 self._children = [c for c in found if not self._is_sender(c)]

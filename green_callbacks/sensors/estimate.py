@@ -80,6 +80,11 @@ class CpuEstimateSensor(Sensor):
     def devices(self) -> list[str]:
         return ["cpu"]
 
+    def add_peers(self, pids: list[int]) -> None:
+        """The node's other ranks, when they are not this process's descendants (Ray workers, ddp_spawn)."""
+        if self._tree is not None and pids:
+            self._tree.add_peers(pids)
+
     def attribution(self) -> str:
         """What is counted and how, in one line (the run's ``green.cpu_attribution`` tag)."""
         if self._tree is None:
