@@ -211,14 +211,10 @@ class EnergyMeter:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
 
-    def _read_all(self, now_s: float, cheap: bool = False, edge: bool = True) -> list[Reading]:
-        """Every sensor's reading; at a window edge a model (``exact_edges`` False: the CPU estimate)
-        gives its cheap reading, its joules up to its latest tick (one sampler period at most goes to
-        the next window, nothing is lost), so an edge costs no ``/proc`` reads."""
+    def _read_all(self, now_s: float, cheap: bool = False) -> list[Reading]:
         readings = []
         for i, sensor in enumerate(self.sensors):
-            quick = cheap or (edge and not sensor.exact_edges)
-            reading = self._guard(i, sensor.peek if quick else sensor.read, now_s)
+            reading = self._guard(i, sensor.peek if cheap else sensor.read, now_s)
             readings.append(reading if reading is not None else Reading(
                 {d: 0.0 for d in sensor.devices}, {d: Method.UNAVAILABLE for d in sensor.devices}))
         return readings
@@ -249,13 +245,12 @@ class EnergyMeter:
         return self._measure(name, window.start_s, now, window.start_unix, window.start,
                              self._read_all(now, cheap=True), dict(window.peak_w))
 
-    def end(self, name: str, reopen: bool = False, exact: bool = False) -> Measurement:
+    def end(self, name: str, reopen: bool = False) -> Measurement:
         """Close window ``name`` and return what it cost; with ``reopen``, open it again at the same
-        instant (consecutive windows, no gap, one sensor read). ``exact``: every sensor gives its
-        full reading, models too (the run's last edge, so that its total has the tail)."""
-        return self.end_many((name,), reopen=(name,) if reopen else (), exact=exact)[0]
+        instant (consecutive windows, no gap, one sensor read)."""
+        return self.end_many((name,), reopen=(name,) if reopen else ())[0]
 
-    def end_many(self, names: Sequence[str], reopen: Container[str] = (), exact: bool = False) -> list[Measurement]:
+    def end_many(self, names: Sequence[str], reopen: Container[str] = ()) -> list[Measurement]:
         """Close several windows at one instant, with one sensor read (an epoch's end closes the
         epoch and the interval); those in ``reopen`` open again at that instant."""
         missing = [n for n in names if n not in self._open]
@@ -263,7 +258,7 @@ class EnergyMeter:
             raise ValueError(f"window {missing[0]!r} is not open; open windows: {sorted(self._open)}")
         self._sync()
         now = self.clock()
-        end = self._read_all(now, edge=not exact)
+        end = self._read_all(now)
         out = []
         with self._lock:
             for name in names:
@@ -278,7 +273,7 @@ class EnergyMeter:
         now = self.clock()
         zero = [Reading({d: 0.0 for d in s.devices}, {}) for s in self.sensors]
         return self._measure("run", self._t0_s, now, time.time() - (now - self._t0_s), zero,
-                             self._read_all(now, edge=False), {})
+                             self._read_all(now), {})
 
     def _measure(self, name: str, start_s: float, end_s: float, start_unix: float,
                  start: list[Reading], end: list[Reading], peak_w: dict[str, float]) -> Measurement:

@@ -299,7 +299,7 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         if kind is Kind.EPOCH:  # one instant, one sensor read
             interval, epoch_m = self.meter.end_many(("interval", "epoch"), reopen=("interval",))
         else:
-            interval, epoch_m = self.meter.end("interval", reopen=True, exact=kind is Kind.END), None
+            interval, epoch_m = self.meter.end("interval", reopen=True), None
         self.last_window = epoch_m or self.last_window
         eval_m = self._eval_window if kind is Kind.EVALUATION else None
         self._eval_window = None

@@ -47,9 +47,6 @@ class Sensor(abc.ABC):
     """
 
     component: str = "gpu"
-    #: whether window edges need ``read`` (a counter read at the instant); a model integrated from the
-    #: sampler's ticks sets False and the edges take ``peek`` (its joules up to its latest tick)
-    exact_edges: bool = True
 
     def __init__(self) -> None:
         self._warned: set[str] = set()
