@@ -222,3 +222,15 @@ def hf_work_clock(fake, train_s: float = 0.010):
 def records_of(monitor, kind: str) -> list:
     """The monitor's interval records of one kind (``epoch``, ``evaluation``, ``point``, ``end``)."""
     return [r for r in monitor.records if r.kind.value == kind]
+
+
+def busy_wait(seconds: float) -> None:
+    """Let a simulated device's clock run ``seconds`` of wall time (sleeping, so the sampler thread runs)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.001)
+
+
+def truth(device, m) -> float:
+    """A simulated device's exact joules over measurement ``m``'s window."""
+    return device.energy_between(m.start_s, m.end_s)

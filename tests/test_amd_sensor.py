@@ -14,6 +14,8 @@ from green_callbacks.meter import EnergyMeter
 from green_callbacks.sensors import AmdSmiSensor, Method, build_sensors
 from green_callbacks.sensors.amd import shut_down_amdsmi
 
+from helpers import busy_wait, truth
+
 FAKE_AMDSMI = Path(__file__).parent / "fake_amdsmi" / "amdsmi.py"
 # relative error of sampled power over 2 s windows at 10 ms (bench: current 0.44 %, average 3.9 % at most:
 # average_socket_power is the mean of the last 0.1 s, so it lags each window edge by about 50 ms)
@@ -38,16 +40,6 @@ def fake_amdsmi(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     yield module
     shut_down_amdsmi()
-
-
-def busy_wait(seconds: float) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        time.sleep(0.001)
-
-
-def truth(device, m) -> float:
-    return device.energy_between(m.start_s, m.end_s)
 
 
 def windows(meter, seconds=(0.3, 1.0, 2.0)):

@@ -9,15 +9,7 @@ import pytest
 from green_callbacks.meter import EnergyMeter
 from green_callbacks.sensors import Method, NvmlSensor, build_sensors
 
-
-def busy_wait(seconds: float) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        time.sleep(0.001)
-
-
-def truth(device, m) -> float:
-    return device.energy_between(m.start_s, m.end_s)
+from helpers import busy_wait, truth
 
 
 def test_counter_path_matches_exact_energy(fake_nvml):
