@@ -5,28 +5,19 @@ Each rank writes the exact joules of its own simulated GPU over each epoch windo
 name green-callbacks gave it, to OUT_DIR/truth-rank{r}.json.
 """
 
-import json
 import sys
-from pathlib import Path
 
 import lightning.pytorch as pl
+import lightning_ddp  # the sibling script: its Truth callback
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from green_callbacks.lightning import EnergyMonitor
 
 
-class Truth(pl.Callback):
-    def __init__(self, monitor, out):
-        self.monitor, self.out, self.truth = monitor, out, []
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        import pynvml
-
-        (dev,) = pynvml.devices()
-        w = self.monitor.last_window
-        self.truth.append(dev.energy_between(w.start_s, w.end_s))
-        facts = {"gpu_j": self.truth, "node": self.monitor.rank.node, "node_rank": trainer.node_rank}
-        Path(self.out, f"truth-rank{trainer.global_rank}.json").write_text(json.dumps(facts))
+class Truth(lightning_ddp.Truth):
+    def facts(self, trainer):
+        """Each epoch's exact GPU joules, and the node name green-callbacks gave this rank."""
+        return {"gpu_j": self.truth, "node": self.monitor.rank.node, "node_rank": trainer.node_rank}
 
 
 if __name__ == "__main__":
