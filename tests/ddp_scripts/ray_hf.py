@@ -5,14 +5,11 @@ GPU over each of its epoch windows to OUT_DIR/truth-rank{r}.json, and the epoch 
 OUT_DIR/stopped-rank{r}.txt. With ``stop``, an EnergyBudget ends training early.
 """
 
-import sys
 from pathlib import Path
 
-import ray
+import ray_driver
 from hf_ddp import Truth
-from ray.train import RunConfig, ScalingConfig
 from ray.train.huggingface.transformers import prepare_trainer
-from ray.train.torch import TorchTrainer
 from transformers import Trainer, TrainingArguments
 
 from green_callbacks.transformers import EnergyBudget, EnergyMonitor
@@ -36,11 +33,4 @@ def train_func(config: dict) -> None:
 
 
 if __name__ == "__main__":
-    uri, out = sys.argv[1], sys.argv[2]
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        TorchTrainer(train_func, train_loop_config={"uri": uri, "out": out, "stop": sys.argv[3:] == ["stop"]},
-                     scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
-                     run_config=RunConfig(name="green", storage_path=f"{out}/ray_results")).fit()
-    finally:
-        ray.shutdown()
+    ray_driver.main(train_func)

@@ -5,15 +5,12 @@ simulated GPU over each of its epoch windows to OUT_DIR/truth-rank{r}.json, and 
 OUT_DIR/stopped-rank{r}.txt. With ``stop``, an EnergyBudget ends training early.
 """
 
-import sys
 
 import lightning.pytorch as pl
-import ray
+import ray_driver
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning_ddp import Stopped, Truth
-from ray.train import RunConfig, ScalingConfig
 from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
-from ray.train.torch import TorchTrainer
 
 from green_callbacks.lightning import EnergyBudget, EnergyMonitor
 
@@ -32,11 +29,4 @@ def train_func(config: dict) -> None:
 
 
 if __name__ == "__main__":
-    uri, out = sys.argv[1], sys.argv[2]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    try:
-        TorchTrainer(train_func, train_loop_config={"uri": uri, "out": out, "stop": sys.argv[3:] == ["stop"]},
-                     scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
-                     run_config=RunConfig(name="green", storage_path=f"{out}/ray_results")).fit()
-    finally:
-        ray.shutdown()
+    ray_driver.main(train_func)
