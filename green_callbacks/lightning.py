@@ -99,8 +99,7 @@ class EnergyMonitor(EnergyTracker, Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self.count_batch(batch)
-        if self.on_step(_step(trainer)):
+        if self.on_step(_step(trainer), batch):
             trainer.should_stop = True
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -125,10 +125,8 @@ class LoopHost:
         evaluation at the same step logs its own point after it. Returns :attr:`should_stop`.
         """
         self._flush_evaluation()
-        if batch is not None:
-            self.count_batch(batch)
         self._loop_step = self._loop_step + 1 if step is None else int(step)
-        self.on_step(self._loop_step)
+        self.on_step(self._loop_step, batch)
         self.before_step()
         return self.should_stop
 

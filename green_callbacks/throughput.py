@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from green_callbacks.distributed import RankInfo
 from green_callbacks.process import never_raises
 from green_callbacks.records import batch_size, throughput_metrics
 
@@ -59,10 +58,8 @@ class BatchCounter:
 
 
 class ThroughputHost:
-    """The throughput half of :class:`~green_callbacks.tracker.EnergyTracker`: counts batches, logs per point."""
+    """The throughput half of :class:`~green_callbacks.tracker.EnergyTracker`: counts batches, sums them per point."""
 
-    rank: RankInfo
-    sink: Any
     started: bool
 
     @property
@@ -82,11 +79,8 @@ class ThroughputHost:
         """This rank's samples and tokens since the previous point (for the point's all-gather)."""
         return self.batch_counter.take()
 
-    def log_throughput(self, works: Sequence[tuple[int, int | None]], training_j: float, step: int) -> None:
+    @staticmethod
+    def throughput_of(works: Sequence[tuple[int, int | None]], training_j: float) -> dict[str, float]:
         """``throughput/*_per_j`` of one interval: every rank's samples (tokens) over its training joules."""
-        if not self.rank.is_zero or self.sink is None:
-            return
         tokens = [t for _, t in works if t is not None]
-        out = throughput_metrics(sum(s for s, _ in works), sum(tokens) if tokens else None, training_j)
-        if out:
-            self.sink.log_metrics(out, step=step)
+        return throughput_metrics(sum(s for s, _ in works), sum(tokens) if tokens else None, training_j)

@@ -244,8 +244,6 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         """An evaluation ended with ``metrics``: close its window and make an evaluation point (collective)."""
         if self.meter is None:
             return None
-        if self.meter.is_open("evaluation"):
-            self._eval_window = self.meter.end("evaluation")
         return self._point(Kind.EVALUATION, step, metrics=dict(metrics))
 
     @never_raises
@@ -256,14 +254,19 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         return self._point(Kind.EPOCH, step, collective=collective)
 
     @never_raises
-    def on_step(self, step: int) -> Decision | None:
-        """After every optimizer step: a logging point every N steps, and budget checks where asked.
+    def on_step(self, step: int, batch: Any = None) -> Decision | None:
+        """After every optimizer step (or micro-batch, ``batch`` counted for throughput): a logging point every
+        N steps, and budget checks where asked.
 
         A step where nothing is due costs two comparisons and a modulo. A logging point that falls
         due is taken at the start of the next step (:meth:`before_step`), unless an evaluation or an
         epoch end at this same step takes it first: one point, and one cumulative value, per step.
         """
-        if step == self._last_step_seen or self.meter is None:
+        if self.meter is None:
+            return None
+        if batch is not None:
+            self.batch_counter.add(batch)
+        if step == self._last_step_seen:  # another micro-batch of the same optimizer step
             return None
         self._last_step_seen = step
         if self._every is None:
@@ -296,12 +299,13 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         assert self.meter is not None
         self._due = None
         node = (self.rank.rank, self.rank.node)
-        if kind is Kind.EPOCH:  # one instant, one sensor read
-            interval, epoch_m = self.meter.end_many(("interval", "epoch"), reopen=("interval",))
-        else:
-            interval, epoch_m = self.meter.end("interval", reopen=True), None
+        # the windows this point closes, at one instant with one sensor read
+        names = ["interval", *(["epoch"] if kind is Kind.EPOCH else []),
+                 *(["evaluation"] if kind is Kind.EVALUATION and self.meter.is_open("evaluation") else [])]
+        closed = dict(zip(names, self.meter.end_many(names, reopen=("interval",)), strict=True))
+        interval, epoch_m = closed["interval"], closed.get("epoch")
         self.last_window = epoch_m or self.last_window
-        eval_m = self._eval_window if kind is Kind.EVALUATION else None
+        eval_m = closed.get("evaluation", self._eval_window) if kind is Kind.EVALUATION else None
         self._eval_window = None
         payload: dict[str, Any] = {
             "interval": window_payload(interval, *node),
@@ -315,14 +319,15 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         record = self.close_interval(kind, step, merged, interval, self.meter.t0_s, epoch_merged, epoch_m,
                                      (eval_j, eval_s), metrics or {}, partial=self._finishing_status is not None
                                      and self._finishing_status != "FINISHED")
-        self._log_point(record, [p["names"] for p in payloads if p["names"] is not None])
-        self.log_throughput([p["work"] for p in payloads], merged.total_j - eval_j, record.step)
+        self._log_point(record, [p["names"] for p in payloads if p["names"] is not None],
+                        self.throughput_of([p["work"] for p in payloads], merged.total_j - eval_j))
         if self.sink is not None:
             self.sink.interval_end()
         return self._decide(record, collective)
 
-    def _log_point(self, record: IntervalRecord, names: Sequence[Mapping[str, Mapping[str, str]]]) -> None:
-        """The metric contract at one point (see ``records``); rank 0 only."""
+    def _log_point(self, record: IntervalRecord, names: Sequence[Mapping[str, Mapping[str, str]]],
+                   throughput: Mapping[str, float]) -> None:
+        """The metric contract at one point (see ``records``), throughput beside it in one record; rank 0 only."""
         if not self.rank.is_zero or self.sink is None:
             return
         if not self._params_logged:
@@ -330,7 +335,8 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
             params, tags = run_facts(self.accountant.as_params(), self.rank.world_size, __version__, record, names)
             self.sink.log_params(params)
             self.sink.set_tags(tags)
-        out = point_metrics(record, record.step > self.last_logged_step, self._last_point_j, self.efficiency_metrics)
+        out = {**point_metrics(record, record.step > self.last_logged_step, self._last_point_j,
+                               self.efficiency_metrics), **throughput}
         if out:
             self.sink.log_metrics(out, step=record.step)
             self.last_logged_step = max(self.last_logged_step, record.step)
