@@ -263,7 +263,7 @@ def overhead(torch, quick: bool) -> str:
         "EnergyMonitor (no MLflow)": lambda: [monitor(mlflow=False)],
         "EnergyMonitor + stopping (no MLflow)": lambda: [
             monitor(mlflow=False),
-            EfficiencyEarlyStopping(monitor="val_acc", mode="max", min_gain_per_kj=0.0, patience=100),
+            EfficiencyEarlyStopping(monitor="val_acc", mode="max", min_gain="0 per doubling", patience=100),
             EnergyBudget(energy="1 MWh", check_every_n_steps=10)],
     }
     if has_mlflow:
@@ -279,7 +279,7 @@ def overhead(torch, quick: bool) -> str:
 
     table = interleaved_ratios(configs, epoch_times, 2 if quick else 4,
                                "100 fp32 steps of a 1024-8192-8192-10 MLP, batch 1024")
-    rec = monitors[-1].records[-1]
+    rec = next(r for r in reversed(monitors[-1].records) if r.kind.value == "epoch")  # not the end point
     parts = {k: round(v, 1) for k, v in rec.components_j.items()}
     sample = (f"\n\nOne epoch as the last run recorded it: {rec.energy_j:.1f} J in {rec.duration_s:.2f} s, "
               f"by component {parts} J, methods {rec.methods}, GPU peak {rec.gpu_peak_w:.0f} W.")

@@ -36,6 +36,8 @@ def _probe(args: argparse.Namespace) -> int:
     print(f"{'component':<10} {'device':<{width}} {'method':<12} mean power over {args.seconds:g} s")
     for r in rows:
         print(f"{r[0]:<10} {r[1]:<{width}} {r[2]:<12} {r[3]}")
+    if "edges" in described.get("gpu", {}):
+        print(f"gpu: {described['gpu']['edges']}")
     measured = [r for r in rows if r[2] in ("counter", "sampled")]
     if not measured:
         from green_callbacks.sensors.rapl import RAPL_FIX

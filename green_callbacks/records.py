@@ -158,7 +158,7 @@ def run_facts(accountant_params: Mapping[str, str], world_size: int, version: st
     """Once per run: carbon settings and world size as params; methods and devices as tags."""
     params: dict[str, Any] = {f"green.{k}": v for k, v in accountant_params.items()}
     params.update({"green.world_size": world_size, "green.version": version})
-    gpu_names = [n for per_rank in names for n in per_rank.get("gpu", {}).values()]
+    gpu_names = [n for per_rank in names for k, n in per_rank.get("gpu", {}).items() if k != "edges"]
     tags: dict[str, Any] = {f"green.method.{c}": m for c, m in record.methods.items()}
     tags.update({"green.gpu_count": sum(d.startswith("gpu") for d in record.devices_j),
                  "green.gpu_names": "; ".join(gpu_names) or "none",
@@ -166,6 +166,9 @@ def run_facts(accountant_params: Mapping[str, str], world_size: int, version: st
                                         if k != "attribution") or "not measured",
                  "green.cpu_attribution": "; ".join(n["cpu"]["attribution"] for n in names
                                                     if "attribution" in n.get("cpu", {})) or "not measured"})
+    edges = sorted({n["gpu"]["edges"] for n in names if "edges" in n.get("gpu", {})})
+    if edges:
+        tags["green.gpu_edges"] = "; ".join(edges)
     for component in ("gpu", "cpu", "dram"):
         tags.setdefault(f"green.method.{component}", Method.UNAVAILABLE.value)
     return params, tags

@@ -27,7 +27,9 @@ def test_probe_with_a_simulated_gpu_succeeds(fake_nvml, capsys):
     fake_nvml.configure(n=2)
     assert cli(["probe", "--seconds", "0.2"]) == 0
     out = capsys.readouterr().out
-    assert out.count("counter") == 2 and "Fake H100" in out
+    rows = [line for line in out.splitlines() if line.startswith("gpu ")]
+    assert len(rows) == 2 and all(" counter " in r for r in rows) and "Fake H100" in out
+    assert "gpu: window edges read the counter (a counter read costs" in out  # a fast counter: read at edges
 
 
 def test_intensity(capsys):

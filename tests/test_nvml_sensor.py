@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -64,6 +65,46 @@ def test_peek_makes_no_counter_read_and_stays_close(fake_nvml):
     exact = dev.energy_between(peeked.start_s, peeked.end_s)
     assert peeked.component_j("gpu") == pytest.approx(exact, rel=0.03)  # 1.5 s of instant power at 100 Hz
     assert m.component_j("gpu") == pytest.approx(truth(dev, m), rel=1e-3, abs=0.05)  # the edge is the counter's
+
+
+def test_a_slow_counter_is_read_by_the_sampler_only_and_windows_stay_close(fake_nvml, monkeypatch):
+    # an H100's or H200's counter read takes 2.4 ms of driver time: at every window edge that is training time
+    (dev,) = fake_nvml.configure([{"profile_seed": 6, "counter_read_s": 0.003}])
+    readers = []
+    real = fake_nvml.nvmlDeviceGetTotalEnergyConsumption
+
+    def recorded(handle):
+        readers.append(threading.current_thread().name)
+        return real(handle)
+
+    monkeypatch.setattr(fake_nvml, "nvmlDeviceGetTotalEnergyConsumption", recorded)
+    sensor = NvmlSensor("all", nvml=fake_nvml)
+    meter = EnergyMeter([sensor], period_s=0.01).start()
+    try:
+        readers.clear()  # start() reads (and times) the counter once on this thread
+        windows = []
+        meter.begin("w")
+        for seconds in (0.3, 1.0, 2.0):
+            busy_wait(seconds)
+            windows.append(meter.end("w", reopen=True))
+        meter.end("w")
+        described = sensor.describe()
+    finally:
+        meter.close()
+    assert readers and set(readers) == {"green-callbacks-sampler"}, readers  # about once a second, never here
+    assert "instant power since" in described["edges"] and "3" in described["edges"]
+    for m in windows:
+        assert m.method("gpu") is Method.COUNTER
+        assert m.component_j("gpu") == pytest.approx(truth(dev, m), rel=0.03)  # at most 1 s of instant power
+    whole = dev.energy_between(windows[0].start_s, windows[-1].end_s)
+    assert sum(m.component_j("gpu") for m in windows) == pytest.approx(whole, rel=0.01)  # edges shared
+
+
+def test_a_fast_counter_is_read_at_window_edges(fake_nvml):
+    fake_nvml.configure(n=1)
+    sensor = NvmlSensor("all", nvml=fake_nvml)
+    with EnergyMeter([sensor], period_s=0.05):
+        assert sensor.describe()["edges"].startswith("window edges read the counter")
 
 
 def test_counter_poll_period_must_be_a_number_of_seconds(fake_nvml):

@@ -13,7 +13,7 @@ log = logging.getLogger("green_callbacks")
 class Method(str, enum.Enum):
     """How a number of joules was obtained, from most to least trustworthy."""
 
-    COUNTER = "counter"  # a hardware energy counter, read at the window's edges
+    COUNTER = "counter"  # a hardware energy counter (edges between its reads: instant power, see GpuEnergySensor)
     SAMPLED = "sampled"  # power readings integrated over their real timestamps
     ESTIMATED = "estimated"  # a model (TDP x utilisation), never a measurement
     UNAVAILABLE = "unavailable"  # nothing could be read
