@@ -257,7 +257,7 @@ def overhead(torch, quick: bool) -> str:
         return [monitor(**kw), EveryTick()]  # after the monitor: it builds its sensors in on_fit_start
 
     class EdgeReads(pl.Callback):
-        """Makes this fit's GPU sensor read the counter at every window edge whatever a read costs (the previous default)."""
+        """Makes this fit's GPU sensor read the counter at every window edge, whatever a read costs (as before)."""
 
         def __init__(self, m):
             self.m = m
@@ -274,7 +274,8 @@ def overhead(torch, quick: bool) -> str:
         "without": lambda: [],
         "an empty Callback": lambda: [pl.Callback()],
         "EnergyMonitor (no MLflow), counter read at every tick (0.1.0)": lambda: every_tick(mlflow=False),
-        "EnergyMonitor (no MLflow), counter read at every window edge (the previous default)": lambda: edge_reads(mlflow=False),
+        "EnergyMonitor (no MLflow), counter read at every window edge (the previous default)":
+            lambda: edge_reads(mlflow=False),
         "EnergyMonitor (no MLflow)": lambda: [monitor(mlflow=False)],
         "EnergyMonitor + stopping (no MLflow)": lambda: [
             monitor(mlflow=False),

@@ -298,14 +298,14 @@ def own_cost(quick: bool) -> str:
 
         def _now(self):
             sender = psutil.Process(self.monitor.sink.sender_pid).cpu_times()
-            return thread_cpu(self.monitor.meter._thread.native_id), sender.user + sender.system
+            return (thread_cpu(self.monitor.meter._thread.native_id), sender.user + sender.system,
+                    spent["hooks"], spent["sink"])
 
-        def on_train_epoch_end(self, trainer, pl_module):
+        def on_train_epoch_end(self, trainer, pl_module):  # after the monitor's own: its cost is counted
             if trainer.current_epoch == 0:
                 self.first = self._now()
             else:
-                last = self._now()
-                self.sampler_s, self.sender_s = last[0] - self.first[0], last[1] - self.first[1]
+                self.diff = [b - a for a, b in zip(self.first, self._now(), strict=True)]
 
         def on_train_end(self, trainer, pl_module):
             trace = self.monitor.meter.trace_frame()
@@ -331,22 +331,23 @@ def own_cost(quick: bool) -> str:
                 costs = Costs(monitor)
                 digits_fit([timer, monitor, costs], epochs)
                 median = statistics.median(timer.times[1:])
-                n = epochs  # hooks counted over every epoch (the first one's start-up included)
-                per = {"hooks": spent["hooks"] / n, "sink": spent["sink"] / n,
-                       "sampler": costs.sampler_s / (epochs - 1), "sender": costs.sender_s / (epochs - 1)}
+                sampler_s, sender_s, hooks_s, sink_s = (d / (epochs - 1) for d in costs.diff)  # epochs 2..N
+                per = {"hooks": hooks_s, "sink": sink_s, "sampler": sampler_s, "sender": sender_s}
                 cells = " | ".join(f"{1e6 * v:.0f} µs ({100 * v / median:.2f} %)" for v in per.values())
                 total = (per["hooks"] + per["sampler"]) / median
-                rows.append(f"| {epochs} epochs: {what} | {1000 * median:.1f} ms | {cells} | {100 * total:.2f} % | "
-                            f"{1000 * costs.gap_s:.0f} ms |")
+                rows.append(f"| {epochs} epochs: {what} | {1000 * median:.1f} ms | {1000 * costs.first[2]:.1f} ms | "
+                            f"{cells} | {100 * total:.2f} % | {1000 * costs.gap_s:.0f} ms |")
     finally:
         for name, fn in originals.items():
             setattr(MlflowSink, name, fn)
-    return ("| EnergyMonitor at its defaults | median epoch | CPU in its hooks on the training thread, per epoch | "
+    return ("| EnergyMonitor at its defaults | median epoch | its hooks until the first epoch's end (start-up) | "
+            "CPU in its hooks on the training thread, per epoch | "
             "of which MLflow sink calls | sampler thread CPU | sender process CPU (idle priority) | "
             "hooks + sampler, share of an epoch | largest gap between sampler readings (period 50 ms) |\n"
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
-            + "\n".join(rows) + "\n\nThe hooks are counted over every epoch, the first one's start-up (sensors, "
-            "spool, sender launch) included; the threads' CPU from the first epoch's end to the last's. The "
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+            + "\n".join(rows) + "\n\nPer epoch: the CPU time of every hook of the monitor (`time.thread_time`, "
+            "so a neighbour's preemption is not counted) and of its threads from the first epoch's end to the "
+            "last's, over the epochs in between; the start-up (sensors, spool, sender launch) once per fit. The "
             "sender runs at idle CPU priority in its own process: Python's start-up in the short fit, MLflow's "
             "import and store start-up plus a `log_batch` every 5 s in the long one; on a machine with a "
             "free core it takes nothing from training.")

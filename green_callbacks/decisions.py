@@ -20,6 +20,7 @@ class StopperHost:
     """
 
     stoppers: list[Stopper]
+    step_periods: tuple[int, ...] = ()  # the stoppers' check_every_n_steps: what on_step tests at every step
     stop_decision: Decision | None
     rank: RankInfo
     meter: EnergyMeter | None
@@ -35,6 +36,7 @@ class StopperHost:
             if isinstance(stopper, BudgetStopper):
                 stopper.validate_against(self.accountant.price_per_kwh, self.accountant.currency)
             self.stoppers.append(stopper)
+            self.step_periods = tuple(s.check_every_n_steps for s in self.stoppers if s.check_every_n_steps)
             self.check_measurable()
 
     def check_measurable(self) -> None:

@@ -273,7 +273,7 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
             self._calibrate(step)
         elif step % self._every == 0:
             self._due = step
-        if any(s.check_every_n_steps and step % s.check_every_n_steps == 0 for s in self.stoppers):
+        if self.step_periods and any(step % n == 0 for n in self.step_periods):
             return self._check_between_points(step)
         return None
 
