@@ -210,9 +210,9 @@ class AmdSmiSensor(GpuEnergySensor):
     """AMD GPU energy via amdsmi, per device, with the best method each device supports.
 
     The energy counter (``amdsmi_get_energy_count``: ``energy_accumulator`` × ``counter_resolution`` µJ;
-    the key was ``power`` up to ROCm 6.2) is read at window edges and every ``counter_poll_s``. Where it
-    is NOT_SUPPORTED, or never moves while the GPU draws power (MI100, ROCm/amdsmi#38), socket power is
-    sampled and integrated: ``current_socket_power`` (instantaneous, MI300-class), else
+    the key was ``power`` up to ROCm 6.2) is read every ``counter_poll_s``, and at window edges where a read
+    is cheap. Where it is NOT_SUPPORTED, or never moves while the GPU draws power (MI100,
+    ROCm/amdsmi#38), socket power is sampled and integrated: ``current_socket_power`` (instantaneous, MI300-class), else
     ``average_socket_power`` (MI200 and older), integer watts. Any later fault switches that device's
     method or marks it unavailable, with one warning; the run goes on.
 

@@ -119,7 +119,8 @@ class NvmlSensor(GpuEnergySensor):
     """GPU energy via NVML, per device, with the best method each device supports.
 
     The energy counter (``nvmlDeviceGetTotalEnergyConsumption``, mJ, Volta and newer) is read
-    at window edges and on sampler ticks; where it is NOT_SUPPORTED, instant power
+    on sampler ticks, and at window edges where a read is cheap (see :class:`GpuEnergySensor`);
+    where it is NOT_SUPPORTED, instant power
     (``NVML_FI_DEV_POWER_INSTANT``) is sampled and integrated, falling back to
     ``nvmlDeviceGetPowerUsage`` (a 1-second average on recent GPUs, hence the worse source).
     Any later NVML fault switches that device's method or marks it unavailable, with one
@@ -130,9 +131,9 @@ class NvmlSensor(GpuEnergySensor):
         cuda_indices: the CUDA devices the trainer runs on (for ``gpus="auto"``).
         nvml: an initialised ``pynvml`` module (tests pass a fake), which the caller shuts down;
             loaded (and shut down on ``close``) when ``None``.
-        counter_poll_s: how often the sampler thread reads the energy counter between window
-            edges (it is always read at window edges). The read costs milliseconds of driver time
-            on some GPUs (2.4 ms median on an H100, driver 580), so it is not read at every tick:
+        counter_poll_s: how often the sampler thread reads the energy counter. The read costs
+            milliseconds of driver time on some GPUs (2.4 ms median on an H100 and an H200, driver
+            580), so it is not read at every tick, nor at window edges on such a GPU:
             in between, the cheap instant power is integrated, which carries the energy over a
             counter failure and answers ``peek``.
         use_counter: read the energy counter where it exists; ``False`` samples power even
