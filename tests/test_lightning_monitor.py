@@ -84,6 +84,7 @@ def test_logs_the_metric_contract_per_epoch_and_evaluation_at_the_global_step(tm
     assert run.data.tags["green.method.cpu"] == "estimated"
     assert run.data.tags["green.cpu_attribution"].startswith("process tree of pid")
     assert run.data.tags["green.gpu_names"].startswith("Fake H100")
+    assert run.data.tags["green.gpu_edges"].startswith("window edges read the counter")  # a read costs µs here
     assert artifacts(client, rid) == [
         "green_callbacks/intervals.csv", "green_callbacks/power.png", "green_callbacks/power_trace.csv",
         "green_callbacks/summary.json"]
