@@ -9,11 +9,9 @@ measured before any switch.
 from __future__ import annotations
 
 import abc
-import statistics
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,8 +89,9 @@ class GpuEnergySensor(Sensor):
 
     Window edges: a counter read costs microseconds on some GPUs and milliseconds of driver time on
     others (2.4 ms median, 21 ms at worst, on an H100 and an H200 with driver 580), paid on the
-    training thread at every edge. So the edges read the counter only while the median of the
-    latest reads costs at most ``edge_read_max_s``; otherwise an edge is the last counter value
+    training thread at every edge. So ``start`` times three reads, and the edges read the counter
+    only where the fastest of them took at most ``edge_read_max_s`` (the fastest: a preemption or a
+    wait for the GIL lengthens a read, never shortens it); otherwise an edge is the last counter value
     (polled by the sampler thread, off the training thread) plus the instant power integrated since
     it, at most ``counter_poll_s`` of sampled power. Consecutive windows share their edges, so the
     run's total stays the counter's; only the split between windows is interpolated, and a counter
@@ -118,7 +117,7 @@ class GpuEnergySensor(Sensor):
             raise ValueError(f"counter_poll_s={counter_poll_s!r} must be a number of seconds >= 0")
         self.use_counter = use_counter
         self.counter_poll_s = float(counter_poll_s)
-        self._read_s: deque[float] = deque(maxlen=9)  # what the latest counter reads cost, in seconds
+        self.counter_read_s: float | None = None  # the fastest of the counter reads timed at start
         self._lock = threading.Lock()
         self._gpus = [GpuState(t) for t in targets]
         for gpu in self._gpus:
@@ -143,24 +142,27 @@ class GpuEnergySensor(Sensor):
 
     def describe(self) -> dict[str, str]:
         out = {g.target.label: f"{g.target.name} ({g.target.uuid})" for g in self._gpus}
-        with self._lock:
-            if self._read_s:
-                cost = f"a counter read costs {1e6 * statistics.median(self._read_s):.0f} µs (median)"
-                out["edges"] = (f"window edges read the counter ({cost})" if self._edges_read_counter() else
-                                f"window edges: the last counter read + instant power since ({cost})")
+        if self.counter_read_s is not None:
+            cost = f"a counter read costs {1e6 * self.counter_read_s:.0f} µs (fastest of 3 at start)"
+            out["edges"] = (f"window edges read the counter ({cost})" if self._edges_read_counter() else
+                            f"window edges: the last counter read + instant power since ({cost})")
         return out
 
     def _edges_read_counter(self) -> bool:
-        """Whether a window edge reads the counter: while the latest reads were cheap (under the lock)."""
-        return not self._read_s or statistics.median(self._read_s) <= self.edge_read_max_s
+        """Whether a window edge reads the counter: where a read was cheap at start."""
+        return self.counter_read_s is None or self.counter_read_s <= self.edge_read_max_s
 
-    def _timed_counter_j(self, gpu: GpuState) -> float:
-        t = time.perf_counter()
-        value = self._counter_j(gpu)
-        self._read_s.append(time.perf_counter() - t)
-        return value
+    def _timed_read_j(self, gpu: GpuState, reads: int) -> tuple[float, float]:
+        """The counter read ``reads`` times: its last value and the fastest read's seconds."""
+        fastest, value = float("inf"), 0.0
+        for _ in range(reads):
+            t = time.perf_counter()
+            value = self._counter_j(gpu)
+            fastest = min(fastest, time.perf_counter() - t)
+        return value, fastest
 
     def start(self, now_s: float) -> None:
+        timings = []
         for gpu in self._gpus:
             if not gpu.target.measurable:
                 continue
@@ -168,12 +170,15 @@ class GpuEnergySensor(Sensor):
                 self._start_sampling(gpu, now_s)
                 continue
             try:
-                gpu.counter_last_j = self._timed_counter_j(gpu)
+                gpu.counter_last_j, fastest_s = self._timed_read_j(gpu, 3)
             except Exception:
                 self._start_sampling(gpu, now_s)
             else:
                 gpu.method = Method.COUNTER
                 gpu.polled_s = gpu.changed_s = now_s
+                timings.append(fastest_s)
+        if timings:
+            self.counter_read_s = min(timings)
 
     def _start_sampling(self, gpu: GpuState, now_s: float) -> None:
         if gpu.method is Method.COUNTER:  # what the counter has not yet shown, from the power since it last moved
@@ -218,7 +223,7 @@ class GpuEnergySensor(Sensor):
     def _poll_counter(self, gpu: GpuState, now_s: float) -> None:
         label = gpu.target.label
         try:
-            value_j = self._timed_counter_j(gpu)
+            value_j = self._counter_j(gpu)
         except Exception as exc:
             if self._not_supported(exc):
                 self.warn_once(
