@@ -264,7 +264,7 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         """
         if self.meter is None:
             return None
-        if batch is not None:
+        if batch is not None and self.started:
             self.batch_counter.add(batch)
         if step == self._last_step_seen:  # another micro-batch of the same optimizer step
             return None

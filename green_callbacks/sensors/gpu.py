@@ -109,7 +109,7 @@ class GpuEnergySensor(Sensor):
     library = "the GPU library"
     stuck_after_s: float | None = None  # None: the vendor's counters are trusted to move
     stuck_min_j = 1.0
-    edge_read_max_s = 0.0005  # a counter read slower than this (median) is not made at window edges
+    edge_read_max_s = 0.0005  # a counter whose fastest read at start took longer is not read at window edges
 
     def __init__(self, targets: list[GpuTarget], use_counter: bool = True, counter_poll_s: float = 1.0) -> None:
         super().__init__()
