@@ -185,18 +185,21 @@ Replay = Callable[[Evaluations], int]  # the fixed run's evaluations -> the inde
 
 
 def plateau(min_gain: str = "0.5% per doubling", patience: int = 3, metric: str = "acc",
-            kind: type[EfficiencyPlateau] = EfficiencyPlateau) -> Replay:
+            kind: type[EfficiencyPlateau] = EfficiencyPlateau, horizon: bool = True) -> Replay:
+    """``EfficiencyPlateau`` replayed; ``horizon``: told the energy at the run's end (the callback projects it from
+    the recent cost per step and the steps left; here the fixed run's own total)."""
     def rule(run: Evaluations) -> int:
         policy = kind(metric, "max" if metric == "acc" else "min", min_gain, patience)
-        values = getattr(run, metric)
+        values, final = getattr(run, metric), run.true_j[-1] if horizon else None
         return next((i for i, (v, j) in enumerate(zip(values, run.true_j, strict=True))
-                     if policy.update(v, j).should_stop), len(values) - 1)
+                     if policy.update(v, j, final).should_stop), len(values) - 1)
     return rule
 
 
 def doubling_variant(width: float = 1.0, best: bool = False, span: float | None = None, span_from: str = "streak",
                      no_new_best: int | float | None = None, patience: int = 3) -> Replay:
-    """The default criterion (val_acc, 0.5 % per doubling, min_evaluations 4) with one part changed.
+    """The default criterion (val_acc, 0.5 % per doubling, min_evaluations 4, the run's end known) with one part
+    changed.
 
     ``width``: the window holds the last ``width`` doublings of energy (default 1). ``best``: the slope
     is fitted to the best value so far (what a checkpoint keeps) instead of the raw values. ``span``:
@@ -217,7 +220,8 @@ def doubling_variant(width: float = 1.0, best: bool = False, span: float | None 
                 above_j = j
                 continue
             slope = theil_sen_slope([math.log2(p[0]) for p in window], [math.log2(p[1]) for p in window])
-            if slope is not None and 100 * (2 ** slope - 1) <= 0.5:
+            left = min(1.0, math.log2(run.true_j[-1] / j)) if j < run.true_j[-1] else 0.0  # the default's horizon
+            if slope is not None and 100 * (2 ** slope - 1) * left <= 0.5:
                 wait, streak_j = wait + 1, streak_j if wait else j
             else:
                 wait, above_j = 0, j
@@ -293,6 +297,7 @@ def prechelt(alpha: float, strip: int | None = None) -> Replay:
 
 REPLAYS: dict[str, Replay] = {
     "EfficiencyPlateau default: 0.5% per doubling, patience 3 (val_acc)": plateau(),
+    "without the run's end (the default before 2026-12-04: per doubling only)": plateau(horizon=False),
     "0.25% per doubling": plateau("0.25% per doubling"),
     "1% per doubling": plateau("1% per doubling"),
     "2% per doubling": plateau("2% per doubling"),

@@ -93,6 +93,10 @@ class GainThreshold:
         """The statistic's metric name, its unit in the name: ``stopping/val_acc_gain_pct_per_doubling``."""
         return f"stopping/{monitor}_gain_{'pct_' if self.relative else ''}per_{self.per.lower()}"
 
+    def name_to_end(self, monitor: str) -> str:
+        """The gain left to the run's end, when less than a doubling of energy is left: ``..._gain_pct_to_end``."""
+        return f"stopping/{monitor}_gain_{'pct_' if self.relative else ''}to_end"
+
     def describe(self, statistic: float) -> str:
         """``"0.21 % per doubling of energy"``, ``"0.3 per kWh"``."""
         return f"{statistic:.4g}{' %' if self.relative else ''} per {self.per}" + (
@@ -112,6 +116,13 @@ class EfficiencyPlateau:
     ``patience`` evaluations in a row at or below the threshold stop the run; a perfectly flat
     metric gains exactly 0 and stops. No decision is made before the energy has doubled since the
     first evaluation and the window holds ``min_evaluations`` evaluations (the warm-up).
+
+    Where the run's end is known (``final_j``: the energy projected at ``max_steps``) and less than a
+    doubling of energy is left, a doubling can no longer be bought: what is at stake is the gain
+    over the doublings left, ``gain x log2(final_j / cumulative_j)``, and that is held against
+    ``min_gain`` instead (per-doubling thresholds; an exchange rate per kWh is left as it is). So a
+    run still gaining 1 % per doubling stops once what is left of it would buy at most 0.5 %: the
+    smallest gain worth any energy, as ``min_delta`` is for Lightning's ``EarlyStopping``.
 
     A non-finite metric is skipped with one warning; ``patience`` of them in a row are a divergence.
 
@@ -141,6 +152,7 @@ class EfficiencyPlateau:
         self.wait = 0  # evaluations in a row at or below the threshold
         self.bad = 0  # non-finite metrics in a row
         self.gain: float | None = None  # the statistic at the latest evaluation, None until it decides
+        self.gain_to_end: float | None = None  # the gain the rest of the run can buy, where under a doubling is left
         self._warned: set[str] = set()
 
     def _warn_once(self, key: str, message: str, *args: Any) -> None:
@@ -148,9 +160,9 @@ class EfficiencyPlateau:
             self._warned.add(key)
             log.warning(message, *args)
 
-    def update(self, value: float, cumulative_j: float) -> Decision:
-        """One evaluation's metric and the run's cumulative joules at it."""
-        self.gain = None
+    def update(self, value: float, cumulative_j: float, final_j: float | None = None) -> Decision:
+        """One evaluation's metric, the run's cumulative joules at it and, where known, at the run's end."""
+        self.gain = self.gain_to_end = None
         value = float(value)
         if not math.isfinite(value):
             self.bad += 1
@@ -180,13 +192,28 @@ class EfficiencyPlateau:
         self.gain = self._gain()
         if self.gain is None:
             return CONTINUE
-        self.wait = self.wait + 1 if self.gain <= self.min_gain.value else 0
+        left = self._doublings_left(cumulative_j, final_j)
+        if left is not None:
+            self.gain_to_end = self.gain * left
+        at_stake = self.gain if self.gain_to_end is None else self.gain_to_end
+        self.wait = self.wait + 1 if at_stake <= self.min_gain.value else 0
         if self.wait >= self.patience:
+            bought = (f"{self.monitor} gained {self.min_gain.describe(self.gain)} over the last "
+                      f"{len(self.window)} evaluations")
+            if left is not None and self.gain > self.min_gain.value:
+                bought += (f", and the {left:.2f} doublings of energy left to the run's end would buy "
+                           f"{self.gain_to_end:.4g}{' %' if self.min_gain.relative else ''}")
             return Decision(True, StopReason.EFFICIENCY_PLATEAU,
-                            f"{self.monitor} gained {self.min_gain.describe(self.gain)} over the last "
-                            f"{len(self.window)} evaluations, at or below min_gain={self.min_gain.text!r} for "
-                            f"{self.wait} evaluations in a row")
+                            f"{bought}, at or below min_gain={self.min_gain.text!r} for {self.wait} evaluations "
+                            "in a row")
         return CONTINUE
+
+    def _doublings_left(self, cumulative_j: float, final_j: float | None) -> float | None:
+        """Doublings of energy left to the run's end, where fewer than one (per-doubling thresholds only)."""
+        if final_j is None or self.min_gain.unit_j is not None or not math.isfinite(final_j):
+            return None
+        left = math.log2(final_j / cumulative_j) if final_j > cumulative_j else 0.0
+        return left if left < 1 else None
 
     def _gain(self) -> float | None:
         joules = [j for j, _ in self.window]

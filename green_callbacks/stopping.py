@@ -78,8 +78,10 @@ class EfficiencyStopper(Stopper):
             ``"min"`` for names containing "loss" and ``"max"`` otherwise.
         min_gain: the smallest worthwhile gain. ``"0.5% per doubling"``: stop once doubling the
             energy spent improves the metric by less than 0.5 % of its value (needs a positive
-            metric); ``"0.002 per doubling"``: the same in the metric's units; ``"0.1 per kWh"``
-            (J, kJ, MJ, Wh, kWh, MWh): an exchange rate, which depends on the hardware's power.
+            metric), or, with less than a doubling of energy left to ``max_steps``/``max_epochs``,
+            once what is left would improve it by less than that; ``"0.002 per doubling"``: the
+            same in the metric's units; ``"0.1 per kWh"`` (J, kJ, MJ, Wh, kWh, MWh): an exchange
+            rate, which depends on the hardware's power.
         patience: evaluations in a row at or below ``min_gain`` before stopping; as many
             non-finite values of ``monitor`` in a row stop the run as diverged.
         min_evaluations: the warm-up: no decision before the energy has doubled since the first
@@ -145,10 +147,15 @@ class EfficiencyStopper(Stopper):
         if self.monitor not in progress.metrics:
             self._missing(progress.metrics)
             return CONTINUE
-        decision = self.plateau.update(progress.metrics[self.monitor], progress.so_far.j)
+        final_j = None
+        if progress.rate_per_step is not None and progress.remaining_steps is not None:
+            final_j = progress.so_far.j + progress.rate_per_step.j * progress.remaining_steps
+        decision = self.plateau.update(progress.metrics[self.monitor], progress.so_far.j, final_j)
         gain = self.plateau.gain
         if gain is not None:
             self._statistics = {self.plateau.min_gain.name(self.monitor): gain}
+        if self.plateau.gain_to_end is not None:
+            self._statistics[self.plateau.min_gain.name_to_end(self.monitor)] = self.plateau.gain_to_end
         if self.verbose:
             log.warning("%s: %s=%.4g, gained %s, %d/%d at or below min_gain=%r", type(self).__name__, self.monitor,
                         progress.metrics[self.monitor], "n/a (warm-up)" if gain is None else

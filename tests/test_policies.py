@@ -307,3 +307,34 @@ def test_statistics_name_follows_the_resolved_monitor():
     assert (stopper.monitor, stopper.plateau.mode) == ("eval_loss", "min")
     stop, stats, _ = run(stopper, linear_energy(20), [0.3] * 20, "eval_loss")
     assert stop == 7 and list(stats[-1]) == ["stopping/eval_loss_gain_pct_per_doubling"]
+
+
+def climbing_1pct_per_doubling(j: float) -> float:
+    return 0.5 * 1.01 ** math.log2(j)  # gains exactly 1 % per doubling of energy, for ever
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 2.5e6])
+def test_with_less_than_a_doubling_left_the_gain_left_is_held_against_min_gain(scale):
+    joules = [scale * 100.0 * i for i in range(1, 151)]
+    values = [climbing_1pct_per_doubling(j / scale) for j in joules]
+    # unbounded (no max_steps): 1 % per doubling is worth it, the run goes on
+    assert run(EfficiencyStopper(monitor="val_acc"), joules, values)[0] is None
+    # ending at 150 units: from j >= 150/sqrt(2) (unit 107) the half doubling left buys <= 0.5 %
+    stopper = EfficiencyStopper(monitor="val_acc")
+    for i, (j, v) in enumerate(zip(joules, values, strict=True)):
+        progress = Progress(so_far=Totals(j=j), step=i, metrics={"val_acc": v}, evaluation=True,
+                            rate_per_step=Totals(j=scale * 100.0), remaining_steps=float(149 - i))
+        decision = stopper.check(progress)
+        if decision.should_stop:
+            break
+    assert i + 1 == 109  # units 107, 108 and 109: patience 3
+    stats = stopper.statistics()
+    assert stats["stopping/val_acc_gain_pct_per_doubling"] == pytest.approx(1.0, rel=1e-6)
+    assert stats["stopping/val_acc_gain_pct_to_end"] == pytest.approx(math.log2(150 / 109), rel=1e-6)
+    assert "doublings of energy left to the run's end would buy" in decision.message
+
+
+def test_an_exchange_rate_ignores_the_runs_end():
+    policy = EfficiencyPlateau("val_acc", "max", "1e-9 per kWh", patience=1)
+    decisions = [policy.update(climbing_1pct_per_doubling(j), j, 150.0) for j in range(1, 150)]
+    assert not any(d.should_stop for d in decisions) and policy.gain_to_end is None
