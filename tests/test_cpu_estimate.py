@@ -22,10 +22,13 @@ from green_callbacks.sensors import CpuEstimateSensor
 meters = {s: EnergyMeter([CpuEstimateSensor(scope=s)], period_s=0.05).start() for s in ("process", "machine")}
 for m in meters.values():
     m.begin("work")
+cpu0 = time.process_time()
 total = 0
 for i in range(12_000_000):
     total += i * i % 7
+cpu_s = time.process_time() - cpu0
 out = {s: m.end("work").component_j("cpu") for s, m in meters.items()}
+out["own_j"] = cpu_s * meters["process"].sensors[0].core.watts  # this process's CPU time x watts per busy CPU
 for m in meters.values():
     m.close()
 print(json.dumps(out))
@@ -39,7 +42,10 @@ def _run_workload() -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_a_busy_neighbour_moves_the_process_estimate_less_than_25_percent():
+def test_a_busy_neighbour_is_not_charged_to_the_training():
+    # The process estimate is this process's CPU time x watts per busy CPU, whatever a neighbour does; the machine
+    # view charges the neighbour too. (The loop's own CPU time is not a constant: on a shared 2-vCPU VM it rose by
+    # 9-35 % with a neighbour on the other vCPU, so the estimate is held against the CPU time each run really used.)
     alone, loaded = [], []
     for _ in range(5):  # interleaved, so a drift of the machine's own load hits both sides
         alone.append(_run_workload())
@@ -50,16 +56,18 @@ def test_a_busy_neighbour_moves_the_process_estimate_less_than_25_percent():
         finally:
             neighbour.kill()
             neighbour.wait()
-    med = {(name, s): statistics.median(r[s] for r in runs)
-           for name, runs in (("alone", alone), ("loaded", loaded)) for s in ("process", "machine")}
     for name, runs in (("alone", alone), ("loaded", loaded)):
         print(f"{name:>6}: process " + ", ".join(f"{r['process']:.1f}" for r in runs)
+              + " J; own CPU time x W " + ", ".join(f"{r['own_j']:.1f}" for r in runs)
               + " J; machine " + ", ".join(f"{r['machine']:.1f}" for r in runs) + " J")
-    moved = abs(med["loaded", "process"] - med["alone", "process"]) / med["alone", "process"]
-    machine_moved = (med["loaded", "machine"] - med["alone", "machine"]) / med["alone", "machine"]
-    print(f"process scope moved {moved:.1%} under a neighbour; machine scope {machine_moved:+.1%}")
-    assert med["alone", "process"] > 0
-    assert moved < 0.25
+    med = {(name, key): statistics.median(r[key] / r["own_j"] for r in runs)
+           for name, runs in (("alone", alone), ("loaded", loaded)) for key in ("process", "machine")}
+    print({k: round(v, 3) for k, v in med.items()})
+    # the estimate also counts the meters' own threads and the loop's edges: a few per cent above the loop alone
+    assert 0.95 < med["alone", "process"] < 1.25
+    assert 0.95 < med["loaded", "process"] < 1.25
+    assert abs(med["loaded", "process"] - med["alone", "process"]) < 0.1  # the neighbour adds nothing
+    assert med["loaded", "machine"] > med["alone", "machine"] + 0.5  # while the machine view charges it
 
 
 class BurningDigits:
