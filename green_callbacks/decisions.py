@@ -57,11 +57,10 @@ class StopperHost:
             decision = stopper.check(progress)
             stats.update(stopper.statistics() if evaluation else {})
             local = local or (decision if decision.should_stop else None)
+        whole = progress.projected_end
         if record.kind in (Kind.EVALUATION, Kind.EPOCH) and progress.step > self._projected_step \
-                and progress.rate_per_step is not None and progress.remaining_steps is not None \
-                and any(isinstance(s, BudgetStopper) for s in self.stoppers):
+                and whole is not None and any(isinstance(s, BudgetStopper) for s in self.stoppers):
             self._projected_step = progress.step  # once per step: an evaluation and an epoch end may share one
-            whole = progress.so_far + progress.rate_per_step.scaled(progress.remaining_steps)
             stats.update({"projection/energy_j": whole.j, "projection/emissions_g": whole.g,
                           **({"projection/cost": whole.cost} if whole.cost is not None else {})})
         self._log(stats, progress.step)

@@ -259,6 +259,13 @@ class Progress:
     remaining_steps: float | None = None
     evaluations: int = 0
 
+    @property
+    def projected_end(self) -> Totals | None:
+        """The whole run's totals at its end, at the recent cost per step; ``None`` where either is unknown."""
+        if self.rate_per_step is None or self.remaining_steps is None:
+            return None
+        return self.so_far + self.rate_per_step.scaled(self.remaining_steps)
+
 
 @dataclass(frozen=True)
 class Totals:
@@ -340,12 +347,10 @@ class Budget:
                                               f"{self.describe(reason, limit)}")
         return CONTINUE
 
-    def projection(self, so_far: Totals, rate_per_step: Totals, remaining_steps: float) -> tuple[Totals, list[str]]:
-        """The whole run's totals projected from the recent cost per step, and the budgets it breaks."""
-        whole = so_far + rate_per_step.scaled(remaining_steps)
-        broken = [f"{name} {self.describe(reason, get(whole))} > {self.describe(reason, limit)}"
-                  for reason, name, limit, get in self._limits() if get(whole) > limit]
-        return whole, broken
+    def broken_by(self, whole: Totals) -> list[str]:
+        """The budgets a projection of the whole run's totals breaks, each as a sentence."""
+        return [f"{name} {self.describe(reason, get(whole))} > {self.describe(reason, limit)}"
+                for reason, name, limit, get in self._limits() if get(whole) > limit]
 
     def state_dict(self) -> dict[str, Any]:
         return {"recent": [vars(t) for t in self.recent], "last_check": vars(self.last_check)}

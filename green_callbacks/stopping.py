@@ -147,10 +147,9 @@ class EfficiencyStopper(Stopper):
         if self.monitor not in progress.metrics:
             self._missing(progress.metrics)
             return CONTINUE
-        final_j = None
-        if progress.rate_per_step is not None and progress.remaining_steps is not None:
-            final_j = progress.so_far.j + progress.rate_per_step.j * progress.remaining_steps
-        decision = self.plateau.update(progress.metrics[self.monitor], progress.so_far.j, final_j)
+        end = progress.projected_end
+        decision = self.plateau.update(progress.metrics[self.monitor], progress.so_far.j,
+                                       None if end is None else end.j)
         gain = self.plateau.gain
         if gain is not None:
             self._statistics = {self.plateau.min_gain.name(self.monitor): gain}
@@ -221,8 +220,9 @@ class BudgetStopper(Stopper):
         return decision
 
     def check(self, progress: Progress) -> Decision:
-        if not self.projection_warned and progress.rate_per_step is not None and progress.remaining_steps:
-            _, broken = self.budget.projection(progress.so_far, progress.rate_per_step, progress.remaining_steps)
+        whole = progress.projected_end if progress.remaining_steps else None
+        if not self.projection_warned and whole is not None:
+            broken = self.budget.broken_by(whole)
             if broken:
                 self.projection_warned = True
                 log.warning("EnergyBudget: at this rate the whole run would need %s; it stops before that%s.",
