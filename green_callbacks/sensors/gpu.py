@@ -89,7 +89,7 @@ class GpuEnergySensor(Sensor):
 
     Window edges: a counter read costs microseconds on some GPUs and milliseconds of driver time on
     others (2.4 ms median, 21 ms at worst, on an H100 and an H200 with driver 580), paid on the
-    training thread at every edge. So ``start`` times three reads, and the edges read the counter
+    training thread at every edge. So ``start`` times five reads, and the edges read the counter
     only where the fastest of them took at most ``edge_read_max_s`` (the fastest: a preemption or a
     wait for the GIL lengthens a read, never shortens it); otherwise an edge is the last counter value
     (polled by the sampler thread, off the training thread) plus the instant power integrated since
@@ -109,7 +109,7 @@ class GpuEnergySensor(Sensor):
     library = "the GPU library"
     stuck_after_s: float | None = None  # None: the vendor's counters are trusted to move
     stuck_min_j = 1.0
-    edge_read_max_s = 0.0005  # a counter whose fastest read at start took longer is not read at window edges
+    edge_read_max_s = 0.001  # a counter whose fastest read at start took longer is not read at window edges
 
     def __init__(self, targets: list[GpuTarget], use_counter: bool = True, counter_poll_s: float = 1.0) -> None:
         super().__init__()
@@ -143,7 +143,7 @@ class GpuEnergySensor(Sensor):
     def describe(self) -> dict[str, str]:
         out = {g.target.label: f"{g.target.name} ({g.target.uuid})" for g in self._gpus}
         if self.counter_read_s is not None:
-            cost = f"a counter read costs {1e6 * self.counter_read_s:.0f} µs (fastest of 3 at start)"
+            cost = f"a counter read costs {1e6 * self.counter_read_s:.0f} µs (fastest of 5 at start)"
             out["edges"] = (f"window edges read the counter ({cost})" if self._edges_read_counter() else
                             f"window edges: the last counter read + instant power since ({cost})")
         return out
@@ -170,7 +170,7 @@ class GpuEnergySensor(Sensor):
                 self._start_sampling(gpu, now_s)
                 continue
             try:
-                gpu.counter_last_j, fastest_s = self._timed_read_j(gpu, 3)
+                gpu.counter_last_j, fastest_s = self._timed_read_j(gpu, 5)
             except Exception:
                 self._start_sampling(gpu, now_s)
             else:
