@@ -55,29 +55,32 @@ class RunLedger:
 
     def close_interval(self, kind: Kind, step: int, merged: Merged, interval: Measurement, t0: float,
                        epoch: Merged | None, epoch_m: Measurement | None, evaluation: tuple[float, float],
-                       metrics: Mapping[str, float], partial: bool = False) -> IntervalRecord:
-        """Book one point: the interval since the previous point into the totals, and the record it leaves
-        (the epoch at an epoch end, the stretch since the last evaluation at an evaluation, else the interval)."""
+                       metrics: Mapping[str, float], partial: bool = False) -> list[IntervalRecord]:
+        """Book one point: the interval since the previous point into the totals, and the records it leaves:
+        the stretch since the last evaluation at an evaluation, the epoch where the point closes one (both
+        when an evaluation ends the epoch), else the interval."""
         self._add(merged, interval, step, t0)
         eval_j, eval_s = evaluation
         self._epoch_eval = (self._epoch_eval[0] + eval_j, self._epoch_eval[1] + eval_s)
         end_rel = interval.end_s - t0
-        if epoch is not None and epoch_m is not None:
-            record = self._make(kind, self.current_epoch, self._epoch_start_step, step, epoch, epoch_m.start_unix,
-                                epoch_m.start_s - t0, epoch_m.end_s - t0, {}, *self._epoch_eval, partial=partial)
-            self._epoch_eval = (0.0, 0.0)
-        elif kind is Kind.EVALUATION:
+        records = []
+        if kind is Kind.EVALUATION:
             since, self._since_eval = self._since_eval, _Since(step)
             self.evaluations += 1
-            record = self._make(kind, self.evaluations - 1, since.start_step, step, since.merged(),
-                                since.start_unix or interval.start_unix, since.start_rel_s, end_rel, metrics,
-                                eval_j, eval_s, partial=partial)
-        else:
+            records.append(self._make(kind, self.evaluations - 1, since.start_step, step, since.merged(),
+                                      since.start_unix or interval.start_unix, since.start_rel_s, end_rel, metrics,
+                                      eval_j, eval_s, partial=partial))
+        elif epoch is None or epoch_m is None:
             self.points += 1
-            record = self._make(kind, self.points - 1, self._previous_point_step, step, merged,
-                                interval.start_unix, interval.start_s - t0, end_rel, {}, partial=partial)
-        self.records.append(record)
-        return record
+            records.append(self._make(kind, self.points - 1, self._previous_point_step, step, merged,
+                                      interval.start_unix, interval.start_s - t0, end_rel, {}, partial=partial))
+        if epoch is not None and epoch_m is not None:
+            records.append(self._make(Kind.EPOCH, self.current_epoch, self._epoch_start_step, step, epoch,
+                                      epoch_m.start_unix, epoch_m.start_s - t0, epoch_m.end_s - t0, {},
+                                      *self._epoch_eval, partial=partial))
+            self._epoch_eval = (0.0, 0.0)
+        self.records.extend(records)
+        return records
 
     def _add(self, merged: Merged, interval: Measurement, step: int, t0: float) -> None:
         fp = self.accountant.footprint(merged.total_j, interval.start_unix, interval.start_unix + interval.duration_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -45,6 +46,30 @@ def _step(trainer: pl.Trainer) -> int:
     return max(trainer.global_step - 1, 0)
 
 
+def _step_reader(trainer: pl.Trainer) -> Callable[[], int]:
+    """:func:`_step` for every training batch, without ``global_step``'s chain of properties: the loop's
+    optimizer-step counter itself (updated in place, also by a checkpoint's restore), where this Lightning
+    has it and it agrees with ``global_step``; else :func:`_step`."""
+    try:
+        loop = trainer.fit_loop.epoch_loop
+        if trainer.lightning_module.automatic_optimization:
+            total = loop.automatic_optimization.optim_progress.optimizer.step.total
+        else:
+            total = loop.manual_optimization.optim_step_progress.total
+        if total.completed == trainer.global_step:
+            return lambda: max(total.completed - 1, 0)
+    except AttributeError:
+        pass
+    return lambda: _step(trainer)
+
+
+def _ends_epoch(trainer: pl.Trainer) -> bool:
+    """Whether this validation ran after the training epoch's last batch, so that the epoch ends with it
+    (Lightning runs it before ``on_train_epoch_end``, with nothing trained in between)."""
+    progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
+    return bool(getattr(progress, "is_last_batch", False)) and trainer.state.fn == "fit"
+
+
 def _max_steps(trainer: pl.Trainer) -> float | None:
     """The last step of the run on :func:`_step`'s axis (``max_steps``, or ``max_epochs`` x batches, less one);
     inf when unbounded."""
@@ -64,6 +89,8 @@ class EnergyMonitor(EnergyTracker, Callback):
     the CPU/DRAM, and rank 0 logs the sum. The totals are saved in checkpoints, so a resumed run
     continues them.
     """
+
+    _batch_step: Callable[[], int] | None = None  # this fit's step reader, from on_train_start
 
     # Lightning reads state_key at every hook call (profiler names): built once, then a dict lookup
     @functools.cached_property
@@ -88,18 +115,20 @@ class EnergyMonitor(EnergyTracker, Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.max_steps = _max_steps(trainer)
+        self._batch_step = _step_reader(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.begin_epoch(trainer.current_epoch)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.before_step():
+        if self._due is not None and self.before_step():  # a point fell due at the previous step
             trainer.should_stop = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.on_step(_step(trainer), batch):
+        reader = self._batch_step
+        if self.on_step(reader() if reader is not None else _step(trainer), batch):
             trainer.should_stop = True
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -110,7 +139,7 @@ class EnergyMonitor(EnergyTracker, Callback):
         if trainer.sanity_checking:
             for stopper in self.stoppers:  # a typo in a monitored metric fails here, before the first step
                 stopper.require_metric(scalar_metrics(trainer))
-        elif self.started and self.end_evaluation(_step(trainer), scalar_metrics(trainer)):
+        elif self.started and self.end_evaluation(_step(trainer), scalar_metrics(trainer), _ends_epoch(trainer)):
             trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -219,10 +219,19 @@ class EnergyMeter:
                 {d: 0.0 for d in sensor.devices}, {d: Method.UNAVAILABLE for d in sensor.devices}))
         return readings
 
-    def begin(self, name: str) -> None:
-        """Open window ``name`` (windows nest and may overlap; names are unique while open)."""
+    def begin(self, name: str, at_start_of: str | None = None) -> None:
+        """Open window ``name`` (windows nest and may overlap; names are unique while open).
+
+        ``at_start_of``: open it at the instant, and with the readings, that open window began at (no
+        sensor read): for a window that starts where the previous point left off.
+        """
         if name in self._open:
             raise ValueError(f"window {name!r} is already open; open windows: {sorted(self._open)}")
+        like = self._open.get(at_start_of) if at_start_of is not None else None
+        if like is not None:
+            with self._lock:
+                self._open[name] = _Open(like.start_s, like.start_unix, like.start, {})
+            return
         self._sync()
         now = self.clock()
         start = self._read_all(now)

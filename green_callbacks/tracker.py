@@ -81,6 +81,8 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
             ``None``: the first 10 steps are timed (the slowest rank's) and turned into a step count.
     """
 
+    _due: int | None = None  # a logging point due at this step, not yet taken (set per run by start)
+
     def __init__(
         self,
         gpus: GpuSelection | None = "auto",
@@ -180,6 +182,7 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         self._due: int | None = None  # a logging point due at this step, not yet taken
         self._projected_step = -1
         self._eval_window: Measurement | None = None
+        self._epoch_closed_at = -1  # len(records) when a point last closed an epoch
         self._samples: dict[str, int] = {}
         self._epoch_eval = (0.0, 0.0)
         self._epoch_start_step = self._last_point_step
@@ -224,7 +227,10 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
             self.current_epoch = epoch
             self._epoch_eval = (0.0, 0.0)
             self._epoch_start_step = self._last_step_seen_or_point()
-            self.meter.begin("epoch")
+            # epochs tile the run: one that starts where a point closed the previous one, with no point since,
+            # begins at that point's instant and readings (no sensor read)
+            tiles = self._epoch_closed_at == len(self.records) and self.meter.is_open("interval")
+            self.meter.begin("epoch", at_start_of="interval" if tiles else None)
 
     @property
     def epoch_open(self) -> bool:
@@ -240,11 +246,16 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         return self.meter is not None and self.meter.is_open("evaluation")
 
     @never_raises
-    def end_evaluation(self, step: int, metrics: Mapping[str, float]) -> Decision | None:
-        """An evaluation ended with ``metrics``: close its window and make an evaluation point (collective)."""
+    def end_evaluation(self, step: int, metrics: Mapping[str, float], epoch_ends: bool = False) -> Decision | None:
+        """An evaluation ended with ``metrics``: close its window and make an evaluation point (collective).
+
+        ``epoch_ends``: the framework ends the training epoch right after this evaluation (Lightning's
+        validation after an epoch's last batch), so the point closes the epoch as well, with the same sensor
+        read: the epoch's record and metrics at the same step, and nothing left for the epoch's end hook.
+        """
         if self.meter is None:
             return None
-        return self._point(Kind.EVALUATION, step, metrics=dict(metrics))
+        return self._point(Kind.EVALUATION, step, metrics=dict(metrics), epoch_ends=epoch_ends)
 
     @never_raises
     def end_epoch(self, step: int, collective: bool = True) -> Decision | None:
@@ -294,13 +305,15 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
 
     # -- points -----------------------------------------------------------------------------
     def _point(self, kind: Kind, step: int, metrics: dict[str, float] | None = None,
-               collective: bool = True) -> Decision | None:
-        """Close the interval since the previous point (and the epoch, at an epoch end); log; decide."""
+               collective: bool = True, epoch_ends: bool = False) -> Decision | None:
+        """Close the interval since the previous point (and the epoch, at an epoch end or at an evaluation
+        that ``epoch_ends`` it); log; decide."""
         assert self.meter is not None
         self._due = None
         node = (self.rank.rank, self.rank.node)
         # the windows this point closes, at one instant with one sensor read
-        names = ["interval", *(["epoch"] if kind is Kind.EPOCH else []),
+        epoch_ends = kind is Kind.EPOCH or (epoch_ends and self.meter.is_open("epoch"))
+        names = ["interval", *(["epoch"] if epoch_ends else []),
                  *(["evaluation"] if kind is Kind.EVALUATION and self.meter.is_open("evaluation") else [])]
         closed = dict(zip(names, self.meter.end_many(names, reopen=("interval",)), strict=True))
         interval, epoch_m = closed["interval"], closed.get("epoch")
@@ -316,30 +329,36 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         merged = merge_ranks([p["interval"] for p in payloads])
         epoch_merged = merge_ranks([p["epoch"] for p in payloads]) if epoch_m is not None else None
         eval_j, eval_s = sum(p["eval"][0] for p in payloads), max(p["eval"][1] for p in payloads)
-        record = self.close_interval(kind, step, merged, interval, self.meter.t0_s, epoch_merged, epoch_m,
-                                     (eval_j, eval_s), metrics or {}, partial=self._finishing_status is not None
-                                     and self._finishing_status != "FINISHED")
-        self._log_point(record, [p["names"] for p in payloads if p["names"] is not None],
+        records = self.close_interval(kind, step, merged, interval, self.meter.t0_s, epoch_merged, epoch_m,
+                                      (eval_j, eval_s), metrics or {}, partial=self._finishing_status is not None
+                                      and self._finishing_status != "FINISHED")
+        if epoch_m is not None:
+            self._epoch_closed_at = len(self.records)  # the next epoch starts here unless another point comes
+        self._log_point(records, [p["names"] for p in payloads if p["names"] is not None],
                         self.throughput_of([p["work"] for p in payloads], merged.total_j - eval_j))
         if self.sink is not None:
             self.sink.interval_end()
-        return self._decide(record, collective)
+        return self._decide(records[0], collective)
 
-    def _log_point(self, record: IntervalRecord, names: Sequence[Mapping[str, Mapping[str, str]]],
+    def _log_point(self, records: Sequence[IntervalRecord], names: Sequence[Mapping[str, Mapping[str, str]]],
                    throughput: Mapping[str, float]) -> None:
-        """The metric contract at one point (see ``records``), throughput beside it in one record; rank 0 only."""
+        """The metric contract at one point (see ``records``): its records' metrics (an evaluation's and the
+        epoch's where an evaluation ends the epoch) and throughput, in one record at one step; rank 0 only."""
         if not self.rank.is_zero or self.sink is None:
             return
+        first = records[0]
         if not self._params_logged:
             self._params_logged = True
-            params, tags = run_facts(self.accountant.as_params(), self.rank.world_size, __version__, record, names)
+            params, tags = run_facts(self.accountant.as_params(), self.rank.world_size, __version__, first, names)
             self.sink.log_params(params)
             self.sink.set_tags(tags)
-        out = {**point_metrics(record, record.step > self.last_logged_step, self._last_point_j,
-                               self.efficiency_metrics), **throughput}
+        out = point_metrics(first, first.step > self.last_logged_step, self._last_point_j, self.efficiency_metrics)
+        for record in records[1:]:
+            out.update(point_metrics(record, False, self._last_point_j, self.efficiency_metrics))
+        out.update(throughput)
         if out:
-            self.sink.log_metrics(out, step=record.step)
-            self.last_logged_step = max(self.last_logged_step, record.step)
+            self.sink.log_metrics(out, step=first.step)
+            self.last_logged_step = max(self.last_logged_step, first.step)
 
     def _log(self, metrics: Mapping[str, float], step: int) -> None:
         if self.rank.is_zero and self.sink is not None and metrics:

@@ -22,12 +22,14 @@ from green_callbacks import transformers as gt
 from helpers import (
     CUMULATIVE,
     EVAL_CONTRACT,
+    digits_loaders,
     digits_tensors,
     hf_accuracy,
     hf_digits_model,
     hf_work_clock,
     history,
     lightning_digits_module,
+    records_of,
     runs,
     steps,
     work_clock,
@@ -127,6 +129,41 @@ def test_lightning_endless_stream_logs_every_validation_at_lightnings_step(tmp_p
         assert steps(client, rid, key) == vals, key
     assert set(vals) <= set(steps(client, rid, "energy/cumulative_j"))
     assert history(client, rid, "energy/total_j")[0][1] == pytest.approx(monitor.cumulative_j)
+
+
+def test_lightning_an_end_of_epoch_validation_closes_the_epoch_with_one_read_and_epochs_tile(tmp_path, fake_nvml,
+                                                                                              monkeypatch):
+    from green_callbacks.meter import EnergyMeter
+
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    reads = []
+    read_all = EnergyMeter._read_all
+    monkeypatch.setattr(EnergyMeter, "_read_all", lambda self, now, cheap=False: (
+        reads.append(cheap), read_all(self, now, cheap))[1])
+
+    class ReadsPerEpoch(pl.Callback):  # after the monitor in the list: its hooks have run
+        def __init__(self):
+            self.at_start = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.at_start.append(len(reads))
+
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False)
+    counter = ReadsPerEpoch()
+    train, val = digits_loaders()
+    pl.Trainer(max_epochs=4, callbacks=[monitor, counter, work_clock(fake_nvml, val_s=0.002)], logger=False,
+               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+               default_root_dir=tmp_path, num_sanity_val_steps=0).fit(lightning_digits_module()(), train, val)
+    epochs, evals = records_of(monitor, "epoch"), records_of(monitor, "evaluation")
+    assert [r.step for r in epochs] == [r.step for r in evals] == [22, 45, 68, 91]
+    for epoch, evaluation in zip(epochs, evals, strict=True):  # closed at the evaluation's instant
+        assert epoch.end_rel_s == evaluation.end_rel_s and epoch.eval_j == evaluation.eval_j > 0
+    for before, after in zip(epochs, epochs[1:]):  # the next epoch starts where the point left off
+        assert after.start_rel_s == before.end_rel_s
+    # in between, two sensor reads an epoch: the validation's start, and its end closing the epoch too
+    assert [b - a for a, b in zip(counter.at_start, counter.at_start[1:])] == [2, 2, 2]
+    # epochs tile the run: their joules are its total (the work clock ran only inside them)
+    assert sum(r.energy_j for r in epochs) == pytest.approx(monitor.cumulative_j, abs=0.003)
 
 
 # -- the energy-aware stop does not depend on the run's watts ------------------------------------------
