@@ -6,6 +6,7 @@ work clock where a run must be repeatable to the joule.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import lightning.pytorch as pl
@@ -158,10 +159,10 @@ def test_lightning_an_end_of_epoch_validation_closes_the_epoch_with_one_read_and
     assert [r.step for r in epochs] == [r.step for r in evals] == [22, 45, 68, 91]
     for epoch, evaluation in zip(epochs, evals, strict=True):  # closed at the evaluation's instant
         assert epoch.end_rel_s == evaluation.end_rel_s and epoch.eval_j == evaluation.eval_j > 0
-    for before, after in zip(epochs, epochs[1:]):  # the next epoch starts where the point left off
+    for before, after in itertools.pairwise(epochs):  # the next epoch starts where the point left off
         assert after.start_rel_s == before.end_rel_s
     # in between, two sensor reads an epoch: the validation's start, and its end closing the epoch too
-    assert [b - a for a, b in zip(counter.at_start, counter.at_start[1:])] == [2, 2, 2]
+    assert [b - a for a, b in itertools.pairwise(counter.at_start)] == [2, 2, 2]
     # epochs tile the run: their joules are its total (the work clock ran only inside them)
     assert sum(r.energy_j for r in epochs) == pytest.approx(monitor.cumulative_j, abs=0.003)
 
