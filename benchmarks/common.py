@@ -27,54 +27,46 @@ def sampler_cpu_share(meter: Any, seconds: float = 10.0) -> float:
 
 
 def epoch_timer(sync: Callable[[], None] = lambda: None) -> Any:
-    """A Lightning callback that records each training epoch's wall time and its process CPU time (every
-    thread of the training process: the training loop's and each monitor's own threads), ``sync`` at both ends."""
+    """A Lightning callback that records each training epoch's wall time (``sync`` at both ends)."""
     import lightning.pytorch as pl
 
     class EpochTimer(pl.Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
-            self.cpu: list[float] = []
 
         def on_train_epoch_start(self, trainer, pl_module):
             sync()
-            self.t, self.c = time.perf_counter(), time.process_time()
+            self.t = time.perf_counter()
 
         def on_train_epoch_end(self, trainer, pl_module):
             sync()
             self.times.append(time.perf_counter() - self.t)
-            self.cpu.append(time.process_time() - self.c)
 
     return EpochTimer()
 
 
-def interleaved_ratios(configs: dict[str, Callable[[], list]],
-                       epoch_times: Callable[[Callable[[], list]], tuple[list[float], list[float]]],
+def interleaved_ratios(configs: dict[str, Callable[[], list]], epoch_times: Callable[[Callable[[], list]], list[float]],
                        rounds: int, what: str) -> str:
-    """Each configuration's median epoch over ``rounds`` interleaved fits, as a ratio to the first, in wall
-    time and in the training process's CPU time, with the range of the per-round ratios (how much the
-    machine's noise moves them). ``epoch_times`` returns one fit's (wall, CPU) seconds per epoch.
+    """Each configuration's median epoch over ``rounds`` interleaved fits, as a ratio to the first,
+    with the range of the per-round ratios (how much the machine's noise moves it). Each round runs
+    the configurations in a new random order (seeded): a fixed order let whatever one configuration
+    leaves behind (a sender process finishing its run, a warm cache) fall on the same next one."""
+    import random
 
-    The CPU time counts every thread of the process (the monitor's sampler too, at full price even where it
-    would run on an idle core) and nothing of other processes, so a neighbour's preemption, which moves wall
-    times by tens of per cent on a shared VM, does not move it."""
-    rounds_of: dict[str, list[tuple[list[float], list[float]]]] = {k: [] for k in configs}
+    order = random.Random(0)
+    rounds_of: dict[str, list[list[float]]] = {k: [] for k in configs}
     for _ in range(rounds):  # interleaved: the machine's noise falls on all alike
-        for name, make in configs.items():
-            rounds_of[name].append(epoch_times(make))
+        for name in order.sample(list(configs), len(configs)):
+            rounds_of[name].append(epoch_times(configs[name]))
     first = next(iter(rounds_of.values()))
+    base = statistics.median([t for r in first for t in r])
     rows = []
     for name, per_round in rounds_of.items():
-        cells = []
-        for k in (0, 1):  # wall, CPU
-            base = statistics.median([t for r in first for t in r[k]])
-            median = statistics.median([t for r in per_round for t in r[k]])
-            ratios = [statistics.median(r[k]) / statistics.median(b[k]) for r, b in zip(per_round, first, strict=True)]
-            cells.append(f"{1000 * median:.1f} ms | {median / base:.3f} | {min(ratios):.3f}–{max(ratios):.3f}")
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    return (f"| callbacks | median epoch ({what}), wall | ratio to without | range over rounds | "
-            "median epoch, CPU time of the training process | ratio to without | range over rounds |\n"
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(rows))
+        median = statistics.median([t for r in per_round for t in r])
+        ratios = [statistics.median(r) / statistics.median(b) for r, b in zip(per_round, first, strict=True)]
+        rows.append(f"| {name} | {1000 * median:.1f} ms | {median / base:.3f} | {min(ratios):.3f}–{max(ratios):.3f} |")
+    return (f"| callbacks | median epoch ({what}) | ratio to without | range over rounds |\n"
+            "| --- | ---: | ---: | ---: |\n" + "\n".join(rows))
 
 
 def parse_args(doc: str | None, quick_help: str, sections: list[str] | None = None) -> Any:

@@ -191,10 +191,10 @@ def overhead(quick: bool) -> str:
 
     from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyBudget, EnergyMonitor
 
-    def epoch_times(extra) -> tuple[list[float], list[float]]:
+    def epoch_times(extra) -> list[float]:
         timer = epoch_timer()
         digits_fit([timer, *extra()])
-        return timer.times[1:], timer.cpu[1:]  # the first epoch warms caches
+        return timer.times[1:]  # the first epoch warms caches
 
     import peers
 
