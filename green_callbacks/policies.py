@@ -110,7 +110,7 @@ class EfficiencyPlateau:
     evaluations of the last doubling of energy (those with at least half of today's joules). The
     gain is the Theil–Sen slope of the metric, in its improving direction, against log2(energy)
     over that window: what the last doubling of energy bought, fitted so that one noisy evaluation
-    does not decide. With a relative threshold (``"0.5% per doubling"``, the default) the slope is
+    does not decide. With a relative threshold (``"1% per doubling"``, the default) the slope is
     taken of log2(metric), so the gain is the metric's relative change per doubling, ``2**slope - 1``:
     a dimensionless elasticity, the same whatever the power of the hardware or the metric's unit.
     ``patience`` evaluations in a row at or below the threshold stop the run; a perfectly flat
@@ -121,7 +121,7 @@ class EfficiencyPlateau:
     doubling of energy is left, a doubling can no longer be bought: what is at stake is the gain
     over the doublings left, ``gain x log2(final_j / cumulative_j)``, and that is held against
     ``min_gain`` instead (per-doubling thresholds; an exchange rate per kWh is left as it is). So a
-    run still gaining 1 % per doubling stops once what is left of it would buy at most 0.5 %: the
+    run still gaining 2 % per doubling stops once what is left of it would buy at most 1 %: the
     smallest gain worth any energy, as ``min_delta`` is for Lightning's ``EarlyStopping``.
 
     A non-finite metric is skipped with one warning; ``patience`` of them in a row are a divergence.
@@ -136,7 +136,7 @@ class EfficiencyPlateau:
 
     slope = staticmethod(theil_sen_slope)  # the estimator; benchmarks/stopping.py compares least squares
 
-    def __init__(self, monitor: str, mode: str = "max", min_gain: str = "0.5% per doubling", patience: int = 3,
+    def __init__(self, monitor: str, mode: str = "max", min_gain: str = "1% per doubling", patience: int = 3,
                  min_evaluations: int = 4) -> None:
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"monitor={monitor!r} must name a validation metric, like 'val_acc'")

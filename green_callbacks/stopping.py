@@ -76,8 +76,8 @@ class EfficiencyStopper(Stopper):
             Lightning, ``metric_for_best_model`` (else ``eval_loss``) in HF.
         mode: ``"max"`` when higher is better, ``"min"`` when lower is better; ``None`` guesses
             ``"min"`` for names containing "loss" and ``"max"`` otherwise.
-        min_gain: the smallest worthwhile gain. ``"0.5% per doubling"``: stop once doubling the
-            energy spent improves the metric by less than 0.5 % of its value (needs a positive
+        min_gain: the smallest worthwhile gain. ``"1% per doubling"`` (the default): stop once doubling
+            the energy spent improves the metric by less than 1 % of its value (needs a positive
             metric), or, with less than a doubling of energy left to ``max_steps``/``max_epochs``,
             once what is left would improve it by less than that; ``"0.002 per doubling"``: the
             same in the metric's units; ``"0.1 per kWh"`` (J, kJ, MJ, Wh, kWh, MWh): an exchange
@@ -94,7 +94,7 @@ class EfficiencyStopper(Stopper):
 
     section = "efficiency"
 
-    def __init__(self, monitor: str | None = None, mode: str | None = None, min_gain: str = "0.5% per doubling",
+    def __init__(self, monitor: str | None = None, mode: str | None = None, min_gain: str = "1% per doubling",
                  patience: int = 3, min_evaluations: int = 4, strict: bool = True, verbose: bool = False) -> None:
         # every argument is validated now; a monitor left to the framework's default is filled in at fit start
         if monitor is not None and (not isinstance(monitor, str) or not monitor):

@@ -68,13 +68,14 @@ def test_a_power_law_climb_never_stops_and_its_statistic_is_the_relative_gain_pe
 
 
 def test_a_saturating_curve_stops_once_a_doubling_buys_less_than_min_gain():
+    """At the default min_gain, 1 % per doubling."""
     joules = linear_energy(60)
     values = [0.97 - 0.5 * math.exp(-i / 4) for i in range(60)]
     stop, stats, decisions = run(EfficiencyStopper(monitor="val_acc"), joules, values)
     assert stop is not None and stop < 45
     gains = [s["stopping/val_acc_gain_pct_per_doubling"] for s in stats if s]
-    assert gains[-3:] == sorted(gains[-3:], reverse=True) and all(g <= 0.5 for g in gains[-3:])
-    assert gains[-4] > 0.5, "it stopped after exactly patience=3 evaluations at or below the threshold"
+    assert gains[-3:] == sorted(gains[-3:], reverse=True) and all(g <= 1.0 for g in gains[-3:])
+    assert gains[-4] > 1.0, "it stopped after exactly patience=3 evaluations at or below the threshold"
     assert f"{gains[-1]:.4g} % per doubling" in decisions[-1].message
     assert values[-1] - values[stop] < 0.001, "what the remaining energy would have bought"
 
@@ -309,17 +310,17 @@ def test_statistics_name_follows_the_resolved_monitor():
     assert stop == 7 and list(stats[-1]) == ["stopping/eval_loss_gain_pct_per_doubling"]
 
 
-def climbing_1pct_per_doubling(j: float) -> float:
-    return 0.5 * 1.01 ** math.log2(j)  # gains exactly 1 % per doubling of energy, for ever
+def climbing_2pct_per_doubling(j: float) -> float:
+    return 0.5 * 1.02 ** math.log2(j)  # gains exactly 2 % per doubling of energy, for ever
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 2.5e6])
 def test_with_less_than_a_doubling_left_the_gain_left_is_held_against_min_gain(scale):
     joules = [scale * 100.0 * i for i in range(1, 151)]
-    values = [climbing_1pct_per_doubling(j / scale) for j in joules]
-    # unbounded (no max_steps): 1 % per doubling is worth it, the run goes on
+    values = [climbing_2pct_per_doubling(j / scale) for j in joules]
+    # unbounded (no max_steps): 2 % per doubling is worth it (the default min_gain is 1 %), the run goes on
     assert run(EfficiencyStopper(monitor="val_acc"), joules, values)[0] is None
-    # ending at 150 units: from j >= 150/sqrt(2) (unit 107) the half doubling left buys <= 0.5 %
+    # ending at 150 units: from j >= 150/sqrt(2) (unit 107) the half doubling left buys <= 1 %
     stopper = EfficiencyStopper(monitor="val_acc")
     for i, (j, v) in enumerate(zip(joules, values, strict=True)):
         progress = Progress(so_far=Totals(j=j), step=i, metrics={"val_acc": v}, evaluation=True,
@@ -329,12 +330,12 @@ def test_with_less_than_a_doubling_left_the_gain_left_is_held_against_min_gain(s
             break
     assert i + 1 == 109  # units 107, 108 and 109: patience 3
     stats = stopper.statistics()
-    assert stats["stopping/val_acc_gain_pct_per_doubling"] == pytest.approx(1.0, rel=1e-6)
-    assert stats["stopping/val_acc_gain_pct_to_end"] == pytest.approx(math.log2(150 / 109), rel=1e-6)
+    assert stats["stopping/val_acc_gain_pct_per_doubling"] == pytest.approx(2.0, rel=1e-6)
+    assert stats["stopping/val_acc_gain_pct_to_end"] == pytest.approx(2 * math.log2(150 / 109), rel=1e-6)
     assert "doublings of energy left to the run's end would buy" in decision.message
 
 
 def test_an_exchange_rate_ignores_the_runs_end():
     policy = EfficiencyPlateau("val_acc", "max", "1e-9 per kWh", patience=1)
-    decisions = [policy.update(climbing_1pct_per_doubling(j), j, 150.0) for j in range(1, 150)]
+    decisions = [policy.update(climbing_2pct_per_doubling(j), j, 150.0) for j in range(1, 150)]
     assert not any(d.should_stop for d in decisions) and policy.gain_to_end is None
