@@ -45,6 +45,7 @@ class RunLedger:
         self.stop_decision: Decision | None = None
         self._since_eval = _Since()
         self._recent: list[tuple[int, float]] = []  # (steps, joules) of recent intervals
+        self._first_in_recent = True  # the run's (or this process's) first interval, with its warm-up, is there
         self._last_point_step = 0
         self._previous_point_step = 0
         self._last_point_j = 0.0
@@ -91,6 +92,7 @@ class RunLedger:
         self._since_eval.add(merged, interval, t0)
         self._previous_point_step = self._last_point_step
         if step > self._last_point_step:
+            self._first_in_recent = self._first_in_recent and len(self._recent) < RATE_WINDOW
             self._recent = [*self._recent[-(RATE_WINDOW - 1):], (step - self._last_point_step, merged.total_j)]
         self._last_point_step = step
         self._last_point_j = merged.total_j / interval.duration_s if interval.duration_s > 0 else 0.0
@@ -115,7 +117,7 @@ class RunLedger:
     def rate_per_step(self) -> Totals | None:
         """The median cost per training step of the recent intervals (the first one, with its warm-up
         and data loading, only while it is the only one)."""
-        recent = self._recent[1:] if len(self._recent) > 1 and len(self.records) <= RATE_WINDOW else self._recent
+        recent = self._recent[1:] if len(self._recent) > 1 and self._first_in_recent else self._recent
         if not recent:
             return None
         j = statistics.median(joules / steps for steps, joules in recent)

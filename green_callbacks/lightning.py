@@ -118,7 +118,7 @@ class EnergyMonitor(EnergyTracker, Callback):
         self._batch_step = _step_reader(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.begin_epoch(trainer.current_epoch)
+        self.begin_epoch(trainer.current_epoch, tile=True)  # from where the previous epoch's point left off
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:

@@ -230,7 +230,7 @@ class EnergyMeter:
         like = self._open.get(at_start_of) if at_start_of is not None else None
         if like is not None:
             with self._lock:
-                self._open[name] = _Open(like.start_s, like.start_unix, like.start, {})
+                self._open[name] = _Open(like.start_s, like.start_unix, like.start, dict(like.peak_w))
             return
         self._sync()
         now = self.clock()

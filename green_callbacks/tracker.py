@@ -40,7 +40,6 @@ from green_callbacks.throughput import ThroughputHost
 from green_callbacks.validation import check_tracker_args
 
 CALIBRATION_STEPS = 10  # steps timed at the start to turn log_every_s into a step count
-RATE_WINDOW = 5  # recent intervals whose median cost per step projects the rest of the run
 
 
 class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger):
@@ -222,14 +221,14 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
 
     # -- windows ---------------------------------------------------------------------------
     @never_raises
-    def begin_epoch(self, epoch: int) -> None:
+    def begin_epoch(self, epoch: int, tile: bool = False) -> None:
+        """Open the epoch's window. ``tile``: where a point closed the previous epoch and no point came since,
+        start at that point's instant and readings (no sensor read), so epochs tile the run (Lightning's)."""
         if self.meter is not None and not self.meter.is_open("epoch"):
             self.current_epoch = epoch
             self._epoch_eval = (0.0, 0.0)
             self._epoch_start_step = self._last_step_seen_or_point()
-            # epochs tile the run: one that starts where a point closed the previous one, with no point since,
-            # begins at that point's instant and readings (no sensor read)
-            tiles = self._epoch_closed_at == len(self.records) and self.meter.is_open("interval")
+            tiles = tile and self._epoch_closed_at == len(self.records) and self.meter.is_open("interval")
             self.meter.begin("epoch", at_start_of="interval" if tiles else None)
 
     @property

@@ -135,6 +135,21 @@ def test_an_exception_in_the_block_propagates_and_ends_the_run(tmp_path, uri, gp
     assert not tracker.started
 
 
+def test_an_epoch_is_its_block_and_work_between_blocks_is_in_no_epoch(tmp_path, uri, gpu):
+    tracker = tracker_for(tmp_path, uri)
+    work = Digits(gpu)
+    with tracker:
+        for epoch in range(2):
+            with tracker.epoch(epoch):
+                for _ in work.batches():
+                    pass
+            gpu.advance(0.2)  # a checkpoint's save between the blocks: 20 J, in the run but in no epoch
+    epochs = [r for r in tracker.records if r.kind.value == "epoch"]
+    assert [r.energy_j for r in epochs] == [pytest.approx(8.0), pytest.approx(8.0)]
+    assert epochs[1].start_rel_s > epochs[0].end_rel_s, "the second epoch starts at its block"
+    assert tracker.cumulative_j == pytest.approx(56.0)
+
+
 def test_step_axis_points_and_samples_per_joule(tmp_path, uri, gpu):
     tracker = tracker_for(tmp_path, uri, log_every_n_steps=3)
     work = Digits(gpu, n_train=500)  # 8 steps an epoch: seven of 64 samples, one of 52
