@@ -26,6 +26,7 @@ its seeds and the worst single run), each task's means over its seeds, and every
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import math
@@ -53,7 +54,7 @@ from common import measured_on, parse_args, report
 from run_all import fake_nvml
 
 from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyMonitor
-from green_callbacks.policies import EfficiencyPlateau, theil_sen_slope
+from green_callbacks.policies import EfficiencyPlateau, GainThreshold, theil_sen_slope
 
 MAX_EPOCHS = 60
 POWERS_W = (5.0, 2000.0)
@@ -61,7 +62,8 @@ TRAIN_S_PER_SAMPLE = 3 / 8  # work-clock seconds: binary fractions, so the joule
 VAL_S_PER_SAMPLE = 1 / 8
 ORACLE_TOLERANCE = 0.005
 SEEDS = 10  # per task; 3 seeds left the comparisons within their noise (see the paired section)
-DEFAULT_PCT = 1.0  # EfficiencyPlateau's default min_gain, in % per doubling
+DEFAULT_GAIN = inspect.signature(EfficiencyPlateau).parameters["min_gain"].default  # the package's default
+DEFAULT_PCT = GainThreshold(DEFAULT_GAIN).value  # the same, in % per doubling, for the hand-written variants
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ def fit(task: Task, seed: int, rule: str, watts: float, out: str) -> tuple[Evalu
 Replay = Callable[[Evaluations], int]  # the fixed run's evaluations -> the index where the rule stops
 
 
-def plateau(min_gain: str = "1% per doubling", patience: int = 3, metric: str = "acc",
+def plateau(min_gain: str = DEFAULT_GAIN, patience: int = 3, metric: str = "acc",
             kind: type[EfficiencyPlateau] = EfficiencyPlateau, horizon: bool = True) -> Replay:
     """``EfficiencyPlateau`` replayed; ``horizon``: told the energy at the run's end (the callback projects it from
     the recent cost per step and the steps left; here the fixed run's own total)."""
@@ -200,7 +202,7 @@ def plateau(min_gain: str = "1% per doubling", patience: int = 3, metric: str = 
 
 def doubling_variant(width: float = 1.0, best: bool = False, span: float | None = None, span_from: str = "streak",
                      no_new_best: int | float | None = None, patience: int = 3) -> Replay:
-    """The default criterion (val_acc, 1 % per doubling, min_evaluations 4, the run's end known) with one part
+    """The default criterion (val_acc, ``DEFAULT_GAIN``, min_evaluations 4, the run's end known) with one part
     changed.
 
     ``width``: the window holds the last ``width`` doublings of energy (default 1). ``best``: the slope
@@ -298,14 +300,14 @@ def prechelt(alpha: float, strip: int | None = None) -> Replay:
 
 
 REPLAYS: dict[str, Replay] = {
-    "EfficiencyPlateau default: 1% per doubling, patience 3 (val_acc)": plateau(),
+    f"EfficiencyPlateau default: {DEFAULT_GAIN}, patience 3 (val_acc)": plateau(),
     "0.5% per doubling (the default before 2026-12-04)": plateau("0.5% per doubling"),
     "without the run's end (per doubling only, as before 2026-12-04)": plateau(horizon=False),
     "0.25% per doubling": plateau("0.25% per doubling"),
     "0.75% per doubling": plateau("0.75% per doubling"),
     "2% per doubling": plateau("2% per doubling"),
-    "1% per doubling, patience 2": plateau(patience=2),
-    "1% per doubling, patience 5": plateau(patience=5),
+    f"{DEFAULT_GAIN}, patience 2": plateau(patience=2),
+    f"{DEFAULT_GAIN}, patience 5": plateau(patience=5),
     "least squares instead of Theil-Sen": plateau(kind=LeastSquaresPlateau),
     "window: the last half doubling": doubling_variant(width=0.5),
     "window: the last 1.5 doublings": doubling_variant(width=1.5),
@@ -321,7 +323,7 @@ REPLAYS: dict[str, Replay] = {
     "and no new best for 1/2 doubling of energy": doubling_variant(no_new_best=0.5),
     "best value so far, patience in energy 1/2 doubling": doubling_variant(best=True, span=1 / 2),
     "absolute: 0.005 per doubling (val_acc units)": plateau("0.005 per doubling"),
-    "1% per doubling on val_loss": plateau(metric="loss"),
+    f"{DEFAULT_GAIN} on val_loss": plateau(metric="loss"),
     "exchange rate: 0.1 per kWh (Theil-Sen over the last doubling)": plateau("0.1 per kWh"),
     "first version: val_acc gain per kJ < 0 (its default)": per_kj(0.0),
     "first version: val_acc gain per kJ < 0.5 (the README's example)": per_kj(0.5),
@@ -349,7 +351,7 @@ def every(run: Evaluations, k: int) -> Evaluations:
 
 
 def sparse_table(fixed_runs: list[Evaluations]) -> str:
-    lines = ["| criterion (val_acc, 1 % per doubling) | " + " | ".join(
+    lines = [f"| criterion (val_acc, {DEFAULT_GAIN.replace('%', ' %')}) | " + " | ".join(
         f"every {ORDINAL[k]}epoch: saved / lost (pt)" for k in SPARSE_EVERY)
         + " |", "| --- |" + " ---: |" * len(SPARSE_EVERY)]
     for name, rule in SPARSE.items():

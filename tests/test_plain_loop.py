@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import digits_tensors, history, runs
+from helpers import digits_tensors, history, records_of, runs
 
 STEP_J, EVAL_J, BATCH = 1.0, 5.0, 64
 
@@ -144,7 +144,7 @@ def test_an_epoch_is_its_block_and_work_between_blocks_is_in_no_epoch(tmp_path, 
                 for _ in work.batches():
                     pass
             gpu.advance(0.2)  # a checkpoint's save between the blocks: 20 J, in the run but in no epoch
-    epochs = [r for r in tracker.records if r.kind.value == "epoch"]
+    epochs = records_of(tracker, "epoch")
     assert [r.energy_j for r in epochs] == [pytest.approx(8.0), pytest.approx(8.0)]
     assert epochs[1].start_rel_s > epochs[0].end_rel_s, "the second epoch starts at its block"
     assert tracker.cumulative_j == pytest.approx(56.0)
