@@ -123,3 +123,43 @@ def timed(call) -> tuple[Any, float]:
     t0 = time.monotonic()
     out = call()
     return out, (t0 + time.monotonic()) / 2
+
+
+def lightning_callbacks(sync_execution: bool) -> dict[str, Any]:
+    """The installed peers as Lightning callbacks, as their docs show them, for the overhead tables:
+    Zeus with a ``ZeusMonitor`` window around each epoch (``sync_execution``: CUDA synchronised at its
+    edges, its default; off on the CPU), CodeCarbon with a tracker started before training and stopped after."""
+    import lightning.pytorch as pl
+
+    class ZeusEpochs(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            import zeus.device.gpu
+            from zeus.monitor import ZeusMonitor
+
+            zeus.device.gpu._gpus = None  # Zeus caches the GPUs it found; an earlier section may have had two
+            self.monitor = ZeusMonitor(gpu_indices=[0], approx_instant_energy=True)
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.monitor.begin_window("epoch", sync_execution=sync_execution)
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.monitor.end_window("epoch", sync_execution=sync_execution)
+
+        def on_fit_end(self, trainer, pl_module):
+            if getattr(self.monitor, "power_monitor", None) is not None:
+                self.monitor.power_monitor.stop()
+
+    class CodeCarbonFit(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            from codecarbon import OfflineEmissionsTracker
+
+            self.tracker = OfflineEmissionsTracker(country_iso_code="FRA", save_to_file=False, log_level="error",
+                                                   allow_multiple_runs=True)
+            self.tracker.start()
+
+        def on_fit_end(self, trainer, pl_module):
+            self.tracker.stop()
+
+    found = installed()
+    return {**({"Zeus (peer): ZeusMonitor window per epoch": lambda: [ZeusEpochs()]} if "zeus" in found else {}),
+            **({"CodeCarbon (peer): tracker around fit": lambda: [CodeCarbonFit()]} if "codecarbon" in found else {})}

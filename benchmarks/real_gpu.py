@@ -1,7 +1,7 @@
 """On a real NVIDIA GPU: counter against sampled energy on the same windows, NVML call costs,
 the sampler's CPU cost, and the callbacks' overhead on GPU training, as Markdown tables.
 
-    python benchmarks/real_gpu.py [--quick] [--out docs/performance-gpu.md]
+    python benchmarks/real_gpu.py [--quick] [--out docs/performance-gpu.md] [--only short ...] [--rounds N --epochs N]
 
 Exits with status 3 (and says why) where there is no GPU that NVML and torch can both see.
 
@@ -12,7 +12,10 @@ Exits with status 3 (and says why) where there is no GPU that NVML and torch can
 - NVML call cost: median microseconds of each call the sensor makes;
 - sampler cost: CPU seconds per wall second of the sampler thread at 20 Hz on the real GPU;
 - overhead: Lightning epoch time on the GPU with the callbacks over without, interleaved in one
-  process (with MLflow logging to a sqlite store when mlflow is importable).
+  process (with MLflow logging to a sqlite store when mlflow is importable);
+- short: the same on 0.1-s GPU epochs (a step count calibrated on this GPU) with the overhead
+  table's rows at the defaults: EnergyMonitor logging to MLflow's default store in a new project
+  folder, beside ``mlflow=False``, both stoppers, Zeus and CodeCarbon (when installed).
 """
 
 from __future__ import annotations
@@ -29,7 +32,17 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import epoch_timer, interleaved_ratios, measured_on, parse_args, report, sampler_cpu_share
+from common import (
+    epoch_timer,
+    fresh_project,
+    interleaved_ratios,
+    measured_on,
+    overhead_configs,
+    overhead_note,
+    parse_args,
+    report,
+    sampler_cpu_share,
+)
 
 
 def gpu_or_exit():
@@ -302,19 +315,122 @@ def overhead(torch, quick: bool) -> str:
     return table + sample
 
 
+def short_epochs(torch, quick: bool, rounds: int | None = None, epochs: int | None = None,
+                 device: str = "cuda", parts: bool = False) -> str:
+    """Overhead at the defaults on 0.1-s GPU epochs: as many steps of a 1024-4096-4096-10 MLP (batch
+    1024, data on the GPU) as this GPU runs in about 90 ms, plus a 4-batch validation. (``device="cpu"``
+    runs the same code on the CPU, for trying the script where there is no GPU.) ``parts``: instead of
+    the defaults and the peers, the monitor without MLflow with one of its parts changed at a time
+    (no CUDA sync at window edges, no CPU measurement, a slower sampler), to see what its cost is made of."""
+    import lightning.pytorch as pl
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from green_callbacks.lightning import EnergyMonitor
+
+    rounds, epochs = rounds or (3 if quick else 6), epochs or (8 if quick else 15)
+
+    def net():
+        return nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 4096), nn.GELU(), nn.Linear(4096, 10))
+
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    g = torch.Generator(device=device).manual_seed(0)
+    xt = torch.randn(64 * 1024, 1024, device=device, generator=g)
+    yt = torch.randint(0, 10, (64 * 1024,), device=device, generator=g)
+    probe = net().to(device)
+    opt = torch.optim.AdamW(probe.parameters(), lr=1e-4)
+    for i in range(30):  # 10 to warm up, 20 timed
+        if i == 10:
+            sync()
+            t = time.perf_counter()
+        opt.zero_grad()
+        nn.functional.cross_entropy(probe(xt[:1024]), yt[:1024]).backward()
+        opt.step()
+    sync()
+    steps = max(8, min(64, round(0.09 / ((time.perf_counter() - t) / 20))))
+
+    class Mlp(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net()
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def validation_step(self, batch, _):
+            x, y = batch
+            self.log("val_acc", (self.net(x).argmax(1) == y).float().mean())
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+    class Batches(torch.utils.data.IterableDataset):
+        def __init__(self, n: int):
+            self.n = n
+
+        def __iter__(self):
+            for i in range(self.n):
+                yield xt[i * 1024:(i + 1) * 1024], yt[i * 1024:(i + 1) * 1024]
+
+        def __len__(self):
+            return self.n
+
+    def epoch_times(extra) -> list[float]:
+        timer = epoch_timer(sync)
+        trainer = pl.Trainer(max_epochs=epochs, accelerator="gpu" if cuda else "cpu", devices=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[timer, *extra()])
+        trainer.fit(Mlp(), DataLoader(Batches(steps), batch_size=None), DataLoader(Batches(4), batch_size=None))
+        return timer.times[1:]
+
+    configs = overhead_configs(lambda **kw: EnergyMonitor(**kw), cuda=cuda)
+    if parts:
+        configs = {k: configs[k] for k in list(configs)[:3]}
+        configs.update({
+            "EnergyMonitor(mlflow=False, cuda_sync=False)": lambda: [EnergyMonitor(mlflow=False, cuda_sync=False)],
+            "EnergyMonitor(cuda_sync=False), MLflow on": lambda: [EnergyMonitor(cuda_sync=False)],
+            "EnergyMonitor(mlflow=False, measure_cpu=False)": lambda: [EnergyMonitor(mlflow=False, measure_cpu=False)],
+            "EnergyMonitor(mlflow=False, sampling_period_s=1.0)": lambda: [
+                EnergyMonitor(mlflow=False, sampling_period_s=1.0)],
+        })
+    with fresh_project() as folder:
+        table = interleaved_ratios(configs, epoch_times, rounds,
+                                   f"{steps} fp32 steps of a 1024-4096-4096-10 MLP, batch 1024, + 4 validation batches")
+        runs = len(list((folder / "green_callbacks_output").glob("*")))
+        left = list((folder / "green_callbacks_output").glob("spool-*"))
+        store = "created" if (folder / "mlflow.db").exists() else "missing"
+    return table + "\n\n" + overhead_note(rounds, epochs, store, runs, len(left))
+
+
+SECTIONS = {
+    "windows": ("Counter against sampled energy on the same windows", lambda nvml, torch, a: counter_vs_sampled(
+        nvml, torch, a.quick)),
+    "calls": ("NVML call cost", lambda nvml, torch, a: nvml_call_cost(nvml)),
+    "refresh": ("How often each reading refreshes", lambda nvml, torch, a: refresh_periods(nvml, torch)),
+    "sampler": ("Sampler cost", lambda nvml, torch, a: sampler_cost(nvml)),
+    "overhead": ("Overhead on GPU training (Lightning)", lambda nvml, torch, a: overhead(torch, a.quick)),
+    "short": ("Overhead on 0.1-s GPU epochs at the defaults (Lightning, MLflow's default store)",
+              lambda nvml, torch, a: short_epochs(torch, a.quick, a.rounds, a.epochs)),
+    "parts": ("What the monitor's cost on 0.1-s GPU epochs is made of",
+              lambda nvml, torch, a: short_epochs(torch, a.quick, a.rounds, a.epochs, parts=True)),
+}
+
+
 def main() -> int:
-    args = parse_args(__doc__, "fewer windows and epochs")
+    args = parse_args(__doc__, "fewer windows and epochs", list(SECTIONS))
     nvml, torch = gpu_or_exit()
     h = nvml.nvmlDeviceGetHandleByIndex(0)
     name = nvml.nvmlDeviceGetName(h)
     name = name.decode() if isinstance(name, bytes) else name
     driver = nvml.nvmlSystemGetDriverVersion()
     driver = driver.decode() if isinstance(driver, bytes) else driver
-    sections = [("Counter against sampled energy on the same windows", counter_vs_sampled(nvml, torch, args.quick)),
-                ("NVML call cost", nvml_call_cost(nvml)),
-                ("How often each reading refreshes", refresh_periods(nvml, torch)),
-                ("Sampler cost", sampler_cost(nvml)),
-                ("Overhead on GPU training (Lightning)", overhead(torch, args.quick))]
+    sections = []
+    for key in args.only or SECTIONS:
+        title, run = SECTIONS[key]
+        sections.append((title, run(nvml, torch, args)))
+        print(f"## {title}\n\n{sections[-1][1]}\n", flush=True)  # each section as soon as it is done
     machine = (f"{name} (driver {driver}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
                f"Python {platform.python_version()},")
     report("Performance on a real GPU", measured_on(machine, "real_gpu.py", args.quick), sections, args.out)

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import platform
@@ -25,14 +24,23 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import epoch_timer, interleaved_ratios, measured_on, parse_args, report, sampler_cpu_share  # noqa: E402
+from common import (  # noqa: E402
+    epoch_timer,
+    fresh_project,
+    interleaved_ratios,
+    measured_on,
+    overhead_configs,
+    overhead_note,
+    parse_args,
+    report,
+    sampler_cpu_share,
+)
 
 
 def fake_nvml():
@@ -146,26 +154,6 @@ def peer_accuracy(quick: bool) -> str:
             "judged on the interval between the midpoints of its own begin and end calls.")
 
 
-@contextlib.contextmanager
-def fresh_project() -> Iterator[Path]:
-    """A new user's project folder as the working directory: no MLflow settings, so MLflow's default
-    store is created there (``mlflow.db``, MLflow 3), and green-callbacks' default ``output_dir``."""
-    import tempfile
-
-    old, saved = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
-    mlflow = sys.modules.get("mlflow")
-    with tempfile.TemporaryDirectory(prefix="green-bench-") as folder:
-        os.chdir(folder)
-        if mlflow is not None:
-            mlflow.set_tracking_uri(None)
-        try:
-            yield Path(folder)
-        finally:
-            os.chdir(old)
-            if saved is not None:
-                os.environ["MLFLOW_TRACKING_URI"] = saved
-
-
 def digits_fit(callbacks: list, epochs: int = 5) -> None:
     """The overhead workload: the digits MLP on the CPU, 45 steps + validation per epoch, one
     simulated GPU (with an energy counter) for every configuration to measure."""
@@ -186,79 +174,25 @@ def digits_fit(callbacks: list, epochs: int = 5) -> None:
                ).fit(DigitsClassifier(), train, DataLoader(TensorDataset(xv, yv), batch_size=512))
 
 
-def overhead(quick: bool) -> str:
-    import lightning.pytorch as pl
+def overhead(quick: bool, rounds: int | None = None, epochs: int | None = None) -> str:
+    from green_callbacks.lightning import EnergyMonitor
 
-    from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyBudget, EnergyMonitor
+    rounds = rounds or (3 if quick else 8)
+    epochs = epochs or 5
 
     def epoch_times(extra) -> list[float]:
         timer = epoch_timer()
-        digits_fit([timer, *extra()])
+        digits_fit([timer, *extra()], epochs=epochs)
         return timer.times[1:]  # the first epoch warms caches
 
-    import peers
-
-    class ZeusEpochs(pl.Callback):
-        """Zeus as its docs show it: a ZeusMonitor window around each epoch."""
-
-        def on_fit_start(self, trainer, pl_module):
-            import zeus.device.gpu
-            from zeus.monitor import ZeusMonitor
-
-            zeus.device.gpu._gpus = None  # Zeus caches the GPUs it found; the accuracy run had two
-            self.monitor = ZeusMonitor(gpu_indices=[0], approx_instant_energy=True)
-
-        def on_train_epoch_start(self, trainer, pl_module):
-            self.monitor.begin_window("epoch", sync_execution=False)  # torch here has no CUDA to sync
-
-        def on_train_epoch_end(self, trainer, pl_module):
-            self.monitor.end_window("epoch", sync_execution=False)
-
-        def on_fit_end(self, trainer, pl_module):
-            if getattr(self.monitor, "power_monitor", None) is not None:
-                self.monitor.power_monitor.stop()
-
-    class CodeCarbonFit(pl.Callback):
-        """CodeCarbon as its docs show it: a tracker started before training and stopped after."""
-
-        def on_fit_start(self, trainer, pl_module):
-            from codecarbon import OfflineEmissionsTracker
-
-            self.tracker = OfflineEmissionsTracker(country_iso_code="FRA", save_to_file=False, log_level="error",
-                                                   allow_multiple_runs=True)
-            self.tracker.start()
-
-        def on_fit_end(self, trainer, pl_module):
-            self.tracker.stop()
-
     # EnergyMonitor as the README's main job runs it: MLflow on, MLflow's default store, default output_dir
-    configs = {
-        "without": lambda: [],
-        "an empty Callback (Lightning's own cost per callback)": lambda: [pl.Callback()],
-        "EnergyMonitor(mlflow=False)": lambda: [EnergyMonitor(gpus="all", mlflow=False)],
-        "EnergyMonitor at its defaults (MLflow on, default local store)": lambda: [EnergyMonitor(gpus="all")],
-        "EnergyMonitor at its defaults + stopping (EfficiencyEarlyStopping, EnergyBudget every 10 steps)": lambda: [
-            EnergyMonitor(gpus="all"),
-            EfficiencyEarlyStopping(monitor="val_acc", mode="max", min_gain="0 per doubling", patience=100),
-            EnergyBudget(energy="1 MWh", check_every_n_steps=10)],
-    }
-    installed = peers.installed()
-    if "zeus" in installed:
-        configs["Zeus (peer): ZeusMonitor window per epoch"] = lambda: [ZeusEpochs()]
-    if "codecarbon" in installed:
-        configs["CodeCarbon (peer): tracker around fit"] = lambda: [CodeCarbonFit()]
+    configs = overhead_configs(lambda **kw: EnergyMonitor(gpus="all", **kw), cuda=False)
     with fresh_project() as folder:
-        table = interleaved_ratios(configs, epoch_times, 3 if quick else 8, "45 steps + validation")
+        table = interleaved_ratios(configs, epoch_times, rounds, "45 steps + validation")
         runs = len(list((folder / "green_callbacks_output").glob("*")))
         left = list((folder / "green_callbacks_output").glob("spool-*"))
         store = "created" if (folder / "mlflow.db").exists() else "missing"
-    note = (f"\n\nEach row: {3 if quick else 8} fits of 5 epochs, interleaved (the first epoch of each fit "
-            "not counted); the ratio is of medians, the range that of each round's ratio. The default rows "
-            f"log to MLflow's default store (`mlflow.db` in a new working directory: {store}; {runs} run folders, "
-            f"{len(left)} spools left unsent).")
-    if not installed:
-        note += " Zeus and CodeCarbon are not installed here (`pip install -e \".[bench]\"`); their rows are missing."
-    return table + note
+    return table + "\n\n" + overhead_note(rounds, epochs, store, runs, len(left))
 
 
 def own_cost(quick: bool) -> str:
@@ -433,7 +367,11 @@ SECTIONS = {
 
 def main() -> int:
     args = parse_args(__doc__, "shorter windows and fewer repeats", list(SECTIONS))
-    sections = [(SECTIONS[name][0], SECTIONS[name][1](args.quick)) for name in args.only or SECTIONS]
+    sized = {"overhead": {"rounds": args.rounds, "epochs": args.epochs}}
+    sections = []
+    for name in args.only or SECTIONS:
+        sections.append((SECTIONS[name][0], SECTIONS[name][1](args.quick, **sized.get(name, {}))))
+        print(f"## {sections[-1][0]}\n\n{sections[-1][1]}\n", flush=True)  # each section as soon as it is done
     cpu = platform.processor() or platform.machine()
     machine = f"{platform.node()} ({os.cpu_count()} CPUs, {cpu}, Python {platform.python_version()})"
     report("Performance", measured_on(machine, "run_all.py", args.quick), sections, args.out)

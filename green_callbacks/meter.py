@@ -202,13 +202,19 @@ class EnergyMeter:
                     window.peak_w[c] = max(window.peak_w.get(c, 0.0), w)
 
     # -- windows ---------------------------------------------------------------------------
-    def _sync(self) -> None:
+    @property
+    def syncs_cuda(self) -> bool:
+        """Whether window edges synchronise CUDA: ``cuda_sync`` is not ``False`` and torch has a CUDA context
+        (``is_initialized``, a flag: ``is_available()`` costs about 10 µs a call)."""
         import sys
 
         torch = sys.modules.get("torch")
-        if self.cuda_sync is False or torch is None:
-            return
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return self.cuda_sync is not False and torch is not None and torch.cuda.is_initialized()
+
+    def _sync(self) -> None:
+        if self.syncs_cuda:
+            import torch
+
             torch.cuda.synchronize()
 
     def _read_all(self, now_s: float, cheap: bool = False) -> list[Reading]:

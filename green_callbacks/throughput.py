@@ -10,6 +10,7 @@ already synchronised the device for its window edge. So no batch waits for the d
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -62,12 +63,10 @@ class ThroughputHost:
 
     started: bool
 
-    @property
+    @functools.cached_property
     def batch_counter(self) -> BatchCounter:
-        counter = self.__dict__.get("_batch_counter")
-        if counter is None:
-            counter = self.__dict__["_batch_counter"] = BatchCounter()
-        return counter
+        """Built at first use, then a plain instance attribute (read at every batch: no call)."""
+        return BatchCounter()
 
     @never_raises
     def count_batch(self, batch: Any) -> None:

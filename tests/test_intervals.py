@@ -305,3 +305,60 @@ def test_hf_resume_mid_run_continues_the_step_axis_and_the_totals(tmp_path, digi
     assert values == sorted(values), "the totals go on from the checkpoint's"
     assert second.cumulative_j > first.cumulative_j
     assert history(client, rid, "energy/total_j")[-1][1] == pytest.approx(second.cumulative_j)
+
+
+def test_lightning_on_a_gpu_the_evaluation_window_opens_at_its_first_batch(tmp_path, fake_nvml, monkeypatch):
+    """Where window edges synchronise CUDA, the evaluation's window opens at the first validation batch, after
+    Lightning's validation set-up, with the sync there (at ``on_validation_start`` the GPU sat idle through the
+    set-up); elsewhere at ``on_validation_start``. The CUDA runtime is the faked boundary: this torch has none."""
+    from green_callbacks.meter import EnergyMeter
+
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(1))
+
+    class Seen(pl.Callback):  # after the monitor in the list: its hooks have run
+        def __init__(self, monitor):
+            self.monitor, self.seen = monitor, []
+
+        def on_validation_start(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.seen.append(("start", self.monitor.evaluation_open, len(syncs)))
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if not trainer.sanity_checking:
+                self.seen.append((batch_idx, self.monitor.evaluation_open, len(syncs)))
+
+    def fit(gpu: bool, empty_validation=False):
+        monkeypatch.setattr(EnergyMeter, "syncs_cuda", property(lambda self: gpu))
+        syncs.clear()
+        monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False)
+        seen = Seen(monitor)
+        train, val = digits_loaders()
+        if empty_validation:  # an iterable with no batch: Lightning runs the validation and finds none
+            val = DataLoader(Nothing(), batch_size=None)
+        pl.Trainer(max_epochs=2, callbacks=[monitor, seen, work_clock(fake_nvml, val_s=0.002)], logger=False,
+                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                   default_root_dir=tmp_path, num_sanity_val_steps=0).fit(lightning_digits_module()(), train, val)
+        return monitor, seen.seen
+
+    monitor, seen = fit(gpu=True)
+    first = [s for s in seen if s[0] in ("start", 0)]
+    # closed at the validation's start, open at its first batch, with one sync more in between (its edge's)
+    assert [(where, is_open) for where, is_open, _ in first] == [("start", False), (0, True)] * 2
+    assert all(b[2] == a[2] + 1 for a, b in itertools.pairwise(first) if a[0] == "start")
+    assert all(r.eval_j > 0 for r in records_of(monitor, "evaluation"))
+    assert sum(r.energy_j for r in records_of(monitor, "epoch")) == pytest.approx(monitor.cumulative_j, abs=0.003)
+
+    _, seen = fit(gpu=False)  # on the CPU: open from the validation's start, nothing synchronised
+    assert [(where, is_open) for where, is_open, _ in seen if where in ("start", 0)] == [("start", True), (0, True)] * 2
+    assert syncs == []
+
+    class Nothing(IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+    monitor, seen = fit(gpu=True, empty_validation=True)  # no batch: no window, and none left pending
+    assert [where for where, _, _ in seen] == ["start", "start"]
+    assert not monitor.evaluation_open and monitor._evaluation_due is False
+    assert [r.eval_j for r in records_of(monitor, "evaluation")] == [0.0, 0.0]
