@@ -198,20 +198,22 @@ def sampler_cost(nvml) -> str:
             + "\n".join(out))
 
 
-def overhead(torch, quick: bool) -> str:
-    import importlib.util
+def mlp(torch, width: int):
+    from torch import nn
 
+    return nn.Sequential(nn.Linear(1024, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 10))
+
+
+def mlp_parts(torch, width: int, xt, yt):
+    """The overhead runs' LightningModule (a 1024-width-width-10 MLP, AdamW) and the iterable of batches of
+    1024 rows cut from ``xt``/``yt`` (already on the device: no loading in the timed epochs)."""
     import lightning.pytorch as pl
     from torch import nn
-    from torch.utils.data import DataLoader
-
-    from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyBudget, EnergyMonitor
 
     class Mlp(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = nn.Sequential(nn.Linear(1024, 8192), nn.GELU(), nn.Linear(8192, 8192), nn.GELU(),
-                                     nn.Linear(8192, 10))
+            self.net = mlp(torch, width)
 
         def training_step(self, batch, _):
             x, y = batch
@@ -224,11 +226,6 @@ def overhead(torch, quick: bool) -> str:
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-4)
 
-    # GPU-bound on purpose (fp32 matmuls, data already on the GPU): the GPU time a callback could steal
-    g = torch.Generator(device="cuda").manual_seed(0)
-    xt = torch.randn(100 * 1024, 1024, device="cuda", generator=g)
-    yt = torch.randint(0, 10, (100 * 1024,), device="cuda", generator=g)
-
     class Batches(torch.utils.data.IterableDataset):
         def __init__(self, n: int):
             self.n = n
@@ -239,6 +236,24 @@ def overhead(torch, quick: bool) -> str:
 
         def __len__(self):
             return self.n
+
+    return Mlp, Batches
+
+
+def overhead(torch, quick: bool) -> str:
+    import importlib.util
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyBudget, EnergyMonitor
+
+    # GPU-bound on purpose (fp32 matmuls, data already on the GPU): the GPU time a callback could steal
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xt = torch.randn(100 * 1024, 1024, device="cuda", generator=g)
+    yt = torch.randint(0, 10, (100 * 1024,), device="cuda", generator=g)
+
+    Mlp, Batches = mlp_parts(torch, 8192, xt, yt)
 
     train = DataLoader(Batches(100), batch_size=None)
     val = DataLoader(Batches(4), batch_size=None)
@@ -330,15 +345,12 @@ def short_epochs(torch, quick: bool, rounds: int | None = None, epochs: int | No
 
     rounds, epochs = rounds or (3 if quick else 6), epochs or (8 if quick else 15)
 
-    def net():
-        return nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 4096), nn.GELU(), nn.Linear(4096, 10))
-
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     g = torch.Generator(device=device).manual_seed(0)
     xt = torch.randn(64 * 1024, 1024, device=device, generator=g)
     yt = torch.randint(0, 10, (64 * 1024,), device=device, generator=g)
-    probe = net().to(device)
+    probe = mlp(torch, 4096).to(device)
     opt = torch.optim.AdamW(probe.parameters(), lr=1e-4)
     for i in range(30):  # 10 to warm up, 20 timed
         if i == 10:
@@ -350,32 +362,7 @@ def short_epochs(torch, quick: bool, rounds: int | None = None, epochs: int | No
     sync()
     steps = max(8, min(64, round(0.09 / ((time.perf_counter() - t) / 20))))
 
-    class Mlp(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = net()
-
-        def training_step(self, batch, _):
-            x, y = batch
-            return nn.functional.cross_entropy(self.net(x), y)
-
-        def validation_step(self, batch, _):
-            x, y = batch
-            self.log("val_acc", (self.net(x).argmax(1) == y).float().mean())
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-4)
-
-    class Batches(torch.utils.data.IterableDataset):
-        def __init__(self, n: int):
-            self.n = n
-
-        def __iter__(self):
-            for i in range(self.n):
-                yield xt[i * 1024:(i + 1) * 1024], yt[i * 1024:(i + 1) * 1024]
-
-        def __len__(self):
-            return self.n
+    Mlp, Batches = mlp_parts(torch, 4096, xt, yt)
 
     def epoch_times(extra) -> list[float]:
         timer = epoch_timer(sync)
