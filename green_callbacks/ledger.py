@@ -54,6 +54,13 @@ class RunLedger:
         self._epoch_eval = (0.0, 0.0)
         self._epoch_start_step = 0
 
+    def restart_steps(self) -> None:
+        """A new trainer counts its steps from 0 again (``step_offset`` has moved past what the run logged):
+        the steps the next interval, evaluation and epoch start from go back to 0 with it, and the stretch
+        since the last evaluation starts anew (the previous fit's end closed it)."""
+        self._last_point_step = self._previous_point_step = self._epoch_start_step = 0
+        self._since_eval = _Since()
+
     def close_interval(self, kind: Kind, step: int, merged: Merged, interval: Measurement, t0: float,
                        epoch: Merged | None, epoch_m: Measurement | None, evaluation: tuple[float, float],
                        metrics: Mapping[str, float], partial: bool = False) -> list[IntervalRecord]:
@@ -149,7 +156,7 @@ class RunLedger:
                 "evaluations": self.evaluations, "points": self.points, "epoch": self.current_epoch,
                 "step_offset": self.step_offset, "last_logged_step": self.last_logged_step,
                 "records": [r.to_json() for r in self.records], "run": asdict(run) if run is not None else None,
-                "local_id": self.local_id}
+                "local_id": self.local_id, "since_eval": self._since_eval.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         from green_callbacks.sinks import RunRef
@@ -165,7 +172,7 @@ class RunLedger:
         self.local_id = state.get("local_id", self.local_id)
         if self.records:
             self._last_point_step = self.records[-1].step - self.step_offset
-            self._since_eval = _Since(self._last_point_step)
+            self._since_eval = _Since.from_state(state.get("since_eval"), self._last_point_step)
         if state.get("run") and self.run is None:
             self.run = RunRef(**state["run"])
         self._params_logged = self.run is not None
@@ -194,6 +201,25 @@ class _Since:
         for component, method in merged.methods.items():
             self.methods.setdefault(component, []).append(method)
         self.peak_w = max(self.peak_w, merged.gpu_peak_w)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of it: a run resumed from a checkpoint between two evaluations (one taken
+        at a logging point) books the next evaluation's whole stretch, not only the part after the resume."""
+        return {"start_step": self.start_step, "start_unix": self.start_unix, "devices": self.devices,
+                "methods": self.methods, "peak_w": self.peak_w}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any] | None, last_point_step: int) -> _Since:
+        """Restored from :meth:`state_dict` (its times relative to the new process's start: 0); a checkpoint
+        without it (older) starts at the last point, as before."""
+        if not state:
+            return cls(last_point_step)
+        since = cls(int(state["start_step"]))
+        since.start_unix = state.get("start_unix")
+        since.devices = {c: dict(d) for c, d in state.get("devices", {}).items()}
+        since.methods = {c: list(m) for c, m in state.get("methods", {}).items()}
+        since.peak_w = float(state.get("peak_w", 0.0))
+        return since
 
     def merged(self) -> Merged:
         methods = {c: Method.weakest([Method(m) for m in ms]).value for c, ms in self.methods.items()}

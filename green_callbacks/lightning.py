@@ -40,26 +40,25 @@ def scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
 
 
-def _step(trainer: pl.Trainer) -> int:
-    """The step Lightning logs at: the index of the latest optimizer step (``global_step - 1``), so energy
-    points overlay the loss and accuracy charts of the same run."""
-    return max(trainer.global_step - 1, 0)
+def _step(trainer: pl.Trainer, counted: bool = False) -> int:
+    """The step Lightning's loggers log at, so energy points overlay the loss and accuracy charts of the
+    same run: ``fit_loop.epoch_loop._batches_that_stepped``, the batches that stepped the optimizers (once
+    a batch whatever the number of optimizers; a micro-batch of an accumulation goes with the step it
+    leads to). A batch's training metrics, and a validation run after it, are logged before the batch is
+    counted; ``counted``: after it was (an epoch's or the run's end), at one less, as Lightning logs the
+    epoch's metrics. Where a Lightning lacks the counter: the latest optimizer step, ``global_step - 1``."""
+    stepped = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", None)
+    if type(stepped) is not int:
+        return max(trainer.global_step - 1, 0)
+    return max(stepped - 1, 0) if counted else stepped
 
 
 def _step_reader(trainer: pl.Trainer) -> Callable[[], int]:
-    """:func:`_step` for every training batch, without ``global_step``'s chain of properties: the loop's
-    optimizer-step counter itself (updated in place, also by a checkpoint's restore), where this Lightning
-    has it and it agrees with ``global_step``; else :func:`_step`."""
-    try:
-        loop = trainer.fit_loop.epoch_loop
-        if trainer.lightning_module.automatic_optimization:
-            total = loop.automatic_optimization.optim_progress.optimizer.step.total
-        else:
-            total = loop.manual_optimization.optim_step_progress.total
-        if total.completed == trainer.global_step:
-            return lambda: max(total.completed - 1, 0)
-    except AttributeError:
-        pass
+    """:func:`_step` for every training batch, without a function call: the loop's counter itself (updated
+    in place, also by a checkpoint's restore), where this Lightning has it."""
+    loop = getattr(trainer.fit_loop, "epoch_loop", None)
+    if type(getattr(loop, "_batches_that_stepped", None)) is int:
+        return lambda: loop._batches_that_stepped
     return lambda: _step(trainer)
 
 
@@ -74,9 +73,11 @@ def _max_steps(trainer: pl.Trainer) -> float | None:
     """The last step of the run on :func:`_step`'s axis (``max_steps``, or ``max_epochs`` x batches, less one);
     inf when unbounded."""
     try:
-        return float(trainer.estimated_stepping_batches) - 1
+        total = float(trainer.estimated_stepping_batches)
     except Exception:  # a loader without len() and no max_steps: Lightning cannot tell
         return None
+    # a finite iterable without len() and no max_steps: Lightning returns max_steps itself, -1
+    return total - 1 if total > 0 else None
 
 
 class EnergyMonitor(EnergyTracker, Callback):
@@ -117,6 +118,22 @@ class EnergyMonitor(EnergyTracker, Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.max_steps = _max_steps(trainer)
         self._batch_step = _step_reader(trainer)
+        progress = getattr(trainer.fit_loop.epoch_loop, "batch_progress", None)
+        if getattr(getattr(progress, "current", None), "completed", 0) > 0:
+            # resumed in the middle of an epoch: Lightning calls no on_train_epoch_start for it, so its window
+            # opens here and its record covers the steps since the checkpoint (its start_step says from where)
+            self.begin_epoch(trainer.current_epoch)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """A checkpoint between points (``ModelCheckpoint(every_n_train_steps=...)``): a point first, and the
+        state saved after it (Lightning took the callbacks' ``state_dict`` just before this hook)."""
+        if self.started and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            if self.before_checkpoint():
+                trainer.should_stop = True
+            callbacks = checkpoint.get("callbacks")
+            if isinstance(callbacks, dict) and self.state_key in callbacks:
+                callbacks[self.state_key] = self.state_dict()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.begin_epoch(trainer.current_epoch, tile=True)  # from where the previous epoch's point left off
@@ -159,11 +176,11 @@ class EnergyMonitor(EnergyTracker, Callback):
             trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.end_epoch(_step(trainer)):
+        if self.end_epoch(_step(trainer, counted=True)):
             trainer.should_stop = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.end_training(_step(trainer))
+        self.end_training(_step(trainer, counted=True))
 
     # -- test / predict ------------------------------------------------------------------------
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -198,6 +198,7 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
             self.reset_run()
         else:
             self.step_offset = self.last_logged_step + 1
+            self.restart_steps()
 
     def _open_sink(self, run_id: str | None, tracking_uri: str | None) -> None:
         from green_callbacks.sinks import MlflowSink, RunTarget
@@ -286,6 +287,18 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         if self.step_periods and any(step % n == 0 for n in self.step_periods):
             return self._check_between_points(step)
         return None
+
+    @never_raises
+    def before_checkpoint(self) -> Decision | None:
+        """A checkpoint is about to be saved (collective: every rank saves): the logging point at the last
+        step seen, unless a point was taken there, so the totals it saves hold everything until it and a run
+        resumed from it neither loses the stretch since the previous point nor labels it wrongly."""
+        if self.meter is None or not self.started:
+            return None
+        step = self._last_step_seen_or_point()
+        if step <= self._last_point_step and self.records:
+            return None
+        return self._point(Kind.POINT, step)
 
     @never_raises
     def before_step(self) -> Decision | None:

@@ -112,6 +112,8 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
             control.should_training_stop = True
         if control.should_evaluate:  # set by HF's DefaultFlowCallback, which runs before user callbacks
             self.begin_evaluation()
+        elif control.should_save and self.before_checkpoint():  # saved next: a point first, so its state holds it
+            control.should_training_stop = True
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:

@@ -6,6 +6,7 @@ work clock where a run must be repeatable to the joule.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -362,3 +363,138 @@ def test_lightning_on_a_gpu_the_evaluation_window_opens_at_its_first_batch(tmp_p
     assert [where for where, _, _ in seen] == ["start", "start"]
     assert not monitor.evaluation_open and monitor._evaluation_due is False
     assert [r.eval_j for r in records_of(monitor, "evaluation")] == [0.0, 0.0]
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization, two optimizers stepped at every batch (a GAN's shape): ``global_step`` counts both."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.a, self.b = torch.nn.Linear(64, 10), torch.nn.Linear(64, 10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for opt, net in zip(self.optimizers(), (self.a, self.b), strict=True):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        self.log("train_loss", loss)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self.a(x).argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.a.parameters(), 0.1), torch.optim.SGD(self.b.parameters(), 0.1)]
+
+
+@pytest.mark.parametrize("shape", ["a validation inside an accumulation", "two optimizers, manual optimization"])
+def test_lightning_energy_is_logged_at_the_loggers_step_however_the_optimizers_step(tmp_path, fake_nvml, shape):
+    """Lightning's loggers log at the batches that stepped (once a batch, whatever the number of optimizers),
+    not at ``global_step``: a validation in the middle of an accumulation, or two optimizers stepping per
+    batch, put ``global_step - 1`` elsewhere. Energy points land at the logger's step, and the cadence
+    between evaluations (every 4 steps here) counts those steps."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = MLFlowLogger(experiment_name="axis", tracking_uri=uri)
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, log_artifacts=False, output_dir=str(tmp_path / "out"),
+                               log_every_n_steps=4)
+    (xt, yt), (xv, yv) = digits_tensors()
+    two = shape.startswith("two")
+    pl.Trainer(max_epochs=2, accumulate_grad_batches=1 if two else 3, val_check_interval=1.0 if two else 0.5,
+               callbacks=[work_clock(fake_nvml), monitor], logger=logger, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+               num_sanity_val_steps=0, log_every_n_steps=1).fit(
+        TwoOptimizers() if two else lightning_digits_module()(),
+        DataLoader(TensorDataset(xt[:256], yt[:256]), batch_size=32),  # 8 batches an epoch
+        DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=64))
+    client, (run,) = runs(uri, "axis")
+    rid = run.info.run_id
+    vals = steps(client, rid, "val_acc")
+    assert vals == ([7, 15] if two else [1, 2, 4, 5])
+    for key in [*EVAL_CONTRACT, "efficiency/val_acc_per_kj"]:
+        assert steps(client, rid, key) == vals, key
+    if two:  # a point every 4 of the logger's steps between the evaluations
+        assert steps(client, rid, "energy/cumulative_j") == [0, 4, 7, 8, 12, 15]
+
+
+def test_lightning_a_finite_iterable_without_len_leaves_the_runs_end_unknown(tmp_path, fake_nvml):
+    """Lightning cannot count a finite iterable without ``len()`` (``estimated_stepping_batches`` returns
+    ``max_steps``, -1): the run's end is unknown, so the stop decides per doubling only and nothing is
+    projected from it; it read as a run with no step left, which stopped a run still climbing."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    (xt, yt), (xv, yv) = digits_tensors()
+
+    class Finite(IterableDataset):
+        def __iter__(self):
+            return ((xt[i * 32:(i + 1) * 32], yt[i * 32:(i + 1) * 32]) for i in range(8))
+
+    pl.seed_everything(0)
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, log_artifacts=False, mlflow=False)
+    trainer = pl.Trainer(max_epochs=12, callbacks=[work_clock(fake_nvml, val_s=0.002), monitor,
+                                                   gl.EfficiencyEarlyStopping(monitor="val_acc")],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer.fit(lightning_digits_module(lr=1e-3)(), DataLoader(Finite(), batch_size=None),
+                DataLoader(TensorDataset(xv, yv), batch_size=512))
+    assert monitor.max_steps is None
+    assert monitor.stop_decision is None and trainer.current_epoch == 12  # still climbing: val_acc 0.14 -> 0.55
+
+
+def test_hf_resume_from_a_checkpoint_between_points_loses_nothing(tmp_path, digits, fake_nvml):  # noqa: F811
+    """A checkpoint between two logging points (saved at step 25; points every 5, evaluations every 10): a point
+    is taken as it is saved, so a run stopped at 27 and resumed from it books the same joules as the run that
+    never stopped, and the evaluation after the resume covers its whole stretch (20 -> 30)."""
+    def train(name, stop_at=None, resume=None):
+        fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+        monitor = gt.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False,
+                                   log_every_n_steps=5)
+        extra = [StopAt(stop_at)] if stop_at else []
+        step_trainer(tmp_path / name, digits, [hf_work_clock(fake_nvml), monitor, *extra], max_steps=60,
+                     save_strategy="steps", save_steps=25).train(resume_from_checkpoint=resume)
+        return monitor
+
+    whole = train("whole")
+    train("parts", stop_at=27)
+    resumed = train("parts", resume=str(tmp_path / "parts" / "hf" / "checkpoint-25"))
+    assert resumed.cumulative_j == pytest.approx(whole.cumulative_j, abs=1e-6)
+    after = [(r.start_step, r.step, round(r.energy_j, 6)) for r in records_of(resumed, "evaluation")]
+    assert after == [(r.start_step, r.step, round(r.energy_j, 6)) for r in records_of(whole, "evaluation")]
+
+
+def test_lightning_resume_in_the_middle_of_an_epoch(tmp_path, fake_nvml):
+    """A step checkpoint in the middle of an epoch (``every_n_train_steps=10``, 8 batches an epoch), a crash at
+    step 13, a resume: the totals are the uninterrupted run's, and the resumed epoch has a record (Lightning
+    calls no ``on_train_epoch_start`` for it) that says it covers the steps since the checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    (xt, yt), (xv, yv) = digits_tensors()
+
+    class Crash(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 13:
+                raise RuntimeError("crash")
+
+    def fit(folder, crash=False, ckpt=None):
+        fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+        monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False)
+        callbacks = [work_clock(fake_nvml, val_s=0.002), monitor,
+                     ModelCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=10, save_top_k=-1),
+                     *([Crash()] if crash else [])]
+        trainer = pl.Trainer(max_epochs=4, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
+        with contextlib.suppress(RuntimeError):
+            trainer.fit(lightning_digits_module()(), DataLoader(TensorDataset(xt[:256], yt[:256]), batch_size=32),
+                        DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=64), ckpt_path=ckpt)
+        return monitor
+
+    whole = fit("whole")
+    fit("parts", crash=True)
+    resumed = fit("parts2", ckpt=str(tmp_path / "parts" / "epoch=1-step=10.ckpt"))
+    assert resumed.cumulative_j == pytest.approx(whole.cumulative_j, abs=1e-6)
+    epochs = records_of(resumed, "epoch")
+    assert [r.step for r in epochs] == [r.step for r in records_of(whole, "epoch")] == [7, 15, 23, 31]
+    assert (epochs[1].start_step, epochs[1].step) == (9, 15)  # the checkpoint's step, where the resume began
+    assert epochs[1].energy_j == pytest.approx(6 * 1.0 + 0.4)  # 6 steps and a validation, on this work clock

@@ -332,6 +332,11 @@ def test_a_monitor_reused_in_a_second_fit_never_logs_a_step_twice(tmp_path, empt
             epochs = steps(client, run.info.run_id, "energy/epoch_j")
             assert len(epochs) == len(set(epochs)), f"{experiment}: a step logged twice {epochs}"
         assert sum(len(steps(client, r.info.run_id, "energy/epoch_j")) for r in found) == points, experiment
+    # the second fit's intervals go forwards from where the first's ended, each covering the steps it says
+    assert all(r.start_step <= r.step for r in given.records), [(r.kind.value, r.start_step, r.step)
+                                                               for r in given.records]
+    assert sorted(r.start_step for r in given.records if r.kind.value == "epoch") == [
+        r.start_step for r in given.records if r.kind.value == "epoch"]
 
 
 @pytest.mark.slow
