@@ -68,9 +68,11 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         args["tracking_uri"] = redact(args.get("tracking_uri"))  # trainer_state.json holds no password
         return {"args": args, "attributes": {"green_state": self.state_dict()}}
 
-    def _start(self, args: TrainingArguments) -> None:
+    def _start(self, args: TrainingArguments, state: TrainerState) -> None:
+        # the session is the TrainerState: each train() makes a new one (two trainers may share one args
+        # object), and evaluate()/predict() after train() see the same one, a later stage of that training
         if not self.started:
-            self.start(_rank(args), _cuda_indices(args), session=args)
+            self.start(_rank(args), _cuda_indices(args), session=state)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
@@ -79,7 +81,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
             self.load_state_dict(saved)
         self._training = True
         self._epoch_pending = False
-        self._start(args)
+        self._start(args, state)
         self.max_steps = float(state.max_steps) if state.max_steps and state.max_steps > 0 else None
         self._remove_count_hook()  # left by a training that crashed
         model = kwargs.get("model")
@@ -130,7 +132,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
                 self.begin_evaluation()
             return
         # evaluate() and predict() share this loop; which one it was is known only at its end
-        self._start(args)
+        self._start(args, state)
         if not self.stage_open("inference"):
             self._steps = [0, 0]  # [steps seen, steps measured]
             self._dataset_len = _length(getattr(kwargs.get("eval_dataloader"), "dataset", None))
@@ -164,8 +166,9 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
             total = round(rate * runtime)
         share = total * measured / seen / args.world_size if seen else 0.0
         self.end_stage("inference", samples=round(share), label=label)
-        # evaluate()/predict() returned to the user, who expects the numbers in MLflow now
-        self.flush()
+        # evaluate()/predict() returns to the user, who expects the numbers in MLflow now and the run ended as
+        # before (as Lightning's teardown ends each stage): the sink closes, its sender stops; a later call reopens
+        self.finish("FINISHED")
 
     def _close_epoch(self, state: TrainerState, control: TrainerControl) -> None:
         self._epoch_pending = False

@@ -102,3 +102,6 @@ def test_evaluate_and_predict_report_joules_per_sample(tmp_path, digits, trackin
         (_, per_sample), = history(client, run_id, f"energy/{stage}_j_per_sample")
         assert samples == 96  # 128 samples in 4 batches; the first batch precedes any HF hook
         assert per_sample == pytest.approx(joules / samples)
+    # each call ends as train() did: the run FINISHED again (not left RUNNING), no sender left, no spool
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert not monitor.started and list((tmp_path / "out").glob("spool-*")) == []

@@ -321,11 +321,15 @@ def test_a_monitor_reused_in_a_second_fit_never_logs_a_step_twice(tmp_path, empt
     logger = MLFlowLogger(experiment_name="logger", tracking_uri=uri)
     given = EnergyMonitor(output_dir=out)  # logs into the logger's run: the second fit continues its steps
     own = HfEnergyMonitor(tracking_uri=uri, experiment_name="hf", output_dir=out)  # its own run: a new one
+    twice = HfEnergyMonitor(tracking_uri=uri, experiment_name="hf-twice", output_dir=out)
     for _ in range(2):
         trainer(tmp_path, [given], max_epochs=2, logger=logger).fit(ValModel())
         hf_trainer(tmp_path, digits, [own], epochs=1).train()
+    same = hf_trainer(tmp_path, digits, [twice], epochs=1)
+    same.train()
+    same.train()  # the same Trainer (and TrainingArguments) again: a new training, so a new run
     client = MlflowClient(uri)
-    for experiment, runs, points in (("logger", 1, 4), ("hf", 2, 2)):
+    for experiment, runs, points in (("logger", 1, 4), ("hf", 2, 2), ("hf-twice", 2, 2)):
         found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
         assert len(found) == runs, experiment
         for run in found:

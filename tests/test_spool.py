@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,14 +23,17 @@ from green_callbacks.sinks.spool import SpoolWriter, State, rejected_path, state
 from helpers import free_port, history
 
 
-def write_spool(path: Path, target: RunTarget, records: list[tuple[str, dict, int | None]]) -> Path:
-    """A spool as a training leaves it when its sender never ran (killed with it, say)."""
+def write_spool(path: Path, target: RunTarget, records: list[tuple[str, dict, int | None]],
+                pid: int | None = None) -> Path:
+    """A spool as a training leaves it when its sender never ran (killed with it, say); ``pid``: the training's,
+    if not this process's."""
 
     def fail(exc: OSError) -> None:
         raise exc
 
     writer = SpoolWriter(path, fail)
-    writer.append("open", spool_header(target, path.stem.removeprefix("spool-")))
+    header = spool_header(target, path.stem.removeprefix("spool-"))
+    writer.append("open", {**header, "pid": pid or header["pid"]})
     for kind, data, step in records:
         writer.append(kind, data, step)
     writer.close()
@@ -180,3 +186,58 @@ def test_unwritable_output_dir_costs_one_warning_and_nothing_else(tmp_path, defa
     assert len(warnings) == 1 and "the MLflow spool is" in warnings[0] and str(blocker) in warnings[0]
     client = MlflowClient(default_store)
     assert [s for s, _ in history(client, sink.run_ref.run_id, "energy/epoch_j")] == [0, 1, 2]
+
+
+def test_a_sender_whose_training_died_before_it_started_sends_and_exits(tmp_path):
+    """A training killed in its first moments, before its sender ran a line: the sender's parent is then already
+    another process, so it takes the training's pid from the spool's header, finds it gone, sends what the spool
+    holds and exits (it had waited for that training for ever, holding the spool's lock)."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    MlflowClient(uri).search_experiments()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    spool = write_spool(tmp_path / "spool-e.jsonl", RunTarget(uri, experiment_name="early"), epochs(2),
+                        pid=int(dead.stdout))
+    root = str(Path(__file__).resolve().parents[1])
+    sender = subprocess.run([sys.executable, "-m", "green_callbacks.sinks", str(spool)], timeout=120,
+                            env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True)
+    assert sender.returncode == 0, sender.stderr
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("early").experiment_id])
+    assert history(client, run.info.run_id, "energy/epoch_j") == [(0, 0.0), (1, 10.0)]
+    assert not spool.exists()
+
+
+@pytest.mark.parametrize("closed", [True, False])
+def test_replay_of_a_closed_spool_while_its_training_process_lives_on(tmp_path, closed):
+    """A notebook or a sweep: ``fit`` returned, its sender gave up, the process lives on. A spool the training
+    closed can be replayed from another process at once; one it may still write to is refused."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    MlflowClient(uri).search_experiments()
+    spool = write_spool(tmp_path / "spool-f.jsonl", RunTarget(uri, experiment_name="notebook"),
+                        [*epochs(2), *([("close", {"wait_s": 0.0}, None)] if closed else [])])  # pid: this process
+    root = str(Path(__file__).resolve().parents[1])
+    replay = subprocess.run([sys.executable, "-m", "green_callbacks.cli", "replay", str(spool), "--wait", "0"],
+                            timeout=120, env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True)
+    if closed:
+        assert replay.returncode == 0, replay.stderr
+        assert not spool.exists()
+    else:
+        assert replay.returncode != 0 and "still running" in replay.stderr
+        assert spool.exists()
+
+
+def test_a_damaged_line_is_set_aside_whole(tmp_path):
+    """A metrics line is 700-800 bytes: one damaged byte, and the whole line goes to the rejected file (replay
+    removes the spool after, so that copy is all there is of it)."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    MlflowClient(uri).search_experiments()
+    metrics = {f"energy/a_metric_with_a_long_name_{i}": 1.0 * i for i in range(30)}
+    spool = write_spool(tmp_path / "spool-g.jsonl", RunTarget(uri, experiment_name="damaged"),
+                        [("metrics", metrics, 0), *epochs(1, start=1)])
+    lines = spool.read_bytes().split(b"\n")
+    damaged = lines[1].replace(b'"kind"', b'"ki\x00d', 1)  # the header is line 1, the long record line 2
+    assert len(damaged) > 700
+    spool.write_bytes(b"\n".join([lines[0], damaged, *lines[2:]]))
+    assert cli(["replay", str(spool)]) == 0
+    (kept,) = [json.loads(line) for line in rejected_path(spool).read_text().splitlines()]
+    assert kept["line"] == 2 and kept["content"].startswith(damaged.decode("utf-8", "replace"))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from green_callbacks.sinks.sender import lock
-from green_callbacks.sinks.spool import State, Unreadable
+from green_callbacks.sinks.spool import Record, State, Unreadable, scan
 from green_callbacks.sinks.vetting import ReplaySender
 from green_callbacks.uris import credentials_in_env, split_credentials
 
@@ -63,7 +63,8 @@ def replay_spool(path: str | Path, tracking_uri: str | None = None, wait_s: floa
         time.sleep(0.5)
     try:
         sender = ReplaySender(spool, uri)
-        _check_writer_gone(sender.header, spool)
+        if not _closed(spool):
+            _check_writer_gone(sender.header, spool)
         before_sent, before_aside = sender.state.sent, sender.state.set_aside
         notes = len(sender.state.notes)
         sender.state.blocked = None  # try again: the run may have been restored
@@ -80,6 +81,17 @@ def replay_spool(path: str | Path, tracking_uri: str | None = None, wait_s: floa
                             state.tracking_uri, complete, state.notes[notes:])
     finally:
         held.close()
+
+
+def _closed(spool: Path) -> bool:
+    """Whether the training closed the spool (its last ``open`` is followed by a ``close`` or ``detach``): it writes
+    nothing more, so with no sender holding it (the lock is ours) it can be replayed while that process lives on
+    (a notebook, a sweep) after its sender gave up or stopped."""
+    closed = False
+    for item in scan(spool, final=True):
+        if isinstance(item, Record):
+            closed = item.kind in ("close", "detach") or (closed and item.kind != "open")
+    return closed
 
 
 def _check_writer_gone(header: dict[str, Any], spool: Path) -> None:

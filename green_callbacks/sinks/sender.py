@@ -282,8 +282,10 @@ def follow(spool: Path) -> int:
     held = lock(spool)
     if held is None:
         return 0  # another sender (or a replay) has it
-    parent = os.getppid()
     sender = Sender(spool)
+    # the training that wrote the header started this sender: if it died before this line ran, the parent is
+    # already another process (init), and the training must count as gone from the start
+    parent = sender.header.get("pid") if isinstance(sender.header.get("pid"), int) else os.getppid()
     sender.state.save(spool)  # with this process's pid, for replay's message
     cadence = float(sender.header.get("cadence_s", 5.0))
     linger = float(sender.header.get("linger_s", 60.0))

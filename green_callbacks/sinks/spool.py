@@ -79,7 +79,7 @@ def parse(raw: bytes, line: int, end: int) -> Record | Unreadable:
         return Record(int(d["seq"]), str(d["kind"]), dict(d.get("data") or {}), d.get("step"), int(d["t"]), line, end)
     except (ValueError, KeyError, TypeError) as exc:
         text = raw.decode("utf-8", "replace")
-        return Unreadable(line, end, f"{text[:500]} ({type(exc).__name__})")
+        return Unreadable(line, end, f"{text} ({type(exc).__name__})")  # whole: set aside, it is all there is of it
 
 
 def scan(path: Path, offset: int = 0, line: int = 0, final: bool = False) -> Iterator[Record | Unreadable]:
