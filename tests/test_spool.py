@@ -204,6 +204,7 @@ def test_a_sender_whose_training_died_before_it_started_sends_and_exits(tmp_path
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("early").experiment_id])
     assert history(client, run.info.run_id, "energy/epoch_j") == [(0, 0.0), (1, 10.0)]
+    assert run.info.status == "KILLED", "the training never ended its run: not left RUNNING for ever"
     assert not spool.exists()
 
 

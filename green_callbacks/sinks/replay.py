@@ -74,6 +74,8 @@ def replay_spool(path: str | Path, tracking_uri: str | None = None, wait_s: floa
             plan(sender.plan(from_user=tracking_uri is not None))
         with credentials_in_env(credentials):
             complete = sender.send()
+            if complete:  # the writer is gone (checked above): a run it opened and never ended was killed
+                sender.mark_vanished()
         state = sender.state
         if complete:
             sender.cleanup()

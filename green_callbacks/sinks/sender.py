@@ -66,6 +66,7 @@ class Sender:
         self.retry_at = 0.0
         self.closed_until: float | None = None  # when the training's close() stops waiting
         self.detached = False
+        self.ended = False  # the training recorded its end (a status, its close or its detach)
         self._noted: set[str] = set()
 
     # -- reading -------------------------------------------------------------------------------
@@ -77,6 +78,19 @@ class Sender:
                 self.read_to = (item.end, item.line)
                 if isinstance(item, Record) and item.kind == "detach":
                     self.detached = True  # the training stopped waiting: from now on the sender is alone
+                if isinstance(item, Record) and item.kind in ("status", "close", "detach"):
+                    self.ended = True
+
+    def mark_vanished(self) -> None:
+        """Everything is sent, and the training is gone without recording its end (kill -9, the OOM killer): a
+        run this package opened is marked ``KILLED`` rather than left ``RUNNING`` for ever."""
+        if self.ended or not self.state.owned or self.client is None or self.client.run_id is None:
+            return
+        try:
+            self.client.set_status("KILLED")
+        except Exception as exc:
+            self.note("killed", f"green-callbacks: the training is gone; its run could not be marked KILLED "
+                                f"({describe(exc)}).")
 
     @property
     def urgent(self) -> bool:
@@ -307,6 +321,8 @@ def follow(spool: Path) -> int:
         if gone and not sender.pending:
             sender.closed_until = sender.closed_until or time.time()
         if sender.finished and sender.state.blocked is None:
+            if gone:
+                sender.mark_vanished()
             sender.state.done = True
             sender.state.save(spool)
             # the training's close() is waiting: it relays the last warnings and removes the files
