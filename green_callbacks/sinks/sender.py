@@ -86,8 +86,9 @@ class Sender:
         run this package opened is marked ``KILLED`` rather than left ``RUNNING`` for ever."""
         if self.ended or not self.state.owned or self.client is None or self.client.run_id is None:
             return
-        try:
-            self.client.set_status("KILLED")
+        try:  # only a run still RUNNING: a training resumed into it since may have ended it already
+            if self.client.status() == "RUNNING":
+                self.client.set_status("KILLED")
         except Exception as exc:
             self.note("killed", f"green-callbacks: the training is gone; its run could not be marked KILLED "
                                 f"({describe(exc)}).")

@@ -156,6 +156,9 @@ class RunClient:
     def set_status(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
 
+    def status(self) -> str:
+        return str(self.client.get_run(self.run_id).info.status)
+
 
 def entities(record: Record) -> tuple[list[Any], list[Any], list[Any]]:
     """A metrics, params or tags record as MLflow entities."""
