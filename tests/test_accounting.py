@@ -29,6 +29,8 @@ def test_cloud_region_and_world_default():
     assert region.label.startswith("gcp:europe-west1") and "cloud.google.com" in region.source
     assert resolve_intensity().g_per_kwh == 481.0
     assert resolve_intensity(g_per_kwh=12.5).label == "explicit"
+    # every region the table ships is found by its name (the source table had gcp me-central1 misspelt)
+    assert resolve_intensity(region="gcp:me-central1").g_per_kwh == 575.0
 
 
 def test_unknown_country_suggests_close_names():

@@ -104,6 +104,22 @@ def test_hydra_instantiate_with_dictconfig_values(tmp_path):
         instantiate(OmegaConf.create({"_target_": "green_callbacks.lightning.EnergyMonitor", "country": "Narnia"}))
 
 
+def test_yaml_anchors_and_merge_keys_are_read_as_yaml_reads_them(tmp_path):
+    """Shared defaults through an anchor and a merge key (``<<: *defaults``), overridden key by key: valid YAML,
+    read as ``yaml.safe_load`` reads it (the duplicate-key check had refused the merge key as invalid)."""
+    yaml_file = tmp_path / "green.yaml"
+    yaml_file.write_text(textwrap.dedent("""
+        defaults: &defaults
+          energy: 2.5 kWh
+          emissions: 100 g
+        budget:
+          <<: *defaults
+          emissions: 300 g
+    """))
+    budget = gl.EnergyBudget.from_file(yaml_file).budget
+    assert (budget.energy_j, budget.emissions_g) == (2.5 * 3.6e6, 300.0)
+
+
 def test_from_yaml_and_toml_files(tmp_path):
     yaml_file = tmp_path / "green.yaml"
     yaml_file.write_text(textwrap.dedent("""

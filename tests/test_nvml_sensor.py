@@ -193,6 +193,32 @@ def test_gpu_lost_mid_run_keeps_the_run_and_the_joules_before(fake_nvml, green_l
     assert green_log.text.count("gpu1: NVML failed") == 1
 
 
+@pytest.mark.parametrize("call", ["nvmlDeviceGetHandleByIndex", "nvmlDeviceGetUUID", "nvmlDeviceGetName"])
+def test_a_gpu_lost_before_the_start_is_unavailable_and_the_others_are_measured(fake_nvml, green_log, monkeypatch,
+                                                                                 call):
+    """One GPU of two fallen off the bus before the sensors start (NVML fails on it while they look the GPUs up):
+    that GPU is 'unavailable' with one warning; the other is measured (it had taken all measurement with it)."""
+    devs = fake_nvml.configure(n=2)
+    real = getattr(fake_nvml, call)
+
+    def lost_on_gpu1(target, *args):
+        if target in (1, devs[1]) or getattr(target, "index", None) == 1:
+            raise fake_nvml.NVMLError(fake_nvml.NVML_ERROR_GPU_IS_LOST)
+        return real(target, *args)
+
+    monkeypatch.setattr(fake_nvml, call, lost_on_gpu1)
+    meter = EnergyMeter([NvmlSensor("all", nvml=fake_nvml)], period_s=0.01).start()
+    try:
+        meter.begin("w")
+        busy_wait(0.3)
+        m = meter.end("w")
+    finally:
+        meter.close()
+    assert m.methods["gpu"]["gpu0"] is Method.COUNTER and m.methods["gpu"]["gpu1"] is Method.UNAVAILABLE
+    assert m.joules["gpu"]["gpu0"] == pytest.approx(truth(devs[0], m), rel=1e-3, abs=0.05)
+    assert green_log.text.count("gpu1: NVML failed on it at start") == 1
+
+
 def test_counter_reset_counts_on(fake_nvml, green_log):
     (dev,) = fake_nvml.configure([{"counter_offset_mj": 10_000_000}])
     meter = EnergyMeter([NvmlSensor("all", nvml=fake_nvml)], period_s=0.01).start()

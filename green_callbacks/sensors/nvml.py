@@ -76,16 +76,34 @@ def resolve_gpus(nvml: Any, gpus: GpuSelection = "auto", cuda_indices: Sequence[
             GPU visible to the process; or a list of CUDA device indices.
         cuda_indices: the CUDA devices the trainer runs on, as the adapter knows them.
     """
-    handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
-    uuids = [_text(nvml.nvmlDeviceGetUUID(h)) for h in handles]
+    handles: list[Any] = []
+    uuids: list[str] = []
+    lost: dict[str, str] = {}  # a device NVML fails on (fallen off the bus): that GPU alone is not measured
+    for i in range(nvml.nvmlDeviceGetCount()):
+        try:
+            h = nvml.nvmlDeviceGetHandleByIndex(i)
+            uuid = _text(nvml.nvmlDeviceGetUUID(h))
+        except Exception as exc:
+            h, uuid = None, f"nvml-device-{i}"  # keeps NVML's order for the devices after it
+            lost[uuid] = f"NVML failed on it at start ({exc!r})"
+        handles.append(h)
+        uuids.append(uuid)
     visible = _visible_ids(nvml, uuids)
     targets = []
     for cuda_index in choose_indices(gpus, cuda_indices, len(visible), os.environ.get("LOCAL_RANK")):
         label = f"gpu{cuda_index}"
         ident = visible[cuda_index] if cuda_index < len(visible) else ""
-        if ident in uuids:
-            h = handles[uuids.index(ident)]
-            name = _text(nvml.nvmlDeviceGetName(h))
+        h = handles[uuids.index(ident)] if ident in uuids else None
+        if ident in lost:
+            targets.append(GpuTarget(cuda_index, None, "unknown", "", f"{label}: {lost[ident]}; not measured."))
+            continue
+        if h is not None:
+            try:
+                name = _text(nvml.nvmlDeviceGetName(h))
+            except Exception as exc:
+                targets.append(GpuTarget(cuda_index, None, "unknown", ident,
+                                         f"{label}: NVML failed on it at start ({exc!r}); not measured."))
+                continue
             if _mig_enabled(nvml, h):
                 targets.append(GpuTarget(cuda_index, None, name, ident, _MIG_REASON.format(label=label)))
             else:
