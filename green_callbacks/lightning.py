@@ -236,6 +236,12 @@ class EfficiencyEarlyStopping(EfficiencyStopper, Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _require_monitor(trainer, type(self).__name__)
         self.resolve("val_loss", "min")
+        val_loop = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None)
+        source = getattr(val_loop, "_data_source", None)  # the val_dataloaders given, or the module's hook
+        if source is not None and not source.is_defined():
+            self.no_evaluations("no val_dataloader")
+        elif trainer.limit_val_batches == 0:
+            self.no_evaluations("limit_val_batches=0")
 
     def state_dict(self) -> dict[str, Any]:
         return self.policy_state()

@@ -127,6 +127,13 @@ class EfficiencyStopper(Stopper):
         self.plateau.mode = args["mode"] or (default_mode if args["monitor"] is None else
                                              ("min" if "loss" in monitor else "max"))
 
+    def no_evaluations(self, why: str) -> None:
+        """The training will never evaluate (``why``): this stopper decides at evaluations, so say once, before
+        the first step, that it cannot stop this run."""
+        log.warning("green-callbacks: %s(monitor=%r) decides at evaluations, and this training has none (%s): it "
+                    "will not stop the run. Give the trainer a validation, or leave the stopper out.",
+                    type(self).__name__, self.monitor, why)
+
     def _missing(self, available: Collection[str]) -> None:
         message = (f"{type(self).__name__}(monitor={self.monitor!r}): no such metric; the evaluation's metrics "
                    f"are {sorted(available)}")

@@ -225,6 +225,8 @@ class EfficiencyEarlyStopping(_HfStopper, EfficiencyStopper, TrainerCallback):
         default = args.metric_for_best_model or "loss"
         greater = args.greater_is_better if args.greater_is_better is not None else "loss" not in default
         self.resolve(_eval_name(default), "max" if greater else "min", _eval_name)
+        if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "no":
+            self.no_evaluations('eval_strategy="no"')
 
 
 class EnergyBudget(_HfStopper, BudgetStopper, TrainerCallback):

@@ -498,3 +498,33 @@ def test_lightning_resume_in_the_middle_of_an_epoch(tmp_path, fake_nvml):
     assert [r.step for r in epochs] == [r.step for r in records_of(whole, "epoch")] == [7, 15, 23, 31]
     assert (epochs[1].start_step, epochs[1].step) == (9, 15)  # the checkpoint's step, where the resume began
     assert epochs[1].energy_j == pytest.approx(6 * 1.0 + 0.4)  # 6 steps and a validation, on this work clock
+
+
+@pytest.mark.parametrize("framework", ["lightning", "hf"])
+def test_an_efficiency_stop_in_a_training_that_never_evaluates_says_so_before_the_first_step(
+        tmp_path, digits, framework, green_log):  # noqa: F811
+    """No validation (Lightning without a val loader, HF ``eval_strategy="no"``): the stopper decides at evaluations,
+    so it says once, at the start, that it cannot stop this run (it had run to the end without a word)."""
+    seen = []
+
+    class FirstStep(pl.Callback if framework == "lightning" else TrainerCallback):
+        def on_train_batch_start(self, *args, **kwargs):
+            seen.append(green_log.text.count("decides at evaluations, and this training has none"))
+
+        def on_step_begin(self, *args, **kwargs):
+            self.on_train_batch_start()
+
+    monitor_kw = {"measure_cpu": True, "mlflow": False, "log_artifacts": False, "output_dir": str(tmp_path / "out")}
+    if framework == "lightning":
+        pl.Trainer(max_epochs=1, limit_train_batches=3, callbacks=[gl.EnergyMonitor(**monitor_kw),
+                                                                   gl.EfficiencyEarlyStopping(monitor="val_acc"),
+                                                                   FirstStep()],
+                   logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                   default_root_dir=tmp_path).fit(lightning_digits_module()(), digits_loaders()[0])
+    else:
+        args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=3, eval_strategy="no", report_to=[],
+                                 save_strategy="no", use_cpu=True, disable_tqdm=True)
+        Trainer(model=hf_digits_model(), args=args, train_dataset=digits[0],
+                callbacks=[gt.EnergyMonitor(**monitor_kw), gt.EfficiencyEarlyStopping(monitor="accuracy"),
+                           FirstStep()]).train()
+    assert seen[0] == 1 and green_log.text.count("decides at evaluations, and this training has none") == 1
