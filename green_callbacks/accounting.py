@@ -8,10 +8,13 @@ import datetime as dt
 import difflib
 import functools
 import itertools
+import logging
 import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+log = logging.getLogger("green_callbacks")
 
 J_PER_KWH = 3.6e6
 WORLD_G_PER_KWH = 481.0
@@ -201,6 +204,14 @@ class Footprint:
     cost: float | None
 
 
+STALE_SERIES_S = 86400.0  # a window this long after the series' last row is past what the series says
+_warned_stale: set[str] = set()  # series already warned about, by path (the Accountant is frozen)
+
+
+def _iso(unix: float) -> str:
+    return dt.datetime.fromtimestamp(unix, dt.UTC).isoformat(timespec="minutes")
+
+
 @dataclass(frozen=True)
 class Accountant:
     """Turns joules spent over a time span into a :class:`Footprint`.
@@ -211,7 +222,9 @@ class Accountant:
             1.1 for hyperscalers, 1.58 as an industry average).
         price_per_kwh: electricity price per facility kWh, for a cost figure.
         currency: the price's currency code, for labels.
-        series: a time series of intensity that overrides ``intensity`` inside its span.
+        series: a time series of intensity that overrides ``intensity``; outside its span its first or
+            last value holds (see :class:`IntensitySeries`), with one warning when a window lies more
+            than a day past its last row (a stale file: the country's figure is not what is used).
     """
 
     intensity: CarbonIntensity
@@ -229,6 +242,13 @@ class Accountant:
 
     def g_per_kwh(self, start_unix: float, end_unix: float) -> float:
         if self.series is not None:
+            last = self.series.times[-1]
+            if end_unix > last + STALE_SERIES_S and str(self.series.path) not in _warned_stale:
+                _warned_stale.add(str(self.series.path))
+                log.warning("green-callbacks: carbon_intensity_csv %s ends at %s; its last value, %g g/kWh, is used "
+                            "for a window %.0f days later (not %s's %g g/kWh). Give a series that covers the run.",
+                            self.series.path, _iso(last), self.series.values[-1], (end_unix - last) / 86400,
+                            self.intensity.label, self.intensity.g_per_kwh)
             return self.series.mean_between(start_unix, end_unix)
         return self.intensity.g_per_kwh
 

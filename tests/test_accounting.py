@@ -101,3 +101,20 @@ def test_import_is_light_and_fast():
             "'pandas') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_series_that_ended_long_before_the_run_is_used_with_one_warning(tmp_path, caplog):
+    """A series whose last row is years before the run: its last value holds (as documented), and one warning says
+    so with the figure the country would have given, instead of a silent override."""
+    import logging
+    import time
+
+    path = tmp_path / "old.csv"
+    path.write_text("2020-01-01T00:00Z,1000\n2020-01-01T01:00Z,900\n")
+    acc = Accountant(resolve_intensity(country="FR"), series=IntensitySeries(path))
+    caplog.set_level(logging.WARNING, logger="green_callbacks")
+    now = time.time()
+    assert acc.g_per_kwh(now, now + 60) == pytest.approx(900)
+    acc.g_per_kwh(now + 60, now + 120)
+    assert caplog.text.count("ends at 2020-01-01T01:00+00:00; its last value, 900 g/kWh") == 1
+    assert "France" in caplog.text or "FRA" in caplog.text
