@@ -12,16 +12,23 @@ MASS_G = {"g": 1.0, "kg": 1e3, "t": 1e6}
 _QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([A-Za-z]*)\s*(?:co2e?)?\s*$", re.I)
 
 
-def _number(name: str, value: object) -> tuple[float, str]:
+def _number(name: str, value: object, co2: bool = False) -> tuple[float, str]:
+    """The number and the unit; ``co2``: a "CO2e" after the unit is allowed (emissions only)."""
     if isinstance(value, bool):
         raise ValueError(f"{name}={value!r} is not a quantity")
     if isinstance(value, int | float):
-        return float(value), ""
+        try:
+            return float(value), ""
+        except OverflowError:
+            raise ValueError(f"{name}={value!r} is too large to be an amount") from None
     if not isinstance(value, str):
         raise ValueError(f"{name}={value!r} must be a number or a string with a unit")
     match = _QUANTITY.match(value)
     if not match:
         raise ValueError(f"{name}={value!r} is not '<number> <unit>'")
+    if not co2 and re.search(r"co2", value, re.I):
+        raise ValueError(f"{name}={value!r}: CO2 is a mass of emissions; give it as the emissions budget "
+                         "(like emissions='300 g')")
     return float(match.group(1)), match.group(2)
 
 
@@ -42,7 +49,7 @@ def parse_energy_j(name: str, value: float | str) -> float:
 
 def parse_mass_g(name: str, value: float | str) -> float:
     """Grams CO2e from a number (grams) or a string with g, kg or t (optionally followed by CO2e)."""
-    number, unit = _number(name, value)
+    number, unit = _number(name, value, co2=True)
     factor = MASS_G.get(unit.lower()) if unit else 1.0
     if factor is None:
         raise ValueError(f"{name}={value!r}: unknown mass unit {unit!r}; choose one of g, kg, t (of CO2e)")

@@ -39,6 +39,11 @@ def test_bad_monitor_arguments_name_the_value_and_the_choices(kwargs, message):
 def test_a_cost_budget_in_energy_units_is_refused():
     with pytest.raises(ValueError, match=r"cost='0.5 kWh': 'kWh' is a unit of energy or mass, not a currency"):
         gl.EnergyBudget(cost="0.5 kWh")
+    for cost in ("0.5 CO2", "0.5 kg CO2"):  # a mass of emissions given as money (it was read as 0.5 EUR)
+        with pytest.raises(ValueError, match=rf"cost='{cost}': CO2 is a mass of emissions.*emissions='300 g'"):
+            gl.EnergyBudget(cost=cost)
+    with pytest.raises(ValueError, match=r"energy=1000+ is too large to be an amount"):
+        gl.EnergyBudget(energy=10**400)  # an int no float holds: named, not an OverflowError
 
 
 def test_a_stopper_with_nothing_measured_fails_before_the_first_step(tmp_path):
