@@ -145,10 +145,14 @@ def _report_experiment(args: argparse.Namespace) -> int:
         print(f"\n{len(missing)} run(s) have no {frame.attrs['energy_column']}: "
               f"{', '.join(missing['run'] + ' (' + missing['run_id'] + ')')}; compare them with --energy "
               f"{'test' if args.energy == 'training' else 'training'}")
-    if args.csv:
-        table.to_csv(args.csv, index=False)
-    if args.markdown:
-        Path(args.markdown).write_text(markdown_table(table))
+    for path, write in ((args.csv, lambda p: table.to_csv(p, index=False)),
+                        (args.markdown, lambda p: Path(p).write_text(markdown_table(table)))):
+        if path:
+            try:
+                write(path)
+            except OSError as exc:
+                print(f"error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+                return 2
     if args.plot:
         plot_pareto(table, args.plot, grouped=bool(args.group_by))
         print(f"plot: {args.plot}")

@@ -107,15 +107,17 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
             "duration_s": (end - run.info.start_time) / 1000.0,
             "metric": name, "value": value,
             "value_per_kj": value / (joules / 1000) if value is not None and joules else None,
-            "method": run.data.tags.get(f"green.method.{stage}.cpu" if stage else "green.method.cpu", ""),
+            "method": _methods(run.data.tags, stage),
             "inference_only": "energy/cumulative_j" not in m})
     if not rows:
         raise ValueError(f"experiment {experiment!r} has no run with green-callbacks energy metrics")
     if metric and all(r["value"] is None for r in rows):
         raise ValueError(f"metric {metric!r} is in no run of {experiment!r}")
     if all(r[column] is None for r in rows):
-        have = sorted({c for c in ENERGY_CHOICES if c != energy})
-        raise ValueError(f"no run of {experiment!r} has {key} (energy={energy!r}); try one of {have}")
+        have = sorted(c for c in ENERGY_CHOICES if c != energy
+                      and any(energy_key(c)[0] in run.data.metrics for run in runs))
+        hint = f"try one of {have}" if have else "no run has the energy of another stage either"
+        raise ValueError(f"no run of {experiment!r} has {key} (energy={energy!r}); {hint}")
     frame = pd.DataFrame(rows)
     if group_by and frame["group"].isna().all():
         raise ValueError(f"group_by={group_by!r} is neither a param nor a tag of any run of {experiment!r}")
@@ -169,6 +171,15 @@ def text_table(frame: pd.DataFrame) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
+
+
+def _methods(tags: dict[str, str], stage: str | None) -> str:
+    """How each component was measured, from the run's ``green.method.<component>`` tags (a stage's own for a
+    test/predict/evaluate column): "gpu counter, cpu estimated"."""
+    prefix = f"green.method.{stage}." if stage else "green.method."
+    found = {k[len(prefix):]: v for k, v in tags.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+    order = {"gpu": 0, "cpu": 1, "dram": 2}
+    return ", ".join(f"{c} {found[c]}" for c in sorted(found, key=lambda c: (order.get(c, 9), c)))
 
 
 def markdown_table(frame: pd.DataFrame) -> str:

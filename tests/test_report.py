@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -63,7 +64,12 @@ def test_inference_only_runs_are_kept_and_the_energy_is_chosen(store, capsys):
     assert set(test["metric"]) == {"test_acc"}  # the metric follows the stage when none is named
     assert test["value_per_kj"].iloc[0] == pytest.approx(0.80 / (0.005 / 1000))
     assert cli(["report", "cmp", "--tracking-uri", uri, "--energy", "predict"]) == 2
-    assert "no run of 'cmp' has energy/predict_j_per_sample" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the stages some run has, not every other stage; and how each component was measured
+    assert "no run of 'cmp' has energy/predict_j_per_sample (energy='predict'); try one of ['test', 'training']" in err
+    assert set(test["method"]) == {"cpu estimated"}
+    assert cli(["report", "cmp", "--tracking-uri", uri, "--markdown", str(Path(uri[10:]).parent / "no" / "t.md")]) == 2
+    assert "error: cannot write" in capsys.readouterr().err  # a clear error, not a traceback
 
 
 def test_runs_of_one_name_are_told_apart_and_every_format_has_the_same_columns(store, tmp_path, capsys):
