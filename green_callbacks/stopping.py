@@ -222,7 +222,10 @@ class BudgetStopper(Stopper):
 
     def _act(self, decision: Decision) -> Decision:
         if decision.should_stop and self.budget.on_exceed == "warn":
-            log.warning("EnergyBudget: %s (on_exceed='warn': training continues).", decision.message)
+            warned = self.__dict__.setdefault("_warned_reasons", set())
+            if decision.reason not in warned:  # once per limit: it stays passed at every later check
+                warned.add(decision.reason)
+                log.warning("EnergyBudget: %s (on_exceed='warn': training continues; said once).", decision.message)
             return Decision(False)
         return decision
 
