@@ -137,6 +137,9 @@ class EfficiencyStopper(Stopper):
     def _missing(self, available: Collection[str]) -> None:
         message = (f"{type(self).__name__}(monitor={self.monitor!r}): no such metric; the evaluation's metrics "
                    f"are {sorted(available)}")
+        if not available:  # nothing at all: the metrics came after the point that booked the evaluation
+            message += (" (none were reported for it: in a plain loop, call tracker.report(...) before the epoch "
+                        "block that holds the evaluation ends)")
         if self.strict:
             raise MonitorError(f"{message}. Log it under that name, or pass strict=False to wait for it.")
         if not self._warned_missing:
