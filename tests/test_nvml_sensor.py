@@ -13,6 +13,17 @@ from green_callbacks.sensors import Method, NvmlSensor, build_sensors
 from helpers import busy_wait, truth
 
 
+def one_window(sensor, seconds: float, **meter_kw):
+    """One window of ``seconds`` of busy work, measured by a meter over ``sensor``."""
+    meter = EnergyMeter([sensor], **meter_kw).start()
+    try:
+        meter.begin("w")
+        busy_wait(seconds)
+        return meter.end("w")
+    finally:
+        meter.close()
+
+
 def test_counter_path_matches_exact_energy(fake_nvml):
     devs = fake_nvml.configure([{"profile_seed": 1}, {"profile_seed": 2}])
     meter = EnergyMeter([NvmlSensor("all", nvml=fake_nvml)]).start()
@@ -207,13 +218,7 @@ def test_a_gpu_lost_before_the_start_is_unavailable_and_the_others_are_measured(
         return real(target, *args)
 
     monkeypatch.setattr(fake_nvml, call, lost_on_gpu1)
-    meter = EnergyMeter([NvmlSensor("all", nvml=fake_nvml)], period_s=0.01).start()
-    try:
-        meter.begin("w")
-        busy_wait(0.3)
-        m = meter.end("w")
-    finally:
-        meter.close()
+    m = one_window(NvmlSensor("all", nvml=fake_nvml), 0.3, period_s=0.01)
     assert m.methods["gpu"]["gpu0"] is Method.COUNTER and m.methods["gpu"]["gpu1"] is Method.UNAVAILABLE
     assert m.joules["gpu"]["gpu0"] == pytest.approx(truth(devs[0], m), rel=1e-3, abs=0.05)
     assert green_log.text.count("gpu1: NVML failed on it at start") == 1
@@ -242,13 +247,7 @@ def test_cuda_visible_devices_maps_by_uuid(fake_nvml, monkeypatch):
     sensor = NvmlSensor("all", nvml=fake_nvml)
     assert sensor.devices == ["gpu0", "gpu1"]
     assert sensor.describe()["gpu0"].endswith(f"({devs[2].uuid})")
-    meter = EnergyMeter([sensor]).start()
-    try:
-        meter.begin("w")
-        busy_wait(0.5)
-        m = meter.end("w")
-    finally:
-        meter.close()
+    m = one_window(sensor, 0.5)
     assert m.joules["gpu"]["gpu0"] == pytest.approx(truth(devs[2], m), rel=1e-3, abs=0.05)
     assert m.joules["gpu"]["gpu1"] == pytest.approx(truth(devs[0], m), rel=1e-3, abs=0.05)
     # each DDP rank measures only its own device: LOCAL_RANK picks it under "auto"
