@@ -242,3 +242,20 @@ def test_a_damaged_line_is_set_aside_whole(tmp_path):
     assert cli(["replay", str(spool)]) == 0
     (kept,) = [json.loads(line) for line in rejected_path(spool).read_text().splitlines()]
     assert kept["line"] == 2 and kept["content"].startswith(damaged.decode("utf-8", "replace"))
+
+
+@pytest.mark.slow
+def test_a_run_deleted_under_the_training_ends_with_the_senders_reason_not_a_promise(tmp_path, green_log):
+    """The run is deleted in MLflow while the training logs: the sender stops (nothing more can go to it) and the
+    end's warning says so and gives the replay command, instead of 'its sender keeps trying for up to 60 s'."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    sink = MlflowSink(RunTarget(uri, experiment_name="deleted"), tmp_path / "out")
+    sink.log_metrics({"energy/epoch_j": 0.0}, step=0)
+    assert sink.flush(60), "the run exists and took the first record"
+    MlflowClient(uri).delete_run(sink.run_ref.run_id)
+    sink.log_metrics({"energy/epoch_j": 1.0}, step=1)
+    sink.set_status("FINISHED")
+    assert not sink.close(timeout_s=20)
+    (warning,) = [r.getMessage() for r in green_log.records if "not yet confirmed" in r.getMessage()]
+    assert "its sender stopped:" in warning and "is deleted" in warning and "keeps trying" not in warning
+    assert f"green-callbacks replay {sink.spool_path}" in warning

@@ -316,8 +316,9 @@ class MlflowSink:
         else:
             uri = self._run_ref.tracking_uri if self._run_ref else self._state.tracking_uri or "its tracking URI"
             lost = f"; {writer.unwritten} could not be written to it and are lost" if writer.unwritten else ""
-            trying = (f"; its sender keeps trying for up to {self.linger_s:g} s"
-                      if not self._sender_gone() else "")
+            blocked = getattr(self._state, "blocked", None)
+            trying = (f"; its sender stopped: {blocked}" if blocked else
+                      f"; its sender keeps trying for up to {self.linger_s:g} s" if not self._sender_gone() else "")
             log.warning("green-callbacks: %d records are not yet confirmed by MLflow at %s; they are kept in %s%s%s. "
                         "Send them with: green-callbacks replay %s", self._unsent(), uri, writer.path, lost, trying,
                         writer.path)
