@@ -128,7 +128,8 @@ class EnergyMonitor(EnergyTracker, Callback):
                            checkpoint: dict[str, Any]) -> None:
         """A checkpoint between points (``ModelCheckpoint(every_n_train_steps=...)``): a point first, and the
         state saved after it (Lightning took the callbacks' ``state_dict`` just before this hook)."""
-        if self.started and trainer.state.fn == "fit" and not trainer.sanity_checking:
+        # not while interrupted (OnExceptionCheckpoint saves on the rank that failed: no collective point then)
+        if self.started and trainer.state.fn == "fit" and not trainer.sanity_checking and not trainer.interrupted:
             if self.before_checkpoint():
                 trainer.should_stop = True
             callbacks = checkpoint.get("callbacks")
