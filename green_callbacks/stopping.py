@@ -209,6 +209,7 @@ class BudgetStopper(Stopper):
             raise ValueError(f"check_every_n_steps={check_every_n_steps!r} must be an integer >= 1 or None")
         self.check_every_n_steps = check_every_n_steps
         self.projection_warned = False
+        self._warned_reasons: set[Any] = set()  # limits passed in warn mode: said once each
         self._init_args = {"energy": energy, "emissions": emissions, "cost": cost, "on_exceed": on_exceed,
                            "check_every_n_steps": check_every_n_steps}
 
@@ -225,9 +226,8 @@ class BudgetStopper(Stopper):
 
     def _act(self, decision: Decision) -> Decision:
         if decision.should_stop and self.budget.on_exceed == "warn":
-            warned = self.__dict__.setdefault("_warned_reasons", set())
-            if decision.reason not in warned:  # once per limit: it stays passed at every later check
-                warned.add(decision.reason)
+            if decision.reason not in self._warned_reasons:  # once per limit: it stays passed at every later check
+                self._warned_reasons.add(decision.reason)
                 log.warning("EnergyBudget: %s (on_exceed='warn': training continues; said once).", decision.message)
             return Decision(False)
         return decision
