@@ -1,9 +1,12 @@
-"""EnergyTracker: the framework-free core every adapter drives: intervals, ranks, stoppers, resume.
+"""EnergyTracker: the framework-free core every adapter drives: its lifecycle and windows.
 
 A run is cut into consecutive intervals at *points*: every evaluation, every epoch end, every N
-training steps between them, and the end. Each point closes the meter's ``interval`` window
-(one sensor read, one all-gather under DDP), adds it to the run's totals, logs the point at the
-trainer's global step and asks the stoppers. Epoch and evaluation windows run beside it.
+training steps between them, and the end. The tracker starts and ends the run (sensors, meter,
+MLflow sink, outputs) and opens the epoch and evaluation windows; each concern of a point has its
+own file: the point and the step cadence (``points``), the run's totals and resume state
+(``ledger``), the stoppers and their one reduction across ranks (``decisions``), the metric
+contract (``records``), how a process ends (``process``), throughput (``throughput``), later
+stages (``stages``) and the plain loop's context managers (``loop``).
 """
 
 from __future__ import annotations
@@ -14,24 +17,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from green_callbacks import __version__, outputs, process
+from green_callbacks import outputs, process
 from green_callbacks.accounting import Accountant, IntensitySeries, resolve_intensity
 from green_callbacks.decisions import StopperHost
 from green_callbacks.distributed import RankInfo, gather
 from green_callbacks.ledger import RunLedger
 from green_callbacks.loop import LoopHost
 from green_callbacks.meter import DEFAULT_PERIOD_S, EnergyMeter, Measurement
+from green_callbacks.points import PointHost
 from green_callbacks.policies import Decision
 from green_callbacks.process import never_raises
 from green_callbacks.records import (
-    IntervalRecord,
     Kind,
     batch_size,
-    merge_ranks,
-    point_metrics,
-    run_facts,
     total_metrics,
-    window_payload,
 )
 from green_callbacks.sensors import GpuSelection, build_sensors
 from green_callbacks.stages import StageHost
@@ -39,10 +38,8 @@ from green_callbacks.stopping import Stopper
 from green_callbacks.throughput import ThroughputHost
 from green_callbacks.validation import check_tracker_args
 
-CALIBRATION_STEPS = 10  # steps timed at the start to turn log_every_s into a step count
 
-
-class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger):
+class EnergyTracker(PointHost, LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger):
     """Measures a training job interval by interval and logs it to MLflow; the adapters drive it.
 
     Args:
@@ -79,8 +76,6 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
         log_every_s: the wanted time between logging points when ``log_every_n_steps`` is
             ``None``: the first 10 steps are timed (the slowest rank's) and turned into a step count.
     """
-
-    _due: int | None = None  # a logging point due at this step, not yet taken (set per run by start)
 
     def __init__(
         self,
@@ -264,118 +259,6 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
             return None
         return self._point(Kind.EPOCH, step, collective=collective)
 
-    @never_raises
-    def on_step(self, step: int, batch: Any = None) -> Decision | None:
-        """After every optimizer step (or micro-batch, ``batch`` counted for throughput): a logging point every
-        N steps, and budget checks where asked.
-
-        A step where nothing is due costs two comparisons and a modulo. A logging point that falls
-        due is taken at the start of the next step (:meth:`before_step`), unless an evaluation or an
-        epoch end at this same step takes it first: one point, and one cumulative value, per step.
-        """
-        if self.meter is None:
-            return None
-        if batch is not None and self.started:
-            self.batch_counter.add(batch)
-        if step == self._last_step_seen:  # another micro-batch of the same optimizer step
-            return None
-        self._last_step_seen = step
-        if self._every is None:
-            self._calibrate(step)
-        elif step % self._every == 0:
-            self._due = step
-        if self.step_periods and any(step % n == 0 for n in self.step_periods):
-            return self._check_between_points(step)
-        return None
-
-    @never_raises
-    def before_checkpoint(self) -> Decision | None:
-        """A checkpoint is about to be saved (collective: every rank saves): the logging point at the last
-        step seen, unless a point was taken there, so the totals it saves hold everything until it and a run
-        resumed from it neither loses the stretch since the previous point nor labels it wrongly."""
-        if self.meter is None or not self.started:
-            return None
-        step = self._last_step_seen_or_point()
-        if step <= self._last_point_step and self.records:
-            return None
-        return self._point(Kind.POINT, step)
-
-    @never_raises
-    def before_step(self) -> Decision | None:
-        """Before an optimizer step: the logging point that fell due at the previous one, if nothing took it."""
-        if self._due is None or self.meter is None:
-            return None
-        return self._point(Kind.POINT, self._due)
-
-    def _calibrate(self, step: int) -> None:
-        """Turn ``log_every_s`` into a step count every rank agrees on (the slowest rank's step time)."""
-        if self._calibration is None:
-            self._calibration = (step, time.monotonic())
-        elif step == self._calibration[0] + CALIBRATION_STEPS:
-            step_s = max(gather((time.monotonic() - self._calibration[1]) / CALIBRATION_STEPS))
-            self._every = max(1, round(self.log_every_s / step_s)) if step_s > 0 else CALIBRATION_STEPS
-
-    # -- points -----------------------------------------------------------------------------
-    def _point(self, kind: Kind, step: int, metrics: dict[str, float] | None = None,
-               collective: bool = True, epoch_ends: bool = False) -> Decision | None:
-        """Close the interval since the previous point (and the epoch, at an epoch end or at an evaluation
-        that ``epoch_ends`` it); log; decide."""
-        assert self.meter is not None
-        self._due = None
-        node = (self.rank.rank, self.rank.node)
-        # the windows this point closes, at one instant with one sensor read
-        epoch_ends = kind is Kind.EPOCH or (epoch_ends and self.meter.is_open("epoch"))
-        names = ["interval", *(["epoch"] if epoch_ends else []),
-                 *(["evaluation"] if kind is Kind.EVALUATION and self.meter.is_open("evaluation") else [])]
-        closed = dict(zip(names, self.meter.end_many(names, reopen=("interval",)), strict=True))
-        interval, epoch_m = closed["interval"], closed.get("epoch")
-        self.last_window = epoch_m or self.last_window
-        eval_m = closed.get("evaluation", self._eval_window) if kind is Kind.EVALUATION else None
-        self._eval_window = None
-        payload: dict[str, Any] = {
-            "interval": window_payload(interval, *node),
-            "epoch": window_payload(epoch_m, *node) if epoch_m is not None else None,
-            "eval": (eval_m.total_j, eval_m.duration_s) if eval_m is not None else (0.0, 0.0),
-            "names": self.meter.describe() if not self._params_logged else None, "work": self.take_work()}
-        payloads = gather(payload) if collective else [payload]
-        merged = merge_ranks([p["interval"] for p in payloads])
-        epoch_merged = merge_ranks([p["epoch"] for p in payloads]) if epoch_m is not None else None
-        eval_j, eval_s = sum(p["eval"][0] for p in payloads), max(p["eval"][1] for p in payloads)
-        records = self.close_interval(kind, step, merged, interval, self.meter.t0_s, epoch_merged, epoch_m,
-                                      (eval_j, eval_s), metrics or {}, partial=self._finishing_status is not None
-                                      and self._finishing_status != "FINISHED")
-        if epoch_m is not None:
-            self._epoch_closed_at = len(self.records)  # the next epoch starts here unless another point comes
-        self._log_point(records, [p["names"] for p in payloads if p["names"] is not None],
-                        self.throughput_of([p["work"] for p in payloads], merged.total_j - eval_j))
-        if self.sink is not None:
-            self.sink.interval_end()
-        return self._decide(records[0], collective)
-
-    def _log_point(self, records: Sequence[IntervalRecord], names: Sequence[Mapping[str, Mapping[str, str]]],
-                   throughput: Mapping[str, float]) -> None:
-        """The metric contract at one point (see ``records``): its records' metrics (an evaluation's and the
-        epoch's where an evaluation ends the epoch) and throughput, in one record at one step; rank 0 only."""
-        if not self.rank.is_zero or self.sink is None:
-            return
-        first = records[0]
-        if not self._params_logged:
-            self._params_logged = True
-            params, tags = run_facts(self.accountant.as_params(), self.rank.world_size, __version__, first, names)
-            self.sink.log_params(params)
-            self.sink.set_tags(tags)
-        out = point_metrics(first, first.step > self.last_logged_step, self._last_point_j, self.efficiency_metrics)
-        for record in records[1:]:
-            out.update(point_metrics(record, False, self._last_point_j, self.efficiency_metrics))
-        out.update(throughput)
-        if out:
-            self.sink.log_metrics(out, step=first.step)
-            self.last_logged_step = max(self.last_logged_step, first.step)
-
-    def _log(self, metrics: Mapping[str, float], step: int) -> None:
-        if self.rank.is_zero and self.sink is not None and metrics:
-            self.sink.log_metrics(metrics, step=step + self.step_offset)
-
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait (at most ``timeout_s``) until MLflow has what was logged so far; outside training only."""
         return self.sink.flush(timeout_s) if self.sink is not None else True
@@ -428,9 +311,6 @@ class EnergyTracker(LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger)
             self.started = False
             self._finishing_status = None
             process.unregister(self)
-
-    def _last_step_seen_or_point(self) -> int:
-        return max(self._last_step_seen, self._last_point_step)
 
     def _atexit(self) -> None:
         if self.started and not self._finished:
