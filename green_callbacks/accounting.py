@@ -62,10 +62,16 @@ def _unknown(kind: str, value: str, choices: list[str], hint: str = "") -> Value
     return ValueError(f"unknown {kind} {value!r}.{near}{hint}")
 
 
+# codes people write that ISO 3166 reserves for another use: UK for GB (reserved at the UK's request), EL for GR
+# (the EU's code for Greece)
+_COUNTRY_ALIASES = {"UK": "GB", "EL": "GR"}
+
+
 def country_intensity(country: str) -> CarbonIntensity:
     """Intensity of a country by ISO alpha-2, alpha-3 or English name (case-insensitive)."""
     table = country_table()
     key = country.strip()
+    key = _COUNTRY_ALIASES.get(key.upper(), key)
     row = table.get(key.upper()) or table.get(key.lower())
     if row is None:
         names = sorted({r["country"] for r in table.values()})

@@ -61,8 +61,9 @@ def _intensity(args: argparse.Namespace) -> int:
         for key, row in sorted(region_table().items()):
             print(f"{key:<32} {float(row['g_co2e_per_kwh']):8.1f}  {row['location']}")
         return 0
-    ci = resolve_intensity(country=args.name if args.name and ":" not in args.name else None,
-                           region=args.name if args.name and ":" in args.name else None)
+    name = args.name  # None: not given, the world average; "" is a value, and an unknown one
+    ci = resolve_intensity(country=name if name is not None and ":" not in name else None,
+                           region=name if name is not None and ":" in name else None)
     print(f"{ci.label}: {ci.g_per_kwh:g} gCO2e/kWh ({ci.year}); source: {ci.source}")
     return 0
 

@@ -24,6 +24,13 @@ def test_country_by_alpha2_alpha3_or_name(name):
     assert ci.year in ("2022", "2023") and "Our World in Data" in ci.source
 
 
+@pytest.mark.parametrize("name,label", [("UK", "United Kingdom (GBR)"), ("uk", "United Kingdom (GBR)"),
+                                        ("EL", "Greece (GRC)")])
+def test_country_codes_people_write_outside_iso(name, label):
+    # ISO 3166 reserves UK (for GB) and EL (the EU's code for GR): both are what people write
+    assert resolve_intensity(country=name).label == label
+
+
 def test_cloud_region_and_world_default():
     region = resolve_intensity(region="gcp:europe-west1")
     assert region.label.startswith("gcp:europe-west1") and "cloud.google.com" in region.source

@@ -40,6 +40,8 @@ def test_intensity(capsys):
     assert cli(["intensity", "Swedn"]) == 2
     err = capsys.readouterr().err
     assert "Did you mean:" in err and "Sweden" in err
+    assert cli(["intensity", ""]) == 2  # an empty name is a value, not "none given" (the world average)
+    assert "unknown country ''" in capsys.readouterr().err
     assert cli(["intensity", "--list"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 213 + 40
 
