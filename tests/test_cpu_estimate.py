@@ -12,7 +12,7 @@ import pytest
 
 from green_callbacks.meter import EnergyMeter
 from green_callbacks.sensors import CpuEstimateSensor, Method
-from green_callbacks.sensors.cpu_power import DEFAULT_CORE_W, _cgroup_quota_cpus, core_power, known_tdp
+from green_callbacks.sensors.cpu_power import DEFAULT_CORE_W, ProcessTree, _cgroup_quota_cpus, core_power, known_tdp
 
 # A fixed CPU workload in its own interpreter, measured by the estimate of both scopes at once.
 WORKLOAD = """
@@ -110,6 +110,37 @@ def test_dataloader_workers_are_attributed_to_the_training():
     assert charged_s >= 0.9 * worker_s  # the workers' seconds are in, not only the main process's
     assert worker_s > 2 * main_s  # ... which alone could not account for them
     assert "process tree of pid" in sensor.describe()["attribution"]
+
+
+def test_the_process_tree_finds_grandchildren_by_its_own_threads_or_by_a_machine_scan(monkeypatch):
+    import psutil
+
+    # two children, each with two children of its own (spawned from a second thread of the child, which
+    # the kernel lists under that thread, not the main one)
+    code = ("import subprocess, threading, time\n"
+            "ps = []\n"
+            "t = threading.Thread(target=lambda: ps.extend(subprocess.Popen(['sleep', '30']) for _ in range(2)))\n"
+            "t.start(); t.join(); time.sleep(30)\n")
+    kids = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 20
+        while len(psutil.Process().children(recursive=True)) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        truth = sorted(c.pid for c in psutil.Process().children(recursive=True))
+        assert len(truth) == 6
+        tree = ProcessTree(psutil)
+        assert tree.walks_children_files  # Linux with CONFIG_PROC_CHILDREN, as every CI machine here
+        assert sorted(c.pid for c in tree.descendants(tree.root)) == truth
+        tree.cpu_seconds(0.0)
+        assert tree.processes == 7
+        tree.walks_children_files = False  # a kernel without the files: psutil's scan of every process
+        assert sorted(c.pid for c in tree.descendants(tree.root)) == truth
+    finally:
+        for k in kids:
+            for c in psutil.Process(k.pid).children(recursive=True):
+                c.kill()
+            k.kill()
+            k.wait()
 
 
 def test_cgroup_quota_limits_the_usable_cpus(tmp_path):
