@@ -35,9 +35,28 @@ def _mlflow_logger_run(trainer: pl.Trainer) -> tuple[str | None, str | None]:
     return None, None
 
 
-def scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
-    """The trainer's scalar callback metrics as floats."""
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+def _sanity_metric_names(trainer: pl.Trainer) -> set[str]:
+    """The names the sanity check's validation logged. With several val dataloaders Lightning leaves
+    ``callback_metrics`` empty through the sanity check, so the names come from the loop's results too,
+    as Lightning will name them (``val_acc/dataloader_idx_0``); ``set()`` where neither says anything."""
+    names = set(trainer.callback_metrics)
+    results = getattr(trainer, "_results", None)
+    try:
+        for metric in results.values():  # type: ignore[union-attr]
+            for on_step in (True, False):
+                names.update(results._forked_name(metric, on_step))  # type: ignore[union-attr]
+    except Exception:  # another Lightning: what callback_metrics holds
+        pass
+    return names
+
+
+def _fresh_metrics(trainer: pl.Trainer, before: dict[str, Any] | None) -> dict[str, float]:
+    """This validation's scalar metrics: Lightning keeps a metric's last value in ``callback_metrics`` when a
+    validation does not log it (a metric logged every other validation); such a value is the very tensor an
+    earlier validation left (``before``), not a new measurement, and is left out."""
+    before = before or {}
+    return {k: float(v) for k, v in trainer.callback_metrics.items()
+            if before.get(k) is not v and getattr(v, "numel", lambda: 1)() == 1}
 
 
 def _step(trainer: pl.Trainer, counted: bool = False) -> int:
@@ -93,6 +112,7 @@ class EnergyMonitor(EnergyTracker, Callback):
 
     _batch_step: Callable[[], int] | None = None  # this fit's step reader, from on_train_start
     _evaluation_due = False  # a validation started on a GPU: its window opens at its first batch
+    _metrics_before: dict[str, Any] | None = None  # callback_metrics at the previous validation's end
 
     # Lightning reads state_key at every hook call (profiler names): built once, then a dict lookup
     @functools.cached_property
@@ -117,6 +137,7 @@ class EnergyMonitor(EnergyTracker, Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.max_steps = _max_steps(trainer)
+        self._metrics_before = None
         self._batch_step = _step_reader(trainer)
         progress = getattr(trainer.fit_loop.epoch_loop, "batch_progress", None)
         if getattr(getattr(progress, "current", None), "completed", 0) > 0:
@@ -171,10 +192,15 @@ class EnergyMonitor(EnergyTracker, Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._evaluation_due = False  # a validation without batches opened no window
         if trainer.sanity_checking:
+            names = _sanity_metric_names(trainer)
             for stopper in self.stoppers:  # a typo in a monitored metric fails here, before the first step
-                stopper.require_metric(scalar_metrics(trainer))
-        elif self.started and self.end_evaluation(_step(trainer), scalar_metrics(trainer), _ends_epoch(trainer)):
-            trainer.should_stop = True
+                if names:  # (a validation that logged nothing tells nothing: its first real run will)
+                    stopper.require_metric(names)
+        elif self.started:
+            metrics = _fresh_metrics(trainer, self._metrics_before)
+            self._metrics_before = dict(trainer.callback_metrics)
+            if self.end_evaluation(_step(trainer), metrics, _ends_epoch(trainer)):
+                trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.end_epoch(_step(trainer, counted=True)):

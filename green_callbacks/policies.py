@@ -151,6 +151,7 @@ class EfficiencyPlateau:
         self.first_j: float | None = None
         self.wait = 0  # evaluations in a row at or below the threshold
         self.bad = 0  # non-finite metrics in a row
+        self.seen = False  # whether any evaluation has reported the metric
         self.gain: float | None = None  # the statistic at the latest evaluation, None until it decides
         self.gain_to_end: float | None = None  # the gain the rest of the run can buy, where under a doubling is left
         self._warned: set[str] = set()
@@ -163,6 +164,7 @@ class EfficiencyPlateau:
     def update(self, value: float, cumulative_j: float, final_j: float | None = None) -> Decision:
         """One evaluation's metric, the run's cumulative joules at it and, where known, at the run's end."""
         self.gain = self.gain_to_end = None
+        self.seen = True
         value = float(value)
         if not math.isfinite(value):
             self.bad += 1
@@ -229,12 +231,13 @@ class EfficiencyPlateau:
 
     def state_dict(self) -> dict[str, Any]:
         return {"window": [list(p) for p in self.window], "first_j": self.first_j, "wait": self.wait,
-                "bad": self.bad, "gain": self.gain}
+                "bad": self.bad, "gain": self.gain, "seen": self.seen}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.window = [(float(j), float(v)) for j, v in state["window"]]
         self.first_j = state["first_j"]
         self.wait, self.bad, self.gain = int(state["wait"]), int(state["bad"]), state["gain"]
+        self.seen = bool(state.get("seen", self.first_j is not None or self.bad))
 
 
 @dataclass(frozen=True)

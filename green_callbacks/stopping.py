@@ -88,7 +88,9 @@ class EfficiencyStopper(Stopper):
             evaluation and the last doubling of energy holds this many evaluations (at least 2).
         strict: a ``monitor`` missing from an evaluation's metrics (or from Lightning's sanity
             check) raises :class:`~green_callbacks.policies.MonitorError`; ``False`` warns once
-            and waits for it, for a metric first logged at a later evaluation.
+            and waits for it, for a metric first logged at a later evaluation. Once logged, a
+            metric missing from a later evaluation (logged every other one) is not an error either
+            way: that evaluation is no check, and an earlier value is never used again.
         verbose: log the statistic at every evaluation.
     """
 
@@ -155,7 +157,12 @@ class EfficiencyStopper(Stopper):
         if not progress.evaluation:
             return CONTINUE
         if self.monitor not in progress.metrics:
-            self._missing(progress.metrics)
+            if self.plateau.seen:  # logged at earlier evaluations, not at this one: nothing new to decide on
+                self.plateau._warn_once("absent", "EfficiencyEarlyStopping: %s was not logged at this evaluation "
+                                        "(step %d), as at earlier ones; it decides only where it is logged, "
+                                        "never on an earlier value", self.monitor, progress.step)
+            else:
+                self._missing(progress.metrics)
             return CONTINUE
         end = progress.projected_end
         decision = self.plateau.update(progress.metrics[self.monitor], progress.so_far.j,

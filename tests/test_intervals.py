@@ -7,6 +7,7 @@ work clock where a run must be repeatable to the joule.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 
@@ -241,6 +242,61 @@ def test_a_metric_appearing_late_waits_with_strict_false(tmp_path, green_log):
                       num_sanity_val_steps=0)
     assert t.current_epoch == 5, "trained on"
     assert green_log.text.count("score") >= 1
+
+
+def two_loader_module():
+    base = lightning_digits_module()
+
+    class TwoLoaders(base):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            x, y = batch
+            self.log("val_acc", (self.net(x).argmax(-1) == y).float().mean())
+
+    return TwoLoaders()
+
+
+@pytest.mark.parametrize("monitor,ok", [("val_acc/dataloader_idx_1", True), ("val_acc", False)])
+def test_with_two_val_dataloaders_the_sanity_check_knows_lightnings_names(tmp_path, monitor, ok):
+    # Lightning leaves callback_metrics empty through the sanity check when there are several val
+    # dataloaders; the right name must pass it and a wrong one still fail before the first step
+    (xt, yt), (xv, yv) = digits_tensors()
+    counter = CountSteps()
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path,
+                         callbacks=[gl.EnergyMonitor(mlflow=False, log_artifacts=False),
+                                    gl.EfficiencyEarlyStopping(monitor=monitor), counter])
+    fit = functools.partial(trainer.fit, two_loader_module(), DataLoader(TensorDataset(xt[:256], yt[:256]),
+                                                                         batch_size=64),
+                            [DataLoader(TensorDataset(xv[:200], yv[:200]), batch_size=100),
+                             DataLoader(TensorDataset(xv[200:], yv[200:]), batch_size=100)])
+    if ok:
+        fit()
+        assert trainer.current_epoch == 2 and counter.steps == 8
+    else:
+        with pytest.raises(ValueError, match=r"val_acc.*val_acc/dataloader_idx_0"):
+            fit()
+        assert counter.steps == 0
+
+
+def test_a_metric_not_logged_at_an_evaluation_is_not_read_again_from_an_earlier_one(tmp_path, fake_nvml,
+                                                                                   green_log):
+    # Lightning keeps a metric's last value in callback_metrics when a validation does not log it; a
+    # flat run of such repeats must not look like a plateau, nor be logged as new efficiency points
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    values = [0.5, 0.6, 0.7] + [None] * 9
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=uri, output_dir=str(tmp_path / "out"),
+                               log_artifacts=False, efficiency_metrics=["score"])
+    stopper = gl.EfficiencyEarlyStopping(monitor="score", min_evaluations=2, patience=2)  # strict: no error either
+    t = lightning_fit(tmp_path, val_module(values), [monitor, stopper, work_clock(fake_nvml, val_s=0.002)],
+                      max_epochs=len(values), num_sanity_val_steps=0)
+    assert t.current_epoch == len(values) and monitor.stop_decision is None, "no stop on stale repeats"
+    client, (run,) = runs(uri)
+    rid = run.info.run_id
+    assert steps(client, rid, "efficiency/score_per_kj") == [3, 7, 11], "only where score was logged"
+    evaluations = records_of(monitor, "evaluation")
+    assert ["score" in r.metrics for r in evaluations] == [v is not None for v in values]
+    assert green_log.text.count("score was not logged at this evaluation") == 1
 
 
 def test_nan_is_skipped_once_and_nan_for_patience_evaluations_is_a_divergence(tmp_path, green_log):
