@@ -198,9 +198,15 @@ class EnergyTracker(PointHost, LoopHost, ThroughputHost, StageHost, StopperHost,
     def _open_sink(self, run_id: str | None, tracking_uri: str | None) -> None:
         from green_callbacks.sinks import MlflowSink, RunTarget
 
+        active = _active_run_id() if run_id is None else None
+        users = run_id or active  # the trainer's logger's run, else MLflow's active run
+        if users is not None and self.run is not None and users != self.run.run_id:
+            # resumed from a checkpoint into another run the user has (HF's MLflowCallback, a new MLFlowLogger
+            # run in a new process): the energy goes where the trainer's own metrics go, its totals continued
+            self.run, self._params_logged = None, False
         if run_id is None and self.run is not None:  # resumed from a checkpoint
             target = RunTarget(self.run.tracking_uri, self.run.run_id, owned=self.run.owned, local_id=self.local_id)
-        elif run_id is None and (active := _active_run_id()) is not None:
+        elif active is not None:
             target = RunTarget(tracking_uri or self.tracking_uri, active, owned=False)
         else:
             target = RunTarget(tracking_uri or self.tracking_uri, run_id, self.experiment_name, self.run_name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -36,6 +37,21 @@ def model_metrics(metrics: dict[str, Any] | None, prefix: str = "eval_") -> dict
 
 def _eval_name(name: str) -> str:
     return name if name.startswith("eval_") else f"eval_{name}"
+
+
+def _calling_trainer() -> Any:
+    """The ``transformers.Trainer`` whose callback hook is running (HF hands callbacks no trainer), or ``None``."""
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    for _ in range(10):  # the hook, CallbackHandler.call_event and on_<event>, then the trainer's loop
+        if frame is None:
+            break
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
 
 
 def load_saved_state(callback: Any, state: TrainerState) -> dict[str, Any] | None:
@@ -81,6 +97,12 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
             self.load_state_dict(saved)
         self._training = True
         self._epoch_pending = False
+        # an eval_dataset dict is evaluated one data set at a time, each with its own on_evaluate at the same step:
+        # one evaluation point takes them all, at the last one's (see on_evaluate)
+        eval_dataset = getattr(_calling_trainer(), "eval_dataset", None)
+        self._eval_sets = tuple(eval_dataset) if isinstance(eval_dataset, dict) and eval_dataset else ()
+        self._round: dict[str, float] = {}  # the metrics of this evaluation's data sets so far
+        self._round_seen: set[str] = set()
         self._start(args, state)
         self.max_steps = float(state.max_steps) if state.max_steps and state.max_steps > 0 else None
         self._remove_count_hook()  # left by a training that crashed
@@ -146,7 +168,15 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         if not getattr(self, "_training", False):
             self._end_inference("evaluate", args, metrics)
             return
-        if self.end_evaluation(state.global_step, model_metrics(metrics)):
+        found = model_metrics(metrics)
+        if self._eval_sets:
+            self._round.update(found)
+            these = {n for n in self._eval_sets if f"eval_{n}_runtime" in (metrics or {})}  # HF: eval_<name>_*
+            self._round_seen |= these
+            if these and len(self._round_seen) < len(self._eval_sets):
+                return  # more of this evaluation's data sets to come
+            found, self._round, self._round_seen = self._round, {}, set()
+        if self.end_evaluation(state.global_step, found):
             control.should_training_stop = True
         if self._epoch_pending:
             self._close_epoch(state, control)

@@ -365,6 +365,47 @@ def test_hf_resume_mid_run_continues_the_step_axis_and_the_totals(tmp_path, digi
     assert history(client, rid, "energy/total_j")[-1][1] == pytest.approx(second.cumulative_j)
 
 
+def test_hf_resumed_with_report_to_mlflow_follows_the_new_run_hf_opens(tmp_path, digits, tracking):  # noqa: F811
+    # a new process resuming a checkpoint: HF's MLflowCallback opens a new run for the trainer's metrics; the energy
+    # goes there too (so the charts overlay), its totals continued from the checkpoint's
+    first = gt.EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False, log_every_n_steps=5)
+    step_trainer(tmp_path, digits, [first, StopAt(30)], max_steps=60, save_strategy="steps", save_steps=30,
+                 report_to=["mlflow"]).train()
+    second = gt.EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False, log_every_n_steps=5)
+    step_trainer(tmp_path, digits, [second], max_steps=60, save_strategy="steps", save_steps=30,
+                 report_to=["mlflow"]).train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-30"))
+    client, found = runs(tracking)
+    assert len(found) == 2
+    old, new = sorted(found, key=lambda r: r.info.start_time)
+    assert steps(client, new.info.run_id, "eval_accuracy") == [40, 50, 60]
+    assert steps(client, new.info.run_id, "energy/interval_j") == [40, 50, 60], "energy beside HF's own metrics"
+    assert steps(client, old.info.run_id, "energy/interval_j") == [10, 20, 30], "nothing of the resumed part"
+    cumulative = history(client, new.info.run_id, "energy/cumulative_j")
+    assert cumulative[0][1] > history(client, old.info.run_id, "energy/cumulative_j")[-1][1] * 0.99, "continued"
+    assert "green.pue" in client.get_run(new.info.run_id).data.params, "the new run gets the params too"
+
+
+def test_hf_an_eval_dataset_dict_is_one_evaluation_per_round(tmp_path, digits, tracking):  # noqa: F811
+    # HF evaluates a dict of data sets one by one, one on_evaluate each at the same step: one evaluation point
+    # holds them all, and a stopper may watch any of them
+    from helpers import DigitsDataset
+
+    val = digits[1]
+    sets = {"a": DigitsDataset(val.x[:64], val.y[:64]), "b": DigitsDataset(val.x[64:], val.y[64:])}
+    monitor = gt.EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False, log_every_n_steps=100)
+    stopper = gt.EfficiencyEarlyStopping(monitor="a_accuracy", min_gain="0 per doubling", patience=100)
+    step_trainer(tmp_path, (digits[0], sets), [monitor, stopper], max_steps=40, report_to=["mlflow"]).train()
+    client, (run,) = runs(tracking)
+    rid = run.info.run_id
+    assert steps(client, rid, "eval_a_accuracy") == steps(client, rid, "eval_b_accuracy") == [10, 20, 30, 40]
+    for key in ("energy/eval_j", "energy/interval_j", "time/eval_s"):
+        assert steps(client, rid, key) == [10, 20, 30, 40], key
+    assert monitor.evaluations == 4
+    evaluations = records_of(monitor, "evaluation")
+    assert all({"eval_a_accuracy", "eval_b_accuracy"} <= set(r.metrics) for r in evaluations)
+    assert len(stopper.plateau.window) >= 2, "the stopper saw a_accuracy"
+
+
 def test_lightning_on_a_gpu_the_evaluation_window_opens_at_its_first_batch(tmp_path, fake_nvml, monkeypatch):
     """Where window edges synchronise CUDA, the evaluation's window opens at the first validation batch, after
     Lightning's validation set-up, with the sync there (at ``on_validation_start`` the GPU sat idle through the
