@@ -1,4 +1,4 @@
-"""Inference stages: ``trainer.test``/``predict`` (Lightning), ``evaluate``/``predict`` outside training (HF).
+"""Inference stages: ``trainer.test``/``validate``/``predict`` (Lightning), ``evaluate``/``predict`` outside training (HF).
 
 Each is its own window, measured on every rank and summed, logged as ``energy/<stage>_j`` and joules
 per sample at that stage's own step (0, 1, ...), apart from the training's step axis.
@@ -39,7 +39,7 @@ class StageHost:
 
     @never_raises
     def end_stage(self, window: str, samples: int | None = None, label: str | None = None) -> dict[str, float] | None:
-        """Close a test/predict window (collective); logs ``energy/<label>_j`` and joules per sample."""
+        """Close a stage's window (collective); logs ``energy/<label>_j`` and joules per sample."""
         if self.meter is None or not self.meter.is_open(window):
             return None
         m = self.meter.end(window)

@@ -102,6 +102,7 @@ def test_without_a_logger_opens_one_run_and_measures_test_per_sample(tmp_path, c
     model = ValModel()
     t.fit(model)
     t.test(model)
+    t.validate(model)  # a stage of its own, like test
     client, found = runs(uri, "own")
     assert len(found) == 1
     run = found[0]
@@ -111,6 +112,11 @@ def test_without_a_logger_opens_one_run_and_measures_test_per_sample(tmp_path, c
     samples = history(client, run.info.run_id, "test/samples")
     assert samples == [(0, 64.0)]  # BoringModel's test set: 64 samples
     assert per_sample[0][1] == pytest.approx(test_j[0][1] / 64)
+    validate_j = history(client, run.info.run_id, "energy/validate_j")
+    assert [s for s, _ in validate_j] == [0] and validate_j[0][1] >= 0
+    assert history(client, run.info.run_id, "validate/samples") == [(0, 64.0)]
+    assert steps(client, run.info.run_id, "energy/eval_j") == steps(client, run.info.run_id, "energy/epoch_j"), \
+        "validate() adds no evaluation point to the training's axis"
     out = capsys.readouterr().out
     assert out.count("green-callbacks [finished]: 2 epochs, 2 evaluations, 127 steps") == 1
     assert f"MLflow run {run.info.run_id}" in out
