@@ -302,7 +302,7 @@ class EnergyTracker(PointHost, LoopHost, ThroughputHost, StageHost, StopperHost,
                 self.meter.close()
             if report:
                 if self.sink is not None:  # MLflow has the run, so its id names the outputs (one wait, shared)
-                    confirmed = self.sink.flush(self.sink.close_wait_s)
+                    confirmed = self.sink.flush(self.sink.close_wait_s, ending=True)
                     self.run = self.run or self.sink.run_ref
                 outputs.write(self, trace)
         finally:

@@ -490,3 +490,22 @@ def test_the_end_waits_for_mlflow_no_longer_than_mlflow_wait_s(tmp_path, link, g
     assert len([r for r in held.records if r.kind == "metrics" and "energy/epoch_j" in r.data]) == 2
     with contextlib.suppress(ProcessLookupError):
         os.kill(State.load(spool).pid, signal.SIGKILL)
+
+
+def test_the_ends_flush_and_close_share_one_wait(tmp_path, link):
+    """The end waits for MLflow once: what its flush waited is taken from close's wait (the end of a run whose
+    flush was slow, then whose last records met a hung server, took the wait twice)."""
+    from green_callbacks.sinks import MlflowSink, RunTarget
+
+    link.set("hung")  # MLflow's default client: each request waits for its timeout and retries
+    sink = MlflowSink(RunTarget(link.uri, experiment_name="one-wait"), tmp_path / "out", close_wait_s=3.0)
+    sink.log_metrics({"energy/epoch_j": 1.0}, step=0)
+    t0 = time.monotonic()
+    assert not sink.flush(3.0, ending=True)
+    flushed = time.monotonic()
+    assert not sink.close()
+    closed = time.monotonic()
+    assert flushed - t0 >= 2.9, "the flush waited for MLflow"
+    assert closed - flushed < 1.5, f"close waited {closed - flushed:.1f} s more, after the flush's 3 s"
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(State.load(sink.spool_path).pid, signal.SIGKILL)

@@ -273,17 +273,26 @@ class MlflowSink:
             elapsed = time.monotonic() - start
             trying = self._state.trying_since
             waited = 0.0 if trying is None else min(elapsed, time.time() - trying)
+            self._waited_s = waited
             if waited >= timeout_s or elapsed >= timeout_s + STARTUP_S:
                 return False
             time.sleep(0.05)
 
-    def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until MLflow confirmed everything logged so far (``timeout_s`` as in ``close``)."""
+    _waited_s = 0.0  # the latest wait's time on MLflow (see _wait)
+    _end_waited_s = 0.0  # what the end's flush waited, taken from close's default wait
+
+    def flush(self, timeout_s: float = 10.0, ending: bool = False) -> bool:
+        """Wait until MLflow confirmed everything logged so far (``timeout_s`` as in ``close``). ``ending``: the
+        first wait of the run's end, whose time ``close`` then deducts from its own (one wait for the whole end)."""
         if self._writer is None or self._closed is not None:
             return self._closed is True
         writer = self._writer
         self._append("flush", {})  # the sender sends now instead of at its next cadence
-        return self._wait(timeout_s, lambda: self._state.offset >= writer.offset and not writer.unwritten)
+        self._waited_s = 0.0
+        done = self._wait(timeout_s, lambda: self._state.offset >= writer.offset and not writer.unwritten)
+        if ending:
+            self._end_waited_s = self._waited_s
+        return done
 
     def close(self, timeout_s: float | None = None) -> bool:
         """End the spool; wait ``timeout_s`` (default ``close_wait_s``; counted from the sender's first call
@@ -299,7 +308,7 @@ class MlflowSink:
         if writer is None:
             self._closed = False
             return False
-        wait = self.close_wait_s if timeout_s is None else float(timeout_s)
+        wait = max(0.0, self.close_wait_s - self._end_waited_s) if timeout_s is None else float(timeout_s)
         writer.append("close", {"wait_s": wait})
         writer.sync()
         done = self._wait(wait, lambda: self._state.done)
