@@ -1,4 +1,4 @@
-"""Inference stages: ``trainer.test``/``validate``/``predict`` (Lightning), ``evaluate``/``predict`` outside training (HF).
+"""Inference stages: ``trainer.test``/``validate``/``predict`` (Lightning), ``evaluate``/``predict`` (HF).
 
 Each is its own window, measured on every rank and summed, logged as ``energy/<stage>_j`` and joules
 per sample at that stage's own step (0, 1, ...), apart from the training's step axis.

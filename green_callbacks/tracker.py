@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ class EnergyTracker(PointHost, LoopHost, ThroughputHost, StageHost, StopperHost,
         self._finished = False
         self._restored = False
         self._fits = 0
-        self._session = 0
+        self._session = _Session(None)
         self.reset_run()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -149,12 +150,12 @@ class EnergyTracker(PointHost, LoopHost, ThroughputHost, StageHost, StopperHost,
         """
         if self.started:
             return
-        if self._fits and not self._restored and id(session) != self._session:
+        self.rank = rank or RankInfo.from_env()
+        if self._fits and not self._restored and not self.same_session(session):
             self._reuse(run_id)
-        self._session = id(session)
+        self._session = _Session(session)
         self._fits += 1
         self._restored = False
-        self.rank = rank or RankInfo.from_env()
         import pandas  # noqa: F401 - imported now, not first at interpreter exit where imports can fail
 
         sensors = build_sensors(self.gpus, cuda_indices, self.measure_cpu and self.rank.measures_host, self.cpu_tdp_w,
@@ -186,14 +187,25 @@ class EnergyTracker(PointHost, LoopHost, ThroughputHost, StageHost, StopperHost,
         if self.rank.is_zero and self.use_mlflow:
             self._open_sink(run_id, tracking_uri)
 
+    def same_session(self, session: object) -> bool:
+        """Whether ``session`` (a trainer, or HF's ``TrainerState``) is the one this monitor last started in."""
+        return self._session.holds(session)
+
     def _reuse(self, run_id: str | None) -> None:
-        """A monitor handed to a second ``fit``: a run it opened gets a fresh run; a run it was given
-        (the same logger or active run again) continues its step axis instead of logging a step twice."""
-        if self.run is None or self.run.owned or (run_id and run_id != self.run.run_id):
-            self.reset_run()
-        else:
-            self.step_offset = self.last_logged_step + 1
+        """A monitor handed to a second training: the run it was given continues (the same logger's or
+        active run again): its step axis goes on after the last step logged, never logging a step twice;
+        any other case (a run it opened itself, another run, none) is a new run, counted from zero.
+        Rank 0 knows the run; every rank follows its choice (one gather), so totals agree across ranks."""
+        users = run_id or _active_run_id()  # the trainer's logger's run, else MLflow's active run
+        keep = self.run is not None and not self.run.owned and users == self.run.run_id
+        offset = self.last_logged_step + 1
+        if self.rank.world_size > 1:
+            keep, offset = gather((keep, offset))[0]
+        if keep:
+            self.step_offset = offset
             self.restart_steps()
+        else:
+            self.reset_run()
 
     def _open_sink(self, run_id: str | None, tracking_uri: str | None) -> None:
         from green_callbacks.sinks import MlflowSink, RunTarget
@@ -326,6 +338,21 @@ class EnergyTracker(PointHost, LoopHost, ThroughputHost, StageHost, StopperHost,
 
     def summary(self) -> dict[str, Any]:
         return outputs.summary(self)
+
+class _Session:
+    """The object a training was started with, by weak reference where it allows one (an ``id`` alone can be
+    the next object's once the first is freed)."""
+
+    def __init__(self, session: object) -> None:
+        self.id = id(session)
+        try:
+            self.ref: Any = weakref.ref(session)
+        except TypeError:
+            self.ref = None
+
+    def holds(self, session: object) -> bool:
+        return self.ref() is session if self.ref is not None else self.id == id(session)
+
 
 def _active_run_id() -> str | None:
     """MLflow's active fluent run (HF's MLflowCallback, the user's ``mlflow.start_run``): no network."""

@@ -39,6 +39,13 @@ def _eval_name(name: str) -> str:
     return name if name.startswith("eval_") else f"eval_{name}"
 
 
+def _interrupted_status() -> str:
+    """The status of a training whose exception HF reported to no callback: ``KILLED`` for Ctrl-C (as an
+    interactive session records it), else ``FAILED``."""
+    last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    return "KILLED" if isinstance(last, KeyboardInterrupt) else "FAILED"
+
+
 def _calling_trainer() -> Any:
     """The ``transformers.Trainer`` whose callback hook is running (HF hands callbacks no trainer), or ``None``."""
     from transformers import Trainer
@@ -87,11 +94,17 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
     def _start(self, args: TrainingArguments, state: TrainerState) -> None:
         # the session is the TrainerState: each train() makes a new one (two trainers may share one args
         # object), and evaluate()/predict() after train() see the same one, a later stage of that training
+        if self.started and not self.same_session(state):  # the previous call ended by an exception
+            self.finish(_interrupted_status())
         if not self.started:
             self.start(_rank(args), _cuda_indices(args), session=state)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
+        if self.started and not self.same_session(state):
+            # the previous train() (or evaluate()) ended by an exception, of which HF tells no callback: end its
+            # run now (its last interval reaches until now), so that this training starts its own
+            self.finish(_interrupted_status())
         saved = getattr(self, "green_state", None) or (load_saved_state(self, state) or {}).get("green_state")
         if saved and saved.get("records") and not self.records:
             self.load_state_dict(saved)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
+import mlflow
 import psutil
 import pytest
 from lightning.pytorch.loggers import MLFlowLogger
@@ -341,6 +342,63 @@ def test_a_monitor_reused_in_a_second_fit_never_logs_a_step_twice(tmp_path, empt
                                                                for r in given.records]
     assert sorted(r.start_step for r in given.records if r.kind.value == "epoch") == [
         r.start_step for r in given.records if r.kind.value == "epoch"]
+
+
+@pytest.mark.slow
+def test_a_monitor_reused_for_another_users_run_starts_that_run_from_zero(tmp_path, empty_store, digits):  # noqa: F811
+    """A second training in another run of the user's (a new ``mlflow.start_run()``, HF's MLflowCallback's run of
+    a new Trainer): its energy from step 0 and 0 J, not the first run's axis and totals carried on."""
+    uri = store(empty_store, tmp_path / "m.db")
+    out = str(tmp_path / "out")
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment("active")
+        given = EnergyMonitor(output_dir=out)
+        for _ in range(2):
+            with mlflow.start_run():
+                trainer(tmp_path, [given], max_epochs=2).fit(ValModel())
+        mlflow.set_experiment("hf-runs")
+        hf = HfEnergyMonitor(output_dir=out)
+        for _ in range(2):
+            hf_trainer(tmp_path, digits, [hf], epochs=1, report_to=["mlflow"]).train()
+    finally:
+        mlflow.set_tracking_uri(None)
+    client = MlflowClient(uri)
+    for experiment in ("active", "hf-runs"):
+        found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        assert len(found) == 2, experiment
+        epochs = [steps(client, r.info.run_id, "energy/epoch_j") for r in found]
+        assert epochs[0] == epochs[1], f"{experiment}: each run on its own trainer's axis {epochs}"
+        totals = [client.get_metric_history(r.info.run_id, "energy/total_j")[-1].value for r in found]
+        firsts = [client.get_metric_history(r.info.run_id, "energy/cumulative_j") for r in found]
+        for total, history in zip(totals, firsts, strict=True):
+            assert min(m.value for m in history) <= total, "counted from 0 J in each run"
+        assert max(totals) < 3 * min(totals), f"{experiment}: no run carries the other's totals {totals}"
+
+
+@pytest.mark.slow
+def test_hf_a_training_that_raised_is_ended_before_the_next_one_starts(tmp_path, empty_store, digits):  # noqa: F811
+    """HF tells no callback of an exception: the next train() with the same monitor ends the failed one's run
+    (FAILED, not left RUNNING) and logs into a new run of its own, never a step twice."""
+    uri = store(empty_store, tmp_path / "m.db")
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise RuntimeError("boom")
+
+    monitor = HfEnergyMonitor(tracking_uri=uri, experiment_name="raised", output_dir=str(tmp_path / "out"),
+                              log_every_n_steps=2)
+    with pytest.raises(RuntimeError, match="boom"):
+        hf_trainer(tmp_path, digits, [monitor, Boom()], epochs=1).train()
+    hf_trainer(tmp_path, digits, [monitor], epochs=1).train()
+    client = MlflowClient(uri)
+    found = client.search_runs([client.get_experiment_by_name("raised").experiment_id], order_by=["start_time"])
+    assert sorted(r.info.status for r in found) == ["FAILED", "FINISHED"]
+    for run in found:
+        points = steps(client, run.info.run_id, "energy/cumulative_j")
+        assert len(points) == len(set(points)), f"a step logged twice: {points}"
+    assert monitor.summary()["epochs"] == 1
 
 
 @pytest.mark.slow
