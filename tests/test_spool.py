@@ -81,6 +81,25 @@ def test_a_torn_line_costs_only_itself_and_replay_reports_it_by_number(tmp_path,
     assert kept["line"] == 4 and kept["content"].startswith('{"seq":4')
 
 
+def test_replay_finds_a_relative_sqlite_store_where_the_training_ran(tmp_path, monkeypatch, capsys):
+    # the README's own form, sqlite:///mlflow.db, is relative to the training's working directory, not replay's
+    train_dir, elsewhere = tmp_path / "train", tmp_path / "elsewhere"
+    train_dir.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(train_dir)
+    MlflowClient("sqlite:///mlflow.db").search_experiments()  # the training's store
+    (train_dir / "out").mkdir()
+    spool = write_spool(train_dir / "out" / "spool-rel.jsonl", RunTarget("sqlite:///mlflow.db",
+                                                                          experiment_name="relative"), epochs(2))
+    monkeypatch.chdir(elsewhere)
+    assert cli(["replay", str(spool)]) == 0
+    assert f"sqlite:///{train_dir}/mlflow.db" in capsys.readouterr().out
+    client = MlflowClient(f"sqlite:///{train_dir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("relative").experiment_id])
+    assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [0, 1]
+    assert not (elsewhere / "mlflow.db").exists()
+
+
 def test_replay_sends_only_what_was_not_sent_yet(tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
     client = MlflowClient(uri)

@@ -60,11 +60,26 @@ def resolve_uri(header: dict[str, Any]) -> str:
     resolved in the training's working directory (``sqlite:///<cwd>/mlflow.db`` for MLflow 3)."""
     uri = header["target"].get("tracking_uri") or header.get("env_tracking_uri")
     if uri:
-        return str(uri)
+        return _absolute(str(uri), header.get("cwd"))
     import mlflow
 
     with _as_in(header.get("cwd")):
         return str(mlflow.get_tracking_uri())
+
+
+def _absolute(uri: str, cwd: str | None) -> str:
+    """A local store's relative path (``sqlite:///mlflow.db``, ``./mlruns``, ``file:mlruns``) as the training
+    meant it, in its working directory, whatever the replaying process's is."""
+    if not cwd:
+        return uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rest = uri[len("sqlite:///"):]
+        return uri if rest.startswith(":memory:") or not rest else f"sqlite:///{Path(cwd, rest)}"
+    if uri.startswith("file:") and not uri.startswith("file://"):
+        return f"file:{Path(cwd, uri[len('file:'):])}"
+    if "://" not in uri and not Path(uri).is_absolute() and uri.split("-")[0] not in ("databricks", "uc"):
+        return str(Path(cwd, uri))
+    return uri
 
 
 class RunClient:
