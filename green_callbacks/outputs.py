@@ -50,8 +50,8 @@ def write(t: EnergyTracker, trace: pd.DataFrame | None) -> None:
         try:
             written = _write_files(t, trace, t.run_folder)
         except OSError as exc:
-            warn_once(t, "outputs", f"cannot write the run's outputs under {t.output_dir} ({exc}); the metrics are "
-                                    "in MLflow, the files are not written")
+            warn_once(t, "outputs", f"cannot write the run's outputs under {t.output_dir} ({exc}); these files are "
+                                    "not written (the metrics go to MLflow as usual)")
     if t.sink is not None:
         for path in written:
             t.sink.log_artifact(path, ARTIFACT_DIR)

@@ -2,18 +2,17 @@
 
 A run is cut into consecutive intervals at *points*: every evaluation, every epoch end, every N
 training steps between them, and the end. The tracker starts and ends the run (sensors, meter,
-MLflow sink, outputs) and opens the epoch and evaluation windows; each concern of a point has its
-own file: the point and the step cadence (``points``), the run's totals and resume state
-(``ledger``), the stoppers and their one reduction across ranks (``decisions``), the metric
-contract (``records``), how a process ends (``process``), throughput (``throughput``), later
-stages (``stages``) and the plain loop's context managers (``loop``).
+MLflow sink, outputs) and opens the epoch and evaluation windows; each other concern has its own
+file: which MLflow run the energy goes to (``runs``), the point and the step cadence (``points``),
+the run's totals and resume state (``ledger``), the stoppers and their one reduction across ranks
+(``decisions``), the metric contract (``records``), how a process ends (``process``), throughput
+(``throughput``), later stages (``stages``) and the plain loop's context managers (``loop``).
 """
 
 from __future__ import annotations
 
 import os
 import time
-import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from green_callbacks.records import (
     batch_size,
     total_metrics,
 )
+from green_callbacks.runs import RunHost, Session
 from green_callbacks.sensors import GpuSelection, build_sensors
 from green_callbacks.stages import StageHost
 from green_callbacks.stopping import Stopper
@@ -40,7 +40,7 @@ from green_callbacks.throughput import ThroughputHost
 from green_callbacks.validation import check_tracker_args
 
 
-class EnergyTracker(PointHost, LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger):
+class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger):
     """Measures a training job interval by interval and logs it to MLflow; the adapters drive it.
 
     Args:
@@ -136,7 +136,7 @@ class EnergyTracker(PointHost, LoopHost, ThroughputHost, StageHost, StopperHost,
         self._finished = False
         self._restored = False
         self._fits = 0
-        self._session = _Session(None)
+        self._session = Session(None)
         self.reset_run()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -153,7 +153,7 @@ class EnergyTracker(PointHost, LoopHost, ThroughputHost, StageHost, StopperHost,
         self.rank = rank or RankInfo.from_env()
         if self._fits and not self._restored and not self.same_session(session):
             self._reuse(run_id)
-        self._session = _Session(session)
+        self._session = Session(session)
         self._fits += 1
         self._restored = False
         import pandas  # noqa: F401 - imported now, not first at interpreter exit where imports can fail
@@ -186,52 +186,6 @@ class EnergyTracker(PointHost, LoopHost, ThroughputHost, StageHost, StopperHost,
         process.register(self)
         if self.rank.is_zero and self.use_mlflow:
             self._open_sink(run_id, tracking_uri)
-
-    def same_session(self, session: object) -> bool:
-        """Whether ``session`` (a trainer, or HF's ``TrainerState``) is the one this monitor last started in."""
-        return self._session.holds(session)
-
-    def _reuse(self, run_id: str | None) -> None:
-        """A monitor handed to a second training: the run it was given continues (the same logger's or
-        active run again): its step axis goes on after the last step logged, never logging a step twice;
-        any other case (a run it opened itself, another run, none) is a new run, counted from zero.
-        Rank 0 knows the run; every rank follows its choice (one gather), so totals agree across ranks."""
-        users = run_id or _active_run_id()  # the trainer's logger's run, else MLflow's active run
-        keep = self.run is not None and not self.run.owned and users == self.run.run_id
-        offset = self.last_logged_step + 1
-        if self.rank.world_size > 1:
-            keep, offset = gather((keep, offset))[0]
-        if keep:
-            self.step_offset = offset
-            self.restart_steps()
-        else:
-            self.reset_run()
-
-    def _open_sink(self, run_id: str | None, tracking_uri: str | None) -> None:
-        from green_callbacks.sinks import MlflowSink, RunTarget
-
-        active = _active_run_id() if run_id is None else None
-        users = run_id or active  # the trainer's logger's run, else MLflow's active run
-        if users is not None and self.run is not None and users != self.run.run_id:
-            # resumed from a checkpoint into another run the user has (HF's MLflowCallback, a new MLFlowLogger
-            # run in a new process): the energy goes where the trainer's own metrics go, its totals continued
-            self.run, self._params_logged = None, False
-        if run_id is None and self.run is not None:  # resumed from a checkpoint
-            target = RunTarget(self.run.tracking_uri, self.run.run_id, owned=self.run.owned, local_id=self.local_id)
-        elif active is not None:
-            target = RunTarget(tracking_uri or self.tracking_uri, active, owned=False)
-        else:
-            target = RunTarget(tracking_uri or self.tracking_uri, run_id, self.experiment_name, self.run_name,
-                               owned=run_id is None, local_id=self.local_id)  # a resumed run found by its tag
-        self.sink = MlflowSink(target, self.output_dir, close_wait_s=self.mlflow_wait_s)
-        if self.run is None:
-            self.run = self.sink.run_ref
-
-    @property
-    def run_folder(self) -> Path:
-        """This run's own output folder: its MLflow run id, else a local id (never shared by two runs)."""
-        run = self.run or (self.sink.run_ref if self.sink is not None else None)
-        return self.output_dir / (run.run_id if run is not None else f"local-{self.local_id}")
 
     # -- windows ---------------------------------------------------------------------------
     @never_raises
@@ -338,29 +292,5 @@ class EnergyTracker(PointHost, LoopHost, ThroughputHost, StageHost, StopperHost,
 
     def summary(self) -> dict[str, Any]:
         return outputs.summary(self)
-
-class _Session:
-    """The object a training was started with, by weak reference where it allows one (an ``id`` alone can be
-    the next object's once the first is freed)."""
-
-    def __init__(self, session: object) -> None:
-        self.id = id(session)
-        try:
-            self.ref: Any = weakref.ref(session)
-        except TypeError:
-            self.ref = None
-
-    def holds(self, session: object) -> bool:
-        return self.ref() is session if self.ref is not None else self.id == id(session)
-
-
-def _active_run_id() -> str | None:
-    """MLflow's active fluent run (HF's MLflowCallback, the user's ``mlflow.start_run``): no network."""
-    import sys
-
-    mlflow = sys.modules.get("mlflow")
-    active = mlflow.active_run() if mlflow is not None else None
-    return active.info.run_id if active is not None else None
-
 
 __all__ = ["EnergyTracker", "batch_size"]  # batch_size: for the adapters

@@ -18,6 +18,8 @@ def _work_in_a_temp_folder(tmp_path_factory, monkeypatch):
     store's default artifact root ./mlruns, a monitor's default output_dir, Lightning's logs, the
     processes a test starts) lands there, never in the checkout (tests/test_clean_tree.py checks)."""
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    # an end that waited in vain for a store is remembered for a minute per process: not across tests
+    monkeypatch.setattr("green_callbacks.sinks.mlflow._unanswered", {})
 
 
 @pytest.fixture

@@ -218,3 +218,23 @@ def test_a_gpu_index_the_machine_lacks_stops_before_the_first_step(tmp_path, fak
     fake_nvml.configure(n=2)
     with pytest.raises(ValueError, match=r"gpus=\[3\]: device\(s\) \[3\] do not exist.*\[0, 1\]"):
         trainer(tmp_path, [EnergyMonitor(gpus=[3], mlflow=False)], max_epochs=1).fit(ValModel())
+
+
+def test_an_active_run_in_another_store_than_tracking_uri_is_left_alone(tmp_path, green_log):
+    """An explicit tracking_uri wins over an active run of another store: the energy reaches a run there
+    (it was sent to the active run's id at the wrong store, and reached neither)."""
+    import mlflow
+
+    a, b = f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"
+    mlflow.set_tracking_uri(a)
+    try:
+        with mlflow.start_run() as active:
+            monitor = EnergyMonitor(tracking_uri=b, experiment_name="mine", output_dir=str(tmp_path / "out"),
+                                    log_artifacts=False)
+            trainer(tmp_path, [monitor], max_epochs=2).fit(ValModel())
+    finally:
+        mlflow.set_tracking_uri(None)
+    client, (run,) = runs(b, "mine")
+    assert steps(client, run.info.run_id, "energy/epoch_j") and run.info.status == "FINISHED"
+    assert run.info.run_id != active.info.run_id
+    assert "active run" in green_log.text and "another store" in green_log.text

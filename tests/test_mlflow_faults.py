@@ -361,8 +361,10 @@ def test_a_monitor_reused_for_another_users_run_starts_that_run_from_zero(tmp_pa
         hf = HfEnergyMonitor(output_dir=out)
         for _ in range(2):
             hf_trainer(tmp_path, digits, [hf], epochs=1, report_to=["mlflow"]).train()
-    finally:
+    finally:  # set_experiment leaves MLflow's fluent experiment set, and MLFLOW_EXPERIMENT_ID for subprocesses
         mlflow.set_tracking_uri(None)
+        mlflow.tracking.fluent._active_experiment_id = None
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     client = MlflowClient(uri)
     for experiment in ("active", "hf-runs"):
         found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
@@ -567,3 +569,52 @@ def test_the_ends_flush_and_close_share_one_wait(tmp_path, link):
     assert closed - flushed < 1.5, f"close waited {closed - flushed:.1f} s more, after the flush's 3 s"
     with contextlib.suppress(ProcessLookupError):
         os.kill(State.load(sink.spool_path).pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_hf_evaluate_in_a_loop_with_mlflow_down_waits_once(tmp_path, digits, green_log):  # noqa: F811
+    """Each evaluate() outside training ends as train() does, waiting for MLflow; with the server down the
+    first call waits mlflow_wait_s, and the calls in the minute after it do not wait again."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    monitor = HfEnergyMonitor(tracking_uri=uri, experiment_name="eval-loop", output_dir=str(tmp_path / "out"),
+                              mlflow_wait_s=3)
+    t = hf_trainer(tmp_path, digits, [monitor], epochs=1)
+    took = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        t.evaluate()
+        took.append(time.monotonic() - t0)
+    assert took[0] >= 2.5, f"the first call waited for MLflow: {took}"
+    assert max(took[1:]) < 2.0, f"later calls waited again: {took}"
+    spools = list((tmp_path / "out").glob("spool-*[0-9a-f].jsonl"))
+    assert len(spools) == 3 and all("energy/evaluate_j" in str(read_spool(p).records) for p in spools)
+    for spool in spools:
+        pid = State.load(spool).pid
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_sender_killed_while_training_goes_on_is_started_again(tmp_path, empty_store, green_log):
+    """Its sender killed mid-training (an OOM killer's pick, a stray pkill): a new one goes on from what was
+    sent, and the run ends complete and FINISHED, not RUNNING with the epochs since missing."""
+    uri = store(empty_store, tmp_path / "m.db")
+    monitor = EnergyMonitor(tracking_uri=uri, experiment_name="sender-killed", output_dir=str(tmp_path / "out"))
+    killed = []
+
+    class KillSender(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                pid = monitor.sink.sender_pid
+                os.kill(pid, signal.SIGKILL)
+                wait_for("the sender died", lambda: monitor.sink._proc.poll() is not None, 10)
+                killed.append(pid)
+                time.sleep(0.6)  # the next interval's end hears of it (the sink looks every 0.5 s at most)
+
+    trainer(tmp_path, [monitor, KillSender()], max_epochs=4).fit(ValModel())
+    assert killed and monitor.sink is None
+    client, run = the_run(uri, "sender-killed")
+    assert run.info.status == "FINISHED"
+    assert len(steps(client, run.info.run_id, "energy/epoch_j")) == 4
+    assert len(client.get_metric_history(run.info.run_id, "energy/total_j")) == 1
+    assert "started a new one (1 of at most 3)" in green_log.text

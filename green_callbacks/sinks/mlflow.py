@@ -32,6 +32,11 @@ from green_callbacks.uris import redact, split_credentials
 log = logging.getLogger("green_callbacks")
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+# an end that waited in vain for a store is not waited again for a while in this process: HF's evaluate() in a
+# loop, the server down, would otherwise wait mlflow_wait_s at every call (each sender still tries, in the back)
+UNANSWERED_S = 60.0
+MAX_RESTARTS = 3  # a sender that dies while training goes on is started again this many times at most
+_unanswered: dict[str | None, float] = {}  # tracking URI -> when an end last waited for it in vain
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,7 @@ class MlflowSink:
         uri, self._credentials = split_credentials(uri or os.environ.get("MLFLOW_TRACKING_URI"))
         uri = uri if target.tracking_uri or mlflow is not None else None
         self._run_ref = RunRef(target.run_id, uri, target.owned) if target.run_id and uri else None
+        self._uri = uri
         self._writer = self._open_spool(Path(output_dir).absolute())  # the sender and replay commands see it
         self._proc: subprocess.Popen[bytes] | None = None
         if self._writer is None:
@@ -235,6 +241,7 @@ class MlflowSink:
         if self._writer is None or (not force and now < self._next_poll):
             return
         self._next_poll = now + 0.5
+        self._restart_if_killed()
         try:
             st = os.stat(state_path(self._writer.path))
             seen = (st.st_ino, st.st_mtime_ns, st.st_size)  # each save is a new file: a new inode
@@ -246,6 +253,23 @@ class MlflowSink:
         for text in self._state.notes[self._relayed:]:
             log.warning(text)
         self._relayed = len(self._state.notes)
+
+    _restarts = 0
+    _closing = False
+
+    def _restart_if_killed(self) -> None:
+        """A sender killed (or crashed) while training goes on is started again, at most ``MAX_RESTARTS`` times:
+        the new one goes on from what the spool's state says was sent, so nothing is sent twice."""
+        proc = self._proc
+        if proc is None or self._closing or self._restarts >= MAX_RESTARTS or proc.poll() in (None, 0):
+            return
+        if self._state.blocked or self._writer is None or not self._writer.path.exists():
+            return
+        self._restarts += 1
+        log.warning("green-callbacks: its MLflow sender ended early (exit code %s) while training goes on; started "
+                    "a new one (%d of at most %d), which goes on from what was sent", proc.returncode, self._restarts,
+                    MAX_RESTARTS)
+        self._proc = self._start_sender()
 
     def _sender_gone(self) -> bool:
         if self._proc is None:
@@ -289,10 +313,22 @@ class MlflowSink:
         writer = self._writer
         self._append("flush", {})  # the sender sends now instead of at its next cadence
         self._waited_s = 0.0
+        if ending and self._recently_unanswered():
+            timeout_s = 0.0
         done = self._wait(timeout_s, lambda: self._state.offset >= writer.offset and not writer.unwritten)
         if ending:
             self._end_waited_s = self._waited_s
+            self._remember(done, timeout_s > 0)
         return done
+
+    def _recently_unanswered(self) -> bool:
+        return time.monotonic() - _unanswered.get(self._uri, -UNANSWERED_S) < UNANSWERED_S
+
+    def _remember(self, answered: bool, waited: bool) -> None:
+        if answered:
+            _unanswered.pop(self._uri, None)
+        elif waited and not self._state.blocked and not self._sender_gone():  # it waited for MLflow, in vain
+            _unanswered[self._uri] = time.monotonic()
 
     def close(self, timeout_s: float | None = None) -> bool:
         """End the spool; wait ``timeout_s`` (default ``close_wait_s``; counted from the sender's first call
@@ -304,14 +340,18 @@ class MlflowSink:
         """
         if self._closed is not None:
             return self._closed
+        self._closing = True
         writer = self._writer
         if writer is None:
             self._closed = False
             return False
         wait = max(0.0, self.close_wait_s - self._end_waited_s) if timeout_s is None else float(timeout_s)
+        if self._recently_unanswered():
+            wait = 0.0
         writer.append("close", {"wait_s": wait})
         writer.sync()
         done = self._wait(wait, lambda: self._state.done)
+        self._remember(done, wait > 0)
         if not done:
             writer.append("detach", {})  # the sender is on its own from here: it removes the files when done
             self._poll(force=True)
@@ -323,7 +363,8 @@ class MlflowSink:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         else:
-            uri = self._run_ref.tracking_uri if self._run_ref else self._state.tracking_uri or "its tracking URI"
+            uri = self._run_ref.tracking_uri if self._run_ref else self._state.tracking_uri or self._uri or \
+                "its tracking URI"
             lost = f"; {writer.unwritten} could not be written to it and are lost" if writer.unwritten else ""
             blocked = getattr(self._state, "blocked", None)
             trying = (f"; its sender stopped: {blocked}" if blocked else
