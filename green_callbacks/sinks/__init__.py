@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load on first use
     from green_callbacks.sinks.mlflow import MlflowSink  # noqa: F401
-    from green_callbacks.sinks.target import RunRef, RunTarget  # noqa: F401
     from green_callbacks.sinks.replay import ReplayResult, SpoolBusy, replay_spool  # noqa: F401
     from green_callbacks.sinks.spool import Record, SpoolContents, read_spool  # noqa: F401
+    from green_callbacks.sinks.target import RunRef, RunTarget  # noqa: F401
 
 _LAZY = {
     "MlflowSink": "green_callbacks.sinks.mlflow",
