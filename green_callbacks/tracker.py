@@ -142,11 +142,13 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
     # -- lifecycle ---------------------------------------------------------------------------
     @never_raises
     def start(self, rank: RankInfo | None = None, cuda_indices: Sequence[int] | None = None,
-              run_id: str | None = None, tracking_uri: str | None = None, session: object = None) -> None:
+              run_id: str | None = None, tracking_uri: str | None = None, session: object = None,
+              open_sink: bool = True) -> None:
         """Build the sensors and the meter on this rank; on rank 0 open the MLflow sink (no network here).
 
         ``session`` is the trainer (or its arguments): a later stage of the same one (``test`` after
-        ``fit``) continues the run; another one is a new training (see :meth:`_reuse`).
+        ``fit``) continues the run; another one is a new training (see :meth:`_reuse`). ``open_sink=False``:
+        the sink opens at :meth:`open_sink`, for a stage whose run is known only at its end.
         """
         if self.started:
             return
@@ -184,7 +186,12 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         self._finishing_status: str | None = None
         self._t_start = time.monotonic()
         process.register(self)
-        if self.rank.is_zero and self.use_mlflow:
+        if open_sink:
+            self.open_sink(run_id, tracking_uri)
+
+    def open_sink(self, run_id: str | None = None, tracking_uri: str | None = None) -> None:
+        """On rank 0 with MLflow on, open the sink (once a run); see :class:`~green_callbacks.runs.RunHost`."""
+        if self.started and self.sink is None and self.rank.is_zero and self.use_mlflow:
             self._open_sink(run_id, tracking_uri)
 
     # -- windows ---------------------------------------------------------------------------

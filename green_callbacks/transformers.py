@@ -91,13 +91,13 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         args["tracking_uri"] = redact(args.get("tracking_uri"))  # trainer_state.json holds no password
         return {"args": args, "attributes": {"green_state": self.state_dict()}}
 
-    def _start(self, args: TrainingArguments, state: TrainerState) -> None:
+    def _start(self, args: TrainingArguments, state: TrainerState, open_sink: bool = True) -> None:
         # the session is the TrainerState: each train() makes a new one (two trainers may share one args
         # object), and evaluate()/predict() after train() see the same one, a later stage of that training
         if self.started and not self.same_session(state):  # the previous call ended by an exception
             self.finish(_interrupted_status())
         if not self.started:
-            self.start(_rank(args), _cuda_indices(args), session=state)
+            self.start(_rank(args), _cuda_indices(args), session=state, open_sink=open_sink)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
@@ -166,8 +166,9 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
             if not self.evaluation_open:
                 self.begin_evaluation()
             return
-        # evaluate() and predict() share this loop; which one it was is known only at its end
-        self._start(args, state)
+        # evaluate() and predict() share this loop; which one it was is known only at its end. So is the run: HF's
+        # MLflowCallback opens its run while evaluate() logs, after the batches (an evaluate() before train())
+        self._start(args, state, open_sink=False)
         if not self.stage_open("inference"):
             self._steps = [0, 0]  # [steps seen, steps measured]
             self._dataset_len = _length(getattr(kwargs.get("eval_dataloader"), "dataset", None))
@@ -208,6 +209,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
             runtime = next((v for k, v in metrics.items() if k.endswith("_runtime")), 0.0)
             total = round(rate * runtime)
         share = total * measured / seen / args.world_size if seen else 0.0
+        self.open_sink()
         self.end_stage("inference", samples=round(share), label=label)
         # evaluate()/predict() returns to the user, who expects the numbers in MLflow now and the run ended as
         # before (as Lightning's teardown ends each stage): the sink closes, its sender stops; a later call reopens

@@ -87,6 +87,21 @@ def test_resume_from_checkpoint_continues_the_totals(tmp_path, digits, tracking)
     assert [r.epoch for r in second.records if r.kind.value == "epoch"] == [0, 1, 2, 3]
 
 
+def test_an_evaluate_before_train_goes_into_hfs_run(tmp_path, digits, tracking):
+    # a baseline evaluate() before fine-tuning: HF's MLflowCallback opens its run while evaluate() logs, after the
+    # batches; the energy goes there, beside HF's own eval_* at step 0, and the training's after it
+    monitor = EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False)
+    t = hf_trainer(tmp_path, digits, [monitor], epochs=1, report_to=["mlflow"])
+    t.evaluate()
+    t.train()
+    client, found = runs(tracking)
+    assert len(found) == 1, [r.info.run_id for r in found]
+    run_id = found[0].info.run_id
+    assert [s for s, _ in history(client, run_id, "eval_accuracy")][0] == 0
+    assert len(history(client, run_id, "energy/evaluate_j")) == 1
+    assert history(client, run_id, "energy/epoch_j")
+
+
 def test_evaluate_and_predict_report_joules_per_sample(tmp_path, digits, tracking):
     monitor = EnergyMonitor(experiment_name="hf-infer", output_dir=str(tmp_path / "out"), log_artifacts=False)
     t = hf_trainer(tmp_path, digits, [monitor], epochs=1)
