@@ -112,23 +112,27 @@ def test_dataloader_workers_are_attributed_to_the_training():
     assert "process tree of pid" in sensor.describe()["attribution"]
 
 
-def test_the_process_tree_finds_grandchildren_by_its_own_threads_or_by_a_machine_scan(monkeypatch):
+def test_the_process_tree_finds_grandchildren_by_its_own_threads_or_by_a_machine_scan():
     import psutil
 
-    # two children, each with two children of its own (spawned from a second thread of the child, which
-    # the kernel lists under that thread, not the main one)
-    code = ("import subprocess, threading, time\n"
+    # a tree of its own (this test process may have other children: earlier tests' MLflow senders): the root
+    # starts two children, each of which starts two from a second thread (the kernel lists those under that
+    # thread, not the main one)
+    leaf = ("import subprocess, threading, time\n"
             "ps = []\n"
             "t = threading.Thread(target=lambda: ps.extend(subprocess.Popen(['sleep', '30']) for _ in range(2)))\n"
             "t.start(); t.join(); time.sleep(30)\n")
-    kids = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
+    root_code = (f"import subprocess, sys, time\nkids = [subprocess.Popen([sys.executable, '-c', {leaf!r}]) "
+                 "for _ in range(2)]\ntime.sleep(30)\n")
+    root = subprocess.Popen([sys.executable, "-c", root_code])
     try:
+        proc = psutil.Process(root.pid)
         deadline = time.monotonic() + 20
-        while len(psutil.Process().children(recursive=True)) < 6 and time.monotonic() < deadline:
+        while len(proc.children(recursive=True)) < 6 and time.monotonic() < deadline:
             time.sleep(0.05)
-        truth = sorted(c.pid for c in psutil.Process().children(recursive=True))
+        truth = sorted(c.pid for c in proc.children(recursive=True))
         assert len(truth) == 6
-        tree = ProcessTree(psutil)
+        tree = ProcessTree(psutil, pid=root.pid)
         assert tree.walks_children_files  # Linux with CONFIG_PROC_CHILDREN, as every CI machine here
         assert sorted(c.pid for c in tree.descendants(tree.root)) == truth
         tree.cpu_seconds(0.0)
@@ -136,11 +140,10 @@ def test_the_process_tree_finds_grandchildren_by_its_own_threads_or_by_a_machine
         tree.walks_children_files = False  # a kernel without the files: psutil's scan of every process
         assert sorted(c.pid for c in tree.descendants(tree.root)) == truth
     finally:
-        for k in kids:
-            for c in psutil.Process(k.pid).children(recursive=True):
-                c.kill()
-            k.kill()
-            k.wait()
+        for c in psutil.Process(root.pid).children(recursive=True):
+            c.kill()
+        root.kill()
+        root.wait()
 
 
 def test_cgroup_quota_limits_the_usable_cpus(tmp_path):
