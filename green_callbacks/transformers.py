@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -37,6 +39,17 @@ def model_metrics(metrics: dict[str, Any] | None, prefix: str = "eval_") -> dict
 
 def _eval_name(name: str) -> str:
     return name if name.startswith("eval_") else f"eval_{name}"
+
+
+@contextlib.contextmanager
+def _ends_on_error(tracker: EnergyTracker) -> Iterator[None]:
+    """A configuration error raised from a hook ends ``train()``, and HF tells no callback of it: end the run here
+    (``FAILED``), not at the next ``train()`` or the process's exit."""
+    try:
+        yield
+    except Exception:
+        tracker.finish("FAILED")
+        raise
 
 
 def _interrupted_status() -> str:
@@ -190,7 +203,9 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
             if these and len(self._round_seen) < len(self._eval_sets):
                 return  # more of this evaluation's data sets to come
             found, self._round, self._round_seen = self._round, {}, set()
-        if self.end_evaluation(state.global_step, found):
+        with _ends_on_error(self):  # a monitored metric missing with strict=True fails this train()
+            stop = self.end_evaluation(state.global_step, found)
+        if stop:
             control.should_training_stop = True
         if self._epoch_pending:
             self._close_epoch(state, control)
@@ -248,7 +263,9 @@ class _HfStopper(ExportableState):
         if saved and not getattr(self, "_restored", False):
             self.load_policy_state(saved)
         self._restored = True
-        running_tracker().attach(self)
+        tracker = running_tracker()
+        with _ends_on_error(tracker):  # a stopper that cannot act (nothing measured) fails this train()
+            tracker.attach(self)
 
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:

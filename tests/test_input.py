@@ -57,9 +57,10 @@ def test_a_stopper_with_nothing_measured_fails_before_the_first_step(tmp_path):
 
 
 def test_hf_stopper_with_nothing_measured_fails_before_the_first_step(tmp_path, digits):  # noqa: F811
+    monitor = gt.EnergyMonitor(gpus=None, measure_cpu=False, mlflow=False)
     with pytest.raises(ValueError, match=r"EfficiencyEarlyStopping cannot act: nothing is measured"):
-        hf_trainer(tmp_path, digits, [gt.EnergyMonitor(gpus=None, measure_cpu=False, mlflow=False),
-                                      gt.EfficiencyEarlyStopping(monitor="accuracy")]).train()
+        hf_trainer(tmp_path, digits, [monitor, gt.EfficiencyEarlyStopping(monitor="accuracy")]).train()
+    assert not monitor.started, "the run ends with the error (HF tells no callback of it)"
 
 
 def test_two_monitors_in_one_lightning_trainer_say_what_to_change(tmp_path):

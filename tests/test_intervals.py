@@ -235,6 +235,19 @@ def test_a_typo_in_the_monitored_metric_fails_before_the_first_step(tmp_path):
     assert counter.steps == 0
 
 
+def test_hf_a_typo_in_the_monitored_metric_fails_at_the_first_evaluation_and_ends_the_run(tmp_path, digits,  # noqa: F811
+                                                                                          tracking):  # noqa: F811
+    # HF has no sanity check: the first evaluation finds the typo; HF tells no callback of the error, so the
+    # monitor ends its run there (FAILED), not left RUNNING until the process exits
+    monitor = gt.EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False)
+    t = step_trainer(tmp_path, digits, [monitor, gt.EfficiencyEarlyStopping(monitor="acuracy")], max_steps=40)
+    with pytest.raises(ValueError, match=r"eval_acuracy.*eval_accuracy"):
+        t.train()
+    assert t.state.global_step == 10 and not monitor.started
+    _, (run,) = runs(tracking)
+    assert run.info.status == "FAILED"
+
+
 def test_a_metric_appearing_late_waits_with_strict_false(tmp_path, green_log):
     values = [None, None, 0.5, 0.6, 0.7]
     t = lightning_fit(tmp_path, val_module(values), [gl.EnergyMonitor(mlflow=False, log_artifacts=False),
