@@ -8,6 +8,7 @@ the sink's sender finds or creates the run, off the training thread.
 
 from __future__ import annotations
 
+import os
 import sys
 import weakref
 from pathlib import Path
@@ -34,10 +35,19 @@ class RunHost:
     step_offset: int
     _session: Session
     _params_logged: bool
+    _resuming = False  # this start continues a checkpoint's totals (set by start)
 
     def same_session(self, session: object) -> bool:
         """Whether ``session`` (a trainer, or HF's ``TrainerState``) is the one this monitor last started in."""
         return self._session.holds(session)
+
+    def same_training(self, session: object) -> None:
+        """``session`` goes on with the running training (HF's retry with a smaller batch makes a new state)."""
+        self._session = Session(session)
+
+    def forget_session(self) -> None:
+        """What starts next is a training of its own, even with the same trainer (the last one failed)."""
+        self._session = Session(None)
 
     def _reuse(self, run_id: str | None) -> None:
         """A monitor handed to a second training: the run it was given continues (the same logger's or
@@ -64,7 +74,7 @@ class RunHost:
                         "energy goes to a run of its own there", active, fluent_uri(), redact(self.tracking_uri))
             active = None
         users = run_id or active  # the trainer's logger's run, else MLflow's active run
-        if users is not None and self.run is not None and users != self.run.run_id:
+        if self._resuming and users is not None and self.run is not None and users != self.run.run_id:
             # resumed from a checkpoint into another run the user has (HF's MLflowCallback, a new MLFlowLogger
             # run in a new process): the energy goes where the trainer's own metrics go, its totals continued
             self.run, self._params_logged = None, False
@@ -107,9 +117,23 @@ def fluent_uri() -> str | None:
 
 
 def same_store(uri: str) -> bool:
-    """Whether ``uri`` is MLflow's current tracking URI, the store of its active run."""
+    """Whether ``uri`` is MLflow's current tracking URI, the store of its active run, however either is written
+    (``sqlite:///mlflow.db`` and MLflow's absolute default, ``./mlruns`` and ``mlruns``, localhost)."""
     mlflow = sys.modules.get("mlflow")
-    return mlflow is None or str(mlflow.get_tracking_uri()).rstrip("/") == uri.rstrip("/")
+    return mlflow is None or _store_key(str(mlflow.get_tracking_uri())) == _store_key(uri)
+
+
+def _store_key(uri: str) -> str:
+    from green_callbacks.sinks.tracking import absolute
+
+    uri = absolute(uri, os.getcwd()).rstrip("/")
+    for prefix in ("sqlite:///", "file:"):
+        if uri.startswith(prefix) and not uri.startswith("file://"):
+            path, _, query = uri[len(prefix):].partition("?")
+            return prefix + os.path.normpath(path) + (f"?{query}" if query else "")
+    if "://" not in uri:
+        return os.path.normpath(uri)
+    return uri.replace("://localhost", "://127.0.0.1").lower()
 
 
 def active_run_id() -> str | None:

@@ -52,6 +52,16 @@ def _ends_on_error(tracker: EnergyTracker) -> Iterator[None]:
         raise
 
 
+def _in_training_loop() -> bool:
+    """Whether HF's training loop is on the calling stack (an evaluation within ``train()``)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_inner_training_loop":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _interrupted_status() -> str:
     """The status of a training whose exception HF reported to no callback: ``KILLED`` for Ctrl-C (as an
     interactive session records it), else ``FAILED``."""
@@ -108,16 +118,26 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         # the session is the TrainerState: each train() makes a new one (two trainers may share one args
         # object), and evaluate()/predict() after train() see the same one, a later stage of that training
         if self.started and not self.same_session(state):  # the previous call ended by an exception
-            self.finish(_interrupted_status())
+            self._end_interrupted()
         if not self.started:
             self.start(_rank(args), _cuda_indices(args), session=state, open_sink=open_sink)
 
+    def _end_interrupted(self) -> None:
+        """The previous train() (or evaluate()) ended by an exception, of which HF tells no callback: end its run
+        now (its last interval reaches until now), and let what comes next be a training of its own."""
+        self.finish(_interrupted_status())
+        self._training = False
+        self.forget_session()
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
-        if self.started and not self.same_session(state):
-            # the previous train() (or evaluate()) ended by an exception, of which HF tells no callback: end its
-            # run now (its last interval reaches until now), so that this training starts its own
-            self.finish(_interrupted_status())
+        retry = (args.auto_find_batch_size and getattr(self, "_training", False) and self.started
+                 and 0 < (state.train_batch_size or 0) < getattr(self, "_batch_size", 0))
+        if retry:  # HF's auto_find_batch_size starts the training again, smaller, after an out-of-memory error
+            self.same_training(state)
+        elif self.started and not self.same_session(state):
+            self._end_interrupted()
+        self._batch_size = state.train_batch_size or 0
         saved = getattr(self, "green_state", None) or (load_saved_state(self, state) or {}).get("green_state")
         if saved and saved.get("records") and not self.records:
             self.load_state_dict(saved)
@@ -176,9 +196,11 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
     def on_prediction_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                            **kwargs: Any) -> None:
         if getattr(self, "_training", False):
-            if not self.evaluation_open:
-                self.begin_evaluation()
-            return
+            if _in_training_loop():
+                if not self.evaluation_open:
+                    self.begin_evaluation()
+                return
+            self._end_interrupted()  # an evaluate()/predict() after a train() that raised
         # evaluate() and predict() share this loop; which one it was is known only at its end. So is the run: HF's
         # MLflowCallback opens its run while evaluate() logs, after the batches (an evaluate() before train())
         self._start(args, state, open_sink=False)

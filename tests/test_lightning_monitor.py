@@ -238,3 +238,23 @@ def test_an_active_run_in_another_store_than_tracking_uri_is_left_alone(tmp_path
     assert steps(client, run.info.run_id, "energy/epoch_j") and run.info.status == "FINISHED"
     assert run.info.run_id != active.info.run_id
     assert "active run" in green_log.text and "another store" in green_log.text
+
+
+def test_the_same_store_written_another_way_is_the_same_store(tmp_path, monkeypatch):
+    # MLflow's own default URI is absolute; a user writes it relative (the README's sqlite:///mlflow.db), or
+    # localhost for 127.0.0.1: still the active run's store, whose run the energy goes to
+    import mlflow
+
+    from green_callbacks.runs import same_store
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+        assert same_store("sqlite:///mlflow.db") and same_store(f"sqlite:///{tmp_path}/./mlflow.db")
+        assert not same_store("sqlite:///other.db")
+        mlflow.set_tracking_uri("http://localhost:5000/")
+        assert same_store("http://127.0.0.1:5000") and not same_store("http://127.0.0.1:5001")
+        mlflow.set_tracking_uri(str(tmp_path / "mlruns"))
+        assert same_store("./mlruns") and same_store("mlruns")
+    finally:
+        mlflow.set_tracking_uri(None)

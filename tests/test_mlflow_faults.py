@@ -404,6 +404,75 @@ def test_hf_a_training_that_raised_is_ended_before_the_next_one_starts(tmp_path,
 
 
 @pytest.mark.slow
+def test_hf_after_a_training_that_raised_evaluate_is_a_stage_of_its_own(tmp_path, empty_store, digits):  # noqa: F811
+    """An evaluate() after a train() that raised (the same Trainer, whose state is the failed training's): the
+    failed run ends FAILED and the evaluation is measured as an evaluation of its own, in a new run."""
+    uri = store(empty_store, tmp_path / "m.db")
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise RuntimeError("boom")
+
+    monitor = HfEnergyMonitor(tracking_uri=uri, experiment_name="raised-then-eval", output_dir=str(tmp_path / "out"))
+    t = hf_trainer(tmp_path, digits, [monitor, Boom()], epochs=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        t.train()
+    t.evaluate()
+    client = MlflowClient(uri)
+    found = client.search_runs([client.get_experiment_by_name("raised-then-eval").experiment_id],
+                               order_by=["start_time"])
+    assert [r.info.status for r in found] == ["FAILED", "FINISHED"]
+    assert not client.get_metric_history(found[0].info.run_id, "energy/evaluate_j")
+    assert len(client.get_metric_history(found[1].info.run_id, "energy/evaluate_j")) == 1
+
+
+@pytest.mark.slow
+def test_hf_auto_find_batch_size_retry_is_the_same_training(tmp_path, empty_store, digits):  # noqa: F811
+    """HF's auto_find_batch_size starts the training again after an out-of-memory error, with a new state: one
+    training, one run, FINISHED, its totals including the attempt that ran out of memory."""
+    uri = store(empty_store, tmp_path / "m.db")
+
+    class OutOfMemoryOnce(TrainerCallback):
+        done = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3 and not self.done:
+                self.done = True
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monitor = HfEnergyMonitor(tracking_uri=uri, experiment_name="auto-bs", output_dir=str(tmp_path / "out"))
+    hf_trainer(tmp_path, digits, [monitor, OutOfMemoryOnce()], epochs=1, auto_find_batch_size=True).train()
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("auto-bs").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "energy/total_j")) == 1
+
+
+@pytest.mark.slow
+def test_hf_evaluate_after_train_stays_in_the_trainings_run(tmp_path, digits, monkeypatch):  # noqa: F811
+    """HF's MLflowCallback ends its run at the end of train(); an evaluate() after it logs HF's metrics into a run
+    MLflow starts on its own. The evaluation is a later stage of the training: its energy stays in the training's
+    run."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        monitor = HfEnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False)
+        t = hf_trainer(tmp_path, digits, [monitor], epochs=1, report_to=["mlflow"])
+        t.train()
+        trained = monitor.run.run_id
+        t.evaluate()
+        with contextlib.suppress(Exception):
+            mlflow.end_run()
+    finally:
+        mlflow.set_tracking_uri(None)
+    client = MlflowClient(uri)
+    assert monitor.run.run_id == trained
+    assert len(client.get_metric_history(trained, "energy/evaluate_j")) == 1
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["lightning", "hf"])
 def test_server_down_at_start_then_up(tmp_path, server, link, digits, framework, green_log):  # noqa: F811
     experiment, first = f"late-{framework}", FirstStep()

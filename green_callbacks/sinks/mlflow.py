@@ -214,7 +214,11 @@ class MlflowSink:
         proc = self._proc
         if proc is None or self._closing or self._restarts >= MAX_RESTARTS or proc.poll() in (None, 0):
             return
-        if self._state.blocked or self._writer is None or not self._writer.path.exists():
+        if self._writer is None or not self._writer.path.exists():
+            return
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            self._state = State.load(self._writer.path)  # its last word: blocked (the run deleted) is no crash
+        if self._state.blocked:
             return
         self._restarts += 1
         log.warning("green-callbacks: its MLflow sender ended early (exit code %s) while training goes on; started "

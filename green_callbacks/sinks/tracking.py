@@ -60,14 +60,14 @@ def resolve_uri(header: dict[str, Any]) -> str:
     resolved in the training's working directory (``sqlite:///<cwd>/mlflow.db`` for MLflow 3)."""
     uri = header["target"].get("tracking_uri") or header.get("env_tracking_uri")
     if uri:
-        return _absolute(str(uri), header.get("cwd"))
+        return absolute(str(uri), header.get("cwd"))
     import mlflow
 
     with _as_in(header.get("cwd")):
         return str(mlflow.get_tracking_uri())
 
 
-def _absolute(uri: str, cwd: str | None) -> str:
+def absolute(uri: str, cwd: str | None) -> str:
     """A local store's relative path (``sqlite:///mlflow.db``, ``./mlruns``, ``file:mlruns``) as the training
     meant it, in its working directory, whatever the replaying process's is."""
     if not cwd:
