@@ -100,6 +100,28 @@ def test_replay_finds_a_relative_sqlite_store_where_the_training_ran(tmp_path, m
     assert not (elsewhere / "mlflow.db").exists()
 
 
+def test_replay_finds_the_trainings_default_store_whatever_this_process_set(tmp_path, monkeypatch):
+    # a spool of a training on MLflow's default store, replayed by a process that set its own tracking URI
+    # (replay_spool() called from a notebook): MLflow's default as the training saw it, not this process's
+    import mlflow
+
+    train_dir = tmp_path / "train"
+    train_dir.mkdir()
+    monkeypatch.chdir(train_dir)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    MlflowClient("sqlite:///mlflow.db").search_experiments()
+    spool = write_spool(train_dir / "spool-default.jsonl", RunTarget(None, experiment_name="default"), epochs(1))
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mine.db")
+    try:
+        result = replay_spool(spool)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert result.complete and result.sent == 1
+    client = MlflowClient(f"sqlite:///{train_dir}/mlflow.db")
+    assert client.get_experiment_by_name("default") is not None
+
+
 def test_replay_sends_only_what_was_not_sent_yet(tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
     client = MlflowClient(uri)

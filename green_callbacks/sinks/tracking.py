@@ -63,8 +63,19 @@ def resolve_uri(header: dict[str, Any]) -> str:
         return absolute(str(uri), header.get("cwd"))
     import mlflow
 
-    with _as_in(header.get("cwd")):
-        return str(mlflow.get_tracking_uri())
+    try:  # not this process's own set_tracking_uri (a replay_spool() called in a process that set one)
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+    except ImportError:
+        tracking_utils = None
+    fluent = getattr(tracking_utils, "_tracking_uri", None)
+    try:
+        if fluent is not None:
+            tracking_utils._tracking_uri = None
+        with _as_in(header.get("cwd")):
+            return str(mlflow.get_tracking_uri())
+    finally:
+        if fluent is not None:
+            tracking_utils._tracking_uri = fluent
 
 
 def absolute(uri: str, cwd: str | None) -> str:
