@@ -87,7 +87,7 @@ def test_replay_finds_a_relative_sqlite_store_where_the_training_ran(tmp_path, m
     train_dir.mkdir()
     elsewhere.mkdir()
     monkeypatch.chdir(train_dir)
-    MlflowClient("sqlite:///mlflow.db").search_experiments()  # the training's store
+    MlflowClient(f"sqlite:///{train_dir}/mlflow.db").search_experiments()  # its store (absolute: MLflow caches by URI)
     (train_dir / "out").mkdir()
     spool = write_spool(train_dir / "out" / "spool-rel.jsonl", RunTarget("sqlite:///mlflow.db",
                                                                           experiment_name="relative"), epochs(2))
@@ -109,7 +109,9 @@ def test_replay_finds_the_trainings_default_store_whatever_this_process_set(tmp_
     train_dir.mkdir()
     monkeypatch.chdir(train_dir)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    MlflowClient("sqlite:///mlflow.db").search_experiments()
+    # the training's store (written absolute: MLflow caches a store by its URI, and a relative one from another
+    # test's folder would be that test's)
+    MlflowClient(f"sqlite:///{train_dir}/mlflow.db").search_experiments()
     spool = write_spool(train_dir / "spool-default.jsonl", RunTarget(None, experiment_name="default"), epochs(1))
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mine.db")
