@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import sys
 from collections.abc import Iterator
@@ -52,14 +53,17 @@ def _ends_on_error(tracker: EnergyTracker) -> Iterator[None]:
         raise
 
 
+def _callers() -> Iterator[Any]:
+    """The frames calling the hook that calls this, innermost first."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
 def _in_training_loop() -> bool:
     """Whether HF's training loop is on the calling stack (an evaluation within ``train()``)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "_inner_training_loop":
-            return True
-        frame = frame.f_back
-    return False
+    return any(frame.f_code.co_name == "_inner_training_loop" for frame in _callers())
 
 
 def _interrupted_status() -> str:
@@ -73,15 +77,9 @@ def _calling_trainer() -> Any:
     """The ``transformers.Trainer`` whose callback hook is running (HF hands callbacks no trainer), or ``None``."""
     from transformers import Trainer
 
-    frame = sys._getframe(1)
-    for _ in range(10):  # the hook, CallbackHandler.call_event and on_<event>, then the trainer's loop
-        if frame is None:
-            break
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer):
-            return candidate
-        frame = frame.f_back
-    return None
+    # the hook's callers: CallbackHandler.call_event and on_<event>, then the trainer's loop
+    return next((f.f_locals["self"] for f in itertools.islice(_callers(), 12)
+                 if isinstance(f.f_locals.get("self"), Trainer)), None)
 
 
 def load_saved_state(callback: Any, state: TrainerState) -> dict[str, Any] | None:
