@@ -43,6 +43,7 @@ class PointHost:
     _eval_window: Measurement | None
     _epoch_closed_at: int
     _finishing_status: str | None
+    _held: tuple[int, dict[str, float]] | None = None  # a checkpoint point's metrics, logged with the next point
 
     @never_raises
     def on_step(self, step: int, batch: Any = None) -> Decision | None:
@@ -72,13 +73,17 @@ class PointHost:
     def before_checkpoint(self) -> Decision | None:
         """A checkpoint is about to be saved (collective: every rank saves): the logging point at the last
         step seen, unless a point was taken there, so the totals it saves hold everything until it and a run
-        resumed from it neither loses the stretch since the previous point nor labels it wrongly."""
+        resumed from it neither loses the stretch since the previous point nor labels it wrongly.
+
+        Its metrics are held back until the next point (or the end): Lightning saves a step's checkpoint
+        before that step's validation, whose point then logs the step's cumulative series with the
+        validation in it (``energy/cumulative_j`` is logged once per step)."""
         if self.meter is None or not self.started:
             return None
         step = self._last_step_seen_or_point()
         if step <= self._last_point_step and self.records:
             return None
-        return self._point(Kind.POINT, step)
+        return self._point(Kind.POINT, step, hold=True)
 
     @never_raises
     def before_step(self) -> Decision | None:
@@ -96,7 +101,7 @@ class PointHost:
             self._every = max(1, round(self.log_every_s / step_s)) if step_s > 0 else CALIBRATION_STEPS
 
     def _point(self, kind: Kind, step: int, metrics: dict[str, float] | None = None,
-               collective: bool = True, epoch_ends: bool = False) -> Decision | None:
+               collective: bool = True, epoch_ends: bool = False, hold: bool = False) -> Decision | None:
         """Close the interval since the previous point (and the epoch, at an epoch end or at an evaluation
         that ``epoch_ends`` it); log; decide."""
         assert self.meter is not None
@@ -126,15 +131,17 @@ class PointHost:
         if epoch_m is not None:
             self._epoch_closed_at = len(self.records)  # the next epoch starts here unless another point comes
         self._log_point(records, [p["names"] for p in payloads if p["names"] is not None],
-                        self.throughput_of([p["work"] for p in payloads], merged.total_j - eval_j))
+                        self.throughput_of([p["work"] for p in payloads], merged.total_j - eval_j), hold)
         if self.sink is not None:
             self.sink.interval_end()
         return self._decide(records[0], collective)
 
     def _log_point(self, records: Sequence[IntervalRecord], names: Sequence[Mapping[str, Mapping[str, str]]],
-                   throughput: Mapping[str, float]) -> None:
+                   throughput: Mapping[str, float], hold: bool = False) -> None:
         """The metric contract at one point (see ``records``): its records' metrics (an evaluation's and the
-        epoch's where an evaluation ends the epoch) and throughput, in one record at one step; rank 0 only."""
+        epoch's where an evaluation ends the epoch) and throughput, in one record at one step; rank 0 only.
+        ``hold``: keep them for the next point, which logs them with its own at the same step (see
+        :meth:`before_checkpoint`), or first, at their own step, where it comes later."""
         if not self.rank.is_zero or self.sink is None:
             return
         first = records[0]
@@ -143,13 +150,29 @@ class PointHost:
             params, tags = run_facts(self.accountant.as_params(), self.rank.world_size, __version__, first, names)
             self.sink.log_params(params)
             self.sink.set_tags(tags)
-        out = point_metrics(first, first.step > self.last_logged_step, self._last_point_j, self.efficiency_metrics)
+        held, self._held = self._held, None
+        if held is not None and held[0] != first.step:
+            self.sink.log_metrics(held[1], step=held[0])
+            self.last_logged_step = max(self.last_logged_step, held[0])
+            held = None
+        out = dict(held[1]) if held is not None else {}  # the held point's, at this step: this one's supersede
+        out.update(point_metrics(first, first.step > self.last_logged_step, self._last_point_j,
+                                 self.efficiency_metrics))
         for record in records[1:]:
             out.update(point_metrics(record, False, self._last_point_j, self.efficiency_metrics))
         out.update(throughput)
-        if out:
+        if hold:
+            self._held = (first.step, out)
+        elif out:
             self.sink.log_metrics(out, step=first.step)
             self.last_logged_step = max(self.last_logged_step, first.step)
+
+    def _log_held(self) -> None:
+        """Log a held point's metrics now (the run ends without another point)."""
+        held, self._held = self._held, None
+        if held is not None and self.sink is not None and held[1]:
+            self.sink.log_metrics(held[1], step=held[0])
+            self.last_logged_step = max(self.last_logged_step, held[0])
 
     def _log(self, metrics: Mapping[str, float], step: int) -> None:
         if self.rank.is_zero and self.sink is not None and metrics:

@@ -177,6 +177,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         self._calibration: tuple[int, float] | None = None
         self._last_step_seen = -1
         self._due: int | None = None  # a logging point due at this step, not yet taken
+        self._held = None
         self._projected_step = -1
         self._eval_window: Measurement | None = None
         self._epoch_closed_at = -1  # len(records) when a point last closed an epoch
@@ -273,6 +274,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
                     report = self.rank.is_zero
                 trace = self.meter.trace_frame()
                 self.meter.close()
+            self._log_held()
             if report:
                 if self.sink is not None:  # MLflow has the run, so its id names the outputs (one wait, shared)
                     confirmed = self.sink.flush(self.sink.close_wait_s, ending=True)

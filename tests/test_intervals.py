@@ -611,6 +611,35 @@ def test_lightning_resume_in_the_middle_of_an_epoch(tmp_path, fake_nvml):
     assert epochs[1].energy_j == pytest.approx(6 * 1.0 + 0.4)  # 6 steps and a validation, on this work clock
 
 
+def test_lightning_a_step_checkpoint_before_a_validation_leaves_the_validation_in_the_steps_cumulative(
+        tmp_path, fake_nvml):
+    """``ModelCheckpoint(every_n_train_steps=10)`` with ``val_check_interval=10``: at every 10th step Lightning
+    saves before it validates. The checkpoint's point comes first; the step's ``energy/cumulative_j`` (logged once
+    per step) must still hold the validation, so the last one is the run's total."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, output_dir=str(tmp_path / "out"), log_artifacts=False)
+    (_, _), (xv, yv) = digits_tensors()
+    trainer = pl.Trainer(max_steps=30, val_check_interval=10, check_val_every_n_epoch=None,
+                         logger=MLFlowLogger(experiment_name="ckpt", tracking_uri=uri),
+                         callbacks=[work_clock(fake_nvml, val_s=0.05), monitor,
+                                    ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=10, save_top_k=-1)],
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(lightning_digits_module()(), DataLoader(Endless(), batch_size=None),
+                DataLoader(TensorDataset(xv, yv), batch_size=512))
+    client, (run,) = runs(uri, "ckpt")
+    cumulative = history(client, run.info.run_id, "energy/cumulative_j")
+    assert [s for s, _ in cumulative] == steps(client, run.info.run_id, "val_acc") == [9, 19, 29]  # once per step
+    evaluations = records_of(monitor, "evaluation")
+    assert [r.step for r in evaluations] == [9, 19, 29]  # the logger's axis
+    for (_, value), record in zip(cumulative, evaluations, strict=True):
+        assert value == pytest.approx(record.cumulative_j)  # the validation at the step included
+    assert cumulative[-1][1] == pytest.approx(monitor.cumulative_j)
+    assert history(client, run.info.run_id, "energy/total_j")[0][1] == pytest.approx(monitor.cumulative_j)
+
+
 @pytest.mark.parametrize("framework", ["lightning", "hf"])
 def test_an_efficiency_stop_in_a_training_that_never_evaluates_says_so_before_the_first_step(
         tmp_path, digits, framework, green_log):  # noqa: F811
