@@ -113,11 +113,25 @@ class EnergyMonitor(EnergyTracker, Callback):
     _batch_step: Callable[[], int] | None = None  # this fit's step reader, from on_train_start
     _evaluation_due = False  # a validation started on a GPU: its window opens at its first batch
     _metrics_before: dict[str, Any] | None = None  # callback_metrics at the previous validation's end
+    _max_optimizer_steps: int | None = None  # this fit's max_steps, where it binds (see remaining_steps)
+    _optimizer_steps: Callable[[], int]  # the loop's optimizer steps (global_step)
 
     # Lightning reads state_key at every hook call (profiler names): built once, then a dict lookup
     @functools.cached_property
     def state_key(self) -> str:  # type: ignore[override]
         return self._generate_state_key(gpus=self.gpus, experiment=self.experiment_name, run_name=self.run_name)
+
+    def remaining_steps(self, step: int) -> float | None:
+        """The steps left on the logger's axis. Where a batch steps several optimizers (manual optimization),
+        ``max_steps`` (counted in optimizer steps) ends the run after fewer batches than it says: it is
+        converted at the rate of optimizer steps per batch seen so far."""
+        left = super().remaining_steps(step)
+        if left is None or self._max_optimizer_steps is None:
+            return left
+        optimizer_steps, batches = self._optimizer_steps(), step + 1  # the batches done, this step's included
+        if optimizer_steps <= batches:  # one optimizer step a batch: the axes agree
+            return left
+        return min(left, max(self._max_optimizer_steps - optimizer_steps, 0) * batches / optimizer_steps)
 
     def _start(self, trainer: pl.Trainer) -> None:
         run_id, uri = _mlflow_logger_run(trainer) if trainer.global_rank == 0 else (None, None)
@@ -137,6 +151,11 @@ class EnergyMonitor(EnergyTracker, Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.max_steps = _max_steps(trainer)
+        loop = trainer.fit_loop.epoch_loop
+        self._max_optimizer_steps = None  # max_steps counts optimizer steps, the step axis batches that stepped
+        if trainer.max_steps > 0 and type(getattr(loop, "_batches_that_stepped", None)) is int:
+            self._max_optimizer_steps = trainer.max_steps
+            self._optimizer_steps = lambda: loop.global_step
         self._metrics_before = None
         self._batch_step = _step_reader(trainer)
         progress = getattr(trainer.fit_loop.epoch_loop, "batch_progress", None)
@@ -162,8 +181,10 @@ class EnergyMonitor(EnergyTracker, Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self._due is not None and self.before_step():  # a point fell due at the previous step
-            trainer.should_stop = True
+        if self._due is not None:  # a point fell due at the previous step
+            reader = self._batch_step
+            if self.before_step(reader() if reader is not None else _step(trainer)):
+                trainer.should_stop = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -86,9 +86,13 @@ class PointHost:
         return self._point(Kind.POINT, step, hold=True)
 
     @never_raises
-    def before_step(self) -> Decision | None:
-        """Before an optimizer step: the logging point that fell due at the previous one, if nothing took it."""
-        if self._due is None or self.meter is None:
+    def before_step(self, step: int | None = None) -> Decision | None:
+        """Before a (micro-)batch: the logging point that fell due at the previous step, if nothing took it.
+
+        ``step``: the step this batch goes with, where a step can span several micro-batches (Lightning's
+        ``accumulate_grad_batches``: the logger's step is that of the optimizer step a micro-batch leads
+        to); the point waits until a batch of a later step starts, so it never cuts an accumulation."""
+        if self._due is None or self.meter is None or (step is not None and step <= self._due):
             return None
         return self._point(Kind.POINT, self._due)
 
@@ -160,7 +164,8 @@ class PointHost:
                                  self.efficiency_metrics))
         for record in records[1:]:
             out.update(point_metrics(record, False, self._last_point_j, self.efficiency_metrics))
-        out.update(throughput)
+        if first.step > self.last_logged_step or held is not None:  # once per step, as the cumulative series
+            out.update(throughput)
         if hold:
             self._held = (first.step, out)
         elif out:

@@ -531,6 +531,58 @@ def test_lightning_energy_is_logged_at_the_loggers_step_however_the_optimizers_s
         assert steps(client, rid, "energy/cumulative_j") == [0, 4, 7, 8, 12, 15]
 
 
+def test_lightning_points_between_evaluations_never_cut_an_accumulation(tmp_path, fake_nvml):
+    """``accumulate_grad_batches=4``: the logger's step of a micro-batch is that of the optimizer step it leads
+    to, so a point every step (``log_every_n_steps=1``) must wait for the step's last micro-batch. It was taken
+    after the first, and the step's validation made a second point at the same step: ``throughput`` logged
+    twice there, ``cumulative_j`` logged without the step's other micro-batches and the validation."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, log_artifacts=False, output_dir=str(tmp_path / "out"),
+                               log_every_n_steps=1)
+    (xt, yt), (xv, yv) = digits_tensors()
+    pl.Trainer(max_epochs=2, accumulate_grad_batches=4, val_check_interval=8, callbacks=[work_clock(fake_nvml, val_s=0.05),
+               monitor], logger=MLFlowLogger(experiment_name="accumulate", tracking_uri=uri),
+               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+               num_sanity_val_steps=0, log_every_n_steps=1).fit(
+        lightning_digits_module()(), DataLoader(TensorDataset(xt[:256], yt[:256]), batch_size=16),  # 16 batches
+        DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=64))
+    client, (run,) = runs(uri, "accumulate")
+    rid = run.info.run_id
+    evaluations = steps(client, rid, "val_acc")
+    assert evaluations == [1, 3, 5, 7]  # 4 optimizer steps an epoch, a validation every 2nd
+    for key in [*CUMULATIVE, "throughput/samples_per_j"]:
+        logged = steps(client, rid, key)
+        assert logged == sorted(set(logged)), key  # once per step
+    assert not {r.step for r in records_of(monitor, "point")} & set(evaluations)
+    assert all(r.energy_j == pytest.approx(4 * 0.010 * 100.0) for r in records_of(monitor, "point"))  # whole steps
+    cumulative = dict(history(client, rid, "energy/cumulative_j"))
+    for record in records_of(monitor, "evaluation"):
+        assert cumulative[record.step] == pytest.approx(record.cumulative_j)
+
+
+def test_lightning_max_steps_with_two_optimizers_a_batch_projects_the_end_on_the_loggers_axis(tmp_path, fake_nvml):
+    """Manual optimization stepping two optimizers a batch: ``max_steps=40`` (optimizer steps) ends the run after
+    20 batches, while the step axis counts batches. The projection to the end was made for 40 (twice the energy)."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, log_artifacts=False, output_dir=str(tmp_path / "out"))
+    (xt, yt), (xv, yv) = digits_tensors()
+    pl.Trainer(max_steps=40, max_epochs=10, callbacks=[work_clock(fake_nvml), monitor, gl.EnergyBudget(energy="1 kJ")],
+               logger=MLFlowLogger(experiment_name="two", tracking_uri=uri), enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0).fit(
+        TwoOptimizers(), DataLoader(TensorDataset(xt[:256], yt[:256]), batch_size=32),  # 8 batches an epoch
+        DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=64))
+    client, (run,) = runs(uri, "two")
+    total = monitor.cumulative_j
+    assert total == pytest.approx(20 * 0.010 * 100.0)  # 20 batches of 1 J
+    projected = history(client, run.info.run_id, "projection/energy_j")
+    assert [s for s, _ in projected][:2] == [7, 15]
+    # the first projection rates the first interval alone (its 8 batches are 7 steps on the 0-based axis)
+    assert projected[0][1] == pytest.approx(total, rel=0.1) and projected[0][1] < 1.1 * total, projected
+    assert all(value == pytest.approx(total, rel=1e-6) for _, value in projected[1:]), projected
+
+
 def test_lightning_a_finite_iterable_without_len_leaves_the_runs_end_unknown(tmp_path, fake_nvml):
     """Lightning cannot count a finite iterable without ``len()`` (``estimated_stepping_batches`` returns
     ``max_steps``, -1): the run's end is unknown, so the stop decides per doubling only and nothing is
