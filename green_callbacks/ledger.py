@@ -27,6 +27,7 @@ class RunLedger:
     accountant: Accountant
     sink: Any
     max_steps: float | None = None  # the run's total training steps, set by the adapter when known
+    validates_on_stop = False  # the framework runs a validation when told to stop (Lightning's loop)
 
     def reset_run(self) -> None:
         """Forget the run: a fresh MLflow run and totals from zero."""
@@ -133,6 +134,18 @@ class RunLedger:
             j * self.cumulative_cost / self.cumulative_j if self.cumulative_j > 0 else 0.0)
         return Totals(j, j * g_per_j, cost)
 
+    def stop_cost(self) -> Totals:
+        """What a stop decided now still costs: the step that runs before it takes effect (a point due at a
+        step is taken as the next one starts), and, where the framework validates on stopping (Lightning's
+        loop does), a validation as costly as the last one."""
+        cost = self.rate_per_step() or Totals(0.0, 0.0, None if self.cumulative_cost is None else 0.0)
+        last = next((r for r in reversed(self.records) if r.kind is Kind.EVALUATION), None)
+        if self.validates_on_stop and last is not None and last.eval_j > 0 and self.cumulative_j > 0:
+            share = last.eval_j / self.cumulative_j  # the run's own emissions and cost per joule
+            cost = cost + Totals(last.eval_j, self.cumulative_g * share,
+                                 None if self.cumulative_cost is None else self.cumulative_cost * share)
+        return cost
+
     def remaining_steps(self, step: int) -> float | None:
         if self.max_steps is None or self.max_steps == float("inf"):
             return None
@@ -141,7 +154,7 @@ class RunLedger:
     def progress(self, step: int, metrics: Mapping[str, float] | None = None,
                  so_far: Totals | None = None) -> Progress:
         return Progress(so_far or self.totals(), step, dict(metrics or {}), metrics is not None,
-                        self.rate_per_step(), self.remaining_steps(step), self.evaluations)
+                        self.rate_per_step(), self.remaining_steps(step), self.evaluations, self.stop_cost())
 
     def frame(self):  # -> pandas.DataFrame
         import pandas as pd

@@ -111,6 +111,7 @@ class EnergyMonitor(EnergyTracker, Callback):
     """
 
     _batch_step: Callable[[], int] | None = None  # this fit's step reader, from on_train_start
+    validates_on_stop = True  # Lightning's loop validates when should_stop is set: a stop costs a validation
     _evaluation_due = False  # a validation started on a GPU: its window opens at its first batch
     _metrics_before: dict[str, Any] | None = None  # callback_metrics at the previous validation's end
     _max_optimizer_steps: int | None = None  # this fit's max_steps, where it binds (see remaining_steps)

@@ -252,6 +252,8 @@ class Progress:
         rate_per_step: a robust recent cost per training step (``None`` until known).
         remaining_steps: training steps left to the run's end (``None`` when unbounded).
         evaluations: evaluations so far in the run, this one included.
+        stop_cost: what a stop decided now still costs before training ends (a step that runs before it
+            takes effect; a validation where the framework validates on stopping).
     """
 
     so_far: Totals
@@ -261,6 +263,7 @@ class Progress:
     rate_per_step: Totals | None = None
     remaining_steps: float | None = None
     evaluations: int = 0
+    stop_cost: Totals | None = None
 
     @property
     def projected_end(self) -> Totals | None:
@@ -294,9 +297,10 @@ class Budget:
     """Stop before an energy, emissions or cost budget would be exceeded.
 
     At each check (every point of the run, and every N steps where asked) the next interval's cost is
-    projected as the largest of the last three intervals; if the run so far plus that
-    projection would exceed a budget, it stops now. The overshoot is therefore bounded by how
-    much one interval exceeds the largest of its recent predecessors.
+    projected as the largest of the last three intervals; if the run so far plus that projection plus
+    what a stop then still costs (``stop_cost``: the step that runs before the stop takes effect, the
+    validation Lightning runs on stopping) would exceed a budget, it stops now. The overshoot is
+    therefore bounded by how much one interval (or that stop) exceeds its recent predecessors.
 
     Args:
         energy: joules, or a string with a unit ("2.5 kWh", "900 kJ").
@@ -333,8 +337,9 @@ class Budget:
                 StopReason.COST_BUDGET: self.currency or ""}[reason]
         return f"{value:.6g} {unit}".strip()
 
-    def check(self, so_far: Totals) -> Decision:
-        """One check with the run's totals so far; the interval since the last check feeds the projection."""
+    def check(self, so_far: Totals, stop_cost: Totals | None = None) -> Decision:
+        """One check with the run's totals so far (and what stopping costs, see the class); the interval since
+        the last check feeds the projection."""
         interval = so_far - self.last_check
         self.last_check = so_far
         if interval.j > 0:
@@ -343,10 +348,12 @@ class Budget:
             return CONTINUE
         nxt = Totals(max(t.j for t in self.recent), max(t.g for t in self.recent),
                      None if so_far.cost is None else max(t.cost or 0.0 for t in self.recent))
+        stop = stop_cost or Totals()
         for reason, name, limit, get in self._limits():
-            if get(so_far) + get(nxt) > limit:
+            if get(so_far) + get(nxt) + get(stop) > limit:
+                then = f" + stopping then ~{self.describe(reason, get(stop))}" if get(stop) > 0 else ""
                 return Decision(True, reason, f"{name} so far {self.describe(reason, get(so_far))} + next interval "
-                                              f"~{self.describe(reason, get(nxt))} would exceed the budget of "
+                                              f"~{self.describe(reason, get(nxt))}{then} would exceed the budget of "
                                               f"{self.describe(reason, limit)}")
         return CONTINUE
 

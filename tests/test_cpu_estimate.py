@@ -198,3 +198,22 @@ def test_the_packages_own_mlflow_sender_is_not_charged_to_the_training():
     print(f"CPU seconds charged over 1.5 s: sender-like child {sender_like:.2f}, other child {other:.2f}")
     assert other > 1.0, "a busy child of the training is charged"
     assert sender_like < 0.3, "the package's own MLflow sender is not charged to the training"
+
+
+def test_a_peek_never_runs_ahead_of_what_the_next_read_books():
+    """A budget check between points peeks at the estimate; the next point reads it. A peek held the last
+    sampled power up to now: sampled while busy and peeked after an idle pause, it was above the read for the
+    same instant (budget messages quoted more energy than the run's total)."""
+    sensor = CpuEstimateSensor(scope="process")
+    t0 = time.monotonic()
+    sensor.start(t0)
+    end = t0 + 0.3
+    while time.monotonic() < end:  # busy: the sampled power is a whole core's
+        pass
+    sensor.sample(time.monotonic())
+    time.sleep(0.3)  # idle
+    now = time.monotonic()
+    peeked = sensor.peek(now).joules["cpu"]
+    read = sensor.read(now).joules["cpu"]
+    assert peeked <= read + 1e-9
+    assert read > 0.2 * sensor.core.watts  # the busy stretch is booked

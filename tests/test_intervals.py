@@ -583,6 +583,36 @@ def test_lightning_max_steps_with_two_optimizers_a_batch_projects_the_end_on_the
     assert all(value == pytest.approx(total, rel=1e-6) for _, value in projected[1:]), projected
 
 
+def test_lightning_a_budget_stop_keeps_the_step_and_the_validation_that_follow_it_in_the_budget(tmp_path, fake_nvml):
+    """A point due at a step is taken as the next one starts, and Lightning validates when told to stop: a stop
+    decided there costs one more step and a validation. On this work clock (1 J a step, 5 J a validation, a
+    point every 5 steps, a validation every 20) the budget of 42 J used to end at 46 J."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False,
+                               output_dir=str(tmp_path / "out"), log_every_n_steps=5)
+    (_, _), (xv, yv) = digits_tensors()
+    pl.Trainer(max_steps=200, val_check_interval=20, check_val_every_n_epoch=None, logger=False,
+               callbacks=[work_clock(fake_nvml, val_s=0.05), monitor, gl.EnergyBudget(energy="42 J")],
+               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+               num_sanity_val_steps=0).fit(lightning_digits_module()(), DataLoader(Endless(), batch_size=None),
+                                           DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=128))
+    assert monitor.stop_decision is not None and monitor.stop_decision.reason.value == "energy_budget"
+    assert 30 <= monitor.cumulative_j <= 42
+    assert "stopping then" in monitor.stop_decision.message
+
+
+def test_hf_a_budget_stop_keeps_the_step_that_follows_it_in_the_budget(tmp_path, digits, fake_nvml):  # noqa: F811
+    """HF: a point due at step 10 is taken as step 11 begins, and step 11 runs before the stop takes effect. On this
+    work clock (1 J a step, a point every 5) the budget of 15.5 J used to end at 16 J."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    monitor = gt.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False,
+                               output_dir=str(tmp_path / "out"), log_every_n_steps=5)
+    step_trainer(tmp_path, digits, [hf_work_clock(fake_nvml), monitor, gt.EnergyBudget(energy="15.5 J")],
+                 max_steps=60, eval_steps=20).train()
+    assert monitor.stop_decision is not None and monitor.stop_decision.reason.value == "energy_budget"
+    assert 10 <= monitor.cumulative_j <= 15.5
+
+
 def test_lightning_a_finite_iterable_without_len_leaves_the_runs_end_unknown(tmp_path, fake_nvml):
     """Lightning cannot count a finite iterable without ``len()`` (``estimated_stepping_batches`` returns
     ``max_steps``, -1): the run's end is unknown, so the stop decides per doubling only and nothing is

@@ -145,7 +145,10 @@ class CpuEstimateSensor(Sensor):
                        {"cpu": self._power_w})
 
     def peek(self, now_s: float) -> Reading:
-        return Reading({"cpu": self._integrator.joules_at(now_s)}, {"cpu": Method.ESTIMATED},
+        """Up to the sampler's last update, not extrapolated: an estimate's power can be a burst (children
+        reaped at once are charged whole), and holding it to ``now_s`` put budget checks above what the
+        next point books for the same stretch."""
+        return Reading({"cpu": self._integrator.integrated_j}, {"cpu": Method.ESTIMATED},
                        {"cpu": self._power_w})
 
 
