@@ -14,6 +14,7 @@ from transformers.trainer_callback import ExportableState
 
 from green_callbacks.distributed import RankInfo, node_name
 from green_callbacks.process import running_tracker
+from green_callbacks.sensors.base import log
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper
 from green_callbacks.tracker import EnergyTracker
 from green_callbacks.uris import redact
@@ -82,6 +83,24 @@ def _calling_trainer() -> Any:
                  if isinstance(f.f_locals.get("self"), Trainer)), None)
 
 
+def _reopen_hf_mlflow_run(args: TrainingArguments, state: TrainerState, model: Any) -> None:
+    """HF's ``MLflowCallback`` sets up its run once per Trainer (at the first ``train()``) and ends it when that
+    training ends; a second ``train()`` sent HF's metrics to a run MLflow starts on the fly at HF's first log,
+    without params, after the monitor had chosen a run of its own. Run its set-up again, as the first training
+    did, so that HF's metrics and the energy share one run."""
+    trainer = _calling_trainer() if state.is_world_process_zero else None
+    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", ())
+    hf = next((c for c in callbacks if type(c).__name__ == "MLflowCallback"), None)
+    if hf is None or not getattr(hf, "_initialized", False):
+        return  # none, or its on_train_begin has just set it up
+    try:
+        if hf._ml_flow.active_run() is None:
+            hf.setup(args, state, model)
+    except Exception as exc:  # HF's own call: what it raises is HF's MLflow fault, not the training's
+        log.warning("green-callbacks: could not set up HF's MLflowCallback run again for this train() (%s: %s); "
+                    "the energy goes to a run of its own", type(exc).__name__, exc)
+
+
 def load_saved_state(callback: Any, state: TrainerState) -> dict[str, Any] | None:
     """This callback's attributes from ``state.stateful_callbacks`` (a resumed checkpoint's).
 
@@ -147,6 +166,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         self._eval_sets = tuple(eval_dataset) if isinstance(eval_dataset, dict) and eval_dataset else ()
         self._round: dict[str, float] = {}  # the metrics of this evaluation's data sets so far
         self._round_seen: set[str] = set()
+        _reopen_hf_mlflow_run(args, state, kwargs.get("model"))
         self._start(args, state)
         self.max_steps = float(state.max_steps) if state.max_steps and state.max_steps > 0 else None
         self._remove_count_hook()  # left by a training that crashed

@@ -102,6 +102,23 @@ def test_an_evaluate_before_train_goes_into_hfs_run(tmp_path, digits, tracking):
     assert history(client, run_id, "energy/epoch_j")
 
 
+def test_a_second_train_logs_energy_beside_hfs_metrics(tmp_path, digits, tracking):
+    """HF's ``MLflowCallback`` opens its run at the first ``train()`` only and ends it at the end: a second
+    ``train()`` of the same Trainer sent HF's metrics to a run MLflow started on the fly, after the monitor had
+    opened a run of its own: two runs, the energy in neither of HF's. Each training is one run, both series in it."""
+    monitor = EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False)
+    t = hf_trainer(tmp_path, digits, [monitor], epochs=1, report_to=["mlflow"])
+    t.train()
+    t.train()
+    client, found = runs(tracking)
+    assert len(found) == 2, [r.info.run_id for r in found]
+    for run in found:
+        rid = run.info.run_id
+        assert history(client, rid, "eval_accuracy") and history(client, rid, "energy/epoch_j"), rid
+        assert run.data.params.get("learning_rate") and run.info.status == "FINISHED"
+    assert mlflow.active_run() is None
+
+
 def test_evaluate_and_predict_report_joules_per_sample(tmp_path, digits, tracking):
     monitor = EnergyMonitor(experiment_name="hf-infer", output_dir=str(tmp_path / "out"), log_artifacts=False)
     t = hf_trainer(tmp_path, digits, [monitor], epochs=1)
