@@ -28,6 +28,7 @@ class RunLedger:
     sink: Any
     max_steps: float | None = None  # the run's total training steps, set by the adapter when known
     validates_on_stop = False  # the framework runs a validation when told to stop (Lightning's loop)
+    dry_run = False  # measured and summarised only: no MLflow run, no files (Lightning's fast_dev_run)
 
     def reset_run(self) -> None:
         """Forget the run: a fresh MLflow run and totals from zero."""

@@ -135,6 +135,7 @@ class EnergyMonitor(EnergyTracker, Callback):
         return min(left, max(self._max_optimizer_steps - optimizer_steps, 0) * batches / optimizer_steps)
 
     def _start(self, trainer: pl.Trainer) -> None:
+        self.dry_run = bool(trainer.fast_dev_run)  # Lightning logs and saves nothing then: neither do we
         run_id, uri = _mlflow_logger_run(trainer) if trainer.global_rank == 0 else (None, None)
         self.start(_rank(trainer), _cuda_indices(trainer), run_id, uri, session=trainer)
 

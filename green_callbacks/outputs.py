@@ -26,7 +26,7 @@ def summary(t: EnergyTracker) -> dict[str, Any]:
         "energy_j": t.cumulative_j, "energy_kwh": t.cumulative_j / 3.6e6, "emissions_g": t.cumulative_g,
         "cost": t.cumulative_cost, "currency": t.accountant.currency if t.cumulative_cost is not None else None,
         "duration_s": last.end_rel_s if last is not None else 0.0, "epochs": len(epochs),
-        "evaluations": t.evaluations, "steps": last.step if last is not None else 0,
+        "evaluations": t.evaluations, "last_step": last.step if last is not None else 0,
         "methods": last.methods if last is not None else {}, "world_size": t.rank.world_size,
         **t.accountant.as_params()}
     run = t.run or (t.sink.run_ref if t.sink is not None else None)
@@ -87,11 +87,12 @@ def print_summary(t: EnergyTracker, status: str) -> None:
     s = summary(t)
     cost = f", cost {s['cost']:.4g} {s['currency']}" if s["cost"] is not None else ""
     methods = ", ".join(f"{c} {m}" for c, m in s["methods"].items()) or "nothing measured"
-    where = (f"\n  MLflow run {s['mlflow_run_id']}" if "mlflow_run_id" in s else
+    where = ("\n  a dry run (Lightning's fast_dev_run): nothing logged to MLflow, no files written" if t.dry_run else
+             f"\n  MLflow run {s['mlflow_run_id']}" if "mlflow_run_id" in s else
              f"\n  MLflow not reached yet: the records are kept in {s['mlflow_spool']} and sent when it answers "
              f"(or: green-callbacks replay {s['mlflow_spool']})" if "mlflow_spool" in s else "")
     say(f"green-callbacks [{status.lower()}]: {s['epochs']} epochs, {s['evaluations']} evaluations, "
-        f"{s['steps']} steps, "
+        f"to step {s['last_step']}, "
         f"{s['energy_j']:.1f} J ({s['energy_kwh']:.6f} kWh), {s['emissions_g']:.3f} gCO2e{cost} over "
         f"{s['duration_s']:.1f} s ({methods}; {s['carbon_intensity_g_per_kwh']} g/kWh, PUE {s['pue']}){where}")
 

@@ -192,7 +192,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
 
     def open_sink(self, run_id: str | None = None, tracking_uri: str | None = None) -> None:
         """On rank 0 with MLflow on, open the sink (once a run); see :class:`~green_callbacks.runs.RunHost`."""
-        if self.started and self.sink is None and self.rank.is_zero and self.use_mlflow:
+        if self.started and self.sink is None and self.rank.is_zero and self.use_mlflow and not self.dry_run:
             self._open_sink(run_id, tracking_uri)
 
     # -- windows ---------------------------------------------------------------------------
@@ -279,7 +279,8 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
                 if self.sink is not None:  # MLflow has the run, so its id names the outputs (one wait, shared)
                     confirmed = self.sink.flush(self.sink.close_wait_s, ending=True)
                     self.run = self.run or self.sink.run_ref
-                outputs.write(self, trace)
+                if not self.dry_run:
+                    outputs.write(self, trace)
         finally:
             if self.sink is not None:
                 self.sink.set_status(status)

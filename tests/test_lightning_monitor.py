@@ -118,8 +118,24 @@ def test_without_a_logger_opens_one_run_and_measures_test_per_sample(tmp_path, c
     assert steps(client, run.info.run_id, "energy/eval_j") == steps(client, run.info.run_id, "energy/epoch_j"), \
         "validate() adds no evaluation point to the training's axis"
     out = capsys.readouterr().out
-    assert out.count("green-callbacks [finished]: 2 epochs, 2 evaluations, 127 steps") == 1
+    assert out.count("green-callbacks [finished]: 2 epochs, 2 evaluations, to step 127") == 1
     assert f"MLflow run {run.info.run_id}" in out
+
+
+def test_fast_dev_run_logs_and_writes_nothing_as_lightning_does(tmp_path, monkeypatch, capsys):
+    """``fast_dev_run`` replaces the loggers by a dummy and saves nothing; the monitor had opened a run of its own
+    in MLflow's default store (``./mlflow.db``) and written its files. Now it measures and prints, and that is all."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/logger.db"
+    monitor = EnergyMonitor(output_dir=str(tmp_path / "out"))
+    trainer(tmp_path, [monitor], fast_dev_run=True, logger=MLFlowLogger(experiment_name="dev", tracking_uri=uri)).fit(
+        ValModel())
+    assert monitor.records  # measured
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
+    if (tmp_path / "logger.db").exists():
+        assert runs(uri)[1] == []
+    assert "a dry run (Lightning's fast_dev_run): nothing logged to MLflow" in capsys.readouterr().out
 
 
 def test_logs_into_the_users_active_run(tmp_path):
