@@ -30,6 +30,10 @@ def summary(t: EnergyTracker) -> dict[str, Any]:
         "methods": last.methods if last is not None else {}, "world_size": t.rank.world_size,
         **t.accountant.as_params()}
     run = t.run or (t.sink.run_ref if t.sink is not None else None)
+    blocked = t.sink.blocked if t.sink is not None else None
+    if blocked:  # the sender stopped for good: the records wait for a person
+        out["mlflow_blocked"] = blocked
+        out["mlflow_spool"] = str(t.sink.spool_path)
     if run is not None:
         out["mlflow_run_id"] = run.run_id
         out["mlflow_tracking_uri"] = run.tracking_uri
@@ -88,6 +92,8 @@ def print_summary(t: EnergyTracker, status: str) -> None:
     cost = f", cost {s['cost']:.4g} {s['currency']}" if s["cost"] is not None else ""
     methods = ", ".join(f"{c} {m}" for c, m in s["methods"].items()) or "nothing measured"
     where = ("\n  a dry run (Lightning's fast_dev_run): nothing logged to MLflow, no files written" if t.dry_run else
+             f"\n  MLflow stopped taking the records ({s['mlflow_blocked']}); they are kept in {s['mlflow_spool']}: "
+             f"green-callbacks replay {s['mlflow_spool']} once that is fixed" if "mlflow_blocked" in s else
              f"\n  MLflow run {s['mlflow_run_id']}" if "mlflow_run_id" in s else
              f"\n  MLflow not reached yet: the records are kept in {s['mlflow_spool']} and sent when it answers "
              f"(or: green-callbacks replay {s['mlflow_spool']})" if "mlflow_spool" in s else "")

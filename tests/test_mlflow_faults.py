@@ -82,12 +82,44 @@ class Link:
                 return
             with self._lock:
                 self._open.append(conn)
+                if self.state == "flaky":
+                    threading.Thread(target=self._flaky, args=(conn,), daemon=True).start()
+                    continue
                 if self.state != "up":
                     continue  # hung: the request is never read, never answered
                 upstream = socket.create_connection(("127.0.0.1", self.upstream))
                 self._open.append(upstream)
             threading.Thread(target=self._pump, args=(conn, upstream), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, conn), daemon=True).start()
+
+    requests = 0  # in ``flaky``: the requests seen, every other one answered 503
+
+    def _flaky(self, conn: socket.socket) -> None:
+        """``flaky``: a replica behind a round-robin balancer answers every other request 503 (one request per
+        connection, as the balancer closes them); the others go to the server."""
+        with contextlib.suppress(OSError), conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            while len(body) < length:
+                body += conn.recv(65536)
+            with self._lock:
+                self.requests += 1
+                bad = self.requests % 2 == 1
+            if bad:
+                conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")]
+            with socket.create_connection(("127.0.0.1", self.upstream)) as upstream:
+                upstream.sendall(b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n" + body)
+                while chunk := upstream.recv(65536):
+                    conn.sendall(chunk)
 
     @staticmethod
     def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -514,6 +546,20 @@ def test_server_down_at_start_then_up(tmp_path, server, link, digits, framework,
     assert_every_interval(client, run.info.run_id, monitor.records)
     assert "green_callbacks/summary.json" in [a.path for a in client.list_artifacts(run.info.run_id, "green_callbacks")]
     assert green_log.text.count("cannot be reached") == 1, "one warning for the outage"
+    wait_for("the sender removed its spool", lambda: no_spool(out), 30)
+
+
+def test_a_server_answering_every_other_request_503_gets_everything(tmp_path, server, link, green_log):
+    """A balancer over a healthy and a failing replica: every other request is a 503. The sender retried whole
+    sequences (find the run, create it), which then failed at the same request every time: no run was created."""
+    link.set("flaky")
+    out = tmp_path / "out"
+    monitor = EnergyMonitor(tracking_uri=link.uri, experiment_name="flaky", output_dir=str(out))
+    trainer(tmp_path, [monitor], max_epochs=3).fit(ValModel())
+    wait_for("the run finished in MLflow", lambda: finished(server.uri, "flaky"), 90)
+    client, run = the_run(server.uri, "flaky")
+    assert_every_interval(client, run.info.run_id, monitor.records)
+    assert link.requests > 4 and "cannot be reached" not in green_log.text
     wait_for("the sender removed its spool", lambda: no_spool(out), 30)
 
 

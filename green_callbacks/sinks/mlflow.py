@@ -138,6 +138,11 @@ class MlflowSink:
         return self._writer.path if self._writer is not None else Path()
 
     @property
+    def blocked(self) -> str | None:
+        """Why the sender stopped for good (the run deleted, a refusal of the run itself), or None."""
+        return self._state.blocked or None
+
+    @property
     def sender_pid(self) -> int | None:
         """The sender process (None when it could not start)."""
         return self._proc.pid if self._proc is not None else None

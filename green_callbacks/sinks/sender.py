@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,13 +34,28 @@ from green_callbacks.sinks.spool import (
     set_aside,
     state_path,
 )
-from green_callbacks.sinks.tracking import Blocked, RunClient, describe, entities, permanent, resolve_uri
+from green_callbacks.sinks.tracking import (
+    Blocked,
+    RunClient,
+    describe,
+    entities,
+    permanent,
+    resolve_uri,
+    store_race,
+    timed_out,
+)
 
 POLL_S = 0.2
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0)  # then every 8 s: a refused connection costs nothing, a hung one 5 s here
-# MLflow's HTTP client reads these; the sender's own, so an outage costs seconds, not MLflow's minutes
-SENDER_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
+# MLflow's HTTP client reads these; the sender's own, so an outage costs seconds, not MLflow's minutes. Two
+# quick retries of one request ride out a replica answering 503/429 now and then (urllib3 retries those
+# statuses and refused connections; a whole send sequence retried instead could fail at the same request each
+# time); a request that times out doubles the timeout for the next (a slow server is not a dead one).
+SENDER_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+              "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}  # retries after 0 s and 2 s (urllib3's backoff)
+MAX_TIMEOUT_S = 30  # the ceiling of the doubling: a server slower than this is as good as down
+RENOTE_S = 300.0  # an outage (or a recovery) is announced again at most this often
 BATCH_KINDS = ("metrics", "params", "tags")
 URGENT = ("artifact", "status", "flush", "close", "detach")  # the end of a run, or someone waiting: send now
 
@@ -67,7 +83,8 @@ class Sender:
         self.closed_until: float | None = None  # when the training's close() stops waiting
         self.detached = False
         self.ended = False  # the training recorded its end (a status, its close or its detach)
-        self._noted: set[str] = set()
+        self.refused: set[tuple[str, str]] = set()  # (kind, key) MLflow refused once: set aside unsent from then on
+        self._noted: dict[str, float] = {}  # note key -> when it was last given
 
     # -- reading -------------------------------------------------------------------------------
     def read(self, final: bool = False) -> None:
@@ -102,11 +119,13 @@ class Sender:
         return self.closed_until is not None and not self.pending
 
     # -- notes ---------------------------------------------------------------------------------
-    def note(self, key: str, text: str) -> None:
-        """One warning per ``key``: kept in the state (the training relays it) and echoed when alone."""
-        if key in self._noted:
+    def note(self, key: str, text: str, again_after_s: float | None = None) -> None:
+        """One warning per ``key`` (or one per ``again_after_s``): kept in the state (the training relays it) and
+        echoed when alone."""
+        last = self._noted.get(key)
+        if last is not None and (again_after_s is None or time.monotonic() - last < again_after_s):
             return
-        self._noted.add(key)
+        self._noted[key] = time.monotonic()
         self.state.notes.append(text)
         self.state.save(self.spool)
         if self.echo is not None:
@@ -133,10 +152,9 @@ class Sender:
                 return False
             self._down(exc)
             return False
-        if self.down_since is not None:
-            self._noted.discard("down")
-            self.note("back", f"green-callbacks: MLflow at {self.uri} is back; the spooled records were sent.")
-            self._noted.discard("back")
+        if self.down_since is not None and "down" in self._noted:
+            self.note("back", f"green-callbacks: MLflow at {self.uri} is back; the spooled records were sent.",
+                      again_after_s=RENOTE_S)
         self.down_since, self.failures = None, 0
         return True
 
@@ -145,18 +163,26 @@ class Sender:
             self.down_since = time.monotonic()
         self.retry_at = time.monotonic() + BACKOFF_S[min(self.failures, len(BACKOFF_S) - 1)]
         self.failures += 1
+        if timed_out(exc):  # slow, or hung: give the next request longer (this process's setting only)
+            timeout = int(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "5") or 5)
+            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(min(2 * timeout, MAX_TIMEOUT_S))
+        if store_race(exc) and self.failures <= 3:
+            return  # another training is creating the same new store this instant: not an outage
         self.note("down", f"green-callbacks: MLflow at {self.uri} cannot be reached ({describe(exc)}); the records "
-                          f"wait in {self.spool} and are sent when it is back.")
+                          f"wait in {self.spool} and are sent when it is back.", again_after_s=RENOTE_S)
 
     def _open(self) -> None:
         if self.client is not None and self.client.run_id is not None:
             return
-        self.client = self.client or RunClient(self.uri)
-        if self.state.trying_since is None:
+        if self.state.trying_since is None:  # before the client: opening a local store can itself take long
             self.state.trying_since = time.time()
+            self.state.tracking_uri = self.state.tracking_uri or self.uri  # for the training's messages
             self.state.save(self.spool)
+        self.client = self.client or RunClient(self.uri)
         if self.state.run_id is not None:
             self.client.run_id = self.state.run_id
+            if self.override:  # replay --tracking-uri: the store it really sends to
+                self.state.tracking_uri = self.client.uri
             return
         self.state.tracking_uri = self.client.uri
         self.state.run_id, self.state.owned = self.client.open(self.header)
@@ -167,7 +193,7 @@ class Sender:
         item = self.pending[0]
         if isinstance(item, Unreadable):
             self._set_aside(item.line, "unreadable line (torn by a crash mid-write, or damaged)", item.text,
-                            f"line {item.line} of {self.spool} cannot be read")
+                            f"line {item.line} of {self.spool} cannot be read", refused=False)
             return self._done([item])
         if item.kind in BATCH_KINDS:
             return self._send_batch()
@@ -193,8 +219,9 @@ class Sender:
                 break
             batch.append(item)
         metrics, params, tags = [], [], []
+        before = set(self.refused)
         for r in batch:
-            m, p, t = entities(r)
+            m, p, t = self._known_good(r)
             metrics += m
             params += p
             tags += t
@@ -205,7 +232,7 @@ class Sender:
             if not permanent(exc):
                 raise
             self.client.check(self.client.run_id or "")  # the run itself gone: Blocked
-            self._isolate(batch)
+            self._isolate(batch, before)
         self._done(batch)
 
     def _new_params(self, params: list[Any]) -> list[Any]:
@@ -221,13 +248,38 @@ class Sender:
                                 f"({'; '.join(changed)}).")
         return [p for p in params if p.key not in existing]
 
-    def _isolate(self, batch: list[Record]) -> None:
-        """A refused batch: each metric, param and tag alone, so only the refused ones are set aside."""
+    def _known_good(self, record: Record) -> tuple[list[Any], list[Any], list[Any]]:
+        """A record's entities less those whose name MLflow refused before, set aside unsent: a refused name
+        would fail every later batch and cost a request per entity to find again."""
+        groups = entities(record)
+        if not self.refused:
+            return groups
+        out: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
+        for slot, kind in enumerate(("metric", "param", "tag")):
+            for e in groups[slot]:
+                if (kind, e.key) in self.refused:
+                    self._aside(record.line, "refused before", kind, e)
+                else:
+                    out[slot].append(e)
+        return out
+
+    def _aside(self, line: int, reason: str, kind: str, e: Any) -> None:
+        self._set_aside(line, reason, {"kind": kind, "key": e.key, "value": getattr(e, "value", None),
+                                       "step": getattr(e, "step", None)}, f"the {kind} {e.key!r}")
+
+    def _isolate(self, batch: list[Record], before: set[tuple[str, str]]) -> None:
+        """A refused batch: each metric, param and tag alone, so only the refused ones are set aside (``before``:
+        the names set aside as the batch was made)."""
         assert self.client is not None
         for r in batch:
             m, p, t = entities(r)
             for slot, (kind, group) in enumerate((("metric", m), ("param", self._new_params(p)), ("tag", t))):
                 for e in group:
+                    if (kind, e.key) in before:
+                        continue
+                    if (kind, e.key) in self.refused:  # refused at an earlier record of this batch
+                        self._aside(r.line, "refused before", kind, e)
+                        continue
                     alone: list[list[Any]] = [[], [], []]
                     alone[slot] = [e]
                     try:
@@ -235,18 +287,16 @@ class Sender:
                     except Exception as exc:
                         if not permanent(exc):
                             raise
-                        value = getattr(e, "value", None)
-                        self._set_aside(r.line, describe(exc), {"kind": kind, "key": e.key, "value": value,
-                                                                "step": getattr(e, "step", None)},
-                                        f"the {kind} {e.key!r}")
+                        self.refused.add((kind, e.key))
+                        self._aside(r.line, describe(exc), kind, e)
 
-    def _set_aside(self, line: int, reason: str, content: Any, what: str) -> None:
+    def _set_aside(self, line: int, reason: str, content: Any, what: str, refused: bool = True) -> None:
         set_aside(self.spool, line, reason, content)
         self.state.set_aside += 1
         self.note(f"aside:{what}", f"green-callbacks: MLflow at {self.uri} refused {what} ({reason}); it is set "
                                    f"aside in {rejected_path(self.spool)} and everything else is sent."
-                  if "line" not in what else f"green-callbacks: {what}; it is set aside in "
-                                             f"{rejected_path(self.spool)} and everything else is sent.")
+                  if refused else f"green-callbacks: {what}; it is set aside in {rejected_path(self.spool)} and "
+                                  "everything else is sent.")
 
     def _done(self, items: list[Record | Unreadable]) -> None:
         last = items[-1]
@@ -259,8 +309,8 @@ class Sender:
         self.state.save(self.spool)
 
     def cleanup(self) -> None:
-        """Everything is done: the spool and its state go (a ``.rejected`` file stays for a person)."""
-        for path in (self.spool, state_path(self.spool)):
+        """Everything is done: the spool, its state and the sender's log go (a ``.rejected`` file stays)."""
+        for path in (self.spool, state_path(self.spool), log_path(self.spool)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -292,6 +342,30 @@ def _lower_priority() -> None:
         os.nice(19)
 
 
+def log_path(spool: Path) -> Path:
+    """Where the sender writes its messages once the training has exited."""
+    return spool.with_name(spool.name + ".log")
+
+
+def _write_to_log_once_orphaned(parent: int, spool: Path) -> None:
+    """The sender inherits the training's stderr, often a pipe (``| tee``, a CI job, ``subprocess.run(...,
+    capture_output=True)``) that ends only when every process holding it has closed it: while this one lingered
+    (up to ``linger_s``), the user's command did not return. Once the training has gone, a thread moves this
+    process's stdout and stderr to ``<spool>.log``, whatever the main loop is waiting on (a request)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.1)
+        try:
+            fd = os.open(log_path(spool), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError:
+            fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+    threading.Thread(target=watch, name="green-callbacks-orphaned", daemon=True).start()
+
+
 def follow(spool: Path) -> int:
     """The sender process: tail ``spool`` until it is closed and sent, or given up on."""
     held = lock(spool)
@@ -301,6 +375,7 @@ def follow(spool: Path) -> int:
     # the training that wrote the header started this sender: if it died before this line ran, the parent is
     # already another process (init), and the training must count as gone from the start
     parent = sender.header.get("pid") if isinstance(sender.header.get("pid"), int) else os.getppid()
+    _write_to_log_once_orphaned(parent, spool)
     sender.state.save(spool)  # with this process's pid, for replay's message
     cadence = float(sender.header.get("cadence_s", 5.0))
     linger = float(sender.header.get("linger_s", 60.0))
@@ -334,9 +409,10 @@ def follow(spool: Path) -> int:
             sender.cleanup()
             return 0
         if sender.state.blocked or (alone_since is not None and now - alone_since > linger):
-            n = sum(isinstance(i, Record) and i.kind in SENDABLE for i in sender.pending)
-            print(f"green-callbacks: {n} records could not be sent to MLflow at {sender.uri}; they are kept in "
-                  f"{spool}. Send them with: green-callbacks replay {spool}", file=sys.stderr, flush=True)
+            if alone_since is not None:  # while the training runs, its own close() says what is left, and how many
+                n = sum(isinstance(i, Record) and i.kind in SENDABLE for i in sender.pending)
+                print(f"green-callbacks: {n} records could not be sent to MLflow at {sender.uri}; they are kept in "
+                      f"{spool}. Send them with: green-callbacks replay {spool}", file=sys.stderr, flush=True)
             return 1
         time.sleep(POLL_S)
 

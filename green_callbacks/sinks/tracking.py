@@ -21,14 +21,43 @@ class Blocked(Exception):
     """Nothing more can go to this run (it was deleted, say); the records stay in the spool."""
 
 
+# a local store that is not one (a file of another kind, a damaged database): no retry will open it
+BROKEN_STORE = ("file is not a database", "database disk image is malformed")
+# two processes creating the same new local store at once: the loser's first try fails, its next succeeds
+STORE_RACE = ("already exists", "Online migration expected to match one row")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+
+
 def permanent(exc: BaseException) -> bool:
-    """Whether MLflow refused for good (a 4xx: invalid value, unknown run) rather than was unreachable."""
+    """Whether MLflow refused for good (a 4xx: invalid value, unknown run; a local store that is no database)
+    rather than was unreachable."""
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, MlflowException):
         status = exc.get_http_status_code()
-        return 400 <= status < 500 and status not in (408, 429)
+        if 400 <= status < 500 and status not in (408, 429):
+            return True
+    if any(marker in str(e) for e in _chain(exc) for marker in BROKEN_STORE):
+        return True
     return isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError)
+
+
+def store_race(exc: BaseException) -> bool:
+    """Whether the store was being created by another process at that moment (retried without a word)."""
+    return any(marker in str(e) for e in _chain(exc) for marker in STORE_RACE)
+
+
+def timed_out(exc: BaseException) -> bool:
+    """Whether a request went unanswered within the HTTP timeout (a slow server, or a hung one)."""
+    return any(type(e).__name__ in ("ReadTimeout", "ReadTimeoutError", "TimeoutError") or "timed out" in str(e)
+               for e in _chain(exc))
 
 
 def describe(exc: BaseException) -> str:

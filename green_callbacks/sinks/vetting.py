@@ -142,7 +142,8 @@ class ReplaySender(Sender):
         item = self.pending[0]
         if isinstance(item, Record) and item.kind == REFUSED:
             record = item.data["record"]
-            self._set_aside(item.line, item.data["reason"], record, f"line {item.line} ({record['kind']})")
+            self._set_aside(item.line, item.data["reason"], record, f"line {item.line} ({record['kind']})",
+                            refused=False)
             return self._done([item])
         if isinstance(item, Record) and item.kind == "status" and not self.state.owned:
             self.note("status", f"green-callbacks: the status {item.data['status']} is not set: the run "
