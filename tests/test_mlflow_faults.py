@@ -563,6 +563,62 @@ def test_a_server_answering_every_other_request_503_gets_everything(tmp_path, se
     wait_for("the sender removed its spool", lambda: no_spool(out), 30)
 
 
+def test_a_store_that_is_no_database_is_a_refusal_and_the_end_waits_only_mlflow_wait_s(tmp_path, green_log):
+    """An ``mlflow.db`` that is not a database: opening it failed inside the client's constructor, before the
+    sender had noted that it was trying, so the end waited ``mlflow_wait_s`` plus the start-up allowance (30 s)
+    and called it an outage, retried for a minute."""
+    (tmp_path / "mlflow.db").write_bytes(b"not a database " * 100)
+    monitor = EnergyMonitor(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", output_dir=str(tmp_path / "out"),
+                            mlflow_wait_s=2, log_artifacts=False)
+    t = trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=4, limit_val_batches=2)
+    ended = []
+
+    class End(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            ended.append(time.monotonic())
+
+    t.callbacks.insert(0, End())
+    t.fit(ValModel())
+    assert time.monotonic() - ended[0] < 12, "the end waited for the store far beyond mlflow_wait_s"
+    assert "file is not a database" in green_log.text and "cannot be reached" not in green_log.text
+
+
+PIPED = """
+import atexit, sys, time
+atexit.register(lambda: print("exited", time.time(), flush=True))  # registered first: runs last
+import lightning.pytorch as pl
+from lightning.pytorch.demos.boring_classes import BoringModel
+from green_callbacks.lightning import EnergyMonitor
+monitor = EnergyMonitor(tracking_uri=sys.argv[1], output_dir=sys.argv[2], mlflow_wait_s=1, log_artifacts=False)
+pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=2, callbacks=[monitor], logger=False,
+           enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False).fit(BoringModel())
+print("spool", monitor.sink.spool_path if monitor.sink else monitor.summary().get("mlflow_spool"), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_lingering_sender_does_not_hold_the_trainings_output_pipe_open(tmp_path):
+    """``python train.py | tee log``, a CI job, ``subprocess.run(capture_output=True)``: the pipe ends when every
+    process holding it has closed it. The sender, lingering to send what MLflow did not take, held the training's
+    stderr: the user's command returned a minute after the training had exited."""
+    script = tmp_path / "piped.py"
+    script.write_text(PIPED)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(script), f"http://127.0.0.1:{free_port()}", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    returned = time.time()
+    exited = float(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("exited")))
+    (spool,) = out.glob("spool-*[0-9a-f].jsonl")
+    pid = State.load(spool).pid
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert psutil.pid_exists(pid), "the sender lingers (MLflow never answered)"
+        assert returned - exited < 10, f"the pipe stayed open {returned - exited:.1f} s after the training exited"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_server_down_at_start_and_never_back_replay_creates_and_fills_the_run(tmp_path, server, link, green_log,
                                                                              capsys):

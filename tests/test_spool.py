@@ -302,3 +302,29 @@ def test_a_run_deleted_under_the_training_ends_with_the_senders_reason_not_a_pro
     (warning,) = [r.getMessage() for r in green_log.records if "not yet confirmed" in r.getMessage()]
     assert "its sender stopped:" in warning and "is deleted" in warning and "keeps trying" not in warning
     assert f"green-callbacks replay {sink.spool_path}" in warning
+
+
+def test_a_name_refused_once_is_not_sent_again(tmp_path, monkeypatch):
+    """A refused name is found by sending each entity of the refused batch alone; the sender forgot it and found
+    it again in every later batch (79 requests for a 3-epoch run whose efficiency metric had a 300-character
+    name). Once refused, it is set aside unsent: one request per later batch."""
+    from green_callbacks.sinks.sender import Sender
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    bad = "efficiency/val_" + "x" * 300 + "_per_kj"  # longer than MLflow's 250 characters
+    records: list[tuple[str, dict, int | None]] = []
+    for s in range(3):  # three batches: a flush between them makes the sender send each on its own
+        records += [("metrics", {"energy/epoch_j": float(s), bad: 1.0}, s), ("flush", {}, None)]
+    spool = write_spool(tmp_path / "spool-r.jsonl", RunTarget(uri, experiment_name="refused"), records)
+    MlflowClient(uri).search_experiments()
+    calls = []
+    original = MlflowClient.log_batch
+    monkeypatch.setattr(MlflowClient, "log_batch", lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1])
+    sender = Sender(spool)
+    sender.read(final=True)
+    assert sender.send()
+    assert len(calls) == 3 + 1 + 1  # the first batch, then its two entities alone; then one a batch
+    client = MlflowClient(uri)
+    assert [s for s, _ in history(client, sender.state.run_id, "energy/epoch_j")] == [0, 1, 2]
+    kept = [json.loads(line) for line in rejected_path(spool).read_text().splitlines()]
+    assert [k["content"]["step"] for k in kept] == [0, 1, 2]
