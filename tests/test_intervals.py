@@ -541,8 +541,9 @@ def test_lightning_points_between_evaluations_never_cut_an_accumulation(tmp_path
     monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, log_artifacts=False, output_dir=str(tmp_path / "out"),
                                log_every_n_steps=1)
     (xt, yt), (xv, yv) = digits_tensors()
-    pl.Trainer(max_epochs=2, accumulate_grad_batches=4, val_check_interval=8, callbacks=[work_clock(fake_nvml, val_s=0.05),
-               monitor], logger=MLFlowLogger(experiment_name="accumulate", tracking_uri=uri),
+    pl.Trainer(max_epochs=2, accumulate_grad_batches=4, val_check_interval=8,
+               callbacks=[work_clock(fake_nvml, val_s=0.05), monitor],
+               logger=MLFlowLogger(experiment_name="accumulate", tracking_uri=uri),
                enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                num_sanity_val_steps=0, log_every_n_steps=1).fit(
         lightning_digits_module()(), DataLoader(TensorDataset(xt[:256], yt[:256]), batch_size=16),  # 16 batches

@@ -56,6 +56,18 @@ def test_names_are_sanitised_as_lightnings_mlflow_logger_does(tmp_path):
     assert sanitise("val_acc@1") == "val_acc1"
 
 
+def test_two_names_that_sanitise_alike_are_named_in_a_warning(green_log):
+    """``val_accé`` and ``val_accè`` both become ``val_acc``: one value silently overwrote the other."""
+    from green_callbacks.sinks.names import Names
+
+    names = Names()
+    assert names.metrics({"efficiency/val_accé_per_kj": 1.0, "efficiency/val_accè_per_kj": 2.0}) == {
+        "efficiency/val_acc_per_kj": 2.0}
+    names.metrics({"efficiency/val_accé_per_kj": 1.0, "efficiency/val_accè_per_kj": 2.0})
+    assert green_log.text.count("are both logged as 'efficiency/val_acc_per_kj'") == 1
+    assert "'efficiency/val_accé_per_kj' and 'efficiency/val_accè_per_kj'" in green_log.text
+
+
 def test_a_torn_line_costs_only_itself_and_replay_reports_it_by_number(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/m.db"
     spool = write_spool(tmp_path / "spool-a.jsonl", RunTarget(uri, experiment_name="torn"), epochs(2))
@@ -328,3 +340,27 @@ def test_a_name_refused_once_is_not_sent_again(tmp_path, monkeypatch):
     assert [s for s, _ in history(client, sender.state.run_id, "energy/epoch_j")] == [0, 1, 2]
     kept = [json.loads(line) for line in rejected_path(spool).read_text().splitlines()]
     assert [k["content"]["step"] for k in kept] == [0, 1, 2]
+
+
+def test_a_replay_waiting_for_another_that_sends_everything_ends_complete(tmp_path):
+    """Two replays at once: the second waited on the first's lock, then found the spool gone (the first sent it
+    all and removed it) and failed with 'no spool file' (exit 2), although nothing was left to send."""
+    import threading
+    import time
+
+    from green_callbacks.sinks.sender import lock
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    spool = write_spool(tmp_path / "spool-w.jsonl", RunTarget(uri, experiment_name="w"), epochs(2))
+    held = lock(spool)  # the first replay
+    results, waited = [], []
+    second = threading.Thread(target=lambda: results.append(replay_spool(spool, wait_s=30, waiting=waited.append)))
+    second.start()
+    time.sleep(1.0)
+    for path in (spool, state_path(spool)):  # the first one is done: everything sent, the files removed
+        path.unlink(missing_ok=True)
+    held.close()
+    second.join(timeout=30)
+    (result,) = results
+    assert waited and result.complete and result.sent == 0
+    assert "nothing is left to send" in result.notes[0]

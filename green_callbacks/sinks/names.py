@@ -29,11 +29,17 @@ class Names:
 
     def __init__(self) -> None:
         self._known: dict[str, str] = {}
+        self._raw: dict[str, str] = {}  # clean name -> the first name that became it
 
     def __call__(self, name: str) -> str:
         clean = self._known.get(name)
         if clean is None:
             clean = self._known[name] = sanitise(name)
+            first = self._raw.setdefault(clean, name)
+            if first != name:  # two names, one MLflow name: one series would silently overwrite the other
+                log.warning("green-callbacks: %r and %r are both logged as %r once sanitised; at a step where "
+                            "both are logged, MLflow keeps one of them. Rename one of the metrics.", first, name,
+                            clean)
         return clean
 
     def metrics(self, metrics: Mapping[str, Any]) -> dict[str, float]:

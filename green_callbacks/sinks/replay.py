@@ -52,7 +52,10 @@ def replay_spool(path: str | Path, tracking_uri: str | None = None, wait_s: floa
     if not spool.is_file():
         raise FileNotFoundError(f"no spool file at {spool}")
     end = time.monotonic() + wait_s
-    while (held := lock(spool)) is None:
+    while (held := _lock_if_there(spool)) is None:
+        if not spool.is_file():  # the sender (or a replay) that held it sent everything and removed it
+            return ReplayResult(0, 0, [], None, None, True, [f"{spool} was sent in full by the process that held "
+                                                            "it; nothing is left to send"])
         if waiting is not None:
             waiting(f"a green-callbacks sender (pid {State.load(spool).pid}) is still sending {spool}; waiting up to "
                     f"{wait_s:g} s for it")
@@ -63,6 +66,7 @@ def replay_spool(path: str | Path, tracking_uri: str | None = None, wait_s: floa
         time.sleep(0.5)
     try:
         sender = ReplaySender(spool, uri)
+        sender.state.save(spool)  # this process's pid, for another replay's message while it waits
         if not _closed(spool):
             _check_writer_gone(sender.header, spool)
         before_sent, before_aside = sender.state.sent, sender.state.set_aside
@@ -83,6 +87,14 @@ def replay_spool(path: str | Path, tracking_uri: str | None = None, wait_s: floa
                             state.tracking_uri, complete, state.notes[notes:])
     finally:
         held.close()
+
+
+def _lock_if_there(spool: Path) -> Any:
+    """:func:`lock`, or None also when the spool was removed meanwhile (the caller tells which)."""
+    try:
+        return lock(spool)
+    except FileNotFoundError:
+        return None
 
 
 def _closed(spool: Path) -> bool:
