@@ -140,8 +140,9 @@ class RunLedger:
         step is taken as the next one starts), and, where the framework validates on stopping (Lightning's
         loop does), a validation as costly as the last one."""
         cost = self.rate_per_step() or Totals(0.0, 0.0, None if self.cumulative_cost is None else 0.0)
-        last = next((r for r in reversed(self.records) if r.kind is Kind.EVALUATION), None)
-        if self.validates_on_stop and last is not None and last.eval_j > 0 and self.cumulative_j > 0:
+        last = next((r for r in reversed(self.records) if r.kind is Kind.EVALUATION), None) \
+            if self.validates_on_stop else None  # (a run without evaluations: no scan of every record at each check)
+        if last is not None and last.eval_j > 0 and self.cumulative_j > 0:
             share = last.eval_j / self.cumulative_j  # the run's own emissions and cost per joule
             cost = cost + Totals(last.eval_j, self.cumulative_g * share,
                                  None if self.cumulative_cost is None else self.cumulative_cost * share)

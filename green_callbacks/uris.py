@@ -39,8 +39,9 @@ def redact(uri: str | None) -> str | None:
 
 
 @contextlib.contextmanager
-def credentials_in_env(env: Mapping[str, str]) -> Iterator[None]:
-    """MLflow's credential variables set to ``env`` for a while, then as they were."""
+def temporary_env(env: Mapping[str, str]) -> Iterator[None]:
+    """Environment variables (MLflow's credentials, its HTTP settings) set to ``env`` for a while, then as they
+    were: MLflow reads them at every request."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -82,7 +82,7 @@ class Link:
                 return
             with self._lock:
                 self._open.append(conn)
-                if self.state == "flaky":
+                if self.state in ("flaky", "slow-create"):
                     threading.Thread(target=self._flaky, args=(conn,), daemon=True).start()
                     continue
                 if self.state != "up":
@@ -93,10 +93,12 @@ class Link:
             threading.Thread(target=self._pump, args=(upstream, conn), daemon=True).start()
 
     requests = 0  # in ``flaky``: the requests seen, every other one answered 503
+    creates = 0  # in ``slow-create``: the runs/create requests seen
 
     def _flaky(self, conn: socket.socket) -> None:
         """``flaky``: a replica behind a round-robin balancer answers every other request 503 (one request per
-        connection, as the balancer closes them); the others go to the server."""
+        connection, as the balancer closes them); the others go to the server. ``slow-create``: every request
+        goes to the server, and a run's creation is answered 6 s late (a loaded or cold server)."""
         with contextlib.suppress(OSError), conn:
             data = b""
             while b"\r\n\r\n" not in data:
@@ -111,13 +113,17 @@ class Link:
                 body += conn.recv(65536)
             with self._lock:
                 self.requests += 1
-                bad = self.requests % 2 == 1
+                bad = self.requests % 2 == 1 and self.state == "flaky"
+                slow = self.state == "slow-create" and b"/runs/create " in head.split(b"\r\n")[0]
+                self.creates += slow
             if bad:
                 conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 return
             lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")]
             with socket.create_connection(("127.0.0.1", self.upstream)) as upstream:
                 upstream.sendall(b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n" + body)
+                if slow:
+                    time.sleep(6.0)
                 while chunk := upstream.recv(65536):
                     conn.sendall(chunk)
 
@@ -561,6 +567,29 @@ def test_a_server_answering_every_other_request_503_gets_everything(tmp_path, se
     assert_every_interval(client, run.info.run_id, monitor.records)
     assert link.requests > 4 and "cannot be reached" not in green_log.text
     wait_for("the sender removed its spool", lambda: no_spool(out), 30)
+
+
+def test_a_server_slow_to_create_the_run_leaves_one_run(tmp_path, server, link, green_log):
+    """A server that answers the run's creation after the sender's timeout: MLflow's client sends the create
+    again, and the server made a run per try (two stayed RUNNING and empty for ever beside the real one)."""
+    link.set("slow-create")
+    out = tmp_path / "out"
+    monitor = EnergyMonitor(tracking_uri=link.uri, experiment_name="slow-create", output_dir=str(out))
+    trainer(tmp_path, [monitor], max_epochs=3).fit(ValModel())
+
+    def ended() -> bool:
+        exp = MlflowClient(server.uri).get_experiment_by_name("slow-create")
+        return exp is not None and any(r.info.status == "FINISHED"
+                                       for r in MlflowClient(server.uri).search_runs([exp.experiment_id]))
+
+    wait_for("the run finished in MLflow", ended, 120)
+    client, run = the_run(server.uri, "slow-create")  # one live run
+    assert_every_interval(client, run.info.run_id, monitor.records)
+    assert link.creates > 1  # the client did retry the create
+    exp = client.get_experiment_by_name("slow-create")
+    every = client.search_runs([exp.experiment_id], run_view_type=3)  # deleted runs too
+    assert len(every) == link.creates and all(r.info.lifecycle_stage == "deleted"
+                                          for r in every if r.info.run_id != run.info.run_id)
 
 
 def test_a_store_that_is_no_database_is_a_refusal_and_the_end_waits_only_mlflow_wait_s(tmp_path, green_log):

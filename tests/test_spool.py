@@ -364,3 +364,75 @@ def test_a_replay_waiting_for_another_that_sends_everything_ends_complete(tmp_pa
     (result,) = results
     assert waited and result.complete and result.sent == 0
     assert "nothing is left to send" in result.notes[0]
+
+
+def test_a_refused_name_in_a_batch_cut_off_by_an_outage_is_set_aside_once(tmp_path, monkeypatch):
+    """The entities of a refused name were set aside as the batch was made, before it was sent: a batch the
+    outage cut off, tried again every few seconds, set them aside again each time (the .rejected file and the
+    count the user is shown grew for as long as the outage lasted)."""
+    from green_callbacks.sinks.sender import Sender
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    bad = "efficiency/val_" + "x" * 300 + "_per_kj"
+    records = [("metrics", {"energy/epoch_j": 0.0, bad: 1.0}, 0), ("flush", {}, None),
+               ("metrics", {"energy/epoch_j": 1.0, bad: 1.0}, 1)]
+    spool = write_spool(tmp_path / "spool-r.jsonl", RunTarget(uri, experiment_name="refused"), records)
+    MlflowClient(uri).search_experiments()
+    sender = Sender(spool)
+    sender.read(final=True)
+    sender.pending, rest = sender.pending[:2], sender.pending[2:]
+    assert sender.send() and sender.state.set_aside == 1
+    sender.pending = rest
+    original, outage = MlflowClient.log_batch, [3]
+
+    def flaky(self, *args, **kwargs):
+        if outage[0]:
+            outage[0] -= 1
+            raise ConnectionError("Connection refused")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", flaky)
+    results = []
+    for _ in range(4):
+        sender.retry_at = 0.0
+        results.append(sender.send())
+    assert results == [False, False, False, True]
+    kept = [json.loads(line) for line in rejected_path(spool).read_text().splitlines()]
+    assert [k["content"]["step"] for k in kept] == [0, 1] and sender.state.set_aside == 2
+
+
+@pytest.mark.parametrize("user_timeout", [None, "7"])
+def test_a_timed_out_request_lengthens_the_senders_timeout_not_the_callers(tmp_path, monkeypatch, user_timeout):
+    """A request that timed out doubled the HTTP timeout in the environment of the process running the sender:
+    ``replay_spool()`` in a user's process left that process's MLflow calls with 10 s (MLflow's default is
+    120 s) or twice the user's own value, for good."""
+    import requests
+
+    from green_callbacks.sinks.sender import Sender
+
+    if user_timeout is None:
+        monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", user_timeout)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    spool = write_spool(tmp_path / "spool-t.jsonl", RunTarget(uri, experiment_name="slow"), epochs(2))
+    MlflowClient(uri).search_experiments()
+    original, seen, slow = MlflowClient.log_batch, [], [1]
+
+    def timing_out(self, *args, **kwargs):
+        seen.append(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT"))
+        if slow[0]:
+            slow[0] -= 1
+            raise requests.exceptions.ReadTimeout("Read timed out. (read timeout=7)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", timing_out)
+    sender = Sender(spool)
+    sender.read(final=True)
+    assert not sender.send()
+    assert os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") == user_timeout  # the caller's, as it was
+    sender.retry_at = 0.0
+    assert sender.send()
+    doubled = str(min(2 * int(user_timeout or 120), 30)) if user_timeout else "120"  # never shorter than it was
+    assert seen == [user_timeout, doubled]
+    assert os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") == user_timeout and sender.timeout_s is None

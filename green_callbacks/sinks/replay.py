@@ -13,7 +13,7 @@ from typing import Any
 from green_callbacks.sinks.sender import lock
 from green_callbacks.sinks.spool import Record, State, Unreadable, scan
 from green_callbacks.sinks.vetting import ReplaySender
-from green_callbacks.uris import credentials_in_env, split_credentials
+from green_callbacks.uris import split_credentials, temporary_env
 
 
 @dataclass
@@ -76,7 +76,7 @@ def replay_spool(path: str | Path, tracking_uri: str | None = None, wait_s: floa
         unreadable = [i.line for i in sender.pending if isinstance(i, Unreadable)]
         if plan is not None:
             plan(sender.plan(from_user=tracking_uri is not None))
-        with credentials_in_env(credentials):
+        with temporary_env(credentials):
             complete = sender.send()
             if complete:  # the writer is gone (checked above): a run it opened and never ended was killed
                 sender.mark_vanished()

@@ -39,18 +39,22 @@ from green_callbacks.sinks.tracking import (
     RunClient,
     describe,
     entities,
+    http_timeout_s,
     permanent,
     resolve_uri,
     store_race,
     timed_out,
 )
+from green_callbacks.uris import temporary_env
 
 POLL_S = 0.2
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0)  # then every 8 s: a refused connection costs nothing, a hung one 5 s here
 # MLflow's HTTP client reads these; the sender's own, so an outage costs seconds, not MLflow's minutes. Two
 # quick retries of one request ride out a replica answering 503/429 now and then (urllib3 retries those
 # statuses and refused connections; a whole send sequence retried instead could fail at the same request each
-# time); a request that times out doubles the timeout for the next (a slow server is not a dead one).
+# time); a request that times out unanswered doubles the timeout for the next (a slow server is not a dead
+# one) until one succeeds. A run is created without retries: a retried create that had timed out would create a
+# second run (the next try finds the first by its tag instead).
 SENDER_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
               "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}  # retries after 0 s and 2 s (urllib3's backoff)
@@ -85,6 +89,9 @@ class Sender:
         self.ended = False  # the training recorded its end (a status, its close or its detach)
         self.refused: set[tuple[str, str]] = set()  # (kind, key) MLflow refused once: set aside unsent from then on
         self._noted: dict[str, float] = {}  # note key -> when it was last given
+        self._announced_down = False  # an outage was announced, and no recovery since
+        self._asides: list[tuple[int, str, str, Any]] = []  # (line, reason, kind, entity) of the batch being sent
+        self.timeout_s: int | None = None  # the HTTP timeout after a request timed out; None: the environment's
 
     # -- reading -------------------------------------------------------------------------------
     def read(self, final: bool = False) -> None:
@@ -119,17 +126,18 @@ class Sender:
         return self.closed_until is not None and not self.pending
 
     # -- notes ---------------------------------------------------------------------------------
-    def note(self, key: str, text: str, again_after_s: float | None = None) -> None:
+    def note(self, key: str, text: str, again_after_s: float | None = None) -> bool:
         """One warning per ``key`` (or one per ``again_after_s``): kept in the state (the training relays it) and
-        echoed when alone."""
+        echoed when alone. Whether it was given now."""
         last = self._noted.get(key)
         if last is not None and (again_after_s is None or time.monotonic() - last < again_after_s):
-            return
+            return False
         self._noted[key] = time.monotonic()
         self.state.notes.append(text)
         self.state.save(self.spool)
         if self.echo is not None:
             self.echo(text)
+        return True
 
     # -- sending -------------------------------------------------------------------------------
     @property
@@ -141,9 +149,10 @@ class Sender:
         if not self.pending or self.state.blocked or time.monotonic() < self.retry_at:
             return not self.pending
         try:
-            self._open()
-            while self.pending:
-                self._send_next()
+            with temporary_env({"MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.timeout_s)} if self.timeout_s else {}):
+                self._open()
+                while self.pending:
+                    self._send_next()
         except Exception as exc:
             if isinstance(exc, Blocked) or permanent(exc):  # refusals of single records were handled below
                 self.state.blocked = str(exc) if isinstance(exc, Blocked) else f"MLflow at {self.uri}: {describe(exc)}"
@@ -152,10 +161,11 @@ class Sender:
                 return False
             self._down(exc)
             return False
-        if self.down_since is not None and "down" in self._noted:
+        if self.down_since is not None and self._announced_down:
+            self._announced_down = False
             self.note("back", f"green-callbacks: MLflow at {self.uri} is back; the spooled records were sent.",
                       again_after_s=RENOTE_S)
-        self.down_since, self.failures = None, 0
+        self.down_since, self.failures, self.timeout_s = None, 0, None
         return True
 
     def _down(self, exc: BaseException) -> None:
@@ -163,13 +173,14 @@ class Sender:
             self.down_since = time.monotonic()
         self.retry_at = time.monotonic() + BACKOFF_S[min(self.failures, len(BACKOFF_S) - 1)]
         self.failures += 1
-        if timed_out(exc):  # slow, or hung: give the next request longer (this process's setting only)
-            timeout = int(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "5") or 5)
-            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(min(2 * timeout, MAX_TIMEOUT_S))
+        if timed_out(exc):  # slow, or hung: the next request gets longer (never less than it had)
+            timeout = self.timeout_s or http_timeout_s()
+            self.timeout_s = max(timeout, min(2 * timeout, MAX_TIMEOUT_S))
         if store_race(exc) and self.failures <= 3:
             return  # another training is creating the same new store this instant: not an outage
-        self.note("down", f"green-callbacks: MLflow at {self.uri} cannot be reached ({describe(exc)}); the records "
-                          f"wait in {self.spool} and are sent when it is back.", again_after_s=RENOTE_S)
+        if self.note("down", f"green-callbacks: MLflow at {self.uri} cannot be reached ({describe(exc)}); the "
+                             f"records wait in {self.spool} and are sent when it is back.", again_after_s=RENOTE_S):
+            self._announced_down = True
 
     def _open(self) -> None:
         if self.client is not None and self.client.run_id is not None:
@@ -219,6 +230,7 @@ class Sender:
                 break
             batch.append(item)
         metrics, params, tags = [], [], []
+        self._asides = []  # written once the batch is through, not at each try
         before = set(self.refused)
         for r in batch:
             m, p, t = self._known_good(r)
@@ -233,6 +245,9 @@ class Sender:
                 raise
             self.client.check(self.client.run_id or "")  # the run itself gone: Blocked
             self._isolate(batch, before)
+        for line, reason, kind, e in self._asides:
+            self._set_aside(line, reason, {"kind": kind, "key": e.key, "value": getattr(e, "value", None),
+                                           "step": getattr(e, "step", None)}, f"the {kind} {e.key!r}")
         self._done(batch)
 
     def _new_params(self, params: list[Any]) -> list[Any]:
@@ -264,8 +279,9 @@ class Sender:
         return out
 
     def _aside(self, line: int, reason: str, kind: str, e: Any) -> None:
-        self._set_aside(line, reason, {"kind": kind, "key": e.key, "value": getattr(e, "value", None),
-                                       "step": getattr(e, "step", None)}, f"the {kind} {e.key!r}")
+        """An entity of the batch being sent, to be set aside once that batch is through (a batch cut off by an
+        outage is tried again, and would set the same entities aside again)."""
+        self._asides.append((line, reason, kind, e))
 
     def _isolate(self, batch: list[Record], before: set[tuple[str, str]]) -> None:
         """A refused batch: each metric, param and tag alone, so only the refused ones are set aside (``before``:
@@ -347,21 +363,26 @@ def log_path(spool: Path) -> Path:
     return spool.with_name(spool.name + ".log")
 
 
-def _write_to_log_once_orphaned(parent: int, spool: Path) -> None:
+def _write_to_log_once_orphaned(parent: int, spool: Path, cleaning: threading.Lock,
+                                cleaned: threading.Event) -> None:
     """The sender inherits the training's stderr, often a pipe (``| tee``, a CI job, ``subprocess.run(...,
     capture_output=True)``) that ends only when every process holding it has closed it: while this one lingered
     (up to ``linger_s``), the user's command did not return. Once the training has gone, a thread moves this
-    process's stdout and stderr to ``<spool>.log``, whatever the main loop is waiting on (a request)."""
+    process's stdout and stderr to ``<spool>.log``, whatever the main loop is waiting on (a request). Not once the
+    sender has cleaned up (``cleaned``, set under ``cleaning``): the log would stay behind, empty."""
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == parent and not cleaned.is_set():
             time.sleep(0.1)
-        try:
-            fd = os.open(log_path(spool), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        except OSError:
-            fd = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
+        with cleaning:
+            if cleaned.is_set():
+                return
+            try:
+                fd = os.open(log_path(spool), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            except OSError:
+                fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
 
     threading.Thread(target=watch, name="green-callbacks-orphaned", daemon=True).start()
 
@@ -375,7 +396,8 @@ def follow(spool: Path) -> int:
     # the training that wrote the header started this sender: if it died before this line ran, the parent is
     # already another process (init), and the training must count as gone from the start
     parent = sender.header.get("pid") if isinstance(sender.header.get("pid"), int) else os.getppid()
-    _write_to_log_once_orphaned(parent, spool)
+    cleaning, cleaned = threading.Lock(), threading.Event()
+    _write_to_log_once_orphaned(parent, spool, cleaning, cleaned)
     sender.state.save(spool)  # with this process's pid, for replay's message
     cadence = float(sender.header.get("cadence_s", 5.0))
     linger = float(sender.header.get("linger_s", 60.0))
@@ -406,7 +428,9 @@ def follow(spool: Path) -> int:
                 time.sleep(0.05)
                 sender.read()
                 gone = os.getppid() != parent
-            sender.cleanup()
+            with cleaning:
+                cleaned.set()
+                sender.cleanup()
             return 0
         if sender.state.blocked or (alone_since is not None and now - alone_since > linger):
             if alone_since is not None:  # while the training runs, its own close() says what is left, and how many

@@ -55,9 +55,23 @@ def store_race(exc: BaseException) -> bool:
 
 
 def timed_out(exc: BaseException) -> bool:
-    """Whether a request went unanswered within the HTTP timeout (a slow server, or a hung one)."""
+    """Whether a request went unanswered within the HTTP timeout (a slow server, or a hung one); a connection
+    that could not be made in time (a host that drops packets) is not: a longer wait would not help it."""
+    chain = list(_chain(exc))
+    if any("ConnectTimeout" in type(e).__name__ or "connect timeout" in str(e).lower() for e in chain):
+        return False
     return any(type(e).__name__ in ("ReadTimeout", "ReadTimeoutError", "TimeoutError") or "timed out" in str(e)
-               for e in _chain(exc))
+               for e in chain)
+
+
+def http_timeout_s() -> int:
+    """MLflow's HTTP request timeout as this process has it: its environment variable, else MLflow's default."""
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
+
+    try:
+        return max(1, int(float(MLFLOW_HTTP_REQUEST_TIMEOUT.get())))
+    except (TypeError, ValueError):
+        return 120
 
 
 def describe(exc: BaseException) -> str:
@@ -151,14 +165,28 @@ class RunClient:
         exp_id = self._experiment(target.get("experiment_name") or header.get("env_experiment_name"),
                                   header.get("env_experiment_id"))
         local_id = target.get("local_id") or header["local_id"]
-        found = c.search_runs([exp_id], f"tags.`{LOCAL_ID_TAG}` = '{local_id}'", max_results=1)
-        if found:
-            self.run_id = found[0].info.run_id
+        found = self._tagged(exp_id, local_id)
+        if found:  # the one holding something (a resumed training's), else the first
+            self.run_id = next((r for r in found if _holds_data(r)), found[0]).info.run_id
         else:
             tags = {"mlflow.source.name": "green-callbacks", LOCAL_ID_TAG: local_id}
-            run = c.create_run(exp_id, start_time=int(header["t_ms"]), tags=tags, run_name=target.get("run_name"))
-            self.run_id = run.info.run_id
+            self.run_id = c.create_run(exp_id, start_time=int(header["t_ms"]), tags=tags,
+                                       run_name=target.get("run_name")).info.run_id
+            found = self._tagged(exp_id, local_id)
+        self._drop_twins(found)
         return self.run_id, True
+
+    def _tagged(self, exp_id: str, local_id: str) -> list[Any]:
+        return list(self.client.search_runs([exp_id], f"tags.`{LOCAL_ID_TAG}` = '{local_id}'", max_results=20))
+
+    def _drop_twins(self, found: list[Any]) -> None:
+        """Empty runs made by the same create as the one kept: MLflow's client retries a request that timed out,
+        a create included, and a slow server then makes a run per try. Best effort: they hold nothing."""
+        kept = next((r for r in found if r.info.run_id == self.run_id), None)
+        for r in found:
+            if kept is not None and r is not kept and r.info.start_time == kept.info.start_time and not _holds_data(r):
+                with contextlib.suppress(Exception):
+                    self.client.delete_run(r.info.run_id)
 
     def _experiment(self, name: str | None, exp_id: str | None) -> str:
         from mlflow.exceptions import MlflowException
@@ -213,6 +241,11 @@ class RunClient:
 
     def status(self) -> str:
         return str(self.client.get_run(self.run_id).info.status)
+
+
+def _holds_data(run: Any) -> bool:
+    """Whether a run has any metric or param (a tag is set at its creation)."""
+    return bool(run.data.metrics or run.data.params)
 
 
 def entities(record: Record) -> tuple[list[Any], list[Any], list[Any]]:
