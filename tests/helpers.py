@@ -22,9 +22,32 @@ EVAL_CONTRACT = ["energy/eval_j", "time/eval_s", "energy/interval_j", "time/inte
 CUMULATIVE = ["energy/cumulative_j", "emissions/cumulative_g", "power/mean_w"]
 
 
+def settle(uri: str, timeout_s: float = 90.0) -> None:
+    """Wait (bounded) for the senders of the trainings that wrote to a local store in a test's folder: one still
+    sending when a training's end stopped waiting for it (``mlflow_wait_s``, on a loaded machine) would make the
+    store's tables while the test reads it, and MLflow's two migrations of one new store trip over each other."""
+    import psutil
+
+    if not uri.startswith("sqlite:///"):
+        return
+    folder = str(Path(uri[len("sqlite:///"):]).parent)
+    end = time.monotonic() + timeout_s
+
+    def sending() -> bool:
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = proc.info.get("cmdline") or []
+            if "green_callbacks.sinks" in cmd and any(arg.startswith(folder + os.sep) for arg in cmd):
+                return True
+        return False
+
+    while sending() and time.monotonic() < end:
+        time.sleep(0.2)
+
+
 def runs(uri: str, experiment: str | None = None):
     from mlflow.tracking import MlflowClient
 
+    settle(uri)
     client = MlflowClient(uri)
     exps = [client.get_experiment_by_name(experiment)] if experiment else client.search_experiments()
     return client, client.search_runs([e.experiment_id for e in exps if e is not None])
