@@ -64,6 +64,8 @@ class RunHost:
             self.restart_steps()
         else:
             self.reset_run()
+            for stopper in self.stoppers:  # attached for an earlier training: this one starts from zero
+                stopper.reset_policy()
 
     def _open_sink(self, run_id: str | None, tracking_uri: str | None) -> None:
         from green_callbacks.sinks import MlflowSink, RunTarget

@@ -42,6 +42,11 @@ class Stopper:
     def load_policy_state(self, state: Mapping[str, Any]) -> None:
         raise NotImplementedError
 
+    def reset_policy(self) -> None:
+        """A new training, counted from zero (a stopper handed to a second one): forget what the earlier one
+        showed it, whose joules belong to another run."""
+        self.load_policy_state(self._fresh_policy)
+
     @classmethod
     def from_file(cls: type[S], path: str | Path, **overrides: Any) -> S:
         """Build from a YAML file or a TOML file (``pyproject.toml`` included).
@@ -116,6 +121,7 @@ class EfficiencyStopper(Stopper):
         self._warned_missing = False
         self._init_args = {"monitor": monitor, "mode": mode, "min_gain": min_gain, "patience": patience,
                            "min_evaluations": min_evaluations, "strict": strict, "verbose": verbose}
+        self._fresh_policy = self.policy_state()
 
     @property
     def monitor(self) -> str:
@@ -219,6 +225,7 @@ class BudgetStopper(Stopper):
         self._warned_reasons: set[Any] = set()  # limits passed in warn mode: said once each
         self._init_args = {"energy": energy, "emissions": emissions, "cost": cost, "on_exceed": on_exceed,
                            "check_every_n_steps": check_every_n_steps}
+        self._fresh_policy = self.policy_state()
 
     def validate_against(self, price_per_kwh: float | None, currency: str) -> None:
         """A cost budget needs the monitor's price, in the same currency; say so before training."""

@@ -155,8 +155,13 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         elif self.started and not self.same_session(state):
             self._end_interrupted()
         self._batch_size = state.train_batch_size or 0
-        saved = getattr(self, "green_state", None) or (load_saved_state(self, state) or {}).get("green_state")
-        if saved and saved.get("records") and not self.records:
+        if _resumed(state):  # train(resume_from_checkpoint=...): the checkpoint's totals, also for a monitor that
+            saved = (load_saved_state(self, state) or {}).get("green_state")  # trained before (its own are newer)
+        else:
+            saved = getattr(self, "green_state", None) or (load_saved_state(self, state) or {}).get("green_state")
+        if saved and saved.get("records") and (not self.records or _resumed(state)):
+            if self.records:  # this monitor's earlier training: resumed as a new process would resume it
+                self.reset_run()
             self.load_state_dict(saved)
         self._training = True
         self._epoch_pending = False
@@ -284,6 +289,12 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         self.finish("FINISHED")
 
 
+def _resumed(state: TrainerState) -> bool:
+    """Whether this train() resumes a checkpoint: HF has loaded its state, steps done included, before
+    ``on_train_begin`` (a fresh training starts at step 0)."""
+    return (state.global_step or 0) > 0
+
+
 def _length(dataset: Any) -> int:
     """``len(dataset)``, or 0 for a data set without one (an ``IterableDataset``)."""
     try:
@@ -298,11 +309,22 @@ class _HfStopper(ExportableState):
     def state(self) -> dict[str, Any]:
         return {"args": dict(self._init_args), "attributes": {"green_policy": self.policy_state()}}
 
+    def _begin(self, state: TrainerState) -> None:
+        """At each train()'s start: a resumed one takes the checkpoint's state (also where this stopper served an
+        earlier training), a fresh one after another starts from nothing."""
+        if _resumed(state):
+            saved = (load_saved_state(self, state) or {}).get("green_policy") or getattr(self, "green_policy", None)
+            if saved:
+                self.load_policy_state(saved)
+        elif getattr(self, "_trained", False):
+            self.reset_policy()
+        self._trained = True
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        self._begin(state)
+
     def _attach(self, state: TrainerState) -> None:
-        saved = getattr(self, "green_policy", None) or (load_saved_state(self, state) or {}).get("green_policy")
-        if saved and not getattr(self, "_restored", False):
-            self.load_policy_state(saved)
-        self._restored = True
         tracker = running_tracker()
         with _ends_on_error(tracker):  # a stopper that cannot act (nothing measured) fails this train()
             tracker.attach(self)
@@ -324,6 +346,7 @@ class EfficiencyEarlyStopping(_HfStopper, EfficiencyStopper, TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
+        self._begin(state)
         default = args.metric_for_best_model or "loss"
         greater = args.greater_is_better if args.greater_is_better is not None else "loss" not in default
         self.resolve(_eval_name(default), "max" if greater else "min", _eval_name)

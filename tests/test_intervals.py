@@ -378,6 +378,47 @@ def test_hf_resume_mid_run_continues_the_step_axis_and_the_totals(tmp_path, digi
     assert history(client, rid, "energy/total_j")[-1][1] == pytest.approx(second.cumulative_j)
 
 
+def test_hf_the_same_trainer_resumed_continues_its_run_and_its_stoppers(tmp_path, digits, tracking):  # noqa: F811
+    """The notebook's way: train() stops (or crashes), then the same Trainer, monitor and stoppers resume a
+    checkpoint. The monitor kept its own state instead of the checkpoint's and opened a new run from zero, and the
+    stopper's window mixed both runs' joules."""
+    monitor = gt.EnergyMonitor(experiment_name="same-trainer", output_dir=str(tmp_path / "out"),
+                               log_artifacts=False, log_every_n_steps=5)
+    stopper = gt.EfficiencyEarlyStopping(monitor="accuracy", patience=100)
+    t = step_trainer(tmp_path, digits, [monitor, stopper, StopAt(30)], max_steps=60, save_strategy="steps",
+                     save_steps=30)
+    t.train()
+    at_checkpoint = monitor.cumulative_j
+    t.train(resume_from_checkpoint=True)
+    client, found = runs(tracking, "same-trainer")
+    assert len(found) == 1, "the resumed training continues its own run"
+    rid = found[0].info.run_id
+    assert steps(client, rid, "energy/interval_j") == [10, 20, 30, 40, 50, 60]
+    values = [v for _, v in history(client, rid, "energy/cumulative_j")]
+    assert values == sorted(values) and monitor.cumulative_j > at_checkpoint, "the totals go on from the checkpoint's"
+    joules = [j for j, _ in stopper.plateau.window]
+    assert joules == sorted(joules) and joules[-1] == pytest.approx(monitor.cumulative_j), "one run's joules"
+
+
+def test_stoppers_handed_to_a_second_training_start_from_nothing(tmp_path, digits, tracking):  # noqa: F811
+    """A second train() from scratch (no checkpoint) is a new run counted from zero: the stoppers kept the first
+    run's evaluations and joules, so the criterion compared two runs' energies."""
+    monitor = gt.EnergyMonitor(experiment_name="twice", output_dir=str(tmp_path / "out"), log_artifacts=False,
+                               log_every_n_steps=5)
+    stopper = gt.EfficiencyEarlyStopping(monitor="accuracy", patience=100)
+    budget = gt.EnergyBudget(energy="1 kWh")
+    t = step_trainer(tmp_path, digits, [monitor, stopper, budget], max_steps=30)
+    t.train()
+    first = list(stopper.plateau.window)
+    t.train()
+    _, found = runs(tracking, "twice")
+    assert len(found) == 2
+    joules = [j for j, _ in stopper.plateau.window]
+    assert first and len(joules) == len(first) and joules == sorted(joules)
+    assert joules[-1] <= monitor.cumulative_j, "the second run's joules only"
+    assert budget.budget.state_dict()["last_check"]["j"] <= monitor.cumulative_j + 1e-9
+
+
 def test_hf_resumed_with_report_to_mlflow_follows_the_new_run_hf_opens(tmp_path, digits, tracking):  # noqa: F811
     # a new process resuming a checkpoint: HF's MLflowCallback opens a new run for the trainer's metrics; the energy
     # goes there too (so the charts overlay), its totals continued from the checkpoint's
