@@ -168,6 +168,8 @@ class PointHost:
             out.update(throughput)
         if hold:
             self._held = (first.step, out)
+            if out:  # on disk before the hook returns: a kill before the next point loses nothing
+                self.sink.hold_metrics(out, step=first.step)
         elif out:
             self.sink.log_metrics(out, step=first.step)
             self.last_logged_step = max(self.last_logged_step, first.step)

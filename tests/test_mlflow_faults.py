@@ -631,6 +631,43 @@ print("spool", monitor.sink.spool_path if monitor.sink else monitor.summary().ge
 """
 
 
+CHECKPOINT_KILLED = """
+import os, signal, sys
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
+from green_callbacks.lightning import EnergyMonitor
+
+class Kill(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 8:  # the machine goes down: the training and its sender
+            os.kill(monitor.sink.sender_pid, signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+monitor = EnergyMonitor(tracking_uri=sys.argv[1], experiment_name="ckpt", output_dir=sys.argv[2],
+                        log_every_n_steps=1000)
+pl.Trainer(max_epochs=1, limit_train_batches=20, limit_val_batches=2, logger=False, enable_progress_bar=False,
+           enable_model_summary=False, num_sanity_val_steps=0,
+           callbacks=[monitor, Kill(), ModelCheckpoint(dirpath=sys.argv[2] + "/ckpt", every_n_train_steps=5,
+                                                       save_top_k=-1)]).fit(BoringModel())
+"""
+
+
+@pytest.mark.slow
+def test_killed_after_a_step_checkpoint_its_point_reaches_the_run(tmp_path, empty_store):
+    """A step checkpoint's point (its totals saved in the checkpoint) kept its metrics in memory until the next
+    point: a kill -9 before that lost them, though the hook that made them had returned."""
+    uri, out = store(empty_store, tmp_path / "m.db"), tmp_path / "out"
+    script = tmp_path / "killed.py"
+    script.write_text(CHECKPOINT_KILLED)
+    proc = subprocess.run([sys.executable, str(script), uri, str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=fake_nvml_env("{}"))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert cli(["replay", str(out)]) == 0
+    client, run = the_run(uri, "ckpt")
+    assert 4 in steps(client, run.info.run_id, "energy/cumulative_j"), "the checkpoint's point, at its step"
+
+
 @pytest.mark.slow
 def test_a_lingering_sender_does_not_hold_the_trainings_output_pipe_open(tmp_path):
     """``python train.py | tee log``, a CI job, ``subprocess.run(capture_output=True)``: the pipe ends when every

@@ -168,6 +168,12 @@ class MlflowSink:
         """Append one step's metrics to the spool (on disk before this returns)."""
         self._append("metrics", self._names.metrics(metrics), int(step))
 
+    def hold_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Metrics the training means to log with its next record (a checkpoint's point, before the same step's
+        evaluation): on disk now, sent by the sender only if the training ends without a later metrics record
+        (killed), which otherwise carries them."""
+        self._append("held", self._names.metrics(metrics), int(step))
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         self._append("params", self._names.strings(params))
 

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,7 @@ class Sender:
         self.detached = False
         self.ended = False  # the training recorded its end (a status, its close or its detach)
         self.refused: set[tuple[str, str]] = set()  # (kind, key) MLflow refused once: set aside unsent from then on
+        self.final = False  # the spool is read to its end: its training writes no more
         self._noted: dict[str, float] = {}  # note key -> when it was last given
         self._announced_down = False  # an outage was announced, and no recovery since
         self._asides: list[tuple[int, str, str, Any]] = []  # (line, reason, kind, entity) of the batch being sent
@@ -96,6 +98,7 @@ class Sender:
     # -- reading -------------------------------------------------------------------------------
     def read(self, final: bool = False) -> None:
         """Take the lines appended since the last read (a torn last line only when ``final``)."""
+        self.final = self.final or final
         with contextlib.suppress(FileNotFoundError):  # removed by the training's close() once all was sent
             for item in scan(self.spool, *self.read_to, final=final):
                 self.pending.append(item)
@@ -151,8 +154,8 @@ class Sender:
         try:
             with temporary_env({"MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.timeout_s)} if self.timeout_s else {}):
                 self._open()
-                while self.pending:
-                    self._send_next()
+                while self.pending and self._send_next() is not False:
+                    pass
         except Exception as exc:
             if isinstance(exc, Blocked) or permanent(exc):  # refusals of single records were handled below
                 self.state.blocked = str(exc) if isinstance(exc, Blocked) else f"MLflow at {self.uri}: {describe(exc)}"
@@ -161,12 +164,12 @@ class Sender:
                 return False
             self._down(exc)
             return False
-        if self.down_since is not None and self._announced_down:
+        if self.down_since is not None and self._announced_down and not self.pending:
             self._announced_down = False
             self.note("back", f"green-callbacks: MLflow at {self.uri} is back; the spooled records were sent.",
                       again_after_s=RENOTE_S)
         self.down_since, self.failures, self.timeout_s = None, 0, None
-        return True
+        return not self.pending
 
     def _down(self, exc: BaseException) -> None:
         if self.down_since is None:
@@ -199,13 +202,20 @@ class Sender:
         self.state.run_id, self.state.owned = self.client.open(self.header)
         self.state.save(self.spool)
 
-    def _send_next(self) -> None:
+    def _send_next(self) -> bool | None:
+        """Send the head of the queue; False: it waits for what the training writes next."""
         assert self.client is not None
         item = self.pending[0]
         if isinstance(item, Unreadable):
             self._set_aside(item.line, "unreadable line (torn by a crash mid-write, or damaged)", item.text,
                             f"line {item.line} of {self.spool} cannot be read", refused=False)
             return self._done([item])
+        if item.kind == "held":  # a checkpoint's point: the training's next metrics record carries it
+            if any(isinstance(i, Record) and i.kind == "metrics" for i in self.pending[1:]):
+                return self._done([item])
+            if not (self.final or self.ended):
+                return False
+            self.pending[0] = item = replace(item, kind="metrics")  # the training ended without it: sent as is
         if item.kind in BATCH_KINDS:
             return self._send_batch()
         if item.kind == "artifact":

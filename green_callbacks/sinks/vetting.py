@@ -113,7 +113,7 @@ class ReplaySender(Sender):
         if r.kind in ("params", "tags"):
             bad = [k for k in r.data if not (isinstance(k, str) and k.startswith("green."))]
             return f"{r.kind} {bad} are not green-callbacks' own (green.*)" if bad else None
-        if r.kind == "metrics":
+        if r.kind in ("metrics", "held"):
             bad = [k for k, v in r.data.items() if isinstance(v, bool) or not isinstance(v, int | float)]
             step_ok = r.step is None or (isinstance(r.step, int) and not isinstance(r.step, bool))
             return None if not bad and step_ok else f"metrics {bad} (step {r.step!r}) are not numbers"
@@ -138,7 +138,7 @@ class ReplaySender(Sender):
             return why
         return None
 
-    def _send_next(self) -> None:
+    def _send_next(self) -> bool | None:
         item = self.pending[0]
         if isinstance(item, Record) and item.kind == REFUSED:
             record = item.data["record"]
