@@ -436,3 +436,44 @@ def test_a_timed_out_request_lengthens_the_senders_timeout_not_the_callers(tmp_p
     doubled = str(min(2 * int(user_timeout or 120), 30)) if user_timeout else "120"  # never shorter than it was
     assert seen == [user_timeout, doubled]
     assert os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") == user_timeout and sender.timeout_s is None
+
+
+def test_a_state_file_that_cannot_be_written_costs_one_warning_and_sending_goes_on(tmp_path, capsys):
+    """The sender saves its progress beside the spool after each send; a folder that turned read-only (or a full
+    disk) made that save raise inside the sender: it crashed, was restarted and crashed again, and nothing reached
+    a store that was up."""
+    from green_callbacks.sinks.sender import Sender
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    spool = write_spool(tmp_path / "spool-w.jsonl", RunTarget(uri, experiment_name="unwritable"), epochs(3))
+    state_path(spool).mkdir()  # where the state goes, something that cannot be replaced by a file
+    sender = Sender(spool)
+    sender.read(final=True)
+    assert sender.send()
+    client = MlflowClient(uri)
+    assert [s for s, _ in history(client, sender.state.run_id, "energy/epoch_j")] == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert err.count("cannot write") == 1 and str(state_path(spool)) in err
+    assert not list(tmp_path.glob("*.tmp")), "no half-written state left behind"
+
+
+def test_an_emptied_state_file_is_a_replay_from_the_start_not_an_error(tmp_path, capsys):
+    """A power cut between the state's write and its rename can leave it empty: replay failed with a bare
+    'Expecting value: line 1 column 1', every time. Progress unknown, it sends everything again; MLflow keeps one
+    copy of each identical value, so nothing shows twice."""
+    from green_callbacks.sinks.sender import Sender
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    spool = write_spool(tmp_path / "spool-e.jsonl", RunTarget(uri, experiment_name="emptied"),
+                        [*epochs(2), ("flush", {}, None), *epochs(2, start=2)])
+    sender = Sender(spool)
+    sender.read(final=True)
+    sender.pending = sender.pending[:3]  # the first two epochs and the flush were sent
+    assert sender.send()
+    state_path(spool).write_text("")
+    assert cli(["replay", str(spool)]) == 0
+    err = capsys.readouterr().err
+    assert "cannot be read" in err and str(state_path(spool)) in err
+    client = MlflowClient(uri)
+    assert [s for s, _ in history(client, sender.state.run_id, "energy/epoch_j")] == [0, 1, 2, 3]
+    assert not spool.exists()

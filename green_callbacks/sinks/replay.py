@@ -29,6 +29,14 @@ class ReplayResult:
     notes: list[str]
 
 
+def _holder(spool: Path) -> int | str:
+    """The pid of the process holding the spool, as its state says ("unknown" where it cannot be read)."""
+    try:
+        return State.load(spool).pid or "unknown"
+    except ValueError:
+        return "unknown"
+
+
 class SpoolBusy(RuntimeError):
     """Another process is still writing or sending the spool."""
 
@@ -57,16 +65,16 @@ def replay_spool(path: str | Path, tracking_uri: str | None = None, wait_s: floa
             return ReplayResult(0, 0, [], None, None, True, [f"{spool} was sent in full by the process that held "
                                                             "it; nothing is left to send"])
         if waiting is not None:
-            waiting(f"a green-callbacks sender (pid {State.load(spool).pid}) is still sending {spool}; waiting up to "
+            waiting(f"a green-callbacks sender (pid {_holder(spool)}) is still sending {spool}; waiting up to "
                     f"{wait_s:g} s for it")
             waiting = None
         if time.monotonic() > end:
-            raise SpoolBusy(f"a green-callbacks sender (pid {State.load(spool).pid}) is still sending {spool}; it "
+            raise SpoolBusy(f"a green-callbacks sender (pid {_holder(spool)}) is still sending {spool}; it "
                             "stops by itself once done or after its linger time; run replay again then")
         time.sleep(0.5)
     try:
         sender = ReplaySender(spool, uri)
-        sender.state.save(spool)  # this process's pid, for another replay's message while it waits
+        sender.save()  # this process's pid, for another replay's message while it waits
         if not _closed(spool):
             _check_writer_gone(sender.header, spool)
         before_sent, before_aside = sender.state.sent, sender.state.set_aside

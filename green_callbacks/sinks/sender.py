@@ -71,8 +71,13 @@ class Sender:
     def __init__(self, spool: Path, tracking_uri: str | None = None,
                  echo: Callable[[str], None] | None = None) -> None:
         self.spool = spool
-        self.state = State.load(spool)
+        try:
+            self.state = State.load(spool)
+            damaged = None
+        except ValueError as exc:  # progress unknown: everything again (MLflow keeps one copy of identical values)
+            self.state, damaged = State(), str(exc)
         self.state.pid = os.getpid()
+        self._unsaved = False  # the state could not be written (said once)
         self.override = tracking_uri
         self.echo = echo
         first = next(scan(spool), None)
@@ -93,6 +98,7 @@ class Sender:
         self._noted: dict[str, float] = {}  # note key -> when it was last given
         self._announced_down = False  # an outage was announced, and no recovery since
         self._asides: list[tuple[int, str, str, Any]] = []  # (line, reason, kind, entity) of the batch being sent
+        self._damaged = damaged  # said at the first send
         self.timeout_s: int | None = None  # the HTTP timeout after a request timed out; None: the environment's
 
     # -- reading -------------------------------------------------------------------------------
@@ -137,10 +143,18 @@ class Sender:
             return False
         self._noted[key] = time.monotonic()
         self.state.notes.append(text)
-        self.state.save(self.spool)
+        self.save()
         if self.echo is not None:
             self.echo(text)
         return True
+
+    def save(self) -> None:
+        """The state, saved; where it cannot be (a read-only folder, a full disk) sending goes on, with one word."""
+        if not self.state.save(self.spool) and not self._unsaved:
+            self._unsaved = True
+            print(f"green-callbacks: the MLflow sender cannot write {state_path(self.spool)} (a read-only folder, or "
+                  "a full disk); it goes on sending, and a replay later may send again what it sent since (MLflow "
+                  "keeps one copy of each identical value).", file=sys.stderr, flush=True)
 
     # -- sending -------------------------------------------------------------------------------
     @property
@@ -149,6 +163,10 @@ class Sender:
 
     def send(self) -> bool:
         """Send everything pending; False when MLflow was unreachable (retried after a backoff) or blocked."""
+        if self._damaged:
+            self.note("damaged", f"green-callbacks: {self._damaged}; {self.spool} is sent again from its start "
+                                 "(MLflow keeps one copy of each identical value).")
+            self._damaged = None
         if not self.pending or self.state.blocked or time.monotonic() < self.retry_at:
             return not self.pending
         try:
@@ -191,7 +209,7 @@ class Sender:
         if self.state.trying_since is None:  # before the client: opening a local store can itself take long
             self.state.trying_since = time.time()
             self.state.tracking_uri = self.state.tracking_uri or self.uri  # for the training's messages
-            self.state.save(self.spool)
+            self.save()
         self.client = self.client or RunClient(self.uri)
         if self.state.run_id is not None:
             self.client.run_id = self.state.run_id
@@ -200,7 +218,7 @@ class Sender:
             return
         self.state.tracking_uri = self.client.uri
         self.state.run_id, self.state.owned = self.client.open(self.header)
-        self.state.save(self.spool)
+        self.save()
 
     def _send_next(self) -> bool | None:
         """Send the head of the queue; False: it waits for what the training writes next."""
@@ -317,7 +335,8 @@ class Sender:
                         self._aside(r.line, describe(exc), kind, e)
 
     def _set_aside(self, line: int, reason: str, content: Any, what: str, refused: bool = True) -> None:
-        set_aside(self.spool, line, reason, content)
+        with contextlib.suppress(OSError):  # a folder gone read-only: the warning below still names it
+            set_aside(self.spool, line, reason, content)
         self.state.set_aside += 1
         self.note(f"aside:{what}", f"green-callbacks: MLflow at {self.uri} refused {what} ({reason}); it is set "
                                    f"aside in {rejected_path(self.spool)} and everything else is sent."
@@ -332,7 +351,7 @@ class Sender:
                 self.state.seq = item.seq
                 self.state.sent += item.kind in SENDABLE
         del self.pending[:len(items)]
-        self.state.save(self.spool)
+        self.save()
 
     def cleanup(self) -> None:
         """Everything is done: the spool, its state and the sender's log go (a ``.rejected`` file stays)."""
@@ -408,7 +427,7 @@ def follow(spool: Path) -> int:
     parent = sender.header.get("pid") if isinstance(sender.header.get("pid"), int) else os.getppid()
     cleaning, cleaned = threading.Lock(), threading.Event()
     _write_to_log_once_orphaned(parent, spool, cleaning, cleaned)
-    sender.state.save(spool)  # with this process's pid, for replay's message
+    sender.save()  # with this process's pid, for replay's message
     cadence = float(sender.header.get("cadence_s", 5.0))
     linger = float(sender.header.get("linger_s", 60.0))
     first_send_at = sender.header["t_ms"] / 1000 + float(sender.header.get("first_send_s", 10.0))
@@ -432,7 +451,7 @@ def follow(spool: Path) -> int:
             if gone:
                 sender.mark_vanished()
             sender.state.done = True
-            sender.state.save(spool)
+            sender.save()
             # the training's close() is waiting: it relays the last warnings and removes the files
             while spool.exists() and not (gone or sender.detached) and time.time() < sender.closed_until + 2.0:
                 time.sleep(0.05)

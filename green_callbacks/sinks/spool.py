@@ -132,17 +132,29 @@ class State:
 
     @classmethod
     def load(cls, spool: Path) -> State:
+        """The saved state (a fresh one where none was saved); ``ValueError`` naming the file when it cannot be
+        read (emptied by a power cut between its write and its rename, say)."""
+        path = state_path(spool)
         try:
-            d = json.loads(state_path(spool).read_text(encoding="utf-8"))
+            d = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
         except FileNotFoundError:
             return cls()
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise ValueError(f"the sender's state file {path} cannot be read ({exc})") from exc
 
-    def save(self, spool: Path) -> None:
+    def save(self, spool: Path) -> bool:
+        """Write the state; False when it cannot be written (a folder made read-only or a full disk)."""
         path = state_path(spool)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.__dict__), encoding="utf-8")
-        os.replace(tmp, path)  # readers see the old state or the new one, never half
+        try:
+            tmp.write_text(json.dumps(self.__dict__), encoding="utf-8")
+            os.replace(tmp, path)  # readers see the old state or the new one, never half
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return False
+        return True
 
 
 def set_aside(spool: Path, line: int, reason: str, content: Any) -> None:

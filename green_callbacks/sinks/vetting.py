@@ -167,7 +167,7 @@ class ReplaySender(Sender):
                           f"header names {self.claimed_run or 'a run tagged ' + LOCAL_ID_TAG}); delete the state "
                           "file if the spool is yours")
         self.state.owned = mine
-        self.state.save(self.spool)
+        self.save()
 
     def plan(self, from_user: bool) -> str:
         """What will be sent where, in one line, before anything is."""
