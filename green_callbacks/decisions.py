@@ -67,8 +67,11 @@ class StopperHost:
         return self._agree(local, progress, collective)
 
     def _check_between_points(self, step: int) -> Decision | None:
-        """A budget check between points (``check_every_n_steps``): what the open interval cost so far."""
+        """A budget check between points (``check_every_n_steps``): what the open interval cost so far. None once
+        a stop is decided (the same on every rank): it was decided once, and is logged once."""
         assert self.meter is not None
+        if self.stop_decision is not None or self._finishing_status is not None:
+            return None
         peek = self.meter.peek("interval")
         merged = merge_ranks(gather(window_payload(peek, self.rank.rank, self.rank.node)))
         fp = self.accountant.footprint(merged.total_j, peek.start_unix, peek.start_unix + peek.duration_s)

@@ -48,6 +48,9 @@ class RunLedger:
         self._since_eval = _Since()
         self._recent: list[tuple[int, float]] = []  # (steps, joules) of recent intervals
         self._first_in_recent = True  # the run's (or this process's) first interval, with its warm-up, is there
+        self._cycles: list[tuple[int, float]] = []  # (steps, joules) from one evaluation to the next, the recent
+        self._cycle = (0, 0.0)  # the stretch since the last evaluation so far
+        self._first_in_cycles = True
         self._last_point_step = 0
         self._previous_point_step = 0
         self._last_point_j = 0.0
@@ -62,6 +65,7 @@ class RunLedger:
         since the last evaluation starts anew (the previous fit's end closed it)."""
         self._last_point_step = self._previous_point_step = self._epoch_start_step = 0
         self._since_eval = _Since()
+        self._cycle = (0, 0.0)
 
     def close_interval(self, kind: Kind, step: int, merged: Merged, interval: Measurement, t0: float,
                        epoch: Merged | None, epoch_m: Measurement | None, evaluation: tuple[float, float],
@@ -75,6 +79,10 @@ class RunLedger:
         end_rel = interval.end_s - t0
         records = []
         if kind is Kind.EVALUATION:
+            if self._cycle[0] > 0:  # an evaluation cycle, its evaluation included, for the rate
+                self._first_in_cycles = self._first_in_cycles and len(self._cycles) < RATE_WINDOW
+                self._cycles = [*self._cycles[-(RATE_WINDOW - 1):], self._cycle]
+                self._cycle = (0, 0.0)
             since, self._since_eval = self._since_eval, _Since(step)
             self.evaluations += 1
             records.append(self._make(kind, self.evaluations - 1, since.start_step, step, since.merged(),
@@ -103,6 +111,7 @@ class RunLedger:
         if step > self._last_point_step:
             self._first_in_recent = self._first_in_recent and len(self._recent) < RATE_WINDOW
             self._recent = [*self._recent[-(RATE_WINDOW - 1):], (step - self._last_point_step, merged.total_j)]
+        self._cycle = (self._cycle[0] + max(step - self._last_point_step, 0), self._cycle[1] + merged.total_j)
         self._last_point_step = step
         self._last_point_j = merged.total_j / interval.duration_s if interval.duration_s > 0 else 0.0
 
@@ -124,9 +133,15 @@ class RunLedger:
         return Totals(self.cumulative_j, self.cumulative_g, self.cumulative_cost)
 
     def rate_per_step(self) -> Totals | None:
-        """The median cost per training step of the recent intervals (the first one, with its warm-up
-        and data loading, only while it is the only one)."""
-        recent = self._recent[1:] if len(self._recent) > 1 and self._first_in_recent else self._recent
+        """The median cost per training step of the recent evaluation cycles (each from one evaluation to the
+        next, that evaluation included), else, before the second evaluation, of the recent intervals; the first
+        one, with its warm-up and data loading, only while it is the only one. By cycles, the rate is the same
+        whatever the logging cadence: logging points every few steps leave the evaluations out of most
+        intervals, and a median of intervals then left them out of the rate."""
+        if len(self._cycles) > 1 or (self._cycles and not self._first_in_cycles):
+            recent = self._cycles[1:] if self._first_in_cycles else self._cycles
+        else:
+            recent = self._recent[1:] if len(self._recent) > 1 and self._first_in_recent else self._recent
         if not recent:
             return None
         j = statistics.median(joules / steps for steps, joules in recent)

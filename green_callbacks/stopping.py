@@ -178,6 +178,8 @@ class EfficiencyStopper(Stopper):
             self._statistics = {self.plateau.min_gain.name(self.monitor): gain}
         if self.plateau.gain_to_end is not None:
             self._statistics[self.plateau.min_gain.name_to_end(self.monitor)] = self.plateau.gain_to_end
+        if decision.should_stop and progress.remaining_steps is not None and progress.remaining_steps <= 0:
+            decision = CONTINUE  # the run ends here anyway: a stop would save nothing, and say it stopped early
         if self.verbose:
             log.warning("%s: %s=%.4g, gained %s, %d/%d at or below min_gain=%r", type(self).__name__, self.monitor,
                         progress.metrics[self.monitor], "n/a (warm-up)" if gain is None else

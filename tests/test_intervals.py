@@ -171,14 +171,17 @@ def test_lightning_an_end_of_epoch_validation_closes_the_epoch_with_one_read_and
 
 
 # -- the energy-aware stop does not depend on the run's watts ------------------------------------------
-def run_at(tmp_path, fake, watts: float, **stopper):
+def run_at(tmp_path, fake, watts: float, every: int | None = None, val_s: float = 0.002, max_epochs: int = 60,
+           extra=(), **stopper):
     fake.configure([{"profile": [[1.0, watts]]}], work_clock=True)
     pl.seed_everything(0)
     module = lightning_digits_module(lr=3e-3)()
     (xt, yt), (xv, yv) = digits_tensors()
-    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False)
-    stop = gl.EfficiencyEarlyStopping(monitor="val_acc", min_gain="2% per doubling", **stopper)
-    trainer = pl.Trainer(max_epochs=60, callbacks=[monitor, stop, work_clock(fake, val_s=0.002)], logger=False,
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False,
+                               log_every_n_steps=every)
+    stop = gl.EfficiencyEarlyStopping(monitor="val_acc", **{"min_gain": "2% per doubling", **stopper})
+    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=[monitor, stop, work_clock(fake, val_s=val_s), *extra],
+                         logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          default_root_dir=tmp_path, num_sanity_val_steps=0)
     trainer.fit(module, DataLoader(TensorDataset(xt, yt), batch_size=128, shuffle=True,
@@ -194,6 +197,35 @@ def test_the_same_training_at_5_w_and_2000_w_stops_at_the_same_evaluation(tmp_pa
     assert (low.global_step, low.current_epoch) == (high.global_step, high.current_epoch)
     # NVML counts whole millijoules: at 5 W that rounds a little
     assert high_monitor.cumulative_j == pytest.approx(400 * low_monitor.cumulative_j, rel=1e-4)
+
+
+class Statistics(pl.Callback):
+    """The stopper's statistics after each validation (the monitor, earlier in the list, has decided by then)."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        stop = next(c for c in trainer.callbacks if isinstance(c, gl.EfficiencyEarlyStopping))
+        self.seen.append(stop.statistics())
+
+
+def test_the_stop_does_not_depend_on_the_logging_cadence_and_the_runs_end_is_no_stop(tmp_path, fake_nvml):
+    """Costly validations, logging points every 2 steps or every 1000: the rate that projects the run's end was the
+    median of recent intervals, and frequent points left the validations out of it (the gain left to the end
+    differed 2x, and one run stopped where the other did not). And a run that reached max_epochs was tagged as
+    stopped by the criterion at its last evaluation, where nothing is left to save."""
+    seen = {}
+    for every in (2, 1000):
+        stats = Statistics()
+        trainer, monitor = run_at(tmp_path, fake_nvml, 300.0, every=every, val_s=0.05, max_epochs=12,
+                                  extra=[stats], min_gain="0.5% per doubling", patience=2)
+        assert trainer.current_epoch == 12 and monitor.stop_decision is None, "ran to max_epochs: no stop"
+        seen[every] = stats.seen
+    to_end = [s for s in seen[2] if any(k.endswith("_to_end") for k in s)]
+    assert len(to_end) >= 3
+    for a, b in zip(seen[2], seen[1000], strict=True):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-6) for k in a)
 
 
 # -- metrics as they really arrive ---------------------------------------------------------------------
@@ -397,7 +429,7 @@ def test_hf_the_same_trainer_resumed_continues_its_run_and_its_stoppers(tmp_path
     values = [v for _, v in history(client, rid, "energy/cumulative_j")]
     assert values == sorted(values) and monitor.cumulative_j > at_checkpoint, "the totals go on from the checkpoint's"
     joules = [j for j, _ in stopper.plateau.window]
-    assert joules == sorted(joules) and joules[-1] == pytest.approx(monitor.cumulative_j), "one run's joules"
+    assert joules == sorted(joules) and at_checkpoint < joules[-1] <= monitor.cumulative_j, "one run's joules"
 
 
 def test_stoppers_handed_to_a_second_training_start_from_nothing(tmp_path, digits, tracking):  # noqa: F811

@@ -24,7 +24,7 @@ class Blocked(Exception):
 # a local store that is not one (a file of another kind, a damaged database): no retry will open it
 BROKEN_STORE = ("file is not a database", "database disk image is malformed")
 # two processes creating the same new local store at once: the loser's first try fails, its next succeeds
-STORE_RACE = ("already exists", "Online migration expected to match one row")
+STORE_RACE = ("already exists", "Online migration expected to match one row", "duplicate column name")
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
