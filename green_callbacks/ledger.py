@@ -51,6 +51,9 @@ class RunLedger:
         self._cycles: list[tuple[int, float]] = []  # (steps, joules) from one evaluation to the next, the recent
         self._cycle = (0, 0.0)  # the stretch since the last evaluation so far
         self._first_in_cycles = True
+        self._evaluations_j = 0.0  # what the run's evaluations cost in all
+        self._eval_steps: list[int] = []  # the last two evaluations' steps (this fit's axis)
+        self._last_eval_j = 0.0
         self._last_point_step = 0
         self._previous_point_step = 0
         self._last_point_j = 0.0
@@ -66,6 +69,7 @@ class RunLedger:
         self._last_point_step = self._previous_point_step = self._epoch_start_step = 0
         self._since_eval = _Since()
         self._cycle = (0, 0.0)
+        self._eval_steps = []
 
     def close_interval(self, kind: Kind, step: int, merged: Merged, interval: Measurement, t0: float,
                        epoch: Merged | None, epoch_m: Measurement | None, evaluation: tuple[float, float],
@@ -75,10 +79,13 @@ class RunLedger:
         when an evaluation ends the epoch), else the interval."""
         self._add(merged, interval, step, t0)
         eval_j, eval_s = evaluation
+        self._evaluations_j += eval_j
         self._epoch_eval = (self._epoch_eval[0] + eval_j, self._epoch_eval[1] + eval_s)
         end_rel = interval.end_s - t0
         records = []
         if kind is Kind.EVALUATION:
+            self._eval_steps = [*self._eval_steps[-1:], step]
+            self._last_eval_j = eval_j
             if self._cycle[0] > 0:  # an evaluation cycle, its evaluation included, for the rate
                 self._first_in_cycles = self._first_in_cycles and len(self._cycles) < RATE_WINDOW
                 self._cycles = [*self._cycles[-(RATE_WINDOW - 1):], self._cycle]
@@ -155,13 +162,21 @@ class RunLedger:
         step is taken as the next one starts), and, where the framework validates on stopping (Lightning's
         loop does), a validation as costly as the last one."""
         cost = self.rate_per_step() or Totals(0.0, 0.0, None if self.cumulative_cost is None else 0.0)
-        last = next((r for r in reversed(self.records) if r.kind is Kind.EVALUATION), None) \
-            if self.validates_on_stop else None  # (a run without evaluations: no scan of every record at each check)
-        if last is not None and last.eval_j > 0 and self.cumulative_j > 0:
-            share = last.eval_j / self.cumulative_j  # the run's own emissions and cost per joule
-            cost = cost + Totals(last.eval_j, self.cumulative_g * share,
-                                 None if self.cumulative_cost is None else self.cumulative_cost * share)
-        return cost
+        return cost + self._as_totals(self._last_eval_j) if self.validates_on_stop else cost
+
+    def _as_totals(self, joules: float) -> Totals:
+        """Joules with the run's own emissions and cost per joule."""
+        share = joules / self.cumulative_j if self.cumulative_j > 0 else 0.0
+        return Totals(joules, self.cumulative_g * share,
+                      None if self.cumulative_cost is None else self.cumulative_cost * share)
+
+    def next_evaluation(self) -> float | None:
+        """The step the next evaluation is expected at: evaluations come every so many steps (the last two's
+        period; after the first, its step: a step early on a 0-based axis, which errs on the safe side)."""
+        steps = self._eval_steps
+        if not steps:
+            return None
+        return steps[-1] + max(steps[-1] - steps[-2] if len(steps) > 1 else steps[-1], 1)
 
     def remaining_steps(self, step: int) -> float | None:
         if self.max_steps is None or self.max_steps == float("inf"):
@@ -171,7 +186,9 @@ class RunLedger:
     def progress(self, step: int, metrics: Mapping[str, float] | None = None,
                  so_far: Totals | None = None) -> Progress:
         return Progress(so_far or self.totals(), step, dict(metrics or {}), metrics is not None,
-                        self.rate_per_step(), self.remaining_steps(step), self.evaluations, self.stop_cost())
+                        self.rate_per_step(), self.remaining_steps(step), self.evaluations, self.stop_cost(),
+                        self.next_evaluation(), self._as_totals(self._last_eval_j) if self._eval_steps else None,
+                        self._as_totals(self._evaluations_j))
 
     def frame(self):  # -> pandas.DataFrame
         import pandas as pd
@@ -186,7 +203,8 @@ class RunLedger:
                 "evaluations": self.evaluations, "points": self.points, "epoch": self.current_epoch,
                 "step_offset": self.step_offset, "last_logged_step": self.last_logged_step,
                 "records": [r.to_json() for r in self.records], "run": asdict(run) if run is not None else None,
-                "local_id": self.local_id, "since_eval": self._since_eval.state_dict()}
+                "local_id": self.local_id, "since_eval": self._since_eval.state_dict(),
+                "evaluations_j": self._evaluations_j, "last_eval_j": self._last_eval_j}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         from green_callbacks.sinks import RunRef
@@ -200,6 +218,9 @@ class RunLedger:
         self.current_epoch = int(state.get("epoch", self.current_epoch))
         self.records = [IntervalRecord.from_json(r) for r in state.get("records", [])]
         self.local_id = state.get("local_id", self.local_id)
+        self._evaluations_j = float(state.get("evaluations_j", sum(r.eval_j for r in self.records)))
+        self._last_eval_j = float(state.get("last_eval_j", 0.0))
+        self._eval_steps = [r.step - self.step_offset for r in self.records if r.kind is Kind.EVALUATION][-2:]
         if self.records:
             self._last_point_step = self.records[-1].step - self.step_offset
             self._since_eval = _Since.from_state(state.get("since_eval"), self._last_point_step)

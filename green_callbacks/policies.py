@@ -254,6 +254,8 @@ class Progress:
         evaluations: evaluations so far in the run, this one included.
         stop_cost: what a stop decided now still costs before training ends (a step that runs before it
             takes effect; a validation where the framework validates on stopping).
+        next_evaluation, evaluation_cost, evaluations_so_far: when the next evaluation is expected (the
+            period of the last ones), what the last one cost, and what all of them cost so far.
     """
 
     so_far: Totals
@@ -264,6 +266,9 @@ class Progress:
     remaining_steps: float | None = None
     evaluations: int = 0
     stop_cost: Totals | None = None
+    next_evaluation: float | None = None  # the step the next evaluation is expected at, from the last ones
+    evaluation_cost: Totals | None = None  # the last evaluation's cost
+    evaluations_so_far: Totals | None = None  # what the run's evaluations cost in all (in ``so_far``)
 
     @property
     def projected_end(self) -> Totals | None:
@@ -296,11 +301,14 @@ class Totals:
 class Budget:
     """Stop before an energy, emissions or cost budget would be exceeded.
 
-    At each check (every point of the run, and every N steps where asked) the next interval's cost is
-    projected as the largest of the last three intervals; if the run so far plus that projection plus
-    what a stop then still costs (``stop_cost``: the step that runs before the stop takes effect, the
-    validation Lightning runs on stopping) would exceed a budget, it stops now. The overshoot is
-    therefore bounded by how much one interval (or that stop) exceeds its recent predecessors.
+    At each check (every point of the run, and every N steps where asked) the next interval's training is
+    projected as the largest of the last three intervals' (their evaluations left out), plus an evaluation
+    as costly as the last one where the next is expected before the following check (evaluations come
+    every so many steps: the period of the last two); if the run so far plus that projection plus what a
+    stop then still costs (``stop_cost``: the step that runs before the stop takes effect, the validation
+    Lightning runs on stopping) would exceed a budget, it stops now. The overshoot is therefore bounded
+    by how much one interval (or an evaluation) exceeds its recent predecessors; before the first
+    evaluation its cost is unknown.
 
     Args:
         energy: joules, or a string with a unit ("2.5 kWh", "900 kJ").
@@ -320,7 +328,8 @@ class Budget:
         self.cost, self.currency = parse_money("cost", cost) if cost is not None else (None, None)
         self.on_exceed = on_exceed
         self.recent: list[Totals] = []
-        self.last_check: Totals = Totals()
+        self.last_check: Totals = Totals()  # the training (evaluations left out) up to the last check
+        self.last_step: int | None = None
 
     def _limits(self) -> list[tuple[StopReason, str, float, Any]]:
         out = []
@@ -337,24 +346,34 @@ class Budget:
                 StopReason.COST_BUDGET: self.currency or ""}[reason]
         return f"{value:.6g} {unit}".strip()
 
-    def check(self, so_far: Totals, stop_cost: Totals | None = None) -> Decision:
+    def check(self, so_far: Totals, stop_cost: Totals | None = None, progress: Progress | None = None) -> Decision:
         """One check with the run's totals so far (and what stopping costs, see the class); the interval since
-        the last check feeds the projection."""
-        interval = so_far - self.last_check
-        self.last_check = so_far
+        the last check feeds the projection. ``progress``: the check's step and the run's evaluations."""
+        evaluations = progress.evaluations_so_far if progress is not None else None
+        training = so_far - evaluations if evaluations is not None else so_far
+        interval = training - self.last_check
+        self.last_check = training
+        step = progress.step if progress is not None else None
+        gap = step - self.last_step if step is not None and self.last_step is not None else 1
+        self.last_step = step
         if interval.j > 0:
             self.recent = [*self.recent[-2:], interval]
         if not self.recent:
             return CONTINUE
         nxt = Totals(max(t.j for t in self.recent), max(t.g for t in self.recent),
                      None if so_far.cost is None else max(t.cost or 0.0 for t in self.recent))
+        due = Totals()  # an evaluation expected before the next check: it runs before that check can stop
+        if progress is not None and progress.next_evaluation is not None and progress.evaluation_cost is not None \
+                and step is not None and progress.next_evaluation - step <= max(gap, 1):
+            due = progress.evaluation_cost
         stop = stop_cost or Totals()
         for reason, name, limit, get in self._limits():
-            if get(so_far) + get(nxt) + get(stop) > limit:
+            if get(so_far) + get(nxt) + get(due) + get(stop) > limit:
+                evaluation = f" + an evaluation ~{self.describe(reason, get(due))}" if get(due) > 0 else ""
                 then = f" + stopping then ~{self.describe(reason, get(stop))}" if get(stop) > 0 else ""
                 return Decision(True, reason, f"{name} so far {self.describe(reason, get(so_far))} + next interval "
-                                              f"~{self.describe(reason, get(nxt))}{then} would exceed the budget of "
-                                              f"{self.describe(reason, limit)}")
+                                              f"~{self.describe(reason, get(nxt))}{evaluation}{then} would exceed "
+                                              f"the budget of {self.describe(reason, limit)}")
         return CONTINUE
 
     def broken_by(self, whole: Totals) -> list[str]:
@@ -363,8 +382,10 @@ class Budget:
                 for reason, name, limit, get in self._limits() if get(whole) > limit]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"recent": [vars(t) for t in self.recent], "last_check": vars(self.last_check)}
+        return {"recent": [vars(t) for t in self.recent], "last_check": vars(self.last_check),
+                "last_step": self.last_step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.recent = [Totals(**t) for t in state["recent"]]
         self.last_check = Totals(**state["last_check"])
+        self.last_step = state.get("last_step")

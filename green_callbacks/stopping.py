@@ -257,7 +257,7 @@ class BudgetStopper(Stopper):
                 log.warning("EnergyBudget: at this rate the whole run would need %s; it stops before that%s.",
                             "; ".join(broken), "" if self.budget.on_exceed == "stop" else
                             " only if on_exceed='stop'")
-        return self._act(self.budget.check(progress.so_far, progress.stop_cost))
+        return self._act(self.budget.check(progress.so_far, progress.stop_cost, progress))
 
     def policy_state(self) -> dict[str, Any]:
         return {**self.budget.state_dict(), "projection_warned": self.projection_warned}

@@ -174,6 +174,8 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         _reopen_hf_mlflow_run(args, state, kwargs.get("model"))
         self._start(args, state)
         self.max_steps = float(state.max_steps) if state.max_steps and state.max_steps > 0 else None
+        # a stop ends the epoch, and HF evaluates at every epoch's end with eval_strategy="epoch": a stop costs one
+        self.validates_on_stop = str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "epoch"
         self._remove_count_hook()  # left by a training that crashed
         model = kwargs.get("model")
         # HF hands callbacks no batch: the model's forward sees every (micro-)batch, on every rank

@@ -446,7 +446,7 @@ def test_stoppers_handed_to_a_second_training_start_from_nothing(tmp_path, digit
     _, found = runs(tracking, "twice")
     assert len(found) == 2
     joules = [j for j, _ in stopper.plateau.window]
-    assert first and len(joules) == len(first) and joules == sorted(joules)
+    assert first and 0 < len(joules) <= monitor.evaluations == 3 and joules == sorted(joules)
     assert joules[-1] <= monitor.cumulative_j, "the second run's joules only"
     assert budget.budget.state_dict()["last_check"]["j"] <= monitor.cumulative_j + 1e-9
 
@@ -685,6 +685,31 @@ def test_hf_a_budget_stop_keeps_the_step_that_follows_it_in_the_budget(tmp_path,
                  max_steps=60, eval_steps=20).train()
     assert monitor.stop_decision is not None and monitor.stop_decision.reason.value == "energy_budget"
     assert 10 <= monitor.cumulative_j <= 15.5
+
+
+@pytest.mark.parametrize("strategy", ["epoch", "steps"])
+def test_hf_a_budget_keeps_the_coming_evaluation_in_the_budget(tmp_path, digits, fake_nvml, strategy):  # noqa: F811
+    """Costly evaluations (30 J against 1 J a step), budget checks every 2 steps: a check just before a scheduled
+    evaluation projected only training, and with ``eval_strategy="epoch"`` a stop ends the epoch, which HF then
+    evaluates. A 200 J budget ended at 207-230 J."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+
+    class Work(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            fake_nvml.advance(0.01)
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            fake_nvml.advance(0.3 / 6)  # 6 batches of 64: 30 J an evaluation
+
+    monitor = gt.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False,
+                               output_dir=str(tmp_path / "out"), log_every_n_steps=2)
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), num_train_epochs=5, eval_strategy=strategy,
+                             eval_steps=40, per_device_train_batch_size=16, per_device_eval_batch_size=64,
+                             report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0)
+    Trainer(model=hf_digits_model(), args=args, train_dataset=digits[0], eval_dataset=digits[1],
+            compute_metrics=hf_accuracy, callbacks=[Work(), monitor, gt.EnergyBudget(energy="200 J")]).train()
+    assert monitor.stop_decision is not None and monitor.stop_decision.reason.value == "energy_budget"
+    assert monitor.evaluations >= 2 and 150 <= monitor.cumulative_j <= 200
 
 
 def test_lightning_a_finite_iterable_without_len_leaves_the_runs_end_unknown(tmp_path, fake_nvml):
