@@ -277,6 +277,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
             self._log_held()
             if report:
                 if self.sink is not None:  # MLflow has the run, so its id names the outputs (one wait, shared)
+                    confirmed = False  # a wait cut short (Ctrl-C) is not waited again by close()
                     confirmed = self.sink.flush(self.sink.close_wait_s, ending=True)
                     self.run = self.run or self.sink.run_ref
                 if not self.dry_run:

@@ -668,6 +668,47 @@ def test_killed_after_a_step_checkpoint_its_point_reaches_the_run(tmp_path, empt
     assert 4 in steps(client, run.info.run_id, "energy/cumulative_j"), "the checkpoint's point, at its step"
 
 
+INTERRUPTED_END = """
+import sys, time
+import lightning.pytorch as pl
+from lightning.pytorch.demos.boring_classes import BoringModel
+from green_callbacks.lightning import EnergyMonitor
+
+class End(pl.Callback):
+    def on_train_end(self, trainer, pl_module):
+        print("end", flush=True)
+
+monitor = EnergyMonitor(tracking_uri=sys.argv[1], output_dir=sys.argv[2], mlflow_wait_s=30, log_artifacts=False)
+pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=2, callbacks=[End(), monitor], logger=False,
+           enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False).fit(BoringModel())
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_end_waits_for_mlflow_ends_at_once(tmp_path):
+    """The server down, ``mlflow_wait_s=30``: a Ctrl-C in the end's wait for MLflow cut the flush short, and
+    close() then waited the whole 30 s again."""
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED_END)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), f"http://127.0.0.1:{free_port()}", str(out)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=fake_nvml_env("{}"))
+    try:
+        assert lines_until(proc, "end")[-1] == "end"
+        spools = lambda: [p for p in out.glob("spool-*.jsonl") if not p.name.endswith(".rejected.jsonl")]  # noqa: E731
+        wait_for("the sender tries MLflow", lambda: any(State.load(p).trying_since for p in spools()), 60)
+        time.sleep(1.0)
+        interrupted = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        assert time.monotonic() - interrupted < 10, "the end waited for MLflow again after the Ctrl-C"
+    finally:
+        proc.kill()
+        for spool in out.glob("spool-*.jsonl"):
+            with contextlib.suppress(ProcessLookupError, TypeError, ValueError):
+                os.kill(State.load(spool).pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_a_lingering_sender_does_not_hold_the_trainings_output_pipe_open(tmp_path):
     """``python train.py | tee log``, a CI job, ``subprocess.run(capture_output=True)``: the pipe ends when every
