@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -280,6 +281,26 @@ def test_replay_of_a_closed_spool_while_its_training_process_lives_on(tmp_path, 
     else:
         assert replay.returncode != 0 and "still running" in replay.stderr
         assert spool.exists()
+
+
+def test_replay_of_a_running_trainings_spool_says_so_at_once(tmp_path):
+    """``green-callbacks replay <folder>`` while a training writes into that folder: its sender holds the spool,
+    and replay waited the whole ``--wait`` for it, then failed with 'run replay again'; the training is running
+    and its own sender sends it, which replay says at once."""
+    from green_callbacks.sinks.sender import lock
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    spool = write_spool(tmp_path / "spool-l.jsonl", RunTarget(uri, experiment_name="live"), epochs(2))  # pid: ours
+    held = lock(spool)  # as this training's sender holds it
+    try:
+        root = str(Path(__file__).resolve().parents[1])
+        started = time.monotonic()
+        replay = subprocess.run([sys.executable, "-m", "green_callbacks.cli", "replay", str(tmp_path), "--wait",
+                                 "60"], timeout=120, env={**os.environ, "PYTHONPATH": root}, capture_output=True,
+                                text=True)
+        assert time.monotonic() - started < 30 and "still running" in replay.stderr and spool.exists()
+    finally:
+        held.close()
 
 
 def test_a_damaged_line_is_set_aside_whole(tmp_path):

@@ -59,6 +59,9 @@ def replay_spool(path: str | Path, tracking_uri: str | None = None, wait_s: floa
     uri, credentials = split_credentials(tracking_uri)
     if not spool.is_file():
         raise FileNotFoundError(f"no spool file at {spool}")
+    first = next(scan(spool), None)  # a training still writing it: its own sender sends it, say so now
+    if isinstance(first, Record) and first.kind == "open" and isinstance(first.data, dict) and not _closed(spool):
+        _check_writer_gone(first.data, spool)
     end = time.monotonic() + wait_s
     while (held := _lock_if_there(spool)) is None:
         if not spool.is_file():  # the sender (or a replay) that held it sent everything and removed it
