@@ -13,7 +13,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 
 from green_callbacks.distributed import RankInfo, node_name
-from green_callbacks.process import running_tracker
+from green_callbacks.process import live_trackers, running_tracker
 from green_callbacks.sensors.base import log
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper
 from green_callbacks.tracker import EnergyTracker
@@ -163,6 +163,8 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
             if self.records:  # this monitor's earlier training: resumed as a new process would resume it
                 self.reset_run()
             self.load_state_dict(saved)
+            if _resumed(state):
+                self._end_resumed_elsewhere()
         self._training = True
         self._epoch_pending = False
         # an eval_dataset dict is evaluated one data set at a time, each with its own on_evaluate at the same step:
@@ -181,6 +183,16 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         # HF hands callbacks no batch: the model's forward sees every (micro-)batch, on every rank
         self._count_hook = None if model is None else model.register_forward_pre_hook(self._count_forward,
                                                                                        with_kwargs=True)
+
+    def _end_resumed_elsewhere(self) -> None:
+        """Another monitor of this process whose train() raised (HF tells no callback) and whose training this one
+        resumes (the checkpoint's ``local_id`` is its): ended now, as FAILED. It lived on, and at the process's
+        exit logged its last point, the resumed training's energy included, into the run, and marked it KILLED
+        after the resumed training had finished it."""
+        for other in live_trackers():
+            if other is not self and isinstance(other, EnergyMonitor) and getattr(other, "_training", False) \
+                    and other.local_id == self.local_id:
+                other._end_interrupted()
 
     def _remove_count_hook(self) -> None:
         if getattr(self, "_count_hook", None) is not None:

@@ -432,6 +432,36 @@ def test_hf_the_same_trainer_resumed_continues_its_run_and_its_stoppers(tmp_path
     assert joules == sorted(joules) and at_checkpoint < joules[-1] <= monitor.cumulative_j, "one run's joules"
 
 
+class Crash(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("crash")
+
+
+def test_hf_a_crashed_training_resumed_in_a_new_trainer_ends_the_old_monitor(tmp_path, digits, tracking):  # noqa: F811
+    """A notebook: train() raises at step 27, a new Trainer and monitor resume checkpoint-20. HF tells no callback
+    of the exception: the old monitor lived on, and at the interpreter's exit logged a last point (with the resumed
+    training's energy in it) into the run the new one had finished, and marked that run KILLED."""
+    def monitor():
+        return gt.EnergyMonitor(experiment_name="crashed", output_dir=str(tmp_path / "out"), log_artifacts=False,
+                                log_every_n_steps=5)
+
+    old, new = monitor(), monitor()
+    with contextlib.suppress(RuntimeError):
+        step_trainer(tmp_path, digits, [old, Crash(27)], max_steps=40, save_strategy="steps", save_steps=20).train()
+    assert old.started, "HF said nothing of the crash"
+    step_trainer(tmp_path, digits, [new], max_steps=40, save_strategy="steps",
+                 save_steps=20).train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-20"))
+    assert not old.started, "the crashed training's monitor was ended when its training was resumed"
+    old._atexit()  # the interpreter's exit: nothing more from it
+    client, (run,) = runs(tracking, "crashed")
+    assert run.info.status == "FINISHED"
+    assert history(client, run.info.run_id, "energy/total_j")[-1] == (40, pytest.approx(new.cumulative_j))
+
+
 def test_stoppers_handed_to_a_second_training_start_from_nothing(tmp_path, digits, tracking):  # noqa: F811
     """A second train() from scratch (no checkpoint) is a new run counted from zero: the stoppers kept the first
     run's evaluations and joules, so the criterion compared two runs' energies."""
