@@ -902,3 +902,22 @@ def test_a_sender_killed_while_training_goes_on_is_started_again(tmp_path, empty
     assert len(steps(client, run.info.run_id, "energy/epoch_j")) == 4
     assert len(client.get_metric_history(run.info.run_id, "energy/total_j")) == 1
     assert "started a new one (1 of at most 3)" in green_log.text
+
+
+def test_a_sender_killed_more_often_than_it_is_restarted_is_named_in_the_summary(tmp_path, empty_store, capsys):
+    """Every sender killed (three restarts used up): the summary said 'MLflow not reached yet ... sent when it
+    answers', a promise nothing was left to keep."""
+    uri = store(empty_store, tmp_path / "m.db")
+    monitor = EnergyMonitor(tracking_uri=uri, experiment_name="senders-killed", output_dir=str(tmp_path / "out"),
+                            mlflow_wait_s=1)
+
+    class KillSender(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if monitor.sink._proc.poll() is None:  # the last one stays dead: nothing restarts it
+                os.kill(monitor.sink.sender_pid, signal.SIGKILL)
+                wait_for("the sender died", lambda: monitor.sink._proc.poll() is not None, 10)
+            time.sleep(0.6)  # the next interval's end hears of it
+
+    trainer(tmp_path, [monitor, KillSender()], max_epochs=5).fit(ValModel())
+    out = capsys.readouterr().out
+    assert "no sender is running" in out and "green-callbacks replay" in out and "not reached yet" not in out

@@ -139,8 +139,13 @@ class MlflowSink:
 
     @property
     def blocked(self) -> str | None:
-        """Why the sender stopped for good (the run deleted, a refusal of the run itself), or None."""
-        return self._state.blocked or None
+        """Why nothing more is being sent (the run deleted, a refusal of the run itself, no sender left), or None."""
+        if self._state.blocked:
+            return self._state.blocked
+        code = self._proc.poll() if self._proc is not None else None
+        if self._writer is not None and self._writer.path.exists() and (self._proc is None or code not in (None, 0)):
+            return "no sender is running" + (f" (it ended with exit code {code})" if code is not None else "")
+        return None
 
     @property
     def sender_pid(self) -> int | None:
