@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from green_callbacks.distributed import RankInfo, gather
 from green_callbacks.meter import EnergyMeter
 from green_callbacks.policies import Decision, Progress, Totals
+from green_callbacks.process import never_raises
 from green_callbacks.records import IntervalRecord, Kind, merge_ranks, window_payload
 from green_callbacks.sensors.base import log
 from green_callbacks.stopping import BudgetStopper, Stopper
@@ -29,6 +31,10 @@ class StopperHost:
     _projected_step: int
     gpus: Any
     measure_cpu: bool
+    _eval_steps: list[int]
+    _last_eval_j: float
+    _evaluations_j: float
+    _trial_j: float
 
     def attach(self, stopper: Stopper) -> None:
         """Ask ``stopper`` at every point (evaluation, epoch end, every N steps) whether to stop."""
@@ -65,6 +71,34 @@ class StopperHost:
                           **({"projection/cost": whole.cost} if whole.cost is not None else {})})
         self._log(stats, progress.step)
         return self._agree(local, progress, collective)
+
+    _trial_batches = 0  # batches of the evaluation before training (Lightning's sanity check) on this rank
+
+    @never_raises
+    def begin_trial_evaluation(self) -> None:
+        """An evaluation before training (Lightning's sanity check): measured, to know before the first real one
+        what an evaluation costs (a budget stop before it still pays one, where the framework evaluates on
+        stopping)."""
+        if self.meter is not None and not self.meter.is_open("trial"):
+            self.meter.begin("trial")
+            self._trial_batches = 0
+
+    def count_trial_batch(self) -> None:
+        self._trial_batches += 1
+
+    @never_raises
+    def end_trial_evaluation(self, batches: float) -> None:
+        """The trial evaluation's end (collective): an evaluation of ``batches`` batches a rank is estimated at the
+        trial's joules per batch, until a real one is measured."""
+        if self.meter is None or not self.meter.is_open("trial"):
+            return
+        trial = self.meter.end("trial")
+        merged = merge_ranks(gather(window_payload(trial, self.rank.rank, self.rank.node)))
+        if self._trial_batches > 0 and math.isfinite(batches) and batches > 0 and not self._eval_steps:
+            self._last_eval_j = merged.total_j / self._trial_batches * batches
+        # spent, and in the totals; an evaluation's, not training's: out of the rate and the budget's intervals
+        self._evaluations_j += merged.total_j
+        self._trial_j += merged.total_j
 
     def _check_between_points(self, step: int) -> Decision | None:
         """A budget check between points (``check_every_n_steps``): what the open interval cost so far. None once

@@ -52,6 +52,7 @@ class RunLedger:
         self._cycle = (0, 0.0)  # the stretch since the last evaluation so far
         self._first_in_cycles = True
         self._evaluations_j = 0.0  # what the run's evaluations cost in all
+        self._trial_j = 0.0  # an evaluation before training in the open interval (Lightning's sanity check)
         self._eval_steps: list[int] = []  # the last two evaluations' steps (this fit's axis)
         self._last_eval_j = 0.0
         self._last_point_step = 0
@@ -115,10 +116,11 @@ class RunLedger:
             self.cumulative_cost += fp.cost
         self._since_eval.add(merged, interval, t0)
         self._previous_point_step = self._last_point_step
+        training_j, self._trial_j = max(merged.total_j - self._trial_j, 0.0), 0.0
         if step > self._last_point_step:
             self._first_in_recent = self._first_in_recent and len(self._recent) < RATE_WINDOW
-            self._recent = [*self._recent[-(RATE_WINDOW - 1):], (step - self._last_point_step, merged.total_j)]
-        self._cycle = (self._cycle[0] + max(step - self._last_point_step, 0), self._cycle[1] + merged.total_j)
+            self._recent = [*self._recent[-(RATE_WINDOW - 1):], (step - self._last_point_step, training_j)]
+        self._cycle = (self._cycle[0] + max(step - self._last_point_step, 0), self._cycle[1] + training_j)
         self._last_point_step = step
         self._last_point_j = merged.total_j / interval.duration_s if interval.duration_s > 0 else 0.0
 

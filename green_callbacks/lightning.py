@@ -198,7 +198,9 @@ class EnergyMonitor(EnergyTracker, Callback):
         if trainer.state.fn == "validate":  # trainer.validate(): a stage of its own, as test and predict
             self._start(trainer)
             self.begin_stage("validate")
-        elif not trainer.sanity_checking and self.started:
+        elif trainer.sanity_checking and self.started:
+            self.begin_trial_evaluation()
+        elif self.started:
             if self.meter is not None and self.meter.syncs_cuda:
                 self._evaluation_due = True  # opened at the first batch: see on_validation_batch_start
             else:
@@ -219,12 +221,15 @@ class EnergyMonitor(EnergyTracker, Callback):
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if trainer.state.fn == "validate":
             self.add_samples("validate", batch_size(batch))
+        elif trainer.sanity_checking:
+            self.count_trial_batch()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._evaluation_due = False  # a validation without batches opened no window
         if trainer.state.fn == "validate":
             self.end_stage("validate")
         elif trainer.sanity_checking:
+            self.end_trial_evaluation(float(sum(trainer.num_val_batches)))
             names = _sanity_metric_names(trainer)
             for stopper in self.stoppers:  # a typo in a monitored metric fails here, before the first step
                 if names:  # (a validation that logged nothing tells nothing: its first real run will)

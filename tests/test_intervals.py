@@ -717,6 +717,25 @@ def test_hf_a_budget_stop_keeps_the_step_that_follows_it_in_the_budget(tmp_path,
     assert 10 <= monitor.cumulative_j <= 15.5
 
 
+def test_lightning_a_budget_stop_before_the_first_validation_keeps_that_validation_in_the_budget(tmp_path,
+                                                                                              fake_nvml):
+    """A stop before the first validation still pays one (Lightning validates on stopping), and nothing measured
+    said what one costs: a 100 J budget ended at 126 J. Lightning's sanity check is an evaluation before training:
+    its joules per batch estimate a full validation until one is measured (and stay out of the training rate)."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False,
+                               output_dir=str(tmp_path / "out"), log_every_n_steps=5)
+    (xt, yt), (xv, yv) = digits_tensors()
+    pl.Trainer(max_epochs=3, logger=False, num_sanity_val_steps=2,  # 2 of the 2 validation batches
+               callbacks=[work_clock(fake_nvml, val_s=0.15), monitor,
+                          gl.EnergyBudget(energy="99.5 J", check_every_n_steps=1)],
+               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False).fit(
+        lightning_digits_module()(), DataLoader(TensorDataset(xt, yt), batch_size=32),  # 45 steps of 1 J
+        DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=64))  # 30 J a validation, the sanity check's too
+    assert monitor.stop_decision is not None and monitor.stop_decision.reason.value == "energy_budget"
+    assert monitor.evaluations == 1 and 90 <= monitor.cumulative_j <= 99.5
+
+
 @pytest.mark.parametrize("strategy", ["epoch", "steps"])
 def test_hf_a_budget_keeps_the_coming_evaluation_in_the_budget(tmp_path, digits, fake_nvml, strategy):  # noqa: F811
     """Costly evaluations (30 J against 1 J a step), budget checks every 2 steps: a check just before a scheduled
