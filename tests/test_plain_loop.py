@@ -8,6 +8,7 @@ logged has an exact expected value.
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -113,6 +114,25 @@ def test_a_budget_sets_should_stop_and_the_loop_breaks(tmp_path, uri, gpu):
     assert tracker.should_stop and len(accs) == 2
     assert run.data.tags["green.stop_reason"] == "energy_budget"
     assert run.data.metrics["energy/total_j"] == pytest.approx(26.0) and run.info.status == "FINISHED"
+
+
+def test_a_stop_is_decided_once_though_the_loop_finishes_its_epoch(tmp_path, uri, gpu, green_log):
+    """A loop that finishes its epoch after ``should_stop`` (a common way to write one): the budget checked every
+    step decided the stop again at every later step, each time with its warning, its tags and its
+    message."""
+    from green_callbacks.stopping import BudgetStopper
+
+    tracker = tracker_for(tmp_path, uri)
+    tracker.attach(BudgetStopper(energy="5 J", check_every_n_steps=1))
+    work = Digits(gpu)
+    with tracker, tracker.epoch(0):
+        for _ in work.batches():  # 8 steps of 1 J: the stop falls due after about 3, the epoch goes on
+            time.sleep(2 * tracker.sampling_period_s)  # a check between points reads the sampler's latest
+            tracker.step()
+    _, (run,) = runs(uri, "my-run")
+    assert tracker.should_stop and tracker.stop_decision.reason.value == "energy_budget"
+    assert green_log.text.count("stopping:") == 1
+    assert run.data.tags["green.stop_message"] == tracker.stop_decision.message
 
 
 @pytest.mark.parametrize(("error", "status"), [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
