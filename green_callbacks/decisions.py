@@ -84,6 +84,10 @@ class StopperHost:
             self._trial_batches = 0
 
     def count_trial_batch(self) -> None:
+        """A trial batch ended; after the first (its warm-up, cuDNN autotuning or compiling, would make every later
+        estimate too high) the batches the estimate is made from begin."""
+        if self._trial_batches == 0 and self.meter is not None and self.meter.is_open("trial"):
+            self.meter.begin("trial-steady")
         self._trial_batches += 1
 
     @never_raises
@@ -92,10 +96,14 @@ class StopperHost:
         trial's joules per batch, until a real one is measured."""
         if self.meter is None or not self.meter.is_open("trial"):
             return
-        trial = self.meter.end("trial")
-        merged = merge_ranks(gather(window_payload(trial, self.rank.rank, self.rank.node)))
-        if self._trial_batches > 0 and math.isfinite(batches) and batches > 0 and not self._eval_steps:
-            self._last_eval_j = merged.total_j / self._trial_batches * batches
+        names = ["trial", *(["trial-steady"] if self.meter.is_open("trial-steady") else [])]
+        trial, *steady = self.meter.end_many(names)
+        node = (self.rank.rank, self.rank.node)
+        payloads = gather((window_payload(trial, *node), window_payload(steady[0], *node) if steady else None))
+        merged = merge_ranks([p[0] for p in payloads])
+        if self._trial_batches > 1 and all(p[1] is not None for p in payloads) and math.isfinite(batches) \
+                and batches > 0 and not self._eval_steps:
+            self._last_eval_j = merge_ranks([p[1] for p in payloads]).total_j / (self._trial_batches - 1) * batches
         # spent, and in the totals; an evaluation's, not training's: out of the rate and the budget's intervals
         self._evaluations_j += merged.total_j
         self._trial_j += merged.total_j

@@ -220,8 +220,9 @@ class RunLedger:
         self.current_epoch = int(state.get("epoch", self.current_epoch))
         self.records = [IntervalRecord.from_json(r) for r in state.get("records", [])]
         self.local_id = state.get("local_id", self.local_id)
-        self._evaluations_j = float(state.get("evaluations_j", sum(r.eval_j for r in self.records)))
-        self._last_eval_j = float(state.get("last_eval_j", 0.0))
+        evaluations = [r for r in self.records if r.kind is Kind.EVALUATION]  # (an epoch's record repeats its eval_j)
+        self._evaluations_j = float(state.get("evaluations_j", sum(r.eval_j for r in evaluations)))
+        self._last_eval_j = float(state.get("last_eval_j", evaluations[-1].eval_j if evaluations else 0.0))
         self._eval_steps = [r.step - self.step_offset for r in self.records if r.kind is Kind.EVALUATION][-2:]
         if self.records:
             self._last_point_step = self.records[-1].step - self.step_offset

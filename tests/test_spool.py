@@ -498,3 +498,22 @@ def test_an_emptied_state_file_is_a_replay_from_the_start_not_an_error(tmp_path,
     client = MlflowClient(uri)
     assert [s for s, _ in history(client, sender.state.run_id, "energy/epoch_j")] == [0, 1, 2, 3]
     assert not spool.exists()
+
+
+@pytest.mark.parametrize("then", ["a stop's own metrics", "the point that carries it"])
+def test_a_held_checkpoint_point_is_sent_once_and_only_if_nothing_carried_it(tmp_path, then):
+    """A checkpoint's point is written as a held record: the next point at its step carries its values (once per
+    step); a record of a stop decided there (``energy/saved_j_projected``) does not, and the training killed after
+    it lost the held values."""
+    from green_callbacks.sinks.sender import Sender
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    later = ({"energy/saved_j_projected": 50.0} if then == "a stop's own metrics" else
+             {"energy/cumulative_j": 130.0, "energy/eval_j": 30.0})
+    spool = write_spool(tmp_path / "spool-h.jsonl", RunTarget(uri, experiment_name="held"),
+                        [("held", {"energy/cumulative_j": 100.0}, 5), ("metrics", later, 5)])
+    sender = Sender(spool)
+    sender.read(final=True)  # the training was killed here
+    assert sender.send()
+    cumulative = history(MlflowClient(uri), sender.state.run_id, "energy/cumulative_j")
+    assert cumulative == ([(5, 100.0)] if then == "a stop's own metrics" else [(5, 130.0)])

@@ -54,8 +54,8 @@ BACKOFF_S = (1.0, 2.0, 4.0, 8.0)  # then every 8 s: a refused connection costs n
 # quick retries of one request ride out a replica answering 503/429 now and then (urllib3 retries those
 # statuses and refused connections; a whole send sequence retried instead could fail at the same request each
 # time); a request that times out unanswered doubles the timeout for the next (a slow server is not a dead
-# one) until one succeeds. A run is created without retries: a retried create that had timed out would create a
-# second run (the next try finds the first by its tag instead).
+# one) until one succeeds. A create that timed out and was retried can make a second run: the empty twins are
+# deleted once the run is known (tracking.RunClient.open).
 SENDER_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
               "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}  # retries after 0 s and 2 s (urllib3's backoff)
@@ -182,11 +182,13 @@ class Sender:
                 return False
             self._down(exc)
             return False
-        if self.down_since is not None and self._announced_down and not self.pending:
-            self._announced_down = False
-            self.note("back", f"green-callbacks: MLflow at {self.uri} is back; the spooled records were sent.",
-                      again_after_s=RENOTE_S)
-        self.down_since, self.failures, self.timeout_s = None, 0, None
+        self.failures, self.timeout_s = 0, None
+        if not self.pending:  # (a held record may wait for what the training writes next: no outage, not yet back)
+            if self.down_since is not None and self._announced_down:
+                self._announced_down = False
+                self.note("back", f"green-callbacks: MLflow at {self.uri} is back; the spooled records were sent.",
+                          again_after_s=RENOTE_S)
+            self.down_since = None
         return not self.pending
 
     def _down(self, exc: BaseException) -> None:
@@ -229,8 +231,9 @@ class Sender:
                             f"line {item.line} of {self.spool} cannot be read", refused=False)
             return self._done([item])
         if item.kind == "held":  # a checkpoint's point: the training's next metrics record carries it
-            if any(isinstance(i, Record) and i.kind == "metrics" for i in self.pending[1:]):
-                return self._done([item])
+            if any(isinstance(i, Record) and i.kind == "metrics" and i.step == item.step
+                   and item.data.keys() <= i.data.keys() for i in self.pending[1:]):
+                return self._done([item])  # the training logged it (a stop's own metrics do not carry it)
             if not (self.final or self.ended):
                 return False
             self.pending[0] = item = replace(item, kind="metrics")  # the training ended without it: sent as is
