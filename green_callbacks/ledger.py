@@ -46,11 +46,9 @@ class RunLedger:
         self.last_logged_step = -1
         self.stop_decision: Decision | None = None
         self._since_eval = _Since()
-        self._recent: list[tuple[int, float]] = []  # (steps, joules) of recent intervals
-        self._first_in_recent = True  # the run's (or this process's) first interval, with its warm-up, is there
-        self._cycles: list[tuple[int, float]] = []  # (steps, joules) from one evaluation to the next, the recent
+        self._recent = _Recent()  # (steps, joules) of recent intervals
+        self._cycles = _Recent()  # (steps, joules) from one evaluation to the next, that evaluation included
         self._cycle = (0, 0.0)  # the stretch since the last evaluation so far
-        self._first_in_cycles = True
         self._evaluations_j = 0.0  # what the run's evaluations cost in all
         self._trial_j = 0.0  # an evaluation before training in the open interval (Lightning's sanity check)
         self._eval_steps: list[int] = []  # the last two evaluations' steps (this fit's axis)
@@ -88,8 +86,7 @@ class RunLedger:
             self._eval_steps = [*self._eval_steps[-1:], step]
             self._last_eval_j = eval_j
             if self._cycle[0] > 0:  # an evaluation cycle, its evaluation included, for the rate
-                self._first_in_cycles = self._first_in_cycles and len(self._cycles) < RATE_WINDOW
-                self._cycles = [*self._cycles[-(RATE_WINDOW - 1):], self._cycle]
+                self._cycles.add(*self._cycle)
                 self._cycle = (0, 0.0)
             since, self._since_eval = self._since_eval, _Since(step)
             self.evaluations += 1
@@ -118,8 +115,7 @@ class RunLedger:
         self._previous_point_step = self._last_point_step
         training_j, self._trial_j = max(merged.total_j - self._trial_j, 0.0), 0.0
         if step > self._last_point_step:
-            self._first_in_recent = self._first_in_recent and len(self._recent) < RATE_WINDOW
-            self._recent = [*self._recent[-(RATE_WINDOW - 1):], (step - self._last_point_step, training_j)]
+            self._recent.add(step - self._last_point_step, training_j)
         self._cycle = (self._cycle[0] + max(step - self._last_point_step, 0), self._cycle[1] + training_j)
         self._last_point_step = step
         self._last_point_j = merged.total_j / interval.duration_s if interval.duration_s > 0 else 0.0
@@ -147,10 +143,7 @@ class RunLedger:
         one, with its warm-up and data loading, only while it is the only one. By cycles, the rate is the same
         whatever the logging cadence: logging points every few steps leave the evaluations out of most
         intervals, and a median of intervals then left them out of the rate."""
-        if len(self._cycles) > 1 or (self._cycles and not self._first_in_cycles):
-            recent = self._cycles[1:] if self._first_in_cycles else self._cycles
-        else:
-            recent = self._recent[1:] if len(self._recent) > 1 and self._first_in_recent else self._recent
+        recent = self._cycles.settled() or self._recent.settled() or self._recent.items
         if not recent:
             return None
         j = statistics.median(joules / steps for steps, joules in recent)
@@ -232,6 +225,22 @@ class RunLedger:
         self._params_logged = self.run is not None
         self._restored = True
 
+
+
+class _Recent:
+    """The last ``RATE_WINDOW`` (steps, joules) entries of a kind; the run's (or this process's) first, with its
+    warm-up and data loading, is left out while it is still among them (:meth:`settled`)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, float]] = []
+        self.first_in = True
+
+    def add(self, steps: int, joules: float) -> None:
+        self.first_in = self.first_in and len(self.items) < RATE_WINDOW
+        self.items = [*self.items[-(RATE_WINDOW - 1):], (steps, joules)]
+
+    def settled(self) -> list[tuple[int, float]]:
+        return self.items[1:] if self.first_in else self.items
 
 
 class _Since:
