@@ -57,7 +57,8 @@ class StopperHost:
         if not self.stoppers or self._finishing_status is not None or self.stop_decision is not None:
             return None  # nothing to decide, or already stopping
         evaluation = record.kind is Kind.EVALUATION
-        progress = self.progress(record.step - self.step_offset, record.metrics if evaluation else None)
+        progress = self.progress(record.step - self.step_offset, record.metrics if evaluation else None,
+                                 kind=record.kind)
         local, stats = None, {}
         for stopper in self.stoppers:
             decision = stopper.check(progress)

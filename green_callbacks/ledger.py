@@ -60,12 +60,14 @@ class RunLedger:
         self._reported = 0  # records already written out and summarised
         self._epoch_eval = (0.0, 0.0)
         self._epoch_start_step = 0
+        self._at_start = True  # no point yet since step 0: the first covers step 0 too
 
     def restart_steps(self) -> None:
         """A new trainer counts its steps from 0 again (``step_offset`` has moved past what the run logged):
         the steps the next interval, evaluation and epoch start from go back to 0 with it, and the stretch
         since the last evaluation starts anew (the previous fit's end closed it)."""
         self._last_point_step = self._previous_point_step = self._epoch_start_step = 0
+        self._at_start = True
         self._since_eval = _Since()
         self._cycle = (0, 0.0)
         self._eval_steps = []
@@ -76,8 +78,8 @@ class RunLedger:
         """Book one point: the interval since the previous point into the totals, and the records it leaves:
         the stretch since the last evaluation at an evaluation, the epoch where the point closes one (both
         when an evaluation ends the epoch), else the interval."""
-        self._add(merged, interval, step, t0)
         eval_j, eval_s = evaluation
+        self._add(merged, interval, step, t0, eval_j)
         self._evaluations_j += eval_j
         self._epoch_eval = (self._epoch_eval[0] + eval_j, self._epoch_eval[1] + eval_s)
         end_rel = interval.end_s - t0
@@ -105,7 +107,7 @@ class RunLedger:
         self.records.extend(records)
         return records
 
-    def _add(self, merged: Merged, interval: Measurement, step: int, t0: float) -> None:
+    def _add(self, merged: Merged, interval: Measurement, step: int, t0: float, eval_j: float = 0.0) -> None:
         fp = self.accountant.footprint(merged.total_j, interval.start_unix, interval.start_unix + interval.duration_s)
         self.cumulative_j += merged.total_j
         self.cumulative_g += fp.g_co2e
@@ -114,9 +116,11 @@ class RunLedger:
         self._since_eval.add(merged, interval, t0)
         self._previous_point_step = self._last_point_step
         training_j, self._trial_j = max(merged.total_j - self._trial_j, 0.0), 0.0
-        if step > self._last_point_step:
-            self._recent.add(step - self._last_point_step, training_j)
-        self._cycle = (self._cycle[0] + max(step - self._last_point_step, 0), self._cycle[1] + training_j)
+        # the steps since the last point; the fit's first point also covers step 0 itself (a 0-based axis)
+        steps, self._at_start = max(step - self._last_point_step, 0) + self._at_start, False
+        if steps > 0:  # training alone: an evaluation is added per cycle in rate_per_step
+            self._recent.add(steps, max(training_j - eval_j, 0.0))
+        self._cycle = (self._cycle[0] + steps, self._cycle[1] + training_j)
         self._last_point_step = step
         self._last_point_j = merged.total_j / interval.duration_s if interval.duration_s > 0 else 0.0
 
@@ -139,25 +143,40 @@ class RunLedger:
 
     def rate_per_step(self) -> Totals | None:
         """The median cost per training step of the recent evaluation cycles (each from one evaluation to the
-        next, that evaluation included), else, before the second evaluation, of the recent intervals; the first
-        one, with its warm-up and data loading, only while it is the only one. By cycles, the rate is the same
+        next, that evaluation included). Before the second evaluation: the recent intervals' training per step
+        (the first interval, with its warm-up and data loading, only while it is the only one), plus, once an
+        evaluation was measured, its cost spread over the steps that led to it. By cycles, the rate is the same
         whatever the logging cadence: logging points every few steps leave the evaluations out of most
-        intervals, and a median of intervals then left them out of the rate."""
-        recent = self._cycles.settled() or self._recent.settled() or self._recent.items
-        if not recent:
-            return None
-        j = statistics.median(joules / steps for steps, joules in recent)
+        intervals, and a median of intervals then left them out of the rate, or, with one interval holding
+        the evaluation, counted it once per interval."""
+        cycles = self._cycles.settled()
+        if cycles:
+            j = statistics.median(joules / steps for steps, joules in cycles)
+        else:
+            intervals = self._recent.settled() or self._recent.items
+            if not intervals:
+                return None
+            j = statistics.median(joules / steps for steps, joules in intervals)
+            period = self._cycles.items[-1][0] if self._cycles.items else self.evaluation_period()
+            if period:  # the first evaluation, or the estimate of one, spread over a cycle
+                j += self._last_eval_j / period
         g_per_j = self.cumulative_g / self.cumulative_j if self.cumulative_j > 0 else 0.0
         cost = None if self.cumulative_cost is None else (
             j * self.cumulative_cost / self.cumulative_j if self.cumulative_j > 0 else 0.0)
         return Totals(j, j * g_per_j, cost)
 
-    def stop_cost(self) -> Totals:
+    def stop_validates(self, kind: Kind | None) -> bool:
+        """Whether a stop decided at a point of ``kind`` (``None``: a check between points) makes the framework
+        run one more evaluation before training ends. A stop decided at an evaluation or at an epoch's end
+        never does: the loop ends there (an evaluation due at that epoch's end is counted as due, not here)."""
+        return self.validates_on_stop and kind not in (Kind.EVALUATION, Kind.EPOCH)
+
+    def stop_cost(self, kind: Kind | None = None) -> Totals:
         """What a stop decided now still costs: the step that runs before it takes effect (a point due at a
         step is taken as the next one starts), and, where the framework validates on stopping (Lightning's
-        loop does), a validation as costly as the last one."""
+        loop does, within a training epoch that validates), a validation as costly as the last one."""
         cost = self.rate_per_step() or Totals(0.0, 0.0, None if self.cumulative_cost is None else 0.0)
-        return cost + self._as_totals(self._last_eval_j) if self.validates_on_stop else cost
+        return cost + self._as_totals(self._last_eval_j) if self.stop_validates(kind) else cost
 
     def _as_totals(self, joules: float) -> Totals:
         """Joules with the run's own emissions and cost per joule."""
@@ -165,9 +184,14 @@ class RunLedger:
         return Totals(joules, self.cumulative_g * share,
                       None if self.cumulative_cost is None else self.cumulative_cost * share)
 
-    def next_evaluation(self) -> float | None:
-        """The step the next evaluation is expected at: evaluations come every so many steps (the last two's
-        period; after the first, its step: a step early on a 0-based axis, which errs on the safe side)."""
+    def evaluation_period(self) -> float | None:
+        """The steps from one evaluation to the next, where the framework's schedule says (Lightning)."""
+        return None
+
+    def next_evaluation(self, step: int) -> float | None:
+        """The step the next evaluation after ``step`` is expected at: evaluations come every so many steps (the
+        last two's period; after the first, its step: a step early on a 0-based axis, which errs on the safe
+        side). A framework that knows its schedule says so instead (Lightning)."""
         steps = self._eval_steps
         if not steps:
             return None
@@ -179,10 +203,16 @@ class RunLedger:
         return max(self.max_steps - step, 0.0)
 
     def progress(self, step: int, metrics: Mapping[str, float] | None = None,
-                 so_far: Totals | None = None) -> Progress:
+                 so_far: Totals | None = None, kind: Kind | None = None) -> Progress:
+        """What a stopper is shown at a point of ``kind`` (``None``: a check between points) at ``step``."""
+        # before the first evaluation, where its cost is estimated (Lightning's sanity check) and its step is not
+        # known, one is reserved at every check until then: a budget stops before an evaluation it could not pay for
+        estimated = not self._eval_steps and self._last_eval_j > 0
+        nxt = self.next_evaluation(step)
         return Progress(so_far or self.totals(), step, dict(metrics or {}), metrics is not None,
-                        self.rate_per_step(), self.remaining_steps(step), self.evaluations, self.stop_cost(),
-                        self.next_evaluation(), self._as_totals(self._last_eval_j) if self._eval_steps else None,
+                        self.rate_per_step(), self.remaining_steps(step), self.evaluations, self.stop_cost(kind),
+                        step if estimated and nxt is None else nxt,
+                        self._as_totals(self._last_eval_j) if self._eval_steps or estimated else None,
                         self._as_totals(self._evaluations_j))
 
     def frame(self):  # -> pandas.DataFrame
@@ -218,6 +248,7 @@ class RunLedger:
         self._last_eval_j = float(state.get("last_eval_j", evaluations[-1].eval_j if evaluations else 0.0))
         self._eval_steps = [r.step - self.step_offset for r in self.records if r.kind is Kind.EVALUATION][-2:]
         if self.records:
+            self._at_start = False
             self._last_point_step = self.records[-1].step - self.step_offset
             self._since_eval = _Since.from_state(state.get("since_eval"), self._last_point_step)
         if state.get("run") and self.run is None:

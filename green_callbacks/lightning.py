@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
+import math
+import re
 from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Timer
 
 from green_callbacks.distributed import RankInfo, node_name
+from green_callbacks.records import Kind
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper, Stopper
 from green_callbacks.tracker import EnergyTracker, batch_size
 
@@ -33,6 +36,9 @@ def _mlflow_logger_run(trainer: pl.Trainer) -> tuple[str | None, str | None]:
         if isinstance(logger, MLFlowLogger):
             return logger.run_id, getattr(logger, "_tracking_uri", None)
     return None, None
+
+
+_TRAINING_NAME = re.compile(r"(^|[^a-z])train", re.IGNORECASE)  # train_loss, loss/train, training_acc
 
 
 def _sanity_metric_names(trainer: pl.Trainer) -> set[str]:
@@ -81,6 +87,24 @@ def _step_reader(trainer: pl.Trainer) -> Callable[[], int]:
     return lambda: _step(trainer)
 
 
+def _validation_schedule(trainer: pl.Trainer) -> tuple[int, int | None, int] | None:
+    """Lightning's validation schedule on the step axis, where it is one of steps: (validate every so many
+    batches, every so many epochs or ``None``, training batches an epoch). ``None`` where it is not, or the axis
+    is not one batch a step: validation off, by time, an epoch of unknown length, accumulated gradients."""
+    try:
+        every, n, batches = trainer.val_check_batch, trainer.check_val_every_n_epoch, trainer.num_training_batches
+        if not trainer.enable_validation or trainer.accumulate_grad_batches != 1 or type(every) is not int \
+                or every < 1 or not (n is None or (type(n) is int and n >= 1)):
+            return None
+        if n is None:
+            return every, None, 1
+        if batches == float("inf") or int(batches) < 1:
+            return None
+        return every, n, int(batches)
+    except Exception:  # another Lightning
+        return None
+
+
 def _ends_epoch(trainer: pl.Trainer) -> bool:
     """Whether this validation ran after the training epoch's last batch, so that the epoch ends with it
     (Lightning runs it before ``on_train_epoch_end``, with nothing trained in between)."""
@@ -111,7 +135,11 @@ class EnergyMonitor(EnergyTracker, Callback):
     """
 
     _batch_step: Callable[[], int] | None = None  # this fit's step reader, from on_train_start
-    validates_on_stop = True  # Lightning's loop validates when should_stop is set: a stop costs a validation
+    validates_on_stop = True  # Lightning's loop validates when should_stop is set in a batch: see stop_validates
+    _validates_this_epoch: Callable[[], bool] | None = None  # the fit loop's own test, from _start
+    _schedule: tuple[int, int | None, int] | None = None  # Lightning's validation schedule, from _start
+    _timer: Timer | None = None  # the Timer that max_time adds (or the user's): it can end the run first
+    _unverified: tuple[set[str], list[Stopper]] | None = None  # training metrics monitored: see on_validation_end
     _evaluation_due = False  # a validation started on a GPU: its window opens at its first batch
     _metrics_before: dict[str, Any] | None = None  # callback_metrics at the previous validation's end
     _max_optimizer_steps: int | None = None  # this fit's max_steps, where it binds (see remaining_steps)
@@ -126,13 +154,54 @@ class EnergyMonitor(EnergyTracker, Callback):
         """The steps left on the logger's axis. Where a batch steps several optimizers (manual optimization),
         ``max_steps`` (counted in optimizer steps) ends the run after fewer batches than it says: it is
         converted at the rate of optimizer steps per batch seen so far."""
-        left = super().remaining_steps(step)
+        left = self._steps_in_time(step, super().remaining_steps(step))
         if left is None or self._max_optimizer_steps is None:
             return left
         optimizer_steps, batches = self._optimizer_steps(), step + 1  # the batches done, this step's included
         if optimizer_steps <= batches:  # one optimizer step a batch: the axes agree
             return left
         return min(left, max(self._max_optimizer_steps - optimizer_steps, 0) * batches / optimizer_steps)
+
+    def _steps_in_time(self, step: int, left: float | None) -> float | None:
+        """``max_time`` (Lightning's ``Timer``) ends the run when its time is up, if before ``max_steps`` /
+        ``max_epochs``: the steps its time left allows, at the training's average time per step so far."""
+        timer = self._timer
+        if timer is None:
+            return left
+        remaining_s, elapsed_s = timer.time_remaining("train"), timer.time_elapsed("train")
+        if remaining_s is None or elapsed_s <= 0:
+            return left
+        in_time = max(remaining_s, 0.0) * (step + 1) / elapsed_s
+        return in_time if left is None else min(left, in_time)
+
+    def evaluation_period(self) -> float | None:
+        """Steps per validation on Lightning's schedule (an epoch's validations spread over ``n`` epochs)."""
+        if self._schedule is None:
+            return None
+        every, n, batches = self._schedule
+        return float(every) if n is None else n * batches / math.ceil(batches / every)
+
+    def next_evaluation(self, step: int) -> float | None:
+        """The step of the next validation after ``step``, from Lightning's own schedule where it is one of steps
+        (``val_check_interval``, ``check_val_every_n_epoch``, the epoch's batches); else from the last ones."""
+        schedule = self._schedule
+        if schedule is None:
+            return super().next_evaluation(step)
+        every, n, batches = schedule
+        after = step + 1 if self._eval_steps and self._eval_steps[-1] >= step else step  # one is at step already
+        if n is None:  # every ``every`` batches of the whole run: after batch t where (t + 1) % every == 0
+            return math.ceil((after + 1) / every) * every - 1
+        epoch, batch = divmod(after, batches)
+        if (epoch + 1) % n == 0:  # this epoch validates: at its next multiple of every, or at its last batch
+            return epoch * batches + min(math.ceil((batch + 1) / every) * every - 1, batches - 1)
+        epoch = (epoch // n + 1) * n - 1  # the next epoch that validates, at its first check
+        return epoch * batches + min(every, batches) - 1
+
+    def stop_validates(self, kind: Kind | None) -> bool:
+        """Lightning validates after a stop set within a training batch only in an epoch that validates
+        (``check_val_every_n_epoch``, ``limit_val_batches``): the loop's own test, asked at the decision."""
+        validates = self._validates_this_epoch
+        return super().stop_validates(kind) and (validates is None or bool(validates()))
 
     def _start(self, trainer: pl.Trainer) -> None:
         self.dry_run = bool(trainer.fast_dev_run)  # Lightning logs and saves nothing then: neither do we
@@ -149,6 +218,7 @@ class EnergyMonitor(EnergyTracker, Callback):
         for callback in trainer.callbacks:
             if isinstance(callback, Stopper):
                 self.attach(callback)
+        self._unverified = None
         self._start(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -160,6 +230,10 @@ class EnergyMonitor(EnergyTracker, Callback):
             self._optimizer_steps = lambda: loop.global_step
         self._metrics_before = None
         self._batch_step = _step_reader(trainer)
+        self._timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # max_time's
+        self._schedule = _validation_schedule(trainer)
+        validates = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_should_check_val_epoch", None)
+        self._validates_this_epoch = validates if callable(validates) else None
         progress = getattr(trainer.fit_loop.epoch_loop, "batch_progress", None)
         if getattr(getattr(progress, "current", None), "completed", 0) > 0:
             # resumed in the middle of an epoch: Lightning calls no on_train_epoch_start for it, so its window
@@ -193,6 +267,17 @@ class EnergyMonitor(EnergyTracker, Callback):
         reader = self._batch_step
         if self.on_step(reader() if reader is not None else _step(trainer), batch):
             trainer.should_stop = True
+        if self._unverified is not None:
+            self._verify_training_metrics(trainer)
+
+    def _verify_training_metrics(self, trainer: pl.Trainer) -> None:
+        """After the first training batch: a monitored training metric the sanity check could not know is
+        among what the training step logged (the loop's results name every metric logged, also those
+        Lightning reports only at the epoch's end), or it is missing, as with :meth:`require_metric`."""
+        (names, stoppers), self._unverified = self._unverified, None  # type: ignore[misc]
+        logged = names | _sanity_metric_names(trainer)
+        for stopper in stoppers:
+            stopper.require_metric(logged, training=True)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "validate":  # trainer.validate(): a stage of its own, as test and predict
@@ -231,9 +316,15 @@ class EnergyMonitor(EnergyTracker, Callback):
         elif trainer.sanity_checking:
             self.end_trial_evaluation(float(sum(trainer.num_val_batches)))
             names = _sanity_metric_names(trainer)
-            for stopper in self.stoppers:  # a typo in a monitored metric fails here, before the first step
-                if names:  # (a validation that logged nothing tells nothing: its first real run will)
-                    stopper.require_metric(names)
+            if names:  # (a validation that logged nothing tells nothing: its first real run will)
+                # a typo in a monitored metric fails here, before the first step; a training metric
+                # (``train_loss``) is not in a validation's names: checked once the first batch has logged it
+                later = [s for s in self.stoppers if _TRAINING_NAME.search(getattr(s, "monitor", "") or "")
+                         and s.monitor not in names]  # type: ignore[attr-defined]
+                for stopper in self.stoppers:
+                    if stopper not in later:
+                        stopper.require_metric(names)
+                self._unverified = (names, later) if later else None
         elif self.started:
             metrics = _fresh_metrics(trainer, self._metrics_before)
             self._metrics_before = dict(trainer.callback_metrics)

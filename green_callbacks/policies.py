@@ -351,7 +351,8 @@ class Budget:
         the last check feeds the projection. ``progress``: the check's step and the run's evaluations."""
         evaluations = progress.evaluations_so_far if progress is not None else None
         training = so_far - evaluations if evaluations is not None else so_far
-        interval = training - self.last_check
+        last = self.last_check  # the first check's: nothing, at no cost where the run has a price
+        interval = training - (Totals(last.j, last.g, 0.0) if last.cost is None else last)
         self.last_check = training
         step = progress.step if progress is not None else None
         gap = step - self.last_step if step is not None and self.last_step is not None else 1
@@ -368,6 +369,11 @@ class Budget:
             due = progress.evaluation_cost
         stop = stop_cost or Totals()
         for reason, name, limit, get in self._limits():
+            if get(so_far) > limit:  # spent before this check came (a budget smaller than the first interval)
+                return Decision(True, reason, f"{name} so far {self.describe(reason, get(so_far))} already exceeds "
+                                              f"the budget of {self.describe(reason, limit)}: it was spent before "
+                                              "this check (checks come at each point; check_every_n_steps checks "
+                                              "between them)")
             if get(so_far) + get(nxt) + get(due) + get(stop) > limit:
                 evaluation = f" + an evaluation ~{self.describe(reason, get(due))}" if get(due) > 0 else ""
                 then = f" + stopping then ~{self.describe(reason, get(stop))}" if get(stop) > 0 else ""

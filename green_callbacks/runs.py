@@ -139,7 +139,9 @@ def _store_key(uri: str) -> str:
 
 
 def active_run_id() -> str | None:
-    """MLflow's active fluent run (HF's MLflowCallback, the user's ``mlflow.start_run``): no network."""
+    """MLflow's active fluent run (HF's MLflowCallback, the user's ``mlflow.start_run``), else the run
+    ``MLFLOW_RUN_ID`` names (a scheduler's, ``mlflow run``'s: the one MLflow's ``start_run()`` would resume), in
+    MLflow's current store: no network."""
     mlflow = sys.modules.get("mlflow")
     active = mlflow.active_run() if mlflow is not None else None
-    return active.info.run_id if active is not None else None
+    return active.info.run_id if active is not None else (os.environ.get("MLFLOW_RUN_ID") or None)

@@ -33,8 +33,9 @@ class Stopper:
         """Numbers to log as MLflow metrics at this check (``stopping/...``), so a stop message can be found."""
         return {}
 
-    def require_metric(self, available: Collection[str]) -> None:
-        """Called with the metric names an evaluation produced before training (Lightning's sanity check)."""
+    def require_metric(self, available: Collection[str], training: bool = False) -> None:
+        """Called with the metric names an evaluation produced before training (Lightning's sanity check), and
+        ``training``: with those the first training step logged too."""
 
     def policy_state(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -119,6 +120,7 @@ class EfficiencyStopper(Stopper):
         self.verbose = verbose
         self._statistics: dict[str, float] = {}
         self._warned_missing = False
+        self._from_training = False  # the monitor is a training metric (found after the first training step)
         self._init_args = {"monitor": monitor, "mode": mode, "min_gain": min_gain, "patience": patience,
                            "min_evaluations": min_evaluations, "strict": strict, "verbose": verbose}
         self._fresh_policy = self.policy_state()
@@ -132,8 +134,11 @@ class EfficiencyStopper(Stopper):
         args = self._init_args
         monitor = args["monitor"] or default_monitor
         self.plateau.monitor = normalise(monitor) if normalise else monitor
-        self.plateau.mode = args["mode"] or (default_mode if args["monitor"] is None else
-                                             ("min" if "loss" in monitor else "max"))
+        # a monitor that is the framework's default metric by another name (HF: "perplexity" and
+        # metric_for_best_model="eval_perplexity") takes the direction given for it (greater_is_better)
+        default = args["monitor"] is None or self.plateau.monitor == (normalise(default_monitor) if normalise
+                                                                      else default_monitor)
+        self.plateau.mode = args["mode"] or (default_mode if default else ("min" if "loss" in monitor else "max"))
 
     def no_evaluations(self, why: str) -> None:
         """The training will never evaluate (``why``): this stopper decides at evaluations, so say once, before
@@ -154,19 +159,24 @@ class EfficiencyStopper(Stopper):
             self._warned_missing = True
             log.warning("%s; waiting for it (strict=False).", message)
 
-    def require_metric(self, available: Collection[str]) -> None:
+    def require_metric(self, available: Collection[str], training: bool = False) -> None:
+        """``available``: what an evaluation before training logged; ``training``: also what the first training
+        step logged (a training metric's name is found there; Lightning reports one logged per epoch only at the
+        epoch's end, after that epoch's validation, so an evaluation without it is no check, and no error)."""
         if self.monitor not in available:
             self._missing(available)
+        self._from_training = training
 
     def check(self, progress: Progress) -> Decision:
         self._statistics = {}
         if not progress.evaluation:
             return CONTINUE
         if self.monitor not in progress.metrics:
-            if self.plateau.seen:  # logged at earlier evaluations, not at this one: nothing new to decide on
+            if self.plateau.seen or self._from_training:  # logged before, not now: nothing new to decide on
                 self.plateau._warn_once("absent", "EfficiencyEarlyStopping: %s was not logged at this evaluation "
-                                        "(step %d), as at earlier ones; it decides only where it is logged, "
-                                        "never on an earlier value", self.monitor, progress.step)
+                                        "(step %d), as at earlier ones (or, a training metric, not yet); "
+                                        "it decides only where it is logged, never on an earlier value",
+                                        self.monitor, progress.step)
             else:
                 self._missing(progress.metrics)
             return CONTINUE
@@ -257,7 +267,10 @@ class BudgetStopper(Stopper):
                 log.warning("EnergyBudget: at this rate the whole run would need %s; it stops before that%s.",
                             "; ".join(broken), "" if self.budget.on_exceed == "stop" else
                             " only if on_exceed='stop'")
-        return self._act(self.budget.check(progress.so_far, progress.stop_cost, progress))
+        decision = self.budget.check(progress.so_far, progress.stop_cost, progress)
+        if decision.should_stop and progress.remaining_steps is not None and progress.remaining_steps <= 0:
+            decision = CONTINUE  # the run ends here anyway: nothing is left to save, and it did not stop early
+        return self._act(decision)
 
     def policy_state(self) -> dict[str, Any]:
         return {**self.budget.state_dict(), "projection_warned": self.projection_warned}

@@ -265,6 +265,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         trace = None
         report = self.rank.is_zero and len(self.records) > self._reported  # a later stage re-reports only news
         confirmed = True
+        interrupted: KeyboardInterrupt | None = None  # Ctrl-C in the wait for MLflow: the outputs first, then it
         try:
             if self.meter is not None:
                 if status != "FINISHED" or self.epoch_open:  # interrupted: this rank's part, without collectives
@@ -278,7 +279,10 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
             if report:
                 if self.sink is not None:  # MLflow has the run, so its id names the outputs (one wait, shared)
                     confirmed = False  # a wait cut short (Ctrl-C) is not waited again by close()
-                    confirmed = self.sink.flush(self.sink.close_wait_s, ending=True)
+                    try:
+                        confirmed = self.sink.flush(self.sink.close_wait_s, ending=True)
+                    except KeyboardInterrupt as exc:  # the files are quick, and spooled for the sender or a replay
+                        interrupted = exc
                     self.run = self.run or self.sink.run_ref
                 if not self.dry_run:
                     outputs.write(self, trace)
@@ -294,6 +298,8 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
             self.started = False
             self._finishing_status = None
             process.unregister(self)
+        if interrupted is not None:
+            raise interrupted
 
     def _atexit(self) -> None:
         if self.started and not self._finished:

@@ -17,7 +17,7 @@ from green_callbacks.process import live_trackers, running_tracker
 from green_callbacks.sensors.base import log
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper
 from green_callbacks.tracker import EnergyTracker
-from green_callbacks.uris import redact
+from green_callbacks.uris import redact, temporary_env
 
 __all__ = ["EfficiencyEarlyStopping", "EnergyBudget", "EnergyMonitor"]
 
@@ -51,7 +51,27 @@ def _ends_on_error(tracker: EnergyTracker) -> Iterator[None]:
         yield
     except Exception:
         tracker.finish("FAILED")
+        _end_hf_run(getattr(tracker, "run", None), "FAILED")
         raise
+
+
+def _end_hf_run(run: Any, status: str) -> None:
+    """HF's ``MLflowCallback`` ends its run at ``on_train_end``, which a ``train()`` that raised never reaches, and
+    MLflow's exit handler then marked it FINISHED. The run the energy went to, where it is HF's (not one this
+    package opened, whose status the sender sets) and still the active run, ends here with ``status``; one
+    bounded try, as the training is over."""
+    if run is None or run.owned:
+        return
+    try:
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run.run_id:
+            with temporary_env({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}):
+                mlflow.end_run(status)
+    except Exception as exc:  # the server's fault: the run stays as it is
+        log.warning("green-callbacks: could not mark HF's MLflow run %s %s (%s: %s)", run.run_id, status,
+                    type(exc).__name__, exc)
 
 
 def _callers() -> Iterator[Any]:

@@ -36,13 +36,14 @@ from green_callbacks.sinks import read_spool
 from green_callbacks.sinks.spool import State
 from green_callbacks.transformers import EnergyMonitor as HfEnergyMonitor
 
-from helpers import MlflowServer, fake_nvml_env, free_port
+from helpers import MlflowServer, fake_nvml_env, free_port, settle
 
 SCRIPT = Path(__file__).parent / "fault_scripts" / "mlflow_kill.py"
 
 
 class Link:
-    """A TCP hop on 127.0.0.1 in front of a real server: ``up``, ``down`` (port closed) or ``hung``.
+    """A TCP hop on 127.0.0.1 in front of a real server: ``up``, ``down`` (port closed) or ``hung``, or a few
+    faulty servers (``flaky``, ``slow-create``, ``deny-writes``: every write answered 401, reads served).
 
     Changing state drops every open connection, as a server that goes away does.
     """
@@ -82,7 +83,7 @@ class Link:
                 return
             with self._lock:
                 self._open.append(conn)
-                if self.state in ("flaky", "slow-create"):
+                if self.state in ("flaky", "slow-create", "deny-writes"):
                     threading.Thread(target=self._flaky, args=(conn,), daemon=True).start()
                     continue
                 if self.state != "up":
@@ -114,10 +115,16 @@ class Link:
             with self._lock:
                 self.requests += 1
                 bad = self.requests % 2 == 1 and self.state == "flaky"
+                denied = self.state == "deny-writes" and b"/runs/log-batch " in head.split(b"\r\n")[0]
                 slow = self.state == "slow-create" and b"/runs/create " in head.split(b"\r\n")[0]
                 self.creates += slow
             if bad:
                 conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            if denied:
+                body = b'{"error_code": "UNAUTHENTICATED", "message": "token expired"}'
+                conn.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
                 return
             lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")]
             with socket.create_connection(("127.0.0.1", self.upstream)) as upstream:
@@ -678,7 +685,7 @@ class End(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         print("end", flush=True)
 
-monitor = EnergyMonitor(tracking_uri=sys.argv[1], output_dir=sys.argv[2], mlflow_wait_s=30, log_artifacts=False)
+monitor = EnergyMonitor(tracking_uri=sys.argv[1], output_dir=sys.argv[2], mlflow_wait_s=30)
 pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=2, callbacks=[End(), monitor], logger=False,
            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False).fit(BoringModel())
 """
@@ -687,7 +694,7 @@ pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=2, callbacks=[
 @pytest.mark.slow
 def test_ctrl_c_while_the_end_waits_for_mlflow_ends_at_once(tmp_path):
     """The server down, ``mlflow_wait_s=30``: a Ctrl-C in the end's wait for MLflow cut the flush short, and
-    close() then waited the whole 30 s again."""
+    close() then waited the whole 30 s again; and the run's files, written after that wait, were never written."""
     script = tmp_path / "interrupted.py"
     script.write_text(INTERRUPTED_END)
     out = tmp_path / "out"
@@ -702,6 +709,10 @@ def test_ctrl_c_while_the_end_waits_for_mlflow_ends_at_once(tmp_path):
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
         assert time.monotonic() - interrupted < 10, "the end waited for MLflow again after the Ctrl-C"
+        # the run's files were written after the cut wait, not lost with it, and spooled as artifacts to send
+        assert {p.name for p in out.glob("*/*")} >= {"intervals.csv", "summary.json", "power_trace.csv"}
+        (spool,) = spools()
+        assert len([r for r in read_spool(spool).records if r.kind == "artifact"]) == 4
     finally:
         proc.kill()
         for spool in out.glob("spool-*.jsonl"):
@@ -921,3 +932,55 @@ def test_a_sender_killed_more_often_than_it_is_restarted_is_named_in_the_summary
     trainer(tmp_path, [monitor, KillSender()], max_epochs=5).fit(ValModel())
     out = capsys.readouterr().out
     assert "no sender is running" in out and "green-callbacks replay" in out and "not reached yet" not in out
+
+
+@pytest.mark.slow
+def test_credentials_refused_mid_run_keep_every_record_for_a_replay(tmp_path, server, link, green_log, capsys):
+    """A token that expires mid-run (every write answered 401, reads still served): each metric was tried alone
+    and set aside as refused, one warning per name, and nothing after it was ever sent, by the sender or by
+    ``replay`` once the token was renewed. A refusal of the credentials is the whole run's: it stops the sending,
+    with one warning, and the records wait in the spool."""
+    link.set("up")
+    out = tmp_path / "out"
+
+    class Expire(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                wait_for("the run is in MLflow", lambda: the_run(server.uri, "expired")[1] is not None, 60)
+                link.set("deny-writes")
+
+    monitor = EnergyMonitor(tracking_uri=link.uri, experiment_name="expired", output_dir=str(out), mlflow_wait_s=15)
+    trainer(tmp_path, [Expire(), monitor], max_epochs=4).fit(ValModel())
+    assert green_log.text.count("nothing more can be sent") == 1, green_log.text
+    assert "refused the metric" not in green_log.text
+    assert not [p for p in out.glob("*.rejected.jsonl") if p.read_text().strip()], "records set aside as refused"
+    (spool,) = out.glob("spool-*[0-9a-f].jsonl")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(State.load(spool).pid, signal.SIGKILL)
+
+    link.set("up")  # the token renewed
+    assert cli(["replay", str(out), "--wait", "10"]) == 0
+    client, run = the_run(server.uri, "expired")
+    assert_every_interval(client, run.info.run_id, monitor.records)
+    assert run.info.status == "FINISHED"
+
+
+def test_mlflow_run_id_in_the_environment_takes_the_energy(tmp_path, empty_store, monkeypatch):
+    """A scheduler (or ``mlflow run``) names the run in ``MLFLOW_RUN_ID``, as MLflow's ``start_run()`` resumes it:
+    the energy went to a new run of its own instead, and the scheduler's run stayed empty."""
+    uri = store(empty_store, tmp_path / "mlflow.db")
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("scheduled")).info.run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    mlflow.set_tracking_uri(uri)
+    try:
+        monitor = EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False)
+        trainer(tmp_path, [monitor], max_epochs=2).fit(ValModel())
+    finally:
+        mlflow.set_tracking_uri(None)
+    settle(uri)
+    assert [r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])] \
+        == [run_id], "one run: the scheduler's"
+    assert steps(client, run_id, "energy/epoch_j") == sorted(r.step for r in monitor.records if r.kind is Kind.EPOCH)
+    assert client.get_run(run_id).info.status == "RUNNING"  # the scheduler's to end

@@ -38,6 +38,7 @@ from green_callbacks.sinks.spool import (
 from green_callbacks.sinks.tracking import (
     Blocked,
     RunClient,
+    access_refused,
     describe,
     entities,
     http_timeout_s,
@@ -272,7 +273,7 @@ class Sender:
         try:
             self.client.log_batch(metrics, params, tags)
         except Exception as exc:
-            if not permanent(exc):
+            if not permanent(exc) or access_refused(exc):  # credentials refused: the whole run is (Blocked)
                 raise
             self.client.check(self.client.run_id or "")  # the run itself gone: Blocked
             self._isolate(batch, before)
@@ -332,7 +333,7 @@ class Sender:
                     try:
                         self.client.log_batch(*alone)
                     except Exception as exc:
-                        if not permanent(exc):
+                        if not permanent(exc) or access_refused(exc):
                             raise
                         self.refused.add((kind, e.key))
                         self._aside(r.line, describe(exc), kind, e)

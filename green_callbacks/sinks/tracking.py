@@ -49,6 +49,14 @@ def permanent(exc: BaseException) -> bool:
     return isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError)
 
 
+def access_refused(exc: BaseException) -> bool:
+    """Whether MLflow refused the credentials (401: a token expired; 403: write permission lost): a refusal of
+    every record of the run, never of one record's content."""
+    from mlflow.exceptions import MlflowException
+
+    return any(isinstance(e, MlflowException) and e.get_http_status_code() in (401, 403) for e in _chain(exc))
+
+
 def store_race(exc: BaseException) -> bool:
     """Whether the store was being created by another process at that moment (retried without a word)."""
     return any(marker in str(e) for e in _chain(exc) for marker in STORE_RACE)

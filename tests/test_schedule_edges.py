@@ -1,0 +1,183 @@
+"""Budgets and the efficiency stop at the edges of a training's schedule.
+
+Validations every n-th epoch, ``max_time``, a monitored training metric, a budget smaller than the
+first interval, a run's last step, a cost budget, HF's ``greater_is_better``, HF's run when the
+monitor fails. Real Lightning and HF trainers and MLflow stores; the GPU is simulated on a work clock
+(tests/fake_nvml), so the joules are exact.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning.pytorch as pl
+import mlflow
+import pytest
+import torch
+from lightning.pytorch.loggers import MLFlowLogger
+from test_hf_monitor import digits, hf_trainer, tracking  # noqa: F401 - fixtures
+from test_intervals import Endless
+from torch.utils.data import DataLoader, TensorDataset
+
+from green_callbacks import lightning as gl
+from green_callbacks import transformers as gt
+from green_callbacks.policies import Budget, MonitorError, Progress, Totals
+from green_callbacks.stopping import BudgetStopper
+
+from helpers import digits_tensors, history, lightning_digits_module, runs, work_clock
+
+TRAINER = dict(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+
+
+def eight_steps_an_epoch():
+    """256 training samples in batches of 32 (8 steps of 1 J an epoch on the work clock), 128 to validate."""
+    (xt, yt), (xv, yv) = digits_tensors()
+    return (DataLoader(TensorDataset(xt[:256], yt[:256]), batch_size=32),
+            DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=64))
+
+
+def monitor_at(tmp_path, **kw):
+    return gl.EnergyMonitor(gpus="all", measure_cpu=False, log_artifacts=False, output_dir=str(tmp_path / "out"),
+                            **{"mlflow": False, **kw})
+
+
+# -- Lightning: what a stop costs follows Lightning's schedule ------------------------------------------
+@pytest.mark.parametrize(("budget", "lowest"), [(110.0, 100.0), (60.0, 30.0)])
+def test_lightning_a_budget_with_a_validation_every_third_epoch_pays_only_what_lightning_runs(
+        tmp_path, fake_nvml, budget, lowest):
+    """``check_val_every_n_epoch=3``, 8 J an epoch, 20 J a validation: a stop decided at an epoch's end was charged
+    a validation Lightning does not run (the 110 J budget stopped at 80 J, where one more epoch and its validation
+    fit); and before the first validation its step was not known: the schedule says it."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    monitor = monitor_at(tmp_path)
+    train, val = eight_steps_an_epoch()
+    pl.Trainer(max_epochs=30, check_val_every_n_epoch=3, logger=False, num_sanity_val_steps=0,
+               callbacks=[work_clock(fake_nvml, val_s=0.1), monitor, gl.EnergyBudget(energy=budget)],
+               **TRAINER).fit(lightning_digits_module()(), train, val)
+    assert monitor.stop_decision is not None and monitor.stop_decision.reason.value == "energy_budget"
+    assert lowest <= monitor.cumulative_j <= budget, monitor.stop_decision.message
+
+
+def test_lightning_max_time_ends_the_projected_run(tmp_path, fake_nvml, green_log):
+    """``max_time`` ends the run before ``max_epochs=500``: the whole run was projected to 500 epochs (a budget it
+    would never reach was said to be broken, the energy saved by a stop overstated a hundredfold)."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+
+    class Slow(pl.Callback):
+        def on_train_batch_end(self, *args):
+            time.sleep(0.02)
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monitor = monitor_at(tmp_path, mlflow=True)
+    train, val = eight_steps_an_epoch()
+    pl.Trainer(max_epochs=500, max_time={"seconds": 4}, num_sanity_val_steps=0,
+               logger=MLFlowLogger(experiment_name="timed", tracking_uri=uri),
+               callbacks=[work_clock(fake_nvml, val_s=0.01), Slow(), monitor, gl.EnergyBudget(energy="3 kJ")],
+               **TRAINER).fit(lightning_digits_module()(), train, val)
+    assert monitor.stop_decision is None and monitor.current_epoch < 100  # max_time ended it
+    assert "would need" not in green_log.text
+    client, (run,) = runs(uri, "timed")
+    projected = [value for _, value in history(client, run.info.run_id, "projection/energy_j")]
+    assert len(projected) >= 3 and projected[-1] < 2 * monitor.cumulative_j, (projected, monitor.cumulative_j)
+
+
+def test_lightning_the_rate_at_the_first_validation_counts_it_once_a_cycle(tmp_path, fake_nvml):
+    """Points every 2 steps, a validation of 10 J every 5 steps of 1 J: 3 J a step. Before a second validation the
+    rate was the median of the recent intervals, one of which held the whole validation: 6 J a step."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monitor = monitor_at(tmp_path, mlflow=True, log_every_n_steps=2)
+    _, val = eight_steps_an_epoch()
+    pl.Trainer(max_steps=200, val_check_interval=5, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+               logger=MLFlowLogger(experiment_name="rate", tracking_uri=uri),
+               callbacks=[work_clock(fake_nvml, val_s=0.05), monitor, gl.EnergyBudget(energy="5 kJ")],
+               **TRAINER).fit(lightning_digits_module()(), DataLoader(Endless(), batch_size=None), val)
+    client, (run,) = runs(uri, "rate")
+    first_step, first = history(client, run.info.run_id, "projection/energy_j")[0]
+    assert first_step == 4
+    so_far = 5 * 1.0 + 10.0
+    assert first == pytest.approx(so_far + 3.0 * (199 - 4), rel=0.05)
+
+
+def test_lightning_a_monitored_training_metric_is_checked_after_the_first_step(tmp_path, fake_nvml):
+    """Lightning's ``EarlyStopping(monitor="train_loss")`` runs: the sanity check knows validation metrics only, and
+    ours raised there for a metric the training step logs. A typo of it still fails, at the first step."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    base = lightning_digits_module()
+
+    class LogsTrainLoss(base):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss, on_step=False, on_epoch=True)  # in callback_metrics at the epoch's end only
+            return loss
+
+    def fit(monitor_name: str) -> pl.Trainer:
+        trainer = pl.Trainer(max_epochs=2, logger=False, callbacks=[
+            work_clock(fake_nvml), monitor_at(tmp_path), gl.EfficiencyEarlyStopping(monitor=monitor_name)], **TRAINER)
+        trainer.fit(LogsTrainLoss(), *eight_steps_an_epoch())
+        return trainer
+
+    assert fit("train_loss").current_epoch == 2
+    trainer = None
+    with pytest.raises(MonitorError, match="train_los"):
+        trainer = fit("train_losss")
+    assert trainer is None
+    with pytest.raises(MonitorError, match="val_accc"):  # a validation metric's typo: at the sanity check
+        fit("val_accc")
+
+
+# -- the budget's arithmetic -------------------------------------------------------------------------
+def test_a_budget_spent_before_its_first_check_says_it_is_exceeded():
+    """The first check came after the budget was spent (5 J, an epoch of 8.8 J): the message said "would exceed"."""
+    decision = Budget(energy=5.0).check(Totals(8.8, 0.001, None), Totals(0.5, 0.0, None))
+    assert decision.should_stop and "energy so far 8.8 J already exceeds the budget of 5 J" in decision.message
+
+
+def test_a_cost_budget_projects_the_first_interval_at_its_cost():
+    """The first interval's cost read as 0 (the check before it had none): an energy budget and the same budget as
+    money stopped at different checks, the cost one after it was exceeded."""
+    so_far = Totals(120.0, 0.016, 1.0e-5)
+    assert Budget(energy=180.0).check(so_far).should_stop
+    decision = Budget(cost=1.5e-5).check(so_far)
+    assert decision.should_stop and "next interval ~1e-05" in decision.message
+
+
+def test_a_budget_at_the_runs_last_step_does_not_stop_it():
+    """At the run's last step a stop saves nothing: the run was tagged as stopped by the budget all the same."""
+    stopper = BudgetStopper(energy="100 J")
+    stopper.check(Progress(Totals(60.0, 0.0, None), 10, {}, False, Totals(6.0, 0.0, None), 10.0))
+    last = stopper.check(Progress(Totals(95.0, 0.0, None), 20, {}, False, Totals(6.0, 0.0, None), 0.0))
+    assert not last.should_stop
+    assert stopper.check(Progress(Totals(95.0, 0.0, None), 20, {}, False, Totals(6.0, 0.0, None), 4.0)).should_stop
+
+
+# -- Hugging Face -------------------------------------------------------------------------------------
+def test_hf_a_monitor_named_as_metric_for_best_model_takes_greater_is_better(tmp_path, digits, fake_nvml):  # noqa: F811
+    """``metric_for_best_model="perplexity"``, ``greater_is_better=False``: ``monitor="perplexity"`` guessed "max"
+    from the name, and a falling perplexity read as getting worse."""
+    fake_nvml.configure(n=1)
+    stoppers = {name: gt.EfficiencyEarlyStopping(monitor=name) for name in ("perplexity", "eval_perplexity")}
+    stoppers["other"] = gt.EfficiencyEarlyStopping(monitor="eval_accuracy")
+    trainer = hf_trainer(tmp_path, digits, [gt.EnergyMonitor(gpus="all", mlflow=False, log_artifacts=False),
+                                            *stoppers.values()], epochs=1, metric_for_best_model="perplexity",
+                         greater_is_better=False)
+    trainer.compute_metrics = lambda pred: {"perplexity": 2.0 + torch.rand(1).item(), "accuracy": 0.5}
+    trainer.train()
+    assert {name: s.plateau.mode for name, s in stoppers.items()} == {
+        "perplexity": "min", "eval_perplexity": "min", "other": "max"}
+    assert all(s.monitor == "eval_perplexity" for name, s in stoppers.items() if name != "other")
+
+
+def test_hf_a_monitor_error_with_report_to_mlflow_fails_hfs_run(tmp_path, digits, tracking, fake_nvml):  # noqa: F811
+    """A monitored metric missing (strict) ends ``train()``: the monitor's own run ended FAILED, HF's (where the
+    energy goes with ``report_to=["mlflow"]``) stayed RUNNING and MLflow's exit handler then marked it FINISHED."""
+    fake_nvml.configure(n=1)
+    monitor = gt.EnergyMonitor(gpus="all", output_dir=str(tmp_path / "out"), log_artifacts=False)
+    trainer = hf_trainer(tmp_path, digits, [monitor, gt.EfficiencyEarlyStopping(monitor="accuracyy")], epochs=2,
+                         report_to=["mlflow"])
+    with pytest.raises(MonitorError):
+        trainer.train()
+    assert mlflow.active_run() is None
+    client, (run,) = runs(tracking)
+    assert run.info.status == "FAILED"
+    assert history(client, run.info.run_id, "energy/cumulative_j")  # the energy went there
