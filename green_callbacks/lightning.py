@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +10,17 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, Timer
 
 from green_callbacks.distributed import RankInfo, node_name
+from green_callbacks.lightning_trainer import (
+    TRAINING_NAME,
+    Schedule,
+    ends_epoch,
+    fresh_metrics,
+    max_steps,
+    sanity_metric_names,
+    step_of,
+    step_reader,
+    steps_in_time,
+)
 from green_callbacks.records import Kind
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper, Stopper
 from green_callbacks.tracker import EnergyTracker, batch_size
@@ -38,91 +47,6 @@ def _mlflow_logger_run(trainer: pl.Trainer) -> tuple[str | None, str | None]:
     return None, None
 
 
-_TRAINING_NAME = re.compile(r"(^|[^a-z])train", re.IGNORECASE)  # train_loss, loss/train, training_acc
-
-
-def _sanity_metric_names(trainer: pl.Trainer) -> set[str]:
-    """The names the sanity check's validation logged. With several val dataloaders Lightning leaves
-    ``callback_metrics`` empty through the sanity check, so the names come from the loop's results too,
-    as Lightning will name them (``val_acc/dataloader_idx_0``); ``set()`` where neither says anything."""
-    names = set(trainer.callback_metrics)
-    results = getattr(trainer, "_results", None)
-    try:
-        for metric in results.values():  # type: ignore[union-attr]
-            for on_step in (True, False):
-                names.update(results._forked_name(metric, on_step))  # type: ignore[union-attr]
-    except Exception:  # another Lightning: what callback_metrics holds
-        pass
-    return names
-
-
-def _fresh_metrics(trainer: pl.Trainer, before: dict[str, Any] | None) -> dict[str, float]:
-    """This validation's scalar metrics: Lightning keeps a metric's last value in ``callback_metrics`` when a
-    validation does not log it (a metric logged every other validation); such a value is the very tensor an
-    earlier validation left (``before``), not a new measurement, and is left out."""
-    before = before or {}
-    return {k: float(v) for k, v in trainer.callback_metrics.items()
-            if before.get(k) is not v and getattr(v, "numel", lambda: 1)() == 1}
-
-
-def _step(trainer: pl.Trainer, counted: bool = False) -> int:
-    """The step Lightning's loggers log at, so energy points overlay the loss and accuracy charts of the
-    same run: ``fit_loop.epoch_loop._batches_that_stepped``, the batches that stepped the optimizers (once
-    a batch whatever the number of optimizers; a micro-batch of an accumulation goes with the step it
-    leads to). A batch's training metrics, and a validation run after it, are logged before the batch is
-    counted; ``counted``: after it was (an epoch's or the run's end), at one less, as Lightning logs the
-    epoch's metrics. Where a Lightning lacks the counter: the latest optimizer step, ``global_step - 1``."""
-    stepped = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", None)
-    if type(stepped) is not int:
-        return max(trainer.global_step - 1, 0)
-    return max(stepped - 1, 0) if counted else stepped
-
-
-def _step_reader(trainer: pl.Trainer) -> Callable[[], int]:
-    """:func:`_step` for every training batch, without a function call: the loop's counter itself (updated
-    in place, also by a checkpoint's restore), where this Lightning has it."""
-    loop = getattr(trainer.fit_loop, "epoch_loop", None)
-    if type(getattr(loop, "_batches_that_stepped", None)) is int:
-        return lambda: loop._batches_that_stepped
-    return lambda: _step(trainer)
-
-
-def _validation_schedule(trainer: pl.Trainer) -> tuple[int, int | None, int] | None:
-    """Lightning's validation schedule on the step axis, where it is one of steps: (validate every so many
-    batches, every so many epochs or ``None``, training batches an epoch). ``None`` where it is not, or the axis
-    is not one batch a step: validation off, by time, an epoch of unknown length, accumulated gradients."""
-    try:
-        every, n, batches = trainer.val_check_batch, trainer.check_val_every_n_epoch, trainer.num_training_batches
-        if not trainer.enable_validation or trainer.accumulate_grad_batches != 1 or type(every) is not int \
-                or every < 1 or not (n is None or (type(n) is int and n >= 1)):
-            return None
-        if n is None:
-            return every, None, 1
-        if batches == float("inf") or int(batches) < 1:
-            return None
-        return every, n, int(batches)
-    except Exception:  # another Lightning
-        return None
-
-
-def _ends_epoch(trainer: pl.Trainer) -> bool:
-    """Whether this validation ran after the training epoch's last batch, so that the epoch ends with it
-    (Lightning runs it before ``on_train_epoch_end``, with nothing trained in between)."""
-    progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
-    return bool(getattr(progress, "is_last_batch", False)) and trainer.state.fn == "fit"
-
-
-def _max_steps(trainer: pl.Trainer) -> float | None:
-    """The last step of the run on :func:`_step`'s axis (``max_steps``, or ``max_epochs`` x batches, less one);
-    inf when unbounded."""
-    try:
-        total = float(trainer.estimated_stepping_batches)
-    except Exception:  # a loader without len() and no max_steps: Lightning cannot tell
-        return None
-    # a finite iterable without len() and no max_steps: Lightning returns max_steps itself, -1
-    return total - 1 if total > 0 else None
-
-
 class EnergyMonitor(EnergyTracker, Callback):
     """Measures every interval of training (each epoch, each validation, every N steps) and logs it to MLflow.
 
@@ -137,7 +61,7 @@ class EnergyMonitor(EnergyTracker, Callback):
     _batch_step: Callable[[], int] | None = None  # this fit's step reader, from on_train_start
     validates_on_stop = True  # Lightning's loop validates when should_stop is set in a batch: see stop_validates
     _validates_this_epoch: Callable[[], bool] | None = None  # the fit loop's own test, from _start
-    _schedule: tuple[int, int | None, int] | None = None  # Lightning's validation schedule, from _start
+    _schedule: Schedule | None = None  # Lightning's validation schedule, from _start
     _timer: Timer | None = None  # the Timer that max_time adds (or the user's): it can end the run first
     _unverified: tuple[set[str], list[Stopper]] | None = None  # training metrics monitored: see on_validation_end
     _evaluation_due = False  # a validation started on a GPU: its window opens at its first batch
@@ -154,7 +78,7 @@ class EnergyMonitor(EnergyTracker, Callback):
         """The steps left on the logger's axis. Where a batch steps several optimizers (manual optimization),
         ``max_steps`` (counted in optimizer steps) ends the run after fewer batches than it says: it is
         converted at the rate of optimizer steps per batch seen so far."""
-        left = self._steps_in_time(step, super().remaining_steps(step))
+        left = steps_in_time(self._timer, step, super().remaining_steps(step))
         if left is None or self._max_optimizer_steps is None:
             return left
         optimizer_steps, batches = self._optimizer_steps(), step + 1  # the batches done, this step's included
@@ -162,40 +86,16 @@ class EnergyMonitor(EnergyTracker, Callback):
             return left
         return min(left, max(self._max_optimizer_steps - optimizer_steps, 0) * batches / optimizer_steps)
 
-    def _steps_in_time(self, step: int, left: float | None) -> float | None:
-        """``max_time`` (Lightning's ``Timer``) ends the run when its time is up, if before ``max_steps`` /
-        ``max_epochs``: the steps its time left allows, at the training's average time per step so far."""
-        timer = self._timer
-        if timer is None:
-            return left
-        remaining_s, elapsed_s = timer.time_remaining("train"), timer.time_elapsed("train")
-        if remaining_s is None or elapsed_s <= 0:
-            return left
-        in_time = max(remaining_s, 0.0) * (step + 1) / elapsed_s
-        return in_time if left is None else min(left, in_time)
-
     def evaluation_period(self) -> float | None:
-        """Steps per validation on Lightning's schedule (an epoch's validations spread over ``n`` epochs)."""
-        if self._schedule is None:
-            return None
-        every, n, batches = self._schedule
-        return float(every) if n is None else n * batches / math.ceil(batches / every)
+        return self._schedule.period() if self._schedule is not None else None
 
     def next_evaluation(self, step: int) -> float | None:
-        """The step of the next validation after ``step``, from Lightning's own schedule where it is one of steps
-        (``val_check_interval``, ``check_val_every_n_epoch``, the epoch's batches); else from the last ones."""
-        schedule = self._schedule
-        if schedule is None:
+        """The step of the next validation after ``step``: Lightning's own schedule (``val_check_interval``,
+        ``check_val_every_n_epoch``, the epoch's batches) where it is one of steps; else from the last ones."""
+        if self._schedule is None:
             return super().next_evaluation(step)
-        every, n, batches = schedule
-        after = step + 1 if self._eval_steps and self._eval_steps[-1] >= step else step  # one is at step already
-        if n is None:  # every ``every`` batches of the whole run: after batch t where (t + 1) % every == 0
-            return math.ceil((after + 1) / every) * every - 1
-        epoch, batch = divmod(after, batches)
-        if (epoch + 1) % n == 0:  # this epoch validates: at its next multiple of every, or at its last batch
-            return epoch * batches + min(math.ceil((batch + 1) / every) * every - 1, batches - 1)
-        epoch = (epoch // n + 1) * n - 1  # the next epoch that validates, at its first check
-        return epoch * batches + min(every, batches) - 1
+        done = bool(self._eval_steps) and self._eval_steps[-1] >= step  # the validation at this step is past
+        return self._schedule.next_validation(step + done)
 
     def stop_validates(self, kind: Kind | None) -> bool:
         """Lightning validates after a stop set within a training batch only in an epoch that validates
@@ -222,16 +122,16 @@ class EnergyMonitor(EnergyTracker, Callback):
         self._start(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.max_steps = _max_steps(trainer)
+        self.max_steps = max_steps(trainer)
         loop = trainer.fit_loop.epoch_loop
         self._max_optimizer_steps = None  # max_steps counts optimizer steps, the step axis batches that stepped
         if trainer.max_steps > 0 and type(getattr(loop, "_batches_that_stepped", None)) is int:
             self._max_optimizer_steps = trainer.max_steps
             self._optimizer_steps = lambda: loop.global_step
         self._metrics_before = None
-        self._batch_step = _step_reader(trainer)
+        self._batch_step = step_reader(trainer)
         self._timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # max_time's
-        self._schedule = _validation_schedule(trainer)
+        self._schedule = Schedule.of(trainer)
         validates = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_should_check_val_epoch", None)
         self._validates_this_epoch = validates if callable(validates) else None
         progress = getattr(trainer.fit_loop.epoch_loop, "batch_progress", None)
@@ -259,13 +159,13 @@ class EnergyMonitor(EnergyTracker, Callback):
                              batch_idx: int) -> None:
         if self._due is not None:  # a point fell due at the previous step
             reader = self._batch_step
-            if self.before_step(reader() if reader is not None else _step(trainer)):
+            if self.before_step(reader() if reader is not None else step_of(trainer)):
                 trainer.should_stop = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         reader = self._batch_step
-        if self.on_step(reader() if reader is not None else _step(trainer), batch):
+        if self.on_step(reader() if reader is not None else step_of(trainer), batch):
             trainer.should_stop = True
         if self._unverified is not None:
             self._verify_training_metrics(trainer)
@@ -275,7 +175,7 @@ class EnergyMonitor(EnergyTracker, Callback):
         among what the training step logged (the loop's results name every metric logged, also those
         Lightning reports only at the epoch's end), or it is missing, as with :meth:`require_metric`."""
         (names, stoppers), self._unverified = self._unverified, None  # type: ignore[misc]
-        logged = names | _sanity_metric_names(trainer)
+        logged = names | sanity_metric_names(trainer)
         for stopper in stoppers:
             stopper.require_metric(logged, training=True)
 
@@ -315,28 +215,28 @@ class EnergyMonitor(EnergyTracker, Callback):
             self.end_stage("validate")
         elif trainer.sanity_checking:
             self.end_trial_evaluation(float(sum(trainer.num_val_batches)))
-            names = _sanity_metric_names(trainer)
+            names = sanity_metric_names(trainer)
             if names:  # (a validation that logged nothing tells nothing: its first real run will)
                 # a typo in a monitored metric fails here, before the first step; a training metric
                 # (``train_loss``) is not in a validation's names: checked once the first batch has logged it
-                later = [s for s in self.stoppers if _TRAINING_NAME.search(getattr(s, "monitor", "") or "")
+                later = [s for s in self.stoppers if TRAINING_NAME.search(getattr(s, "monitor", "") or "")
                          and s.monitor not in names]  # type: ignore[attr-defined]
                 for stopper in self.stoppers:
                     if stopper not in later:
                         stopper.require_metric(names)
                 self._unverified = (names, later) if later else None
         elif self.started:
-            metrics = _fresh_metrics(trainer, self._metrics_before)
+            metrics = fresh_metrics(trainer, self._metrics_before)
             self._metrics_before = dict(trainer.callback_metrics)
-            if self.end_evaluation(_step(trainer), metrics, _ends_epoch(trainer)):
+            if self.end_evaluation(step_of(trainer), metrics, ends_epoch(trainer)):
                 trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.end_epoch(_step(trainer, counted=True)):
+        if self.end_epoch(step_of(trainer, counted=True)):
             trainer.should_stop = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.end_training(_step(trainer, counted=True))
+        self.end_training(step_of(trainer, counted=True))
 
     # -- test / predict ------------------------------------------------------------------------
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -984,3 +984,20 @@ def test_mlflow_run_id_in_the_environment_takes_the_energy(tmp_path, empty_store
         == [run_id], "one run: the scheduler's"
     assert steps(client, run_id, "energy/epoch_j") == sorted(r.step for r in monitor.records if r.kind is Kind.EPOCH)
     assert client.get_run(run_id).info.status == "RUNNING"  # the scheduler's to end
+
+
+def test_a_file_store_refused_by_mlflow_3_says_how_to_allow_it(tmp_path, green_log, monkeypatch):
+    """MLflow 3 refuses a file store (``file:./mlruns``) unless ``MLFLOW_ALLOW_FILE_STORE=true``, and says so at the
+    end of a long message; the warning cut it at 300 characters, so the way out never showed."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    out = tmp_path / "out"
+    monitor = EnergyMonitor(tracking_uri=f"file:{tmp_path}/mlruns", output_dir=str(out), mlflow_wait_s=5,
+                            log_artifacts=False)
+    trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=4, limit_val_batches=2).fit(ValModel())
+
+    def said() -> str:
+        spools = [p for p in out.glob("spool-*.jsonl") if not p.name.endswith(".rejected.jsonl")]
+        return green_log.text + "".join(" ".join(State.load(p).notes) for p in spools)
+
+    wait_for("the sender named the refusal", lambda: "maintenance mode" in said(), 60)
+    assert "MLFLOW_ALLOW_FILE_STORE=true" in said()

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from green_callbacks import lightning as gl
 from green_callbacks import transformers as gt
+from green_callbacks.lightning_trainer import Schedule, step_of
 from green_callbacks.policies import Budget, MonitorError, Progress, Totals
 from green_callbacks.stopping import BudgetStopper
 
@@ -124,6 +125,31 @@ def test_lightning_a_monitored_training_metric_is_checked_after_the_first_step(t
     assert trainer is None
     with pytest.raises(MonitorError, match="val_accc"):  # a validation metric's typo: at the sanity check
         fit("val_accc")
+
+
+@pytest.mark.parametrize("schedule", [dict(max_epochs=7, check_val_every_n_epoch=3),
+                                      dict(max_epochs=4, val_check_interval=0.5),
+                                      dict(max_epochs=4, val_check_interval=3, check_val_every_n_epoch=2),
+                                      dict(max_steps=40, val_check_interval=6, check_val_every_n_epoch=None)])
+def test_lightning_the_next_validation_is_where_lightning_runs_it(schedule):
+    """The step of the next validation, read from Lightning's settings, against the steps its loop validated at."""
+    seen: dict[str, object] = {"validations": []}
+
+    class Watch(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["schedule"] = Schedule.of(trainer)
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                seen["validations"].append(step_of(trainer))
+
+    train, val = eight_steps_an_epoch()
+    pl.Trainer(logger=False, callbacks=[Watch()], num_sanity_val_steps=0, **schedule, **TRAINER).fit(
+        lightning_digits_module()(), train, val)
+    validations, plan = seen["validations"], seen["schedule"]
+    assert plan is not None and len(validations) >= 2
+    assert [plan.next_validation(step) for step in range(validations[-1] + 1)] == \
+        [min(v for v in validations if v >= step) for step in range(validations[-1] + 1)]
 
 
 # -- the budget's arithmetic -------------------------------------------------------------------------

@@ -83,11 +83,13 @@ def http_timeout_s() -> int:
 
 
 def describe(exc: BaseException) -> str:
-    """An exception in one short line: MLflow's error code and message, or the type and message."""
+    """An exception in one short line: MLflow's error code and message, or the type and message. A long one keeps
+    its start and its end, where MLflow's advice (``set MLFLOW_ALLOW_FILE_STORE=true``) and the root cause
+    (``Connection refused``) are."""
     code = getattr(exc, "error_code", None)
     text = " ".join(str(exc).split())
-    if len(text) > 300:
-        text = text[:300] + "..."
+    if len(text) > 400:
+        text = text[:200] + " ... " + text[-200:]
     return f"{code}: {text}" if code else f"{type(exc).__name__}: {text}"
 
 

@@ -1,0 +1,136 @@
+"""What Lightning's trainer says, read for the monitor: the step axis, the validation schedule and the run's end,
+and the metrics a validation or a training step logged."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Timer
+
+TRAINING_NAME = re.compile(r"(^|[^a-z])train", re.IGNORECASE)  # train_loss, loss/train, training_acc
+
+
+def sanity_metric_names(trainer: pl.Trainer) -> set[str]:
+    """The names the sanity check's validation logged. With several val dataloaders Lightning leaves
+    ``callback_metrics`` empty through the sanity check, so the names come from the loop's results too,
+    as Lightning will name them (``val_acc/dataloader_idx_0``); ``set()`` where neither says anything."""
+    names = set(trainer.callback_metrics)
+    results = getattr(trainer, "_results", None)
+    try:
+        for metric in results.values():  # type: ignore[union-attr]
+            for on_step in (True, False):
+                names.update(results._forked_name(metric, on_step))  # type: ignore[union-attr]
+    except Exception:  # another Lightning: what callback_metrics holds
+        pass
+    return names
+
+
+def fresh_metrics(trainer: pl.Trainer, before: dict[str, Any] | None) -> dict[str, float]:
+    """This validation's scalar metrics: Lightning keeps a metric's last value in ``callback_metrics`` when a
+    validation does not log it (a metric logged every other validation); such a value is the very tensor an
+    earlier validation left (``before``), not a new measurement, and is left out."""
+    before = before or {}
+    return {k: float(v) for k, v in trainer.callback_metrics.items()
+            if before.get(k) is not v and getattr(v, "numel", lambda: 1)() == 1}
+
+
+def step_of(trainer: pl.Trainer, counted: bool = False) -> int:
+    """The step Lightning's loggers log at, so energy points overlay the loss and accuracy charts of the
+    same run: ``fit_loop.epoch_loop._batches_that_stepped``, the batches that stepped the optimizers (once
+    a batch whatever the number of optimizers; a micro-batch of an accumulation goes with the step it
+    leads to). A batch's training metrics, and a validation run after it, are logged before the batch is
+    counted; ``counted``: after it was (an epoch's or the run's end), at one less, as Lightning logs the
+    epoch's metrics. Where a Lightning lacks the counter: the latest optimizer step, ``global_step - 1``."""
+    stepped = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", None)
+    if type(stepped) is not int:
+        return max(trainer.global_step - 1, 0)
+    return max(stepped - 1, 0) if counted else stepped
+
+
+def step_reader(trainer: pl.Trainer) -> Callable[[], int]:
+    """:func:`step_of` for every training batch, without a function call: the loop's counter itself (updated
+    in place, also by a checkpoint's restore), where this Lightning has it."""
+    loop = getattr(trainer.fit_loop, "epoch_loop", None)
+    if type(getattr(loop, "_batches_that_stepped", None)) is int:
+        return lambda: loop._batches_that_stepped
+    return lambda: step_of(trainer)
+
+
+def ends_epoch(trainer: pl.Trainer) -> bool:
+    """Whether this validation ran after the training epoch's last batch, so that the epoch ends with it
+    (Lightning runs it before ``on_train_epoch_end``, with nothing trained in between)."""
+    progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
+    return bool(getattr(progress, "is_last_batch", False)) and trainer.state.fn == "fit"
+
+
+def max_steps(trainer: pl.Trainer) -> float | None:
+    """The last step of the run on :func:`step_of`'s axis (``max_steps``, or ``max_epochs`` x batches, less one);
+    inf when unbounded."""
+    try:
+        total = float(trainer.estimated_stepping_batches)
+    except Exception:  # a loader without len() and no max_steps: Lightning cannot tell
+        return None
+    # a finite iterable without len() and no max_steps: Lightning returns max_steps itself, -1
+    return total - 1 if total > 0 else None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Lightning's validation schedule on the step axis, where it is one of steps: a validation every ``every``
+    batches, in every ``n``-th epoch (``None``: counted over the whole run) of ``batches`` training batches."""
+
+    every: int
+    n: int | None
+    batches: int
+
+    @classmethod
+    def of(cls, trainer: pl.Trainer) -> Schedule | None:
+        """The trainer's, or ``None`` where it is not one of steps, or the axis is not one batch a step: validation
+        off, by time, an epoch of unknown length, accumulated gradients."""
+        try:
+            every, n, batches = trainer.val_check_batch, trainer.check_val_every_n_epoch, trainer.num_training_batches
+            if not trainer.enable_validation or trainer.accumulate_grad_batches != 1 or type(every) is not int \
+                    or every < 1 or not (n is None or (type(n) is int and n >= 1)):
+                return None
+            if n is None:
+                return cls(every, None, 1)
+            if batches == float("inf") or int(batches) < 1:
+                return None
+            return cls(every, n, int(batches))
+        except Exception:  # another Lightning
+            return None
+
+    def next_validation(self, step: int) -> int:
+        """The step of the first validation at or after ``step`` (a validation after batch t is at step t)."""
+        every, n, batches = self.every, self.n, self.batches
+        if n is None:  # every ``every`` batches of the whole run: after batch t where (t + 1) % every == 0
+            return math.ceil((step + 1) / every) * every - 1
+        epoch, batch = divmod(step, batches)
+        within = math.ceil((batch + 1) / every) * every - 1  # the epoch's batches counted: after (b + 1) % every == 0
+        if (epoch + 1) % n == 0 and within < batches:  # this epoch validates, and has a check still to come
+            return epoch * batches + within
+        epoch = ((epoch + 1) // n + 1) * n - 1  # the next epoch that validates, at its first check
+        return epoch * batches + every - 1
+
+    def period(self) -> float:
+        """Steps per validation (an epoch's validations spread over ``n`` epochs)."""
+        if self.n is None:
+            return float(self.every)
+        return self.n * self.batches / max(self.batches // self.every, 1)
+
+
+def steps_in_time(timer: Timer | None, step: int, left: float | None) -> float | None:
+    """``max_time`` (Lightning's ``Timer``) ends the run when its time is up, if before ``max_steps`` /
+    ``max_epochs`` (``left`` steps): the steps its time left allows, at the training's average time per step."""
+    if timer is None:
+        return left
+    remaining_s, elapsed_s = timer.time_remaining("train"), timer.time_elapsed("train")
+    if remaining_s is None or elapsed_s <= 0:
+        return left
+    in_time = max(remaining_s, 0.0) * (step + 1) / elapsed_s
+    return in_time if left is None else min(left, in_time)
