@@ -61,6 +61,9 @@ class RunLedger:
         self._epoch_eval = (0.0, 0.0)
         self._epoch_start_step = 0
         self._at_start = True  # no point yet since step 0: the first covers step 0 too
+        self._epoch_part: dict[str, Any] | None = None  # the open epoch so far, at a checkpoint's point (saved)
+        self._restored_epoch: dict[str, Any] | None = None  # that, from the checkpoint this run resumed from
+        self._epoch_prefix: tuple[Merged, float] | None = None  # the resumed epoch before the checkpoint: (it, start)
 
     def restart_steps(self) -> None:
         """A new trainer counts its steps from 0 again (``step_offset`` has moved past what the run logged):
@@ -100,12 +103,37 @@ class RunLedger:
             records.append(self._make(kind, self.points - 1, self._previous_point_step, step, merged,
                                       interval.start_unix, interval.start_s - t0, end_rel, {}, partial=partial))
         if epoch is not None and epoch_m is not None:
+            start_unix, start_rel = epoch_m.start_unix, epoch_m.start_s - t0
+            if self._epoch_prefix is not None:  # resumed mid-epoch: the part before the checkpoint is the epoch's too
+                (before, start_unix), self._epoch_prefix = self._epoch_prefix, None
+                epoch, start_rel = combined(before, epoch), start_rel - before.duration_s
             records.append(self._make(Kind.EPOCH, self.current_epoch, self._epoch_start_step, step, epoch,
-                                      epoch_m.start_unix, epoch_m.start_s - t0, epoch_m.end_s - t0, {},
-                                      *self._epoch_eval, partial=partial))
+                                      start_unix, start_rel, epoch_m.end_s - t0, {}, *self._epoch_eval,
+                                      partial=partial))
             self._epoch_eval = (0.0, 0.0)
+            self._epoch_part = None
         self.records.extend(records)
         return records
+
+    def hold_epoch_part(self, part: Merged, start_unix: float) -> None:
+        """At a checkpoint's point inside an epoch: what the epoch cost so far (every rank), saved with the
+        checkpoint, so that a run resumed from it books the whole epoch, not only the part after the resume."""
+        if self._epoch_prefix is not None:  # resumed into this epoch before: its part before that is in it too
+            part, start_unix = combined(self._epoch_prefix[0], part), self._epoch_prefix[1]
+        self._epoch_part = {"epoch": self.current_epoch, "start_step": self._epoch_start_step,
+                            "start_unix": start_unix, "devices": part.devices, "methods": part.methods,
+                            "peak_w": part.gpu_peak_w, "duration_s": part.duration_s, "eval": list(self._epoch_eval)}
+
+    def resume_epoch(self, epoch: int) -> None:
+        """Epoch ``epoch`` opens: where the checkpoint this run resumed from was taken inside it, it starts where
+        that epoch started, with what it cost before the checkpoint."""
+        part, self._restored_epoch = self._restored_epoch, None
+        if part is None or int(part["epoch"]) != epoch:
+            return
+        self._epoch_start_step = int(part["start_step"])
+        self._epoch_eval = (float(part["eval"][0]), float(part["eval"][1]))
+        self._epoch_prefix = (Merged({c: dict(d) for c, d in part["devices"].items()}, dict(part["methods"]),
+                                     float(part["peak_w"]), float(part["duration_s"])), float(part["start_unix"]))
 
     def _add(self, merged: Merged, interval: Measurement, step: int, t0: float, eval_j: float = 0.0) -> None:
         fp = self.accountant.footprint(merged.total_j, interval.start_unix, interval.start_unix + interval.duration_s)
@@ -229,7 +257,7 @@ class RunLedger:
                 "step_offset": self.step_offset, "last_logged_step": self.last_logged_step,
                 "records": [r.to_json() for r in self.records], "run": asdict(run) if run is not None else None,
                 "local_id": self.local_id, "since_eval": self._since_eval.state_dict(),
-                "evaluations_j": self._evaluations_j, "last_eval_j": self._last_eval_j}
+                "evaluations_j": self._evaluations_j, "last_eval_j": self._last_eval_j, "epoch_part": self._epoch_part}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         from green_callbacks.sinks import RunRef
@@ -254,8 +282,22 @@ class RunLedger:
         if state.get("run") and self.run is None:
             self.run = RunRef(**state["run"])
         self._params_logged = self.run is not None
+        self._restored_epoch = state.get("epoch_part")
         self._restored = True
 
+
+
+def combined(a: Merged, b: Merged) -> Merged:
+    """Two stretches of one window (an epoch before and after a resume): joules per device summed, the weaker
+    method, the higher peak, the durations added."""
+    devices = {c: dict(d) for c, d in a.devices.items()}
+    for component, per_device in b.devices.items():
+        mine = devices.setdefault(component, {})
+        for device, joules in per_device.items():
+            mine[device] = mine.get(device, 0.0) + joules
+    methods = {c: Method.weakest([Method(m) for m in (a.methods.get(c), b.methods.get(c)) if m]).value
+               for c in devices}
+    return Merged(devices, methods, max(a.gpu_peak_w, b.gpu_peak_w), a.duration_s + b.duration_s)
 
 
 class _Recent:

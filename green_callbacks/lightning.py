@@ -137,7 +137,7 @@ class EnergyMonitor(EnergyTracker, Callback):
         progress = getattr(trainer.fit_loop.epoch_loop, "batch_progress", None)
         if getattr(getattr(progress, "current", None), "completed", 0) > 0:
             # resumed in the middle of an epoch: Lightning calls no on_train_epoch_start for it, so its window
-            # opens here and its record covers the steps since the checkpoint (its start_step says from where)
+            # opens here; its record adds what the epoch cost before the checkpoint (saved in it)
             self.begin_epoch(trainer.current_epoch)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -82,8 +82,20 @@ class PointHost:
             return None
         step = self._last_step_seen_or_point()
         if step <= self._last_point_step and self.records:
+            if self.meter.is_open("epoch"):  # a point at this step already: the epoch so far, for a resume
+                self._hold_epoch_part(gather(self._epoch_so_far()))
             return None
         return self._point(Kind.POINT, step, hold=True)
+
+    def _epoch_so_far(self) -> dict[str, Any]:
+        assert self.meter is not None
+        peek = self.meter.peek("epoch")
+        return {"epoch_so_far": window_payload(peek, self.rank.rank, self.rank.node),
+                "epoch_start_unix": peek.start_unix}
+
+    def _hold_epoch_part(self, payloads: Sequence[Mapping[str, Any]]) -> None:
+        """Every rank's open epoch so far (gathered at a checkpoint), kept for the checkpoint's state."""
+        self.hold_epoch_part(merge_ranks([p["epoch_so_far"] for p in payloads]), payloads[0]["epoch_start_unix"])
 
     @never_raises
     def before_step(self, step: int | None = None) -> Decision | None:
@@ -125,6 +137,9 @@ class PointHost:
             "epoch": window_payload(epoch_m, *node) if epoch_m is not None else None,
             "eval": (eval_m.total_j, eval_m.duration_s) if eval_m is not None else (0.0, 0.0),
             "names": self.meter.describe() if not self._params_logged else None, "work": self.take_work()}
+        held_epoch = hold and self.meter.is_open("epoch")  # a checkpoint's point inside an epoch: its part so far
+        if held_epoch:
+            payload.update(self._epoch_so_far())
         payloads = gather(payload) if collective else [payload]
         merged = merge_ranks([p["interval"] for p in payloads])
         epoch_merged = merge_ranks([p["epoch"] for p in payloads]) if epoch_m is not None else None
@@ -132,6 +147,9 @@ class PointHost:
         records = self.close_interval(kind, step, merged, interval, self.meter.t0_s, epoch_merged, epoch_m,
                                       (eval_j, eval_s), metrics or {}, partial=self._finishing_status is not None
                                       and self._finishing_status != "FINISHED")
+        self._epoch_part = None  # of an earlier checkpoint: never saved with this point's totals
+        if held_epoch:
+            self._hold_epoch_part(payloads)
         if epoch_m is not None:
             self._epoch_closed_at = len(self.records)  # the next epoch starts here unless another point comes
         self._log_point(records, [p["names"] for p in payloads if p["names"] is not None],

@@ -204,6 +204,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
             self.current_epoch = epoch
             self._epoch_eval = (0.0, 0.0)
             self._epoch_start_step = self._last_step_seen_or_point()
+            self.resume_epoch(epoch)
             tiles = tile and self._epoch_closed_at == len(self.records) and self.meter.is_open("interval")
             self.meter.begin("epoch", at_start_of="interval" if tiles else None)
 

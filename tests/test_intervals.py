@@ -803,12 +803,18 @@ def test_hf_resume_from_a_checkpoint_between_points_loses_nothing(tmp_path, digi
     assert resumed.cumulative_j == pytest.approx(whole.cumulative_j, abs=1e-6)
     after = [(r.start_step, r.step, round(r.energy_j, 6)) for r in records_of(resumed, "evaluation")]
     assert after == [(r.start_step, r.step, round(r.energy_j, 6)) for r in records_of(whole, "evaluation")]
+    # the run's one epoch (max_steps < an epoch) is the whole run's, not only what came after the checkpoint
+    (epoch,), (whole_epoch,) = records_of(resumed, "epoch"), records_of(whole, "epoch")
+    assert (epoch.start_step, epoch.step) == (whole_epoch.start_step, whole_epoch.step)
+    assert epoch.energy_j == pytest.approx(whole_epoch.energy_j, rel=1e-3)
 
 
 def test_lightning_resume_in_the_middle_of_an_epoch(tmp_path, fake_nvml):
     """A step checkpoint in the middle of an epoch (``every_n_train_steps=10``, 8 batches an epoch), a crash at
     step 13, a resume: the totals are the uninterrupted run's, and the resumed epoch has a record (Lightning
-    calls no ``on_train_epoch_start`` for it) that says it covers the steps since the checkpoint."""
+    calls no ``on_train_epoch_start`` for it) of the whole epoch, as the uninterrupted run's: it covered only the
+    steps since the checkpoint (6.4 J of the epoch's 8.4 J; a step-based run of one epoch lost to its
+    ``energy/epoch_j`` all it had spent before the checkpoint)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     (xt, yt), (xv, yv) = digits_tensors()
@@ -837,8 +843,12 @@ def test_lightning_resume_in_the_middle_of_an_epoch(tmp_path, fake_nvml):
     assert resumed.cumulative_j == pytest.approx(whole.cumulative_j, abs=1e-6)
     epochs = records_of(resumed, "epoch")
     assert [r.step for r in epochs] == [r.step for r in records_of(whole, "epoch")] == [7, 15, 23, 31]
-    assert (epochs[1].start_step, epochs[1].step) == (9, 15)  # the checkpoint's step, where the resume began
-    assert epochs[1].energy_j == pytest.approx(6 * 1.0 + 0.4)  # 6 steps and a validation, on this work clock
+    before = records_of(whole, "epoch")[1]
+    assert (epochs[1].start_step, epochs[1].step) == (before.start_step, before.step) == (7, 15)
+    # 8 steps and a validation on this work clock (the checkpoint's read of the epoch so far comes a moment later)
+    assert epochs[1].energy_j == pytest.approx(before.energy_j, rel=1e-3) and before.energy_j == pytest.approx(8.4)
+    assert epochs[1].eval_j == pytest.approx(before.eval_j)
+    assert sum(r.energy_j for r in epochs) == pytest.approx(resumed.cumulative_j, rel=1e-3)  # they tile the run
 
 
 def test_lightning_a_step_checkpoint_before_a_validation_leaves_the_validation_in_the_steps_cumulative(
