@@ -28,6 +28,7 @@ class RunLedger:
     sink: Any
     max_steps: float | None = None  # the run's total training steps, set by the adapter when known
     validates_on_stop = False  # the framework runs a validation when told to stop (Lightning's loop)
+    steps_from_zero = True  # the step axis counts from 0 (Lightning's, a plain loop's): the first point covers step 0
     dry_run = False  # measured and summarised only: no MLflow run, no files (Lightning's fast_dev_run)
 
     def reset_run(self) -> None:
@@ -60,7 +61,8 @@ class RunLedger:
         self._reported = 0  # records already written out and summarised
         self._epoch_eval = (0.0, 0.0)
         self._epoch_start_step = 0
-        self._at_start = True  # no point yet since step 0: the first covers step 0 too
+        self._at_start = self.steps_from_zero  # no point yet: on a 0-based axis the first covers step 0 too
+        self._resumed_cycle = False  # resumed: the first cycle since starts at the checkpoint, not an evaluation
         self._epoch_part: dict[str, Any] | None = None  # the open epoch so far, at a checkpoint's point (saved)
         self._restored_epoch: dict[str, Any] | None = None  # that, from the checkpoint this run resumed from
         self._epoch_prefix: tuple[Merged, float] | None = None  # the resumed epoch before the checkpoint: (it, start)
@@ -70,7 +72,7 @@ class RunLedger:
         the steps the next interval, evaluation and epoch start from go back to 0 with it, and the stretch
         since the last evaluation starts anew (the previous fit's end closed it)."""
         self._last_point_step = self._previous_point_step = self._epoch_start_step = 0
-        self._at_start = True
+        self._at_start = self.steps_from_zero
         self._since_eval = _Since()
         self._cycle = (0, 0.0)
         self._eval_steps = []
@@ -185,9 +187,10 @@ class RunLedger:
             if not intervals:
                 return None
             j = statistics.median(joules / steps for steps, joules in intervals)
-            period = self._cycles.items[-1][0] if self._cycles.items else self.evaluation_period()
-            if period:  # the first evaluation, or the estimate of one, spread over a cycle
-                j += self._last_eval_j / period
+            if self._last_eval_j > 0:  # the first evaluation, or the estimate of one, spread over a cycle
+                period = self.evaluation_period() or self._period_seen()
+                if period:
+                    j += self._last_eval_j / period
         g_per_j = self.cumulative_g / self.cumulative_j if self.cumulative_j > 0 else 0.0
         cost = None if self.cumulative_cost is None else (
             j * self.cumulative_cost / self.cumulative_j if self.cumulative_j > 0 else 0.0)
@@ -201,9 +204,11 @@ class RunLedger:
 
     def stop_cost(self, kind: Kind | None = None) -> Totals:
         """What a stop decided now still costs: the step that runs before it takes effect (a point due at a
-        step is taken as the next one starts), and, where the framework validates on stopping (Lightning's
-        loop does, within a training epoch that validates), a validation as costly as the last one."""
-        cost = self.rate_per_step() or Totals(0.0, 0.0, None if self.cumulative_cost is None else 0.0)
+        step is taken as the next one starts; between points, a loop may finish its step), none at an evaluation
+        or an epoch's end (the loop ends there), and, where the framework validates on stopping (Lightning's loop
+        does, within a training epoch that validates), a validation as costly as the last one."""
+        nothing = Totals(0.0, 0.0, None if self.cumulative_cost is None else 0.0)
+        cost = nothing if kind in (Kind.EVALUATION, Kind.EPOCH) else self.rate_per_step() or nothing
         return cost + self._as_totals(self._last_eval_j) if self.stop_validates(kind) else cost
 
     def _as_totals(self, joules: float) -> Totals:
@@ -211,6 +216,14 @@ class RunLedger:
         share = joules / self.cumulative_j if self.cumulative_j > 0 else 0.0
         return Totals(joules, self.cumulative_g * share,
                       None if self.cumulative_cost is None else self.cumulative_cost * share)
+
+    def _period_seen(self) -> float | None:
+        """The steps between the last two evaluations, else the first cycle's (a cycle after a resume starts at
+        the checkpoint, not at an evaluation: it is too short)."""
+        steps = self._eval_steps
+        if len(steps) > 1 and steps[-1] > steps[-2]:
+            return float(steps[-1] - steps[-2])
+        return float(self._cycles.items[-1][0]) if self._cycles.items and not self._resumed_cycle else None
 
     def evaluation_period(self) -> float | None:
         """The steps from one evaluation to the next, where the framework's schedule says (Lightning)."""
@@ -283,6 +296,7 @@ class RunLedger:
             self.run = RunRef(**state["run"])
         self._params_logged = self.run is not None
         self._restored_epoch = state.get("epoch_part")
+        self._resumed_cycle = True
         self._restored = True
 
 

@@ -63,6 +63,7 @@ class EnergyMonitor(EnergyTracker, Callback):
     _validates_this_epoch: Callable[[], bool] | None = None  # the fit loop's own test, from _start
     _schedule: Schedule | None = None  # Lightning's validation schedule, from _start
     _timer: Timer | None = None  # the Timer that max_time adds (or the user's): it can end the run first
+    _unverified_late: tuple[set[str], list[Stopper]] | None = None  # not logged by the first batch: see above
     _unverified: tuple[set[str], list[Stopper]] | None = None  # training metrics monitored: see on_validation_end
     _evaluation_due = False  # a validation started on a GPU: its window opens at its first batch
     _metrics_before: dict[str, Any] | None = None  # callback_metrics at the previous validation's end
@@ -118,7 +119,14 @@ class EnergyMonitor(EnergyTracker, Callback):
         for callback in trainer.callbacks:
             if isinstance(callback, Stopper):
                 self.attach(callback)
-        self._unverified = None
+        # a monitored training metric: not in a validation's metrics (the sanity check's); checked once training
+        # has logged it, and an evaluation before it arrives is no check (Lightning reports a metric logged per
+        # epoch at the epoch's end, after that epoch's validation)
+        training = [s for s in self.stoppers if isinstance(s, EfficiencyStopper) and TRAINING_NAME.search(s.monitor)]
+        for stopper in training:
+            stopper.expect_training_metric()
+        self._unverified = (set(), training) if training else None
+        self._unverified_late = None
         self._start(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -153,6 +161,9 @@ class EnergyMonitor(EnergyTracker, Callback):
                 callbacks[self.state_key] = self.state_dict()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._unverified_late is not None:  # a training metric not logged by the first batch: by now it was
+            self._unverified, self._unverified_late = self._unverified_late, None
+            self._verify_training_metrics(trainer, last=True)
         self.begin_epoch(trainer.current_epoch, tile=True)  # from where the previous epoch's point left off
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -170,14 +181,19 @@ class EnergyMonitor(EnergyTracker, Callback):
         if self._unverified is not None:
             self._verify_training_metrics(trainer)
 
-    def _verify_training_metrics(self, trainer: pl.Trainer) -> None:
-        """After the first training batch: a monitored training metric the sanity check could not know is
-        among what the training step logged (the loop's results name every metric logged, also those
-        Lightning reports only at the epoch's end), or it is missing, as with :meth:`require_metric`."""
+    def _verify_training_metrics(self, trainer: pl.Trainer, last: bool = False) -> None:
+        """A monitored training metric the sanity check could not know: after the first training batch, among
+        what the training step logged (the loop's results name every metric logged, also those Lightning
+        reports only at the epoch's end); one logged in ``on_train_epoch_end`` only, at the next epoch's start
+        (``last``): missing then, it is missing, as with :meth:`require_metric`."""
         (names, stoppers), self._unverified = self._unverified, None  # type: ignore[misc]
-        logged = names | sanity_metric_names(trainer)
-        for stopper in stoppers:
-            stopper.require_metric(logged, training=True)
+        logged = names | sanity_metric_names(trainer) | set(trainer.callback_metrics)
+        missing = [s for s in stoppers if s.monitor not in logged]
+        if missing and not last:
+            self._unverified_late = (logged, missing)
+            return
+        for stopper in missing:
+            stopper.require_metric(logged)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "validate":  # trainer.validate(): a stage of its own, as test and predict
@@ -219,8 +235,7 @@ class EnergyMonitor(EnergyTracker, Callback):
             if names:  # (a validation that logged nothing tells nothing: its first real run will)
                 # a typo in a monitored metric fails here, before the first step; a training metric
                 # (``train_loss``) is not in a validation's names: checked once the first batch has logged it
-                later = [s for s in self.stoppers if TRAINING_NAME.search(getattr(s, "monitor", "") or "")
-                         and s.monitor not in names]  # type: ignore[attr-defined]
+                later = [s for s in (self._unverified or (set(), []))[1] if s.monitor not in names]
                 for stopper in self.stoppers:
                     if stopper not in later:
                         stopper.require_metric(names)

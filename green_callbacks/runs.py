@@ -54,7 +54,7 @@ class RunHost:
         active run again): its step axis goes on after the last step logged, never logging a step twice;
         any other case (a run it opened itself, another run, none) is a new run, counted from zero.
         Rank 0 knows the run; every rank follows its choice (one gather), so totals agree across ranks."""
-        users = run_id or active_run_id()  # the trainer's logger's run, else MLflow's active run
+        users = run_id or active_run_id(env=not self.tracking_uri)  # the logger's run, else MLflow's active run
         keep = self.run is not None and not self.run.owned and users == self.run.run_id
         offset = self.last_logged_step + 1
         if self.rank.world_size > 1:
@@ -70,7 +70,8 @@ class RunHost:
     def _open_sink(self, run_id: str | None, tracking_uri: str | None) -> None:
         from green_callbacks.sinks import MlflowSink, RunTarget
 
-        active = active_run_id() if run_id is None else None
+        # MLFLOW_RUN_ID names a run in MLflow's current store: not where an explicit tracking_uri sends the energy
+        active = active_run_id(env=not self.tracking_uri) if run_id is None else None
         if active is not None and self.tracking_uri and not same_store(self.tracking_uri):
             log.warning("green-callbacks: MLflow's active run %s is in another store (%s) than tracking_uri=%r; the "
                         "energy goes to a run of its own there", active, fluent_uri(), redact(self.tracking_uri))
@@ -138,10 +139,12 @@ def _store_key(uri: str) -> str:
     return uri.replace("://localhost", "://127.0.0.1").lower()
 
 
-def active_run_id() -> str | None:
-    """MLflow's active fluent run (HF's MLflowCallback, the user's ``mlflow.start_run``), else the run
-    ``MLFLOW_RUN_ID`` names (a scheduler's, ``mlflow run``'s: the one MLflow's ``start_run()`` would resume), in
+def active_run_id(env: bool = False) -> str | None:
+    """MLflow's active fluent run (HF's MLflowCallback, the user's ``mlflow.start_run``), else, with ``env``, the
+    run ``MLFLOW_RUN_ID`` names (a scheduler's, ``mlflow run``'s: the one MLflow's ``start_run()`` would resume), in
     MLflow's current store: no network."""
     mlflow = sys.modules.get("mlflow")
     active = mlflow.active_run() if mlflow is not None else None
-    return active.info.run_id if active is not None else (os.environ.get("MLFLOW_RUN_ID") or None)
+    if active is not None:
+        return active.info.run_id
+    return (os.environ.get("MLFLOW_RUN_ID") or None) if env else None

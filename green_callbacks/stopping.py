@@ -33,9 +33,9 @@ class Stopper:
         """Numbers to log as MLflow metrics at this check (``stopping/...``), so a stop message can be found."""
         return {}
 
-    def require_metric(self, available: Collection[str], training: bool = False) -> None:
-        """Called with the metric names an evaluation produced before training (Lightning's sanity check), and
-        ``training``: with those the first training step logged too."""
+    def require_metric(self, available: Collection[str]) -> None:
+        """Called with the metric names an evaluation produced before training (Lightning's sanity check), or,
+        for a training metric, with those training logged too."""
 
     def policy_state(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -159,13 +159,15 @@ class EfficiencyStopper(Stopper):
             self._warned_missing = True
             log.warning("%s; waiting for it (strict=False).", message)
 
-    def require_metric(self, available: Collection[str], training: bool = False) -> None:
-        """``available``: what an evaluation before training logged; ``training``: also what the first training
-        step logged (a training metric's name is found there; Lightning reports one logged per epoch only at the
-        epoch's end, after that epoch's validation, so an evaluation without it is no check, and no error)."""
+    def require_metric(self, available: Collection[str]) -> None:
         if self.monitor not in available:
             self._missing(available)
-        self._from_training = training
+
+    def expect_training_metric(self) -> None:
+        """The monitor is a metric training logs (checked by the adapter once training has logged it): an
+        evaluation without it is no check, and no error (Lightning reports a metric logged per epoch at the
+        epoch's end, after that epoch's validation)."""
+        self._from_training = True
 
     def check(self, progress: Progress) -> Decision:
         self._statistics = {}
@@ -269,7 +271,13 @@ class BudgetStopper(Stopper):
                             " only if on_exceed='stop'")
         decision = self.budget.check(progress.so_far, progress.stop_cost, progress)
         if decision.should_stop and progress.remaining_steps is not None and progress.remaining_steps <= 0:
-            decision = CONTINUE  # the run ends here anyway: nothing is left to save, and it did not stop early
+            # the run ends here anyway: nothing is left to save, and it did not stop early; a budget it went over
+            # is still said (once)
+            over = self.budget.broken_by(progress.so_far)
+            if over and ("over", decision.reason) not in self._warned_reasons:
+                self._warned_reasons.add(("over", decision.reason))
+                log.warning("EnergyBudget: the run ends over its budget: %s.", "; ".join(over))
+            return CONTINUE
         return self._act(decision)
 
     def policy_state(self) -> dict[str, Any]:

@@ -299,8 +299,8 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
             self.started = False
             self._finishing_status = None
             process.unregister(self)
-        if interrupted is not None:
-            raise interrupted
+            if interrupted is not None:  # whatever came after it, the Ctrl-C goes on
+                raise interrupted
 
     def _atexit(self) -> None:
         if self.started and not self._finished:

@@ -56,12 +56,15 @@ def _ends_on_error(tracker: EnergyTracker) -> Iterator[None]:
 
 
 def _end_hf_run(run: Any, status: str) -> None:
-    """HF's ``MLflowCallback`` ends its run at ``on_train_end``, which a ``train()`` that raised never reaches, and
-    MLflow's exit handler then marked it FINISHED. The run the energy went to, where it is HF's (not one this
-    package opened, whose status the sender sets) and still the active run, ends here with ``status``; one
-    bounded try, as the training is over."""
+    """HF's ``MLflowCallback`` ends the run it started at ``on_train_end``, which a ``train()`` that raised never
+    reaches, and MLflow's exit handler then marked it FINISHED. The run the energy went to, where HF started it
+    (not one this package opened, whose status the sender sets, nor the user's own) and it is still the active
+    run, ends here with ``status``; one bounded try, as the training is over."""
     if run is None or run.owned:
         return
+    hf = _hf_mlflow_callback(_calling_trainer(depth=40))
+    if hf is None or not getattr(hf, "_auto_end_run", False):
+        return  # not a run HF started (the user's own mlflow.start_run(): the user's to end)
     try:
         import mlflow
 
@@ -94,13 +97,19 @@ def _interrupted_status() -> str:
     return "KILLED" if isinstance(last, KeyboardInterrupt) else "FAILED"
 
 
-def _calling_trainer() -> Any:
+def _calling_trainer(depth: int = 12) -> Any:
     """The ``transformers.Trainer`` whose callback hook is running (HF hands callbacks no trainer), or ``None``."""
     from transformers import Trainer
 
     # the hook's callers: CallbackHandler.call_event and on_<event>, then the trainer's loop
-    return next((f.f_locals["self"] for f in itertools.islice(_callers(), 12)
+    return next((f.f_locals["self"] for f in itertools.islice(_callers(), depth)
                  if isinstance(f.f_locals.get("self"), Trainer)), None)
+
+
+def _hf_mlflow_callback(trainer: Any) -> Any:
+    """HF's ``MLflowCallback`` among ``trainer``'s callbacks, or ``None``."""
+    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", ())
+    return next((c for c in callbacks if type(c).__name__ == "MLflowCallback"), None)
 
 
 def _reopen_hf_mlflow_run(args: TrainingArguments, state: TrainerState, model: Any) -> None:
@@ -108,9 +117,7 @@ def _reopen_hf_mlflow_run(args: TrainingArguments, state: TrainerState, model: A
     training ends; a second ``train()`` sent HF's metrics to a run MLflow starts on the fly at HF's first log,
     without params, after the monitor had chosen a run of its own. Run its set-up again, as the first training
     did, so that HF's metrics and the energy share one run."""
-    trainer = _calling_trainer() if state.is_world_process_zero else None
-    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", ())
-    hf = next((c for c in callbacks if type(c).__name__ == "MLflowCallback"), None)
+    hf = _hf_mlflow_callback(_calling_trainer() if state.is_world_process_zero else None)
     if hf is None or not getattr(hf, "_initialized", False):
         return  # none, or its on_train_begin has just set it up
     try:
@@ -145,6 +152,8 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
     training are measured from the end of their first batch (HF has no hook before it) and
     reported per sample.
     """
+
+    steps_from_zero = False  # HF's global_step is 1 after the first step: a point at step k covers k steps
 
     def state(self) -> dict[str, Any]:
         args = {k: list(v) if isinstance(v, tuple) else v for k, v in self._init_args.items()}

@@ -985,6 +985,23 @@ def test_mlflow_run_id_in_the_environment_takes_the_energy(tmp_path, empty_store
     assert steps(client, run_id, "energy/epoch_j") == sorted(r.step for r in monitor.records if r.kind is Kind.EPOCH)
     assert client.get_run(run_id).info.status == "RUNNING"  # the scheduler's to end
 
+    # an explicit tracking_uri is the user's choice of store: the energy goes to a run of the monitor's own there,
+    # not to the scheduler's run id looked up in it (where it is not: the sending was blocked, nothing arrived)
+    mine = store(empty_store, tmp_path / "mine.db")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(mine)  # (the same store as MLflow's current one: no warning about another store)
+    try:
+        monitor = EnergyMonitor(tracking_uri=mine, output_dir=str(tmp_path / "out2"), log_artifacts=False)
+        trainer(tmp_path, [monitor], max_epochs=2).fit(ValModel())
+    finally:
+        mlflow.set_tracking_uri(None)
+    settle(mine)
+    other = MlflowClient(mine)
+    (own,) = other.search_runs([e.experiment_id for e in other.search_experiments()])
+    assert own.info.run_id != run_id and own.info.status == "FINISHED"
+    assert steps(other, own.info.run_id, "energy/epoch_j") == sorted(r.step for r in monitor.records
+                                                                     if r.kind is Kind.EPOCH)
+
 
 def test_a_file_store_refused_by_mlflow_3_says_how_to_allow_it(tmp_path, green_log, monkeypatch):
     """MLflow 3 refuses a file store (``file:./mlruns``) unless ``MLFLOW_ALLOW_FILE_STORE=true``, and says so at the

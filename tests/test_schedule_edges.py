@@ -100,31 +100,81 @@ def test_lightning_the_rate_at_the_first_validation_counts_it_once_a_cycle(tmp_p
     assert first == pytest.approx(so_far + 3.0 * (199 - 4), rel=0.05)
 
 
-def test_lightning_a_monitored_training_metric_is_checked_after_the_first_step(tmp_path, fake_nvml):
+@pytest.mark.parametrize("where", ["step", "epoch_hook"])
+@pytest.mark.parametrize("sanity", [0, 2])
+def test_lightning_a_monitored_training_metric_is_checked_once_training_logged_it(tmp_path, fake_nvml, where,
+                                                                                  sanity):
     """Lightning's ``EarlyStopping(monitor="train_loss")`` runs: the sanity check knows validation metrics only, and
-    ours raised there for a metric the training step logs. A typo of it still fails, at the first step."""
+    ours raised there for a metric the training step logs (or, without a sanity check, at the first validation,
+    which comes before Lightning reports a metric logged per epoch). A typo of it still fails, once the first
+    epoch has logged all it logs (as Lightning's own check); a validation metric's typo at the sanity check."""
     fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
     base = lightning_digits_module()
 
     class LogsTrainLoss(base):
         def training_step(self, batch, batch_idx):
             loss = super().training_step(batch, batch_idx)
-            self.log("train_loss", loss, on_step=False, on_epoch=True)  # in callback_metrics at the epoch's end only
+            if where == "step":
+                self.log("train_loss", loss, on_step=False, on_epoch=True)  # reported at the epoch's end only
             return loss
 
+        def on_train_epoch_end(self):
+            if where == "epoch_hook":  # as torchmetrics users do: computed and logged at the epoch's end
+                self.log("train_loss", 1.0 / (self.current_epoch + 1))
+
+    steps = []
+
+    class Steps(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            steps.append(trainer.global_step)
+
     def fit(monitor_name: str) -> pl.Trainer:
-        trainer = pl.Trainer(max_epochs=2, logger=False, callbacks=[
-            work_clock(fake_nvml), monitor_at(tmp_path), gl.EfficiencyEarlyStopping(monitor=monitor_name)], **TRAINER)
+        steps.clear()
+        trainer = pl.Trainer(max_epochs=3, logger=False, num_sanity_val_steps=sanity, callbacks=[
+            Steps(), work_clock(fake_nvml), monitor_at(tmp_path), gl.EfficiencyEarlyStopping(monitor=monitor_name)],
+            **TRAINER)
         trainer.fit(LogsTrainLoss(), *eight_steps_an_epoch())
         return trainer
 
-    assert fit("train_loss").current_epoch == 2
-    trainer = None
-    with pytest.raises(MonitorError, match="train_los"):
-        trainer = fit("train_losss")
-    assert trainer is None
-    with pytest.raises(MonitorError, match="val_accc"):  # a validation metric's typo: at the sanity check
-        fit("val_accc")
+    assert fit("train_loss").current_epoch == 3
+    with pytest.raises(MonitorError, match="train_losss"):
+        fit("train_losss")
+    assert len(steps) == 8  # a name training never logged: by the first epoch's end, as Lightning's EarlyStopping
+    if sanity:
+        with pytest.raises(MonitorError, match="val_accc"):  # a validation metric's typo: at the sanity check
+            fit("val_accc")
+        assert steps == []
+
+
+def test_lightning_the_rate_after_a_resume_spreads_a_validation_over_lightnings_period(tmp_path, fake_nvml):
+    """Resumed from a checkpoint before the first validation (step 7 of 8 an epoch, 1 J a step, 20 J a
+    validation): the first cycle after the resume ran from the checkpoint (1 step), and the validation spread over
+    it made the rate 21 J a step instead of 3.5 (a budget stopped early, the projection warned falsely)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    rates = []
+
+    class Rate(pl.Callback):
+        def __init__(self, monitor):
+            self.monitor = monitor
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking and self.monitor.rate_per_step() is not None:
+                rates.append(self.monitor.rate_per_step().j)
+
+    def fit(ckpt=None):
+        monitor = monitor_at(tmp_path, log_every_n_steps=2)
+        pl.Trainer(max_epochs=2, logger=False, num_sanity_val_steps=0, callbacks=[
+            work_clock(fake_nvml, val_s=0.1), monitor, Rate(monitor),
+            ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=7, save_top_k=-1)],
+            **{**TRAINER, "enable_checkpointing": True}).fit(
+            lightning_digits_module()(), *eight_steps_an_epoch(), ckpt_path=ckpt)
+
+    fit()
+    rates.clear()
+    fit(str(next((tmp_path / "ck").glob("*step=7.ckpt"))))
+    assert rates and rates[0] == pytest.approx(1.0 + 20.0 / 8, rel=0.05), rates
 
 
 @pytest.mark.parametrize("schedule", [dict(max_epochs=7, check_val_every_n_epoch=3),
@@ -168,13 +218,19 @@ def test_a_cost_budget_projects_the_first_interval_at_its_cost():
     assert decision.should_stop and "next interval ~1e-05" in decision.message
 
 
-def test_a_budget_at_the_runs_last_step_does_not_stop_it():
-    """At the run's last step a stop saves nothing: the run was tagged as stopped by the budget all the same."""
-    stopper = BudgetStopper(energy="100 J")
+@pytest.mark.parametrize("on_exceed", ["stop", "warn"])
+def test_a_budget_at_the_runs_last_step_does_not_stop_it_and_says_when_it_went_over(on_exceed, green_log):
+    """At the run's last step a stop saves nothing: the run was tagged as stopped by the budget all the same. A
+    budget the last interval went over is said (in warn mode that was all it did, and it was lost too)."""
+    stopper = BudgetStopper(energy="100 J", on_exceed=on_exceed)
     stopper.check(Progress(Totals(60.0, 0.0, None), 10, {}, False, Totals(6.0, 0.0, None), 10.0))
     last = stopper.check(Progress(Totals(95.0, 0.0, None), 20, {}, False, Totals(6.0, 0.0, None), 0.0))
-    assert not last.should_stop
-    assert stopper.check(Progress(Totals(95.0, 0.0, None), 20, {}, False, Totals(6.0, 0.0, None), 4.0)).should_stop
+    assert not last.should_stop and "over its budget" not in green_log.text
+    assert not stopper.check(Progress(Totals(105.0, 0.0, None), 21, {}, False, Totals(6.0, 0.0, None), 0.0)).should_stop
+    assert "the run ends over its budget: energy 105 J > 100 J" in green_log.text
+    expected = on_exceed == "stop"
+    assert stopper.check(Progress(Totals(95.0, 0.0, None), 20, {}, False, Totals(6.0, 0.0, None), 4.0)).should_stop \
+        is expected
 
 
 # -- Hugging Face -------------------------------------------------------------------------------------
@@ -192,6 +248,21 @@ def test_hf_a_monitor_named_as_metric_for_best_model_takes_greater_is_better(tmp
     assert {name: s.plateau.mode for name, s in stoppers.items()} == {
         "perplexity": "min", "eval_perplexity": "min", "other": "max"}
     assert all(s.monitor == "eval_perplexity" for name, s in stoppers.items() if name != "other")
+
+
+def test_hf_a_monitor_error_leaves_the_users_own_run_to_the_user(tmp_path, digits, tracking, fake_nvml):  # noqa: F811
+    """``with mlflow.start_run(): trainer.train()``: HF logs into the user's run and does not end it; a monitor error
+    must not end it either (the user's block may log more after catching it)."""
+    fake_nvml.configure(n=1)
+    monitor = gt.EnergyMonitor(gpus="all", output_dir=str(tmp_path / "out"), log_artifacts=False)
+    trainer = hf_trainer(tmp_path, digits, [monitor, gt.EfficiencyEarlyStopping(monitor="accuracyy")], epochs=2,
+                         report_to=["mlflow"])
+    with mlflow.start_run() as mine:
+        with pytest.raises(MonitorError):
+            trainer.train()
+        assert mlflow.active_run() is not None and mlflow.active_run().info.run_id == mine.info.run_id
+    _, (run,) = runs(tracking)
+    assert run.info.run_id == mine.info.run_id and run.info.status == "FINISHED"  # ended by the user's block
 
 
 def test_hf_a_monitor_error_with_report_to_mlflow_fails_hfs_run(tmp_path, digits, tracking, fake_nvml):  # noqa: F811
