@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import math
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -14,10 +10,17 @@ from transformers.trainer_callback import ExportableState
 
 from green_callbacks.distributed import RankInfo, node_name
 from green_callbacks.process import live_trackers, running_tracker
-from green_callbacks.sensors.base import log
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper
 from green_callbacks.tracker import EnergyTracker
-from green_callbacks.uris import redact, temporary_env
+from green_callbacks.transformers_trainer import (
+    calling_trainer,
+    ends_on_error,
+    in_training_loop,
+    interrupted_status,
+    load_saved_state,
+    reopen_hf_mlflow_run,
+)
+from green_callbacks.uris import redact
 
 __all__ = ["EfficiencyEarlyStopping", "EnergyBudget", "EnergyMonitor"]
 
@@ -41,103 +44,6 @@ def model_metrics(metrics: dict[str, Any] | None, prefix: str = "eval_") -> dict
 
 def _eval_name(name: str) -> str:
     return name if name.startswith("eval_") else f"eval_{name}"
-
-
-@contextlib.contextmanager
-def _ends_on_error(tracker: EnergyTracker) -> Iterator[None]:
-    """A configuration error raised from a hook ends ``train()``, and HF tells no callback of it: end the run here
-    (``FAILED``), not at the next ``train()`` or the process's exit."""
-    try:
-        yield
-    except Exception:
-        tracker.finish("FAILED")
-        _end_hf_run(getattr(tracker, "run", None), "FAILED")
-        raise
-
-
-def _end_hf_run(run: Any, status: str) -> None:
-    """HF's ``MLflowCallback`` ends the run it started at ``on_train_end``, which a ``train()`` that raised never
-    reaches, and MLflow's exit handler then marked it FINISHED. The run the energy went to, where HF started it
-    (not one this package opened, whose status the sender sets, nor the user's own) and it is still the active
-    run, ends here with ``status``; one bounded try, as the training is over."""
-    if run is None or run.owned:
-        return
-    hf = _hf_mlflow_callback(_calling_trainer(depth=40))
-    if hf is None or not getattr(hf, "_auto_end_run", False):
-        return  # not a run HF started (the user's own mlflow.start_run(): the user's to end)
-    try:
-        import mlflow
-
-        active = mlflow.active_run()
-        if active is not None and active.info.run_id == run.run_id:
-            with temporary_env({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}):
-                mlflow.end_run(status)
-    except Exception as exc:  # the server's fault: the run stays as it is
-        log.warning("green-callbacks: could not mark HF's MLflow run %s %s (%s: %s)", run.run_id, status,
-                    type(exc).__name__, exc)
-
-
-def _callers() -> Iterator[Any]:
-    """The frames calling the hook that calls this, innermost first."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        yield frame
-        frame = frame.f_back
-
-
-def _in_training_loop() -> bool:
-    """Whether HF's training loop is on the calling stack (an evaluation within ``train()``)."""
-    return any(frame.f_code.co_name == "_inner_training_loop" for frame in _callers())
-
-
-def _interrupted_status() -> str:
-    """The status of a training whose exception HF reported to no callback: ``KILLED`` for Ctrl-C (as an
-    interactive session records it), else ``FAILED``."""
-    last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
-    return "KILLED" if isinstance(last, KeyboardInterrupt) else "FAILED"
-
-
-def _calling_trainer(depth: int = 12) -> Any:
-    """The ``transformers.Trainer`` whose callback hook is running (HF hands callbacks no trainer), or ``None``."""
-    from transformers import Trainer
-
-    # the hook's callers: CallbackHandler.call_event and on_<event>, then the trainer's loop
-    return next((f.f_locals["self"] for f in itertools.islice(_callers(), depth)
-                 if isinstance(f.f_locals.get("self"), Trainer)), None)
-
-
-def _hf_mlflow_callback(trainer: Any) -> Any:
-    """HF's ``MLflowCallback`` among ``trainer``'s callbacks, or ``None``."""
-    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", ())
-    return next((c for c in callbacks if type(c).__name__ == "MLflowCallback"), None)
-
-
-def _reopen_hf_mlflow_run(args: TrainingArguments, state: TrainerState, model: Any) -> None:
-    """HF's ``MLflowCallback`` sets up its run once per Trainer (at the first ``train()``) and ends it when that
-    training ends; a second ``train()`` sent HF's metrics to a run MLflow starts on the fly at HF's first log,
-    without params, after the monitor had chosen a run of its own. Run its set-up again, as the first training
-    did, so that HF's metrics and the energy share one run."""
-    hf = _hf_mlflow_callback(_calling_trainer() if state.is_world_process_zero else None)
-    if hf is None or not getattr(hf, "_initialized", False):
-        return  # none, or its on_train_begin has just set it up
-    try:
-        if hf._ml_flow.active_run() is None:
-            hf.setup(args, state, model)
-    except Exception as exc:  # HF's own call: what it raises is HF's MLflow fault, not the training's
-        log.warning("green-callbacks: could not set up HF's MLflowCallback run again for this train() (%s: %s); "
-                    "the energy goes to a run of its own", type(exc).__name__, exc)
-
-
-def load_saved_state(callback: Any, state: TrainerState) -> dict[str, Any] | None:
-    """This callback's attributes from ``state.stateful_callbacks`` (a resumed checkpoint's).
-
-    HF re-creates stateful callbacks only with ``restore_callback_states_from_checkpoint=True``;
-    reading the attributes here restores the totals either way.
-    """
-    saved = (state.stateful_callbacks or {}).get(type(callback).__name__)
-    if isinstance(saved, list):
-        saved = saved[0] if saved else None
-    return (saved or {}).get("attributes")
 
 
 class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
@@ -171,7 +77,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
     def _end_interrupted(self) -> None:
         """The previous train() (or evaluate()) ended by an exception, of which HF tells no callback: end its run
         now (its last interval reaches until now), and let what comes next be a training of its own."""
-        self.finish(_interrupted_status())
+        self.finish(interrupted_status())
         self._training = False
         self.forget_session()
 
@@ -198,11 +104,11 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         self._epoch_pending = False
         # an eval_dataset dict is evaluated one data set at a time, each with its own on_evaluate at the same step:
         # one evaluation point takes them all, at the last one's (see on_evaluate)
-        eval_dataset = getattr(_calling_trainer(), "eval_dataset", None)
+        eval_dataset = getattr(calling_trainer(), "eval_dataset", None)
         self._eval_sets = tuple(eval_dataset) if isinstance(eval_dataset, dict) and eval_dataset else ()
         self._round: dict[str, float] = {}  # the metrics of this evaluation's data sets so far
         self._round_seen: set[str] = set()
-        _reopen_hf_mlflow_run(args, state, kwargs.get("model"))
+        reopen_hf_mlflow_run(args, state, kwargs.get("model"))
         self._start(args, state)
         self.max_steps = float(state.max_steps) if state.max_steps and state.max_steps > 0 else None
         # a stop ends the epoch, and HF evaluates at every epoch's end with eval_strategy="epoch": a stop costs one
@@ -262,7 +168,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
     def on_prediction_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                            **kwargs: Any) -> None:
         if getattr(self, "_training", False):
-            if _in_training_loop():
+            if in_training_loop():
                 if not self.evaluation_open:
                     self.begin_evaluation()
                 return
@@ -291,7 +197,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
             if these and len(self._round_seen) < len(self._eval_sets):
                 return  # more of this evaluation's data sets to come
             found, self._round, self._round_seen = self._round, {}, set()
-        with _ends_on_error(self):  # a monitored metric missing with strict=True fails this train()
+        with ends_on_error(self):  # a monitored metric missing with strict=True fails this train()
             stop = self.end_evaluation(state.global_step, found)
         if stop:
             control.should_training_stop = True
@@ -369,7 +275,7 @@ class _HfStopper(ExportableState):
 
     def _attach(self, state: TrainerState) -> None:
         tracker = running_tracker()
-        with _ends_on_error(tracker):  # a stopper that cannot act (nothing measured) fails this train()
+        with ends_on_error(tracker):  # a stopper that cannot act (nothing measured) fails this train()
             tracker.attach(self)
 
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

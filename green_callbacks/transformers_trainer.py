@@ -1,0 +1,113 @@
+"""What HF's ``Trainer`` keeps from its callbacks, read for the monitor: the trainer and its ``MLflowCallback``
+(found from the hook's callers, as HF hands callbacks neither), its run, and a checkpoint's saved state."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from transformers import TrainerState, TrainingArguments
+
+from green_callbacks.sensors.base import log
+from green_callbacks.tracker import EnergyTracker
+from green_callbacks.uris import temporary_env
+
+
+@contextlib.contextmanager
+def ends_on_error(tracker: EnergyTracker) -> Iterator[None]:
+    """A configuration error raised from a hook ends ``train()``, and HF tells no callback of it: end the run here
+    (``FAILED``), not at the next ``train()`` or the process's exit."""
+    try:
+        yield
+    except Exception:
+        tracker.finish("FAILED")
+        end_hf_run(getattr(tracker, "run", None), "FAILED")
+        raise
+
+
+def end_hf_run(run: Any, status: str) -> None:
+    """HF's ``MLflowCallback`` ends the run it started at ``on_train_end``, which a ``train()`` that raised never
+    reaches, and MLflow's exit handler then marked it FINISHED. The run the energy went to, where HF started it
+    (not one this package opened, whose status the sender sets, nor the user's own) and it is still the active
+    run, ends here with ``status``; one bounded try, as the training is over."""
+    if run is None or run.owned:
+        return
+    hf = hf_mlflow_callback(calling_trainer(depth=40))
+    if hf is None or not getattr(hf, "_auto_end_run", False):
+        return  # not a run HF started (the user's own mlflow.start_run(): the user's to end)
+    try:
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run.run_id:
+            with temporary_env({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}):
+                mlflow.end_run(status)
+    except Exception as exc:  # the server's fault: the run stays as it is
+        log.warning("green-callbacks: could not mark HF's MLflow run %s %s (%s: %s)", run.run_id, status,
+                    type(exc).__name__, exc)
+
+
+def callers() -> Iterator[Any]:
+    """The frames calling the hook that calls this, innermost first."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def in_training_loop() -> bool:
+    """Whether HF's training loop is on the calling stack (an evaluation within ``train()``)."""
+    return any(frame.f_code.co_name == "_inner_training_loop" for frame in callers())
+
+
+def interrupted_status() -> str:
+    """The status of a training whose exception HF reported to no callback: ``KILLED`` for Ctrl-C (as an
+    interactive session records it), else ``FAILED``."""
+    last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    return "KILLED" if isinstance(last, KeyboardInterrupt) else "FAILED"
+
+
+def calling_trainer(depth: int = 12) -> Any:
+    """The ``transformers.Trainer`` whose callback hook is running (HF hands callbacks no trainer), or ``None``."""
+    from transformers import Trainer
+
+    # the hook's callers: CallbackHandler.call_event and on_<event>, then the trainer's loop
+    return next((f.f_locals["self"] for f in itertools.islice(callers(), depth)
+                 if isinstance(f.f_locals.get("self"), Trainer)), None)
+
+
+def hf_mlflow_callback(trainer: Any) -> Any:
+    """HF's ``MLflowCallback`` among ``trainer``'s callbacks, or ``None``."""
+    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", ())
+    return next((c for c in callbacks if type(c).__name__ == "MLflowCallback"), None)
+
+
+def reopen_hf_mlflow_run(args: TrainingArguments, state: TrainerState, model: Any) -> None:
+    """HF's ``MLflowCallback`` sets up its run once per Trainer (at the first ``train()``) and ends it when that
+    training ends; a second ``train()`` sent HF's metrics to a run MLflow starts on the fly at HF's first log,
+    without params, after the monitor had chosen a run of its own. Run its set-up again, as the first training
+    did, so that HF's metrics and the energy share one run."""
+    hf = hf_mlflow_callback(calling_trainer() if state.is_world_process_zero else None)
+    if hf is None or not getattr(hf, "_initialized", False):
+        return  # none, or its on_train_begin has just set it up
+    try:
+        if hf._ml_flow.active_run() is None:
+            hf.setup(args, state, model)
+    except Exception as exc:  # HF's own call: what it raises is HF's MLflow fault, not the training's
+        log.warning("green-callbacks: could not set up HF's MLflowCallback run again for this train() (%s: %s); "
+                    "the energy goes to a run of its own", type(exc).__name__, exc)
+
+
+def load_saved_state(callback: Any, state: TrainerState) -> dict[str, Any] | None:
+    """This callback's attributes from ``state.stateful_callbacks`` (a resumed checkpoint's).
+
+    HF re-creates stateful callbacks only with ``restore_callback_states_from_checkpoint=True``;
+    reading the attributes here restores the totals either way.
+    """
+    saved = (state.stateful_callbacks or {}).get(type(callback).__name__)
+    if isinstance(saved, list):
+        saved = saved[0] if saved else None
+    return (saved or {}).get("attributes")
