@@ -299,6 +299,30 @@ def prechelt(alpha: float, strip: int | None = None) -> Replay:
     return rule
 
 
+
+def no_worse_than_val_loss(loss_gain: str) -> Replay:
+    """A combination that keeps what ``EarlyStopping(val_loss)`` keeps: stop where it stops (val_loss no
+    better for 3 evaluations), or earlier where the default criterion finds val_acc flat *and* the same
+    criterion at ``loss_gain`` finds val_loss flat (both per doubling of energy)."""
+    def rule(run: Evaluations) -> int:
+        acc = EfficiencyPlateau("acc", "max", DEFAULT_GAIN, 3)
+        loss = EfficiencyPlateau("loss", "min", loss_gain, 3)
+        best, wait = math.inf, 0
+        for i, (a, v, j) in enumerate(zip(run.acc, run.loss, run.true_j, strict=True)):
+            flat = acc.update(a, j, run.true_j[-1]).should_stop
+            flat = loss.update(v, j, run.true_j[-1]).should_stop and flat
+            best, wait = (v, 0) if v < best else (best, wait + 1)
+            if flat or wait >= 3:
+                return i
+        return len(run.acc) - 1
+    return rule
+
+
+def first_at_final(run: Evaluations) -> int:
+    """Not a rule (it knows the end): the first evaluation at or above the fixed run's final accuracy."""
+    return next(i for i, a in enumerate(run.acc) if a >= run.acc[-1])
+
+
 REPLAYS: dict[str, Replay] = {
     f"EfficiencyPlateau default: {DEFAULT_GAIN}, patience 3 (val_acc)": plateau(),
     "0.5% per doubling (the default before 2026-12-04)": plateau("0.5% per doubling"),
@@ -331,6 +355,10 @@ REPLAYS: dict[str, Replay] = {
     "marginal / average efficiency < 0.25": elasticity(0.25),
     "Prechelt GL5 (val_loss 5 % above its best)": prechelt(5.0),
     "Prechelt PQ0.5 (GL / training progress, strips of 5)": prechelt(0.5, strip=5),
+    "EarlyStopping(val_loss)'s stop, or earlier where val_acc is flat (default) and val_loss too (2% per "
+    "doubling)": no_worse_than_val_loss("2% per doubling"),
+    "the same, val_loss flat at 8% per doubling": no_worse_than_val_loss("8% per doubling"),
+    "reference, not a rule (knows the end): the first evaluation at the final accuracy": first_at_final,
 }
 
 

@@ -14,6 +14,7 @@ from green_callbacks.lightning_trainer import (
     TRAINING_NAME,
     Schedule,
     ends_epoch,
+    epoch_ends_before_run,
     fresh_metrics,
     max_steps,
     sanity_metric_names,
@@ -241,6 +242,11 @@ class EnergyMonitor(EnergyTracker, Callback):
                         stopper.require_metric(names)
                 self._unverified = (names, later) if later else None
         elif self.started:
+            if self._unverified_late is not None and not epoch_ends_before_run(trainer):
+                # a training metric not logged by the first batch, in a run whose epoch does not end before the
+                # run does (an endless stream, max_steps within the epoch): nothing logged later can bring it
+                self._unverified, self._unverified_late = self._unverified_late, None
+                self._verify_training_metrics(trainer, last=True)
             metrics = fresh_metrics(trainer, self._metrics_before)
             self._metrics_before = dict(trainer.callback_metrics)
             if self.end_evaluation(step_of(trainer), metrics, ends_epoch(trainer)):

@@ -68,6 +68,23 @@ def ends_epoch(trainer: pl.Trainer) -> bool:
     return bool(getattr(progress, "is_last_batch", False)) and trainer.state.fn == "fit"
 
 
+def epoch_ends_before_run(trainer: pl.Trainer) -> bool:
+    """Whether the training epoch under way ends before the run does: not with an endless stream (an epoch of
+    unknown length) nor where ``max_steps`` comes first, as in a step-based run of one long epoch, so that what
+    is logged at an epoch's end never arrives while training goes on."""
+    try:
+        batches = float(trainer.num_training_batches)
+        if batches == float("inf"):
+            return False
+        if trainer.max_steps < 0:
+            return True
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        left = math.ceil(max(batches - progress, 0) / max(int(trainer.accumulate_grad_batches), 1))
+        return trainer.global_step + left < trainer.max_steps
+    except Exception:  # another Lightning: as if it did, the lenient side
+        return True
+
+
 def max_steps(trainer: pl.Trainer) -> float | None:
     """The last step of the run on :func:`step_of`'s axis (``max_steps``, or ``max_epochs`` x batches, less one);
     inf when unbounded."""

@@ -146,6 +146,48 @@ def test_lightning_a_monitored_training_metric_is_checked_once_training_logged_i
         assert steps == []
 
 
+
+@pytest.mark.parametrize("data", ["endless", "max_steps_in_one_epoch"])
+def test_lightning_a_training_metrics_typo_fails_at_the_first_validation_of_a_step_based_run(tmp_path, fake_nvml,
+                                                                                           data):
+    """A step-based run (an endless stream, or ``max_steps`` within one long epoch) has no second epoch start, where
+    a training metric missing after the first batch was checked: the typo warned once and the stop did nothing for
+    the whole run. Nothing logged at an epoch's end can arrive before such a run ends: it fails at the first
+    validation, as Lightning's ``EarlyStopping`` does; the right name still works."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    base = lightning_digits_module()
+
+    class LogsTrainLoss(base):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss)
+            return loss
+
+    steps = []
+
+    class Steps(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            steps.append(trainer.global_step)
+
+    (xt, yt), _ = digits_tensors()
+    train = DataLoader(Endless(), batch_size=None) if data == "endless" else DataLoader(
+        TensorDataset(xt, yt), batch_size=4)  # over 300 batches: max_steps=60 ends inside the first epoch
+    _, val = eight_steps_an_epoch()
+
+    def fit(monitor_name: str) -> pl.Trainer:
+        steps.clear()
+        trainer = pl.Trainer(max_steps=60, val_check_interval=10, check_val_every_n_epoch=None, logger=False,
+                             callbacks=[Steps(), work_clock(fake_nvml), monitor_at(tmp_path),
+                                        gl.EfficiencyEarlyStopping(monitor=monitor_name, patience=100)], **TRAINER)
+        trainer.fit(LogsTrainLoss(), train, val)
+        return trainer
+
+    assert fit("train_loss").global_step == 60
+    with pytest.raises(MonitorError, match="train_los"):
+        fit("train_los")
+    assert len(steps) == 10  # the first validation's
+
+
 def test_lightning_the_rate_after_a_resume_spreads_a_validation_over_lightnings_period(tmp_path, fake_nvml):
     """Resumed from a checkpoint before the first validation (step 7 of 8 an epoch, 1 J a step, 20 J a
     validation): the first cycle after the resume ran from the checkpoint (1 step), and the validation spread over
