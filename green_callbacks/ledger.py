@@ -13,7 +13,7 @@ from green_callbacks.accounting import Accountant
 from green_callbacks.meter import Measurement
 from green_callbacks.policies import Decision, Progress, Totals
 from green_callbacks.records import IntervalRecord, Kind, Merged
-from green_callbacks.stretches import Recent, Since, combined
+from green_callbacks.stretches import RATE_WINDOW, Recent, Since, combined
 
 
 class RunLedger:
@@ -52,6 +52,7 @@ class RunLedger:
         self._trial_j = 0.0  # an evaluation before training in the open interval (Lightning's sanity check)
         self._eval_steps: list[int] = []  # the last two evaluations' steps (this fit's axis)
         self._last_eval_j = 0.0
+        self._eval_costs: list[float] = []  # the recent evaluations' joules
         self._last_point_step = 0
         self._previous_point_step = 0
         self._last_point_j = 0.0
@@ -88,8 +89,9 @@ class RunLedger:
         end_rel = interval.end_s - t0
         records = []
         if kind is Kind.EVALUATION:
-            self._eval_steps = [*self._eval_steps[-1:], step]
+            self._eval_steps = [*self._eval_steps[-RATE_WINDOW:], step]
             self._last_eval_j = eval_j
+            self._eval_costs = [*self._eval_costs[-(RATE_WINDOW - 1):], eval_j]
             if self._cycle[0] > 0:  # an evaluation cycle, its evaluation included, for the rate
                 self._cycles.add(*self._cycle)
                 self._cycle = (0, 0.0)
@@ -170,25 +172,23 @@ class RunLedger:
         return Totals(self.cumulative_j, self.cumulative_g, self.cumulative_cost)
 
     def rate_per_step(self) -> Totals | None:
-        """The median cost per training step of the recent evaluation cycles (each from one evaluation to the
-        next, that evaluation included). Before the second evaluation: the recent intervals' training per step
-        (the first interval, with its warm-up and data loading, only while it is the only one), plus, once an
-        evaluation was measured, its cost spread over the steps that led to it. By cycles, the rate is the same
-        whatever the logging cadence: logging points every few steps leave the evaluations out of most
-        intervals, and a median of intervals then left them out of the rate, or, with one interval holding
-        the evaluation, counted it once per interval."""
-        cycles = self._cycles.settled()
-        if cycles:
-            j = statistics.median(joules / steps for steps, joules in cycles)
-        else:
-            intervals = self._recent.settled() or self._recent.items
-            if not intervals:
-                return None
-            j = statistics.median(joules / steps for steps, joules in intervals)
-            if self._last_eval_j > 0:  # the first evaluation, or the estimate of one, spread over a cycle
-                period = self.evaluation_period() or self._period_seen()
-                if period:
-                    j += self._last_eval_j / period
+        """What a training step costs, its share of the evaluations included: the median training cost per step
+        of the recent intervals (the first, with its warm-up and data loading, only while it is the only one),
+        plus the median of the recent evaluations' costs (before the first, its estimate) spread over the steps
+        from one evaluation to the next (the framework's schedule where it says, else the recent evaluations'
+        spacing). Training and evaluations apart, the rate is the same whatever the logging cadence (points every
+        few steps leave the evaluations out of most intervals) and whatever the evaluations' spacing: with
+        validations 4 and 23 steps apart, a median of the cycles between them took one or the other (3.5 J or
+        1.4 J a step for a true 1.7)."""
+        intervals = self._recent.settled() or self._recent.items
+        if not intervals:
+            return None
+        j = statistics.median(joules / steps for steps, joules in intervals)
+        eval_j = statistics.median(self._eval_costs) if self._eval_costs else self._last_eval_j
+        if eval_j > 0:
+            period = self.evaluation_period() or self._period_seen()
+            if period:
+                j += eval_j / period
         g_per_j = self.cumulative_g / self.cumulative_j if self.cumulative_j > 0 else 0.0
         cost = None if self.cumulative_cost is None else (
             j * self.cumulative_cost / self.cumulative_j if self.cumulative_j > 0 else 0.0)
@@ -216,11 +216,11 @@ class RunLedger:
                       None if self.cumulative_cost is None else self.cumulative_cost * share)
 
     def _period_seen(self) -> float | None:
-        """The steps between the last two evaluations, else the first cycle's (a cycle after a resume starts at
-        the checkpoint, not at an evaluation: it is too short)."""
+        """The recent evaluations' mean spacing in steps, else, after the first, the first cycle's steps (a cycle
+        after a resume starts at the checkpoint, not at an evaluation: too short to tell)."""
         steps = self._eval_steps
-        if len(steps) > 1 and steps[-1] > steps[-2]:
-            return float(steps[-1] - steps[-2])
+        if len(steps) > 1 and steps[-1] > steps[0]:
+            return (steps[-1] - steps[0]) / (len(steps) - 1)
         return float(self._cycles.items[-1][0]) if self._cycles.items and not self._resumed_cycle else None
 
     def evaluation_period(self) -> float | None:
@@ -285,7 +285,8 @@ class RunLedger:
         evaluations = [r for r in self.records if r.kind is Kind.EVALUATION]  # (an epoch's record repeats its eval_j)
         self._evaluations_j = float(state.get("evaluations_j", sum(r.eval_j for r in evaluations)))
         self._last_eval_j = float(state.get("last_eval_j", evaluations[-1].eval_j if evaluations else 0.0))
-        self._eval_steps = [r.step - self.step_offset for r in self.records if r.kind is Kind.EVALUATION][-2:]
+        self._eval_steps = [r.step - self.step_offset for r in evaluations][-(RATE_WINDOW + 1):]
+        self._eval_costs = [r.eval_j for r in evaluations][-RATE_WINDOW:]
         if self.records:
             self._at_start = False
             self._last_point_step = self.records[-1].step - self.step_offset

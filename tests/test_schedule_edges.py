@@ -188,6 +188,30 @@ def test_lightning_a_training_metrics_typo_fails_at_the_first_validation_of_a_st
     assert len(steps) == 10  # the first validation's
 
 
+
+def test_lightning_the_projection_holds_with_validations_unevenly_spaced(tmp_path, fake_nvml):
+    """9 batches an epoch, ``val_check_interval=4``, ``check_val_every_n_epoch=3``: validations 4 and 23 steps
+    apart, 1 J a step, 10 J a validation. The rate was the median of the cycles between validations, one or the
+    other (3.5 or 1.4 J a step for a true 1.7): ``projection/energy_j`` swung from -5 % to +92 % of the run's
+    real total. Training and validations apart, every projection is within a few per cent of it."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    (xt, yt), (xv, yv) = digits_tensors()
+    pl.Trainer(max_epochs=20, val_check_interval=4, check_val_every_n_epoch=3, limit_train_batches=9,
+               num_sanity_val_steps=0, logger=MLFlowLogger(experiment_name="uneven", tracking_uri=uri),
+               callbacks=[work_clock(fake_nvml, val_s=0.05), monitor_at(tmp_path, mlflow=True, log_every_n_steps=1000),
+                          gl.EnergyBudget(energy="1 kJ")], **TRAINER).fit(
+        lightning_digits_module()(), DataLoader(TensorDataset(xt[:256], yt[:256]), batch_size=16),
+        DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=64))
+    client, (run,) = runs(uri, "uneven")
+    (_, total), = history(client, run.info.run_id, "energy/total_j")
+    assert total == pytest.approx(180 + 10 * 12, abs=0.01)  # 20 epochs of 9 steps; 2 validations every 3rd epoch
+    projected = history(client, run.info.run_id, "projection/energy_j")
+    assert len(projected) >= 12
+    worst = max(abs(value / total - 1) for step, value in projected if step > 25)  # from the second validation on
+    assert worst < 0.06, projected
+
+
 def test_lightning_the_rate_after_a_resume_spreads_a_validation_over_lightnings_period(tmp_path, fake_nvml):
     """Resumed from a checkpoint before the first validation (step 7 of 8 an epoch, 1 J a step, 20 J a
     validation): the first cycle after the resume ran from the checkpoint (1 step), and the validation spread over
