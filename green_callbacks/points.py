@@ -37,6 +37,7 @@ class PointHost:
     log_every_s: float
     last_window: Measurement | None
     _every: int | None
+    steps_from_zero: bool
     _calibration: tuple[int, float] | None
     _last_step_seen: int
     _due: int | None = None  # a logging point due at this step, not yet taken (set per run by start)
@@ -61,11 +62,13 @@ class PointHost:
         if step == self._last_step_seen:  # another micro-batch of the same optimizer step
             return None
         self._last_step_seen = step
+        # every N steps counted: after step N-1, 2N-1... on a 0-based axis (Lightning logs there), N, 2N... on HF's
+        counted = step + self.steps_from_zero
         if self._every is None:
             self._calibrate(step)
-        elif step % self._every == 0:
+        elif counted % self._every == 0:
             self._due = step
-        if self.step_periods and any(step % n == 0 for n in self.step_periods):
+        if self.step_periods and any(counted % n == 0 for n in self.step_periods):
             return self._check_between_points(step)
         return None
 

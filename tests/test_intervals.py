@@ -630,8 +630,8 @@ def test_lightning_energy_is_logged_at_the_loggers_step_however_the_optimizers_s
     assert vals == ([7, 15] if two else [1, 2, 4, 5])
     for key in [*EVAL_CONTRACT, "efficiency/val_acc_per_kj"]:
         assert steps(client, rid, key) == vals, key
-    if two:  # a point every 4 of the logger's steps between the evaluations
-        assert steps(client, rid, "energy/cumulative_j") == [0, 4, 7, 8, 12, 15]
+    if two:  # a point every 4 of the logger's steps, after the 4th, 8th... (as Lightning logs): with the epochs
+        assert steps(client, rid, "energy/cumulative_j") == [3, 7, 11, 15]
 
 
 def test_lightning_points_between_evaluations_never_cut_an_accumulation(tmp_path, fake_nvml):

@@ -187,11 +187,12 @@ def test_step_axis_points_and_samples_per_joule(tmp_path, uri, gpu):
                 tracker.report({"val_acc": acc})
     client, (run,) = runs(uri, "my-run")
     rid = run.info.run_id
-    assert [s for s, _ in history(client, rid, "energy/cumulative_j")] == [0, 3, 6, 7, 9, 12, 15]
+    # every 3 steps counted (after steps 2, 5, 8...: the 3rd, 6th, 9th), and at the epochs' ends 7 and 15
+    assert [s for s, _ in history(client, rid, "energy/cumulative_j")] == [2, 5, 7, 8, 11, 14, 15]
     assert [s for s, _ in history(client, rid, "energy/eval_j")] == [7, 15]
     # each interval: the samples of its steps over its training joules (1 J a step; evaluations excluded)
     logged = history(client, rid, "throughput/samples_per_j")
-    edges = [-1, 0, 3, 6, 7, 9, 12, 15]
+    edges = [-1, 2, 5, 7, 8, 11, 14, 15]
     expected = [(b, sum(sizes[s] for s in range(a + 1, b + 1)) / ((b - a) * STEP_J))
                 for a, b in itertools.pairwise(edges)]
     assert logged == [(s, pytest.approx(v)) for s, v in expected]
