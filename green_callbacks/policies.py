@@ -330,6 +330,7 @@ class Budget:
         self.recent: list[Totals] = []
         self.last_check: Totals = Totals()  # the training (evaluations left out) up to the last check
         self.last_step: int | None = None
+        self.gap = 1  # steps between the last two checks at different steps
 
     def _limits(self) -> list[tuple[StopReason, str, float, Any]]:
         out = []
@@ -355,7 +356,9 @@ class Budget:
         interval = training - (Totals(last.j, last.g, 0.0) if last.cost is None else last)
         self.last_check = training
         step = progress.step if progress is not None else None
-        gap = step - self.last_step if step is not None and self.last_step is not None else 1
+        if step is not None and self.last_step is not None and step > self.last_step:
+            self.gap = step - self.last_step  # checks at one step (a step check, then its evaluation's) keep it
+        gap = self.gap
         self.last_step = step
         if interval.j > 0:
             self.recent = [*self.recent[-2:], interval]
@@ -389,9 +392,10 @@ class Budget:
 
     def state_dict(self) -> dict[str, Any]:
         return {"recent": [vars(t) for t in self.recent], "last_check": vars(self.last_check),
-                "last_step": self.last_step}
+                "last_step": self.last_step, "gap": self.gap}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.recent = [Totals(**t) for t in state["recent"]]
         self.last_check = Totals(**state["last_check"])
         self.last_step = state.get("last_step")
+        self.gap = int(state.get("gap", 1))

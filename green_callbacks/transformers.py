@@ -10,6 +10,7 @@ from transformers.trainer_callback import ExportableState
 
 from green_callbacks.distributed import RankInfo, node_name
 from green_callbacks.process import live_trackers, running_tracker
+from green_callbacks.records import Kind
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper
 from green_callbacks.tracker import EnergyTracker
 from green_callbacks.transformers_trainer import (
@@ -60,6 +61,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
     """
 
     steps_from_zero = False  # HF's global_step is 1 after the first step: a point at step k covers k steps
+    _evaluates_now = False  # HF evaluates at the step under way (on_step_end): a stop set there does not skip it
 
     def state(self) -> dict[str, Any]:
         args = {k: list(v) if isinstance(v, tuple) else v for k, v in self._init_args.items()}
@@ -150,12 +152,21 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
-        if self.on_step(state.global_step):
-            control.should_training_stop = True
+        self._evaluates_now = bool(control.should_evaluate)
+        try:
+            if self.on_step(state.global_step):
+                control.should_training_stop = True
+        finally:
+            self._evaluates_now = False
         if control.should_evaluate:  # set by HF's DefaultFlowCallback, which runs before user callbacks
             self.begin_evaluation()
         elif control.should_save and self.before_checkpoint():  # saved next: a point first, so its state holds it
             control.should_training_stop = True
+
+    def stop_validates(self, kind: Kind | None) -> bool:
+        """HF runs a step's evaluation before it looks at ``should_training_stop``: a stop set at a step check where
+        an evaluation is due still costs that evaluation (a 1900 J budget checked every 20 steps ended at 1967 J)."""
+        return super().stop_validates(kind) or (self._evaluates_now and kind not in (Kind.EVALUATION, Kind.EPOCH))
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:

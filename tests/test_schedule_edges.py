@@ -25,7 +25,7 @@ from green_callbacks.lightning_trainer import Schedule, step_of
 from green_callbacks.policies import Budget, MonitorError, Progress, Totals
 from green_callbacks.stopping import BudgetStopper
 
-from helpers import digits_tensors, history, lightning_digits_module, runs, work_clock
+from helpers import digits_tensors, hf_accuracy, hf_digits_model, history, lightning_digits_module, runs, work_clock
 
 TRAINER = dict(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
 
@@ -344,3 +344,33 @@ def test_hf_a_monitor_error_with_report_to_mlflow_fails_hfs_run(tmp_path, digits
     client, (run,) = runs(tracking)
     assert run.info.status == "FAILED"
     assert history(client, run.info.run_id, "energy/cumulative_j")  # the energy went there
+
+
+@pytest.mark.parametrize("budget", [120.0, 150.0, 200.0])
+def test_hf_a_budget_checked_at_an_evaluations_step_pays_for_that_evaluation(tmp_path, digits, fake_nvml,  # noqa: F811
+                                                                             budget):
+    """``eval_steps=8``, ``check_every_n_steps=8``: HF runs the evaluation of the step under way before it looks at
+    ``should_training_stop``, so a stop set at that step's check still pays for it, and the evaluation's check at
+    the same step came 0 steps after the step check, so it reserved no evaluation before the next check either (a
+    1900 J budget ended at 1967 J). 1 J a step, 10 J an evaluation, on a work clock: every budget holds."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+
+    class Work(TrainerCallback):  # before the monitor: a step's work is done when its hooks run
+        def on_step_end(self, args, state, control, **kwargs):
+            fake_nvml.advance(0.01)
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            fake_nvml.advance(0.025)  # 4 batches of 32: 10 J an evaluation
+
+    monitor = gt.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False,
+                               output_dir=str(tmp_path / "out"))
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=160, per_device_train_batch_size=32,
+                             per_device_eval_batch_size=32, eval_strategy="steps", eval_steps=8, logging_steps=8,
+                             save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+    Trainer(model=hf_digits_model(), args=args, train_dataset=digits[0], eval_dataset=digits[1],
+            compute_metrics=hf_accuracy,
+            callbacks=[Work(), monitor, gt.EnergyBudget(energy=budget, check_every_n_steps=8)]).train()
+    assert monitor.stop_decision is not None and monitor.stop_decision.reason.value == "energy_budget"
+    assert budget - 20.0 <= monitor.cumulative_j <= budget, monitor.stop_decision.message
