@@ -7,7 +7,7 @@ from typing import Any
 
 from green_callbacks.distributed import RankInfo, gather
 from green_callbacks.meter import EnergyMeter
-from green_callbacks.policies import Decision, Progress, Totals
+from green_callbacks.policies import Decision, Progress, StopReason, Totals
 from green_callbacks.process import never_raises
 from green_callbacks.records import IntervalRecord, Kind, merge_ranks, window_payload
 from green_callbacks.sensors.base import log
@@ -124,9 +124,16 @@ class StopperHost:
         return self._agree(local, progress, True)
 
     def _agree(self, local: Decision | None, progress: Progress, collective: bool) -> Decision | None:
-        if not (any(gather(local is not None)) if collective else local is not None):
+        """The decision every rank shares (one all-gather where ``collective``): the lowest deciding rank's, with its
+        reason and message on every rank, so rank 0's run says why whichever rank decided."""
+        mine = None if local is None else (local.reason.value if local.reason else None, local.message)
+        decided = [(rank, d) for rank, d in enumerate(gather(mine) if collective else [mine]) if d is not None]
+        if not decided:
             return None
-        decision = local or Decision(True, None, "another rank decided to stop")
+        rank, (reason, message) = decided[0]
+        if rank != self.rank.rank and collective:
+            message = f"{message} (decided on rank {rank})"
+        decision = Decision(True, StopReason(reason) if reason else None, message)
         self.stop_decision = decision
         log.warning("green-callbacks: stopping: %s", decision.message)
         if self.rank.is_zero and self.sink is not None:
