@@ -273,6 +273,8 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
                     if self.epoch_open:
                         self._point(Kind.EPOCH, self._last_step_seen_or_point(), collective=False)
                     self._point(Kind.END, self._last_step_seen_or_point(), collective=False)
+                    self._log(total_metrics(self.cumulative_j, self.cumulative_g, self.cumulative_cost,
+                                            time.monotonic() - self._t_start), self._last_step_seen_or_point())
                     report = self.rank.is_zero
                 trace = self.meter.trace_frame()
                 self.meter.close()

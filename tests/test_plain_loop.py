@@ -152,6 +152,7 @@ def test_an_exception_in_the_block_propagates_and_ends_the_run(tmp_path, uri, gp
     # the finished epoch, then the partial one (3 steps) booked as the run ends
     assert history(client, run.info.run_id, "energy/epoch_j") == [(0, pytest.approx(8.0)),
                                                                    (1, pytest.approx(3.0, abs=0.01))]
+    assert history(client, run.info.run_id, "energy/total_j") == [(1, pytest.approx(11.0, abs=0.01))]
     assert not tracker.started
 
 
