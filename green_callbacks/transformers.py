@@ -15,11 +15,13 @@ from green_callbacks.stopping import BudgetStopper, EfficiencyStopper
 from green_callbacks.tracker import EnergyTracker
 from green_callbacks.transformers_trainer import (
     calling_trainer,
+    end_hf_run,
     ends_on_error,
     in_training_loop,
     interrupted_status,
     load_saved_state,
     reopen_hf_mlflow_run,
+    resume_hf_run,
 )
 from green_callbacks.uris import redact
 
@@ -61,6 +63,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
     """
 
     steps_from_zero = False  # HF's global_step is 1 after the first step: a point at step k covers k steps
+    _resumed_hf_run = False  # HF's training run made active again for an evaluate()/predict(): see resume_hf_run
     _evaluates_now = False  # HF evaluates at the step under way (on_step_end): a stop set there does not skip it
 
     def state(self) -> dict[str, Any]:
@@ -186,6 +189,8 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
             self._end_interrupted()  # an evaluate()/predict() after a train() that raised
         # evaluate() and predict() share this loop; which one it was is known only at its end. So is the run: HF's
         # MLflowCallback opens its run while evaluate() logs, after the batches (an evaluate() before train())
+        if not self.started:
+            self._resumed_hf_run = resume_hf_run(self.run, state)
         self._start(args, state, open_sink=False)
         if not self.stage_open("inference"):
             self._steps = [0, 0]  # [steps seen, steps measured]
@@ -233,7 +238,10 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         self.end_stage("inference", samples=round(share), label=label)
         # evaluate()/predict() returns to the user, who expects the numbers in MLflow now and the run ended as
         # before (as Lightning's teardown ends each stage): the sink closes, its sender stops; a later call reopens
+        resumed, self._resumed_hf_run = self._resumed_hf_run, False
         self.finish("FINISHED")
+        if resumed:  # HF's training run, made active again for this call: ended again, as HF ended it
+            end_hf_run(self.run, "FINISHED")
 
     def _close_epoch(self, state: TrainerState, control: TrainerControl) -> None:
         self._epoch_pending = False

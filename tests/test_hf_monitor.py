@@ -137,3 +137,21 @@ def test_evaluate_and_predict_report_joules_per_sample(tmp_path, digits, trackin
     # each call ends as train() did: the run FINISHED again (not left RUNNING), no sender left, no spool
     assert client.get_run(run_id).info.status == "FINISHED"
     assert not monitor.started and list((tmp_path / "out").glob("spool-*")) == []
+
+
+def test_an_evaluate_after_train_goes_into_the_trainings_run(tmp_path, digits, tracking):
+    """HF's ``MLflowCallback`` ends its run with the training and then logs an ``evaluate()``'s metrics with MLflow's
+    fluent API, which started a run on the fly (no params, left RUNNING) while the energy went to the training's
+    run. Both go to the training's run, FINISHED again afterwards; a ``predict()`` too."""
+    monitor = EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False)
+    t = hf_trainer(tmp_path, digits, [monitor], epochs=1, report_to=["mlflow"])
+    t.train()
+    t.evaluate()
+    t.predict(digits[1])
+    client, found = runs(tracking)
+    assert len(found) == 1, [(r.info.run_id, r.info.status, sorted(r.data.metrics)) for r in found]
+    (run,) = found
+    rid = run.info.run_id
+    assert [s for s, _ in history(client, rid, "eval_accuracy")] == [16, 16]  # the training's and the evaluate()'s
+    assert history(client, rid, "energy/evaluate_j") and history(client, rid, "energy/predict_j")
+    assert run.info.status == "FINISHED" and mlflow.active_run() is None
