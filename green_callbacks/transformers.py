@@ -17,6 +17,7 @@ from green_callbacks.transformers_trainer import (
     calling_trainer,
     end_hf_run,
     ends_on_error,
+    hf_mlflow_callback,
     in_training_loop,
     interrupted_status,
     load_saved_state,
@@ -63,6 +64,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
     """
 
     steps_from_zero = False  # HF's global_step is 1 after the first step: a point at step k covers k steps
+    _hf_callback: Any = None  # HF's MLflowCallback of the training under way
     _resumed_hf_run = False  # HF's training run made active again for an evaluate()/predict(): see resume_hf_run
     _evaluates_now = False  # HF evaluates at the step under way (on_step_end): a stop set there does not skip it
 
@@ -86,8 +88,17 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         self._training = False
         self.forget_session()
 
+    def finish(self, status: str = "FINISHED") -> None:
+        """The end; a training that was interrupted (an exception, Ctrl-C, SIGTERM) also ends the run HF started
+        with its status: HF ends it only at ``on_train_end``, and MLflow's exit handler marked it FINISHED."""
+        started = self.started
+        super().finish(status)
+        if started and status != "FINISHED":
+            end_hf_run(self.run, status, self._hf_callback)
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
+        self._hf_callback = hf_mlflow_callback(calling_trainer())  # (for the exit, where no trainer calls)
         retry = (args.auto_find_batch_size and getattr(self, "_training", False) and self.started
                  and 0 < (state.train_batch_size or 0) < getattr(self, "_batch_size", 0))
         if retry:  # HF's auto_find_batch_size starts the training again, smaller, after an out-of-memory error

@@ -101,10 +101,12 @@ def test_nvml_fault_mid_training_hf(tmp_path, fake_nvml, green_log):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("framework", ["lightning", "hf"])
+@pytest.mark.parametrize("framework", ["lightning", "hf", "hf-mlflow"])
 @pytest.mark.parametrize(("fault", "status"), [("sigterm", "KILLED"), ("keyboard", "KILLED"),
                                                ("exception", "FAILED")])
 def test_interrupted_mid_epoch_keeps_the_partial_epoch_and_summary(tmp_path, framework, fault, status):
+    """hf-mlflow: the run HF's ``MLflowCallback`` opened, which a train() that raised never ends: MLflow's exit
+    handler marked it FINISHED while the monitor said killed or failed."""
     uri = f"sqlite:///{tmp_path}/m.db"
     proc = subprocess.run([sys.executable, str(SCRIPTS / "interrupted.py"), framework, fault, uri, str(tmp_path)],
                           env=fake_nvml_env("{}"), capture_output=True, text=True, timeout=300)

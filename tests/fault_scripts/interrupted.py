@@ -1,4 +1,6 @@
-"""Training interrupted mid-epoch 1: python interrupted.py lightning|hf sigterm|keyboard|exception URI OUT."""
+"""Training interrupted mid-epoch 1: python interrupted.py lightning|hf|hf-mlflow sigterm|keyboard|exception URI OUT.
+
+hf-mlflow: HF's ``MLflowCallback`` (``report_to=["mlflow"]``) opens the run, the monitor logs into it."""
 
 import os
 import signal
@@ -44,7 +46,11 @@ else:
                 strike()
 
     (xt, yt), _ = digits_tensors()
+    hf_run = framework == "hf-mlflow"
+    if hf_run:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
     args = TrainingArguments(output_dir=out, num_train_epochs=3, per_device_train_batch_size=32, save_strategy="no",
-                             report_to="none", use_cpu=True, disable_tqdm=True)
+                             report_to=["mlflow"] if hf_run else "none", use_cpu=True, disable_tqdm=True)
+    monitor = EnergyMonitor(output_dir=out) if hf_run else EnergyMonitor(tracking_uri=uri, output_dir=out)
     Trainer(model=hf_digits_model(), args=args, train_dataset=DigitsDataset(xt[:320], yt[:320]),
-            callbacks=[EnergyMonitor(tracking_uri=uri, output_dir=out), Strike()]).train()
+            callbacks=[monitor, Strike()]).train()
