@@ -64,7 +64,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
     """
 
     steps_from_zero = False  # HF's global_step is 1 after the first step: a point at step k covers k steps
-    _hf_callback: Any = None  # HF's MLflowCallback of the training under way
+    _hf_started_run = False  # HF's MLflowCallback started the training's run (not the user): see finish
     _resumed_hf_run = False  # HF's training run made active again for an evaluate()/predict(): see resume_hf_run
     _evaluates_now = False  # HF evaluates at the step under way (on_step_end): a stop set there does not skip it
 
@@ -94,11 +94,13 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         started = self.started
         super().finish(status)
         if started and status != "FINISHED":
-            end_hf_run(self.run, status, self._hf_callback)
+            end_hf_run(self.run, status, self._hf_started_run)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
-        self._hf_callback = hf_mlflow_callback(calling_trainer())  # (for the exit, where no trainer calls)
+        # (for the exit, where no trainer calls; HF's callback itself is not kept: its __del__ ends the active
+        # run, and one collected when the next Trainer's replaced it here ended that Trainer's new run)
+        self._hf_started_run = bool(getattr(hf_mlflow_callback(calling_trainer()), "_auto_end_run", False))
         retry = (args.auto_find_batch_size and getattr(self, "_training", False) and self.started
                  and 0 < (state.train_batch_size or 0) < getattr(self, "_batch_size", 0))
         if retry:  # HF's auto_find_batch_size starts the training again, smaller, after an out-of-memory error

@@ -28,15 +28,16 @@ def ends_on_error(tracker: EnergyTracker) -> Iterator[None]:
         raise
 
 
-def end_hf_run(run: Any, status: str, hf: Any = None) -> None:
+def end_hf_run(run: Any, status: str, hf_started: bool | None = None) -> None:
     """HF's ``MLflowCallback`` ends the run it started at ``on_train_end``, which a ``train()`` that raised never
     reaches, and MLflow's exit handler then marked it FINISHED. The run the energy went to, where HF started it
     (not one this package opened, whose status the sender sets, nor the user's own) and it is still the active
     run, ends here with ``status``; one bounded try, as the training is over."""
     if run is None or run.owned:
         return
-    hf = hf or hf_mlflow_callback(calling_trainer(depth=40))  # (``hf``: where no trainer calls, at the exit)
-    if hf is None or not getattr(hf, "_auto_end_run", False):
+    if hf_started is None:  # (given where no trainer calls: at the exit)
+        hf_started = bool(getattr(hf_mlflow_callback(calling_trainer(depth=40)), "_auto_end_run", False))
+    if not hf_started:
         return  # not a run HF started (the user's own mlflow.start_run(): the user's to end)
     try:
         import mlflow
