@@ -91,10 +91,15 @@ def _replay_spools(args: argparse.Namespace) -> int:
     from green_callbacks.sinks import SpoolBusy, replay_spool
 
     spools: list[Path] = []
+    listed: set[Path] = set()  # found in a folder: gone by the time it is reached, another process sent it
     for name in args.spool:
         path = Path(name)
-        spools += sorted(p for p in path.glob("spool-*.jsonl") if not p.name.endswith(".rejected.jsonl")) \
-            if path.is_dir() else [path]
+        if path.is_dir():
+            found = sorted(p for p in path.glob("spool-*.jsonl") if not p.name.endswith(".rejected.jsonl"))
+            spools += found
+            listed.update(found)
+        else:
+            spools.append(path)
     if not spools:
         print(f"no spool files in {', '.join(args.spool)}: nothing to send", file=sys.stderr)
         return 0
@@ -104,6 +109,10 @@ def _replay_spools(args: argparse.Namespace) -> int:
             result = replay_spool(spool, args.tracking_uri, args.wait, lambda text: print(text, file=sys.stderr),
                                   plan=print)
         except FileNotFoundError:
+            if spool in listed and not spool.exists():  # another replay (or its sender) sent it all, and removed it
+                print(f"{spool}: sent meanwhile by another process, which removed it; nothing is left to send",
+                      file=sys.stderr)
+                continue
             print(f"error: no spool file at {spool} (a sender removes its spool once everything is sent)",
                   file=sys.stderr)
             code = max(code, 2)

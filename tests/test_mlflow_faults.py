@@ -8,6 +8,7 @@ MLflow's client runs at its default settings (no ``MLFLOW_HTTP_REQUEST_*`` here)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -43,7 +44,10 @@ SCRIPT = Path(__file__).parent / "fault_scripts" / "mlflow_kill.py"
 
 class Link:
     """A TCP hop on 127.0.0.1 in front of a real server: ``up``, ``down`` (port closed) or ``hung``, or a few
-    faulty servers (``flaky``, ``slow-create``, ``deny-writes``: every write answered 401, reads served).
+    faulty servers (``flaky``, ``slow-create``, ``deny-writes``: every write answered 401, reads served;
+    ``deny-writes-json``: the same, in the JSON of a gateway, without MLflow's ``error_code``; ``deploy``: every
+    write answered ``404 <html>Not Found</html>``, as a gateway during a deploy; ``artifacts-413`` and
+    ``artifacts-500``: every artifact upload refused by a proxy's body limit, or failed by a broken artifact store).
 
     Changing state drops every open connection, as a server that goes away does.
     """
@@ -56,6 +60,7 @@ class Link:
         self._listener: socket.socket | None = None
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
+        self.answered: dict[str, int] = {}  # requests the link answered itself, per state
 
     def set(self, state: str) -> None:
         with self._lock:
@@ -83,7 +88,7 @@ class Link:
                 return
             with self._lock:
                 self._open.append(conn)
-                if self.state in ("flaky", "slow-create", "deny-writes"):
+                if self.state in FAULTY:
                     threading.Thread(target=self._flaky, args=(conn,), daemon=True).start()
                     continue
                 if self.state != "up":
@@ -112,19 +117,24 @@ class Link:
                            if line.lower().startswith(b"content-length:")), 0)
             while len(body) < length:
                 body += conn.recv(65536)
+            first = head.split(b"\r\n")[0]
             with self._lock:
                 self.requests += 1
-                bad = self.requests % 2 == 1 and self.state == "flaky"
-                denied = self.state == "deny-writes" and b"/runs/log-batch " in head.split(b"\r\n")[0]
-                slow = self.state == "slow-create" and b"/runs/create " in head.split(b"\r\n")[0]
+                state = self.state
+                bad = self.requests % 2 == 1 and state == "flaky"
+                slow = state == "slow-create" and b"/runs/create " in first
                 self.creates += slow
+                answer = ANSWERS.get(state) if (b"/runs/log-batch " in first if state in WRITES
+                                                else b"/mlflow-artifacts/" in first) else None
+                if answer is not None:
+                    self.answered[state] = self.answered.get(state, 0) + 1
             if bad:
                 conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 return
-            if denied:
-                body = b'{"error_code": "UNAUTHENTICATED", "message": "token expired"}'
-                conn.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: "
-                             + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            if answer is not None:
+                status, kind, text = answer
+                conn.sendall(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(text)}\r\n"
+                             "Connection: close\r\n\r\n".encode() + text)
                 return
             lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")]
             with socket.create_connection(("127.0.0.1", self.upstream)) as upstream:
@@ -134,6 +144,11 @@ class Link:
                 while chunk := upstream.recv(65536):
                     conn.sendall(chunk)
 
+    def seen(self, state: str) -> int:
+        """How many requests the link answered itself in ``state``."""
+        with self._lock:
+            return self.answered.get(state, 0)
+
     @staticmethod
     def _pump(src: socket.socket, dst: socket.socket) -> None:
         with contextlib.suppress(OSError):
@@ -141,6 +156,20 @@ class Link:
                 dst.sendall(data)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
+
+
+# what the link answers itself: (status line, content type, body); to writes (POST runs/log-batch) or uploads
+ANSWERS = {
+    "deny-writes": ("401 Unauthorized", "application/json",
+                    b'{"error_code": "UNAUTHENTICATED", "message": "token expired"}'),
+    "deny-writes-json": ("401 Unauthorized", "application/json", b'{"message": "Unauthorized"}'),
+    "deploy": ("404 Not Found", "text/html", b"<html>Not Found</html>"),
+    "artifacts-413": ("413 Request Entity Too Large", "text/html",
+                      b"<html><h1>413 Request Entity Too Large</h1>nginx</html>"),
+    "artifacts-500": ("500 Internal Server Error", "text/plain", b"artifact store unavailable"),
+}
+WRITES = ("deny-writes", "deny-writes-json", "deploy")
+FAULTY = ("flaky", "slow-create", *ANSWERS)
 
 
 @pytest.fixture(scope="module")
@@ -935,24 +964,29 @@ def test_a_sender_killed_more_often_than_it_is_restarted_is_named_in_the_summary
 
 
 @pytest.mark.slow
-def test_credentials_refused_mid_run_keep_every_record_for_a_replay(tmp_path, server, link, green_log, capsys):
+@pytest.mark.parametrize("denied", ["deny-writes", "deny-writes-json"])
+def test_credentials_refused_mid_run_keep_every_record_for_a_replay(tmp_path, server, link, green_log, capsys,
+                                                                    denied):
     """A token that expires mid-run (every write answered 401, reads still served): each metric was tried alone
     and set aside as refused, one warning per name, and nothing after it was ever sent, by the sender or by
     ``replay`` once the token was renewed. A refusal of the credentials is the whole run's: it stops the sending,
-    with one warning, and the records wait in the spool."""
+    with one warning, and the records wait in the spool. A gateway's 401 in JSON of its own (``{"message":
+    "Unauthorized"}``, no MLflow ``error_code``), which MLflow reads as a 500, was taken for an outage: retried
+    for the whole linger, MLflow's 'error code not recognized' warning at every try."""
     link.set("up")
-    out = tmp_path / "out"
+    out, experiment = tmp_path / "out", f"expired-{denied}"
 
     class Expire(pl.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
             if trainer.current_epoch == 1:
-                wait_for("the run is in MLflow", lambda: the_run(server.uri, "expired")[1] is not None, 60)
-                link.set("deny-writes")
+                wait_for("the run is in MLflow", lambda: the_run(server.uri, experiment)[1] is not None, 60)
+                link.set(denied)
 
-    monitor = EnergyMonitor(tracking_uri=link.uri, experiment_name="expired", output_dir=str(out), mlflow_wait_s=15)
+    monitor = EnergyMonitor(tracking_uri=link.uri, experiment_name=experiment, output_dir=str(out), mlflow_wait_s=15)
     trainer(tmp_path, [Expire(), monitor], max_epochs=4).fit(ValModel())
     assert green_log.text.count("nothing more can be sent") == 1, green_log.text
-    assert "refused the metric" not in green_log.text
+    assert "refused the metric" not in green_log.text and "cannot be reached" not in green_log.text
+    assert link.seen(denied) > 0
     assert not [p for p in out.glob("*.rejected.jsonl") if p.read_text().strip()], "records set aside as refused"
     (spool,) = out.glob("spool-*[0-9a-f].jsonl")
     with contextlib.suppress(ProcessLookupError):
@@ -960,7 +994,7 @@ def test_credentials_refused_mid_run_keep_every_record_for_a_replay(tmp_path, se
 
     link.set("up")  # the token renewed
     assert cli(["replay", str(out), "--wait", "10"]) == 0
-    client, run = the_run(server.uri, "expired")
+    client, run = the_run(server.uri, experiment)
     assert_every_interval(client, run.info.run_id, monitor.records)
     assert run.info.status == "FINISHED"
 
@@ -1018,3 +1052,113 @@ def test_a_file_store_refused_by_mlflow_3_says_how_to_allow_it(tmp_path, green_l
 
     wait_for("the sender named the refusal", lambda: "maintenance mode" in said(), 60)
     assert "MLFLOW_ALLOW_FILE_STORE=true" in said()
+
+
+def notes_of(out: Path) -> str:
+    """What the senders of the spools in ``out`` said, as far as their state files still hold it."""
+    spools = [p for p in out.glob("spool-*.jsonl") if not p.name.endswith(".rejected.jsonl")]
+    return "\n".join(n for p in spools for n in State.load(p).notes)
+
+
+@pytest.mark.slow
+def test_a_gateway_answering_404_during_a_deploy_is_an_outage_not_a_refusal(tmp_path, server, link, green_log):
+    """A deploy: the gateway in front of MLflow answers every batch ``404 <html>Not Found</html>`` for a while, the
+    other endpoints served. The sender took the 404 for MLflow's verdict on each name: every metric, param and tag
+    was set aside as refused, and so was every later record of those names, for the sender's life (the run ended
+    FINISHED with 4 metrics and no params). A 404 that is not MLflow's own answer refuses nothing: an outage,
+    and everything arrives once the gateway is back."""
+    link.set("deploy")  # the run is found and created; its params, tags and metrics meet the 404s
+    out = tmp_path / "out"
+
+    class Deploy(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                monitor.sink.flush(0)  # the sender sends what is pending now, into the deploy
+                wait_for("three requests met the gateway's 404", lambda: link.seen("deploy") >= 3, 60)
+                link.set("up")  # the deploy is over
+
+    monitor = EnergyMonitor(tracking_uri=link.uri, experiment_name="deploy", output_dir=str(out))
+    trainer(tmp_path, [monitor, Deploy()], max_epochs=4).fit(ValModel())
+    wait_for("the run finished in MLflow", lambda: finished(server.uri, "deploy"), 90)
+    client, run = the_run(server.uri, "deploy")
+    assert_every_interval(client, run.info.run_id, monitor.records)
+    assert "efficiency/val_score_per_kj" in run.data.metrics and "energy/cumulative_j" in run.data.metrics
+    assert run.data.params and run.data.tags["green.method.cpu"] in ("estimated", "counter")
+    assert "refused the" not in green_log.text + notes_of(out)
+    assert not [p for p in out.glob("*.rejected.jsonl") if p.read_text().strip()], "records set aside as refused"
+    wait_for("the sender removed its spool", lambda: no_spool(out), 30)
+
+
+@pytest.mark.slow
+def test_an_artifact_a_proxy_refuses_is_set_aside_and_the_run_finishes(tmp_path, server, link, green_log):
+    """A proxy's body limit answers every upload 413 (the tracking API served): the upload's ``HTTPError`` counted
+    as an outage, and the FINISHED status queued behind the files was never sent: the run stayed RUNNING for
+    ever, and replay failed for ever. A file refused is set aside, with one warning naming it, and the run ends."""
+    link.set("artifacts-413")
+    out = tmp_path / "out"
+    monitor = EnergyMonitor(tracking_uri=link.uri, experiment_name="art-413", output_dir=str(out))
+    trainer(tmp_path, [monitor], max_epochs=2).fit(ValModel())
+    wait_for("the run finished in MLflow", lambda: finished(server.uri, "art-413"), 60)
+    client, run = the_run(server.uri, "art-413")
+    assert_every_interval(client, run.info.run_id, monitor.records)
+    wait_for("the sender removed its spool", lambda: no_spool(out), 30)
+    (rejected,) = out.glob("*.rejected.jsonl")
+    kept = [json.loads(line)["content"]["path"] for line in rejected.read_text().splitlines()]
+    assert len(kept) == 4 and link.seen("artifacts-413") >= 4
+    for path in kept:
+        assert green_log.text.count(f"refused the artifact {path} (") == 1, green_log.text
+    assert "413" in green_log.text and "cannot be reached" not in green_log.text
+
+
+@pytest.mark.slow
+def test_a_failing_artifact_store_holds_back_neither_the_metrics_nor_the_status(tmp_path, server, link):
+    """The artifact store answers every upload 500 (the tracking API served): the run stayed RUNNING for ever,
+    its FINISHED status queued behind the files. The status goes; the files wait in the spool, with one warning,
+    and a replay sends them once the store is back."""
+    link.set("artifacts-500")
+    out = tmp_path / "out"
+    monitor = EnergyMonitor(tracking_uri=link.uri, experiment_name="art-500", output_dir=str(out), mlflow_wait_s=3)
+    trainer(tmp_path, [monitor], max_epochs=2).fit(ValModel())
+    wait_for("the run finished in MLflow", lambda: finished(server.uri, "art-500"), 90)
+    client, run = the_run(server.uri, "art-500")
+    assert_every_interval(client, run.info.run_id, monitor.records)
+    (spool,) = out.glob("spool-*[0-9a-f].jsonl")
+    wait_for("the sender said the files wait", lambda: "did not take" in notes_of(out), 60)
+    notes = State.load(spool).notes
+    assert sum("did not take" in n for n in notes) == 1 and not any("cannot be reached" in n for n in notes), notes
+    assert not client.list_artifacts(run.info.run_id, "green_callbacks")
+    with contextlib.suppress(ProcessLookupError):  # it would keep trying for its linger time
+        os.kill(State.load(spool).pid, signal.SIGKILL)
+
+    link.set("up")
+    assert cli(["replay", str(out), "--wait", "10"]) == 0
+    assert len(client.list_artifacts(run.info.run_id, "green_callbacks")) == 4
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert no_spool(out)
+
+
+def test_a_sqlite_store_in_a_folder_that_cannot_be_written_is_a_refusal_at_once(tmp_path, green_log):
+    """The default store (``sqlite:///mlflow.db``) in a working directory that cannot be written (a read-only
+    mount): taken for an outage, MLflow's engine retried for about 101 s per try, its warnings flooded the
+    terminal and the sender lingered three minutes. A store that cannot be opened for writing is a refusal, said
+    once and naming the file, before MLflow tries (here: a path under a regular file, which fails for root too)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the store's folder should be")
+    db = blocker / "mlflow.db"
+    monitor = EnergyMonitor(tracking_uri=f"sqlite:///{db}", output_dir=str(tmp_path / "out"), mlflow_wait_s=2,
+                            log_artifacts=False)
+    t = trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=4, limit_val_batches=2)
+    ended = []
+
+    class End(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            ended.append(time.monotonic())
+
+    t.callbacks.insert(0, End())
+    t.fit(ValModel())
+    assert time.monotonic() - ended[0] < 12, "the end waited for the store far beyond mlflow_wait_s"
+    said = lambda: green_log.text + notes_of(tmp_path / "out")  # noqa: E731
+    wait_for("the sender named the store", lambda: "nothing more can be sent" in said(), 60)
+    assert f"the MLflow store {db} cannot be created" in said()
+    assert "cannot be reached" not in said()
+    assert not blocker.with_name("mlflow.db").exists() and blocker.is_file()

@@ -106,6 +106,32 @@ def test_a_forged_spool_uploads_no_file_but_this_packages_own(tmp_path, store):
     assert all("replay uploads only green-callbacks' own files" in r["reason"] for r in rejected(spool))
 
 
+def test_files_a_sender_left_for_later_are_vetted_and_sent_by_replay(tmp_path, store):
+    """A failing artifact store: the sender sent the run's status and left the files for replay, listed by line in
+    its state file (``deferred``). Replay sends them; the state file is trusted no more than the spool: a listed
+    line that is not this package's file is refused, one that is no artifact is not sent again."""
+    from green_callbacks.sinks import read_spool
+
+    uri, client, _ = store
+    out = tmp_path / "out"
+    folder = out / "local-later"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text("{}")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hunter2")
+    records = [*epochs(1), ("artifact", {"path": str(folder / "summary.json"), "artifact_path": "green_callbacks"},
+                            None), ("artifact", {"path": str(secret), "artifact_path": "green_callbacks"}, None),
+               ("status", {"status": "FINISHED"}, None)]
+    spool = write_spool(out / "spool-later.jsonl", RunTarget(uri, experiment_name="mine"), records)
+    last = read_spool(spool).records[-1]
+    State(offset=last.end, line=last.line, seq=last.seq, tracking_uri=uri, deferred=[2, 3, 4, 99]).save(spool)
+    result = replay_spool(spool)
+    assert result.complete and result.set_aside == 1 and not spool.exists()
+    assert [a.path for a in client.list_artifacts(result.run_id, "green_callbacks")] == ["green_callbacks/summary.json"]
+    assert client.get_metric_history(result.run_id, "energy/epoch_j") == [], "a line that is no artifact, sent again"
+    assert [r["content"]["data"]["path"] for r in rejected(spool)] == [str(secret)]
+
+
 def test_a_forged_spool_creates_no_store_at_a_path_it_names(tmp_path, empty_db, capsys):
     evil = tmp_path / "planted" / "evil.db"
     evil.parent.mkdir()

@@ -337,10 +337,11 @@ def test_a_run_deleted_under_the_training_ends_with_the_senders_reason_not_a_pro
     assert f"green-callbacks replay {sink.spool_path}" in warning
 
 
-def test_a_name_refused_once_is_not_sent_again(tmp_path, monkeypatch):
+def test_a_name_refused_once_costs_one_request_of_its_own_per_later_batch(tmp_path, monkeypatch):
     """A refused name is found by sending each entity of the refused batch alone; the sender forgot it and found
     it again in every later batch (79 requests for a 3-epoch run whose efficiency metric had a 300-character
-    name). Once refused, it is set aside unsent: one request per later batch."""
+    name). Once refused, it is left out of later batches and sent alone after each (refused for the sender's
+    life, a name refused by a passing fault would have lost every later value): two requests per later batch."""
     from green_callbacks.sinks.sender import Sender
 
     uri = f"sqlite:///{tmp_path}/m.db"
@@ -356,7 +357,7 @@ def test_a_name_refused_once_is_not_sent_again(tmp_path, monkeypatch):
     sender = Sender(spool)
     sender.read(final=True)
     assert sender.send()
-    assert len(calls) == 3 + 1 + 1  # the first batch, then its two entities alone; then one a batch
+    assert len(calls) == 3 + 2 + 2  # the first batch, then its two entities alone; then a batch and the name alone
     client = MlflowClient(uri)
     assert [s for s, _ in history(client, sender.state.run_id, "energy/epoch_j")] == [0, 1, 2]
     kept = [json.loads(line) for line in rejected_path(spool).read_text().splitlines()]
@@ -385,6 +386,42 @@ def test_a_replay_waiting_for_another_that_sends_everything_ends_complete(tmp_pa
     (result,) = results
     assert waited and result.complete and result.sent == 0
     assert "nothing is left to send" in result.notes[0]
+
+
+def test_two_replays_of_one_folder_at_once_both_succeed(tmp_path, capsys):
+    """Two ``green-callbacks replay FOLDER`` at once (cron, CI): the second listed the folder, and each spool the
+    first had sent and removed by the time the second reached it failed with 'no spool file' (exit 2), although
+    nothing was left to send. In a folder, a spool gone since the listing was sent by another process."""
+    import threading
+
+    from green_callbacks.sinks.sender import lock
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    MlflowClient(uri).search_experiments()
+    folder = tmp_path / "out"
+    a = write_spool(folder / "spool-a.jsonl", RunTarget(uri, experiment_name="a"), epochs(2))
+    b = write_spool(folder / "spool-b.jsonl", RunTarget(uri, experiment_name="b"), epochs(2))
+    held = lock(a)  # the first replay is sending spool a
+    codes: list[int] = []
+    second = threading.Thread(target=lambda: codes.append(cli(["replay", str(folder), "--wait", "30"])))
+    second.start()
+    err = ""
+    end = time.monotonic() + 30
+    while "is still sending" not in err and time.monotonic() < end:  # the second has listed a and b, waits on a
+        time.sleep(0.1)
+        err += capsys.readouterr().err
+    assert "is still sending" in err
+    assert replay_spool(b).complete and not b.exists()  # the first replay goes on with b, sends it, removes it
+    held.close()
+    assert replay_spool(a, wait_s=30).complete  # (or the second one sends a: whichever takes the lock first)
+    second.join(timeout=60)
+    err += capsys.readouterr().err
+    assert codes == [0], err
+    assert "error" not in err
+    client = MlflowClient(uri)
+    for name in ("a", "b"):
+        (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+        assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [0, 1]
 
 
 def test_a_refused_name_in_a_batch_cut_off_by_an_outage_is_set_aside_once(tmp_path, monkeypatch):

@@ -252,7 +252,9 @@ class MlflowSink:
         return code is not None
 
     def _unsent(self) -> int:
-        return len(self._sendable) - bisect.bisect_right(self._sendable, self._state.seq)
+        """Records not yet confirmed: those after the sender's progress, and the artifacts it deferred."""
+        deferred = self._state.deferred if isinstance(self._state.deferred, list) else []
+        return len(self._sendable) - bisect.bisect_right(self._sendable, self._state.seq) + len(deferred)
 
     def _wait(self, timeout_s: float, done: Callable[[], bool]) -> bool:
         """Poll the sender until ``done()``. ``timeout_s`` counts from its first call to MLflow, so that

@@ -6,8 +6,12 @@ imports MLflow and makes its first contact ``first_send_s`` after the training s
 when the training ends, flushes or dies), then coalesces what arrived into ``log_batch`` calls
 once per cadence (an artifact, the status and the end are sent at once). Its progress is kept
 in the state file, so that nothing is sent twice by it, by a later sender or by
-``green-callbacks replay``. A refusal (4xx) costs only the
-refused metric, param or tag; an outage, a retry with backoff. It ends when the spool is closed
+``green-callbacks replay``. MLflow's own refusal of a record's content (a 4xx with
+MLflow's error, such as INVALID_PARAMETER_VALUE) costs only the refused metric, param or tag; an
+outage (a gateway's 404 or 5xx included), a retry with backoff; a refusal of the credentials
+(401/403), the run's sending, kept for a replay. An artifact the artifact store does not take never
+holds back the run's metrics or status: refused (a 4xx such as 413), it is set aside; failing (a
+5xx, unreachable), it is tried again later and kept for a replay. It ends when the spool is closed
 and all is sent; when the training has gone (closed after a timeout, or killed) it keeps trying
 for ``linger_s`` and then leaves what is unsent for ``replay``.
 """
@@ -36,6 +40,7 @@ from green_callbacks.sinks.spool import (
     state_path,
 )
 from green_callbacks.sinks.tracking import (
+    ArtifactFailed,
     Blocked,
     RunClient,
     access_refused,
@@ -78,6 +83,13 @@ class Sender:
         except ValueError as exc:  # progress unknown: everything again (MLflow keeps one copy of identical values)
             self.state, damaged = State(), str(exc)
         self.state.pid = os.getpid()
+        # artifacts deferred lie before the progress: a line beyond it is read in its turn (or is none at all)
+        deferred = self.state.deferred if isinstance(self.state.deferred, list) else []
+        self.state.deferred = [n for n in deferred if isinstance(n, int) and not isinstance(n, bool)
+                               and 0 < n <= self.state.line]
+        self._requeued = False  # the artifacts an earlier sender deferred are queued at the first read
+        self.deferred_retry_at = 0.0  # when the deferred artifacts are tried again
+        self._deferred_failures = 0
         self._unsaved = False  # the state could not be written (said once)
         self.override = tracking_uri
         self.echo = echo
@@ -94,11 +106,12 @@ class Sender:
         self.closed_until: float | None = None  # when the training's close() stops waiting
         self.detached = False
         self.ended = False  # the training recorded its end (a status, its close or its detach)
-        self.refused: set[tuple[str, str]] = set()  # (kind, key) MLflow refused once: set aside unsent from then on
+        self.refused: set[tuple[str, str]] = set()  # (kind, key) MLflow refused once: from then on sent alone
         self.final = False  # the spool is read to its end: its training writes no more
         self._noted: dict[str, float] = {}  # note key -> when it was last given
         self._announced_down = False  # an outage was announced, and no recovery since
         self._asides: list[tuple[int, str, str, Any]] = []  # (line, reason, kind, entity) of the batch being sent
+        self._again: list[tuple[int, str, Any]] = []  # (line, kind, entity) of a name refused before, sent alone
         self._damaged = damaged  # said at the first send
         self.timeout_s: int | None = None  # the HTTP timeout after a request timed out; None: the environment's
 
@@ -106,14 +119,43 @@ class Sender:
     def read(self, final: bool = False) -> None:
         """Take the lines appended since the last read (a torn last line only when ``final``)."""
         self.final = self.final or final
+        if not self._requeued:
+            self._requeued = True
+            self.requeue()
         with contextlib.suppress(FileNotFoundError):  # removed by the training's close() once all was sent
             for item in scan(self.spool, *self.read_to, final=final):
-                self.pending.append(item)
+                self._take(item)
                 self.read_to = (item.end, item.line)
                 if isinstance(item, Record) and item.kind == "detach":
                     self.detached = True  # the training stopped waiting: from now on the sender is alone
                 if isinstance(item, Record) and item.kind in ("status", "close", "detach"):
                     self.ended = True
+
+    def _take(self, item: Record | Unreadable) -> None:
+        """A record read from the spool, queued to be sent."""
+        self.pending.append(item)
+
+    def requeue(self) -> None:
+        """The artifacts the artifact store failed to take, read again from the spool and queued behind what is
+        pending (a line that is no artifact, in a damaged or forged state, is dropped from the list)."""
+        lines = set(self.state.deferred) - {i.line for i in self.pending}
+        if not lines:
+            return
+        found: set[int] = set()
+        with contextlib.suppress(FileNotFoundError):
+            for item in scan(self.spool):
+                if item.line in lines and isinstance(item, Record) and item.kind == "artifact":
+                    found.add(item.line)
+                    self._take(item)
+                if item.line >= max(lines):
+                    break
+        self.state.deferred = [n for n in self.state.deferred if n in found or n not in lines]
+
+    @property
+    def unsent(self) -> int:
+        """Records not sent yet: pending ones, and the artifacts deferred (not pending again)."""
+        pending = [i for i in self.pending if isinstance(i, Record) and i.kind in SENDABLE]
+        return len(pending) + len(set(self.state.deferred) - {i.line for i in pending})
 
     def mark_vanished(self) -> None:
         """Everything is sent, and the training is gone without recording its end (kill -9, the OOM killer): a
@@ -133,7 +175,12 @@ class Sender:
 
     @property
     def finished(self) -> bool:
-        return self.closed_until is not None and not self.pending
+        return self.closed_until is not None and not self.pending and not self.state.deferred
+
+    @property
+    def deferred_due(self) -> bool:
+        """Deferred artifacts wait to be tried again, and their time has come."""
+        return bool(self.state.deferred) and time.monotonic() >= self.deferred_retry_at
 
     # -- notes ---------------------------------------------------------------------------------
     def note(self, key: str, text: str, again_after_s: float | None = None) -> bool:
@@ -163,20 +210,24 @@ class Sender:
         return self.override or self.state.tracking_uri or resolve_uri(self.header)
 
     def send(self) -> bool:
-        """Send everything pending; False when MLflow was unreachable (retried after a backoff) or blocked."""
+        """Send everything pending; False when MLflow was unreachable (retried after a backoff) or blocked, or an
+        artifact waits for the artifact store."""
         if self._damaged:
             self.note("damaged", f"green-callbacks: {self._damaged}; {self.spool} is sent again from its start "
                                  "(MLflow keeps one copy of each identical value).")
             self._damaged = None
+        if self.deferred_due and not self.state.blocked and time.monotonic() >= self.retry_at:
+            self.requeue()
         if not self.pending or self.state.blocked or time.monotonic() < self.retry_at:
-            return not self.pending
+            return not self.pending and not self.state.deferred
         try:
             with temporary_env({"MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.timeout_s)} if self.timeout_s else {}):
                 self._open()
                 while self.pending and self._send_next() is not False:
                     pass
         except Exception as exc:
-            if isinstance(exc, Blocked) or permanent(exc):  # refusals of single records were handled below
+            # refusals of single records were handled below; a refusal of the credentials is the whole run's
+            if isinstance(exc, Blocked) or permanent(exc) or access_refused(exc):
                 self.state.blocked = str(exc) if isinstance(exc, Blocked) else f"MLflow at {self.uri}: {describe(exc)}"
                 self.note("blocked", f"green-callbacks: nothing more can be sent: {self.state.blocked}; the records "
                                      f"stay in {self.spool}.")
@@ -190,7 +241,7 @@ class Sender:
                 self.note("back", f"green-callbacks: MLflow at {self.uri} is back; the spooled records were sent.",
                           again_after_s=RENOTE_S)
             self.down_since = None
-        return not self.pending
+        return not self.pending and not self.state.deferred
 
     def _down(self, exc: BaseException) -> None:
         if self.down_since is None:
@@ -243,6 +294,10 @@ class Sender:
         if item.kind == "artifact":
             try:
                 self.client.log_artifact(item)
+            except ArtifactFailed as exc:
+                if not exc.refused:
+                    return self._defer(item, exc)
+                self._set_aside(item.line, str(exc), item.data, f"the artifact {item.data.get('path')}")
             except Exception as exc:
                 if not permanent(exc):
                     raise
@@ -253,6 +308,19 @@ class Sender:
             self.closed_until = item.t_ms / 1000 + float(item.data.get("wait_s", 0.0)) + STARTUP_S
         return self._done([item])
 
+    def _defer(self, item: Record, exc: ArtifactFailed) -> None:
+        """An artifact the artifact store failed to take: what follows it (the run's status) is sent, and it is
+        tried again after a backoff, by this sender until it gives up, then by ``replay``."""
+        if item.line not in self.state.deferred:
+            self.state.deferred.append(item.line)
+        self.deferred_retry_at = time.monotonic() + BACKOFF_S[min(self._deferred_failures, len(BACKOFF_S) - 1)]
+        self._deferred_failures += 1
+        self.note("artifacts", f"green-callbacks: the artifact store of MLflow at {self.uri} did not take "
+                               f"{item.data.get('path')} ({exc}); the run's metrics and status are sent without "
+                               f"it, and the files wait in {self.spool}: they are tried again, else sent by "
+                               f"green-callbacks replay {self.spool}", again_after_s=RENOTE_S)
+        self._done([item], deferred=True)
+
     def _send_batch(self) -> None:
         """The run of metrics/params/tags records at the head of the queue, in one or a few requests."""
         assert self.client is not None
@@ -262,7 +330,7 @@ class Sender:
                 break
             batch.append(item)
         metrics, params, tags = [], [], []
-        self._asides = []  # written once the batch is through, not at each try
+        self._asides, self._again = [], []  # written once the batch is through, not at each try
         before = set(self.refused)
         for r in batch:
             m, p, t = self._known_good(r)
@@ -277,6 +345,8 @@ class Sender:
                 raise
             self.client.check(self.client.run_id or "")  # the run itself gone: Blocked
             self._isolate(batch, before)
+        for line, kind, e in self._again:
+            self._alone(line, kind, e)
         for line, reason, kind, e in self._asides:
             self._set_aside(line, reason, {"kind": kind, "key": e.key, "value": getattr(e, "value", None),
                                            "step": getattr(e, "step", None)}, f"the {kind} {e.key!r}")
@@ -296,8 +366,9 @@ class Sender:
         return [p for p in params if p.key not in existing]
 
     def _known_good(self, record: Record) -> tuple[list[Any], list[Any], list[Any]]:
-        """A record's entities less those whose name MLflow refused before, set aside unsent: a refused name
-        would fail every later batch and cost a request per entity to find again."""
+        """A record's entities less those whose name MLflow refused before, which are sent alone after the batch:
+        in the batch, a name refused again would fail it and cost a request per entity to find again; alone, it
+        costs one request, and a name MLflow takes again (its refusal was of a value) is sent."""
         groups = entities(record)
         if not self.refused:
             return groups
@@ -305,10 +376,26 @@ class Sender:
         for slot, kind in enumerate(("metric", "param", "tag")):
             for e in groups[slot]:
                 if (kind, e.key) in self.refused:
-                    self._aside(record.line, "refused before", kind, e)
+                    self._again.append((record.line, kind, e))
                 else:
                     out[slot].append(e)
         return out
+
+    def _alone(self, line: int, kind: str, e: Any) -> None:
+        """One entity in a request of its own: set aside when MLflow refuses it (again), taken off the refused
+        names when it is taken; an outage or a refusal of the credentials stops the batch (tried again whole)."""
+        assert self.client is not None
+        alone: list[list[Any]] = [[], [], []]
+        alone[("metric", "param", "tag").index(kind)] = [e]
+        try:
+            self.client.log_batch(*alone)
+        except Exception as exc:
+            if not permanent(exc) or access_refused(exc):
+                raise
+            self.refused.add((kind, e.key))
+            self._aside(line, describe(exc), kind, e)
+            return
+        self.refused.discard((kind, e.key))
 
     def _aside(self, line: int, reason: str, kind: str, e: Any) -> None:
         """An entity of the batch being sent, to be set aside once that batch is through (a batch cut off by an
@@ -317,26 +404,13 @@ class Sender:
 
     def _isolate(self, batch: list[Record], before: set[tuple[str, str]]) -> None:
         """A refused batch: each metric, param and tag alone, so only the refused ones are set aside (``before``:
-        the names set aside as the batch was made)."""
-        assert self.client is not None
+        the names refused earlier, left out of the batch and sent alone after it)."""
         for r in batch:
             m, p, t = entities(r)
-            for slot, (kind, group) in enumerate((("metric", m), ("param", self._new_params(p)), ("tag", t))):
+            for kind, group in (("metric", m), ("param", self._new_params(p)), ("tag", t)):
                 for e in group:
-                    if (kind, e.key) in before:
-                        continue
-                    if (kind, e.key) in self.refused:  # refused at an earlier record of this batch
-                        self._aside(r.line, "refused before", kind, e)
-                        continue
-                    alone: list[list[Any]] = [[], [], []]
-                    alone[slot] = [e]
-                    try:
-                        self.client.log_batch(*alone)
-                    except Exception as exc:
-                        if not permanent(exc) or access_refused(exc):
-                            raise
-                        self.refused.add((kind, e.key))
-                        self._aside(r.line, describe(exc), kind, e)
+                    if (kind, e.key) not in before:  # (those are sent alone after the batch)
+                        self._alone(r.line, kind, e)
 
     def _set_aside(self, line: int, reason: str, content: Any, what: str, refused: bool = True) -> None:
         with contextlib.suppress(OSError):  # a folder gone read-only: the warning below still names it
@@ -347,13 +421,19 @@ class Sender:
                   if refused else f"green-callbacks: {what}; it is set aside in {rejected_path(self.spool)} and "
                                   "everything else is sent.")
 
-    def _done(self, items: list[Record | Unreadable]) -> None:
+    def _done(self, items: list[Record | Unreadable], deferred: bool = False) -> None:
+        """Items off the queue (``deferred``: an artifact left for later, not sent), and the progress saved; a
+        deferred artifact sent later moves it no more."""
         last = items[-1]
-        self.state.offset, self.state.line = last.end, last.line
+        if last.end > self.state.offset:
+            self.state.offset, self.state.line = last.end, last.line
+            if isinstance(last, Record):
+                self.state.seq = last.seq
         for item in items:
             if isinstance(item, Record):
-                self.state.seq = item.seq
-                self.state.sent += item.kind in SENDABLE
+                self.state.sent += not deferred and item.kind in SENDABLE
+            if not deferred and item.line in self.state.deferred:  # a deferred artifact, sent (or set aside) at last
+                self.state.deferred.remove(item.line)
         del self.pending[:len(items)]
         self.save()
 
@@ -446,7 +526,7 @@ def follow(spool: Path) -> int:
         now = time.monotonic()
         # MLflow's start-up (seconds of CPU) waits until the training is under way, or over
         due = gone or sender.urgent or (time.time() >= first_send_at and now - last_send >= cadence)
-        if sender.pending and due:
+        if (sender.pending or sender.deferred_due) and due:
             sender.send()
             last_send = now
         if gone and not sender.pending:
@@ -467,9 +547,8 @@ def follow(spool: Path) -> int:
             return 0
         if sender.state.blocked or (alone_since is not None and now - alone_since > linger):
             if alone_since is not None:  # while the training runs, its own close() says what is left, and how many
-                n = sum(isinstance(i, Record) and i.kind in SENDABLE for i in sender.pending)
-                print(f"green-callbacks: {n} records could not be sent to MLflow at {sender.uri}; they are kept in "
-                      f"{spool}. Send them with: green-callbacks replay {spool}", file=sys.stderr, flush=True)
+                print(f"green-callbacks: {sender.unsent} records could not be sent to MLflow at {sender.uri}; they are "
+                      f"kept in {spool}. Send them with: green-callbacks replay {spool}", file=sys.stderr, flush=True)
             return 1
         time.sleep(POLL_S)
 

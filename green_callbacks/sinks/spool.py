@@ -129,6 +129,7 @@ class State:
     notes: list[str] = field(default_factory=list)  # the warnings given, oldest first
     pid: int | None = None
     trying_since: float | None = None  # when the sender first called MLflow (time.time()); None: starting up
+    deferred: list[int] = field(default_factory=list)  # artifact lines the artifact store failed to take (retried)
 
     @classmethod
     def load(cls, spool: Path) -> State:

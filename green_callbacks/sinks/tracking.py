@@ -6,7 +6,10 @@ Everything here runs in the sender process (or ``green-callbacks replay``), neve
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,18 @@ class Blocked(Exception):
     """Nothing more can go to this run (it was deleted, say); the records stay in the spool."""
 
 
-# a local store that is not one (a file of another kind, a damaged database): no retry will open it
-BROKEN_STORE = ("file is not a database", "database disk image is malformed")
+# a local store that is not one (a file of another kind, a damaged database), or that cannot be opened or written
+# (a read-only folder or mount): no retry will open it
+BROKEN_STORE = ("file is not a database", "database disk image is malformed", "unable to open database file",
+                "attempt to write a readonly database")
 # two processes creating the same new local store at once: the loser's first try fails, its next succeeds
 STORE_RACE = ("already exists", "Online migration expected to match one row", "duplicate column name")
+# MLflow's words for an HTTP answer whose body is not JSON: a proxy's, a gateway's or a balancer's, not MLflow's
+NOT_MLFLOWS = re.compile(r"API request to endpoint \S+ failed with error code \d+")
+# a 4xx that is no verdict on the request's content: credentials (the whole run's), slow or too many requests,
+# and an endpoint not found (a gateway mid-deploy, a route missing for a while)
+NO_VERDICT = (401, 403, 408, 429)
+ACCESS = (401, 403)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -35,26 +46,65 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
 
 
-def permanent(exc: BaseException) -> bool:
-    """Whether MLflow refused for good (a 4xx: invalid value, unknown run; a local store that is no database)
-    rather than was unreachable."""
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of an answer, as far as it is known: a probe's (see ``RunClient``), an ``HTTPError``'s, or
+    the one MLflow's error code stands for (a body that is not MLflow's JSON error reads as 500)."""
     from mlflow.exceptions import MlflowException
 
+    probed = getattr(exc, "green_http_status", None)
+    if isinstance(probed, int):
+        return probed
+    response = getattr(exc, "response", None)
+    if isinstance(getattr(response, "status_code", None), int):
+        return int(response.status_code)
     if isinstance(exc, MlflowException):
-        status = exc.get_http_status_code()
-        if 400 <= status < 500 and status not in (408, 429):
-            return True
+        return int(exc.get_http_status_code())
+    return None
+
+
+def foreign_json(exc: BaseException) -> bool:
+    """Whether an error answer was JSON without MLflow's ``error_code`` (``{"message": "Unauthorized"}`` from an
+    auth gateway): MLflow reads it as INTERNAL_ERROR (500) whatever its real status was."""
+    from mlflow.exceptions import RestException
+    from mlflow.protos.databricks_pb2 import ErrorCode
+
+    if not isinstance(exc, RestException):
+        return False
+    code = exc.json.get("error_code") if isinstance(getattr(exc, "json", None), dict) else None
+    return not (isinstance(code, str) and code in ErrorCode.DESCRIPTOR.values_by_name)
+
+
+def mlflow_verdict(exc: BaseException) -> bool:
+    """Whether MLflow itself judged the request's content and refused it (``INVALID_PARAMETER_VALUE``,
+    ``BAD_REQUEST``, ``RESOURCE_DOES_NOT_EXIST``: a 4xx in MLflow's own error, or a local store's). Not an
+    answer from something in front of MLflow (a body that is not MLflow's JSON error), not ``ENDPOINT_NOT_FOUND``
+    (a gateway's 404 during a deploy), not 401/403 (the credentials: the whole run's), 408 or 429 (try again)."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException) or foreign_json(exc) or NOT_MLFLOWS.search(str(exc)):
+        return False
+    if exc.error_code == "ENDPOINT_NOT_FOUND":
+        return False
+    status = exc.get_http_status_code()
+    return 400 <= status < 500 and status not in NO_VERDICT
+
+
+def permanent(exc: BaseException) -> bool:
+    """Whether the request was refused for good: MLflow's verdict on it (see ``mlflow_verdict``), or a local
+    store that no retry will open (not a database, a read-only folder). Everything else (an outage, a gateway's
+    answer, a refusal of the credentials: see ``access_refused``) is not."""
+    if mlflow_verdict(exc):
+        return True
     if any(marker in str(e) for e in _chain(exc) for marker in BROKEN_STORE):
         return True
-    return isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError)
+    return isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError)
 
 
 def access_refused(exc: BaseException) -> bool:
-    """Whether MLflow refused the credentials (401: a token expired; 403: write permission lost): a refusal of
-    every record of the run, never of one record's content."""
-    from mlflow.exceptions import MlflowException
-
-    return any(isinstance(e, MlflowException) and e.get_http_status_code() in (401, 403) for e in _chain(exc))
+    """Whether the credentials were refused (401: a token expired; 403: write permission lost), by MLflow or by
+    a gateway in front of it (plain text, or JSON of its own: its status found by a probe): a refusal of every
+    record of the run, never of one record's content."""
+    return any(http_status(e) in ACCESS for e in _chain(exc))
 
 
 def store_race(exc: BaseException) -> bool:
@@ -90,7 +140,69 @@ def describe(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     if len(text) > 400:
         text = text[:200] + " ... " + text[-200:]
+    if isinstance(getattr(exc, "green_http_status", None), int):  # a gateway's JSON: its real status, not MLflow's 500
+        return f"HTTP {exc.green_http_status} from {exc.green_http_probe}: {text.removeprefix(f'{code}: ')}"
     return f"{code}: {text}" if code else f"{type(exc).__name__}: {text}"
+
+
+class ArtifactFailed(Exception):
+    """The artifact store did not take a file, though the tracking server answered. ``refused``: it judged the
+    file (a 4xx such as 413, too large for a proxy; a local folder that cannot be written), and no retry will
+    change that; otherwise it failed (a 5xx, unreachable, a full disk) and may take it later."""
+
+    def __init__(self, path: str, cause: BaseException) -> None:
+        status = http_status(cause)
+        self.path = path
+        self.refused = permanent(cause) or (status is not None and 400 <= status < 500
+                                            and status not in (*NO_VERDICT, 404))
+        super().__init__(describe(cause))
+
+
+class _NotRecognized(logging.Filter):
+    """MLflow's warning for an error answer without its ``error_code`` (a gateway's JSON), given at every try:
+    the sender says what happened once, in its own words."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Received error code not recognized")
+
+
+_NOT_RECOGNIZED = _NotRecognized()
+
+
+def sqlite_unwritable(uri: str) -> str | None:
+    """Why a sqlite store cannot be opened for writing (its folder missing or read-only, the file read-only), or
+    None. MLflow would find out only after minutes of retries inside its engine's start-up; ``os.access`` says
+    so at once, a read-only mount included (for root too)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not rest or rest.startswith(":memory:"):
+        return None
+    path = Path(rest)
+    if path.exists():
+        if not os.access(path.parent, os.W_OK | os.X_OK):  # sqlite writes its journal beside the file
+            return f"the MLflow store {path} cannot be written: its folder {path.parent} is read-only"
+        if not os.access(path, os.R_OK | os.W_OK):
+            return f"the MLflow store {path} cannot be written: the file is read-only"
+        return None
+    folder = next((p for p in path.parents if p.exists()), None)  # MLflow creates the folders missing below it
+    if folder is not None and not folder.is_dir():
+        return f"the MLflow store {path} cannot be created: {folder} is a file, not a folder"
+    if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+        return f"the MLflow store {path} cannot be created: {folder} is read-only"
+    return None
+
+
+def _probed(method: Any) -> Any:
+    """A ``RunClient`` method whose error answer, when JSON that is not MLflow's, gets its real status probed."""
+    @functools.wraps(method)
+    def wrapper(self: RunClient, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            self.probe(exc)
+            raise
+    return wrapper
 
 
 @contextlib.contextmanager
@@ -150,16 +262,45 @@ class RunClient:
     """One run at one tracking URI."""
 
     def __init__(self, uri: str) -> None:
-        import logging
-
         from mlflow.tracking import MlflowClient
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # no store start-up chatter in the user's terminal
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        logging.getLogger("mlflow.exceptions").addFilter(_NOT_RECOGNIZED)  # (added once: filters are a set)
         self.uri = uri
+        why = sqlite_unwritable(uri)
+        if why is not None:
+            raise PermissionError(why)
         self.client = MlflowClient(uri)
         self.run_id: str | None = None
 
+    def probe(self, exc: BaseException) -> None:
+        """An error answer in JSON that is not MLflow's (``{"message": "Unauthorized"}``): MLflow calls it a 500
+        whatever it was. One request, not retried, finds its real status (a write to the run when there is one,
+        an empty batch; else a search), kept on the exception as ``green_http_status``: a 401 or 403 is then a
+        refusal of the credentials, not an outage."""
+        e = next((e for e in _chain(exc) if foreign_json(e)), None)
+        if e is None or getattr(e, "green_http_status", None) is not None:
+            return
+        from mlflow.utils.rest_utils import http_request
+
+        store = getattr(getattr(self.client, "_tracking_client", None), "store", None)
+        creds = getattr(store, "get_host_creds", None)
+        if creds is None:
+            return
+        if self.run_id:
+            endpoint, body = "/api/2.0/mlflow/runs/log-batch", {"run_id": self.run_id}
+        else:
+            endpoint, body = "/api/2.0/mlflow/experiments/search", {"max_results": 1}
+        try:
+            response = http_request(creds(), endpoint, "POST", max_retries=0, timeout=http_timeout_s(), json=body)
+        except Exception:
+            return  # unreachable now: an outage after all
+        with contextlib.suppress(AttributeError):
+            e.green_http_status = int(response.status_code)  # type: ignore[attr-defined]
+            e.green_http_probe = f"POST {endpoint}"  # type: ignore[attr-defined]
+
+    @_probed
     def open(self, header: dict[str, Any]) -> tuple[str, bool]:
         """The run of a spool: the one it names, else the one tagged with its local id (created by an
         earlier try whose answer was lost, or by the training this one resumes), else a new one."""
@@ -216,6 +357,7 @@ class RunClient:
                           "--tracking-uri)")
         return str(exp.experiment_id)
 
+    @_probed
     def check(self, run_id: str) -> None:
         """Raise ``Blocked`` when the run cannot take records (missing or deleted)."""
         try:
@@ -227,10 +369,12 @@ class RunClient:
         if run.info.lifecycle_stage == "deleted":
             raise Blocked(f"the run {run_id} at {self.uri} is deleted")
 
+    @_probed
     def existing_params(self) -> dict[str, str]:
         assert self.run_id is not None
         return dict(self.client.get_run(self.run_id).data.params)
 
+    @_probed
     def log_batch(self, metrics: list[Any], params: list[Any], tags: list[Any]) -> None:
         """Log entities in as few requests as MLflow's per-request limits allow."""
         metrics, params, tags = list(metrics), list(params), list(tags)
@@ -240,15 +384,25 @@ class RunClient:
             self.client.log_batch(self.run_id, metrics=m, params=p, tags=t, synchronous=True)
             del metrics[:len(m)], params[:len(p)], tags[:len(t)]
 
+    @_probed
     def log_artifact(self, record: Record) -> None:
+        """Upload a file. The run is read first: a failure there is the tracking server's (an outage, a refusal
+        of the credentials); a failure after it is the artifact store's (``ArtifactFailed``), which must not hold
+        back the run's metrics or its status."""
         path = record.data["path"]
         if not Path(path).is_file():
             raise FileNotFoundError(f"the artifact file {path} no longer exists")
-        self.client.log_artifact(self.run_id, path, record.data.get("artifact_path"))
+        self.client.get_run(self.run_id)
+        try:
+            self.client.log_artifact(self.run_id, path, record.data.get("artifact_path"))
+        except Exception as exc:
+            raise ArtifactFailed(path, exc) from exc
 
+    @_probed
     def set_status(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
 
+    @_probed
     def status(self) -> str:
         return str(self.client.get_run(self.run_id).info.status)
 

@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from green_callbacks.sinks.sender import Sender
-from green_callbacks.sinks.spool import Record, state_path
+from green_callbacks.sinks.spool import Record, Unreadable, state_path
 from green_callbacks.sinks.tracking import LOCAL_ID_TAG, Blocked, resolve_uri
 from green_callbacks.uris import PASSWORD_ENV, redact
 
@@ -99,14 +99,12 @@ class ReplaySender(Sender):
                              f"({', '.join(secrets)}) go only to a server you name: {again}")
 
     # -- the records -------------------------------------------------------------------------------
-    def read(self, final: bool = False) -> None:
-        start = len(self.pending)
-        super().read(final)
-        for i in range(start, len(self.pending)):
-            item = self.pending[i]
-            if isinstance(item, Record) and (why := self._refusal(item)) is not None:
-                self.pending[i] = replace(item, kind=REFUSED, data={
-                    "reason": why, "record": {"kind": item.kind, "step": item.step, "data": item.data}})
+    def _take(self, item: Record | Unreadable) -> None:
+        """Every record read (a deferred artifact read again included) is vetted before it is queued."""
+        if isinstance(item, Record) and (why := self._refusal(item)) is not None:
+            item = replace(item, kind=REFUSED, data={
+                "reason": why, "record": {"kind": item.kind, "step": item.step, "data": item.data}})
+        super()._take(item)
 
     def _refusal(self, r: Record) -> str | None:
         """Why a record is not one this package writes; None when it is."""
