@@ -235,10 +235,10 @@ def test_two_spawned_ranks_log_both_energies_once(tmp_path):
     check_sums(uri, tmp_path, epochs=2)
     assert [(tmp_path / f"local-rank{r}.txt").read_text() for r in range(2)] == ["0", "1"]
     client, (run,) = runs(uri, "ddp")
-    # both ranks' samples (2 x 16 a step) over the job's energy of the interval (0, 5]
+    # both ranks' samples (2 x 16 a step) over the job's energy of the interval (4, 9]: every 5 steps counted
     cumulative = dict(history(client, run.info.run_id, "energy/cumulative_j"))
     per_j = dict(history(client, run.info.run_id, "throughput/samples_per_j"))
-    assert per_j[5] == pytest.approx(5 * 32 / (cumulative[5] - cumulative[0]))
+    assert per_j[9] == pytest.approx(5 * 32 / (cumulative[9] - cumulative[4]))
 
 
 def test_report_takes_tensors_and_leaves_out_what_is_not_a_number(tmp_path, uri, gpu, green_log):

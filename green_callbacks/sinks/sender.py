@@ -39,16 +39,13 @@ from green_callbacks.sinks.spool import (
     set_aside,
     state_path,
 )
-from green_callbacks.sinks.tracking import (
+from green_callbacks.sinks.tracking import Blocked, RunClient, entities, resolve_uri
+from green_callbacks.sinks.verdicts import (
     ArtifactFailed,
-    Blocked,
-    RunClient,
     access_refused,
     describe,
-    entities,
     http_timeout_s,
     permanent,
-    resolve_uri,
     store_race,
     timed_out,
 )
