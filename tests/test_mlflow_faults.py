@@ -628,13 +628,10 @@ def test_a_server_slow_to_create_the_run_leaves_one_run(tmp_path, server, link, 
                                           for r in every if r.info.run_id != run.info.run_id)
 
 
-def test_a_store_that_is_no_database_is_a_refusal_and_the_end_waits_only_mlflow_wait_s(tmp_path, green_log):
-    """An ``mlflow.db`` that is not a database: opening it failed inside the client's constructor, before the
-    sender had noted that it was trying, so the end waited ``mlflow_wait_s`` plus the start-up allowance (30 s)
-    and called it an outage, retried for a minute."""
-    (tmp_path / "mlflow.db").write_bytes(b"not a database " * 100)
-    monitor = EnergyMonitor(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", output_dir=str(tmp_path / "out"),
-                            mlflow_wait_s=2, log_artifacts=False)
+
+def end_wait_s(tmp_path, uri: str) -> float:
+    """A short fit logging to ``uri`` with ``mlflow_wait_s=2``: the seconds from training's end to fit's return."""
+    monitor = EnergyMonitor(tracking_uri=uri, output_dir=str(tmp_path / "out"), mlflow_wait_s=2, log_artifacts=False)
     t = trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=4, limit_val_batches=2)
     ended = []
 
@@ -644,7 +641,15 @@ def test_a_store_that_is_no_database_is_a_refusal_and_the_end_waits_only_mlflow_
 
     t.callbacks.insert(0, End())
     t.fit(ValModel())
-    assert time.monotonic() - ended[0] < 12, "the end waited for the store far beyond mlflow_wait_s"
+    return time.monotonic() - ended[0]
+
+def test_a_store_that_is_no_database_is_a_refusal_and_the_end_waits_only_mlflow_wait_s(tmp_path, green_log):
+    """An ``mlflow.db`` that is not a database: opening it failed inside the client's constructor, before the
+    sender had noted that it was trying, so the end waited ``mlflow_wait_s`` plus the start-up allowance (30 s)
+    and called it an outage, retried for a minute."""
+    (tmp_path / "mlflow.db").write_bytes(b"not a database " * 100)
+    assert end_wait_s(tmp_path, f"sqlite:///{tmp_path}/mlflow.db") < 12, \
+        "the end waited for the store far beyond mlflow_wait_s"
 
     def said() -> str:  # the end relays the sender's notes; on a loaded machine the sender may say it later
         spools = [p for p in (tmp_path / "out").glob("spool-*.jsonl") if not p.name.endswith(".rejected.jsonl")]
@@ -1145,18 +1150,7 @@ def test_a_sqlite_store_in_a_folder_that_cannot_be_written_is_a_refusal_at_once(
     blocker = tmp_path / "file"
     blocker.write_text("a file where the store's folder should be")
     db = blocker / "mlflow.db"
-    monitor = EnergyMonitor(tracking_uri=f"sqlite:///{db}", output_dir=str(tmp_path / "out"), mlflow_wait_s=2,
-                            log_artifacts=False)
-    t = trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=4, limit_val_batches=2)
-    ended = []
-
-    class End(pl.Callback):
-        def on_train_end(self, trainer, pl_module):
-            ended.append(time.monotonic())
-
-    t.callbacks.insert(0, End())
-    t.fit(ValModel())
-    assert time.monotonic() - ended[0] < 12, "the end waited for the store far beyond mlflow_wait_s"
+    assert end_wait_s(tmp_path, f"sqlite:///{db}") < 12, "the end waited for the store far beyond mlflow_wait_s"
     said = lambda: green_log.text + notes_of(tmp_path / "out")  # noqa: E731
     wait_for("the sender named the store", lambda: "nothing more can be sent" in said(), 60)
     assert f"the MLflow store {db} cannot be created" in said()
