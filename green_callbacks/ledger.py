@@ -46,8 +46,8 @@ class RunLedger:
         self.stop_decision: Decision | None = None
         self._since_eval = Since()
         self._recent = Recent()  # (steps, joules) of recent intervals
-        self._cycles = Recent()  # (steps, joules) from one evaluation to the next, that evaluation included
-        self._cycle = (0, 0.0)  # the stretch since the last evaluation so far
+        self._cycle_steps = 0  # the steps since the last evaluation (or the start) so far
+        self._last_cycle_steps: int | None = None  # those from the start or an evaluation to the last evaluation
         self._evaluations_j = 0.0  # what the run's evaluations cost in all
         self._trial_j = 0.0  # an evaluation before training in the open interval (Lightning's sanity check)
         self._eval_steps: list[int] = []  # the last two evaluations' steps (this fit's axis)
@@ -73,7 +73,7 @@ class RunLedger:
         self._last_point_step = self._previous_point_step = self._epoch_start_step = 0
         self._at_start = self.steps_from_zero
         self._since_eval = Since()
-        self._cycle = (0, 0.0)
+        self._cycle_steps = 0
         self._eval_steps = []
 
     def close_interval(self, kind: Kind, step: int, merged: Merged, interval: Measurement, t0: float,
@@ -92,9 +92,8 @@ class RunLedger:
             self._eval_steps = [*self._eval_steps[-RATE_WINDOW:], step]
             self._last_eval_j = eval_j
             self._eval_costs = [*self._eval_costs[-(RATE_WINDOW - 1):], eval_j]
-            if self._cycle[0] > 0:  # an evaluation cycle, its evaluation included, for the rate
-                self._cycles.add(*self._cycle)
-                self._cycle = (0, 0.0)
+            if self._cycle_steps > 0:  # a cycle's steps: the period after the first evaluation (_period_seen)
+                self._last_cycle_steps, self._cycle_steps = self._cycle_steps, 0
             since, self._since_eval = self._since_eval, Since(step)
             self.evaluations += 1
             records.append(self._make(kind, self.evaluations - 1, since.start_step, step, since.merged(),
@@ -150,7 +149,7 @@ class RunLedger:
         steps, self._at_start = max(step - self._last_point_step, 0) + self._at_start, False
         if steps > 0:  # training alone: an evaluation is added per cycle in rate_per_step
             self._recent.add(steps, max(training_j - eval_j, 0.0))
-        self._cycle = (self._cycle[0] + steps, self._cycle[1] + training_j)
+        self._cycle_steps += steps
         self._last_point_step = step
         self._last_point_j = merged.total_j / interval.duration_s if interval.duration_s > 0 else 0.0
 
@@ -221,7 +220,7 @@ class RunLedger:
         steps = self._eval_steps
         if len(steps) > 1 and steps[-1] > steps[0]:
             return (steps[-1] - steps[0]) / (len(steps) - 1)
-        return float(self._cycles.items[-1][0]) if self._cycles.items and not self._resumed_cycle else None
+        return float(self._last_cycle_steps) if self._last_cycle_steps and not self._resumed_cycle else None
 
     def evaluation_period(self) -> float | None:
         """The steps from one evaluation to the next, where the framework's schedule says (Lightning)."""
