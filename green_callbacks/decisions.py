@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from green_callbacks.budgets import Progress, Totals
 from green_callbacks.distributed import RankInfo, gather
 from green_callbacks.meter import EnergyMeter
-from green_callbacks.policies import Decision, Progress, StopReason, Totals
+from green_callbacks.policies import Decision, StopReason
 from green_callbacks.process import never_raises
 from green_callbacks.records import IntervalRecord, Kind, merge_ranks, window_payload
 from green_callbacks.sensors.base import log

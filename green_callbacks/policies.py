@@ -1,4 +1,7 @@
-"""When to stop: the metric gained per doubling of energy, and energy/carbon/cost budgets. No framework here."""
+"""When to stop for efficiency: the metric gained per doubling of energy; the vocabulary of every decision.
+
+No framework here; the budgets are in :mod:`green_callbacks.budgets`.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from green_callbacks.units import ENERGY_J, parse_energy_j, parse_mass_g, parse_money
+from green_callbacks.units import ENERGY_J
 
 MODES = ("min", "max")
-ON_EXCEED = ("stop", "warn")
 log = logging.getLogger("green_callbacks")
 
 
@@ -238,164 +240,3 @@ class EfficiencyPlateau:
         self.first_j = state["first_j"]
         self.wait, self.bad, self.gain = int(state["wait"]), int(state["bad"]), state["gain"]
         self.seen = bool(state.get("seen", self.first_j is not None or self.bad))
-
-
-@dataclass(frozen=True)
-class Progress:
-    """What a stopper is shown at one check (an evaluation, an epoch end, a logging point).
-
-    Args:
-        so_far: the whole run's energy, emissions and cost up to now (every rank summed).
-        step: the trainer's global step (optimizer steps) at this check.
-        metrics: this evaluation's metrics; empty when no new evaluation happened.
-        evaluation: whether a new evaluation happened since the previous check.
-        rate_per_step: a robust recent cost per training step (``None`` until known).
-        remaining_steps: training steps left to the run's end (``None`` when unbounded).
-        evaluations: evaluations so far in the run, this one included.
-        stop_cost: what a stop decided now still costs before training ends (a step that runs before it
-            takes effect; a validation where the framework validates on stopping).
-        next_evaluation, evaluation_cost, evaluations_so_far: when the next evaluation is expected (the
-            period of the last ones), what the last one cost, and what all of them cost so far.
-    """
-
-    so_far: Totals
-    step: int
-    metrics: Mapping[str, float]
-    evaluation: bool
-    rate_per_step: Totals | None = None
-    remaining_steps: float | None = None
-    evaluations: int = 0
-    stop_cost: Totals | None = None
-    next_evaluation: float | None = None  # the step the next evaluation is expected at, from the last ones
-    evaluation_cost: Totals | None = None  # the last evaluation's cost
-    evaluations_so_far: Totals | None = None  # what the run's evaluations cost in all (in ``so_far``)
-
-    @property
-    def projected_end(self) -> Totals | None:
-        """The whole run's totals at its end, at the recent cost per step; ``None`` where either is unknown."""
-        if self.rate_per_step is None or self.remaining_steps is None:
-            return None
-        return self.so_far + self.rate_per_step.scaled(self.remaining_steps)
-
-
-@dataclass(frozen=True)
-class Totals:
-    """Energy, emissions and cost together (cost ``None`` without a price)."""
-
-    j: float = 0.0
-    g: float = 0.0
-    cost: float | None = None
-
-    def __add__(self, other: Totals) -> Totals:
-        cost = None if self.cost is None or other.cost is None else self.cost + other.cost
-        return Totals(self.j + other.j, self.g + other.g, cost)
-
-    def scaled(self, factor: float) -> Totals:
-        return Totals(self.j * factor, self.g * factor, None if self.cost is None else self.cost * factor)
-
-    def __sub__(self, other: Totals) -> Totals:
-        cost = None if self.cost is None or other.cost is None else self.cost - other.cost
-        return Totals(self.j - other.j, self.g - other.g, cost)
-
-
-class Budget:
-    """Stop before an energy, emissions or cost budget would be exceeded.
-
-    At each check (every point of the run, and every N steps where asked) the next interval's training is
-    projected as the largest of the last three intervals' (their evaluations left out), plus an evaluation
-    as costly as the last one where the next is expected before the following check (evaluations come
-    every so many steps: the period of the last two); if the run so far plus that projection plus what a
-    stop then still costs (``stop_cost``: the step that runs before the stop takes effect, the validation
-    Lightning runs on stopping) would exceed a budget, it stops now. The overshoot is therefore bounded
-    by how much one interval (or an evaluation) exceeds its recent predecessors; before the first
-    evaluation its cost is unknown.
-
-    Args:
-        energy: joules, or a string with a unit ("2.5 kWh", "900 kJ").
-        emissions: grams CO2e, or a string ("300 g", "1.2 kg").
-        cost: an amount in the price's currency, or a string ("0.5 EUR").
-        on_exceed: ``"stop"`` or ``"warn"`` (log the breach and carry on).
-    """
-
-    def __init__(self, energy: float | str | None = None, emissions: float | str | None = None,
-                 cost: float | str | None = None, on_exceed: str = "stop") -> None:
-        if energy is None and emissions is None and cost is None:
-            raise ValueError("a budget needs at least one of energy, emissions, cost")
-        if on_exceed not in ON_EXCEED:
-            raise ValueError(f"on_exceed={on_exceed!r} is not valid; choose one of {list(ON_EXCEED)}")
-        self.energy_j = parse_energy_j("energy", energy) if energy is not None else None
-        self.emissions_g = parse_mass_g("emissions", emissions) if emissions is not None else None
-        self.cost, self.currency = parse_money("cost", cost) if cost is not None else (None, None)
-        self.on_exceed = on_exceed
-        self.recent: list[Totals] = []
-        self.last_check: Totals = Totals()  # the training (evaluations left out) up to the last check
-        self.last_step: int | None = None
-        self.gap = 1  # steps between the last two checks at different steps
-
-    def _limits(self) -> list[tuple[StopReason, str, float, Any]]:
-        out = []
-        if self.energy_j is not None:
-            out.append((StopReason.ENERGY_BUDGET, "energy", self.energy_j, lambda t: t.j))
-        if self.emissions_g is not None:
-            out.append((StopReason.EMISSIONS_BUDGET, "emissions", self.emissions_g, lambda t: t.g))
-        if self.cost is not None:
-            out.append((StopReason.COST_BUDGET, "cost", self.cost, lambda t: t.cost or 0.0))
-        return out
-
-    def describe(self, reason: StopReason, value: float) -> str:
-        unit = {StopReason.ENERGY_BUDGET: "J", StopReason.EMISSIONS_BUDGET: "gCO2e",
-                StopReason.COST_BUDGET: self.currency or ""}[reason]
-        return f"{value:.6g} {unit}".strip()
-
-    def check(self, so_far: Totals, stop_cost: Totals | None = None, progress: Progress | None = None) -> Decision:
-        """One check with the run's totals so far (and what stopping costs, see the class); the interval since
-        the last check feeds the projection. ``progress``: the check's step and the run's evaluations."""
-        evaluations = progress.evaluations_so_far if progress is not None else None
-        training = so_far - evaluations if evaluations is not None else so_far
-        last = self.last_check  # the first check's: nothing, at no cost where the run has a price
-        interval = training - (Totals(last.j, last.g, 0.0) if last.cost is None else last)
-        self.last_check = training
-        step = progress.step if progress is not None else None
-        if step is not None and self.last_step is not None and step > self.last_step:
-            self.gap = step - self.last_step  # checks at one step (a step check, then its evaluation's) keep it
-        gap = self.gap
-        self.last_step = step
-        if interval.j > 0:
-            self.recent = [*self.recent[-2:], interval]
-        if not self.recent:
-            return CONTINUE
-        nxt = Totals(max(t.j for t in self.recent), max(t.g for t in self.recent),
-                     None if so_far.cost is None else max(t.cost or 0.0 for t in self.recent))
-        due = Totals()  # an evaluation expected before the next check: it runs before that check can stop
-        if progress is not None and progress.next_evaluation is not None and progress.evaluation_cost is not None \
-                and step is not None and progress.next_evaluation - step <= max(gap, 1):
-            due = progress.evaluation_cost
-        stop = stop_cost or Totals()
-        for reason, name, limit, get in self._limits():
-            if get(so_far) > limit:  # spent before this check came (a budget smaller than the first interval)
-                return Decision(True, reason, f"{name} so far {self.describe(reason, get(so_far))} already exceeds "
-                                              f"the budget of {self.describe(reason, limit)}: it was spent before "
-                                              "this check (checks come at each point; check_every_n_steps checks "
-                                              "between them)")
-            if get(so_far) + get(nxt) + get(due) + get(stop) > limit:
-                evaluation = f" + an evaluation ~{self.describe(reason, get(due))}" if get(due) > 0 else ""
-                then = f" + stopping then ~{self.describe(reason, get(stop))}" if get(stop) > 0 else ""
-                return Decision(True, reason, f"{name} so far {self.describe(reason, get(so_far))} + next interval "
-                                              f"~{self.describe(reason, get(nxt))}{evaluation}{then} would exceed "
-                                              f"the budget of {self.describe(reason, limit)}")
-        return CONTINUE
-
-    def broken_by(self, whole: Totals) -> list[str]:
-        """The budgets a projection of the whole run's totals breaks, each as a sentence."""
-        return [f"{name} {self.describe(reason, get(whole))} > {self.describe(reason, limit)}"
-                for reason, name, limit, get in self._limits() if get(whole) > limit]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"recent": [vars(t) for t in self.recent], "last_check": vars(self.last_check),
-                "last_step": self.last_step, "gap": self.gap}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.recent = [Totals(**t) for t in state["recent"]]
-        self.last_check = Totals(**state["last_check"])
-        self.last_step = state.get("last_step")
-        self.gap = int(state.get("gap", 1))

@@ -7,7 +7,8 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from green_callbacks.policies import CONTINUE, MODES, Budget, Decision, EfficiencyPlateau, MonitorError, Progress
+from green_callbacks.budgets import Budget, Progress
+from green_callbacks.policies import CONTINUE, MODES, Decision, EfficiencyPlateau, MonitorError
 
 log = logging.getLogger("green_callbacks")
 S = TypeVar("S", bound="Stopper")
