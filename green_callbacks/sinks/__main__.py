@@ -2,6 +2,6 @@
 
 import sys
 
-from green_callbacks.sinks.sender import main
+from green_callbacks.sinks.follower import main
 
 sys.exit(main())

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from green_callbacks.sinks.sender import lock
-from green_callbacks.sinks.spool import Record, State, Unreadable, scan
+from green_callbacks.sinks.spool import Record, State, Unreadable, lock, scan
 from green_callbacks.sinks.vetting import ReplaySender
 from green_callbacks.uris import split_credentials, temporary_env
 

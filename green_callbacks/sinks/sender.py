@@ -21,25 +21,26 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from green_callbacks.sinks.batches import BATCH_KINDS, BatchSending
 from green_callbacks.sinks.spool import (
     SENDABLE,
     STARTUP_S,
     Record,
     State,
     Unreadable,
+    log_path,
     rejected_path,
     scan,
     set_aside,
     state_path,
 )
-from green_callbacks.sinks.tracking import Blocked, RunClient, entities, resolve_uri
+from green_callbacks.sinks.tracking import Blocked, RunClient, resolve_uri
 from green_callbacks.sinks.verdicts import (
     ArtifactFailed,
     access_refused,
@@ -64,11 +65,10 @@ SENDER_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRI
               "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}  # retries after 0 s and 2 s (urllib3's backoff)
 MAX_TIMEOUT_S = 30  # the ceiling of the doubling: a server slower than this is as good as down
 RENOTE_S = 300.0  # an outage (or a recovery) is announced again at most this often
-BATCH_KINDS = ("metrics", "params", "tags")
 URGENT = ("artifact", "status", "flush", "close", "detach")  # the end of a run, or someone waiting: send now
 
 
-class Sender:
+class Sender(BatchSending):
     """Sends one spool's records to its run in order; ``send`` stops at the first outage."""
 
     def __init__(self, spool: Path, tracking_uri: str | None = None,
@@ -318,97 +318,6 @@ class Sender:
                                f"green-callbacks replay {self.spool}", again_after_s=RENOTE_S)
         self._done([item], deferred=True)
 
-    def _send_batch(self) -> None:
-        """The run of metrics/params/tags records at the head of the queue, in one or a few requests."""
-        assert self.client is not None
-        batch: list[Record] = []
-        for item in self.pending:
-            if not isinstance(item, Record) or item.kind not in BATCH_KINDS:
-                break
-            batch.append(item)
-        metrics, params, tags = [], [], []
-        self._asides, self._again = [], []  # written once the batch is through, not at each try
-        before = set(self.refused)
-        for r in batch:
-            m, p, t = self._known_good(r)
-            metrics += m
-            params += p
-            tags += t
-        params = self._new_params(params)
-        try:
-            self.client.log_batch(metrics, params, tags)
-        except Exception as exc:
-            if not permanent(exc) or access_refused(exc):  # credentials refused: the whole run is (Blocked)
-                raise
-            self.client.check(self.client.run_id or "")  # the run itself gone: Blocked
-            self._isolate(batch, before)
-        for line, kind, e in self._again:
-            self._alone(line, kind, e)
-        for line, reason, kind, e in self._asides:
-            self._set_aside(line, reason, {"kind": kind, "key": e.key, "value": getattr(e, "value", None),
-                                           "step": getattr(e, "step", None)}, f"the {kind} {e.key!r}")
-        self._done(batch)
-
-    def _new_params(self, params: list[Any]) -> list[Any]:
-        """MLflow refuses to change a param: a resumed run keeps its first values, with one warning."""
-        if not params:
-            return params
-        assert self.client is not None
-        existing = self.client.existing_params()
-        changed = [f"{p.key}: {existing[p.key]!r} -> {p.value!r}" for p in params
-                   if p.key in existing and existing[p.key] != p.value]
-        if changed:
-            self.note("params", "green-callbacks: MLflow params cannot change within a run; kept the first values "
-                                f"({'; '.join(changed)}).")
-        return [p for p in params if p.key not in existing]
-
-    def _known_good(self, record: Record) -> tuple[list[Any], list[Any], list[Any]]:
-        """A record's entities less those whose name MLflow refused before, which are sent alone after the batch:
-        in the batch, a name refused again would fail it and cost a request per entity to find again; alone, it
-        costs one request, and a name MLflow takes again (its refusal was of a value) is sent."""
-        groups = entities(record)
-        if not self.refused:
-            return groups
-        out: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
-        for slot, kind in enumerate(("metric", "param", "tag")):
-            for e in groups[slot]:
-                if (kind, e.key) in self.refused:
-                    self._again.append((record.line, kind, e))
-                else:
-                    out[slot].append(e)
-        return out
-
-    def _alone(self, line: int, kind: str, e: Any) -> None:
-        """One entity in a request of its own: set aside when MLflow refuses it (again), taken off the refused
-        names when it is taken; an outage or a refusal of the credentials stops the batch (tried again whole)."""
-        assert self.client is not None
-        alone: list[list[Any]] = [[], [], []]
-        alone[("metric", "param", "tag").index(kind)] = [e]
-        try:
-            self.client.log_batch(*alone)
-        except Exception as exc:
-            if not permanent(exc) or access_refused(exc):
-                raise
-            self.refused.add((kind, e.key))
-            self._aside(line, describe(exc), kind, e)
-            return
-        self.refused.discard((kind, e.key))
-
-    def _aside(self, line: int, reason: str, kind: str, e: Any) -> None:
-        """An entity of the batch being sent, to be set aside once that batch is through (a batch cut off by an
-        outage is tried again, and would set the same entities aside again)."""
-        self._asides.append((line, reason, kind, e))
-
-    def _isolate(self, batch: list[Record], before: set[tuple[str, str]]) -> None:
-        """A refused batch: each metric, param and tag alone, so only the refused ones are set aside (``before``:
-        the names refused earlier, left out of the batch and sent alone after it)."""
-        for r in batch:
-            m, p, t = entities(r)
-            for kind, group in (("metric", m), ("param", self._new_params(p)), ("tag", t)):
-                for e in group:
-                    if (kind, e.key) not in before:  # (those are sent alone after the batch)
-                        self._alone(r.line, kind, e)
-
     def _set_aside(self, line: int, reason: str, content: Any, what: str, refused: bool = True) -> None:
         with contextlib.suppress(OSError):  # a folder gone read-only: the warning below still names it
             set_aside(self.spool, line, reason, content)
@@ -440,121 +349,4 @@ class Sender:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-
-def lock(spool: Path) -> Any:
-    """An exclusive lock on the spool (one sender or replay at a time), or None when another holds it.
-
-    The training appends without locking (the lock is advisory); the lock dies with its process.
-    """
-    f = spool.open("rb")
-    try:
-        import fcntl
-    except ImportError:  # no fcntl (Windows): one sender per spool by construction
-        return f
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        return None
-    return f
-
-
-def _lower_priority() -> None:
-    """Telemetry takes the CPU time training leaves free."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        return
-    with contextlib.suppress(AttributeError, OSError):
-        os.nice(19)
-
-
-def log_path(spool: Path) -> Path:
-    """Where the sender writes its messages once the training has exited."""
-    return spool.with_name(spool.name + ".log")
-
-
-def _write_to_log_once_orphaned(parent: int, spool: Path, cleaning: threading.Lock,
-                                cleaned: threading.Event) -> None:
-    """The sender inherits the training's stderr, often a pipe (``| tee``, a CI job, ``subprocess.run(...,
-    capture_output=True)``) that ends only when every process holding it has closed it: while this one lingered
-    (up to ``linger_s``), the user's command did not return. Once the training has gone, a thread moves this
-    process's stdout and stderr to ``<spool>.log``, whatever the main loop is waiting on (a request). Not once the
-    sender has cleaned up (``cleaned``, set under ``cleaning``): the log would stay behind, empty."""
-    def watch() -> None:
-        while os.getppid() == parent and not cleaned.is_set():
-            time.sleep(0.1)
-        with cleaning:
-            if cleaned.is_set():
-                return
-            try:
-                fd = os.open(log_path(spool), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            except OSError:
-                fd = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            os.close(fd)
-
-    threading.Thread(target=watch, name="green-callbacks-orphaned", daemon=True).start()
-
-
-def follow(spool: Path) -> int:
-    """The sender process: tail ``spool`` until it is closed and sent, or given up on."""
-    held = lock(spool)
-    if held is None:
-        return 0  # another sender (or a replay) has it
-    sender = Sender(spool)
-    # the training that wrote the header started this sender: if it died before this line ran, the parent is
-    # already another process (init), and the training must count as gone from the start
-    parent = sender.header.get("pid") if isinstance(sender.header.get("pid"), int) else os.getppid()
-    cleaning, cleaned = threading.Lock(), threading.Event()
-    _write_to_log_once_orphaned(parent, spool, cleaning, cleaned)
-    sender.save()  # with this process's pid, for replay's message
-    cadence = float(sender.header.get("cadence_s", 5.0))
-    linger = float(sender.header.get("linger_s", 60.0))
-    first_send_at = sender.header["t_ms"] / 1000 + float(sender.header.get("first_send_s", 10.0))
-    alone_since: float | None = None  # the training has closed after its wait, or is gone
-    last_send = 0.0
-    while True:
-        gone = os.getppid() != parent
-        if alone_since is None and (gone or sender.detached):
-            alone_since = time.monotonic()
-            sender.echo = lambda text: print(text, file=sys.stderr, flush=True)
-        sender.read(final=gone)
-        now = time.monotonic()
-        # MLflow's start-up (seconds of CPU) waits until the training is under way, or over
-        due = gone or sender.urgent or (time.time() >= first_send_at and now - last_send >= cadence)
-        if (sender.pending or sender.deferred_due) and due:
-            sender.send()
-            last_send = now
-        if gone and not sender.pending:
-            sender.closed_until = sender.closed_until or time.time()
-        if sender.finished and sender.state.blocked is None:
-            if gone:
-                sender.mark_vanished()
-            sender.state.done = True
-            sender.save()
-            # the training's close() is waiting: it relays the last warnings and removes the files
-            while spool.exists() and not (gone or sender.detached) and time.time() < sender.closed_until + 2.0:
-                time.sleep(0.05)
-                sender.read()
-                gone = os.getppid() != parent
-            with cleaning:
-                cleaned.set()
-                sender.cleanup()
-            return 0
-        if sender.state.blocked or (alone_since is not None and now - alone_since > linger):
-            if alone_since is not None:  # while the training runs, its own close() says what is left, and how many
-                print(f"green-callbacks: {sender.unsent} records could not be sent to MLflow at {sender.uri}; they are "
-                      f"kept in {spool}. Send them with: green-callbacks replay {spool}", file=sys.stderr, flush=True)
-            return 1
-        time.sleep(POLL_S)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m green_callbacks.sinks SPOOL", file=sys.stderr)
-        return 2
-    _lower_priority()
-    return follow(Path(args[0]))
 

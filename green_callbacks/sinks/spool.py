@@ -73,6 +73,11 @@ def rejected_path(spool: Path) -> Path:
     return spool.with_name(spool.name.removesuffix(".jsonl") + ".rejected.jsonl")
 
 
+def log_path(spool: Path) -> Path:
+    """Where the sender writes its messages once the training has exited."""
+    return spool.with_name(spool.name + ".log")
+
+
 def parse(raw: bytes, line: int, end: int) -> Record | Unreadable:
     try:
         d = json.loads(raw)
@@ -277,3 +282,21 @@ def _last_byte(path: Path) -> bytes:
     with path.open("rb") as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1)
+
+
+def lock(spool: Path) -> Any:
+    """An exclusive lock on the spool (one sender or replay at a time), or None when another holds it.
+
+    The training appends without locking (the lock is advisory); the lock dies with its process.
+    """
+    f = spool.open("rb")
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): one sender per spool by construction
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f

@@ -1,0 +1,114 @@
+"""The sender process: ``python -m green_callbacks.sinks SPOOL`` tails one spool beside the training.
+
+It takes the spool's lock, sends at the header's cadence through a :class:`~green_callbacks.sinks.sender.Sender`,
+waits for the training's ``close()`` at its end, and lingers ``linger_s`` after a training that is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from green_callbacks.sinks.sender import Sender
+from green_callbacks.sinks.spool import lock, log_path
+
+POLL_S = 0.2
+
+
+def _lower_priority() -> None:
+    """Telemetry takes the CPU time training leaves free."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return
+    with contextlib.suppress(AttributeError, OSError):
+        os.nice(19)
+
+
+def _write_to_log_once_orphaned(parent: int, spool: Path, cleaning: threading.Lock,
+                                cleaned: threading.Event) -> None:
+    """The sender inherits the training's stderr, often a pipe (``| tee``, a CI job, ``subprocess.run(...,
+    capture_output=True)``) that ends only when every process holding it has closed it: while this one lingered
+    (up to ``linger_s``), the user's command did not return. Once the training has gone, a thread moves this
+    process's stdout and stderr to ``<spool>.log``, whatever the main loop is waiting on (a request). Not once the
+    sender has cleaned up (``cleaned``, set under ``cleaning``): the log would stay behind, empty."""
+    def watch() -> None:
+        while os.getppid() == parent and not cleaned.is_set():
+            time.sleep(0.1)
+        with cleaning:
+            if cleaned.is_set():
+                return
+            try:
+                fd = os.open(log_path(spool), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            except OSError:
+                fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+
+    threading.Thread(target=watch, name="green-callbacks-orphaned", daemon=True).start()
+
+
+def follow(spool: Path) -> int:
+    """The sender process: tail ``spool`` until it is closed and sent, or given up on."""
+    held = lock(spool)
+    if held is None:
+        return 0  # another sender (or a replay) has it
+    sender = Sender(spool)
+    # the training that wrote the header started this sender: if it died before this line ran, the parent is
+    # already another process (init), and the training must count as gone from the start
+    parent = sender.header.get("pid") if isinstance(sender.header.get("pid"), int) else os.getppid()
+    cleaning, cleaned = threading.Lock(), threading.Event()
+    _write_to_log_once_orphaned(parent, spool, cleaning, cleaned)
+    sender.save()  # with this process's pid, for replay's message
+    cadence = float(sender.header.get("cadence_s", 5.0))
+    linger = float(sender.header.get("linger_s", 60.0))
+    first_send_at = sender.header["t_ms"] / 1000 + float(sender.header.get("first_send_s", 10.0))
+    alone_since: float | None = None  # the training has closed after its wait, or is gone
+    last_send = 0.0
+    while True:
+        gone = os.getppid() != parent
+        if alone_since is None and (gone or sender.detached):
+            alone_since = time.monotonic()
+            sender.echo = lambda text: print(text, file=sys.stderr, flush=True)
+        sender.read(final=gone)
+        now = time.monotonic()
+        # MLflow's start-up (seconds of CPU) waits until the training is under way, or over
+        due = gone or sender.urgent or (time.time() >= first_send_at and now - last_send >= cadence)
+        if (sender.pending or sender.deferred_due) and due:
+            sender.send()
+            last_send = now
+        if gone and not sender.pending:
+            sender.closed_until = sender.closed_until or time.time()
+        if sender.finished and sender.state.blocked is None:
+            if gone:
+                sender.mark_vanished()
+            sender.state.done = True
+            sender.save()
+            # the training's close() is waiting: it relays the last warnings and removes the files
+            while spool.exists() and not (gone or sender.detached) and time.time() < sender.closed_until + 2.0:
+                time.sleep(0.05)
+                sender.read()
+                gone = os.getppid() != parent
+            with cleaning:
+                cleaned.set()
+                sender.cleanup()
+            return 0
+        if sender.state.blocked or (alone_since is not None and now - alone_since > linger):
+            if alone_since is not None:  # while the training runs, its own close() says what is left, and how many
+                print(f"green-callbacks: {sender.unsent} records could not be sent to MLflow at {sender.uri}; they are "
+                      f"kept in {spool}. Send them with: green-callbacks replay {spool}", file=sys.stderr, flush=True)
+            return 1
+        time.sleep(POLL_S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m green_callbacks.sinks SPOOL", file=sys.stderr)
+        return 2
+    _lower_priority()
+    return follow(Path(args[0]))
