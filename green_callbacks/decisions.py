@@ -120,7 +120,8 @@ class StopperHost:
         merged = merge_ranks(gather(window_payload(peek, self.rank.rank, self.rank.node)))
         fp = self.accountant.footprint(merged.total_j, peek.start_unix, peek.start_unix + peek.duration_s)
         progress = self.progress(step, None, self.totals() + Totals(merged.total_j, fp.g_co2e, fp.cost))
-        due = [s for s in self.stoppers if s.check_every_n_steps and step % s.check_every_n_steps == 0]
+        counted = step + self.steps_from_zero  # (as on_step counts: after step N-1 on Lightning's 0-based axis)
+        due = [s for s in self.stoppers if s.check_every_n_steps and counted % s.check_every_n_steps == 0]
         local = next((d for d in (s.check(progress) for s in due) if d.should_stop), None)
         return self._agree(local, progress, True)
 

@@ -193,10 +193,13 @@ class EfficiencyStopper(Stopper):
             self._statistics[self.plateau.min_gain.name_to_end(self.monitor)] = self.plateau.gain_to_end
         if decision.should_stop and progress.remaining_steps is not None and progress.remaining_steps <= 0:
             decision = CONTINUE  # the run ends here anyway: a stop would save nothing, and say it stopped early
-        if self.verbose:
-            log.warning("%s: %s=%.4g, gained %s, %d/%d at or below min_gain=%r", type(self).__name__, self.monitor,
+        if self.verbose:  # what was held against min_gain: the gain left to the run's end, where it was reckoned
+            to_end = self.plateau.gain_to_end
+            held = "" if to_end is None else (f", {to_end:.4g}{' %' if self.plateau.min_gain.relative else ''} "
+                                             "in the energy left to the run's end")
+            log.warning("%s: %s=%.4g, gained %s%s, %d/%d at or below min_gain=%r", type(self).__name__, self.monitor,
                         progress.metrics[self.monitor], "n/a (warm-up)" if gain is None else
-                        self.plateau.min_gain.describe(gain), self.plateau.wait, self.plateau.patience,
+                        self.plateau.min_gain.describe(gain), held, self.plateau.wait, self.plateau.patience,
                         self.plateau.min_gain.text)
         return decision
 

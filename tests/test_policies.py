@@ -334,6 +334,19 @@ def test_with_less_than_a_doubling_left_the_gain_left_is_held_against_min_gain(s
     assert "doublings of energy left to the run's end would buy" in decision.message
 
 
+def test_verbose_shows_the_gain_left_to_the_end_where_that_is_what_is_held_against_min_gain(caplog):
+    # 2 % per doubling, above min_gain; with less than a doubling left, the gain to the end decides: the verbose
+    # line said "gained 2 % per doubling, 1/3 at or below min_gain='1% per doubling'", a contradiction
+    stopper = EfficiencyStopper(monitor="val_acc", verbose=True)
+    with caplog.at_level(logging.WARNING, logger="green_callbacks"):
+        for i in range(1, 120):
+            j = 100.0 * i
+            stopper.check(Progress(so_far=Totals(j=j), step=i, metrics={"val_acc": climbing_2pct_per_doubling(j)},
+                                   evaluation=True, rate_per_step=Totals(j=100.0), remaining_steps=float(150 - i)))
+    lines = [r.getMessage() for r in caplog.records if "1/3 at or below" in r.getMessage()]
+    assert lines and all("% in the energy left to the run's end" in line for line in lines), lines[:1]
+
+
 def test_an_exchange_rate_ignores_the_runs_end():
     policy = EfficiencyPlateau("val_acc", "max", "1e-9 per kWh", patience=1)
     decisions = [policy.update(climbing_2pct_per_doubling(j), j, 150.0) for j in range(1, 150)]

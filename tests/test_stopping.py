@@ -108,10 +108,14 @@ def test_lightning_step_checks_bound_the_overshoot_to_one_interval(tmp_path, fak
     fake_nvml.configure(CONSTANT_250W)  # real time: between points the checks peek at sampled power
     mon = monitor(tmp_path)
     budget = gl.EnergyBudget(energy=300, check_every_n_steps=4)
-    fit(tmp_path, [mon, budget, Pace(per_epoch_s=0.0, per_step_s=0.02)], lightning_digits_module()(),
-        max_epochs=20)
+    t = fit(tmp_path, [mon, budget, Pace(per_epoch_s=0.0, per_step_s=0.02)], lightning_digits_module()(),
+            max_epochs=20)
     interval_j = max(t.j for t in budget.budget.recent)
     assert mon.cumulative_j <= 300 + interval_j
+    # checked every 4 steps (after steps 3, 7, 11... on Lightning's 0-based axis), not only at the epochs' ends
+    # (23 steps apart), and stopped at such a check
+    epoch_j = records_of(mon, "epoch")[0].energy_j  # 23 steps
+    assert interval_j < epoch_j / 3 and t.global_step % 4 == 0
     assert mon.current_epoch <= 2 and mon.stop_decision.reason.value == "energy_budget"
 
 
