@@ -24,7 +24,8 @@ class StopperHost:
 
     stoppers: list[Stopper]
     step_periods: tuple[int, ...] = ()  # the stoppers' check_every_n_steps: what on_step tests at every step
-    stop_decision: Decision | None
+    stop_decision: Decision | None  # the last stop decided (kept for the summary and the user)
+    _fits: int
     rank: RankInfo
     meter: EnergyMeter | None
     sink: Any
@@ -36,6 +37,12 @@ class StopperHost:
     _last_eval_j: float
     _evaluations_j: float
     _trial_j: float
+
+    @property
+    def _stopping(self) -> bool:
+        """A stop was decided in this fit: it is being carried out (a later fit, into the same run too, is asked
+        again: a budget already spent stops it at its first check)."""
+        return self.stop_decision is not None and getattr(self, "_stop_fit", None) == self._fits
 
     def attach(self, stopper: Stopper) -> None:
         """Ask ``stopper`` at every point (evaluation, epoch end, every N steps) whether to stop."""
@@ -55,7 +62,7 @@ class StopperHost:
 
     def _decide(self, record: IntervalRecord, collective: bool) -> Decision | None:
         """Every stopper's verdict at this point, made identical on all ranks by one reduction."""
-        if not self.stoppers or self._finishing_status is not None or self.stop_decision is not None:
+        if not self.stoppers or self._finishing_status is not None or self._stopping:
             return None  # nothing to decide, or already stopping
         evaluation = record.kind is Kind.EVALUATION
         progress = self.progress(record.step - self.step_offset, record.metrics if evaluation else None,
@@ -114,7 +121,7 @@ class StopperHost:
         """A budget check between points (``check_every_n_steps``): what the open interval cost so far. None once
         a stop is decided (the same on every rank): it was decided once, and is logged once."""
         assert self.meter is not None
-        if self.stop_decision is not None or self._finishing_status is not None:
+        if self._stopping or self._finishing_status is not None:
             return None
         peek = self.meter.peek("interval")
         merged = merge_ranks(gather(window_payload(peek, self.rank.rank, self.rank.node)))
@@ -136,12 +143,12 @@ class StopperHost:
         if rank != self.rank.rank and collective:
             message = f"{message} (decided on rank {rank})"
         decision = Decision(True, StopReason(reason) if reason else None, message)
-        self.stop_decision = decision
+        self.stop_decision, self._stop_fit = decision, self._fits
         log.warning("green-callbacks: stopping: %s", decision.message)
         if self.rank.is_zero and self.sink is not None:
             self.sink.set_tags({"green.stop_reason": decision.reason.value if decision.reason else "other_rank",
                                 "green.stop_message": decision.message})
-        if progress.rate_per_step is not None and progress.remaining_steps:
-            saved = progress.rate_per_step.scaled(progress.remaining_steps)
+        if progress.rate_per_step is not None and progress.remaining_steps:  # less what the stop itself still costs
+            saved = progress.rate_per_step.scaled(progress.remaining_steps) - (progress.stop_cost or Totals())
             self._log({"energy/saved_j_projected": saved.j, "emissions/saved_g_projected": saved.g}, progress.step)
         return decision

@@ -119,6 +119,22 @@ def test_lightning_step_checks_bound_the_overshoot_to_one_interval(tmp_path, fak
     assert mon.current_epoch <= 2 and mon.stop_decision.reason.value == "energy_budget"
 
 
+def test_a_fit_after_a_stop_into_the_same_run_is_stopped_again(tmp_path, fake_nvml):
+    # the first fit's stop was remembered for the run, so the stoppers were never asked again: a second fit of
+    # the same trainer (max_epochs raised) trained all its epochs past a spent budget
+    fake_nvml.configure(CONSTANT_250W, work_clock=True)  # 23 steps an epoch: 57.5 J
+    mon, budget = monitor(tmp_path), gl.EnergyBudget(energy="0.2 kJ")
+    t = fit(tmp_path, [mon, budget, work_clock(fake_nvml)], lightning_digits_module()(), max_epochs=20)
+    first_epochs, spent = t.current_epoch, mon.cumulative_j
+    assert first_epochs < 5 and spent <= 200.0
+    t.fit_loop.max_epochs = first_epochs + 10
+    t.fit(t.lightning_module, *digits_loaders())
+    assert t.current_epoch <= first_epochs + 1 and mon.cumulative_j <= spent + 2 * 57.5
+    assert mon.stop_decision.reason.value == "energy_budget"
+    (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db")[1]
+    assert run.data.tags["green.stop_reason"] == "energy_budget"
+
+
 def test_warn_mode_only_warns(tmp_path, fake_nvml, green_log):
     fake_nvml.configure(CONSTANT_250W)
     mon = monitor(tmp_path)
