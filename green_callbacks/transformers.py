@@ -101,6 +101,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         # (for the exit, where no trainer calls; HF's callback itself is not kept: its __del__ ends the active
         # run, and one collected when the next Trainer's replaced it here ended that Trainer's new run)
         self._hf_started_run = bool(getattr(hf_mlflow_callback(calling_trainer()), "_auto_end_run", False))
+        _keep_a_place(state, self)
         retry = (args.auto_find_batch_size and getattr(self, "_training", False) and self.started
                  and 0 < (state.train_batch_size or 0) < getattr(self, "_batch_size", 0))
         if retry:  # HF's auto_find_batch_size starts the training again, smaller, after an out-of-memory error
@@ -276,6 +277,14 @@ def _resumed(state: TrainerState) -> bool:
     return (state.global_step or 0) > 0
 
 
+def _keep_a_place(state: TrainerState, callback: ExportableState) -> None:
+    """HF saves a stateful callback's state into the entry its ``TrainerState`` made for it when the Trainer was
+    built; resuming a checkpoint written without this callback replaces those entries with the checkpoint's, and
+    the next save raised ``KeyError`` (HF's own ``EarlyStoppingCallback`` alike): the entry is made here."""
+    if isinstance(state.stateful_callbacks, dict):
+        state.stateful_callbacks.setdefault(type(callback).__name__, callback.state())
+
+
 def _length(dataset: Any) -> int:
     """``len(dataset)``, or 0 for a data set without one (an ``IterableDataset``)."""
     try:
@@ -293,6 +302,7 @@ class _HfStopper(ExportableState):
     def _begin(self, state: TrainerState) -> None:
         """At each train()'s start: a resumed one takes the checkpoint's state (also where this stopper served an
         earlier training), a fresh one after another starts from nothing."""
+        _keep_a_place(state, self)
         if _resumed(state):
             saved = (load_saved_state(self, state) or {}).get("green_policy") or getattr(self, "green_policy", None)
             if saved:

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from transformers import Trainer, TrainingArguments
 
-from green_callbacks.transformers import EnergyMonitor
+from green_callbacks.transformers import EfficiencyEarlyStopping, EnergyBudget, EnergyMonitor
 
 from helpers import (
     CUMULATIVE,
@@ -85,6 +85,22 @@ def test_resume_from_checkpoint_continues_the_totals(tmp_path, digits, tracking)
     assert history(client, run_id, "energy/total_j")[-1][1] == pytest.approx(second.cumulative_j)
     assert second.cumulative_j >= sum(v for _, v in epoch)
     assert [r.epoch for r in second.records if r.kind.value == "epoch"] == [0, 1, 2, 3]
+
+
+def test_monitor_and_stoppers_added_when_resuming_a_checkpoint_written_without_them(tmp_path, digits, tracking):
+    # energy tracking added to a fine-tune under way: the next checkpoint save raised KeyError in HF's
+    # _save_checkpoint (the resumed TrainerState had no entry for the new stateful callbacks)
+    hf_trainer(tmp_path, digits, [], epochs=1, save_strategy="epoch").train()
+    monitor = EnergyMonitor(experiment_name="hf-added", output_dir=str(tmp_path / "out"), log_artifacts=False)
+    trainer = hf_trainer(tmp_path, digits, [monitor, EfficiencyEarlyStopping(monitor="accuracy"),
+                                            EnergyBudget(energy="1 MJ")], epochs=3, save_strategy="epoch")
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 48
+    saved = trainer.state.stateful_callbacks
+    assert {"EnergyMonitor", "EfficiencyEarlyStopping", "EnergyBudget"} <= set(saved)
+    assert saved["EnergyMonitor"]["attributes"]["green_state"]["records"], "the last checkpoint holds the totals"
+    client, (run,) = runs(tracking, "hf-added")
+    assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [32, 48]
 
 
 def test_an_evaluate_before_train_goes_into_hfs_run(tmp_path, digits, tracking):
