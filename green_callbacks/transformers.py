@@ -137,6 +137,8 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         # HF hands callbacks no batch: the model's forward sees every (micro-)batch, on every rank
         self._count_hook = None if model is None else model.register_forward_pre_hook(self._count_forward,
                                                                                        with_kwargs=True)
+        if args.eval_on_start:  # HF evaluates right after every callback's on_train_begin: all of it is measured
+            self.begin_evaluation()
 
     def _end_resumed_elsewhere(self) -> None:
         """Another monitor of this process whose train() raised (HF tells no callback) and whose training this one
@@ -310,6 +312,7 @@ class _HfStopper(ExportableState):
         elif getattr(self, "_trained", False):
             self.reset_policy()
         self._trained = True
+        self._attached = False
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
@@ -319,11 +322,19 @@ class _HfStopper(ExportableState):
         tracker = running_tracker()
         with ends_on_error(tracker):  # a stopper that cannot act (nothing measured) fails this train()
             tracker.attach(self)
+        self._attached = True
 
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
         # every callback's on_train_begin has run by now, the EnergyMonitor's included
         self._attach(state)
+
+    def on_prediction_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                           **kwargs: Any) -> None:
+        # eval_on_start: HF evaluates before the first on_epoch_begin; the monitor decides at its on_evaluate, after
+        # every callback's prediction steps (a typo in the monitored name fails there, before the first step)
+        if not getattr(self, "_attached", False) and in_training_loop():
+            self._attach(state)
 
 
 class EfficiencyEarlyStopping(_HfStopper, EfficiencyStopper, TrainerCallback):

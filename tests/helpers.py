@@ -231,13 +231,17 @@ def work_clock(fake, train_s: float = 0.010, val_s: float = 0.0):
     return Work()
 
 
-def hf_work_clock(fake, train_s: float = 0.010):
-    """The same for HF's ``Trainer``: ``train_s`` of work per optimizer step."""
+def hf_work_clock(fake, train_s: float = 0.010, eval_s: float = 0.0):
+    """The same for HF's ``Trainer``: ``train_s`` of work per optimizer step, ``eval_s`` per evaluation batch."""
     from transformers import TrainerCallback
 
     class HfWork(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             fake.advance(train_s)
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            if eval_s:
+                fake.advance(eval_s)
 
     return HfWork()
 

@@ -6,6 +6,7 @@ import mlflow
 import pytest
 from transformers import Trainer, TrainingArguments
 
+from green_callbacks.policies import MonitorError
 from green_callbacks.transformers import EfficiencyEarlyStopping, EnergyBudget, EnergyMonitor
 
 from helpers import (
@@ -17,6 +18,7 @@ from helpers import (
     digits_tensors,
     hf_accuracy,
     hf_digits_model,
+    hf_work_clock,
     history,
     runs,
     steps,
@@ -101,6 +103,23 @@ def test_monitor_and_stoppers_added_when_resuming_a_checkpoint_written_without_t
     assert saved["EnergyMonitor"]["attributes"]["green_state"]["records"], "the last checkpoint holds the totals"
     client, (run,) = runs(tracking, "hf-added")
     assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [32, 48]
+
+
+def test_eval_on_start_is_measured_whole_and_checked_before_the_first_step(tmp_path, digits, tracking, fake_nvml):
+    # HF's evaluation before training (eval_on_start) came before the stoppers attached (at on_epoch_begin): a typo
+    # in the monitored name failed only at the next evaluation, after training; and its first batch was not measured
+    fake_nvml.configure([{"profile": [(1.0, 250.0)]}], work_clock=True)  # 1 J an evaluation batch
+    monitor = EnergyMonitor(gpus="all", measure_cpu=False, output_dir=str(tmp_path / "out"), log_artifacts=False)
+    hf_trainer(tmp_path, digits, [hf_work_clock(fake_nvml, eval_s=0.004), monitor, EnergyBudget(energy="1 MJ")],
+               epochs=1, eval_on_start=True).train()
+    client, (run,) = runs(tracking)
+    assert history(client, run.info.run_id, "energy/eval_j")[0] == (0, pytest.approx(4.0))  # 128 samples, 32 a batch
+    typo = EfficiencyEarlyStopping(monitor="acuracy")
+    trainer = hf_trainer(tmp_path, digits, [EnergyMonitor(gpus="all", measure_cpu=False, output_dir=str(
+        tmp_path / "out"), log_artifacts=False), typo], epochs=1, eval_on_start=True)
+    with pytest.raises(MonitorError, match="acuracy"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 def test_an_evaluate_before_train_goes_into_hfs_run(tmp_path, digits, tracking):
