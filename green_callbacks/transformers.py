@@ -9,7 +9,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 
 from green_callbacks.distributed import RankInfo, node_name
-from green_callbacks.process import live_trackers, running_tracker
+from green_callbacks.process import live_trackers, running_tracker, uncaught
 from green_callbacks.records import Kind
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper
 from green_callbacks.tracker import EnergyTracker
@@ -65,7 +65,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
 
     steps_from_zero = False  # HF's global_step is 1 after the first step: a point at step k covers k steps
     _hf_started_run = False  # HF's MLflowCallback started the training's run (not the user): see finish
-    _resumed_hf_run = False  # HF's training run made active again for an evaluate()/predict(): see resume_hf_run
+    _resumed_hf_run: str | None = None  # HF's training run, active again for an evaluate()/predict(): its status
     _evaluates_now = False  # HF evaluates at the step under way (on_step_end): a stop set there does not skip it
 
     def state(self) -> dict[str, Any]:
@@ -95,6 +95,14 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         super().finish(status)
         if started and status != "FINISHED":
             end_hf_run(self.run, status, self._hf_started_run)
+
+    def _atexit(self) -> None:
+        """At the process's exit: a ``train()`` still under way raised, and the user caught it (HF tells no callback;
+        an uncaught exception, Ctrl-C and SIGTERM are known): ``FAILED``, not ``KILLED``."""
+        if self.started and not self._finished and getattr(self, "_training", False) and uncaught() is None:
+            self.finish(interrupted_status())
+        else:
+            super()._atexit()
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
@@ -254,10 +262,10 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         self.end_stage("inference", samples=round(share), label=label)
         # evaluate()/predict() returns to the user, who expects the numbers in MLflow now and the run ended as
         # before (as Lightning's teardown ends each stage): the sink closes, its sender stops; a later call reopens
-        resumed, self._resumed_hf_run = self._resumed_hf_run, False
+        resumed, self._resumed_hf_run = self._resumed_hf_run, None
         self.finish("FINISHED")
-        if resumed:  # HF's training run, made active again for this call: ended again, as HF ended it
-            end_hf_run(self.run, "FINISHED")
+        if resumed:  # HF's training run, made active again for this call: ended again, as it had ended
+            end_hf_run(self.run, resumed)
 
     def _close_epoch(self, state: TrainerState, control: TrainerControl) -> None:
         self._epoch_pending = False

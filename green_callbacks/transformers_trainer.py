@@ -102,26 +102,28 @@ def reopen_hf_mlflow_run(args: TrainingArguments, state: TrainerState, model: An
                     "the energy goes to a run of its own", type(exc).__name__, exc)
 
 
-def resume_hf_run(run: Any, state: TrainerState) -> bool:
+def resume_hf_run(run: Any, state: TrainerState) -> str | None:
     """An ``evaluate()`` or ``predict()`` after ``train()``: HF's ``MLflowCallback`` ended its run with the training
     and, still set up, logs the evaluation's metrics with MLflow's fluent API, which starts a run on the fly (no
     params, left RUNNING) while the energy went to the training's run. Where HF started that run, make it the
-    active run again for the call, so that both go to it (ended again by :func:`end_hf_run`). One bounded try."""
+    active run again for the call, so that both go to it (ended again by :func:`end_hf_run`, with the status it
+    has now: a training that failed stays FAILED). One bounded try; the status to end with, ``None`` if not."""
     if run is None or run.owned or not state.is_world_process_zero:
-        return False
+        return None
     hf = hf_mlflow_callback(calling_trainer())
     if hf is None or not getattr(hf, "_initialized", False) or not getattr(hf, "_auto_end_run", False):
-        return False
+        return None
     try:
         if hf._ml_flow.active_run() is not None:
-            return False
+            return None
         with temporary_env({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}):
+            status = hf._ml_flow.get_run(run.run_id).info.status
             hf._ml_flow.start_run(run_id=run.run_id)
-        return True
+        return status if status in ("FINISHED", "FAILED", "KILLED") else "FINISHED"
     except Exception as exc:  # the server's fault: HF's metrics go where HF sends them
         log.warning("green-callbacks: could not make the training's MLflow run %s active again for this evaluation "
                     "(%s: %s); HF logs its metrics to a run of their own", run.run_id, type(exc).__name__, exc)
-        return False
+        return None
 
 
 def load_saved_state(callback: Any, state: TrainerState) -> dict[str, Any] | None:

@@ -124,6 +124,21 @@ def test_interrupted_mid_epoch_keeps_the_partial_epoch_and_summary(tmp_path, fra
     assert f"green-callbacks [{status.lower()}]" in proc.stdout
 
 
+@pytest.mark.parametrize("then", ["caught", "caught-evaluate"])
+def test_hf_train_that_raised_and_was_caught_ends_failed(tmp_path, then):
+    """HF tells no callback of an exception: one the user catches was ended KILLED at the exit (as if killed), and
+    an evaluate() after it made HF's training run active again and ended it FINISHED."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "interrupted.py"), "hf-mlflow", then, uri, str(tmp_path)],
+                          env=fake_nvml_env("{}"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "caught: a bug" in proc.stdout, proc.stderr[-2000:]
+    client, (run,) = runs(uri)
+    assert run.info.status == "FAILED", proc.stderr[-2000:]
+    assert "green-callbacks [failed]" in proc.stdout
+    if then == "caught-evaluate":  # HF's metrics and the evaluation's energy in the training's run
+        assert history(client, run.info.run_id, "eval_loss") and history(client, run.info.run_id, "energy/evaluate_j")
+
+
 # -- property-based fuzzing: accepted, or rejected with the package's own clear error -------------
 anything = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.floats(allow_nan=True, allow_infinity=True),
                      st.text(max_size=10), st.lists(st.integers(-2, 3), max_size=3),

@@ -1,6 +1,8 @@
-"""Training interrupted mid-epoch 1: python interrupted.py lightning|hf|hf-mlflow sigterm|keyboard|exception URI OUT.
+"""Training interrupted mid-epoch 1: python interrupted.py lightning|hf|hf-mlflow FAULT URI OUT.
 
-hf-mlflow: HF's ``MLflowCallback`` (``report_to=["mlflow"]``) opens the run, the monitor logs into it."""
+FAULT: sigterm, keyboard, exception; for HF also caught (the user catches the exception and the process ends
+normally) and caught-evaluate (then calls ``trainer.evaluate()``). hf-mlflow: HF's ``MLflowCallback``
+(``report_to=["mlflow"]``) opens the run, the monitor logs into it."""
 
 import os
 import signal
@@ -14,7 +16,7 @@ def strike():
         os.kill(os.getpid(), signal.SIGTERM)
     elif fault == "keyboard":
         raise KeyboardInterrupt
-    else:
+    else:  # exception, caught, caught-evaluate
         raise RuntimeError("a bug in the user's training step")
 
 
@@ -52,5 +54,13 @@ else:
     args = TrainingArguments(output_dir=out, num_train_epochs=3, per_device_train_batch_size=32, save_strategy="no",
                              report_to=["mlflow"] if hf_run else "none", use_cpu=True, disable_tqdm=True)
     monitor = EnergyMonitor(output_dir=out) if hf_run else EnergyMonitor(tracking_uri=uri, output_dir=out)
-    Trainer(model=hf_digits_model(), args=args, train_dataset=DigitsDataset(xt[:320], yt[:320]),
-            callbacks=[monitor, Strike()]).train()
+    trainer = Trainer(model=hf_digits_model(), args=args, train_dataset=DigitsDataset(xt[:320], yt[:320]),
+                      eval_dataset=DigitsDataset(xt[320:384], yt[320:384]), callbacks=[monitor, Strike()])
+    if not fault.startswith("caught"):
+        trainer.train()
+    try:
+        trainer.train()
+    except RuntimeError as exc:
+        print(f"caught: {exc}")
+    if fault == "caught-evaluate":
+        trainer.evaluate()
