@@ -159,13 +159,15 @@ class RunLedger:
               eval_s: float = 0.0, partial: bool = False) -> IntervalRecord:
         duration = max(end_rel_s - start_rel_s, 0.0)
         fp = self.accountant.footprint(merged.total_j, start_unix, start_unix + duration)
+        # the peak of the sampled power is at least the mean: a window shorter than the sampling period holds no sample
+        gpu_mean_w = merged.components_j.get("gpu", 0.0) / duration if duration > 0 else 0.0
         return IntervalRecord(
             kind=kind, index=index, epoch=self.current_epoch, start_step=start_step + self.step_offset,
             step=step + self.step_offset, duration_s=duration, energy_j=merged.total_j,
             components_j=merged.components_j, devices_j=merged.devices_j, methods=merged.methods, footprint=fp,
             cumulative_j=self.cumulative_j, cumulative_g=self.cumulative_g, cumulative_cost=self.cumulative_cost,
             start_rel_s=start_rel_s, end_rel_s=end_rel_s, eval_j=eval_j, eval_s=eval_s,
-            gpu_peak_w=merged.gpu_peak_w, metrics={k: float(v) for k, v in metrics.items()},
+            gpu_peak_w=max(merged.gpu_peak_w, gpu_mean_w), metrics={k: float(v) for k, v in metrics.items()},
             partial=partial)
 
     def totals(self) -> Totals:

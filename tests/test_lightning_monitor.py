@@ -94,6 +94,17 @@ def test_logs_the_metric_contract_per_epoch_and_evaluation_at_the_global_step(tm
     assert summary["cost"] == pytest.approx(total[0][1] / J_PER_KWH * 0.3)
 
 
+def test_the_peak_power_of_an_epoch_shorter_than_the_sampling_period_is_not_below_its_mean(tmp_path, fake_nvml):
+    # no sample inside the window: power/gpu_peak_w was 0.0 W beside a mean of 250 W
+    fake_nvml.configure([{"profile": [(1.0, 250.0)]}])
+    monitor = EnergyMonitor(gpus="all", measure_cpu=False, output_dir=str(tmp_path / "out"), log_artifacts=False,
+                            sampling_period_s=5.0)
+    trainer(tmp_path, [monitor], max_epochs=2, limit_train_batches=4, limit_val_batches=2).fit(ValModel())
+    for r in records_of(monitor, "epoch"):
+        mean_w = r.components_j["gpu"] / r.duration_s
+        assert mean_w == pytest.approx(250.0, rel=0.05) and r.gpu_peak_w >= mean_w
+
+
 def test_without_a_logger_opens_one_run_and_measures_test_per_sample(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monitor = EnergyMonitor(tracking_uri=uri, experiment_name="own", run_name="digits",
