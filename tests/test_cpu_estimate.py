@@ -207,13 +207,14 @@ def test_a_peek_never_runs_ahead_of_what_the_next_read_books():
     sensor = CpuEstimateSensor(scope="process")
     t0 = time.monotonic()
     sensor.start(t0)
-    end = t0 + 0.3
-    while time.monotonic() < end:  # busy: the sampled power is a whole core's
+    end, cpu0 = t0 + 0.3, time.process_time()
+    while time.monotonic() < end:  # busy: the sampled power is a whole core's (what the machine's load leaves)
         pass
+    busy_cpu_s = time.process_time() - cpu0
     sensor.sample(time.monotonic())
     time.sleep(0.3)  # idle
     now = time.monotonic()
     peeked = sensor.peek(now).joules["cpu"]
     read = sensor.read(now).joules["cpu"]
     assert peeked <= read + 1e-9
-    assert read > 0.2 * sensor.core.watts  # the busy stretch is booked
+    assert read > 0.6 * busy_cpu_s * sensor.core.watts  # the busy stretch is booked (1.8 J of 3.6 on a loaded machine)
