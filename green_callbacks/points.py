@@ -144,6 +144,7 @@ class PointHost:
         if held_epoch:
             payload.update(self._epoch_so_far())
         payloads = gather(payload) if collective else [payload]
+        trial_j = self._trial_j  # an evaluation before training (the sanity check) in this interval: not training
         merged = merge_ranks([p["interval"] for p in payloads])
         epoch_merged = merge_ranks([p["epoch"] for p in payloads]) if epoch_m is not None else None
         eval_j, eval_s = sum(p["eval"][0] for p in payloads), max(p["eval"][1] for p in payloads)
@@ -156,7 +157,7 @@ class PointHost:
         if epoch_m is not None:
             self._epoch_closed_at = len(self.records)  # the next epoch starts here unless another point comes
         self._log_point(records, [p["names"] for p in payloads if p["names"] is not None],
-                        self.throughput_of([p["work"] for p in payloads], merged.total_j - eval_j), hold)
+                        self.throughput_of([p["work"] for p in payloads], merged.total_j - eval_j - trial_j), hold)
         if self.sink is not None:
             self.sink.interval_end()
         return self._decide(records[0], collective)
