@@ -152,6 +152,7 @@ class EfficiencyPlateau:
         self.window: list[tuple[float, float]] = []  # (cumulative joules, metric) of the last doubling
         self.first_j: float | None = None
         self.wait = 0  # evaluations in a row at or below the threshold
+        self.to_end_in_wait = False  # whether the gain left to the run's end decided any of them (for the message)
         self.bad = 0  # non-finite metrics in a row
         self.seen = False  # whether any evaluation has reported the metric
         self.gain: float | None = None  # the statistic at the latest evaluation, None until it decides
@@ -201,6 +202,7 @@ class EfficiencyPlateau:
             self.gain_to_end = self.gain * left
         at_stake = self.gain if self.gain_to_end is None else self.gain_to_end
         self.wait = self.wait + 1 if at_stake <= self.min_gain.value else 0
+        self.to_end_in_wait = self.wait > 0 and (self.to_end_in_wait or self.gain_to_end is not None)
         if self.wait >= self.patience:
             bought = (f"{self.monitor} gained {self.min_gain.describe(self.gain)} over the last "
                       f"{len(self.window)} evaluations")
@@ -209,7 +211,8 @@ class EfficiencyPlateau:
                            f"{self.gain_to_end:.4g}{' %' if self.min_gain.relative else ''}")
             return Decision(True, StopReason.EFFICIENCY_PLATEAU,
                             f"{bought}, at or below min_gain={self.min_gain.text!r} for {self.wait} evaluations "
-                            "in a row")
+                            "in a row" + (" (where less than a doubling of energy was left, the gain left to the run's "
+                                          "end)" if self.to_end_in_wait else ""))
         return CONTINUE
 
     def _doublings_left(self, cumulative_j: float, final_j: float | None) -> float | None:
@@ -233,10 +236,11 @@ class EfficiencyPlateau:
 
     def state_dict(self) -> dict[str, Any]:
         return {"window": [list(p) for p in self.window], "first_j": self.first_j, "wait": self.wait,
-                "bad": self.bad, "gain": self.gain, "seen": self.seen}
+                "bad": self.bad, "gain": self.gain, "seen": self.seen, "to_end_in_wait": self.to_end_in_wait}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.window = [(float(j), float(v)) for j, v in state["window"]]
         self.first_j = state["first_j"]
         self.wait, self.bad, self.gain = int(state["wait"]), int(state["bad"]), state["gain"]
         self.seen = bool(state.get("seen", self.first_j is not None or self.bad))
+        self.to_end_in_wait = bool(state.get("to_end_in_wait", False))

@@ -332,6 +332,8 @@ def test_with_less_than_a_doubling_left_the_gain_left_is_held_against_min_gain(s
     assert stats["stopping/val_acc_gain_pct_per_doubling"] == pytest.approx(2.0, rel=1e-6)
     assert stats["stopping/val_acc_gain_pct_to_end"] == pytest.approx(2 * math.log2(150 / 109), rel=1e-6)
     assert "doublings of energy left to the run's end would buy" in decision.message
+    assert decision.message.endswith("in a row (where less than a doubling of energy was left, the gain left to the "
+                                     "run's end)"), "what the patience counted, said"
 
 
 def test_verbose_shows_the_gain_left_to_the_end_where_that_is_what_is_held_against_min_gain(caplog):
