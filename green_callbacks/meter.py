@@ -265,9 +265,11 @@ class EnergyMeter:
         instant (consecutive windows, no gap, one sensor read)."""
         return self.end_many((name,), reopen=(name,) if reopen else ())[0]
 
-    def end_many(self, names: Sequence[str], reopen: Container[str] = ()) -> list[Measurement]:
+    def end_many(self, names: Sequence[str], reopen: Container[str] = (), keep: Container[str] = ()
+                 ) -> list[Measurement]:
         """Close several windows at one instant, with one sensor read (an epoch's end closes the
-        epoch and the interval); those in ``reopen`` open again at that instant."""
+        epoch and the interval); those in ``reopen`` open again at that instant; those in ``keep`` are
+        measured to it and stay open (what an open window cost so far, read exactly, unlike :meth:`peek`)."""
         missing = [n for n in names if n not in self._open]
         if missing:
             raise ValueError(f"window {missing[0]!r} is not open; open windows: {sorted(self._open)}")
@@ -277,7 +279,7 @@ class EnergyMeter:
         out = []
         with self._lock:
             for name in names:
-                window = self._open.pop(name)
+                window = self._open[name] if name in keep else self._open.pop(name)
                 if name in reopen:
                     self._open[name] = _Open(now, time.time(), end, {})
                 out.append((name, window))

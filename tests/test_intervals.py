@@ -845,10 +845,11 @@ def test_lightning_resume_in_the_middle_of_an_epoch(tmp_path, fake_nvml):
     assert [r.step for r in epochs] == [r.step for r in records_of(whole, "epoch")] == [7, 15, 23, 31]
     before = records_of(whole, "epoch")[1]
     assert (epochs[1].start_step, epochs[1].step) == (before.start_step, before.step) == (7, 15)
-    # 8 steps and a validation on this work clock (the checkpoint's read of the epoch so far comes a moment later)
-    assert epochs[1].energy_j == pytest.approx(before.energy_j, rel=1e-3) and before.energy_j == pytest.approx(8.4)
+    # 8 steps and a validation on this work clock, exactly: the epoch's part before the checkpoint is read with the
+    # checkpoint's point (a peek's estimate made it 0.3 J of 65 too costly, varying from run to run)
+    assert epochs[1].energy_j == pytest.approx(before.energy_j, abs=1e-9) and before.energy_j == pytest.approx(8.4)
     assert epochs[1].eval_j == pytest.approx(before.eval_j)
-    assert sum(r.energy_j for r in epochs) == pytest.approx(resumed.cumulative_j, rel=1e-3)  # they tile the run
+    assert sum(r.energy_j for r in epochs) == pytest.approx(resumed.cumulative_j, abs=1e-9)  # they tile the run
 
 
 def test_lightning_a_step_checkpoint_before_a_validation_leaves_the_validation_in_the_steps_cumulative(
