@@ -291,8 +291,8 @@ def _keep_a_place(state: TrainerState, callback: ExportableState) -> None:
     """HF saves a stateful callback's state into the entry its ``TrainerState`` made for it when the Trainer was
     built; resuming a checkpoint written without this callback replaces those entries with the checkpoint's, and
     the next save raised ``KeyError`` (HF's own ``EarlyStoppingCallback`` alike): the entry is made here."""
-    if isinstance(state.stateful_callbacks, dict):
-        state.stateful_callbacks.setdefault(type(callback).__name__, callback.state())
+    if isinstance(state.stateful_callbacks, dict) and type(callback).__name__ not in state.stateful_callbacks:
+        state.stateful_callbacks[type(callback).__name__] = callback.state()
 
 
 def _length(dataset: Any) -> int:
