@@ -67,11 +67,13 @@ def main(argv: list[str] | None = None) -> int:
                     optimizer.zero_grad()
                     accelerator.backward(loss)
                     optimizer.step()
-                    tracker.step(batch=(x, y))  # this process's samples; the point sums every process's
-                with tracker.evaluation():
-                    acc = evaluate(accelerator, model, val)
-                tracker.report({"val_acc": acc})  # every process reports: the decision is reduced
-            accelerator.print(f"epoch {epoch}: val_acc {acc:.3f}")
+                    if tracker.step(batch=(x, y)):  # this process's samples; the point sums every process's
+                        break  # a stopper decided (the same on every process)
+                if not tracker.should_stop:
+                    with tracker.evaluation():
+                        acc = evaluate(accelerator, model, val)
+                    tracker.report({"val_acc": acc})  # every process reports: the decision is reduced
+                    accelerator.print(f"epoch {epoch}: val_acc {acc:.3f}")
             if tracker.should_stop:  # identical on every process
                 accelerator.print("stopped:", tracker.stop_decision.message)
                 break

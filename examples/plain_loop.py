@@ -57,11 +57,13 @@ def main(argv: list[str] | None = None) -> int:
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
-                    tracker.step(batch=(x, y))  # the step axis, logging points, samples per joule
-                with tracker.evaluation():
-                    acc = evaluate(model, val)
-                tracker.report({"val_acc": acc})
-            print(f"epoch {epoch}: val_acc {acc:.3f}, {tracker.cumulative_j:.1f} J so far")
+                    if tracker.step(batch=(x, y)):  # the step axis, logging points, samples per joule; True once
+                        break  # a stopper decided
+                if not tracker.should_stop:
+                    with tracker.evaluation():
+                        acc = evaluate(model, val)
+                    tracker.report({"val_acc": acc})
+                    print(f"epoch {epoch}: val_acc {acc:.3f}, {tracker.cumulative_j:.1f} J so far")
             if tracker.should_stop:
                 print("stopped by the budget:", tracker.stop_decision.message)
                 break

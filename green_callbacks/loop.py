@@ -8,10 +8,12 @@ with tracker:
         with tracker.epoch(epoch):
             for batch in loader:
                 ...  # forward, backward, optimizer.step()
-                tracker.step(batch=batch)  # optional: the step axis, logging points, throughput
-            with tracker.evaluation():
-                acc = evaluate()
-            tracker.report({"val_acc": acc})
+                if tracker.step(batch=batch):  # the step axis, logging points, throughput; True once a stopper
+                    break  # decided (a budget checked every N steps stops mid-epoch)
+            if not tracker.should_stop:
+                with tracker.evaluation():
+                    acc = evaluate()
+                tracker.report({"val_acc": acc})
         if tracker.should_stop:
             break
 ```
@@ -53,9 +55,15 @@ class LoopHost:
 
     _loop_step: int = -1  # the latest step given to step(); -1: none, the epoch number is the axis
     _loop_pending: bool = False  # an evaluation window closed and not yet reported
+    _loop_depth: int = 0  # ``with tracker:`` blocks entered and not left (a nested one is ignored)
 
     # -- the run ---------------------------------------------------------------------------------
     def __enter__(self: EnergyTracker) -> EnergyTracker:
+        self._loop_depth += 1
+        if self._loop_depth > 1:  # its end would have ended the run, and the energy after it gone nowhere
+            warn_once(self, "nested", "a `with tracker:` inside another one of the same tracker is ignored: the "
+                                      "training under way goes on, and ends with the outer block")
+            return self
         session = object()  # a new ``with`` is a new training: a run this tracker opened is not reused
         self._loop_step, self._loop_pending = -1, False
         self.start(loop_rank(), _cuda_indices(), session=session)
@@ -63,6 +71,9 @@ class LoopHost:
         return self
 
     def __exit__(self: EnergyTracker, exc_type: type[BaseException] | None, exc: Any, tb: Any) -> None:
+        self._loop_depth -= 1
+        if self._loop_depth > 0:
+            return
         if exc_type is None:
             self._flush_evaluation()
             self.end_training(self._loop_point_step())
@@ -72,8 +83,8 @@ class LoopHost:
 
     @property
     def should_stop(self: EnergyTracker) -> bool:
-        """An attached stopper decided to stop (the same on every rank)."""
-        return self.stop_decision is not None
+        """An attached stopper decided to stop this training (the same on every rank)."""
+        return self._stopping
 
     # -- windows ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -82,6 +93,7 @@ class LoopHost:
 
         An exception leaving the block skips the point: ``with tracker:`` records the partial epoch.
         """
+        self._check_started("epoch()")
         self.begin_epoch(epoch)
         if self._loop_step < 0:  # no step() so far: the epoch number is the step axis, the tracker's too
             self.on_step(int(epoch))
@@ -93,6 +105,7 @@ class LoopHost:
     def evaluation(self: EnergyTracker) -> Iterator[EnergyTracker]:
         """An evaluation's window; its point is made by :meth:`report` with the metrics it produced (or,
         without a report, at the next step, evaluation or epoch end, with none)."""
+        self._check_started("evaluation()")
         self._flush_evaluation()
         self.begin_evaluation()
         yield self
@@ -112,6 +125,7 @@ class LoopHost:
         Collective under DDP: every rank reports (each its own value; stoppers decide on each rank
         and the decision is reduced). Returns :attr:`should_stop`.
         """
+        self._check_started("report()")
         self._loop_pending = False
         self.end_evaluation(self._loop_point_step() if step is None else int(step), _numbers(self, metrics))
         return self.should_stop
@@ -124,6 +138,8 @@ class LoopHost:
         point that falls due is taken here at once (a loop has no "next batch starts" hook), so an
         evaluation at the same step logs its own point after it. Returns :attr:`should_stop`.
         """
+        if not self._check_started("step()"):
+            return False
         self._flush_evaluation()
         self._loop_step = self._loop_step + 1 if step is None else int(step)
         self.on_step(self._loop_step, batch)
@@ -131,6 +147,13 @@ class LoopHost:
         return self.should_stop
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _check_started(self: EnergyTracker, call: str) -> bool:
+        """Whether the tracker runs; where not (no ``with tracker:``, or after it), one warning: it measures nothing."""
+        if not self.started:
+            warn_once(self, "not-started", f"{call} outside `with tracker:`: the tracker is not running, so nothing "
+                                           "is measured or logged; put the training loop inside `with tracker:`")
+        return self.started
+
     def _loop_point_step(self: EnergyTracker) -> int:
         return self._loop_step if self._loop_step >= 0 else self.current_epoch
 

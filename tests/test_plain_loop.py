@@ -135,6 +135,36 @@ def test_a_stop_is_decided_once_though_the_loop_finishes_its_epoch(tmp_path, uri
     assert run.data.tags["green.stop_message"] == tracker.stop_decision.message
 
 
+def test_calls_outside_with_tracker_warn_once_that_nothing_is_measured(tmp_path, uri, gpu, green_log):
+    tracker, work = tracker_for(tmp_path, uri), Digits(gpu)
+    with tracker.epoch(0):  # `with tracker:` forgotten: nothing ran, silently
+        for _ in work.batches():
+            assert tracker.step() is False
+        with tracker.evaluation():
+            acc = work.evaluate()
+        assert tracker.report({"val_acc": acc}) is False
+    assert green_log.text.count("outside `with tracker:`") == 1 and not tracker.records
+
+
+def test_a_nested_with_tracker_is_ignored_and_the_run_goes_on(tmp_path, uri, gpu, green_log):
+    # the inner block's end ended the run: the energy after it never reached MLflow, and the step axis restarted
+    tracker, work = tracker_for(tmp_path, uri), Digits(gpu)
+    with tracker:
+        with tracker.epoch(0):
+            for _ in work.batches():  # 8 steps of 1 J
+                tracker.step()
+        with tracker, tracker.epoch(1):
+            for _ in work.batches():
+                tracker.step()
+        with tracker.epoch(2):
+            for _ in work.batches():
+                tracker.step()
+    client, (run,) = runs(uri, "my-run")
+    assert run.data.metrics["energy/total_j"] == pytest.approx(24.0) and run.info.status == "FINISHED"
+    assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [7, 15, 23]
+    assert green_log.text.count("inside another one of the same tracker is ignored") == 1
+
+
 @pytest.mark.parametrize(("error", "status"), [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
 def test_an_exception_in_the_block_propagates_and_ends_the_run(tmp_path, uri, gpu, error, status):
     tracker = tracker_for(tmp_path, uri)
