@@ -144,7 +144,8 @@ class StopperHost:
             message = f"{message} (decided on rank {rank})"
         decision = Decision(True, StopReason(reason) if reason else None, message)
         self.stop_decision, self._stop_fit = decision, self._fits
-        log.warning("green-callbacks: stopping: %s", decision.message)
+        if self.rank.is_zero:  # once for the job, as Lightning's own callbacks say it (every rank decided the same)
+            log.warning("green-callbacks: stopping: %s", decision.message)
         if self.rank.is_zero and self.sink is not None:
             self.sink.set_tags({"green.stop_reason": decision.reason.value if decision.reason else "other_rank",
                                 "green.stop_message": decision.message})

@@ -78,6 +78,7 @@ class ReplaySender(Sender):
             if not isinstance(target.get(name), str | None):
                 raise ValueError(f"{spool}: target.{name}={target.get(name)!r} is not a string; refused")
         self.local_ids = {i for i in (target.get("local_id"), self.header.get("local_id")) if i}
+        self.local_id = target.get("local_id") or self.header.get("local_id")  # the one a run is tagged with (tracking)
         self.claimed_run: str | None = target.get("run_id")
         self.user_named = tracking_uri is not None
         recorded = self.state.tracking_uri if isinstance(self.state.tracking_uri, str) else None
@@ -174,7 +175,7 @@ class ReplaySender(Sender):
         what = ", ".join(f"{kinds[k]} {k} records" for k in ("metrics", "params", "tags", "status") if kinds[k])
         target = self.header["target"]
         run = (self.state.run_id or self.claimed_run or
-               f"the run tagged {LOCAL_ID_TAG}={next(iter(sorted(self.local_ids)), '?')} in experiment "
+               f"the run tagged {LOCAL_ID_TAG}={self.local_id or '?'} in experiment "
                f"{target.get('experiment_name') or self.header.get('env_experiment_name') or 'Default'} "
                "(created if missing)")
         refused = f"; {kinds[REFUSED]} records refused (set aside)" if kinds[REFUSED] else ""
