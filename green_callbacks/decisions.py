@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from green_callbacks.budgets import Progress, Totals
 from green_callbacks.distributed import RankInfo, gather
 from green_callbacks.meter import EnergyMeter
-from green_callbacks.policies import Decision, StopReason
+from green_callbacks.policies import Decision, Progress, StopReason, Totals
 from green_callbacks.process import never_raises
 from green_callbacks.records import IntervalRecord, Kind, merge_ranks, window_payload
 from green_callbacks.sensors.base import log
@@ -24,8 +23,9 @@ class StopperHost:
 
     stoppers: list[Stopper]
     step_periods: tuple[int, ...] = ()  # the stoppers' check_every_n_steps: what on_step tests at every step
-    stop_decision: Decision | None  # the last stop decided (kept for the summary and the user)
-    _fits: int
+    stop_decision: Decision | None  # the last stop decided (kept for the user after the training)
+    _fits: int  # trainings (and stages) started: a stop belongs to the one it was decided in
+    _stop_fit: int | None = None
     rank: RankInfo
     meter: EnergyMeter | None
     sink: Any
@@ -42,7 +42,7 @@ class StopperHost:
     def _stopping(self) -> bool:
         """A stop was decided in this fit: it is being carried out (a later fit, into the same run too, is asked
         again: a budget already spent stops it at its first check)."""
-        return self.stop_decision is not None and getattr(self, "_stop_fit", None) == self._fits
+        return self.stop_decision is not None and self._stop_fit == self._fits
 
     def attach(self, stopper: Stopper) -> None:
         """Ask ``stopper`` at every point (evaluation, epoch end, every N steps) whether to stop."""
@@ -151,5 +151,6 @@ class StopperHost:
                                 "green.stop_message": decision.message})
         if progress.rate_per_step is not None and progress.remaining_steps:  # less what the stop itself still costs
             saved = progress.rate_per_step.scaled(progress.remaining_steps) - (progress.stop_cost or Totals())
-            self._log({"energy/saved_j_projected": saved.j, "emissions/saved_g_projected": saved.g}, progress.step)
+            if saved.j > 0:  # (a stop a step before the end that brings a validation saves nothing)
+                self._log({"energy/saved_j_projected": saved.j, "emissions/saved_g_projected": saved.g}, progress.step)
         return decision

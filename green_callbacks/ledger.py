@@ -10,9 +10,8 @@ from dataclasses import asdict
 from typing import Any
 
 from green_callbacks.accounting import Accountant
-from green_callbacks.budgets import Progress, Totals
 from green_callbacks.meter import Measurement
-from green_callbacks.policies import Decision
+from green_callbacks.policies import Decision, Progress, Totals
 from green_callbacks.records import IntervalRecord, Kind, Merged
 from green_callbacks.stretches import RATE_WINDOW, Recent, Since, combined
 

@@ -66,7 +66,11 @@ class LoopHost:
             return self
         session = object()  # a new ``with`` is a new training: a run this tracker opened is not reused
         self._loop_step, self._loop_pending = -1, False
-        self.start(loop_rank(), _cuda_indices(), session=session)
+        try:
+            self.start(loop_rank(), _cuda_indices(), session=session)
+        except BaseException:  # a bad setting found at the start (raised on purpose), Ctrl-C: no block entered
+            self._loop_depth -= 1
+            raise
         self._loop_session = session
         return self
 
@@ -83,7 +87,8 @@ class LoopHost:
 
     @property
     def should_stop(self: EnergyTracker) -> bool:
-        """An attached stopper decided to stop this training (the same on every rank)."""
+        """An attached stopper decided to stop this training (the same on every rank); it stays set after the
+        ``with`` block, until the next one starts."""
         return self._stopping
 
     # -- windows ---------------------------------------------------------------------------------
@@ -93,7 +98,9 @@ class LoopHost:
 
         An exception leaving the block skips the point: ``with tracker:`` records the partial epoch.
         """
-        self._check_started("epoch()")
+        if not self._check_started("epoch()"):
+            yield self
+            return
         self.begin_epoch(epoch)
         if self._loop_step < 0:  # no step() so far: the epoch number is the step axis, the tracker's too
             self.on_step(int(epoch))
@@ -105,7 +112,9 @@ class LoopHost:
     def evaluation(self: EnergyTracker) -> Iterator[EnergyTracker]:
         """An evaluation's window; its point is made by :meth:`report` with the metrics it produced (or,
         without a report, at the next step, evaluation or epoch end, with none)."""
-        self._check_started("evaluation()")
+        if not self._check_started("evaluation()"):
+            yield self
+            return
         self._flush_evaluation()
         self.begin_evaluation()
         yield self
@@ -125,7 +134,8 @@ class LoopHost:
         Collective under DDP: every rank reports (each its own value; stoppers decide on each rank
         and the decision is reduced). Returns :attr:`should_stop`.
         """
-        self._check_started("report()")
+        if not self._check_started("report()"):
+            return False
         self._loop_pending = False
         self.end_evaluation(self._loop_point_step() if step is None else int(step), _numbers(self, metrics))
         return self.should_stop

@@ -1,6 +1,5 @@
-"""When to stop for efficiency: the metric gained per doubling of energy; the vocabulary of every decision.
-
-No framework here; the budgets are in :mod:`green_callbacks.budgets`.
+"""The vocabulary of every decision (what a stopper is shown, what it answers) and the efficiency criterion: the
+metric gained per doubling of energy. No framework here; the budgets are in :mod:`green_callbacks.budgets`.
 """
 
 from __future__ import annotations
@@ -44,6 +43,64 @@ class Decision:
 
 
 CONTINUE = Decision(False)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a stopper is shown at one check (an evaluation, an epoch end, a logging point).
+
+    Args:
+        so_far: the whole run's energy, emissions and cost up to now (every rank summed).
+        step: the trainer's global step (optimizer steps) at this check.
+        metrics: this evaluation's metrics; empty when no new evaluation happened.
+        evaluation: whether a new evaluation happened since the previous check.
+        rate_per_step: a robust recent cost per training step (``None`` until known).
+        remaining_steps: training steps left to the run's end (``None`` when unbounded).
+        evaluations: evaluations so far in the run, this one included.
+        stop_cost: what a stop decided now still costs before training ends (a step that runs before it
+            takes effect; a validation where the framework validates on stopping).
+        next_evaluation, evaluation_cost, evaluations_so_far: when the next evaluation is expected (the
+            period of the last ones), what the last one cost, and what all of them cost so far.
+    """
+
+    so_far: Totals
+    step: int
+    metrics: Mapping[str, float]
+    evaluation: bool
+    rate_per_step: Totals | None = None
+    remaining_steps: float | None = None
+    evaluations: int = 0
+    stop_cost: Totals | None = None
+    next_evaluation: float | None = None  # the step the next evaluation is expected at, from the last ones
+    evaluation_cost: Totals | None = None  # the last evaluation's cost
+    evaluations_so_far: Totals | None = None  # what the run's evaluations cost in all (in ``so_far``)
+
+    @property
+    def projected_end(self) -> Totals | None:
+        """The whole run's totals at its end, at the recent cost per step; ``None`` where either is unknown."""
+        if self.rate_per_step is None or self.remaining_steps is None:
+            return None
+        return self.so_far + self.rate_per_step.scaled(self.remaining_steps)
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Energy, emissions and cost together (cost ``None`` without a price)."""
+
+    j: float = 0.0
+    g: float = 0.0
+    cost: float | None = None
+
+    def __add__(self, other: Totals) -> Totals:
+        cost = None if self.cost is None or other.cost is None else self.cost + other.cost
+        return Totals(self.j + other.j, self.g + other.g, cost)
+
+    def scaled(self, factor: float) -> Totals:
+        return Totals(self.j * factor, self.g * factor, None if self.cost is None else self.cost * factor)
+
+    def __sub__(self, other: Totals) -> Totals:
+        cost = None if self.cost is None or other.cost is None else self.cost - other.cost
+        return Totals(self.j - other.j, self.g - other.g, cost)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 _RUNNING: list[weakref.ref[EnergyTracker]] = []
 _UNCAUGHT: list[type[BaseException]] = []
+_SIGNALS: list[int] = []  # SIGTERM / SIGINT received, whoever handled them
 _HOOKED = False
 
 
@@ -49,10 +50,26 @@ def uncaught() -> type[BaseException] | None:
     return _UNCAUGHT[-1] if _UNCAUGHT else None
 
 
+def signalled() -> bool:
+    """Whether a SIGTERM or a Ctrl-C reached this process (also where a handler of the user's, or a caught
+    ``KeyboardInterrupt``, let the process go on or end by ``sys.exit``)."""
+    return bool(_SIGNALS)
+
+
+def _recording(previous: Callable[[int, Any], Any]) -> Callable[[int, Any], Any]:
+    """``previous`` (a Python signal handler), run after the signal is recorded."""
+    def handler(signum: int, frame: Any) -> Any:
+        _SIGNALS.append(signum)
+        return previous(signum, frame)
+
+    return handler
+
+
 def _install_hooks() -> None:
     """Chain ``sys.excepthook``, and where nobody handles SIGTERM (Lightning does; HF and plain scripts
     do not) record the partial interval and summary on SIGTERM, then let the default action end the
-    process as it would have."""
+    process as it would have. Python handlers already there for SIGTERM and SIGINT run as before, the
+    signal recorded first (:func:`signalled`)."""
     global _HOOKED
     if _HOOKED:
         return
@@ -64,14 +81,21 @@ def _install_hooks() -> None:
         previous(etype, value, tb)
 
     sys.excepthook = excepthook
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         def on_sigterm(signum: int, frame: Any) -> None:
+            _SIGNALS.append(signum)
             for tracker in live_trackers():
                 tracker.finish("KILLED")
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
 
         signal.signal(signal.SIGTERM, on_sigterm)
+    elif callable(signal.getsignal(signal.SIGTERM)):  # the user's own (a preemption handler): recorded, then run
+        signal.signal(signal.SIGTERM, _recording(signal.getsignal(signal.SIGTERM)))
+    if callable(signal.getsignal(signal.SIGINT)):  # Python's KeyboardInterrupt, or the user's: recorded, then run
+        signal.signal(signal.SIGINT, _recording(signal.getsignal(signal.SIGINT)))
 
 
 def running_tracker() -> EnergyTracker:

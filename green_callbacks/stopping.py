@@ -7,8 +7,8 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from green_callbacks.budgets import Budget, Progress
-from green_callbacks.policies import CONTINUE, MODES, Decision, EfficiencyPlateau, MonitorError
+from green_callbacks.budgets import Budget
+from green_callbacks.policies import CONTINUE, MODES, Decision, EfficiencyPlateau, MonitorError, Progress
 
 log = logging.getLogger("green_callbacks")
 S = TypeVar("S", bound="Stopper")

@@ -9,7 +9,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 
 from green_callbacks.distributed import RankInfo, node_name
-from green_callbacks.process import live_trackers, running_tracker, uncaught
+from green_callbacks.process import live_trackers, running_tracker, signalled, uncaught
 from green_callbacks.records import Kind
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper
 from green_callbacks.tracker import EnergyTracker
@@ -97,10 +97,11 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
             end_hf_run(self.run, status, self._hf_started_run)
 
     def _atexit(self) -> None:
-        """At the process's exit: a ``train()`` still under way raised, and the user caught it (HF tells no callback;
-        an uncaught exception, Ctrl-C and SIGTERM are known): ``FAILED``, not ``KILLED``."""
+        """At the process's exit: a ``train()`` still under way raised, and the user caught it (HF tells no callback):
+        ``FAILED``, or ``KILLED`` where a SIGTERM or Ctrl-C came (a handler of the user's that calls ``sys.exit``,
+        a ``KeyboardInterrupt`` caught); an uncaught exception is known as such."""
         if self.started and not self._finished and getattr(self, "_training", False) and uncaught() is None:
-            self.finish(interrupted_status())
+            self.finish("KILLED" if signalled() else interrupted_status())
         else:
             super()._atexit()
 
@@ -109,7 +110,6 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         # (for the exit, where no trainer calls; HF's callback itself is not kept: its __del__ ends the active
         # run, and one collected when the next Trainer's replaced it here ended that Trainer's new run)
         self._hf_started_run = bool(getattr(hf_mlflow_callback(calling_trainer()), "_auto_end_run", False))
-        _keep_a_place(state, self)
         retry = (args.auto_find_batch_size and getattr(self, "_training", False) and self.started
                  and 0 < (state.train_batch_size or 0) < getattr(self, "_batch_size", 0))
         if retry:  # HF's auto_find_batch_size starts the training again, smaller, after an out-of-memory error
@@ -127,6 +127,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
             self.load_state_dict(saved)
             if _resumed(state):
                 self._end_resumed_elsewhere()
+        _keep_a_place(state, self)  # after the checkpoint's entry was read: where there is none, this one's own
         self._training = True
         self._epoch_pending = False
         # an eval_dataset dict is evaluated one data set at a time, each with its own on_evaluate at the same step:
@@ -145,7 +146,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         # HF hands callbacks no batch: the model's forward sees every (micro-)batch, on every rank
         self._count_hook = None if model is None else model.register_forward_pre_hook(self._count_forward,
                                                                                        with_kwargs=True)
-        if args.eval_on_start:  # HF evaluates right after every callback's on_train_begin: all of it is measured
+        if args.eval_on_start:  # HF evaluates right after the callbacks' on_train_begin: the window opens here
             self.begin_evaluation()
 
     def _end_resumed_elsewhere(self) -> None:
@@ -312,13 +313,13 @@ class _HfStopper(ExportableState):
     def _begin(self, state: TrainerState) -> None:
         """At each train()'s start: a resumed one takes the checkpoint's state (also where this stopper served an
         earlier training), a fresh one after another starts from nothing."""
-        _keep_a_place(state, self)
         if _resumed(state):
             saved = (load_saved_state(self, state) or {}).get("green_policy") or getattr(self, "green_policy", None)
             if saved:
                 self.load_policy_state(saved)
         elif getattr(self, "_trained", False):
             self.reset_policy()
+        _keep_a_place(state, self)  # after the checkpoint's entry was read
         self._trained = True
         self._attached = False
 

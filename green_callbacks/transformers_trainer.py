@@ -107,7 +107,8 @@ def resume_hf_run(run: Any, state: TrainerState) -> str | None:
     and, still set up, logs the evaluation's metrics with MLflow's fluent API, which starts a run on the fly (no
     params, left RUNNING) while the energy went to the training's run. Where HF started that run, make it the
     active run again for the call, so that both go to it (ended again by :func:`end_hf_run`, with the status it
-    has now: a training that failed stays FAILED). One bounded try; the status to end with, ``None`` if not."""
+    has now: a training that failed stays FAILED). Two requests, each bounded (no retries, 5 s); the status to end
+    with, ``None`` where the run was not made active."""
     if run is None or run.owned or not state.is_world_process_zero:
         return None
     hf = hf_mlflow_callback(calling_trainer())

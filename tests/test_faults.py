@@ -139,6 +139,18 @@ def test_hf_train_that_raised_and_was_caught_ends_failed(tmp_path, then):
         assert history(client, run.info.run_id, "eval_loss") and history(client, run.info.run_id, "energy/evaluate_j")
 
 
+def test_hf_train_ended_by_the_users_sigterm_handler_ends_killed(tmp_path):
+    """A preemption handler of the user's (``sys.exit`` on SIGTERM): the package's own SIGTERM hook is not installed
+    where one is, and ``SystemExit`` reaches no excepthook: the run ended FAILED, as a caught exception does."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "interrupted.py"), "hf-mlflow", "preempted", uri,
+                           str(tmp_path)], env=fake_nvml_env("{}"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    _, (run,) = runs(uri)
+    assert run.info.status == "KILLED", proc.stderr[-2000:]
+    assert "green-callbacks [killed]" in proc.stdout
+
+
 # -- property-based fuzzing: accepted, or rejected with the package's own clear error -------------
 anything = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.floats(allow_nan=True, allow_infinity=True),
                      st.text(max_size=10), st.lists(st.integers(-2, 3), max_size=3),

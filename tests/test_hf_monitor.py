@@ -92,17 +92,23 @@ def test_resume_from_checkpoint_continues_the_totals(tmp_path, digits, tracking)
 def test_monitor_and_stoppers_added_when_resuming_a_checkpoint_written_without_them(tmp_path, digits, tracking):
     # energy tracking added to a fine-tune under way: the next checkpoint save raised KeyError in HF's
     # _save_checkpoint (the resumed TrainerState had no entry for the new stateful callbacks)
-    hf_trainer(tmp_path, digits, [], epochs=1, save_strategy="epoch").train()
+    # (the monitor trained before, elsewhere: its own earlier state is not the checkpoint's, and its run not this one)
+    hf_trainer(tmp_path / "plain", digits, [], epochs=1, save_strategy="epoch").train()
     monitor = EnergyMonitor(experiment_name="hf-added", output_dir=str(tmp_path / "out"), log_artifacts=False)
-    trainer = hf_trainer(tmp_path, digits, [monitor, EfficiencyEarlyStopping(monitor="accuracy"),
-                                            EnergyBudget(energy="1 MJ")], epochs=3, save_strategy="epoch")
+    hf_trainer(tmp_path / "before", digits, [monitor], epochs=1).train()
+    trainer = hf_trainer(tmp_path / "plain", digits, [monitor, EfficiencyEarlyStopping(monitor="accuracy"),
+                                                      EnergyBudget(energy="1 MJ")], epochs=3, save_strategy="epoch")
     trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 48
     saved = trainer.state.stateful_callbacks
     assert {"EnergyMonitor", "EfficiencyEarlyStopping", "EnergyBudget"} <= set(saved)
     assert saved["EnergyMonitor"]["attributes"]["green_state"]["records"], "the last checkpoint holds the totals"
-    client, (run,) = runs(tracking, "hf-added")
-    assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [32, 48]
+    client, found = runs(tracking, "hf-added")
+    assert len(found) == 2, "the earlier training's run, and the resumed training's own"
+    resumed = next(r for r in found if r.info.run_id == monitor.run.run_id)
+    epochs = history(client, resumed.info.run_id, "energy/epoch_j")
+    assert [s for s, _ in epochs] == [32, 48]
+    assert min(r.step for r in monitor.records) > 16, "counted from the resume: the earlier training left out"
 
 
 def test_eval_on_start_is_measured_whole_and_checked_before_the_first_step(tmp_path, digits, tracking, fake_nvml):

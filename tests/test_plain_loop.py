@@ -144,6 +144,28 @@ def test_calls_outside_with_tracker_warn_once_that_nothing_is_measured(tmp_path,
             acc = work.evaluate()
         assert tracker.report({"val_acc": acc}) is False
     assert green_log.text.count("outside `with tracker:`") == 1 and not tracker.records
+    with tracker, tracker.epoch(0):
+        for _ in work.batches():
+            tracker.step()
+    records, total = len(tracker.records), tracker.cumulative_j
+    with tracker.epoch(1):  # after the block: nothing either (it read the closed sensors and added records)
+        with tracker.evaluation():
+            acc = work.evaluate()
+        assert tracker.report({"val_acc": acc}) is False and tracker.step() is False
+    assert (len(tracker.records), tracker.cumulative_j) == (records, total)
+
+
+def test_a_with_tracker_that_failed_to_start_leaves_the_next_one_free(tmp_path, uri, gpu):
+    # the failed start counted as an open block: every later `with tracker:` was taken for a nested one, ignored
+    tracker, work = tracker_for(tmp_path, uri), Digits(gpu)
+    tracker.gpus = [5]  # an index this machine lacks: a ValueError at the start, before the first step
+    with pytest.raises(ValueError, match="5"), tracker:
+        pass
+    tracker.gpus = "all"
+    with tracker, tracker.epoch(0):
+        for _ in work.batches():
+            tracker.step()
+    assert tracker.cumulative_j == pytest.approx(8.0)
 
 
 def test_a_nested_with_tracker_is_ignored_and_the_run_goes_on(tmp_path, uri, gpu, green_log):

@@ -10,14 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from green_callbacks.budgets import Progress, Totals
 from green_callbacks.policies import (
     WINDOW_MAX_POINTS,
     Decision,
     EfficiencyPlateau,
     GainThreshold,
     MonitorError,
+    Progress,
     StopReason,
+    Totals,
     theil_sen_slope,
 )
 from green_callbacks.stopping import EfficiencyStopper

@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from green_callbacks import lightning as gl
 from green_callbacks import transformers as gt
-from green_callbacks.budgets import Budget, Progress, Totals
+from green_callbacks.budgets import Budget
 from green_callbacks.lightning_trainer import Schedule, step_of
-from green_callbacks.policies import MonitorError
+from green_callbacks.policies import MonitorError, Progress, Totals
 from green_callbacks.stopping import BudgetStopper
 
 from helpers import digits_tensors, hf_accuracy, hf_digits_model, history, lightning_digits_module, runs, work_clock

@@ -125,12 +125,12 @@ def test_a_fit_after_a_stop_into_the_same_run_is_stopped_again(tmp_path, fake_nv
     fake_nvml.configure(CONSTANT_250W, work_clock=True)  # 23 steps an epoch: 57.5 J
     mon, budget = monitor(tmp_path), gl.EnergyBudget(energy="0.2 kJ")
     t = fit(tmp_path, [mon, budget, work_clock(fake_nvml)], lightning_digits_module()(), max_epochs=20)
-    first_epochs, spent = t.current_epoch, mon.cumulative_j
+    first_epochs, spent, first = t.current_epoch, mon.cumulative_j, mon.stop_decision
     assert first_epochs < 5 and spent <= 200.0
     t.fit_loop.max_epochs = first_epochs + 10
     t.fit(t.lightning_module, *digits_loaders())
     assert t.current_epoch <= first_epochs + 1 and mon.cumulative_j <= spent + 2 * 57.5
-    assert mon.stop_decision.reason.value == "energy_budget"
+    assert mon.stop_decision is not first and mon.stop_decision.reason.value == "energy_budget"
     (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db")[1]
     assert run.data.tags["green.stop_reason"] == "energy_budget"
 

@@ -1,10 +1,10 @@
-"""The sender: reads a spool in order and sends it to MLflow, in its own process, at its own pace.
+"""The sender: reads a spool in order and sends it to MLflow, in its own process (``sinks/follower.py``), at its pace.
 
 ``MlflowSink`` starts ``python -m green_callbacks.sinks SPOOL`` beside the training, at idle
-CPU priority and with short MLflow HTTP timeouts in its own environment. It tails the spool,
-imports MLflow and makes its first contact ``first_send_s`` after the training started (at once
-when the training ends, flushes or dies), then coalesces what arrived into ``log_batch`` calls
-once per cadence (an artifact, the status and the end are sent at once). Its progress is kept
+CPU priority and with short MLflow HTTP timeouts in its own environment (``SENDER_ENV``). Its
+first contact comes ``first_send_s`` after the training started (at once when the training ends,
+flushes or dies); what arrived is then coalesced into ``log_batch`` calls once per cadence (an
+artifact, the status and the end are sent at once). Its progress is kept
 in the state file, so that nothing is sent twice by it, by a later sender or by
 ``green-callbacks replay``. MLflow's own refusal of a record's content (a 4xx with
 MLflow's error, such as INVALID_PARAMETER_VALUE) costs only the refused metric, param or tag; an
@@ -52,7 +52,6 @@ from green_callbacks.sinks.verdicts import (
 )
 from green_callbacks.uris import temporary_env
 
-POLL_S = 0.2
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0)  # then every 8 s: a refused connection costs nothing, a hung one 5 s here
 # MLflow's HTTP client reads these; the sender's own, so an outage costs seconds, not MLflow's minutes. Two
 # quick retries of one request ride out a replica answering 503/429 now and then (urllib3 retries those

@@ -1,7 +1,8 @@
 """Training interrupted mid-epoch 1: python interrupted.py lightning|hf|hf-mlflow FAULT URI OUT.
 
 FAULT: sigterm, keyboard, exception; for HF also caught (the user catches the exception and the process ends
-normally) and caught-evaluate (then calls ``trainer.evaluate()``). hf-mlflow: HF's ``MLflowCallback``
+normally), caught-evaluate (then calls ``trainer.evaluate()``) and preempted (a SIGTERM handler of the user's, as
+on a preemptible node, ends the process with ``sys.exit``). hf-mlflow: HF's ``MLflowCallback``
 (``report_to=["mlflow"]``) opens the run, the monitor logs into it."""
 
 import os
@@ -11,8 +12,12 @@ import sys
 framework, fault, uri, out = sys.argv[1:5]
 
 
+if fault == "preempted":
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
+
+
 def strike():
-    if fault == "sigterm":
+    if fault in ("sigterm", "preempted"):
         os.kill(os.getpid(), signal.SIGTERM)
     elif fault == "keyboard":
         raise KeyboardInterrupt
