@@ -18,8 +18,9 @@ class Budget:
     projected as the largest of the last three intervals' (their evaluations left out), plus an evaluation
     as costly as the last one where the next is expected before the following check (evaluations come
     every so many steps: the period of the last two); if the run so far plus that projection plus what a
-    stop then still costs (``stop_cost``: the step that runs before the stop takes effect, the validation
-    Lightning runs on stopping) would exceed a budget, it stops now. The overshoot is therefore bounded
+    stop at the next check would still cost (``stop_cost_next``: the step that runs before the stop takes
+    effect, the validation Lightning runs on stopping within an epoch; nothing where the next check is an
+    evaluation) would exceed a budget, it stops now. The overshoot is therefore bounded
     by how much one interval (or an evaluation) exceeds its recent predecessors; before the first
     evaluation its cost is unknown.
 
@@ -83,7 +84,9 @@ class Budget:
         if progress is not None and progress.next_evaluation is not None and progress.evaluation_cost is not None \
                 and step is not None and progress.next_evaluation - step <= max(gap, 1):
             due = progress.evaluation_cost
-        stop = stop_cost or Totals()
+        # a training that goes on can stop at the next check at the earliest: what stopping there costs
+        then = progress.stop_cost_next if progress is not None and progress.stop_cost_next is not None else stop_cost
+        stop = then or Totals()
         for reason, name, limit, get in self._limits():
             if get(so_far) > limit:  # spent before this check came (a budget smaller than the first interval)
                 return Decision(True, reason, f"{name} so far {self.describe(reason, get(so_far))} already exceeds "

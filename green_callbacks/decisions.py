@@ -108,11 +108,16 @@ class StopperHost:
         names = ["trial", *(["trial-steady"] if self.meter.is_open("trial-steady") else [])]
         trial, *steady = self.meter.end_many(names)
         node = (self.rank.rank, self.rank.node)
-        payloads = gather((window_payload(trial, *node), window_payload(steady[0], *node) if steady else None))
+        payloads = gather((window_payload(trial, *node), window_payload(steady[0], *node) if steady else None,
+                           self._trial_batches))
         merged = merge_ranks([p[0] for p in payloads])
-        if self._trial_batches > 1 and all(p[1] is not None for p in payloads) and math.isfinite(batches) \
-                and batches > 0 and not self._eval_steps:
-            self._last_eval_j = merge_ranks([p[1] for p in payloads]).total_j / (self._trial_batches - 1) * batches
+        if all(p[2] >= 1 for p in payloads) and math.isfinite(batches) and batches > 0 and not self._eval_steps:
+            # every rank's joules per batch, summed: its steady batches', or, where a rank's trial had one batch
+            # (a validation of one batch, num_sanity_val_steps=1), that batch's, warm-up and all (on the high side)
+            steady_all = all(p[2] > 1 and p[1] is not None for p in payloads)
+            per_batch = sum(merge_ranks([p[1]]).total_j / (p[2] - 1) if steady_all else
+                            merge_ranks([p[0]]).total_j / p[2] for p in payloads)
+            self._last_eval_j = per_batch * batches
         # spent, and in the totals; an evaluation's, not training's: out of the rate and the budget's intervals
         self._evaluations_j += merged.total_j
         self._trial_j += merged.total_j
@@ -140,7 +145,7 @@ class StopperHost:
         if not decided:
             return None
         rank, (reason, message) = decided[0]
-        if rank != self.rank.rank and collective:
+        if rank != 0 and collective:  # the same message on every rank (rank 0's needs no saying)
             message = f"{message} (decided on rank {rank})"
         decision = Decision(True, StopReason(reason) if reason else None, message)
         self.stop_decision, self._stop_fit = decision, self._fits

@@ -224,6 +224,11 @@ class RunLedger:
             return (steps[-1] - steps[0]) / (len(steps) - 1)
         return float(self._last_cycle_steps) if self._last_cycle_steps and not self._resumed_cycle else None
 
+    def next_check_between(self, step: int) -> bool:
+        """Whether the next check after ``step`` comes between evaluations (a logging point, a budget's step
+        check), where a stop still costs a step and Lightning's validation; no cadence here: an evaluation."""
+        return False
+
     def evaluation_period(self) -> float | None:
         """The steps from one evaluation to the next, where the framework's schedule says (Lightning)."""
         return None
@@ -251,6 +256,7 @@ class RunLedger:
         nxt = self.next_evaluation(step)
         return Progress(so_far or self.totals(), step, dict(metrics or {}), metrics is not None,
                         self.rate_per_step(), self.remaining_steps(step), self.evaluations, self.stop_cost(kind),
+                        self.stop_cost(None if self.next_check_between(step) else Kind.EVALUATION),
                         step if estimated and nxt is None else nxt,
                         self._as_totals(self._last_eval_j) if self._eval_steps or estimated else None,
                         self._as_totals(self._evaluations_j))

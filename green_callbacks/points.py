@@ -37,6 +37,7 @@ class PointHost:
     log_every_s: float
     last_window: Measurement | None
     _every: int | None
+    step_periods: tuple[int, ...]
     steps_from_zero: bool
     _calibration: tuple[int, float] | None
     _last_step_seen: int
@@ -109,6 +110,18 @@ class PointHost:
         if self._due is None or self.meter is None or (step is not None and step <= self._due):
             return None
         return self._point(Kind.POINT, self._due)
+
+    def next_check_between(self, step: int) -> bool:
+        """Whether a logging point or a budget's step check comes after ``step`` and before the next evaluation
+        (at one step, the evaluation takes the point): a stop decided there still costs a step, and Lightning's
+        validation on stopping. An evaluation not yet scheduled counts as later."""
+        counted = step + self.steps_from_zero
+        periods = [*self.step_periods, *([self._every] if self._every else [])]
+        if not periods:
+            return False
+        nxt = min((counted // n + 1) * n for n in periods) - self.steps_from_zero
+        evaluation = self.next_evaluation(step)
+        return evaluation is None or nxt < evaluation
 
     def _calibrate(self, step: int) -> None:
         """Turn ``log_every_s`` into a step count every rank agrees on (the slowest rank's step time)."""

@@ -59,6 +59,9 @@ class Progress:
         evaluations: evaluations so far in the run, this one included.
         stop_cost: what a stop decided now still costs before training ends (a step that runs before it
             takes effect; a validation where the framework validates on stopping).
+        stop_cost_next: what a stop decided at the next check would still cost: a training that goes on past
+            this check can stop no sooner (nothing at an evaluation; a step, and Lightning's validation, at a
+            logging point or a step check).
         next_evaluation, evaluation_cost, evaluations_so_far: when the next evaluation is expected (the
             period of the last ones), what the last one cost, and what all of them cost so far.
     """
@@ -71,6 +74,7 @@ class Progress:
     remaining_steps: float | None = None
     evaluations: int = 0
     stop_cost: Totals | None = None
+    stop_cost_next: Totals | None = None
     next_evaluation: float | None = None  # the step the next evaluation is expected at, from the last ones
     evaluation_cost: Totals | None = None  # the last evaluation's cost
     evaluations_so_far: Totals | None = None  # what the run's evaluations cost in all (in ``so_far``)

@@ -69,6 +69,9 @@ def test_lightning_ddp_ranks_decide_the_same(tmp_path):
     # rank 1 decided: rank 0's run says why (it said "other_rank", "another rank decided to stop")
     assert run.data.tags["green.stop_reason"] == "efficiency_plateau"
     assert run.data.tags["green.stop_message"].endswith("(decided on rank 1)"), run.data.tags["green.stop_message"]
+    # every rank's decision reads the same (rank 1's own lacked the suffix rank 0's had)
+    messages = [(tmp_path / f"stop-message-rank{r}.txt").read_text() for r in range(2)]
+    assert messages == [run.data.tags["green.stop_message"]] * 2
 
 
 @pytest.mark.slow

@@ -740,7 +740,8 @@ def test_lightning_a_budget_stop_before_the_first_validation_keeps_that_validati
 def test_hf_a_budget_keeps_the_coming_evaluation_in_the_budget(tmp_path, digits, fake_nvml, strategy):  # noqa: F811
     """Costly evaluations (30 J against 1 J a step), budget checks every 2 steps: a check just before a scheduled
     evaluation projected only training, and with ``eval_strategy="epoch"`` a stop ends the epoch, which HF then
-    evaluates. A 200 J budget ended at 207-230 J."""
+    evaluates. A 200 J budget ended at 207-230 J. (The whole run, 5 epochs of 32 steps and 4 evaluations, costs
+    exactly 200 J: a 180 J budget must stop it.)"""
     fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
 
     class Work(TrainerCallback):
@@ -756,9 +757,9 @@ def test_hf_a_budget_keeps_the_coming_evaluation_in_the_budget(tmp_path, digits,
                              eval_steps=40, per_device_train_batch_size=16, per_device_eval_batch_size=64,
                              report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0)
     Trainer(model=hf_digits_model(), args=args, train_dataset=digits[0], eval_dataset=digits[1],
-            compute_metrics=hf_accuracy, callbacks=[Work(), monitor, gt.EnergyBudget(energy="200 J")]).train()
+            compute_metrics=hf_accuracy, callbacks=[Work(), monitor, gt.EnergyBudget(energy="180 J")]).train()
     assert monitor.stop_decision is not None and monitor.stop_decision.reason.value == "energy_budget"
-    assert monitor.evaluations >= 2 and 150 <= monitor.cumulative_j <= 200
+    assert monitor.evaluations >= 2 and 140 <= monitor.cumulative_j <= 180
 
 
 def test_lightning_a_finite_iterable_without_len_leaves_the_runs_end_unknown(tmp_path, fake_nvml):

@@ -60,6 +60,45 @@ def test_lightning_a_budget_with_a_validation_every_third_epoch_pays_only_what_l
     assert lowest <= monitor.cumulative_j <= budget, monitor.stop_decision.message
 
 
+def test_lightning_a_budget_going_on_past_a_validation_keeps_what_stopping_at_the_next_point_costs(tmp_path, fake_nvml):
+    """Points every 5 steps, a validation every 10 (10 J against 1 J a step), uniform costs: a check at a validation
+    kept nothing for a stop there (none is due: the loop ends), but the next chance to stop is the point 5 steps on,
+    where a stop still costs a step and the validation Lightning runs on stopping. 7 of 26 budgets from 30 J to
+    130 J ended over (38 J at 46 J, 98 J at 106 J)."""
+    (xt, yt), (xv, yv) = digits_tensors()
+    train = DataLoader(TensorDataset(xt[:1024], yt[:1024]), batch_size=32)
+    val = DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=64)
+    ended = {}
+    for budget in range(30, 131, 4):
+        fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+        monitor = monitor_at(tmp_path, log_every_n_steps=5)
+        pl.Trainer(max_steps=300, val_check_interval=10, check_val_every_n_epoch=None, logger=False,
+                   callbacks=[work_clock(fake_nvml, val_s=0.05), monitor, gl.EnergyBudget(energy=budget)],
+                   **TRAINER).fit(lightning_digits_module()(), train, val)
+        assert monitor.stop_decision is not None and monitor.stop_decision.reason.value == "energy_budget"
+        ended[budget] = monitor.cumulative_j
+    assert {b: j for b, j in ended.items() if not b - 20 <= j <= b} == {}
+
+
+@pytest.mark.parametrize("case", ["one-batch validation", "num_sanity_val_steps=1"])
+def test_lightning_a_one_batch_sanity_check_estimates_the_first_validation(tmp_path, fake_nvml, case):
+    """A 30 J validation, 1 J a step, the first validation at step 20, a 70 J budget: a sanity check of one batch
+    gave no estimate, so nothing was kept for the first validation (ended at 80 J, and at 91 J with
+    ``num_sanity_val_steps=1``)."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    monitor = monitor_at(tmp_path, log_every_n_steps=5)
+    (xt, yt), (xv, yv) = digits_tensors()
+    one = case == "one-batch validation"
+    train = DataLoader(TensorDataset(xt[:1024], yt[:1024]), batch_size=32)
+    val = DataLoader(TensorDataset(xv[:192], yv[:192]), batch_size=192 if one else 32)  # 30 J: 1 or 6 batches
+    pl.Trainer(max_steps=200, val_check_interval=20, check_val_every_n_epoch=None, logger=False,
+               num_sanity_val_steps=2 if one else 1,
+               callbacks=[work_clock(fake_nvml, val_s=0.3 if one else 0.05), monitor, gl.EnergyBudget(energy=70)],
+               **TRAINER).fit(lightning_digits_module()(), train, val)
+    assert monitor.stop_decision is not None and monitor.stop_decision.reason.value == "energy_budget"
+    assert monitor.cumulative_j <= 70, monitor.stop_decision.message
+
+
 def test_lightning_max_time_ends_the_projected_run(tmp_path, fake_nvml, green_log):
     """``max_time`` ends the run before ``max_epochs=500``: the whole run was projected to 500 epochs (a budget it
     would never reach was said to be broken, the energy saved by a stop overstated a hundredfold)."""

@@ -32,6 +32,9 @@ class Stopped(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         Path(self.out, f"stopped-rank{trainer.global_rank}.txt").write_text(str(trainer.current_epoch))
+        (monitor,) = [cb for cb in trainer.callbacks if isinstance(cb, EnergyMonitor)]
+        decided = monitor.stop_decision
+        Path(self.out, f"stop-message-rank{trainer.global_rank}.txt").write_text(decided.message if decided else "")
 
 
 class Truth(pl.Callback):
