@@ -50,6 +50,18 @@ def _metric_name(metric: str | None, metrics: dict[str, float], stage: str | Non
         (k for k in sorted(metrics) if k.startswith(("val", "eval_", "test_")) and "/" not in k), None)
 
 
+_TOTALS = {"energy/cumulative_j": "energy/total_j", "emissions/cumulative_g": "emissions/total_g",
+           "cost/cumulative": "cost/total"}
+
+
+def _final(metrics: dict[str, float], key: str) -> float | None:
+    """A run's training total: ``energy/total_j`` (and its kin) where the training's end logged it, else the last
+    cumulative value (a run still going, or one whose process was killed), which can predate the end: the
+    logging point at the last evaluation's step holds the interval the end closes after it."""
+    total = _TOTALS.get(key)
+    return metrics[total] if total in metrics else metrics.get(key)
+
+
 def _label(name: str | None, run_id: str) -> str:
     return f"{name or 'unnamed'} ({run_id[:SHORT_ID]})"
 
@@ -62,7 +74,7 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
                      energy: str = "training", group_by: str | None = None) -> pd.DataFrame:
     """One row per run of ``experiment`` that green-callbacks measured, training or inference only.
 
-    ``energy`` picks what is compared: ``"training"`` (the run's cumulative joules) or a stage's
+    ``energy`` picks what is compared: ``"training"`` (the run's total joules, see :func:`_final`) or a stage's
     joules per sample (``"test"``, ``"predict"``, ``"evaluate"``). A run without that energy keeps its
     row with an empty energy cell, so nothing is dropped silently. ``group_by`` names a param or tag
     whose value groups repeats (see :func:`group_frame`).
@@ -91,8 +103,8 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
             continue
         stage = energy if energy != "training" else None
         name = _metric_name(metric, m, stage)
-        value, joules = m.get(name) if name else None, m.get(key)
-        grams = m.get("emissions/cumulative_g") if stage is None else (
+        value, joules = m.get(name) if name else None, _final(m, key)
+        grams = _final(m, "emissions/cumulative_g") if stage is None else (
             m[f"emissions/{stage}_g"] / m[f"{stage}/samples"]
             if m.get(f"{stage}/samples") and f"emissions/{stage}_g" in m else None)
         price = run.data.params.get("green.price_per_kwh", "")
@@ -102,9 +114,10 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
             **({"group": _group_value(run, group_by)} if group_by else {}),
             "status": run.info.status, column: joules,
             column.replace("_j", "_g", 1): grams,
-            "cost": m.get("cost/cumulative") if stage is None else None,
+            "cost": _final(m, "cost/cumulative") if stage is None else None,
             "currency": price.split()[-1] if price and stage is None else "",
-            "duration_s": (end - run.info.start_time) / 1000.0,
+            "duration_s": m.get("time/total_s", (end - run.info.start_time) / 1000.0) if stage is None
+            else (end - run.info.start_time) / 1000.0,
             "metric": name, "value": value,
             "value_per_kj": value / (joules / 1000) if value is not None and joules else None,
             "method": _methods(run.data.tags, stage),

@@ -153,3 +153,36 @@ def test_piped_into_head_no_broken_pipe_and_help_has_no_markup(store):
         out = subprocess.run([sys.executable, "-m", "green_callbacks.cli", *argv], capture_output=True, text=True,
                              timeout=60, check=True).stdout
         assert "``" not in out and "usage: green-callbacks" in out
+
+
+def test_a_real_runs_training_energy_is_its_total_not_a_point_before_its_end(tmp_path, fake_nvml):
+    """A Lightning run whose end costs something after the last validation (here 25 J at ``on_train_end``, as a
+    final checkpoint's save would): its end interval falls at the last point's step, where
+    ``energy/cumulative_j`` is not logged again; the report compared that last cumulative value (a real HF run:
+    22.68 J of 40.8 J) and the MLflow run's wall-clock time instead of the training's."""
+    import lightning.pytorch as pl
+
+    from green_callbacks import lightning as gl
+
+    from helpers import digits_loaders, history, lightning_digits_module, runs, work_clock
+
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+
+    class Teardown(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            fake_nvml.advance(0.25)
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=uri, experiment_name="real",
+                               output_dir=str(tmp_path / "out"))
+    train, val = digits_loaders()
+    pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False, callbacks=[work_clock(fake_nvml), Teardown(), monitor]
+               ).fit(lightning_digits_module()(), train, val)
+    client, (run,) = runs(uri, "real")
+    last_cumulative = history(client, run.info.run_id, "energy/cumulative_j")[-1][1]
+    assert monitor.cumulative_j == pytest.approx(last_cumulative + 25.0)  # the case: the end after the last point
+    frame = experiment_frame("real", uri)
+    assert frame["training_j"].iloc[0] == pytest.approx(monitor.cumulative_j)
+    assert frame["training_g"].iloc[0] == pytest.approx(run.data.metrics["emissions/total_g"])
+    assert frame["duration_s"].iloc[0] == pytest.approx(run.data.metrics["time/total_s"])
