@@ -23,6 +23,7 @@ from green_callbacks.transformers_trainer import (
     load_saved_state,
     reopen_hf_mlflow_run,
     resume_hf_run,
+    set_up_hf_mlflow_first,
 )
 from green_callbacks.uris import redact
 
@@ -218,6 +219,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
             self._resumed_hf_run = resume_hf_run(self.run, state)
         self._start(args, state, open_sink=False)
         if not self.stage_open("inference"):
+            set_up_hf_mlflow_first(args, state, kwargs.get("model"))
             self._steps = [0, 0]  # [steps seen, steps measured]
             self._dataset_len = _length(getattr(kwargs.get("eval_dataloader"), "dataset", None))
             self.begin_stage("inference")

@@ -143,6 +143,28 @@ def test_an_evaluate_before_train_goes_into_hfs_run(tmp_path, digits, tracking):
     assert history(client, run_id, "energy/epoch_j")
 
 
+def test_an_evaluate_before_train_does_not_count_hfs_mlflow_set_up(tmp_path, digits, tracking):
+    """HF's ``MLflowCallback`` sets up (imports MLflow, opens the store, starts its run, logs every argument) at an
+    evaluate()'s first log, after the batches and before ``on_evaluate``: inside the evaluation's window (21.4 J and
+    3.9 s for a 0.01-s evaluation, the next call 0.12 J). It is set up before the window opens."""
+    from green_callbacks.transformers_trainer import calling_trainer, hf_mlflow_callback
+
+    ready = []
+
+    class Spy(EnergyMonitor):
+        def begin_stage(self, name):
+            ready.append(getattr(hf_mlflow_callback(calling_trainer()), "_initialized", None))
+            super().begin_stage(name)
+
+    monitor = Spy(output_dir=str(tmp_path / "out"), log_artifacts=False)
+    t = hf_trainer(tmp_path, digits, [monitor], epochs=1, report_to=["mlflow"])
+    t.evaluate()
+    assert ready == [True]  # HF's MLflow set up when the evaluation's window opened
+    client, (run,) = runs(tracking)
+    assert run.data.params.get("learning_rate")  # HF's set-up, its params in the run
+    assert history(client, run.info.run_id, "energy/evaluate_j") and history(client, run.info.run_id, "eval_accuracy")
+
+
 def test_a_second_train_logs_energy_beside_hfs_metrics(tmp_path, digits, tracking):
     """HF's ``MLflowCallback`` opens its run at the first ``train()`` only and ends it at the end: a second
     ``train()`` of the same Trainer sent HF's metrics to a run MLflow started on the fly, after the monitor had
