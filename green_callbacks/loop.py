@@ -56,6 +56,7 @@ class LoopHost:
     _loop_step: int = -1  # the latest step given to step(); -1: none, the epoch number is the axis
     _loop_pending: bool = False  # an evaluation window closed and not yet reported
     _loop_depth: int = 0  # ``with tracker:`` blocks entered and not left (a nested one is ignored)
+    _loop_epoch_pending: bool = False  # an epoch left with its evaluation not yet reported: it ends with the report
 
     # -- the run ---------------------------------------------------------------------------------
     def __enter__(self: EnergyTracker) -> EnergyTracker:
@@ -65,7 +66,7 @@ class LoopHost:
                                       "training under way goes on, and ends with the outer block")
             return self
         session = object()  # a new ``with`` is a new training: a run this tracker opened is not reused
-        self._loop_step, self._loop_pending = -1, False
+        self._loop_step, self._loop_pending, self._loop_epoch_pending = -1, False, False
         try:
             self.start(loop_rank(), _cuda_indices(), session=session)
         except BaseException:  # a bad setting found at the start (raised on purpose), Ctrl-C: no block entered
@@ -96,16 +97,21 @@ class LoopHost:
     def epoch(self: EnergyTracker, epoch: int) -> Iterator[EnergyTracker]:
         """One training epoch's window; its end is a point (collective under DDP: every rank leaves it).
 
-        An exception leaving the block skips the point: ``with tracker:`` records the partial epoch.
+        An evaluation inside it whose :meth:`report` comes after the block keeps the epoch open until then
+        (its point first, then the epoch's, as where the report is inside). An exception leaving the block
+        skips the point: ``with tracker:`` records the partial epoch.
         """
         if not self._check_started("epoch()"):
             yield self
             return
+        self._flush_evaluation()
         self.begin_epoch(epoch)
         if self._loop_step < 0:  # no step() so far: the epoch number is the step axis, the tracker's too
             self.on_step(int(epoch))
         yield self
-        self._flush_evaluation()
+        if self._loop_pending:  # reported after the block, or at the next call without metrics
+            self._loop_epoch_pending = True
+            return
         self.end_epoch(self._loop_point_step())
 
     @contextlib.contextmanager
@@ -137,7 +143,12 @@ class LoopHost:
         if not self._check_started("report()"):
             return False
         self._loop_pending = False
-        self.end_evaluation(self._loop_point_step() if step is None else int(step), _numbers(self, metrics))
+        at, numbers = self._loop_point_step() if step is None else int(step), _numbers(self, metrics)
+        if self.sink is not None and getattr(self.sink.target, "owned", False):
+            # the tracker's own run, which its sender opens: MLflow's fluent log_metric would start another
+            self._log(numbers, at)
+        self.end_evaluation(at, numbers)
+        self._end_pending_epoch()
         return self.should_stop
 
     def step(self: EnergyTracker, step: int | None = None, batch: Any = None) -> bool:
@@ -172,6 +183,12 @@ class LoopHost:
         if self._loop_pending:
             self._loop_pending = False
             self.end_evaluation(self._loop_point_step(), {})
+        self._end_pending_epoch()
+
+    def _end_pending_epoch(self: EnergyTracker) -> None:
+        if self._loop_epoch_pending:
+            self._loop_epoch_pending = False
+            self.end_epoch(self._loop_point_step())
 
 
 def _numbers(owner: object, metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -99,6 +99,8 @@ def test_the_issues_loop_logs_every_epoch_and_evaluation(tmp_path, uri, gpu):
     assert history(client, rid, "efficiency/val_acc_per_kj") == [
         (e, pytest.approx(acc / (epoch_j * (e + 1) / 1000))) for e, acc in enumerate(accs)]
     assert run.data.metrics["energy/total_j"] == pytest.approx(3 * epoch_j)
+    # the reported metric itself, in the tracker's own run (MLflow's fluent log_metric would open another run)
+    assert history(client, rid, "val_acc") == [(e, pytest.approx(acc)) for e, acc in enumerate(accs)]
     assert run.data.params["green.carbon_intensity_label"].startswith("France")
     assert "green_callbacks/summary.json" in [a.path for a in client.list_artifacts(rid, "green_callbacks")]
 
@@ -262,12 +264,38 @@ def test_logs_into_the_active_mlflow_run(tmp_path, uri, gpu):
             with tracker, tracker.epoch(0):
                 for _ in Digits(gpu).batches():
                     pass
+                tracker.report({"val_acc": 0.5})  # the user logs their own metrics into their own run
     finally:
         mlflow.set_tracking_uri(None)
     client, (run,) = runs(uri, "mine")
     assert run.info.run_id == active.info.run_id and tracker.run.run_id == active.info.run_id
     assert history(client, run.info.run_id, "energy/epoch_j") == [(0, pytest.approx(8.0))]
+    assert "val_acc" not in run.data.metrics and "efficiency/val_acc_per_kj" in run.data.metrics
     assert runs(uri, "my-run")[1] == []
+
+
+def test_a_report_after_the_epoch_block_is_that_epochs_evaluation(tmp_path, uri, gpu):
+    """The evaluation inside ``with tracker.epoch()``, its report after the block: the epoch's end flushed the
+    evaluation without metrics, and the report made a second evaluation point with none of its energy (6 evaluations
+    for 3; two ``energy/interval_j`` values at each step, 0 J and the epoch's)."""
+    tracker, work = tracker_for(tmp_path, uri), Digits(gpu)
+    accs = []
+    with tracker:
+        for epoch in range(3):
+            with tracker.epoch(epoch):
+                for _ in work.batches():
+                    pass
+                with tracker.evaluation():
+                    accs.append(work.evaluate())
+            tracker.report({"val_acc": accs[-1]})
+    client, (run,) = runs(uri, "my-run")
+    rid, epoch_j = run.info.run_id, 8 * STEP_J + EVAL_J
+    assert tracker.evaluations == 3
+    assert history(client, rid, "energy/eval_j") == [(e, pytest.approx(EVAL_J)) for e in range(3)]
+    assert history(client, rid, "energy/interval_j") == [(e, pytest.approx(epoch_j)) for e in range(3)]
+    assert history(client, rid, "energy/epoch_j") == [(e, pytest.approx(epoch_j)) for e in range(3)]
+    assert history(client, rid, "efficiency/val_acc_per_kj") == [
+        (e, pytest.approx(acc / (epoch_j * (e + 1) / 1000))) for e, acc in enumerate(accs)]
 
 
 @pytest.mark.slow
