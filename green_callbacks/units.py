@@ -9,6 +9,32 @@ ENERGY_J = {"J": 1.0, "kJ": 1e3, "MJ": 1e6, "Wh": 3600.0, "kWh": 3.6e6, "MWh": 3
 # "mj" could be milli or mega: case only forgives where it cannot change the meaning
 _ENERGY_ANY_CASE = {u.lower(): f for u, f in ENERGY_J.items() if u.lower() not in ("mj", "mwh")}
 MASS_G = {"g": 1.0, "kg": 1e3, "t": 1e6}
+# ISO 4217's active codes (2025 list: funds, metals and SDR included; XTS, testing, and XXX, no currency, left out)
+_ISO_4217_CODES = """
+AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BOV BRL BSD BTN BWP BYN BZD CAD CDF
+CHE CHF CHW CLF CLP CNY COP COU CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS GIP GMD GNF
+GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD
+LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MXV MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP
+PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP
+TRY TTD TWD TZS UAH UGX USD USN UYI UYU UYW UZS VED VES VND VUV WST XAF XAG XAU XBA XBB XBC XBD XCD XCG XDR XOF
+XPD XPF XPT XSU XUA YER ZAR ZMW ZWG
+"""
+ISO_4217 = frozenset(_ISO_4217_CODES.split())
+
+
+def currency_code(name: str, value: object, code: str) -> str:
+    """``code`` in capitals where ISO 4217 has it; else an error naming the value, close codes and some choices."""
+    upper = code.upper()
+    if upper not in ISO_4217:
+        import difflib
+
+        close = difflib.get_close_matches(upper, sorted(ISO_4217), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ValueError(f"{name}={value!r}: {code!r} is not an ISO 4217 currency code; {hint}write one like "
+                         "EUR, USD, GBP, JPY, CHF, CNY, INR, CAD or AUD")
+    return upper
+
+
 _QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([A-Za-z]*)\s*(?:co2e?)?\s*$", re.I)
 
 
@@ -68,6 +94,8 @@ def parse_money(name: str, value: float | str, currency: str | None = None) -> t
                          "amount of money like '0.5 EUR' (energy and emissions budgets have their own arguments)")
     if code is not None and not re.fullmatch(r"[A-Z]{3}", code):
         raise ValueError(f"{name}={value!r}: {unit!r} is not a currency code; write it like '0.5 EUR' or '2 USD'")
+    if code is not None:
+        code = currency_code(name, value, code)
     if code and currency and code != currency.upper():
         raise ValueError(f"{name}={value!r} is in {code} but the electricity price is in {currency.upper()}; "
                          "use the same currency")

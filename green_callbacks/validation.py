@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from green_callbacks.sensors.estimate import CPU_SCOPES
+from green_callbacks.units import currency_code
 
 ARTIFACT_CHOICES = ("intervals", "trace", "plot", "summary")
 MIN_SAMPLING_PERIOD_S = 0.005  # NVML and RAPL refresh every 1-100 ms: faster sampling only burns a core
@@ -54,7 +55,7 @@ def check_gpus(gpus: Any) -> Any:
 def check_currency(currency: Any) -> str:
     if not isinstance(currency, str) or not _CURRENCY.match(currency.upper()):
         raise ValueError(f"currency={currency!r} must be an ISO 4217 code of three letters, like 'EUR', 'USD', 'GBP'")
-    return currency.upper()
+    return currency_code("currency", currency, currency)
 
 
 def check_tracker_args(a: Mapping[str, Any]) -> dict[str, Any]:

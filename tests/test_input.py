@@ -26,6 +26,9 @@ from helpers import DigitsDataset, digits_tensors, lightning_digits_module
     ({"sampling_period_s": 1e-9}, r"sampling_period_s=1e-09 must be a finite number in \[0.005, 60\]"),
     ({"currency": "euro"}, r"currency='euro' must be an ISO 4217 code"),
     ({"currency": None}, r"currency=None must be an ISO 4217 code"),
+    # three letters that are no currency (it was accepted, and the run's cost was labelled "XYZ")
+    ({"currency": "XYZ"}, r"currency='XYZ': 'XYZ' is not an ISO 4217 currency code; write one like EUR, USD"),
+    ({"currency": "eut"}, r"currency='eut': 'eut' is not an ISO 4217 currency code; did you mean EUR"),
     ({"output_dir": None}, r"output_dir=None must be a non-empty string"),
     ({"experiment_name": "x" * 501}, r"experiment_name of 501 characters: MLflow accepts at most 500"),
     ({"log_every_n_steps": 0}, r"log_every_n_steps=0 must be an integer >= 1"),
@@ -34,6 +37,16 @@ def test_bad_monitor_arguments_name_the_value_and_the_choices(kwargs, message):
     for module in (gl, gt):
         with pytest.raises(ValueError, match=message):
             module.EnergyMonitor(**kwargs)
+
+
+def test_a_cost_budget_in_a_currency_that_does_not_exist_is_refused_and_a_bare_one_takes_the_prices():
+    with pytest.raises(ValueError, match=r"cost='2 XYZ': 'XYZ' is not an ISO 4217 currency code"):
+        gl.EnergyBudget(cost="2 XYZ")
+    assert gl.EnergyBudget(cost="2 usd").budget.currency == "USD"
+    # a bare amount is in the price's currency: the stop message said "the budget of 2", no currency
+    budget = gl.EnergyBudget(cost=2)
+    gl.EnergyMonitor(price_per_kwh=0.3, currency="GBP", mlflow=False).attach(budget)
+    assert budget.budget.describe(budget.budget._limits()[0][0], 2.0) == "2 GBP"
 
 
 def test_a_cost_budget_in_energy_units_is_refused():
