@@ -97,10 +97,14 @@ def print_summary(t: EnergyTracker, status: str) -> None:
              f"\n  MLflow run {s['mlflow_run_id']}" if "mlflow_run_id" in s else
              f"\n  MLflow not reached yet: the records are kept in {s['mlflow_spool']} and sent when it answers "
              f"(or: green-callbacks replay {s['mlflow_spool']})" if "mlflow_spool" in s else "")
-    say(f"green-callbacks [{status.lower()}]: {s['epochs']} epochs, {s['evaluations']} evaluations, "
-        f"to step {s['last_step']}, "
+    say(f"green-callbacks [{status.lower()}]: {_count(s['epochs'], 'epoch')}, "
+        f"{_count(s['evaluations'], 'evaluation')}, to step {s['last_step']}, "
         f"{s['energy_j']:.1f} J ({s['energy_kwh']:.6f} kWh), {s['emissions_g']:.3f} gCO2e{cost} over "
         f"{s['duration_s']:.1f} s ({methods}; {s['carbon_intensity_g_per_kwh']} g/kWh, PUE {s['pue']}){where}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def say(text: str) -> None:

@@ -330,3 +330,10 @@ def test_report_takes_tensors_and_leaves_out_what_is_not_a_number(tmp_path, uri,
     client, (run,) = runs(uri, "my-run")
     assert history(client, run.info.run_id, "efficiency/val_acc_per_kj") == [(0, pytest.approx(0.5 / 0.008))]
     assert "val_note" in green_log.text and "not a number" in green_log.text
+
+
+def test_the_summary_line_counts_in_words(tmp_path, gpu, capsys):
+    """One epoch and one evaluation read "1 epoch, 1 evaluation" (it said "1 epochs, 1 evaluations")."""
+    tracker = tracker_for(tmp_path, None, mlflow=False)
+    the_issues_loop(tracker, Digits(gpu), max_epochs=1)
+    assert "green-callbacks [finished]: 1 epoch, 1 evaluation, to step 0, 13.0 J" in capsys.readouterr().out
