@@ -52,13 +52,36 @@ def write(t: EnergyTracker, trace: pd.DataFrame | None) -> None:
     written: list[Path] = []
     if t.artifacts:
         try:
-            written = _write_files(t, trace, t.run_folder)
+            folder = t.run_folder
+            if getattr(t, "_outputs_folder", None) != folder:  # another training's files there are kept aside
+                written = _keep_earlier(folder)
+                t._outputs_folder = folder
+            written += _write_files(t, trace, folder)
         except OSError as exc:
             warn_once(t, "outputs", f"cannot write the run's outputs under {t.output_dir} ({exc}); these files are "
                                     "not written (the metrics go to MLflow as usual)")
     if t.sink is not None:
         for path in written:
             t.sink.log_artifact(path, ARTIFACT_DIR)
+
+
+OUTPUT_FILES = ("intervals.csv", "power_trace.csv", "summary.json", "power.png")
+
+
+def _keep_earlier(folder: Path) -> list[Path]:
+    """The files another training wrote into this run's folder (the process a resume picks up from, a second
+    monitor logging into the same run), renamed ``intervals.before-1.csv``... so that this one's do not overwrite
+    them: a crashed process's records (the work the crash threw away) stay, in the folder and as artifacts."""
+    if folder.is_symlink() or not folder.is_dir():
+        return []
+    present = [folder / n for n in OUTPUT_FILES if (folder / n).is_file() and not (folder / n).is_symlink()]
+    if not present:
+        return []
+    n = 1
+    while any((folder / f"{p.stem}.before-{n}{p.suffix}").exists() for p in (folder / f for f in OUTPUT_FILES)):
+        n += 1
+    kept = [p.rename(folder / f"{p.stem}.before-{n}{p.suffix}") for p in present]
+    return [Path(p) for p in kept]
 
 
 def _write_files(t: EnergyTracker, trace: pd.DataFrame | None, folder: Path) -> list[Path]:

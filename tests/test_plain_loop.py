@@ -8,8 +8,10 @@ logged has an exact expected value.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 
+import pandas as pd
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -337,3 +339,26 @@ def test_the_summary_line_counts_in_words(tmp_path, gpu, capsys):
     tracker = tracker_for(tmp_path, None, mlflow=False)
     the_issues_loop(tracker, Digits(gpu), max_epochs=1)
     assert "green-callbacks [finished]: 1 epoch, 1 evaluation, to step 0, 13.0 J" in capsys.readouterr().out
+
+
+def test_a_second_training_into_the_same_run_keeps_the_first_ones_files(tmp_path, uri, gpu):
+    """Two trainings into one MLflow run (a resume after a crash, a second monitor given the same run): the second
+    wrote its intervals.csv and summary.json over the first's, in the run's folder and its artifacts, and with them
+    the records of the first (a crashed process's: the work the crash threw away)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=mlflow.create_experiment("mine")) as active:
+            for epochs in (2, 1):
+                the_issues_loop(tracker_for(tmp_path, uri), Digits(gpu), max_epochs=epochs)
+    finally:
+        mlflow.set_tracking_uri(None)
+    folder = tmp_path / "out" / active.info.run_id
+    assert len(pd.read_csv(folder / "intervals.before-1.csv")) > len(pd.read_csv(folder / "intervals.csv"))
+    assert json.loads((folder / "summary.before-1.json").read_text())["epochs"] == 2
+    assert json.loads((folder / "summary.json").read_text())["epochs"] == 1
+    client, (run,) = runs(uri, "mine")
+    assert {"green_callbacks/intervals.csv", "green_callbacks/intervals.before-1.csv",
+            "green_callbacks/summary.before-1.json"} <= {a.path for a in client.list_artifacts(run.info.run_id,
+                                                                                            "green_callbacks")}
