@@ -152,8 +152,9 @@ class EfficiencyStopper(Stopper):
         message = (f"{type(self).__name__}(monitor={self.monitor!r}): no such metric; the evaluation's metrics "
                    f"are {sorted(available)}")
         if not available:  # nothing at all: the metrics came after the point that booked the evaluation
-            message += (" (none were reported for it: in a plain loop, call tracker.report(...) before the epoch "
-                        "block that holds the evaluation ends)")
+            message += (" (it logged none: Lightning takes those self.log'ged in validation_step or "
+                        "on_validation_epoch_end, HF those compute_metrics returns, a plain loop those given to "
+                        "tracker.report(...))")
         if self.strict:
             raise MonitorError(f"{message}. Log it under that name, or pass strict=False to wait for it.")
         if not self._warned_missing:
