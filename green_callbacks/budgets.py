@@ -40,6 +40,7 @@ class Budget:
         self.energy_j = parse_energy_j("energy", energy) if energy is not None else None
         self.emissions_g = parse_mass_g("emissions", emissions) if emissions is not None else None
         self.cost, self.currency = parse_money("cost", cost) if cost is not None else (None, None)
+        self.price_currency: str | None = None  # the monitor's, for a cost given as a bare number
         self.on_exceed = on_exceed
         self.recent: list[Totals] = []
         self.last_check: Totals = Totals()  # the training (evaluations left out) up to the last check
@@ -58,7 +59,7 @@ class Budget:
 
     def describe(self, reason: StopReason, value: float) -> str:
         unit = {StopReason.ENERGY_BUDGET: "J", StopReason.EMISSIONS_BUDGET: "gCO2e",
-                StopReason.COST_BUDGET: self.currency or ""}[reason]
+                StopReason.COST_BUDGET: self.currency or self.price_currency or ""}[reason]
         return f"{value:.6g} {unit}".strip()
 
     def check(self, so_far: Totals, stop_cost: Totals | None = None, progress: Progress | None = None) -> Decision:

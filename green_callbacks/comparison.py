@@ -54,12 +54,13 @@ _TOTALS = {"energy/cumulative_j": "energy/total_j", "emissions/cumulative_g": "e
            "cost/cumulative": "cost/total"}
 
 
-def _final(metrics: dict[str, float], key: str) -> float | None:
-    """A run's training total: ``energy/total_j`` (and its kin) where the training's end logged it, else the last
-    cumulative value (a run still going, or one whose process was killed), which can predate the end: the
+def _final(metrics: dict[str, float], key: str, running: bool) -> float | None:
+    """A run's training total: ``energy/total_j`` (and its kin), which the training's end logs, where the run
+    has ended; the last cumulative value where it is still going (a total there is an earlier process's, before
+    a resume) or has none (a process killed outright). The last cumulative value alone can predate the end: the
     logging point at the last evaluation's step holds the interval the end closes after it."""
     total = _TOTALS.get(key)
-    return metrics[total] if total in metrics else metrics.get(key)
+    return metrics[total] if total in metrics and not running else metrics.get(key)
 
 
 def _label(name: str | None, run_id: str) -> str:
@@ -103,8 +104,9 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
             continue
         stage = energy if energy != "training" else None
         name = _metric_name(metric, m, stage)
-        value, joules = m.get(name) if name else None, _final(m, key)
-        grams = _final(m, "emissions/cumulative_g") if stage is None else (
+        running = run.info.status == "RUNNING"
+        value, joules = m.get(name) if name else None, _final(m, key, running)
+        grams = _final(m, "emissions/cumulative_g", running) if stage is None else (
             m[f"emissions/{stage}_g"] / m[f"{stage}/samples"]
             if m.get(f"{stage}/samples") and f"emissions/{stage}_g" in m else None)
         price = run.data.params.get("green.price_per_kwh", "")
@@ -114,10 +116,9 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
             **({"group": _group_value(run, group_by)} if group_by else {}),
             "status": run.info.status, column: joules,
             column.replace("_j", "_g", 1): grams,
-            "cost": _final(m, "cost/cumulative") if stage is None else None,
+            "cost": _final(m, "cost/cumulative", running) if stage is None else None,
             "currency": price.split()[-1] if price and stage is None else "",
-            "duration_s": m.get("time/total_s", (end - run.info.start_time) / 1000.0) if stage is None
-            else (end - run.info.start_time) / 1000.0,
+            "duration_s": (end - run.info.start_time) / 1000.0,
             "metric": name, "value": value,
             "value_per_kj": value / (joules / 1000) if value is not None and joules else None,
             "method": _methods(run.data.tags, stage),

@@ -112,12 +112,14 @@ class StopperHost:
                            self._trial_batches))
         merged = merge_ranks([p[0] for p in payloads])
         if all(p[2] >= 1 for p in payloads) and math.isfinite(batches) and batches > 0 and not self._eval_steps:
-            # every rank's joules per batch, summed: its steady batches', or, where a rank's trial had one batch
-            # (a validation of one batch, num_sanity_val_steps=1), that batch's, warm-up and all (on the high side)
-            steady_all = all(p[2] > 1 and p[1] is not None for p in payloads)
-            per_batch = sum(merge_ranks([p[1]]).total_j / (p[2] - 1) if steady_all else
-                            merge_ranks([p[0]]).total_j / p[2] for p in payloads)
-            self._last_eval_j = per_batch * batches
+            # every rank's steady batches (after the first's warm-up) at their joules per batch; where a trial had
+            # one batch (a validation of one batch, num_sanity_val_steps=1), that batch, warm-up and all, stands for
+            # the validation: exact for a one-batch validation; for a longer one neither bound (on a GPU the first
+            # batch's warm-up can outweigh many later batches; scaled by their number it stopped a run at once)
+            if all(p[2] > 1 and p[1] is not None for p in payloads):
+                self._last_eval_j = sum(merge_ranks([p[1]]).total_j / (p[2] - 1) for p in payloads) * batches
+            else:
+                self._last_eval_j = merged.total_j
         # spent, and in the totals; an evaluation's, not training's: out of the rate and the budget's intervals
         self._evaluations_j += merged.total_j
         self._trial_j += merged.total_j

@@ -34,6 +34,7 @@ class RunLedger:
         self.run: Any = None  # green_callbacks.sinks.RunRef once known
         self.local_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.records: list[IntervalRecord] = []
+        self._outputs_folder: Any = None  # the run folder this tracker's records were last written to
         self.cumulative_j = 0.0
         self.cumulative_g = 0.0
         self.cumulative_cost: float | None = None if self.accountant.price_per_kwh is None else 0.0
@@ -288,6 +289,7 @@ class RunLedger:
             setattr(self, key, int(state.get(key, getattr(self, key))))
         self.current_epoch = int(state.get("epoch", self.current_epoch))
         self.records = [IntervalRecord.from_json(r) for r in state.get("records", [])]
+        self._outputs_folder = None  # the records written before are not these: those files are kept aside
         self.local_id = state.get("local_id", self.local_id)
         evaluations = [r for r in self.records if r.kind is Kind.EVALUATION]  # (an epoch's record repeats its eval_j)
         self._evaluations_j = float(state.get("evaluations_j", sum(r.eval_j for r in evaluations)))

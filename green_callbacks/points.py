@@ -115,10 +115,10 @@ class PointHost:
         """Whether a logging point or a budget's step check comes after ``step`` and before the next evaluation
         (at one step, the evaluation takes the point): a stop decided there still costs a step, and Lightning's
         validation on stopping. An evaluation not yet scheduled counts as later."""
+        if self._every is None:  # calibrating log_every_s: a point may come at any step
+            return True
         counted = step + self.steps_from_zero
-        periods = [*self.step_periods, *([self._every] if self._every else [])]
-        if not periods:
-            return False
+        periods = [*self.step_periods, self._every]
         nxt = min((counted // n + 1) * n for n in periods) - self.steps_from_zero
         evaluation = self.next_evaluation(step)
         return evaluation is None or nxt < evaluation

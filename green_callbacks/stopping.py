@@ -256,7 +256,7 @@ class BudgetStopper(Stopper):
         if self.budget.currency and self.budget.currency != currency.upper():
             raise ValueError(f"EnergyBudget cost is in {self.budget.currency} but the EnergyMonitor's price is in "
                              f"{currency.upper()}; use the same currency")
-        self.budget.currency = currency.upper()  # a bare number is in the price's currency: its messages say which
+        self.budget.price_currency = currency.upper()  # a bare number is in the price's: its messages say which
 
     def _act(self, decision: Decision) -> Decision:
         if decision.should_stop and self.budget.on_exceed == "warn":

@@ -103,11 +103,16 @@ def reopen_hf_mlflow_run(args: TrainingArguments, state: TrainerState, model: An
 
 
 def set_up_hf_mlflow_first(args: TrainingArguments, state: TrainerState, model: Any) -> None:
-    """An ``evaluate()`` or ``predict()`` before any ``train()``: HF's ``MLflowCallback`` sets up (imports MLflow,
+    """An ``evaluate()`` before any ``train()``: HF's ``MLflowCallback`` sets up (imports MLflow,
     opens the store, starts its run, logs every argument) at the call's first log, after the batches and before
     ``on_evaluate``: seconds the evaluation's energy counted (21.4 J and 3.9 s for a 0.01-s evaluation on MLflow's
-    default store). Set it up now, before the evaluation's window opens, as its ``on_train_begin`` would have."""
-    hf = hf_mlflow_callback(calling_trainer())
+    default store). Set it up now, before the evaluation's window opens, as its ``on_train_begin`` would have.
+    Not for ``predict()``, which logs nothing, so HF never sets up (nor starts a run) there."""
+    from transformers import Trainer
+
+    trainer = next((f.f_locals["self"] for f in itertools.islice(callers(), 16)
+                    if f.f_code.co_name == "evaluate" and isinstance(f.f_locals.get("self"), Trainer)), None)
+    hf = hf_mlflow_callback(trainer)
     if hf is None or getattr(hf, "_initialized", True):
         return
     try:

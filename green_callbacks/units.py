@@ -9,7 +9,8 @@ ENERGY_J = {"J": 1.0, "kJ": 1e3, "MJ": 1e6, "Wh": 3600.0, "kWh": 3.6e6, "MWh": 3
 # "mj" could be milli or mega: case only forgives where it cannot change the meaning
 _ENERGY_ANY_CASE = {u.lower(): f for u, f in ENERGY_J.items() if u.lower() not in ("mj", "mwh")}
 MASS_G = {"g": 1.0, "kg": 1e3, "t": 1e6}
-# ISO 4217's active codes (2025 list: funds, metals and SDR included; XTS, testing, and XXX, no currency, left out)
+# ISO 4217's active codes (2025 list: funds, metals and SDR included; XTS, testing, and XXX, no currency, left out),
+# and four withdrawn since 2021 that older price tables still use (CUC, HRK, SLL, ZWL)
 _ISO_4217_CODES = """
 AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BOV BRL BSD BTN BWP BYN BZD CAD CDF
 CHE CHF CHW CLF CLP CNY COP COU CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS GIP GMD GNF
@@ -18,6 +19,7 @@ LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MXV MYR MZN NAD NGN NIO 
 PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP
 TRY TTD TWD TZS UAH UGX USD USN UYI UYU UYW UZS VED VES VND VUV WST XAF XAG XAU XBA XBB XBC XBD XCD XCG XDR XOF
 XPD XPF XPT XSU XUA YER ZAR ZMW ZWG
+CUC HRK SLL ZWL
 """
 ISO_4217 = frozenset(_ISO_4217_CODES.split())
 

@@ -165,6 +165,16 @@ def test_an_evaluate_before_train_does_not_count_hfs_mlflow_set_up(tmp_path, dig
     assert history(client, run.info.run_id, "energy/evaluate_j") and history(client, run.info.run_id, "eval_accuracy")
 
 
+def test_a_predict_before_train_leaves_no_mlflow_run_active(tmp_path, digits, tracking):
+    """HF's ``predict()`` logs nothing, so HF's ``MLflowCallback`` never sets up there: setting it up ahead (as for
+    an ``evaluate()``) started a run that stayed active, and a later ``mlflow.start_run()`` raised."""
+    monitor = EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False)
+    hf_trainer(tmp_path, digits, [monitor], epochs=1, report_to=["mlflow"]).predict(digits[1])
+    assert mlflow.active_run() is None
+    client, (run,) = runs(tracking)
+    assert history(client, run.info.run_id, "energy/predict_j") and not run.data.params.get("learning_rate")
+
+
 def test_a_second_train_logs_energy_beside_hfs_metrics(tmp_path, digits, tracking):
     """HF's ``MLflowCallback`` opens its run at the first ``train()`` only and ends it at the end: a second
     ``train()`` of the same Trainer sent HF's metrics to a run MLflow started on the fly, after the monitor had

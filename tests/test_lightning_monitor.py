@@ -206,6 +206,36 @@ def test_exception_in_training_step_keeps_the_partial_epoch_and_marks_the_run_fa
     assert "green_callbacks/summary.json" in artifacts(client, run.info.run_id)
 
 
+def test_the_same_monitor_resumed_after_a_crash_keeps_the_crashed_fits_files(tmp_path):
+    """A fit that raised, then the same monitor in a fit resumed from the last checkpoint, in the same process and
+    run: the resumed records are the checkpoint's, so the files the crashed fit wrote (its partial epoch) are kept
+    as intervals.before-1.csv, not overwritten."""
+    import pandas as pd
+
+    class Boom(ValModel):
+        fail = True
+
+        def training_step(self, batch, batch_idx):
+            if self.current_epoch == 1 and batch_idx == 3 and Boom.fail:
+                raise RuntimeError("user bug")
+            return super().training_step(batch, batch_idx)
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monitor = EnergyMonitor(tracking_uri=uri, output_dir=str(tmp_path / "out"))
+
+    def fit(**kw):
+        trainer(tmp_path, [monitor, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_epochs=2,
+                enable_checkpointing=True).fit(Boom(), **kw)
+
+    with pytest.raises(RuntimeError, match="user bug"):
+        fit()
+    Boom.fail = False
+    fit(ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    (folder,) = (tmp_path / "out").iterdir()
+    crashed, resumed = pd.read_csv(folder / "intervals.before-1.csv"), pd.read_csv(folder / "intervals.csv")
+    assert crashed["partial"].any() and not resumed["partial"].any()  # the crashed fit's partial epoch, kept
+
+
 def test_gpu_lost_mid_training_warns_once_and_training_finishes(tmp_path, fake_nvml, green_log):
     (dev,) = fake_nvml.configure(n=1)
 

@@ -159,7 +159,7 @@ def test_a_real_runs_training_energy_is_its_total_not_a_point_before_its_end(tmp
     """A Lightning run whose end costs something after the last validation (here 25 J at ``on_train_end``, as a
     final checkpoint's save would): its end interval falls at the last point's step, where
     ``energy/cumulative_j`` is not logged again; the report compared that last cumulative value (a real HF run:
-    22.68 J of 40.8 J) and the MLflow run's wall-clock time instead of the training's."""
+    22.68 J of 40.8 J)."""
     import lightning.pytorch as pl
 
     from green_callbacks import lightning as gl
@@ -185,4 +185,21 @@ def test_a_real_runs_training_energy_is_its_total_not_a_point_before_its_end(tmp
     frame = experiment_frame("real", uri)
     assert frame["training_j"].iloc[0] == pytest.approx(monitor.cumulative_j)
     assert frame["training_g"].iloc[0] == pytest.approx(run.data.metrics["emissions/total_g"])
-    assert frame["duration_s"].iloc[0] == pytest.approx(run.data.metrics["time/total_s"])
+
+
+def test_a_run_still_going_is_compared_at_its_last_cumulative_value(tmp_path):
+    """A run resumed after a crash and still training holds the crashed process's energy/total_j (70 J, with the
+    work the crash threw away) beside its own later cumulative value: the run's energy so far is the latter."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("going", artifact_location=(tmp_path / "artifacts").as_uri())
+    rid = client.create_run(exp, run_name="resumed").info.run_id
+    for key, value, step in [("energy/cumulative_j", 60.0, 59), ("energy/total_j", 70.0, 59),
+                             ("energy/cumulative_j", 90.0, 89)]:
+        client.log_metric(rid, key, value, step=step)
+    assert experiment_frame("going", uri)["training_j"].iloc[0] == 90.0
+    client.set_terminated(rid)  # (its end logs the total; ended, the total is the run's)
+    client.log_metric(rid, "energy/total_j", 95.0, step=90)
+    assert experiment_frame("going", uri)["training_j"].iloc[0] == 95.0
