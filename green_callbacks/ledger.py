@@ -196,20 +196,20 @@ class RunLedger:
             j * self.cumulative_cost / self.cumulative_j if self.cumulative_j > 0 else 0.0)
         return Totals(j, j * g_per_j, cost)
 
-    def stop_validates(self, kind: Kind | None) -> bool:
+    def stop_validates(self, kind: Kind | None, at: int | None = None) -> bool:
         """Whether a stop decided at a point of ``kind`` (``None``: a check between points) makes the framework
         run one more evaluation before training ends. A stop decided at an evaluation or at an epoch's end
         never does: the loop ends there (an evaluation due at that epoch's end is counted as due, not here)."""
         return self.validates_on_stop and kind not in (Kind.EVALUATION, Kind.EPOCH)
 
-    def stop_cost(self, kind: Kind | None = None) -> Totals:
+    def stop_cost(self, kind: Kind | None = None, at: int | None = None) -> Totals:
         """What a stop decided now still costs: the step that runs before it takes effect (a point due at a
         step is taken as the next one starts; between points, a loop may finish its step), none at an evaluation
         or an epoch's end (the loop ends there), and, where the framework validates on stopping (Lightning's loop
         does, within a training epoch that validates), a validation as costly as the last one."""
         nothing = Totals(0.0, 0.0, None if self.cumulative_cost is None else 0.0)
         cost = nothing if kind in (Kind.EVALUATION, Kind.EPOCH) else self.rate_per_step() or nothing
-        return cost + self._as_totals(self._last_eval_j) if self.stop_validates(kind) else cost
+        return cost + self._as_totals(self._last_eval_j) if self.stop_validates(kind, at) else cost
 
     def _as_totals(self, joules: float) -> Totals:
         """Joules with the run's own emissions and cost per joule."""
@@ -225,10 +225,10 @@ class RunLedger:
             return (steps[-1] - steps[0]) / (len(steps) - 1)
         return float(self._last_cycle_steps) if self._last_cycle_steps and not self._resumed_cycle else None
 
-    def next_check_between(self, step: int) -> bool:
-        """Whether the next check after ``step`` comes between evaluations (a logging point, a budget's step
-        check), where a stop still costs a step and Lightning's validation; no cadence here: an evaluation."""
-        return False
+    def next_check_step(self, step: int) -> int | None:
+        """The step of the next check after ``step`` where it comes between evaluations (a logging point, a budget's
+        step check), where a stop still costs a step and Lightning's validation; no cadence here: ``None``."""
+        return None
 
     def evaluation_period(self) -> float | None:
         """The steps from one evaluation to the next, where the framework's schedule says (Lightning)."""
@@ -257,7 +257,8 @@ class RunLedger:
         nxt = self.next_evaluation(step)
         return Progress(so_far or self.totals(), step, dict(metrics or {}), metrics is not None,
                         self.rate_per_step(), self.remaining_steps(step), self.evaluations, self.stop_cost(kind),
-                        self.stop_cost(None if self.next_check_between(step) else Kind.EVALUATION),
+                        self.stop_cost(Kind.EVALUATION) if (at := self.next_check_step(step)) is None else
+                        self.stop_cost(None, at),
                         step if estimated and nxt is None else nxt,
                         self._as_totals(self._last_eval_j) if self._eval_steps or estimated else None,
                         self._as_totals(self._evaluations_j))

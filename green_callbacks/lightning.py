@@ -99,11 +99,17 @@ class EnergyMonitor(EnergyTracker, Callback):
         done = bool(self._eval_steps) and self._eval_steps[-1] >= step  # the validation at this step is past
         return self._schedule.next_validation(step + done)
 
-    def stop_validates(self, kind: Kind | None) -> bool:
+    def stop_validates(self, kind: Kind | None, at: int | None = None) -> bool:
         """Lightning validates after a stop set within a training batch only in an epoch that validates
-        (``check_val_every_n_epoch``, ``limit_val_batches``): the loop's own test, asked at the decision."""
+        (``check_val_every_n_epoch``, ``limit_val_batches``): the loop's own test, asked at the decision; for a
+        check to come at step ``at``, the schedule's answer for that step's epoch (it may be the next one)."""
+        if not super().stop_validates(kind):
+            return False
+        schedule = self._schedule
+        if at is not None and schedule is not None and schedule.n is not None:
+            return (at // schedule.batches + 1) % schedule.n == 0
         validates = self._validates_this_epoch
-        return super().stop_validates(kind) and (validates is None or bool(validates()))
+        return validates is None or bool(validates())
 
     def _start(self, trainer: pl.Trainer) -> None:
         self.dry_run = bool(trainer.fast_dev_run)  # Lightning logs and saves nothing then: neither do we

@@ -192,7 +192,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         elif control.should_save and self.before_checkpoint():  # saved next: a point first, so its state holds it
             control.should_training_stop = True
 
-    def stop_validates(self, kind: Kind | None) -> bool:
+    def stop_validates(self, kind: Kind | None, at: int | None = None) -> bool:
         """HF runs a step's evaluation before it looks at ``should_training_stop``: a stop set at a step check where
         an evaluation is due still costs that evaluation (a 1900 J budget checked every 20 steps ended at 1967 J)."""
         return super().stop_validates(kind) or (self._evaluates_now and kind not in (Kind.EVALUATION, Kind.EPOCH))

@@ -80,6 +80,22 @@ def test_lightning_a_budget_going_on_past_a_validation_keeps_what_stopping_at_th
     assert {b: j for b, j in ended.items() if not b - 20 <= j <= b} == {}
 
 
+def test_lightning_a_budget_checked_in_an_epoch_without_validation_keeps_the_next_ones_validation(tmp_path, fake_nvml):
+    """``check_val_every_n_epoch=2``, 8 steps of 1 J an epoch, a 20 J validation, points every 3 steps: a check in
+    an epoch that does not validate judged a stop at the next check by this epoch (no validation on stopping), but
+    the next check may fall in the epoch that validates, where a stop runs Lightning's validation."""
+    ended = {}
+    for budget in range(40, 121, 3):
+        fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+        monitor = monitor_at(tmp_path, log_every_n_steps=3)
+        pl.Trainer(max_epochs=30, check_val_every_n_epoch=2, logger=False, num_sanity_val_steps=0,
+                   callbacks=[work_clock(fake_nvml, val_s=0.1), monitor, gl.EnergyBudget(energy=budget)],
+                   **TRAINER).fit(lightning_digits_module()(), *eight_steps_an_epoch())
+        assert monitor.stop_decision is not None and monitor.stop_decision.reason.value == "energy_budget"
+        ended[budget] = monitor.cumulative_j
+    assert {b: j for b, j in ended.items() if not b - 30 <= j <= b} == {}
+
+
 @pytest.mark.parametrize("case", ["one-batch validation", "num_sanity_val_steps=1"])
 def test_lightning_a_one_batch_sanity_check_estimates_the_first_validation(tmp_path, fake_nvml, case):
     """A 30 J validation, 1 J a step, the first validation at step 20, a 70 J budget: a sanity check of one batch
