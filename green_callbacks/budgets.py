@@ -83,7 +83,7 @@ class Budget:
                      None if so_far.cost is None else max(t.cost or 0.0 for t in self.recent))
         due = Totals()  # an evaluation expected before the next check: it runs before that check can stop
         if progress is not None and progress.next_evaluation is not None and progress.evaluation_cost is not None \
-                and step is not None and progress.next_evaluation - step <= max(gap, 1):
+                and step is not None and (progress.next_evaluation - step <= max(gap, 1) or progress.evaluation_next):
             due = progress.evaluation_cost
         # a training that goes on can stop at the next check at the earliest: what stopping there costs
         then = progress.stop_cost_next if progress is not None and progress.stop_cost_next is not None else stop_cost

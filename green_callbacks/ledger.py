@@ -226,8 +226,11 @@ class RunLedger:
         return float(self._last_cycle_steps) if self._last_cycle_steps and not self._resumed_cycle else None
 
     def next_check_step(self, step: int) -> int | None:
-        """The step of the next check after ``step`` where it comes between evaluations (a logging point, a budget's
-        step check), where a stop still costs a step and Lightning's validation; no cadence here: ``None``."""
+        """The step of the next logging point or budget step check after ``step``; no cadence here: ``None``."""
+        return None
+
+    def next_step_check(self, step: int) -> int | None:
+        """The step of the next budget step check after ``step``; none here: ``None``."""
         return None
 
     def evaluation_period(self) -> float | None:
@@ -255,13 +258,17 @@ class RunLedger:
         # known, one is reserved at every check until then: a budget stops before an evaluation it could not pay for
         estimated = not self._eval_steps and self._last_eval_j > 0
         nxt = self.next_evaluation(step)
+        # the next check: a logging point or step check (a stop there still costs a step, and Lightning's
+        # validation), or the next evaluation where it comes first (at one step, the evaluation runs first)
+        at = self.next_check_step(step)
+        between = at is not None and (nxt is None or at < nxt)
         return Progress(so_far or self.totals(), step, dict(metrics or {}), metrics is not None,
                         self.rate_per_step(), self.remaining_steps(step), self.evaluations, self.stop_cost(kind),
-                        self.stop_cost(Kind.EVALUATION) if (at := self.next_check_step(step)) is None else
-                        self.stop_cost(None, at),
+                        self.stop_cost(None, at) if between else self.stop_cost(Kind.EVALUATION),
                         step if estimated and nxt is None else nxt,
                         self._as_totals(self._last_eval_j) if self._eval_steps or estimated else None,
-                        self._as_totals(self._evaluations_j))
+                        self._as_totals(self._evaluations_j),
+                        evaluation_next=nxt is not None and (q := self.next_step_check(step)) is not None and nxt <= q)
 
     def frame(self):  # -> pandas.DataFrame
         import pandas as pd

@@ -112,19 +112,19 @@ class PointHost:
         return self._point(Kind.POINT, self._due)
 
     def next_check_step(self, step: int) -> int | None:
-        """The step of the logging point or budget step check that comes after ``step`` and before the next
-        evaluation (at one step, the evaluation takes the point), where a stop still costs a step, and Lightning's
-        validation on stopping; ``None`` where the next check is an evaluation. An evaluation not yet scheduled
-        counts as later. While ``log_every_s`` is being turned into steps (the first ten of a fit) no point is
-        assumed: taking one at every step reserved a step at each check, an epoch's where the step axis is the
-        epoch (a plain loop without ``step()``), which stopped a 30 J budget at 13 J of 26."""
+        """The step of the next logging point or budget step check after ``step`` (``None``: neither comes). While
+        ``log_every_s`` is being turned into steps (the first ten of a fit) no point is assumed: taking one at every
+        step reserved a step at each check, an epoch's where the step axis is the epoch (a plain loop without
+        ``step()``), which stopped a 30 J budget at 13 J of 26."""
+        return self._next_multiple(step, [*self.step_periods, *([self._every] if self._every else [])])
+
+    def next_step_check(self, step: int) -> int | None:
+        """The step of the next budget step check (``check_every_n_steps``) after ``step``, ``None`` without any."""
+        return self._next_multiple(step, self.step_periods)
+
+    def _next_multiple(self, step: int, periods: Sequence[int]) -> int | None:
         counted = step + self.steps_from_zero
-        periods = [*self.step_periods, *([self._every] if self._every else [])]
-        if not periods:
-            return None
-        nxt = min((counted // n + 1) * n for n in periods) - self.steps_from_zero
-        evaluation = self.next_evaluation(step)
-        return nxt if evaluation is None or nxt < evaluation else None
+        return min((counted // n + 1) * n for n in periods) - self.steps_from_zero if periods else None
 
     def _calibrate(self, step: int) -> None:
         """Turn ``log_every_s`` into a step count every rank agrees on (the slowest rank's step time)."""

@@ -64,6 +64,8 @@ class Progress:
             logging point or a step check).
         next_evaluation, evaluation_cost, evaluations_so_far: when the next evaluation is expected (the
             period of the last ones), what the last one cost, and what all of them cost so far.
+        evaluation_next: the budgets' step checks (``check_every_n_steps``) say the next evaluation comes before
+            (or at the step of) the next of them: it runs before that check can stop training.
     """
 
     so_far: Totals
@@ -78,6 +80,7 @@ class Progress:
     next_evaluation: float | None = None  # the step the next evaluation is expected at, from the last ones
     evaluation_cost: Totals | None = None  # the last evaluation's cost
     evaluations_so_far: Totals | None = None  # what the run's evaluations cost in all (in ``so_far``)
+    evaluation_next: bool = False  # the budgets' step checks say the next evaluation runs before the next one
 
     @property
     def projected_end(self) -> Totals | None:

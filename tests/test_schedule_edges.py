@@ -26,7 +26,17 @@ from green_callbacks.lightning_trainer import Schedule, step_of
 from green_callbacks.policies import MonitorError, Progress, Totals
 from green_callbacks.stopping import BudgetStopper
 
-from helpers import digits_tensors, hf_accuracy, hf_digits_model, history, lightning_digits_module, runs, work_clock
+from helpers import (
+    DigitsDataset,
+    digits_tensors,
+    hf_accuracy,
+    hf_digits_model,
+    hf_work_clock,
+    history,
+    lightning_digits_module,
+    runs,
+    work_clock,
+)
 
 TRAINER = dict(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
 
@@ -94,6 +104,31 @@ def test_lightning_a_budget_checked_in_an_epoch_without_validation_keeps_the_nex
         assert monitor.stop_decision is not None and monitor.stop_decision.reason.value == "energy_budget"
         ended[budget] = monitor.cumulative_j
     assert {b: j for b, j in ended.items() if not b - 30 <= j <= b} == {}
+
+
+def test_hf_a_budget_step_check_keeps_the_evaluation_before_the_next_check(tmp_path, fake_nvml):
+    """HF, 1 J a step, a 10 J evaluation every 10 steps, points every 5 and budget checks every 3 steps: at the check
+    at step 27 the last two checks were 2 steps apart (25, 27), so the evaluation at 30, 3 steps on, was taken for
+    one after the next check, which comes at 30 too: the evaluation runs first. 4 of 26 budgets ended over (54 J at
+    60 J); the checks' own steps now say which comes first."""
+    from transformers import Trainer, TrainingArguments
+
+    (xt, yt), (xv, yv) = digits_tensors()
+    ended = {}
+    for budget in range(30, 131, 4):
+        fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+        monitor = gt.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False,
+                                   output_dir=str(tmp_path / "out"), log_every_n_steps=5)
+        args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=300, eval_strategy="steps", eval_steps=10,
+                                 save_strategy="no", logging_steps=1000, per_device_train_batch_size=8,
+                                 per_device_eval_batch_size=64, report_to="none", use_cpu=True, disable_tqdm=True)
+        Trainer(model=hf_digits_model(), args=args, train_dataset=DigitsDataset(xt, yt),
+                eval_dataset=DigitsDataset(xv[:64], yv[:64]), compute_metrics=hf_accuracy,
+                callbacks=[hf_work_clock(fake_nvml, eval_s=0.1), monitor,
+                           gt.EnergyBudget(energy=budget, check_every_n_steps=3)]).train()
+        assert monitor.stop_decision is not None and monitor.stop_decision.reason.value == "energy_budget"
+        ended[budget] = monitor.cumulative_j
+    assert {b: j for b, j in ended.items() if not b - 20 <= j <= b} == {}
 
 
 @pytest.mark.parametrize("case", ["one-batch validation", "num_sanity_val_steps=1"])
