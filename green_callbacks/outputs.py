@@ -115,7 +115,8 @@ def print_summary(t: EnergyTracker, status: str) -> None:
     cost = f", cost {s['cost']:.4g} {s['currency']}" if s["cost"] is not None else ""
     methods = ", ".join(f"{c} {m}" for c, m in s["methods"].items()) or "nothing measured"
     where = ("\n  a dry run (Lightning's fast_dev_run): nothing logged to MLflow, no files written" if t.dry_run else
-             f"\n  MLflow stopped taking the records ({s['mlflow_blocked']}); they are kept in {s['mlflow_spool']}: "
+             f"\n  MLflow stopped taking the records ({_first_sentence(s['mlflow_blocked'])}); they are kept in "
+             f"{s['mlflow_spool']}: "
              f"green-callbacks replay {s['mlflow_spool']} once that is fixed" if "mlflow_blocked" in s else
              f"\n  MLflow run {s['mlflow_run_id']}" if "mlflow_run_id" in s else
              f"\n  MLflow not reached yet: the records are kept in {s['mlflow_spool']} and sent when it answers "
@@ -124,6 +125,12 @@ def print_summary(t: EnergyTracker, status: str) -> None:
         f"{_count(s['evaluations'], 'evaluation')}, to step {s['last_step']}, "
         f"{s['energy_j']:.1f} J ({s['energy_kwh']:.6f} kWh), {s['emissions_g']:.3f} gCO2e{cost} over "
         f"{s['duration_s']:.1f} s ({methods}; {s['carbon_intensity_g_per_kwh']} g/kWh, PUE {s['pue']}){where}")
+
+
+def _first_sentence(text: str) -> str:
+    """A refusal's first sentence: its whole text (the way out, often at its end) was in the warning before."""
+    cut = text.find(". ")
+    return text if cut < 0 else text[:cut + 1]
 
 
 def _count(n: int, noun: str) -> str:

@@ -1045,9 +1045,10 @@ def test_mlflow_run_id_in_the_environment_takes_the_energy(tmp_path, empty_store
                                                                      if r.kind is Kind.EPOCH)
 
 
-def test_a_file_store_refused_by_mlflow_3_says_how_to_allow_it(tmp_path, green_log, monkeypatch):
+def test_a_file_store_refused_by_mlflow_3_says_how_to_allow_it(tmp_path, green_log, monkeypatch, capsys):
     """MLflow 3 refuses a file store (``file:./mlruns``) unless ``MLFLOW_ALLOW_FILE_STORE=true``, and says so at the
-    end of a long message; the warning cut it at 300 characters, so the way out never showed."""
+    end of a long message; the warning cut it at 300 characters, so the way out never showed. The long message
+    is said once: the end's warning and the summary line said it twice more (three copies of 600 characters)."""
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     out = tmp_path / "out"
     monitor = EnergyMonitor(tracking_uri=f"file:{tmp_path}/mlruns", output_dir=str(out), mlflow_wait_s=5,
@@ -1060,6 +1061,10 @@ def test_a_file_store_refused_by_mlflow_3_says_how_to_allow_it(tmp_path, green_l
 
     wait_for("the sender named the refusal", lambda: "maintenance mode" in said(), 60)
     assert "MLFLOW_ALLOW_FILE_STORE=true" in said()
+    printed = green_log.text + capsys.readouterr().out
+    assert "not yet confirmed" in printed and "the warning above says why" in printed  # the end's warning
+    assert printed.count("MLFLOW_ALLOW_FILE_STORE=true") == 1, printed
+    assert "MLflow stopped taking the records" in printed and "maintenance mode" in printed.split("[finished]")[1]
 
 
 def notes_of(out: Path) -> str:

@@ -340,7 +340,9 @@ class MlflowSink:
                 "its tracking URI"
             lost = f"; {writer.unwritten} could not be written to it and are lost" if writer.unwritten else ""
             blocked = getattr(self._state, "blocked", None)
-            trying = (f"; its sender stopped: {blocked}" if blocked else
+            said = blocked and any(blocked in text for text in self._state.notes[:self._relayed])
+            trying = ("; its sender stopped: MLflow refused them (the warning above says why)" if said else
+                      f"; its sender stopped: {blocked}" if blocked else
                       f"; its sender keeps trying for up to {self.linger_s:g} s" if not self._sender_gone() else "")
             log.warning("green-callbacks: %d records are not yet confirmed by MLflow at %s; they are kept in %s%s%s. "
                         "Send them with: green-callbacks replay %s", self._unsent(), uri, writer.path, lost, trying,
