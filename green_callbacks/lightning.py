@@ -290,7 +290,7 @@ class EnergyMonitor(EnergyTracker, Callback):
 
     # -- the end -------------------------------------------------------------------------------
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.finish("FINISHED")
+        self.finish("FINISHED", keep_sink=stage != "fit")  # test()/validate()/predict(): the sender kept for the next
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Ctrl-C, and SIGTERM (Lightning turns it into SIGTERMException, a SystemExit), kill the run

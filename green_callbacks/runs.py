@@ -35,6 +35,7 @@ class RunHost:
     step_offset: int
     _session: Session
     _params_logged: bool
+    _idle_sink: Any
     _resuming = False  # this start continues a checkpoint's totals (set by start)
 
     def same_session(self, session: object) -> bool:
@@ -88,7 +89,13 @@ class RunHost:
         else:
             target = RunTarget(tracking_uri or self.tracking_uri, run_id, self.experiment_name, self.run_name,
                                owned=run_id is None, local_id=self.local_id)  # a resumed run found by its tag
-        self.sink = MlflowSink(target, self.output_dir, close_wait_s=self.mlflow_wait_s)
+        idle, self._idle_sink = self._idle_sink, None  # an earlier stage's sink, its records all confirmed
+        if idle is not None and idle.continues(target):
+            self.sink = idle
+        else:
+            if idle is not None:
+                idle.close()
+            self.sink = MlflowSink(target, self.output_dir, close_wait_s=self.mlflow_wait_s)
         if self.run is None:
             self.run = self.sink.run_ref
 

@@ -130,6 +130,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         self.rank = RankInfo()
         self.meter: EnergyMeter | None = None
         self.sink: Any = None  # green_callbacks.sinks.MlflowSink on rank 0 with MLflow on
+        self._idle_sink: Any = None  # a finished stage's sink, kept for the next stage into its run (_park_sink)
         self.stoppers: list[Stopper] = []
         self.last_window: Measurement | None = None  # this rank's latest epoch window, for custom callbacks
         self.started = False
@@ -257,8 +258,11 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
                                 time.monotonic() - self._t_start), step)
 
     @never_raises
-    def finish(self, status: str = "FINISHED") -> None:
-        """Close the meter; keep what an interrupted run measured; write outputs, the summary and the status."""
+    def finish(self, status: str = "FINISHED", keep_sink: bool = False) -> None:
+        """Close the meter; keep what an interrupted run measured; write outputs, the summary and the status.
+
+        ``keep_sink``: a stage outside training (HF ``evaluate()``, Lightning ``test()``) whose records and status
+        MLflow confirmed keeps its sender for the monitor's next stage (see :meth:`_park_sink`)."""
         if not self.started or self._finished:
             return
         self._finished = True
@@ -292,7 +296,8 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         finally:
             if self.sink is not None:
                 self.sink.set_status(status)
-                self.sink.close(None if confirmed else 0.0)
+                if not (keep_sink and confirmed and status == "FINISHED" and self._park_sink()):
+                    self.sink.close(None if confirmed else 0.0)
                 self.run = self.run or self.sink.run_ref
             if report:
                 self._reported = len(self.records)
@@ -303,6 +308,15 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
             process.unregister(self)
             if interrupted is not None:  # whatever came after it, the Ctrl-C goes on
                 raise interrupted
+
+    def _park_sink(self) -> bool:
+        """Wait for MLflow to confirm the stage's end, and keep the sink open, idle, for the next stage into the same
+        run (:meth:`~green_callbacks.runs.RunHost._open_sink`): HF's ``evaluate()`` in a loop started a sender per
+        call, MLflow's import and store (2 s a call for a 0.01-s evaluation). Unconfirmed: closed as at any end."""
+        if self.sink.blocked or not self.sink.flush(self.sink.close_wait_s, ending=True):
+            return False
+        self._idle_sink = self.sink
+        return True
 
     def _atexit(self) -> None:
         if self.started and not self._finished:

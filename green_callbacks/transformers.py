@@ -89,11 +89,11 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         self._training = False
         self.forget_session()
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def finish(self, status: str = "FINISHED", keep_sink: bool = False) -> None:
         """The end; a training that was interrupted (an exception, Ctrl-C, SIGTERM) also ends the run HF started
         with its status: HF ends it only at ``on_train_end``, and MLflow's exit handler marked it FINISHED."""
         started = self.started
-        super().finish(status)
+        super().finish(status, keep_sink)
         if started and status != "FINISHED":
             end_hf_run(self.run, status, self._hf_started_run)
 
@@ -266,7 +266,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         # evaluate()/predict() returns to the user, who expects the numbers in MLflow now and the run ended as
         # before (as Lightning's teardown ends each stage): the sink closes, its sender stops; a later call reopens
         resumed, self._resumed_hf_run = self._resumed_hf_run, None
-        self.finish("FINISHED")
+        self.finish("FINISHED", keep_sink=True)  # its sender kept, warm, for the next call (no start-up again)
         if resumed:  # HF's training run, made active again for this call: ended again, as it had ended
             end_hf_run(self.run, resumed)
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from green_callbacks.sinks.sender import Sender
-from green_callbacks.sinks.spool import lock, log_path
+from green_callbacks.sinks.spool import WAKE, lock, log_path
 
 POLL_S = 0.2
 
@@ -52,8 +54,18 @@ def _write_to_log_once_orphaned(parent: int, spool: Path, cleaning: threading.Lo
     threading.Thread(target=watch, name="green-callbacks-orphaned", daemon=True).start()
 
 
+def _pauser() -> Callable[[float], object]:
+    """The pause between reads: ``POLL_S``, ended at once by the training's ``WAKE`` signal (someone waits for
+    MLflow: a flush, the end) where the system can wait for a signal (Linux); a plain sleep elsewhere."""
+    if WAKE is None or not hasattr(signal, "sigtimedwait"):
+        return time.sleep
+    signal.pthread_sigmask(signal.SIG_BLOCK, {WAKE})  # held for sigtimedwait (threads started later inherit it)
+    return lambda seconds: signal.sigtimedwait([WAKE], seconds)
+
+
 def follow(spool: Path) -> int:
     """The sender process: tail ``spool`` until it is closed and sent, or given up on."""
+    pause = _pauser()
     held = lock(spool)
     if held is None:
         return 0  # another sender (or a replay) has it
@@ -81,7 +93,7 @@ def follow(spool: Path) -> int:
         if (sender.pending or sender.deferred_due) and due:
             sender.send()
             last_send = now
-        if gone and not sender.pending:
+        if (gone or sender.detached) and not sender.pending:  # on its own, and all sent: done (not lingering)
             sender.closed_until = sender.closed_until or time.time()
         if sender.finished and sender.state.blocked is None:
             if gone:
@@ -102,7 +114,7 @@ def follow(spool: Path) -> int:
                 print(f"green-callbacks: {sender.unsent} records could not be sent to MLflow at {sender.uri}; they are "
                       f"kept in {spool}. Send them with: green-callbacks replay {spool}", file=sys.stderr, flush=True)
             return 1
-        time.sleep(POLL_S)
+        pause(POLL_S)
 
 
 def main(argv: list[str] | None = None) -> int:

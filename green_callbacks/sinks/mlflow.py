@@ -24,7 +24,7 @@ from typing import Any
 
 from green_callbacks.sinks.names import Names
 from green_callbacks.sinks.sender import SENDER_ENV
-from green_callbacks.sinks.spool import SENDABLE, STARTUP_S, SpoolWriter, State, state_path
+from green_callbacks.sinks.spool import SENDABLE, STARTUP_S, WAKE, SpoolWriter, State, state_path
 from green_callbacks.sinks.target import RunRef, RunTarget, new_local_id, spool_header
 from green_callbacks.uris import split_credentials
 
@@ -95,9 +95,16 @@ class MlflowSink:
     def _open_spool(self, output_dir: Path) -> SpoolWriter | None:
         name = f"spool-{self.local_id}.jsonl"
         errors = []
+        me = weakref.ref(self)  # the writer outlives the sink (its finalizer holds it): no reference back to it
+
+        def write_failed(exc: OSError) -> None:
+            sink = me()
+            if sink is not None:
+                sink._write_failed(exc)
+
         for folder in (output_dir, Path(tempfile.gettempdir()) / "green_callbacks"):
             try:
-                writer = SpoolWriter(folder / name, self._write_failed)
+                writer = SpoolWriter(folder / name, write_failed)
             except OSError as exc:
                 errors.append(f"{folder}: {exc}")
                 continue
@@ -161,6 +168,16 @@ class MlflowSink:
             if s.run_id and s.tracking_uri:
                 self._run_ref = RunRef(s.run_id, s.tracking_uri, s.owned)
         return self._run_ref
+
+    def continues(self, target: RunTarget) -> bool:
+        """Whether this sink, kept open after a stage that MLflow confirmed, takes a later stage's records for
+        ``target``: the same run, sending still; its sender is then warm (no start-up, no wait for one)."""
+        run = self.run_ref
+        if (self._closed is not None or self.blocked or run is None or target.run_id != run.run_id
+                or target.owned != run.owned or target.tracking_uri not in (None, run.tracking_uri)):
+            return False
+        self._end_waited_s = 0.0
+        return True
 
     def _append(self, kind: str, data: dict[str, Any], step: int | None = None) -> None:
         if self._writer is None or self._closed is not None:
@@ -242,6 +259,13 @@ class MlflowSink:
                     MAX_RESTARTS)
         self._proc = self._start_sender()
 
+    def _wake(self) -> None:
+        """Someone waits: the sender reads the spool now rather than after its pause (``WAKE``). A sender not
+        reaped yet (``poll()`` is None) still holds its pid, so the signal cannot reach another process."""
+        if WAKE is not None and self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(OSError):
+                os.kill(self._proc.pid, WAKE)
+
     def _sender_gone(self) -> bool:
         if self._proc is None:
             return True
@@ -261,6 +285,7 @@ class MlflowSink:
         its own start-up (imports, seconds on a busy machine) is not the server's time; the whole wait
         is capped at ``timeout_s + STARTUP_S``."""
         start = time.monotonic()
+        pause = 0.005  # a warm sender answers in milliseconds (a local store): polled often at first, then less
         while True:
             self._poll(force=True)
             if done() or not self.spool_path.exists():  # only a sender that sent everything removes it
@@ -273,7 +298,8 @@ class MlflowSink:
             self._waited_s = waited
             if waited >= timeout_s or elapsed >= timeout_s + STARTUP_S:
                 return False
-            time.sleep(0.05)
+            time.sleep(pause)
+            pause = min(0.05, pause * 1.5)
 
     _waited_s = 0.0  # the latest wait's time on MLflow (see _wait)
     _end_waited_s = 0.0  # what the end's flush waited, taken from close's default wait
@@ -285,6 +311,7 @@ class MlflowSink:
             return self._closed is True
         writer = self._writer
         self._append("flush", {})  # the sender sends now instead of at its next cadence
+        self._wake()
         self._waited_s = 0.0
         if ending and self._recently_unanswered():
             timeout_s = 0.0
@@ -323,6 +350,7 @@ class MlflowSink:
             wait = 0.0
         writer.append("close", {"wait_s": wait})
         writer.sync()
+        self._wake()
         done = self._wait(wait, lambda: self._state.done)
         self._remember(done, wait > 0)
         if not done:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,9 @@ from typing import Any
 FORMAT = 1
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps builds one per call
 SENDABLE = ("metrics", "params", "tags", "artifact", "status")  # kinds that carry something for MLflow
+# the training wakes its sender from its pause between reads when someone waits (a flush, the end); a signal whose
+# default is to be ignored, so one that comes before the sender is listening (its imports) does no harm
+WAKE = getattr(signal, "SIGWINCH", None)
 STARTUP_S = 30.0  # the most a wait grants the sender's start-up (MLflow's imports, the store) on top of its own
 
 
