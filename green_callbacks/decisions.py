@@ -38,11 +38,19 @@ class StopperHost:
     _evaluations_j: float
     _trial_j: float
 
+    _held_by: str | None = None  # what holds back the stop decided in this fit (Lightning's min_epochs), while it does
+
     @property
     def _stopping(self) -> bool:
         """A stop was decided in this fit: it is being carried out (a later fit, into the same run too, is asked
-        again: a budget already spent stops it at its first check)."""
-        return self.stop_decision is not None and self._stop_fit == self._fits
+        again: a budget already spent stops it at its first check). A stop the trainer holds back is not yet:
+        the stoppers go on being asked (their statistics logged) until it takes effect."""
+        return self.stop_decision is not None and self._stop_fit == self._fits and self._held_by is None
+
+    def stop_held_back(self, kind: Kind | None) -> str | None:
+        """What keeps the framework from carrying out a stop decided now, at a point of ``kind``, at its next
+        chance (Lightning's ``min_epochs``/``min_steps`` not met: it trains on until they are), or None."""
+        return None
 
     def attach(self, stopper: Stopper) -> None:
         """Ask ``stopper`` at every point (evaluation, epoch end, every N steps) whether to stop."""
@@ -79,7 +87,7 @@ class StopperHost:
             stats.update({"projection/energy_j": whole.j, "projection/emissions_g": whole.g,
                           **({"projection/cost": whole.cost} if whole.cost is not None else {})})
         self._log(stats, progress.step)
-        return self._agree(local, progress, collective)
+        return self._agree(local, progress, collective, record.kind)
 
     _trial_batches = 0  # batches of the evaluation before training (Lightning's sanity check) on this rank
 
@@ -137,27 +145,57 @@ class StopperHost:
         counted = step + self.steps_from_zero  # (as on_step counts: after step N-1 on Lightning's 0-based axis)
         due = [s for s in self.stoppers if s.check_every_n_steps and counted % s.check_every_n_steps == 0]
         local = next((d for d in (s.check(progress) for s in due) if d.should_stop), None)
-        return self._agree(local, progress, True)
+        return self._agree(local, progress, True, None)
 
-    def _agree(self, local: Decision | None, progress: Progress, collective: bool) -> Decision | None:
+    def _agree(self, local: Decision | None, progress: Progress, collective: bool,
+               kind: Kind | None) -> Decision | None:
         """The decision every rank shares (one all-gather where ``collective``): the lowest deciding rank's, with its
         reason and message on every rank, so rank 0's run says why whichever rank decided."""
         mine = None if local is None else (local.reason.value if local.reason else None, local.message)
         decided = [(rank, d) for rank, d in enumerate(gather(mine) if collective else [mine]) if d is not None]
+        if self.stop_decision is not None and self._stop_fit == self._fits:  # held back: the first decision stands
+            self._held_by = self.stop_held_back(kind)
+            if self._held_by is None:  # the trainer's minimum is met: the stop takes effect at this point
+                self._book_stop(progress, progress.stop_cost)
+            return self.stop_decision
         if not decided:
             return None
         rank, (reason, message) = decided[0]
         if rank != 0 and collective:  # the same message on every rank (rank 0's needs no saying)
             message = f"{message} (decided on rank {rank})"
         decision = Decision(True, StopReason(reason) if reason else None, message)
-        self.stop_decision, self._stop_fit = decision, self._fits
+        self.stop_decision, self._stop_fit, self._held_by = decision, self._fits, self.stop_held_back(kind)
         if self.rank.is_zero:  # once for the job, as Lightning's own callbacks say it (every rank decided the same)
-            log.warning("green-callbacks: stopping: %s", decision.message)
+            log.warning("green-callbacks: stopping: %s%s", decision.message, "" if self._held_by is None else
+                        f"; held back by {self._held_by}: the trainer trains on until it is met (a budget can be "
+                        "exceeded by then), and the stop takes effect there")
+        if self._held_by is None:
+            self._book_stop(progress, progress.stop_cost)
+        return decision
+
+    def _book_stop(self, progress: Progress, cost: Totals | None) -> None:
+        """The stop in the run: its reason and message as tags, and what the rest of the run would have cost at the
+        recent rate, less what the stop itself still costs."""
+        decision = self.stop_decision
+        assert decision is not None
         if self.rank.is_zero and self.sink is not None:
             self.sink.set_tags({"green.stop_reason": decision.reason.value if decision.reason else "other_rank",
                                 "green.stop_message": decision.message})
-        if progress.rate_per_step is not None and progress.remaining_steps:  # less what the stop itself still costs
-            saved = progress.rate_per_step.scaled(progress.remaining_steps) - (progress.stop_cost or Totals())
+        if progress.rate_per_step is not None and progress.remaining_steps:
+            saved = progress.rate_per_step.scaled(progress.remaining_steps) - (cost or Totals())
             if saved.j > 0:  # (a stop a step before the end that brings a validation saves nothing)
                 self._log({"energy/saved_j_projected": saved.j, "emissions/saved_g_projected": saved.g}, progress.step)
-        return decision
+
+    def end_held_stop(self, step: int) -> None:
+        """The training's end (every rank) with a stop still held back: it took effect here, where the trainer's
+        minimum was met between checks (its tags, and the saving this end leaves), or never did (the minimum was
+        the run's end)."""
+        if self.stop_decision is None or self._stop_fit != self._fits or self._held_by is None:
+            return
+        held, self._held_by = self._held_by, None
+        progress = self.progress(step - self.step_offset)
+        if progress.remaining_steps:
+            self._book_stop(progress, None)
+        elif self.rank.is_zero:
+            log.warning("green-callbacks: the stop decided (%s) never took effect: %s held the training to its end.",
+                        self.stop_decision.message, held)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,7 @@ class EnergyMonitor(EnergyTracker, Callback):
     _validates_this_epoch: Callable[[], bool] | None = None  # the fit loop's own test, from _start
     _schedule: Schedule | None = None  # Lightning's validation schedule, from _start
     _timer: Timer | None = None  # the Timer that max_time adds (or the user's): it can end the run first
+    _fit_loop: Any = None  # the trainer's fit loop (min_epochs, min_steps: see stop_held_back), from on_train_start
     _unverified_late: tuple[set[str], list[Stopper]] | None = None  # not logged by the first batch: see above
     _unverified: tuple[set[str], list[Stopper]] | None = None  # training metrics monitored: see on_validation_end
     _evaluation_due = False  # a validation started on a GPU: its window opens at its first batch
@@ -98,6 +100,23 @@ class EnergyMonitor(EnergyTracker, Callback):
             return super().next_evaluation(step)
         done = bool(self._eval_steps) and self._eval_steps[-1] >= step  # the validation at this step is past
         return self._schedule.next_validation(step + done)
+
+    def stop_held_back(self, kind: Kind | None) -> str | None:
+        """Lightning carries out ``should_stop`` only once ``min_epochs`` and ``min_steps`` are met (it sets
+        ``min_epochs=1`` itself where only ``min_steps`` is given), training on until then: what is not met for
+        a stop decided now, at a point of ``kind``, whose epoch may end with it."""
+        loop = self._fit_loop
+        try:
+            epochs = loop.epoch_progress.current.processed  # counted before on_train_epoch_end (a Kind.EPOCH point)
+            if kind is not Kind.EPOCH and loop.epoch_loop.batch_progress.is_last_batch:
+                epochs += 1  # the epoch ends with this batch: Lightning asks after counting it
+            unmet = [f"min_epochs={loop.min_epochs}" if loop.min_epochs and epochs < loop.min_epochs else "",
+                     f"min_steps={loop.min_steps}" if loop.min_steps and loop.epoch_loop.global_step < loop.min_steps
+                     else ""]
+        except AttributeError:  # another Lightning
+            return None
+        unmet = [u for u in unmet if u]
+        return f"Trainer({', '.join(unmet)})" if unmet else None
 
     def stop_validates(self, kind: Kind | None, at: int | None = None) -> bool:
         """Lightning validates after a stop set within a training batch only in an epoch that validates
@@ -147,6 +166,7 @@ class EnergyMonitor(EnergyTracker, Callback):
         self._batch_step = step_reader(trainer)
         self._timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # max_time's
         self._schedule = Schedule.of(trainer)
+        self._fit_loop = trainer.fit_loop
         validates = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_should_check_val_epoch", None)
         self._validates_this_epoch = validates if callable(validates) else None
         progress = getattr(trainer.fit_loop.epoch_loop, "batch_progress", None)
@@ -325,6 +345,14 @@ class EfficiencyEarlyStopping(EfficiencyStopper, Callback):
             self.no_evaluations("no val_dataloader")
         elif trainer.limit_val_batches == 0:
             self.no_evaluations("limit_val_batches=0")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the schedule is known once the loaders are: a validation every 5th epoch of a 3-epoch run never comes
+        schedule, last = Schedule.of(trainer), max_steps(trainer)
+        if schedule is not None and last is not None and math.isfinite(last) and not trainer.sanity_checking:
+            self.expect_evaluations(schedule.count(last), f"val_check_interval={trainer.val_check_interval!r}, "
+                                    f"check_val_every_n_epoch={trainer.check_val_every_n_epoch!r}, "
+                                    f"{int(last) + 1} training steps")
 
     def state_dict(self) -> dict[str, Any]:
         return self.policy_state()

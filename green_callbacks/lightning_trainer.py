@@ -134,6 +134,13 @@ class Schedule:
         epoch = ((epoch + 1) // n + 1) * n - 1  # the next epoch that validates, at its first check
         return epoch * batches + every - 1
 
+    def count(self, last: float, most: int = 1000) -> int:
+        """The validations at steps up to ``last`` (the run's last step), counted up to ``most``."""
+        n, at = 0, self.next_validation(0)
+        while at <= last and n < most:
+            n, at = n + 1, self.next_validation(at + 1)
+        return n
+
     def period(self) -> float:
         """Steps per validation (an epoch's validations spread over ``n`` epochs)."""
         if self.n is None:

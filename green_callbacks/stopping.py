@@ -148,6 +148,17 @@ class EfficiencyStopper(Stopper):
                     "will not stop the run. Give the trainer a validation, or leave the stopper out.",
                     type(self).__name__, self.monitor, why)
 
+    def expect_evaluations(self, count: int, why: str) -> None:
+        """The training's schedule allows ``count`` evaluations (``why``: the settings that say so): with none, or
+        fewer than the window's ``min_evaluations``, this stopper cannot decide; said once, before the first step."""
+        if count == 0:
+            self.no_evaluations(why)
+        elif count < self.plateau.min_evaluations:
+            log.warning("green-callbacks: %s(monitor=%r) decides from at least min_evaluations=%d evaluations, and "
+                        "this training has %d (%s): it will not stop the run. Evaluate more often, or lower "
+                        "min_evaluations.", type(self).__name__, self.monitor, self.plateau.min_evaluations, count,
+                        why)
+
     def _missing(self, available: Collection[str]) -> None:
         message = (f"{type(self).__name__}(monitor={self.monitor!r}): no such metric; the evaluation's metrics "
                    f"are {sorted(available)}")

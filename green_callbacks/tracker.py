@@ -253,6 +253,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
             return
         if self.epoch_open:
             self._point(Kind.EPOCH, step)
+        self.end_held_stop(step)
         self._point(Kind.END, step)
         self._log(total_metrics(self.cumulative_j, self.cumulative_g, self.cumulative_cost,
                                 time.monotonic() - self._t_start), step)

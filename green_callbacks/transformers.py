@@ -284,6 +284,21 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         self.finish("FINISHED")
 
 
+def _evaluations(strategy: str, args: TrainingArguments, state: TrainerState) -> int | None:
+    """The evaluations HF's schedule makes in the whole training: every ``eval_steps`` steps and at the last step
+    (HF evaluates there too), or at every epoch's end, from ``eval_delay`` on (None where it is not known)."""
+    delay = args.eval_delay or 0
+    if strategy == "steps":
+        every, steps = state.eval_steps, state.max_steps
+        if not every or not steps or every <= 0 or steps <= 0:
+            return None
+        every = math.ceil(every * steps) if every < 1 else int(every)
+        last = int(steps % every > 0 and steps >= delay)  # the last step's, where it is no multiple
+        return sum(1 for at in range(every, int(steps) + 1, every) if at >= delay) + last
+    epochs = math.ceil(state.num_train_epochs or 0)
+    return sum(1 for e in range(1, epochs + 1) if e >= delay) if epochs > 0 else None
+
+
 def _resumed(state: TrainerState) -> bool:
     """Whether this train() resumes a checkpoint: HF has loaded its state, steps done included, before
     ``on_train_begin`` (a fresh training starts at step 0)."""
@@ -363,8 +378,16 @@ class EfficiencyEarlyStopping(_HfStopper, EfficiencyStopper, TrainerCallback):
         default = args.metric_for_best_model or "loss"
         greater = args.greater_is_better if args.greater_is_better is not None else "loss" not in default
         self.resolve(_eval_name(default), "max" if greater else "min", _eval_name)
-        if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "no":
+        strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+        if strategy == "no":
             self.no_evaluations('eval_strategy="no"')
+        elif strategy in ("steps", "epoch"):
+            count = _evaluations(strategy, args, state)
+            if count is not None:
+                self.expect_evaluations(count, f'eval_strategy="{strategy}"' + (
+                    f", eval_steps={state.eval_steps}, max_steps={state.max_steps}" if strategy == "steps" else
+                    f", {math.ceil(state.num_train_epochs)} epochs") + (
+                    f", eval_delay={args.eval_delay}" if args.eval_delay else ""))
 
 
 class EnergyBudget(_HfStopper, BudgetStopper, TrainerCallback):

@@ -106,6 +106,33 @@ def test_lightning_a_budget_checked_in_an_epoch_without_validation_keeps_the_nex
     assert {b: j for b, j in ended.items() if not b - 30 <= j <= b} == {}
 
 
+@pytest.mark.parametrize("held_by", ["min_epochs", "min_steps"])
+def test_lightning_a_stop_held_back_by_min_epochs_or_min_steps_says_so_and_books_the_saving_where_it_stops(
+        tmp_path, fake_nvml, green_log, held_by):
+    """Lightning trains on until ``min_epochs``/``min_steps`` are met, a stop decided before then included: the run
+    said "stopped by the energy budget" and logged 235 J saved at the decision (epoch 2), stopped checking, and
+    ended at 3x its budget with a quarter of that saved. Now the stop says it is held back, the stoppers go on
+    being asked (the projection logged at every validation), and the saving is what the run's real end left."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monitor = monitor_at(tmp_path, mlflow=True, tracking_uri=uri, experiment_name="held")
+    limit = {"min_epochs": 8} if held_by == "min_epochs" else {"min_steps": 64}
+    trainer = pl.Trainer(max_epochs=12, logger=False, num_sanity_val_steps=0, **limit,
+                         callbacks=[work_clock(fake_nvml, val_s=0.05), monitor, gl.EnergyBudget(energy=60)],
+                         **TRAINER)
+    trainer.fit(lightning_digits_module()(), *eight_steps_an_epoch())  # an epoch: 8 J, its validation 10 J
+    assert trainer.current_epoch == 8 and trainer.global_step == 64  # Lightning's: the stop waits for the minimum
+    assert monitor.stop_decision is not None and monitor.stop_decision.reason.value == "energy_budget"
+    held = [r.getMessage() for r in green_log.records if "held back" in r.getMessage()]
+    assert len(held) == 1 and f"{held_by}=" in held[0], green_log.text
+    assert monitor.cumulative_j == pytest.approx(8 * 18)
+    client, (run,) = runs(uri, "held")
+    saved = history(client, run.info.run_id, "energy/saved_j_projected")
+    assert [s for s, _ in saved] == [63] and saved[0][1] == pytest.approx(4 * 18, rel=0.1)  # 4 epochs not trained
+    assert [s for s, _ in history(client, run.info.run_id, "projection/energy_j")] == [8 * e - 1 for e in range(1, 9)]
+    assert run.data.tags["green.stop_reason"] == "energy_budget"
+
+
 def test_hf_a_budget_step_check_keeps_the_evaluation_before_the_next_check(tmp_path, fake_nvml):
     """HF, 1 J a step, a 10 J evaluation every 10 steps, points every 5 and budget checks every 3 steps: at the check
     at step 27 the last two checks were 2 steps apart (25, 27), so the evaluation at 30, 3 steps on, was taken for
@@ -129,6 +156,44 @@ def test_hf_a_budget_step_check_keeps_the_evaluation_before_the_next_check(tmp_p
         assert monitor.stop_decision is not None and monitor.stop_decision.reason.value == "energy_budget"
         ended[budget] = monitor.cumulative_j
     assert {b: j for b, j in ended.items() if not b - 20 <= j <= b} == {}
+
+
+@pytest.mark.parametrize(("schedule", "said"), [
+    (dict(max_epochs=3, check_val_every_n_epoch=5), "has none"),  # every 5th epoch of 3: never
+    (dict(max_steps=60, val_check_interval=100, check_val_every_n_epoch=None), "has none"),
+    (dict(max_epochs=3), "this training has 3"),  # fewer than the window's min_evaluations=4
+    (dict(max_epochs=6), None)])
+def test_lightning_a_schedule_with_too_few_validations_for_the_stop_says_so_before_the_first_step(
+        tmp_path, fake_nvml, green_log, schedule, said):
+    """A validation every 5th epoch of a 3-epoch run, or every 100 batches of a 60-step run: the stopper can never
+    decide, and nothing said so (as it does for limit_val_batches=0)."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    stopper = gl.EfficiencyEarlyStopping(monitor="val_acc")
+    pl.Trainer(logger=False, num_sanity_val_steps=0, callbacks=[monitor_at(tmp_path), stopper], **schedule,
+               **TRAINER).fit(lightning_digits_module()(), *eight_steps_an_epoch())
+    told = [r.getMessage() for r in green_log.records if "it will not stop the run" in r.getMessage()]
+    assert told == [] if said is None else len(told) == 1 and said in told[0], told
+
+
+@pytest.mark.parametrize(("steps", "said"), [(dict(max_steps=100, eval_steps=500), "this training has 1"),
+                                             (dict(max_steps=40, eval_steps=10, eval_delay=25), "has 2"),
+                                             (dict(max_steps=40, eval_steps=5), None)])
+def test_hf_a_schedule_with_too_few_evaluations_for_the_stop_says_so_before_the_first_step(tmp_path, fake_nvml,
+                                                                                          green_log, steps, said):
+    """HF's ``eval_steps=500`` in a 100-step run evaluates once, at the end: the stopper could never decide."""
+    from transformers import Trainer, TrainingArguments
+
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    (xt, yt), (xv, yv) = digits_tensors()
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), eval_strategy="steps", save_strategy="no",
+                             per_device_train_batch_size=8, report_to="none", use_cpu=True, disable_tqdm=True, **steps)
+    monitor = gt.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False,
+                               output_dir=str(tmp_path / "out"))
+    Trainer(model=hf_digits_model(), args=args, train_dataset=DigitsDataset(xt, yt),
+            eval_dataset=DigitsDataset(xv[:64], yv[:64]), compute_metrics=hf_accuracy,
+            callbacks=[monitor, gt.EfficiencyEarlyStopping(monitor="accuracy")]).train()
+    told = [r.getMessage() for r in green_log.records if "it will not stop the run" in r.getMessage()]
+    assert told == [] if said is None else len(told) == 1 and said in told[0], told
 
 
 @pytest.mark.parametrize("case", ["one-batch validation", "num_sanity_val_steps=1"])
