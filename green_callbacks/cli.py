@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -147,7 +148,7 @@ def _report_experiment(args: argparse.Namespace) -> int:
     from green_callbacks.comparison import experiment_frame, group_frame, markdown_table, text_table
     from green_callbacks.pareto_plot import plot_pareto
 
-    frame = experiment_frame(args.experiment, args.tracking_uri, args.metric, args.energy, args.group_by)
+    frame = experiment_frame(args.experiment, args.tracking_uri, args.metric, args.energy, args.group_by, args.mode)
     missing = frame[frame[frame.attrs["energy_column"]].isna()]
     table = group_frame(frame) if args.group_by else frame
     print(text_table(table))
@@ -169,6 +170,17 @@ def _report_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds, finite and not negative: argparse's own error names the option and the value."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be a finite number >= 0")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from green_callbacks.comparison import ENERGY_CHOICES
 
@@ -176,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("probe", help="what can be measured on this machine, and how")
     p.add_argument("--gpus", choices=["auto", "all"], default="all")
-    p.add_argument("--seconds", type=float, default=1.0, help="how long to measure (default 1 s)")
+    p.add_argument("--seconds", type=_seconds, default=1.0, help="how long to measure (default 1 s)")
     p.set_defaults(func=_probe)
     p = sub.add_parser("intensity", help="carbon intensity of a country or cloud region, with its source")
     p.add_argument("name", nargs="?", help="ISO code or name of a country, or provider:region")
@@ -187,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tracking-uri", help="reach the run at this URI instead of the recorded one (the same server "
                                           "under another address: progress is kept, nothing is sent twice); a "
                                           "user:password in it goes to MLflow through its environment variables")
-    p.add_argument("--wait", type=float, default=60.0,
+    p.add_argument("--wait", type=_seconds, default=60.0,
                    help="seconds to wait for a sender still busy with a spool (default 60)")
     p.set_defaults(func=_replay)
     p = sub.add_parser("report", help="the runs of an MLflow experiment: energy, emissions, cost, metric per kJ",
@@ -198,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's default)")
     p.add_argument("--metric", help="the quality metric (default: val_acc, eval_accuracy, test_acc or the first "
                                     "val/eval/test metric)")
+    p.add_argument("--mode", choices=("max", "min"),
+                   help="whether a higher (max) or lower (min) metric is better, for the Pareto front (default: "
+                        "min for a loss or an error rate, such as eval_loss, val_err, wer; else max)")
     p.add_argument("--energy", choices=ENERGY_CHOICES, default="training",
                    help="what to compare: training (cumulative joules of the run) or joules per sample of a "
                         "test, predict or evaluate stage (default: training)")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -72,13 +75,15 @@ def _group_value(run: Any, group_by: str) -> str | None:
 
 
 def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: str | None = None,
-                     energy: str = "training", group_by: str | None = None) -> pd.DataFrame:
+                     energy: str = "training", group_by: str | None = None, mode: str | None = None) -> pd.DataFrame:
     """One row per run of ``experiment`` that green-callbacks measured, training or inference only.
 
     ``energy`` picks what is compared: ``"training"`` (the run's total joules, see :func:`_final`) or a stage's
     joules per sample (``"test"``, ``"predict"``, ``"evaluate"``). A run without that energy keeps its
     row with an empty energy cell, so nothing is dropped silently. ``group_by`` names a param or tag
-    whose value groups repeats (see :func:`group_frame`).
+    whose value groups repeats (see :func:`group_frame`). ``mode``: ``"max"`` or ``"min"``, whether a higher or a
+    lower metric is better (the Pareto front's direction, in ``frame.attrs["higher_is_better"]``); by default lower
+    for a loss or an error rate (:func:`higher_is_better`), else higher.
 
     Raises:
         ValueError: the tracking URI cannot be reached, the experiment does not exist (the message
@@ -88,6 +93,9 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
     from mlflow.tracking import MlflowClient
 
     key, column = energy_key(energy)
+    if mode not in (None, "max", "min"):
+        raise ValueError(f"mode={mode!r} is not valid; choose from ['max', 'min']")
+    _require_store(tracking_uri)
     try:
         client = MlflowClient(tracking_uri)
         exp = client.get_experiment_by_name(experiment)
@@ -110,7 +118,7 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
             m[f"emissions/{stage}_g"] / m[f"{stage}/samples"]
             if m.get(f"{stage}/samples") and f"emissions/{stage}_g" in m else None)
         price = run.data.params.get("green.price_per_kwh", "")
-        end = run.info.end_time or run.info.start_time
+        end = run.info.end_time or (time.time() * 1000 if running else run.info.start_time)  # so far, if going
         rows.append({
             "run": run.info.run_name or "unnamed", "run_id": run.info.run_id[:SHORT_ID],
             **({"group": _group_value(run, group_by)} if group_by else {}),
@@ -136,18 +144,34 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
     if group_by and frame["group"].isna().all():
         raise ValueError(f"group_by={group_by!r} is neither a param nor a tag of any run of {experiment!r}")
     frame.attrs["energy_column"] = column
+    shown = frame["metric"].dropna()
+    frame.attrs["higher_is_better"] = higher_is_better(shown.iloc[0]) if mode is None and len(shown) else mode != "min"
     return frame.sort_values(column, na_position="last").reset_index(drop=True)
+
+
+def _require_store(tracking_uri: str | None) -> None:
+    """A local store that is not there is a typo: said, rather than a new empty store made (MLflow creates one)."""
+    import mlflow
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri[len("file:"):] if uri.startswith(
+        "file:") and not uri.startswith("file://") else uri if "://" not in uri else None
+    if path and path != ":memory:" and not Path(path).exists():
+        raise ValueError(f"no MLflow store at {Path(path).absolute()} (tracking URI {uri}): give the store the "
+                         "runs were logged to with --tracking-uri, or run the report where its mlflow.db is")
 
 
 def group_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Repeats folded into one row per group: n, mean and sample standard deviation (``sd``) of the
-    energy, the metric and metric per kJ, and the runs' short ids."""
+    energy, the metric and metric per kJ, and the runs' short ids. Only runs that ``FINISHED`` are folded in
+    (a crashed repeat would pull the means down); the others are counted in ``left_out``."""
     import pandas as pd
 
     column = frame.attrs["energy_column"]
     rows = []
-    for group, runs in frame.groupby(frame["group"].fillna("(none)"), sort=False):
-        row: dict[str, Any] = {"group": group, "n": len(runs)}
+    for group, every in frame.groupby(frame["group"].fillna("(none)"), sort=False):
+        runs = every[every["status"] == "FINISHED"]
+        row: dict[str, Any] = {"group": group, "n": len(runs), "left_out": len(every) - len(runs)}
         for name in (column, "value", "value_per_kj"):
             values = pd.to_numeric(runs[name], errors="coerce").dropna()
             row[f"{name}_mean"] = values.mean() if len(values) else None
@@ -156,7 +180,7 @@ def group_frame(frame: pd.DataFrame) -> pd.DataFrame:
         row["runs"] = " ".join(runs["run_id"])
         rows.append(row)
     out = pd.DataFrame(rows)
-    out.attrs["energy_column"] = column
+    out.attrs.update(frame.attrs)
     return out.sort_values(f"{column}_mean", na_position="last").reset_index(drop=True)
 
 
@@ -203,15 +227,36 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pareto_front(x: list[float], y: list[float]) -> list[int]:
-    """Indices of the points no other beats on both less ``x`` (energy) and a higher ``y`` (metric)."""
+def pareto_front(x: list[float], y: list[float], higher_is_better: bool = True) -> list[int]:
+    """Indices of the points no other beats on both less ``x`` (energy) and a better ``y`` (the metric: higher,
+    or lower for a loss or an error rate)."""
+    sign = 1.0 if higher_is_better else -1.0
     front, best = [], -math.inf
-    for i in sorted(range(len(x)), key=lambda i: (x[i], -y[i])):
-        if y[i] > best:
+    for i in sorted(range(len(x)), key=lambda i: (x[i], -sign * y[i])):
+        if sign * y[i] > best:
             front.append(i)
-            best = y[i]
+            best = sign * y[i]
     return front
 
 
-__all__ = ["ENERGY_CHOICES", "energy_key", "experiment_frame", "group_frame", "markdown_table", "money",
-           "pareto_front", "text_table"]
+_LOWER_IS_BETTER = {"wer", "cer", "ppl", "mse", "mae", "rmse", "nll"}
+
+
+def higher_is_better(metric: str | None) -> bool:
+    """A metric's direction from its name: lower for a loss, an error rate, perplexity, WER/CER or a squared or
+    absolute error (as the stoppers take ``mode="min"`` for a loss), else higher."""
+    words = re.split(r"[^a-z]+", (metric or "").lower())
+    return not any(w in _LOWER_IS_BETTER or w.startswith(("err", "perplex")) or w.endswith("loss") for w in words)
+
+
+__all__ = [
+    "ENERGY_CHOICES",
+    "energy_key",
+    "experiment_frame",
+    "group_frame",
+    "higher_is_better",
+    "markdown_table",
+    "money",
+    "pareto_front",
+    "text_table",
+]

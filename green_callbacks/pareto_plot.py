@@ -97,7 +97,7 @@ def plot_pareto(frame: pd.DataFrame, path: str | Path, grouped: bool = False) ->
     else:
         ax.scatter(xs, ys, color="grey", label="runs")
         labels = [f"{r} ({i})" for r, i in zip(shown["run"], shown["run_id"], strict=True)]
-    front = pareto_front(xs, ys)
+    front = pareto_front(xs, ys, frame.attrs.get("higher_is_better", True))
     ax.plot([xs[i] for i in front], [ys[i] for i in front], "o-", color="green", label="Pareto front")
     pretty = "training energy (J)" if column == "training_j" else column.replace("_j_per_sample", "") + \
         " energy per sample (J)"
@@ -105,7 +105,7 @@ def plot_pareto(frame: pd.DataFrame, path: str | Path, grouped: bool = False) ->
     metric = shown["metric"].dropna()
     ax.set_ylabel(str(metric.iloc[0]) if len(metric) else "metric")
     ax.set_title("Quality against energy" + (" (mean ± sd of repeats)" if grouped else ""))
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     ax.margins(0.15)
     fig.tight_layout()
     place_labels(ax, xs, ys, labels)

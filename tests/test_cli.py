@@ -32,6 +32,17 @@ def test_probe_with_a_simulated_gpu_succeeds(fake_nvml, capsys):
     assert "gpu: window edges read the counter (a counter read costs" in out  # a fast counter: read at edges
 
 
+@pytest.mark.parametrize(("argv", "bad"), [(["probe", "--seconds", "-1"], "'-1'"),
+                                           (["replay", "x.jsonl", "--wait", "nan"], "'nan'")])
+def test_seconds_that_cannot_be_waited_are_an_error_naming_the_option(argv, bad, capsys):
+    """``probe --seconds -1`` ended in Python's "sleep length must be non-negative" traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        cli(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --{argv[-2][2:]}: {bad}: seconds must be a finite number >= 0" in err
+
+
 def test_intensity(capsys):
     assert cli(["intensity", "SE"]) == 0
     assert "Sweden (SWE)" in capsys.readouterr().out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -203,3 +204,63 @@ def test_a_run_still_going_is_compared_at_its_last_cumulative_value(tmp_path):
     client.set_terminated(rid)  # (its end logs the total; ended, the total is the run's)
     client.log_metric(rid, "energy/total_j", 95.0, step=90)
     assert experiment_frame("going", uri)["training_j"].iloc[0] == 95.0
+
+
+def _runs_of(uri: str, experiment: str, runs: list[tuple[str, str, float, dict[str, float]]]) -> None:
+    """Runs as green-callbacks logs them: (name, final status, training joules, quality metrics)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.create_experiment(experiment)
+    for name, status, joules, metrics in runs:
+        rid = client.create_run(exp, run_name=name).info.run_id
+        client.log_param(rid, "model", name.split("-")[0])
+        for key, value in {"energy/cumulative_j": joules, **metrics}.items():
+            client.log_metric(rid, key, value, step=0)
+        if status != "RUNNING":
+            client.log_metric(rid, "energy/total_j", joules, step=0)
+            client.set_terminated(rid, status)
+
+
+def test_a_loss_is_better_lower_on_the_pareto_front(tmp_path):
+    """HF fine-tunes often log only eval_loss, which the report picks by itself: the front took the highest loss
+    for the best, naming the worst runs the most efficient (1 epoch, loss 2.22, as the whole front)."""
+    from green_callbacks.comparison import pareto_front
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _runs_of(uri, "ft", [("1ep", "FINISHED", 0.48, {"eval_loss": 2.22}),
+                         ("4ep", "FINISHED", 0.48, {"eval_loss": 1.68}),
+                         ("12ep", "FINISHED", 1.56, {"eval_loss": 0.52}),
+                         ("20ep", "FINISHED", 2.6, {"eval_loss": 0.60})])
+    frame = experiment_frame("ft", uri)
+    assert list(frame["metric"].unique()) == ["eval_loss"] and frame.attrs["higher_is_better"] is False
+    front = pareto_front(list(frame["training_j"]), list(frame["value"]), frame.attrs["higher_is_better"])
+    assert sorted(frame["run"].iloc[front]) == ["12ep", "4ep"]
+    assert experiment_frame("ft", uri, mode="max").attrs["higher_is_better"] is True  # said otherwise: as said
+    assert cli(["report", "ft", "--tracking-uri", uri, "--plot", str(tmp_path / "f.png")]) == 0
+
+
+def test_a_crashed_repeat_is_left_out_of_its_groups_mean_and_a_running_run_has_its_time_so_far(tmp_path, capsys):
+    """A repeat that crashed after its first epoch pulled its group's mean energy and accuracy down (0.45 J and
+    0.216 for finished repeats of 0.60 J and 0.258), and a run still going showed a duration of 0 s."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _runs_of(uri, "rep", [("base-0", "FINISHED", 0.60, {"val_acc": 0.26}),
+                          ("base-1", "FINISHED", 0.62, {"val_acc": 0.256}),
+                          ("base-2", "FAILED", 0.15, {"val_acc": 0.13}),
+                          ("base-3", "RUNNING", 0.3, {"val_acc": 0.2})])
+    time.sleep(0.2)
+    frame = experiment_frame("rep", uri, group_by="model")
+    assert frame.set_index("run").loc["base-3", "duration_s"] >= 0.2
+    assert cli(["report", "rep", "--tracking-uri", uri, "--group-by", "model", "--csv", str(tmp_path / "g.csv")]) == 0
+    (group,) = pd.read_csv(tmp_path / "g.csv").to_dict("records")
+    assert (group["n"], group["left_out"]) == (2, 2)
+    assert group["training_j_mean"] == pytest.approx(0.61) and group["value_mean"] == pytest.approx(0.258)
+
+
+def test_a_mistyped_store_path_is_an_error_and_makes_no_store(tmp_path, capsys):
+    """MLflow creates the store (and its folder) it is pointed at: a report with a typo in the path made an empty
+    store of 954 KB and said the experiment was not among ['Default']."""
+    typo = tmp_path / "typo" / "mlfow.db"
+    assert cli(["report", "cmp", "--tracking-uri", f"sqlite:///{typo}"]) == 2
+    assert f"no MLflow store at {typo}" in capsys.readouterr().err
+    assert not typo.parent.exists()
