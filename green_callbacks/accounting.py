@@ -65,13 +65,24 @@ def _unknown(kind: str, value: str, choices: list[str], hint: str = "") -> Value
 # codes people write that ISO 3166 reserves for another use: UK for GB (reserved at the UK's request), EL for GR
 # (the EU's code for Greece)
 _COUNTRY_ALIASES = {"UK": "GB", "EL": "GR"}
+# the names ISO 3166 and the UN use where the table (Our World in Data's) uses the short one, and common others
+_COUNTRY_NAMES = {
+    "czech republic": "CZ", "russian federation": "RU", "korea": "KR", "republic of korea": "KR",
+    "korea, republic of": "KR", "democratic people's republic of korea": "KP", "united states of america": "US",
+    "great britain": "GB", "united kingdom of great britain and northern ireland": "GB", "viet nam": "VN",
+    "iran, islamic republic of": "IR", "islamic republic of iran": "IR", "turkiye": "TR", "türkiye": "TR",
+    "the netherlands": "NL", "holland": "NL", "syrian arab republic": "SY", "lao people's democratic republic": "LA",
+    "republic of moldova": "MD", "united republic of tanzania": "TZ", "côte d'ivoire": "CI", "ivory coast": "CI",
+    "bolivia (plurinational state of)": "BO", "venezuela (bolivarian republic of)": "VE",
+    "brunei darussalam": "BN", "macedonia": "MK", "taiwan, province of china": "TW",
+}
 
 
 def country_intensity(country: str) -> CarbonIntensity:
     """Intensity of a country by ISO alpha-2, alpha-3 or English name (case-insensitive)."""
     table = country_table()
     key = country.strip()
-    key = _COUNTRY_ALIASES.get(key.upper(), key)
+    key = _COUNTRY_ALIASES.get(key.upper(), _COUNTRY_NAMES.get(" ".join(key.lower().split()), key))
     row = table.get(key.upper()) or table.get(key.lower())
     if row is None:
         names = sorted({r["country"] for r in table.values()})
@@ -94,8 +105,12 @@ def region_intensity(region: str) -> CarbonIntensity:
         provider = key.split(":", 1)[0] if ":" in key else ""
         hint = ""
         if provider and provider not in {k.split(":")[0] for k in table}:
-            hint = (f" Provider {provider!r} publishes no per-region figure; pass the region's "
-                    "country instead (country='DE' for Frankfurt, say).")
+            # another provider's region of a like name is another grid (aws:us-east-1, Virginia; gcp:us-east1,
+            # South Carolina): not suggested
+            raise ValueError(f"unknown cloud region {key!r}. Provider {provider!r} publishes no per-region figure; "
+                              "pass the region's country instead (country='DE' for Frankfurt, say); the table has "
+                              f"regions of {', '.join(sorted({k.split(':')[0] for k in table}))} only ({len(table)}, "
+                              "`green-callbacks intensity --list`).")
         elif not provider:
             hint = " Write it as provider:region, for example 'gcp:europe-west1'."
         raise _unknown("cloud region", key, sorted(table), hint)

@@ -83,11 +83,13 @@ def read_section(path: str | Path, section: str, valid: Collection[str]) -> dict
         data = {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the file must hold a table of settings, not {type(data).__name__} {data!r:.60}")
-    for keys in (("tool", "green-callbacks"), ("green-callbacks",)):
-        found = _table(path, data, *keys)
-        if found is not None:
-            data, where = found, ".".join(keys)
-            break
+    tables = [(keys, found) for keys in (("tool", "green-callbacks"), ("green-callbacks",))
+              if (found := _table(path, data, *keys)) is not None]
+    if len(tables) > 1:  # one would be read and the other ignored without a word
+        raise ValueError(f"{path}: both [tool.green-callbacks] and [green-callbacks] are there; keep one")
+    if tables:
+        (keys, data), = tables
+        where = ".".join(keys)
     else:
         where = "the top level"
     if section not in data:

@@ -123,8 +123,14 @@ def print_summary(t: EnergyTracker, status: str) -> None:
              f"(or: green-callbacks replay {s['mlflow_spool']})" if "mlflow_spool" in s else "")
     say(f"green-callbacks [{status.lower()}]: {_count(s['epochs'], 'epoch')}, "
         f"{_count(s['evaluations'], 'evaluation')}, to step {s['last_step']}, "
-        f"{s['energy_j']:.1f} J ({s['energy_kwh']:.6f} kWh), {s['emissions_g']:.3f} gCO2e{cost} over "
+        f"{s['energy_j']:.1f} J ({_small(s['energy_kwh'], 6)} kWh), {_small(s['emissions_g'], 3)} gCO2e{cost} over "
         f"{s['duration_s']:.1f} s ({methods}; {s['carbon_intensity_g_per_kwh']} g/kWh, PUE {s['pue']}){where}")
+
+
+def _small(value: float, decimals: int) -> str:
+    """``value`` to ``decimals`` places, or to 3 significant digits where the places would show fewer (0.000 gCO2e
+    beside a cost of 5e-08 EUR)."""
+    return f"{value:.3g}" if value and abs(value) < 10.0 ** (2 - decimals) else f"{value:.{decimals}f}"
 
 
 def _first_sentence(text: str) -> str:

@@ -9,6 +9,7 @@ cost of two comparisons and a modulo per step.
 
 from __future__ import annotations
 
+import difflib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from green_callbacks.meter import EnergyMeter, Measurement
 from green_callbacks.policies import Decision
 from green_callbacks.process import never_raises
 from green_callbacks.records import IntervalRecord, Kind, merge_ranks, point_metrics, run_facts, window_payload
+from green_callbacks.sensors.base import log
 
 CALIBRATION_STEPS = 10  # steps timed at the start to turn log_every_s into a step count
 
@@ -179,6 +181,25 @@ class PointHost:
             self.sink.interval_end()
         return self._decide(records[0], collective)
 
+    _unseen_efficiency: set[str] | None = None  # efficiency_metrics no evaluation logged yet (None: not asked)
+
+    def _check_efficiency_names(self, records: Sequence[IntervalRecord]) -> None:
+        """A name in ``efficiency_metrics`` that the evaluations do not log gave no metric and no word: said once,
+        at the first evaluation that logged metrics without it, with the names it logged."""
+        if self.efficiency_metrics is None:
+            return
+        if self._unseen_efficiency is None:
+            self._unseen_efficiency = set(self.efficiency_metrics)
+        for record in records:
+            if record.kind is Kind.EVALUATION and record.metrics and self._unseen_efficiency:
+                missing = sorted(self._unseen_efficiency - set(record.metrics))
+                self._unseen_efficiency = set()
+                for name in missing:
+                    close = difflib.get_close_matches(name, list(record.metrics), n=1)
+                    log.warning("green-callbacks: efficiency_metrics names %r, which the evaluation did not log (it "
+                                "logged %s)%s: no efficiency/%s_per_kj until it does.", name, sorted(record.metrics),
+                                f"; did you mean {close[0]!r}?" if close else "", name)
+
     def _log_point(self, records: Sequence[IntervalRecord], names: Sequence[Mapping[str, Mapping[str, str]]],
                    throughput: Mapping[str, float], hold: bool = False) -> None:
         """The metric contract at one point (see ``records``): its records' metrics (an evaluation's and the
@@ -187,6 +208,7 @@ class PointHost:
         :meth:`before_checkpoint`), or first, at their own step, where it comes later."""
         if not self.rank.is_zero or self.sink is None:
             return
+        self._check_efficiency_names(records)
         first = records[0]
         if not self._params_logged:
             self._params_logged = True

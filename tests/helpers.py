@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -36,12 +37,22 @@ def settle(uri: str, timeout_s: float = 90.0) -> None:
     def sending() -> bool:
         for proc in psutil.process_iter(["cmdline"]):
             cmd = proc.info.get("cmdline") or []
-            if "green_callbacks.sinks" in cmd and any(arg.startswith(folder + os.sep) for arg in cmd):
+            # (a stage's sender kept for the next stage waits with nothing to send)
+            if "green_callbacks.sinks" in cmd and any(arg.startswith(folder + os.sep) for arg in cmd) \
+                    and not all_sent(Path(cmd[-1])):
                 return True
         return False
 
     while sending() and time.monotonic() < end:
         time.sleep(0.2)
+
+
+def all_sent(spool: Path) -> bool:
+    """Whether a spool's sender has sent every line the training wrote (its state's offset at the spool's end)."""
+    try:
+        return json.loads(Path(f"{spool}.state.json").read_text())["offset"] >= spool.stat().st_size
+    except (OSError, ValueError, KeyError):
+        return not spool.exists()
 
 
 def runs(uri: str, experiment: str | None = None):

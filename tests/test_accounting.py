@@ -45,11 +45,22 @@ def test_unknown_country_suggests_close_names():
         resolve_intensity(country="Germny")
 
 
+@pytest.mark.parametrize(("name", "iso3"), [("Czech Republic", "CZE"), ("Russian Federation", "RUS"),
+                                           ("Korea", "KOR"), ("United States of America", "USA"),
+                                           ("Türkiye", "TUR"), ("Viet Nam", "VNM")])
+def test_a_countrys_official_or_common_long_name_is_known(name, iso3):
+    """ISO 3166's and the UN's names where the table has the short one: "Czech Republic" was an unknown country."""
+    assert f"({iso3})" in resolve_intensity(country=name).label
+
+
 def test_unknown_region_suggests_and_explains_providers():
     with pytest.raises(ValueError, match=r"Did you mean: gcp:europe-west1"):
         resolve_intensity(region="gcp:europe-wst1")
     with pytest.raises(ValueError, match=r"Provider 'aws' publishes no per-region figure; pass the region's country"):
         resolve_intensity(region="aws:eu-central-1")
+    with pytest.raises(ValueError) as refused:  # Virginia's grid: not gcp:us-east1's (South Carolina), 560 g
+        resolve_intensity(region="aws:us-east-1")
+    assert "gcp:us-east1" not in str(refused.value) and "regions of gcp only (40" in str(refused.value)
     with pytest.raises(ValueError, match="provider:region"):
         resolve_intensity(region="europe-west1")
 

@@ -151,6 +151,10 @@ def test_from_yaml_and_toml_files(tmp_path):
     """))
     budget = gt.EnergyBudget.from_file(toml_file)
     assert budget.budget.emissions_g == 1200.0 and budget.budget.on_exceed == "warn"
+    both = tmp_path / "both.toml"  # the second table was ignored without a word
+    both.write_text('[tool.green-callbacks.budget]\nenergy = "1 kWh"\n[green-callbacks.budget]\nenergy = "2 kWh"\n')
+    with pytest.raises(ValueError, match=r"both \[tool.green-callbacks\] and \[green-callbacks\] are there; keep one"):
+        gt.EnergyBudget.from_file(both)
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("green-callbacks:\n  budget:\n    energy: 1 kWh\n    energey: 2 kWh\n")

@@ -218,3 +218,46 @@ def test_a_peek_never_runs_ahead_of_what_the_next_read_books():
     read = sensor.read(now).joules["cpu"]
     assert peeked <= read + 1e-9
     assert read > 0.6 * busy_cpu_s * sensor.core.watts  # the busy stretch is booked (1.8 J of 3.6 on a loaded machine)
+
+
+def test_the_power_plot_labels_an_estimate_as_estimated(tmp_path, monkeypatch):
+    """``power.png`` titled the CPU's curve "cpu (W)" like a measurement; the estimate says what it is there too."""
+    import lightning.pytorch as pl
+    from matplotlib.figure import Figure
+
+    from green_callbacks.lightning import EnergyMonitor
+
+    from helpers import digits_loaders, lightning_digits_module
+
+    legends: list[list[str]] = []
+    save = Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        legends.extend([t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes if ax.get_legend())
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    monitor = EnergyMonitor(gpus=None, mlflow=False, output_dir=str(tmp_path / "out"), log_artifacts=["plot"])
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=2, callbacks=[monitor], logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False)
+    trainer.fit(lightning_digits_module()(), *digits_loaders())
+    assert monitor.records[-1].methods["cpu"] == "estimated"
+    assert legends and all("cpu (W, estimated)" in lg or "cpu (J, estimated)" in lg for lg in legends), legends
+    assert not any("cpu (W)" in lg or "cpu (J)" in lg for lg in legends)
+
+
+def test_the_trainings_own_cpu_time_is_read_finer_than_a_clock_tick():
+    """``os.times`` and ``/proc`` count CPU time in 10-ms clock ticks: at 12 W a core the estimate moved in steps of
+    0.12 J, so 20 of 23 logging points of a short run read 0 J and a 360-sample test() exactly one step. The
+    training process's own time is the scheduler's count in nanoseconds."""
+    import psutil
+
+    from helpers import busy_wait
+
+    tree = ProcessTree(psutil)
+    deltas = []
+    for _ in range(5):
+        before = tree.cpu_seconds(time.monotonic())
+        busy_wait(0.003)
+        deltas.append(tree.cpu_seconds(time.monotonic()) - before)
+    assert all(0.0 < d < 0.01 for d in deltas), deltas  # 3 ms of work reads as about 3 ms, not 0 or 10

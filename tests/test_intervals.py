@@ -342,6 +342,20 @@ def test_a_metric_not_logged_at_an_evaluation_is_not_read_again_from_an_earlier_
     evaluations = records_of(monitor, "evaluation")
     assert ["score" in r.metrics for r in evaluations] == [v is not None for v in values]
     assert green_log.text.count("score was not logged at this evaluation") == 1
+    assert "efficiency_metrics names" not in green_log.text  # it is logged, if not at every evaluation
+
+
+def test_an_efficiency_metric_no_evaluation_logs_is_said_once_with_the_names_logged(tmp_path, fake_nvml, green_log):
+    """``efficiency_metrics=["val_accuracy"]`` where the evaluations log ``val_acc``: no efficiency metric and no
+    word of it; now one warning, naming what was logged and the close name."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                               output_dir=str(tmp_path / "out"), log_artifacts=False,
+                               efficiency_metrics=["scores", "score"])
+    lightning_fit(tmp_path, val_module([0.5, 0.6, 0.7]), [monitor, work_clock(fake_nvml, val_s=0.002)],
+                  max_epochs=3, num_sanity_val_steps=0)
+    said = [r.getMessage() for r in green_log.records if "efficiency_metrics names" in r.getMessage()]
+    assert len(said) == 1 and "'scores'" in said[0] and "did you mean 'score'?" in said[0], said
 
 
 def test_nan_is_skipped_once_and_nan_for_patience_evaluations_is_a_divergence(tmp_path, green_log):

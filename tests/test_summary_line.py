@@ -25,3 +25,17 @@ def test_without_tqdm_a_newline_still_comes_first(capsys, monkeypatch):
     monkeypatch.delitem(sys.modules, "tqdm", raising=False)
     say("green-callbacks [killed]: 0 epochs")
     assert capsys.readouterr().out == "\ngreen-callbacks [killed]: 0 epochs\n"
+
+
+def test_a_small_runs_emissions_and_kwh_are_not_printed_as_zero(tmp_path, fake_nvml, capsys):
+    """A short run printed "0.000000 kWh), 0.000 gCO2e" beside "cost 5e-08 EUR": a figure that is not zero is shown
+    to three significant digits where the fixed places would round it away."""
+    from green_callbacks import EnergyTracker
+
+    fake_nvml.configure([{"profile": [[1.0, 10.0]]}], work_clock=True)
+    tracker = EnergyTracker(gpus="all", measure_cpu=False, mlflow=False, output_dir=str(tmp_path), country="FR",
+                            price_per_kwh=0.2, currency="EUR")
+    with tracker, tracker.epoch(0):
+        fake_nvml.advance(0.5)  # 5 J: 1.39e-06 kWh
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("green-callbacks [finished]"))
+    assert "5.0 J (1.39e-06 kWh)" in line and "0.000 gCO2e" not in line and "e-05 gCO2e" in line, line  # (FR, 56 g/kWh)
