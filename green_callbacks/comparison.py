@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -150,12 +152,19 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
 
 
 def _require_store(tracking_uri: str | None) -> None:
-    """A local store that is not there is a typo: said, rather than a new empty store made (MLflow creates one)."""
+    """A local store that is not there is a typo: said, rather than a new empty store made (MLflow creates one).
+    Servers and other schemes (``http``, ``databricks``) are left to MLflow."""
     import mlflow
 
     uri = tracking_uri or mlflow.get_tracking_uri()
-    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri[len("file:"):] if uri.startswith(
-        "file:") and not uri.startswith("file://") else uri if "://" not in uri else None
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].split("?", 1)[0]  # (a query: sqlite:///mlflow.db?timeout=30)
+    elif uri.startswith("file:"):
+        path = urlparse(uri).path if uri.startswith("file://") else uri[len("file:"):]
+    elif ":" not in uri and (uri.startswith((".", "/", "~")) or os.sep in uri):  # a bare path (a file store)
+        path = os.path.expanduser(uri)
+    else:
+        return
     if path and path != ":memory:" and not Path(path).exists():
         raise ValueError(f"no MLflow store at {Path(path).absolute()} (tracking URI {uri}): give the store the "
                          "runs were logged to with --tracking-uri, or run the report where its mlflow.db is")

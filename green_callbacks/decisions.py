@@ -193,7 +193,7 @@ class StopperHost:
         if self.stop_decision is None or self._stop_fit != self._fits or self._held_by is None:
             return
         held, self._held_by = self._held_by, None
-        progress = self.progress(step - self.step_offset)
+        progress = self.progress(step)  # (the trainer's step: the offset of a run continued is added in logging)
         if progress.remaining_steps:
             self._book_stop(progress, None)
         elif self.rank.is_zero:

@@ -349,8 +349,9 @@ class EfficiencyEarlyStopping(EfficiencyStopper, Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the schedule is known once the loaders are: a validation every 5th epoch of a 3-epoch run never comes
         schedule, last = Schedule.of(trainer), max_steps(trainer)
-        if schedule is not None and last is not None and math.isfinite(last) and not trainer.sanity_checking:
-            self.expect_evaluations(schedule.count(last), f"val_check_interval={trainer.val_check_interval!r}, "
+        if schedule is not None and last is not None and math.isfinite(last) and trainer.is_global_zero:
+            # (one at the last step stops nothing)
+            self.expect_evaluations(schedule.count(last - 1), f"val_check_interval={trainer.val_check_interval!r}, "
                                     f"check_val_every_n_epoch={trainer.check_val_every_n_epoch!r}, "
                                     f"{int(last) + 1} training steps")
 

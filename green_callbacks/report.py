@@ -26,7 +26,7 @@ def component_label(component: str, unit: str, methods: dict[str, str]) -> str:
     """A component in a legend, with how it was obtained where it was not measured (``cpu (W, estimated)``): an
     estimate is never shown as a measurement."""
     method = methods.get(component, "measured")
-    return f"{component} ({unit}{'' if method == 'measured' else ', ' + method})"
+    return f"{component} ({unit}{', ' + method if method in ('estimated', 'unavailable') else ''})"
 
 
 def plot_power(trace: pd.DataFrame, records: Sequence[Any], path: str | Path) -> Path:

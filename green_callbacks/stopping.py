@@ -141,23 +141,25 @@ class EfficiencyStopper(Stopper):
                                                                       else default_monitor)
         self.plateau.mode = args["mode"] or (default_mode if default else ("min" if "loss" in monitor else "max"))
 
-    def no_evaluations(self, why: str) -> None:
-        """The training will never evaluate (``why``): this stopper decides at evaluations, so say once, before
-        the first step, that it cannot stop this run."""
-        log.warning("green-callbacks: %s(monitor=%r) decides at evaluations, and this training has none (%s): it "
-                    "will not stop the run. Give the trainer a validation, or leave the stopper out.",
-                    type(self).__name__, self.monitor, why)
+    def no_evaluations(self, why: str, when: str = "") -> None:
+        """The training will never evaluate (``why``; ``when``: " before its last step", where one there stops
+        nothing): this stopper decides at evaluations, so say once, before the first step, that it cannot stop
+        this run."""
+        log.warning("green-callbacks: %s(monitor=%r) decides at evaluations, and this training has none%s (%s): "
+                    "it will not stop the run. Give the trainer a validation, or leave the stopper out.",
+                    type(self).__name__, self.monitor, when, why)
 
     def expect_evaluations(self, count: int, why: str) -> None:
-        """The training's schedule allows ``count`` evaluations (``why``: the settings that say so): with none, or
-        fewer than the window's ``min_evaluations``, this stopper cannot decide; said once, before the first step."""
+        """The training's schedule allows ``count`` evaluations before its last step (``why``: the settings that say
+        so): with none, or fewer than the window's ``min_evaluations``, this stopper cannot find a plateau; said
+        once, before the first step."""
         if count == 0:
-            self.no_evaluations(why)
+            self.no_evaluations(why, " before its last step")
         elif count < self.plateau.min_evaluations:
             log.warning("green-callbacks: %s(monitor=%r) decides from at least min_evaluations=%d evaluations, and "
-                        "this training has %d (%s): it will not stop the run. Evaluate more often, or lower "
-                        "min_evaluations.", type(self).__name__, self.monitor, self.plateau.min_evaluations, count,
-                        why)
+                        "this training has %d before its last step (%s): it will not stop the run on a plateau. "
+                        "Evaluate more often, or lower min_evaluations.", type(self).__name__, self.monitor,
+                        self.plateau.min_evaluations, count, why)
 
     def _missing(self, available: Collection[str]) -> None:
         message = (f"{type(self).__name__}(monitor={self.monitor!r}): no such metric; the evaluation's metrics "

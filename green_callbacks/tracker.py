@@ -297,7 +297,11 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         finally:
             if self.sink is not None:
                 self.sink.set_status(status)
-                if not (keep_sink and confirmed and status == "FINISHED" and self._park_sink()):
+                try:
+                    parked = keep_sink and confirmed and status == "FINISHED" and self._park_sink()
+                except KeyboardInterrupt as exc:  # the end goes on (closed without waiting), then the Ctrl-C
+                    parked, confirmed, interrupted = False, False, exc
+                if not parked:
                     self.sink.close(None if confirmed else 0.0)
                 self.run = self.run or self.sink.run_ref
             if report:
@@ -314,8 +318,8 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         """Wait for MLflow to confirm the stage's end, and keep the sink open, idle, for the next stage into the same
         run (:meth:`~green_callbacks.runs.RunHost._open_sink`): HF's ``evaluate()`` in a loop started a sender per
         call, MLflow's import and store (2 s a call for a 0.01-s evaluation). Unconfirmed: closed as at any end."""
-        if self.sink.blocked or not self.sink.flush(self.sink.close_wait_s, ending=True):
-            return False
+        if self.sink.blocked or not self.sink.flush(self.sink.close_wait_s, ending=True) or self.sink.unconfirmed:
+            return False  # (an artifact the store failed to take waits: the sender keeps at it, alone)
         self._idle_sink = self.sink
         return True
 

@@ -285,18 +285,21 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
 
 
 def _evaluations(strategy: str, args: TrainingArguments, state: TrainerState) -> int | None:
-    """The evaluations HF's schedule makes in the whole training: every ``eval_steps`` steps and at the last step
-    (HF evaluates there too), or at every epoch's end, from ``eval_delay`` on (None where it is not known)."""
+    """The evaluations HF's schedule makes before the training's last step (one there stops nothing): every
+    ``eval_steps`` steps, or at every epoch's end, from ``eval_delay`` on; None where it is not known (an
+    iterable data set's "epochs", which HF sets to ``sys.maxsize``)."""
     delay = args.eval_delay or 0
     if strategy == "steps":
         every, steps = state.eval_steps, state.max_steps
         if not every or not steps or every <= 0 or steps <= 0:
             return None
         every = math.ceil(every * steps) if every < 1 else int(every)
-        last = int(steps % every > 0 and steps >= delay)  # the last step's, where it is no multiple
-        return sum(1 for at in range(every, int(steps) + 1, every) if at >= delay) + last
+        first = max(every, math.ceil(delay / every) * every)  # the first multiple of every at or after the delay
+        return (int(steps) - 1 - first) // every + 1 if first < steps else 0
     epochs = math.ceil(state.num_train_epochs or 0)
-    return sum(1 for e in range(1, epochs + 1) if e >= delay) if epochs > 0 else None
+    if not 0 < epochs < 1_000_000:
+        return None
+    return max(0, epochs - 1 - max(math.ceil(delay), 1) + 1)
 
 
 def _resumed(state: TrainerState) -> bool:
@@ -383,7 +386,7 @@ class EfficiencyEarlyStopping(_HfStopper, EfficiencyStopper, TrainerCallback):
             self.no_evaluations('eval_strategy="no"')
         elif strategy in ("steps", "epoch"):
             count = _evaluations(strategy, args, state)
-            if count is not None:
+            if count is not None and state.is_world_process_zero:
                 self.expect_evaluations(count, f'eval_strategy="{strategy}"' + (
                     f", eval_steps={state.eval_steps}, max_steps={state.max_steps}" if strategy == "steps" else
                     f", {math.ceil(state.num_train_epochs)} epochs") + (

@@ -315,3 +315,29 @@ def test_the_same_store_written_another_way_is_the_same_store(tmp_path, monkeypa
         assert same_store("./mlruns") and same_store("mlruns")
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_training_after_a_stage_uses_its_kept_sender_and_runs_the_run_again(tmp_path):
+    """``validate()`` keeps its sender for the next stage; a ``fit()`` into the same run takes it. The stage had set
+    the run FINISHED, and the fit left it so while it trained (a kill then would not have been marked KILLED):
+    the run is RUNNING again while the fit trains, FINISHED at its end."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monitor = EnergyMonitor(tracking_uri=uri, experiment_name="again", output_dir=str(tmp_path / "out"),
+                            log_artifacts=False)
+    seen = []
+
+    class Look(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            assert monitor.sink.flush(60)
+            seen.append((MlflowClient(uri).get_run(monitor.run.run_id).info.status, monitor.sink.sender_pid))
+
+    t = trainer(tmp_path, [monitor, Look()], max_epochs=2)
+    model = ValModel()
+    t.validate(model)
+    kept = monitor._idle_sink.sender_pid
+    assert MlflowClient(uri).get_run(monitor.run.run_id).info.status == "FINISHED"
+    t.fit(model)
+    assert seen == [("RUNNING", kept), ("RUNNING", kept)]
+    assert MlflowClient(uri).get_run(monitor.run.run_id).info.status == "FINISHED"

@@ -261,6 +261,13 @@ def test_a_mistyped_store_path_is_an_error_and_makes_no_store(tmp_path, capsys):
     """MLflow creates the store (and its folder) it is pointed at: a report with a typo in the path made an empty
     store of 954 KB and said the experiment was not among ['Default']."""
     typo = tmp_path / "typo" / "mlfow.db"
-    assert cli(["report", "cmp", "--tracking-uri", f"sqlite:///{typo}"]) == 2
-    assert f"no MLflow store at {typo}" in capsys.readouterr().err
-    assert not typo.parent.exists()
+    for uri in (f"sqlite:///{typo}", f"file://{typo.parent}/mlruns", f"sqlite:///{typo}?timeout=30"):
+        assert cli(["report", "cmp", "--tracking-uri", uri]) == 2
+        assert "no MLflow store at " in capsys.readouterr().err
+        assert not typo.parent.exists()
+
+
+def test_a_store_named_with_a_query_is_read(store, capsys):
+    uri, _ = store
+    assert cli(["report", "cmp", "--tracking-uri", f"{uri}?timeout=30"]) == 0
+    assert "baseline" in capsys.readouterr().out

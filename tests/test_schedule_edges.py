@@ -161,7 +161,7 @@ def test_hf_a_budget_step_check_keeps_the_evaluation_before_the_next_check(tmp_p
 @pytest.mark.parametrize(("schedule", "said"), [
     (dict(max_epochs=3, check_val_every_n_epoch=5), "has none"),  # every 5th epoch of 3: never
     (dict(max_steps=60, val_check_interval=100, check_val_every_n_epoch=None), "has none"),
-    (dict(max_epochs=3), "this training has 3"),  # fewer than the window's min_evaluations=4
+    (dict(max_epochs=4), "this training has 3 before its last step"),  # fewer than min_evaluations=4
     (dict(max_epochs=6), None)])
 def test_lightning_a_schedule_with_too_few_validations_for_the_stop_says_so_before_the_first_step(
         tmp_path, fake_nvml, green_log, schedule, said):
@@ -175,12 +175,14 @@ def test_lightning_a_schedule_with_too_few_validations_for_the_stop_says_so_befo
     assert told == [] if said is None else len(told) == 1 and said in told[0], told
 
 
-@pytest.mark.parametrize(("steps", "said"), [(dict(max_steps=100, eval_steps=500), "this training has 1"),
-                                             (dict(max_steps=40, eval_steps=10, eval_delay=25), "has 2"),
+@pytest.mark.parametrize(("steps", "said"), [(dict(max_steps=100, eval_steps=500), "has none before its last step"),
+                                             (dict(max_steps=50, eval_steps=10, eval_delay=25), "has 2 before"),
+                                             (dict(max_steps=40, eval_steps=0.25), "has 3 before"),
                                              (dict(max_steps=40, eval_steps=5), None)])
 def test_hf_a_schedule_with_too_few_evaluations_for_the_stop_says_so_before_the_first_step(tmp_path, fake_nvml,
                                                                                           green_log, steps, said):
-    """HF's ``eval_steps=500`` in a 100-step run evaluates once, at the end: the stopper could never decide."""
+    """HF's ``eval_steps=500`` in a 100-step run evaluates once, at its last step, where a stop saves nothing: the
+    stopper could never decide."""
     from transformers import Trainer, TrainingArguments
 
     fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
@@ -194,6 +196,31 @@ def test_hf_a_schedule_with_too_few_evaluations_for_the_stop_says_so_before_the_
             callbacks=[monitor, gt.EfficiencyEarlyStopping(monitor="accuracy")]).train()
     told = [r.getMessage() for r in green_log.records if "it will not stop the run" in r.getMessage()]
     assert told == [] if said is None else len(told) == 1 and said in told[0], told
+
+
+def test_hf_a_streamed_data_set_with_evaluations_every_epoch_trains(tmp_path, fake_nvml, green_log):
+    """An iterable data set has no length: HF sets ``num_train_epochs`` to ``sys.maxsize``, and the evaluations
+    were counted one epoch at a time, for ever, before the first step."""
+    from torch.utils.data import IterableDataset
+    from transformers import Trainer, TrainingArguments
+
+    (xt, yt), (xv, yv) = digits_tensors()
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            while True:
+                yield from ({"pixels": x, "labels": y} for x, y in zip(xt, yt, strict=True))
+
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=20, eval_strategy="epoch", save_strategy="no",
+                             per_device_train_batch_size=8, report_to="none", use_cpu=True, disable_tqdm=True)
+    monitor = gt.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False,
+                               output_dir=str(tmp_path / "out"))
+    trainer = Trainer(model=hf_digits_model(), args=args, train_dataset=Stream(),
+                      eval_dataset=DigitsDataset(xv[:64], yv[:64]), compute_metrics=hf_accuracy,
+                      callbacks=[monitor, gt.EfficiencyEarlyStopping(monitor="accuracy")])
+    assert trainer.train().global_step == 20
+    assert "it will not stop the run" not in green_log.text  # the schedule is not known: nothing said
 
 
 @pytest.mark.parametrize("case", ["one-batch validation", "num_sanity_val_steps=1"])

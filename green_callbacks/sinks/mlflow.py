@@ -174,9 +174,12 @@ class MlflowSink:
         ``target``: the same run, sending still; its sender is then warm (no start-up, no wait for one)."""
         run = self.run_ref
         if (self._closed is not None or self.blocked or run is None or target.run_id != run.run_id
-                or target.owned != run.owned or target.tracking_uri not in (None, run.tracking_uri)):
+                or target.owned != run.owned or target.tracking_uri not in (None, run.tracking_uri)
+                or self.unconfirmed > 0):
             return False
         self._end_waited_s = 0.0
+        if self.target.owned:  # the run goes on: RUNNING again (a kill from here on is marked KILLED), as a new
+            self._append("status", {"status": "RUNNING"})  # sender's opening of the run would set it
         return True
 
     def _append(self, kind: str, data: dict[str, Any], step: int | None = None) -> None:
@@ -275,6 +278,12 @@ class MlflowSink:
                                       f"records are kept in {self.spool_path}.")
         return code is not None
 
+    @property
+    def unconfirmed(self) -> int:
+        """Records MLflow has not confirmed yet (deferred artifacts included), as the sender last said."""
+        self._poll(force=True)
+        return self._unsent()
+
     def _unsent(self) -> int:
         """Records not yet confirmed: those after the sender's progress, and the artifacts it deferred."""
         deferred = self._state.deferred if isinstance(self._state.deferred, list) else []
@@ -356,7 +365,8 @@ class MlflowSink:
         if not done:
             writer.append("detach", {})  # the sender is on its own from here: it removes the files when done
             self._poll(force=True)
-            done = self._state.done or not writer.path.exists()
+            # (a sender gone after MLflow confirmed everything, an idle one killed say: nothing is left to send)
+            done = self._state.done or not writer.path.exists() or (self._sender_gone() and self.unconfirmed == 0)
         writer.close()
         done = done and not writer.unwritten
         if done:

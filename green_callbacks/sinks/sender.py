@@ -125,7 +125,8 @@ class Sender(BatchSending):
                 if isinstance(item, Record) and item.kind == "detach":
                     self.detached = True  # the training stopped waiting: from now on the sender is alone
                 if isinstance(item, Record) and item.kind in ("status", "close", "detach"):
-                    self.ended = True
+                    # (a run that goes on again, a later stage into it with this sender: not ended any more)
+                    self.ended = not (item.kind == "status" and item.data.get("status") == "RUNNING")
 
     def _take(self, item: Record | Unreadable) -> None:
         """A record read from the spool, queued to be sent."""

@@ -241,7 +241,10 @@ class RunClient:
 
     @_probed
     def set_status(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status)
+        if status == "RUNNING":  # a run going on again (a later stage into it): not terminated, no end time set
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            self.client.set_terminated(self.run_id, status)
 
     @_probed
     def status(self) -> str:
