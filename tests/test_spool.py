@@ -557,3 +557,19 @@ def test_a_held_checkpoint_point_is_sent_once_and_only_if_nothing_carried_it(tmp
     assert sender.send()
     cumulative = history(MlflowClient(uri), sender.state.run_id, "energy/cumulative_j")
     assert cumulative == ([(5, 100.0)] if then == "a stop's own metrics" else [(5, 130.0)])
+
+
+def test_replay_of_a_folder_beside_a_kept_idle_sender_has_nothing_to_send(tmp_path):
+    """A notebook: ``trainer.evaluate()`` ended, everything confirmed, its sender kept for the next call. A
+    ``green-callbacks replay`` of the folder said "error: ... still running" and exited 1, with nothing to send."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    sink = MlflowSink(RunTarget(uri, experiment_name="idle"), tmp_path / "out")
+    sink.log_metrics({"energy/evaluate_j": 1.5}, step=0)
+    sink.set_status("FINISHED")
+    assert sink.flush(60) and sink.unconfirmed == 0  # as a stage's end leaves it (its sender kept)
+    root = str(Path(__file__).resolve().parents[1])
+    replay = subprocess.run([sys.executable, "-m", "green_callbacks.cli", "replay", str(tmp_path / "out"), "--wait",
+                             "5"], timeout=120, env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True)
+    assert replay.returncode == 0, replay.stderr
+    assert "everything in it is in MLflow" in replay.stderr and sink.spool_path.exists()
+    assert sink.close(30) and not sink.spool_path.exists()

@@ -60,7 +60,15 @@ def replay_spool(path: str | Path, tracking_uri: str | None = None, wait_s: floa
         raise FileNotFoundError(f"no spool file at {spool}")
     first = next(scan(spool), None)  # a training still writing it: its own sender sends it, say so now
     if isinstance(first, Record) and first.kind == "open" and isinstance(first.data, dict) and not _closed(spool):
-        _check_writer_gone(first.data, spool)
+        try:
+            _check_writer_gone(first.data, spool)
+        except SpoolBusy:
+            done = _all_sent(spool)  # (a finished stage's sender, kept by a training process that lives on)
+            if done is None:
+                raise
+            return ReplayResult(0, 0, [], done.run_id, done.tracking_uri, True, [
+                f"{spool}: everything in it is in MLflow; the process that wrote it is still running and keeps "
+                "its sender, which removes it when that process ends"])
     end = time.monotonic() + wait_s
     while (held := _lock_if_there(spool)) is None:
         if not spool.is_file():  # the sender (or a replay) that held it sent everything and removed it
@@ -116,6 +124,15 @@ def _closed(spool: Path) -> bool:
         if isinstance(item, Record):
             closed = item.kind in ("close", "detach") or (closed and item.kind != "open")
     return closed
+
+
+def _all_sent(spool: Path) -> State | None:
+    """The spool's state where its sender has sent every line written so far, else None."""
+    try:
+        state = State.load(spool)
+        return state if state.offset >= spool.stat().st_size and state.blocked is None else None
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _check_writer_gone(header: dict[str, Any], spool: Path) -> None:
