@@ -40,12 +40,9 @@ def plot_power(trace: pd.DataFrame, records: Sequence[Any], path: str | Path) ->
     kind = shown[0].kind.value if shown else "epoch"
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), gridspec_kw={"height_ratios": [3, 2]})
     methods = records[-1].methods if records else {}
-
-    def named(component: str, unit: str) -> str:
-        return component_label(component, unit, methods)
-
     for column in trace.columns[1:]:
-        top.plot(trace["time_s"], trace[column], label=named(column.removesuffix("_w"), "W"), linewidth=1)
+        label = component_label(column.removesuffix("_w"), "W", methods)
+        top.plot(trace["time_s"], trace[column], label=label, linewidth=1)
     for r in shown:
         top.axvline(r.start_rel_s, color="grey", linewidth=0.6, linestyle="--")
     top.set_xlabel("time since start (s)")
@@ -57,7 +54,7 @@ def plot_power(trace: pd.DataFrame, records: Sequence[Any], path: str | Path) ->
     base = [0.0] * len(shown)
     for c in sorted({c for r in shown for c in r.components_j}):
         values = [r.components_j.get(c, 0.0) for r in shown]
-        bottom.bar(steps, values, bottom=base, label=named(c, "J"), width=width)
+        bottom.bar(steps, values, bottom=base, label=component_label(c, "J", methods), width=width)
         base = [a + b for a, b in zip(base, values, strict=True)]
     bottom.set_xlabel(f"training step at the {kind}'s end")
     bottom.set_ylabel(f"energy per {kind} (J, all ranks)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -29,6 +28,8 @@ def settle(uri: str, timeout_s: float = 90.0) -> None:
     store's tables while the test reads it, and MLflow's two migrations of one new store trip over each other."""
     import psutil
 
+    from green_callbacks.sinks.spool import all_sent
+
     if not uri.startswith("sqlite:///"):
         return
     folder = str(Path(uri[len("sqlite:///"):]).parent)
@@ -39,20 +40,12 @@ def settle(uri: str, timeout_s: float = 90.0) -> None:
             cmd = proc.info.get("cmdline") or []
             # (a stage's sender kept for the next stage waits with nothing to send)
             if "green_callbacks.sinks" in cmd and any(arg.startswith(folder + os.sep) for arg in cmd) \
-                    and not all_sent(Path(cmd[-1])):
+                    and all_sent(Path(cmd[-1])) is None and Path(cmd[-1]).exists():
                 return True
         return False
 
     while sending() and time.monotonic() < end:
         time.sleep(0.2)
-
-
-def all_sent(spool: Path) -> bool:
-    """Whether a spool's sender has sent every line the training wrote (its state's offset at the spool's end)."""
-    try:
-        return json.loads(Path(f"{spool}.state.json").read_text())["offset"] >= spool.stat().st_size
-    except (OSError, ValueError, KeyError):
-        return not spool.exists()
 
 
 def runs(uri: str, experiment: str | None = None):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from green_callbacks.sinks.spool import Record, State, Unreadable, lock, scan
+from green_callbacks.sinks.spool import Record, State, Unreadable, all_sent, lock, scan
 from green_callbacks.sinks.vetting import ReplaySender
 from green_callbacks.uris import split_credentials, temporary_env
 
@@ -63,8 +63,8 @@ def replay_spool(path: str | Path, tracking_uri: str | None = None, wait_s: floa
         try:
             _check_writer_gone(first.data, spool)
         except SpoolBusy:
-            done = _all_sent(spool)  # (a finished stage's sender, kept by a training process that lives on)
-            if done is None:
+            done = all_sent(spool)  # (a finished stage's sender, kept by a training process that lives on)
+            if done is None or done.blocked is not None:
                 raise
             return ReplayResult(0, 0, [], done.run_id, done.tracking_uri, True, [
                 f"{spool}: everything in it is in MLflow; the process that wrote it is still running and keeps "
@@ -124,15 +124,6 @@ def _closed(spool: Path) -> bool:
         if isinstance(item, Record):
             closed = item.kind in ("close", "detach") or (closed and item.kind != "open")
     return closed
-
-
-def _all_sent(spool: Path) -> State | None:
-    """The spool's state where its sender has sent every line written so far, else None."""
-    try:
-        state = State.load(spool)
-        return state if state.offset >= spool.stat().st_size and state.blocked is None else None
-    except (OSError, ValueError, TypeError):
-        return None
 
 
 def _check_writer_gone(header: dict[str, Any], spool: Path) -> None:

@@ -167,6 +167,16 @@ class State:
         return True
 
 
+def all_sent(spool: Path) -> State | None:
+    """The spool's state where its sender has sent every line written so far (its offset at the spool's end),
+    else None (also where the spool or its state cannot be read)."""
+    try:
+        state = State.load(spool)
+        return state if state.offset >= spool.stat().st_size else None
+    except (OSError, ValueError):
+        return None
+
+
 def set_aside(spool: Path, line: int, reason: str, content: Any) -> None:
     """Keep something that will never be sent, with why, for a person to look at."""
     entry = {"line": line, "reason": reason, "content": content, "t": int(time.time() * 1000)}
