@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+from green_callbacks.policies import higher_is_better
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -246,16 +247,6 @@ def pareto_front(x: list[float], y: list[float], higher_is_better: bool = True) 
             front.append(i)
             best = sign * y[i]
     return front
-
-
-_LOWER_IS_BETTER = {"wer", "cer", "ppl", "mse", "mae", "rmse", "nll"}
-
-
-def higher_is_better(metric: str | None) -> bool:
-    """A metric's direction from its name: lower for a loss, an error rate, perplexity, WER/CER or a squared or
-    absolute error (as the stoppers take ``mode="min"`` for a loss), else higher."""
-    words = re.split(r"[^a-z]+", (metric or "").lower())
-    return not any(w in _LOWER_IS_BETTER or w.startswith(("err", "perplex")) or w.endswith("loss") for w in words)
 
 
 __all__ = [

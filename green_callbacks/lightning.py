@@ -10,43 +10,27 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, Timer
 
-from green_callbacks.distributed import RankInfo, node_name
 from green_callbacks.lightning_trainer import (
     TRAINING_NAME,
     Schedule,
+    cuda_indices,
     ends_epoch,
     epoch_ends_before_run,
     fresh_metrics,
     max_steps,
+    mlflow_logger_run,
+    rank_of,
     sanity_metric_names,
     step_of,
     step_reader,
     steps_in_time,
+    unmet_minimum,
 )
 from green_callbacks.records import Kind
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper, Stopper
 from green_callbacks.tracker import EnergyTracker, batch_size
 
 __all__ = ["EfficiencyEarlyStopping", "EnergyBudget", "EnergyMonitor"]
-
-
-def _rank(trainer: pl.Trainer) -> RankInfo:
-    return RankInfo(trainer.global_rank, trainer.local_rank, trainer.world_size, node_name(trainer.node_rank))
-
-
-def _cuda_indices(trainer: pl.Trainer) -> list[int]:
-    device = trainer.strategy.root_device
-    return [device.index or 0] if device.type == "cuda" else []
-
-
-def _mlflow_logger_run(trainer: pl.Trainer) -> tuple[str | None, str | None]:
-    """The run of the trainer's ``MLFlowLogger`` (rank 0 only), so no second run is opened."""
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    for logger in trainer.loggers:
-        if isinstance(logger, MLFlowLogger):
-            return logger.run_id, getattr(logger, "_tracking_uri", None)
-    return None, None
 
 
 class EnergyMonitor(EnergyTracker, Callback):
@@ -105,18 +89,7 @@ class EnergyMonitor(EnergyTracker, Callback):
         """Lightning carries out ``should_stop`` only once ``min_epochs`` and ``min_steps`` are met (it sets
         ``min_epochs=1`` itself where only ``min_steps`` is given), training on until then: what is not met for
         a stop decided now, at a point of ``kind``, whose epoch may end with it."""
-        loop = self._fit_loop
-        try:
-            epochs = loop.epoch_progress.current.processed  # counted before on_train_epoch_end (a Kind.EPOCH point)
-            if kind is not Kind.EPOCH and loop.epoch_loop.batch_progress.is_last_batch:
-                epochs += 1  # the epoch ends with this batch: Lightning asks after counting it
-            unmet = [f"min_epochs={loop.min_epochs}" if loop.min_epochs and epochs < loop.min_epochs else "",
-                     f"min_steps={loop.min_steps}" if loop.min_steps and loop.epoch_loop.global_step < loop.min_steps
-                     else ""]
-        except AttributeError:  # another Lightning
-            return None
-        unmet = [u for u in unmet if u]
-        return f"Trainer({', '.join(unmet)})" if unmet else None
+        return unmet_minimum(self._fit_loop, kind)
 
     def stop_validates(self, kind: Kind | None, at: int | None = None) -> bool:
         """Lightning validates after a stop set within a training batch only in an epoch that validates
@@ -132,8 +105,8 @@ class EnergyMonitor(EnergyTracker, Callback):
 
     def _start(self, trainer: pl.Trainer) -> None:
         self.dry_run = bool(trainer.fast_dev_run)  # Lightning logs and saves nothing then: neither do we
-        run_id, uri = _mlflow_logger_run(trainer) if trainer.global_rank == 0 else (None, None)
-        self.start(_rank(trainer), _cuda_indices(trainer), run_id, uri, session=trainer)
+        run_id, uri = mlflow_logger_run(trainer) if trainer.global_rank == 0 else (None, None)
+        self.start(rank_of(trainer), cuda_indices(trainer), run_id, uri, session=trainer)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if any(isinstance(cb, EnergyMonitor) and cb is not self for cb in trainer.callbacks):
@@ -317,13 +290,23 @@ class EnergyMonitor(EnergyTracker, Callback):
         self.finish("KILLED" if isinstance(exception, KeyboardInterrupt | SystemExit) else "FAILED")
 
 
-def _require_monitor(trainer: pl.Trainer, who: str) -> None:
-    if not any(isinstance(cb, EnergyMonitor) for cb in trainer.callbacks):
-        raise ValueError(f"{who} needs an EnergyMonitor in the same Trainer's callbacks: "
-                         f"callbacks=[EnergyMonitor(...), {who}(...)]; it measures, {who} decides")
+class _LightningStopper(Callback):
+    """What both stoppers are to Lightning: callbacks that need the monitor, with their state in checkpoints."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        who = type(self).__name__
+        if not any(isinstance(cb, EnergyMonitor) for cb in trainer.callbacks):
+            raise ValueError(f"{who} needs an EnergyMonitor in the same Trainer's callbacks: "
+                             f"callbacks=[EnergyMonitor(...), {who}(...)]; it measures, {who} decides")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.policy_state()  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.load_policy_state(state_dict)  # type: ignore[attr-defined]
 
 
-class EfficiencyEarlyStopping(EfficiencyStopper, Callback):
+class EfficiencyEarlyStopping(EfficiencyStopper, _LightningStopper):
     """Stops training when the monitored metric's gain per kilojoule flattens out.
 
     Arguments: see :class:`green_callbacks.stopping.EfficiencyStopper` (the same in
@@ -337,7 +320,7 @@ class EfficiencyEarlyStopping(EfficiencyStopper, Callback):
         return self._generate_state_key(monitor=self._init_args["monitor"], mode=self._init_args["mode"])
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _require_monitor(trainer, type(self).__name__)
+        super().on_fit_start(trainer, pl_module)
         self.resolve("val_loss", "min")
         val_loop = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None)
         source = getattr(val_loop, "_data_source", None)  # the val_dataloaders given, or the module's hook
@@ -355,14 +338,8 @@ class EfficiencyEarlyStopping(EfficiencyStopper, Callback):
                                     f"check_val_every_n_epoch={trainer.check_val_every_n_epoch!r}, "
                                     f"{int(last) + 1} training steps")
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.policy_state()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.load_policy_state(state_dict)
-
-
-class EnergyBudget(BudgetStopper, Callback):
+class EnergyBudget(BudgetStopper, _LightningStopper):
     """Stops training before an energy, emissions or cost budget would be exceeded.
 
     Arguments: see :class:`green_callbacks.stopping.BudgetStopper` (the same in
@@ -374,12 +351,3 @@ class EnergyBudget(BudgetStopper, Callback):
     def state_key(self) -> str:  # type: ignore[override]
         a = self._init_args
         return self._generate_state_key(energy=a["energy"], emissions=a["emissions"], cost=a["cost"])
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _require_monitor(trainer, type(self).__name__)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.policy_state()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.load_policy_state(state_dict)

@@ -1,5 +1,5 @@
-"""What Lightning's trainer says, read for the monitor: the step axis, the validation schedule and the run's end,
-and the metrics a validation or a training step logged."""
+"""What Lightning's trainer says, read for the monitor: its rank, device and MLflow run, the step axis, the
+validation schedule, the run's end and its minimums, and the metrics a validation or a training step logged."""
 
 from __future__ import annotations
 
@@ -12,7 +12,29 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Timer
 
+from green_callbacks.distributed import RankInfo, node_name
+from green_callbacks.records import Kind
+
 TRAINING_NAME = re.compile(r"(^|[^a-z])train", re.IGNORECASE)  # train_loss, loss/train, training_acc
+
+
+def rank_of(trainer: pl.Trainer) -> RankInfo:
+    return RankInfo(trainer.global_rank, trainer.local_rank, trainer.world_size, node_name(trainer.node_rank))
+
+
+def cuda_indices(trainer: pl.Trainer) -> list[int]:
+    device = trainer.strategy.root_device
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+def mlflow_logger_run(trainer: pl.Trainer) -> tuple[str | None, str | None]:
+    """The run of the trainer's ``MLFlowLogger`` (rank 0 only), so no second run is opened."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            return logger.run_id, getattr(logger, "_tracking_uri", None)
+    return None, None
 
 
 def sanity_metric_names(trainer: pl.Trainer) -> set[str]:
@@ -158,3 +180,19 @@ def steps_in_time(timer: Timer | None, step: int, left: float | None) -> float |
         return left
     in_time = max(remaining_s, 0.0) * (step + 1) / elapsed_s
     return in_time if left is None else min(left, in_time)
+
+
+def unmet_minimum(loop: Any, kind: Kind | None) -> str | None:
+    """Lightning carries out ``should_stop`` only once ``min_epochs`` and ``min_steps`` are met, training on until
+    then: which of them the fit ``loop`` has not met for a stop decided now, at a point of ``kind``."""
+    try:
+        epochs = loop.epoch_progress.current.processed  # counted before on_train_epoch_end (a Kind.EPOCH point)
+        if kind is not Kind.EPOCH and loop.epoch_loop.batch_progress.is_last_batch:
+            epochs += 1  # the epoch ends with this batch: Lightning asks after counting it
+        unmet = [f"min_epochs={loop.min_epochs}" if loop.min_epochs and epochs < loop.min_epochs else "",
+                 f"min_steps={loop.min_steps}" if loop.min_steps and loop.epoch_loop.global_step < loop.min_steps
+                 else ""]
+    except AttributeError:  # another Lightning
+        return None
+    unmet = [u for u in unmet if u]
+    return f"Trainer({', '.join(unmet)})" if unmet else None

@@ -33,6 +33,20 @@ class MonitorError(ValueError):
     """
 
 
+# metric names whose lower values are better (besides losses and errors): WER/CER, perplexity, squared, absolute and
+# log errors, negative log-likelihood, bits per byte/character/dimension, Fréchet Inception Distance, calibration
+_LOWER_IS_BETTER = {"wer", "cer", "ppl", "mse", "mae", "rmse", "msle", "rmsle", "mape", "smape", "nll", "bpb", "bpc",
+                    "bpd", "fid", "ece", "brier"}
+
+
+def higher_is_better(metric: str | None) -> bool:
+    """A metric's direction from its name: lower for a loss, an error (rate), perplexity, WER/CER, a squared,
+    absolute or percentage error, NLL, bits per byte, FID or a calibration error, else higher. The stoppers' guess
+    where no ``mode`` is given, and the report's Pareto front where no ``--mode`` is."""
+    words = re.split(r"[^a-z]+", (metric or "").lower())
+    return not any(w in _LOWER_IS_BETTER or w.startswith(("err", "perplex")) or w.endswith("loss") for w in words)
+
+
 @dataclass(frozen=True)
 class Decision:
     """A policy's verdict: stop or not, why (an enum for machines, a sentence for people)."""

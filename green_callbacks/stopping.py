@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from green_callbacks.budgets import Budget
-from green_callbacks.policies import CONTINUE, MODES, Decision, EfficiencyPlateau, MonitorError, Progress
+from green_callbacks.policies import (
+    CONTINUE,
+    MODES,
+    Decision,
+    EfficiencyPlateau,
+    MonitorError,
+    Progress,
+    higher_is_better,
+)
 
 log = logging.getLogger("green_callbacks")
 S = TypeVar("S", bound="Stopper")
@@ -81,8 +89,9 @@ class EfficiencyStopper(Stopper):
         monitor: the validation metric to watch (``val_acc``; for HF ``eval_accuracy`` or
             ``accuracy``, following ``metric_for_best_model``). ``None``: ``val_loss`` in
             Lightning, ``metric_for_best_model`` (else ``eval_loss``) in HF.
-        mode: ``"max"`` when higher is better, ``"min"`` when lower is better; ``None`` guesses
-            ``"min"`` for names containing "loss" and ``"max"`` otherwise.
+        mode: ``"max"`` when higher is better, ``"min"`` when lower is better; ``None`` guesses from the
+            name (:func:`~green_callbacks.policies.higher_is_better`): ``"min"`` for a loss, an error, perplexity,
+            WER/CER, MSE/MAE/RMSE, NLL..., ``"max"`` otherwise.
         min_gain: the smallest worthwhile gain. ``"1% per doubling"`` (the default): stop once doubling
             the energy spent improves the metric by less than 1 % of its value (needs a positive
             metric), or, with less than a doubling of energy left to ``max_steps``/``max_epochs``,
@@ -115,7 +124,7 @@ class EfficiencyStopper(Stopper):
         for name, value in (("strict", strict), ("verbose", verbose)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} must be True or False")
-        guess = "min" if monitor and "loss" in monitor else "max"  # resolve() redoes it for a default monitor
+        guess = "max" if higher_is_better(monitor) else "min"  # resolve() redoes it for a default monitor
         self.plateau = EfficiencyPlateau(monitor or "pending", mode or guess, min_gain, patience, min_evaluations)
         self.strict = strict
         self.verbose = verbose
@@ -139,7 +148,8 @@ class EfficiencyStopper(Stopper):
         # metric_for_best_model="eval_perplexity") takes the direction given for it (greater_is_better)
         default = args["monitor"] is None or self.plateau.monitor == (normalise(default_monitor) if normalise
                                                                       else default_monitor)
-        self.plateau.mode = args["mode"] or (default_mode if default else ("min" if "loss" in monitor else "max"))
+        guess = "max" if higher_is_better(monitor) else "min"
+        self.plateau.mode = args["mode"] or (default_mode if default else guess)
 
     def no_evaluations(self, why: str, when: str = "") -> None:
         """The training will never evaluate (``why``; ``when``: " before its last step", where one there stops

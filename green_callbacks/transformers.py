@@ -8,48 +8,33 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from green_callbacks.distributed import RankInfo, node_name
 from green_callbacks.process import live_trackers, running_tracker, signalled, uncaught
 from green_callbacks.records import Kind
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper
 from green_callbacks.tracker import EnergyTracker
 from green_callbacks.transformers_trainer import (
     calling_trainer,
+    cuda_indices,
     end_hf_run,
     ends_on_error,
+    eval_name,
+    evaluations,
     hf_mlflow_callback,
     in_training_loop,
     interrupted_status,
+    keep_a_place,
+    length_of,
     load_saved_state,
+    model_metrics,
+    rank_of,
     reopen_hf_mlflow_run,
     resume_hf_run,
+    resumed,
     set_up_hf_mlflow_first,
 )
 from green_callbacks.uris import redact
 
 __all__ = ["EfficiencyEarlyStopping", "EnergyBudget", "EnergyMonitor"]
-
-# eval metrics about the evaluation itself, not the model
-_NOT_MODEL_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second", "epoch")
-
-
-def _rank(args: TrainingArguments) -> RankInfo:
-    return RankInfo(args.process_index, args.local_process_index, args.world_size, node_name())
-
-
-def _cuda_indices(args: TrainingArguments) -> list[int]:
-    return [args.device.index or 0] if args.device.type == "cuda" else []
-
-
-def model_metrics(metrics: dict[str, Any] | None, prefix: str = "eval_") -> dict[str, float]:
-    """Evaluation metrics of the model (``eval_accuracy``...), without runtime/throughput entries."""
-    return {k: float(v) for k, v in (metrics or {}).items()
-            if k.startswith(prefix) and not k.endswith(_NOT_MODEL_METRICS) and isinstance(v, int | float)}
-
-
-def _eval_name(name: str) -> str:
-    return name if name.startswith("eval_") else f"eval_{name}"
-
 
 class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
     """Measures every interval of training (each epoch, each evaluation, every N steps) and logs it to MLflow.
@@ -80,7 +65,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         if self.started and not self.same_session(state):  # the previous call ended by an exception
             self._end_interrupted()
         if not self.started:
-            self.start(_rank(args), _cuda_indices(args), session=state, open_sink=open_sink)
+            self.start(rank_of(args), cuda_indices(args), session=state, open_sink=open_sink)
 
     def _end_interrupted(self) -> None:
         """The previous train() (or evaluate()) ended by an exception, of which HF tells no callback: end its run
@@ -118,17 +103,17 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         elif self.started and not self.same_session(state):
             self._end_interrupted()
         self._batch_size = state.train_batch_size or 0
-        if _resumed(state):  # train(resume_from_checkpoint=...): the checkpoint's totals, also for a monitor that
+        if resumed(state):  # train(resume_from_checkpoint=...): the checkpoint's totals, also for a monitor that
             saved = (load_saved_state(self, state) or {}).get("green_state")  # trained before (its own are newer)
         else:
             saved = getattr(self, "green_state", None) or (load_saved_state(self, state) or {}).get("green_state")
-        if saved and saved.get("records") and (not self.records or _resumed(state)):
+        if saved and saved.get("records") and (not self.records or resumed(state)):
             if self.records:  # this monitor's earlier training: resumed as a new process would resume it
                 self.reset_run()
             self.load_state_dict(saved)
-            if _resumed(state):
+            if resumed(state):
                 self._end_resumed_elsewhere()
-        _keep_a_place(state, self)  # after the checkpoint's entry was read: where there is none, this one's own
+        keep_a_place(state, self)  # after the checkpoint's entry was read: where there is none, this one's own
         self._training = True
         self._epoch_pending = False
         # an eval_dataset dict is evaluated one data set at a time, each with its own on_evaluate at the same step:
@@ -221,7 +206,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         if not self.stage_open("inference"):
             set_up_hf_mlflow_first(args, state, kwargs.get("model"))
             self._steps = [0, 0]  # [steps seen, steps measured]
-            self._dataset_len = _length(getattr(kwargs.get("eval_dataloader"), "dataset", None))
+            self._dataset_len = length_of(getattr(kwargs.get("eval_dataloader"), "dataset", None))
             self.begin_stage("inference")
         else:
             self._steps[1] += 1
@@ -284,46 +269,6 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         self.finish("FINISHED")
 
 
-def _evaluations(strategy: str, args: TrainingArguments, state: TrainerState) -> int | None:
-    """The evaluations HF's schedule makes before the training's last step (one there stops nothing): every
-    ``eval_steps`` steps, or at every epoch's end, from ``eval_delay`` on; None where it is not known (an
-    iterable data set's "epochs", which HF sets to ``sys.maxsize``)."""
-    delay = args.eval_delay or 0
-    if strategy == "steps":
-        every, steps = state.eval_steps, state.max_steps
-        if not every or not steps or every <= 0 or steps <= 0:
-            return None
-        every = math.ceil(every * steps) if every < 1 else int(every)
-        first = max(every, math.ceil(delay / every) * every)  # the first multiple of every at or after the delay
-        return (int(steps) - 1 - first) // every + 1 if first < steps else 0
-    epochs = math.ceil(state.num_train_epochs or 0)
-    if not 0 < epochs < 1_000_000:
-        return None
-    return max(0, epochs - 1 - max(math.ceil(delay), 1) + 1)
-
-
-def _resumed(state: TrainerState) -> bool:
-    """Whether this train() resumes a checkpoint: HF has loaded its state, steps done included, before
-    ``on_train_begin`` (a fresh training starts at step 0)."""
-    return (state.global_step or 0) > 0
-
-
-def _keep_a_place(state: TrainerState, callback: ExportableState) -> None:
-    """HF saves a stateful callback's state into the entry its ``TrainerState`` made for it when the Trainer was
-    built; resuming a checkpoint written without this callback replaces those entries with the checkpoint's, and
-    the next save raised ``KeyError`` (HF's own ``EarlyStoppingCallback`` alike): the entry is made here."""
-    if isinstance(state.stateful_callbacks, dict) and type(callback).__name__ not in state.stateful_callbacks:
-        state.stateful_callbacks[type(callback).__name__] = callback.state()
-
-
-def _length(dataset: Any) -> int:
-    """``len(dataset)``, or 0 for a data set without one (an ``IterableDataset``)."""
-    try:
-        return len(dataset) if dataset is not None else 0
-    except TypeError:
-        return 0
-
-
 class _HfStopper(ExportableState):
     """What both HF stopping callbacks do: find the monitor, save and restore their state."""
 
@@ -333,13 +278,13 @@ class _HfStopper(ExportableState):
     def _begin(self, state: TrainerState) -> None:
         """At each train()'s start: a resumed one takes the checkpoint's state (also where this stopper served an
         earlier training), a fresh one after another starts from nothing."""
-        if _resumed(state):
+        if resumed(state):
             saved = (load_saved_state(self, state) or {}).get("green_policy") or getattr(self, "green_policy", None)
             if saved:
                 self.load_policy_state(saved)
         elif getattr(self, "_trained", False):
             self.reset_policy()
-        _keep_a_place(state, self)  # after the checkpoint's entry was read
+        keep_a_place(state, self)  # after the checkpoint's entry was read
         self._trained = True
         self._attached = False
 
@@ -380,12 +325,12 @@ class EfficiencyEarlyStopping(_HfStopper, EfficiencyStopper, TrainerCallback):
         self._begin(state)
         default = args.metric_for_best_model or "loss"
         greater = args.greater_is_better if args.greater_is_better is not None else "loss" not in default
-        self.resolve(_eval_name(default), "max" if greater else "min", _eval_name)
+        self.resolve(eval_name(default), "max" if greater else "min", eval_name)
         strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
         if strategy == "no":
             self.no_evaluations('eval_strategy="no"')
         elif strategy in ("steps", "epoch"):
-            count = _evaluations(strategy, args, state)
+            count = evaluations(strategy, args, state)
             if count is not None and state.is_world_process_zero:
                 self.expect_evaluations(count, f'eval_strategy="{strategy}"' + (
                     f", eval_steps={state.eval_steps}, max_steps={state.max_steps}" if strategy == "steps" else

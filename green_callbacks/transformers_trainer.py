@@ -1,16 +1,20 @@
 """What HF's ``Trainer`` keeps from its callbacks, read for the monitor: the trainer and its ``MLflowCallback``
-(found from the hook's callers, as HF hands callbacks neither), its run, and a checkpoint's saved state."""
+(found from the hook's callers, as HF hands callbacks neither), its run, a checkpoint's saved state, the rank and
+device, the evaluation schedule and an evaluation's metrics."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 from transformers import TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
+from green_callbacks.distributed import RankInfo, node_name
 from green_callbacks.sensors.base import log
 from green_callbacks.tracker import EnergyTracker
 from green_callbacks.uris import temporary_env
@@ -157,3 +161,65 @@ def load_saved_state(callback: Any, state: TrainerState) -> dict[str, Any] | Non
     if isinstance(saved, list):
         saved = saved[0] if saved else None
     return (saved or {}).get("attributes")
+
+
+# eval metrics about the evaluation itself, not the model
+_NOT_MODEL_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second", "epoch")
+
+
+def rank_of(args: TrainingArguments) -> RankInfo:
+    return RankInfo(args.process_index, args.local_process_index, args.world_size, node_name())
+
+
+def cuda_indices(args: TrainingArguments) -> list[int]:
+    return [args.device.index or 0] if args.device.type == "cuda" else []
+
+
+def model_metrics(metrics: dict[str, Any] | None, prefix: str = "eval_") -> dict[str, float]:
+    """Evaluation metrics of the model (``eval_accuracy``...), without runtime/throughput entries."""
+    return {k: float(v) for k, v in (metrics or {}).items()
+            if k.startswith(prefix) and not k.endswith(_NOT_MODEL_METRICS) and isinstance(v, int | float)}
+
+
+def eval_name(name: str) -> str:
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
+def evaluations(strategy: str, args: TrainingArguments, state: TrainerState) -> int | None:
+    """The evaluations HF's schedule makes before the training's last step (one there stops nothing): every
+    ``eval_steps`` steps, or at every epoch's end, from ``eval_delay`` on; None where it is not known (an
+    iterable data set's "epochs", which HF sets to ``sys.maxsize``)."""
+    delay = args.eval_delay or 0
+    if strategy == "steps":
+        every, steps = state.eval_steps, state.max_steps
+        if not every or not steps or every <= 0 or steps <= 0:
+            return None
+        every = math.ceil(every * steps) if every < 1 else int(every)
+        first = max(every, math.ceil(delay / every) * every)  # the first multiple of every at or after the delay
+        return (int(steps) - 1 - first) // every + 1 if first < steps else 0
+    epochs = math.ceil(state.num_train_epochs or 0)
+    if not 0 < epochs < 1_000_000:
+        return None
+    return max(0, epochs - 1 - max(math.ceil(delay), 1) + 1)
+
+
+def resumed(state: TrainerState) -> bool:
+    """Whether this train() resumes a checkpoint: HF has loaded its state, steps done included, before
+    ``on_train_begin`` (a fresh training starts at step 0)."""
+    return (state.global_step or 0) > 0
+
+
+def keep_a_place(state: TrainerState, callback: ExportableState) -> None:
+    """HF saves a stateful callback's state into the entry its ``TrainerState`` made for it when the Trainer was
+    built; resuming a checkpoint written without this callback replaces those entries with the checkpoint's, and
+    the next save raised ``KeyError`` (HF's own ``EarlyStoppingCallback`` alike): the entry is made here."""
+    if isinstance(state.stateful_callbacks, dict) and type(callback).__name__ not in state.stateful_callbacks:
+        state.stateful_callbacks[type(callback).__name__] = callback.state()
+
+
+def length_of(dataset: Any) -> int:
+    """``len(dataset)``, or 0 for a data set without one (an ``IterableDataset``)."""
+    try:
+        return len(dataset) if dataset is not None else 0
+    except TypeError:
+        return 0

@@ -19,7 +19,7 @@ def _work_in_a_temp_folder(tmp_path_factory, monkeypatch):
     processes a test starts) lands there, never in the checkout (tests/test_clean_tree.py checks)."""
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     # an end that waited in vain for a store is remembered for a minute per process: not across tests
-    monkeypatch.setattr("green_callbacks.sinks.mlflow._unanswered", {})
+    monkeypatch.setattr("green_callbacks.sinks.launch._unanswered", {})
 
 
 @pytest.fixture

@@ -211,6 +211,22 @@ def test_bad_efficiency_settings_are_rejected_at_construction(kwargs, message):
             module.EfficiencyEarlyStopping(monitor="val_acc", **kwargs)
 
 
+@pytest.mark.parametrize(("monitor", "mode"), [
+    ("val_acc", "max"), ("eval_f1", "max"), ("val_auroc", "max"), ("eval_bleu", "max"),
+    ("val_loss", "min"), ("val_err", "min"), ("val_error_rate", "min"), ("eval_wer", "min"), ("eval_cer", "min"),
+    ("val_perplexity", "min"), ("eval_ppl", "min"), ("val_mse", "min"), ("val_mae", "min"), ("val_mape", "min"),
+    ("val_nll", "min"), ("eval_fid", "min"), ("val_ece", "min"), ("val_bpb", "min"),
+])
+def test_mode_left_out_is_guessed_from_the_name_as_the_report_reads_it(monitor, mode):
+    """An error rate, WER, MSE... without ``mode`` was taken as higher-better (only "loss" was read), so a falling
+    error counted as getting worse and the run stopped on it; the report's Pareto front reads the same names."""
+    from green_callbacks.comparison import higher_is_better
+
+    for module in (gl, gt):
+        assert module.EfficiencyEarlyStopping(monitor=monitor).plateau.mode == mode
+    assert higher_is_better(monitor) is (mode == "max")
+
+
 def hf_fit(tmp_path, callbacks, epochs, lr):
     (xt, yt), (xv, yv) = digits_tensors()
     args = TrainingArguments(output_dir=str(tmp_path / "hf"), num_train_epochs=epochs, per_device_train_batch_size=32,

@@ -14,7 +14,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -22,20 +21,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from green_callbacks.sinks.launch import abandon, open_spool, recently_unanswered, remember, start_sender, weakly
 from green_callbacks.sinks.names import Names
-from green_callbacks.sinks.sender import SENDER_ENV
-from green_callbacks.sinks.spool import SENDABLE, STARTUP_S, WAKE, SpoolWriter, State, state_path
+from green_callbacks.sinks.spool import SENDABLE, STARTUP_S, WAKE, State, state_path
 from green_callbacks.sinks.target import RunRef, RunTarget, new_local_id, spool_header
 from green_callbacks.uris import split_credentials
 
 log = logging.getLogger("green_callbacks")
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
-# an end that waited in vain for a store is not waited again for a while in this process: HF's evaluate() in a
-# loop, the server down, would otherwise wait mlflow_wait_s at every call (each sender still tries, in the back)
-UNANSWERED_S = 60.0
 MAX_RESTARTS = 3  # a sender that dies while training goes on is started again this many times at most
-_unanswered: dict[str | None, float] = {}  # tracking URI -> when an end last waited for it in vain
 
 
 class MlflowSink:
@@ -82,53 +77,20 @@ class MlflowSink:
         uri = uri if target.tracking_uri or mlflow is not None else None
         self._run_ref = RunRef(target.run_id, uri, target.owned) if target.run_id and uri else None
         self._uri = uri
-        self._writer = self._open_spool(Path(output_dir).absolute())  # the sender and replay commands see it
+        self._writer = open_spool(Path(output_dir).absolute() / f"spool-{self.local_id}.jsonl",
+                                  weakly(self._write_failed))  # in the output folder: the sender and replay see it
         self._proc: subprocess.Popen[bytes] | None = None
         if self._writer is None:
             return
         self._writer.append("open", spool_header(RunTarget(**{**asdict(target), "tracking_uri": uri}), self.local_id,
                                                  float(cadence_s), float(first_send_s), self.linger_s))
         self._proc = self._start_sender()
-        weakref.finalize(self, _abandon, self._writer)
+        weakref.finalize(self, abandon, self._writer)
 
     # -- setting up ------------------------------------------------------------------------------
-    def _open_spool(self, output_dir: Path) -> SpoolWriter | None:
-        name = f"spool-{self.local_id}.jsonl"
-        errors = []
-        me = weakref.ref(self)  # the writer outlives the sink (its finalizer holds it): no reference back to it
-
-        def write_failed(exc: OSError) -> None:
-            sink = me()
-            if sink is not None:
-                sink._write_failed(exc)
-
-        for folder in (output_dir, Path(tempfile.gettempdir()) / "green_callbacks"):
-            try:
-                writer = SpoolWriter(folder / name, write_failed)
-            except OSError as exc:
-                errors.append(f"{folder}: {exc}")
-                continue
-            if errors:
-                log.warning("green-callbacks: cannot write to %s (%s); the MLflow spool is %s instead.", output_dir,
-                            errors[0], writer.path)
-            return writer
-        log.warning("green-callbacks: no folder for the MLflow spool can be written (%s); energy is measured "
-                    "but not logged to MLflow.", "; ".join(errors))
-        return None
-
     def _start_sender(self) -> subprocess.Popen[bytes] | None:
         assert self._writer is not None
-        env = {**os.environ, **SENDER_ENV, **self._credentials}
-        root = str(Path(__file__).resolve().parents[2])  # the folder that holds green_callbacks
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        try:
-            return subprocess.Popen([sys.executable, "-m", "green_callbacks.sinks", str(self._writer.path)],
-                                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    start_new_session=True, close_fds=True)
-        except OSError as exc:
-            log.warning("green-callbacks: cannot start its MLflow sender (%s); records are kept in %s. Send them "
-                        "with: green-callbacks replay %s", exc, self._writer.path, self._writer.path)
-            return None
+        return start_sender(self._writer.path, self._credentials)
 
     def _write_failed(self, exc: OSError) -> None:
         self._warn_once("write", f"green-callbacks cannot append to its MLflow spool {self.spool_path} ({exc}); "
@@ -322,7 +284,7 @@ class MlflowSink:
         self._append("flush", {})  # the sender sends now instead of at its next cadence
         self._wake()
         self._waited_s = 0.0
-        if ending and self._recently_unanswered():
+        if ending and recently_unanswered(self._uri):
             timeout_s = 0.0
         done = self._wait(timeout_s, lambda: self._state.offset >= writer.offset and not writer.unwritten)
         if ending:
@@ -330,14 +292,9 @@ class MlflowSink:
             self._remember(done, timeout_s > 0)
         return done
 
-    def _recently_unanswered(self) -> bool:
-        return time.monotonic() - _unanswered.get(self._uri, -UNANSWERED_S) < UNANSWERED_S
-
     def _remember(self, answered: bool, waited: bool) -> None:
-        if answered:
-            _unanswered.pop(self._uri, None)
-        elif waited and not self._state.blocked and not self._sender_gone():  # it waited for MLflow, in vain
-            _unanswered[self._uri] = time.monotonic()
+        # in vain: it waited for MLflow (not for a refusal, nor for a sender that died)
+        remember(self._uri, answered, waited and not self._state.blocked and not self._sender_gone())
 
     def close(self, timeout_s: float | None = None) -> bool:
         """End the spool; wait ``timeout_s`` (default ``close_wait_s``; counted from the sender's first call
@@ -355,7 +312,7 @@ class MlflowSink:
             self._closed = False
             return False
         wait = max(0.0, self.close_wait_s - self._end_waited_s) if timeout_s is None else float(timeout_s)
-        if self._recently_unanswered():
+        if recently_unanswered(self._uri):
             wait = 0.0
         writer.append("close", {"wait_s": wait})
         writer.sync()
@@ -388,10 +345,3 @@ class MlflowSink:
         self._closed = done
         return done
 
-
-def _abandon(writer: SpoolWriter) -> None:
-    """A sink dropped without ``close``: tell its sender it is on its own, so it ends when done."""
-    if not writer.closed:
-        with contextlib.suppress(OSError, ValueError):
-            writer.append("detach", {})
-            writer.close()
