@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from green_callbacks.policies import higher_is_better
+from green_callbacks.uris import PASSWORD_ENV, split_credentials, temporary_env
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -98,16 +99,22 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
     key, column = energy_key(energy)
     if mode not in (None, "max", "min"):
         raise ValueError(f"mode={mode!r} is not valid; choose from ['max', 'min']")
-    _require_store(tracking_uri)
+    import mlflow
+
+    # a user:password in the URI reaches MLflow in its own variables, and no message shows it (MLflow's neither)
+    uri, secrets = split_credentials(tracking_uri or mlflow.get_tracking_uri())
+    _require_store(uri)
     try:
-        client = MlflowClient(tracking_uri)
-        exp = client.get_experiment_by_name(experiment)
-        names = [] if exp is not None else sorted(e.name for e in client.search_experiments())
-        runs = client.search_runs([exp.experiment_id], max_results=5000) if exp is not None else []
+        with temporary_env(secrets):
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name(experiment)
+            names = [] if exp is not None else sorted(e.name for e in client.search_experiments())
+            runs = client.search_runs([exp.experiment_id], max_results=5000) if exp is not None else []
     except Exception as exc:
-        raise ValueError(f"cannot read MLflow at {tracking_uri or 'the default tracking URI'}: {exc}") from exc
+        said = str(exc).replace(secrets[PASSWORD_ENV], "***") if secrets.get(PASSWORD_ENV) else str(exc)
+        raise ValueError(f"cannot read MLflow at {uri}: {said}") from exc
     if exp is None:
-        raise ValueError(f"no experiment {experiment!r} at {client.tracking_uri}; experiments there: {names}")
+        raise ValueError(f"no experiment {experiment!r} at {uri}; experiments there: {names}")
     rows = []
     for run in runs:
         m = run.data.metrics
@@ -152,12 +159,9 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
     return frame.sort_values(column, na_position="last").reset_index(drop=True)
 
 
-def _require_store(tracking_uri: str | None) -> None:
+def _require_store(uri: str) -> None:
     """A local store that is not there is a typo: said, rather than a new empty store made (MLflow creates one).
     Servers and other schemes (``http``, ``databricks``) are left to MLflow."""
-    import mlflow
-
-    uri = tracking_uri or mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///"):].split("?", 1)[0]  # (a query: sqlite:///mlflow.db?timeout=30)
     elif uri.startswith("file:"):

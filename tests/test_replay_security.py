@@ -159,11 +159,48 @@ def test_credentials_in_the_environment_go_only_to_a_server_the_user_names(tmp_p
     spool = write_spool(tmp_path / "spool-f6.jsonl", RunTarget(named, experiment_name="x"), epochs(1))
     assert cli(["replay", str(spool)]) == 1
     err = capsys.readouterr().err
-    assert f"names the server {named}; MLflow credentials in the environment (MLFLOW_TRACKING_PASSWORD) go only " \
+    assert f"names the server {named}; MLflow credentials here (MLFLOW_TRACKING_PASSWORD) go only " \
            f"to a server you name: run replay again with --tracking-uri {named}" in err
     assert "cannot be reached" not in err, "refused before any request"
     assert cli(["replay", str(spool), "--tracking-uri", named, "--wait", "1"]) == 1
     assert "cannot be reached" in capsys.readouterr().err, "named by the user: tried"
+
+
+@pytest.mark.parametrize("where", ["the same host over http", "the credentials file", "an auth plugin"])
+def test_credentials_go_nowhere_else_than_the_server_the_user_named(tmp_path, monkeypatch, capsys, where):
+    """A forged spool naming ``http://host`` while the user's ``MLFLOW_TRACKING_URI`` is ``https://host`` got the
+    password sent in clear text (only host:port was compared); MLflow's credentials file and its auth settings
+    were not counted as credentials, so a spool naming any server got them."""
+    port = free_port()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "DATABRICKS_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    named = f"http://127.0.0.1:{port}"
+    if where == "the same host over http":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://127.0.0.1:{port}")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2")
+        said = "MLFLOW_TRACKING_PASSWORD"
+    elif where == "the credentials file":
+        (tmp_path / ".mlflow").mkdir()
+        (tmp_path / ".mlflow" / "credentials").write_text(
+            "[mlflow]\nmlflow_tracking_username = me\nmlflow_tracking_password = hunter2\n")
+        said = str(tmp_path / ".mlflow" / "credentials")
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_AUTH", "my_company_auth")
+        said = "MLFLOW_TRACKING_AUTH"
+    spool = write_spool(tmp_path / "spool-f7.jsonl", RunTarget(named, experiment_name="x"), epochs(1))
+    assert cli(["replay", str(spool)]) == 1
+    err = capsys.readouterr().err
+    assert f"names the server {named}; MLflow credentials here ({said}) go only to a server you " \
+           "name" in err and "cannot be reached" not in err, "refused before any request"
+
+
+def test_the_server_the_user_named_is_the_same_with_its_default_port_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://LOCALHOST")
+    spool = write_spool(tmp_path / "spool-f8.jsonl", RunTarget("http://localhost:80", experiment_name="x"), epochs(1))
+    cli(["replay", str(spool), "--wait", "1"])
+    assert "go only to a server you name" not in capsys.readouterr().err, "http://LOCALHOST is http://localhost:80"
 
 
 @pytest.mark.parametrize("field", ["local_id", "run_id"])

@@ -130,3 +130,19 @@ def test_a_named_run_is_recorded_without_the_password(tmp_path, unavailable):
     finally:
         stop_sender(out)
     assert assert_nowhere(tmp_path) >= 1
+
+
+def test_the_report_prints_no_password_and_sends_it_as_mlflows_credentials(unavailable, monkeypatch, capsys):
+    """``green-callbacks report EXP --tracking-uri http://me:PW@host``: the error printed the URI whole, and
+    MLflow's own message (the request's URL) repeated it."""
+    from green_callbacks.cli import main as cli
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the server answers 503: no retries to wait out
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    assert cli(["report", "ft", "--tracking-uri", f"http://me:{SECRET}@127.0.0.1:{unavailable.port}"]) != 0
+    out, err = capsys.readouterr()
+    assert f"cannot read MLflow at http://127.0.0.1:{unavailable.port}" in err
+    assert_nowhere(Path("/nonexistent"), out, err)
+    assert unavailable.authorizations and all(
+        base64.b64decode(a.split()[1]).decode() == f"me:{SECRET}" for a in unavailable.authorizations)
+    assert "MLFLOW_TRACKING_PASSWORD" not in os.environ, "set for the report's calls only"

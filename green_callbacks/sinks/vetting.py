@@ -6,7 +6,8 @@ does not:
 
 - the destination: a local store (sqlite, a file store) the spool names must already exist (a
   replay creates no database at a path a file names), and a server the spool names gets no MLflow
-  credentials from the environment unless the user names it (``--tracking-uri``);
+  credentials (from the environment or MLflow's credentials file) unless the user names it
+  (``--tracking-uri``, or ``MLFLOW_TRACKING_URI``: the same scheme, host and port);
 - the run: records go to the run the header names, or to the run tagged with the spool's local id
   (created if it never was). Its status is set only when that tag proves this package opened it;
   a state file naming any other run is refused;
@@ -17,6 +18,8 @@ does not:
 
 from __future__ import annotations
 
+import configparser
+import contextlib
 import os
 import re
 from collections import Counter
@@ -32,10 +35,36 @@ from green_callbacks.uris import PASSWORD_ENV, redact
 
 ARTIFACT_DIR = "green_callbacks"  # outputs.ARTIFACT_DIR, without importing the tracker's side
 ARTIFACT_NAMES = ("intervals.csv", "power_trace.csv", "summary.json", "power.png")  # outputs._write_files
-CREDENTIAL_ENV = (PASSWORD_ENV, "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH", "DATABRICKS_TOKEN")
+# what MLflow sends to any server it talks to: a password, a token, a client certificate, an auth plugin, AWS SigV4
+CREDENTIAL_ENV = (PASSWORD_ENV, "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH", "MLFLOW_TRACKING_AUTH",
+                  "MLFLOW_TRACKING_AWS_SIGV4", "DATABRICKS_TOKEN")
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # run ids and local ids: nothing a search filter would read as syntax
 REFUSED = "refused"  # the kind a record takes once vetting refused it; set aside when it reaches the head
 
+
+def credentials() -> list[str]:
+    """Where MLflow would take credentials from, whatever the server: its environment variables (a false
+    ``MLFLOW_TRACKING_AWS_SIGV4`` is none) and its credentials file, ``~/.mlflow/credentials``."""
+    found = [k for k in CREDENTIAL_ENV if os.environ.get(k, "").strip().lower() not in ("", "false", "0")]
+    path = Path(os.path.expanduser("~/.mlflow/credentials"))
+    config = configparser.ConfigParser()
+    with contextlib.suppress(OSError, configparser.Error, UnicodeDecodeError):
+        config.read(path)
+    if config.has_section("mlflow") and config["mlflow"].get(PASSWORD_ENV.lower()):
+        found.append(str(path))
+    return found
+
+
+def _server(uri: str) -> tuple[str, str, int | None]:
+    """Scheme, host and port (the scheme's default where none is written): ``https://h`` and ``http://h`` are two
+    servers (a password must not go in clear text to the second), ``http://h`` and ``http://h:80`` one."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
 
 def local_store(uri: str) -> Path | None:
     """The file or folder of a local MLflow store (sqlite, file store, a plain path); None for a server."""
@@ -93,10 +122,10 @@ class ReplaySender(Sender):
         if store is not None and not _store_exists(store):
             raise ValueError(f"{self.spool} names the MLflow store {uri}, which does not exist; replay creates no "
                              f"store at a path a spool names: create it, or {again}")
-        secrets = [k for k in CREDENTIAL_ENV if os.environ.get(k)]
+        secrets = credentials()
         env_uri = redact(os.environ.get("MLFLOW_TRACKING_URI"))
-        if store is None and secrets and (not env_uri or urlsplit(env_uri).netloc != urlsplit(uri).netloc):
-            raise ValueError(f"{self.spool} names the server {uri}; MLflow credentials in the environment "
+        if store is None and secrets and (not env_uri or _server(env_uri) != _server(uri)):
+            raise ValueError(f"{self.spool} names the server {uri}; MLflow credentials here "
                              f"({', '.join(secrets)}) go only to a server you name: {again}")
 
     # -- the records -------------------------------------------------------------------------------
