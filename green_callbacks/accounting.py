@@ -10,6 +10,7 @@ import functools
 import itertools
 import logging
 import math
+import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -78,12 +79,27 @@ _COUNTRY_NAMES = {
 }
 
 
+def _unaccented(name: str) -> str:
+    """``"São Tomé and Príncipe"`` as ``"sao tome and principe"``, ``Côte d’Ivoire`` as ``"cote d'ivoire"``: a name
+    typed with or without its accents, or with a typographic apostrophe, finds its row."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))
+    return " ".join(plain.replace("\u2019", "'").replace("\u2018", "'").lower().split())
+
+
+@functools.cache
+def _unaccented_table() -> dict[str, dict[str, str]]:
+    rows = {_unaccented(r["country"]): r for r in country_table().values()}
+    rows.update({_unaccented(name): country_table()[code] for name, code in _COUNTRY_NAMES.items()
+                 if code in country_table()})
+    return rows
+
+
 def country_intensity(country: str) -> CarbonIntensity:
     """Intensity of a country by ISO alpha-2, alpha-3 or English name (case-insensitive)."""
     table = country_table()
     key = country.strip()
     key = _COUNTRY_ALIASES.get(key.upper(), _COUNTRY_NAMES.get(" ".join(key.lower().split()), key))
-    row = table.get(key.upper()) or table.get(key.lower())
+    row = table.get(key.upper()) or table.get(key.lower()) or _unaccented_table().get(_unaccented(key))
     if row is None:
         names = sorted({r["country"] for r in table.values()})
         codes = sorted({r["iso3"] for r in table.values()} | {r["iso2"] for r in table.values()})
@@ -161,7 +177,10 @@ class IntensitySeries:
         self.path = Path(path)
         rows: list[tuple[float, float, int]] = []
         try:
-            text = self.path.read_bytes().decode("utf-8")
+            text = self.path.read_bytes().decode("utf-8-sig")  # (Excel's "CSV UTF-8" starts with a BOM)
+        except OSError as exc:
+            raise ValueError(f"carbon_intensity_csv={str(self.path)!r} cannot be read ({exc.strerror or exc}); give "
+                             "the path of a CSV file of 'timestamp,g_per_kwh' rows") from exc
         except UnicodeDecodeError as exc:
             raise ValueError(f"carbon_intensity_csv={str(self.path)!r}: not a UTF-8 text file (byte {exc.start}); "
                              "save it as UTF-8 CSV of 'timestamp,g_per_kwh' rows") from exc

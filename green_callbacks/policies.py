@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from green_callbacks.units import ENERGY_J
+from green_callbacks.units import ENERGY_J, is_integer
 
 MODES = ("min", "max")
 log = logging.getLogger("green_callbacks")
@@ -125,9 +125,9 @@ class Totals:
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_integer(value) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
-    return value
+    return int(value)
 
 
 WINDOW_MAX_POINTS = 128  # evaluations kept in the window; beyond, every other older one is dropped
@@ -160,9 +160,10 @@ class GainThreshold:
         unit = match.group(3) if match else ""
         per = "doubling" if unit.lower() == "doubling" else next(
             (u for u in ENERGY_J if unit == u or (unit.lower() == u.lower() and u not in ("MJ", "MWh"))), None)
-        if match is None or per is None or (match.group(2) and per != "doubling"):
+        if match is None or per is None or (match.group(2) and per != "doubling") or \
+                not math.isfinite(float(match.group(1))):
             raise ValueError(f"min_gain={text!r} is not a gain threshold; write one of {', '.join(self.FORMS)}: a "
-                             f"number >= 0, '%' only per doubling, energy units {', '.join(ENERGY_J)}")
+                             f"finite number >= 0, '%' only per doubling, energy units {', '.join(ENERGY_J)}")
         self.text = " ".join(text.split())
         self.value = float(match.group(1))
         self.relative = bool(match.group(2))

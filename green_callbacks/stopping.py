@@ -17,6 +17,7 @@ from green_callbacks.policies import (
     Progress,
     higher_is_better,
 )
+from green_callbacks.units import is_integer
 
 log = logging.getLogger("green_callbacks")
 S = TypeVar("S", bound="Stopper")
@@ -259,10 +260,9 @@ class BudgetStopper(Stopper):
                  cost: float | str | None = None, on_exceed: str = "stop",
                  check_every_n_steps: int | None = None) -> None:
         self.budget = Budget(energy, emissions, cost, on_exceed)
-        if check_every_n_steps is not None and (isinstance(check_every_n_steps, bool) or
-                                                not isinstance(check_every_n_steps, int) or check_every_n_steps < 1):
+        if check_every_n_steps is not None and (not is_integer(check_every_n_steps) or check_every_n_steps < 1):
             raise ValueError(f"check_every_n_steps={check_every_n_steps!r} must be an integer >= 1 or None")
-        self.check_every_n_steps = check_every_n_steps
+        self.check_every_n_steps = None if check_every_n_steps is None else int(check_every_n_steps)
         self.projection_warned = False
         self._warned_reasons: set[Any] = set()  # limits passed in warn mode: said once each
         self._init_args = {"energy": energy, "emissions": emissions, "cost": cost, "on_exceed": on_exceed,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 
 ENERGY_J = {"J": 1.0, "kJ": 1e3, "MJ": 1e6, "Wh": 3600.0, "kWh": 3.6e6, "MWh": 3.6e9}
@@ -40,20 +41,33 @@ def currency_code(name: str, value: object, code: str) -> str:
 _QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([A-Za-z]*)\s*(?:co2e?)?\s*$", re.I)
 
 
-def _number(name: str, value: object, co2: bool = False) -> tuple[float, str]:
-    """The number and the unit; ``co2``: a "CO2e" after the unit is allowed (emissions only)."""
+def is_number(value: object) -> bool:
+    """A real number, NumPy's included (``np.float32(1.2)`` from a config or an array), never a bool (NumPy's bool
+    is no ``numbers.Real``)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value: object) -> bool:
+    """An integer, NumPy's included (``np.int64``), never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _number(name: str, value: object, units: str, co2: bool = False) -> tuple[float, str]:
+    """The number and the unit (one of ``units``, said in the error); ``co2``: a "CO2e" after the unit is allowed
+    (emissions only)."""
     if isinstance(value, bool):
         raise ValueError(f"{name}={value!r} is not a quantity")
-    if isinstance(value, int | float):
+    if is_number(value):
         try:
-            return float(value), ""
+            return float(value), ""  # type: ignore[arg-type]
         except OverflowError:
             raise ValueError(f"{name}={value!r} is too large to be an amount") from None
     if not isinstance(value, str):
         raise ValueError(f"{name}={value!r} must be a number or a string with a unit")
     match = _QUANTITY.match(value)
     if not match:
-        raise ValueError(f"{name}={value!r} is not '<number> <unit>'")
+        hint = "; the decimal point is '.'" if re.search(r"\d,\d", value) else ""
+        raise ValueError(f"{name}={value!r} is not '<number> <unit>'; the units: {units}{hint}")
     if not co2 and re.search(r"co2", value, re.I):
         raise ValueError(f"{name}={value!r}: CO2 is a mass of emissions; give it as the emissions budget "
                          "(like emissions='300 g')")
@@ -68,7 +82,7 @@ def _positive(name: str, value: float, original: object) -> float:
 
 def parse_energy_j(name: str, value: float | str) -> float:
     """Joules from a number (joules) or a string with J, kJ, MJ, Wh, kWh or MWh."""
-    number, unit = _number(name, value)
+    number, unit = _number(name, value, ", ".join(ENERGY_J))
     factor = ENERGY_J.get(unit, _ENERGY_ANY_CASE.get(unit.lower())) if unit else 1.0
     if factor is None:
         raise ValueError(f"{name}={value!r}: unknown energy unit {unit!r}; choose one of {', '.join(ENERGY_J)}")
@@ -77,7 +91,7 @@ def parse_energy_j(name: str, value: float | str) -> float:
 
 def parse_mass_g(name: str, value: float | str) -> float:
     """Grams CO2e from a number (grams) or a string with g, kg or t (optionally followed by CO2e)."""
-    number, unit = _number(name, value, co2=True)
+    number, unit = _number(name, value, "g, kg, t (of CO2e), like '300 g' or '1.5 kg'", co2=True)
     factor = MASS_G.get(unit.lower()) if unit else 1.0
     if factor is None:
         raise ValueError(f"{name}={value!r}: unknown mass unit {unit!r}; choose one of g, kg, t (of CO2e)")
@@ -89,7 +103,8 @@ def parse_money(name: str, value: float | str, currency: str | None = None) -> t
 
     When ``currency`` is given (the monitor's price currency) a different code is an error.
     """
-    number, unit = _number(name, value)
+    number, unit = _number(name, value,
+                           "an ISO 4217 currency code after the amount, like '0.5 EUR' or '3 USD' (no symbols)")
     code = unit.upper() or None
     if code is not None and unit.lower() in {u.lower() for u in (*ENERGY_J, *MASS_G)}:
         raise ValueError(f"{name}={value!r}: {unit!r} is a unit of energy or mass, not a currency; write the "

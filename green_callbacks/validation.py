@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from green_callbacks.sensors.estimate import CPU_SCOPES
-from green_callbacks.units import currency_code
+from green_callbacks.units import currency_code, is_integer, is_number
 
 ARTIFACT_CHOICES = ("intervals", "trace", "plot", "summary")
 MIN_SAMPLING_PERIOD_S = 0.005  # NVML and RAPL refresh every 1-100 ms: faster sampling only burns a core
@@ -26,8 +26,7 @@ def _number(name: str, value: Any, low: float, high: float = math.inf, optional:
             what: str = "") -> float | None:
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-            or not low <= value <= high:
+    if not is_number(value) or not math.isfinite(value) or not low <= value <= high:
         bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
         raise ValueError(f"{name}={value!r} must be a finite number {bounds}{what}{' or None' if optional else ''}")
     return float(value)
@@ -36,6 +35,9 @@ def _number(name: str, value: Any, low: float, high: float = math.inf, optional:
 def _string(name: str, value: Any, optional: bool = True) -> str | None:
     if value is None and optional:
         return None
+    if isinstance(value, bool):  # YAML 1.1 reads an unquoted NO (Norway), no, yes, on, off as a bool
+        raise ValueError(f"{name}={value!r} must be a non-empty string; a YAML file reads an unquoted NO, No, "
+                         f"yes, on or off as {value}: quote it ({name}: \"NO\")")
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{name}={value!r} must be a non-empty string{' or None' if optional else ''}")
     return value
@@ -47,7 +49,7 @@ def check_gpus(gpus: Any) -> Any:
         return gpus
     if isinstance(gpus, str | bytes) or not isinstance(gpus, Sequence):
         raise ValueError(f"gpus={gpus!r} is not valid; choose {GPU_CHOICES}")
-    if not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus):
+    if not all(is_integer(g) and g >= 0 for g in gpus):
         raise ValueError(f"gpus={list(gpus)!r}: CUDA device indices are integers >= 0; choose {GPU_CHOICES}")
     return [int(g) for g in gpus]
 
@@ -99,8 +101,9 @@ def check_tracker_args(a: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"efficiency_metrics={metrics!r} must be a list of metric names or None")
     out["efficiency_metrics"] = None if metrics is None else list(metrics)
     n = a["log_every_n_steps"]
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+    if n is not None and (not is_integer(n) or n < 1):
         raise ValueError(f"log_every_n_steps={n!r} must be an integer >= 1, or None to derive it from log_every_s")
+    out["log_every_n_steps"] = None if n is None else int(n)
     out["log_every_s"] = _number("log_every_s", a["log_every_s"], 0.1, 86_400.0, what=" seconds")
     out["mlflow_wait_s"] = _number("mlflow_wait_s", a["mlflow_wait_s"], 0.0, 3600.0, what=" seconds")
     return out

@@ -47,9 +47,12 @@ def test_unknown_country_suggests_close_names():
 
 @pytest.mark.parametrize(("name", "iso3"), [("Czech Republic", "CZE"), ("Russian Federation", "RUS"),
                                            ("Korea", "KOR"), ("United States of America", "USA"),
-                                           ("Türkiye", "TUR"), ("Viet Nam", "VNM")])
+                                           ("Türkiye", "TUR"), ("Viet Nam", "VNM"), ("Réunion", "REU"),
+                                           ("São Tomé and Príncipe", "STP"), ("Côte d\u2019Ivoire", "CIV"),
+                                           ("VIET  NAM", "VNM")])
 def test_a_countrys_official_or_common_long_name_is_known(name, iso3):
-    """ISO 3166's and the UN's names where the table has the short one: "Czech Republic" was an unknown country."""
+    """ISO 3166's and the UN's names where the table has the short one: "Czech Republic" was an unknown country;
+    a name written with its accents ("Réunion") or a typographic apostrophe was unknown too."""
     assert f"({iso3})" in resolve_intensity(country=name).label
 
 

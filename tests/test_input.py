@@ -32,6 +32,10 @@ from helpers import DigitsDataset, digits_tensors, lightning_digits_module
     ({"output_dir": None}, r"output_dir=None must be a non-empty string"),
     ({"experiment_name": "x" * 501}, r"experiment_name of 501 characters: MLflow accepts at most 500"),
     ({"log_every_n_steps": 0}, r"log_every_n_steps=0 must be an integer >= 1"),
+    # YAML 1.1 reads an unquoted NO (Norway) as False: the message named False and nothing else
+    ({"country": False}, r"country=False must be a non-empty string; a YAML file reads an unquoted NO.*quote it"),
+    ({"carbon_intensity_csv": "/nonexistent/series.csv"},
+     r"carbon_intensity_csv='/nonexistent/series.csv' cannot be read \(No such file or directory\); give the path"),
 ])
 def test_bad_monitor_arguments_name_the_value_and_the_choices(kwargs, message):
     for module in (gl, gt):
@@ -47,6 +51,48 @@ def test_a_cost_budget_in_a_currency_that_does_not_exist_is_refused_and_a_bare_o
     budget = gl.EnergyBudget(cost=2)
     gl.EnergyMonitor(price_per_kwh=0.3, currency="GBP", mlflow=False).attach(budget)
     assert budget.budget.describe(budget.budget._limits()[0][0], 2.0) == "2 GBP"
+
+
+def test_numpy_numbers_from_a_config_or_an_array_are_numbers():
+    """``pue=np.float32(1.2)`` was refused as "must be a finite number", ``patience=np.int64(3)`` as "must be an
+    integer": a value read from an array or a NumPy-built config is one."""
+    import numpy as np
+
+    for module in (gl, gt):
+        monitor = module.EnergyMonitor(pue=np.float32(1.25), log_every_n_steps=np.int64(7), mlflow=False)
+        assert monitor.log_every_n_steps == 7 and type(monitor.log_every_n_steps) is int
+        stopper = module.EfficiencyEarlyStopping(patience=np.int64(4), min_evaluations=np.int32(3))
+        assert (stopper.plateau.patience, stopper.plateau.min_evaluations) == (4, 3)
+        budget = module.EnergyBudget(energy=np.float32(1000), check_every_n_steps=np.int64(10))
+        assert budget.budget.energy_j == 1000 and budget.check_every_n_steps == 10
+        with pytest.raises(ValueError, match=r"patience=.*True.* must be an integer >= 1"):
+            module.EfficiencyEarlyStopping(patience=np.bool_(True))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"energy": "1,5 kWh"}, r"energy='1,5 kWh' is not '<number> <unit>'; the units: J, kJ, MJ, Wh, kWh, MWh; the "
+                            r"decimal point is '.'"),
+    ({"emissions": "1.5 kgCO2eq"}, r"emissions='1.5 kgCO2eq' is not '<number> <unit>'; the units: g, kg, t"),
+    ({"cost": "$3"}, r"cost='\$3' is not '<number> <unit>'; the units: an ISO 4217 currency code after the amount, "
+                     r"like '0.5 EUR'"),
+])
+def test_a_malformed_budget_names_the_units_it_takes(kwargs, message):
+    for module in (gl, gt):
+        with pytest.raises(ValueError, match=message):
+            module.EnergyBudget(**kwargs)
+
+
+def test_an_intensity_series_saved_by_excel_reads():
+    """Excel's "CSV UTF-8" starts with a byte-order mark: it was refused as "Invalid isoformat string"."""
+    import tempfile
+    from pathlib import Path
+
+    from green_callbacks.accounting import IntensitySeries
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "series.csv"
+        path.write_bytes("\ufefftimestamp,g_per_kwh\r\n2026-01-01T00:00,100\r\n2026-01-01T01:00,300\r\n".encode())
+        assert IntensitySeries(path).values == [100.0, 300.0]
 
 
 def test_a_cost_budget_in_energy_units_is_refused():

@@ -282,7 +282,7 @@ def test_gain_thresholds_read_as_people_write_them(text, relative, per, value, n
     ({"min_gain": 0.5}, r"min_gain=0.5 is not a gain threshold; write one of \"0.5% per doubling\", "
                         r"\"0.002 per doubling\", \"0.1 per kWh\""),
     ({"min_gain": "0.5"}, r"min_gain='0.5' is not a gain threshold"),
-    ({"min_gain": "-1% per doubling"}, r"min_gain='-1% per doubling' is not.*a number >= 0"),
+    ({"min_gain": "-1% per doubling"}, r"min_gain='-1% per doubling' is not.*a finite number >= 0"),
     ({"min_gain": "1% per kWh"}, r"min_gain='1% per kWh' is not.*'%' only per doubling"),
     ({"min_gain": "0.1 per mj"}, r"min_gain='0.1 per mj' is not.*energy units J, kJ, MJ, Wh, kWh, MWh"),
     ({"min_gain": "0.1 per furlong"}, r"min_gain='0.1 per furlong'"),

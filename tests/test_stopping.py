@@ -201,6 +201,8 @@ def test_bad_budgets_are_rejected_at_construction(kwargs, message):
     ({"mode": "maximise"}, r"mode='maximise' is not valid; choose 'max'"),
     ({"min_gain": "-0.1 per doubling"}, r"min_gain='-0.1 per doubling' is not a gain threshold; write one of"),
     ({"min_gain": "0.5 per lightyear"}, r"min_gain='0.5 per lightyear' is not a gain threshold"),
+    ({"min_gain": "1e999% per doubling"}, r"min_gain=.1e999% per doubling. is not a gain threshold.*a finite number"),
+    ({"min_gain": "1e400 per kWh"}, r"min_gain=.1e400 per kWh. is not a gain threshold"),
     ({"patience": 0}, r"patience=0 must be an integer >= 1"),
     ({"min_evaluations": 1}, r"min_evaluations=1 must be an integer >= 2"),
     ({"strict": "no"}, r"strict='no' must be True or False"),
