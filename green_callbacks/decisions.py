@@ -132,9 +132,10 @@ class StopperHost:
         self._evaluations_j += merged.total_j
         self._trial_j += merged.total_j
 
-    def _check_between_points(self, step: int) -> Decision | None:
-        """A budget check between points (``check_every_n_steps``): what the open interval cost so far. None once
-        a stop is decided (the same on every rank): it was decided once, and is logged once."""
+    def _check_between_points(self, step: int, periods: tuple[int, ...]) -> Decision | None:
+        """A budget check between points, for the stoppers whose ``check_every_n_steps`` is in ``periods`` (a
+        multiple of it reached at this step): what the open interval cost so far. None once a stop is decided
+        (the same on every rank): it was decided once, and is logged once."""
         assert self.meter is not None
         if self._stopping or self._finishing_status is not None:
             return None
@@ -142,8 +143,7 @@ class StopperHost:
         merged = merge_ranks(gather(window_payload(peek, self.rank.rank, self.rank.node)))
         fp = self.accountant.footprint(merged.total_j, peek.start_unix, peek.start_unix + peek.duration_s)
         progress = self.progress(step, None, self.totals() + Totals(merged.total_j, fp.g_co2e, fp.cost))
-        counted = step + self.steps_from_zero  # (as on_step counts: after step N-1 on Lightning's 0-based axis)
-        due = [s for s in self.stoppers if s.check_every_n_steps and counted % s.check_every_n_steps == 0]
+        due = [s for s in self.stoppers if s.check_every_n_steps in periods]
         local = next((d for d in (s.check(progress) for s in due) if d.should_stop), None)
         return self._agree(local, progress, True, None)
 

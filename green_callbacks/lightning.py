@@ -22,6 +22,7 @@ from green_callbacks.lightning_trainer import (
     rank_of,
     sanity_metric_names,
     step_of,
+    step_only_names,
     step_reader,
     steps_in_time,
     unmet_minimum,
@@ -231,14 +232,14 @@ class EnergyMonitor(EnergyTracker, Callback):
             self.end_stage("validate")
         elif trainer.sanity_checking:
             self.end_trial_evaluation(float(sum(trainer.num_val_batches)))
-            names = sanity_metric_names(trainer)
-            if names:  # (a validation that logged nothing tells nothing: its first real run will)
+            names, step_only = sanity_metric_names(trainer), step_only_names(trainer)
+            if names or step_only:  # (a validation that logged nothing tells nothing: its first real run will)
                 # a typo in a monitored metric fails here, before the first step; a training metric
                 # (``train_loss``) is not in a validation's names: checked once the first batch has logged it
                 later = [s for s in (self._unverified or (set(), []))[1] if s.monitor not in names]
                 for stopper in self.stoppers:
                     if stopper not in later:
-                        stopper.require_metric(names)
+                        stopper.require_metric(names, step_only)
                 self._unverified = (names, later) if later else None
         elif self.started:
             if self._unverified_late is not None and not epoch_ends_before_run(trainer):

@@ -40,16 +40,30 @@ def mlflow_logger_run(trainer: pl.Trainer) -> tuple[str | None, str | None]:
 def sanity_metric_names(trainer: pl.Trainer) -> set[str]:
     """The names the sanity check's validation logged. With several val dataloaders Lightning leaves
     ``callback_metrics`` empty through the sanity check, so the names come from the loop's results too,
-    as Lightning will name them (``val_acc/dataloader_idx_0``); ``set()`` where neither says anything."""
+    as Lightning will name them (``val_acc/dataloader_idx_0``); ``set()`` where neither says anything.
+    Only those Lightning hands callbacks: a training's all, an evaluation's those logged per epoch (a
+    validation's ``on_step=True, on_epoch=False`` value, or its ``_step`` fork, reaches no callback)."""
     names = set(trainer.callback_metrics)
     results = getattr(trainer, "_results", None)
     try:
         for metric in results.values():  # type: ignore[union-attr]
-            for on_step in (True, False):
+            for on_step in (True, False) if results.training else (False,) if metric.meta.on_epoch else ():
                 names.update(results._forked_name(metric, on_step))  # type: ignore[union-attr]
     except Exception:  # another Lightning: what callback_metrics holds
         pass
     return names
+
+
+def step_only_names(trainer: pl.Trainer) -> set[str]:
+    """The names an evaluation logged per step (``on_step=True``), which Lightning hands no callback."""
+    results = getattr(trainer, "_results", None)
+    try:
+        if results.training:  # type: ignore[union-attr]
+            return set()
+        # (the name itself where logged per step only, else its "_step" fork)
+        return {results._forked_name(m, True)[1] for m in results.values() if m.meta.on_step}  # type: ignore
+    except Exception:  # another Lightning
+        return set()
 
 
 def fresh_metrics(trainer: pl.Trainer, before: dict[str, Any] | None) -> dict[str, float]:

@@ -62,17 +62,20 @@ class PointHost:
             return None
         if batch is not None and self.started:
             self.batch_counter.add(batch)
-        if step == self._last_step_seen:  # another micro-batch of the same optimizer step
+        previous = self._last_step_seen
+        if step == previous:  # another micro-batch of the same optimizer step
             return None
         self._last_step_seen = step
-        # every N steps counted: after step N-1, 2N-1... on a 0-based axis (Lightning logs there), N, 2N... on HF's
+        # every N steps counted: after step N-1, 2N-1... on a 0-based axis (Lightning logs there), N, 2N... on HF's;
+        # on an axis that moves by more than 1 (a plain loop's samples or tokens), at the first step past a multiple
         counted = step + self.steps_from_zero
+        since = counted - 1 if not 0 <= previous < step else previous + self.steps_from_zero  # the first: itself
         if self._every is None:
             self._calibrate(step)
-        elif counted % self._every == 0:
+        elif counted // self._every > since // self._every:
             self._due = step
-        if self.step_periods and any(counted % n == 0 for n in self.step_periods):
-            return self._check_between_points(step)
+        if self.step_periods and (due := tuple(n for n in self.step_periods if counted // n > since // n)):
+            return self._check_between_points(step, due)
         return None
 
     @never_raises
@@ -132,8 +135,8 @@ class PointHost:
         """Turn ``log_every_s`` into a step count every rank agrees on (the slowest rank's step time)."""
         if self._calibration is None:
             self._calibration = (step, time.monotonic())
-        elif step == self._calibration[0] + CALIBRATION_STEPS:
-            step_s = max(gather((time.monotonic() - self._calibration[1]) / CALIBRATION_STEPS))
+        elif step >= self._calibration[0] + CALIBRATION_STEPS:  # (on an axis that moves by more than 1: past it)
+            step_s = max(gather((time.monotonic() - self._calibration[1]) / (step - self._calibration[0])))
             self._every = max(1, round(self.log_every_s / step_s)) if step_s > 0 else CALIBRATION_STEPS
 
     def _point(self, kind: Kind, step: int, metrics: dict[str, float] | None = None,

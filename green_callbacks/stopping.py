@@ -43,9 +43,10 @@ class Stopper:
         """Numbers to log as MLflow metrics at this check (``stopping/...``), so a stop message can be found."""
         return {}
 
-    def require_metric(self, available: Collection[str]) -> None:
+    def require_metric(self, available: Collection[str], step_only: Collection[str] = ()) -> None:
         """Called with the metric names an evaluation produced before training (Lightning's sanity check), or,
-        for a training metric, with those training logged too."""
+        for a training metric, with those training logged too; ``step_only``: names the evaluation logged per
+        step only, which the framework hands no callback."""
 
     def policy_state(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -172,10 +173,14 @@ class EfficiencyStopper(Stopper):
                         "Evaluate more often, or lower min_evaluations.", type(self).__name__, self.monitor,
                         self.plateau.min_evaluations, count, why)
 
-    def _missing(self, available: Collection[str]) -> None:
+    def _missing(self, available: Collection[str], step_only: Collection[str] = ()) -> None:
         message = (f"{type(self).__name__}(monitor={self.monitor!r}): no such metric; the evaluation's metrics "
                    f"are {sorted(available)}")
-        if not available:  # nothing at all: the metrics came after the point that booked the evaluation
+        if self.monitor in step_only:  # Lightning keeps an evaluation's per-step values for its logger only
+            message += (f" ({self.monitor!r} is a per-step value of the validation, self.log(..., on_step=True), "
+                        "which Lightning hands no callback: log it with on_epoch=True, validation_step's default, "
+                        "and monitor its name without '_step')")
+        elif not available:  # nothing at all: the metrics came after the point that booked the evaluation
             message += (" (it logged none: Lightning takes those self.log'ged in validation_step or "
                         "on_validation_epoch_end, HF those compute_metrics returns, a plain loop those given to "
                         "tracker.report(...))")
@@ -185,9 +190,9 @@ class EfficiencyStopper(Stopper):
             self._warned_missing = True
             log.warning("%s; waiting for it (strict=False).", message)
 
-    def require_metric(self, available: Collection[str]) -> None:
+    def require_metric(self, available: Collection[str], step_only: Collection[str] = ()) -> None:
         if self.monitor not in available:
-            self._missing(available)
+            self._missing(available, step_only)
 
     def expect_training_metric(self) -> None:
         """The monitor is a metric training logs (checked by the adapter once training has logged it): an

@@ -267,6 +267,25 @@ def test_a_typo_in_the_monitored_metric_fails_before_the_first_step(tmp_path):
     assert counter.steps == 0
 
 
+@pytest.mark.parametrize(("monitor", "on_epoch"), [("val_acc", False), ("val_acc_step", True)])
+def test_a_validation_metric_logged_per_step_fails_before_the_first_step(tmp_path, monitor, on_epoch):
+    """``self.log("val_acc", ..., on_step=True, on_epoch=False)`` in validation_step reaches no callback; the
+    sanity check took the name, and the run failed after a whole epoch saying it "logged none"."""
+    base = lightning_digits_module()
+
+    class PerStep(base):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_acc", (self.net(x).argmax(-1) == y).float().mean(), on_step=True, on_epoch=on_epoch)
+
+    counter = CountSteps()
+    with pytest.raises(ValueError, match=rf"monitor='{monitor}'.*'{monitor}' is a per-step value of the validation, "
+                                         r"self.log\(..., on_step=True\), which Lightning hands no callback"):
+        lightning_fit(tmp_path, PerStep(), [gl.EnergyMonitor(mlflow=False, log_artifacts=False),
+                      gl.EfficiencyEarlyStopping(monitor=monitor), counter], max_epochs=3)
+    assert counter.steps == 0
+
+
 def test_hf_a_typo_in_the_monitored_metric_fails_at_the_first_evaluation_and_ends_the_run(tmp_path, digits,  # noqa: F811
                                                                                           tracking):  # noqa: F811
     # HF has no sanity check: the first evaluation finds the typo; HF tells no callback of the error, so the

@@ -107,6 +107,42 @@ def test_the_issues_loop_logs_every_epoch_and_evaluation(tmp_path, uri, gpu):
     assert "green_callbacks/summary.json" in [a.path for a in client.list_artifacts(rid, "green_callbacks")]
 
 
+@pytest.mark.parametrize("stride", [1, 2, 3, 64])
+def test_an_axis_that_moves_by_more_than_one_still_gets_its_points_and_budget_checks(tmp_path, uri, gpu, stride):
+    """``tracker.step(samples_seen)`` (or micro-batches, tokens): points every N and budget checks every N came only
+    at exact multiples, so an axis of 0, 2, 4... never met one: no point in 40 steps, and a 100 J budget ran to
+    400 J. Now each comes at the first step past a multiple, on any axis."""
+    from green_callbacks.stopping import BudgetStopper
+
+    every = 4 * stride  # in the axis' units: a point (and a check) every 4 steps of work, 40 J
+    tracker = tracker_for(tmp_path, uri, log_every_n_steps=every)
+    tracker.attach(BudgetStopper(energy="200 J", check_every_n_steps=every))
+    steps = [i * stride for i in range(40)]  # 0, s, 2s...: counted from 1 (after step N-1), never a multiple of 4s
+    with tracker:
+        for step in steps:
+            gpu.advance(10.0 / 100.0)  # 10 J a step
+            if tracker.step(step):
+                break
+    client, (run,) = runs(uri, "my-run")
+    points = [s for s, _ in history(client, run.info.run_id, "energy/cumulative_j")]
+    crossings = [next(s for s in steps if s + 1 >= k * every) for k in range(1, 4)]
+    assert points[:3] == crossings, "a point at the first step past every multiple"
+    # checked there too: stopped under the budget, with less than two checks' worth (80 J) of it left
+    assert tracker.should_stop and 200.0 - 80.0 <= tracker.cumulative_j <= 200.0
+
+
+def test_the_step_count_from_log_every_s_is_found_on_an_axis_that_moves_by_more_than_one(tmp_path, uri, gpu):
+    """With ``log_every_n_steps`` left to ``log_every_s``, ten steps are timed: on an axis of 0, 3, 6... step 10
+    never came, so no point was ever taken between the epoch ends (one record, the end)."""
+    tracker = tracker_for(tmp_path, uri, log_every_s=0.5)
+    with tracker:
+        for i in range(60):
+            time.sleep(0.01)  # about 0.01 s a step: about 50 steps (150 on the axis) every 0.5 s
+            tracker.step(3 * i)
+    assert tracker._every is not None, "the count was found (in the axis' units)"
+    assert len(records_of(tracker, "point")) >= 1
+
+
 def test_a_budget_sets_should_stop_and_the_loop_breaks(tmp_path, uri, gpu):
     from green_callbacks.stopping import BudgetStopper
 
