@@ -164,8 +164,16 @@ def _report_experiment(args: argparse.Namespace) -> int:
             except OSError as exc:
                 print(f"error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
                 return 2
+    names = frame.attrs.get("metrics", [])
+    if len(names) > 1:
+        print(f"\nthe runs report different metrics ({', '.join(names)}): each run's own is compared, as one; "
+              f"to choose, name them with --metric (each run's first it logged: --metric {','.join(names)})")
     if args.plot:
-        plot_pareto(table, args.plot, grouped=bool(args.group_by))
+        try:
+            plot_pareto(table, args.plot, grouped=bool(args.group_by))
+        except OSError as exc:
+            print(f"error: cannot write {args.plot}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         print(f"plot: {args.plot}")
     return 0
 
@@ -208,8 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    "columns go to the console, --csv and --markdown.")
     p.add_argument("experiment", help="experiment name")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's default)")
-    p.add_argument("--metric", help="the quality metric (default: val_acc, eval_accuracy, test_acc or the first "
-                                    "val/eval/test metric)")
+    p.add_argument("--metric", help="the quality metric, or several comma-separated, each run's first it logged "
+                                    "(val_acc,eval_accuracy); default: val_acc, eval_accuracy, test_acc or the first "
+                                    "val/eval/test metric")
     p.add_argument("--mode", choices=("max", "min"),
                    help="whether a higher (max) or lower (min) metric is better, for the Pareto front (default: "
                         "min for a loss or an error rate, such as eval_loss, val_err, wer; else max)")

@@ -43,10 +43,12 @@ def money(value: float | None, currency: str = "") -> str:
 
 
 def _metric_name(metric: str | None, metrics: dict[str, float], stage: str | None) -> str | None:
-    """The named metric, else the stage's own accuracy (``test_acc`` for test energy), else a preferred
-    validation metric, else the first val/eval/test metric."""
+    """The named metric (of several, comma-separated, the first this run logged: ``val_acc,eval_accuracy`` for
+    Lightning's and HF's runs side by side), else the stage's own accuracy (``test_acc`` for test energy), else a
+    preferred validation metric, else the first val/eval/test metric."""
     if metric:
-        return metric
+        named = [n.strip() for n in metric.split(",") if n.strip()]
+        return next((n for n in named if n in metrics), named[0] if named else metric)
     if stage is not None:
         prefix = _STAGE_PREFIX[stage]
         found = next((k for k in (f"{prefix}acc", f"{prefix}accuracy") if k in metrics), None) or next(
@@ -145,6 +147,11 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
         raise ValueError(f"experiment {experiment!r} has no run with green-callbacks energy metrics")
     if metric and all(r["value"] is None for r in rows):
         raise ValueError(f"metric {metric!r} is in no run of {experiment!r}")
+    names = sorted({r["metric"] for r in rows if r["value"] is not None})
+    if len(names) > 1 and mode is None and len({higher_is_better(n) for n in names}) > 1:
+        raise ValueError(f"the runs of {experiment!r} report metrics of opposite directions ({', '.join(names)}): no "
+                         "front can rank them together; name one, or one per framework, with --metric (like "
+                         "--metric val_acc,eval_accuracy)")
     if all(r[column] is None for r in rows):
         have = sorted(c for c in ENERGY_CHOICES if c != energy
                       and any(energy_key(c)[0] in run.data.metrics for run in runs))
@@ -154,8 +161,8 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
     if group_by and frame["group"].isna().all():
         raise ValueError(f"group_by={group_by!r} is neither a param nor a tag of any run of {experiment!r}")
     frame.attrs["energy_column"] = column
-    shown = frame["metric"].dropna()
-    frame.attrs["higher_is_better"] = higher_is_better(shown.iloc[0]) if mode is None and len(shown) else mode != "min"
+    frame.attrs["metrics"] = names  # more than one: runs of different frameworks, compared as one (said by the CLI)
+    frame.attrs["higher_is_better"] = higher_is_better(names[0]) if mode is None and names else mode != "min"
     return frame.sort_values(column, na_position="last").reset_index(drop=True)
 
 
@@ -190,7 +197,7 @@ def group_frame(frame: pd.DataFrame) -> pd.DataFrame:
             values = pd.to_numeric(runs[name], errors="coerce").dropna()
             row[f"{name}_mean"] = values.mean() if len(values) else None
             row[f"{name}_sd"] = values.std(ddof=1) if len(values) > 1 else None
-        row["metric"] = runs["metric"].dropna().iloc[0] if runs["metric"].notna().any() else None
+        row["metric"] = " / ".join(sorted(set(runs["metric"].dropna()))) or None
         row["runs"] = " ".join(runs["run_id"])
         rows.append(row)
     out = pd.DataFrame(rows)

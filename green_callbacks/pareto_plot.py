@@ -102,8 +102,8 @@ def plot_pareto(frame: pd.DataFrame, path: str | Path, grouped: bool = False) ->
     pretty = "training energy (J)" if column == "training_j" else column.replace("_j_per_sample", "") + \
         " energy per sample (J)"
     ax.set_xlabel(pretty)
-    metric = shown["metric"].dropna()
-    ax.set_ylabel(str(metric.iloc[0]) if len(metric) else "metric")
+    names = sorted({n for cell in shown["metric"].dropna() for n in str(cell).split(" / ")})
+    ax.set_ylabel(" / ".join(names) or "metric")
     ax.set_title("Quality against energy" + (" (mean ± sd of repeats)" if grouped else ""))
     ax.legend(loc="best")
     ax.margins(0.15)

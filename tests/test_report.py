@@ -257,6 +257,31 @@ def test_a_crashed_repeat_is_left_out_of_its_groups_mean_and_a_running_run_has_i
     assert group["training_j_mean"] == pytest.approx(0.61) and group["value_mean"] == pytest.approx(0.258)
 
 
+def test_runs_of_two_frameworks_are_compared_on_metrics_the_user_can_name(tmp_path, capsys):
+    """Lightning logs val_acc and HF eval_accuracy: a group averaged the two as "val_acc" and the plot's axis said
+    val_acc alone, silently. Now the report says the metrics differ, names each, and takes a list in --metric."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _runs_of(uri, "mix", [("pl-0", "FINISHED", 0.60, {"val_acc": 0.90, "val_loss": 0.3}),
+                          ("hf-0", "FINISHED", 0.50, {"eval_accuracy": 0.70, "eval_loss": 0.9})])
+    assert cli(["report", "mix", "--tracking-uri", uri, "--group-by", "model", "--csv", str(tmp_path / "g.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "the runs report different metrics (eval_accuracy, val_acc)" in out and "--metric eval_accuracy,val_acc" \
+        in out
+    frame = experiment_frame("mix", uri, metric="val_acc,eval_accuracy")
+    assert dict(zip(frame["run"], frame["metric"], strict=True)) == {"pl-0": "val_acc", "hf-0": "eval_accuracy"}
+    assert dict(zip(frame["run"], frame["value"], strict=True)) == {"pl-0": 0.90, "hf-0": 0.70}
+    # an accuracy and a loss cannot share a front
+    with pytest.raises(ValueError, match=r"report metrics of opposite directions \(eval_loss, val_acc\).*--metric"):
+        experiment_frame("mix", uri, metric="val_acc,eval_loss")
+    assert cli(["report", "mix", "--tracking-uri", uri, "--metric", "val_loss,eval_loss"]) == 0
+
+
+def test_a_plot_to_a_path_that_cannot_be_written_is_an_error_not_a_traceback(store, tmp_path, capsys):
+    uri, _ = store
+    assert cli(["report", "cmp", "--tracking-uri", uri, "--plot", str(tmp_path / "no" / "such" / "p.png")]) == 2
+    assert "error: cannot write" in capsys.readouterr().err
+
+
 def test_a_mistyped_store_path_is_an_error_and_makes_no_store(tmp_path, capsys):
     """MLflow creates the store (and its folder) it is pointed at: a report with a typo in the path made an empty
     store of 954 KB and said the experiment was not among ['Default']."""
