@@ -150,8 +150,13 @@ def _report_experiment(args: argparse.Namespace) -> int:
 
     frame = experiment_frame(args.experiment, args.tracking_uri, args.metric, args.energy, args.group_by, args.mode)
     missing = frame[frame[frame.attrs["energy_column"]].isna()]
+    unmeasured = missing[missing["method"] == "nothing measured"]
+    missing = missing[missing["method"] != "nothing measured"]
     table = group_frame(frame) if args.group_by else frame
     print(text_table(table))
+    if len(unmeasured):
+        print(f"\n{len(unmeasured)} run(s) measured nothing (every sensor unavailable): "
+              f"{', '.join(unmeasured['run'] + ' (' + unmeasured['run_id'] + ')')}; they have no energy to compare")
     if len(missing):
         print(f"\n{len(missing)} run(s) have no {frame.attrs['energy_column']}: "
               f"{', '.join(missing['run'] + ' (' + missing['run_id'] + ')')}; compare them with --energy "

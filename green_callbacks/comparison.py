@@ -119,14 +119,18 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
         raise ValueError(f"no experiment {experiment!r} at {uri}; experiments there: {names}")
     rows = []
     for run in runs:
-        m = run.data.metrics
-        if not any(k.startswith("energy/") for k in m):
+        m, tags = run.data.metrics, run.data.tags
+        if not any(k.startswith("energy/") for k in m) and not any(k.startswith("green.method.") for k in tags):
             continue
         stage = energy if energy != "training" else None
         name = _metric_name(metric, m, stage)
         running = run.info.status == "RUNNING"
-        value, joules = m.get(name) if name else None, _final(m, key, running)
-        grams = _final(m, "emissions/cumulative_g", running) if stage is None else (
+        method = _methods(tags, stage)
+        # every sensor unavailable: no energy (the 0 J such a run logged before 2026-12-05 is no measurement)
+        measured = any(not part.endswith(" unavailable") for part in method.split(", ")) if method else \
+            any(k.startswith("energy/") for k in m)
+        value, joules = m.get(name) if name else None, _final(m, key, running) if measured else None
+        grams = None if not measured else _final(m, "emissions/cumulative_g", running) if stage is None else (
             m[f"emissions/{stage}_g"] / m[f"{stage}/samples"]
             if m.get(f"{stage}/samples") and f"emissions/{stage}_g" in m else None)
         price = run.data.params.get("green.price_per_kwh", "")
@@ -136,12 +140,12 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
             **({"group": _group_value(run, group_by)} if group_by else {}),
             "status": run.info.status, column: joules,
             column.replace("_j", "_g", 1): grams,
-            "cost": _final(m, "cost/cumulative", running) if stage is None else None,
+            "cost": _final(m, "cost/cumulative", running) if stage is None and measured else None,
             "currency": price.split()[-1] if price and stage is None else "",
             "duration_s": (end - run.info.start_time) / 1000.0,
             "metric": name, "value": value,
             "value_per_kj": value / (joules / 1000) if value is not None and joules else None,
-            "method": _methods(run.data.tags, stage),
+            "method": method if measured else "nothing measured",
             "inference_only": "energy/cumulative_j" not in m})
     if not rows:
         raise ValueError(f"experiment {experiment!r} has no run with green-callbacks energy metrics")

@@ -103,7 +103,7 @@ def _write_files(t: EnergyTracker, trace: pd.DataFrame | None, folder: Path) -> 
         trace.to_csv(target("power_trace.csv"), index=False)
     if "summary" in t.artifacts:
         target("summary.json").write_text(json.dumps(summary(t), indent=2, default=str), encoding="utf-8")
-    if "plot" in t.artifacts and trace is not None:
+    if "plot" in t.artifacts and trace is not None and getattr(t, "measurable", True):
         from green_callbacks.report import plot_power
 
         plot_power(trace, t.records, target("power.png"))
@@ -121,9 +121,10 @@ def print_summary(t: EnergyTracker, status: str) -> None:
              f"\n  MLflow run {s['mlflow_run_id']}" if "mlflow_run_id" in s else
              f"\n  MLflow not reached yet: the records are kept in {s['mlflow_spool']} and sent when it answers "
              f"(or: green-callbacks replay {s['mlflow_spool']})" if "mlflow_spool" in s else "")
+    energy = (f"{s['energy_j']:.1f} J ({_small(s['energy_kwh'], 6)} kWh), {_small(s['emissions_g'], 3)} gCO2e{cost}"
+              if getattr(t, "measurable", True) or t.rank.world_size > 1 else "no energy measured")
     say(f"green-callbacks [{status.lower()}]: {_count(s['epochs'], 'epoch')}, "
-        f"{_count(s['evaluations'], 'evaluation')}, to step {s['last_step']}, "
-        f"{s['energy_j']:.1f} J ({_small(s['energy_kwh'], 6)} kWh), {_small(s['emissions_g'], 3)} gCO2e{cost} over "
+        f"{_count(s['evaluations'], 'evaluation')}, to step {s['last_step']}, {energy} over "
         f"{s['duration_s']:.1f} s ({methods}; {s['carbon_intensity_g_per_kwh']} g/kWh, PUE {s['pue']}){where}")
 
 

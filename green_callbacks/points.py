@@ -20,7 +20,15 @@ from green_callbacks.distributed import RankInfo, gather
 from green_callbacks.meter import EnergyMeter, Measurement
 from green_callbacks.policies import Decision
 from green_callbacks.process import never_raises
-from green_callbacks.records import IntervalRecord, Kind, merge_ranks, point_metrics, run_facts, window_payload
+from green_callbacks.records import (
+    MEASURED_PREFIXES,
+    IntervalRecord,
+    Kind,
+    merge_ranks,
+    point_metrics,
+    run_facts,
+    window_payload,
+)
 from green_callbacks.sensors.base import log
 
 CALIBRATION_STEPS = 10  # steps timed at the start to turn log_every_s into a step count
@@ -230,6 +238,7 @@ class PointHost:
             out.update(point_metrics(record, False, self._last_point_j, self.efficiency_metrics))
         if first.step > self.last_logged_step or held is not None:  # once per step, as the cumulative series
             out.update(throughput)
+        out = self.measured_only(out)
         if hold:
             self._held = (first.step, out)
             if out:  # on disk before the hook returns: a kill before the next point loses nothing
@@ -246,8 +255,17 @@ class PointHost:
             self.last_logged_step = max(self.last_logged_step, held[0])
 
     def _log(self, metrics: Mapping[str, float], step: int) -> None:
+        metrics = self.measured_only(metrics)
         if self.rank.is_zero and self.sink is not None and metrics:
             self.sink.log_metrics(metrics, step=step + self.step_offset)
+
+    def measured_only(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """``metrics`` without the energy and what follows from it (emissions, cost, power, efficiency, throughput,
+        the projection) where nothing is measured (one process, no sensor readable): a 0 J logged as measured put
+        the run first in every comparison. A DDP rank 0 without a sensor logs its peers' joules: all kept."""
+        if getattr(self, "measurable", True) or self.rank.world_size > 1:
+            return dict(metrics)
+        return {k: v for k, v in metrics.items() if not k.startswith(MEASURED_PREFIXES)}
 
 
     def _last_step_seen_or_point(self) -> int:

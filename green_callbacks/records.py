@@ -174,6 +174,10 @@ def run_facts(accountant_params: Mapping[str, str], world_size: int, version: st
     return params, tags
 
 
+# what is logged only where something is measured: the energy and what follows from it
+MEASURED_PREFIXES = ("energy/", "emissions/", "cost/", "power/", "efficiency/", "throughput/", "projection/")
+
+
 def stage_metrics(stage: str, joules: float, duration_s: float, g_co2e: float, samples: int) -> dict[str, float]:
     """``trainer.test``/``predict`` (Lightning), ``evaluate``/``predict`` outside training (HF)."""
     out = {f"energy/{stage}_j": joules, f"time/{stage}_s": duration_s, f"emissions/{stage}_g": g_co2e,

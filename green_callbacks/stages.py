@@ -24,6 +24,7 @@ class StageHost:
     sink: Any
     stage_counts: dict[str, int]
     _samples: dict[str, int]
+    measured_only: Any  # PointHost's
 
     @never_raises
     def begin_stage(self, stage: str) -> None:
@@ -52,7 +53,7 @@ class StageHost:
         step = self.stage_counts.get(stage, 0)
         self.stage_counts[stage] = step + 1
         if self.rank.is_zero and self.sink is not None:
-            self.sink.log_metrics(out, step=step)
+            self.sink.log_metrics(self.measured_only(out), step=step)
             self.sink.set_tags({f"green.method.{stage}.{c}": v for c, v in merged.methods.items()})
             self.sink.interval_end()
         return out

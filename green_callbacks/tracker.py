@@ -34,6 +34,7 @@ from green_callbacks.records import (
 )
 from green_callbacks.runs import RunHost, Session
 from green_callbacks.sensors import GpuSelection, build_sensors
+from green_callbacks.sensors.base import log
 from green_callbacks.stages import StageHost
 from green_callbacks.stopping import Stopper
 from green_callbacks.throughput import ThroughputHost
@@ -77,6 +78,8 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         log_every_s: the wanted time between logging points when ``log_every_n_steps`` is
             ``None``: the first 10 steps are timed (the slowest rank's) and turned into a step count.
     """
+
+    _warned_unmeasured = False  # "nothing can be measured here", said once per tracker
 
     def __init__(
         self,
@@ -171,6 +174,12 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
                     sensor.add_peers(peers)
         self.measurable = any(s.devices for s in sensors) or not self.rank.measures_host
         self.check_measurable()
+        if not self.measurable and self.rank.world_size == 1 and not self._warned_unmeasured:
+            self._warned_unmeasured = True
+            log.warning("green-callbacks: nothing can be measured here (gpus=%r, measure_cpu=%r, no GPU readable): "
+                        "no energy, emissions or cost is logged, and the run's green.method.* tags say "
+                        "'unavailable'. Measure something (gpus='auto' or 'all', measure_cpu=True).", self.gpus,
+                        self.measure_cpu)
         self.meter = EnergyMeter(sensors, self.sampling_period_s, cuda_sync=self.cuda_sync).start()
         self.meter.begin("interval")
         self.started, self._finished = True, False

@@ -188,6 +188,37 @@ def test_a_real_runs_training_energy_is_its_total_not_a_point_before_its_end(tmp
     assert frame["training_g"].iloc[0] == pytest.approx(run.data.metrics["emissions/total_g"])
 
 
+def test_a_run_that_measured_nothing_logs_no_energy_and_is_no_cheapest_run(tmp_path, fake_nvml, capsys, green_log):
+    """``gpus=None, measure_cpu=False`` (or a machine with no readable sensor): the run logged energy/total_j = 0,
+    emissions 0 and power 0 as if measured, and the report sorted it first, on the Pareto front as the cheapest."""
+    from green_callbacks import EnergyTracker
+
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for name, gpus in (("measured", "all"), ("blind", None)):
+        tracker = EnergyTracker(gpus=gpus, measure_cpu=False, tracking_uri=uri, experiment_name="cmp2",
+                                run_name=name, output_dir=str(tmp_path / "out"))
+        with tracker:
+            for epoch in range(2):
+                with tracker.epoch(epoch):
+                    fake_nvml.advance(0.5)
+                tracker.report({"val_acc": 0.5 + 0.1 * epoch})
+    assert green_log.text.count("nothing can be measured here (gpus=None, measure_cpu=False") == 1
+    from helpers import runs
+
+    _, found = runs(uri, "cmp2")
+    blind = next(r for r in found if r.info.run_name == "blind")
+    assert not [k for k in blind.data.metrics if k.startswith(("energy/", "emissions/", "power/", "cost/"))]
+    assert blind.data.tags["green.method.gpu"] == "unavailable" and blind.data.metrics["val_acc"] == 0.6
+    capsys.readouterr()
+    assert cli(["report", "cmp2", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    frame = experiment_frame("cmp2", uri)
+    assert list(frame["run"]) == ["measured", "blind"] and pd.isna(frame["training_j"].iloc[1])
+    assert frame["method"].iloc[1] == "nothing measured"
+    assert "1 run(s) measured nothing (every sensor unavailable): blind" in out
+
+
 def test_a_run_still_going_is_compared_at_its_last_cumulative_value(tmp_path):
     """A run resumed after a crash and still training holds the crashed process's energy/total_j (70 J, with the
     work the crash threw away) beside its own later cumulative value: the run's energy so far is the latter."""
