@@ -125,11 +125,12 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
         stage = energy if energy != "training" else None
         name = _metric_name(metric, m, stage)
         running = run.info.status == "RUNNING"
-        method = _methods(tags, stage)
-        # every sensor unavailable: no energy (the 0 J such a run logged before 2026-12-05 is no measurement)
-        measured = any(not part.endswith(" unavailable") for part in method.split(", ")) if method else \
-            any(k.startswith("energy/") for k in m)
-        value, joules = m.get(name) if name else None, _final(m, key, running) if measured else None
+        method = _methods(tags, stage) or (_methods(tags, None) if stage else "")  # (a stage without tags: the run's)
+        value, joules = m.get(name) if name else None, _final(m, key, running)
+        # no joules and every sensor unavailable: nothing was measured (the 0 J such a run logged before 2026-12-05
+        # is no measurement); joules with such tags are kept (a DDP rank's unreadable GPU marks the run's tags)
+        measured = bool(joules) or not method or any(not p.endswith(" unavailable") for p in method.split(", "))
+        joules = joules if measured else None
         grams = None if not measured else _final(m, "emissions/cumulative_g", running) if stage is None else (
             m[f"emissions/{stage}_g"] / m[f"{stage}/samples"]
             if m.get(f"{stage}/samples") and f"emissions/{stage}_g" in m else None)
@@ -146,7 +147,7 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
             "metric": name, "value": value,
             "value_per_kj": value / (joules / 1000) if value is not None and joules else None,
             "method": method if measured else "nothing measured",
-            "inference_only": "energy/cumulative_j" not in m})
+            "inference_only": "energy/cumulative_j" not in m and measured})
     if not rows:
         raise ValueError(f"experiment {experiment!r} has no run with green-callbacks energy metrics")
     if metric and all(r["value"] is None for r in rows):

@@ -146,7 +146,7 @@ class LoopHost:
         at, numbers = self._loop_point_step() if step is None else int(step), _numbers(self, metrics)
         if self.sink is not None and getattr(self.sink.target, "owned", False):
             # the tracker's own run, which its sender opens: MLflow's fluent log_metric would start another
-            self._log(numbers, at)
+            self._log(numbers, at, ours=False)
         self.end_evaluation(at, numbers)
         self._end_pending_epoch()
         return self.should_stop

@@ -29,6 +29,8 @@ def summary(t: EnergyTracker) -> dict[str, Any]:
         "evaluations": t.evaluations, "last_step": last.step if last is not None else 0,
         "methods": last.methods if last is not None else {}, "world_size": t.rank.world_size,
         **t.accountant.as_params()}
+    if not getattr(t, "measurable", True) and t.rank.world_size == 1:  # nothing measured: no 0 J as a measurement
+        out.update(energy_j=None, energy_kwh=None, emissions_g=None, cost=None, currency=None)
     run = t.run or (t.sink.run_ref if t.sink is not None else None)
     blocked = t.sink.blocked if t.sink is not None else None
     if blocked:  # the sender stopped for good: the records wait for a person

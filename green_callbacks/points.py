@@ -4,7 +4,7 @@ A point closes the meter's ``interval`` window (and the epoch's and the evaluati
 there) with one sensor read, gathers the ranks' windows in one all-gather, adds the merged interval
 to the ledger, logs the point's metrics at the trainer's global step (rank 0) and asks the stoppers.
 Between evaluations a point falls due every N training steps: the cadence lives here too, at the
-cost of two comparisons and a modulo per step.
+cost of a few comparisons and integer divisions per step.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class PointHost:
     _every: int | None
     step_periods: tuple[int, ...]
     steps_from_zero: bool
-    _calibration: tuple[int, float] | None
+    _calibration: tuple[int, float, int] | None  # the first step's, its time, the steps seen since
     _last_step_seen: int
     _due: int | None = None  # a logging point due at this step, not yet taken (set per run by start)
     _eval_window: Measurement | None
@@ -62,7 +62,7 @@ class PointHost:
         """After every optimizer step (or micro-batch, ``batch`` counted for throughput): a logging point every
         N steps, and budget checks where asked.
 
-        A step where nothing is due costs two comparisons and a modulo. A logging point that falls
+        A step where nothing is due costs a few comparisons and integer divisions. A logging point that falls
         due is taken at the start of the next step (:meth:`before_step`), unless an evaluation or an
         epoch end at this same step takes it first: one point, and one cumulative value, per step.
         """
@@ -142,9 +142,12 @@ class PointHost:
     def _calibrate(self, step: int) -> None:
         """Turn ``log_every_s`` into a step count every rank agrees on (the slowest rank's step time)."""
         if self._calibration is None:
-            self._calibration = (step, time.monotonic())
-        elif step >= self._calibration[0] + CALIBRATION_STEPS:  # (on an axis that moves by more than 1: past it)
-            step_s = max(gather((time.monotonic() - self._calibration[1]) / (step - self._calibration[0])))
+            self._calibration = (step, time.monotonic(), 0)
+            return
+        start, t0, seen = self._calibration
+        self._calibration = (start, t0, seen + 1)
+        if seen + 1 >= CALIBRATION_STEPS:  # ten steps seen (on an axis that moves by more than 1: per unit of it)
+            step_s = max(gather((time.monotonic() - t0) / (step - start)))
             self._every = max(1, round(self.log_every_s / step_s)) if step_s > 0 else CALIBRATION_STEPS
 
     def _point(self, kind: Kind, step: int, metrics: dict[str, float] | None = None,
@@ -254,8 +257,8 @@ class PointHost:
             self.sink.log_metrics(held[1], step=held[0])
             self.last_logged_step = max(self.last_logged_step, held[0])
 
-    def _log(self, metrics: Mapping[str, float], step: int) -> None:
-        metrics = self.measured_only(metrics)
+    def _log(self, metrics: Mapping[str, float], step: int, ours: bool = True) -> None:
+        metrics = self.measured_only(metrics) if ours else metrics  # (the user's own names are the user's)
         if self.rank.is_zero and self.sink is not None and metrics:
             self.sink.log_metrics(metrics, step=step + self.step_offset)
 

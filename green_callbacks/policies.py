@@ -44,7 +44,7 @@ def higher_is_better(metric: str | None) -> bool:
     absolute or percentage error, NLL, bits per byte, FID or a calibration error, else higher. The stoppers' guess
     where no ``mode`` is given, and the report's Pareto front where no ``--mode`` is."""
     words = re.split(r"[^a-z]+", (metric or "").lower())
-    return not any(w in _LOWER_IS_BETTER or w.startswith(("err", "perplex")) or w.endswith("loss") for w in words)
+    return not any(w in _LOWER_IS_BETTER or w.startswith(("err", "perplex")) or "loss" in w for w in words)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from green_callbacks.policies import (
     Progress,
     higher_is_better,
 )
-from green_callbacks.units import is_integer
+from green_callbacks.units import is_integer, plain
 
 log = logging.getLogger("green_callbacks")
 S = TypeVar("S", bound="Stopper")
@@ -133,8 +133,8 @@ class EfficiencyStopper(Stopper):
         self._statistics: dict[str, float] = {}
         self._warned_missing = False
         self._from_training = False  # the monitor is a training metric (found after the first training step)
-        self._init_args = {"monitor": monitor, "mode": mode, "min_gain": min_gain, "patience": patience,
-                           "min_evaluations": min_evaluations, "strict": strict, "verbose": verbose}
+        self._init_args = plain({"monitor": monitor, "mode": mode, "min_gain": min_gain, "patience": patience,
+                                 "min_evaluations": min_evaluations, "strict": strict, "verbose": verbose})
         self._fresh_policy = self.policy_state()
 
     @property
@@ -270,8 +270,8 @@ class BudgetStopper(Stopper):
         self.check_every_n_steps = None if check_every_n_steps is None else int(check_every_n_steps)
         self.projection_warned = False
         self._warned_reasons: set[Any] = set()  # limits passed in warn mode: said once each
-        self._init_args = {"energy": energy, "emissions": emissions, "cost": cost, "on_exceed": on_exceed,
-                           "check_every_n_steps": check_every_n_steps}
+        self._init_args = plain({"energy": energy, "emissions": emissions, "cost": cost, "on_exceed": on_exceed,
+                                 "check_every_n_steps": check_every_n_steps})
         self._fresh_policy = self.policy_state()
 
     def validate_against(self, price_per_kwh: float | None, currency: str) -> None:

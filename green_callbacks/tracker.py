@@ -38,6 +38,7 @@ from green_callbacks.sensors.base import log
 from green_callbacks.stages import StageHost
 from green_callbacks.stopping import Stopper
 from green_callbacks.throughput import ThroughputHost
+from green_callbacks.units import plain
 from green_callbacks.validation import check_tracker_args
 
 
@@ -129,7 +130,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         self.cuda_sync = args["cuda_sync"]
         self.log_every_n_steps = args["log_every_n_steps"]
         self.log_every_s = args["log_every_s"]
-        self._init_args = init_args
+        self._init_args = plain(init_args)  # (NumPy's numbers as Python's: HF writes them into trainer_state.json)
         self.rank = RankInfo()
         self.meter: EnergyMeter | None = None
         self.sink: Any = None  # green_callbacks.sinks.MlflowSink on rank 0 with MLflow on
@@ -184,7 +185,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         self.meter.begin("interval")
         self.started, self._finished = True, False
         self._every = self.log_every_n_steps
-        self._calibration: tuple[int, float] | None = None
+        self._calibration: tuple[int, float, int] | None = None
         self._last_step_seen = -1
         self._due: int | None = None  # a logging point due at this step, not yet taken
         self._held = None

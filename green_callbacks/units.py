@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from typing import Any
 
 ENERGY_J = {"J": 1.0, "kJ": 1e3, "MJ": 1e6, "Wh": 3600.0, "kWh": 3.6e6, "MWh": 3.6e9}
 # "mj" could be milli or mega: case only forgives where it cannot change the meaning
@@ -50,6 +51,22 @@ def is_number(value: object) -> bool:
 def is_integer(value: object) -> bool:
     """An integer, NumPy's included (``np.int64``), never a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def plain(value: Any) -> Any:
+    """NumPy's numbers as Python's, in lists, tuples and dicts too: arguments kept as given (HF writes a callback's
+    into ``trainer_state.json``, whose ``json.dumps`` refuses ``np.float32``) and accepted as numbers."""
+    if isinstance(value, bool | str) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, list | tuple):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
 
 
 def _number(name: str, value: object, units: str, co2: bool = False) -> tuple[float, str]:

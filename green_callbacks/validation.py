@@ -35,7 +35,7 @@ def _number(name: str, value: Any, low: float, high: float = math.inf, optional:
 def _string(name: str, value: Any, optional: bool = True) -> str | None:
     if value is None and optional:
         return None
-    if isinstance(value, bool):  # YAML 1.1 reads an unquoted NO (Norway), no, yes, on, off as a bool
+    if isinstance(value, bool) and name in ("country", "cloud_region", "currency"):  # YAML 1.1: NO (Norway)...
         raise ValueError(f"{name}={value!r} must be a non-empty string; a YAML file reads an unquoted NO, No, "
                          f"yes, on or off as {value}: quote it ({name}: \"NO\")")
     if not isinstance(value, str) or not value.strip():

@@ -67,6 +67,13 @@ def test_numpy_numbers_from_a_config_or_an_array_are_numbers():
         assert budget.budget.energy_j == 1000 and budget.check_every_n_steps == 10
         with pytest.raises(ValueError, match=r"patience=.*True.* must be an integer >= 1"):
             module.EfficiencyEarlyStopping(patience=np.bool_(True))
+    # HF writes each callback's arguments into trainer_state.json at every checkpoint: json.dumps refused np.float32
+    # there, inside HF's save, and the training died
+    import json
+
+    for callback in (gt.EnergyMonitor(pue=np.float32(1.25), gpus=[np.int64(0)], mlflow=False),
+                     gt.EfficiencyEarlyStopping(patience=np.int64(4)), gt.EnergyBudget(energy=np.float32(1000))):
+        assert json.loads(json.dumps(callback.state()))["args"]
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

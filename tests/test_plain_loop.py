@@ -132,14 +132,16 @@ def test_an_axis_that_moves_by_more_than_one_still_gets_its_points_and_budget_ch
 
 
 def test_the_step_count_from_log_every_s_is_found_on_an_axis_that_moves_by_more_than_one(tmp_path, uri, gpu):
-    """With ``log_every_n_steps`` left to ``log_every_s``, ten steps are timed: on an axis of 0, 3, 6... step 10
+    """With ``log_every_n_steps`` left to ``log_every_s``, ten steps are timed: on an axis of 0, 64, 128... step 10
     never came, so no point was ever taken between the epoch ends (one record, the end)."""
     tracker = tracker_for(tmp_path, uri, log_every_s=0.5)
     with tracker:
         for i in range(60):
-            time.sleep(0.01)  # about 0.01 s a step: about 50 steps (150 on the axis) every 0.5 s
-            tracker.step(3 * i)
-    assert tracker._every is not None, "the count was found (in the axis' units)"
+            time.sleep(0.01)  # about 0.01 s a step: about 50 steps (3200 on the axis) every 0.5 s
+            tracker.step(64 * i)
+            if i == 5:  # ten steps are timed, not ten units of the axis (one step of 64 samples)
+                assert tracker._every is None
+    assert tracker._every is not None and tracker._every > 64, "the count was found (in the axis' units)"
     assert len(records_of(tracker, "point")) >= 1
 
 

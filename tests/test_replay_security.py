@@ -195,6 +195,19 @@ def test_credentials_go_nowhere_else_than_the_server_the_user_named(tmp_path, mo
            "name" in err and "cannot be reached" not in err, "refused before any request"
 
 
+def test_a_password_that_reads_as_false_is_still_a_password(monkeypatch):
+    from green_callbacks.sinks.vetting import credentials
+
+    monkeypatch.setenv("HOME", "/nonexistent")
+    for name in ("MLFLOW_TRACKING_TOKEN", "DATABRICKS_TOKEN", "MLFLOW_TRACKING_AUTH", "MLFLOW_TRACKING_AWS_SIGV4"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "0")
+    assert credentials() == ["MLFLOW_TRACKING_PASSWORD"]
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    monkeypatch.setenv("MLFLOW_TRACKING_AWS_SIGV4", "false")  # SigV4 switched off: no credential
+    assert credentials() == []
+
+
 def test_the_server_the_user_named_is_the_same_with_its_default_port_written(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://LOCALHOST")

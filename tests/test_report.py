@@ -217,6 +217,30 @@ def test_a_run_that_measured_nothing_logs_no_energy_and_is_no_cheapest_run(tmp_p
     assert list(frame["run"]) == ["measured", "blind"] and pd.isna(frame["training_j"].iloc[1])
     assert frame["method"].iloc[1] == "nothing measured"
     assert "1 run(s) measured nothing (every sensor unavailable): blind" in out
+    import json
+
+    summary = json.loads(next((tmp_path / "out").glob(f"{blind.info.run_id}/summary.json")).read_text())
+    assert summary["energy_j"] is None and summary["emissions_g"] is None
+
+
+def test_old_runs_that_logged_0_j_unmeasured_and_a_ddp_run_with_an_unreadable_gpu_are_told_apart(tmp_path):
+    """Before 2026-12-05 a run that measured nothing logged 0 J (its test stage too, with no method tags of its
+    own); a DDP run whose one rank's GPU could not be read tags "unavailable" yet logs the other ranks' joules."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _runs_of(uri, "old", [("blind", "FINISHED", 0.0, {"val_acc": 0.5, "energy/test_j": 0.0, "test/samples": 10.0,
+                                                        "energy/test_j_per_sample": 0.0, "test_acc": 0.5}),
+                          ("ddp", "FINISHED", 500.0, {"val_acc": 0.6, "energy/test_j": 20.0, "test/samples": 10.0,
+                                                        "energy/test_j_per_sample": 2.0, "test_acc": 0.6})])
+    client = MlflowClient(uri)
+    for run in client.search_runs([client.get_experiment_by_name("old").experiment_id]):
+        for component in ("gpu", "cpu", "dram"):
+            client.set_tag(run.info.run_id, f"green.method.{component}", "unavailable")
+    for energy, column in (("training", "training_j"), ("test", "test_j_per_sample")):
+        frame = experiment_frame("old", uri, energy=energy).set_index("run")
+        assert pd.isna(frame.loc["blind", column]) and frame.loc["blind", "method"] == "nothing measured"
+        assert frame.loc["ddp", column] > 0 and frame.loc["ddp", "method"] != "nothing measured"
 
 
 def test_a_run_still_going_is_compared_at_its_last_cumulative_value(tmp_path):

@@ -218,6 +218,7 @@ def test_bad_efficiency_settings_are_rejected_at_construction(kwargs, message):
     ("val_loss", "min"), ("val_err", "min"), ("val_error_rate", "min"), ("eval_wer", "min"), ("eval_cer", "min"),
     ("val_perplexity", "min"), ("eval_ppl", "min"), ("val_mse", "min"), ("val_mae", "min"), ("val_mape", "min"),
     ("val_nll", "min"), ("eval_fid", "min"), ("val_ece", "min"), ("val_bpb", "min"),
+    ("val_losses", "min"), ("valLossEpoch", "min"),  # "loss" within a word, as the guess always read it
 ])
 def test_mode_left_out_is_guessed_from_the_name_as_the_report_reads_it(monitor, mode):
     """An error rate, WER, MSE... without ``mode`` was taken as higher-better (only "loss" was read), so a falling

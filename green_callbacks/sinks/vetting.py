@@ -45,7 +45,8 @@ REFUSED = "refused"  # the kind a record takes once vetting refused it; set asid
 def credentials() -> list[str]:
     """Where MLflow would take credentials from, whatever the server: its environment variables (a false
     ``MLFLOW_TRACKING_AWS_SIGV4`` is none) and its credentials file, ``~/.mlflow/credentials``."""
-    found = [k for k in CREDENTIAL_ENV if os.environ.get(k, "").strip().lower() not in ("", "false", "0")]
+    found = [k for k in CREDENTIAL_ENV if os.environ.get(k, "").strip() and not (
+        k == "MLFLOW_TRACKING_AWS_SIGV4" and os.environ[k].strip().lower() in ("false", "0"))]
     path = Path(os.path.expanduser("~/.mlflow/credentials"))
     config = configparser.ConfigParser()
     with contextlib.suppress(OSError, configparser.Error, UnicodeDecodeError):
