@@ -126,16 +126,28 @@ class RunLedger:
                             "start_unix": start_unix, "devices": part.devices, "methods": part.methods,
                             "peak_w": part.gpu_peak_w, "duration_s": part.duration_s, "eval": list(self._epoch_eval)}
 
-    def resume_epoch(self, epoch: int) -> None:
+    def resume_epoch(self, epoch: int) -> IntervalRecord | None:
         """Epoch ``epoch`` opens: where the checkpoint this run resumed from was taken inside it, it starts where
-        that epoch started, with what it cost before the checkpoint."""
+        that epoch started, with what it cost before the checkpoint. Where it was taken at an earlier epoch's last
+        step (the trainer resumes at the next epoch, that epoch's end and evaluation never to come), that epoch's
+        record is booked now, of what it cost before the checkpoint, and returned to be logged."""
         part, self._restored_epoch = self._restored_epoch, None
-        if part is None or int(part["epoch"]) != epoch:
-            return
+        if part is None or int(part["epoch"]) > epoch:
+            return None
+        before = Merged({c: dict(d) for c, d in part["devices"].items()}, dict(part["methods"]),
+                        float(part["peak_w"]), float(part["duration_s"]))
+        if int(part["epoch"]) < epoch:
+            opening, self.current_epoch = self.current_epoch, int(part["epoch"])
+            record = self._make(Kind.EPOCH, int(part["epoch"]), int(part["start_step"]), self._last_point_step,
+                                before, float(part["start_unix"]), -before.duration_s, 0.0, {},
+                                float(part["eval"][0]), float(part["eval"][1]))
+            self.current_epoch = opening
+            self.records.append(record)
+            return record
         self._epoch_start_step = int(part["start_step"])
         self._epoch_eval = (float(part["eval"][0]), float(part["eval"][1]))
-        self._epoch_prefix = (Merged({c: dict(d) for c, d in part["devices"].items()}, dict(part["methods"]),
-                                     float(part["peak_w"]), float(part["duration_s"])), float(part["start_unix"]))
+        self._epoch_prefix = (before, float(part["start_unix"]))
+        return None
 
     def _add(self, merged: Merged, interval: Measurement, step: int, t0: float, eval_j: float = 0.0) -> None:
         fp = self.accountant.footprint(merged.total_j, interval.start_unix, interval.start_unix + interval.duration_s)

@@ -27,11 +27,7 @@ from green_callbacks.meter import DEFAULT_PERIOD_S, EnergyMeter, Measurement
 from green_callbacks.points import PointHost
 from green_callbacks.policies import Decision
 from green_callbacks.process import never_raises
-from green_callbacks.records import (
-    Kind,
-    batch_size,
-    total_metrics,
-)
+from green_callbacks.records import Kind, batch_size, epoch_metrics, total_metrics
 from green_callbacks.runs import RunHost, Session
 from green_callbacks.sensors import GpuSelection, build_sensors
 from green_callbacks.sensors.base import log
@@ -215,7 +211,9 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
             self.current_epoch = epoch
             self._epoch_eval = (0.0, 0.0)
             self._epoch_start_step = self._last_step_seen_or_point()
-            self.resume_epoch(epoch)
+            booked = self.resume_epoch(epoch)  # the checkpoint's epoch, where it ended with the checkpoint
+            if booked is not None and self.rank.is_zero and self.sink is not None:
+                self.sink.log_metrics(self.measured_only(epoch_metrics(booked)), step=booked.step)
             tiles = tile and self._epoch_closed_at == len(self.records) and self.meter.is_open("interval")
             self.meter.begin("epoch", at_start_of="interval" if tiles else None)
 

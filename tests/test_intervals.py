@@ -886,6 +886,51 @@ def test_lightning_resume_in_the_middle_of_an_epoch(tmp_path, fake_nvml):
     assert sum(r.energy_j for r in epochs) == pytest.approx(resumed.cumulative_j, abs=1e-9)  # they tile the run
 
 
+def test_lightning_resume_from_a_checkpoint_at_an_epochs_last_step_books_that_epoch(tmp_path, fake_nvml):
+    """A step checkpoint at an epoch's last batch (``every_n_train_steps=8``, 8 batches an epoch): Lightning resumes
+    at the next epoch, and that epoch's end never comes again. Its record was dropped (the checkpoint's part of it
+    held for an epoch that never opened): 3 epoch records for a 4-epoch training, no ``energy/epoch_j`` at step 7."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from mlflow.tracking import MlflowClient
+
+    (xt, yt), (xv, yv) = digits_tensors()
+
+    class Crash(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 13:
+                raise RuntimeError("crash")
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def fit(folder, crash=False, ckpt=None):
+        fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+        monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=uri, experiment_name="resume",
+                                   output_dir=str(tmp_path / "out"), log_artifacts=False)
+        callbacks = [work_clock(fake_nvml, val_s=0.002), monitor,
+                     ModelCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=8, save_top_k=-1),
+                     *([Crash()] if crash else [])]
+        trainer = pl.Trainer(max_epochs=4, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
+        with contextlib.suppress(RuntimeError):
+            trainer.fit(lightning_digits_module()(), DataLoader(TensorDataset(xt[:256], yt[:256]), batch_size=32),
+                        DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=64), ckpt_path=ckpt)
+        return monitor
+
+    whole = fit("whole")
+    fit("parts", crash=True)
+    resumed = fit("resumed", ckpt=str(tmp_path / "parts" / "epoch=0-step=8.ckpt"))
+    epochs = records_of(resumed, "epoch")
+    assert [(r.epoch, r.start_step, r.step) for r in epochs] == [
+        (r.epoch, r.start_step, r.step) for r in records_of(whole, "epoch")] and [r.step for r in epochs] == [
+        7, 15, 23, 31]
+    # epoch 0's 8 steps before the checkpoint (its validation came after it, in the crashed process)
+    assert epochs[0].energy_j == pytest.approx(8.0) and epochs[0].eval_j == 0.0
+    # into the crashed run: its epoch 0 (at 7, the validation after the checkpoint in it) and its end (12) stay, as
+    # docs/metrics.md says of the steps between a checkpoint and a crash; the resumed process logs 7 itself too
+    history = MlflowClient(uri).get_metric_history(resumed.run.run_id, "energy/epoch_j")
+    assert sorted(m.step for m in history) == [7, 7, 12, 15, 23, 31]
+
+
 def test_lightning_a_step_checkpoint_before_a_validation_leaves_the_validation_in_the_steps_cumulative(
         tmp_path, fake_nvml):
     """``ModelCheckpoint(every_n_train_steps=10)`` with ``val_check_interval=10``: at every 10th step Lightning
