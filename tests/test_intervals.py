@@ -843,34 +843,38 @@ def test_hf_resume_from_a_checkpoint_between_points_loses_nothing(tmp_path, digi
     assert epoch.energy_j == pytest.approx(whole_epoch.energy_j, rel=1e-3)
 
 
+class CrashAt13(pl.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 13:
+            raise RuntimeError("crash")
+
+
+def checkpointed_fit(tmp_path, fake_nvml, folder, every_n_train_steps, crash=False, ckpt=None, **monitor_args):
+    """A Lightning fit of 4 epochs of 8 batches on the work clock, a step checkpoint every ``every_n_train_steps``
+    in ``tmp_path / folder``; ``crash``: raise at step 13; ``ckpt``: resume from it. Returns the monitor."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    (xt, yt), (xv, yv) = digits_tensors()
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, log_artifacts=False, **monitor_args)
+    callbacks = [work_clock(fake_nvml, val_s=0.002), monitor,
+                 ModelCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=every_n_train_steps, save_top_k=-1),
+                 *([CrashAt13()] if crash else [])]
+    trainer = pl.Trainer(max_epochs=4, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
+    with contextlib.suppress(RuntimeError):
+        trainer.fit(lightning_digits_module()(), DataLoader(TensorDataset(xt[:256], yt[:256]), batch_size=32),
+                    DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=64), ckpt_path=ckpt)
+    return monitor
+
+
 def test_lightning_resume_in_the_middle_of_an_epoch(tmp_path, fake_nvml):
     """A step checkpoint in the middle of an epoch (``every_n_train_steps=10``, 8 batches an epoch), a crash at
     step 13, a resume: the totals are the uninterrupted run's, and the resumed epoch has a record (Lightning
     calls no ``on_train_epoch_start`` for it) of the whole epoch, as the uninterrupted run's: it covered only the
     steps since the checkpoint (6.4 J of the epoch's 8.4 J; a step-based run of one epoch lost to its
     ``energy/epoch_j`` all it had spent before the checkpoint)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    (xt, yt), (xv, yv) = digits_tensors()
-
-    class Crash(pl.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == 13:
-                raise RuntimeError("crash")
-
-    def fit(folder, crash=False, ckpt=None):
-        fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
-        monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False)
-        callbacks = [work_clock(fake_nvml, val_s=0.002), monitor,
-                     ModelCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=10, save_top_k=-1),
-                     *([Crash()] if crash else [])]
-        trainer = pl.Trainer(max_epochs=4, callbacks=callbacks, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
-        with contextlib.suppress(RuntimeError):
-            trainer.fit(lightning_digits_module()(), DataLoader(TensorDataset(xt[:256], yt[:256]), batch_size=32),
-                        DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=64), ckpt_path=ckpt)
-        return monitor
-
+    fit = functools.partial(checkpointed_fit, tmp_path, fake_nvml, every_n_train_steps=10, mlflow=False)
     whole = fit("whole")
     fit("parts", crash=True)
     resumed = fit("parts2", ckpt=str(tmp_path / "parts" / "epoch=1-step=10.ckpt"))
@@ -890,32 +894,11 @@ def test_lightning_resume_from_a_checkpoint_at_an_epochs_last_step_books_that_ep
     """A step checkpoint at an epoch's last batch (``every_n_train_steps=8``, 8 batches an epoch): Lightning resumes
     at the next epoch, and that epoch's end never comes again. Its record was dropped (the checkpoint's part of it
     held for an epoch that never opened): 3 epoch records for a 4-epoch training, no ``energy/epoch_j`` at step 7."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from mlflow.tracking import MlflowClient
 
-    (xt, yt), (xv, yv) = digits_tensors()
-
-    class Crash(pl.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == 13:
-                raise RuntimeError("crash")
-
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-
-    def fit(folder, crash=False, ckpt=None):
-        fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
-        monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=uri, experiment_name="resume",
-                                   output_dir=str(tmp_path / "out"), log_artifacts=False)
-        callbacks = [work_clock(fake_nvml, val_s=0.002), monitor,
-                     ModelCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=8, save_top_k=-1),
-                     *([Crash()] if crash else [])]
-        trainer = pl.Trainer(max_epochs=4, callbacks=callbacks, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
-        with contextlib.suppress(RuntimeError):
-            trainer.fit(lightning_digits_module()(), DataLoader(TensorDataset(xt[:256], yt[:256]), batch_size=32),
-                        DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=64), ckpt_path=ckpt)
-        return monitor
-
+    fit = functools.partial(checkpointed_fit, tmp_path, fake_nvml, every_n_train_steps=8, tracking_uri=uri,
+                            experiment_name="resume", output_dir=str(tmp_path / "out"))
     whole = fit("whole")
     fit("parts", crash=True)
     resumed = fit("resumed", ckpt=str(tmp_path / "parts" / "epoch=0-step=8.ckpt"))
