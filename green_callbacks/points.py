@@ -146,7 +146,9 @@ class PointHost:
             return
         start, t0, seen = self._calibration
         self._calibration = (start, t0, seen + 1)
-        if seen + 1 >= CALIBRATION_STEPS:  # ten steps seen (on an axis that moves by more than 1: per unit of it)
+        # ten steps seen (on an axis that moves by more than 1: per unit of it); an axis that starts again (a loop's
+        # batch index, each epoch from 0) is timed once a step lies past the first one
+        if seen + 1 >= CALIBRATION_STEPS and step > start:
             step_s = max(gather((time.monotonic() - t0) / (step - start)))
             self._every = max(1, round(self.log_every_s / step_s)) if step_s > 0 else CALIBRATION_STEPS
 

@@ -145,6 +145,18 @@ def test_the_step_count_from_log_every_s_is_found_on_an_axis_that_moves_by_more_
     assert len(records_of(tracker, "point")) >= 1
 
 
+def test_a_step_axis_that_starts_again_each_epoch_is_calibrated_without_a_fault(tmp_path, uri, gpu, green_log):
+    """``tracker.step(batch_idx)``, from 0 again every epoch of 5: the eleventh step was step 0 again, and the
+    step time divided by 0 steps (a ZeroDivisionError, turned into a warning by the hook's guard)."""
+    tracker = tracker_for(tmp_path, uri, log_every_s=0.5)
+    with tracker:
+        for epoch in range(4):
+            with tracker.epoch(epoch):
+                for batch_idx in range(5):
+                    tracker.step(batch_idx)
+    assert tracker._every is not None and "Error" not in green_log.text
+
+
 def test_a_budget_sets_should_stop_and_the_loop_breaks(tmp_path, uri, gpu):
     from green_callbacks.stopping import BudgetStopper
 
