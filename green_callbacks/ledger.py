@@ -124,7 +124,8 @@ class RunLedger:
             part, start_unix = combined(self._epoch_prefix[0], part), self._epoch_prefix[1]
         self._epoch_part = {"epoch": self.current_epoch, "start_step": self._epoch_start_step,
                             "start_unix": start_unix, "devices": part.devices, "methods": part.methods,
-                            "peak_w": part.gpu_peak_w, "duration_s": part.duration_s, "eval": list(self._epoch_eval)}
+                            "peak_w": part.gpu_peak_w, "duration_s": part.duration_s, "eval": list(self._epoch_eval),
+                            "unread": sorted(part.unread)}
 
     def resume_epoch(self, epoch: int) -> IntervalRecord | None:
         """Epoch ``epoch`` opens: where the checkpoint this run resumed from was taken inside it, it starts where
@@ -135,7 +136,7 @@ class RunLedger:
         if part is None or int(part["epoch"]) > epoch:
             return None
         before = Merged({c: dict(d) for c, d in part["devices"].items()}, dict(part["methods"]),
-                        float(part["peak_w"]), float(part["duration_s"]))
+                        float(part["peak_w"]), float(part["duration_s"]), frozenset(part.get("unread", ())))
         if int(part["epoch"]) < epoch:
             opening, self.current_epoch = self.current_epoch, int(part["epoch"])
             record = self._make(Kind.EPOCH, int(part["epoch"]), int(part["start_step"]), self._last_point_step,
@@ -180,7 +181,7 @@ class RunLedger:
             cumulative_j=self.cumulative_j, cumulative_g=self.cumulative_g, cumulative_cost=self.cumulative_cost,
             start_rel_s=start_rel_s, end_rel_s=end_rel_s, eval_j=eval_j, eval_s=eval_s,
             gpu_peak_w=max(merged.gpu_peak_w, gpu_mean_w), metrics={k: float(v) for k, v in metrics.items()},
-            partial=partial)
+            partial=partial, unread=merged.unread_labels)
 
     def totals(self) -> Totals:
         return Totals(self.cumulative_j, self.cumulative_g, self.cumulative_cost)

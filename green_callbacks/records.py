@@ -59,6 +59,7 @@ class IntervalRecord:
     gpu_peak_w: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     partial: bool = False
+    unread: tuple[str, ...] = ()  # devices (labels as in devices_j) not read for some of the interval
 
     @property
     def mean_power_w(self) -> float:
@@ -82,7 +83,8 @@ class IntervalRecord:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> IntervalRecord:
-        return cls(**{**d, "kind": Kind(d["kind"]), "footprint": Footprint(**d["footprint"])})
+        return cls(**{**d, "kind": Kind(d["kind"]), "footprint": Footprint(**d["footprint"]),
+                      "unread": tuple(d.get("unread", ()))})
 
 
 # -- the metric contract ---------------------------------------------------------------------------
@@ -101,13 +103,18 @@ def epoch_metrics(r: IntervalRecord) -> dict[str, float]:
     fp = r.footprint
     out = {"energy/epoch_j": r.energy_j, "energy/val_j": r.eval_j, "energy/epoch_kwh": fp.kwh,
            "emissions/epoch_g": fp.g_co2e, "time/epoch_s": r.duration_s}
+    unread = set(r.unread)
     for component, joules in r.components_j.items():
+        if component in r.unread:  # none of its devices read throughout: a 0 would read as a measurement
+            continue
         out[f"energy/{component}_j"] = joules
         out[f"power/{component}_mean_w"] = joules / r.duration_s if r.duration_s > 0 else 0.0
-    if "gpu" in r.components_j:
+    if "gpu" in r.components_j and "gpu" not in unread:
         out["power/gpu_peak_w"] = r.gpu_peak_w
-    # GPUs, and host devices labelled by node when several nodes measured theirs (node0/cpu, node1/cpu)
-    out.update({f"energy/{d}_j": j for d, j in r.devices_j.items() if d.startswith("gpu") or "/" in d})
+    # GPUs, and host devices labelled by node when several nodes measured theirs (node0/cpu, node1/cpu); a device
+    # not read throughout the epoch (lost, MIG, a failed sensor) has no number of its own
+    out.update({f"energy/{d}_j": j for d, j in r.devices_j.items()
+                if (d.startswith("gpu") or "/" in d) and d not in unread})
     if fp.cost is not None:
         out["cost/epoch"] = fp.cost
     return out
@@ -214,6 +221,13 @@ class Merged:
     methods: dict[str, str]
     gpu_peak_w: float
     duration_s: float
+    unread: frozenset[str] = frozenset()  # device labels not read for some of the window
+
+    @property
+    def unread_labels(self) -> tuple[str, ...]:
+        """The unread devices, and the components none of whose devices was read, for :class:`IntervalRecord`."""
+        whole = {c for c, d in self.devices.items() if d and set(d) <= self.unread}
+        return tuple(sorted(self.unread | whole))
 
     @property
     def components_j(self) -> dict[str, float]:
@@ -237,6 +251,7 @@ def merge_ranks(payloads: Sequence[Mapping[str, Any]]) -> Merged:
     """
     devices: dict[str, dict[str, float]] = {}
     methods: dict[str, list[Method]] = {}
+    unread: set[str] = set()
     nodes = {p["node"] for p in payloads if any(c != "gpu" and p["joules"][c] for c in p["joules"])}
     gpu_index, peak = 0, 0.0
     for p in payloads:
@@ -249,9 +264,11 @@ def merge_ranks(payloads: Sequence[Mapping[str, Any]]) -> Merged:
                     label = f"{p['node']}/{device}" if len(nodes) > 1 else device
                 devices.setdefault(component, {})[label] = joules
                 methods.setdefault(component, []).append(Method(p["methods"][component][device]))
+                if methods[component][-1] is Method.UNAVAILABLE:
+                    unread.add(label)
         peak += p["peak"].get("gpu", 0.0)
     return Merged(devices, {c: Method.weakest(ms).value for c, ms in methods.items()}, peak,
-                  max((p["duration_s"] for p in payloads), default=0.0))
+                  max((p["duration_s"] for p in payloads), default=0.0), frozenset(unread))
 
 
 def batch_size(batch: Any) -> int:

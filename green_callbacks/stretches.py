@@ -22,7 +22,8 @@ def combined(a: Merged, b: Merged) -> Merged:
             mine[device] = mine.get(device, 0.0) + joules
     methods = {c: Method.weakest([Method(m) for m in (a.methods.get(c), b.methods.get(c)) if m]).value
                for c in devices}
-    return Merged(devices, methods, max(a.gpu_peak_w, b.gpu_peak_w), a.duration_s + b.duration_s)
+    return Merged(devices, methods, max(a.gpu_peak_w, b.gpu_peak_w), a.duration_s + b.duration_s,
+                  a.unread | b.unread)
 
 
 class Recent:
@@ -51,6 +52,7 @@ class Since:
         self.devices: dict[str, dict[str, float]] = {}
         self.methods: dict[str, list[str]] = {}
         self.peak_w = 0.0
+        self.unread: set[str] = set()
 
     def add(self, merged: Merged, interval: Measurement, t0: float) -> None:
         if self.start_unix is None:
@@ -62,12 +64,13 @@ class Since:
         for component, method in merged.methods.items():
             self.methods.setdefault(component, []).append(method)
         self.peak_w = max(self.peak_w, merged.gpu_peak_w)
+        self.unread |= merged.unread
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of it: a run resumed from a checkpoint between two evaluations (one taken
         at a logging point) books the next evaluation's whole stretch, not only the part after the resume."""
         return {"start_step": self.start_step, "start_unix": self.start_unix, "devices": self.devices,
-                "methods": self.methods, "peak_w": self.peak_w}
+                "methods": self.methods, "peak_w": self.peak_w, "unread": sorted(self.unread)}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any] | None, last_point_step: int) -> Since:
@@ -80,8 +83,9 @@ class Since:
         since.devices = {c: dict(d) for c, d in state.get("devices", {}).items()}
         since.methods = {c: list(m) for c, m in state.get("methods", {}).items()}
         since.peak_w = float(state.get("peak_w", 0.0))
+        since.unread = set(state.get("unread", ()))
         return since
 
     def merged(self) -> Merged:
         methods = {c: Method.weakest([Method(m) for m in ms]).value for c, ms in self.methods.items()}
-        return Merged(self.devices, methods, self.peak_w, 0.0)
+        return Merged(self.devices, methods, self.peak_w, 0.0, frozenset(self.unread))

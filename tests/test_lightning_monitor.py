@@ -237,11 +237,15 @@ def test_the_same_monitor_resumed_after_a_crash_keeps_the_crashed_fits_files(tmp
 
 
 def test_gpu_lost_mid_training_warns_once_and_training_finishes(tmp_path, fake_nvml, green_log):
-    (dev,) = fake_nvml.configure(n=1)
+    """GPU 1 of 2 falls off the bus after epoch 0: one warning, training finishes, and from then on no number
+    of its own is logged for it (a 0 J would read as a measurement); GPU 0 stays measured. Where every GPU is
+    lost, the component's own names go too."""
+    devs = fake_nvml.configure(n=2)
+    lost = [devs[1]]
 
     class Lose(pl.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
-            if trainer.current_epoch == 0:
+            for dev in lost if trainer.current_epoch == 0 else devs if trainer.current_epoch == 1 else []:
                 for call in ("nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetFieldValues",
                              "nvmlDeviceGetPowerUsage"):
                     dev.faults[call] = fake_nvml.NVML_ERROR_GPU_IS_LOST
@@ -252,7 +256,18 @@ def test_gpu_lost_mid_training_warns_once_and_training_finishes(tmp_path, fake_n
     t.fit(ValModel())
     assert t.current_epoch == 3
     assert [r.methods["gpu"] for r in records_of(monitor, "epoch")] == ["counter", "unavailable", "unavailable"]
-    assert green_log.text.count("gpu0: NVML failed") == 1
+    assert green_log.text.count("gpu1: NVML failed") == 1 and green_log.text.count("gpu0: NVML failed") == 1
+    client, (run,) = runs(uri)
+    steps = {k: [s for s, _ in history(client, run.info.run_id, k)]
+             for k in ("energy/epoch_j", "energy/gpu0_j", "energy/gpu1_j", "energy/gpu_j", "power/gpu_mean_w",
+                       "power/gpu_peak_w")}
+    assert steps["energy/epoch_j"] == [63, 127, 191]
+    assert steps["energy/gpu0_j"] == [63, 127], "gpu0 read throughout epochs 0 and 1"
+    assert steps["energy/gpu1_j"] == [63], "gpu1 lost after epoch 0: no 0 J logged for it"
+    assert steps["energy/gpu_j"] == steps["power/gpu_mean_w"] == steps["power/gpu_peak_w"] == [63, 127]
+    gpu0 = dict(history(client, run.info.run_id, "energy/gpu0_j"))
+    assert dict(history(client, run.info.run_id, "energy/gpu_j"))[127] == pytest.approx(gpu0[127]), \
+        "the component's sum holds what was read"
 
 
 def test_bad_arguments_fail_before_training(tmp_path):
