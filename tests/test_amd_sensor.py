@@ -105,8 +105,11 @@ def test_a_stuck_counter_is_detected_and_the_device_sampled(fake_amdsmi, green_l
 
 
 def test_errors_mid_run_leave_the_run_going_with_one_warning(fake_amdsmi, green_log):
+    """Errors that persist: retried for ``lost_after_s`` (0.2 s here), then the device is lost, one warning each."""
     devs = fake_amdsmi.configure(n=2)
-    meter = EnergyMeter([AmdSmiSensor("all")], period_s=0.01).start()
+    sensor = AmdSmiSensor("all")
+    sensor.lost_after_s, sensor.counter_poll_s = 0.2, 0.05
+    meter = EnergyMeter([sensor], period_s=0.01).start()
     try:
         meter.begin("epoch")
         busy_wait(0.5)
@@ -122,7 +125,7 @@ def test_errors_mid_run_leave_the_run_going_with_one_warning(fake_amdsmi, green_
     assert m.joules["gpu"]["gpu0"] == pytest.approx(truth(devs[0], m), rel=1e-3, abs=0.05)
     assert 0 < m.joules["gpu"]["gpu1"] <= before + 50  # what was measured before the fault is kept
     assert m2.joules["gpu"]["gpu1"] == 0.0
-    assert green_log.text.count("gpu1: amdsmi failed") == 1
+    assert green_log.text.count("gpu1: amdsmi failed") == 1 and len(green_log.records) == 1, "one fault, one warning"
 
 
 def test_counter_not_supported_mid_run_switches_to_sampling(fake_amdsmi, green_log):

@@ -45,7 +45,12 @@ class Inject:
     ([FIELDS], "NVML_ERROR_UNKNOWN", "counter", "instant power is not readable"),
     ([FIELDS, POWER], "NVML_ERROR_UNKNOWN", "counter", "the power trace shows 0 W"),
 ])
-def test_nvml_faults_mid_training(tmp_path, fake_nvml, green_log, calls, code, method_after, warning):
+def test_nvml_faults_mid_training(tmp_path, fake_nvml, green_log, monkeypatch, calls, code, method_after, warning):
+    """Each fault persists from the end of epoch 0 on (a passing one is retried: test_nvml_sensor); a device
+    whose reads keep failing is lost after ``lost_after_s``, 0 here so that it is lost within the short epoch."""
+    from green_callbacks.sensors.gpu import GpuEnergySensor
+
+    monkeypatch.setattr(GpuEnergySensor, "lost_after_s", 0.0)
     (dev,) = fake_nvml.configure(n=1)
 
     def change():

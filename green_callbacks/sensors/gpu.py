@@ -81,6 +81,9 @@ class GpuState:
         self.changed_s = 0.0  # when the counter last moved
         self.polled_s = float("-inf")
         self.power_w = 0.0
+        self.failing_since: float | None = None  # when reads of its energy source began to fail, and how
+        self.failing_exc: Exception | None = None
+        self.power_failing_since: float | None = None  # a counter device's power reads (trace and peak only)
 
 
 class GpuEnergySensor(Sensor):
@@ -99,10 +102,13 @@ class GpuEnergySensor(Sensor):
 
     Subclasses implement ``_counter_j`` (the device's cumulative counter in joules),
     ``_power_now_w`` (its power now) and ``_not_supported`` (whether an error means the feature
-    is absent rather than the device failing). Where a vendor sets ``stuck_after_s``, a counter
-    that stays still that long while power says at least ``stuck_min_j`` was spent is declared
-    stuck (MI100, ROCm/amdsmi#38) and the device is sampled instead; the power integrated
-    meanwhile is kept.
+    is absent rather than the device failing), and may implement ``_gone`` (whether an error says the
+    device is gone for good). Any other error is taken as passing (a timeout, a busy driver): the read is
+    retried, a counter's next read covering the gap exactly and sampled power interpolating across it,
+    and only reads failing for ``lost_after_s`` without a success make the device unavailable. Where a vendor sets
+    ``stuck_after_s``, a counter that stays still that long while power says at least ``stuck_min_j`` was spent is
+    declared stuck (MI100, ROCm/amdsmi#38) and the device is sampled instead; the power integrated meanwhile is
+    kept.
     """
 
     component = "gpu"
@@ -110,6 +116,7 @@ class GpuEnergySensor(Sensor):
     stuck_after_s: float | None = None  # None: the vendor's counters are trusted to move
     stuck_min_j = 1.0
     edge_read_max_s = 0.001  # a counter whose fastest read at start took longer is not read at window edges
+    lost_after_s = 5.0  # a device whose reads fail this long without a success is lost (one error is retried)
 
     def __init__(self, targets: list[GpuTarget], use_counter: bool = True, counter_poll_s: float = 1.0) -> None:
         super().__init__()
@@ -186,25 +193,55 @@ class GpuEnergySensor(Sensor):
         gpu.counter_j = gpu.unchanged_j = 0.0
         gpu.integrator = PowerIntegrator()
         gpu.method = Method.SAMPLED
-        power = self._power_w(gpu)
+        power = self._power_w(gpu, now_s)
         if power is not None:
             gpu.integrator.add(now_s, power)
 
-    def _power_w(self, gpu: GpuState) -> float | None:
-        """Power now, or ``None``. Where power is the energy source (sampling) a failure makes the
-        device unavailable; on a counter device power only feeds the trace and peak, so the counter carries on."""
+    def _power_w(self, gpu: GpuState, now_s: float) -> float | None:
+        """Power now, or ``None``. Where power is the energy source (sampling) a failure is retried (the
+        integral spans the gap) until the device counts as lost (:meth:`_failed`); on a counter device power
+        only feeds the trace and peak, so the counter carries on."""
         try:
-            return float(self._power_now_w(gpu))
+            power = float(self._power_now_w(gpu))
         except Exception as exc:
             if gpu.method is Method.COUNTER:
-                self.warn_once(
-                    f"power-{gpu.target.label}",
-                    f"{gpu.target.label}: power is not readable ({exc}); "
-                    "energy still comes from the counter, the power trace shows 0 W.",
-                )
+                if gpu.power_failing_since is None:
+                    gpu.power_failing_since = now_s
+                if now_s - gpu.power_failing_since >= self.lost_after_s and gpu.failing_since is None:
+                    self.warn_once(
+                        f"power-{gpu.target.label}",
+                        f"{gpu.target.label}: power is not readable ({exc}); "
+                        "energy still comes from the counter, the power trace shows 0 W.",
+                    )
             else:
-                self._lose(gpu, exc)
+                self._failed(gpu, exc, now_s)
             return None
+        gpu.power_failing_since = None
+        if gpu.method is Method.SAMPLED:
+            self._recovered(gpu, now_s)
+        return power
+
+    def _gone(self, exc: Exception) -> bool:
+        """Whether ``exc`` says the device is gone for good (no retry); the vendor's subclass knows its codes."""
+        return False
+
+    def _failed(self, gpu: GpuState, exc: Exception, now_s: float) -> None:
+        """A read of the device's energy source failed: lost where the error says so, or where its reads have
+        failed for ``lost_after_s``; else the next read tries again (one warning when one succeeds)."""
+        if gpu.failing_since is None:
+            gpu.failing_since, gpu.failing_exc = now_s, exc
+        if self._gone(exc) or now_s - gpu.failing_since >= self.lost_after_s:
+            self._lose(gpu, exc)
+
+    def _recovered(self, gpu: GpuState, now_s: float) -> None:
+        """A read succeeded: where reads had failed before it, one warning says so and what it cost (nothing)."""
+        if gpu.failing_since is not None:
+            self.warn_once(
+                f"retry-{gpu.target.label}",
+                f"{gpu.target.label}: {self.library} reads failed for {now_s - gpu.failing_since:.2f} s "
+                f"({gpu.failing_exc}) and were retried; the energy across the gap is kept.",
+            )
+            gpu.failing_since = gpu.failing_exc = None
 
     def _lose(self, gpu: GpuState, exc: Exception) -> None:
         self.warn_once(
@@ -220,7 +257,8 @@ class GpuEnergySensor(Sensor):
         gpu.integrator = PowerIntegrator()
         gpu.method = Method.UNAVAILABLE
 
-    def _poll_counter(self, gpu: GpuState, now_s: float) -> None:
+    def _poll_counter(self, gpu: GpuState, now_s: float) -> bool:
+        """Read the counter; ``False`` where the read failed (the power since the last read still counts)."""
         label = gpu.target.label
         try:
             value_j = self._counter_j(gpu)
@@ -231,8 +269,10 @@ class GpuEnergySensor(Sensor):
                 )
                 self._start_sampling(gpu, now_s)
             else:
-                self._lose(gpu, exc)
-            return
+                gpu.polled_s = now_s  # the next try at the next poll, not at every tick
+                self._failed(gpu, exc, now_s)
+            return False
+        self._recovered(gpu, now_s)
         last = gpu.counter_last_j if gpu.counter_last_j is not None else value_j
         if value_j == last:
             gpu.unchanged_j += gpu.since_poll.joules_at(now_s)
@@ -250,7 +290,7 @@ class GpuEnergySensor(Sensor):
                 )
                 gpu.since_poll = PowerIntegrator()  # already in unchanged_j
                 self._start_sampling(gpu, now_s)
-                return
+                return False
         else:
             gpu.unchanged_j = 0.0
             gpu.changed_s = now_s
@@ -268,6 +308,7 @@ class GpuEnergySensor(Sensor):
         gpu.polled_s = now_s
         gpu.since_poll = PowerIntegrator()
         gpu.since_poll.add(now_s, gpu.power_w)
+        return True
 
     def sample(self, now_s: float) -> dict[str, float]:
         with self._lock:
@@ -275,7 +316,7 @@ class GpuEnergySensor(Sensor):
                 if gpu.method is Method.COUNTER and now_s - gpu.polled_s >= self.counter_poll_s:
                     self._poll_counter(gpu, now_s)
                 if gpu.method in (Method.COUNTER, Method.SAMPLED):
-                    power = self._power_w(gpu)
+                    power = self._power_w(gpu, now_s)
                     gpu.power_w = power or 0.0
                     if power is not None:
                         (gpu.integrator if gpu.method is Method.SAMPLED else gpu.since_poll).add(now_s, power)
@@ -297,10 +338,9 @@ class GpuEnergySensor(Sensor):
             if fresh is None:
                 fresh = self._edges_read_counter()
             for gpu in self._gpus:
-                if gpu.method is Method.COUNTER and fresh:
-                    self._poll_counter(gpu, now_s)
+                polled = gpu.method is Method.COUNTER and fresh and self._poll_counter(gpu, now_s)
                 if gpu.method is Method.COUNTER:
-                    live = gpu.counter_j + (0.0 if fresh else gpu.since_poll.joules_at(now_s))
+                    live = gpu.counter_j + (0.0 if polled else gpu.since_poll.joules_at(now_s))
                 else:
                     live = gpu.integrator.joules_at(now_s) if gpu.method is Method.SAMPLED else 0.0
                 label = gpu.target.label

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -170,11 +171,16 @@ class NvmlSensor(GpuEnergySensor):
     ) -> None:
         self._owns_nvml = nvml is None  # shut NVML down on close only if this sensor initialised it
         self._nvml = nvml if nvml is not None else load_nvml()
-        self._no_instant: set[str] = set()  # devices whose instant power field failed once
+        self._no_instant: set[str] = set()  # devices whose instant power field is not supported, or kept failing
+        self._instant_failing: dict[str, float] = {}  # since when the instant power field fails, per device
         super().__init__(resolve_gpus(self._nvml, gpus, cuda_indices), use_counter, counter_poll_s)
 
     def _not_supported(self, exc: Exception) -> bool:
         return getattr(exc, "value", None) == getattr(self._nvml, "NVML_ERROR_NOT_SUPPORTED", 3)
+
+    def _gone(self, exc: Exception) -> bool:
+        return getattr(exc, "value", None) in (getattr(self._nvml, "NVML_ERROR_GPU_IS_LOST", 15),
+                                               getattr(self._nvml, "NVML_ERROR_RESET_REQUIRED", 16))
 
     def _counter_j(self, gpu: GpuState) -> float:
         return int(self._nvml.nvmlDeviceGetTotalEnergyConsumption(gpu.target.handle)) / 1000.0
@@ -185,16 +191,22 @@ class NvmlSensor(GpuEnergySensor):
         if label not in self._no_instant:
             try:
                 value = nvml.nvmlDeviceGetFieldValues(h, [nvml.NVML_FI_DEV_POWER_INSTANT])[0]
-                if value.nvmlReturn == nvml.NVML_SUCCESS:
+                code = value.nvmlReturn
+                if code == nvml.NVML_SUCCESS:
+                    self._instant_failing.pop(label, None)
                     return value.value.uiVal / 1000.0
-            except Exception:
-                pass
-            self._no_instant.add(label)
-            self.warn_once(
-                f"instant-{label}",
-                f"{label}: instant power is not readable; using "
-                "nvmlDeviceGetPowerUsage, a 1-second average on recent GPUs.",
-            )
+            except Exception as exc:
+                code = getattr(exc, "value", None)
+            # a passing failure takes the averaged reading this once; absent, or failing lost_after_s, for good
+            since = self._instant_failing.setdefault(label, time.monotonic())
+            if time.monotonic() - since >= self.lost_after_s or code in (getattr(nvml, "NVML_ERROR_NOT_SUPPORTED", 3),
+                                                 getattr(nvml, "NVML_ERROR_INVALID_ARGUMENT", 2)):
+                self._no_instant.add(label)
+                self.warn_once(
+                    f"instant-{label}",
+                    f"{label}: instant power is not readable; using "
+                    "nvmlDeviceGetPowerUsage, a 1-second average on recent GPUs.",
+                )
         return nvml.nvmlDeviceGetPowerUsage(h) / 1000.0
 
     def close(self) -> None:
