@@ -58,6 +58,7 @@ class RunLedger:
         self._previous_point_step = 0
         self._last_point_j = 0.0
         self._params_logged = False
+        self._tagged_methods: dict[str, str] = {}  # the green.method.* tags as set: the run's weakest so far
         self._reported = 0  # records already written out and summarised
         self._epoch_eval = (0.0, 0.0)
         self._epoch_start_step = 0

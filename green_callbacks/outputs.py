@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from green_callbacks.process import warn_once
-from green_callbacks.records import Kind
+from green_callbacks.records import Kind, run_methods
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -27,7 +27,7 @@ def summary(t: EnergyTracker) -> dict[str, Any]:
         "cost": t.cumulative_cost, "currency": t.accountant.currency if t.cumulative_cost is not None else None,
         "duration_s": last.end_rel_s if last is not None else 0.0, "epochs": len(epochs),
         "evaluations": t.evaluations, "last_step": last.step if last is not None else 0,
-        "methods": last.methods if last is not None else {}, "world_size": t.rank.world_size,
+        "methods": run_methods(t.records), "world_size": t.rank.world_size,
         **t.accountant.as_params()}
     if not getattr(t, "measurable", True) and t.rank.world_size == 1:  # nothing measured: no 0 J as a measurement
         out.update(energy_j=None, energy_kwh=None, emissions_g=None, cost=None, currency=None)

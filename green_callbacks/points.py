@@ -29,7 +29,7 @@ from green_callbacks.records import (
     run_facts,
     window_payload,
 )
-from green_callbacks.sensors.base import log
+from green_callbacks.sensors.base import Method, log
 
 CALIBRATION_STEPS = 10  # steps timed at the start to turn log_every_s into a step count
 
@@ -231,6 +231,9 @@ class PointHost:
             params, tags = run_facts(self.accountant.as_params(), self.rank.world_size, __version__, first, names)
             self.sink.log_params(params)
             self.sink.set_tags(tags)
+            self._tagged_methods = {k.removeprefix("green.method."): v for k, v in tags.items()
+                                    if k.startswith("green.method.")}
+        self._tag_weaker_methods(records)
         held, self._held = self._held, None
         if held is not None and held[0] != first.step:
             self.sink.log_metrics(held[1], step=held[0])
@@ -251,6 +254,18 @@ class PointHost:
         elif out:
             self.sink.log_metrics(out, step=first.step)
             self.last_logged_step = max(self.last_logged_step, first.step)
+
+    def _tag_weaker_methods(self, records: Sequence[IntervalRecord]) -> None:
+        """Keep the ``green.method.*`` tags the run's weakest so far: a GPU lost, or switched from its counter to
+        sampling, after the first point makes its component's tag say so (the tags were the first point's)."""
+        weaker = {}
+        for record in records:
+            for component, method in record.methods.items():
+                tagged = self._tagged_methods.setdefault(component, method)  # resumed: as the checkpoint's run
+                if Method(method).rank > Method(tagged).rank:
+                    self._tagged_methods[component] = weaker[f"green.method.{component}"] = method
+        if weaker:
+            self.sink.set_tags(weaker)
 
     def _log_held(self) -> None:
         """Log a held point's metrics now (the run ends without another point)."""

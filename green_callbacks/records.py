@@ -87,6 +87,15 @@ class IntervalRecord:
                       "unread": tuple(d.get("unread", ()))})
 
 
+def run_methods(records: Sequence[IntervalRecord]) -> dict[str, str]:
+    """Per component, the weakest method over ``records``: the run's totals are only as good as their worst part."""
+    seen: dict[str, list[Method]] = {}
+    for record in records:
+        for component, method in record.methods.items():
+            seen.setdefault(component, []).append(Method(method))
+    return {c: Method.weakest(ms).value for c, ms in seen.items()}
+
+
 # -- the metric contract ---------------------------------------------------------------------------
 def cumulative_metrics(cumulative_j: float, cumulative_g: float, cumulative_cost: float | None,
                        mean_power_w: float) -> dict[str, float]:

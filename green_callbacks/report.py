@@ -39,7 +39,9 @@ def plot_power(trace: pd.DataFrame, records: Sequence[Any], path: str | Path) ->
     shown = _intervals(records)
     kind = shown[0].kind.value if shown else "epoch"
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), gridspec_kw={"height_ratios": [3, 2]})
-    methods = records[-1].methods if records else {}
+    from green_callbacks.records import run_methods
+
+    methods = run_methods(records)
     for column in trace.columns[1:]:
         label = component_label(column.removesuffix("_w"), "W", methods)
         top.plot(trace["time_s"], trace[column], label=label, linewidth=1)

@@ -169,7 +169,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
             for sensor in sensors:
                 if hasattr(sensor, "add_peers"):
                     sensor.add_peers(peers)
-        self.measurable = any(s.devices for s in sensors) or not self.rank.measures_host
+        self.measurable = any(s.measurable for s in sensors) or not self.rank.measures_host
         self.check_measurable()
         if not self.measurable and self.rank.world_size == 1 and not self._warned_unmeasured:
             self._warned_unmeasured = True

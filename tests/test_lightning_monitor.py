@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from green_callbacks.accounting import J_PER_KWH
 from green_callbacks.lightning import EnergyMonitor
+from green_callbacks.outputs import summary
 
 from helpers import CUMULATIVE, EPOCH_CONTRACT, EVAL_CONTRACT, artifacts, history, records_of, runs, steps
 
@@ -265,6 +266,9 @@ def test_gpu_lost_mid_training_warns_once_and_training_finishes(tmp_path, fake_n
     assert steps["energy/gpu0_j"] == [63, 127], "gpu0 read throughout epochs 0 and 1"
     assert steps["energy/gpu1_j"] == [63], "gpu1 lost after epoch 0: no 0 J logged for it"
     assert steps["energy/gpu_j"] == steps["power/gpu_mean_w"] == steps["power/gpu_peak_w"] == [63, 127]
+    # the run's method tags, and its summary, are its weakest: they were the first epoch's ("counter")
+    assert run.data.tags["green.method.gpu"] == "unavailable"
+    assert summary(monitor)["methods"]["gpu"] == "unavailable"
     gpu0 = dict(history(client, run.info.run_id, "energy/gpu0_j"))
     assert dict(history(client, run.info.run_id, "energy/gpu_j"))[127] == pytest.approx(gpu0[127]), \
         "the component's sum holds what was read"

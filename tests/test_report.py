@@ -223,6 +223,37 @@ def test_a_run_that_measured_nothing_logs_no_energy_and_is_no_cheapest_run(tmp_p
     assert summary["energy_j"] is None and summary["emissions_g"] is None
 
 
+@pytest.mark.parametrize("measure_cpu", [False, True])
+def test_a_mig_slice_is_nothing_measured_not_0_j(tmp_path, fake_nvml, green_log, measure_cpu):
+    """A MIG slice (NVML reads the whole GPU, not the slice) is a device nothing can read: alone, the run is one
+    that measured nothing (it logged 0 J as a measurement); beside a CPU estimate, no GPU name is logged."""
+    import json
+
+    from green_callbacks import EnergyTracker
+
+    from helpers import runs
+
+    fake_nvml.configure([{"mig": True}], work_clock=True)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = EnergyTracker(gpus="all", measure_cpu=measure_cpu, tracking_uri=uri, experiment_name="mig",
+                            output_dir=str(tmp_path / "out"))
+    with tracker:
+        for epoch in range(2):
+            with tracker.epoch(epoch):
+                fake_nvml.advance(0.5)
+                sum(i * i for i in range(200_000))
+    _, (run,) = runs(uri, "mig")
+    logged = sorted(k for k in run.data.metrics if k.startswith(("energy/", "emissions/", "power/", "cost/")))
+    summary = json.loads(next((tmp_path / "out").glob(f"{run.info.run_id}/summary.json")).read_text())
+    assert run.data.tags["green.method.gpu"] == "unavailable"
+    if measure_cpu:
+        assert "energy/cpu_j" in logged and not [k for k in logged if "gpu" in k], logged
+        assert summary["energy_j"] > 0 and summary["methods"]["gpu"] == "unavailable"
+    else:
+        assert logged == [] and summary["energy_j"] is None
+        assert green_log.text.count("nothing can be measured here") == 1
+
+
 def test_old_runs_that_logged_0_j_unmeasured_and_a_ddp_run_with_an_unreadable_gpu_are_told_apart(tmp_path):
     """Before 2026-12-05 a run that measured nothing logged 0 J (its test stage too, with no method tags of its
     own); a DDP run whose one rank's GPU could not be read tags "unavailable" yet logs the other ranks' joules."""

@@ -59,6 +59,11 @@ class Sensor(abc.ABC):
     def devices(self) -> list[str]:
         """Device labels, stable for the sensor's life (``gpu0``, ``package-0``...)."""
 
+    @property
+    def measurable(self) -> bool:
+        """Whether any of its devices can be read at all (a MIG slice, a GPU lost before the start cannot)."""
+        return bool(self.devices)
+
     @abc.abstractmethod
     def read(self, now_s: float) -> Reading:
         """Cumulative joules per device from ``start`` up to ``now_s`` (monotonic seconds)."""

@@ -147,6 +147,10 @@ class GpuEnergySensor(Sensor):
     def devices(self) -> list[str]:
         return [g.target.label for g in self._gpus]
 
+    @property
+    def measurable(self) -> bool:
+        return any(g.target.measurable for g in self._gpus)
+
     def describe(self) -> dict[str, str]:
         out = {g.target.label: f"{g.target.name} ({g.target.uuid})" for g in self._gpus}
         if self.counter_read_s is not None:
