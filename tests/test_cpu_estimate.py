@@ -171,6 +171,12 @@ def test_watts_per_cpu_come_from_the_user_a_known_model_or_the_stated_default():
     assert core_power(40.0, "AMD EPYC 7763 64-Core Processor", 2).watts == pytest.approx(20.0)
     unknown = core_power(None, "AMD EPYC", 2)
     assert unknown.watts == DEFAULT_CORE_W and "Green Algorithms" in unknown.source
+    # SMT: CPU time is counted per hardware thread, so a core's watts are shared by its threads; every thread
+    # busy costs the TDP (it cost twice the TDP: an EPYC 7763's 128 threads busy were charged 560 W)
+    assert core_power(20.0, "", 1, 2).watts == pytest.approx(10.0)
+    smt = core_power(None, "AMD EPYC 7763 64-Core Processor", 64, 128)
+    assert smt.watts * 128 == pytest.approx(280.0) and "2 hardware threads" in smt.source
+    assert core_power(None, "AMD EPYC", 4, 8).watts == pytest.approx(DEFAULT_CORE_W / 2)
     with pytest.raises(ValueError, match=r"cpu_scope='node'.*'process', 'machine'"):
         CpuEstimateSensor(scope="node")
 

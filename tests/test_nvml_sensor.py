@@ -310,6 +310,10 @@ def test_cuda_visible_devices_integers_and_invalid_entries(fake_nvml, monkeypatc
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,1,bogus,0")  # CUDA stops at the bad entry
     sensor = NvmlSensor("all", nvml=fake_nvml)
     assert [v.split("(")[1][:-1] for v in sensor.describe().values()] == [devs[2].uuid, devs[1].uuid]
+    # an index past the last GPU ends the list: it is not a UUID prefix ("3" named GPU-3f9e..., another job's GPU)
+    devs = fake_nvml.configure([{"uuid": "GPU-0a1b2c3d-0000"}, {"uuid": "GPU-3f9e8d7c-0000"}])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,3")
+    assert [v.split("(")[1][:-1] for v in NvmlSensor("all", nvml=fake_nvml).describe().values()] == [devs[0].uuid]
 
 
 def test_bad_gpu_selection_names_the_valid_choices(fake_nvml):

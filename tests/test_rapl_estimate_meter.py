@@ -64,11 +64,15 @@ def test_rapl_zone_vanishing_mid_run_becomes_unavailable(tmp_path, green_log):
     assert green_log.text.count("RAPL package-0") == 1
 
 
-def test_root_only_rapl_warns_with_the_fix_and_falls_back_to_estimate(tmp_path):
-    """energy_uj readable by its owner only, read by someone else (the CVE-2020-8694 default)."""
+@pytest.mark.parametrize("root_only", ["every zone", "dram only"])
+def test_root_only_rapl_warns_with_the_fix_and_falls_back_to_estimate(tmp_path, root_only):
+    """energy_uj readable by its owner only, read by someone else (the CVE-2020-8694 default). Where only DRAM's
+    is, the package is still measured and the warning says so (it said CPU energy fell back to an estimate)."""
     root = make_powercap(tmp_path / "pc")
     prefix: list[str] = []
     for f in root.rglob("energy_uj"):
+        if root_only == "dram only" and (f.parent / "name").read_text().strip() != "dram":
+            continue
         f.chmod(0o400)
         if os.geteuid() == 0:
             os.chown(f, 65534, 65534)
@@ -86,9 +90,14 @@ def test_root_only_rapl_warns_with_the_fix_and_falls_back_to_estimate(tmp_path):
     """)
     out = subprocess.run([*prefix, sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "COMPONENTS [('cpu', 'CpuEstimateSensor')]" in out.stdout
     assert out.stderr.count("sudo chmod o+r /sys/class/powercap") == 1
-    assert "falls back to an estimate" in out.stderr
+    if root_only == "every zone":
+        assert "COMPONENTS [('cpu', 'CpuEstimateSensor')]" in out.stdout
+        assert "falls back to an estimate" in out.stderr
+    else:
+        assert "COMPONENTS [('cpu', 'RaplSensor')]" in out.stdout
+        assert "CPU energy is measured by RAPL, DRAM's is not counted" in out.stderr
+        assert "falls back to an estimate" not in out.stderr
 
 
 def test_build_sensors_prefers_rapl_when_readable(tmp_path):

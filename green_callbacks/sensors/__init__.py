@@ -47,8 +47,10 @@ def build_sensors(
             try:
                 sensors.append(RaplSensor(component, rapl_root))
             except RaplPermissionError as exc:
-                log.warning("%s; CPU energy falls back to an estimate.", exc)
-                break
+                if component == "cpu":
+                    log.warning("%s; CPU energy falls back to an estimate.", exc)
+                    break
+                log.warning("%s; CPU energy is measured by RAPL, DRAM's is not counted.", exc)
             except (FileNotFoundError, OSError, ValueError):
                 if component == "dram":
                     continue

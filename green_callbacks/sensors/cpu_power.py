@@ -65,17 +65,23 @@ def known_tdp(model: str) -> tuple[str, float, int] | None:
     return None
 
 
-def core_power(tdp_w: float | None, model: str, visible_cores: int) -> CorePower:
+def core_power(tdp_w: float | None, model: str, visible_cores: int, visible_cpus: int | None = None) -> CorePower:
     """Watts per busy CPU: the user's ``cpu_tdp_w`` over the cores this machine shows, else the
-    known model's TDP over its cores, else :data:`DEFAULT_CORE_W`."""
+    known model's TDP over its cores, else :data:`DEFAULT_CORE_W`; where a core runs several hardware
+    threads (SMT: ``visible_cpus`` logical CPUs on ``visible_cores`` cores), its watts are shared by them,
+    so every CPU busy costs the TDP, not twice it (CPU time is counted per logical CPU)."""
+    threads = max(1.0, (visible_cpus or visible_cores) / max(1, visible_cores))
     if tdp_w is not None:
         cores = max(1, visible_cores)
-        return CorePower(tdp_w / cores, f"cpu_tdp_w {tdp_w:g} W / {cores} cores visible")
-    known = known_tdp(model)
-    if known is not None:
+        core = CorePower(tdp_w / cores, f"cpu_tdp_w {tdp_w:g} W / {cores} cores visible")
+    elif (known := known_tdp(model)) is not None:
         key, package_w, cores = known
-        return CorePower(package_w / cores, f"{key}: {package_w:g} W TDP / {cores} cores (vendor spec)")
-    return CorePower(DEFAULT_CORE_W, f"{model or 'unknown CPU'}: {DEFAULT_CORE_SOURCE}")
+        core = CorePower(package_w / cores, f"{key}: {package_w:g} W TDP / {cores} cores (vendor spec)")
+    else:
+        core = CorePower(DEFAULT_CORE_W, f"{model or 'unknown CPU'}: {DEFAULT_CORE_SOURCE}")
+    if threads > 1:
+        return CorePower(core.watts / threads, f"{core.source}, a core's shared by its {threads:g} hardware threads")
+    return core
 
 
 def _cgroup_quota_cpus(root: Path, proc_cgroup: Path) -> float | None:

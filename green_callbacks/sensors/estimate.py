@@ -56,7 +56,7 @@ class CpuEstimateSensor(Sensor):
         self.scope = scope
         self.visible_cpus = psutil.cpu_count() or 1
         physical = psutil.cpu_count(logical=False) or self.visible_cpus
-        self.core: CorePower = core_power(tdp_w, cpu_model(), physical)
+        self.core: CorePower = core_power(tdp_w, cpu_model(), physical, self.visible_cpus)
         if scope == "process":
             self.max_cpus, self._cpus_how = usable_cpus()
             if pid is None and "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: the ranks are the agent's children

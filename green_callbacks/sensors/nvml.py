@@ -55,7 +55,9 @@ def _visible_ids(nvml: Any, uuids: list[str]) -> list[str]:
         return list(uuids)
     ids: list[str] = []
     for entry in (e.strip() for e in env.split(",")):
-        if entry.isdigit() and int(entry) < len(uuids):
+        if entry.isdigit():  # an index, never a UUID's prefix: one past the last GPU ends the list, as in CUDA
+            if int(entry) >= len(uuids):
+                break
             ids.append(uuids[int(entry)])
         elif entry.startswith("MIG-"):
             ids.append(entry)
