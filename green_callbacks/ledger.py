@@ -32,6 +32,8 @@ class RunLedger:
     def reset_run(self) -> None:
         """Forget the run: a fresh MLflow run and totals from zero."""
         self.run: Any = None  # green_callbacks.sinks.RunRef once known
+        self.ended_status: str | None = None  # the status the run's last end gave it (see EnergyTracker.finish)
+        self.time_before_s = 0.0  # the run's time in earlier fits (and before the checkpoint it resumed from)
         self.local_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.records: list[IntervalRecord] = []
         self._outputs_folder: Any = None  # the run folder this tracker's records were last written to
@@ -85,7 +87,7 @@ class RunLedger:
         the stretch since the last evaluation at an evaluation, the epoch where the point closes one (both
         when an evaluation ends the epoch), else the interval."""
         eval_j, eval_s = evaluation
-        self._add(merged, interval, step, t0, eval_j)
+        self._add(merged, interval, step, eval_j)
         self._evaluations_j += eval_j
         self._epoch_eval = (self._epoch_eval[0] + eval_j, self._epoch_eval[1] + eval_s)
         end_rel = interval.end_s - t0
@@ -98,9 +100,10 @@ class RunLedger:
                 self._last_cycle_steps, self._cycle_steps = self._cycle_steps, 0
             since, self._since_eval = self._since_eval, Since(step)
             self.evaluations += 1
+            # its time is its intervals' (where it began on another fit's meter, or before a resume, their sum)
             records.append(self._make(kind, self.evaluations - 1, since.start_step, step, since.merged(),
-                                      since.start_unix or interval.start_unix, since.start_rel_s, end_rel, metrics,
-                                      eval_j, eval_s, partial=partial))
+                                      since.start_unix or interval.start_unix, end_rel - since.duration_s, end_rel,
+                                      metrics, eval_j, eval_s, partial=partial))
         elif epoch is None or epoch_m is None:
             self.points += 1
             records.append(self._make(kind, self.points - 1, self._previous_point_step, step, merged,
@@ -151,13 +154,13 @@ class RunLedger:
         self._epoch_prefix = (before, float(part["start_unix"]))
         return None
 
-    def _add(self, merged: Merged, interval: Measurement, step: int, t0: float, eval_j: float = 0.0) -> None:
+    def _add(self, merged: Merged, interval: Measurement, step: int, eval_j: float = 0.0) -> None:
         fp = self.accountant.footprint(merged.total_j, interval.start_unix, interval.start_unix + interval.duration_s)
         self.cumulative_j += merged.total_j
         self.cumulative_g += fp.g_co2e
         if self.cumulative_cost is not None and fp.cost is not None:
             self.cumulative_cost += fp.cost
-        self._since_eval.add(merged, interval, t0)
+        self._since_eval.add(merged, interval)
         self._previous_point_step = self._last_point_step
         training_j, self._trial_j = max(merged.total_j - self._trial_j, 0.0), 0.0
         # the steps since the last point; the fit's first point also covers step 0 itself (a 0-based axis)
@@ -298,7 +301,13 @@ class RunLedger:
                 "step_offset": self.step_offset, "last_logged_step": self.last_logged_step,
                 "records": [r.to_json() for r in self.records], "run": asdict(run) if run is not None else None,
                 "local_id": self.local_id, "since_eval": self._since_eval.state_dict(),
-                "evaluations_j": self._evaluations_j, "last_eval_j": self._last_eval_j, "epoch_part": self._epoch_part}
+                "evaluations_j": self._evaluations_j, "last_eval_j": self._last_eval_j, "epoch_part": self._epoch_part,
+                "time_s": self.run_time_s()}
+
+    def run_time_s(self) -> float:
+        """The run's time so far: its fits', each from its start to its end (the time between them not counted)."""
+        started = getattr(self, "_t_start", None) if getattr(self, "started", False) else None
+        return time.monotonic() - started if started is not None else self.time_before_s
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         from green_callbacks.sinks import RunRef
@@ -310,6 +319,9 @@ class RunLedger:
         for key in ("evaluations", "points", "step_offset", "last_logged_step"):
             setattr(self, key, int(state.get(key, getattr(self, key))))
         self.current_epoch = int(state.get("epoch", self.current_epoch))
+        self.time_before_s = float(state.get("time_s", 0.0))
+        if getattr(self, "started", False) and getattr(self, "_fit_start", None) is not None:
+            self._t_start = self._fit_start - self.time_before_s  # restored once this fit had begun
         self.records = [IntervalRecord.from_json(r) for r in state.get("records", [])]
         self._outputs_folder = None  # the records written before are not these: those files are kept aside
         self.local_id = state.get("local_id", self.local_id)

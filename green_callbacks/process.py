@@ -50,10 +50,16 @@ def uncaught() -> type[BaseException] | None:
     return _UNCAUGHT[-1] if _UNCAUGHT else None
 
 
-def signalled() -> bool:
+def signalled(since: int = 0) -> bool:
     """Whether a SIGTERM or a Ctrl-C reached this process (also where a handler of the user's, or a caught
-    ``KeyboardInterrupt``, let the process go on or end by ``sys.exit``)."""
-    return bool(_SIGNALS)
+    ``KeyboardInterrupt``, let the process go on or end by ``sys.exit``), after the first ``since`` of them
+    (:func:`signal_count` at a training's start: that training's own)."""
+    return len(_SIGNALS) > since
+
+
+def signal_count() -> int:
+    """How many SIGTERMs and Ctrl-Cs reached this process so far."""
+    return len(_SIGNALS)
 
 
 def _recording(previous: Callable[[int, Any], Any]) -> Callable[[int, Any], Any]:

@@ -48,15 +48,15 @@ class Since:
     def __init__(self, start_step: int = 0) -> None:
         self.start_step = start_step
         self.start_unix: float | None = None
-        self.start_rel_s = 0.0
         self.devices: dict[str, dict[str, float]] = {}
         self.methods: dict[str, list[str]] = {}
         self.peak_w = 0.0
         self.unread: set[str] = set()
+        self.duration_s = 0.0  # the intervals' durations added: a stretch across fits (two meters) or a resume
 
-    def add(self, merged: Merged, interval: Measurement, t0: float) -> None:
+    def add(self, merged: Merged, interval: Measurement) -> None:
         if self.start_unix is None:
-            self.start_unix, self.start_rel_s = interval.start_unix, interval.start_s - t0
+            self.start_unix = interval.start_unix
         for component, per_device in merged.devices.items():
             mine = self.devices.setdefault(component, {})
             for device, joules in per_device.items():
@@ -65,12 +65,14 @@ class Since:
             self.methods.setdefault(component, []).append(method)
         self.peak_w = max(self.peak_w, merged.gpu_peak_w)
         self.unread |= merged.unread
+        self.duration_s += interval.duration_s
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of it: a run resumed from a checkpoint between two evaluations (one taken
         at a logging point) books the next evaluation's whole stretch, not only the part after the resume."""
         return {"start_step": self.start_step, "start_unix": self.start_unix, "devices": self.devices,
-                "methods": self.methods, "peak_w": self.peak_w, "unread": sorted(self.unread)}
+                "methods": self.methods, "peak_w": self.peak_w, "unread": sorted(self.unread),
+                "duration_s": self.duration_s}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any] | None, last_point_step: int) -> Since:
@@ -84,6 +86,7 @@ class Since:
         since.methods = {c: list(m) for c, m in state.get("methods", {}).items()}
         since.peak_w = float(state.get("peak_w", 0.0))
         since.unread = set(state.get("unread", ()))
+        since.duration_s = float(state.get("duration_s", 0.0))
         return since
 
     def merged(self) -> Merged:

@@ -192,7 +192,8 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         self._epoch_eval = (0.0, 0.0)
         self._epoch_start_step = self._last_point_step
         self._finishing_status: str | None = None
-        self._t_start = time.monotonic()
+        self._fit_start = time.monotonic()
+        self._t_start = self._fit_start - self.time_before_s  # a run continued: its earlier fits' time too
         process.register(self)
         if open_sink:
             self.open_sink(run_id, tracking_uri)
@@ -264,7 +265,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         self.end_held_stop(step)
         self._point(Kind.END, step)
         self._log(total_metrics(self.cumulative_j, self.cumulative_g, self.cumulative_cost,
-                                time.monotonic() - self._t_start), step)
+                                self.run_time_s()), step)
 
     @never_raises
     def finish(self, status: str = "FINISHED", keep_sink: bool = False) -> None:
@@ -274,6 +275,10 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         MLflow confirmed keeps its sender for the monitor's next stage (see :meth:`_park_sink`)."""
         if not self.started or self._finished:
             return
+        if keep_sink and status == "FINISHED" and self.ended_status in ("FAILED", "KILLED"):
+            status = self.ended_status  # test()/evaluate() after a training that failed: the run stays failed
+        self.ended_status = status
+        self.time_before_s = self.run_time_s()
         self._finished = True
         self._finishing_status = status
         trace = None
@@ -287,7 +292,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
                         self._point(Kind.EPOCH, self._last_step_seen_or_point(), collective=False)
                     self._point(Kind.END, self._last_step_seen_or_point(), collective=False)
                     self._log(total_metrics(self.cumulative_j, self.cumulative_g, self.cumulative_cost,
-                                            time.monotonic() - self._t_start), self._last_step_seen_or_point())
+                                            self.run_time_s()), self._last_step_seen_or_point())
                     report = self.rank.is_zero
                 trace = self.meter.trace_frame()
                 self.meter.close()

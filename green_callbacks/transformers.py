@@ -8,7 +8,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from green_callbacks.process import live_trackers, running_tracker, signalled, uncaught
+from green_callbacks.process import live_trackers, running_tracker, signal_count, signalled, uncaught
 from green_callbacks.records import Kind
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper
 from green_callbacks.tracker import EnergyTracker
@@ -51,6 +51,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
 
     steps_from_zero = False  # HF's global_step is 1 after the first step: a point at step k covers k steps
     _hf_started_run = False  # HF's MLflowCallback started the training's run (not the user): see finish
+    _signals_at_start = 0  # signal_count() at the training's start
     _resumed_hf_run: str | None = None  # HF's training run, active again for an evaluate()/predict(): its status
     _evaluates_now = False  # HF evaluates at the step under way (on_step_end): a stop set there does not skip it
 
@@ -70,7 +71,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
     def _end_interrupted(self) -> None:
         """The previous train() (or evaluate()) ended by an exception, of which HF tells no callback: end its run
         now (its last interval reaches until now), and let what comes next be a training of its own."""
-        self.finish(interrupted_status())
+        self.finish("KILLED" if signalled(self._signals_at_start) else interrupted_status())
         self._training = False
         self.forget_session()
 
@@ -87,7 +88,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         ``FAILED``, or ``KILLED`` where a SIGTERM or Ctrl-C came (a handler of the user's that calls ``sys.exit``,
         a ``KeyboardInterrupt`` caught); an uncaught exception is known as such."""
         if self.started and not self._finished and getattr(self, "_training", False) and uncaught() is None:
-            self.finish("KILLED" if signalled() else interrupted_status())
+            self.finish("KILLED" if signalled(self._signals_at_start) else interrupted_status())
         else:
             super()._atexit()
 
@@ -102,6 +103,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
             self.same_training(state)
         elif self.started and not self.same_session(state):
             self._end_interrupted()
+        self._signals_at_start = signal_count()  # a Ctrl-C or SIGTERM after it, caught by the user: KILLED
         self._batch_size = state.train_batch_size or 0
         if resumed(state):  # train(resume_from_checkpoint=...): the checkpoint's totals, also for a monitor that
             saved = (load_saved_state(self, state) or {}).get("green_state")  # trained before (its own are newer)
@@ -237,7 +239,8 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
         self._end_inference("predict", args, metrics)
 
     def _end_inference(self, label: str, args: TrainingArguments, metrics: dict[str, float] | None) -> None:
-        """Samples in the measured steps: the data set's size scaled by the share of steps measured."""
+        """Samples in the measured steps: this rank's share of the data set less its first batch, which precedes
+        any HF hook (the share of steps measured overcounted where the last batch is short: 75 for 68 of 100)."""
         metrics = metrics or {}
         seen, measured = getattr(self, "_steps", [0, 0])
         total = getattr(self, "_dataset_len", 0)
@@ -245,7 +248,10 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
             rate = next((v for k, v in metrics.items() if k.endswith("_samples_per_second")), 0.0)
             runtime = next((v for k, v in metrics.items() if k.endswith("_runtime")), 0.0)
             total = round(rate * runtime)
-        share = total * measured / seen / args.world_size if seen else 0.0
+        mine, batch = math.ceil(total / args.world_size), max(int(args.eval_batch_size), 1)
+        if args.dataloader_drop_last:
+            mine -= mine % batch
+        share = max(mine - min(batch, mine), 0) if seen and measured else 0.0
         self.open_sink()
         self.end_stage("inference", samples=round(share), label=label)
         # evaluate()/predict() returns to the user, who expects the numbers in MLflow now and the run ended as

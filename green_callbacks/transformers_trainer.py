@@ -36,7 +36,8 @@ def end_hf_run(run: Any, status: str, hf_started: bool | None = None) -> None:
     """HF's ``MLflowCallback`` ends the run it started at ``on_train_end``, which a ``train()`` that raised never
     reaches, and MLflow's exit handler then marked it FINISHED. The run the energy went to, where HF started it
     (not one this package opened, whose status the sender sets, nor the user's own) and it is still the active
-    run, ends here with ``status``; one bounded try, as the training is over."""
+    run, ends here with ``status``; where it is no longer the active run (HF's callback, collected with a Trainer the
+    user let go or replaced, ended it FINISHED in its ``__del__``), by its id. One bounded try: the training is over."""
     if run is None or run.owned:
         return
     if hf_started is None:  # (given where no trainer calls: at the exit)
@@ -47,9 +48,11 @@ def end_hf_run(run: Any, status: str, hf_started: bool | None = None) -> None:
         import mlflow
 
         active = mlflow.active_run()
-        if active is not None and active.info.run_id == run.run_id:
-            with temporary_env({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}):
+        with temporary_env({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}):
+            if active is not None and active.info.run_id == run.run_id:
                 mlflow.end_run(status)
+            else:
+                mlflow.MlflowClient(run.tracking_uri).set_terminated(run.run_id, status)
     except Exception as exc:  # the server's fault: the run stays as it is
         log.warning("green-callbacks: could not mark HF's MLflow run %s %s (%s: %s)", run.run_id, status,
                     type(exc).__name__, exc)
@@ -164,7 +167,8 @@ def load_saved_state(callback: Any, state: TrainerState) -> dict[str, Any] | Non
 
 
 # eval metrics about the evaluation itself, not the model
-_NOT_MODEL_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second", "epoch")
+_NOT_MODEL_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time", "epoch",
+                      "_jit_compilation_time")
 
 
 def rank_of(args: TrainingArguments) -> RankInfo:

@@ -132,18 +132,21 @@ def test_interrupted_mid_epoch_keeps_the_partial_epoch_and_summary(tmp_path, fra
     assert f"green-callbacks [{status.lower()}]" in proc.stdout
 
 
-@pytest.mark.parametrize("then", ["caught", "caught-evaluate"])
+@pytest.mark.parametrize("then", ["caught", "caught-evaluate", "caught-dropped", "caught-ctrlc"])
 def test_hf_train_that_raised_and_was_caught_ends_failed(tmp_path, then):
-    """HF tells no callback of an exception: one the user catches was ended KILLED at the exit (as if killed), and
-    an evaluate() after it made HF's training run active again and ended it FINISHED."""
+    """HF tells no callback of an exception: one the user catches was ended KILLED at the exit (as if killed), an
+    evaluate() after it made HF's training run active again and ended it FINISHED, and a Trainer let go (``del``,
+    or replaced by a new one) ended it FINISHED from ``MLflowCallback.__del__``. A Ctrl-C the user caught, then an
+    evaluate(): KILLED (it was FAILED: only an interactive session's last exception was read)."""
     uri = f"sqlite:///{tmp_path}/m.db"
     proc = subprocess.run([sys.executable, str(SCRIPTS / "interrupted.py"), "hf-mlflow", then, uri, str(tmp_path)],
                           env=fake_nvml_env("{}"), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "caught: a bug" in proc.stdout, proc.stderr[-2000:]
+    status = "KILLED" if then == "caught-ctrlc" else "FAILED"
+    assert proc.returncode == 0 and "caught: " in proc.stdout, proc.stderr[-2000:]
     client, (run,) = runs(uri)
-    assert run.info.status == "FAILED", proc.stderr[-2000:]
-    assert "green-callbacks [failed]" in proc.stdout
-    if then == "caught-evaluate":  # HF's metrics and the evaluation's energy in the training's run
+    assert run.info.status == status, proc.stderr[-2000:]
+    assert f"green-callbacks [{status.lower()}]" in proc.stdout
+    if then in ("caught-evaluate", "caught-ctrlc"):  # HF's metrics and the evaluation's energy in the training's run
         assert history(client, run.info.run_id, "eval_loss") and history(client, run.info.run_id, "energy/evaluate_j")
 
 

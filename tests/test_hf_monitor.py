@@ -7,6 +7,7 @@ import gc
 import mlflow
 import psutil
 import pytest
+import torch
 from transformers import Trainer, TrainingArguments
 
 from green_callbacks.policies import MonitorError
@@ -201,15 +202,16 @@ def test_evaluate_and_predict_report_joules_per_sample(tmp_path, digits, trackin
     t.train()
     t.evaluate()
     sender = monitor._idle_sink.sender_pid
-    t.predict(digits[1])
+    t.predict(torch.utils.data.Subset(digits[1], range(100)))  # batches of 32, 32, 32 and 4
     client, found = runs(tracking, "hf-infer")
     assert len(found) == 1
     run_id = found[0].info.run_id
-    for stage in ("evaluate", "predict"):
+    # the samples after the first batch, which precedes any HF hook: 128 - 32, and 100 - 32 (not 100 x 3/4 = 75)
+    for stage, measured in (("evaluate", 96), ("predict", 68)):
         (_, joules), = history(client, run_id, f"energy/{stage}_j")
         (_, samples), = history(client, run_id, f"{stage}/samples")
         (_, per_sample), = history(client, run_id, f"energy/{stage}_j_per_sample")
-        assert samples == 96  # 128 samples in 4 batches; the first batch precedes any HF hook
+        assert samples == measured
         assert per_sample == pytest.approx(joules / samples)
     # each call ends as train() did: the run FINISHED again (not left RUNNING), all of it confirmed by MLflow; its
     # sender is kept for the next call (a sender started per call, MLflow's imports and store: 2 s a call)
@@ -239,3 +241,14 @@ def test_an_evaluate_after_train_goes_into_the_trainings_run(tmp_path, digits, t
     assert [s for s, _ in history(client, rid, "eval_accuracy")] == [16, 16]  # the training's and the evaluate()'s
     assert history(client, rid, "energy/evaluate_j") and history(client, rid, "energy/predict_j")
     assert run.info.status == "FINISHED" and mlflow.active_run() is None
+
+
+def test_hf_timings_are_no_model_metrics():
+    """HF adds ``eval_model_preparation_time`` to every evaluation after an ``evaluate()`` before ``train()`` (a
+    common baseline): it was logged as an efficiency, ``efficiency/eval_model_preparation_time_per_kj``."""
+    from green_callbacks.transformers_trainer import model_metrics
+
+    metrics = {"eval_loss": 0.5, "eval_accuracy": 0.9, "eval_runtime": 1.2, "eval_samples_per_second": 100.0,
+               "eval_steps_per_second": 3.0, "eval_model_preparation_time": 0.002, "eval_jit_compilation_time": 0.1,
+               "epoch": 1.0}
+    assert model_metrics(metrics) == {"eval_loss": 0.5, "eval_accuracy": 0.9}

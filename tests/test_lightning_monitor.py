@@ -164,6 +164,36 @@ def test_logs_into_the_users_active_run(tmp_path):
         mlflow.set_tracking_uri(None)
 
 
+def test_fit_again_on_the_same_trainer_times_the_run_not_the_last_fit(tmp_path):
+    """fit(), then max_epochs raised and fit() again (training continued, the logger's run goes on): the second
+    fit's first evaluation interval was timed from the first fit's meter's origin (0 s, or a fraction of its
+    epoch), and time/total_s was the second fit's alone (0.23 s after 1.5 s)."""
+    import time
+
+    class Slow(pl.Callback):
+        sleep_s = 0.03
+
+        def on_train_batch_end(self, *args):
+            time.sleep(self.sleep_s)
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    slow = Slow()
+    t = trainer(tmp_path, [EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False), slow],
+                max_epochs=1, logger=MLFlowLogger(experiment_name="again", tracking_uri=uri))
+    model = ValModel()
+    t.fit(model)
+    slow.sleep_s = 0.0
+    t.fit_loop.max_epochs = 2
+    t.fit(model)
+    client, (run,) = runs(uri, "again")
+    rid = run.info.run_id
+    interval, epoch = dict(history(client, rid, "time/interval_s")), dict(history(client, rid, "time/epoch_s"))
+    assert sorted(interval) == sorted(epoch) == [63, 127]
+    assert interval[127] == pytest.approx(epoch[127], rel=0.2), "one validation an epoch: the interval is the epoch"
+    first, second = (v for _, v in history(client, rid, "time/total_s"))
+    assert first >= 64 * 0.03 and second > first, "the run's time so far, as its energy"
+
+
 def test_resume_continues_the_totals_in_the_same_run(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
@@ -198,12 +228,17 @@ def test_exception_in_training_step_keeps_the_partial_epoch_and_marks_the_run_fa
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monitor = EnergyMonitor(tracking_uri=uri, output_dir=str(tmp_path / "out"))
+    t = trainer(tmp_path, [monitor], max_epochs=3)
     with pytest.raises(RuntimeError, match="user bug"):
-        trainer(tmp_path, [monitor], max_epochs=3).fit(Boom())
+        t.fit(Boom())
     client, (run,) = runs(uri)
     assert run.info.status == "FAILED"
     assert steps(client, run.info.run_id, "energy/epoch_j") == [63, 66], "the partial epoch ends at its last step"
     assert records_of(monitor, "epoch")[-1].partial and records_of(monitor, "epoch")[-1].epoch == 1
+    # the user caught it and tests what there is: the test stage joins the run, which stays FAILED (it read FINISHED)
+    t.test(Boom(), verbose=False)
+    client, (run,) = runs(uri)
+    assert run.info.status == "FAILED" and steps(client, run.info.run_id, "energy/test_j") == [0]
     assert "green_callbacks/summary.json" in artifacts(client, run.info.run_id)
 
 

@@ -1,7 +1,9 @@
 """Training interrupted mid-epoch 1: python interrupted.py lightning|hf|hf-mlflow FAULT URI OUT.
 
 FAULT: sigterm, keyboard, exception; for HF also caught (the user catches the exception and the process ends
-normally), caught-evaluate (then calls ``trainer.evaluate()``) and preempted (a SIGTERM handler of the user's, as
+normally), caught-evaluate (then calls ``trainer.evaluate()``), caught-dropped (then lets the Trainer go, whose
+``MLflowCallback.__del__`` ends the active run FINISHED), caught-ctrlc (a Ctrl-C the user catches, then
+``trainer.evaluate()``) and preempted (a SIGTERM handler of the user's, as
 on a preemptible node, ends the process with ``sys.exit``). hf-mlflow: HF's ``MLflowCallback``
 (``report_to=["mlflow"]``) opens the run, the monitor logs into it."""
 
@@ -21,6 +23,8 @@ def strike():
         os.kill(os.getpid(), signal.SIGTERM)
     elif fault == "keyboard":
         raise KeyboardInterrupt
+    elif fault == "caught-ctrlc":
+        os.kill(os.getpid(), signal.SIGINT)
     else:  # exception, caught, caught-evaluate
         raise RuntimeError("a bug in the user's training step")
 
@@ -65,7 +69,12 @@ else:
         trainer.train()
     try:
         trainer.train()
-    except RuntimeError as exc:
-        print(f"caught: {exc}")
-    if fault == "caught-evaluate":
+    except (RuntimeError, KeyboardInterrupt) as exc:
+        print(f"caught: {exc!r}")
+    if fault in ("caught-evaluate", "caught-ctrlc"):
         trainer.evaluate()
+    if fault == "caught-dropped":
+        import gc
+
+        del trainer
+        gc.collect()
