@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,6 @@ from typing import Any
 from green_callbacks.sensors.amd import AmdSmiSensor, AmdSmiUnavailable
 from green_callbacks.sensors.base import Method, Reading, Sensor, log
 from green_callbacks.sensors.estimate import CPU_SCOPES, DEFAULT_CORE_W, CpuEstimateSensor
-from green_callbacks.sensors.gpu import build_gpu_sensor
 from green_callbacks.sensors.nvml import GpuSelection, NvmlSensor, NvmlUnavailable, load_nvml
 from green_callbacks.sensors.rapl import POWERCAP_ROOT, RaplPermissionError, RaplSensor
 
@@ -58,3 +58,31 @@ def build_sensors(
         if not any(s.component == "cpu" for s in sensors):
             sensors.append(CpuEstimateSensor(cpu_tdp_w, cpu_scope))
     return sensors
+
+
+def build_gpu_sensor(gpus: Any = "auto", cuda_indices: Any = None, nvml: Any = None) -> Sensor | None:
+    """The sensor of the GPUs this process trains on: NVML for NVIDIA, amdsmi for AMD, else ``None``.
+
+    AMD is asked first when torch is a ROCm build (its ``cuda`` devices are HIP devices), NVIDIA first
+    otherwise. A library that is missing or sees no device is skipped silently under ``"auto"``; when
+    GPUs were asked for by name and none is measurable, one warning gives each library's reason.
+    """
+    torch = sys.modules.get("torch")
+    rocm = torch is not None and bool(getattr(getattr(torch, "version", None), "hip", None))
+    makers = [lambda: NvmlSensor(gpus, cuda_indices, nvml=nvml), lambda: AmdSmiSensor(gpus, cuda_indices)]
+    if rocm and nvml is None:
+        makers.reverse()
+    reasons = []
+    for make in makers:
+        try:
+            sensor = make()
+        except (NvmlUnavailable, AmdSmiUnavailable) as exc:
+            reasons.append(str(exc))
+            continue
+        if sensor.devices:
+            return sensor
+        sensor.close()
+        reasons.append(f"{sensor.library} sees no GPU")
+    if gpus != "auto":
+        log.warning("GPU energy is 'unavailable': %s", "; ".join(reasons))
+    return None

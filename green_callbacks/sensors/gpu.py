@@ -9,13 +9,12 @@ measured before any switch.
 from __future__ import annotations
 
 import abc
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from green_callbacks.sensors.base import Method, Reading, Sensor, log
+from green_callbacks.sensors.base import Method, Reading, Sensor
 from green_callbacks.sensors.integrator import PowerIntegrator
 
 GPU_CHOICES = ('"auto"', '"all"', "a list of device indices")
@@ -352,34 +351,3 @@ class GpuEnergySensor(Sensor):
                 methods[label] = gpu.method
                 power[label] = gpu.power_w
         return Reading(joules, methods, power)
-
-
-def build_gpu_sensor(gpus: Any = "auto", cuda_indices: Any = None, nvml: Any = None) -> Sensor | None:
-    """The sensor of the GPUs this process trains on: NVML for NVIDIA, amdsmi for AMD, else ``None``.
-
-    AMD is asked first when torch is a ROCm build (its ``cuda`` devices are HIP devices), NVIDIA first
-    otherwise. A library that is missing or sees no device is skipped silently under ``"auto"``; when
-    GPUs were asked for by name and none is measurable, one warning gives each library's reason.
-    """
-    from green_callbacks.sensors.amd import AmdSmiSensor, AmdSmiUnavailable
-    from green_callbacks.sensors.nvml import NvmlSensor, NvmlUnavailable
-
-    torch = sys.modules.get("torch")
-    rocm = torch is not None and bool(getattr(getattr(torch, "version", None), "hip", None))
-    makers = [lambda: NvmlSensor(gpus, cuda_indices, nvml=nvml), lambda: AmdSmiSensor(gpus, cuda_indices)]
-    if rocm and nvml is None:
-        makers.reverse()
-    reasons = []
-    for make in makers:
-        try:
-            sensor = make()
-        except (NvmlUnavailable, AmdSmiUnavailable) as exc:
-            reasons.append(str(exc))
-            continue
-        if sensor.devices:
-            return sensor
-        sensor.close()
-        reasons.append(f"{sensor.library} sees no GPU")
-    if gpus != "auto":
-        log.warning("GPU energy is 'unavailable': %s", "; ".join(reasons))
-    return None
