@@ -96,13 +96,14 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
                        **kwargs: Any) -> None:
         # (for the exit, where no trainer calls; HF's callback itself is not kept: its __del__ ends the active
         # run, and one collected when the next Trainer's replaced it here ended that Trainer's new run)
-        self._hf_started_run = bool(getattr(hf_mlflow_callback(calling_trainer()), "_auto_end_run", False))
+        hf_started = bool(getattr(hf_mlflow_callback(calling_trainer()), "_auto_end_run", False))
         retry = (args.auto_find_batch_size and getattr(self, "_training", False) and self.started
                  and 0 < (state.train_batch_size or 0) < getattr(self, "_batch_size", 0))
         if retry:  # HF's auto_find_batch_size starts the training again, smaller, after an out-of-memory error
             self.same_training(state)
         elif self.started and not self.same_session(state):
-            self._end_interrupted()
+            self._end_interrupted()  # (the previous training's run: ended as its own trainer had started it)
+        self._hf_started_run = hf_started
         self._signals_at_start = signal_count()  # a Ctrl-C or SIGTERM after it, caught by the user: KILLED
         self._batch_size = state.train_batch_size or 0
         if resumed(state):  # train(resume_from_checkpoint=...): the checkpoint's totals, also for a monitor that
