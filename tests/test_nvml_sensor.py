@@ -253,6 +253,43 @@ def test_an_nvml_error_that_persists_loses_the_gpu_after_lost_after_s(fake_nvml,
     assert green_log.text.count("gpu0: NVML failed") == 1 and len(green_log.records) == 1, "one fault, one warning"
 
 
+def test_a_dead_gpus_last_watts_are_not_carried_through_the_retries(fake_nvml, green_log):
+    """Every read fails (NVML says UNKNOWN, not GPU_IS_LOST) until the GPU counts as lost: edges inside the retries
+    carried the last power on (330 J for a window cut there) and the loss then dropped it, so two intervals
+    summed 330 J in an epoch of 90 J. Now nothing is carried past the first failure: they tile the epoch."""
+    (dev,) = fake_nvml.configure([{"profile": [[1.0, 300.0]]}])
+    sensor = NvmlSensor("all", nvml=fake_nvml, counter_poll_s=0.05)
+    sensor.lost_after_s = 1.0
+    meter = EnergyMeter([sensor], period_s=0.01).start()
+    try:
+        meter.begin("epoch")
+        meter.begin("interval")
+        busy_wait(0.3)
+        for call in ("nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetFieldValues", "nvmlDeviceGetPowerUsage"):
+            dev.faults[call] = fake_nvml.NVML_ERROR_UNKNOWN
+        busy_wait(0.8)
+        (first,) = meter.end_many(["interval"], reopen=("interval",))
+        busy_wait(0.8)
+        second, epoch = meter.end_many(["interval", "epoch"])
+    finally:
+        meter.close()
+    a, b, e = (m.joules["gpu"]["gpu0"] for m in (first, second, epoch))
+    assert a + b == pytest.approx(e, abs=0.5) and 0.3 * 300 * 0.9 < e < 0.3 * 300 * 1.2
+    assert epoch.methods["gpu"]["gpu0"] is Method.UNAVAILABLE and green_log.text.count("gpu0: NVML failed") == 1
+
+
+@pytest.mark.parametrize("code", ["NVML_ERROR_UNKNOWN", "NVML_ERROR_NO_PERMISSION"])
+def test_a_gpu_unreadable_from_the_start_is_unavailable_at_once(fake_nvml, green_log, code):
+    """Neither counter nor power readable at the start: no gap to carry over, so no retries (it read 'sampled',
+    0 J, for the 5 s of retries, which short stages never outlast)."""
+    (dev,) = fake_nvml.configure(n=1)
+    for call in ("nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetFieldValues", "nvmlDeviceGetPowerUsage"):
+        dev.faults[call] = getattr(fake_nvml, code)
+    m = one_window(NvmlSensor("all", nvml=fake_nvml), 0.2, period_s=0.01)
+    assert m.methods["gpu"]["gpu0"] is Method.UNAVAILABLE and m.joules["gpu"]["gpu0"] == 0.0
+    assert green_log.text.count("gpu0: NVML failed") == 1
+
+
 @pytest.mark.parametrize("call", ["nvmlDeviceGetHandleByIndex", "nvmlDeviceGetUUID", "nvmlDeviceGetName"])
 def test_a_gpu_lost_before_the_start_is_unavailable_and_the_others_are_measured(fake_nvml, green_log, monkeypatch,
                                                                                  call):

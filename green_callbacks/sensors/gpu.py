@@ -183,6 +183,8 @@ class GpuEnergySensor(Sensor):
                 gpu.counter_last_j, fastest_s = self._timed_read_j(gpu, 5)
             except Exception:
                 self._start_sampling(gpu, now_s)
+                if gpu.failing_since is not None and gpu.method is Method.SAMPLED:  # nothing read: no gap to span
+                    self._lose(gpu, gpu.failing_exc or RuntimeError("no reading"), now_s)
             else:
                 gpu.method = Method.COUNTER
                 gpu.polled_s = gpu.changed_s = now_s
@@ -234,7 +236,7 @@ class GpuEnergySensor(Sensor):
         if gpu.failing_since is None:
             gpu.failing_since, gpu.failing_exc = now_s, exc
         if self._gone(exc) or now_s - gpu.failing_since >= self.lost_after_s:
-            self._lose(gpu, exc)
+            self._lose(gpu, exc, now_s)
 
     def _recovered(self, gpu: GpuState, now_s: float) -> None:
         """A read succeeded: where reads had failed before it, one warning says so and what it cost (nothing)."""
@@ -246,16 +248,22 @@ class GpuEnergySensor(Sensor):
             )
             gpu.failing_since = gpu.failing_exc = None
 
-    def _lose(self, gpu: GpuState, exc: Exception) -> None:
+    def _carried_to(self, gpu: GpuState, now_s: float) -> float:
+        """How far the last power read may be carried: to ``now_s``, or, while the reads of the power being
+        integrated fail, to their first failure (a dead GPU's last watts are not carried through the retries)."""
+        failing = gpu.failing_since if gpu.method is Method.SAMPLED else gpu.power_failing_since
+        return now_s if failing is None else min(now_s, failing)
+
+    def _lose(self, gpu: GpuState, exc: Exception, now_s: float) -> None:
         self.warn_once(
             f"lost-{gpu.target.label}",
             f"{gpu.target.label}: {self.library} failed ({exc}); its energy is 'unavailable' "
             "from now on, the joules measured before are kept.",
         )
-        if gpu.method is Method.COUNTER:
-            gpu.frozen_j += gpu.counter_j + gpu.unchanged_j + gpu.since_poll.integrated_j
+        if gpu.method is Method.COUNTER:  # as the last readings had it: no window goes back
+            gpu.frozen_j += gpu.counter_j + gpu.unchanged_j + gpu.since_poll.joules_at(self._carried_to(gpu, now_s))
         elif gpu.method is Method.SAMPLED:
-            gpu.frozen_j += gpu.integrator.integrated_j
+            gpu.frozen_j += gpu.integrator.joules_at(self._carried_to(gpu, now_s))
         gpu.counter_j = gpu.unchanged_j = 0.0
         gpu.integrator = PowerIntegrator()
         gpu.method = Method.UNAVAILABLE
@@ -342,10 +350,11 @@ class GpuEnergySensor(Sensor):
                 fresh = self._edges_read_counter()
             for gpu in self._gpus:
                 polled = gpu.method is Method.COUNTER and fresh and self._poll_counter(gpu, now_s)
+                carried = self._carried_to(gpu, now_s)
                 if gpu.method is Method.COUNTER:
-                    live = gpu.counter_j + (0.0 if polled else gpu.since_poll.joules_at(now_s))
+                    live = gpu.counter_j + (0.0 if polled else gpu.since_poll.joules_at(carried))
                 else:
-                    live = gpu.integrator.joules_at(now_s) if gpu.method is Method.SAMPLED else 0.0
+                    live = gpu.integrator.joules_at(carried) if gpu.method is Method.SAMPLED else 0.0
                 label = gpu.target.label
                 joules[label] = gpu.frozen_j + live
                 methods[label] = gpu.method

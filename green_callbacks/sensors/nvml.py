@@ -181,8 +181,13 @@ class NvmlSensor(GpuEnergySensor):
         return getattr(exc, "value", None) == getattr(self._nvml, "NVML_ERROR_NOT_SUPPORTED", 3)
 
     def _gone(self, exc: Exception) -> bool:
-        return getattr(exc, "value", None) in (getattr(self._nvml, "NVML_ERROR_GPU_IS_LOST", 15),
-                                               getattr(self._nvml, "NVML_ERROR_RESET_REQUIRED", 16))
+        """Lost, in need of a reset, or errors no retry changes (no permission, no such device, no driver, a
+        driver without the function)."""
+        nvml = self._nvml
+        codes = {getattr(nvml, name, code) for name, code in (
+            ("NVML_ERROR_GPU_IS_LOST", 15), ("NVML_ERROR_RESET_REQUIRED", 16), ("NVML_ERROR_NO_PERMISSION", 4),
+            ("NVML_ERROR_NOT_FOUND", 6), ("NVML_ERROR_DRIVER_NOT_LOADED", 9), ("NVML_ERROR_FUNCTION_NOT_FOUND", 13))}
+        return getattr(exc, "value", None) in codes
 
     def _counter_j(self, gpu: GpuState) -> float:
         return int(self._nvml.nvmlDeviceGetTotalEnergyConsumption(gpu.target.handle)) / 1000.0
