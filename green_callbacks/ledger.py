@@ -12,7 +12,7 @@ from typing import Any
 from green_callbacks.accounting import Accountant
 from green_callbacks.meter import Measurement
 from green_callbacks.policies import Decision, Progress, Totals
-from green_callbacks.records import IntervalRecord, Kind, Merged
+from green_callbacks.records import IntervalRecord, Kind, Merged, run_methods
 from green_callbacks.stretches import RATE_WINDOW, Recent, Since, combined
 
 
@@ -323,6 +323,7 @@ class RunLedger:
         if getattr(self, "started", False) and getattr(self, "_fit_start", None) is not None:
             self._t_start = self._fit_start - self.time_before_s  # restored once this fit had begun
         self.records = [IntervalRecord.from_json(r) for r in state.get("records", [])]
+        self._tagged_methods = run_methods(self.records)  # the tags the run was given: its weakest
         self._outputs_folder = None  # the records written before are not these: those files are kept aside
         self.local_id = state.get("local_id", self.local_id)
         evaluations = [r for r in self.records if r.kind is Kind.EVALUATION]  # (an epoch's record repeats its eval_j)

@@ -233,6 +233,7 @@ class PointHost:
             self.sink.set_tags(tags)
             self._tagged_methods = {k.removeprefix("green.method."): v for k, v in tags.items()
                                     if k.startswith("green.method.")}
+            self._tag_weaker_methods(self.records)  # a run resumed into a new run: the checkpoint's records too
         self._tag_weaker_methods(records)
         held, self._held = self._held, None
         if held is not None and held[0] != first.step:
@@ -282,8 +283,9 @@ class PointHost:
     def measured_only(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """``metrics`` without the energy and what follows from it (emissions, cost, power, efficiency, throughput,
         the projection) where nothing is measured (one process, no sensor readable): a 0 J logged as measured put
-        the run first in every comparison. A DDP rank 0 without a sensor logs its peers' joules: all kept."""
-        if getattr(self, "measurable", True) or self.rank.world_size > 1:
+        the run first in every comparison. A DDP rank 0 without a sensor logs its peers' joules: all kept; where no
+        rank measures anything, none."""
+        if getattr(self, "job_measurable", True):
             return dict(metrics)
         return {k: v for k, v in metrics.items() if not k.startswith(MEASURED_PREFIXES)}
 

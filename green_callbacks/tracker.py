@@ -169,9 +169,11 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
             for sensor in sensors:
                 if hasattr(sensor, "add_peers"):
                     sensor.add_peers(peers)
-        self.measurable = any(s.measurable for s in sensors) or not self.rank.measures_host
+        own = any(s.measurable for s in sensors)
+        # the job's: under DDP one all-gather (every rank of a job of MIG slices, none measures: no 0 J logged)
+        self.job_measurable = own if self.rank.world_size == 1 else any(gather(own))
         self.check_measurable()
-        if not self.measurable and self.rank.world_size == 1 and not self._warned_unmeasured:
+        if not self.job_measurable and self.rank.is_zero and not self._warned_unmeasured:
             self._warned_unmeasured = True
             log.warning("green-callbacks: nothing can be measured here (gpus=%r, measure_cpu=%r, no GPU readable): "
                         "no energy, emissions or cost is logged, and the run's green.method.* tags say "
@@ -215,6 +217,8 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
             booked = self.resume_epoch(epoch)  # the checkpoint's epoch, where it ended with the checkpoint
             if booked is not None and self.rank.is_zero and self.sink is not None:
                 self.sink.log_metrics(self.measured_only(epoch_metrics(booked)), step=booked.step)
+                if self._params_logged:
+                    self._tag_weaker_methods([booked])
             tiles = tile and self._epoch_closed_at == len(self.records) and self.meter.is_open("interval")
             self.meter.begin("epoch", at_start_of="interval" if tiles else None)
 
@@ -278,7 +282,8 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         if keep_sink and status == "FINISHED" and self.ended_status in ("FAILED", "KILLED"):
             status = self.ended_status  # test()/evaluate() after a training that failed: the run stays failed
         self.ended_status = status
-        self.time_before_s = self.run_time_s()
+        if not keep_sink:  # a training's end: its time is the run's (a test()/evaluate() stage's is not)
+            self.time_before_s = self.run_time_s()
         self._finished = True
         self._finishing_status = status
         trace = None

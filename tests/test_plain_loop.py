@@ -373,6 +373,27 @@ def test_two_spawned_ranks_log_both_energies_once(tmp_path):
     assert per_j[9] == pytest.approx(5 * 32 / (cumulative[9] - cumulative[4]))
 
 
+@pytest.mark.slow
+def test_two_ranks_that_measure_nothing_log_no_energy(tmp_path):
+    """No rank measures anything (gpus=None, measure_cpu=False; a job of MIG slices): the single-process rule (no
+    0 J logged as a measurement) held only for one process; two ranks logged energy/total_j = 0."""
+    import subprocess
+    import sys
+
+    from test_ddp import PER_RANK, SCRIPTS
+
+    from helpers import fake_nvml_env, free_port
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "plain_ddp.py"), uri, str(tmp_path), str(free_port()),
+                           "blind"], env=fake_nvml_env(PER_RANK), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, (run,) = runs(uri, "ddp")
+    assert not [k for k in run.data.metrics if k.startswith(("energy/", "emissions/", "power/", "throughput/"))]
+    assert "val_loss" in run.data.metrics and run.data.tags["green.method.gpu"] == "unavailable"
+    assert proc.stderr.count("nothing can be measured here") == 1
+
+
 def test_report_takes_tensors_and_leaves_out_what_is_not_a_number(tmp_path, uri, gpu, green_log):
     tracker = tracker_for(tmp_path, uri)
     with tracker, tracker.epoch(0):
@@ -412,3 +433,30 @@ def test_a_second_training_into_the_same_run_keeps_the_first_ones_files(tmp_path
     assert {"green_callbacks/intervals.csv", "green_callbacks/intervals.before-1.csv",
             "green_callbacks/summary.before-1.json"} <= {a.path for a in client.list_artifacts(run.info.run_id,
                                                                                             "green_callbacks")}
+
+
+def test_a_resumed_run_tags_a_method_weaker_than_before_the_checkpoint(tmp_path, fake_nvml):
+    """Resumed from a checkpoint on a GPU whose counter is gone (sampled now): the run's green.method.gpu tag stayed
+    'counter' (the tags were not known after the resume), while summary.json said 'sampled'."""
+    from green_callbacks import EnergyTracker
+    from green_callbacks.outputs import summary
+
+    def train(tracker, epochs, start=0):
+        with tracker:
+            for epoch in range(start, start + epochs):
+                with tracker.epoch(epoch):
+                    fake_nvml.advance(0.5)
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    fake_nvml.configure([{"counter": True}], work_clock=True)
+    first = EnergyTracker(gpus="all", measure_cpu=False, tracking_uri=uri, experiment_name="r",
+                          output_dir=str(tmp_path / "out"))
+    train(first, 2)
+    state = json.loads(json.dumps(first.state_dict()))
+    fake_nvml.configure([{"counter": False}], work_clock=True)  # a new process, on a GPU read by sampled power
+    resumed = EnergyTracker(gpus="all", measure_cpu=False, tracking_uri=uri, experiment_name="r",
+                            output_dir=str(tmp_path / "out"))
+    resumed.load_state_dict(state)
+    train(resumed, 2, start=2)
+    _, (run,) = runs(uri, "r")
+    assert run.data.tags["green.method.gpu"] == summary(resumed)["methods"]["gpu"] == "sampled"

@@ -1,6 +1,7 @@
 """A plain PyTorch DDP loop (2 CPU processes from torch.multiprocessing.spawn, gloo) with EnergyTracker.
 
-Usage: python plain_ddp.py TRACKING_URI OUT_DIR. No launcher sets LOCAL_RANK here: the tracker finds
+Usage: python plain_ddp.py TRACKING_URI OUT_DIR PORT [blind]; blind: no rank measures anything (``gpus=None,
+measure_cpu=False``, as a job of MIG slices). No launcher sets LOCAL_RANK here: the tracker finds
 each rank's place from torch.distributed and the ranks' host names. Each rank writes the exact
 joules of its own simulated GPU over each epoch window to OUT_DIR/truth-rank{r}.json, and its
 local rank to OUT_DIR/local-rank{r}.txt.
@@ -18,15 +19,16 @@ from torch.nn.parallel import DistributedDataParallel
 from green_callbacks import EnergyTracker
 
 
-def worker(rank: int, uri: str, out: str, port: int) -> None:
+def worker(rank: int, uri: str, out: str, port: int, blind: bool) -> None:
     import pynvml
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(rank)
     model = DistributedDataParallel(torch.nn.Linear(64, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    tracker = EnergyTracker(gpus="all", tracking_uri=uri, experiment_name="ddp", output_dir=out,
-                            log_artifacts=False, log_every_n_steps=5)
+    sensors = {"gpus": None, "measure_cpu": False} if blind else {"gpus": "all"}
+    tracker = EnergyTracker(tracking_uri=uri, experiment_name="ddp", output_dir=out, log_artifacts=False,
+                            log_every_n_steps=5, **sensors)
     truth = []
     with tracker:
         for epoch in range(2):
@@ -41,14 +43,15 @@ def worker(rank: int, uri: str, out: str, port: int) -> None:
                 with tracker.evaluation(), torch.no_grad():
                     val_loss = float(torch.nn.functional.cross_entropy(model(x), y))
                 tracker.report({"val_loss": val_loss})
-            (dev,) = pynvml.devices()
-            window = tracker.last_window
-            truth.append(dev.energy_between(window.start_s, window.end_s))
-            Path(out, f"truth-rank{rank}.json").write_text(json.dumps(truth))
+            if not blind:
+                (dev,) = pynvml.devices()
+                window = tracker.last_window
+                truth.append(dev.energy_between(window.start_s, window.end_s))
+                Path(out, f"truth-rank{rank}.json").write_text(json.dumps(truth))
     Path(out, f"local-rank{rank}.txt").write_text(str(tracker.rank.local_rank))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     uri, out, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    mp.spawn(worker, args=(uri, out, port), nprocs=2)
+    mp.spawn(worker, args=(uri, out, port, sys.argv[4:] == ["blind"]), nprocs=2)
