@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -573,3 +574,35 @@ def test_replay_of_a_folder_beside_a_kept_idle_sender_has_nothing_to_send(tmp_pa
     assert replay.returncode == 0, replay.stderr
     assert "everything in it is in MLflow" in replay.stderr and sink.spool_path.exists()
     assert sink.close(30) and not sink.spool_path.exists()
+
+
+@pytest.mark.slow
+def test_replay_after_the_machine_went_down_with_everything_sent_marks_the_run_killed(tmp_path):
+    """Training and sender killed -9 together after the sender had sent everything: the replay found nothing to
+    send, had opened no client, and left the run RUNNING for ever (then removed the spool: nothing could fix it)."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    child = textwrap.dedent(f"""
+        import os, signal, time
+        from green_callbacks.sinks import MlflowSink, RunTarget
+        sink = MlflowSink(RunTarget(tracking_uri={uri!r}, experiment_name="down"), {str(tmp_path / "out")!r},
+                          first_send_s=0, cadence_s=0.2)
+        for step in range(3):
+            sink.log_metrics({{"energy/cumulative_j": 10.0 * step}}, step)
+            sink.interval_end()
+        end = time.time() + 90
+        while sink.unconfirmed and time.time() < end:
+            time.sleep(0.1)
+        print("confirmed", not sink.unconfirmed, flush=True)
+        os.kill(sink.sender_pid, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    died = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=180)
+    assert "confirmed True" in died.stdout, died.stderr[-2000:]
+    replay = subprocess.run([sys.executable, "-m", "green_callbacks.cli", "replay", str(tmp_path / "out")], env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert replay.returncode == 0, replay.stderr[-2000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("down").experiment_id])
+    assert run.info.status == "KILLED" and history(client, run.info.run_id, "energy/cumulative_j")[-1] == (2, 20.0)

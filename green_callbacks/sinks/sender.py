@@ -157,9 +157,10 @@ class Sender(BatchSending):
     def mark_vanished(self) -> None:
         """Everything is sent, and the training is gone without recording its end (kill -9, the OOM killer): a
         run this package opened is marked ``KILLED`` rather than left ``RUNNING`` for ever."""
-        if self.ended or not self.state.owned or self.client is None or self.client.run_id is None:
+        if self.ended or not self.state.owned or self.state.run_id is None:
             return
         try:  # only a run still RUNNING: a training resumed into it since may have ended it already
+            self._open()  # (a replay, or a sender started again, with nothing left to send has no client yet)
             if self.client.status() == "RUNNING":
                 self.client.set_status("KILLED")
         except Exception as exc:
