@@ -606,3 +606,32 @@ def test_replay_after_the_machine_went_down_with_everything_sent_marks_the_run_k
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("down").experiment_id])
     assert run.info.status == "KILLED" and history(client, run.info.run_id, "energy/cumulative_j")[-1] == (2, 20.0)
+
+
+def test_one_refused_name_in_a_backlog_costs_a_few_requests_not_one_per_metric(tmp_path, monkeypatch):
+    """One name MLflow refuses among 400 records sent together: the batch was sent again one metric at a time
+    (800 requests; over HTTP 1,289 requests and 79 s for 300 steps, the run RUNNING and the end's wait given up).
+    Now the refused batch is halved until the refused name stands alone: the rest still arrives, in a few
+    requests, and the name alone is set aside."""
+    from green_callbacks.sinks.tracking import RunClient
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    MlflowClient(uri).search_experiments()
+    records = [("metrics", {"energy/cumulative_j": float(s), "power/mean_w": 1.0 + s}, s) for s in range(400)]
+    records[150][1]["efficiency/val/../x_per_kj"] = 1.0  # a path MLflow refuses as a metric name
+    spool = write_spool(tmp_path / "spool-bad.jsonl", RunTarget(uri, experiment_name="bad"), records)
+    calls = []
+    real = RunClient.log_batch
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunClient, "log_batch", counted)
+    result = replay_spool(spool)
+    assert result.complete and result.set_aside == 1
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("bad").experiment_id])
+    assert len(history(client, run.info.run_id, "energy/cumulative_j")) == 400
+    assert len(history(client, run.info.run_id, "power/mean_w")) == 400
+    assert len(calls) <= 30, len(calls)
