@@ -137,6 +137,11 @@ class BatchSending:
             except Exception as exc:
                 if not permanent(exc) or access_refused(exc):
                     raise
-                self._halve(part)
+                if len(part) > 1:
+                    self._halve(part)
+                    continue
+                (line, kind, e), = part  # refused alone: set aside (as by _alone, whose request this was)
+                self.refused.add((kind, e.key))
+                self._aside(line, describe(exc), kind, e)
             else:
                 self.refused.difference_update((kind, e.key) for _, kind, e in part)
