@@ -991,6 +991,7 @@ def test_credentials_refused_mid_run_keep_every_record_for_a_replay(tmp_path, se
     trainer(tmp_path, [Expire(), monitor], max_epochs=4).fit(ValModel())
     assert green_log.text.count("nothing more can be sent") == 1, green_log.text
     assert "refused the metric" not in green_log.text
+    assert "ended early" not in green_log.text, "the block, said once: no second warning like a crash"
     # the 401 is no outage (a request in flight when the link switched, its connection dropped, may be one)
     outages = [line for line in green_log.text.splitlines() if "cannot be reached" in line]
     assert not [line for line in outages if "401" in line or "nauthori" in line or "UNAUTHENTICATED" in line]

@@ -235,7 +235,7 @@ class MlflowSink:
         if self._proc is None:
             return True
         code = self._proc.poll()
-        if code is not None and code != 0:
+        if code is not None and code != 0 and not getattr(self._state, "blocked", None):  # (a block: said once)
             self._warn_once("sender", f"green-callbacks: its MLflow sender ended early (exit code {code}); "
                                       f"records are kept in {self.spool_path}.")
         return code is not None
