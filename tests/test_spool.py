@@ -635,3 +635,41 @@ def test_one_refused_name_in_a_backlog_costs_a_few_requests_not_one_per_metric(t
     assert len(history(client, run.info.run_id, "energy/cumulative_j")) == 400
     assert len(history(client, run.info.run_id, "power/mean_w")) == 400
     assert len(calls) <= 30, len(calls)
+
+
+@pytest.mark.slow
+def test_records_a_full_disk_kept_from_the_spool_are_copied_elsewhere_for_a_replay(tmp_path, monkeypatch, green_log):
+    """The spool's disk fills mid-run (ENOSPC): the records after it, the run's status among them, were kept in
+    memory and dropped at the end ("are lost"), the run left RUNNING. Now the whole spool, they included, is
+    copied to the temporary directory (another disk) with the sender's progress, and its replay sends the rest."""
+    import errno
+    import tempfile
+    import types
+
+    from green_callbacks.sinks import spool as spool_module
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "elsewhere"))
+    sink = MlflowSink(RunTarget(uri, experiment_name="full"), tmp_path / "out", first_send_s=0, cadence_s=0.2)
+    for step in range(3):
+        sink.log_metrics({"energy/cumulative_j": float(step)}, step=step)
+        sink.interval_end()
+    assert sink.flush(60)
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module, "os", types.SimpleNamespace(**{**vars(os), "write": full}))
+    for step in range(3, 6):
+        sink.log_metrics({"energy/cumulative_j": float(step)}, step=step)
+    sink.set_status("FINISHED")
+    assert not sink.close(timeout_s=5)
+    monkeypatch.undo()
+    (copy,) = (tmp_path / "elsewhere" / "green_callbacks").glob("spool-*.jsonl")
+    assert f"is copied to {copy}" in green_log.text and f"green-callbacks replay {copy}" in green_log.text
+    result = replay_spool(copy)
+    assert result.complete
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("full").experiment_id])
+    assert [s for s, _ in history(client, run.info.run_id, "energy/cumulative_j")] == list(range(6))
+    assert run.info.status == "FINISHED"

@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -333,7 +334,11 @@ class MlflowSink:
         else:
             uri = self._run_ref.tracking_uri if self._run_ref else self._state.tracking_uri or self._uri or \
                 "its tracking URI"
-            lost = f"; {writer.unwritten} could not be written to it and are lost" if writer.unwritten else ""
+            rescued = writer.rescue(Path(tempfile.gettempdir()) / "green_callbacks") if writer.unwritten else None
+            lost = "" if not writer.unwritten else (
+                f"; {writer.unwritten} could not be written to it (is the disk full?) and are lost" if rescued is None
+                else f"; {writer.unwritten} could not be written to it (is the disk full?): the whole spool, they "
+                     f"included, is copied to {rescued}")
             blocked = getattr(self._state, "blocked", None)
             said = blocked and any(blocked in text for text in self._state.notes[:self._relayed])
             trying = ("; its sender stopped: MLflow refused them (the warning above says why)" if said else
@@ -341,7 +346,7 @@ class MlflowSink:
                       f"; its sender keeps trying for up to {self.linger_s:g} s" if not self._sender_gone() else "")
             log.warning("green-callbacks: %d records are not yet confirmed by MLflow at %s; they are kept in %s%s%s. "
                         "Send them with: green-callbacks replay %s", self._unsent(), uri, writer.path, lost, trying,
-                        writer.path)
+                        rescued or writer.path)
         self._closed = done
         return done
 

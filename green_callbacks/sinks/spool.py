@@ -276,6 +276,30 @@ class SpoolWriter:
                     sync(self._fd)
             synced = wanted
 
+    def rescue(self, folder: Path) -> Path | None:
+        """Records that could not be written (the disk full): the whole spool, what the file holds and them, copied
+        to ``folder`` (another disk, the temporary directory), with the sender's progress beside it, so a replay of
+        the copy sends the rest into the same run. The copy's path, or None where it cannot be written either."""
+        target = folder / self.path.name
+        if not self._unwritten or target == self.path:
+            return None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with self.path.open("rb") as src, target.open("wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                dst.write((b"\n" if self._torn else b"") + b"".join(self._unwritten))
+                dst.flush()
+                os.fsync(dst.fileno())
+            progress = state_path(self.path)
+            if progress.exists():
+                state_path(target).write_bytes(progress.read_bytes())
+        except OSError:
+            with contextlib.suppress(OSError):
+                target.unlink()
+            return None
+        return target
+
     def close(self) -> None:
         """Sync now and close the file (after the write a signal handler interrupted, if it did)."""
         self.closed = True
