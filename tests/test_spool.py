@@ -673,3 +673,21 @@ def test_records_a_full_disk_kept_from_the_spool_are_copied_elsewhere_for_a_repl
     (run,) = client.search_runs([client.get_experiment_by_name("full").experiment_id])
     assert [s for s, _ in history(client, run.info.run_id, "energy/cumulative_j")] == list(range(6))
     assert run.info.status == "FINISHED"
+
+
+def test_a_refusal_whose_rejected_file_cannot_be_written_says_where_it_stays(tmp_path):
+    """The warning said a refused metric "is set aside in ....rejected.jsonl" when that file could not be written
+    (a full disk, a read-only folder): the file was empty. Now it says the record stays at its line of the spool."""
+    from green_callbacks.sinks.sender import Sender
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    MlflowClient(uri).search_experiments()
+    bad = "efficiency/val_" + "x" * 300 + "_per_kj"
+    spool = write_spool(tmp_path / "spool-ro.jsonl", RunTarget(uri, experiment_name="ro"),
+                        [("metrics", {"energy/epoch_j": 1.0, bad: 1.0}, 0)])
+    rejected_path(spool).mkdir()  # where the file would go, a folder: writing it fails
+    sender = Sender(spool)
+    sender.read(final=True)
+    assert sender.send()
+    (note,) = [n for n in sender.state.notes if "refused the metric" in n]
+    assert "left at line 2 of" in note and "set aside in" not in note

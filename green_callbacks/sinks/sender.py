@@ -320,13 +320,15 @@ class Sender(BatchSending):
         self._done([item], deferred=True)
 
     def _set_aside(self, line: int, reason: str, content: Any, what: str, refused: bool = True) -> None:
-        with contextlib.suppress(OSError):  # a folder gone read-only: the warning below still names it
+        where = f"set aside in {rejected_path(self.spool)}"
+        try:
             set_aside(self.spool, line, reason, content)
+        except OSError as exc:  # a folder gone read-only, a full disk: it stays in the spool, at its line
+            where = f"left at line {line} of {self.spool} ({rejected_path(self.spool).name} cannot be written: {exc})"
         self.state.set_aside += 1
-        self.note(f"aside:{what}", f"green-callbacks: MLflow at {self.uri} refused {what} ({reason}); it is set "
-                                   f"aside in {rejected_path(self.spool)} and everything else is sent."
-                  if refused else f"green-callbacks: {what}; it is set aside in {rejected_path(self.spool)} and "
-                                  "everything else is sent.")
+        self.note(f"aside:{what}", f"green-callbacks: MLflow at {self.uri} refused {what} ({reason}); it is {where} "
+                                   "and everything else is sent."
+                  if refused else f"green-callbacks: {what}; it is {where} and everything else is sent.")
 
     def _done(self, items: list[Record | Unreadable], deferred: bool = False) -> None:
         """Items off the queue (``deferred``: an artifact left for later, not sent), and the progress saved; a
