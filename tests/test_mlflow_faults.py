@@ -1165,3 +1165,32 @@ def test_a_sqlite_store_in_a_folder_that_cannot_be_written_is_a_refusal_at_once(
     assert f"the MLflow store {db} cannot be created" in said()
     assert "cannot be reached" not in said()
     assert not blocker.with_name("mlflow.db").exists() and blocker.is_file()
+
+
+@pytest.mark.slow
+def test_a_sender_left_alone_with_a_hung_server_ends_with_its_linger(tmp_path, server, link):
+    """The linger (how long the sender goes on once the training has closed) was checked only between sends: a
+    send to a hung server, its request timeouts growing 5, 10, 20 s, held the sender 110 s past a 60 s linger, and
+    a replay meanwhile waited for it and gave up. Now no request starts past the linger, and none started during it
+    waits past it."""
+    from green_callbacks.sinks import MlflowSink, RunTarget
+
+    link.set("up")
+    sink = MlflowSink(RunTarget(link.uri, experiment_name="hung-end"), tmp_path / "out", first_send_s=0,
+                      cadence_s=0.2, linger_s=4)
+    sink.log_metrics({"energy/cumulative_j": 0.0}, step=0)
+    sink.interval_end()
+    assert sink.flush(60)
+    link.set("hung")
+    for step in range(1, 400):
+        sink.log_metrics({"energy/cumulative_j": float(step)}, step=step)
+        sink.interval_end()
+    pid = sink.sender_pid
+    closed = time.monotonic()
+    assert not sink.close(timeout_s=1)
+    process = psutil.Process(pid)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        process.wait(60)
+    # the linger, plus the request in flight when the training closed (its timeout grown to at most 30 s while
+    # the training ran); no request after (51 s here before)
+    assert time.monotonic() - closed < 4 + 30 + 5

@@ -85,6 +85,7 @@ def follow(spool: Path) -> int:
         gone = os.getppid() != parent
         if alone_since is None and (gone or sender.detached):
             alone_since = time.monotonic()
+            sender.deadline = alone_since + linger
             sender.echo = lambda text: print(text, file=sys.stderr, flush=True)
         sender.read(final=gone)
         now = time.monotonic()

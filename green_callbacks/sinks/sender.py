@@ -110,6 +110,7 @@ class Sender(BatchSending):
         self._again: list[tuple[int, str, Any]] = []  # (line, kind, entity) of a name refused before, sent alone
         self._damaged = damaged  # said at the first send
         self.timeout_s: int | None = None  # the HTTP timeout after a request timed out; None: the environment's
+        self.deadline: float | None = None  # (monotonic) no request starts after it, none waits past it: the linger
 
     # -- reading -------------------------------------------------------------------------------
     def read(self, final: bool = False) -> None:
@@ -219,9 +220,12 @@ class Sender(BatchSending):
         if not self.pending or self.state.blocked or time.monotonic() < self.retry_at:
             return not self.pending and not self.state.deferred
         try:
-            with temporary_env({"MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.timeout_s)} if self.timeout_s else {}):
+            timeout = self.timeout_s
+            if self.deadline is not None:  # a send ends with the linger (a hung server held it minutes past it)
+                timeout = max(1, min(timeout or http_timeout_s(), int(self.deadline - time.monotonic())))
+            with temporary_env({"MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout)} if timeout else {}):
                 self._open()
-                while self.pending and self._send_next() is not False:
+                while self.pending and not self._past_deadline() and self._send_next() is not False:
                     pass
         except Exception as exc:
             # refusals of single records were handled below; a refusal of the credentials is the whole run's
@@ -254,6 +258,9 @@ class Sender(BatchSending):
         if self.note("down", f"green-callbacks: MLflow at {self.uri} cannot be reached ({describe(exc)}); the "
                              f"records wait in {self.spool} and are sent when it is back.", again_after_s=RENOTE_S):
             self._announced_down = True
+
+    def _past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def _open(self) -> None:
         if self.client is not None and self.client.run_id is not None:
