@@ -305,8 +305,9 @@ def test_gpu_lost_mid_training_warns_once_and_training_finishes(tmp_path, fake_n
     assert run.data.tags["green.method.gpu"] == "unavailable"
     assert summary(monitor)["methods"]["gpu"] == "unavailable"
     gpu0 = dict(history(client, run.info.run_id, "energy/gpu0_j"))
-    assert dict(history(client, run.info.run_id, "energy/gpu_j"))[127] == pytest.approx(gpu0[127]), \
-        "the component's sum holds what was read"
+    # the component's sum holds what was read: gpu0's epoch, and gpu1's joules up to its loss early in epoch 1 (the
+    # last watts read, carried to its first failed read: a few ms, more on a loaded machine)
+    assert dict(history(client, run.info.run_id, "energy/gpu_j"))[127] >= gpu0[127]
 
 
 def test_bad_arguments_fail_before_training(tmp_path):
