@@ -151,6 +151,12 @@ class EnergyMeter:
         self._thread.start()
         return self
 
+    @property
+    def measurable(self) -> bool:
+        """Whether any sensor measures anything (after :meth:`start`: one that failed, a GPU unreadable from the
+        start, does not)."""
+        return any(s.measurable for i, s in enumerate(self.sensors) if i not in self._broken)
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:

@@ -107,9 +107,17 @@ def cumulative_metrics(cumulative_j: float, cumulative_g: float, cumulative_cost
     return out
 
 
+def read_throughout(r: IntervalRecord) -> bool:
+    """Whether some component was read throughout ``r``: where none was (the only GPU lost before or during it),
+    its joules, emissions and cost are no measurement and are not logged (a 0 would read as one)."""
+    return not r.components_j or any(c not in r.unread for c in r.components_j)
+
+
 def epoch_metrics(r: IntervalRecord) -> dict[str, float]:
     """At each epoch's end: the epoch's energy by component and device, power, time, emissions."""
     fp = r.footprint
+    if not read_throughout(r):
+        return {"time/epoch_s": r.duration_s}
     out = {"energy/epoch_j": r.energy_j, "energy/val_j": r.eval_j, "energy/epoch_kwh": fp.kwh,
            "emissions/epoch_g": fp.g_co2e, "time/epoch_s": r.duration_s}
     unread = set(r.unread)
@@ -152,6 +160,8 @@ def efficiency_metrics(metrics: Mapping[str, float], cumulative_j: float,
 
 def evaluation_metrics(r: IntervalRecord, wanted: Sequence[str] | None) -> dict[str, float]:
     """At each evaluation: the evaluation itself, the interval since the previous one, efficiency."""
+    if not read_throughout(r):
+        return {"time/eval_s": r.eval_s, "time/interval_s": r.duration_s}
     out = {"energy/eval_j": r.eval_j, "time/eval_s": r.eval_s, "energy/interval_j": r.energy_j,
            "time/interval_s": r.duration_s, "emissions/interval_g": r.footprint.g_co2e}
     if r.footprint.cost is not None:

@@ -169,17 +169,22 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
             for sensor in sensors:
                 if hasattr(sensor, "add_peers"):
                     sensor.add_peers(peers)
-        own = any(s.measurable for s in sensors)
+        meter = EnergyMeter(sensors, self.sampling_period_s, cuda_sync=self.cuda_sync).start()
+        own = meter.measurable  # after the sensors' start: a GPU with a handle whose every read fails measures nothing
         # the job's: under DDP one all-gather (every rank of a job of MIG slices, none measures: no 0 J logged)
         self.job_measurable = own if self.rank.world_size == 1 else any(gather(own))
-        self.check_measurable()
+        try:
+            self.check_measurable()
+        except ValueError:
+            meter.close()
+            raise
         if not self.job_measurable and self.rank.is_zero and not self._warned_unmeasured:
             self._warned_unmeasured = True
             log.warning("green-callbacks: nothing can be measured here (gpus=%r, measure_cpu=%r, no GPU readable): "
                         "no energy, emissions or cost is logged, and the run's green.method.* tags say "
                         "'unavailable'. Measure something (gpus='auto' or 'all', measure_cpu=True).", self.gpus,
                         self.measure_cpu)
-        self.meter = EnergyMeter(sensors, self.sampling_period_s, cuda_sync=self.cuda_sync).start()
+        self.meter = meter
         self.meter.begin("interval")
         self.started, self._finished = True, False
         self._every = self.log_every_n_steps
@@ -279,7 +284,8 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         MLflow confirmed keeps its sender for the monitor's next stage (see :meth:`_park_sink`)."""
         if not self.started or self._finished:
             return
-        if keep_sink and status == "FINISHED" and self.ended_status in ("FAILED", "KILLED"):
+        cut_short = status != "FINISHED"  # this stage's own end (the run's status may say more, below)
+        if keep_sink and not cut_short and self.ended_status in ("FAILED", "KILLED"):
             status = self.ended_status  # test()/evaluate() after a training that failed: the run stays failed
         self.ended_status = status
         if not keep_sink:  # a training's end: its time is the run's (a test()/evaluate() stage's is not)
@@ -292,7 +298,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         interrupted: KeyboardInterrupt | None = None  # Ctrl-C in the wait for MLflow: the outputs first, then it
         try:
             if self.meter is not None:
-                if status != "FINISHED" or self.epoch_open:  # interrupted: this rank's part, without collectives
+                if cut_short or self.epoch_open:  # interrupted: this rank's part, without collectives
                     if self.epoch_open:
                         self._point(Kind.EPOCH, self._last_step_seen_or_point(), collective=False)
                     self._point(Kind.END, self._last_step_seen_or_point(), collective=False)

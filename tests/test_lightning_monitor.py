@@ -13,7 +13,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import MLFlowLogger
 
 from green_callbacks.accounting import J_PER_KWH
-from green_callbacks.lightning import EnergyMonitor
+from green_callbacks.lightning import EnergyBudget, EnergyMonitor
 from green_callbacks.outputs import summary
 
 from helpers import CUMULATIVE, EPOCH_CONTRACT, EVAL_CONTRACT, artifacts, history, records_of, runs, steps
@@ -235,10 +235,15 @@ def test_exception_in_training_step_keeps_the_partial_epoch_and_marks_the_run_fa
     assert run.info.status == "FAILED"
     assert steps(client, run.info.run_id, "energy/epoch_j") == [63, 66], "the partial epoch ends at its last step"
     assert records_of(monitor, "epoch")[-1].partial and records_of(monitor, "epoch")[-1].epoch == 1
+    totals = {k: history(client, run.info.run_id, k) for k in ("energy/total_j", "energy/cumulative_j")}
+    ends = len(records_of(monitor, "end"))
     # the user caught it and tests what there is: the test stage joins the run, which stays FAILED (it read FINISHED)
     t.test(Boom(), verbose=False)
     client, (run,) = runs(uri)
     assert run.info.status == "FAILED" and steps(client, run.info.run_id, "energy/test_j") == [0]
+    # ... and the test's joules are the test's: not booked a second time as the training's end (they were)
+    assert {k: history(client, run.info.run_id, k) for k in totals} == totals
+    assert len(records_of(monitor, "end")) == ends
     assert "green_callbacks/summary.json" in artifacts(client, run.info.run_id)
 
 
@@ -308,6 +313,48 @@ def test_gpu_lost_mid_training_warns_once_and_training_finishes(tmp_path, fake_n
     # the component's sum holds what was read: gpu0's epoch, and gpu1's joules up to its loss early in epoch 1 (the
     # last watts read, carried to its first failed read: a few ms, more on a loaded machine)
     assert dict(history(client, run.info.run_id, "energy/gpu_j"))[127] >= gpu0[127]
+
+
+def test_the_only_gpu_lost_leaves_no_joules_logged_as_measured(tmp_path, fake_nvml, green_log):
+    """GPU-only measurement (measure_cpu=False), the one GPU lost after epoch 0: the later epochs and evaluations
+    logged energy/epoch_j, energy/interval_j and emissions as 0, as if measured; now only their times."""
+    (dev,) = fake_nvml.configure(n=1)
+
+    class Lose(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            for call in ("nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetFieldValues", "nvmlDeviceGetPowerUsage"):
+                dev.faults[call] = fake_nvml.NVML_ERROR_GPU_IS_LOST
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monitor = EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=uri, output_dir=str(tmp_path / "out"),
+                            log_artifacts=False)
+    trainer(tmp_path, [monitor, Lose()], max_epochs=3).fit(ValModel())
+    client, (run,) = runs(uri)
+    for name in ("energy/epoch_j", "emissions/epoch_g", "energy/interval_j", "energy/eval_j", "emissions/interval_g"):
+        assert steps(client, run.info.run_id, name) == [63], name
+    assert steps(client, run.info.run_id, "time/epoch_s") == steps(client, run.info.run_id, "time/interval_s") == \
+        [63, 127, 191]
+    assert [s for s, _ in history(client, run.info.run_id, "energy/cumulative_j")][:1] == [63]
+
+
+def test_a_gpu_unreadable_from_the_start_counts_as_nothing_measured(tmp_path, fake_nvml, green_log):
+    """A GPU with a handle whose every read fails (a passing error that never passes) is lost at the start; with
+    nothing else measured the run is one that measures nothing: no 0 J logged, a stopper refused before training
+    (it had counted as measurable, so 0 J went to MLflow as measurements and the stopper could never act)."""
+    (dev,) = fake_nvml.configure(n=1)
+    for call in ("nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetFieldValues", "nvmlDeviceGetPowerUsage"):
+        dev.faults[call] = fake_nvml.NVML_ERROR_UNKNOWN
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monitor = EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=uri, output_dir=str(tmp_path / "out"),
+                            log_artifacts=False)
+    trainer(tmp_path, [monitor], max_epochs=2).fit(ValModel())
+    assert "nothing can be measured here" in green_log.text
+    _, (run,) = runs(uri)
+    assert not [k for k in run.data.metrics if k.startswith(("energy/", "emissions/", "power/"))]
+    assert run.data.tags["green.method.gpu"] == "unavailable"
+    with pytest.raises(ValueError, match="EnergyBudget cannot act: nothing is measured"):
+        trainer(tmp_path, [EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False), EnergyBudget(energy="1 kJ")],
+                max_epochs=1).fit(ValModel())
 
 
 def test_bad_arguments_fail_before_training(tmp_path):

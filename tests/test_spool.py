@@ -677,7 +677,8 @@ def test_records_a_full_disk_kept_from_the_spool_are_copied_elsewhere_for_a_repl
 
 def test_a_refusal_whose_rejected_file_cannot_be_written_says_where_it_stays(tmp_path):
     """The warning said a refused metric "is set aside in ....rejected.jsonl" when that file could not be written
-    (a full disk, a read-only folder): the file was empty. Now it says the record stays at its line of the spool."""
+    (a full disk, a read-only folder): the file was empty. Now it says the record is not kept (the spool that holds
+    it is removed once the rest is sent)."""
     from green_callbacks.sinks.sender import Sender
 
     uri = f"sqlite:///{tmp_path}/m.db"
@@ -690,4 +691,4 @@ def test_a_refusal_whose_rejected_file_cannot_be_written_says_where_it_stays(tmp
     sender.read(final=True)
     assert sender.send()
     (note,) = [n for n in sender.state.notes if "refused the metric" in n]
-    assert "left at line 2 of" in note and "set aside in" not in note
+    assert "it is not kept" in note and "at line 2 of" in note and "set aside in" not in note

@@ -126,6 +126,7 @@ class GpuEnergySensor(Sensor):
         self.counter_read_s: float | None = None  # the fastest of the counter reads timed at start
         self._lock = threading.Lock()
         self._gpus = [GpuState(t) for t in targets]
+        self._started = False
         for gpu in self._gpus:
             if not gpu.target.measurable:
                 self.warn_once(f"unmeasurable-{gpu.target.label}", gpu.target.reason)
@@ -148,7 +149,8 @@ class GpuEnergySensor(Sensor):
 
     @property
     def measurable(self) -> bool:
-        return any(g.target.measurable for g in self._gpus)
+        """Any GPU with a handle; after :meth:`start`, any that was read (one unreadable from the start is lost)."""
+        return any(g.target.measurable and not (self._started and g.method is Method.UNAVAILABLE) for g in self._gpus)
 
     def describe(self) -> dict[str, str]:
         out = {g.target.label: f"{g.target.name} ({g.target.uuid})" for g in self._gpus}
@@ -191,6 +193,7 @@ class GpuEnergySensor(Sensor):
                 timings.append(fastest_s)
         if timings:
             self.counter_read_s = min(timings)
+        self._started = True
 
     def _start_sampling(self, gpu: GpuState, now_s: float) -> None:
         if gpu.method is Method.COUNTER:  # what the counter has not yet shown, from the power since it last moved

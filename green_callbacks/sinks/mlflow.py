@@ -14,7 +14,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -334,7 +333,7 @@ class MlflowSink:
         else:
             uri = self._run_ref.tracking_uri if self._run_ref else self._state.tracking_uri or self._uri or \
                 "its tracking URI"
-            rescued = writer.rescue(Path(tempfile.gettempdir()) / "green_callbacks") if writer.unwritten else None
+            rescued = writer.rescue() if writer.unwritten else None
             lost = "" if not writer.unwritten else (
                 f"; {writer.unwritten} could not be written to it (is the disk full?) and are lost" if rescued is None
                 else f"; {writer.unwritten} could not be written to it (is the disk full?): the whole spool, they "

@@ -220,13 +220,14 @@ class Sender(BatchSending):
         if not self.pending or self.state.blocked or time.monotonic() < self.retry_at:
             return not self.pending and not self.state.deferred
         try:
-            timeout = self.timeout_s
-            if self.deadline is not None:  # a send ends with the linger (a hung server held it minutes past it)
-                timeout = max(1, min(timeout or http_timeout_s(), int(self.deadline - time.monotonic())))
-            with temporary_env({"MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout)} if timeout else {}):
+            if self._past_deadline():
+                return False
+            with temporary_env(self._request_env()):
                 self._open()
-                while self.pending and not self._past_deadline() and self._send_next() is not False:
-                    pass
+            while self.pending and not self._past_deadline():
+                with temporary_env(self._request_env()):
+                    if self._send_next() is False:
+                        break
         except Exception as exc:
             # refusals of single records were handled below; a refusal of the credentials is the whole run's
             if isinstance(exc, Blocked) or permanent(exc) or access_refused(exc):
@@ -258,6 +259,16 @@ class Sender(BatchSending):
         if self.note("down", f"green-callbacks: MLflow at {self.uri} cannot be reached ({describe(exc)}); the "
                              f"records wait in {self.spool} and are sent when it is back.", again_after_s=RENOTE_S):
             self._announced_down = True
+
+    def _request_env(self) -> dict[str, str]:
+        """MLflow's HTTP settings for the next request: the timeout after one timed out; once the training has
+        closed, one that ends with the linger (a hung server held a send minutes past it): its timeout what is
+        left, and no retries (MLflow retries a read timeout, each with the whole timeout)."""
+        if self.deadline is None:
+            return {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.timeout_s)} if self.timeout_s else {}
+        left = int(self.deadline - time.monotonic())
+        return {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, min(self.timeout_s or http_timeout_s(), left))),
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
 
     def _past_deadline(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -330,8 +341,9 @@ class Sender(BatchSending):
         where = f"set aside in {rejected_path(self.spool)}"
         try:
             set_aside(self.spool, line, reason, content)
-        except OSError as exc:  # a folder gone read-only, a full disk: it stays in the spool, at its line
-            where = f"left at line {line} of {self.spool} ({rejected_path(self.spool).name} cannot be written: {exc})"
+        except OSError as exc:  # a folder gone read-only, a full disk: nowhere to keep it once the spool goes
+            where = (f"not kept ({rejected_path(self.spool).name} cannot be written: {exc}; it stays at line {line} "
+                     f"of {self.spool} only until the rest is sent and the spool removed)")
         self.state.set_aside += 1
         self.note(f"aside:{what}", f"green-callbacks: MLflow at {self.uri} refused {what} ({reason}); it is {where} "
                                    "and everything else is sent."

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -276,12 +277,19 @@ class SpoolWriter:
                     sync(self._fd)
             synced = wanted
 
-    def rescue(self, folder: Path) -> Path | None:
+    def rescue(self, folder: Path | None = None) -> Path | None:
         """Records that could not be written (the disk full): the whole spool, what the file holds and them, copied
-        to ``folder`` (another disk, the temporary directory), with the sender's progress beside it, so a replay of
-        the copy sends the rest into the same run. The copy's path, or None where it cannot be written either."""
+        to ``folder`` (another disk; by default ``<tmp>/green_callbacks``), with the sender's progress beside it, so
+        a replay of the copy sends the rest into the same run. The copy's path, or None where it cannot be written
+        either (nor a temporary directory found)."""
+        if not self._unwritten:
+            return None
+        try:
+            folder = folder or Path(tempfile.gettempdir()) / "green_callbacks"  # it probes: can fail on a full disk
+        except OSError:
+            return None
         target = folder / self.path.name
-        if not self._unwritten or target == self.path:
+        if target == self.path:
             return None
         try:
             folder.mkdir(parents=True, exist_ok=True)
