@@ -233,6 +233,42 @@ def test_a_passing_nvml_error_is_retried_and_the_gpu_stays_measured(fake_nvml, g
         assert "instant power is not readable" not in green_log.text
 
 
+def test_window_edges_do_not_wait_on_a_failing_gpu(fake_nvml, green_log, monkeypatch):
+    """While a GPU's counter reads fail (a GPU falling off the bus can make each NVML call slow), the training
+    thread's window edges read it no more: the sampler thread retries; an edge takes the last reading plus power.
+    Every edge in the retries had called NVML on the training thread."""
+    import threading
+
+    (dev,) = fake_nvml.configure([{"profile_seed": 5}])
+    real = fake_nvml.nvmlDeviceGetTotalEnergyConsumption
+    callers = []
+
+    def counted(handle):
+        callers.append(threading.current_thread() is threading.main_thread())
+        return real(handle)
+
+    monkeypatch.setattr(fake_nvml, "nvmlDeviceGetTotalEnergyConsumption", counted)
+    sensor = NvmlSensor("all", nvml=fake_nvml, counter_poll_s=0.05)
+    meter = EnergyMeter([sensor], period_s=0.01).start()
+    try:
+        meter.begin("interval")
+        busy_wait(0.2)
+        dev.faults["nvmlDeviceGetTotalEnergyConsumption"] = fake_nvml.NVML_ERROR_TIMEOUT
+        busy_wait(0.2)  # the sampler's poll has failed: the reads are being retried
+        callers.clear()
+        for _ in range(5):
+            meter.end_many(["interval"], reopen=("interval",))
+            busy_wait(0.02)
+        on_training_thread = sum(callers)
+        dev.faults.clear()
+        busy_wait(0.3)
+        m = meter.end("interval")
+    finally:
+        meter.close()
+    assert on_training_thread == 0 and len(callers) > 0, "the sampler retried, the edges did not"
+    assert m.methods["gpu"]["gpu0"] is Method.COUNTER
+
+
 def test_an_nvml_error_that_persists_loses_the_gpu_after_lost_after_s(fake_nvml, green_log, monkeypatch):
     (dev,) = fake_nvml.configure([{"profile_seed": 4}])
     sensor = NvmlSensor("all", nvml=fake_nvml, counter_poll_s=0.05)

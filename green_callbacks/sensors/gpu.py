@@ -352,7 +352,9 @@ class GpuEnergySensor(Sensor):
             if fresh is None:
                 fresh = self._edges_read_counter()
             for gpu in self._gpus:
-                polled = gpu.method is Method.COUNTER and fresh and self._poll_counter(gpu, now_s)
+                # while reads fail the sampler thread retries: the training thread waits on no failing device
+                polled = gpu.method is Method.COUNTER and fresh and gpu.failing_since is None and \
+                    self._poll_counter(gpu, now_s)
                 carried = self._carried_to(gpu, now_s)
                 if gpu.method is Method.COUNTER:
                     live = gpu.counter_j + (0.0 if polled else gpu.since_poll.joules_at(carried))
