@@ -84,7 +84,9 @@ def follow(spool: Path) -> int:
     while True:
         gone = os.getppid() != parent
         if alone_since is None and (gone or sender.detached):
-            alone_since = time.monotonic()
+            # the linger runs from the training's close, not from when this loop saw it (after a send in flight)
+            closed_ago = 0.0 if gone or sender.detached_at is None else max(0.0, time.time() - sender.detached_at)
+            alone_since = time.monotonic() - closed_ago
             sender.deadline = alone_since + linger
             sender.echo = lambda text: print(text, file=sys.stderr, flush=True)
         sender.read(final=gone)

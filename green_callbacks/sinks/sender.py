@@ -101,6 +101,7 @@ class Sender(BatchSending):
         self.retry_at = 0.0
         self.closed_until: float | None = None  # when the training's close() stops waiting
         self.detached = False
+        self.detached_at: float | None = None  # (time.time) when the training wrote that it stopped waiting
         self.ended = False  # the training recorded its end (a status, its close or its detach)
         self.refused: set[tuple[str, str]] = set()  # (kind, key) MLflow refused once: from then on sent alone
         self.final = False  # the spool is read to its end: its training writes no more
@@ -125,6 +126,7 @@ class Sender(BatchSending):
                 self.read_to = (item.end, item.line)
                 if isinstance(item, Record) and item.kind == "detach":
                     self.detached = True  # the training stopped waiting: from now on the sender is alone
+                    self.detached_at = item.t_ms / 1000  # (wall clock) read maybe long after: a send held it
                 if isinstance(item, Record) and item.kind in ("status", "close", "detach"):
                     # (a run that goes on again, a later stage into it with this sender: not ended any more)
                     self.ended = not (item.kind == "status" and item.data.get("status") == "RUNNING")
