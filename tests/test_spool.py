@@ -46,6 +46,21 @@ def epochs(n: int, start: int = 0) -> list[tuple[str, dict, int | None]]:
     return [("metrics", {"energy/epoch_j": 10.0 * s, "time/epoch_s": 0.1}, s) for s in range(start, start + n)]
 
 
+def test_a_replayed_run_ends_when_its_training_ended_not_at_the_replay(tmp_path):
+    """A replay sent later (the server was down) set the run's end time to the replay's: a 60-s training showed
+    318 s in MLflow. The status record's time is the end."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    MlflowClient(uri).search_experiments()  # the store exists (replay creates none a spool names)
+    spool = write_spool(tmp_path / "spool-late.jsonl", RunTarget(uri, experiment_name="late"),
+                        [*epochs(2), ("status", {"status": "FINISHED"}, None)])
+    ended_ms = time.time() * 1000
+    time.sleep(1.5)
+    assert replay_spool(spool).complete
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("late").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.end_time <= ended_ms
+
+
 def test_names_are_sanitised_as_lightnings_mlflow_logger_does(tmp_path):
     from lightning.pytorch.loggers import MLFlowLogger
 
@@ -166,7 +181,7 @@ def test_a_refused_name_is_set_aside_and_everything_else_is_sent(tmp_path):
     result = replay_spool(spool)
     assert result.complete and result.set_aside == 3
     (note,) = result.notes
-    assert "refused the metric 'efficiency/a//b_per_kj'" in note and "INVALID_PARAMETER_VALUE" in note
+    assert "refused the metric 'efficiency/a//b_per_kj'" in note and note.count("INVALID_PARAMETER_VALUE") == 1
     assert "cannot be reached" not in note
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
@@ -692,3 +707,16 @@ def test_a_refusal_whose_rejected_file_cannot_be_written_says_where_it_stays(tmp
     assert sender.send()
     (note,) = [n for n in sender.state.notes if "refused the metric" in n]
     assert "it is not kept" in note and "at line 2 of" in note and "set aside in" not in note
+
+
+def test_an_mlflow_error_code_is_said_once():
+    """A server's refusal read 'INVALID_PARAMETER_VALUE: INVALID_PARAMETER_VALUE: ...' (the code, then MLflow's
+    message, which starts with it over HTTP)."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    from green_callbacks.sinks.verdicts import describe
+
+    over_http = RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "'Metric name' is too long"})
+    assert describe(over_http) == "INVALID_PARAMETER_VALUE: 'Metric name' is too long"
+    local = MlflowException("'Metric name' is too long", error_code="INVALID_PARAMETER_VALUE")
+    assert describe(local) == "INVALID_PARAMETER_VALUE: 'Metric name' is too long"

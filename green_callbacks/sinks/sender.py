@@ -321,7 +321,7 @@ class Sender(BatchSending):
                     raise
                 self._set_aside(item.line, describe(exc), item.data, f"the artifact {item.data.get('path')}")
         elif item.kind == "status" and self.state.owned:
-            self.client.set_status(str(item.data["status"]))
+            self.client.set_status(str(item.data["status"]), end_time_ms=int(item.t_ms))
         elif item.kind == "close":
             self.closed_until = item.t_ms / 1000 + float(item.data.get("wait_s", 0.0)) + STARTUP_S
         return self._done([item])

@@ -240,11 +240,12 @@ class RunClient:
             raise ArtifactFailed(path, exc) from exc
 
     @_probed
-    def set_status(self, status: str) -> None:
+    def set_status(self, status: str, end_time_ms: int | None = None) -> None:
+        """``end_time_ms``: when the training ended (a replay sends it later: the run's end is not the replay's)."""
         if status == "RUNNING":  # a run going on again (a later stage into it): not terminated, no end time set
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            self.client.set_terminated(self.run_id, status)
+            self.client.set_terminated(self.run_id, status, end_time=end_time_ms)
 
     @_probed
     def status(self) -> str:

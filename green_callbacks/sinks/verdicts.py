@@ -132,7 +132,7 @@ def describe(exc: BaseException) -> str:
         text = text[:200] + " ... " + text[-200:]
     if isinstance(getattr(exc, "green_http_status", None), int):  # a gateway's JSON: its real status, not MLflow's 500
         return f"HTTP {exc.green_http_status} from {exc.green_http_probe}: {text.removeprefix(f'{code}: ')}"
-    return f"{code}: {text}" if code else f"{type(exc).__name__}: {text}"
+    return f"{code}: {text.removeprefix(f'{code}: ')}" if code else f"{type(exc).__name__}: {text}"  # said once
 
 
 class ArtifactFailed(Exception):
