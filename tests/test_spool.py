@@ -713,10 +713,11 @@ def test_an_mlflow_error_code_is_said_once():
     """A server's refusal read 'INVALID_PARAMETER_VALUE: INVALID_PARAMETER_VALUE: ...' (the code, then MLflow's
     message, which starts with it over HTTP)."""
     from mlflow.exceptions import MlflowException, RestException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
     from green_callbacks.sinks.verdicts import describe
 
     over_http = RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "'Metric name' is too long"})
     assert describe(over_http) == "INVALID_PARAMETER_VALUE: 'Metric name' is too long"
-    local = MlflowException("'Metric name' is too long", error_code="INVALID_PARAMETER_VALUE")
+    local = MlflowException("'Metric name' is too long", error_code=INVALID_PARAMETER_VALUE)
     assert describe(local) == "INVALID_PARAMETER_VALUE: 'Metric name' is too long"
