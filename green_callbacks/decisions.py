@@ -63,7 +63,7 @@ class StopperHost:
 
     def check_measurable(self) -> None:
         """A stopper with nothing measured would never act: say so before the first training step."""
-        if self.stoppers and not getattr(self, "job_measurable", True):
+        if self.stoppers and not getattr(self, "job_configured", True):  # (a sensor's fault is a warning)
             raise ValueError(f"{', '.join(type(s).__name__ for s in self.stoppers)} cannot act: nothing is measured "
                              f"here (gpus={self.gpus!r}, measure_cpu={self.measure_cpu!r}, no GPU readable); measure "
                              "something (gpus='auto' or 'all', measure_cpu=True) or remove the stopper")

@@ -245,8 +245,8 @@ class PointHost:
                                  self.efficiency_metrics))
         for record in records[1:]:
             out.update(point_metrics(record, False, self._last_point_j, self.efficiency_metrics))
-        if first.step > self.last_logged_step or held is not None:  # once per step, as the cumulative series
-            out.update(throughput)
+        if (first.step > self.last_logged_step or held is not None) and not first.unread:  # once per step, as
+            out.update(throughput)  # the cumulative series; not per joule where some device's joules went unread
         out = self.measured_only(out)
         if hold:
             self._held = (first.step, out)

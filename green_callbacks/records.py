@@ -142,6 +142,8 @@ def point_metrics(r: IntervalRecord, first_at_step: bool, mean_power_w: float,
     """Everything one point logs at ``r.step``: the cumulative series (first point of a step only), and the
     epoch's or the evaluation's own names."""
     out = cumulative_metrics(r.cumulative_j, r.cumulative_g, r.cumulative_cost, mean_power_w) if first_at_step else {}
+    if not read_throughout(r):  # nothing read since the last point: no power measured for it
+        out.pop("power/mean_w", None)
     if r.kind is Kind.EPOCH:
         out.update(epoch_metrics(r))
     elif r.kind is Kind.EVALUATION:

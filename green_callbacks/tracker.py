@@ -169,21 +169,26 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
             for sensor in sensors:
                 if hasattr(sensor, "add_peers"):
                     sensor.add_peers(peers)
+        configured = any(s.measurable for s in sensors)  # what the settings and the machine offer (GPU handles)
         meter = EnergyMeter(sensors, self.sampling_period_s, cuda_sync=self.cuda_sync).start()
-        own = meter.measurable  # after the sensors' start: a GPU with a handle whose every read fails measures nothing
-        # the job's: under DDP one all-gather (every rank of a job of MIG slices, none measures: no 0 J logged)
-        self.job_measurable = own if self.rank.world_size == 1 else any(gather(own))
         try:
-            self.check_measurable()
-        except ValueError:
+            # after the sensors' start: a GPU with a handle whose every read fails measures nothing. The job's:
+            # under DDP one all-gather (every rank of a job of MIG slices, none measures: no 0 J logged)
+            flags = [(configured, meter.measurable)]
+            flags = flags if self.rank.world_size == 1 else gather(flags[0])
+            self.job_configured = any(c for c, _ in flags)
+            self.job_measurable = any(m for _, m in flags)
+            self.check_measurable()  # a setting that measures nothing fails; a sensor fault is a warning
+        except BaseException:
             meter.close()
             raise
         if not self.job_measurable and self.rank.is_zero and not self._warned_unmeasured:
             self._warned_unmeasured = True
             log.warning("green-callbacks: nothing can be measured here (gpus=%r, measure_cpu=%r, no GPU readable): "
                         "no energy, emissions or cost is logged, and the run's green.method.* tags say "
-                        "'unavailable'. Measure something (gpus='auto' or 'all', measure_cpu=True).", self.gpus,
-                        self.measure_cpu)
+                        "'unavailable'%s. Measure something (gpus='auto' or 'all', measure_cpu=True).", self.gpus,
+                        self.measure_cpu, f"; {', '.join(type(s).__name__ for s in self.stoppers)} cannot act"
+                        if self.stoppers else "")
         self.meter = meter
         self.meter.begin("interval")
         self.started, self._finished = True, False
@@ -284,6 +289,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         MLflow confirmed keeps its sender for the monitor's next stage (see :meth:`_park_sink`)."""
         if not self.started or self._finished:
             return
+        ended_ms = int(time.time() * 1000)  # the run's end time in MLflow (its status is written after the wait)
         cut_short = status != "FINISHED"  # this stage's own end (the run's status may say more, below)
         if keep_sink and not cut_short and self.ended_status in ("FAILED", "KILLED"):
             status = self.ended_status  # test()/evaluate() after a training that failed: the run stays failed
@@ -320,7 +326,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
                     outputs.write(self, trace)
         finally:
             if self.sink is not None:
-                self.sink.set_status(status)
+                self.sink.set_status(status, end_ms=ended_ms)
                 try:
                     parked = keep_sink and confirmed and status == "FINISHED" and self._park_sink()
                 except KeyboardInterrupt as exc:  # the end goes on (closed without waiting), then the Ctrl-C

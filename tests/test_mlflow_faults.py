@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -1168,30 +1169,51 @@ def test_a_sqlite_store_in_a_folder_that_cannot_be_written_is_a_refusal_at_once(
 
 
 @pytest.mark.slow
-def test_a_sender_left_alone_with_a_hung_server_ends_with_its_linger(tmp_path, server, link):
+@pytest.mark.parametrize("training", ["exits", "stays"])
+def test_a_sender_left_alone_with_a_hung_server_ends_with_its_linger(tmp_path, server, link, training):
     """The linger (how long the sender goes on once the training has closed) was checked only between sends: a
     send to a hung server, its request timeouts growing 5, 10, 20 s, held the sender 110 s past a 60 s linger, and
-    a replay meanwhile waited for it and gave up. Now no request starts past the linger, and none started during it
-    waits past it."""
-    from green_callbacks.sinks import MlflowSink, RunTarget
-
+    a replay meanwhile waited for it and gave up. Now no request starts past the linger, none started during it
+    waits past it, and the linger counts from the close, also where the training's process has exited by then (it
+    counted from the end of the request in flight at the close: 64-83 s after the close with a 60-s linger)."""
     link.set("up")
-    sink = MlflowSink(RunTarget(link.uri, experiment_name="hung-end"), tmp_path / "out", first_send_s=0,
-                      cadence_s=0.2, linger_s=15)
-    sink.log_metrics({"energy/cumulative_j": 0.0}, step=0)
-    sink.interval_end()
-    assert sink.flush(60)
-    link.set("hung")
-    for step in range(1, 400):
-        sink.log_metrics({"energy/cumulative_j": float(step)}, step=step)
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from green_callbacks.sinks import MlflowSink, RunTarget
+        sink = MlflowSink(RunTarget({link.uri!r}, experiment_name="hung-end"), Path({str(tmp_path / "out")!r}),
+                          first_send_s=0, cadence_s=0.2, linger_s=15)
+        sink.log_metrics({{"energy/cumulative_j": 0.0}}, step=0)
         sink.interval_end()
-    pid = sink.sender_pid
-    closed = time.monotonic()
-    assert not sink.close(timeout_s=1)
-    process = psutil.Process(pid)
-    with contextlib.suppress(psutil.NoSuchProcess):
-        process.wait(60)
-    # the linger counts from the close, not from the end of the request in flight then (5 s, retried twice by
-    # MLflow: about 17 s): it ended at the later of the two, about 17 s (51 s here before, with a 4-s linger;
-    # 33 s with the linger counted from the end of that request)
-    assert time.monotonic() - closed < 25
+        assert sink.flush(60)
+        print(sink.sender_pid, flush=True)
+        sys.stdin.readline()  # the server hangs now
+        for step in range(1, 400):
+            sink.log_metrics({{"energy/cumulative_j": float(step)}}, step=step)
+            sink.interval_end()
+        time.sleep(1)  # a send is in flight
+        assert not sink.close(timeout_s=1)
+        print("closed", flush=True)
+        if {training == "stays"!r}:
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        process = psutil.Process(int(proc.stdout.readline()))
+        link.set("hung")
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "closed"
+        closed = time.monotonic()
+        def ended() -> bool:  # gone, or a zombie that its parent, still training, has not reaped
+            try:
+                return process.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        wait_for("the sender's end", ended, timeout_s=90)
+        # the linger counts from the close, not from the end of the request in flight then (5 s, retried twice by
+        # MLflow: about 17 s): the sender ends at the later of the two, within about 20 s (with a 15-s linger)
+        assert time.monotonic() - closed < 25
+    finally:
+        proc.kill()

@@ -83,13 +83,14 @@ def follow(spool: Path) -> int:
     last_send = 0.0
     while True:
         gone = os.getppid() != parent
+        sender.read(final=gone)
         if alone_since is None and (gone or sender.detached):
-            # the linger runs from the training's close, not from when this loop saw it (after a send in flight)
-            closed_ago = 0.0 if gone or sender.detached_at is None else max(0.0, time.time() - sender.detached_at)
+            # the linger runs from the training's close where it wrote one, not from when this loop saw it (after
+            # a send in flight then, which the training's exit does not shorten)
+            closed_ago = 0.0 if sender.detached_at is None else max(0.0, time.time() - sender.detached_at)
             alone_since = time.monotonic() - closed_ago
             sender.deadline = alone_since + linger
             sender.echo = lambda text: print(text, file=sys.stderr, flush=True)
-        sender.read(final=gone)
         now = time.monotonic()
         # MLflow's start-up (seconds of CPU) waits until the training is under way, or over
         due = gone or sender.urgent or (time.time() >= first_send_at and now - last_send >= cadence)

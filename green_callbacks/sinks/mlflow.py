@@ -170,12 +170,13 @@ class MlflowSink:
     def log_artifact(self, path: str | Path, artifact_path: str | None = "green_callbacks") -> None:
         self._append("artifact", {"path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
-    def set_status(self, status: str) -> None:
-        """The run's final status; only for a run this package owns."""
+    def set_status(self, status: str, end_ms: int | None = None) -> None:
+        """The run's final status; only for a run this package owns. ``end_ms``: when the training ended (the
+        status is written after the end's wait for MLflow; a replay sends it later still)."""
         if status not in STATUSES:
             raise ValueError(f"status={status!r} is not an MLflow final status; choose from {list(STATUSES)}")
         if self.target.owned:
-            self._append("status", {"status": status})
+            self._append("status", {"status": status, **({"end_ms": int(end_ms)} if end_ms is not None else {})})
 
     def interval_end(self) -> None:
         """The interval's records are written: make them durable (off this thread) and hear from the sender."""

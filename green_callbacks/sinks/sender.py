@@ -264,13 +264,17 @@ class Sender(BatchSending):
 
     def _request_env(self) -> dict[str, str]:
         """MLflow's HTTP settings for the next request: the timeout after one timed out; once the training has
-        closed, one that ends with the linger (a hung server held a send minutes past it): its timeout what is
-        left, and no retries (MLflow retries a read timeout, each with the whole timeout)."""
+        closed, one that ends with the linger (a hung server held a send minutes past it): its timeout at most what
+        is left, and MLflow's retries (each with the whole timeout, after a backoff) only where they fit in it."""
         if self.deadline is None:
             return {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.timeout_s)} if self.timeout_s else {}
         left = int(self.deadline - time.monotonic())
-        return {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, min(self.timeout_s or http_timeout_s(), left))),
-                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+        timeout = max(1, min(self.timeout_s or http_timeout_s(), left))
+        env = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout)}
+        retries = int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0") or 0)
+        if (retries + 1) * timeout + 2 ** retries > left:  # urllib3's backoff at factor 1: 0, 2, 4 ... s
+            env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        return env
 
     def _past_deadline(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -321,7 +325,7 @@ class Sender(BatchSending):
                     raise
                 self._set_aside(item.line, describe(exc), item.data, f"the artifact {item.data.get('path')}")
         elif item.kind == "status" and self.state.owned:
-            self.client.set_status(str(item.data["status"]), end_time_ms=int(item.t_ms))
+            self.client.set_status(str(item.data["status"]), end_time_ms=int(item.data.get("end_ms", item.t_ms)))
         elif item.kind == "close":
             self.closed_until = item.t_ms / 1000 + float(item.data.get("wait_s", 0.0)) + STARTUP_S
         return self._done([item])
