@@ -61,6 +61,24 @@ class StopperHost:
             self.step_periods = tuple(s.check_every_n_steps for s in self.stoppers if s.check_every_n_steps)
             self.check_measurable()
 
+    _warned_unmeasured: bool
+
+    def settle_measurable(self, configured: bool, measured: bool) -> None:
+        """Whether the job measures anything (collective: one all-gather under DDP; a job of MIG slices, none
+        measured, logs no 0 J). A setting that offers nothing to measure fails before training; a sensor that
+        offered something and failed at its start is a warning."""
+        flags = [(configured, measured)] if self.rank.world_size == 1 else gather((configured, measured))
+        self.job_configured = any(c for c, _ in flags)
+        self.job_measurable = any(m for _, m in flags)
+        self.check_measurable()
+        if not self.job_measurable and self.rank.is_zero and not self._warned_unmeasured:
+            self._warned_unmeasured = True
+            log.warning("green-callbacks: nothing can be measured here (gpus=%r, measure_cpu=%r, no GPU readable): "
+                        "no energy, emissions or cost is logged, and the run's green.method.* tags say "
+                        "'unavailable'%s. Measure something (gpus='auto' or 'all', measure_cpu=True).", self.gpus,
+                        self.measure_cpu, f"; {', '.join(type(s).__name__ for s in self.stoppers)} cannot act"
+                        if self.stoppers else "")
+
     def check_measurable(self) -> None:
         """A stopper with nothing measured would never act: say so before the first training step."""
         if self.stoppers and not getattr(self, "job_configured", True):  # (a sensor's fault is a warning)

@@ -30,7 +30,6 @@ from green_callbacks.process import never_raises
 from green_callbacks.records import Kind, batch_size, epoch_metrics, total_metrics
 from green_callbacks.runs import RunHost, Session
 from green_callbacks.sensors import GpuSelection, build_sensors
-from green_callbacks.sensors.base import log
 from green_callbacks.stages import StageHost
 from green_callbacks.stopping import Stopper
 from green_callbacks.throughput import ThroughputHost
@@ -171,24 +170,11 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
                     sensor.add_peers(peers)
         configured = any(s.measurable for s in sensors)  # what the settings and the machine offer (GPU handles)
         meter = EnergyMeter(sensors, self.sampling_period_s, cuda_sync=self.cuda_sync).start()
-        try:
-            # after the sensors' start: a GPU with a handle whose every read fails measures nothing. The job's:
-            # under DDP one all-gather (every rank of a job of MIG slices, none measures: no 0 J logged)
-            flags = [(configured, meter.measurable)]
-            flags = flags if self.rank.world_size == 1 else gather(flags[0])
-            self.job_configured = any(c for c, _ in flags)
-            self.job_measurable = any(m for _, m in flags)
-            self.check_measurable()  # a setting that measures nothing fails; a sensor fault is a warning
+        try:  # after the sensors' start: a GPU with a handle whose every read fails measures nothing
+            self.settle_measurable(configured, meter.measurable)
         except BaseException:
             meter.close()
             raise
-        if not self.job_measurable and self.rank.is_zero and not self._warned_unmeasured:
-            self._warned_unmeasured = True
-            log.warning("green-callbacks: nothing can be measured here (gpus=%r, measure_cpu=%r, no GPU readable): "
-                        "no energy, emissions or cost is logged, and the run's green.method.* tags say "
-                        "'unavailable'%s. Measure something (gpus='auto' or 'all', measure_cpu=True).", self.gpus,
-                        self.measure_cpu, f"; {', '.join(type(s).__name__ for s in self.stoppers)} cannot act"
-                        if self.stoppers else "")
         self.meter = meter
         self.meter.begin("interval")
         self.started, self._finished = True, False

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from green_callbacks.sensors.gpu import GpuEnergySensor, GpuState, GpuTarget, choose_indices
+from green_callbacks.sensors.gpu import GpuEnergySensor, GpuState
+from green_callbacks.sensors.targets import GpuTarget, choose_indices
 
 NOT_SUPPORTED = 2  # AMDSMI_STATUS_NOT_SUPPORTED in amdsmi.amdsmi_wrapper
 WHOLE_GPU_PARTITIONS = ("", "SPX", "N/A")  # compute partition modes in which one handle is one whole GPU

@@ -11,58 +11,10 @@ from __future__ import annotations
 import abc
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
 
 from green_callbacks.sensors.base import Method, Reading, Sensor
 from green_callbacks.sensors.integrator import PowerIntegrator
-
-GPU_CHOICES = ('"auto"', '"all"', "a list of device indices")
-
-
-@dataclass(frozen=True)
-class GpuTarget:
-    """One device of this process (its index in the framework's numbering) and the handle that measures it."""
-
-    index: int
-    handle: Any  # None: not measurable (a MIG instance, a partition, an unknown id); ``reason`` says why
-    name: str
-    uuid: str
-    reason: str = ""
-
-    @property
-    def label(self) -> str:
-        return f"gpu{self.index}"
-
-    @property
-    def measurable(self) -> bool:
-        return self.handle is not None
-
-
-def choose_indices(gpus: Any, cuda_indices: Any, visible: int, local_rank: str | None) -> list[int]:
-    """The device indices ``gpus`` names, out of ``visible`` devices (the same rules for every vendor).
-
-    ``"auto"``: the trainer's devices (``cuda_indices``), else this rank's ``LOCAL_RANK`` device,
-    else device 0; ``"all"``: every visible device; a list: those indices, checked.
-    """
-    if gpus == "all":
-        return list(range(visible))
-    if gpus == "auto":
-        if cuda_indices is not None:
-            return list(cuda_indices)
-        if local_rank is not None and visible:
-            return [int(local_rank) % visible]
-        return [0] if visible else []
-    if isinstance(gpus, str):
-        raise ValueError(f"gpus={gpus!r} is not valid; choose {', '.join(GPU_CHOICES)}")
-    chosen = [int(i) for i in gpus]
-    bad = [i for i in chosen if not 0 <= i < visible]
-    if bad:
-        raise ValueError(
-            f"gpus={list(gpus)!r}: device(s) {bad} do not exist; this process sees "
-            f"{visible} GPU(s), valid indices are {list(range(visible))}"
-        )
-    return chosen
+from green_callbacks.sensors.targets import GpuTarget
 
 
 class GpuState:

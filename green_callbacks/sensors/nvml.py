@@ -9,7 +9,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from green_callbacks.sensors.gpu import GpuEnergySensor, GpuState, GpuTarget, choose_indices
+from green_callbacks.sensors.gpu import GpuEnergySensor, GpuState
+from green_callbacks.sensors.targets import GpuTarget, choose_indices
 
 GpuSelection = str | Sequence[int]
 

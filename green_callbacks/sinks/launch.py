@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 
-from green_callbacks.sinks.sender import SENDER_ENV
+from green_callbacks.sinks.pacing import SENDER_ENV
 from green_callbacks.sinks.spool import SpoolWriter
 
 log = logging.getLogger("green_callbacks")
