@@ -113,9 +113,10 @@ def test_lightning_step_checks_bound_the_overshoot_to_one_interval(tmp_path, fak
     interval_j = max(t.j for t in budget.budget.recent)
     assert mon.cumulative_j <= 300 + interval_j
     # checked every 4 steps (after steps 3, 7, 11... on Lightning's 0-based axis), not only at the epochs' ends
-    # (23 steps apart), and stopped at such a check
+    # (23 steps apart), and stopped at such a check, or at an epoch's end where the real-time joules crossed the
+    # budget's projection there first (a point too: seen once at step 46, the end of epoch 2)
     epoch_j = records_of(mon, "epoch")[0].energy_j  # 23 steps
-    assert interval_j < epoch_j / 3 and t.global_step % 4 == 0
+    assert interval_j < epoch_j / 3 and (t.global_step % 4 == 0 or t.global_step % 23 == 0)
     assert mon.current_epoch <= 2 and mon.stop_decision.reason.value == "energy_budget"
 
 
