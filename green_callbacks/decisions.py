@@ -62,14 +62,17 @@ class StopperHost:
             self.check_measurable()
 
     _warned_unmeasured: bool
+    _measured_before = False  # something was measured in an earlier training (or stage) of this tracker
 
     def settle_measurable(self, configured: bool, measured: bool) -> None:
         """Whether the job measures anything (collective: one all-gather under DDP; a job of MIG slices, none
         measured, logs no 0 J). A setting that offers nothing to measure fails before training; a sensor that
         offered something and failed at its start is a warning."""
         flags = [(configured, measured)] if self.rank.world_size == 1 else gather((configured, measured))
-        self.job_configured = any(c for c, _ in flags)
+        # a device an earlier training of this monitor measured, gone now (off the bus before test()): a fault
+        self.job_configured = any(c for c, _ in flags) or self._measured_before
         self.job_measurable = any(m for _, m in flags)
+        self._measured_before = self._measured_before or self.job_measurable
         self.check_measurable()
         if not self.job_measurable and self.rank.is_zero and not self._warned_unmeasured:
             self._warned_unmeasured = True
