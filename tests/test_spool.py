@@ -182,7 +182,7 @@ def test_a_refused_name_is_set_aside_and_everything_else_is_sent(tmp_path):
     assert result.complete and result.set_aside == 3
     (note,) = result.notes
     assert "refused the metric 'efficiency/a//b_per_kj'" in note and note.count("INVALID_PARAMETER_VALUE") == 1
-    assert "cannot be reached" not in note
+    assert "the records wait in" not in note
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
     assert [s for s, _ in history(client, result.run_id, "energy/epoch_j")] == [0, 1, 2]
@@ -191,6 +191,49 @@ def test_a_refused_name_is_set_aside_and_everything_else_is_sent(tmp_path):
     kept = [json.loads(line) for line in rejected_path(spool).read_text().splitlines()]
     assert [(k["content"]["key"], k["content"]["step"]) for k in kept] == [("efficiency/a//b_per_kj", s)
                                                                             for s in range(3)]
+
+
+@pytest.mark.parametrize("answer", [
+    ("500 Internal Server Error", "text/html", b"<html>upstream error</html>"),
+    ("500 Internal Server Error", "application/json", b'{"error_code": "INTERNAL_ERROR", "message": "db locked"}'),
+    ("503 Service Unavailable", "text/plain", b"maintenance"),
+])
+def test_a_server_that_answers_with_errors_is_not_called_unreachable(tmp_path, capsys, monkeypatch, answer):
+    """A tracking server that answers every request with a 5xx (its database down, a balancer's maintenance page)
+    was said to "cannot be reached", sending its user to look for a network fault. It answers: the warning says
+    with what. (MLflow's retries cut to one here: at its defaults a 5xx is retried for minutes.)"""
+    import http.server
+    import threading
+
+    status, kind, body = answer
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(int(status.split()[0]))
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        spool = write_spool(tmp_path / "spool-e.jsonl", RunTarget(uri, experiment_name="erring"), epochs(2))
+        assert cli(["replay", str(spool)]) == 1
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert f"answers HTTP {status.split()[0]}" in err and "cannot be reached" not in err, err
+    assert "stays in the spool" in err
 
 
 def test_replay_never_removes_a_spool_it_could_not_send(tmp_path, capsys):

@@ -52,6 +52,27 @@ def http_status(exc: BaseException) -> int | None:
     return None
 
 
+# an answer that came, in MLflow's words: its retries spent on 5xx answers, or an answer that is not MLflow's JSON
+ANSWERED = re.compile(r"too many (\d{3}) error responses|failed with error code (\d{3})")
+
+
+def answered_with(exc: BaseException) -> int | None:
+    """The HTTP status the server, or something in front of it, answered a failed request with; None where no answer
+    came (the connection refused or reset, the request timed out): "answers HTTP 500" is not "cannot be reached"."""
+    from mlflow.exceptions import RestException
+
+    for e in causes(exc):
+        probed = getattr(e, "green_http_status", None)
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if isinstance(probed, int) or isinstance(status, int):
+            return probed if isinstance(probed, int) else status
+        if isinstance(e, RestException):  # MLflow's own JSON error: the server answered
+            return int(e.get_http_status_code())
+        if found := ANSWERED.search(str(e)):
+            return int(found.group(1) or found.group(2))
+    return None
+
+
 def foreign_json(exc: BaseException) -> bool:
     """Whether an error answer was JSON without MLflow's ``error_code`` (``{"message": "Unauthorized"}`` from an
     auth gateway): MLflow reads it as INTERNAL_ERROR (500) whatever its real status was."""
