@@ -268,6 +268,11 @@ class EfficiencyPlateau:
             return CONTINUE
         if self.first_j is None:
             self.first_j = cumulative_j
+        if self.window and cumulative_j <= self.window[-1][0]:  # no energy since the last: a gain for nothing
+            self._warn_once("stalled", "EfficiencyEarlyStopping: no energy measured since the last evaluation (%.6g "
+                            "J, the device's measurement lost?); evaluations are not used until it grows again",
+                            cumulative_j)
+            return CONTINUE
         self.window = [p for p in self.window if 2 * p[0] >= cumulative_j] + [(cumulative_j, value)]
         if len(self.window) > WINDOW_MAX_POINTS:
             self.window = self.window[::-1][::2][::-1]  # every other one, keeping the latest

@@ -221,6 +221,20 @@ def test_energy_not_measured_yet_is_not_used(caplog):
     assert len([r for r in caplog.records if "no energy measured yet" in r.getMessage()]) == 1
 
 
+def test_evaluations_with_no_energy_since_the_last_are_not_used_and_said_once(caplog):
+    """The only measured device is lost: the cumulative energy stops growing. Its evaluations were fitted at the same
+    joules as if the gain had cost nothing (here a flat metric stopped on them); they are skipped with one warning,
+    and decisions resume when the energy grows again."""
+    caplog.set_level(logging.WARNING, logger="green_callbacks")
+    stalled = [100.0, 200.0, 300.0] + [300.0] * 20
+    stopper = EfficiencyStopper(monitor="val_acc")
+    stop, stats, _ = run(stopper, stalled, [0.9] * len(stalled))
+    assert stop is None and not any(stats)
+    assert len([r for r in caplog.records if "no energy measured since the last evaluation" in r.getMessage()]) == 1
+    stop, _, _ = run(stopper, [400.0 + 100 * i for i in range(10)], [0.9] * 10)
+    assert stop == 4, "growing again: 600 J is the first decision (300-600 J in its doubling), patience 3"
+
+
 def test_a_relative_threshold_skips_non_positive_values_and_says_why(caplog):
     caplog.set_level(logging.WARNING, logger="green_callbacks")
     stop, _, _ = run(EfficiencyStopper(monitor="val_acc"), linear_energy(20), [0.0, 0.0] + [0.9] * 18)
