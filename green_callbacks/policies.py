@@ -266,9 +266,11 @@ class EfficiencyPlateau:
                             "metric, so this evaluation is not used (an absolute threshold such as '0.002 per "
                             "doubling' uses every value)", self.monitor, value, self.min_gain.text)
             return CONTINUE
+        if self.window and cumulative_j < self.window[-1][0]:  # totals from zero: another training's (a new run)
+            self.window, self.first_j, self.wait, self.to_end_in_wait = [], None, 0, False
         if self.first_j is None:
             self.first_j = cumulative_j
-        if self.window and cumulative_j <= self.window[-1][0]:  # no energy since the last: a gain for nothing
+        if self.window and cumulative_j == self.window[-1][0]:  # no energy since the last: a gain for nothing
             self._warn_once("stalled", "EfficiencyEarlyStopping: no energy measured since the last evaluation (%.6g "
                             "J, the device's measurement lost?); evaluations are not used until it grows again",
                             cumulative_j)

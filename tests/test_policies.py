@@ -233,6 +233,10 @@ def test_evaluations_with_no_energy_since_the_last_are_not_used_and_said_once(ca
     assert len([r for r in caplog.records if "no energy measured since the last evaluation" in r.getMessage()]) == 1
     stop, _, _ = run(stopper, [400.0 + 100 * i for i in range(10)], [0.9] * 10)
     assert stop == 4, "growing again: 600 J is the first decision (300-600 J in its doubling), patience 3"
+    stopper = EfficiencyStopper(monitor="val_acc")
+    run(stopper, linear_energy(5), [0.9] * 5)
+    stop, _, _ = run(stopper, linear_energy(20), [0.9] * 20)  # a new training, its totals from zero
+    assert stop == 7, "the warm-up starts again: as a fresh stopper"
 
 
 def test_a_relative_threshold_skips_non_positive_values_and_says_why(caplog):
