@@ -62,25 +62,35 @@ class StopperHost:
             self.check_measurable()
 
     _warned_unmeasured: bool
-    _measured_before = False  # something was measured in an earlier training (or stage) of this tracker
+    _measured_before = False  # something was measured in an earlier stage of this training (fit before test())
+
+    @property
+    def measured_in_run(self) -> bool:
+        """Whether the run's totals hold measurements: this stage's, or an earlier stage's of the same training."""
+        return getattr(self, "job_measurable", True) or self._measured_before
 
     def settle_measurable(self, configured: bool, measured: bool) -> None:
         """Whether the job measures anything (collective: one all-gather under DDP; a job of MIG slices, none
         measured, logs no 0 J). A setting that offers nothing to measure fails before training; a sensor that
         offered something and failed at its start is a warning."""
         flags = [(configured, measured)] if self.rank.world_size == 1 else gather((configured, measured))
-        # a device an earlier training of this monitor measured, gone now (off the bus before test()): a fault
-        self.job_configured = any(c for c, _ in flags) or self._measured_before
+        # a device an earlier stage of this training measured, gone now (off the bus before test()): a fault
+        earlier = self._measured_before
+        self.job_configured = any(c for c, _ in flags) or earlier
         self.job_measurable = any(m for _, m in flags)
-        self._measured_before = self._measured_before or self.job_measurable
+        self._measured_before = earlier or self.job_measurable
         self.check_measurable()
-        if not self.job_measurable and self.rank.is_zero and not self._warned_unmeasured:
+        cannot_act = f"; {', '.join(type(s).__name__ for s in self.stoppers)} cannot act" if self.stoppers else ""
+        if not self.job_measurable and earlier and self.rank.is_zero:  # a fault, said at each stage it hits
+            log.warning("green-callbacks: nothing can be measured for this stage: the devices measured before are "
+                        "gone (gpus=%r, measure_cpu=%r, no GPU readable); its energy is not logged, the run's totals "
+                        "stay those measured before%s.", self.gpus, self.measure_cpu, cannot_act)
+        elif not self.job_measurable and self.rank.is_zero and not self._warned_unmeasured:
             self._warned_unmeasured = True
             log.warning("green-callbacks: nothing can be measured here (gpus=%r, measure_cpu=%r, no GPU readable): "
                         "no energy, emissions or cost is logged, and the run's green.method.* tags say "
                         "'unavailable'%s. Measure something (gpus='auto' or 'all', measure_cpu=True).", self.gpus,
-                        self.measure_cpu, f"; {', '.join(type(s).__name__ for s in self.stoppers)} cannot act"
-                        if self.stoppers else "")
+                        self.measure_cpu, cannot_act)
 
     def check_measurable(self) -> None:
         """A stopper with nothing measured would never act: say so before the first training step."""

@@ -29,7 +29,7 @@ def summary(t: EnergyTracker) -> dict[str, Any]:
         "evaluations": t.evaluations, "last_step": last.step if last is not None else 0,
         "methods": run_methods(t.records), "world_size": t.rank.world_size,
         **t.accountant.as_params()}
-    if not getattr(t, "job_measurable", True):  # nothing measured on any rank: no 0 J as a measurement
+    if not t.measured_in_run:  # nothing measured on any rank in this training: no 0 J as a measurement
         out.update(energy_j=None, energy_kwh=None, emissions_g=None, cost=None, currency=None)
     run = t.run or (t.sink.run_ref if t.sink is not None else None)
     blocked = t.sink.blocked if t.sink is not None else None
@@ -105,7 +105,7 @@ def _write_files(t: EnergyTracker, trace: pd.DataFrame | None, folder: Path) -> 
         trace.to_csv(target("power_trace.csv"), index=False)
     if "summary" in t.artifacts:
         target("summary.json").write_text(json.dumps(summary(t), indent=2, default=str), encoding="utf-8")
-    if "plot" in t.artifacts and trace is not None and getattr(t, "job_measurable", True):
+    if "plot" in t.artifacts and trace is not None and t.measured_in_run:
         from green_callbacks.report import plot_power
 
         plot_power(trace, t.records, target("power.png"))
@@ -121,10 +121,10 @@ def print_summary(t: EnergyTracker, status: str) -> None:
              f"{s['mlflow_spool']}: "
              f"green-callbacks replay {s['mlflow_spool']} once that is fixed" if "mlflow_blocked" in s else
              f"\n  MLflow run {s['mlflow_run_id']}" if "mlflow_run_id" in s else
-             f"\n  MLflow not reached yet: the records are kept in {s['mlflow_spool']} and sent when it answers "
+             f"\n  MLflow has not taken the records yet: they are kept in {s['mlflow_spool']} and sent when it answers "
              f"(or: green-callbacks replay {s['mlflow_spool']})" if "mlflow_spool" in s else "")
     energy = (f"{s['energy_j']:.1f} J ({_small(s['energy_kwh'], 6)} kWh), {_small(s['emissions_g'], 3)} gCO2e{cost}"
-              if getattr(t, "job_measurable", True) else "no energy measured")
+              if t.measured_in_run else "no energy measured")
     say(f"green-callbacks [{status.lower()}]: {_count(s['epochs'], 'epoch')}, "
         f"{_count(s['evaluations'], 'evaluation')}, to step {s['last_step']}, {energy} over "
         f"{s['duration_s']:.1f} s ({methods}; {s['carbon_intensity_g_per_kwh']} g/kWh, PUE {s['pue']}){where}")

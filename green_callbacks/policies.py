@@ -267,13 +267,13 @@ class EfficiencyPlateau:
                             "doubling' uses every value)", self.monitor, value, self.min_gain.text)
             return CONTINUE
         if self.window and cumulative_j < self.window[-1][0]:  # totals from zero: another training's (a new run)
-            self.window, self.first_j, self.wait, self.to_end_in_wait = [], None, 0, False
+            self.window, self.first_j, self.wait, self.to_end_in_wait, self.bad = [], None, 0, False, 0
         if self.first_j is None:
             self.first_j = cumulative_j
         if self.window and cumulative_j == self.window[-1][0]:  # no energy since the last: a gain for nothing
             self._warn_once("stalled", "EfficiencyEarlyStopping: no energy measured since the last evaluation (%.6g "
-                            "J, the device's measurement lost?); evaluations are not used until it grows again",
-                            cumulative_j)
+                            "J): an evaluation sooner than the energy counters move, or the measured device lost; "
+                            "such evaluations are not used", cumulative_j)
             return CONTINUE
         self.window = [p for p in self.window if 2 * p[0] >= cumulative_j] + [(cumulative_j, value)]
         if len(self.window) > WINDOW_MAX_POINTS:

@@ -155,6 +155,8 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         self.rank = rank or RankInfo.from_env()
         if self._fits and not self._restored and not self.same_session(session):
             self._reuse(run_id)
+        if not (self._fits and self.same_session(session)):
+            self._measured_before = False  # another training: its settings are judged afresh (see settle_measurable)
         self._session = Session(session)
         self._fits += 1
         self._resuming, self._restored = self._restored, False  # resumed from a checkpoint (see _open_sink)

@@ -363,7 +363,7 @@ def test_a_gpu_unreadable_from_the_start_counts_as_nothing_measured(tmp_path, fa
 def test_a_gpu_gone_between_fit_and_test_is_a_warning_and_the_test_runs(tmp_path, fake_nvml, green_log):
     """The only GPU falls off the bus after fit(); the same trainer's test() with a budget attached raised "cannot
     act" at the stage's start, as for a setting that measures nothing. A GPU measured before and gone now is a
-    sensor's fault: one warning, the stage runs, no 0 J logged for it."""
+    sensor's fault: one warning, the stage runs, no 0 J logged for it, and the run's summary keeps the fit's joules."""
     fake_nvml.configure(n=1)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monitor = EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=uri, output_dir=str(tmp_path / "out"),
@@ -374,10 +374,13 @@ def test_a_gpu_gone_between_fit_and_test_is_a_warning_and_the_test_runs(tmp_path
     assert fit_j > 0 and "nothing can be measured" not in green_log.text
     fake_nvml.configure(devices=[])  # gone: NVML finds no device any more
     assert len(t.test(ValModel())) == 1  # the test stage ran to its end
-    assert "nothing can be measured here" in green_log.text and "EnergyBudget cannot act" in green_log.text
-    assert monitor.cumulative_j == fit_j
+    assert "the devices measured before are gone" in green_log.text and "EnergyBudget cannot act" in green_log.text
+    assert monitor.cumulative_j == fit_j and monitor.summary()["energy_j"] == fit_j, "the fit's joules still told"
     _, (run,) = runs(uri)
     assert run.info.status == "FINISHED"
+    with pytest.raises(ValueError, match="EnergyBudget cannot act: nothing is measured here"):
+        # another training with the same monitor on this machine: a setting that measures nothing, as ever
+        trainer(tmp_path, [monitor, EnergyBudget(energy="1 MJ")], max_epochs=1).fit(ValModel())
 
 
 def test_bad_arguments_fail_before_training(tmp_path):

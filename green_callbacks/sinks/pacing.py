@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from green_callbacks.sinks.verdicts import answered_with, describe, http_timeout_s, store_race, timed_out
+from green_callbacks.sinks.verdicts import answer_of, describe, http_timeout_s, store_race, timed_out
 
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0)  # then every 8 s: a refused connection costs nothing, a hung one 5 s here
 # MLflow's HTTP client reads these; the sender's own, so an outage costs seconds, not MLflow's minutes. Two
@@ -47,8 +47,8 @@ class Pacing:
             self.timeout_s = max(timeout, min(2 * timeout, MAX_TIMEOUT_S))
         if store_race(exc) and self.failures <= 3:
             return  # another training is creating the same new store this instant: not an outage
-        status = answered_with(exc)
-        state = f"answers HTTP {status}" if status else "does not answer in time" if timed_out(exc) else \
+        answer = answer_of(exc)
+        state = f"answers {answer}" if answer else "does not answer in time" if timed_out(exc) else \
             "cannot be reached"
         if self.note("down", f"green-callbacks: MLflow at {self.uri} {state} ({describe(exc)}); the "
                              f"records wait in {self.spool} and are sent when it is back.", again_after_s=RENOTE_S):

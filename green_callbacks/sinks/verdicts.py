@@ -54,22 +54,29 @@ def http_status(exc: BaseException) -> int | None:
 
 # an answer that came, in MLflow's words: its retries spent on 5xx answers, or an answer that is not MLflow's JSON
 ANSWERED = re.compile(r"too many (\d{3}) error responses|failed with error code (\d{3})")
+NOT_JSON = "was successful but the response body was not in a valid JSON format"  # a 200 page: a login page
 
 
-def answered_with(exc: BaseException) -> int | None:
-    """The HTTP status the server, or something in front of it, answered a failed request with; None where no answer
-    came (the connection refused or reset, the request timed out): "answers HTTP 500" is not "cannot be reached"."""
+def answer_of(exc: BaseException) -> str | None:
+    """What the server, or something in front of it, answered a failed request with (``HTTP 503``, ``JSON that is
+    not MLflow's``, ``a page that is not MLflow's API``); None where no answer came (the connection refused or reset,
+    the request timed out): "answers HTTP 500" is not "cannot be reached". Only this error and its explicit causes
+    are read, not an earlier error handled on the way (a refusal before the server went down)."""
     from mlflow.exceptions import RestException
 
-    for e in causes(exc):
-        probed = getattr(e, "green_http_status", None)
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if isinstance(probed, int) or isinstance(status, int):
-            return probed if isinstance(probed, int) else status
-        if isinstance(e, RestException):  # MLflow's own JSON error: the server answered
-            return int(e.get_http_status_code())
-        if found := ANSWERED.search(str(e)):
-            return int(found.group(1) or found.group(2))
+    while exc is not None:
+        status = getattr(exc, "green_http_status", None)  # a probe's: another request, so only a failure's is told
+        if not (isinstance(status, int) and status >= 300):
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(status, int) and status >= 300:
+            return f"HTTP {status}"
+        if isinstance(exc, RestException):
+            return "JSON that is not MLflow's" if foreign_json(exc) else f"HTTP {exc.get_http_status_code()}"
+        if found := ANSWERED.search(str(exc)):
+            return f"HTTP {found.group(1) or found.group(2)}"
+        if NOT_JSON in str(exc):
+            return "a page that is not MLflow's API"
+        exc = exc.__cause__  # type: ignore[assignment]
     return None
 
 
