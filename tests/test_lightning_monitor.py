@@ -377,7 +377,8 @@ def test_a_gpu_gone_between_fit_and_test_is_a_warning_and_the_test_runs(tmp_path
     assert "the devices measured before are gone" in green_log.text and "EnergyBudget cannot act" in green_log.text
     assert monitor.cumulative_j == fit_j and monitor.summary()["energy_j"] == fit_j, "the fit's joules still told"
     _, (run,) = runs(uri)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and "time/test_s" in run.data.metrics
+    assert "energy/test_j" not in run.data.metrics and "emissions/test_g" not in run.data.metrics, "no 0 J as measured"
     with pytest.raises(ValueError, match="EnergyBudget cannot act: nothing is measured here"):
         # another training with the same monitor on this machine: a setting that measures nothing, as ever
         trainer(tmp_path, [monitor, EnergyBudget(energy="1 MJ")], max_epochs=1).fit(ValModel())

@@ -201,6 +201,7 @@ def test_a_refused_name_is_set_aside_and_everything_else_is_sent(tmp_path):
     ("404 Not Found", "text/html", b"<html>Not Found</html>", "answers HTTP 404"),  # not retried by MLflow
     ("404 Not Found", "application/json", b'{"message": "Not Found"}', "answers HTTP 404"),  # a gateway's JSON
     ("200 OK", "text/html", b"<html><form>Sign in</form></html>", "answers a page that is not MLflow's API"),
+    ("hang", "text/plain", b"", "does not answer in time"),  # accepts, answers nothing within the timeout
 ])
 def test_a_server_that_answers_with_errors_is_not_called_unreachable(tmp_path, capsys, monkeypatch, answer):
     """A tracking server that answers every request with an error (its database down, a balancer's maintenance page,
@@ -215,6 +216,9 @@ def test_a_server_that_answers_with_errors_is_not_called_unreachable(tmp_path, c
     class Failing(http.server.BaseHTTPRequestHandler):
         def answer(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if status == "hang":
+                time.sleep(3)
+                return
             self.send_response(int(status.split()[0]))
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
@@ -230,6 +234,7 @@ def test_a_server_that_answers_with_errors_is_not_called_unreachable(tmp_path, c
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
     try:
         uri = f"http://127.0.0.1:{server.server_address[1]}"
         spool = write_spool(tmp_path / "spool-e.jsonl", RunTarget(uri, experiment_name="erring"), epochs(2))
