@@ -153,9 +153,10 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         if self.started:
             return
         self.rank = rank or RankInfo.from_env()
-        if self._fits and not self._restored and not self.same_session(session):
+        same = bool(self._fits) and self.same_session(session)
+        if self._fits and not self._restored and not same:
             self._reuse(run_id)
-        if not (self._fits and self.same_session(session)):
+        if not same:
             self._measured_before = False  # another training: its settings are judged afresh (see settle_measurable)
         self._session = Session(session)
         self._fits += 1
