@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +23,36 @@ EPOCH_CONTRACT = ["energy/epoch_j", "energy/gpu_j", "energy/cpu_j", "energy/val_
 EVAL_CONTRACT = ["energy/eval_j", "time/eval_s", "energy/interval_j", "time/interval_s", "emissions/interval_g"]
 # logged at most once per global step: at every evaluation, epoch end and every-N-steps point
 CUMULATIVE = ["energy/cumulative_j", "emissions/cumulative_g", "power/mean_w"]
+
+
+_made_store: list[Path] = []
+
+
+def made_store() -> Path:
+    """One MLflow sqlite store with its tables, made by this test process the first time it is asked for."""
+    if not _made_store:
+        import mlflow
+
+        made = Path(tempfile.mkdtemp(prefix="green-store-")) / "made.db"
+        atexit.register(shutil.rmtree, made.parent, True)
+        mlflow.MlflowClient(f"sqlite:///{made}").search_experiments()
+        _made_store.append(made)
+    return _made_store[0]
+
+
+def ready_store(folder: Path, name: str = "mlflow.db") -> str:
+    """The URI of an MLflow sqlite store at ``folder/name`` that has its tables, as a user's store has from its
+    second run on: the first call copies in one store this test process made with MLflow, later calls find
+    it as the test left it. Making a new store (MLflow's migrations) takes about a second, in the training's
+    sender and again in the test's client, which summed over the suite was minutes of CI. What a *new* store
+    goes through stays tested where it is the point: the main job and the examples, the default store in the
+    working folder (``MLFLOW_TRACKING_URI`` unset), a store that is no database, and the other tests that
+    build their URI by hand."""
+    target = Path(folder) / name
+    if not target.exists():  # a test's second look at its store (a resume, a read) finds it as it left it
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(made_store(), target)
+    return f"sqlite:///{target}"
 
 
 def settle(uri: str, timeout_s: float = 90.0) -> None:

@@ -14,7 +14,7 @@ from green_callbacks.meter import EnergyMeter
 from green_callbacks.sensors import AmdSmiSensor, Method, build_sensors
 from green_callbacks.sensors.amd import shut_down_amdsmi
 
-from helpers import busy_wait, truth
+from helpers import busy_wait, ready_store, truth
 
 FAKE_AMDSMI = Path(__file__).parent / "fake_amdsmi" / "amdsmi.py"
 # relative error of sampled power over 2 s windows at 10 ms (bench: current 0.44 %, average 3.9 % at most:
@@ -254,7 +254,7 @@ def test_a_lightning_run_logs_the_amd_gpus_energy_into_mlflow(fake_amdsmi, tmp_p
     from helpers import history, records_of, runs
 
     (dev,) = fake_amdsmi.configure([{"profile_seed": 8}])
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monitor = EnergyMonitor(gpus="all", tracking_uri=uri, experiment_name="amd", output_dir=str(tmp_path / "out"))
     trainer(tmp_path, [monitor], max_epochs=2).fit(ValModel())
     client, found = runs(uri, "amd")

@@ -12,6 +12,8 @@ from test_lightning_monitor import ValModel, trainer
 from green_callbacks.cli import main as cli
 from green_callbacks.lightning import EnergyMonitor
 
+from helpers import ready_store
+
 
 def test_probe_without_any_measurable_sensor_says_so_and_fails():
     if any(Path("/sys/class/powercap").glob("intel-rapl:*")) or Path("/dev/nvidiactl").exists():
@@ -59,7 +61,7 @@ def test_intensity(capsys):
 
 @pytest.mark.slow
 def test_report_table_csv_markdown_and_pareto_plot(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     from lightning.pytorch.loggers import MLFlowLogger
 
     for name, epochs in (("short", 1), ("long", 3)):

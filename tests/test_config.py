@@ -12,11 +12,11 @@ import pytest
 from green_callbacks import lightning as gl
 from green_callbacks import transformers as gt
 
-from helpers import history, runs
+from helpers import history, ready_store, runs
 
 
 def test_lightning_cli_yaml_with_budgets(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     config = tmp_path / "config.yaml"
     config.write_text(textwrap.dedent(f"""
         trainer:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import fake_nvml_env, free_port, history, runs
+from helpers import fake_nvml_env, free_port, history, ready_store, runs
 
 SCRIPTS = Path(__file__).parent / "ddp_scripts"
 PER_RANK = json.dumps({"per_rank": [{"profile_seed": 11}, {"profile_seed": 12}]})
@@ -37,7 +37,7 @@ def check_sums(uri: str, out: Path, epochs: int) -> None:
 
 def launch(framework: str, tmp_path: Path, *extra: str) -> str:
     """Run a 2-rank job on CPU (Lightning ddp_spawn, or HF under torchrun); return its tracking URI."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     if framework == "lightning":
         command = [sys.executable, str(SCRIPTS / "lightning_ddp.py")]
     else:

@@ -16,7 +16,7 @@ from test_lightning_monitor import ValModel, trainer
 from green_callbacks import lightning as gl
 from green_callbacks import transformers as gt
 
-from helpers import fake_nvml_env, history, records_of, runs
+from helpers import fake_nvml_env, history, ready_store, records_of, runs
 
 SCRIPTS = Path(__file__).parent / "fault_scripts"
 ENERGY = "nvmlDeviceGetTotalEnergyConsumption"
@@ -57,7 +57,7 @@ def test_nvml_faults_mid_training(tmp_path, fake_nvml, green_log, monkeypatch, c
         for call in calls:
             dev.faults[call] = getattr(fake_nvml, code)
 
-    monitor = gl.EnergyMonitor(gpus="all", tracking_uri=f"sqlite:///{tmp_path}/m.db", output_dir=str(tmp_path),
+    monitor = gl.EnergyMonitor(gpus="all", tracking_uri=ready_store(tmp_path, "m.db"), output_dir=str(tmp_path),
                                log_artifacts=False)
     t = trainer(tmp_path, [monitor, Inject(change)], max_epochs=3)
     t.fit(ValModel())
@@ -112,7 +112,7 @@ def test_nvml_fault_mid_training_hf(tmp_path, fake_nvml, green_log):
 def test_interrupted_mid_epoch_keeps_the_partial_epoch_and_summary(tmp_path, framework, fault, status):
     """hf-mlflow: the run HF's ``MLflowCallback`` opened, which a train() that raised never ends: MLflow's exit
     handler marked it FINISHED while the monitor said killed or failed."""
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     proc = subprocess.run([sys.executable, str(SCRIPTS / "interrupted.py"), framework, fault, uri, str(tmp_path)],
                           env=fake_nvml_env("{}"), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0, "the interruption still ends the process"
@@ -138,7 +138,7 @@ def test_hf_train_that_raised_and_was_caught_ends_failed(tmp_path, then):
     evaluate() after it made HF's training run active again and ended it FINISHED, and a Trainer let go (``del``,
     or replaced by a new one) ended it FINISHED from ``MLflowCallback.__del__``. A Ctrl-C the user caught, then an
     evaluate(): KILLED (it was FAILED: only an interactive session's last exception was read)."""
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     proc = subprocess.run([sys.executable, str(SCRIPTS / "interrupted.py"), "hf-mlflow", then, uri, str(tmp_path)],
                           env=fake_nvml_env("{}"), capture_output=True, text=True, timeout=300)
     status = "KILLED" if then == "caught-ctrlc" else "FAILED"
@@ -153,7 +153,7 @@ def test_hf_train_that_raised_and_was_caught_ends_failed(tmp_path, then):
 def test_hf_train_ended_by_the_users_sigterm_handler_ends_killed(tmp_path):
     """A preemption handler of the user's (``sys.exit`` on SIGTERM): the package's own SIGTERM hook is not installed
     where one is, and ``SystemExit`` reaches no excepthook: the run ended FAILED, as a caught exception does."""
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     proc = subprocess.run([sys.executable, str(SCRIPTS / "interrupted.py"), "hf-mlflow", "preempted", uri,
                            str(tmp_path)], env=fake_nvml_env("{}"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 143, proc.stderr[-2000:]

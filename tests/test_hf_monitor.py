@@ -24,6 +24,7 @@ from helpers import (
     hf_digits_model,
     hf_work_clock,
     history,
+    ready_store,
     runs,
     steps,
 )
@@ -46,7 +47,7 @@ def hf_trainer(tmp_path, digits, callbacks, epochs=3, report_to="none", **kw):
 
 @pytest.fixture
 def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     yield uri

@@ -32,6 +32,7 @@ from helpers import (
     hf_work_clock,
     history,
     lightning_digits_module,
+    ready_store,
     records_of,
     runs,
     steps,
@@ -116,7 +117,7 @@ class Endless(IterableDataset):
 
 
 def test_lightning_endless_stream_logs_every_validation_at_lightnings_step(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     logger = MLFlowLogger(experiment_name="stream", tracking_uri=uri)
     monitor = gl.EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False)
     (_, _), (xv, yv) = digits_tensors()
@@ -347,7 +348,7 @@ def test_a_metric_not_logged_at_an_evaluation_is_not_read_again_from_an_earlier_
     # Lightning keeps a metric's last value in callback_metrics when a validation does not log it; a
     # flat run of such repeats must not look like a plateau, nor be logged as new efficiency points
     fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     values = [0.5, 0.6, 0.7] + [None] * 9
     monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=uri, output_dir=str(tmp_path / "out"),
                                log_artifacts=False, efficiency_metrics=["score"])
@@ -368,7 +369,7 @@ def test_an_efficiency_metric_no_evaluation_logs_is_said_once_with_the_names_log
     """``efficiency_metrics=["val_accuracy"]`` where the evaluations log ``val_acc``: no efficiency metric and no
     word of it; now one warning, naming what was logged and the close name."""
     fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
-    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=ready_store(tmp_path),
                                output_dir=str(tmp_path / "out"), log_artifacts=False,
                                efficiency_metrics=["scores", "score"])
     lightning_fit(tmp_path, val_module([0.5, 0.6, 0.7]), [monitor, work_clock(fake_nvml, val_s=0.002)],
@@ -394,7 +395,7 @@ def test_nan_is_skipped_once_and_nan_for_patience_evaluations_is_a_divergence(tm
 
 def test_epochs_without_a_validation_are_not_checks(tmp_path, fake_nvml):
     fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=uri, output_dir=str(tmp_path / "out"),
                                log_artifacts=False)
     stopper = gl.EfficiencyEarlyStopping(monitor="val_acc", min_evaluations=2)
@@ -644,7 +645,7 @@ def test_lightning_energy_is_logged_at_the_loggers_step_however_the_optimizers_s
     batch, put ``global_step - 1`` elsewhere. Energy points land at the logger's step, and the cadence
     between evaluations (every 4 steps here) counts those steps."""
     fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     logger = MLFlowLogger(experiment_name="axis", tracking_uri=uri)
     monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, log_artifacts=False, output_dir=str(tmp_path / "out"),
                                log_every_n_steps=4)
@@ -673,7 +674,7 @@ def test_lightning_points_between_evaluations_never_cut_an_accumulation(tmp_path
     after the first, and the step's validation made a second point at the same step: ``throughput`` logged
     twice there, ``cumulative_j`` logged without the step's other micro-batches and the validation."""
     fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, log_artifacts=False, output_dir=str(tmp_path / "out"),
                                log_every_n_steps=1)
     (xt, yt), (xv, yv) = digits_tensors()
@@ -702,7 +703,7 @@ def test_lightning_max_steps_with_two_optimizers_a_batch_projects_the_end_on_the
     """Manual optimization stepping two optimizers a batch: ``max_steps=40`` (optimizer steps) ends the run after
     20 batches, while the step axis counts batches. The projection to the end was made for 40 (twice the energy)."""
     fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, log_artifacts=False, output_dir=str(tmp_path / "out"))
     (xt, yt), (xv, yv) = digits_tensors()
     pl.Trainer(max_steps=40, max_epochs=10, callbacks=[work_clock(fake_nvml), monitor, gl.EnergyBudget(energy="1 kJ")],
@@ -896,7 +897,7 @@ def test_lightning_resume_from_a_checkpoint_at_an_epochs_last_step_books_that_ep
     held for an epoch that never opened): 3 epoch records for a 4-epoch training, no ``energy/epoch_j`` at step 7."""
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     fit = functools.partial(checkpointed_fit, tmp_path, fake_nvml, every_n_train_steps=8, tracking_uri=uri,
                             experiment_name="resume", output_dir=str(tmp_path / "out"))
     whole = fit("whole")
@@ -922,7 +923,7 @@ def test_lightning_a_step_checkpoint_before_a_validation_leaves_the_validation_i
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, output_dir=str(tmp_path / "out"), log_artifacts=False)
     (_, _), (xv, yv) = digits_tensors()
     trainer = pl.Trainer(max_steps=30, val_check_interval=10, check_val_every_n_epoch=None,

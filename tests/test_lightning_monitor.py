@@ -16,7 +16,7 @@ from green_callbacks.accounting import J_PER_KWH
 from green_callbacks.lightning import EnergyBudget, EnergyMonitor
 from green_callbacks.outputs import summary
 
-from helpers import CUMULATIVE, EPOCH_CONTRACT, EVAL_CONTRACT, artifacts, history, records_of, runs, steps
+from helpers import CUMULATIVE, EPOCH_CONTRACT, EVAL_CONTRACT, artifacts, history, ready_store, records_of, runs, steps
 
 
 class ValModel(BoringModel):
@@ -37,7 +37,7 @@ def trainer(tmp_path, callbacks, max_epochs=3, **kw):
 
 def test_logs_the_metric_contract_per_epoch_and_evaluation_at_the_global_step(tmp_path, fake_nvml):
     (dev,) = fake_nvml.configure([{"profile_seed": 5}])
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     logger = MLFlowLogger(experiment_name="lit", tracking_uri=uri)
     monitor = EnergyMonitor(gpus="all", output_dir=str(tmp_path / "out"), country="DE", price_per_kwh=0.3)
     trainer(tmp_path, [monitor], logger=logger, log_every_n_steps=16).fit(ValModel())
@@ -107,7 +107,7 @@ def test_the_peak_power_of_an_epoch_shorter_than_the_sampling_period_is_not_belo
 
 
 def test_without_a_logger_opens_one_run_and_measures_test_per_sample(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monitor = EnergyMonitor(tracking_uri=uri, experiment_name="own", run_name="digits",
                             output_dir=str(tmp_path / "out"))
     t = trainer(tmp_path, [monitor], max_epochs=2)
@@ -151,7 +151,7 @@ def test_fast_dev_run_logs_and_writes_nothing_as_lightning_does(tmp_path, monkey
 
 
 def test_logs_into_the_users_active_run(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run() as active:
@@ -176,7 +176,7 @@ def test_fit_again_on_the_same_trainer_times_the_run_not_the_last_fit(tmp_path):
         def on_train_batch_end(self, *args):
             time.sleep(self.sleep_s)
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     slow = Slow()
     t = trainer(tmp_path, [EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False), slow],
                 max_epochs=1, logger=MLFlowLogger(experiment_name="again", tracking_uri=uri))
@@ -195,7 +195,7 @@ def test_fit_again_on_the_same_trainer_times_the_run_not_the_last_fit(tmp_path):
 
 
 def test_resume_continues_the_totals_in_the_same_run(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
 
     def monitor(**kw):
@@ -226,7 +226,7 @@ def test_exception_in_training_step_keeps_the_partial_epoch_and_marks_the_run_fa
                 raise RuntimeError("user bug")
             return super().training_step(batch, batch_idx)
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monitor = EnergyMonitor(tracking_uri=uri, output_dir=str(tmp_path / "out"))
     t = trainer(tmp_path, [monitor], max_epochs=3)
     with pytest.raises(RuntimeError, match="user bug"):
@@ -261,7 +261,7 @@ def test_the_same_monitor_resumed_after_a_crash_keeps_the_crashed_fits_files(tmp
                 raise RuntimeError("user bug")
             return super().training_step(batch, batch_idx)
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monitor = EnergyMonitor(tracking_uri=uri, output_dir=str(tmp_path / "out"))
 
     def fit(**kw):
@@ -291,7 +291,7 @@ def test_gpu_lost_mid_training_warns_once_and_training_finishes(tmp_path, fake_n
                              "nvmlDeviceGetPowerUsage"):
                     dev.faults[call] = fake_nvml.NVML_ERROR_GPU_IS_LOST
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monitor = EnergyMonitor(gpus="all", tracking_uri=uri, output_dir=str(tmp_path / "out"), log_artifacts=False)
     t = trainer(tmp_path, [monitor, Lose()], max_epochs=3)
     t.fit(ValModel())
@@ -325,7 +325,7 @@ def test_the_only_gpu_lost_leaves_no_joules_logged_as_measured(tmp_path, fake_nv
             for call in ("nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetFieldValues", "nvmlDeviceGetPowerUsage"):
                 dev.faults[call] = fake_nvml.NVML_ERROR_GPU_IS_LOST
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monitor = EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=uri, output_dir=str(tmp_path / "out"),
                             log_artifacts=False)
     trainer(tmp_path, [monitor, Lose()], max_epochs=3).fit(ValModel())
@@ -346,7 +346,7 @@ def test_a_gpu_unreadable_from_the_start_counts_as_nothing_measured(tmp_path, fa
     (dev,) = fake_nvml.configure(n=1)
     for call in ("nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetFieldValues", "nvmlDeviceGetPowerUsage"):
         dev.faults[call] = fake_nvml.NVML_ERROR_UNKNOWN
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monitor = EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=uri, output_dir=str(tmp_path / "out"),
                             log_artifacts=False)
     trainer(tmp_path, [monitor], max_epochs=2).fit(ValModel())
@@ -365,7 +365,7 @@ def test_a_gpu_gone_between_fit_and_test_is_a_warning_and_the_test_runs(tmp_path
     act" at the stage's start, as for a setting that measures nothing. A GPU measured before and gone now is a
     sensor's fault: one warning, the stage runs, no 0 J logged for it, and the run's summary keeps the fit's joules."""
     fake_nvml.configure(n=1)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monitor = EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=uri, output_dir=str(tmp_path / "out"),
                             log_artifacts=False)
     t = trainer(tmp_path, [monitor, EnergyBudget(energy="1 MJ")], max_epochs=2)
@@ -435,7 +435,7 @@ def test_the_same_store_written_another_way_is_the_same_store(tmp_path, monkeypa
 
     monkeypatch.chdir(tmp_path)
     try:
-        mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+        mlflow.set_tracking_uri(ready_store(tmp_path))
         assert same_store("sqlite:///mlflow.db") and same_store(f"sqlite:///{tmp_path}/./mlflow.db")
         assert not same_store("sqlite:///other.db")
         mlflow.set_tracking_uri("http://localhost:5000/")
@@ -452,7 +452,7 @@ def test_a_training_after_a_stage_uses_its_kept_sender_and_runs_the_run_again(tm
     the run is RUNNING again while the fit trains, FINISHED at its end."""
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monitor = EnergyMonitor(tracking_uri=uri, experiment_name="again", output_dir=str(tmp_path / "out"),
                             log_artifacts=False)
     seen = []

@@ -38,7 +38,7 @@ from green_callbacks.sinks import read_spool
 from green_callbacks.sinks.spool import State
 from green_callbacks.transformers import EnergyMonitor as HfEnergyMonitor
 
-from helpers import MlflowServer, fake_nvml_env, free_port, settle
+from helpers import MlflowServer, fake_nvml_env, free_port, made_store, ready_store, settle
 
 SCRIPT = Path(__file__).parent / "fault_scripts" / "mlflow_kill.py"
 
@@ -174,12 +174,10 @@ FAULTY = ("flaky", "slow-create", *ANSWERS)
 
 
 @pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
+def empty_store() -> Path:
     """An MLflow sqlite store with its tables made once: each test copies it (MLflow's migrations take
     seconds, and two processes making the tables of one new store at once trip over each other)."""
-    path = tmp_path_factory.mktemp("store") / "empty.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
+    return made_store()
 
 
 def store(empty_store: Path, path: Path) -> str:
@@ -529,7 +527,7 @@ def test_hf_evaluate_after_train_stays_in_the_trainings_run(tmp_path, digits, mo
     """HF's MLflowCallback ends its run at the end of train(); an evaluate() after it logs HF's metrics into a run
     MLflow starts on its own. The evaluation is a later stage of the training: its energy stays in the training's
     run."""
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     try:

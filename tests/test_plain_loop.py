@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import digits_tensors, history, records_of, runs
+from helpers import digits_tensors, history, ready_store, records_of, runs
 
 STEP_J, EVAL_J, BATCH = 1.0, 5.0, 64
 
@@ -29,7 +29,7 @@ def gpu(fake_nvml):
 
 @pytest.fixture
 def uri(tmp_path):
-    return f"sqlite:///{tmp_path}/mlflow.db"
+    return ready_store(tmp_path)
 
 
 class Digits:
@@ -360,7 +360,7 @@ def test_two_spawned_ranks_log_both_energies_once(tmp_path):
 
     from helpers import fake_nvml_env, free_port
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     proc = subprocess.run([sys.executable, str(SCRIPTS / "plain_ddp.py"), uri, str(tmp_path), str(free_port())],
                           env=fake_nvml_env(PER_RANK), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -384,7 +384,7 @@ def test_two_ranks_that_measure_nothing_log_no_energy(tmp_path):
 
     from helpers import fake_nvml_env, free_port
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     proc = subprocess.run([sys.executable, str(SCRIPTS / "plain_ddp.py"), uri, str(tmp_path), str(free_port()),
                            "blind"], env=fake_nvml_env(PER_RANK), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -447,7 +447,7 @@ def test_a_resumed_run_tags_a_method_weaker_than_before_the_checkpoint(tmp_path,
                 with tracker.epoch(epoch):
                     fake_nvml.advance(0.5)
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     fake_nvml.configure([{"counter": True}], work_clock=True)
     first = EnergyTracker(gpus="all", measure_cpu=False, tracking_uri=uri, experiment_name="r",
                           output_dir=str(tmp_path / "out"))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import fake_nvml_env, history, runs
+from helpers import fake_nvml_env, history, ready_store, runs
 
 if importlib.util.find_spec("ray") is None:  # not importorskip: `import ray` can raise KeyError, see ray_env()
     pytest.skip("ray[train] is not installed (pip install 'green-callbacks[ray]')", allow_module_level=True)
@@ -42,7 +42,7 @@ def ray_env() -> dict[str, str]:
 
 
 def run_job(framework: str, tmp_path: Path) -> str:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"  # absolute: the workers' working directories are Ray's, not ours
+    uri = ready_store(tmp_path)  # absolute: the workers' working directories are Ray's, not ours
     proc = subprocess.run([sys.executable, str(SCRIPTS / f"ray_{framework}.py"), uri, str(tmp_path), "stop"],
                           env=ray_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

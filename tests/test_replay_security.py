@@ -16,21 +16,18 @@ from green_callbacks.sinks import RunTarget, replay_spool
 from green_callbacks.sinks.spool import State, rejected_path
 from green_callbacks.sinks.tracking import LOCAL_ID_TAG
 
-from helpers import free_port
+from helpers import free_port, made_store, ready_store
 
 
 @pytest.fixture(scope="module")
-def empty_db(tmp_path_factory):
+def empty_db():
     """An sqlite store with MLflow's tables made once (its migrations take seconds): each test copies it."""
-    path = tmp_path_factory.mktemp("store") / "empty.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
+    return made_store()
 
 
 @pytest.fixture
-def store(tmp_path, empty_db):
-    shutil.copyfile(empty_db, tmp_path / "m.db")
-    uri = f"sqlite:///{tmp_path}/m.db"
+def store(tmp_path):
+    uri = ready_store(tmp_path, "m.db")
     client = MlflowClient(uri)
     victim = client.create_run(client.create_experiment("someone else's"), run_name="precious").info.run_id
     return uri, client, victim

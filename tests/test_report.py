@@ -16,6 +16,8 @@ from green_callbacks.cli import main as cli
 from green_callbacks.comparison import experiment_frame, money
 from green_callbacks.records import stage_metrics
 
+from helpers import ready_store
+
 # (run name, model, training joules or None for inference only, val_acc, test joules, test_acc)
 RUNS = [("baseline", "baseline", 100.0, 0.90, 2.0, 0.91), ("baseline", "baseline", 110.0, 0.92, 2.2, 0.90),
         ("baseline", "baseline", 90.0, 0.88, 1.8, 0.92), ("student", "student", 40.0, 0.85, 0.9, 0.84),
@@ -29,7 +31,7 @@ def store(tmp_path):
     green-callbacks uses (stage metrics from records.stage_metrics itself)."""
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     client = MlflowClient(uri)
     exp = client.create_experiment("cmp", artifact_location=(tmp_path / "artifacts").as_uri())
     ids = []
@@ -173,7 +175,7 @@ def test_a_real_runs_training_energy_is_its_total_not_a_point_before_its_end(tmp
         def on_train_end(self, trainer, pl_module):
             fake_nvml.advance(0.25)
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=uri, experiment_name="real",
                                output_dir=str(tmp_path / "out"))
     train, val = digits_loaders()
@@ -194,7 +196,7 @@ def test_a_run_that_measured_nothing_logs_no_energy_and_is_no_cheapest_run(tmp_p
     from green_callbacks import EnergyTracker
 
     fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     for name, gpus in (("measured", "all"), ("blind", None)):
         tracker = EnergyTracker(gpus=gpus, measure_cpu=False, tracking_uri=uri, experiment_name="cmp2",
                                 run_name=name, output_dir=str(tmp_path / "out"))
@@ -234,7 +236,7 @@ def test_a_mig_slice_is_nothing_measured_not_0_j(tmp_path, fake_nvml, green_log,
     from helpers import runs
 
     fake_nvml.configure([{"mig": True}], work_clock=True)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     tracker = EnergyTracker(gpus="all", measure_cpu=measure_cpu, tracking_uri=uri, experiment_name="mig",
                             output_dir=str(tmp_path / "out"))
     with tracker:
@@ -259,7 +261,7 @@ def test_old_runs_that_logged_0_j_unmeasured_and_a_ddp_run_with_an_unreadable_gp
     own); a DDP run whose one rank's GPU could not be read tags "unavailable" yet logs the other ranks' joules."""
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     _runs_of(uri, "old", [("blind", "FINISHED", 0.0, {"val_acc": 0.5, "energy/test_j": 0.0, "test/samples": 10.0,
                                                         "energy/test_j_per_sample": 0.0, "test_acc": 0.5}),
                           ("ddp", "FINISHED", 500.0, {"val_acc": 0.6, "energy/test_j": 20.0, "test/samples": 10.0,
@@ -279,7 +281,7 @@ def test_a_run_still_going_is_compared_at_its_last_cumulative_value(tmp_path):
     work the crash threw away) beside its own later cumulative value: the run's energy so far is the latter."""
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     client = MlflowClient(uri)
     exp = client.create_experiment("going", artifact_location=(tmp_path / "artifacts").as_uri())
     rid = client.create_run(exp, run_name="resumed").info.run_id
@@ -313,7 +315,7 @@ def test_a_loss_is_better_lower_on_the_pareto_front(tmp_path):
     for the best, naming the worst runs the most efficient (1 epoch, loss 2.22, as the whole front)."""
     from green_callbacks.comparison import pareto_front
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     _runs_of(uri, "ft", [("1ep", "FINISHED", 0.48, {"eval_loss": 2.22}),
                          ("4ep", "FINISHED", 0.48, {"eval_loss": 1.68}),
                          ("12ep", "FINISHED", 1.56, {"eval_loss": 0.52}),
@@ -329,7 +331,7 @@ def test_a_loss_is_better_lower_on_the_pareto_front(tmp_path):
 def test_a_crashed_repeat_is_left_out_of_its_groups_mean_and_a_running_run_has_its_time_so_far(tmp_path, capsys):
     """A repeat that crashed after its first epoch pulled its group's mean energy and accuracy down (0.45 J and
     0.216 for finished repeats of 0.60 J and 0.258), and a run still going showed a duration of 0 s."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     _runs_of(uri, "rep", [("base-0", "FINISHED", 0.60, {"val_acc": 0.26}),
                           ("base-1", "FINISHED", 0.62, {"val_acc": 0.256}),
                           ("base-2", "FAILED", 0.15, {"val_acc": 0.13}),
@@ -346,7 +348,7 @@ def test_a_crashed_repeat_is_left_out_of_its_groups_mean_and_a_running_run_has_i
 def test_runs_of_two_frameworks_are_compared_on_metrics_the_user_can_name(tmp_path, capsys):
     """Lightning logs val_acc and HF eval_accuracy: a group averaged the two as "val_acc" and the plot's axis said
     val_acc alone, silently. Now the report says the metrics differ, names each, and takes a list in --metric."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     _runs_of(uri, "mix", [("pl-0", "FINISHED", 0.60, {"val_acc": 0.90, "val_loss": 0.3}),
                           ("hf-0", "FINISHED", 0.50, {"eval_accuracy": 0.70, "eval_loss": 0.9})])
     assert cli(["report", "mix", "--tracking-uri", uri, "--group-by", "model", "--csv", str(tmp_path / "g.csv")]) == 0

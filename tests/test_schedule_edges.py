@@ -34,6 +34,7 @@ from helpers import (
     hf_work_clock,
     history,
     lightning_digits_module,
+    ready_store,
     runs,
     work_clock,
 )
@@ -114,7 +115,7 @@ def test_lightning_a_stop_held_back_by_min_epochs_or_min_steps_says_so_and_books
     ended at 3x its budget with a quarter of that saved. Now the stop says it is held back, the stoppers go on
     being asked (the projection logged at every validation), and the saving is what the run's real end left."""
     fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monitor = monitor_at(tmp_path, mlflow=True, tracking_uri=uri, experiment_name="held")
     limit = {"min_epochs": 8} if held_by == "min_epochs" else {"min_steps": 64}
     trainer = pl.Trainer(max_epochs=12, logger=False, num_sanity_val_steps=0, **limit,
@@ -251,7 +252,7 @@ def test_lightning_max_time_ends_the_projected_run(tmp_path, fake_nvml, green_lo
         def on_train_batch_end(self, *args):
             time.sleep(0.02)
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monitor = monitor_at(tmp_path, mlflow=True)
     train, val = eight_steps_an_epoch()
     pl.Trainer(max_epochs=500, max_time={"seconds": 4}, num_sanity_val_steps=0,
@@ -269,7 +270,7 @@ def test_lightning_the_rate_at_the_first_validation_counts_it_once_a_cycle(tmp_p
     """Points every 2 steps, a validation of 10 J every 5 steps of 1 J: 3 J a step. Before a second validation the
     rate was the median of the recent intervals, one of which held the whole validation: 6 J a step."""
     fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     monitor = monitor_at(tmp_path, mlflow=True, log_every_n_steps=2)
     _, val = eight_steps_an_epoch()
     pl.Trainer(max_steps=200, val_check_interval=5, check_val_every_n_epoch=None, num_sanity_val_steps=0,
@@ -378,7 +379,7 @@ def test_lightning_the_projection_holds_with_validations_unevenly_spaced(tmp_pat
     other (3.5 or 1.4 J a step for a true 1.7): ``projection/energy_j`` swung from -5 % to +92 % of the run's
     real total. Training and validations apart, every projection is within a few per cent of it."""
     fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = ready_store(tmp_path)
     (xt, yt), (xv, yv) = digits_tensors()
     pl.Trainer(max_epochs=20, val_check_interval=4, check_val_every_n_epoch=3, limit_train_batches=9,
                num_sanity_val_steps=0, logger=MLFlowLogger(experiment_name="uneven", tracking_uri=uri),

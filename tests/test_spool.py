@@ -22,7 +22,7 @@ from green_callbacks.sinks.mlflow import spool_header
 from green_callbacks.sinks.names import sanitise
 from green_callbacks.sinks.spool import SpoolWriter, State, rejected_path, state_path
 
-from helpers import free_port, history
+from helpers import free_port, history, ready_store
 
 
 def write_spool(path: Path, target: RunTarget, records: list[tuple[str, dict, int | None]],
@@ -49,7 +49,7 @@ def epochs(n: int, start: int = 0) -> list[tuple[str, dict, int | None]]:
 def test_a_replayed_run_ends_when_its_training_ended_not_at_the_replay(tmp_path):
     """A replay sent later (the server was down) set the run's end time to the replay's: a 60-s training showed
     318 s in MLflow. The status record's time is the end."""
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     MlflowClient(uri).search_experiments()  # the store exists (replay creates none a spool names)
     spool = write_spool(tmp_path / "spool-late.jsonl", RunTarget(uri, experiment_name="late"),
                         [*epochs(2), ("status", {"status": "FINISHED"}, None)])
@@ -65,7 +65,7 @@ def test_names_are_sanitised_as_lightnings_mlflow_logger_does(tmp_path):
     from lightning.pytorch.loggers import MLFlowLogger
 
     names = ["val_acc@1", "loss (train)", "a:b", "ü-score", "top-5/acc", "x#y$z", "ok_name.1/2 -3", "f1[macro]"]
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     logger = MLFlowLogger(experiment_name="names", tracking_uri=uri)
     logger.log_metrics({n: 1.0 for n in names}, step=0)
     logged = set(MlflowClient(uri).get_run(logger.run_id).data.metrics)
@@ -86,7 +86,7 @@ def test_two_names_that_sanitise_alike_are_named_in_a_warning(green_log):
 
 
 def test_a_torn_line_costs_only_itself_and_replay_reports_it_by_number(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     spool = write_spool(tmp_path / "spool-a.jsonl", RunTarget(uri, experiment_name="torn"), epochs(2))
     with spool.open("ab") as f:  # a crash in the middle of writing the next record
         f.write(b'{"seq":4,"kind":"metrics","t":1,"st')
@@ -154,7 +154,7 @@ def test_replay_finds_the_trainings_default_store_whatever_this_process_set(tmp_
 
 
 def test_replay_sends_only_what_was_not_sent_yet(tmp_path):
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     client = MlflowClient(uri)
     run_id = client.create_run("0").info.run_id
     spool = write_spool(tmp_path / "spool-b.jsonl", RunTarget(uri, run_id, owned=False), epochs(6))
@@ -170,7 +170,7 @@ def test_replay_sends_only_what_was_not_sent_yet(tmp_path):
 
 
 def test_a_refused_name_is_set_aside_and_everything_else_is_sent(tmp_path):
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     # 'a//b' passes Lightning's character rule, but MLflow refuses a name that resolves to another path
     records = [("metrics", {"energy/epoch_j": float(s), "efficiency/a//b_per_kj": 1.0}, s) for s in range(3)]
     records += [("params", {"green.pue": "1.0"}, None), ("tags", {"green.method.gpu": "counter"}, None),
@@ -262,7 +262,7 @@ def default_store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mlflow.set_tracking_uri(None)
-    return f"sqlite:///{tmp_path}/mlflow.db"
+    return ready_store(tmp_path)
 
 
 @pytest.mark.slow
@@ -317,7 +317,7 @@ def test_a_sender_whose_training_died_before_it_started_sends_and_exits(tmp_path
     """A training killed in its first moments, before its sender ran a line: the sender's parent is then already
     another process, so it takes the training's pid from the spool's header, finds it gone, sends what the spool
     holds and exits (it had waited for that training for ever, holding the spool's lock)."""
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     MlflowClient(uri).search_experiments()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     spool = write_spool(tmp_path / "spool-e.jsonl", RunTarget(uri, experiment_name="early"), epochs(2),
@@ -337,7 +337,7 @@ def test_a_sender_whose_training_died_before_it_started_sends_and_exits(tmp_path
 def test_replay_of_a_closed_spool_while_its_training_process_lives_on(tmp_path, closed):
     """A notebook or a sweep: ``fit`` returned, its sender gave up, the process lives on. A spool the training
     closed can be replayed from another process at once; one it may still write to is refused."""
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     MlflowClient(uri).search_experiments()
     spool = write_spool(tmp_path / "spool-f.jsonl", RunTarget(uri, experiment_name="notebook"),
                         [*epochs(2), *([("close", {"wait_s": 0.0}, None)] if closed else [])])  # pid: this process
@@ -358,7 +358,7 @@ def test_replay_of_a_running_trainings_spool_says_so_at_once(tmp_path):
     and its own sender sends it, which replay says at once."""
     from green_callbacks.sinks.spool import lock
 
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     spool = write_spool(tmp_path / "spool-l.jsonl", RunTarget(uri, experiment_name="live"), epochs(2))  # pid: ours
     held = lock(spool)  # as this training's sender holds it
     try:
@@ -375,7 +375,7 @@ def test_replay_of_a_running_trainings_spool_says_so_at_once(tmp_path):
 def test_a_damaged_line_is_set_aside_whole(tmp_path):
     """A metrics line is 700-800 bytes: one damaged byte, and the whole line goes to the rejected file (replay
     removes the spool after, so that copy is all there is of it)."""
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     MlflowClient(uri).search_experiments()
     metrics = {f"energy/a_metric_with_a_long_name_{i}": 1.0 * i for i in range(30)}
     spool = write_spool(tmp_path / "spool-g.jsonl", RunTarget(uri, experiment_name="damaged"),
@@ -393,7 +393,7 @@ def test_a_damaged_line_is_set_aside_whole(tmp_path):
 def test_a_run_deleted_under_the_training_ends_with_the_senders_reason_not_a_promise(tmp_path, green_log):
     """The run is deleted in MLflow while the training logs: the sender stops (nothing more can go to it) and the
     end's warning says so and gives the replay command, instead of 'its sender keeps trying for up to 60 s'."""
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     sink = MlflowSink(RunTarget(uri, experiment_name="deleted"), tmp_path / "out")
     sink.log_metrics({"energy/epoch_j": 0.0}, step=0)
     assert sink.flush(60), "the run exists and took the first record"
@@ -416,7 +416,7 @@ def test_a_name_refused_once_costs_one_request_of_its_own_per_later_batch(tmp_pa
     life, a name refused by a passing fault would have lost every later value): two requests per later batch."""
     from green_callbacks.sinks.sender import Sender
 
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     bad = "efficiency/val_" + "x" * 300 + "_per_kj"  # longer than MLflow's 250 characters
     records: list[tuple[str, dict, int | None]] = []
     for s in range(3):  # three batches: a flush between them makes the sender send each on its own
@@ -444,7 +444,7 @@ def test_a_replay_waiting_for_another_that_sends_everything_ends_complete(tmp_pa
 
     from green_callbacks.sinks.spool import lock
 
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     spool = write_spool(tmp_path / "spool-w.jsonl", RunTarget(uri, experiment_name="w"), epochs(2))
     held = lock(spool)  # the first replay
     results, waited = [], []
@@ -468,7 +468,7 @@ def test_two_replays_of_one_folder_at_once_both_succeed(tmp_path, capsys):
 
     from green_callbacks.sinks.spool import lock
 
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     MlflowClient(uri).search_experiments()
     folder = tmp_path / "out"
     a = write_spool(folder / "spool-a.jsonl", RunTarget(uri, experiment_name="a"), epochs(2))
@@ -502,7 +502,7 @@ def test_a_refused_name_in_a_batch_cut_off_by_an_outage_is_set_aside_once(tmp_pa
     count the user is shown grew for as long as the outage lasted)."""
     from green_callbacks.sinks.sender import Sender
 
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     bad = "efficiency/val_" + "x" * 300 + "_per_kj"
     records = [("metrics", {"energy/epoch_j": 0.0, bad: 1.0}, 0), ("flush", {}, None),
                ("metrics", {"energy/epoch_j": 1.0, bad: 1.0}, 1)]
@@ -544,7 +544,7 @@ def test_a_timed_out_request_lengthens_the_senders_timeout_not_the_callers(tmp_p
         monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
     else:
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", user_timeout)
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     spool = write_spool(tmp_path / "spool-t.jsonl", RunTarget(uri, experiment_name="slow"), epochs(2))
     MlflowClient(uri).search_experiments()
     original, seen, slow = MlflowClient.log_batch, [], [1]
@@ -574,7 +574,7 @@ def test_a_state_file_that_cannot_be_written_costs_one_warning_and_sending_goes_
     a store that was up."""
     from green_callbacks.sinks.sender import Sender
 
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     spool = write_spool(tmp_path / "spool-w.jsonl", RunTarget(uri, experiment_name="unwritable"), epochs(3))
     state_path(spool).mkdir()  # where the state goes, something that cannot be replaced by a file
     sender = Sender(spool)
@@ -593,7 +593,7 @@ def test_an_emptied_state_file_is_a_replay_from_the_start_not_an_error(tmp_path,
     copy of each identical value, so nothing shows twice."""
     from green_callbacks.sinks.sender import Sender
 
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     spool = write_spool(tmp_path / "spool-e.jsonl", RunTarget(uri, experiment_name="emptied"),
                         [*epochs(2), ("flush", {}, None), *epochs(2, start=2)])
     sender = Sender(spool)
@@ -616,7 +616,7 @@ def test_a_held_checkpoint_point_is_sent_once_and_only_if_nothing_carried_it(tmp
     it lost the held values."""
     from green_callbacks.sinks.sender import Sender
 
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     later = ({"energy/saved_j_projected": 50.0} if then == "a stop's own metrics" else
              {"energy/cumulative_j": 130.0, "energy/eval_j": 30.0})
     spool = write_spool(tmp_path / "spool-h.jsonl", RunTarget(uri, experiment_name="held"),
@@ -631,7 +631,7 @@ def test_a_held_checkpoint_point_is_sent_once_and_only_if_nothing_carried_it(tmp
 def test_replay_of_a_folder_beside_a_kept_idle_sender_has_nothing_to_send(tmp_path):
     """A notebook: ``trainer.evaluate()`` ended, everything confirmed, its sender kept for the next call. A
     ``green-callbacks replay`` of the folder said "error: ... still running" and exited 1, with nothing to send."""
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     sink = MlflowSink(RunTarget(uri, experiment_name="idle"), tmp_path / "out")
     sink.log_metrics({"energy/evaluate_j": 1.5}, step=0)
     sink.set_status("FINISHED")
@@ -648,7 +648,7 @@ def test_replay_of_a_folder_beside_a_kept_idle_sender_has_nothing_to_send(tmp_pa
 def test_replay_after_the_machine_went_down_with_everything_sent_marks_the_run_killed(tmp_path):
     """Training and sender killed -9 together after the sender had sent everything: the replay found nothing to
     send, had opened no client, and left the run RUNNING for ever (then removed the spool: nothing could fix it)."""
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     child = textwrap.dedent(f"""
         import os, signal, time
         from green_callbacks.sinks import MlflowSink, RunTarget
@@ -683,7 +683,7 @@ def test_one_refused_name_in_a_backlog_costs_a_few_requests_not_one_per_metric(t
     requests, and the name alone is set aside."""
     from green_callbacks.sinks.tracking import RunClient
 
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     MlflowClient(uri).search_experiments()
     records = [("metrics", {"energy/cumulative_j": float(s), "power/mean_w": 1.0 + s}, s) for s in range(400)]
     records[150][1]["efficiency/val/../x_per_kj"] = 1.0  # a path MLflow refuses as a metric name
@@ -716,7 +716,7 @@ def test_records_a_full_disk_kept_from_the_spool_are_copied_elsewhere_for_a_repl
 
     from green_callbacks.sinks import spool as spool_module
 
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "elsewhere"))
     sink = MlflowSink(RunTarget(uri, experiment_name="full"), tmp_path / "out", first_send_s=0, cadence_s=0.2)
     for step in range(3):
@@ -749,7 +749,7 @@ def test_a_refusal_whose_rejected_file_cannot_be_written_says_where_it_stays(tmp
     it is removed once the rest is sent)."""
     from green_callbacks.sinks.sender import Sender
 
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = ready_store(tmp_path, "m.db")
     MlflowClient(uri).search_experiments()
     bad = "efficiency/val_" + "x" * 300 + "_per_kj"
     spool = write_spool(tmp_path / "spool-ro.jsonl", RunTarget(uri, experiment_name="ro"),

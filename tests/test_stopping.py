@@ -22,6 +22,7 @@ from helpers import (
     hf_work_clock,
     history,
     lightning_digits_module,
+    ready_store,
     records_of,
     runs,
     work_clock,
@@ -54,7 +55,7 @@ def fit(tmp_path, callbacks, module, max_epochs, ckpt_path=None, **kw):
 
 def monitor(tmp_path, **kw):
     kw.setdefault("log_artifacts", False)
-    return gl.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+    return gl.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=ready_store(tmp_path),
                             output_dir=str(tmp_path / "out"), **kw)
 
 
@@ -65,7 +66,7 @@ def test_lightning_plateau_stops_when_accuracy_saturates(tmp_path, fake_nvml):
     t = fit(tmp_path, [mon, stop, work_clock(fake_nvml)], lightning_digits_module(lr=1e-2)(), max_epochs=40)
     assert t.current_epoch < 30, "stopped well before max_epochs once accuracy flattened"
     assert records_of(mon, "evaluation")[-1].metrics["val_acc"] > 0.9
-    client, (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db")
+    client, (run,) = runs(ready_store(tmp_path))
     rid = run.info.run_id
     assert run.data.tags["green.stop_reason"] == "efficiency_plateau"
     stat = history(client, rid, "stopping/val_acc_gain_pct_per_doubling")
@@ -95,7 +96,7 @@ def test_lightning_energy_budget_stops_before_it_is_exceeded(tmp_path, fake_nvml
     assert t.current_epoch < 20
     assert spent <= 450.0, "stopped before the budget"
     assert spent + max(r.energy_j for r in records_of(mon, "epoch")) > 450.0, "but not needlessly early"
-    client, (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db")
+    client, (run,) = runs(ready_store(tmp_path))
     assert run.data.tags["green.stop_reason"] == "energy_budget"
     projected = history(client, run.info.run_id, "projection/energy_j")
     assert [s for s, _ in projected] == sorted({s for s, _ in projected}), "once per step"
@@ -132,7 +133,7 @@ def test_a_fit_after_a_stop_into_the_same_run_is_stopped_again(tmp_path, fake_nv
     t.fit(t.lightning_module, *digits_loaders())
     assert t.current_epoch <= first_epochs + 1 and mon.cumulative_j <= spent + 2 * 57.5
     assert mon.stop_decision is not first and mon.stop_decision.reason.value == "energy_budget"
-    (run,) = runs(f"sqlite:///{tmp_path}/mlflow.db")[1]
+    (run,) = runs(ready_store(tmp_path))[1]
     assert run.data.tags["green.stop_reason"] == "energy_budget"
 
 
@@ -244,7 +245,7 @@ def hf_fit(tmp_path, callbacks, epochs, lr):
 
 
 def hf_monitor(tmp_path):
-    return gt.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+    return gt.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=ready_store(tmp_path),
                             output_dir=str(tmp_path / "out"), log_artifacts=False)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from green_callbacks.distributed import node_name
 
-from helpers import fake_nvml_env, free_port, history, runs, steps
+from helpers import fake_nvml_env, free_port, history, ready_store, runs, steps
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "lightning_nodes.py"
 PER_RANK = json.dumps({"per_rank": [{"profile_seed": 21}, {"profile_seed": 22}]})
@@ -33,7 +33,7 @@ def test_node_identity_comes_from_the_launcher_before_the_host_name(monkeypatch)
 
 @pytest.mark.slow
 def test_two_nodes_on_one_host_count_each_device_and_each_node_once(tmp_path):
-    uri, port = f"sqlite:///{tmp_path}/mlflow.db", free_port()
+    uri, port = ready_store(tmp_path), free_port()
     env = fake_nvml_env(PER_RANK)
     for var in ("GROUP_RANK", "NODE_RANK", "SLURM_NODEID", "LOCAL_RANK", "RANK", "WORLD_SIZE"):
         env.pop(var, None)
