@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -88,3 +89,33 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     from test_clean_tree import tree_files
 
     session.config.green_tree_before = tree_files()
+
+
+@pytest.fixture(autouse=True)
+def _share_the_machine(request):
+    """With the tests on several processes (pytest-xdist), a test marked ``alone`` runs with no other test
+    beside it: the sensors' edge accuracy (a read a millisecond late on a busy core is a sample off), energy
+    that follows wall time into a budget's decision, several ranks or a Ray cluster of their own. Every other
+    test holds a shared lock while it runs, an ``alone`` test the exclusive one; a gate taken first keeps a
+    stream of shared holders from starving it. On one process nothing is locked."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:
+        yield
+        return
+    import fcntl
+
+    alone = request.node.get_closest_marker("alone") is not None
+    base = request.getfixturevalue("tmp_path_factory").getbasetemp().parent / f"green-tests-{run}"
+    with open(f"{base}.gate", "a") as gate, open(f"{base}.room", "a") as room:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(room, fcntl.LOCK_UN)
+            if alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)

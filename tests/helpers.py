@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -35,7 +37,8 @@ def made_store() -> Path:
 
         made = Path(tempfile.mkdtemp(prefix="green-store-")) / "made.db"
         atexit.register(shutil.rmtree, made.parent, True)
-        mlflow.MlflowClient(f"sqlite:///{made}").search_experiments()
+        with contextlib.chdir(made.parent):  # its Default experiment's ./mlruns, rewritten in each copy
+            mlflow.MlflowClient(f"sqlite:///{made}").search_experiments()
         _made_store.append(made)
     return _made_store[0]
 
@@ -52,6 +55,11 @@ def ready_store(folder: Path, name: str = "mlflow.db") -> str:
     if not target.exists():  # a test's second look at its store (a resume, a read) finds it as it left it
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(made_store(), target)
+        # the Default experiment's artifacts in mlruns/ beside the copy, as MLflow sets it for a store made from
+        # its own folder: not in the folder the first copy was made for (nor in the checkout)
+        with contextlib.closing(sqlite3.connect(target)) as db, db:
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                       (str(target.parent / "mlruns" / "0"),))
     return f"sqlite:///{target}"
 
 

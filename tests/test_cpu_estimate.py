@@ -14,6 +14,8 @@ from green_callbacks.meter import EnergyMeter
 from green_callbacks.sensors import CpuEstimateSensor, Method
 from green_callbacks.sensors.cpu_power import DEFAULT_CORE_W, ProcessTree, _cgroup_quota_cpus, core_power, known_tdp
 
+pytestmark = pytest.mark.alone  # the CPU estimate is checked against its own and its neighbours' real CPU time
+
 # A fixed CPU workload in its own interpreter, measured by the estimate of both scopes at once.
 WORKLOAD = """
 import json, time

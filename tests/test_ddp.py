@@ -11,6 +11,8 @@ import pytest
 
 from helpers import fake_nvml_env, free_port, history, ready_store, runs
 
+pytestmark = pytest.mark.alone  # two ranks of their own, and budgets on GPUs whose energy follows wall time
+
 SCRIPTS = Path(__file__).parent / "ddp_scripts"
 PER_RANK = json.dumps({"per_rank": [{"profile_seed": 11}, {"profile_seed": 12}]})
 

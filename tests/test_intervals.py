@@ -751,6 +751,7 @@ def test_hf_a_budget_stop_keeps_the_step_that_follows_it_in_the_budget(tmp_path,
     assert 10 <= monitor.cumulative_j <= 15.5
 
 
+@pytest.mark.alone  # work-clock joules, but a check between points adds sampled power x wall time
 def test_lightning_a_budget_stop_before_the_first_validation_keeps_that_validation_in_the_budget(tmp_path,
                                                                                               fake_nvml):
     """A stop before the first validation still pays one (Lightning validates on stopping), and nothing measured

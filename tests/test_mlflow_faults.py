@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -38,7 +37,7 @@ from green_callbacks.sinks import read_spool
 from green_callbacks.sinks.spool import State
 from green_callbacks.transformers import EnergyMonitor as HfEnergyMonitor
 
-from helpers import MlflowServer, fake_nvml_env, free_port, made_store, ready_store, settle
+from helpers import MlflowServer, fake_nvml_env, free_port, ready_store, settle
 
 SCRIPT = Path(__file__).parent / "fault_scripts" / "mlflow_kill.py"
 
@@ -173,24 +172,16 @@ WRITES = ("deny-writes", "deny-writes-json", "deploy")
 FAULTY = ("flaky", "slow-create", *ANSWERS)
 
 
-@pytest.fixture(scope="module")
-def empty_store() -> Path:
-    """An MLflow sqlite store with its tables made once: each test copies it (MLflow's migrations take
-    seconds, and two processes making the tables of one new store at once trip over each other)."""
-    return made_store()
-
-
-def store(empty_store: Path, path: Path) -> str:
-    shutil.copyfile(empty_store, path)
-    return f"sqlite:///{path}"
+def store(path: Path) -> str:
+    return ready_store(path.parent, path.name)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def starting_server(request, tmp_path_factory, empty_store):
+def starting_server(request, tmp_path_factory):
     """The module's real MLflow server, starting (tens of seconds here) while the first tests run,
     when a selected test needs it."""
     root = tmp_path_factory.mktemp("server")
-    store(empty_store, root / "server.db")
+    store(root / "server.db")
     s = MlflowServer(root)
     thread = threading.Thread(target=s.start, daemon=True)
     if any("server" in item.fixturenames for item in request.session.items):
@@ -288,9 +279,9 @@ def lines_until(proc: subprocess.Popen[str], prefix: str, timeout_s: float = 120
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("framework", "delay_ms"), [("lightning", 0), ("lightning", 5), ("hf", 0), ("hf", 5)])
-def test_killed_right_after_an_epoch_hook_the_epoch_reaches_the_run(tmp_path, empty_store, framework, delay_ms):
+def test_killed_right_after_an_epoch_hook_the_epoch_reaches_the_run(tmp_path, framework, delay_ms):
     # the sender dies too (the machine went down): only the spool is left, and replay sends it
-    uri = store(empty_store, tmp_path / "mlflow.db")  # MLflow's default store, in the script's working directory
+    uri = store(tmp_path / "mlflow.db")  # MLflow's default store, in the script's working directory
     proc = start_script(tmp_path, framework, "--epochs", "3", "--kill-epoch", "1", "--delay-ms", str(delay_ms),
                         "--kill-sender")
     try:
@@ -316,8 +307,8 @@ class OddNames(ValModel):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("framework", ["lightning", "hf"])
-def test_a_refused_metric_name_costs_only_itself(tmp_path, empty_store, green_log, digits, framework):  # noqa: F811
-    uri, out = store(empty_store, tmp_path / "m.db"), tmp_path / "out"
+def test_a_refused_metric_name_costs_only_itself(tmp_path, green_log, digits, framework):  # noqa: F811
+    uri, out = store(tmp_path / "m.db"), tmp_path / "out"
     if framework == "lightning":
         monitor = EnergyMonitor(tracking_uri=uri, experiment_name="names", output_dir=str(out))
         trainer(tmp_path, [monitor], max_epochs=3).fit(OddNames())
@@ -346,8 +337,8 @@ def test_a_refused_metric_name_costs_only_itself(tmp_path, empty_store, green_lo
 
 
 @pytest.mark.slow
-def test_a_torn_spool_line_and_a_resumed_process(tmp_path, empty_store, capsys):
-    uri = store(empty_store, tmp_path / "m.db")
+def test_a_torn_spool_line_and_a_resumed_process(tmp_path, capsys):
+    uri = store(tmp_path / "m.db")
     ckpts = tmp_path / "ckpt"
     # the machine goes down at the start of epoch 3, after epoch 2's checkpoint: trainer and sender killed,
     # likely before the sender made the run (it calls MLflow 10 s in); the run is found by its local id
@@ -373,8 +364,8 @@ def test_a_torn_spool_line_and_a_resumed_process(tmp_path, empty_store, capsys):
 
 
 @pytest.mark.slow
-def test_unwritable_output_dir_costs_one_warning_and_the_run_finishes(tmp_path, empty_store, green_log, capsys):
-    uri = store(empty_store, tmp_path / "m.db")
+def test_unwritable_output_dir_costs_one_warning_and_the_run_finishes(tmp_path, green_log, capsys):
+    uri = store(tmp_path / "m.db")
     blocker = tmp_path / "file"
     blocker.write_text("a file where the output folder's parent should be")
     monitor = EnergyMonitor(tracking_uri=uri, experiment_name="unwritable", output_dir=str(blocker / "out"))
@@ -389,8 +380,8 @@ def test_unwritable_output_dir_costs_one_warning_and_the_run_finishes(tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_monitor_reused_in_a_second_fit_never_logs_a_step_twice(tmp_path, empty_store, digits):  # noqa: F811
-    uri = store(empty_store, tmp_path / "m.db")
+def test_a_monitor_reused_in_a_second_fit_never_logs_a_step_twice(tmp_path, digits):  # noqa: F811
+    uri = store(tmp_path / "m.db")
     out = str(tmp_path / "out")
     logger = MLFlowLogger(experiment_name="logger", tracking_uri=uri)
     given = EnergyMonitor(output_dir=out)  # logs into the logger's run: the second fit continues its steps
@@ -418,10 +409,10 @@ def test_a_monitor_reused_in_a_second_fit_never_logs_a_step_twice(tmp_path, empt
 
 
 @pytest.mark.slow
-def test_a_monitor_reused_for_another_users_run_starts_that_run_from_zero(tmp_path, empty_store, digits):  # noqa: F811
+def test_a_monitor_reused_for_another_users_run_starts_that_run_from_zero(tmp_path, digits):  # noqa: F811
     """A second training in another run of the user's (a new ``mlflow.start_run()``, HF's MLflowCallback's run of
     a new Trainer): its energy from step 0 and 0 J, not the first run's axis and totals carried on."""
-    uri = store(empty_store, tmp_path / "m.db")
+    uri = store(tmp_path / "m.db")
     out = str(tmp_path / "out")
     mlflow.set_tracking_uri(uri)
     try:
@@ -452,10 +443,10 @@ def test_a_monitor_reused_for_another_users_run_starts_that_run_from_zero(tmp_pa
 
 
 @pytest.mark.slow
-def test_hf_a_training_that_raised_is_ended_before_the_next_one_starts(tmp_path, empty_store, digits):  # noqa: F811
+def test_hf_a_training_that_raised_is_ended_before_the_next_one_starts(tmp_path, digits):  # noqa: F811
     """HF tells no callback of an exception: the next train() with the same monitor ends the failed one's run
     (FAILED, not left RUNNING) and logs into a new run of its own, never a step twice."""
-    uri = store(empty_store, tmp_path / "m.db")
+    uri = store(tmp_path / "m.db")
 
     class Boom(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -477,10 +468,10 @@ def test_hf_a_training_that_raised_is_ended_before_the_next_one_starts(tmp_path,
 
 
 @pytest.mark.slow
-def test_hf_after_a_training_that_raised_evaluate_is_a_stage_of_its_own(tmp_path, empty_store, digits):  # noqa: F811
+def test_hf_after_a_training_that_raised_evaluate_is_a_stage_of_its_own(tmp_path, digits):  # noqa: F811
     """An evaluate() after a train() that raised (the same Trainer, whose state is the failed training's): the
     failed run ends FAILED and the evaluation is measured as an evaluation of its own, in a new run."""
-    uri = store(empty_store, tmp_path / "m.db")
+    uri = store(tmp_path / "m.db")
 
     class Boom(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -501,10 +492,10 @@ def test_hf_after_a_training_that_raised_evaluate_is_a_stage_of_its_own(tmp_path
 
 
 @pytest.mark.slow
-def test_hf_auto_find_batch_size_retry_is_the_same_training(tmp_path, empty_store, digits):  # noqa: F811
+def test_hf_auto_find_batch_size_retry_is_the_same_training(tmp_path, digits):  # noqa: F811
     """HF's auto_find_batch_size starts the training again after an out-of-memory error, with a new state: one
     training, one run, FINISHED, its totals including the attempt that ran out of memory."""
-    uri = store(empty_store, tmp_path / "m.db")
+    uri = store(tmp_path / "m.db")
 
     class OutOfMemoryOnce(TrainerCallback):
         done = False
@@ -694,10 +685,10 @@ pl.Trainer(max_epochs=1, limit_train_batches=20, limit_val_batches=2, logger=Fal
 
 
 @pytest.mark.slow
-def test_killed_after_a_step_checkpoint_its_point_reaches_the_run(tmp_path, empty_store):
+def test_killed_after_a_step_checkpoint_its_point_reaches_the_run(tmp_path):
     """A step checkpoint's point (its totals saved in the checkpoint) kept its metrics in memory until the next
     point: a kill -9 before that lost them, though the hook that made them had returned."""
-    uri, out = store(empty_store, tmp_path / "m.db"), tmp_path / "out"
+    uri, out = store(tmp_path / "m.db"), tmp_path / "out"
     script = tmp_path / "killed.py"
     script.write_text(CHECKPOINT_KILLED)
     proc = subprocess.run([sys.executable, str(script), uri, str(out)], capture_output=True, text=True, timeout=300,
@@ -880,6 +871,7 @@ def test_the_end_waits_for_mlflow_no_longer_than_mlflow_wait_s(tmp_path, link, g
         os.kill(State.load(spool).pid, signal.SIGKILL)
 
 
+@pytest.mark.alone  # its waits are checked to within a second or two
 def test_the_ends_flush_and_close_share_one_wait(tmp_path, link):
     """The end waits for MLflow once: what its flush waited is taken from close's wait (the end of a run whose
     flush was slow, then whose last records met a hung server, took the wait twice)."""
@@ -899,6 +891,7 @@ def test_the_ends_flush_and_close_share_one_wait(tmp_path, link):
         os.kill(State.load(sink.spool_path).pid, signal.SIGKILL)
 
 
+@pytest.mark.alone  # its waits are checked to within a second or two
 @pytest.mark.slow
 def test_hf_evaluate_in_a_loop_with_mlflow_down_waits_once(tmp_path, digits, green_log):  # noqa: F811
     """Each evaluate() outside training ends as train() does, waiting for MLflow; with the server down the
@@ -923,10 +916,10 @@ def test_hf_evaluate_in_a_loop_with_mlflow_down_waits_once(tmp_path, digits, gre
 
 
 @pytest.mark.slow
-def test_a_sender_killed_while_training_goes_on_is_started_again(tmp_path, empty_store, green_log):
+def test_a_sender_killed_while_training_goes_on_is_started_again(tmp_path, green_log):
     """Its sender killed mid-training (an OOM killer's pick, a stray pkill): a new one goes on from what was
     sent, and the run ends complete and FINISHED, not RUNNING with the epochs since missing."""
-    uri = store(empty_store, tmp_path / "m.db")
+    uri = store(tmp_path / "m.db")
     monitor = EnergyMonitor(tracking_uri=uri, experiment_name="sender-killed", output_dir=str(tmp_path / "out"))
     killed = []
 
@@ -948,10 +941,10 @@ def test_a_sender_killed_while_training_goes_on_is_started_again(tmp_path, empty
     assert "started a new one (1 of at most 3)" in green_log.text
 
 
-def test_a_sender_killed_more_often_than_it_is_restarted_is_named_in_the_summary(tmp_path, empty_store, capsys):
+def test_a_sender_killed_more_often_than_it_is_restarted_is_named_in_the_summary(tmp_path, capsys):
     """Every sender killed (three restarts used up): the summary said 'MLflow not reached yet ... sent when it
     answers', a promise nothing was left to keep."""
-    uri = store(empty_store, tmp_path / "m.db")
+    uri = store(tmp_path / "m.db")
     monitor = EnergyMonitor(tracking_uri=uri, experiment_name="senders-killed", output_dir=str(tmp_path / "out"),
                             mlflow_wait_s=1)
 
@@ -1007,10 +1000,10 @@ def test_credentials_refused_mid_run_keep_every_record_for_a_replay(tmp_path, se
     assert run.info.status == "FINISHED"
 
 
-def test_mlflow_run_id_in_the_environment_takes_the_energy(tmp_path, empty_store, monkeypatch):
+def test_mlflow_run_id_in_the_environment_takes_the_energy(tmp_path, monkeypatch):
     """A scheduler (or ``mlflow run``) names the run in ``MLFLOW_RUN_ID``, as MLflow's ``start_run()`` resumes it:
     the energy went to a new run of its own instead, and the scheduler's run stayed empty."""
-    uri = store(empty_store, tmp_path / "mlflow.db")
+    uri = store(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("scheduled")).info.run_id
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -1029,7 +1022,7 @@ def test_mlflow_run_id_in_the_environment_takes_the_energy(tmp_path, empty_store
 
     # an explicit tracking_uri is the user's choice of store: the energy goes to a run of the monitor's own there,
     # not to the scheduler's run id looked up in it (where it is not: the sending was blocked, nothing arrived)
-    mine = store(empty_store, tmp_path / "mine.db")
+    mine = store(tmp_path / "mine.db")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mlflow.set_tracking_uri(mine)  # (the same store as MLflow's current one: no warning about another store)
     try:

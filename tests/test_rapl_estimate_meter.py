@@ -17,6 +17,8 @@ from green_callbacks.sensors import CpuEstimateSensor, Method, RaplSensor, build
 
 from conftest import make_powercap
 
+pytestmark = pytest.mark.alone  # sampled CPU energy is checked against the time it was read
+
 
 def test_rapl_reads_package_and_dram_and_skips_psys(tmp_path):
     root = make_powercap(tmp_path, packages=2)

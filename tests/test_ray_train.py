@@ -19,6 +19,8 @@ import pytest
 
 from helpers import fake_nvml_env, history, ready_store, runs
 
+pytestmark = pytest.mark.alone  # a Ray cluster of its own, and a budget on GPUs whose energy follows wall time
+
 if importlib.util.find_spec("ray") is None:  # not importorskip: `import ray` can raise KeyError, see ray_env()
     pytest.skip("ray[train] is not installed (pip install 'green-callbacks[ray]')", allow_module_level=True)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -16,13 +15,7 @@ from green_callbacks.sinks import RunTarget, replay_spool
 from green_callbacks.sinks.spool import State, rejected_path
 from green_callbacks.sinks.tracking import LOCAL_ID_TAG
 
-from helpers import free_port, made_store, ready_store
-
-
-@pytest.fixture(scope="module")
-def empty_db():
-    """An sqlite store with MLflow's tables made once (its migrations take seconds): each test copies it."""
-    return made_store()
+from helpers import free_port, ready_store
 
 
 @pytest.fixture
@@ -129,7 +122,7 @@ def test_files_a_sender_left_for_later_are_vetted_and_sent_by_replay(tmp_path, s
     assert [r["content"]["data"]["path"] for r in rejected(spool)] == [str(secret)]
 
 
-def test_a_forged_spool_creates_no_store_at_a_path_it_names(tmp_path, empty_db, capsys):
+def test_a_forged_spool_creates_no_store_at_a_path_it_names(tmp_path, capsys):
     evil = tmp_path / "planted" / "evil.db"
     evil.parent.mkdir()
     spool = write_spool(tmp_path / "spool-f4.jsonl", RunTarget(f"sqlite:///{evil}", experiment_name="x"), epochs(1))
@@ -142,8 +135,7 @@ def test_a_forged_spool_creates_no_store_at_a_path_it_names(tmp_path, empty_db, 
     with pytest.raises(ValueError, match="which does not exist"):
         replay_spool(spool)
     assert not file_store.exists()
-    shutil.copyfile(empty_db, tmp_path / "mine.db")
-    mine = f"sqlite:///{tmp_path}/mine.db"  # the store the user names
+    mine = ready_store(tmp_path, "mine.db")  # the store the user names
     assert cli(["replay", str(spool), "--tracking-uri", mine]) == 0
     assert "(--tracking-uri)" in capsys.readouterr().out
     assert len(MlflowClient(mine).search_runs([MlflowClient(mine).get_experiment_by_name("x").experiment_id])) == 1

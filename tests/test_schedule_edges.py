@@ -134,6 +134,7 @@ def test_lightning_a_stop_held_back_by_min_epochs_or_min_steps_says_so_and_books
     assert run.data.tags["green.stop_reason"] == "energy_budget"
 
 
+@pytest.mark.alone  # work-clock joules, but a check between points adds sampled power x wall time
 def test_hf_a_budget_step_check_keeps_the_evaluation_before_the_next_check(tmp_path, fake_nvml):
     """HF, 1 J a step, a 10 J evaluation every 10 steps, points every 5 and budget checks every 3 steps: at the check
     at step 27 the last two checks were 2 steps apart (25, 27), so the evaluation at 30, 3 steps on, was taken for
@@ -530,6 +531,7 @@ def test_hf_a_monitor_error_with_report_to_mlflow_fails_hfs_run(tmp_path, digits
     assert history(client, run.info.run_id, "energy/cumulative_j")  # the energy went there
 
 
+@pytest.mark.alone  # work-clock joules, but a check between points adds sampled power x wall time
 @pytest.mark.parametrize("budget", [120.0, 150.0, 200.0])
 def test_hf_a_budget_checked_at_an_evaluations_step_pays_for_that_evaluation(tmp_path, digits, fake_nvml,  # noqa: F811
                                                                              budget):

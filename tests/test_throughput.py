@@ -18,6 +18,8 @@ from green_callbacks.throughput import BatchCounter
 
 from helpers import digits_loaders, hf_work_clock, history, lightning_digits_module, runs, work_clock
 
+pytestmark = pytest.mark.alone  # timings and per-sample energy measured side by side
+
 STEP_J = 1.0
 
 

@@ -14,6 +14,8 @@ from green_callbacks.distributed import node_name
 
 from helpers import fake_nvml_env, free_port, history, ready_store, runs, steps
 
+pytestmark = pytest.mark.alone  # four ranks of their own
+
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "lightning_nodes.py"
 PER_RANK = json.dumps({"per_rank": [{"profile_seed": 21}, {"profile_seed": 22}]})
 
