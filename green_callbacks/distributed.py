@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -83,3 +84,26 @@ def gather(obj: Any) -> list[Any]:
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any rank (the decision all ranks must share)."""
     return any(gather(bool(flag)))
+
+
+ALIKE = {"green_alike_on_every_rank": True}
+"""``extra=`` of a warning drawn from what every rank shares (the merged joules, the budget's totals): said once for the
+job, by rank 0, as Lightning's own callbacks say what every rank decided alike (a warning about a rank's own
+device or metrics is said where it happened)."""
+
+
+class _OnRankZero(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "green_alike_on_every_rank", False)
+
+
+_ON_RANK_ZERO = _OnRankZero()
+
+
+def speak_as(rank: RankInfo) -> None:
+    """In a process of rank ``rank``: the warnings marked :data:`ALIKE` are dropped unless it is rank 0."""
+    logger = logging.getLogger("green_callbacks")
+    if rank.is_zero:
+        logger.removeFilter(_ON_RANK_ZERO)
+    else:
+        logger.addFilter(_ON_RANK_ZERO)  # (once: a logger's filters are a set)

@@ -325,6 +325,8 @@ class EfficiencyEarlyStopping(EfficiencyStopper, _LightningStopper):
         self.resolve("val_loss", "min")
         val_loop = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None)
         source = getattr(val_loop, "_data_source", None)  # the val_dataloaders given, or the module's hook
+        if not trainer.is_global_zero:  # said once for the job: every rank has the same schedule
+            return
         if source is not None and not source.is_defined():
             self.no_evaluations("no val_dataloader")
         elif trainer.limit_val_batches == 0:

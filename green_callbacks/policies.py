@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from green_callbacks.distributed import ALIKE
 from green_callbacks.units import ENERGY_J, is_integer
 
 MODES = ("min", "max")
@@ -238,10 +239,11 @@ class EfficiencyPlateau:
         self.gain_to_end: float | None = None  # the gain the rest of the run can buy, where under a doubling is left
         self._warned: set[str] = set()
 
-    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+    def _warn_once(self, key: str, message: str, *args: Any, alike: bool = False) -> None:
+        """``alike``: drawn from the joules every rank shares, said by rank 0 only (see ``distributed.ALIKE``)."""
         if key not in self._warned:
             self._warned.add(key)
-            log.warning(message, *args)
+            log.warning(message, *args, extra=ALIKE if alike else None)
 
     def update(self, value: float, cumulative_j: float, final_j: float | None = None) -> Decision:
         """One evaluation's metric, the run's cumulative joules at it and, where known, at the run's end."""
@@ -259,7 +261,7 @@ class EfficiencyPlateau:
         self.bad = 0
         if not (math.isfinite(cumulative_j) and cumulative_j > 0):
             self._warn_once("energy", "EfficiencyEarlyStopping: no energy measured yet at an evaluation "
-                            "(%r J); it is not used", cumulative_j)
+                            "(%r J); it is not used", cumulative_j, alike=True)
             return CONTINUE
         if self.min_gain.relative and value <= 0:
             self._warn_once("sign", "EfficiencyEarlyStopping: %s=%g; min_gain=%r is relative and needs a positive "
@@ -273,7 +275,7 @@ class EfficiencyPlateau:
         if self.window and cumulative_j == self.window[-1][0]:  # no energy since the last: a gain for nothing
             self._warn_once("stalled", "EfficiencyEarlyStopping: no energy measured since the last evaluation (%.6g "
                             "J): an evaluation sooner than the energy counters move, or the measured device lost; "
-                            "such evaluations are not used", cumulative_j)
+                            "such evaluations are not used", cumulative_j, alike=True)
             return CONTINUE
         self.window = [p for p in self.window if 2 * p[0] >= cumulative_j] + [(cumulative_j, value)]
         if len(self.window) > WINDOW_MAX_POINTS:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from green_callbacks.budgets import Budget
+from green_callbacks.distributed import ALIKE
 from green_callbacks.policies import (
     CONTINUE,
     MODES,
@@ -290,7 +291,8 @@ class BudgetStopper(Stopper):
         if decision.should_stop and self.budget.on_exceed == "warn":
             if decision.reason not in self._warned_reasons:  # once per limit: it stays passed at every later check
                 self._warned_reasons.add(decision.reason)
-                log.warning("EnergyBudget: %s (on_exceed='warn': training continues; said once).", decision.message)
+                log.warning("EnergyBudget: %s (on_exceed='warn': training continues; said once).", decision.message,
+                            extra=ALIKE)
             return Decision(False)
         return decision
 
@@ -302,7 +304,7 @@ class BudgetStopper(Stopper):
                 self.projection_warned = True
                 log.warning("EnergyBudget: at this rate the whole run would need %s; it stops before that%s.",
                             "; ".join(broken), "" if self.budget.on_exceed == "stop" else
-                            " only if on_exceed='stop'")
+                            " only if on_exceed='stop'", extra=ALIKE)
         decision = self.budget.check(progress.so_far, progress.stop_cost, progress)
         if decision.should_stop and progress.remaining_steps is not None and progress.remaining_steps <= 0:
             # the run ends here anyway: nothing is left to save, and it did not stop early; a budget it went over
@@ -310,7 +312,7 @@ class BudgetStopper(Stopper):
             over = self.budget.broken_by(progress.so_far)
             if over and ("over", decision.reason) not in self._warned_reasons:
                 self._warned_reasons.add(("over", decision.reason))
-                log.warning("EnergyBudget: the run ends over its budget: %s.", "; ".join(over))
+                log.warning("EnergyBudget: the run ends over its budget: %s.", "; ".join(over), extra=ALIKE)
             return CONTINUE
         return self._act(decision)
 

@@ -20,7 +20,7 @@ from typing import Any
 from green_callbacks import outputs, process
 from green_callbacks.accounting import Accountant, IntensitySeries, resolve_intensity
 from green_callbacks.decisions import StopperHost
-from green_callbacks.distributed import RankInfo, gather
+from green_callbacks.distributed import RankInfo, gather, speak_as
 from green_callbacks.ledger import RunLedger
 from green_callbacks.loop import LoopHost
 from green_callbacks.meter import DEFAULT_PERIOD_S, EnergyMeter, Measurement
@@ -153,6 +153,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         if self.started:
             return
         self.rank = rank or RankInfo.from_env()
+        speak_as(self.rank)
         same = bool(self._fits) and self.same_session(session)
         if self._fits and not self._restored and not same:
             self._reuse(run_id)

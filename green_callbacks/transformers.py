@@ -334,7 +334,7 @@ class EfficiencyEarlyStopping(_HfStopper, EfficiencyStopper, TrainerCallback):
         greater = args.greater_is_better if args.greater_is_better is not None else "loss" not in default
         self.resolve(eval_name(default), "max" if greater else "min", eval_name)
         strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
-        if strategy == "no":
+        if strategy == "no" and state.is_world_process_zero:  # said once for the job, as below
             self.no_evaluations('eval_strategy="no"')
         elif strategy in ("steps", "epoch"):
             count = evaluations(strategy, args, state)

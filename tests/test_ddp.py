@@ -38,7 +38,8 @@ def check_sums(uri: str, out: Path, epochs: int) -> None:
 
 
 def launch(framework: str, tmp_path: Path, *extra: str) -> str:
-    """Run a 2-rank job on CPU (Lightning ddp_spawn, or HF under torchrun); return its tracking URI."""
+    """Run a 2-rank job on CPU (Lightning ddp_spawn, or HF under torchrun); return its tracking URI (what the
+    job's ranks wrote to stderr: in tmp_path/stderr.txt)."""
     uri = ready_store(tmp_path)
     if framework == "lightning":
         command = [sys.executable, str(SCRIPTS / "lightning_ddp.py")]
@@ -48,6 +49,7 @@ def launch(framework: str, tmp_path: Path, *extra: str) -> str:
     proc = subprocess.run([*command, uri, str(tmp_path), *extra], env=fake_nvml_env(PER_RANK),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (tmp_path / "stderr.txt").write_text(proc.stderr)
     return uri
 
 
@@ -74,6 +76,17 @@ def test_lightning_ddp_ranks_decide_the_same(tmp_path):
     # every rank's decision reads the same (rank 1's own lacked the suffix rank 0's had)
     messages = [(tmp_path / f"stop-message-rank{r}.txt").read_text() for r in range(2)]
     assert messages == [run.data.tags["green.stop_message"]] * 2
+
+
+@pytest.mark.slow
+def test_what_every_rank_would_say_alike_is_said_once(tmp_path):
+    """A warn-only budget passed, its projection, and a stopper with no validation to decide at: drawn from what every
+    rank shares (the merged joules, the schedule), said by rank 0 only; each was said once per rank."""
+    launch("lightning", tmp_path, "warn")
+    said = (tmp_path / "stderr.txt").read_text()
+    for line in ("EnergyBudget: at this rate the whole run would need", "(on_exceed='warn': training continues; "
+                 "said once)", "decides at evaluations, and this training has none (limit_val_batches=0)"):
+        assert said.count(line) == 1, (line, said[-3000:])
 
 
 @pytest.mark.slow

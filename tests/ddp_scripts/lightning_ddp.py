@@ -1,9 +1,10 @@
 """Lightning DDP (ddp_spawn, 2 CPU processes, gloo) with EnergyMonitor; each rank's GPU is simulated.
 
-Usage: python lightning_ddp.py TRACKING_URI OUT_DIR [stop]. Each rank writes the exact joules of its
+Usage: python lightning_ddp.py TRACKING_URI OUT_DIR [stop|warn]. Each rank writes the exact joules of its
 own simulated GPU over each of its epoch windows to OUT_DIR/truth-rank{r}.json. With ``stop``, an
 EfficiencyEarlyStopping watches a metric that flattens on rank 1 only; each rank writes the epoch it
-stopped at to OUT_DIR/stopped-rank{r}.txt.
+stopped at to OUT_DIR/stopped-rank{r}.txt. With ``warn``, a 1 J budget only warns (on_exceed="warn"), and an
+EfficiencyEarlyStopping sees no validation (limit_val_batches=0): what they say, every rank alike, is said once.
 """
 
 import json
@@ -13,7 +14,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyMonitor
+from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyBudget, EnergyMonitor
 
 
 class RankDependent(BoringModel):
@@ -56,12 +57,15 @@ class Truth(pl.Callback):
 
 if __name__ == "__main__":
     uri, out = sys.argv[1], sys.argv[2]
-    stop = sys.argv[3:] == ["stop"]
+    stop, warn = sys.argv[3:] == ["stop"], sys.argv[3:] == ["warn"]
     monitor = EnergyMonitor(gpus="all", tracking_uri=uri, experiment_name="ddp", output_dir=out)
     callbacks = [monitor, Truth(monitor, out), Stopped(out)]
     if stop:
         callbacks.append(EfficiencyEarlyStopping(monitor="val_gain", mode="max", min_evaluations=2, patience=2))
+    if warn:
+        callbacks += [EnergyBudget(energy="1 J", on_exceed="warn"), EfficiencyEarlyStopping()]
     trainer = pl.Trainer(max_epochs=10 if stop else 2, accelerator="cpu", devices=2, strategy="ddp_spawn",
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=callbacks, default_root_dir=out)
+                         enable_model_summary=False, callbacks=callbacks, default_root_dir=out,
+                         limit_val_batches=0 if warn else None)
     trainer.fit(RankDependent() if stop else BoringModel())
