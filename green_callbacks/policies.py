@@ -237,6 +237,7 @@ class EfficiencyPlateau:
         self.seen = False  # whether any evaluation has reported the metric
         self.gain: float | None = None  # the statistic at the latest evaluation, None until it decides
         self.gain_to_end: float | None = None  # the gain the rest of the run can buy, where under a doubling is left
+        self.last_j: float | None = None  # the cumulative joules at the previous evaluation, whatever its metric
         self._warned: set[str] = set()
 
     def _warn_once(self, key: str, message: str, *args: Any, alike: bool = False) -> None:
@@ -245,8 +246,22 @@ class EfficiencyPlateau:
             self._warned.add(key)
             log.warning(message, *args, extra=ALIKE if alike else None)
 
+    def note_energy(self, cumulative_j: float) -> None:
+        """Every evaluation's cumulative joules, whatever its metric (``update`` calls it; an evaluation without
+        the metric is noted alone): what every rank shares, so what it warns of is said for the job by rank 0,
+        and not only where one rank's own metric (missing, NaN, not positive) happened to let it through."""
+        if not (math.isfinite(cumulative_j) and cumulative_j > 0):
+            self._warn_once("energy", "EfficiencyEarlyStopping: no energy measured yet at an evaluation "
+                            "(%r J); it is not used", cumulative_j, alike=True)
+        elif self.last_j is not None and cumulative_j == self.last_j:
+            self._warn_once("stalled", "EfficiencyEarlyStopping: no energy measured since the last evaluation (%.6g "
+                            "J): an evaluation sooner than the energy counters move, or the measured device lost; "
+                            "such evaluations are not used", cumulative_j, alike=True)
+        self.last_j = cumulative_j
+
     def update(self, value: float, cumulative_j: float, final_j: float | None = None) -> Decision:
         """One evaluation's metric, the run's cumulative joules at it and, where known, at the run's end."""
+        self.note_energy(cumulative_j)
         self.gain = self.gain_to_end = None
         self.seen = True
         value = float(value)
@@ -259,9 +274,7 @@ class EfficiencyPlateau:
                                                            "evaluations in a row: training diverged")
             return CONTINUE
         self.bad = 0
-        if not (math.isfinite(cumulative_j) and cumulative_j > 0):
-            self._warn_once("energy", "EfficiencyEarlyStopping: no energy measured yet at an evaluation "
-                            "(%r J); it is not used", cumulative_j, alike=True)
+        if not (math.isfinite(cumulative_j) and cumulative_j > 0):  # (said by note_energy)
             return CONTINUE
         if self.min_gain.relative and value <= 0:
             self._warn_once("sign", "EfficiencyEarlyStopping: %s=%g; min_gain=%r is relative and needs a positive "
@@ -272,10 +285,7 @@ class EfficiencyPlateau:
             self.window, self.first_j, self.wait, self.to_end_in_wait, self.bad = [], None, 0, False, 0
         if self.first_j is None:
             self.first_j = cumulative_j
-        if self.window and cumulative_j == self.window[-1][0]:  # no energy since the last: a gain for nothing
-            self._warn_once("stalled", "EfficiencyEarlyStopping: no energy measured since the last evaluation (%.6g "
-                            "J): an evaluation sooner than the energy counters move, or the measured device lost; "
-                            "such evaluations are not used", cumulative_j, alike=True)
+        if self.window and cumulative_j == self.window[-1][0]:  # no energy since: a gain for nothing (said above)
             return CONTINUE
         self.window = [p for p in self.window if 2 * p[0] >= cumulative_j] + [(cumulative_j, value)]
         if len(self.window) > WINDOW_MAX_POINTS:
@@ -324,7 +334,8 @@ class EfficiencyPlateau:
 
     def state_dict(self) -> dict[str, Any]:
         return {"window": [list(p) for p in self.window], "first_j": self.first_j, "wait": self.wait,
-                "bad": self.bad, "gain": self.gain, "seen": self.seen, "to_end_in_wait": self.to_end_in_wait}
+                "bad": self.bad, "gain": self.gain, "seen": self.seen, "to_end_in_wait": self.to_end_in_wait,
+                "last_j": self.last_j}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.window = [(float(j), float(v)) for j, v in state["window"]]
@@ -332,3 +343,4 @@ class EfficiencyPlateau:
         self.wait, self.bad, self.gain = int(state["wait"]), int(state["bad"]), state["gain"]
         self.seen = bool(state.get("seen", self.first_j is not None or self.bad))
         self.to_end_in_wait = bool(state.get("to_end_in_wait", False))
+        self.last_j = state.get("last_j")

@@ -206,6 +206,7 @@ class EfficiencyStopper(Stopper):
         if not progress.evaluation:
             return CONTINUE
         if self.monitor not in progress.metrics:
+            self.plateau.note_energy(progress.so_far.j)
             if self.plateau.seen or self._from_training:  # logged before, not now: nothing new to decide on
                 self.plateau._warn_once("absent", "EfficiencyEarlyStopping: %s was not logged at this evaluation "
                                         "(step %d), as at earlier ones (or, a training metric, not yet); "

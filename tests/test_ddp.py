@@ -90,6 +90,19 @@ def test_what_every_rank_would_say_alike_is_said_once(tmp_path):
 
 
 @pytest.mark.slow
+def test_energy_warnings_are_said_once_whatever_rank_zeros_metric(tmp_path):
+    """No energy yet at an evaluation, or none since the last: about the joules every rank shares, so said by rank
+    0, also where rank 0's own metric was NaN there (each rank reports its own) and only rank 1 reached the check."""
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "plain_alike.py"), str(tmp_path), str(free_port())],
+                          env=fake_nvml_env("{}"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in ("EfficiencyEarlyStopping: no energy measured yet at an evaluation",
+                 "EfficiencyEarlyStopping: no energy measured since the last evaluation (200 J)",
+                 "EfficiencyEarlyStopping: val_acc=nan at an evaluation; skipped"):
+        assert proc.stderr.count(line) == 1, (line, proc.stderr[-3000:])
+
+
+@pytest.mark.slow
 def test_hf_torchrun_budget_stops_both_ranks(tmp_path):
     uri = launch("hf", tmp_path, "stop")
     stopped = stopped_epochs(tmp_path)
