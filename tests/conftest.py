@@ -91,21 +91,23 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.green_tree_before = tree_files()
 
 
-@pytest.fixture(autouse=True)
-def _share_the_machine(request):
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     """With the tests on several processes (pytest-xdist), a test marked ``alone`` runs with no other test
     beside it: the sensors' edge accuracy (a read a millisecond late on a busy core is a sample off), energy
     that follows wall time into a budget's decision, several ranks or a Ray cluster of their own. Every other
     test holds a shared lock while it runs, an ``alone`` test the exclusive one; a gate taken first keeps a
-    stream of shared holders from starving it. On one process nothing is locked."""
+    stream of shared holders from starving it. The lock is held over the test's whole protocol, so the
+    fixtures it sets up and tears down (a module's MLflow server started for its first test) are inside it
+    too. On one process nothing is locked."""
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if run is None:
         yield
         return
     import fcntl
 
-    alone = request.node.get_closest_marker("alone") is not None
-    base = request.getfixturevalue("tmp_path_factory").getbasetemp().parent / f"green-tests-{run}"
+    alone = item.get_closest_marker("alone") is not None
+    base = item.config._tmp_path_factory.getbasetemp().parent / f"green-tests-{run}"
     with open(f"{base}.gate", "a") as gate, open(f"{base}.room", "a") as room:
         fcntl.flock(gate, fcntl.LOCK_EX)
         try:

@@ -37,8 +37,12 @@ def made_store() -> Path:
 
         made = Path(tempfile.mkdtemp(prefix="green-store-")) / "made.db"
         atexit.register(shutil.rmtree, made.parent, True)
-        with contextlib.chdir(made.parent):  # its Default experiment's ./mlruns, rewritten in each copy
+        here = os.getcwd()
+        os.chdir(made.parent)  # its Default experiment's ./mlruns, rewritten in each copy (contextlib.chdir: 3.11+)
+        try:
             mlflow.MlflowClient(f"sqlite:///{made}").search_experiments()
+        finally:
+            os.chdir(here)
         _made_store.append(made)
     return _made_store[0]
 
