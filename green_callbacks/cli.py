@@ -55,6 +55,10 @@ def _probe(args: argparse.Namespace) -> int:
 def _intensity(args: argparse.Namespace) -> int:
     from green_callbacks.accounting import country_table, region_table, resolve_intensity
 
+    if args.list and args.name is not None:
+        print(f"error: intensity --list lists every country and region; give {args.name!r} without --list for its "
+              "figure alone", file=sys.stderr)
+        return 2
     if args.list:
         for row in sorted({r["iso3"]: r for r in country_table().values()}.values(), key=lambda r: r["country"]):
             value = float(row["g_co2e_per_kwh"])
@@ -189,9 +193,12 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be a finite number >= 0")
+    if not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be a number from 0 to {MAX_SECONDS:g} (a week)")
     return value
+
+
+MAX_SECONDS = 7 * 86_400.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ names the file and what is wrong, before training.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Collection
 from pathlib import Path
@@ -61,6 +62,8 @@ def read_section(path: str | Path, section: str, valid: Collection[str]) -> dict
     YAML: a ``green-callbacks:`` mapping, or ``<section>:`` at the top level. Keys outside ``valid``
     are errors.
     """
+    if not isinstance(path, str | os.PathLike) or not str(path).strip():
+        raise ValueError(f"path={path!r} must be the path of a .yaml, .yml or .toml file")
     path = Path(path)
     if path.suffix not in FORMATS:
         raise ValueError(f"{path}: unknown config format {path.suffix!r}; use .yaml, .yml or .toml")
@@ -70,6 +73,10 @@ def read_section(path: str | Path, section: str, valid: Collection[str]) -> dict
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not a UTF-8 text file (byte {exc.start} is {exc.object[exc.start]:#04x}); "
                          f"save it as UTF-8 {kind}") from exc
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such config file (from {Path.cwd()})") from None
+    except OSError as exc:  # a folder, no permission
+        raise ValueError(f"{path}: the config file cannot be read ({exc.strerror or exc})") from None
     try:
         if path.suffix == ".toml":
             data: Any = tomllib.loads(text)

@@ -56,7 +56,8 @@ class StopperHost:
         """Ask ``stopper`` at every point (evaluation, epoch end, every N steps) whether to stop."""
         if stopper not in self.stoppers:
             if isinstance(stopper, BudgetStopper):
-                stopper.validate_against(self.accountant.price_per_kwh, self.accountant.currency)
+                fixed = None if self.accountant.series is not None else self.accountant.intensity.g_per_kwh
+                stopper.validate_against(self.accountant.price_per_kwh, self.accountant.currency, fixed)
             self.stoppers.append(stopper)
             self.step_periods = tuple(s.check_every_n_steps for s in self.stoppers if s.check_every_n_steps)
             self.check_measurable()

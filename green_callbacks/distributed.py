@@ -31,14 +31,29 @@ class RankInfo:
     @classmethod
     def from_env(cls) -> RankInfo:
         """From torch.distributed when it is up, else torchrun's / SLURM's environment."""
-        env = os.environ
-        rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
-        local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
-        world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+        rank = _env_int(("RANK", "SLURM_PROCID"), 0)
+        local = _env_int(("LOCAL_RANK", "SLURM_LOCALID"), 0)
+        world = _env_int(("WORLD_SIZE", "SLURM_NTASKS"), 1)
         dist = _dist()
         if dist is not None:
             rank, world = dist.get_rank(), dist.get_world_size()
         return cls(rank, local, world, node_name())
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    """The first of ``names`` set in the environment, as an integer >= 0 (an error naming it otherwise)."""
+    for name in names:
+        text = os.environ.get(name, "").strip()
+        if text:  # (set but empty: as unset)
+            try:
+                value = int(text)
+            except ValueError:
+                value = -1
+            if value < 0:
+                raise ValueError(f"the environment variable {name}={text!r} must be an integer >= 0 (the launcher "
+                                 "sets it: torchrun, Slurm); unset it or set it right") from None
+            return value
+    return default
 
 
 NODE_INDEX_VARS = ("GROUP_RANK", "NODE_RANK", "SLURM_NODEID")  # torchrun, Lightning, Slurm

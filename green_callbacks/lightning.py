@@ -30,6 +30,7 @@ from green_callbacks.lightning_trainer import (
 from green_callbacks.records import Kind
 from green_callbacks.stopping import BudgetStopper, EfficiencyStopper, Stopper
 from green_callbacks.tracker import EnergyTracker, batch_size
+from green_callbacks.validation import TWO_MONITORS
 
 __all__ = ["EfficiencyEarlyStopping", "EnergyBudget", "EnergyMonitor"]
 
@@ -111,8 +112,7 @@ class EnergyMonitor(EnergyTracker, Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if any(isinstance(cb, EnergyMonitor) and cb is not self for cb in trainer.callbacks):
-            raise ValueError("two EnergyMonitors in one Trainer: keep one (it measures every device of the run; "
-                             "gpus='all' or a list of indices picks which)")
+            raise ValueError(TWO_MONITORS)
 
     # -- fit -----------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

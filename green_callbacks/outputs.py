@@ -60,8 +60,9 @@ def write(t: EnergyTracker, trace: pd.DataFrame | None) -> None:
                 t._outputs_folder = folder
             written += _write_files(t, trace, folder)
         except OSError as exc:
+            still = "the metrics go to MLflow as usual" if t.use_mlflow else "with mlflow=False, nothing is kept"
             warn_once(t, "outputs", f"cannot write the run's outputs under {t.output_dir} ({exc}); these files are "
-                                    "not written (the metrics go to MLflow as usual)")
+                                    f"not written ({still})")
     if t.sink is not None:
         for path in written:
             t.sink.log_artifact(path, ARTIFACT_DIR)

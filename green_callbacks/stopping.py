@@ -74,6 +74,10 @@ class Stopper:
         from green_callbacks.config import read_section
 
         valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        unknown = sorted(set(overrides) - set(valid))
+        if unknown:
+            raise ValueError(f"{cls.__name__}.from_file(..., {', '.join(f'{k}=' for k in unknown)}): not an argument "
+                             f"of {cls.__name__}; choose from {valid}")
         table = read_section(path, cls.section, valid)
         return cls(**{**table, **overrides})
 
@@ -276,13 +280,22 @@ class BudgetStopper(Stopper):
                                  "check_every_n_steps": check_every_n_steps})
         self._fresh_policy = self.policy_state()
 
-    def validate_against(self, price_per_kwh: float | None, currency: str) -> None:
-        """A cost budget needs the monitor's price, in the same currency; say so before training."""
+    def validate_against(self, price_per_kwh: float | None, currency: str, g_per_kwh: float | None = None) -> None:
+        """A cost budget needs the monitor's price, in the same currency; a limit that a price or a carbon
+        intensity of 0 (``g_per_kwh``: the constant one, None for a series) keeps at 0 can never act. Said
+        before training."""
+        if self.budget.emissions_g is not None and g_per_kwh == 0:
+            raise ValueError(f"EnergyBudget(emissions={self._init_args['emissions']!r}) can never be reached: the "
+                             "EnergyMonitor's carbon intensity is 0 g/kWh (carbon_intensity_g_per_kwh=0), so every "
+                             "emission counts 0; set the intensity (or a country, a cloud region) or drop the limit")
         if self.budget.cost is None:
             return
         if price_per_kwh is None:
             raise ValueError(f"EnergyBudget(cost={self._init_args['cost']!r}) needs a price: set price_per_kwh "
                              "on the EnergyMonitor")
+        if price_per_kwh == 0:
+            raise ValueError(f"EnergyBudget(cost={self._init_args['cost']!r}) can never be reached: the "
+                             "EnergyMonitor's price_per_kwh=0 makes every cost 0; set the price or drop the limit")
         if self.budget.currency and self.budget.currency != currency.upper():
             raise ValueError(f"EnergyBudget cost is in {self.budget.currency} but the EnergyMonitor's price is in "
                              f"{currency.upper()}; use the same currency")

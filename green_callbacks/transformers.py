@@ -19,6 +19,7 @@ from green_callbacks.transformers_trainer import (
     ends_on_error,
     eval_name,
     evaluations,
+    hf_callbacks,
     hf_mlflow_callback,
     in_training_loop,
     interrupted_status,
@@ -33,6 +34,7 @@ from green_callbacks.transformers_trainer import (
     set_up_hf_mlflow_first,
 )
 from green_callbacks.uris import redact
+from green_callbacks.validation import TWO_MONITORS
 
 __all__ = ["EfficiencyEarlyStopping", "EnergyBudget", "EnergyMonitor"]
 
@@ -96,7 +98,10 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
                        **kwargs: Any) -> None:
         # (for the exit, where no trainer calls; HF's callback itself is not kept: its __del__ ends the active
         # run, and one collected when the next Trainer's replaced it here ended that Trainer's new run)
-        hf_started = bool(getattr(hf_mlflow_callback(calling_trainer()), "_auto_end_run", False))
+        trainer = calling_trainer()
+        if any(isinstance(c, EnergyMonitor) and c is not self for c in hf_callbacks(trainer)):
+            raise ValueError(TWO_MONITORS)
+        hf_started = bool(getattr(hf_mlflow_callback(trainer), "_auto_end_run", False))
         retry = (args.auto_find_batch_size and getattr(self, "_training", False) and self.started
                  and 0 < (state.train_batch_size or 0) < getattr(self, "_batch_size", 0))
         if retry:  # HF's auto_find_batch_size starts the training again, smaller, after an out-of-memory error

@@ -87,10 +87,14 @@ def calling_trainer(depth: int = 12) -> Any:
                  if isinstance(f.f_locals.get("self"), Trainer)), None)
 
 
+def hf_callbacks(trainer: Any) -> list[Any]:
+    """``trainer``'s callbacks (none for ``None``)."""
+    return list(getattr(getattr(trainer, "callback_handler", None), "callbacks", ()))
+
+
 def hf_mlflow_callback(trainer: Any) -> Any:
     """HF's ``MLflowCallback`` among ``trainer``'s callbacks, or ``None``."""
-    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", ())
-    return next((c for c in callbacks if type(c).__name__ == "MLflowCallback"), None)
+    return next((c for c in hf_callbacks(trainer) if type(c).__name__ == "MLflowCallback"), None)
 
 
 def reopen_hf_mlflow_run(args: TrainingArguments, state: TrainerState, model: Any) -> None:

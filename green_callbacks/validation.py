@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from green_callbacks.sensors.estimate import CPU_SCOPES
 from green_callbacks.units import currency_code, is_integer, is_number
@@ -14,6 +16,8 @@ ARTIFACT_CHOICES = ("intervals", "trace", "plot", "summary")
 MIN_SAMPLING_PERIOD_S = 0.005  # NVML and RAPL refresh every 1-100 ms: faster sampling only burns a core
 GPU_CHOICES = '"auto", "all", None (no GPU) or a list of CUDA device indices like [0, 1]'
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
+TWO_MONITORS = ("two EnergyMonitors in one Trainer: keep one (it measures every device of the run; gpus='all' or a "
+                "list of indices picks which)")
 
 
 def _bool(name: str, value: Any) -> bool:
@@ -41,6 +45,50 @@ def _string(name: str, value: Any, optional: bool = True) -> str | None:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{name}={value!r} must be a non-empty string{' or None' if optional else ''}")
     return value
+
+
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # with a driver too: postgresql+psycopg2://
+_STORE_SCHEMES = ("", "file", "http", "https", "databricks", "databricks-uc", "uc", *_DB_SCHEMES)
+
+
+def _store_schemes() -> list[str]:
+    """The schemes MLflow takes a tracking URI in: its own and those of installed tracking-store plugins."""
+    from importlib.metadata import entry_points
+
+    return [*_STORE_SCHEMES[1:], *sorted(e.name for e in entry_points(group="mlflow.tracking_store"))]
+
+
+def check_tracking_uri(name: str, uri: str) -> None:
+    """A URI MLflow could never open (a misspelt scheme, no host, a port that is no number, an in-memory
+    sqlite store that would die with the process that sends) is an error now, not an outage reported after
+    training. Whether the store answers or can be written is found at the start, as a fault."""
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{name}={uri!r} is not a URI MLflow can open ({exc})") from None
+    scheme = parts.scheme.lower()
+    if len(scheme) == 1 and scheme.isalpha():  # C:\mlruns: a Windows path
+        return
+    base = scheme.split("+", 1)[0] if scheme.split("+", 1)[0] in _DB_SCHEMES else scheme
+    if base not in _STORE_SCHEMES and base not in _store_schemes():
+        raise ValueError(f"{name}={uri!r}: MLflow has no tracking store for the scheme {parts.scheme!r}; choose "
+                         f"from {_store_schemes()} (or a folder path), like 'sqlite:///mlflow.db' or "
+                         "'http://127.0.0.1:5000'")
+    if base in ("http", "https") and not parts.hostname:
+        raise ValueError(f"{name}={uri!r} names no host; like 'http://127.0.0.1:5000'")
+    if base in ("http", "https") and port == 0:
+        raise ValueError(f"{name}={uri!r}: port 0 is no server's port; like 'http://127.0.0.1:5000'")
+    if base == "sqlite":
+        path = uri[len(parts.scheme) + 4:].split("?", 1)[0] if uri[len(parts.scheme):].startswith(":///") else ""
+        if path in ("", ":memory:"):
+            raise ValueError(f"{name}={uri!r} names no database file (an in-memory store would be lost with the "
+                             "process that sends to it); like 'sqlite:///mlflow.db'")
+
+
+def _path(name: str, value: Any, optional: bool = True) -> str | None:
+    """A file or folder: a string or a ``pathlib.Path``."""
+    return _string(name, os.fspath(value) if isinstance(value, os.PathLike) else value, optional)
 
 
 def check_gpus(gpus: Any) -> Any:
@@ -79,11 +127,24 @@ def check_tracker_args(a: Mapping[str, Any]) -> dict[str, Any]:
     out["pue"] = _number("pue", a["pue"], 1.0, 10.0, what=" (1.0 = no facility overhead; about 1.1 hyperscale, "
                                                           "1.58 industry average)")
     out["currency"] = check_currency(a["currency"])
-    for name in ("country", "cloud_region", "carbon_intensity_csv", "tracking_uri", "experiment_name", "run_name"):
+    for name in ("country", "cloud_region", "tracking_uri", "experiment_name", "run_name"):
         out[name] = _string(name, a[name])
+    out["carbon_intensity_csv"] = _path("carbon_intensity_csv", a["carbon_intensity_csv"])
+    if out["carbon_intensity_csv"] is not None:
+        also = {k: a[k] for k in ("carbon_intensity_g_per_kwh", "country", "cloud_region") if a[k] is not None}
+        if also:
+            settings = ", ".join(f"{k}={v!r}" for k, v in also.items())
+            raise ValueError(f"carbon intensity is set more than once (carbon_intensity_csv="
+                             f"{out['carbon_intensity_csv']!r}, {settings}); choose one of carbon_intensity_csv, "
+                             "carbon_intensity_g_per_kwh, country, cloud_region")
+    if out["mlflow"]:
+        if out["tracking_uri"] is not None:
+            check_tracking_uri("tracking_uri", out["tracking_uri"])
+        elif os.environ.get("MLFLOW_TRACKING_URI"):
+            check_tracking_uri("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
     if out["experiment_name"] is not None and len(out["experiment_name"]) > 500:
         raise ValueError(f"experiment_name of {len(out['experiment_name'])} characters: MLflow accepts at most 500")
-    out["output_dir"] = _string("output_dir", a["output_dir"], optional=False)
+    out["output_dir"] = _path("output_dir", a["output_dir"], optional=False)
     artifacts = a["log_artifacts"]
     if isinstance(artifacts, bool):
         out["log_artifacts"] = list(ARTIFACT_CHOICES) if artifacts else []

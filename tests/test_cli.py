@@ -35,14 +35,17 @@ def test_probe_with_a_simulated_gpu_succeeds(fake_nvml, capsys):
 
 
 @pytest.mark.parametrize(("argv", "bad"), [(["probe", "--seconds", "-1"], "'-1'"),
-                                           (["replay", "x.jsonl", "--wait", "nan"], "'nan'")])
+                                           (["replay", "x.jsonl", "--wait", "nan"], "'nan'"),
+                                           (["probe", "--seconds", "1e300"], "'1e300'"),
+                                           (["replay", "x.jsonl", "--wait", "1e9"], "'1e9'")])
 def test_seconds_that_cannot_be_waited_are_an_error_naming_the_option(argv, bad, capsys):
-    """``probe --seconds -1`` ended in Python's "sleep length must be non-negative" traceback."""
+    """``probe --seconds -1`` ended in Python's "sleep length must be non-negative" traceback, ``1e300`` in an
+    OverflowError one, and ``1e9`` slept for 31 years."""
     with pytest.raises(SystemExit) as exit_:
         cli(argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert f"argument --{argv[-2][2:]}: {bad}: seconds must be a finite number >= 0" in err
+    assert f"argument --{argv[-2][2:]}: {bad}: seconds must be a number from 0 to 604800 (a week)" in err
 
 
 def test_intensity(capsys):
@@ -57,6 +60,8 @@ def test_intensity(capsys):
     assert "unknown country ''" in capsys.readouterr().err
     assert cli(["intensity", "--list"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 213 + 40
+    assert cli(["intensity", "--list", "XX"]) == 2  # the name was ignored without a word
+    assert "give 'XX' without --list" in capsys.readouterr().err
 
 
 @pytest.mark.slow

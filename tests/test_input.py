@@ -135,6 +135,96 @@ def test_two_monitors_in_one_lightning_trainer_say_what_to_change(tmp_path):
                                                               gl.EnergyMonitor(gpus="all", mlflow=False)], max_epochs=1)
 
 
+def test_two_monitors_in_one_hf_trainer_say_what_to_change(tmp_path, digits):  # noqa: F811
+    """Both were taken: two summaries of one training, each metric logged twice."""
+    trainer = hf_trainer(tmp_path, digits, [gt.EnergyMonitor(mlflow=False), gt.EnergyMonitor(mlflow=False)])
+    with pytest.raises(ValueError, match=r"two EnergyMonitors in one Trainer: keep one"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("htp://localhost:5000", r"tracking_uri='htp://localhost:5000': MLflow has no tracking store for the scheme "
+                             r"'htp'; choose from \['file', 'http', 'https'"),
+    ("http://", r"tracking_uri='http://' names no host"),
+    ("http://localhost:notaport", r"tracking_uri='http://localhost:notaport' is not a URI MLflow can open \(Port"),
+    ("https://host:99999", r"is not a URI MLflow can open \(Port out of range"),
+    ("sqlite://", r"tracking_uri='sqlite://' names no database file \(an in-memory store"),
+    ("sqlite:///:memory:", r"names no database file"),
+])
+def test_a_tracking_uri_mlflow_could_never_open_is_refused_before_training(uri, message):
+    """A misspelt scheme was accepted, the training ran, and its end said MLflow "has not taken the records yet",
+    as if the server were only down."""
+    for module in (gl, gt):
+        with pytest.raises(ValueError, match=message):
+            module.EnergyMonitor(tracking_uri=uri)
+
+
+def test_tracking_uris_mlflow_opens_are_taken_and_a_bad_one_in_the_environment_is_named(monkeypatch):
+    for uri in ("sqlite:///mlflow.db", "sqlite:////tmp/x.db?timeout=30", "http://user:pw@127.0.0.1:5000",
+                "https://mlflow.example.com", "file:///tmp/mlruns", "mlruns", "databricks", "databricks://profile",
+                "postgresql+psycopg2://u:p@db/mlflow", "mysql://db/mlflow", r"C:\mlruns"):
+        gl.EnergyMonitor(tracking_uri=uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "htp://bad:5000")
+    with pytest.raises(ValueError, match=r"MLFLOW_TRACKING_URI='htp://bad:5000': MLflow has no tracking store"):
+        gl.EnergyMonitor()
+    gl.EnergyMonitor(mlflow=False)  # nothing is sent: the variable is not this run's business
+
+
+def test_paths_may_be_pathlib_paths_and_one_intensity_source_is_taken(tmp_path):
+    from pathlib import Path
+
+    assert gl.EnergyMonitor(output_dir=tmp_path / "out", mlflow=False).output_dir == tmp_path / "out"
+    series = tmp_path / "series.csv"
+    series.write_text("timestamp,g_per_kwh\n2026-01-01T00:00:00,100\n")
+    assert gl.EnergyMonitor(carbon_intensity_csv=Path(series), mlflow=False).accountant.series is not None
+    for other in ({"country": "FR"}, {"carbon_intensity_g_per_kwh": 300}, {"cloud_region": "aws:eu-west-3"}):
+        key = next(iter(other))
+        with pytest.raises(ValueError, match=rf"carbon intensity is set more than once \(carbon_intensity_csv="
+                                             rf".*series.csv', {key}=.*\); choose one of carbon_intensity_csv"):
+            gl.EnergyMonitor(carbon_intensity_csv=str(series), **other)
+
+
+def test_a_budget_that_a_price_or_intensity_of_zero_keeps_at_zero_is_refused():
+    with pytest.raises(ValueError, match=r"EnergyBudget\(cost='1e-06 EUR'\) can never be reached: the "
+                                         r"EnergyMonitor's price_per_kwh=0"):
+        gl.EnergyMonitor(price_per_kwh=0, mlflow=False).attach(gl.EnergyBudget(cost="1e-06 EUR"))
+    with pytest.raises(ValueError, match=r"EnergyBudget\(emissions='1 g'\) can never be reached: the "
+                                         r"EnergyMonitor's carbon intensity is 0 g/kWh"):
+        gl.EnergyMonitor(carbon_intensity_g_per_kwh=0, mlflow=False).attach(gl.EnergyBudget(emissions="1 g"))
+    gl.EnergyMonitor(carbon_intensity_g_per_kwh=0, mlflow=False).attach(gl.EnergyBudget(energy="1 kJ"))
+
+
+@pytest.mark.parametrize("name", ["RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID"])
+def test_a_launcher_variable_that_is_no_number_is_named(monkeypatch, name):
+    from green_callbacks.distributed import RankInfo
+
+    for other in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(name, "abc")
+    with pytest.raises(ValueError, match=rf"the environment variable {name}='abc' must be an integer >= 0"):
+        RankInfo.from_env()
+    monkeypatch.setenv(name, " ")
+    assert RankInfo.from_env().rank == 0, "set but empty: as unset"
+
+
+def test_from_file_names_a_path_that_is_no_file_and_an_argument_that_is_not_one(tmp_path):
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(ValueError, match=r"dir.yaml: the config file cannot be read \(Is a directory\)"):
+        gl.EnergyBudget.from_file(tmp_path / "dir.yaml")
+    for path in (None, 5, ""):
+        with pytest.raises(ValueError, match=rf"path={path!r} must be the path of a .yaml, .yml or .toml file"):
+            gl.EnergyBudget.from_file(path)
+    with pytest.raises(FileNotFoundError, match=r"missing.yaml: no such config file"):
+        gl.EnergyBudget.from_file(tmp_path / "missing.yaml")
+    good = tmp_path / "green.yaml"
+    good.write_text("budget:\n  energy: 1 kWh\n")
+    with pytest.raises(ValueError, match=r"EnergyBudget.from_file\(..., bogus=\): not an argument of EnergyBudget; "
+                                         r"choose from \['energy', 'emissions', 'cost'"):
+        gl.EnergyBudget.from_file(good, bogus=1)
+    assert gl.EnergyBudget.from_file(good, on_exceed="warn").budget.on_exceed == "warn"
+
+
 class Stream(IterableDataset):
     def __init__(self, data) -> None:
         self.data = data
