@@ -99,7 +99,7 @@ def check_gpus(gpus: Any) -> Any:
         raise ValueError(f"gpus={gpus!r} is not valid; choose {GPU_CHOICES}")
     if not all(is_integer(g) and g >= 0 for g in gpus):
         raise ValueError(f"gpus={list(gpus)!r}: CUDA device indices are integers >= 0; choose {GPU_CHOICES}")
-    return [int(g) for g in gpus]
+    return [int(g) for g in gpus] or None  # an empty list: no GPU, as None (not "NVML sees no GPU")
 
 
 def check_currency(currency: Any) -> str:

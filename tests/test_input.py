@@ -185,6 +185,16 @@ def test_paths_may_be_pathlib_paths_and_one_intensity_source_is_taken(tmp_path):
             gl.EnergyMonitor(carbon_intensity_csv=str(series), **other)
 
 
+def test_an_empty_list_of_gpus_is_no_gpu(green_log):
+    """``gpus=[]`` was taken as a selection NVML could not meet: a warning that it "sees no GPU"."""
+    monitor = gl.EnergyMonitor(gpus=[], mlflow=False, log_artifacts=False)
+    assert monitor.gpus is None
+    from green_callbacks.sensors import build_sensors
+
+    assert [s.component for s in build_sensors(monitor.gpus, measure_cpu=False)] == []
+    assert not [r for r in green_log.records if r.levelno >= 30]
+
+
 def test_a_budget_that_a_price_or_intensity_of_zero_keeps_at_zero_is_refused():
     with pytest.raises(ValueError, match=r"EnergyBudget\(cost='1e-06 EUR'\) can never be reached: the "
                                          r"EnergyMonitor's price_per_kwh=0"):
