@@ -151,7 +151,11 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
     if not rows:
         raise ValueError(f"experiment {experiment!r} has no run with green-callbacks energy metrics")
     if metric and all(r["value"] is None for r in rows):
-        raise ValueError(f"metric {metric!r} is in no run of {experiment!r}")
+        ours = ("energy/", "power/", "emissions/", "time/", "cost/", "efficiency/", "stopping/", "projection/",
+                "throughput/", "system/")
+        logged = sorted({k for run in runs for k in run.data.metrics if not k.startswith(ours)})
+        raise ValueError(f"metric {metric!r} is in no run of {experiment!r}; the runs log "
+                         f"{logged[:30] if logged else 'no metric of their own'}")
     names = sorted({r["metric"] for r in rows if r["value"] is not None})
     if len(names) > 1 and mode is None and len({higher_is_better(n) for n in names}) > 1:
         raise ValueError(f"the runs of {experiment!r} report metrics of opposite directions ({', '.join(names)}): no "
@@ -178,7 +182,7 @@ def _require_store(uri: str) -> None:
         path = uri[len("sqlite:///"):].split("?", 1)[0]  # (a query: sqlite:///mlflow.db?timeout=30)
     elif uri.startswith("file:"):
         path = urlparse(uri).path if uri.startswith("file://") else uri[len("file:"):]
-    elif ":" not in uri and (uri.startswith((".", "/", "~")) or os.sep in uri):  # a bare path (a file store)
+    elif ":" not in uri and uri not in ("databricks", "databricks-uc", "uc"):  # a bare path (a file store)
         path = os.path.expanduser(uri)
     else:
         return

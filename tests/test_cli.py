@@ -87,10 +87,19 @@ def test_report_table_csv_markdown_and_pareto_plot(tmp_path, capsys):
     assert md.read_text().startswith("| run | run_id | status | training_j")
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert cli(["report", "rep", "--tracking-uri", uri, "--metric", "val_f1"]) == 2
-    assert "metric 'val_f1' is in no run" in capsys.readouterr().err
+    err = capsys.readouterr().err  # with what they do log, the energy's own names aside
+    assert "metric 'val_f1' is in no run of 'rep'; the runs log [" in err and "'val_loss'" in err
+    assert "energy/" not in err.split("the runs log")[1]
     assert cli(["report", "nope", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err
     assert "no experiment 'nope'" in err and "'rep'" in err
+
+
+def test_report_a_bare_name_that_is_no_store_is_named(tmp_path, monkeypatch, capsys):
+    """A relative path that is not there got MLflow's text about a file store in maintenance mode."""
+    monkeypatch.chdir(tmp_path)
+    assert cli(["report", "exp", "--tracking-uri", "not a uri"]) == 2
+    assert f"no MLflow store at {tmp_path / 'not a uri'} (tracking URI not a uri)" in capsys.readouterr().err
 
 
 def test_report_bad_tracking_uri_is_a_clear_error(capsys):
