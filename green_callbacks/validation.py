@@ -80,8 +80,9 @@ def check_tracking_uri(name: str, uri: str) -> None:
     if base in ("http", "https") and port == 0:
         raise ValueError(f"{name}={uri!r}: port 0 is no server's port; like 'http://127.0.0.1:5000'")
     if base == "sqlite":
-        path = uri[len(parts.scheme) + 4:].split("?", 1)[0] if uri[len(parts.scheme):].startswith(":///") else ""
-        if path in ("", ":memory:"):
+        from green_callbacks.sinks.vetting import local_store
+
+        if local_store(uri) is None:
             raise ValueError(f"{name}={uri!r} names no database file (an in-memory store would be lost with the "
                              "process that sends to it); like 'sqlite:///mlflow.db'")
 
