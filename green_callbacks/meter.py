@@ -157,6 +157,12 @@ class EnergyMeter:
         start, does not)."""
         return any(s.measurable for i, s in enumerate(self.sensors) if i not in self._broken)
 
+    def settle(self) -> None:
+        """Before the last reading: each sensor decides a fault still under way (a GPU whose reads fail now)."""
+        now = self.clock()
+        for i, sensor in enumerate(self.sensors):
+            self._guard(i, sensor.settle, now)
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:

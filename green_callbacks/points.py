@@ -68,8 +68,8 @@ class PointHost:
         """
         if self.meter is None:
             return None
-        if batch is not None and self.started:
-            self.batch_counter.add(batch)
+        if batch is not None:
+            self.count_batch(batch)  # its own guard: a batch it cannot count costs the count, not the step's checks
         previous = self._last_step_seen
         if step == previous:  # another micro-batch of the same optimizer step
             return None

@@ -95,7 +95,8 @@ class EfficiencyStopper(Stopper):
     Args:
         monitor: the validation metric to watch (``val_acc``; for HF ``eval_accuracy`` or
             ``accuracy``, following ``metric_for_best_model``). ``None``: ``val_loss`` in
-            Lightning, ``metric_for_best_model`` (else ``eval_loss``) in HF.
+            Lightning and in a plain loop (:class:`~green_callbacks.EnergyTracker`),
+            ``metric_for_best_model`` (else ``eval_loss``) in HF.
         mode: ``"max"`` when higher is better, ``"min"`` when lower is better; ``None`` guesses from the
             name (:func:`~green_callbacks.policies.higher_is_better`): ``"min"`` for a loss, an error, perplexity,
             WER/CER, MSE/MAE/RMSE, NLL..., ``"max"`` otherwise.
@@ -131,8 +132,9 @@ class EfficiencyStopper(Stopper):
         for name, value in (("strict", strict), ("verbose", verbose)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} must be True or False")
-        guess = "max" if higher_is_better(monitor) else "min"  # resolve() redoes it for a default monitor
-        self.plateau = EfficiencyPlateau(monitor or "pending", mode or guess, min_gain, patience, min_evaluations)
+        # None: val_loss, as in Lightning and a plain loop; the HF adapter's resolve() puts its own default in
+        guess = "max" if higher_is_better(monitor or "val_loss") else "min"
+        self.plateau = EfficiencyPlateau(monitor or "val_loss", mode or guess, min_gain, patience, min_evaluations)
         self.strict = strict
         self.verbose = verbose
         self._statistics: dict[str, float] = {}

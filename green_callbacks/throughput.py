@@ -33,10 +33,17 @@ class BatchCounter:
                 self.samples += int(shape[0])
                 return
         self.samples += batch_size(batch)
-        if not isinstance(batch, Mapping):
-            return
+        if isinstance(batch, Mapping):
+            self._count_tokens(batch)
+        elif type(batch) in (list, tuple) and batch and isinstance(batch[0], Mapping):
+            # samples not yet collated (every item a mapping), or (inputs, labels): the inputs' tokens
+            for part in batch if all(isinstance(b, Mapping) for b in batch) else batch[:1]:
+                self._count_tokens(part)
+
+    def _count_tokens(self, batch: Mapping[str, Any]) -> None:
         mask, ids = batch.get("attention_mask"), batch.get("input_ids")
-        if hasattr(mask, "sum") and hasattr(mask, "device") and mask.device.type != "cpu":
+        # a torch tensor's device has a type; numpy's (2.x) device is the string 'cpu': summed at once
+        if hasattr(mask, "sum") and getattr(getattr(mask, "device", None), "type", "cpu") != "cpu":
             total = mask.sum()  # queued on the device; read in take()
             if self._device_tokens is None:
                 self._device_tokens = total
@@ -47,6 +54,10 @@ class BatchCounter:
             self.tokens = (self.tokens or 0) + int(mask.sum())
         elif hasattr(ids, "numel"):
             self.tokens = (self.tokens or 0) + int(ids.numel())
+        elif hasattr(ids, "size") and hasattr(ids, "shape"):  # numpy
+            self.tokens = (self.tokens or 0) + int(ids.size)
+        elif isinstance(mask, list | tuple) or isinstance(ids, list | tuple):  # a tokenizer's lists, no tensors
+            self.tokens = (self.tokens or 0) + _list_tokens(mask, ids)
 
     def take(self) -> tuple[int, int | None]:
         """The counts since the previous call, as plain ints (they travel in the ranks' all-gather)."""
@@ -56,6 +67,15 @@ class BatchCounter:
         out = (self.samples, tokens)
         self.samples, self.tokens, self._device_tokens = 0, None, None
         return out
+
+
+def _list_tokens(mask: Any, ids: Any) -> int:
+    """Tokens in a tokenizer's plain lists: the mask's ones where there is a mask, else the ids; one sample's flat
+    list or a batch's list of lists."""
+    rows = mask if isinstance(mask, list | tuple) else ids
+    if rows and isinstance(rows[0], list | tuple):
+        return sum(int(sum(r)) if rows is mask else len(r) for r in rows)
+    return int(sum(rows)) if rows is mask else len(rows)
 
 
 class ThroughputHost:

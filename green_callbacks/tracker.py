@@ -264,6 +264,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         """Training is over (collective, every rank): the epoch cut short by ``max_steps`` and the tail."""
         if self.meter is None or self._finishing_status is not None:
             return
+        self.meter.settle()
         if self.epoch_open:
             self._point(Kind.EPOCH, step)
         self.end_held_stop(step)
@@ -295,6 +296,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         try:
             if self.meter is not None:
                 if cut_short or self.epoch_open:  # interrupted: this rank's part, without collectives
+                    self.meter.settle()
                     if self.epoch_open:
                         self._point(Kind.EPOCH, self._last_step_seen_or_point(), collective=False)
                     self._point(Kind.END, self._last_step_seen_or_point(), collective=False)

@@ -106,6 +106,77 @@ def test_a_stuck_counter_is_detected_and_the_device_sampled(fake_amdsmi, green_l
     assert green_log.text.count("the energy counter has not moved") == 1
 
 
+def test_a_stuck_counter_shows_its_power_in_windows_before_it_is_found_stuck(fake_amdsmi, green_log):
+    """Found stuck only after ``stuck_after_s`` (1 s): the windows before, and a run shorter than that, are not 0 J."""
+    (dev,) = fake_amdsmi.configure([{"profile_seed": 5, "counter": "stuck", "name": "AMD Instinct MI100"}])
+    meter = EnergyMeter([AmdSmiSensor("all")], period_s=0.01).start()
+    try:
+        short = windows(meter, (0.3, 0.3))
+    finally:
+        meter.close()
+    for m in short:
+        assert m.component_j("gpu") == pytest.approx(truth(dev, m), rel=SAMPLED_TOLERANCE["current"])
+    assert "has not moved" not in green_log.text  # not yet declared: too soon to be sure
+
+
+def test_a_device_failing_when_measuring_ends_is_unavailable_with_one_warning(fake_amdsmi, green_log, tmp_path):
+    """Reads failing for less than ``lost_after_s`` (5 s) when the run ends: not a silent undercount."""
+    from green_callbacks import EnergyTracker
+
+    devs = fake_amdsmi.configure(n=2)
+    tracker = EnergyTracker(gpus="all", measure_cpu=False, mlflow=False, output_dir=str(tmp_path / "out"))
+    with tracker:
+        with tracker.epoch(0):
+            busy_wait(0.4)
+        with tracker.epoch(1):
+            busy_wait(0.2)
+            for call in ("amdsmi_get_energy_count", "amdsmi_get_power_info"):
+                devs[1].faults[call] = fake_amdsmi.amdsmi_wrapper.AMDSMI_STATUS_IO
+            busy_wait(0.4)
+    epochs = [r for r in tracker.records if r.kind.value == "epoch"]
+    assert [r.methods["gpu"] for r in epochs] == ["counter", "unavailable"]
+    assert "gpu1" in epochs[1].unread and "gpu0" not in epochs[1].unread
+    assert green_log.text.count("gpu1: amdsmi reads had failed for") == 1
+    assert "when measuring ended" in green_log.text and len(green_log.records) == 1
+
+
+def test_an_amdsmi_failing_to_list_its_gpus_leaves_the_rest_measured(fake_amdsmi, green_log, tmp_path):
+    from green_callbacks import EnergyTracker
+
+    fake_amdsmi.configure(n=1)
+    listed = fake_amdsmi.amdsmi_get_processor_handles
+
+    def handles():
+        if fake_amdsmi.init_calls:  # initialised, then a driver fault (no access to /dev/kfd...)
+            raise fake_amdsmi.AmdSmiLibraryException(fake_amdsmi.amdsmi_wrapper.AMDSMI_STATUS_IO)
+        return listed()
+
+    fake_amdsmi.amdsmi_get_processor_handles = handles
+    uri = ready_store(tmp_path)
+    tracker = EnergyTracker(gpus="all", tracking_uri=uri, experiment_name="amd", output_dir=str(tmp_path / "out"))
+    with tracker, tracker.epoch(0):
+        busy_wait(0.2)
+    assert tracker.records and tracker.cumulative_j > 0  # the CPU, measured on
+    assert tracker.records[-1].methods == {"cpu": "estimated"}
+    assert green_log.text.count("amdsmi failed listing the GPUs") == 1
+
+
+def test_amdsmi_shut_down_by_another_part_of_the_process_is_started_again(fake_amdsmi, tmp_path):
+    (dev,) = fake_amdsmi.configure([{"profile_seed": 3}])
+    measured = []
+    for _ in range(2):
+        meter = EnergyMeter([AmdSmiSensor("all")], period_s=0.01).start()
+        try:
+            (m,) = windows(meter, (0.3,))
+        finally:
+            meter.close()
+        measured.append((m.method("gpu"), m.component_j("gpu") / truth(dev, m)))
+        fake_amdsmi.amdsmi_shut_down()  # another library in the process done with amdsmi: one call ends it
+    assert [method for method, _ in measured] == [Method.COUNTER, Method.COUNTER]
+    assert [ratio for _, ratio in measured] == [pytest.approx(1.0, rel=1e-3)] * 2
+    assert fake_amdsmi.init_calls == 2
+
+
 def test_errors_mid_run_leave_the_run_going_with_one_warning(fake_amdsmi, green_log):
     """Errors that persist: retried for ``lost_after_s`` (0.2 s here), then the device is lost, one warning each."""
     devs = fake_amdsmi.configure(n=2)

@@ -170,6 +170,32 @@ def test_a_budget_sets_should_stop_and_the_loop_breaks(tmp_path, uri, gpu):
     assert run.data.metrics["energy/total_j"] == pytest.approx(26.0) and run.info.status == "FINISHED"
 
 
+def test_an_efficiency_stopper_without_a_monitor_watches_val_loss(tmp_path, uri, gpu):
+    """``EfficiencyStopper()``, as in Lightning: ``val_loss``, lower is better; a flat loss is a plateau."""
+    from green_callbacks.stopping import EfficiencyStopper
+
+    tracker = tracker_for(tmp_path, uri)
+    tracker.attach(EfficiencyStopper())
+    work = Digits(gpu)
+    epochs = 0
+    with tracker:
+        for epoch in range(30):
+            with tracker.epoch(epoch):
+                for _ in work.batches():
+                    pass
+                with tracker.evaluation():
+                    work.evaluate()
+                tracker.report({"val_loss": 0.5})
+            epochs += 1
+            if tracker.should_stop:
+                break
+    _, (run,) = runs(uri, "my-run")
+    assert tracker.should_stop and epochs < 30
+    assert run.data.tags["green.stop_reason"] == "efficiency_plateau" and run.info.status == "FINISHED"
+    assert "val_loss" in run.data.tags["green.stop_message"]
+    assert "stopping/val_loss_gain_pct_per_doubling" in run.data.metrics
+
+
 def test_a_stop_is_decided_once_though_the_loop_finishes_its_epoch(tmp_path, uri, gpu, green_log):
     """A loop that finishes its epoch after ``should_stop`` (a common way to write one): the budget checked every
     step decided the stop again at every later step, each time with its warning, its tags and its

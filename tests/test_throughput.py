@@ -141,6 +141,57 @@ def test_counter_defers_a_device_masks_sum_to_the_point():
     assert counter.take() == (0, None)
 
 
+def test_counter_reads_batches_as_data_pipelines_hand_them_over():
+
+    ids = torch.arange(32).reshape(4, 8)
+    mask = torch.ones(4, 8, dtype=torch.long)
+    mask[:, 6:] = 0  # 6 real tokens a sample, 24 in the batch
+    cases = {
+        "tensors": ({"input_ids": ids, "attention_mask": mask}, (4, 24)),
+        "numpy arrays (numpy 2's device is the string 'cpu')": (
+            {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, (4, 24)),
+        "numpy ids, no mask": ({"input_ids": ids.numpy()}, (4, 32)),
+        "a tokenizer's plain lists": ({"input_ids": ids.tolist(), "attention_mask": mask.tolist()}, (4, 24)),
+        "plain lists, no mask": ({"input_ids": ids.tolist()}, (4, 32)),
+        "(inputs, labels)": (({"input_ids": ids, "attention_mask": mask}, torch.zeros(4)), (4, 24)),
+        "samples not collated": ([{"input_ids": ids[i], "attention_mask": mask[i]} for i in range(4)], (4, 24)),
+        "strings": (["a", "b", "c", "d"], (4, None)),
+        "(features, targets) as lists": (([0.5, 1.5, 2.5], [0, 1, 0]), (3, None)),
+    }
+    for name, (batch, counts) in cases.items():
+        counter = BatchCounter()
+        counter.add(batch)
+        assert counter.take() == counts, name
+
+
+def test_a_batch_it_cannot_count_costs_the_count_not_the_steps_points_and_budget(tmp_path, gpu, green_log):
+    import numpy as np
+
+    from green_callbacks import EnergyTracker
+    from green_callbacks.stopping import BudgetStopper
+
+    class Unreadable:
+        @property
+        def shape(self):
+            raise RuntimeError("no shape here")
+
+    batches = {"numpy": {"input_ids": np.ones((4, 8), dtype=np.int64), "attention_mask": np.ones((4, 8))},
+               "unreadable": Unreadable()}
+    for name, batch in batches.items():
+        tracker = EnergyTracker(gpus="all", measure_cpu=False, mlflow=False, log_every_n_steps=5,
+                                output_dir=str(tmp_path / name))
+        tracker.attach(BudgetStopper(energy="20 J", check_every_n_steps=2, on_exceed="stop"))
+        with tracker:
+            for step in range(100):
+                gpu.advance(STEP_J / 100)
+                tracker.step(step, batch=batch)
+                if tracker.should_stop:
+                    break
+        assert step < 25, name  # 1 J a step: checked every 2 steps, stopped before the 20 J budget's end
+        assert [r.step for r in tracker.records if r.kind.value == "point"][:2] == [4, 9], name
+    assert not [m for m in green_log.messages if "on_step failed" in m]
+
+
 @pytest.mark.gpu
 def test_counting_a_cuda_batch_never_synchronises_the_device():
     """torch's sync debug mode raises on any synchronising call: counting a CUDA batch makes none."""

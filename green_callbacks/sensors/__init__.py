@@ -65,24 +65,38 @@ def build_gpu_sensor(gpus: Any = "auto", cuda_indices: Any = None, nvml: Any = N
 
     AMD is asked first when torch is a ROCm build (its ``cuda`` devices are HIP devices), NVIDIA first
     otherwise. A library that is missing or sees no device is skipped silently under ``"auto"``; when
-    GPUs were asked for by name and none is measurable, one warning gives each library's reason.
+    GPUs were asked for by name and none is measurable, one warning gives each library's reason. A library
+    that is there but fails listing its devices (a driver fault, no access to the device files) is that
+    warning whatever ``gpus`` says, and the run goes on with what else it measures.
     """
     torch = sys.modules.get("torch")
     rocm = torch is not None and bool(getattr(getattr(torch, "version", None), "hip", None))
-    makers = [lambda: NvmlSensor(gpus, cuda_indices, nvml=nvml), lambda: AmdSmiSensor(gpus, cuda_indices)]
+
+    def nvidia() -> Sensor:
+        return NvmlSensor(gpus, cuda_indices, nvml=nvml)
+
+    def amd() -> Sensor:
+        return AmdSmiSensor(gpus, cuda_indices)
+
+    makers = [nvidia, amd]
     if rocm and nvml is None:
         makers.reverse()
-    reasons = []
+    reasons, faults = [], []
     for make in makers:
         try:
             sensor = make()
         except (NvmlUnavailable, AmdSmiUnavailable) as exc:
             reasons.append(str(exc))
             continue
+        except ValueError:  # a gpus setting this machine cannot meet (an index it does not have): before training
+            raise
+        except Exception as exc:  # the library is there and failed listing its devices: said whatever ``gpus``
+            faults.append(f"{'amdsmi' if make is amd else 'NVML'} failed listing the GPUs ({exc!r})")
+            continue
         if sensor.devices:
             return sensor
         sensor.close()
         reasons.append(f"{sensor.library} sees no GPU")
-    if gpus != "auto":
-        log.warning("GPU energy is 'unavailable': %s", "; ".join(reasons))
+    if gpus != "auto" or faults:
+        log.warning("GPU energy is 'unavailable': %s", "; ".join(faults + reasons))
     return None

@@ -54,20 +54,20 @@ def load_amdsmi() -> Any:
     it, it is used as it is; otherwise this package initialises it and shuts it down once, at exit."""
     amdsmi = import_amdsmi()
     with _state:
-        if any(m is amdsmi for m in _started_by_us):
-            return amdsmi
         try:
-            amdsmi.amdsmi_get_processor_handles()  # answers only when someone initialised amdsmi already
+            amdsmi.amdsmi_get_processor_handles()  # answers only while amdsmi is initialised (by us or another)
             return amdsmi
         except Exception:
             pass
+        # not initialised, or shut down since by another part of the process (one call ends it for everyone)
         try:
             amdsmi.amdsmi_init(amdsmi.AmdSmiInitFlags.INIT_AMD_GPUS)
         except Exception as exc:
             raise AmdSmiUnavailable(f"amdsmi could not be initialised ({exc}); no AMD GPU driver here?") from exc
         if not _started_by_us:
             atexit.register(shut_down_amdsmi)
-        _started_by_us.append(amdsmi)
+        if not any(m is amdsmi for m in _started_by_us):
+            _started_by_us.append(amdsmi)
     return amdsmi
 
 

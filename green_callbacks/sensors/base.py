@@ -79,6 +79,9 @@ class Sensor(abc.ABC):
         """One tick of the background sampler; returns the current power per device (W)."""
         return self.read(now_s).power_w
 
+    def settle(self, now_s: float) -> None:  # noqa: B027 - optional hook
+        """Measuring is about to end (before the last reading): a fault still under way is decided now."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release handles."""
 

@@ -276,6 +276,21 @@ class GpuEnergySensor(Sensor):
         gpu.since_poll.add(now_s, gpu.power_w)
         return True
 
+    def settle(self, now_s: float) -> None:
+        """Measuring ends: a device whose reads are failing now (not yet for ``lost_after_s``) is lost, with one
+        warning, so that the energy not counted since its first failure is recorded as 'unavailable'."""
+        with self._lock:
+            for gpu in self._gpus:
+                if gpu.failing_since is None or gpu.method is Method.UNAVAILABLE:
+                    continue
+                self.warn_once(
+                    f"lost-{gpu.target.label}",
+                    f"{gpu.target.label}: {self.library} reads had failed for {now_s - gpu.failing_since:.2f} s when "
+                    f"measuring ended ({gpu.failing_exc}); the energy since their first failure is 'unavailable', "
+                    "the joules measured before are kept.",
+                )
+                self._lose(gpu, gpu.failing_exc or RuntimeError("no reading"), now_s)
+
     def sample(self, now_s: float) -> dict[str, float]:
         with self._lock:
             for gpu in self._gpus:
@@ -309,11 +324,15 @@ class GpuEnergySensor(Sensor):
                     self._poll_counter(gpu, now_s)
                 carried = self._carried_to(gpu, now_s)
                 if gpu.method is Method.COUNTER:
-                    live = gpu.counter_j + (0.0 if polled else gpu.since_poll.joules_at(carried))
+                    # where counters may be stuck, the power since it last moved too: a counter that has not
+                    # moved yet (not declared stuck before ``stuck_after_s``) shows no 0 J windows meanwhile
+                    live = gpu.counter_j + (0.0 if polled else gpu.since_poll.joules_at(carried)) + (
+                        gpu.unchanged_j if self.stuck_after_s is not None else 0.0)
                 else:
                     live = gpu.integrator.joules_at(carried) if gpu.method is Method.SAMPLED else 0.0
                 label = gpu.target.label
                 joules[label] = gpu.frozen_j + live
-                methods[label] = gpu.method
+                # while its reads fail, what it spent since the first failure is not in the joules (yet): said
+                methods[label] = Method.UNAVAILABLE if gpu.failing_since is not None else gpu.method
                 power[label] = gpu.power_w
         return Reading(joules, methods, power)
