@@ -1,6 +1,6 @@
 """What the Green AI techniques save, repeated: baseline, distilled, pruned, int8-quantised, bf16 autocast.
 
-    python examples/green_ai_comparison.py                 # k=3 repeats, 8 epochs per model (~5 min on 2 vCPUs)
+    python examples/green_ai_comparison.py                 # k=3 repeats, 8 epochs per model (2-5 min on 2 vCPUs)
     python examples/green_ai_comparison.py --k 5 --epochs 20
     python examples/green_ai_comparison.py --quick         # k=2, 2 epochs, for CI (1-3 min on 2 vCPUs)
 

@@ -117,7 +117,8 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
         raise ValueError(f"cannot read MLflow at {uri}: {said}") from exc
     if exp is None:
         raise ValueError(f"no experiment {experiment!r} at {uri}; experiments there: {names}")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    elsewhere: set[str] = set()  # the energies the runs without this one have
     for run in runs:
         m, tags = run.data.metrics, run.data.tags
         if not any(k.startswith("energy/") for k in m) and not any(k.startswith("green.method.") for k in tags):
@@ -125,7 +126,8 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
         stage = energy if energy != "training" else None
         name = _metric_name(metric, m, stage)
         running = run.info.status == "RUNNING"
-        method = _methods(tags, stage) or (_methods(tags, None) if stage else "")  # (a stage without tags: the run's)
+        # (a stage without tags: the run's; an inference-only run in the training view: its stages', named)
+        method = _methods(tags, stage) or (_methods(tags, None) if stage else _stage_methods(tags))
         value, joules = m.get(name) if name else None, _final(m, key, running)
         # no joules and every sensor unavailable: nothing was measured (the 0 J such a run logged before 2026-12-05
         # is no measurement); joules with such tags are kept (a DDP rank's unreadable GPU marks the run's tags)
@@ -141,13 +143,17 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
             **({"group": _group_value(run, group_by)} if group_by else {}),
             "status": run.info.status, column: joules,
             column.replace("_j", "_g", 1): grams,
-            "cost": _final(m, "cost/cumulative", running) if stage is None and measured else None,
-            "currency": price.split()[-1] if price and stage is None else "",
+            # the training's cost, or the stage's (all its samples: per sample it would read "< 0.0001")
+            "cost": (_final(m, "cost/cumulative", running) if stage is None else m.get(f"cost/{stage}"))
+            if measured else None,
+            "currency": price.split()[-1] if price else "",
             "duration_s": (end - run.info.start_time) / 1000.0,
             "metric": name, "value": value,
             "value_per_kj": value / (joules / 1000) if value is not None and joules else None,
             "method": method if measured else "nothing measured",
             "inference_only": "energy/cumulative_j" not in m and measured})
+        if joules is None:  # the energies it has, for the report's hint
+            elsewhere.update(c for c in ENERGY_CHOICES if c != energy and energy_key(c)[0] in m)
     if not rows:
         raise ValueError(f"experiment {experiment!r} has no run with green-callbacks energy metrics")
     if metric and all(r["value"] is None for r in rows):
@@ -170,6 +176,7 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
     if group_by and frame["group"].isna().all():
         raise ValueError(f"group_by={group_by!r} is neither a param nor a tag of any run of {experiment!r}")
     frame.attrs["energy_column"] = column
+    frame.attrs["energies_elsewhere"] = sorted(elsewhere)
     frame.attrs["metrics"] = names  # more than one: runs of different frameworks, compared as one (said by the CLI)
     frame.attrs["higher_is_better"] = higher_is_better(names[0]) if mode is None and names else mode != "min"
     return frame.sort_values(column, na_position="last").reset_index(drop=True)
@@ -248,6 +255,12 @@ def _methods(tags: dict[str, str], stage: str | None) -> str:
     found = {k[len(prefix):]: v for k, v in tags.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
     order = {"gpu": 0, "cpu": 1, "dram": 2}
     return ", ".join(f"{c} {found[c]}" for c in sorted(found, key=lambda c: (order.get(c, 9), c)))
+
+
+def _stage_methods(tags: dict[str, str]) -> str:
+    """An inference-only run's methods in the training view (it has no training's): "test: cpu estimated"."""
+    stages = sorted({k.split(".")[2] for k in tags if k.startswith("green.method.") and k.count(".") == 3})
+    return "; ".join(f"{s}: {_methods(tags, s)}" for s in stages)
 
 
 def markdown_table(frame: pd.DataFrame) -> str:

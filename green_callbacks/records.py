@@ -206,10 +206,13 @@ def run_facts(accountant_params: Mapping[str, str], world_size: int, version: st
 MEASURED_PREFIXES = ("energy/", "emissions/", "cost/", "power/", "efficiency/", "throughput/", "projection/")
 
 
-def stage_metrics(stage: str, joules: float, duration_s: float, g_co2e: float, samples: int) -> dict[str, float]:
+def stage_metrics(stage: str, joules: float, duration_s: float, g_co2e: float, samples: int,
+                  cost: float | None = None) -> dict[str, float]:
     """``trainer.test``/``predict`` (Lightning), ``evaluate``/``predict`` outside training (HF)."""
     out = {f"energy/{stage}_j": joules, f"time/{stage}_s": duration_s, f"emissions/{stage}_g": g_co2e,
            f"{stage}/samples": float(samples)}
+    if cost is not None:  # with a price
+        out[f"cost/{stage}"] = cost
     if samples:
         out[f"energy/{stage}_j_per_sample"] = joules / samples
     return out

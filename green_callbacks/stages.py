@@ -49,7 +49,8 @@ class StageHost:
         payloads = gather({**window_payload(m, self.rank.rank, self.rank.node), "samples": n})
         merged = merge_ranks(payloads)
         fp = self.accountant.footprint(merged.total_j, m.start_unix, m.start_unix + m.duration_s)
-        out = stage_metrics(stage, merged.total_j, merged.duration_s, fp.g_co2e, sum(p["samples"] for p in payloads))
+        out = stage_metrics(stage, merged.total_j, merged.duration_s, fp.g_co2e, sum(p["samples"] for p in payloads),
+                            fp.cost)
         step = self.stage_counts.get(stage, 0)
         self.stage_counts[stage] = step + 1
         if self.rank.is_zero and self.sink is not None:

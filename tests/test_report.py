@@ -38,11 +38,12 @@ def store(tmp_path):
     for name, model, train_j, val_acc, test_j, test_acc in RUNS:
         run = client.create_run(exp, run_name=name)
         client.log_param(run.info.run_id, "model", model)
-        metrics = {**stage_metrics("test", test_j, 1.0, test_j / 3.6e6 * 300, SAMPLES), "test_acc": test_acc}
+        metrics = {**stage_metrics("test", test_j, 1.0, test_j / 3.6e6 * 300, SAMPLES, test_j / 3.6e6 * 0.3),
+                   "test_acc": test_acc}
+        client.log_param(run.info.run_id, "green.price_per_kwh", "0.3 EUR")
         if train_j is not None:
             metrics.update({"energy/cumulative_j": train_j, "val_acc": val_acc,
                             "emissions/cumulative_g": train_j / 3.6e6 * 300, "cost/cumulative": train_j / 3.6e6 * 0.3})
-            client.log_param(run.info.run_id, "green.price_per_kwh", "0.3 EUR")
             client.set_tag(run.info.run_id, "green.method.cpu", "estimated")
         client.set_tag(run.info.run_id, "green.method.test.cpu", "estimated")
         for key, value in metrics.items():
@@ -58,6 +59,7 @@ def test_inference_only_runs_are_kept_and_the_energy_is_chosen(store, capsys):
     assert len(frame) == 6 and list(frame["training_j"][:5]) == [40.0, 44.0, 90.0, 100.0, 110.0]
     quantised = frame[frame["run"] == "quantised"].iloc[0]
     assert pd.isna(quantised["training_j"]) and quantised["inference_only"]
+    assert quantised["method"] == "test: cpu estimated"  # its stage's, named: no training was measured
     assert cli(["report", "cmp", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
     assert f"1 run(s) have no training_j: quantised ({ids[5][:8]}); compare them with --energy test" in out
@@ -71,8 +73,30 @@ def test_inference_only_runs_are_kept_and_the_energy_is_chosen(store, capsys):
     # the stages some run has, not every other stage; and how each component was measured
     assert "no run of 'cmp' has energy/predict_j_per_sample (energy='predict'); try one of ['test', 'training']" in err
     assert set(test["method"]) == {"cpu estimated"}
+    # the stage's cost (all its samples), in the run's currency
+    assert test["cost"].iloc[0] == pytest.approx(0.5 / 3.6e6 * 0.3) and set(test["currency"]) == {"EUR"}
     assert cli(["report", "cmp", "--tracking-uri", uri, "--markdown", str(Path(uri[10:]).parent / "no" / "t.md")]) == 2
     assert "error: cannot write" in capsys.readouterr().err  # a clear error, not a traceback
+
+
+def test_the_hint_for_runs_without_the_energy_names_the_energies_they_have(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = ready_store(tmp_path)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("hint", artifact_location=(tmp_path / "artifacts").as_uri())
+    for name, metrics in (("trained", {"energy/cumulative_j": 50.0, "val_acc": 0.9}),
+                          ("evaluated", stage_metrics("evaluate", 3.0, 1.0, 0.0002, SAMPLES))):
+        run = client.create_run(exp, run_name=name)
+        for key, value in metrics.items():
+            client.log_metric(run.info.run_id, key, value, step=0)
+        client.set_terminated(run.info.run_id)
+    assert cli(["report", "hint", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "have no training_j: evaluated" in out and out.rstrip().endswith("compare them with --energy evaluate")
+    assert cli(["report", "hint", "--tracking-uri", uri, "--energy", "evaluate"]) == 0
+    out = capsys.readouterr().out
+    assert "have no evaluate_j_per_sample: trained" in out and out.rstrip().endswith("with --energy training")
 
 
 def test_runs_of_one_name_are_told_apart_and_every_format_has_the_same_columns(store, tmp_path, capsys):
