@@ -57,6 +57,7 @@ class LoopHost:
     _loop_pending: bool = False  # an evaluation window closed and not yet reported
     _loop_depth: int = 0  # ``with tracker:`` blocks entered and not left (a nested one is ignored)
     _loop_epoch_pending: bool = False  # an epoch left with its evaluation not yet reported: it ends with the report
+    _in_epoch_block: bool = False  # inside a ``with tracker.epoch(...)`` block
 
     # -- the run ---------------------------------------------------------------------------------
     def __enter__(self: EnergyTracker) -> EnergyTracker:
@@ -104,11 +105,20 @@ class LoopHost:
         if not self._check_started("epoch()"):
             yield self
             return
-        self._flush_evaluation()
-        self.begin_epoch(epoch)
-        if self._loop_step < 0:  # no step() so far: the epoch number is the step axis, the tracker's too
-            self.on_step(int(epoch))
-        yield self
+        if self._in_epoch_block:  # its end would have ended the outer epoch, whose rest then was in none
+            warn_once(self, "nested-epoch", f"epoch({epoch!r}) inside another epoch() block is not an epoch of its "
+                                            "own: ignored, the outer epoch goes on")
+            yield self
+            return
+        self._in_epoch_block = True
+        try:
+            self._flush_evaluation()
+            self.begin_epoch(epoch)
+            if self._loop_step < 0:  # no step() so far: the epoch number is the step axis, the tracker's too
+                self.on_step(int(epoch))
+            yield self
+        finally:
+            self._in_epoch_block = False
         if self._loop_pending:  # reported after the block, or at the next call without metrics
             self._loop_epoch_pending = True
             return

@@ -7,6 +7,7 @@ step, so in the MLflow UI they overlay the loss and accuracy charts.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from collections.abc import Mapping, Sequence
@@ -305,6 +306,9 @@ def batch_size(batch: Any) -> int:
         shape = getattr(batch, "shape", None)
         if shape is not None and not isinstance(shape, str | bytes) and len(shape) > 0:
             return int(shape[0])
+        if dataclasses.is_dataclass(batch) and not isinstance(batch, type):  # a batch class of the user's
+            batch = vars(batch) if hasattr(batch, "__dict__") else {
+                f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
         if isinstance(batch, Mapping):
             for value in batch.values():
                 size = len(value) if isinstance(value, list) else batch_size(value)

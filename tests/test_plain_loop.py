@@ -196,6 +196,20 @@ def test_an_efficiency_stopper_without_a_monitor_watches_val_loss(tmp_path, uri,
     assert "stopping/val_loss_gain_pct_per_doubling" in run.data.metrics
 
 
+def test_an_epoch_block_inside_another_is_ignored_with_one_warning(tmp_path, uri, gpu, green_log):
+    tracker = tracker_for(tmp_path, uri)
+    with tracker:
+        for epoch in range(2):
+            with tracker.epoch(epoch):
+                gpu.advance(0.05)  # 5 J
+                with tracker.epoch(epoch):  # a helper that opens its own epoch, say
+                    gpu.advance(0.05)
+                gpu.advance(0.05)  # still the outer epoch's
+    epochs = records_of(tracker, "epoch")
+    assert [r.energy_j for r in epochs] == [pytest.approx(15.0), pytest.approx(15.0)]
+    assert green_log.text.count("inside another epoch() block") == 1
+
+
 def test_a_stop_is_decided_once_though_the_loop_finishes_its_epoch(tmp_path, uri, gpu, green_log):
     """A loop that finishes its epoch after ``should_stop`` (a common way to write one): the budget checked every
     step decided the stop again at every later step, each time with its warning, its tags and its

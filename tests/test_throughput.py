@@ -6,6 +6,8 @@ work clock that moves 0.01 s per training step, so every step costs exactly 1 J 
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -141,6 +143,12 @@ def test_counter_defers_a_device_masks_sum_to_the_point():
     assert counter.take() == (0, None)
 
 
+@dataclasses.dataclass
+class Pair:
+    features: torch.Tensor
+    targets: torch.Tensor
+
+
 def test_counter_reads_batches_as_data_pipelines_hand_them_over():
 
     ids = torch.arange(32).reshape(4, 8)
@@ -157,6 +165,7 @@ def test_counter_reads_batches_as_data_pipelines_hand_them_over():
         "samples not collated": ([{"input_ids": ids[i], "attention_mask": mask[i]} for i in range(4)], (4, 24)),
         "strings": (["a", "b", "c", "d"], (4, None)),
         "(features, targets) as lists": (([0.5, 1.5, 2.5], [0, 1, 0]), (3, None)),
+        "a dataclass": (Pair(torch.zeros(5, 3), torch.zeros(5)), (5, None)),
     }
     for name, (batch, counts) in cases.items():
         counter = BatchCounter()
