@@ -165,8 +165,8 @@ def _report_experiment(args: argparse.Namespace) -> int:
         others = frame.attrs.get("energies_elsewhere", [])
         print(f"\n{len(missing)} run(s) have no {frame.attrs['energy_column']}: "
               f"{', '.join(missing['run'] + ' (' + missing['run_id'] + ')')}; "
-              + (f"compare them with --energy {' or --energy '.join(others)}" if others else
-                 "they have no other energy to compare either"))
+              + (f"they have {', '.join(others)} energy: compare with --energy {' or --energy '.join(others)}"
+                 if others else "they have no other energy to compare either"))
     for path, write in ((args.csv, lambda p: table.to_csv(p, index=False)),
                         (args.markdown, lambda p: Path(p).write_text(markdown_table(table)))):
         if path:

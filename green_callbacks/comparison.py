@@ -131,7 +131,9 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
         value, joules = m.get(name) if name else None, _final(m, key, running)
         # no joules and every sensor unavailable: nothing was measured (the 0 J such a run logged before 2026-12-05
         # is no measurement); joules with such tags are kept (a DDP rank's unreadable GPU marks the run's tags)
-        measured = bool(joules) or not method or any(not p.endswith(" unavailable") for p in method.split(", "))
+        scoped = _method_tags(tags, stage) or (_method_tags(tags, None) if stage else {
+            k: v for k, v in tags.items() if k.startswith("green.method.") and k.count(".") == 3})
+        measured = bool(joules) or not scoped or any(v != "unavailable" for v in scoped.values())
         joules = joules if measured else None
         grams = None if not measured else _final(m, "emissions/cumulative_g", running) if stage is None else (
             m[f"emissions/{stage}_g"] / m[f"{stage}/samples"]
@@ -143,16 +145,17 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
             **({"group": _group_value(run, group_by)} if group_by else {}),
             "status": run.info.status, column: joules,
             column.replace("_j", "_g", 1): grams,
-            # the training's cost, or the stage's (all its samples: per sample it would read "< 0.0001")
-            "cost": (_final(m, "cost/cumulative", running) if stage is None else m.get(f"cost/{stage}"))
-            if measured else None,
+            # the training's cost, or the stage's, all its samples (per sample it would read "< 0.0001")
+            "cost" if stage is None else f"{stage}_cost":
+                (_final(m, "cost/cumulative", running) if stage is None else m.get(f"cost/{stage}"))
+                if measured else None,
             "currency": price.split()[-1] if price else "",
             "duration_s": (end - run.info.start_time) / 1000.0,
             "metric": name, "value": value,
             "value_per_kj": value / (joules / 1000) if value is not None and joules else None,
             "method": method if measured else "nothing measured",
             "inference_only": "energy/cumulative_j" not in m and measured})
-        if joules is None:  # the energies it has, for the report's hint
+        if joules is None and measured:  # the energies it has, for the report's hint
             elsewhere.update(c for c in ENERGY_CHOICES if c != energy and energy_key(c)[0] in m)
     if not rows:
         raise ValueError(f"experiment {experiment!r} has no run with green-callbacks energy metrics")
@@ -228,7 +231,7 @@ def _cells(frame: pd.DataFrame) -> list[list[str]]:
     for _, row in frame.iterrows():
         cells = []
         for col, v in row.items():
-            if col == "cost":
+            if col == "cost" or col.endswith("_cost"):
                 cells.append(money(v))
             elif v is None or (isinstance(v, float) and math.isnan(v)):
                 cells.append("")
@@ -251,10 +254,15 @@ def text_table(frame: pd.DataFrame) -> str:
 def _methods(tags: dict[str, str], stage: str | None) -> str:
     """How each component was measured, from the run's ``green.method.<component>`` tags (a stage's own for a
     test/predict/evaluate column): "gpu counter, cpu estimated"."""
-    prefix = f"green.method.{stage}." if stage else "green.method."
-    found = {k[len(prefix):]: v for k, v in tags.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+    found = _method_tags(tags, stage)
     order = {"gpu": 0, "cpu": 1, "dram": 2}
     return ", ".join(f"{c} {found[c]}" for c in sorted(found, key=lambda c: (order.get(c, 9), c)))
+
+
+def _method_tags(tags: dict[str, str], stage: str | None) -> dict[str, str]:
+    """``{component: method}`` from the run's ``green.method.<component>`` tags, or a stage's own."""
+    prefix = f"green.method.{stage}." if stage else "green.method."
+    return {k[len(prefix):]: v for k, v in tags.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
 
 
 def _stage_methods(tags: dict[str, str]) -> str:

@@ -68,6 +68,7 @@ class LoopHost:
             return self
         session = object()  # a new ``with`` is a new training: a run this tracker opened is not reused
         self._loop_step, self._loop_pending, self._loop_epoch_pending = -1, False, False
+        self._in_epoch_block = False
         try:
             self.start(loop_rank(), _cuda_indices(), session=session)
         except BaseException:  # a bad setting found at the start (raised on purpose), Ctrl-C: no block entered

@@ -299,9 +299,10 @@ def merge_ranks(payloads: Sequence[Mapping[str, Any]]) -> Merged:
 def batch_size(batch: Any) -> int:
     """The number of samples in a batch: the leading dimension of its first tensor-like value.
 
-    A mapping's value that is a plain list (a tokenizer's output without ``return_tensors``) holds one entry per
-    sample; a list of mappings is samples not yet collated; any other list or tuple is the batch's fields
-    (``(inputs, targets)``), counted by the first. Something with no length to read counts 0: never an error."""
+    A mapping's value that is a plain list of scalars, strings or lists (a tokenizer's output without
+    ``return_tensors``, labels) holds one entry per sample; any other list or tuple is the batch's fields
+    (``[inputs, targets]``, a ``CombinedLoader``'s batches), counted by the first. A dataclass is read as a mapping
+    of its fields. Something with no length to read counts 0: never an error."""
     try:
         shape = getattr(batch, "shape", None)
         if shape is not None and not isinstance(shape, str | bytes) and len(shape) > 0:
@@ -311,15 +312,15 @@ def batch_size(batch: Any) -> int:
                 f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
         if isinstance(batch, Mapping):
             for value in batch.values():
-                size = len(value) if isinstance(value, list) else batch_size(value)
+                per_sample = isinstance(value, list) and bool(value) and isinstance(
+                    value[0], int | float | str | bytes | list | tuple)
+                size = len(value) if per_sample else batch_size(value)
                 if size:
                     return size
             return 0
         if isinstance(batch, list | tuple) and batch:
             first = batch[0]
-            if isinstance(first, int | float | str | bytes) or all(isinstance(b, Mapping) for b in batch):
-                return len(batch)
-            return batch_size(first)
+            return len(batch) if isinstance(first, int | float | str | bytes) else batch_size(first)
     except Exception:  # a batch type whose shape or length cannot be read
         return 0
     return 0

@@ -36,9 +36,7 @@ class BatchCounter:
         if isinstance(batch, Mapping):
             self._count_tokens(batch)
         elif type(batch) in (list, tuple) and batch and isinstance(batch[0], Mapping):
-            # samples not yet collated (every item a mapping), or (inputs, labels): the inputs' tokens
-            for part in batch if all(isinstance(b, Mapping) for b in batch) else batch[:1]:
-                self._count_tokens(part)
+            self._count_tokens(batch[0])  # (inputs, labels): the inputs' tokens
 
     def _count_tokens(self, batch: Mapping[str, Any]) -> None:
         mask, ids = batch.get("attention_mask"), batch.get("input_ids")
@@ -57,7 +55,9 @@ class BatchCounter:
         elif hasattr(ids, "size") and hasattr(ids, "shape"):  # numpy
             self.tokens = (self.tokens or 0) + int(ids.size)
         elif isinstance(mask, list | tuple) or isinstance(ids, list | tuple):  # a tokenizer's lists, no tensors
-            self.tokens = (self.tokens or 0) + _list_tokens(mask, ids)
+            tokens = _list_tokens(mask, ids)
+            if tokens is not None:
+                self.tokens = (self.tokens or 0) + tokens
 
     def take(self) -> tuple[int, int | None]:
         """The counts since the previous call, as plain ints (they travel in the ranks' all-gather)."""
@@ -69,13 +69,18 @@ class BatchCounter:
         return out
 
 
-def _list_tokens(mask: Any, ids: Any) -> int:
+def _list_tokens(mask: Any, ids: Any) -> int | None:
     """Tokens in a tokenizer's plain lists: the mask's ones where there is a mask, else the ids; one sample's flat
-    list or a batch's list of lists."""
-    rows = mask if isinstance(mask, list | tuple) else ids
-    if rows and isinstance(rows[0], list | tuple):
-        return sum(int(sum(r)) if rows is mask else len(r) for r in rows)
-    return int(sum(rows)) if rows is mask else len(rows)
+    list, or a batch's rows (lists, or tensors of ragged lengths). ``None``: an empty list, no token known."""
+    is_mask = isinstance(mask, list | tuple)
+    rows = mask if is_mask else ids
+    if not rows:
+        return None
+    if isinstance(rows[0], list | tuple):
+        return sum(int(sum(r)) if is_mask else len(r) for r in rows)
+    if hasattr(rows[0], "shape"):  # a tensor (or array) per sample
+        return sum(int(r.sum()) if is_mask else int(getattr(r, "numel", lambda r=r: r.size)()) for r in rows)
+    return int(sum(rows)) if is_mask else len(rows)
 
 
 class ThroughputHost:

@@ -62,7 +62,8 @@ def test_inference_only_runs_are_kept_and_the_energy_is_chosen(store, capsys):
     assert quantised["method"] == "test: cpu estimated"  # its stage's, named: no training was measured
     assert cli(["report", "cmp", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
-    assert f"1 run(s) have no training_j: quantised ({ids[5][:8]}); compare them with --energy test" in out
+    assert f"1 run(s) have no training_j: quantised ({ids[5][:8]}); they have test energy: compare with --energy test" \
+        in out
     test = experiment_frame("cmp", uri, energy="test")
     assert test["test_j_per_sample"].notna().all()
     assert test["test_j_per_sample"].iloc[0] == pytest.approx(0.5 / SAMPLES) and test["run"].iloc[0] == "quantised"
@@ -74,7 +75,7 @@ def test_inference_only_runs_are_kept_and_the_energy_is_chosen(store, capsys):
     assert "no run of 'cmp' has energy/predict_j_per_sample (energy='predict'); try one of ['test', 'training']" in err
     assert set(test["method"]) == {"cpu estimated"}
     # the stage's cost (all its samples), in the run's currency
-    assert test["cost"].iloc[0] == pytest.approx(0.5 / 3.6e6 * 0.3) and set(test["currency"]) == {"EUR"}
+    assert test["test_cost"].iloc[0] == pytest.approx(0.5 / 3.6e6 * 0.3) and set(test["currency"]) == {"EUR"}
     assert cli(["report", "cmp", "--tracking-uri", uri, "--markdown", str(Path(uri[10:]).parent / "no" / "t.md")]) == 2
     assert "error: cannot write" in capsys.readouterr().err  # a clear error, not a traceback
 
@@ -93,10 +94,19 @@ def test_the_hint_for_runs_without_the_energy_names_the_energies_they_have(tmp_p
         client.set_terminated(run.info.run_id)
     assert cli(["report", "hint", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
-    assert "have no training_j: evaluated" in out and out.rstrip().endswith("compare them with --energy evaluate")
+    assert "have no training_j: evaluated" in out and out.rstrip().endswith("compare with --energy evaluate")
     assert cli(["report", "hint", "--tracking-uri", uri, "--energy", "evaluate"]) == 0
     out = capsys.readouterr().out
     assert "have no evaluate_j_per_sample: trained" in out and out.rstrip().endswith("with --energy training")
+    # a run measured only at a stage, whose GPU was unreadable there but its CPU not: measured, not "nothing"
+    run = client.create_run(exp, run_name="predicted")
+    client.set_tag(run.info.run_id, "green.method.predict.gpu", "unavailable")
+    client.set_tag(run.info.run_id, "green.method.predict.cpu", "estimated")
+    client.set_tag(run.info.run_id, "green.method.test.gpu", "unavailable")
+    client.set_terminated(run.info.run_id)
+    frame = experiment_frame("hint", uri)
+    row = frame[frame["run"] == "predicted"].iloc[0]
+    assert row["method"] == "predict: gpu unavailable, cpu estimated; test: gpu unavailable" and row["inference_only"]
 
 
 def test_runs_of_one_name_are_told_apart_and_every_format_has_the_same_columns(store, tmp_path, capsys):

@@ -162,7 +162,12 @@ def test_counter_reads_batches_as_data_pipelines_hand_them_over():
         "a tokenizer's plain lists": ({"input_ids": ids.tolist(), "attention_mask": mask.tolist()}, (4, 24)),
         "plain lists, no mask": ({"input_ids": ids.tolist()}, (4, 32)),
         "(inputs, labels)": (({"input_ids": ids, "attention_mask": mask}, torch.zeros(4)), (4, 24)),
-        "samples not collated": ([{"input_ids": ids[i], "attention_mask": mask[i]} for i in range(4)], (4, 24)),
+        "[features, targets] as mappings": ([{"input_ids": ids, "attention_mask": mask}, {"input_ids": ids}], (4, 24)),
+        "a one-element list": ([{"input_ids": ids, "attention_mask": mask}], (4, 24)),
+        "CombinedLoader's dict of [x, y]": ({"a": [torch.zeros(16, 3), torch.zeros(16)],
+                                             "b": [torch.zeros(16, 3), torch.zeros(16)]}, (16, None)),
+        "a field that is a list of tensors": ({"x": [torch.zeros(16, 3), torch.zeros(16, 2)]}, (16, None)),
+        "labels as a list": ({"labels": [0, 1, 1]}, (3, None)),
         "strings": (["a", "b", "c", "d"], (4, None)),
         "(features, targets) as lists": (([0.5, 1.5, 2.5], [0, 1, 0]), (3, None)),
         "a dataclass": (Pair(torch.zeros(5, 3), torch.zeros(5)), (5, None)),
@@ -179,13 +184,16 @@ def test_a_batch_it_cannot_count_costs_the_count_not_the_steps_points_and_budget
     from green_callbacks import EnergyTracker
     from green_callbacks.stopping import BudgetStopper
 
-    class Unreadable:
-        @property
-        def shape(self):
-            raise RuntimeError("no shape here")
+    class Mask:
+        """A mask of some library's own type whose sum fails."""
+
+        device = "cpu"
+
+        def sum(self):
+            raise RuntimeError("cannot sum this")
 
     batches = {"numpy": {"input_ids": np.ones((4, 8), dtype=np.int64), "attention_mask": np.ones((4, 8))},
-               "unreadable": Unreadable()}
+               "a mask that cannot be summed": {"input_ids": np.ones((4, 8)), "attention_mask": Mask()}}
     for name, batch in batches.items():
         tracker = EnergyTracker(gpus="all", measure_cpu=False, mlflow=False, log_every_n_steps=5,
                                 output_dir=str(tmp_path / name))
@@ -199,6 +207,7 @@ def test_a_batch_it_cannot_count_costs_the_count_not_the_steps_points_and_budget
         assert step < 25, name  # 1 J a step: checked every 2 steps, stopped before the 20 J budget's end
         assert [r.step for r in tracker.records if r.kind.value == "point"][:2] == [4, 9], name
     assert not [m for m in green_log.messages if "on_step failed" in m]
+    assert sum("count_batch failed" in m for m in green_log.messages) == 1  # the count alone, said once
 
 
 @pytest.mark.gpu

@@ -16,6 +16,7 @@ from green_callbacks.sensors.gpu import GpuEnergySensor, GpuState
 from green_callbacks.sensors.targets import GpuTarget, choose_indices
 
 NOT_SUPPORTED = 2  # AMDSMI_STATUS_NOT_SUPPORTED in amdsmi.amdsmi_wrapper
+NOT_INIT = 32  # AMDSMI_STATUS_NOT_INIT
 WHOLE_GPU_PARTITIONS = ("", "SPX", "N/A")  # compute partition modes in which one handle is one whole GPU
 
 
@@ -57,8 +58,9 @@ def load_amdsmi() -> Any:
         try:
             amdsmi.amdsmi_get_processor_handles()  # answers only while amdsmi is initialised (by us or another)
             return amdsmi
-        except Exception:
-            pass
+        except Exception as exc:
+            if _error_code(exc) not in (None, NOT_INIT):  # initialised, and failing: a fault for the caller to say
+                raise
         # not initialised, or shut down since by another part of the process (one call ends it for everyone)
         try:
             amdsmi.amdsmi_init(amdsmi.AmdSmiInitFlags.INIT_AMD_GPUS)

@@ -35,6 +35,7 @@ class GpuState:
         self.failing_since: float | None = None  # when reads of its energy source began to fail, and how
         self.failing_exc: Exception | None = None
         self.power_failing_since: float | None = None  # a counter device's power reads (trace and peak only)
+        self.shown_j = 0.0  # the largest cumulative joules a reading has shown
 
 
 class GpuEnergySensor(Sensor):
@@ -66,6 +67,7 @@ class GpuEnergySensor(Sensor):
     library = "the GPU library"
     stuck_after_s: float | None = None  # None: the vendor's counters are trusted to move
     stuck_min_j = 1.0
+    still_s = 0.1  # a counter still this long (where counters may be stuck) is shown with the power since it moved
     edge_read_max_s = 0.001  # a counter whose fastest read at start took longer is not read at window edges
     lost_after_s = 5.0  # a device whose reads fail this long without a success is lost (one error is retried)
 
@@ -286,8 +288,8 @@ class GpuEnergySensor(Sensor):
                 self.warn_once(
                     f"lost-{gpu.target.label}",
                     f"{gpu.target.label}: {self.library} reads had failed for {now_s - gpu.failing_since:.2f} s when "
-                    f"measuring ended ({gpu.failing_exc}); the energy since their first failure is 'unavailable', "
-                    "the joules measured before are kept.",
+                    f"measuring ended ({gpu.failing_exc}): what they could not read is not counted, so the device "
+                    "is recorded as 'unavailable'; the joules measured are kept.",
                 )
                 self._lose(gpu, gpu.failing_exc or RuntimeError("no reading"), now_s)
 
@@ -324,15 +326,19 @@ class GpuEnergySensor(Sensor):
                     self._poll_counter(gpu, now_s)
                 carried = self._carried_to(gpu, now_s)
                 if gpu.method is Method.COUNTER:
-                    # where counters may be stuck, the power since it last moved too: a counter that has not
-                    # moved yet (not declared stuck before ``stuck_after_s``) shows no 0 J windows meanwhile
+                    # where counters may be stuck, the power since it last moved too, once it has been still longer
+                    # than a working counter ever is: one not yet declared stuck (``stuck_after_s``) shows no 0 J
+                    # windows meanwhile
                     live = gpu.counter_j + (0.0 if polled else gpu.since_poll.joules_at(carried)) + (
-                        gpu.unchanged_j if self.stuck_after_s is not None else 0.0)
+                        gpu.unchanged_j if self.stuck_after_s is not None and now_s - gpu.changed_s >= self.still_s
+                        else 0.0)
                 else:
                     live = gpu.integrator.joules_at(carried) if gpu.method is Method.SAMPLED else 0.0
                 label = gpu.target.label
-                joules[label] = gpu.frozen_j + live
-                # while its reads fail, what it spent since the first failure is not in the joules (yet): said
-                methods[label] = Method.UNAVAILABLE if gpu.failing_since is not None else gpu.method
+                # cumulative joules never go back: an edge's power estimate since the last counter read (or, where
+                # counters may be stuck, since it last moved) can run ahead of the counter's next value; the
+                # reading then holds until the counter catches up, so no window is clamped at 0 and counted twice
+                gpu.shown_j = joules[label] = max(gpu.frozen_j + live, gpu.shown_j)
+                methods[label] = gpu.method
                 power[label] = gpu.power_w
         return Reading(joules, methods, power)

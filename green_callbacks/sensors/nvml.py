@@ -176,7 +176,12 @@ class NvmlSensor(GpuEnergySensor):
         self._nvml = nvml if nvml is not None else load_nvml()
         self._no_instant: set[str] = set()  # devices whose instant power field is not supported, or kept failing
         self._instant_failing: dict[str, float] = {}  # since when the instant power field fails, per device
-        super().__init__(resolve_gpus(self._nvml, gpus, cuda_indices), use_counter, counter_poll_s)
+        try:
+            targets = resolve_gpus(self._nvml, gpus, cuda_indices)
+        except BaseException:  # a bad selection or a driver fault listing the GPUs: NVML is not left initialised
+            self.close()
+            raise
+        super().__init__(targets, use_counter, counter_poll_s)
 
     def _not_supported(self, exc: Exception) -> bool:
         return getattr(exc, "value", None) == getattr(self._nvml, "NVML_ERROR_NOT_SUPPORTED", 3)
