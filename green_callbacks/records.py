@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -296,13 +297,25 @@ def merge_ranks(payloads: Sequence[Mapping[str, Any]]) -> Merged:
                   max((p["duration_s"] for p in payloads), default=0.0), frozenset(unread))
 
 
+# keys whose list values a tokenizer, feature extractor or image processor writes one entry per sample
+PER_SAMPLE_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids", "labels",
+                             "pixel_values", "input_values", "input_features"})
+
+
+def uncollated(batch: Any) -> bool:
+    """A list of samples not yet collated: several mappings, the first holding nothing batched (2-D or more)."""
+    return isinstance(batch, list | tuple) and len(batch) > 1 and all(isinstance(b, Mapping) for b in batch) and \
+        not any(len(getattr(v, "shape", ())) >= 2 for v in batch[0].values())
+
+
 def batch_size(batch: Any) -> int:
     """The number of samples in a batch: the leading dimension of its first tensor-like value.
 
-    A mapping's value that is a plain list of scalars, strings or lists (a tokenizer's output without
-    ``return_tensors``, labels) holds one entry per sample; any other list or tuple is the batch's fields
-    (``[inputs, targets]``, a ``CombinedLoader``'s batches), counted by the first. A dataclass is read as a mapping
-    of its fields. Something with no length to read counts 0: never an error."""
+    A mapping's value that is a plain list of scalars, strings or lists, or any list under a key a tokenizer or
+    processor writes without ``return_tensors`` (``input_ids``, ``pixel_values``...), holds one entry per sample;
+    a list of mappings none of which holds a batched (2-D) value is samples not yet collated; any other list or
+    tuple is the batch's fields (``[inputs, targets]``, a ``CombinedLoader``'s batches), counted by the first. A
+    dataclass is read as a mapping of its fields. Something with no length to read counts 0: never an error."""
     try:
         shape = getattr(batch, "shape", None)
         if shape is not None and not isinstance(shape, str | bytes) and len(shape) > 0:
@@ -311,16 +324,17 @@ def batch_size(batch: Any) -> int:
             batch = vars(batch) if hasattr(batch, "__dict__") else {
                 f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
         if isinstance(batch, Mapping):
-            for value in batch.values():
-                per_sample = isinstance(value, list) and bool(value) and isinstance(
-                    value[0], int | float | str | bytes | list | tuple)
+            for key, value in batch.items():
+                per_sample = isinstance(value, list) and bool(value) and (
+                    isinstance(value[0], numbers.Number | str | bytes | list | tuple) or key in PER_SAMPLE_KEYS)
                 size = len(value) if per_sample else batch_size(value)
                 if size:
                     return size
             return 0
         if isinstance(batch, list | tuple) and batch:
             first = batch[0]
-            return len(batch) if isinstance(first, int | float | str | bytes) else batch_size(first)
+            return len(batch) if isinstance(first, numbers.Number | str | bytes) or uncollated(batch) else \
+                batch_size(first)
     except Exception:  # a batch type whose shape or length cannot be read
         return 0
     return 0

@@ -43,6 +43,7 @@ class StageHost:
         """Close a stage's window (collective); logs ``energy/<label>_j`` and joules per sample."""
         if self.meter is None or not self.meter.is_open(window):
             return None
+        self.meter.settle()  # a stage's measuring ends here: a GPU failing now is decided (said, 'unavailable')
         m = self.meter.end(window)
         n = self._samples.pop(window, 0) if samples is None else samples
         stage = label or window

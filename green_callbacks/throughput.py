@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from green_callbacks.process import never_raises
-from green_callbacks.records import batch_size, throughput_metrics
+from green_callbacks.records import batch_size, throughput_metrics, uncollated
 
 
 class BatchCounter:
@@ -36,18 +36,25 @@ class BatchCounter:
         if isinstance(batch, Mapping):
             self._count_tokens(batch)
         elif type(batch) in (list, tuple) and batch and isinstance(batch[0], Mapping):
-            self._count_tokens(batch[0])  # (inputs, labels): the inputs' tokens
+            for part in batch if uncollated(batch) else batch[:1]:  # samples; or (inputs, labels): the inputs'
+                self._count_tokens(part)
+
+    def _on_device(self, total: Any) -> None:
+        """A mask's sum queued on the device, read in :meth:`take`."""
+        if self._device_tokens is None:
+            self._device_tokens = total
+        else:
+            self._device_tokens.add_(total)
+        self.tokens = self.tokens or 0
 
     def _count_tokens(self, batch: Mapping[str, Any]) -> None:
         mask, ids = batch.get("attention_mask"), batch.get("input_ids")
+        rows = mask if isinstance(mask, list | tuple) and mask else None
         # a torch tensor's device has a type; numpy's (2.x) device is the string 'cpu': summed at once
-        if hasattr(mask, "sum") and getattr(getattr(mask, "device", None), "type", "cpu") != "cpu":
-            total = mask.sum()  # queued on the device; read in take()
-            if self._device_tokens is None:
-                self._device_tokens = total
-            else:
-                self._device_tokens.add_(total)
-            self.tokens = self.tokens or 0
+        if hasattr(mask, "sum") and _accelerated(mask):
+            self._on_device(mask.sum())
+        elif rows is not None and hasattr(rows[0], "sum") and _accelerated(rows[0]):  # ragged rows on the device
+            self._on_device(functools.reduce(lambda a, b: a + b, (r.sum() for r in rows)))
         elif hasattr(mask, "sum"):
             self.tokens = (self.tokens or 0) + int(mask.sum())
         elif hasattr(ids, "numel"):
@@ -67,6 +74,10 @@ class BatchCounter:
         out = (self.samples, tokens)
         self.samples, self.tokens, self._device_tokens = 0, None, None
         return out
+
+
+def _accelerated(value: Any) -> bool:
+    return getattr(getattr(value, "device", None), "type", "cpu") != "cpu"
 
 
 def _list_tokens(mask: Any, ids: Any) -> int | None:

@@ -155,6 +155,36 @@ def test_readings_never_go_back_when_power_runs_ahead_of_a_slow_counter():
     assert 300.0 <= shown[-1] <= 300.0 + 0.3 * 200.0
 
 
+def test_a_peek_between_edges_never_moves_the_next_edge_off_the_counter():
+    """A budget check peeks (the last counter read plus the power since); an edge that reads the counter is the
+    counter's value, whatever a peek showed ahead of it."""
+    from green_callbacks.sensors.gpu import GpuEnergySensor
+    from green_callbacks.sensors.targets import GpuTarget
+
+    class Exact(GpuEnergySensor):
+        def __init__(self):
+            super().__init__([GpuTarget(0, object(), "sim", "u0")], counter_poll_s=1.0)
+            self.now = 0.0
+
+        def _counter_j(self, gpu):
+            return 100.0 * self.now  # 100 W, exact
+
+        def _power_now_w(self, gpu):
+            return 300.0  # a 1-s average that lags a load that just fell
+
+        def _not_supported(self, exc):
+            return False
+
+    sensor = Exact()
+    sensor.start(0.0)
+    for tick in range(1, 11):
+        sensor.now = tick * 0.05
+        sensor.sample(sensor.now)
+        ahead = sensor.peek(sensor.now).joules["gpu0"]
+    assert ahead > 100.0 * sensor.now  # the peek ran ahead
+    assert sensor.read(sensor.now).joules["gpu0"] == pytest.approx(100.0 * sensor.now)
+
+
 def test_a_device_failing_when_measuring_ends_is_unavailable_with_one_warning(fake_amdsmi, green_log, tmp_path):
     """Reads failing for less than ``lost_after_s`` (5 s) when the run ends: not a silent undercount."""
     from green_callbacks import EnergyTracker
@@ -178,6 +208,32 @@ def test_a_device_failing_when_measuring_ends_is_unavailable_with_one_warning(fa
     # gpu1: what was read before the failure is kept, nothing after it
     # (up to the sampler's first failed power read, one 50-ms tick at most after the fault)
     assert 0 < epoch.devices_j["gpu1"] + end.devices_j["gpu1"] <= devs[1].energy_between(t0, failed_at + 0.1)
+
+
+def test_a_device_failing_at_the_end_of_a_test_stage_is_unavailable_there(fake_amdsmi, green_log, tmp_path):
+    import lightning.pytorch as pl
+    from test_lightning_monitor import ValModel, trainer
+
+    from green_callbacks.lightning import EnergyMonitor
+
+    from helpers import runs
+
+    (dev,) = fake_amdsmi.configure([{"profile_seed": 8}])
+
+    class FailMidTest(pl.Callback):
+        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            if batch_idx == 32:
+                for call in ("amdsmi_get_energy_count", "amdsmi_get_power_info"):
+                    dev.faults[call] = fake_amdsmi.amdsmi_wrapper.AMDSMI_STATUS_IO
+            busy_wait(0.005)
+
+    uri = ready_store(tmp_path)
+    monitor = EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=uri, experiment_name="amd",
+                            output_dir=str(tmp_path / "out"))
+    trainer(tmp_path, [monitor, FailMidTest()]).test(ValModel())
+    _, (run,) = runs(uri, "amd")
+    assert run.data.tags["green.method.test.gpu"] == "unavailable"  # not 'counter' for half the stage's joules
+    assert green_log.text.count("gpu0: amdsmi reads had failed") == 1
 
 
 def test_an_amdsmi_failing_to_list_its_gpus_leaves_the_rest_measured(fake_amdsmi, green_log, tmp_path):

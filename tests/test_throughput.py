@@ -150,6 +150,8 @@ class Pair:
 
 
 def test_counter_reads_batches_as_data_pipelines_hand_them_over():
+    import numpy as np
+
 
     ids = torch.arange(32).reshape(4, 8)
     mask = torch.ones(4, 8, dtype=torch.long)
@@ -168,6 +170,13 @@ def test_counter_reads_batches_as_data_pipelines_hand_them_over():
                                              "b": [torch.zeros(16, 3), torch.zeros(16)]}, (16, None)),
         "a field that is a list of tensors": ({"x": [torch.zeros(16, 3), torch.zeros(16, 2)]}, (16, None)),
         "labels as a list": ({"labels": [0, 1, 1]}, (3, None)),
+        "numpy labels as a list": ({"labels": [np.int64(1)] * 5}, (5, None)),
+        "samples not collated (plain lists)": ([{"input_ids": [1, 2, 3, 4, 5]}, {"input_ids": [1, 2, 3]}], (2, 8)),
+        "samples not collated (tensors)": ([{"input_ids": ids[i], "attention_mask": mask[i]} for i in range(4)],
+                                           (4, 24)),
+        "ragged rows of tensors": ({"input_ids": [ids[0], ids[1][:5]], "attention_mask": [mask[0], mask[1][:5]]},
+                                   (2, 11)),
+        "an image processor's list of arrays": ({"pixel_values": [np.zeros((3, 8, 8))] * 8}, (8, None)),
         "strings": (["a", "b", "c", "d"], (4, None)),
         "(features, targets) as lists": (([0.5, 1.5, 2.5], [0, 1, 0]), (3, None)),
         "a dataclass": (Pair(torch.zeros(5, 3), torch.zeros(5)), (5, None)),

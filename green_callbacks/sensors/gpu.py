@@ -49,8 +49,10 @@ class GpuEnergySensor(Sensor):
     wait for the GIL lengthens a read, never shortens it); otherwise an edge is the last counter value
     (polled by the sampler thread, off the training thread) plus the instant power integrated since
     it, at most ``counter_poll_s`` of sampled power. Consecutive windows share their edges, so the
-    run's total stays the counter's; only the split between windows is interpolated, and a counter
-    that refreshes every 100 ms (as these GPUs' do) resolves no window more finely anyway.
+    run's total stays the counter's (or, where the last edge's power ran ahead of the counter, that
+    edge: readings never go back, so at most one poll's power error); only the split between windows is
+    interpolated, and a counter that refreshes every 100 ms (as these GPUs' do) resolves no window more
+    finely anyway.
 
     Subclasses implement ``_counter_j`` (the device's cumulative counter in joules),
     ``_power_now_w`` (its power now) and ``_not_supported`` (whether an error means the feature
@@ -283,6 +285,8 @@ class GpuEnergySensor(Sensor):
         warning, so that the energy not counted since its first failure is recorded as 'unavailable'."""
         with self._lock:
             for gpu in self._gpus:
+                if gpu.method is Method.COUNTER and gpu.failing_since is None:
+                    self._poll_counter(gpu, now_s)  # a failure not yet seen (the sampler polls once a second)
                 if gpu.failing_since is None or gpu.method is Method.UNAVAILABLE:
                     continue
                 self.warn_once(
@@ -317,6 +321,7 @@ class GpuEnergySensor(Sensor):
 
     def _reading(self, now_s: float, fresh: bool | None) -> Reading:
         joules, methods, power = {}, {}, {}
+        at_edge = fresh is not False  # a peek between edges shows, but never holds, what runs ahead
         with self._lock:
             if fresh is None:
                 fresh = self._edges_read_counter()
@@ -338,7 +343,9 @@ class GpuEnergySensor(Sensor):
                 # cumulative joules never go back: an edge's power estimate since the last counter read (or, where
                 # counters may be stuck, since it last moved) can run ahead of the counter's next value; the
                 # reading then holds until the counter catches up, so no window is clamped at 0 and counted twice
-                gpu.shown_j = joules[label] = max(gpu.frozen_j + live, gpu.shown_j)
+                joules[label] = max(gpu.frozen_j + live, gpu.shown_j)
+                if at_edge:
+                    gpu.shown_j = joules[label]
                 methods[label] = gpu.method
                 power[label] = gpu.power_w
         return Reading(joules, methods, power)
