@@ -131,8 +131,7 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
         value, joules = m.get(name) if name else None, _final(m, key, running)
         # no joules and every sensor unavailable: nothing was measured (the 0 J such a run logged before 2026-12-05
         # is no measurement); joules with such tags are kept (a DDP rank's unreadable GPU marks the run's tags)
-        scoped = _method_tags(tags, stage) or (_method_tags(tags, None) if stage else {
-            k: v for k, v in tags.items() if k.startswith("green.method.") and k.count(".") == 3})
+        scoped = _method_tags(tags, stage) or (_method_tags(tags, None) if stage else _stage_method_tags(tags))
         measured = bool(joules) or not scoped or any(v != "unavailable" for v in scoped.values())
         joules = joules if measured else None
         grams = None if not measured else _final(m, "emissions/cumulative_g", running) if stage is None else (
@@ -265,9 +264,14 @@ def _method_tags(tags: dict[str, str], stage: str | None) -> dict[str, str]:
     return {k[len(prefix):]: v for k, v in tags.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
 
 
+def _stage_method_tags(tags: dict[str, str]) -> dict[str, str]:
+    """Every stage's ``green.method.<stage>.<component>`` tags."""
+    return {k: v for k, v in tags.items() if k.startswith("green.method.") and k.count(".") == 3}
+
+
 def _stage_methods(tags: dict[str, str]) -> str:
     """An inference-only run's methods in the training view (it has no training's): "test: cpu estimated"."""
-    stages = sorted({k.split(".")[2] for k in tags if k.startswith("green.method.") and k.count(".") == 3})
+    stages = sorted({k.split(".")[2] for k in _stage_method_tags(tags)})
     return "; ".join(f"{s}: {_methods(tags, s)}" for s in stages)
 
 
