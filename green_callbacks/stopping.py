@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,6 +17,7 @@ from green_callbacks.policies import (
     EfficiencyPlateau,
     MonitorError,
     Progress,
+    _check_int,
     higher_is_better,
 )
 from green_callbacks.units import is_integer, plain
@@ -82,6 +84,26 @@ class Stopper:
         return cls(**{**table, **overrides})
 
 
+def _first_version_arguments(min_gain: str, min_evaluations: int, min_gain_per_kj: Any,
+                             warmup_epochs: Any) -> tuple[str, int]:
+    """The first version's ``min_gain_per_kj`` and ``warmup_epochs``, read as today's arguments, with one warning
+    each (an exchange rate per kJ depends on the hardware's power; the default per doubling does not)."""
+    if min_gain_per_kj is not None:
+        if isinstance(min_gain_per_kj, bool) or not isinstance(min_gain_per_kj, int | float) or \
+                not math.isfinite(min_gain_per_kj) or min_gain_per_kj < 0:
+            raise ValueError(f"min_gain_per_kj={min_gain_per_kj!r} must be a number >= 0 (metric units per kJ); "
+                             "today's argument is min_gain, e.g. '0.5 per kJ' or the default '1% per doubling'")
+        min_gain = f"{min_gain_per_kj:g} per kJ"
+        log.warning("green-callbacks: min_gain_per_kj=%g is the first version's argument, read as min_gain=%r: an "
+                    "exchange rate that stops at different points on different hardware; the default min_gain='1%% "
+                    "per doubling' does not (docs/stopping.md)", min_gain_per_kj, min_gain)
+    if warmup_epochs is not None:
+        min_evaluations = max(2, _check_int("warmup_epochs", warmup_epochs, 0))
+        log.warning("green-callbacks: warmup_epochs=%d is the first version's argument, read as min_evaluations=%d "
+                    "(no decision before the window holds that many evaluations)", warmup_epochs, min_evaluations)
+    return min_gain, min_evaluations
+
+
 class EfficiencyStopper(Stopper):
     """Stop when another doubling of the energy spent no longer buys a worthwhile gain of a metric.
 
@@ -121,8 +143,11 @@ class EfficiencyStopper(Stopper):
     section = "efficiency"
 
     def __init__(self, monitor: str | None = None, mode: str | None = None, min_gain: str = "1% per doubling",
-                 patience: int = 3, min_evaluations: int = 4, strict: bool = True, verbose: bool = False) -> None:
+                 patience: int = 3, min_evaluations: int = 4, strict: bool = True, verbose: bool = False, *,
+                 min_gain_per_kj: float | None = None, warmup_epochs: int | None = None) -> None:
         # every argument is validated now; a monitor left to the framework's default is filled in at fit start
+        min_gain, min_evaluations = _first_version_arguments(min_gain, min_evaluations, min_gain_per_kj,
+                                                             warmup_epochs)
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
             raise ValueError(f"monitor={monitor!r} must name a validation metric, like 'val_acc', or be None "
                              "(the framework's loss)")

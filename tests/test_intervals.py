@@ -797,6 +797,31 @@ def test_hf_a_budget_keeps_the_coming_evaluation_in_the_budget(tmp_path, digits,
     assert monitor.evaluations >= 2 and 140 <= monitor.cumulative_j <= 180
 
 
+def test_hf_a_budget_reserves_the_next_evaluation_from_the_first_one_on(tmp_path, digits, fake_nvml):  # noqa: F811
+    """Checks only at the evaluations (no points between): at the first one, how far the next check is was not
+    known, and its evaluation (10 J) was not reserved: an 80 J budget ran a second epoch to 84 J."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+
+    class Work(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            fake_nvml.advance(0.01)  # 1 J a step, 32 steps an epoch
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            fake_nvml.advance(0.3 / 6)  # 5 J a batch of 64: 10 J an evaluation
+
+    monitor = gt.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False,
+                               output_dir=str(tmp_path / "out"), log_every_n_steps=10_000)
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), num_train_epochs=5, eval_strategy="epoch",
+                             per_device_train_batch_size=16, per_device_eval_batch_size=64, report_to="none",
+                             use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0)
+    Trainer(model=hf_digits_model(), args=args, train_dataset=digits[0], eval_dataset=digits[1],
+            compute_metrics=hf_accuracy, callbacks=[Work(), monitor, gt.EnergyBudget(energy="80 J")]).train()
+    # after the first epoch: 42 J spent, the next epoch's 32 J training and 10 J evaluation would make 84 J
+    assert monitor.stop_decision is not None and monitor.stop_decision.reason.value == "energy_budget"
+    assert monitor.evaluations == 1 and monitor.cumulative_j == pytest.approx(42.0)
+    assert "+ an evaluation ~10 J" in monitor.stop_decision.message
+
+
 def test_lightning_a_finite_iterable_without_len_leaves_the_runs_end_unknown(tmp_path, fake_nvml):
     """Lightning cannot count a finite iterable without ``len()`` (``estimated_stepping_batches`` returns
     ``max_steps``, -1): the run's end is unknown, so the stop decides per doubling only and nothing is

@@ -183,6 +183,14 @@ def test_missing_metric_and_missing_monitor_and_missing_price_are_clear_errors(t
             lightning_digits_module()(), max_epochs=1)
 
 
+
+def test_the_first_versions_arguments_are_read_as_todays_with_a_warning(green_log):
+    stopper = gl.EfficiencyEarlyStopping(monitor="val_acc", min_gain_per_kj=0.5, warmup_epochs=3)
+    assert stopper.plateau.min_gain.text == "0.5 per kJ" and stopper.plateau.min_evaluations == 3
+    assert "min_gain_per_kj=0.5 is the first version's argument, read as min_gain='0.5 per kJ'" in green_log.text
+    with pytest.raises(ValueError, match=r"min_gain_per_kj=-1 must be a number >= 0.*min_gain"):
+        gl.EfficiencyEarlyStopping(min_gain_per_kj=-1)
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"energy": -1}, r"energy=-1 must be a positive"),
     ({"energy": "0 kWh"}, r"energy='0 kWh' must be a positive"),
