@@ -3,8 +3,8 @@
     python examples/plain_loop.py            # 20 epochs, or fewer if the budget stops it
     python examples/plain_loop.py --quick    # 2 epochs, for CI
 
-Logs into MLflow (``MLFLOW_TRACKING_URI``, else MLflow's default store, ``./mlflow.db``): the energy of every epoch and every
-evaluation, ``efficiency/val_acc_per_kj``, and samples per joule every few steps.
+Logs into MLflow (``MLFLOW_TRACKING_URI``, else MLflow's default store, ``./mlflow.db``): the energy of every
+epoch and every evaluation, ``efficiency/val_acc_per_kj``, and samples per joule every few steps.
 """
 
 from __future__ import annotations
