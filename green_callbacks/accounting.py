@@ -249,7 +249,7 @@ _warned_stale: set[str] = set()  # series already warned about, by path (the Acc
 
 
 def _iso(unix: float) -> str:
-    return dt.datetime.fromtimestamp(unix, dt.UTC).isoformat(timespec="minutes")
+    return dt.datetime.fromtimestamp(unix, dt.timezone.utc).isoformat(timespec="minutes")
 
 
 @dataclass(frozen=True)
@@ -303,6 +303,14 @@ class Accountant:
         params = {**self.intensity.as_params(), "pue": f"{self.pue:g}"}
         if self.price_per_kwh is not None:
             params["price_per_kwh"] = f"{self.price_per_kwh:g} {self.currency}"
-        if self.series is not None:
-            params["carbon_intensity_series"] = str(self.series.path)
+        if self.series is not None:  # the series decides every window: no single figure stands for it
+            times, values = self.series.times, self.series.values
+            params.update(
+                carbon_intensity_g_per_kwh="time series",
+                carbon_intensity_label=(f"time series {self.series.path.name}: {min(values):g}-{max(values):g} g/kWh "
+                                        f"from {_iso(times[0])} to {_iso(times[-1])} ({len(values)} rows)"),
+                carbon_intensity_source=f"carbon_intensity_csv={str(self.series.path.resolve())!r}",
+                carbon_intensity_year=f"{_iso(times[0])[:4]}" if _iso(times[0])[:4] == _iso(times[-1])[:4]
+                else f"{_iso(times[0])[:4]}-{_iso(times[-1])[:4]}",
+                carbon_intensity_series=str(self.series.path.resolve()))
         return params

@@ -29,6 +29,9 @@ def summary(t: EnergyTracker) -> dict[str, Any]:
         "evaluations": t.evaluations, "last_step": last.step if last is not None else 0,
         "methods": run_methods(t.records), "world_size": t.rank.world_size,
         **t.accountant.as_params()}
+    if t.accountant.series is not None and t.cumulative_j > 0:  # the series' mean over the run, as the windows used it
+        out["carbon_intensity_g_per_kwh"] = f"{t.cumulative_g / (t.cumulative_j / 3.6e6 * t.accountant.pue):.4g}"
+        out["carbon_intensity_label"] += "; the run's mean as its windows took it"
     if not t.measured_in_run:  # nothing measured on any rank in this training: no 0 J as a measurement
         out.update(energy_j=None, energy_kwh=None, emissions_g=None, cost=None, currency=None)
     run = t.run or (t.sink.run_ref if t.sink is not None else None)
@@ -124,11 +127,14 @@ def print_summary(t: EnergyTracker, status: str) -> None:
              f"\n  MLflow run {s['mlflow_run_id']}" if "mlflow_run_id" in s else
              f"\n  MLflow has not taken the records yet: they are kept in {s['mlflow_spool']} and sent when it answers "
              f"(or: green-callbacks replay {s['mlflow_spool']})" if "mlflow_spool" in s else "")
+    intensity = (f"{s['carbon_intensity_g_per_kwh']} g/kWh" if t.accountant.series is None else
+                 f"{s['carbon_intensity_g_per_kwh']} g/kWh, the mean of {t.accountant.series.path.name} over the run"
+                 if t.cumulative_j > 0 else f"the intensity of {t.accountant.series.path.name}")
     energy = (f"{s['energy_j']:.1f} J ({_small(s['energy_kwh'], 6)} kWh), {_small(s['emissions_g'], 3)} gCO2e{cost}"
               if t.measured_in_run else "no energy measured")
     say(f"green-callbacks [{status.lower()}]: {_count(s['epochs'], 'epoch')}, "
         f"{_count(s['evaluations'], 'evaluation')}, to step {s['last_step']}, {energy} over "
-        f"{s['duration_s']:.1f} s ({methods}; {s['carbon_intensity_g_per_kwh']} g/kWh, PUE {s['pue']}){where}")
+        f"{s['duration_s']:.1f} s ({methods}; {intensity}, PUE {s['pue']}){where}")
 
 
 def _small(value: float, decimals: int) -> str:

@@ -429,3 +429,127 @@ def test_a_sensor_leaves_the_callers_nvml_initialised(fake_nvml):
     fake_nvml.nvmlInit()
     NvmlSensor("all", nvml=fake_nvml).close()
     assert fake_nvml._initialised
+
+
+class _Ticked(EnergyMeter):
+    """A meter whose sampler ticks are the test's (on the fake's work clock): nothing runs between them."""
+
+    def _run(self) -> None:
+        pass
+
+
+def _ticked_run(fake, sensor, before_s: float, after_s: float, at_half_time) -> tuple:
+    """A window over ``before_s`` + ``after_s`` of simulated work, ticked every 50 ms; ``at_half_time`` is called
+    between, 25 ms after a tick (between a poll and the next)."""
+    meter = _Ticked([sensor], period_s=0.05, clock=fake._now).start()
+    try:
+        meter.begin("w")
+        for seconds, hook in ((before_s, at_half_time), (after_s, None)):
+            for _ in range(round(seconds / 0.05)):
+                fake.advance(0.05)
+                meter.tick(fake._now())
+            if hook is not None:
+                fake.advance(0.025)
+                hook()
+        return meter.end("w")
+    finally:
+        meter.close()
+
+
+@pytest.mark.parametrize("counter_poll_s", [1.0, 0.05])
+def test_a_counter_read_a_little_low_once_is_not_taken_for_a_reset(fake_nvml, green_log, counter_poll_s):
+    # amdsmi and NVML reads are not always monotone (ROCm/amdsmi#115): one read 1 J below the last, on a counter
+    # 10 MJ since the driver loaded, once counted the whole 10 MJ again as energy "since the reset"
+    (dev,) = fake_nvml.configure([{"profile_seed": 4, "counter_offset_mj": 10_000_000_000}], work_clock=True)
+    real, low = fake_nvml.nvmlDeviceGetTotalEnergyConsumption, {"at": None, "last": 0}
+
+    def counter(h):
+        value = real(h)
+        if low["at"] is not None and fake_nvml._now() >= low["at"]:
+            low["at"] = None
+            return low["last"] - 1000
+        low["last"] = value
+        return value
+
+    fake_nvml.nvmlDeviceGetTotalEnergyConsumption = counter
+    sensor = NvmlSensor("all", nvml=fake_nvml, counter_poll_s=counter_poll_s)
+    m = _ticked_run(fake_nvml, sensor, 1.0, 2.0, lambda: low.update(at=fake_nvml._now()))
+    assert low["at"] is None  # the low read was made
+    assert m.method("gpu") is Method.COUNTER
+    assert m.joules["gpu"]["gpu0"] == pytest.approx(truth(dev, m), rel=1e-3, abs=0.05)
+    assert "1.000 J below its last value" in green_log.text and "went backwards" not in green_log.text
+
+
+def test_a_counter_reset_between_polls_keeps_the_energy_before_it(fake_nvml, green_log):
+    # the counter restarts at 0 half a second after a poll (a driver reload): what it shows then is only what was
+    # spent since the restart; the power read since the last poll covers the half second before (it was lost: -18 %)
+    (dev,) = fake_nvml.configure([{"profile_seed": 4, "counter_offset_mj": 10_000_000_000}], work_clock=True)
+    real, restart = fake_nvml.nvmlDeviceGetTotalEnergyConsumption, {"at": None}
+
+    def counter(h):
+        if restart["at"] is not None and fake_nvml._now() >= restart["at"]:
+            return int(h.energy_between(restart["at"], fake_nvml._now()) * 1000)
+        return real(h)
+
+    fake_nvml.nvmlDeviceGetTotalEnergyConsumption = counter
+    sensor = NvmlSensor("all", nvml=fake_nvml)  # the default poll, once a second
+    m = _ticked_run(fake_nvml, sensor, 1.0, 2.0, lambda: restart.update(at=fake_nvml._now() + 0.5))
+    assert m.method("gpu") is Method.COUNTER
+    assert m.joules["gpu"]["gpu0"] == pytest.approx(truth(dev, m), rel=0.01)
+    assert "went backwards" in green_log.text
+
+
+def test_the_training_thread_never_waits_on_the_samplers_slow_library_calls(fake_nvml):
+    # two GPUs whose counter reads take 0.3 s (a busy driver): the sampler makes them, and the window edges and
+    # peeks on the training thread show the last reads instead of waiting for its calls to return (600 ms before)
+    fake_nvml.configure([{"profile_seed": 1, "counter_read_s": 0.3}, {"profile_seed": 2, "counter_read_s": 0.3}])
+    sensor = NvmlSensor("all", nvml=fake_nvml, counter_poll_s=0.0)  # a poll at every tick: the sampler always in one
+    meter = EnergyMeter([sensor], period_s=0.05).start()
+    waits = []
+    try:
+        meter.begin("w")
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            t = time.perf_counter()
+            meter.peek("w")
+            meter.end("w", reopen=True)
+            waits.append(time.perf_counter() - t)
+            time.sleep(0.003)
+    finally:
+        meter.close()
+    assert max(waits) < 0.1, sorted(waits)[-3:]
+
+
+def test_a_gpu_whose_reads_hang_as_it_falls_off_the_bus_costs_no_wait_and_is_recorded_unavailable(fake_nvml, green_log):
+    # GPU 1's reads hang 3 s, then fail GPU_IS_LOST: the edge that ends measuring waits at most settle_wait_s for
+    # the sampler's call and records the device as failing (it waited 4 s, and recorded 'counter', before)
+    devs = fake_nvml.configure([{"profile_seed": 1}, {"profile_seed": 2}])
+    hang = threading.Event()
+    real = fake_nvml.nvmlDeviceGetFieldValues, fake_nvml.nvmlDeviceGetTotalEnergyConsumption
+
+    def hanging(i):
+        def call(h, *args):
+            if hang.is_set() and h is devs[1]:
+                time.sleep(3.0)
+                raise fake_nvml.NVMLError(fake_nvml.NVML_ERROR_GPU_IS_LOST)
+            return real[i](h, *args)
+        return call
+
+    fake_nvml.nvmlDeviceGetFieldValues, fake_nvml.nvmlDeviceGetTotalEnergyConsumption = hanging(0), hanging(1)
+    sensor = NvmlSensor("all", nvml=fake_nvml)
+    meter = EnergyMeter([sensor], period_s=0.05).start()
+    try:
+        meter.begin("w")
+        busy_wait(0.3)
+        hang.set()
+        time.sleep(0.2)  # the sampler is in a hanging call now
+        t = time.perf_counter()
+        meter.settle()
+        m = meter.end("w")
+        waited_s = time.perf_counter() - t
+    finally:
+        meter.close()
+    assert waited_s < sensor.settle_wait_s + 0.3, waited_s
+    assert m.methods["gpu"] == {"gpu0": Method.COUNTER, "gpu1": Method.UNAVAILABLE}
+    assert m.joules["gpu"]["gpu0"] == pytest.approx(truth(devs[0], m), rel=1e-3, abs=0.05)
+    assert "has not returned for" in green_log.text

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from green_callbacks.outputs import say
 
 
@@ -39,3 +41,31 @@ def test_a_small_runs_emissions_and_kwh_are_not_printed_as_zero(tmp_path, fake_n
         fake_nvml.advance(0.5)  # 5 J: 1.39e-06 kWh
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("green-callbacks [finished]"))
     assert "5.0 J (1.39e-06 kWh)" in line and "0.000 gCO2e" not in line and "e-05 gCO2e" in line, line  # (FR, 56 g/kWh)
+
+
+def test_an_intensity_series_is_what_the_params_and_the_summary_say(tmp_path, fake_nvml, capsys):
+    """With ``carbon_intensity_csv``, the params, summary.json and the printed line said "481 g/kWh, world average":
+    the figure used where none is given, not the series the emissions came from."""
+    import json
+    import time
+
+    from green_callbacks import EnergyTracker
+
+    series = tmp_path / "grid.csv"
+    now = time.time()
+    series.write_text("timestamp,g_per_kwh\n" + "".join(f"{now + k * 3600:.0f},{g}\n"
+                                                        for k, g in ((-2, 200), (-1, 100), (1, 300))))
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    tracker = EnergyTracker(gpus="all", measure_cpu=False, mlflow=False, output_dir=str(tmp_path), pue=1.5,
+                            carbon_intensity_csv=str(series))
+    params = tracker.accountant.as_params()
+    assert params["carbon_intensity_g_per_kwh"] == "time series"
+    assert params["carbon_intensity_label"].startswith("time series grid.csv: 100-300 g/kWh from ")
+    assert params["carbon_intensity_series"] == str(series.resolve())
+    with tracker, tracker.epoch(0):
+        fake_nvml.advance(36.0)  # 3600 J: 0.001 kWh, x 1.5 at the meter, at the series' 100 g/kWh now
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("green-callbacks [finished]"))
+    assert "100 g/kWh, the mean of grid.csv over the run, PUE 1.5" in line and "481" not in line, line
+    (path,) = tmp_path.rglob("summary.json")
+    written = json.loads(path.read_text())
+    assert written["carbon_intensity_g_per_kwh"] == "100" and written["emissions_g"] == pytest.approx(0.15)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import threading
 import time
+from collections.abc import Callable
 
 from green_callbacks.sensors.base import Method, Reading, Sensor
 from green_callbacks.sensors.integrator import PowerIntegrator
@@ -36,6 +37,10 @@ class GpuState:
         self.failing_exc: Exception | None = None
         self.power_failing_since: float | None = None  # a counter device's power reads (trace and peak only)
         self.shown_j = 0.0  # the largest cumulative joules a reading has shown
+        # the device's library calls, one at a time (the sampler's; an edge's where it can have it at once), so its
+        # reads are taken in the order they were made; a device in trouble holds up no other
+        self.io = threading.Lock()
+        self.in_flight: tuple[str, float] | None = None  # the sampler's call under way on it: what, since when
 
 
 class GpuEnergySensor(Sensor):
@@ -72,6 +77,8 @@ class GpuEnergySensor(Sensor):
     still_s = 0.1  # a counter still this long (where counters may be stuck) is shown with the power since it moved
     edge_read_max_s = 0.001  # a counter whose fastest read at start took longer is not read at window edges
     lost_after_s = 5.0  # a device whose reads fail this long without a success is lost (one error is retried)
+    edge_read_slow_s = 0.01  # an edge's counter read slower than this ends the edges' counter reads for the run
+    settle_wait_s = 0.5  # the longest the end of measuring waits for a library call of the sampler's under way
 
     def __init__(self, targets: list[GpuTarget], use_counter: bool = True, counter_poll_s: float = 1.0) -> None:
         super().__init__()
@@ -80,7 +87,7 @@ class GpuEnergySensor(Sensor):
         self.use_counter = use_counter
         self.counter_poll_s = float(counter_poll_s)
         self.counter_read_s: float | None = None  # the fastest of the counter reads timed at start
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the devices' state: held for arithmetic only, never across a library call
         self._gpus = [GpuState(t) for t in targets]
         self._started = False
         for gpu in self._gpus:
@@ -152,23 +159,36 @@ class GpuEnergySensor(Sensor):
         self._started = True
 
     def _start_sampling(self, gpu: GpuState, now_s: float) -> None:
-        if gpu.method is Method.COUNTER:  # what the counter has not yet shown, from the power since it last moved
+        """Sample the device's power from now: at ``start`` from a power read, mid-run (under the state lock, where
+        no library call is made) from the last power read, the next sample carrying on from it."""
+        switching = gpu.method is Method.COUNTER
+        if switching:  # what the counter has not yet shown, from the power since it last moved
             gpu.frozen_j += gpu.counter_j + gpu.unchanged_j + gpu.since_poll.joules_at(now_s)
         gpu.counter_j = gpu.unchanged_j = 0.0
         gpu.integrator = PowerIntegrator()
         gpu.method = Method.SAMPLED
-        power = self._power_w(gpu, now_s)
+        power = gpu.power_w if self._started else self._power_w(gpu, now_s)
         if power is not None:
             gpu.integrator.add(now_s, power)
 
+    def _read(self, read: Callable[[GpuState], float], gpu: GpuState) -> tuple[float | None, Exception | None]:
+        """One library call, made without the state lock: its value, or the error it raised."""
+        try:
+            return float(read(gpu)), None
+        except Exception as exc:
+            return None, exc
+
     def _power_w(self, gpu: GpuState, now_s: float) -> float | None:
+        return self._take_power(gpu, now_s, *self._read(self._power_now_w, gpu))
+
+    def _take_power(self, gpu: GpuState, now_s: float, power: float | None, exc: Exception | None) -> float | None:
         """Power now, or ``None``. Where power is the energy source (sampling) a failure is retried (the
         integral spans the gap) until the device counts as lost (:meth:`_failed`); on a counter device power
         only feeds the trace and peak, so the counter carries on."""
-        try:
-            power = float(self._power_now_w(gpu))
-        except Exception as exc:
-            if gpu.method is Method.COUNTER:
+        if exc is not None:
+            if gpu.method is Method.COUNTER and self._gone(exc):  # the device is gone, its counter with it
+                self._failed(gpu, exc, now_s)
+            elif gpu.method is Method.COUNTER:
                 if gpu.power_failing_since is None:
                     gpu.power_failing_since = now_s
                 if now_s - gpu.power_failing_since >= self.lost_after_s and gpu.failing_since is None:
@@ -180,6 +200,7 @@ class GpuEnergySensor(Sensor):
             else:
                 self._failed(gpu, exc, now_s)
             return None
+        assert power is not None
         gpu.power_failing_since = None
         if gpu.method is Method.SAMPLED:
             self._recovered(gpu, now_s)
@@ -227,12 +248,19 @@ class GpuEnergySensor(Sensor):
         gpu.integrator = PowerIntegrator()
         gpu.method = Method.UNAVAILABLE
 
-    def _poll_counter(self, gpu: GpuState, now_s: float) -> bool:
-        """Read the counter; ``False`` where the read failed (the power since the last read still counts)."""
+    def _restarted(self, gpu: GpuState, last_j: float, value_j: float, now_s: float) -> bool:
+        """Whether a counter read below its last value is a restart (a driver reload or a reset: the counter starts
+        again from about 0, so it shows at most what was spent since the last read) rather than a read slightly
+        low: below half the last value, or no more than twice what power says was spent since the last read."""
+        return value_j < 0.5 * last_j or value_j <= 2.0 * gpu.since_poll.joules_at(now_s)
+
+    def _take_counter(self, gpu: GpuState, now_s: float, value_j: float | None, exc: Exception | None) -> bool:
+        """A counter read (its value, or its error) taken into the device's state (under the state lock);
+        ``False`` where the read failed (the power since the last read still counts)."""
         label = gpu.target.label
-        try:
-            value_j = self._counter_j(gpu)
-        except Exception as exc:
+        if gpu.method is not Method.COUNTER:  # decided meanwhile (lost at the end, while this read hung)
+            return False
+        if exc is not None:
             if self._not_supported(exc):
                 self.warn_once(
                     f"counter-{label}", f"{label}: the energy counter became NOT_SUPPORTED; switching to sampled power."
@@ -242,8 +270,20 @@ class GpuEnergySensor(Sensor):
                 gpu.polled_s = now_s  # the next try at the next poll, not at every tick
                 self._failed(gpu, exc, now_s)
             return False
+        assert value_j is not None
         self._recovered(gpu, now_s)
         last = gpu.counter_last_j if gpu.counter_last_j is not None else value_j
+        if value_j < last and not self._restarted(gpu, last, value_j, now_s):
+            # a read a little below the last one (amdsmi and NVML reads are not always monotone): not a restart,
+            # which would count the counter's whole value again; the last value stays the reference, so the next
+            # read above it counts exactly what was spent since
+            self.warn_once(
+                f"lower-{label}",
+                f"{label}: the energy counter read {last - value_j:.3f} J below its last value ({last:.3f} -> "
+                f"{value_j:.3f} J); that read is ignored and counting goes on from the last value.",
+            )
+            gpu.polled_s = now_s  # the power since the last value counted still shows
+            return False
         if value_j == last:
             gpu.unchanged_j += gpu.since_poll.joules_at(now_s)
             stuck_after_s = self.stuck_after_s
@@ -265,13 +305,14 @@ class GpuEnergySensor(Sensor):
             gpu.unchanged_j = 0.0
             gpu.changed_s = now_s
             if value_j < last:
-                # The counter restarted (driver reload, reset): what it shows now was spent since.
+                # The counter restarted (driver reload, reset): what it shows now was spent since the restart; the
+                # power integrated since the last read covers the part before it too
                 self.warn_once(
                     f"reset-{label}",
                     f"{label}: the energy counter went backwards ({last:.3f} -> {value_j:.3f} J); "
                     "treating it as a reset and counting on.",
                 )
-                gpu.counter_j += value_j
+                gpu.counter_j += max(value_j, gpu.since_poll.joules_at(now_s))
             else:
                 gpu.counter_j += value_j - last
         gpu.counter_last_j = value_j
@@ -282,11 +323,28 @@ class GpuEnergySensor(Sensor):
 
     def settle(self, now_s: float) -> None:
         """Measuring ends: a device whose reads are failing now (not yet for ``lost_after_s``) is lost, with one
-        warning, so that the energy not counted since its first failure is recorded as 'unavailable'."""
+        warning, so that the energy not counted since its first failure is recorded as 'unavailable'. Each counter
+        is read once (the sampler polls it once a second, so a failure may not have been seen yet), waiting at most
+        ``settle_wait_s`` in all for calls of the sampler's under way; one that has not returned by then is a
+        failing read of its device."""
+        deadline = time.monotonic() + self.settle_wait_s
+        for gpu in self._gpus:
+            if gpu.method is Method.UNAVAILABLE:
+                continue
+            if gpu.io.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                try:
+                    self._edge_poll(gpu, now_s)
+                finally:
+                    gpu.io.release()
+                continue
+            in_flight = gpu.in_flight
+            with self._lock:
+                if in_flight is not None and gpu.failing_since is None and gpu.method is not Method.UNAVAILABLE:
+                    what, since = in_flight
+                    gpu.failing_since = since
+                    gpu.failing_exc = TimeoutError(f"a {what} read has not returned for {now_s - since:.1f} s")
         with self._lock:
             for gpu in self._gpus:
-                if gpu.method is Method.COUNTER and gpu.failing_since is None:
-                    self._poll_counter(gpu, now_s)  # a failure not yet seen (the sampler polls once a second)
                 if gpu.failing_since is None or gpu.method is Method.UNAVAILABLE:
                     continue
                 self.warn_once(
@@ -297,19 +355,46 @@ class GpuEnergySensor(Sensor):
                 )
                 self._lose(gpu, gpu.failing_exc or RuntimeError("no reading"), now_s)
 
-    def sample(self, now_s: float) -> dict[str, float]:
+    def _edge_poll(self, gpu: GpuState, now_s: float) -> bool:
+        """On the training thread, holding ``gpu.io``: a counter device's counter, where its reads are not failing,
+        read and taken in; whether it was. A read slower than ``edge_read_slow_s`` ends counter reads at the edges for
+        the rest of the run (they show the last poll plus the power since, as where reads were slow at start)."""
+        if gpu.method is not Method.COUNTER or gpu.failing_since is not None:
+            return False  # while reads fail the sampler thread retries: the training thread waits on no failing device
+        t = time.perf_counter()
+        value_j, exc = self._read(self._counter_j, gpu)
+        took_s = time.perf_counter() - t
+        if took_s > self.edge_read_slow_s and self.counter_read_s is not None:
+            self.counter_read_s = max(self.counter_read_s, took_s)
         with self._lock:
-            for gpu in self._gpus:
-                if gpu.method is Method.COUNTER and now_s - gpu.polled_s >= self.counter_poll_s:
-                    self._poll_counter(gpu, now_s)
-                if gpu.method in (Method.COUNTER, Method.SAMPLED):
-                    power = self._power_w(gpu, now_s)
-                    gpu.power_w = power or 0.0
-                    if power is not None:
-                        (gpu.integrator if gpu.method is Method.SAMPLED else gpu.since_poll).add(now_s, power)
-                else:
-                    gpu.power_w = 0.0
-            return {g.target.label: g.power_w for g in self._gpus}
+            return self._take_counter(gpu, now_s, value_j, exc)
+
+    def sample(self, now_s: float) -> dict[str, float]:
+        """The sampler thread: the counters due a poll, and every device's power. A device's library calls hold its
+        ``io`` lock (an edge then shows its last reads), never the state lock a reading takes."""
+        for gpu in self._gpus:
+            with gpu.io:
+                try:
+                    if gpu.method is Method.COUNTER and now_s - gpu.polled_s >= self.counter_poll_s:
+                        gpu.in_flight = ("counter", now_s)
+                        read = self._read(self._counter_j, gpu)
+                        with self._lock:
+                            self._take_counter(gpu, now_s, *read)
+                    if gpu.method in (Method.COUNTER, Method.SAMPLED):
+                        gpu.in_flight = ("power", now_s)
+                        read = self._read(self._power_now_w, gpu)
+                        with self._lock:
+                            if gpu.method in (Method.COUNTER, Method.SAMPLED):
+                                power = self._take_power(gpu, now_s, *read)
+                                gpu.power_w = power or 0.0
+                                if power is not None:
+                                    (gpu.integrator if gpu.method is Method.SAMPLED else gpu.since_poll).add(now_s,
+                                                                                                             power)
+                    else:
+                        gpu.power_w = 0.0
+                finally:
+                    gpu.in_flight = None
+        return {g.target.label: g.power_w for g in self._gpus}
 
     def read(self, now_s: float) -> Reading:
         """At a window edge: the counter where a read is cheap, else :meth:`peek` (see the class)."""
@@ -322,19 +407,26 @@ class GpuEnergySensor(Sensor):
     def _reading(self, now_s: float, fresh: bool | None) -> Reading:
         joules, methods, power = {}, {}, {}
         at_edge = fresh is not False  # a peek between edges shows, but never holds, what runs ahead
-        with self._lock:
-            if fresh is None:
-                fresh = self._edges_read_counter()
+        polled: set[str] = set()
+        # an edge reads the counters where reads are cheap, each where the sampler is not in a call on its device (it
+        # never waits on one: it shows that device's last reads then)
+        if fresh is None and self._edges_read_counter():
             for gpu in self._gpus:
-                # while reads fail the sampler thread retries: the training thread waits on no failing device
-                polled = gpu.method is Method.COUNTER and fresh and gpu.failing_since is None and \
-                    self._poll_counter(gpu, now_s)
+                if gpu.method is Method.COUNTER and gpu.io.acquire(blocking=False):
+                    try:
+                        if self._edge_poll(gpu, now_s):
+                            polled.add(gpu.target.label)
+                    finally:
+                        gpu.io.release()
+        with self._lock:
+            for gpu in self._gpus:
                 carried = self._carried_to(gpu, now_s)
                 if gpu.method is Method.COUNTER:
                     # where counters may be stuck, the power since it last moved too, once it has been still longer
                     # than a working counter ever is: one not yet declared stuck (``stuck_after_s``) shows no 0 J
                     # windows meanwhile
-                    live = gpu.counter_j + (0.0 if polled else gpu.since_poll.joules_at(carried)) + (
+                    since_j = 0.0 if gpu.target.label in polled else gpu.since_poll.joules_at(carried)
+                    live = gpu.counter_j + since_j + (
                         gpu.unchanged_j if self.stuck_after_s is not None and now_s - gpu.changed_s >= self.still_s
                         else 0.0)
                 else:
