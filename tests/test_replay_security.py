@@ -12,7 +12,7 @@ from test_spool import epochs, write_spool
 
 from green_callbacks.cli import main as cli
 from green_callbacks.sinks import RunTarget, replay_spool
-from green_callbacks.sinks.spool import State, rejected_path
+from green_callbacks.sinks.spool import State, open_own, rejected_path
 from green_callbacks.sinks.tracking import LOCAL_ID_TAG
 
 from helpers import free_port, ready_store
@@ -226,3 +226,59 @@ def test_credentials_in_the_replay_uri_are_never_written_or_printed(tmp_path, st
     for path in tmp_path.iterdir():
         if path.is_file():
             assert b"hunter2" not in path.read_bytes(), path
+
+
+def test_replay_writes_nothing_through_a_link_planted_beside_the_spool(tmp_path, store):
+    """A link at ``spool-<id>.rejected.jsonl`` made replay append forged text (``$(id > ...)``) to the user's
+    ``~/.bashrc``, and links at the state file's temporary names (``<pid>.tmp``) had it replaced by the state."""
+    uri, client, victim = store
+    home = tmp_path / "home"
+    home.mkdir()
+    bashrc = home / ".bashrc"
+    bashrc.write_text("export PATH=$HOME/bin:$PATH\n")
+    spool = write_spool(tmp_path / "spool-a3.jsonl", RunTarget(uri, victim),
+                        [*epochs(1), ("params", {"$(id > /tmp/pwned)": "x"}, None)])
+    rejected_path(spool).symlink_to(bashrc)
+    for pid in range(os.getpid(), os.getpid() + 50):  # the old temporary names, one per pid
+        (tmp_path / f"spool-a3.jsonl.state.json.{pid}.tmp").symlink_to(bashrc)
+    assert cli(["replay", str(spool)]) == 0
+    hard = tmp_path / "spool-a3.jsonl.log"  # the sender's log, once its training has gone: a hard link there
+    os.link(bashrc, hard)
+    os.close(open_own(hard, os.O_WRONLY | os.O_APPEND | os.O_CREAT))
+    assert bashrc.read_text() == "export PATH=$HOME/bin:$PATH\n" and hard.stat().st_nlink == 1
+    assert not rejected_path(spool).is_symlink() and rejected(spool)[0]["content"]["kind"] == "params"
+    assert client.get_run(victim).data.metrics == {"energy/epoch_j": 0.0, "time/epoch_s": 0.1}
+
+
+def test_into_a_run_it_did_not_open_a_forged_spool_logs_only_this_packages_metrics(tmp_path, store):
+    """A spool naming someone's run added ``val_acc`` 0.999 at the next step to its history."""
+    uri, client, victim = store
+    client.log_metric(victim, "val_acc", 0.80, step=10)
+    spool = write_spool(tmp_path / "spool-a1.jsonl", RunTarget(uri, victim),
+                        [("metrics", {"val_acc": 0.999, "test_acc": 0.999, "energy/epoch_j": 5.0}, 11),
+                         ("metrics", {"energy/epoch_j": 2.0}, 2 ** 70)])
+    assert cli(["replay", str(spool)]) == 0
+    assert [(m.step, m.value) for m in client.get_metric_history(victim, "val_acc")] == [(10, 0.80)]
+    assert "test_acc" not in client.get_run(victim).data.metrics
+    assert [(m.step, m.value) for m in client.get_metric_history(victim, "energy/epoch_j")] == [(11, 5.0)]
+    reasons = [r["reason"] for r in rejected(spool)]
+    assert any("['test_acc', 'val_acc'] are not green-callbacks' own" in r for r in reasons), reasons
+    assert any("not numbers MLflow takes" in r for r in reasons), reasons
+
+
+def test_a_spool_another_user_wrote_is_refused_whole(tmp_path, store, capsys):
+    """Another user's spool (or the store it names, or a file it uploads) could send the user's files or
+    credentials anywhere, or write where its store's artifact folders say: refused."""
+    uri, client, victim = store
+    spool = write_spool(tmp_path / "spool-o1.jsonl", RunTarget(uri, victim), epochs(1))
+    try:
+        os.chown(spool, os.geteuid() + 4242, -1)
+    except PermissionError:
+        pytest.skip("files can be given to another user only by root")
+    assert cli(["replay", str(spool)]) != 0
+    assert f"belongs to uid {os.geteuid() + 4242}, not to you" in capsys.readouterr().err
+    assert not client.get_run(victim).data.metrics
+    os.chown(spool, os.geteuid(), -1)
+    os.chown(uri.removeprefix("sqlite:///"), os.geteuid() + 4242, -1)
+    assert cli(["replay", str(spool)]) != 0
+    assert "names the MLflow store" in capsys.readouterr().err and not client.get_run(victim).data.metrics

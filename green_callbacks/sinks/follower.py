@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from green_callbacks.sinks.sender import Sender
-from green_callbacks.sinks.spool import WAKE, lock, log_path
+from green_callbacks.sinks.spool import WAKE, lock, log_path, open_own
 
 POLL_S = 0.2
 
@@ -44,7 +44,7 @@ def _write_to_log_once_orphaned(parent: int, spool: Path, cleaning: threading.Lo
             if cleaned.is_set():
                 return
             try:
-                fd = os.open(log_path(spool), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                fd = open_own(log_path(spool), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             except OSError:
                 fd = os.open(os.devnull, os.O_WRONLY)
             os.dup2(fd, 1)

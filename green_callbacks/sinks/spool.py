@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import tempfile
 import threading
 import time
@@ -81,6 +82,43 @@ def rejected_path(spool: Path) -> Path:
 def log_path(spool: Path) -> Path:
     """Where the sender writes its messages once the training has exited."""
     return spool.with_name(spool.name + ".log")
+
+
+def open_own(path: Path, flags: int, mode: int = 0o600) -> int:
+    """``os.open`` for a file this package writes beside a spool, never through a link: a symbolic link planted at
+    the name (or a hard link to another file: a second name for it) is removed and the file made anew, so what is
+    written lands in a file of its own, not in the link's target (``~/.bashrc``)."""
+    flags |= os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(3):
+        try:
+            fd = os.open(path, flags, mode)
+        except OSError:
+            if not path.is_symlink():
+                raise
+            path.unlink()  # (ELOOP: a link at the name)
+            continue
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_nlink <= 1:
+            return fd
+        os.close(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path} is not a regular file; nothing is written there") from None
+        path.unlink()  # a hard link: this name only goes
+    raise OSError(f"{path}: links keep appearing at this name; nothing is written there")
+
+
+def write_own(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` whole (readers see the old content or the new, never half), through a temporary
+    file of a name nobody can guess or plant a link at beforehand, never through a link at ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # (a link at ``path`` is replaced, not followed)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def parse(raw: bytes, line: int, end: int) -> Record | Unreadable:
@@ -156,14 +194,9 @@ class State:
 
     def save(self, spool: Path) -> bool:
         """Write the state; False when it cannot be written (a folder made read-only or a full disk)."""
-        path = state_path(spool)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(self.__dict__), encoding="utf-8")
-            os.replace(tmp, path)  # readers see the old state or the new one, never half
+            write_own(state_path(spool), json.dumps(self.__dict__).encode("utf-8"))
         except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             return False
         return True
 
@@ -181,7 +214,7 @@ def all_sent(spool: Path) -> State | None:
 def set_aside(spool: Path, line: int, reason: str, content: Any) -> None:
     """Keep something that will never be sent, with why, for a person to look at."""
     entry = {"line": line, "reason": reason, "content": content, "t": int(time.time() * 1000)}
-    with rejected_path(spool).open("a", encoding="utf-8") as f:
+    with os.fdopen(open_own(rejected_path(spool), os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
 
 
@@ -195,7 +228,7 @@ class SpoolWriter:
     def __init__(self, path: Path, on_error: Callable[[OSError], None]) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         size = os.fstat(self._fd).st_size
         self._torn = size > 0 and _last_byte(path) != b"\n"
         self.offset = size  # the end of the last complete record this writer wrote
@@ -293,7 +326,8 @@ class SpoolWriter:
             return None
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            with self.path.open("rb") as src, target.open("wb") as dst:
+            with self.path.open("rb") as src, os.fdopen(open_own(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                                        "wb") as dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
                 dst.write((b"\n" if self._torn else b"") + b"".join(self._unwritten))
@@ -301,7 +335,7 @@ class SpoolWriter:
                 os.fsync(dst.fileno())
             progress = state_path(self.path)
             if progress.exists():
-                state_path(target).write_bytes(progress.read_bytes())
+                write_own(state_path(target), progress.read_bytes())
         except OSError:
             with contextlib.suppress(OSError):
                 target.unlink()

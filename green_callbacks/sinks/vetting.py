@@ -12,8 +12,12 @@ does not:
   (created if it never was). Its status is set only when that tag proves this package opened it;
   a state file naming any other run is refused;
 - the records: params and tags only under ``green.`` (never ``mlflow.runName`` or another system
-  tag), numeric metrics, and artifacts only the files this package writes, in a run folder beside
-  the spool. Anything else is set aside in ``<spool>.rejected.jsonl`` with the reason.
+  tag), numeric metrics (into a run the tag does not prove its own, only this package's names:
+  ``energy/``, ``power/``...), and artifacts only the files this package writes, in a run folder beside
+  the spool. Anything else is set aside in ``<spool>.rejected.jsonl`` with the reason;
+- the files: the spool, its state file, a local store it names and the files it uploads must be the
+  user's own (a spool another user wrote is refused whole). The files replay writes beside the spool
+  (its state, ``.rejected.jsonl``) are never written through a link planted at their names.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ ARTIFACT_NAMES = ("intervals.csv", "power_trace.csv", "summary.json", "power.png
 CREDENTIAL_ENV = (PASSWORD_ENV, "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH", "MLFLOW_TRACKING_AUTH",
                   "MLFLOW_TRACKING_AWS_SIGV4", "DATABRICKS_TOKEN")
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # run ids and local ids: nothing a search filter would read as syntax
+# the names this package logs (docs/metrics.md): into a run it did not open, a replay sends no others
+OWN_METRICS = ("energy/", "power/", "emissions/", "cost/", "efficiency/", "stopping/", "projection/", "throughput/",
+               "time/")
 REFUSED = "refused"  # the kind a record takes once vetting refused it; set aside when it reaches the head
 
 
@@ -80,6 +87,19 @@ def local_store(uri: str) -> Path | None:
     return None
 
 
+def not_yours(path: Path) -> str | None:
+    """Why a file (or folder) is not this user's own: another user's (or, run as root, anyone else's); None where it
+    is, is not there, or the system has no owners (Windows)."""
+    if not hasattr(os, "geteuid"):
+        return None
+    try:
+        owner = path.stat().st_uid
+    except OSError:
+        return None
+    me = os.geteuid()
+    return None if owner == me else f"belongs to uid {owner}, not to you (uid {me})"
+
+
 def _store_exists(path: Path) -> bool:
     if path.is_dir():  # a file store: MLflow keeps a meta.yaml per experiment
         return any(path.glob("*/meta.yaml"))
@@ -94,6 +114,10 @@ class ReplaySender(Sender):
     """A :class:`Sender` that checks everything a spool asks for (see the module's docstring)."""
 
     def __init__(self, spool: Path, tracking_uri: str | None = None) -> None:
+        for path in (spool, state_path(spool)):
+            if (why := not_yours(path)) is not None:
+                raise ValueError(f"{path} {why}: replay sends only your own spools (one another user wrote could "
+                                 "send your files, or your credentials, where it likes, or change your runs)")
         super().__init__(spool, tracking_uri)
         self.folder = spool.resolve().parent
         target = self.header.get("target")
@@ -123,6 +147,9 @@ class ReplaySender(Sender):
         if store is not None and not _store_exists(store):
             raise ValueError(f"{self.spool} names the MLflow store {uri}, which does not exist; replay creates no "
                              f"store at a path a spool names: create it, or {again}")
+        if store is not None and (why := not_yours(store)) is not None:  # its runs' artifact folders are its say
+            raise ValueError(f"{self.spool} names the MLflow store {uri}, which {why}: replay writes only to "
+                             f"stores of your own: {again}")
         secrets = credentials()
         env_uri = redact(os.environ.get("MLFLOW_TRACKING_URI"))
         if store is None and secrets and (not env_uri or _server(env_uri) != _server(uri)):
@@ -143,9 +170,11 @@ class ReplaySender(Sender):
             bad = [k for k in r.data if not (isinstance(k, str) and k.startswith("green."))]
             return f"{r.kind} {bad} are not green-callbacks' own (green.*)" if bad else None
         if r.kind in ("metrics", "held"):
-            bad = [k for k, v in r.data.items() if isinstance(v, bool) or not isinstance(v, int | float)]
-            step_ok = r.step is None or (isinstance(r.step, int) and not isinstance(r.step, bool))
-            return None if not bad and step_ok else f"metrics {bad} (step {r.step!r}) are not numbers"
+            bad = [k for k, v in r.data.items() if isinstance(v, bool) or not isinstance(v, int | float)
+                   or (isinstance(v, int) and abs(v) >= 2 ** 63)]
+            step_ok = r.step is None or (isinstance(r.step, int) and not isinstance(r.step, bool)
+                                         and -2 ** 63 <= r.step < 2 ** 63)  # MLflow's steps are 64-bit
+            return None if not bad and step_ok else f"metrics {bad} (step {r.step!r}) are not numbers MLflow takes"
         if r.kind == "artifact":
             return self._artifact_refusal(r.data)
         if r.kind == "status":
@@ -165,7 +194,24 @@ class ReplaySender(Sender):
         if not p.is_absolute() or p.name not in ARTIFACT_NAMES or p.parent.parent != self.folder \
                 or os.path.realpath(p) != str(p):
             return why
+        if p.exists() and (owner := not_yours(p)) is not None:
+            return f"{p} {owner}: {why}"
         return None
+
+    def _foreign_metrics(self) -> None:
+        """Into a run this spool's tag does not prove this package opened (a trainer's logger's, or one a forged
+        header names), only this package's own metrics go; the others (a plain loop's ``report`` sends the user's
+        metrics into the tracker's own run) are set aside."""
+        for i, r in enumerate(self.pending):
+            if not (isinstance(r, Record) and r.kind in ("metrics", "held")):
+                continue
+            foreign = sorted(k for k in r.data if not (isinstance(k, str) and k.startswith(OWN_METRICS)))
+            if foreign:
+                self._set_aside(r.line, f"metrics {foreign} are not green-callbacks' own, and the run "
+                                f"{self.state.run_id} does not carry this spool's tag {LOCAL_ID_TAG}",
+                                {"kind": r.kind, "step": r.step, "data": {k: r.data[k] for k in foreign}},
+                                f"metrics not green-callbacks' own (line {r.line})", refused=False)
+                self.pending[i] = replace(r, data={k: v for k, v in r.data.items() if k not in foreign})
 
     def _send_next(self) -> bool | None:
         item = self.pending[0]
@@ -174,6 +220,8 @@ class ReplaySender(Sender):
             self._set_aside(item.line, item.data["reason"], record, f"line {item.line} ({record['kind']})",
                             refused=False)
             return self._done([item])
+        if not self.state.owned:
+            self._foreign_metrics()
         if isinstance(item, Record) and item.kind == "status" and not self.state.owned:
             self.note("status", f"green-callbacks: the status {item.data['status']} is not set: the run "
                                 f"{self.state.run_id} does not carry this spool's tag {LOCAL_ID_TAG}, so "
