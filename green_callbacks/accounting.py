@@ -10,10 +10,13 @@ import functools
 import itertools
 import logging
 import math
+import re
 import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from green_callbacks.units import brief, is_finite_number
 
 log = logging.getLogger("green_callbacks")
 
@@ -60,7 +63,7 @@ def region_table() -> dict[str, dict[str, str]]:
 def _unknown(kind: str, value: str, choices: list[str], hint: str = "") -> ValueError:
     close = difflib.get_close_matches(value, choices, n=5, cutoff=0.5)
     near = f" Did you mean: {', '.join(close)}?" if close else ""
-    return ValueError(f"unknown {kind} {value!r}.{near}{hint}")
+    return ValueError(f"unknown {kind} {brief(value)}.{near}{hint}")
 
 
 # codes people write that ISO 3166 reserves for another use: UK for GB (reserved at the UK's request), EL for GR
@@ -76,7 +79,22 @@ _COUNTRY_NAMES = {
     "republic of moldova": "MD", "united republic of tanzania": "TZ", "côte d'ivoire": "CI", "ivory coast": "CI",
     "bolivia (plurinational state of)": "BO", "venezuela (bolivarian republic of)": "VE",
     "brunei darussalam": "BN", "macedonia": "MK", "taiwan, province of china": "TW",
+    # the table's "Congo" is the Republic of the Congo (Brazzaville); the DRC (Kinshasa) is its own row
+    "republic of the congo": "CG", "republic of congo": "CG", "congo-brazzaville": "CG", "congo brazzaville": "CG",
+    "congo, republic of the": "CG", "congo, the democratic republic of the": "CD", "dr congo": "CD", "drc": "CD",
+    "democratic republic of the congo": "CD", "congo-kinshasa": "CD", "congo kinshasa": "CD", "zaire": "CD",
+    "timor-leste": "TL", "timor leste": "TL", "swaziland": "SZ", "kingdom of eswatini": "SZ",
+    "cabo verde": "CV", "burma": "MM", "state of palestine": "PS", "palestine, state of": "PS",
+    "congo (the)": "CG", "congo, rep.": "CG", "congo (the democratic republic of the)": "CD",
+    "congo, democratic republic of the": "CD", "congo, dem. rep.": "CD", "korea, dem. people's rep.": "KP",
+    "korea (the democratic people's republic of)": "KP", "korea, democratic people's republic of": "KP",
+    "korea, rep.": "KR", "korea (the republic of)": "KR", "lao pdr": "LA", "republic of north macedonia": "MK",
+    "the gambia": "GM", "gambia, the": "GM", "the bahamas": "BS", "bahamas, the": "BS", "macau": "MO",
 }
+# "Tanzania, United Republic of", "Moldova (the Republic of)": ISO 3166's "<name>, <qualifier> of" forms, found by
+# the name before the qualifier; not where the qualifier says "Democratic" (Korea, Congo: another country than the
+# bare name, each in _COUNTRY_NAMES) nor after a comma that qualifies a place ("Georgia, USA")
+_ISO_QUALIFIED = re.compile(r"^(?P<name>[^,(]+?)\s*(?:,\s*(?P<comma>[^,()]+)|\((?P<paren>[^()]+)\))\s*$")
 
 
 def _unaccented(name: str) -> str:
@@ -94,12 +112,35 @@ def _unaccented_table() -> dict[str, dict[str, str]]:
     return rows
 
 
+def _country_row(name: str) -> dict[str, str] | None:
+    """The table's row for an ISO code, the table's name or another name of ``_COUNTRY_NAMES``, else None."""
+    table = country_table()
+    key = _COUNTRY_ALIASES.get(name.upper(), _COUNTRY_NAMES.get(" ".join(name.lower().split()), name))
+    return table.get(key.upper()) or table.get(key.lower()) or _unaccented_table().get(_unaccented(key))
+
+
+def _without_qualifier(name: str) -> str | None:
+    """``"Bolivia"`` of ``"Bolivia, Plurinational State of"`` or ``"Moldova (the Republic of)"``; None for a name
+    of another form."""
+    match = _ISO_QUALIFIED.match(name)
+    if match is None:
+        return None
+    qualifier = " ".join((match.group("comma") or match.group("paren")).lower().split())
+    if "democratic" in qualifier or not (qualifier == "the" or qualifier.endswith((" of", " of the"))):
+        return None
+    return match.group("name")
+
+
 def country_intensity(country: str) -> CarbonIntensity:
     """Intensity of a country by ISO alpha-2, alpha-3 or English name (case-insensitive)."""
+    if not isinstance(country, str):  # (3 or a list: an AttributeError of .strip())
+        raise ValueError(f"country={brief(country)} must be a string: an ISO 3166 alpha-2 or alpha-3 code or an "
+                         "English name, like 'FR', 'FRA' or 'France'")
     table = country_table()
     key = country.strip()
-    key = _COUNTRY_ALIASES.get(key.upper(), _COUNTRY_NAMES.get(" ".join(key.lower().split()), key))
-    row = table.get(key.upper()) or table.get(key.lower()) or _unaccented_table().get(_unaccented(key))
+    row = _country_row(key)
+    if row is None and (name := _without_qualifier(key)) is not None:
+        row = _country_row(name)
     if row is None:
         names = sorted({r["country"] for r in table.values()})
         codes = sorted({r["iso3"] for r in table.values()} | {r["iso2"] for r in table.values()})
@@ -107,13 +148,16 @@ def country_intensity(country: str) -> CarbonIntensity:
         close = [n for n in names if n.lower() in close]
         close += difflib.get_close_matches(key.upper(), codes, n=3, cutoff=0.6)
         near = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown country {country!r}.{near} Use an ISO 3166 alpha-2 or alpha-3 "
+        raise ValueError(f"unknown country {brief(country)}.{near} Use an ISO 3166 alpha-2 or alpha-3 "
                          f"code or an English name; `green-callbacks intensity --list` lists all {len(names)}.")
     return CarbonIntensity(float(row["g_co2e_per_kwh"]), f"{row['country']} ({row['iso3']})", OWID, row["year"])
 
 
 def region_intensity(region: str) -> CarbonIntensity:
     """Intensity of a cloud region written ``provider:region`` (Google Cloud publishes these)."""
+    if not isinstance(region, str):
+        raise ValueError(f"cloud_region={brief(region)} must be a string written provider:region, like "
+                         "'gcp:europe-west1'")
     table = region_table()
     key = region.strip().lower()
     row = table.get(key)
@@ -150,14 +194,13 @@ def resolve_intensity(
     given = {k: v for k, v in (("carbon_intensity_g_per_kwh", g_per_kwh), ("country", country),
                                ("cloud_region", region)) if v is not None}
     if len(given) > 1:
-        settings = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        settings = ", ".join(f"{k}={brief(v)}" for k, v in given.items())
         raise ValueError(f"carbon intensity is set more than once ({settings}); "
                          "choose one of carbon_intensity_g_per_kwh, country, cloud_region")
     if g_per_kwh is not None:
-        value = float(g_per_kwh)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"carbon_intensity_g_per_kwh={g_per_kwh!r} must be a finite number >= 0")
-        return CarbonIntensity(value, "explicit", "set by the user", "n/a")
+        if not is_finite_number(g_per_kwh) or g_per_kwh < 0:  # (a str, a bool, 10**400: no float or not finite)
+            raise ValueError(f"carbon_intensity_g_per_kwh={brief(g_per_kwh)} must be a finite number >= 0")
+        return CarbonIntensity(float(g_per_kwh), "explicit", "set by the user", "n/a")
     if country is not None:
         return country_intensity(country)
     if region is not None:
@@ -176,6 +219,9 @@ class IntensitySeries:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         rows: list[tuple[float, float, int]] = []
+        if "\x00" in str(self.path):  # read_bytes() would say only "embedded null byte"
+            raise ValueError(f"carbon_intensity_csv={brief(str(self.path))} holds a NUL character ('\\x00'), which "
+                             "no file path can hold; give the path of a CSV file of 'timestamp,g_per_kwh' rows")
         try:
             text = self.path.read_bytes().decode("utf-8-sig")  # (Excel's "CSV UTF-8" starts with a BOM)
         except OSError as exc:
@@ -274,11 +320,13 @@ class Accountant:
     series: IntensitySeries | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.pue, int | float) and math.isfinite(self.pue) and self.pue >= 1.0):
-            raise ValueError(f"pue={self.pue!r} must be a number >= 1.0 (1.0 = no facility overhead; "
+        # a bool is no number (pue=True was taken as 1.0); a str ("0.3") was a bare TypeError, 10**400 an OverflowError
+        if not (is_finite_number(self.pue) and self.pue >= 1.0):
+            raise ValueError(f"pue={brief(self.pue)} must be a number >= 1.0 (1.0 = no facility overhead; "
                              "about 1.1 hyperscale, 1.58 industry average)")
-        if self.price_per_kwh is not None and not (math.isfinite(self.price_per_kwh) and self.price_per_kwh >= 0):
-            raise ValueError(f"price_per_kwh={self.price_per_kwh!r} must be a finite number >= 0")
+        if self.price_per_kwh is not None and not (is_finite_number(self.price_per_kwh) and self.price_per_kwh >= 0):
+            raise ValueError(f"price_per_kwh={brief(self.price_per_kwh)} must be a finite number >= 0 (money per "
+                             "kWh) or None")
 
     def g_per_kwh(self, start_unix: float, end_unix: float) -> float:
         if self.series is not None:

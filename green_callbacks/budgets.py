@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from green_callbacks.policies import CONTINUE, Decision, Progress, StopReason, Totals
-from green_callbacks.units import parse_energy_j, parse_mass_g, parse_money
+from green_callbacks.units import brief, parse_energy_j, parse_mass_g, parse_money
 
 ON_EXCEED = ("stop", "warn")
 
@@ -37,7 +37,7 @@ class Budget:
         if energy is None and emissions is None and cost is None:
             raise ValueError("a budget needs at least one of energy, emissions, cost")
         if on_exceed not in ON_EXCEED:
-            raise ValueError(f"on_exceed={on_exceed!r} is not valid; choose one of {list(ON_EXCEED)}")
+            raise ValueError(f"on_exceed={brief(on_exceed)} is not valid; choose one of {list(ON_EXCEED)}")
         self.energy_j = parse_energy_j("energy", energy) if energy is not None else None
         self.emissions_g = parse_mass_g("emissions", emissions) if emissions is not None else None
         self.cost, self.currency = parse_money("cost", cost) if cost is not None else (None, None)

@@ -95,6 +95,10 @@ def _replay(args: argparse.Namespace) -> int:
 def _replay_spools(args: argparse.Namespace) -> int:
     from green_callbacks.sinks import SpoolBusy, replay_spool
 
+    if args.tracking_uri is not None:
+        from green_callbacks.validation import check_server_uri
+
+        check_server_uri("--tracking-uri", args.tracking_uri)
     spools: list[Path] = []
     listed: set[Path] = set()  # found in a folder: gone by the time it is reached, another process sent it
     for name in args.spool:
@@ -152,6 +156,10 @@ def _report_experiment(args: argparse.Namespace) -> int:
     from green_callbacks.comparison import experiment_frame, group_frame, markdown_table, text_table
     from green_callbacks.pareto_plot import plot_pareto
 
+    if args.tracking_uri is not None:  # (http://me:pw@:1 went to MLflow, which asked a host named "api")
+        from green_callbacks.validation import check_server_uri
+
+        check_server_uri("--tracking-uri", args.tracking_uri)
     frame = experiment_frame(args.experiment, args.tracking_uri, args.metric, args.energy, args.group_by, args.mode)
     missing = frame[frame[frame.attrs["energy_column"]].isna()]
     unmeasured = missing[missing["method"] == "nothing measured"]

@@ -103,6 +103,10 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
         raise ValueError(f"mode={mode!r} is not valid; choose from ['max', 'min']")
     import mlflow
 
+    if tracking_uri is not None:  # readable, with a host if a server's: said without its user and password
+        from green_callbacks.validation import check_server_uri
+
+        check_server_uri("tracking_uri", tracking_uri)
     # a user:password in the URI reaches MLflow in its own variables, and no message shows it (MLflow's neither)
     uri, secrets = split_credentials(tracking_uri or mlflow.get_tracking_uri())
     _require_store(uri)

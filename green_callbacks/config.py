@@ -12,6 +12,8 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+from green_callbacks.units import brief
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -37,7 +39,7 @@ def _yaml_loader() -> type:
                 except TypeError:  # an unhashable key: PyYAML's own error says so below
                     continue
                 if first != line:
-                    raise ValueError(f"duplicate key {key!r} (line {first} and line {line}); give each key once")
+                    raise ValueError(f"duplicate key {brief(key)} (line {first} and line {line}); give each key once")
             return super().construct_mapping(node, deep)
 
     return StrictLoader
@@ -51,7 +53,7 @@ def _table(path: Path, data: dict[str, Any], *keys: str) -> dict[str, Any] | Non
         data = data[key]
         if not isinstance(data, dict):
             raise ValueError(f"{path}: '{'.'.join(keys[:n])}' must be a table of settings, not "
-                             f"{type(data).__name__} {data!r:.60}")
+                             f"{type(data).__name__} {brief(data, 60)}")
     return data
 
 
@@ -63,10 +65,13 @@ def read_section(path: str | Path, section: str, valid: Collection[str]) -> dict
     are errors.
     """
     if not isinstance(path, str | os.PathLike) or not str(path).strip():
-        raise ValueError(f"path={path!r} must be the path of a .yaml, .yml or .toml file")
+        raise ValueError(f"path={brief(path)} must be the path of a .yaml, .yml or .toml file")
+    if "\x00" in str(path):  # open() would say only "embedded null byte"
+        raise ValueError(f"path={brief(str(path))} holds a NUL character ('\\x00'), which no file path can hold; "
+                         "give the path of a .yaml, .yml or .toml file")
     path = Path(path)
     if path.suffix not in FORMATS:
-        raise ValueError(f"{path}: unknown config format {path.suffix!r}; use .yaml, .yml or .toml")
+        raise ValueError(f"{path}: unknown config format {brief(path.suffix)}; use .yaml, .yml or .toml")
     kind = path.suffix[1:].upper()
     try:
         text = path.read_bytes().decode("utf-8")
@@ -89,7 +94,7 @@ def read_section(path: str | Path, section: str, valid: Collection[str]) -> dict
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: the file must hold a table of settings, not {type(data).__name__} {data!r:.60}")
+        raise ValueError(f"{path}: the file must hold a table of settings, not {type(data).__name__} {brief(data, 60)}")
     tables = [(keys, found) for keys in (("tool", "green-callbacks"), ("green-callbacks",))
               if (found := _table(path, data, *keys)) is not None]
     if len(tables) > 1:  # one would be read and the other ignored without a word
@@ -103,7 +108,7 @@ def read_section(path: str | Path, section: str, valid: Collection[str]) -> dict
         raise ValueError(f"{path}: no '{section}' table under {where}; found {sorted(map(str, data))}")
     table = data[section]
     if not isinstance(table, dict | None):
-        raise ValueError(f"{path}: '{section}' must be a table of settings, not {table!r:.60}")
+        raise ValueError(f"{path}: '{section}' must be a table of settings, not {brief(table, 60)}")
     table = dict(table or {})
     unknown = sorted(map(str, set(table) - set(valid)))
     if unknown:

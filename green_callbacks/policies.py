@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from green_callbacks.distributed import ALIKE
-from green_callbacks.units import ENERGY_J, is_integer
+from green_callbacks.units import ENERGY_J, brief, is_integer
 
 MODES = ("min", "max")
 log = logging.getLogger("green_callbacks")
@@ -127,7 +127,7 @@ class Totals:
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if not is_integer(value) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+        raise ValueError(f"{name}={brief(value)} must be an integer >= {minimum}")
     return int(value)
 
 
@@ -163,7 +163,7 @@ class GainThreshold:
             (u for u in ENERGY_J if unit == u or (unit.lower() == u.lower() and u not in ("MJ", "MWh"))), None)
         if match is None or per is None or (match.group(2) and per != "doubling") or \
                 not math.isfinite(float(match.group(1))):
-            raise ValueError(f"min_gain={text!r} is not a gain threshold; write one of {', '.join(self.FORMS)}: a "
+            raise ValueError(f"min_gain={brief(text)} is not a gain threshold; write one of {', '.join(self.FORMS)}: a "
                              f"finite number >= 0, '%' only per doubling, energy units {', '.join(ENERGY_J)}")
         self.text = " ".join(text.split())
         self.value = float(match.group(1))
@@ -221,9 +221,9 @@ class EfficiencyPlateau:
     def __init__(self, monitor: str, mode: str = "max", min_gain: str = "1% per doubling", patience: int = 3,
                  min_evaluations: int = 4) -> None:
         if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"monitor={monitor!r} must name a validation metric, like 'val_acc'")
+            raise ValueError(f"monitor={brief(monitor)} must name a validation metric, like 'val_acc'")
         if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not valid; choose 'max' (accuracy-like) or 'min' (loss-like)")
+            raise ValueError(f"mode={brief(mode)} is not valid; choose 'max' (accuracy-like) or 'min' (loss-like)")
         self.monitor = monitor
         self.mode = mode
         self.min_gain = GainThreshold(min_gain)

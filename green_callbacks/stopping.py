@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +19,7 @@ from green_callbacks.policies import (
     _check_int,
     higher_is_better,
 )
-from green_callbacks.units import is_integer, plain
+from green_callbacks.units import brief, is_finite_number, is_integer, plain
 
 log = logging.getLogger("green_callbacks")
 S = TypeVar("S", bound="Stopper")
@@ -89,11 +88,10 @@ def _first_version_arguments(min_gain: str, min_evaluations: int, min_gain_per_k
     """The first version's ``min_gain_per_kj`` and ``warmup_epochs``, read as today's arguments, with one warning
     each (an exchange rate per kJ depends on the hardware's power; the default per doubling does not)."""
     if min_gain_per_kj is not None:
-        if isinstance(min_gain_per_kj, bool) or not isinstance(min_gain_per_kj, int | float) or \
-                not math.isfinite(min_gain_per_kj) or min_gain_per_kj < 0:
-            raise ValueError(f"min_gain_per_kj={min_gain_per_kj!r} must be a number >= 0 (metric units per kJ); "
+        if not is_finite_number(min_gain_per_kj) or min_gain_per_kj < 0:  # (10**400: no float, not finite)
+            raise ValueError(f"min_gain_per_kj={brief(min_gain_per_kj)} must be a number >= 0 (metric units per kJ); "
                              "today's argument is min_gain, e.g. '0.5 per kJ' or the default '1% per doubling'")
-        min_gain = f"{min_gain_per_kj:g} per kJ"
+        min_gain = f"{float(min_gain_per_kj):g} per kJ"
         log.warning("green-callbacks: min_gain_per_kj=%g is the first version's argument, read as min_gain=%r: an "
                     "exchange rate that stops at different points on different hardware; the default min_gain='1%% "
                     "per doubling' does not (docs/stopping.md)", min_gain_per_kj, min_gain)
@@ -149,14 +147,14 @@ class EfficiencyStopper(Stopper):
         min_gain, min_evaluations = _first_version_arguments(min_gain, min_evaluations, min_gain_per_kj,
                                                              warmup_epochs)
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
-            raise ValueError(f"monitor={monitor!r} must name a validation metric, like 'val_acc', or be None "
+            raise ValueError(f"monitor={brief(monitor)} must name a validation metric, like 'val_acc', or be None "
                              "(the framework's loss)")
         if mode is not None and mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not valid; choose 'max' (accuracy-like), 'min' (loss-like) or None "
-                             "(guessed from the name)")
+            raise ValueError(f"mode={brief(mode)} is not valid; choose 'max' (accuracy-like), 'min' (loss-like) or "
+                             "None (guessed from the name)")
         for name, value in (("strict", strict), ("verbose", verbose)):
             if not isinstance(value, bool):
-                raise ValueError(f"{name}={value!r} must be True or False")
+                raise ValueError(f"{name}={brief(value)} must be True or False")
         # None: val_loss, as in Lightning and a plain loop; the HF adapter's resolve() puts its own default in
         guess = "max" if higher_is_better(monitor or "val_loss") else "min"
         self.plateau = EfficiencyPlateau(monitor or "val_loss", mode or guess, min_gain, patience, min_evaluations)
@@ -299,7 +297,7 @@ class BudgetStopper(Stopper):
                  check_every_n_steps: int | None = None) -> None:
         self.budget = Budget(energy, emissions, cost, on_exceed)
         if check_every_n_steps is not None and (not is_integer(check_every_n_steps) or check_every_n_steps < 1):
-            raise ValueError(f"check_every_n_steps={check_every_n_steps!r} must be an integer >= 1 or None")
+            raise ValueError(f"check_every_n_steps={brief(check_every_n_steps)} must be an integer >= 1 or None")
         self.check_every_n_steps = None if check_every_n_steps is None else int(check_every_n_steps)
         self.projection_warned = False
         self._warned_reasons: set[Any] = set()  # limits passed in warn mode: said once each
@@ -312,16 +310,16 @@ class BudgetStopper(Stopper):
         intensity of 0 (``g_per_kwh``: the constant one, None for a series) keeps at 0 can never act. Said
         before training."""
         if self.budget.emissions_g is not None and g_per_kwh == 0:
-            raise ValueError(f"EnergyBudget(emissions={self._init_args['emissions']!r}) can never be reached: the "
+            raise ValueError(f"EnergyBudget(emissions={brief(self._init_args['emissions'])}) can never be reached: the "
                              "EnergyMonitor's carbon intensity is 0 g/kWh (carbon_intensity_g_per_kwh=0), so every "
                              "emission counts 0; set the intensity (or a country, a cloud region) or drop the limit")
         if self.budget.cost is None:
             return
         if price_per_kwh is None:
-            raise ValueError(f"EnergyBudget(cost={self._init_args['cost']!r}) needs a price: set price_per_kwh "
+            raise ValueError(f"EnergyBudget(cost={brief(self._init_args['cost'])}) needs a price: set price_per_kwh "
                              "on the EnergyMonitor")
         if price_per_kwh == 0:
-            raise ValueError(f"EnergyBudget(cost={self._init_args['cost']!r}) can never be reached: the "
+            raise ValueError(f"EnergyBudget(cost={brief(self._init_args['cost'])}) can never be reached: the "
                              "EnergyMonitor's price_per_kwh=0 makes every cost 0; set the price or drop the limit")
         if self.budget.currency and self.budget.currency != currency.upper():
             raise ValueError(f"EnergyBudget cost is in {self.budget.currency} but the EnergyMonitor's price is in "

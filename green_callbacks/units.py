@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import reprlib
 from typing import Any
 
 ENERGY_J = {"J": 1.0, "kJ": 1e3, "MJ": 1e6, "Wh": 3600.0, "kWh": 3.6e6, "MWh": 3.6e9}
@@ -34,7 +35,7 @@ def currency_code(name: str, value: object, code: str) -> str:
 
         close = difflib.get_close_matches(upper, sorted(ISO_4217), n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
-        raise ValueError(f"{name}={value!r}: {code!r} is not an ISO 4217 currency code; {hint}write one like "
+        raise ValueError(f"{name}={brief(value)}: {brief(code)} is not an ISO 4217 currency code; {hint}write one like "
                          "EUR, USD, GBP, JPY, CHF, CNY, INR, CAD or AUD")
     return upper
 
@@ -51,6 +52,38 @@ def is_number(value: object) -> bool:
 def is_integer(value: object) -> bool:
     """An integer, NumPy's included (``np.int64``), never a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite_number(value: object) -> bool:
+    """A real number (:func:`is_number`) that is a finite float: ``10**400`` is none (``math.isfinite`` raises
+    OverflowError for it), nor is ``inf``."""
+    if not is_number(value):
+        return False
+    try:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    except (OverflowError, TypeError, ValueError):
+        return False
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxtuple, _BRIEF.maxdict = 3, 8, 8, 8
+_BRIEF.maxset = _BRIEF.maxfrozenset = _BRIEF.maxdeque = _BRIEF.maxarray = 8
+_BRIEF.maxstring = _BRIEF.maxother = 200
+
+
+def brief(value: object, limit: int = 200) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for an error message: a YAML "billion laughs" value (lists
+    of lists sharing their items, 25 million characters as a repr) or a 10**5000 is never written out whole, nor
+    built whole first (``f"{value!r:.60}"`` builds it all)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(int(value)) >= 10 ** 40:
+        digits = len(str(abs(int(value)))) if int(value).bit_length() < 14_000 else int(
+            int(value).bit_length() * math.log10(2)) + 1  # (str() of over 4300 digits raises ValueError)
+        return f"{'-' if value < 0 else ''}<an integer of {digits} digits>"
+    try:
+        text = _BRIEF.repr(value)
+    except Exception:  # a repr that fails: its type says enough
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:max(limit - 3, 1)] + "..."
 
 
 def plain(value: Any) -> Any:
@@ -73,27 +106,27 @@ def _number(name: str, value: object, units: str, co2: bool = False) -> tuple[fl
     """The number and the unit (one of ``units``, said in the error); ``co2``: a "CO2e" after the unit is allowed
     (emissions only)."""
     if isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} is not a quantity")
+        raise ValueError(f"{name}={brief(value)} is not a quantity")
     if is_number(value):
         try:
             return float(value), ""  # type: ignore[arg-type]
         except OverflowError:
-            raise ValueError(f"{name}={value!r} is too large to be an amount") from None
+            raise ValueError(f"{name}={brief(value)} is too large to be an amount") from None
     if not isinstance(value, str):
-        raise ValueError(f"{name}={value!r} must be a number or a string with a unit")
+        raise ValueError(f"{name}={brief(value)} must be a number or a string with a unit")
     match = _QUANTITY.match(value)
     if not match:
         hint = "; the decimal point is '.'" if re.search(r"\d,\d", value) else ""
-        raise ValueError(f"{name}={value!r} is not '<number> <unit>'; the units: {units}{hint}")
+        raise ValueError(f"{name}={brief(value)} is not '<number> <unit>'; the units: {units}{hint}")
     if not co2 and re.search(r"co2", value, re.I):
-        raise ValueError(f"{name}={value!r}: CO2 is a mass of emissions; give it as the emissions budget "
+        raise ValueError(f"{name}={brief(value)}: CO2 is a mass of emissions; give it as the emissions budget "
                          "(like emissions='300 g')")
     return float(match.group(1)), match.group(2)
 
 
 def _positive(name: str, value: float, original: object) -> float:
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}={original!r} must be a positive, finite amount")
+        raise ValueError(f"{name}={brief(original)} must be a positive, finite amount")
     return value
 
 
@@ -102,7 +135,7 @@ def parse_energy_j(name: str, value: float | str) -> float:
     number, unit = _number(name, value, ", ".join(ENERGY_J))
     factor = ENERGY_J.get(unit, _ENERGY_ANY_CASE.get(unit.lower())) if unit else 1.0
     if factor is None:
-        raise ValueError(f"{name}={value!r}: unknown energy unit {unit!r}; choose one of {', '.join(ENERGY_J)}")
+        raise ValueError(f"{name}={brief(value)}: unknown energy unit {unit!r}; choose one of {', '.join(ENERGY_J)}")
     return _positive(name, number * factor, value)
 
 
@@ -111,7 +144,7 @@ def parse_mass_g(name: str, value: float | str) -> float:
     number, unit = _number(name, value, "g, kg, t (of CO2e), like '300 g' or '1.5 kg'", co2=True)
     factor = MASS_G.get(unit.lower()) if unit else 1.0
     if factor is None:
-        raise ValueError(f"{name}={value!r}: unknown mass unit {unit!r}; choose one of g, kg, t (of CO2e)")
+        raise ValueError(f"{name}={brief(value)}: unknown mass unit {unit!r}; choose one of g, kg, t (of CO2e)")
     return _positive(name, number * factor, value)
 
 
@@ -124,13 +157,13 @@ def parse_money(name: str, value: float | str, currency: str | None = None) -> t
                            "an ISO 4217 currency code after the amount, like '0.5 EUR' or '3 USD' (no symbols)")
     code = unit.upper() or None
     if code is not None and unit.lower() in {u.lower() for u in (*ENERGY_J, *MASS_G)}:
-        raise ValueError(f"{name}={value!r}: {unit!r} is a unit of energy or mass, not a currency; write the "
+        raise ValueError(f"{name}={brief(value)}: {unit!r} is a unit of energy or mass, not a currency; write the "
                          "amount of money like '0.5 EUR' (energy and emissions budgets have their own arguments)")
     if code is not None and not re.fullmatch(r"[A-Z]{3}", code):
-        raise ValueError(f"{name}={value!r}: {unit!r} is not a currency code; write it like '0.5 EUR' or '2 USD'")
+        raise ValueError(f"{name}={brief(value)}: {unit!r} is not a currency code; write it like '0.5 EUR' or '2 USD'")
     if code is not None:
         code = currency_code(name, value, code)
     if code and currency and code != currency.upper():
-        raise ValueError(f"{name}={value!r} is in {code} but the electricity price is in {currency.upper()}; "
+        raise ValueError(f"{name}={brief(value)} is in {code} but the electricity price is in {currency.upper()}; "
                          "use the same currency")
     return _positive(name, number, value), code

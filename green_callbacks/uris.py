@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator, Mapping
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -33,9 +34,30 @@ def split_credentials(uri: str | None) -> tuple[str | None, dict[str, str]]:
     return urlunsplit(parts._replace(netloc=netloc)), env
 
 
+# ``scheme://`` then anything up to the last "@": the user and password of a URI that cannot be taken apart (a "#",
+# "/" or "?" in the password, a port that is no number, a broken IPv6 address, no host)
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:)?//([^/].*)@", re.S)
+
+
 def redact(uri: str | None) -> str | None:
-    """``uri`` without its user and password (unchanged when it has none)."""
-    return split_credentials(uri)[0]
+    """``uri`` without its user and password (unchanged when it has none).
+
+    A URI whose user and password cannot be taken apart cleanly (``http://me:p#w@host``: the "#" starts a
+    fragment; ``http://me:pw@:5000``: no host) keeps no part of them either: everything between ``//`` and the
+    last "@" is written ``***`` (a path with an "@" in it is cut too: a message shows less, never a password).
+    """
+    if not uri or "@" not in uri:
+        return uri
+    clean = split_credentials(uri)[0]
+    try:
+        parts = urlsplit(uri)
+        taken_apart = clean != uri and bool(parts.hostname) and "@" not in clean
+        whole = clean == uri and "@" not in parts.netloc + parts.path + parts.query + parts.fragment
+    except ValueError:
+        taken_apart = whole = False
+    if taken_apart or whole:
+        return clean
+    return _USERINFO.sub(lambda m: f"{m.group(1) or ''}//***@", uri, count=1)
 
 
 @contextlib.contextmanager

@@ -139,3 +139,50 @@ def test_a_series_that_ended_long_before_the_run_is_used_with_one_warning(tmp_pa
     acc.g_per_kwh(now + 60, now + 120)
     assert caplog.text.count("ends at 2020-01-01T01:00+00:00; its last value, 900 g/kWh") == 1
     assert "France" in caplog.text or "FRA" in caplog.text
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"price_per_kwh": "0.3"}, r"^price_per_kwh='0.3' must be a finite number >= 0"),  # a bare TypeError
+    ({"price_per_kwh": 10**400}, r"^price_per_kwh=<an integer of 401 digits> must be a finite number"),
+    ({"pue": True}, r"^pue=True must be a number >= 1.0"),  # was taken as 1.0
+    ({"pue": 10**400}, r"^pue=<an integer of 401 digits> must be a number >= 1.0"),  # an OverflowError
+])
+def test_an_accountants_bad_price_or_pue_is_a_value_error_naming_it(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Accountant(resolve_intensity(), **kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"country": 3}, r"^country=3 must be a string: an ISO 3166 alpha-2 or alpha-3 code"),  # an AttributeError
+    ({"region": ["gcp:europe-west1"]}, r"^cloud_region=\['gcp:europe-west1'\] must be a string"),
+    ({"g_per_kwh": "300"}, r"^carbon_intensity_g_per_kwh='300' must be a finite number >= 0"),
+    ({"g_per_kwh": True}, r"^carbon_intensity_g_per_kwh=True must be a finite number >= 0"),
+    ({"g_per_kwh": 10**400}, r"^carbon_intensity_g_per_kwh=<an integer of 401 digits> must be a finite number"),
+])
+def test_an_intensity_setting_of_the_wrong_type_is_a_value_error_naming_it(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_intensity(**kwargs)
+
+
+@pytest.mark.parametrize(("name", "iso3"), [
+    ("Republic of the Congo", "COG"), ("Congo", "COG"), ("Congo-Brazzaville", "COG"),
+    ("Democratic Republic of the Congo", "COD"), ("Congo, The Democratic Republic of the", "COD"),
+    ("Congo (the Democratic Republic of the)", "COD"), ("DR Congo", "COD"),
+    ("Tanzania, United Republic of", "TZA"), ("Bolivia, Plurinational State of", "BOL"),
+    ("Moldova, Republic of", "MDA"), ("Moldova (the Republic of)", "MDA"), ("Venezuela, Bolivarian Republic of", "VEN"),
+    ("Palestine, State of", "PSE"), ("Korea, Democratic People's Republic of", "PRK"), ("Korea, Republic of", "KOR"),
+    ("Timor-Leste", "TLS"), ("Swaziland", "SWZ"), ("Cabo Verde", "CPV"), ("Burma", "MMR"), ("Gambia (the)", "GMB"),
+])
+def test_official_iso_and_former_country_names_are_known(name, iso3):
+    """"Republic of the Congo" suggested only "Democratic Republic of Congo", another country; ISO 3166's
+    "<name>, <qualifier> of" forms, "Timor-Leste" and "Swaziland" were unknown."""
+    assert resolve_intensity(country=name).label.endswith(f"({iso3})")
+
+
+def test_every_alternative_country_name_is_a_row_of_the_shipped_table():
+    from green_callbacks.accounting import _COUNTRY_NAMES, country_table
+
+    assert {code for code in _COUNTRY_NAMES.values() if code not in country_table()} == set()
+    # a qualifier that names a place is no ISO qualifier: Georgia the country is not Georgia, USA
+    with pytest.raises(ValueError, match=r"unknown country 'Georgia, USA'"):
+        resolve_intensity(country="Georgia, USA")

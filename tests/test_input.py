@@ -108,8 +108,9 @@ def test_a_cost_budget_in_energy_units_is_refused():
     for cost in ("0.5 CO2", "0.5 kg CO2"):  # a mass of emissions given as money (it was read as 0.5 EUR)
         with pytest.raises(ValueError, match=rf"cost='{cost}': CO2 is a mass of emissions.*emissions='300 g'"):
             gl.EnergyBudget(cost=cost)
-    with pytest.raises(ValueError, match=r"energy=1000+ is too large to be an amount"):
-        gl.EnergyBudget(energy=10**400)  # an int no float holds: named, not an OverflowError
+    # an int no float holds: named, not an OverflowError, and not written out in its 401 digits
+    with pytest.raises(ValueError, match=r"^energy=<an integer of 401 digits> is too large to be an amount"):
+        gl.EnergyBudget(energy=10**400)
 
 
 def test_a_stopper_with_nothing_measured_fails_before_the_first_step(tmp_path):
@@ -381,3 +382,88 @@ def test_fuzz_a_file_that_is_not_utf8_is_refused_by_name(tmp_path_factory, data,
     csv.write_bytes(b"0,100\n" + data)
     with pytest.raises(ValueError, match=r"carbon_intensity_csv=.*not a UTF-8 text file"):
         gl.EnergyMonitor(carbon_intensity_csv=str(csv), mlflow=False)
+
+
+# -- values no message may repeat, values that passed the checks and failed after them ------------------------------
+@pytest.mark.parametrize("name", [*NUMBERS, "mlflow_wait_s"])
+def test_an_integer_too_large_for_a_float_is_refused_by_name(name):
+    """``pue=10**400`` was a bare OverflowError of ``math.isfinite`` (before the range check), naming nothing."""
+    for module in (gl, gt):
+        with pytest.raises(ValueError, match=rf"^{name}=<an integer of 401 digits> must be a finite number"):
+            module.EnergyMonitor(**{name: 10**400}, mlflow=False)
+    with pytest.raises(ValueError, match=r"^min_gain_per_kj=<an integer of 401 digits> must be a number >= 0"):
+        gl.EfficiencyEarlyStopping(min_gain_per_kj=10**400)
+
+
+def test_a_billion_laughs_config_is_refused_in_a_short_message(tmp_path):
+    """Nested YAML aliases (nine lists of nine lists...) are a few shared objects to PyYAML, but their repr is 25
+    million characters at 7 levels (a MemoryError at 9): the error repeated the value whole."""
+    anchors = "x0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 7))
+    for key, cls in (("energy", gl.EnergyBudget), ("on_exceed", gl.EnergyBudget),
+                     ("min_gain", gt.EfficiencyEarlyStopping)):
+        section = "budget" if cls is gl.EnergyBudget else "efficiency"
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(f"{anchors}{section}:\n  {key}: *a6\n" + ("  energy: 1 kJ\n" if key == "on_exceed" else ""))
+        with pytest.raises(ValueError, match=rf"^{key}=\[\[\[") as refused:
+            cls.from_file(path)
+        assert len(str(refused.value)) < 600, len(str(refused.value))
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("http://me:S3cretPw@host:abc", r"tracking_uri='http://host:abc' is not a URI MLflow can open \(Port could not"),
+    ("http://me:S3cretPw@:5000", r"tracking_uri='http://\*\*\*@:5000' names no host"),
+    ("http://me:S3cr#etPw@host:5000", r"tracking_uri='http://\*\*\*@host:5000' is not a URI MLflow can open \(its "
+                                      r"user or password holds a character .*percent-encoded"),
+    ("http://me:12#S3cretPw@host:5000", r"tracking_uri='http://\*\*\*@host:5000' is not a URI MLflow can open"),
+    ("htp://me:S3cretPw@host", r"tracking_uri='htp://host': MLflow has no tracking store for the scheme 'htp'"),
+    ("http://me:S3cretPw@host:0", r"tracking_uri='http://host:0': port 0 is no server's port"),
+    ("http://me:S3cretPw@[::1:5000", r"tracking_uri='http://\*\*\*@\[::1:5000' is not a URI MLflow can open"),
+])
+def test_a_refused_tracking_uri_is_shown_without_its_password(uri, message):
+    """The refusal repeated the URI whole, password included, into the console and the job's logs."""
+    for module in (gl, gt):
+        with pytest.raises(ValueError, match=message) as refused:
+            module.EnergyMonitor(tracking_uri=uri)
+        assert "S3cr" not in str(refused.value) and "me:" not in str(refused.value)
+
+
+def test_the_report_refuses_a_tracking_uri_without_a_host_and_hides_its_password(capsys):
+    """``report --tracking-uri http://me:pw@:1`` went to MLflow, which tried a host named "api"."""
+    from green_callbacks.cli import main as cli
+
+    assert cli(["report", "x", "--tracking-uri", "http://me:S3cretPw@:1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --tracking-uri='http://***@:1' names no host" in err and "S3cr" not in err
+    assert cli(["report", "x", "--tracking-uri", "http://me:S3cretPw@host:abc"]) == 2
+    err = capsys.readouterr().err
+    assert "--tracking-uri='http://host:abc' is not a URI MLflow can open" in err and "S3cr" not in err
+
+
+def test_a_nul_character_in_a_path_is_refused_at_construction_by_name(tmp_path):
+    """``output_dir='a\\x00b'`` was accepted, and the run failed at its end with a bare 'embedded null byte'."""
+    for module in (gl, gt):
+        for name in ("output_dir", "carbon_intensity_csv"):
+            with pytest.raises(ValueError, match=rf"^{name}='a\\x00b' holds a NUL character"):
+                module.EnergyMonitor(**{name: "a\x00b"}, mlflow=False)
+    for cls in (gl.EnergyBudget, gt.EfficiencyEarlyStopping):
+        with pytest.raises(ValueError, match=r"^path='.*a\\x00b.yaml' holds a NUL character"):
+            cls.from_file(str(tmp_path / "a\x00b.yaml"))
+
+
+def test_gpus_given_twice_or_not_as_indices_are_refused_by_the_sensors_too():
+    """``gpus=[0, 0]`` listed (and counted) gpu0 twice; ``build_sensors(gpus=0)`` said "NVML failed listing the GPUs
+    (TypeError...)" and ``build_sensors(gpus=[0.5])`` measured GPU 0."""
+    for module in (gl, gt):
+        with pytest.raises(ValueError, match=r"^gpus=\[0, 1, 0\]: device\(s\) \[0\] given more than once"):
+            module.EnergyMonitor(gpus=[0, 1, 0], mlflow=False)
+    from green_callbacks.sensors import build_sensors
+    from green_callbacks.sensors.targets import choose_indices
+
+    for gpus, message in ((0, r"^gpus=0 is not valid; choose \"auto\", \"all\""),
+                          ([0.5], r"^gpus=\[0.5\]: CUDA device indices are integers >= 0"),
+                          ([1, 1], r"^gpus=\[1, 1\]: device\(s\) \[1\] given more than once")):
+        with pytest.raises(ValueError, match=message):
+            build_sensors(gpus=gpus, measure_cpu=False)
+        with pytest.raises(ValueError, match=message):
+            choose_indices(gpus, None, 2, None)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from green_callbacks.units import brief
+
 GPU_CHOICES = ('"auto"', '"all"', "a list of device indices")
 
 
@@ -43,12 +45,14 @@ def choose_indices(gpus: Any, cuda_indices: Any, visible: int, local_rank: str |
             return [int(local_rank) % visible]
         return [0] if visible else []
     if isinstance(gpus, str):
-        raise ValueError(f"gpus={gpus!r} is not valid; choose {', '.join(GPU_CHOICES)}")
-    chosen = [int(i) for i in gpus]
+        raise ValueError(f"gpus={brief(gpus)} is not valid; choose {', '.join(GPU_CHOICES)}")
+    from green_callbacks.validation import check_gpus  # (validation imports the sensors)
+
+    chosen = check_gpus(gpus) or []  # integers >= 0, each once: [0.5] was read as GPU 0
     bad = [i for i in chosen if not 0 <= i < visible]
     if bad:
         raise ValueError(
-            f"gpus={list(gpus)!r}: device(s) {bad} do not exist; this process sees "
+            f"gpus={brief(list(gpus))}: device(s) {bad} do not exist; this process sees "
             f"{visible} GPU(s), valid indices are {list(range(visible))}"
         )
     return chosen
