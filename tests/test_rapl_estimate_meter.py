@@ -49,6 +49,34 @@ def test_rapl_wraparound_during_a_window(tmp_path):
     assert m.method("cpu") is Method.COUNTER
 
 
+def test_a_rapl_counter_reset_is_not_read_as_a_wrap(tmp_path, green_log):
+    """A package counter reset to a small value mid-range was read as one wrap: 262 kJ for an epoch of 24 J."""
+    max_uj = 262_143_328_850  # a real package's range
+    root = make_powercap(tmp_path, max_uj=max_uj, start_uj=100_000_000_000)
+    meter = EnergyMeter([RaplSensor("cpu", root)], period_s=0.01).start()
+    try:
+        meter.begin("w")
+        (root / "intel-rapl:0" / "energy_uj").write_text("5000000")  # reset: 5 J spent since
+        time.sleep(0.05)
+        m = meter.end("w")
+    finally:
+        meter.close()
+    assert m.joules["cpu"]["package-0"] == pytest.approx(5.0)
+    assert "taken as a reset" in green_log.text
+
+
+def test_a_rapl_zone_that_cannot_be_read_at_start_is_said_not_silently_estimated(tmp_path, green_log):
+    from green_callbacks.sensors import build_sensors
+
+    root = make_powercap(tmp_path)
+    energy = root / "intel-rapl:0" / "energy_uj"
+    energy.unlink()
+    energy.mkdir()  # reading it raises IsADirectoryError: an OSError, not a permission error
+    sensors = build_sensors(gpus=None, measure_cpu=True, rapl_root=root)
+    assert [s.component for s in sensors] == ["cpu"] and type(sensors[0]).__name__ == "CpuEstimateSensor"
+    assert "RAPL cpu cannot be read" in green_log.text and "falls back to an estimate" in green_log.text
+
+
 def test_rapl_zone_vanishing_mid_run_becomes_unavailable(tmp_path, green_log):
     root = make_powercap(tmp_path)
     meter = EnergyMeter([RaplSensor("cpu", root)], period_s=0.01).start()

@@ -36,6 +36,9 @@ def build_sensors(
     else CPU by an estimate of ``cpu_scope`` (``"process"``: this training's process tree; ``"machine"``). Every
     fallback is logged once with its reason; nothing here raises for missing hardware.
     """
+    from green_callbacks.validation import check_gpus  # (validation imports this package)
+
+    gpus = check_gpus(gpus)  # EnergyMonitor's rules: gpus=0 or [0.5] is refused by name, [] is no GPU
     sensors: list[Sensor] = []
     wants_gpu = gpus is not None and not (gpus == "auto" and cuda_indices is not None and not cuda_indices)
     if wants_gpu:
@@ -51,7 +54,11 @@ def build_sensors(
                     log.warning("%s; CPU energy falls back to an estimate.", exc)
                     break
                 log.warning("%s; CPU energy is measured by RAPL, DRAM's is not counted.", exc)
-            except (FileNotFoundError, OSError, ValueError):
+            except (OSError, ValueError) as exc:
+                if not (isinstance(exc, FileNotFoundError) and str(exc).startswith("no RAPL")):  # (none: said nowhere)
+                    log.warning("RAPL %s cannot be read (%s); %s", component, exc,
+                                "CPU energy falls back to an estimate." if component == "cpu" else
+                                "CPU energy is measured by RAPL, DRAM's is not counted.")
                 if component == "dram":
                     continue
                 break
@@ -69,6 +76,11 @@ def build_gpu_sensor(gpus: Any = "auto", cuda_indices: Any = None, nvml: Any = N
     that is there but fails listing its devices (a driver fault, no access to the device files) is that
     warning whatever ``gpus`` says, and the run goes on with what else it measures.
     """
+    from green_callbacks.validation import check_gpus
+
+    gpus = check_gpus(gpus)
+    if gpus is None:
+        return None
     torch = sys.modules.get("torch")
     rocm = torch is not None and bool(getattr(getattr(torch, "version", None), "hip", None))
 

@@ -58,13 +58,16 @@ class RaplSensor(Sensor):
     """One component (``cpu`` or ``dram``) from the powercap energy counters (µJ).
 
     Counters wrap at ``max_energy_range_uj``; the sampler reads them every tick, far more often
-    than the minutes a wrap takes, so a delta that goes negative is one wrap. A zone whose file
-    vanishes becomes ``unavailable`` with one warning.
+    than the minutes a wrap takes, so a delta that goes negative is one wrap, unless that wrap would be more energy
+    than ``most_w`` for the time since the last read: then the counter was reset (one warning), and its new value is
+    what was spent since. A zone whose file vanishes becomes ``unavailable`` with one warning.
 
     Raises:
         RaplPermissionError: ``energy_uj`` exists but cannot be read (see ``RAPL_FIX``).
         FileNotFoundError: no zone of this component under ``root``.
     """
+
+    most_w = 2000.0  # more than any CPU socket or its DRAM draws: a counter step beyond it is no wrap
 
     def __init__(self, component: str = "cpu", root: Path | str = POWERCAP_ROOT) -> None:
         super().__init__()
@@ -118,6 +121,13 @@ class RaplSensor(Sensor):
         delta = uj - zone.last_uj
         if delta < 0:
             delta += zone.max_range_uj
+            elapsed_s = now_s - zone.last_t_s if zone.last_t_s is not None else 0.0
+            if delta / 1e6 > self.most_w * max(elapsed_s, 1.0):  # more than any socket spends meanwhile: a reset
+                self.warn_once(f"reset-{zone.label}",
+                               f"RAPL {zone.label}: the counter went back from {zone.last_uj} to {uj} µJ, not by a "
+                               "wrap (that would be more energy than any socket spends meanwhile): taken as a reset, "
+                               "and counting goes on from its new value.")
+                delta = uj if uj / 1e6 <= self.most_w * max(elapsed_s, 1.0) else 0
         zone.joules += delta / 1e6
         if zone.last_t_s is not None and now_s > zone.last_t_s:
             zone.power_w = delta / 1e6 / (now_s - zone.last_t_s)
