@@ -307,7 +307,9 @@ class RunLedger:
     def run_time_s(self) -> float:
         """The run's time so far: its fits', each from its start to its end (the time between them not counted)."""
         started = getattr(self, "_t_start", None) if getattr(self, "started", False) else None
-        return time.monotonic() - started if started is not None else self.time_before_s
+        ended = getattr(self, "_end_s", None)  # the end under way: its wait for MLflow is not the run's time
+        return (ended if ended is not None else time.monotonic()) - started if started is not None else \
+            self.time_before_s
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         from green_callbacks.sinks import RunRef

@@ -28,6 +28,25 @@ _RUNNING: list[weakref.ref[EnergyTracker]] = []
 _UNCAUGHT: list[type[BaseException]] = []
 _SIGNALS: list[int] = []  # SIGTERM / SIGINT received, whoever handled them
 _HOOKED = False
+_TERM_PENDING = False  # a SIGTERM came while a tracker was ending: the process ends by it once the end is done
+
+
+class Terminated(SystemExit):
+    """A SIGTERM while a tracker waits for MLflow at its end: the wait ends at once (as for Ctrl-C), the run's files
+    are written and spooled, its status set, then the process ends by the signal as it would have."""
+
+
+def term_pending() -> bool:
+    return _TERM_PENDING
+
+
+def end_by_sigterm() -> None:
+    """The default action of a SIGTERM that came while a tracker was ending: the other trackers end ``KILLED``,
+    then the process ends by the signal, as without this package."""
+    for tracker in live_trackers():
+        tracker.finish("KILLED")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def register(tracker: EnergyTracker) -> None:
@@ -91,7 +110,14 @@ def _install_hooks() -> None:
         return
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         def on_sigterm(signum: int, frame: Any) -> None:
+            global _TERM_PENDING
             _SIGNALS.append(signum)
+            ending = [t for t in live_trackers() if t._finishing_status is not None]
+            if ending:  # its end finishes its files first (a wait for MLflow ends at once), then the signal acts
+                _TERM_PENDING = True
+                if any(t.waiting_for_mlflow for t in ending):
+                    raise Terminated(128 + signum)
+                return
             for tracker in live_trackers():
                 tracker.finish("KILLED")
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

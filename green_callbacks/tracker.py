@@ -194,6 +194,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         self._epoch_eval = (0.0, 0.0)
         self._epoch_start_step = self._last_point_step
         self._finishing_status: str | None = None
+        self.waiting_for_mlflow = False  # in the end's wait for MLflow: a SIGTERM ends the wait (process.py)
         self._fit_start = time.monotonic()
         self._t_start = self._fit_start - self.time_before_s  # a run continued: its earlier fits' time too
         process.register(self)
@@ -292,7 +293,10 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         trace = None
         report = self.rank.is_zero and len(self.records) > self._reported  # a later stage re-reports only news
         confirmed = True
-        interrupted: KeyboardInterrupt | None = None  # Ctrl-C in the wait for MLflow: the outputs first, then it
+        # Ctrl-C or SIGTERM in the wait for MLflow (Lightning's SIGTERMException, or this package's Terminated): the
+        # outputs first, then it
+        interrupted: KeyboardInterrupt | SystemExit | None = None
+        self._end_s = time.monotonic()  # the run's time ends here, not after the wait
         try:
             if self.meter is not None:
                 if cut_short or self.epoch_open:  # interrupted: this rank's part, without collectives
@@ -310,9 +314,12 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
                 if self.sink is not None:  # MLflow has the run, so its id names the outputs (one wait, shared)
                     confirmed = False  # a wait cut short (Ctrl-C) is not waited again by close()
                     try:
+                        self.waiting_for_mlflow = True
                         confirmed = self.sink.flush(self.sink.close_wait_s, ending=True)
-                    except KeyboardInterrupt as exc:  # the files are quick, and spooled for the sender or a replay
+                    except (KeyboardInterrupt, SystemExit) as exc:  # the files are quick, and spooled for the sender
                         interrupted = exc
+                    finally:
+                        self.waiting_for_mlflow = False
                     self.run = self.run or self.sink.run_ref
                 if not self.dry_run:
                     outputs.write(self, trace)
@@ -320,9 +327,12 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
             if self.sink is not None:
                 self.sink.set_status(status, end_ms=ended_ms)
                 try:
+                    self.waiting_for_mlflow = True
                     parked = keep_sink and confirmed and status == "FINISHED" and self._park_sink()
-                except KeyboardInterrupt as exc:  # the end goes on (closed without waiting), then the Ctrl-C
+                except (KeyboardInterrupt, SystemExit) as exc:  # the end goes on (closed without waiting), then it
                     parked, confirmed, interrupted = False, False, exc
+                finally:
+                    self.waiting_for_mlflow = False
                 if not parked:
                     self.sink.close(None if confirmed else 0.0)
                 self.run = self.run or self.sink.run_ref
@@ -333,7 +343,10 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
             self.started = False
             self._finishing_status = None
             process.unregister(self)
-            if interrupted is not None:  # whatever came after it, the Ctrl-C goes on
+            self._end_s = None
+            if isinstance(interrupted, process.Terminated) or (interrupted is None and process.term_pending()):
+                process.end_by_sigterm()  # the SIGTERM that came during the end acts now, as it would have
+            if interrupted is not None:  # whatever came after it, the Ctrl-C (or Lightning's SIGTERM) goes on
                 raise interrupted
 
     def _park_sink(self) -> bool:

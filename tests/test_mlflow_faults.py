@@ -715,12 +715,28 @@ pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=2, callbacks=[
 """
 
 
+INTERRUPTED_LOOP_END = """
+import sys
+from green_callbacks import EnergyTracker
+
+with EnergyTracker(tracking_uri=sys.argv[1], output_dir=sys.argv[2], mlflow_wait_s=30) as tracker:
+    with tracker.epoch(0):
+        sum(range(10 ** 6))
+    print("end", flush=True)
+"""
+
+
 @pytest.mark.slow
-def test_ctrl_c_while_the_end_waits_for_mlflow_ends_at_once(tmp_path):
+@pytest.mark.parametrize("script_text, sig", [(INTERRUPTED_END, signal.SIGINT), (INTERRUPTED_END, signal.SIGTERM),
+                                              (INTERRUPTED_LOOP_END, signal.SIGTERM)],
+                         ids=["lightning-ctrl-c", "lightning-sigterm", "loop-sigterm"])
+def test_ctrl_c_while_the_end_waits_for_mlflow_ends_at_once(tmp_path, script_text, sig):
     """The server down, ``mlflow_wait_s=30``: a Ctrl-C in the end's wait for MLflow cut the flush short, and
-    close() then waited the whole 30 s again; and the run's files, written after that wait, were never written."""
+    close() then waited the whole 30 s again; and the run's files, written after that wait, were never written.
+    A SIGTERM there (``timeout``, Slurm, Kubernetes, ``docker stop``) killed the process at once, without its files,
+    and the finished training was marked KILLED; now it ends as a Ctrl-C does, then by the signal."""
     script = tmp_path / "interrupted.py"
-    script.write_text(INTERRUPTED_END)
+    script.write_text(script_text)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(script), f"http://127.0.0.1:{free_port()}", str(out)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=fake_nvml_env("{}"))
@@ -730,13 +746,17 @@ def test_ctrl_c_while_the_end_waits_for_mlflow_ends_at_once(tmp_path):
         wait_for("the sender tries MLflow", lambda: any(State.load(p).trying_since for p in spools()), 60)
         time.sleep(1.0)
         interrupted = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         proc.wait(timeout=60)
         assert time.monotonic() - interrupted < 10, "the end waited for MLflow again after the Ctrl-C"
+        if script_text is INTERRUPTED_LOOP_END:  # nobody else handles SIGTERM: the process ends by it, as it would
+            assert proc.returncode == -signal.SIGTERM
         # the run's files were written after the cut wait, not lost with it, and spooled as artifacts to send
         assert {p.name for p in out.glob("*/*")} >= {"intervals.csv", "summary.json", "power_trace.csv"}
         (spool,) = spools()
-        assert len([r for r in read_spool(spool).records if r.kind == "artifact"]) == 4
+        records = read_spool(spool).records
+        assert len([r for r in records if r.kind == "artifact"]) >= 3
+        assert [r.data["status"] for r in records if r.kind == "status"] == ["FINISHED"]  # the training had ended
     finally:
         proc.kill()
         for spool in out.glob("spool-*.jsonl"):
@@ -1208,3 +1228,24 @@ def test_a_sender_left_alone_with_a_hung_server_ends_with_its_linger(tmp_path, s
         assert time.monotonic() - closed < 25
     finally:
         proc.kill()
+
+
+@pytest.mark.slow
+def test_the_runs_time_ends_where_training_ended_not_after_the_wait_for_mlflow(tmp_path):
+    """Server down, ``mlflow_wait_s=3``: the summary said "over 36.3 s" for a training of 26.1 s (the end's wait for
+    MLflow counted as the run's time; its energy did not)."""
+    from green_callbacks import EnergyTracker
+
+    out = tmp_path / "out"
+    tracker = EnergyTracker(tracking_uri=f"http://127.0.0.1:{free_port()}", output_dir=str(out), mlflow_wait_s=3)
+    began = time.monotonic()
+    with tracker:
+        with tracker.epoch(0):
+            time.sleep(0.2)
+        trained_s = time.monotonic() - began
+    assert time.monotonic() - began >= 2.5, "the end did not wait for MLflow"
+    (summary,) = out.glob("*/summary.json")
+    assert 0.2 <= json.loads(summary.read_text())["duration_s"] < trained_s + 0.5
+    for spool in out.glob("spool-*[0-9a-f].jsonl"):
+        with contextlib.suppress(ProcessLookupError, TypeError, ValueError):
+            os.kill(State.load(spool).pid, signal.SIGKILL)
