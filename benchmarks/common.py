@@ -164,8 +164,19 @@ def measured_on(machine: str, script: str, quick: bool) -> str:
 
 
 def report(title: str, header: str, sections: list[tuple[str, str]], out: str | None) -> None:
-    """Print the sections as Markdown under ``header``; also write them to ``out`` when given."""
+    """Print the sections as Markdown under ``header``; also write them to ``out`` when given: into an existing file,
+    each section replaces the one of the same heading (or is added at the end), and every other section, written by
+    hand or by another script (``stopping.py``'s), is kept."""
     text = header + "\n\n" + "\n\n".join(f"## {name}\n\n{body}" for name, body in sections) + "\n"
     print(text)
-    if out:
-        Path(out).write_text(f"# {title}\n\n" + text)
+    if not out:
+        return
+    path = Path(out)
+    if not path.exists():
+        path.write_text(f"# {title}\n\n" + text)
+        return
+    top, *parts = path.read_text().split("\n## ")
+    kept = {part.split("\n", 1)[0].strip(): part for part in parts}
+    for name, body in sections:
+        kept[name] = f"{name}\n\n{body}\n\n*{header.strip()}*\n"
+    path.write_text("\n## ".join([top.rstrip("\n") + "\n", *(p.rstrip("\n") + "\n" for p in kept.values())]))
