@@ -264,6 +264,9 @@ class MlflowSink:
                 return True
             if self._state.blocked or self._sender_gone():
                 return False
+            writer = self._writer
+            if writer is not None and writer.unwritten and self._state.offset >= writer.offset:
+                return False  # the spool's disk is full: what it could not write never reaches the sender (rescued)
             elapsed = time.monotonic() - start
             trying = self._state.trying_since
             waited = 0.0 if trying is None else min(elapsed, time.time() - trying)
