@@ -32,6 +32,7 @@ class Measurement:
     joules: Mapping[str, Mapping[str, float]]
     methods: Mapping[str, Mapping[str, Method]]
     peak_power_w: Mapping[str, float] = field(default_factory=dict)
+    stale: frozenset[str] = frozenset()  # devices whose reads were failing at the window's end (short of their joules)
 
     @property
     def duration_s(self) -> float:
@@ -308,11 +309,13 @@ class EnergyMeter:
                  start: list[Reading], end: list[Reading], peak_w: dict[str, float]) -> Measurement:
         joules: dict[str, dict[str, float]] = {c: {} for c in self.components}
         methods: dict[str, dict[str, Method]] = {c: {} for c in self.components}
+        stale: set[str] = set()
         for sensor, a, b in zip(self.sensors, start, end, strict=True):
             for device, j_end in b.joules.items():
                 joules[sensor.component][device] = max(0.0, j_end - a.joules.get(device, 0.0))
                 methods[sensor.component][device] = b.methods.get(device, Method.UNAVAILABLE)
-        return Measurement(name, start_s, end_s, start_unix, joules, methods, dict(peak_w))
+            stale |= b.stale
+        return Measurement(name, start_s, end_s, start_unix, joules, methods, dict(peak_w), frozenset(stale))
 
     def describe(self) -> dict[str, dict[str, str]]:
         """Per component, what each device is (names, UUIDs, zones), for the run's params."""

@@ -236,7 +236,7 @@ def window_payload(m: Measurement, rank: int, node: str) -> dict[str, Any]:
     """One rank's window, as plain data for the all-gather."""
     return {"rank": rank, "node": node, "joules": {c: dict(d) for c, d in m.joules.items()},
             "methods": {c: {k: v.value for k, v in d.items()} for c, d in m.methods.items()},
-            "peak": dict(m.peak_power_w), "duration_s": m.duration_s}
+            "peak": dict(m.peak_power_w), "duration_s": m.duration_s, "stale": sorted(m.stale)}
 
 
 @dataclass(frozen=True)
@@ -281,6 +281,7 @@ def merge_ranks(payloads: Sequence[Mapping[str, Any]]) -> Merged:
     nodes = {p["node"] for p in payloads if any(c != "gpu" and p["joules"][c] for c in p["joules"])}
     gpu_index, peak = 0, 0.0
     for p in payloads:
+        stale = set(p.get("stale", ()))  # reads failing at the window's end: short of their joules, not a measurement
         for component, per_device in p["joules"].items():
             for device, joules in per_device.items():
                 if component == "gpu":
@@ -290,7 +291,7 @@ def merge_ranks(payloads: Sequence[Mapping[str, Any]]) -> Merged:
                     label = f"{p['node']}/{device}" if len(nodes) > 1 else device
                 devices.setdefault(component, {})[label] = joules
                 methods.setdefault(component, []).append(Method(p["methods"][component][device]))
-                if methods[component][-1] is Method.UNAVAILABLE:
+                if methods[component][-1] is Method.UNAVAILABLE or device in stale:
                     unread.add(label)
         peak += p["peak"].get("gpu", 0.0)
     return Merged(devices, {c: Method.weakest(ms).value for c, ms in methods.items()}, peak,

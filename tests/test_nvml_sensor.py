@@ -553,3 +553,35 @@ def test_a_gpu_whose_reads_hang_as_it_falls_off_the_bus_costs_no_wait_and_is_rec
     assert m.methods["gpu"] == {"gpu0": Method.COUNTER, "gpu1": Method.UNAVAILABLE}
     assert m.joules["gpu"]["gpu0"] == pytest.approx(truth(devs[0], m), rel=1e-3, abs=0.05)
     assert "has not returned for" in green_log.text
+
+
+def test_an_epoch_that_ends_while_reads_are_retried_logs_no_joules_for_that_gpu(fake_nvml, tmp_path):
+    """NVML failing (retried, not yet lost) across an epoch's end: that epoch was logged `energy/gpu0_j` = 0.0,
+    labelled `counter` (a 0 read as a measurement). Now the GPU is unread in that epoch (no per-GPU joules), the
+    epoch after the recovery counts the gap from the counter, the run's method stays `counter` and its total the
+    counter's."""
+    from green_callbacks import EnergyTracker
+    from green_callbacks.records import Kind
+
+    (dev,) = fake_nvml.configure([{"profile_seed": 3}])
+    calls = ("nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetFieldValues", "nvmlDeviceGetPowerUsage")
+    tracker = EnergyTracker(gpus="all", measure_cpu=False, mlflow=False, output_dir=str(tmp_path))
+    with tracker:
+        t0 = tracker.meter.clock()
+        with tracker.epoch(0):
+            busy_wait(0.5)
+        with tracker.epoch(1):
+            busy_wait(0.3)
+            for call in calls:
+                dev.faults[call] = fake_nvml.NVML_ERROR_TIMEOUT
+            busy_wait(1.2)  # the sampler's poll fails meanwhile
+        with tracker.epoch(2):
+            busy_wait(0.3)
+            dev.faults.clear()
+            busy_wait(1.5)  # a poll succeeds: the gap is counted
+        t1 = tracker.meter.clock()
+    epochs = [r for r in tracker.records if r.kind is Kind.EPOCH]
+    assert [("gpu0" in r.unread) for r in epochs] == [False, True, False]
+    assert {r.methods["gpu"] for r in epochs} == {"counter"}
+    assert sum(r.components_j["gpu"] for r in tracker.records) == pytest.approx(dev.energy_between(t0, t1), rel=0.02)
+    assert epochs[2].components_j["gpu"] > dev.energy_between(t0, t1) * 0.4  # the gap is in it

@@ -38,6 +38,9 @@ class Reading:
     joules: dict[str, float]
     methods: dict[str, Method]
     power_w: dict[str, float] = field(default_factory=dict)
+    # devices whose reads are failing now (retried, not yet lost): their joules stop at the first failure until a
+    # read succeeds, which then counts the gap; a window ending now is short of theirs
+    stale: frozenset[str] = frozenset()
 
 
 class Sensor(abc.ABC):

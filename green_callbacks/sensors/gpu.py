@@ -405,7 +405,7 @@ class GpuEnergySensor(Sensor):
         return self._reading(now_s, fresh=False)
 
     def _reading(self, now_s: float, fresh: bool | None) -> Reading:
-        joules, methods, power = {}, {}, {}
+        joules, methods, power, stale = {}, {}, {}, set()
         at_edge = fresh is not False  # a peek between edges shows, but never holds, what runs ahead
         polled: set[str] = set()
         # an edge reads the counters where reads are cheap, each where the sampler is not in a call on its device (it
@@ -440,4 +440,6 @@ class GpuEnergySensor(Sensor):
                     gpu.shown_j = joules[label]
                 methods[label] = gpu.method
                 power[label] = gpu.power_w
-        return Reading(joules, methods, power)
+                if gpu.failing_since is not None and gpu.method is not Method.UNAVAILABLE:
+                    stale.add(label)
+        return Reading(joules, methods, power, frozenset(stale))
