@@ -107,8 +107,9 @@ class RaplSensor(Sensor):
 
     def _lose(self, zone: _Zone, exc: Exception) -> None:
         zone.method = Method.UNAVAILABLE
+        fix = f" {RAPL_FIX}" if isinstance(exc, PermissionError) else ""  # (made root-only mid-run: the same fix)
         self.warn_once(f"lost-{zone.label}", f"RAPL {zone.label}: {exc}; its energy is 'unavailable' "
-                       "from now on, the joules measured before are kept.")
+                       f"from now on, the joules measured before are kept.{fix}")
 
     def _poll(self, zone: _Zone, now_s: float) -> None:
         if zone.method is Method.UNAVAILABLE:
