@@ -798,3 +798,27 @@ def test_the_sender_takes_only_the_cpu_the_training_leaves_free_across_sessions(
             time.sleep(0.05)
     assert group.endswith("nice 19\n"), group
     assert Path("/proc/self/autogroup").read_text() == before
+
+
+@pytest.mark.slow
+def test_a_locked_sqlite_store_is_said_to_be_locked_not_unreachable(tmp_path):
+    """Another process holding the default store's write lock (a second training, `mlflow ui` migrating it) was
+    reported as "MLflow at sqlite:///... cannot be reached"."""
+    import sqlite3
+
+    from green_callbacks.sinks.sender import Sender
+
+    uri = ready_store(tmp_path, "m.db")
+    MlflowClient(uri).search_experiments()
+    spool = write_spool(tmp_path / "spool-lk.jsonl", RunTarget(uri, experiment_name="locked"), epochs(1))
+    holder = sqlite3.connect(uri.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        sender = Sender(spool)
+        sender.read(final=True)
+        sender.send()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    notes = " ".join(sender.state.notes)
+    assert "is locked by another process" in notes and "cannot be reached" not in notes, notes

@@ -49,6 +49,7 @@ class Pacing:
             return  # another training is creating the same new store this instant: not an outage
         answer = answer_of(exc)
         state = f"answers {answer}" if answer else "does not answer in time" if timed_out(exc) else \
+            "is locked by another process (sqlite: one writer at a time)" if "database is locked" in str(exc) else \
             "cannot be reached"
         if self.note("down", f"green-callbacks: MLflow at {self.uri} {state} ({describe(exc)}); the "
                              f"records wait in {self.spool} and are sent when it is back.", again_after_s=RENOTE_S):
