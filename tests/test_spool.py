@@ -780,26 +780,6 @@ def test_an_mlflow_error_code_is_said_once():
     assert describe(local) == "INVALID_PARAMETER_VALUE: 'Metric name' is too long"
 
 
-@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="no scheduler autogroups on this kernel")
-def test_the_sender_takes_only_the_cpu_the_training_leaves_free_across_sessions(tmp_path):
-    """With autogroups, the sender's own session (``start_new_session``) is a group of its own, shared the CPU
-    fairly with the training's whatever its SCHED_IDLE: its MLflow import and store set-up stalled a CPU-bound
-    training 2.6-3.7 s. Its group runs at nice 19, and the training's group is left as it was."""
-    from green_callbacks import EnergyTracker
-
-    before = Path("/proc/self/autogroup").read_text()
-    tracker = EnergyTracker(tracking_uri=ready_store(tmp_path, "m.db"), output_dir=str(tmp_path / "out"))
-    with tracker:
-        pid = tracker.sink.sender_pid
-        deadline = time.monotonic() + 30
-        while "nice 19" not in (group := Path(f"/proc/{pid}/autogroup").read_text()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        with tracker.epoch(0):
-            time.sleep(0.05)
-    assert group.endswith("nice 19\n"), group
-    assert Path("/proc/self/autogroup").read_text() == before
-
-
 @pytest.mark.slow
 def test_a_locked_sqlite_store_is_said_to_be_locked_not_unreachable(tmp_path):
     """Another process holding the default store's write lock (a second training, `mlflow ui` migrating it) was

@@ -21,20 +21,8 @@ from green_callbacks.sinks.spool import WAKE, lock, log_path, open_own
 POLL_S = 0.2
 
 
-def lowest_autogroup() -> None:
-    """Linux with autogroups (``kernel.sched_autogroup_enabled``, the default on desktop and many server kernels)
-    shares the CPU between sessions first, and the sender runs in a session of its own (``start_new_session``): its
-    SCHED_IDLE then ranks it only within its own group, so its MLflow import and store set-up took a CPU's fair
-    share from the training (2.6-3.7 s of stalled epochs about 10 s into a CPU-bound training on 2 cores). Its group
-    at nice 19 gives it what the training leaves free (0.45-0.59 s). An unprivileged process may lower its own."""
-    if hasattr(os, "getsid") and os.getsid(0) == os.getpid():  # its own session's group, never the training's
-        with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
-            f.write("19")
-
-
 def _lower_priority() -> None:
     """Telemetry takes the CPU time training leaves free."""
-    lowest_autogroup()
     with contextlib.suppress(AttributeError, OSError):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         return
