@@ -275,6 +275,16 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
 
     @never_raises
     def finish(self, status: str = "FINISHED", keep_sink: bool = False) -> None:
+        """Close the meter; keep what an interrupted run measured; write outputs, the summary and the status (see
+        :meth:`_finish`). A SIGTERM that came while this end was under way acts once it is done, whatever
+        happened in it (the process ends by the signal, as it would have)."""
+        try:
+            self._finish(status, keep_sink)
+        finally:
+            if process.term_pending() and not any(t._finishing_status is not None for t in process.live_trackers()):
+                process.end_by_sigterm()
+
+    def _finish(self, status: str, keep_sink: bool) -> None:
         """Close the meter; keep what an interrupted run measured; write outputs, the summary and the status.
 
         ``keep_sink``: a stage outside training (HF ``evaluate()``, Lightning ``test()``) whose records and status
@@ -334,7 +344,13 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
                 finally:
                     self.waiting_for_mlflow = False
                 if not parked:
-                    self.sink.close(None if confirmed else 0.0)
+                    try:  # close's wait (the files and status just spooled): a SIGTERM or Ctrl-C ends it too
+                        self.waiting_for_mlflow = True
+                        self.sink.close(None if confirmed else 0.0)
+                    except (KeyboardInterrupt, SystemExit) as exc:  # (close did the rest without waiting)
+                        interrupted = interrupted or exc
+                    finally:
+                        self.waiting_for_mlflow = False
                 self.run = self.run or self.sink.run_ref
             if report:
                 self._reported = len(self.records)
@@ -344,10 +360,8 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
             self._finishing_status = None
             process.unregister(self)
             self._end_s = None
-            if isinstance(interrupted, process.Terminated) or (interrupted is None and process.term_pending()):
-                process.end_by_sigterm()  # the SIGTERM that came during the end acts now, as it would have
-            if interrupted is not None:  # whatever came after it, the Ctrl-C (or Lightning's SIGTERM) goes on
-                raise interrupted
+            if interrupted is not None and not isinstance(interrupted, process.Terminated):
+                raise interrupted  # whatever came after it, the Ctrl-C (or Lightning's SIGTERM) goes on
 
     def _park_sink(self) -> bool:
         """Wait for MLflow to confirm the stage's end, and keep the sink open, idle, for the next stage into the same

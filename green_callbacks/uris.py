@@ -57,6 +57,13 @@ def redact(uri: str | None) -> str | None:
         taken_apart = whole = False
     if taken_apart or whole:
         return clean
+    try:  # an "@" only after a clean host (``http://host:5000/a@b``, ``//srv/share@x``): no credentials, kept as is
+        parts = urlsplit(uri)
+        _ = parts.port  # (raises for a port that is no number)
+        if "@" not in parts.netloc and (parts.hostname or not parts.scheme):
+            return uri
+    except ValueError:  # a port that is no number: a password cut at "/", "?" or "#" (``http://me:p/w@host``)
+        pass
     return _USERINFO.sub(lambda m: f"{m.group(1) or ''}//***@", uri, count=1)
 
 

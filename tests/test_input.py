@@ -467,3 +467,19 @@ def test_gpus_given_twice_or_not_as_indices_are_refused_by_the_sensors_too():
             build_sensors(gpus=gpus, measure_cpu=False)
         with pytest.raises(ValueError, match=message):
             choose_indices(gpus, None, 2, None)
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("http://host:5000/a@b", "http://host:5000/a@b"),  # an "@" in a path, no credentials: kept as it is
+    ("https://host/?t=a@b", "https://host/?t=a@b"),
+    ("//srv/share@x/mlruns", "//srv/share@x/mlruns"),
+    ("http://me:p/w@host", "http://***@host"),  # a password cut at "/": hidden whole
+    ("http://me:p#w@host", "http://***@host"),
+    ("http://me:pw@host:5000", "http://host:5000"),
+])
+def test_redact_hides_passwords_and_leaves_uris_without_one_as_they_are(uri, shown):
+    """The redaction of URIs that cannot be taken apart also rewrote URIs without credentials (an "@" in a path or a
+    query), and the result chose where the spool's records went."""
+    from green_callbacks.uris import redact
+
+    assert redact(uri) == shown

@@ -246,6 +246,14 @@ def test_replay_writes_nothing_through_a_link_planted_beside_the_spool(tmp_path,
     os.link(bashrc, hard)
     os.close(open_own(hard, os.O_WRONLY | os.O_APPEND | os.O_CREAT))
     assert bashrc.read_text() == "export PATH=$HOME/bin:$PATH\n" and hard.stat().st_nlink == 1
+    copy = tmp_path / "rescued.jsonl"  # a rescued copy is written with O_TRUNC: a hard link's target is not emptied
+    os.link(bashrc, copy)
+    os.close(open_own(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
+    assert bashrc.read_text() == "export PATH=$HOME/bin:$PATH\n"
+    fifo = tmp_path / "spool-a3.jsonl.fifo"  # a FIFO at the name: refused at once, not waited on
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        open_own(fifo, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     assert not rejected_path(spool).is_symlink() and rejected(spool)[0]["content"]["kind"] == "params"
     assert client.get_run(victim).data.metrics == {"energy/epoch_j": 0.0, "time/epoch_s": 0.1}
 
@@ -255,12 +263,14 @@ def test_into_a_run_it_did_not_open_a_forged_spool_logs_only_this_packages_metri
     uri, client, victim = store
     client.log_metric(victim, "val_acc", 0.80, step=10)
     spool = write_spool(tmp_path / "spool-a1.jsonl", RunTarget(uri, victim),
-                        [("metrics", {"val_acc": 0.999, "test_acc": 0.999, "energy/epoch_j": 5.0}, 11),
+                        [("metrics", {"val_acc": 0.999, "test_acc": 0.999, "energy/epoch_j": 5.0, "test/samples": 8.0},
+                          11),
                          ("metrics", {"energy/epoch_j": 2.0}, 2 ** 70)])
     assert cli(["replay", str(spool)]) == 0
     assert [(m.step, m.value) for m in client.get_metric_history(victim, "val_acc")] == [(10, 0.80)]
     assert "test_acc" not in client.get_run(victim).data.metrics
     assert [(m.step, m.value) for m in client.get_metric_history(victim, "energy/epoch_j")] == [(11, 5.0)]
+    assert client.get_run(victim).data.metrics["test/samples"] == 8.0  # a stage's own count is this package's
     reasons = [r["reason"] for r in rejected(spool)]
     assert any("['test_acc', 'val_acc'] are not green-callbacks' own" in r for r in reasons), reasons
     assert any("not numbers MLflow takes" in r for r in reasons), reasons

@@ -321,7 +321,11 @@ class MlflowSink:
         writer.append("close", {"wait_s": wait})
         writer.sync()
         self._wake()
-        done = self._wait(wait, lambda: self._state.done)
+        interrupted: BaseException | None = None
+        try:
+            done = self._wait(wait, lambda: self._state.done)
+        except (KeyboardInterrupt, SystemExit) as exc:  # a Ctrl-C or SIGTERM ends the wait: the rest, then it
+            done, interrupted = False, exc
         self._remember(done, wait > 0)
         if not done:
             writer.append("detach", {})  # the sender is on its own from here: it removes the files when done
@@ -351,5 +355,7 @@ class MlflowSink:
                         "Send them with: green-callbacks replay %s", self._unsent(), uri, writer.path, lost, trying,
                         rescued or writer.path)
         self._closed = done
+        if interrupted is not None:
+            raise interrupted
         return done
 

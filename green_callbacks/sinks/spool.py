@@ -87,8 +87,11 @@ def log_path(spool: Path) -> Path:
 def open_own(path: Path, flags: int, mode: int = 0o600) -> int:
     """``os.open`` for a file this package writes beside a spool, never through a link: a symbolic link planted at
     the name (or a hard link to another file: a second name for it) is removed and the file made anew, so what is
-    written lands in a file of its own, not in the link's target (``~/.bashrc``)."""
-    flags |= os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    written lands in a file of its own, not in the link's target (``~/.bashrc``). ``O_TRUNC`` is applied only once
+    the file is known to be its own (a hard link's target is never emptied); a FIFO at the name does not block."""
+    truncate = bool(flags & os.O_TRUNC)
+    flags = (flags & ~os.O_TRUNC) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | \
+        getattr(os, "O_NONBLOCK", 0)
     for _ in range(3):
         try:
             fd = os.open(path, flags, mode)
@@ -99,6 +102,10 @@ def open_own(path: Path, flags: int, mode: int = 0o600) -> int:
             continue
         info = os.fstat(fd)
         if stat.S_ISREG(info.st_mode) and info.st_nlink <= 1:
+            if hasattr(os, "set_blocking"):
+                os.set_blocking(fd, True)
+            if truncate:
+                os.ftruncate(fd, 0)
             return fd
         os.close(fd)
         if not stat.S_ISREG(info.st_mode):

@@ -45,7 +45,7 @@ CREDENTIAL_ENV = (PASSWORD_ENV, "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # run ids and local ids: nothing a search filter would read as syntax
 # the names this package logs (docs/metrics.md): into a run it did not open, a replay sends no others
 OWN_METRICS = ("energy/", "power/", "emissions/", "cost/", "efficiency/", "stopping/", "projection/", "throughput/",
-               "time/")
+               "time/", "test/samples", "predict/samples", "evaluate/samples", "validate/samples")  # (stage_metrics)
 REFUSED = "refused"  # the kind a record takes once vetting refused it; set aside when it reaches the head
 
 
@@ -117,7 +117,8 @@ class ReplaySender(Sender):
         for path in (spool, state_path(spool)):
             if (why := not_yours(path)) is not None:
                 raise ValueError(f"{path} {why}: replay sends only your own spools (one another user wrote could "
-                                 "send your files, or your credentials, where it likes, or change your runs)")
+                                 "send your files, or your credentials, where it likes, or change your runs); run "
+                                 "replay as its owner, or take the files over (chown) if you trust them")
         super().__init__(spool, tracking_uri)
         self.folder = spool.resolve().parent
         target = self.header.get("target")
@@ -198,13 +199,16 @@ class ReplaySender(Sender):
             return f"{p} {owner}: {why}"
         return None
 
+    _vetted_line = 0  # the last line whose metrics _foreign_metrics looked at
+
     def _foreign_metrics(self) -> None:
         """Into a run this spool's tag does not prove this package opened (a trainer's logger's, or one a forged
         header names), only this package's own metrics go; the others (a plain loop's ``report`` sends the user's
         metrics into the tracker's own run) are set aside."""
         for i, r in enumerate(self.pending):
-            if not (isinstance(r, Record) and r.kind in ("metrics", "held")):
+            if not (isinstance(r, Record) and r.kind in ("metrics", "held")) or r.line <= self._vetted_line:
                 continue
+            self._vetted_line = r.line  # each record looked at once (the queue is rescanned at every send)
             foreign = sorted(k for k in r.data if not (isinstance(k, str) and k.startswith(OWN_METRICS)))
             if foreign:
                 self._set_aside(r.line, f"metrics {foreign} are not green-callbacks' own, and the run "
