@@ -16,7 +16,7 @@ from typing import Any
 
 from green_callbacks.distributed import RankInfo, gather
 from green_callbacks.sensors.base import log
-from green_callbacks.uris import redact
+from green_callbacks.uris import redact, without_credentials
 
 
 class RunHost:
@@ -123,7 +123,7 @@ class Session:
 
 def fluent_uri() -> str | None:
     mlflow = sys.modules.get("mlflow")
-    return redact(mlflow.get_tracking_uri()) if mlflow is not None else None
+    return without_credentials(mlflow.get_tracking_uri()) if mlflow is not None else None
 
 
 def same_store(uri: str) -> bool:

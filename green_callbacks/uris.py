@@ -39,6 +39,13 @@ def split_credentials(uri: str | None) -> tuple[str | None, dict[str, str]]:
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:)?//([^/].*)@", re.S)
 
 
+def without_credentials(uri: str | None) -> str | None:
+    """``uri`` less the user and password it holds as a URL parser (MLflow's too) reads them, nothing else changed:
+    for the URIs records are sent to (a spool's header, replay's destination). :func:`redact` is for what is shown
+    or written, and hides more (``http://host/a@b`` is shown ``http://***@b``, as a password cut at "/" would be)."""
+    return split_credentials(uri)[0]
+
+
 def redact(uri: str | None) -> str | None:
     """``uri`` without its user and password (unchanged when it has none).
 
@@ -57,13 +64,6 @@ def redact(uri: str | None) -> str | None:
         taken_apart = whole = False
     if taken_apart or whole:
         return clean
-    try:  # an "@" only after a clean host (``http://host:5000/a@b``, ``//srv/share@x``): no credentials, kept as is
-        parts = urlsplit(uri)
-        _ = parts.port  # (raises for a port that is no number)
-        if "@" not in parts.netloc and (parts.hostname or not parts.scheme):
-            return uri
-    except ValueError:  # a port that is no number: a password cut at "/", "?" or "#" (``http://me:p/w@host``)
-        pass
     return _USERINFO.sub(lambda m: f"{m.group(1) or ''}//***@", uri, count=1)
 
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from green_callbacks.sinks.spool import FORMAT
-from green_callbacks.uris import redact
+from green_callbacks.uris import without_credentials
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def spool_header(target: RunTarget, local_id: str, cadence_s: float = 5.0, first
     """The spool's first record: all a sender (or a replay, days later) needs to find or create the run."""
     return {"format": FORMAT, "target": asdict(target), "local_id": local_id, "pid": os.getpid(),
             "host": socket.gethostname(), "cwd": os.getcwd(), "t_ms": int(time.time() * 1000),
-            "env_tracking_uri": redact(os.environ.get("MLFLOW_TRACKING_URI")),
+            "env_tracking_uri": without_credentials(os.environ.get("MLFLOW_TRACKING_URI")),
             "env_experiment_name": os.environ.get("MLFLOW_EXPERIMENT_NAME"),
             "env_experiment_id": os.environ.get("MLFLOW_EXPERIMENT_ID"),
             "cadence_s": cadence_s, "first_send_s": first_send_s, "linger_s": linger_s}

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 from green_callbacks.sinks.sender import Sender
 from green_callbacks.sinks.spool import Record, Unreadable, state_path
 from green_callbacks.sinks.tracking import LOCAL_ID_TAG, Blocked, resolve_uri
-from green_callbacks.uris import PASSWORD_ENV, redact
+from green_callbacks.uris import PASSWORD_ENV, without_credentials
 
 ARTIFACT_DIR = "green_callbacks"  # outputs.ARTIFACT_DIR, without importing the tracker's side
 ARTIFACT_NAMES = ("intervals.csv", "power_trace.csv", "summary.json", "power.png")  # outputs._write_files
@@ -137,7 +137,7 @@ class ReplaySender(Sender):
         self.claimed_run: str | None = target.get("run_id")
         self.user_named = tracking_uri is not None
         recorded = self.state.tracking_uri if isinstance(self.state.tracking_uri, str) else None
-        self.override = tracking_uri or redact(recorded or resolve_uri(self.header))
+        self.override = tracking_uri or without_credentials(recorded or resolve_uri(self.header))
         if not self.user_named:
             self._check_destination(self.override)
         self.header = {**self.header, "target": {**target, "owned": False}}  # a claim sets no status, proof does
@@ -152,7 +152,7 @@ class ReplaySender(Sender):
             raise ValueError(f"{self.spool} names the MLflow store {uri}, which {why}: replay writes only to "
                              f"stores of your own: {again}")
         secrets = credentials()
-        env_uri = redact(os.environ.get("MLFLOW_TRACKING_URI"))
+        env_uri = without_credentials(os.environ.get("MLFLOW_TRACKING_URI"))
         if store is None and secrets and (not env_uri or _server(env_uri) != _server(uri)):
             raise ValueError(f"{self.spool} names the server {uri}; MLflow credentials here "
                              f"({', '.join(secrets)}) go only to a server you name: {again}")
