@@ -41,8 +41,9 @@ def term_pending() -> bool:
 
 
 def end_by_sigterm() -> None:
-    """The default action of a SIGTERM that came while a tracker was ending: the other trackers end ``KILLED``,
-    then the process ends by the signal, as without this package."""
+    """A SIGTERM nobody else handles, now or once the end it came during is done: the trackers still running end
+    ``KILLED`` (their partial interval and summary recorded), then the process ends by the signal, as without this
+    package."""
     for tracker in live_trackers():
         tracker.finish("KILLED")
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -118,10 +119,7 @@ def _install_hooks() -> None:
                 if any(t.waiting_for_mlflow for t in ending):
                     raise Terminated(128 + signum)
                 return
-            for tracker in live_trackers():
-                tracker.finish("KILLED")
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+            end_by_sigterm()  # the partial interval and summary recorded, then the default action
 
         signal.signal(signal.SIGTERM, on_sigterm)
     elif callable(signal.getsignal(signal.SIGTERM)):  # the user's own (a preemption handler): recorded, then run
