@@ -212,9 +212,11 @@ MAX_SECONDS = 7 * 86_400.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from green_callbacks import __version__
     from green_callbacks.comparison import ENERGY_CHOICES
 
     parser = argparse.ArgumentParser(prog="green-callbacks", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("probe", help="what can be measured on this machine, and how")
     p.add_argument("--gpus", choices=["auto", "all"], default="all")

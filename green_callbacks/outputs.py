@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from green_callbacks.accounting import J_PER_KWH
 from green_callbacks.process import warn_once
 from green_callbacks.records import Kind, run_methods
 
@@ -23,14 +24,14 @@ def summary(t: EnergyTracker) -> dict[str, Any]:
     epochs = [r for r in t.records if r.kind is Kind.EPOCH]
     last = t.records[-1] if t.records else None
     out: dict[str, Any] = {
-        "energy_j": t.cumulative_j, "energy_kwh": t.cumulative_j / 3.6e6, "emissions_g": t.cumulative_g,
+        "energy_j": t.cumulative_j, "energy_kwh": t.cumulative_j / J_PER_KWH, "emissions_g": t.cumulative_g,
         "cost": t.cumulative_cost, "currency": t.accountant.currency if t.cumulative_cost is not None else None,
         "duration_s": t.run_time_s() if last is not None else 0.0, "epochs": len(epochs),
         "evaluations": t.evaluations, "last_step": last.step if last is not None else 0,
         "methods": run_methods(t.records), "world_size": t.rank.world_size,
         **t.accountant.as_params()}
     if t.accountant.series is not None and t.cumulative_j > 0:  # the series' mean over the run, as the windows used it
-        out["carbon_intensity_g_per_kwh"] = f"{t.cumulative_g / (t.cumulative_j / 3.6e6 * t.accountant.pue):.4g}"
+        out["carbon_intensity_g_per_kwh"] = f"{t.cumulative_g / (t.cumulative_j / J_PER_KWH * t.accountant.pue):.4g}"
         out["carbon_intensity_label"] += "; the run's mean as its windows took it"
     if not t.measured_in_run:  # nothing measured on any rank in this training: no 0 J as a measurement
         out.update(energy_j=None, energy_kwh=None, emissions_g=None, cost=None, currency=None)

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from green_callbacks.accounting import Footprint
+from green_callbacks.accounting import J_PER_KWH, Footprint
 from green_callbacks.meter import Measurement
 from green_callbacks.sensors import Method
 
@@ -176,7 +176,7 @@ def evaluation_metrics(r: IntervalRecord, wanted: Sequence[str] | None) -> dict[
 
 def total_metrics(cumulative_j: float, cumulative_g: float, cost: float | None, duration_s: float) -> dict[str, float]:
     """Once, when the run ends: the totals (the last value of the cumulative series may predate the end)."""
-    out = {"energy/total_j": cumulative_j, "energy/total_kwh": cumulative_j / 3.6e6,
+    out = {"energy/total_j": cumulative_j, "energy/total_kwh": cumulative_j / J_PER_KWH,
            "emissions/total_g": cumulative_g, "time/total_s": duration_s}
     if cost is not None:
         out["cost/total"] = cost
@@ -188,7 +188,10 @@ def run_facts(accountant_params: Mapping[str, str], world_size: int, version: st
     """Once per run: carbon settings and world size as params; methods and devices as tags."""
     params: dict[str, Any] = {f"green.{k}": v for k, v in accountant_params.items()}
     params.update({"green.world_size": world_size, "green.version": version})
-    gpu_names = [n for per_rank in names for k, n in per_rank.get("gpu", {}).items() if k != "edges"]
+    # each GPU under the job-wide label its metrics have (gpu0.. in rank order), with the CUDA device it is on its
+    # rank: a training on cuda:1 logs energy/gpu0_j, and this says which card that is
+    gpu_names = [f"gpu{i} = cuda:{k.removeprefix('gpu')} {n}" for i, (k, n) in enumerate(
+        (k, n) for per_rank in names for k, n in per_rank.get("gpu", {}).items() if k != "edges")]
     tags: dict[str, Any] = {f"green.method.{c}": m for c, m in record.methods.items()}
     tags.update({"green.gpu_count": sum(d.startswith("gpu") for d in record.devices_j),
                  "green.gpu_names": "; ".join(gpu_names) or "none",

@@ -80,7 +80,12 @@ class Stopper:
             raise ValueError(f"{cls.__name__}.from_file(..., {', '.join(f'{k}=' for k in unknown)}): not an argument "
                              f"of {cls.__name__}; choose from {valid}")
         table = read_section(path, cls.section, valid)
-        return cls(**{**table, **overrides})
+        try:
+            return cls(**{**table, **overrides})
+        except ValueError as exc:  # a bad value: say which file (or argument) it came from
+            given = "from_file's arguments" if set(overrides) & {str(exc).split("=", 1)[0]} else \
+                f"{path}, '{cls.section}'"
+            raise ValueError(f"{given}: {exc}") from None
 
 
 def _first_version_arguments(min_gain: str, min_evaluations: int, min_gain_per_kj: Any,

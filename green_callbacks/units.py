@@ -40,7 +40,9 @@ def currency_code(name: str, value: object, code: str) -> str:
     return upper
 
 
-_QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([A-Za-z]*)\s*(?:co2e?)?\s*$", re.I)
+# "CO2-equivalent" as people write it after a mass: CO2, CO2e, CO2eq, CO2-eq, CO2 equivalent, CO₂e
+_CO2 = r"(?:co2|co₂)(?:\s*[-_]?\s*(?:e|eq|equiv|equivalents?))?\.?"
+_QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([A-Za-z]*)\s*(?:" + _CO2 + r")?\s*$", re.I)
 
 
 def is_number(value: object) -> bool:
@@ -118,7 +120,7 @@ def _number(name: str, value: object, units: str, co2: bool = False) -> tuple[fl
     if not match:
         hint = "; the decimal point is '.'" if re.search(r"\d,\d", value) else ""
         raise ValueError(f"{name}={brief(value)} is not '<number> <unit>'; the units: {units}{hint}")
-    if not co2 and re.search(r"co2", value, re.I):
+    if not co2 and re.search(r"co[2₂]", value, re.I):
         raise ValueError(f"{name}={brief(value)}: CO2 is a mass of emissions; give it as the emissions budget "
                          "(like emissions='300 g')")
     return float(match.group(1)), match.group(2)

@@ -436,7 +436,7 @@ def test_a_lightning_run_logs_the_amd_gpus_energy_into_mlflow(fake_amdsmi, tmp_p
     assert len(gpu0) == len(exact) == 2
     assert gpu0 == pytest.approx(exact, rel=1e-3, abs=0.05) and gpu == pytest.approx(gpu0)
     assert run.data.tags["green.method.gpu"] == "counter"
-    assert run.data.tags["green.gpu_names"].startswith("AMD Instinct MI300X")
+    assert run.data.tags["green.gpu_names"].startswith("gpu0 = cuda:0 AMD Instinct MI300X")
 
 
 def test_torch_on_rocm_maps_its_devices_by_uuid(fake_amdsmi, monkeypatch):

@@ -48,6 +48,14 @@ def test_seconds_that_cannot_be_waited_are_an_error_naming_the_option(argv, bad,
     assert f"argument --{argv[-2][2:]}: {bad}: seconds must be a number from 0 to 604800 (a week)" in err
 
 
+def test_version_says_the_installed_version(capsys):
+    from importlib.metadata import version
+    with pytest.raises(SystemExit) as done:
+        cli(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"green-callbacks {version('green-callbacks')}"
+
+
 def test_intensity(capsys):
     assert cli(["intensity", "SE"]) == 0
     assert "Sweden (SWE)" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -164,3 +165,15 @@ def test_from_yaml_and_toml_files(tmp_path):
         gl.EfficiencyEarlyStopping.from_file(bad)
     with pytest.raises(ValueError, match=r"unknown config format '.ini'"):
         gl.EnergyBudget.from_file(tmp_path / "green.ini")
+
+
+def test_a_bad_value_in_a_config_file_names_the_file_and_the_table(tmp_path):
+    bad = tmp_path / "green.yaml"
+    bad.write_text("green-callbacks:\n  budget:\n    energy: 5 kWhh\n  efficiency:\n    patience: -2\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}, 'budget': energy='5 kWhh': unknown energy unit "
+                                         r"'kWhh'; choose one of J, kJ"):
+        gl.EnergyBudget.from_file(bad)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}, 'efficiency': patience=-2"):
+        gt.EfficiencyEarlyStopping.from_file(bad)
+    with pytest.raises(ValueError, match=r"^from_file's arguments: energy='3 kk': unknown energy unit 'kk'"):
+        gl.EnergyBudget.from_file(bad, energy="3 kk")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -79,7 +80,8 @@ def test_numpy_numbers_from_a_config_or_an_array_are_numbers():
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"energy": "1,5 kWh"}, r"energy='1,5 kWh' is not '<number> <unit>'; the units: J, kJ, MJ, Wh, kWh, MWh; the "
                             r"decimal point is '.'"),
-    ({"emissions": "1.5 kgCO2eq"}, r"emissions='1.5 kgCO2eq' is not '<number> <unit>'; the units: g, kg, t"),
+    ({"emissions": "1.5 kg CO2 per run"}, r"emissions='1.5 kg CO2 per run' is not '<number> <unit>'; the units: g, "
+                                          r"kg, t"),
     ({"cost": "$3"}, r"cost='\$3' is not '<number> <unit>'; the units: an ISO 4217 currency code after the amount, "
                      r"like '0.5 EUR'"),
 ])
@@ -87,6 +89,13 @@ def test_a_malformed_budget_names_the_units_it_takes(kwargs, message):
     for module in (gl, gt):
         with pytest.raises(ValueError, match=message):
             module.EnergyBudget(**kwargs)
+
+
+@pytest.mark.parametrize("text", ["1.5 kg", "1.5 kgCO2e", "1.5 kg CO2eq", "1.5kgCO2eq", "1.5 kg CO2-eq", "1.5 kg CO2",
+                                  "1.5 kg CO₂e", "1.5 kg CO2 equivalent", "1500 g CO2e", "0.0015 t CO2eq"])
+def test_an_emissions_budget_takes_co2_equivalent_as_people_write_it(text):
+    for module in (gl, gt):
+        assert module.EnergyBudget(emissions=text).budget.emissions_g == pytest.approx(1500.0)
 
 
 def test_an_intensity_series_saved_by_excel_reads():
@@ -405,7 +414,7 @@ def test_a_billion_laughs_config_is_refused_in_a_short_message(tmp_path):
         section = "budget" if cls is gl.EnergyBudget else "efficiency"
         path = tmp_path / f"{key}.yaml"
         path.write_text(f"{anchors}{section}:\n  {key}: *a6\n" + ("  energy: 1 kJ\n" if key == "on_exceed" else ""))
-        with pytest.raises(ValueError, match=rf"^{key}=\[\[\[") as refused:
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}, '{section}': {key}=\[\[\[") as refused:
             cls.from_file(path)
         assert len(str(refused.value)) < 600, len(str(refused.value))
 

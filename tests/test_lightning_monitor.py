@@ -35,6 +35,17 @@ def trainer(tmp_path, callbacks, max_epochs=3, **kw):
 
 
 
+def test_a_training_on_the_second_gpu_says_which_card_its_gpu0_metrics_are(tmp_path, fake_nvml):
+    _, second = fake_nvml.configure(n=2)
+    uri = ready_store(tmp_path)
+    monitor = EnergyMonitor(gpus=[1], output_dir=str(tmp_path / "out"))
+    trainer(tmp_path, [monitor], max_epochs=1, logger=MLFlowLogger(experiment_name="lit", tracking_uri=uri)).fit(
+        ValModel())
+    client, (run,) = runs(uri, "lit")
+    assert history(client, run.info.run_id, "energy/gpu0_j"), "metrics number GPUs job-wide, from 0"
+    assert run.data.tags["green.gpu_names"] == f"gpu0 = cuda:1 Fake H100 ({second.uuid})"
+
+
 def test_logs_the_metric_contract_per_epoch_and_evaluation_at_the_global_step(tmp_path, fake_nvml):
     (dev,) = fake_nvml.configure([{"profile_seed": 5}])
     uri = ready_store(tmp_path)
@@ -84,7 +95,7 @@ def test_logs_the_metric_contract_per_epoch_and_evaluation_at_the_global_step(tm
     assert run.data.tags["green.method.gpu"] == "counter"
     assert run.data.tags["green.method.cpu"] == "estimated"
     assert run.data.tags["green.cpu_attribution"].startswith("process tree of pid")
-    assert run.data.tags["green.gpu_names"].startswith("Fake H100")
+    assert run.data.tags["green.gpu_names"] == "gpu0 = cuda:0 Fake H100 (GPU-00000000-fake-0000-0000-000000000000)"
     assert run.data.tags["green.gpu_edges"].startswith("window edges read the counter")  # a read costs µs here
     assert artifacts(client, rid) == [
         "green_callbacks/intervals.csv", "green_callbacks/power.png", "green_callbacks/power_trace.csv",

@@ -60,7 +60,8 @@ def test_ray_workers_one_run_exact_sum_same_stop(tmp_path, framework):
     run = found[0]
     assert run.data.params["green.world_size"] == "2"
     assert run.data.tags["green.gpu_count"] == "2"
-    assert run.data.tags["green.gpu_names"] == "Fake H100 (GPU-rank0-fake); Fake H100 (GPU-rank1-fake)"
+    assert run.data.tags["green.gpu_names"] == ("gpu0 = cuda:0 Fake H100 (GPU-rank0-fake); "
+                                                "gpu1 = cuda:0 Fake H100 (GPU-rank1-fake)")
 
     # each worker's device, measured by that worker, equals that device's exact energy; totals are the sum
     truth = [json.loads((tmp_path / f"truth-rank{r}.json").read_text()) for r in range(2)]
