@@ -39,6 +39,7 @@ class StopperHost:
     _trial_j: float
 
     _held_by: str | None = None  # what holds back the stop decided in this fit (Lightning's min_epochs), while it does
+    _resume_checked = False  # this training, resumed, was checked before its first step (check_resumed)
 
     @property
     def _stopping(self) -> bool:
@@ -178,6 +179,22 @@ class StopperHost:
         due = [s for s in self.stoppers if s.check_every_n_steps in periods]
         local = next((d for d in (s.check(progress) for s in due) if d.should_stop), None)
         return self._agree(local, progress, True, None)
+
+    @never_raises
+    def check_resumed(self, step: int) -> Decision | None:
+        """A training resumed from a checkpoint, before its first step (every rank): do its budgets allow the next
+        interval? The checkpoint's state has seen the recent intervals, so a resume after a budget stop, or at the
+        edge of its budget, stops here; without this it trained a whole interval past the budget before its first
+        check (a 450-J budget resumed at 450 J ended at 562 J). Once per training; a fresh one has shown its
+        budgets nothing yet."""
+        budgets = [s for s in self.stoppers if isinstance(s, BudgetStopper)]
+        if not budgets or not getattr(self, "_resuming", False) or self._resume_checked or self.meter is None or \
+                self._stopping or self._finishing_status is not None:
+            return None
+        self._resume_checked = True
+        progress = self.progress(step, None)
+        local = next((d for d in (s.check(progress) for s in budgets) if d.should_stop), None)
+        return self._agree(local, progress, self.rank.world_size > 1, None)
 
     def _agree(self, local: Decision | None, progress: Progress, collective: bool,
                kind: Kind | None) -> Decision | None:

@@ -148,6 +148,10 @@ class EnergyMonitor(EnergyTracker, Callback):
             # resumed in the middle of an epoch: Lightning calls no on_train_epoch_start for it, so its window
             # opens here; its record adds what the epoch cost before the checkpoint (saved in it)
             self.begin_epoch(trainer.current_epoch)
+        # resumed: a budget the checkpoint's totals leave no room for stops the training before its first step
+        # (Lightning ends fit() without a step where should_stop is set now, min_epochs and min_steps permitting)
+        if self.check_resumed(trainer.global_step):
+            trainer.should_stop = True
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -352,5 +356,8 @@ class EnergyBudget(BudgetStopper, _LightningStopper):
 
     @functools.cached_property
     def state_key(self) -> str:  # type: ignore[override]
+        # which limits it has, not their amounts: a budget raised (or written in other units) for a resumed training
+        # takes the checkpoint's state (the intervals it has seen), as the monitor takes its totals
         a = self._init_args
-        return self._generate_state_key(energy=a["energy"], emissions=a["emissions"], cost=a["cost"])
+        return self._generate_state_key(limits=[k for k in ("energy", "emissions", "cost") if a[k] is not None],
+                                        on_exceed=a["on_exceed"])

@@ -6,6 +6,7 @@ import math
 import numbers
 import re
 import reprlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 ENERGY_J = {"J": 1.0, "kJ": 1e3, "MJ": 1e6, "Wh": 3600.0, "kWh": 3.6e6, "MWh": 3.6e9}
@@ -89,18 +90,21 @@ def brief(value: object, limit: int = 200) -> str:
 
 
 def plain(value: Any) -> Any:
-    """NumPy's numbers as Python's, in lists, tuples and dicts too: arguments kept as given (HF writes a callback's
-    into ``trainer_state.json``, whose ``json.dumps`` refuses ``np.float32``) and accepted as numbers."""
+    """NumPy's numbers as Python's, and OmegaConf's ListConfig and DictConfig as lists and dicts, nested too:
+    arguments kept as given (HF writes a callback's into ``trainer_state.json``, whose ``json.dumps`` refuses
+    ``np.float32`` and ``ListConfig``) and accepted as numbers."""
     if isinstance(value, bool | str) or value is None:
         return value
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
         return float(value)
-    if isinstance(value, list | tuple):
-        return type(value)(plain(v) for v in value)
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(plain(v) for v in value)
+    if isinstance(value, Mapping):  # OmegaConf's DictConfig too (Hydra's instantiate passes them)
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):  # and its ListConfig
+        return [plain(v) for v in value]
     return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -103,6 +104,30 @@ def test_hydra_instantiate_with_dictconfig_values(tmp_path):
     assert efficiency.plateau.min_gain.text == "0.1 per kWh"
     with pytest.raises(Exception, match=r"unknown country 'Narnia'"):
         instantiate(OmegaConf.create({"_target_": "green_callbacks.lightning.EnergyMonitor", "country": "Narnia"}))
+
+
+def test_hydra_built_hf_callbacks_save_their_checkpoints(tmp_path, monkeypatch, fake_nvml):
+    """instantiate() without _convert_ hands the monitor ListConfig values; HF writes each callback's arguments into
+    trainer_state.json at every checkpoint, whose json.dumps refused them: the training failed at its first save."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from test_hf_monitor import DigitsDataset, digits_tensors, hf_trainer
+
+    fake_nvml.configure(n=1)
+    monkeypatch.chdir(tmp_path)
+    cfg = OmegaConf.create({
+        "monitor": {"_target_": "green_callbacks.transformers.EnergyMonitor", "gpus": [0], "mlflow": False,
+                    "log_artifacts": ["intervals", "summary"], "efficiency_metrics": ["eval_accuracy"],
+                    "output_dir": str(tmp_path / "out")},
+        "budget": {"_target_": "green_callbacks.transformers.EnergyBudget", "energy": "2.5 kWh"},
+    })
+    callbacks = [instantiate(cfg.monitor), instantiate(cfg.budget)]
+    (xt, yt), (xv, yv) = digits_tensors()
+    data = DigitsDataset(xt[:128], yt[:128]), DigitsDataset(xv[:32], yv[:32])
+    hf_trainer(tmp_path, data, callbacks, epochs=2, save_strategy="epoch").train()
+    saved = json.loads((tmp_path / "hf" / "checkpoint-8" / "trainer_state.json").read_text())
+    args = saved["stateful_callbacks"]["EnergyMonitor"]["args"]
+    assert args["gpus"] == [0] and args["log_artifacts"] == ["intervals", "summary"]
 
 
 def test_yaml_anchors_and_merge_keys_are_read_as_yaml_reads_them(tmp_path):

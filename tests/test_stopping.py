@@ -137,6 +137,32 @@ def test_a_fit_after_a_stop_into_the_same_run_is_stopped_again(tmp_path, fake_nv
     assert run.data.tags["green.stop_reason"] == "energy_budget"
 
 
+@pytest.mark.parametrize(("resumed_budget", "stops_at_j"), [
+    (450, 402.5),  # the same budget: no room for another 57.5-J epoch, stopped before the first step
+    ("0.45 kJ", 402.5),  # the same, written in other units: the checkpoint's state is still this budget's
+    ("1 kJ", 977.5),  # raised: counted over the whole run, from the intervals the checkpoint has seen
+])
+def test_a_budget_resumed_from_a_checkpoint_counts_the_whole_run(tmp_path, fake_nvml, resumed_budget, stops_at_j):
+    # a resume after a budget stop trained one more epoch past the budget before its first check; a budget raised
+    # (or re-spelled) for the resume had another state key, lost the checkpoint's intervals and took everything
+    # before the resume for its next interval: '1 kJ' stopped at 575 J
+    ckpt = tmp_path / "ckpt"
+    fake_nvml.configure(CONSTANT_250W, work_clock=True)  # 23 steps an epoch: 57.5 J
+    first = monitor(tmp_path)
+    fit(tmp_path, [first, gl.EnergyBudget(energy=450), work_clock(fake_nvml), ModelCheckpoint(dirpath=ckpt,
+        save_last=True)], lightning_digits_module()(), max_epochs=20, enable_checkpointing=True)
+    assert first.cumulative_j == pytest.approx(402.5) and first.stop_decision.reason.value == "energy_budget"
+    fake_nvml.configure(CONSTANT_250W, work_clock=True)
+    mon = monitor(tmp_path)
+    t = fit(tmp_path, [mon, gl.EnergyBudget(energy=resumed_budget), work_clock(fake_nvml)],
+            lightning_digits_module()(), max_epochs=20, ckpt_path=str(ckpt / "last.ckpt"))
+    assert mon.cumulative_j == pytest.approx(stops_at_j, abs=0.01) and mon.stop_decision.reason.value == \
+        "energy_budget"
+    assert t.global_step == round(stops_at_j / 2.5)  # 161 where the resume trained no step
+    (run,) = runs(ready_store(tmp_path))[1]
+    assert run.data.tags["green.stop_reason"] == "energy_budget"
+
+
 def test_warn_mode_only_warns(tmp_path, fake_nvml, green_log):
     fake_nvml.configure(CONSTANT_250W)
     mon = monitor(tmp_path)
@@ -301,3 +327,29 @@ def test_hf_stopper_state_survives_resume(tmp_path, fake_nvml):
     assert [j for j, _ in run(2, False).plateau.window] == pytest.approx([10.0, 20.0])
     # the window of the last doubling of energy at 40 J holds 20 J, restored from the checkpoint
     assert [j for j, _ in run(4, True).plateau.window] == pytest.approx([20.0, 30.0, 40.0])
+
+
+def test_hf_resumed_at_its_budget_stops_at_its_first_step(tmp_path, fake_nvml):
+    # it trained a whole epoch more before its first check: 562.5 J on a 450-J budget (HF looks at
+    # should_training_stop only after a step: one step, 2.5 J, and the epoch's evaluation it runs on stopping)
+    (xt, yt), (xv, yv) = digits_tensors()
+
+    def run(budget, resume):
+        fake_nvml.configure(CONSTANT_250W, work_clock=True)  # 45 steps an epoch: 112.5 J
+        mon = hf_monitor(tmp_path)
+        args = TrainingArguments(output_dir=str(tmp_path / "hf"), num_train_epochs=20, per_device_train_batch_size=32,
+                                 eval_strategy="epoch", save_strategy="epoch", report_to="none", use_cpu=True,
+                                 disable_tqdm=True, seed=0)
+        trainer = Trainer(model=hf_digits_model(), args=args, train_dataset=DigitsDataset(xt, yt),
+                          eval_dataset=DigitsDataset(xv, yv), compute_metrics=hf_accuracy,
+                          callbacks=[mon, gt.EnergyBudget(energy=budget), hf_work_clock(fake_nvml)])
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, mon
+
+    trainer, mon = run(450, None)
+    assert mon.cumulative_j == pytest.approx(450.0) and trainer.state.global_step == 180
+    trainer, mon = run("450 J", str(tmp_path / "hf" / "checkpoint-180"))
+    assert trainer.state.global_step == 181 and mon.cumulative_j == pytest.approx(452.5)
+    assert mon.stop_decision.reason.value == "energy_budget"
+    trainer, mon = run("1 kJ", str(tmp_path / "hf" / "checkpoint-180"))  # raised: on to the new limit
+    assert 1000 - 112.5 < mon.cumulative_j <= 1000
