@@ -100,8 +100,11 @@ def read_section(path: str | Path, section: str, valid: Collection[str]) -> dict
     if len(tables) > 1:  # one would be read and the other ignored without a word
         raise ValueError(f"{path}: both [tool.green-callbacks] and [green-callbacks] are there; keep one")
     if tables:
-        (keys, data), = tables
-        where = ".".join(keys)
+        (keys, table), = tables
+        if section in data and keys == ("green-callbacks",):  # (YAML's two places) one would be ignored unsaid
+            raise ValueError(f"{path}: both 'green-callbacks.{section}' and a top-level '{section}' are there; keep "
+                             "one")
+        data, where = table, ".".join(keys)
     else:
         where = "the top level"
     if section not in data:

@@ -31,6 +31,10 @@ ISO_4217 = frozenset(_ISO_4217_CODES.split())
 def currency_code(name: str, value: object, code: str) -> str:
     """``code`` in capitals where ISO 4217 has it; else an error naming the value, close codes and some choices."""
     upper = code.upper()
+    if re.fullmatch(r"[A-Z]{2}[a-z]", code):  # 'GBp', 'ZAc', 'ILa': pence, cents, agorot (a 100x difference)
+        raise ValueError(f"{name}={brief(value)}: {brief(code)} is how a currency's minor unit is written ('GBp': "
+                         f"pence); give the amount in the currency's main unit with its ISO 4217 code"
+                         f"{f', {upper}' if upper in ISO_4217 else ''} (EUR, USD, GBP, JPY...)")
     if upper not in ISO_4217:
         import difflib
 
@@ -168,7 +172,7 @@ def parse_money(name: str, value: float | str, currency: str | None = None) -> t
     if code is not None and not re.fullmatch(r"[A-Z]{3}", code):
         raise ValueError(f"{name}={brief(value)}: {unit!r} is not a currency code; write it like '0.5 EUR' or '2 USD'")
     if code is not None:
-        code = currency_code(name, value, code)
+        code = currency_code(name, value, unit)
     if code and currency and code != currency.upper():
         raise ValueError(f"{name}={brief(value)} is in {code} but the electricity price is in {currency.upper()}; "
                          "use the same currency")

@@ -190,6 +190,12 @@ def test_from_yaml_and_toml_files(tmp_path):
         gl.EfficiencyEarlyStopping.from_file(bad)
     with pytest.raises(ValueError, match=r"unknown config format '.ini'"):
         gl.EnergyBudget.from_file(tmp_path / "green.ini")
+    # YAML's two places for a table, both filled: one was read and the other ignored without a word
+    two = tmp_path / "two.yaml"
+    two.write_text("green-callbacks:\n  budget:\n    energy: 1 kJ\nbudget:\n  energy: 2 kJ\n")
+    with pytest.raises(ValueError, match=r"two.yaml: both 'green-callbacks.budget' and a top-level 'budget' are "
+                                         r"there; keep one"):
+        gl.EnergyBudget.from_file(two)
 
 
 def test_a_bad_value_in_a_config_file_names_the_file_and_the_table(tmp_path):

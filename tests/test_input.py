@@ -52,6 +52,15 @@ def test_a_cost_budget_in_a_currency_that_does_not_exist_is_refused_and_a_bare_o
     budget = gl.EnergyBudget(cost=2)
     gl.EnergyMonitor(price_per_kwh=0.3, currency="GBP", mlflow=False).attach(budget)
     assert budget.budget.describe(budget.budget._limits()[0][0], 2.0) == "2 GBP"
+    # pence, cents, agorot as they are written: read as pounds, rand, shekels, the budget was 100 times larger
+    for minor, major in (("GBp", "GBP"), ("ZAc", "")):
+        code = f", {major}" if major else ""
+        with pytest.raises(ValueError, match=rf"cost='3 {minor}': '{minor}' is how a currency's minor unit is "
+                                             rf"written .*main unit with its ISO 4217 code{code} \(EUR"):
+            gl.EnergyBudget(cost=f"3 {minor}")
+        with pytest.raises(ValueError, match=rf"currency='{minor}': '{minor}' is how"):
+            gt.EnergyMonitor(price_per_kwh=30, currency=minor)
+    assert gl.EnergyBudget(cost="2 Eur").budget.currency == "EUR"
 
 
 def test_numpy_numbers_from_a_config_or_an_array_are_numbers():
