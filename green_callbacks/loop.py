@@ -58,6 +58,7 @@ class LoopHost:
     _loop_depth: int = 0  # ``with tracker:`` blocks entered and not left (a nested one is ignored)
     _loop_epoch_pending: bool = False  # an epoch left with its evaluation not yet reported: it ends with the report
     _in_epoch_block: bool = False  # inside a ``with tracker.epoch(...)`` block
+    _loop_epoch_raised: bool = False  # an epoch block was left by an exception (its epoch may still be open)
 
     # -- the run ---------------------------------------------------------------------------------
     def __enter__(self: EnergyTracker) -> EnergyTracker:
@@ -68,7 +69,7 @@ class LoopHost:
             return self
         session = object()  # a new ``with`` is a new training: a run this tracker opened is not reused
         self._loop_step, self._loop_pending, self._loop_epoch_pending = -1, False, False
-        self._in_epoch_block = False
+        self._in_epoch_block = self._loop_epoch_raised = False
         try:
             self.start(loop_rank(), _cuda_indices(), session=session)
         except BaseException:  # a bad setting found at the start (raised on purpose), Ctrl-C: no block entered
@@ -114,10 +115,14 @@ class LoopHost:
         self._in_epoch_block = True
         try:
             self._flush_evaluation()
+            self._end_raised_epoch()
             self.begin_epoch(epoch)
             if self._loop_step < 0:  # no step() so far: the epoch number is the step axis, the tracker's too
                 self.on_step(int(epoch))
             yield self
+        except BaseException:
+            self._loop_epoch_raised = True  # caught by the loop, it ends at the next epoch's start, or the run's
+            raise
         finally:
             self._in_epoch_block = False
         if self._loop_pending:  # reported after the block, or at the next call without metrics
@@ -134,8 +139,10 @@ class LoopHost:
             return
         self._flush_evaluation()
         self.begin_evaluation()
-        yield self
-        self._close_evaluation()
+        try:
+            yield self
+        finally:  # an exception the loop catches ends the evaluation too: what follows is training again
+            self._close_evaluation()
 
     @never_raises
     def _close_evaluation(self: EnergyTracker) -> None:
@@ -188,6 +195,14 @@ class LoopHost:
 
     def _loop_point_step(self: EnergyTracker) -> int:
         return self._loop_step if self._loop_step >= 0 else self.current_epoch
+
+    def _end_raised_epoch(self: EnergyTracker) -> None:
+        """An epoch left by an exception the loop caught: its point (the partial epoch) before the next epoch begins,
+        which would otherwise be taken into it (a collective point: under DDP every rank's block raised alike)."""
+        if self._loop_epoch_raised:
+            self._loop_epoch_raised = False
+            if self.epoch_open:
+                self.end_epoch(self._loop_point_step())
 
     def _flush_evaluation(self: EnergyTracker) -> None:
         """An evaluation nobody reported: its point, without metrics, before anything else happens."""

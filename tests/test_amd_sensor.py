@@ -347,6 +347,18 @@ def test_visible_devices_map_through_rocr_then_hip(fake_amdsmi, monkeypatch):
     assert list(AmdSmiSensor("all").describe().values()) == [f"AMD Instinct MI300X ({devs[1].uuid})"]
 
 
+@pytest.mark.parametrize("var", ["HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"])
+def test_minus_one_in_visible_devices_hides_every_gpu(fake_amdsmi, monkeypatch, var):
+    # "-1" was taken for a UUID piece, "1", and matched the one device whose UUID ends in 1: a GPU this process
+    # cannot see (another job's) was measured
+    devs = fake_amdsmi.configure([{"uuid": f"01ff74a1-0000-1000-80b5-00000000000{i}"} for i in range(4)])
+    assert devs[1].uuid.endswith("1")
+    monkeypatch.setenv(var, "-1")
+    assert AmdSmiSensor("all").describe() == {}
+    monkeypatch.setenv(var, "0,-1,2")  # the runtime stops at the first entry that names no device
+    assert list(AmdSmiSensor("all").describe().values()) == [f"AMD Instinct MI300X ({devs[0].uuid})"]
+
+
 def test_without_enumeration_info_the_order_is_pci_order(fake_amdsmi):
     # amdsmi before 6.4 has no HIP ids: HIP enumerates in PCI bus order
     devs = fake_amdsmi.configure([{"bdf": "0000:c1:00.0"}, {"bdf": "0000:05:00.0"}], enumeration_info=False)

@@ -317,6 +317,37 @@ def test_an_epoch_is_its_block_and_work_between_blocks_is_in_no_epoch(tmp_path, 
     assert tracker.cumulative_j == pytest.approx(56.0)
 
 
+def test_an_exception_the_loop_catches_ends_its_evaluation_or_epoch_and_training_goes_on(tmp_path, uri, gpu):
+    # an evaluation left by an exception stayed open: the next epoch's training was counted as evaluation (val_j
+    # 18 J in a 13-J epoch); an epoch left by one stayed open and took the next epoch into it ("2 epochs" of 3)
+    tracker = tracker_for(tmp_path, uri)
+    with tracker:
+        for epoch in range(3):
+            try:
+                with tracker.epoch(epoch):
+                    for i in range(8):
+                        gpu.advance(STEP_J / 100.0)
+                        if epoch == 1 and i == 3:
+                            raise RuntimeError("a bad batch")
+                        tracker.step()
+                    try:
+                        with tracker.evaluation():
+                            gpu.advance(EVAL_J / 100.0)
+                            if epoch == 0:
+                                raise RuntimeError("the evaluation failed")
+                        tracker.report({"val_acc": 0.5})
+                    except RuntimeError:
+                        pass
+            except RuntimeError:
+                pass
+    epochs, evaluations = records_of(tracker, "epoch"), records_of(tracker, "evaluation")
+    assert [(r.epoch, r.energy_j) for r in epochs] == [(0, pytest.approx(13.0)), (1, pytest.approx(4.0)),
+                                                       (2, pytest.approx(13.0))]
+    assert [r.eval_j for r in epochs] == [pytest.approx(5.0), 0.0, pytest.approx(5.0)]
+    assert [r.eval_j for r in evaluations] == [pytest.approx(5.0), pytest.approx(5.0)]
+    assert tracker.cumulative_j == pytest.approx(30.0)
+
+
 def test_step_axis_points_and_samples_per_joule(tmp_path, uri, gpu):
     tracker = tracker_for(tmp_path, uri, log_every_n_steps=3)
     work = Digits(gpu, n_train=500)  # 8 steps an epoch: seven of 64 samples, one of 52

@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import io
 import os
+import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -116,8 +117,10 @@ def _key(uuid: str) -> str:
 
 def _same_device(ident: str, dev: _AmdDevice) -> bool:
     want = _key(ident)
-    return bool(want) and any(
-        k and (k == want or k.endswith(want) or want.endswith(k)) for k in (_key(dev.hip_uuid), _key(dev.uuid))
+    # HIP's 16-digit UUID is the tail of amdsmi's; a shorter piece (a stray '1') names no device for sure
+    return len(want) >= 8 and any(
+        k and (k == want or (len(k) >= 8 and (k.endswith(want) or want.endswith(k))))
+        for k in (_key(dev.hip_uuid), _key(dev.uuid))
     )
 
 
@@ -151,10 +154,12 @@ def _env_filter(devices: list[_AmdDevice], value: str | None) -> list[_AmdDevice
         return devices
     kept: list[_AmdDevice] = []
     for entry in (e.strip() for e in value.split(",")):
-        if entry.isdigit() and int(entry) < len(devices):
-            kept.append(devices[int(entry)])
-            continue
-        matches = [d for d in devices if not entry.isdigit() and _same_device(entry, d)]
+        if re.fullmatch(r"[+-]?\d+", entry):  # an index; one out of range, -1 the usual, hides it and the rest
+            if 0 <= int(entry) < len(devices):
+                kept.append(devices[int(entry)])
+                continue
+            break
+        matches = [d for d in devices if _same_device(entry, d)]
         if len(matches) != 1:
             break
         kept.append(matches[0])
