@@ -56,6 +56,7 @@ class PointHost:
     _epoch_closed_at: int
     _finishing_status: str | None
     _held: tuple[int, dict[str, float]] | None = None  # a checkpoint point's metrics, logged with the next point
+    _cumulative_kind: Kind | None = None  # the kind of point the cumulative series was last logged at
 
     @never_raises
     def on_step(self, step: int, batch: Any = None) -> Decision | None:
@@ -241,8 +242,15 @@ class PointHost:
             self.last_logged_step = max(self.last_logged_step, held[0])
             held = None
         out = dict(held[1]) if held is not None else {}  # the held point's, at this step: this one's supersede
-        out.update(point_metrics(first, first.step > self.last_logged_step, self._last_point_j,
+        # the cumulative series once per step, at its first point; where that was a logging point taken at once (a
+        # plain loop's step(), which has no next-batch hook to wait for) and an evaluation or an epoch's end follows
+        # at the same step, again with what they spent: the series ended an evaluation short of the total
+        after_point = first.step == self.last_logged_step and self._cumulative_kind is Kind.POINT and \
+            first.kind in (Kind.EVALUATION, Kind.EPOCH)
+        out.update(point_metrics(first, first.step > self.last_logged_step or after_point, self._last_point_j,
                                  self.efficiency_metrics))
+        if "energy/cumulative_j" in out:
+            self._cumulative_kind = first.kind
         for record in records[1:]:
             out.update(point_metrics(record, False, self._last_point_j, self.efficiency_metrics))
         if (first.step > self.last_logged_step or held is not None) and not first.unread:  # once per step, as

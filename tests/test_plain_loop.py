@@ -348,6 +348,26 @@ def test_an_exception_the_loop_catches_ends_its_evaluation_or_epoch_and_training
     assert tracker.cumulative_j == pytest.approx(30.0)
 
 
+def test_the_cumulative_series_at_an_evaluations_step_holds_the_evaluation(tmp_path, uri, gpu):
+    # step() takes a logging point at once; an evaluation at the same step came after it, and the series kept the
+    # point's value alone: at step 7, 8 J where 13 J were spent, and its last value 5 J short of energy/total_j
+    tracker = tracker_for(tmp_path, uri, log_every_n_steps=4)
+    with tracker:
+        for epoch in range(2):
+            with tracker.epoch(epoch):
+                for _ in range(8):
+                    gpu.advance(STEP_J / 100.0)
+                    tracker.step()
+                with tracker.evaluation():
+                    gpu.advance(EVAL_J / 100.0)
+                tracker.report({"val_acc": 0.5})
+    client, (run,) = runs(uri, "my-run")
+    series = history(client, run.info.run_id, "energy/cumulative_j")
+    assert series == [(3, pytest.approx(4.0)), (7, pytest.approx(8.0)), (7, pytest.approx(13.0)),
+                      (11, pytest.approx(17.0)), (15, pytest.approx(21.0)), (15, pytest.approx(26.0))]
+    assert series[-1][1] == pytest.approx(run.data.metrics["energy/total_j"])
+
+
 def test_step_axis_points_and_samples_per_joule(tmp_path, uri, gpu):
     tracker = tracker_for(tmp_path, uri, log_every_n_steps=3)
     work = Digits(gpu, n_train=500)  # 8 steps an epoch: seven of 64 samples, one of 52
@@ -439,7 +459,9 @@ def test_two_spawned_ranks_log_both_energies_once(tmp_path):
     assert [(tmp_path / f"local-rank{r}.txt").read_text() for r in range(2)] == ["0", "1"]
     client, (run,) = runs(uri, "ddp")
     # both ranks' samples (2 x 16 a step) over the job's energy of the interval (4, 9]: every 5 steps counted
-    cumulative = dict(history(client, run.info.run_id, "energy/cumulative_j"))
+    cumulative = {}  # the logging point's value (an evaluation at its step logs the series again, after it)
+    for step, value in history(client, run.info.run_id, "energy/cumulative_j"):
+        cumulative.setdefault(step, value)
     per_j = dict(history(client, run.info.run_id, "throughput/samples_per_j"))
     assert per_j[9] == pytest.approx(5 * 32 / (cumulative[9] - cumulative[4]))
 
