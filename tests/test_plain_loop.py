@@ -368,6 +368,23 @@ def test_the_cumulative_series_at_an_evaluations_step_holds_the_evaluation(tmp_p
     assert series[-1][1] == pytest.approx(run.data.metrics["energy/total_j"])
 
 
+def test_the_sender_still_ending_its_work_is_no_resource_warning(tmp_path, uri, gpu):
+    # the sink let go of its sender's Popen while the sender was ending: Python warned "subprocess N is still
+    # running" (a ResourceWarning, which pytest shows) for every training
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = tracker_for(tmp_path, uri)
+        with tracker:
+            gpu.advance(STEP_J / 100.0)
+            tracker.step()
+        del tracker
+        gc.collect()
+    assert not [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+
+
 def test_step_axis_points_and_samples_per_joule(tmp_path, uri, gpu):
     tracker = tracker_for(tmp_path, uri, log_every_n_steps=3)
     work = Digits(gpu, n_train=500)  # 8 steps an epoch: seven of 64 samples, one of 52

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -69,6 +70,14 @@ def weakly(method: Callable[[OSError], None]) -> Callable[[OSError], None]:
         if bound is not None:
             bound(exc)
     return call
+
+
+def reap_when_done(proc: subprocess.Popen[bytes] | None) -> None:
+    """A sender still running as its sink closes (it ends its own work, then exits): waited for in a daemon thread,
+    so it is reaped when it exits and Python does not warn "subprocess N is still running" (a ResourceWarning,
+    shown by pytest) when the sink is collected; the thread never keeps the training's process alive."""
+    if proc is not None and proc.poll() is None:
+        threading.Thread(target=proc.wait, name="green-callbacks-sender-reaper", daemon=True).start()
 
 
 def abandon(writer: SpoolWriter) -> None:

@@ -21,7 +21,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from green_callbacks.sinks.launch import abandon, open_spool, recently_unanswered, remember, start_sender, weakly
+from green_callbacks.sinks.launch import (
+    abandon,
+    open_spool,
+    reap_when_done,
+    recently_unanswered,
+    remember,
+    start_sender,
+    weakly,
+)
 from green_callbacks.sinks.names import Names
 from green_callbacks.sinks.spool import SENDABLE, STARTUP_S, WAKE, State, state_path
 from green_callbacks.sinks.target import RunRef, RunTarget, new_local_id, spool_header
@@ -355,6 +363,7 @@ class MlflowSink:
                         "Send them with: green-callbacks replay %s", self._unsent(), uri, writer.path, lost, trying,
                         rescued or writer.path)
         self._closed = done
+        reap_when_done(self._proc)
         if interrupted is not None:
             raise interrupted
         return done
