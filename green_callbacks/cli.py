@@ -15,7 +15,7 @@ DESCRIPTION = "Probe this machine, look up carbon intensities, replay a spool, r
 
 def _probe(args: argparse.Namespace) -> int:
     from green_callbacks.meter import EnergyMeter
-    from green_callbacks.sensors import build_sensors
+    from green_callbacks.sensors import Method, build_sensors
 
     sensors = build_sensors("all" if args.gpus == "all" else "auto", measure_cpu=True, cpu_scope="machine")
     rows = []
@@ -31,8 +31,9 @@ def _probe(args: argparse.Namespace) -> int:
             rows.append((component, "-", "unavailable", "-"))
             continue
         for device, joules in m.joules[component].items():
-            rows.append((component, f"{device}: {described[component].get(device, '')}",
-                         m.methods[component][device].value, f"{joules / m.duration_s:.1f} W"))
+            method = m.methods[component][device]
+            rows.append((component, f"{device}: {described[component].get(device, '')}", method.value,
+                         "-" if method is Method.UNAVAILABLE else f"{joules / m.duration_s:.1f} W"))
     width = max(len(r[1]) for r in rows)
     print(f"{'component':<10} {'device':<{width}} {'method':<12} mean power over {args.seconds:g} s")
     for r in rows:

@@ -34,6 +34,15 @@ def test_probe_with_a_simulated_gpu_succeeds(fake_nvml, capsys):
     assert "gpu: window edges read the counter (a counter read costs" in out  # a fast counter: read at edges
 
 
+def test_probe_shows_no_power_for_a_gpu_it_cannot_measure(fake_nvml, capsys):
+    # a MIG slice printed "unavailable 0.0 W", a reading of zero watts
+    fake_nvml.configure([{}, {"mig": True}])
+    assert cli(["probe", "--seconds", "0.2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("gpu ")]
+    assert len(rows) == 2 and rows[0][-3] == "counter" and float(rows[0][-2]) > 0 and rows[0][-1] == "W"
+    assert rows[1][-2:] == ["unavailable", "-"]
+
+
 @pytest.mark.parametrize(("argv", "bad"), [(["probe", "--seconds", "-1"], "'-1'"),
                                            (["replay", "x.jsonl", "--wait", "nan"], "'nan'"),
                                            (["probe", "--seconds", "1e300"], "'1e300'"),
