@@ -266,6 +266,9 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         """Training is over (collective, every rank): the epoch cut short by ``max_steps`` and the tail."""
         if self.meter is None or self._finishing_status is not None:
             return
+        # never before the last point: a training resumed and stopped before its first step can report a step
+        # short of its checkpoint's (Lightning's batches that stepped, mid-epoch), and the end ran backwards
+        step = max(step, self._last_point_step)
         self.meter.settle()
         if self.epoch_open:
             self._point(Kind.EPOCH, step)

@@ -163,6 +163,24 @@ def test_a_budget_resumed_from_a_checkpoint_counts_the_whole_run(tmp_path, fake_
     assert run.data.tags["green.stop_reason"] == "energy_budget"
 
 
+def test_a_training_resumed_mid_epoch_and_stopped_before_its_first_step_ends_where_it_began(tmp_path, fake_nvml):
+    # Lightning reports one step fewer after a mid-epoch resume than the checkpoint's point: the end record
+    # went from step 69 back to 68, and energy/total_j was logged before the checkpoint's last point
+    ckpt = tmp_path / "ckpt"
+    fake_nvml.configure(CONSTANT_250W, work_clock=True)  # 23 steps an epoch: step 70 is in the fourth
+    fit(tmp_path, [monitor(tmp_path), work_clock(fake_nvml), ModelCheckpoint(dirpath=ckpt, every_n_train_steps=35,
+        save_top_k=-1)], lightning_digits_module()(), max_epochs=4, enable_checkpointing=True)
+    (saved,) = ckpt.glob("*step=70.ckpt")
+    fake_nvml.configure(CONSTANT_250W, work_clock=True)
+    mon = monitor(tmp_path)
+    fit(tmp_path, [mon, gl.EnergyBudget(energy="176 J"), work_clock(fake_nvml)], lightning_digits_module()(),
+        max_epochs=20, ckpt_path=str(saved))
+    assert mon.stop_decision.reason.value == "energy_budget"
+    steps = [r.step for r in mon.records]
+    assert steps == sorted(steps) and all(r.start_step <= r.step for r in mon.records), \
+        [(r.kind.value, r.start_step, r.step) for r in mon.records]
+
+
 def test_warn_mode_only_warns(tmp_path, fake_nvml, green_log):
     fake_nvml.configure(CONSTANT_250W)
     mon = monitor(tmp_path)
