@@ -304,7 +304,7 @@ class EfficiencyPlateau:
         if self.wait >= self.patience:
             bought = (f"{self.monitor} gained {self.min_gain.describe(self.gain)} over the last "
                       f"{len(self.window)} evaluations")
-            if left is not None and self.gain > self.min_gain.value:
+            if left is not None:  # (where it was held against min_gain in the streak, its figure: the last one)
                 bought += (f", and the {left:.2f} doublings of energy left to the run's end would buy "
                            f"{self.gain_to_end:.4g}{' %' if self.min_gain.relative else ''}")
             return Decision(True, StopReason.EFFICIENCY_PLATEAU,

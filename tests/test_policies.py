@@ -355,6 +355,24 @@ def test_with_less_than_a_doubling_left_the_gain_left_is_held_against_min_gain(s
                                      "run's end)"), "what the patience counted, said"
 
 
+def test_a_stop_that_says_the_gain_left_to_the_end_counted_gives_its_figure():
+    # a streak begun by the gain to the end and ended below min_gain per doubling said "(where less than a doubling
+    # of energy was left, the gain left to the run's end)" with no figure for it anywhere in the message
+    joules = [100.0 * i for i in range(1, 151)]
+    stopper = EfficiencyStopper(monitor="val_acc", patience=20)
+    for i, j in enumerate(joules):
+        v = climbing_2pct_per_doubling(j) if i < 90 else climbing_2pct_per_doubling(joules[90])  # then flat
+        progress = Progress(so_far=Totals(j=j), step=i, metrics={"val_acc": v}, evaluation=True,
+                            rate_per_step=Totals(j=100.0), remaining_steps=float(149 - i))
+        decision = stopper.check(progress)
+        if decision.should_stop:
+            break
+    assert stopper.plateau.gain <= 1.0 and stopper.plateau.to_end_in_wait
+    left = math.log2(150 / (i + 1))
+    assert f"and the {left:.2f} doublings of energy left to the run's end would buy " \
+           f"{stopper.plateau.gain_to_end:.4g} %" in decision.message
+
+
 def test_verbose_shows_the_gain_left_to_the_end_where_that_is_what_is_held_against_min_gain(caplog):
     # 2 % per doubling, above min_gain; with less than a doubling left, the gain to the end decides: the verbose
     # line said "gained 2 % per doubling, 1/3 at or below min_gain='1% per doubling'", a contradiction
