@@ -107,6 +107,19 @@ class Budget:
                                               f"the budget of {self.describe(reason, limit)}")
         return CONTINUE
 
+    @property
+    def seen_any(self) -> bool:
+        """Whether it has checked anything (its own state, or a checkpoint's)."""
+        return self.last_step is not None or bool(self.recent)
+
+    def adopt(self, progress: Progress) -> None:
+        """A training resumed with this budget new to its checkpoint (added, or its state kept under another key):
+        what was trained before counts towards the limits, but is no interval it saw (taken for one, the whole run
+        so far was the next interval's cost, and a run at half its budget stopped before its first step)."""
+        evaluations = progress.evaluations_so_far
+        self.last_check = progress.so_far - evaluations if evaluations is not None else progress.so_far
+        self.last_step = progress.step
+
     def broken_by(self, whole: Totals) -> list[str]:
         """The budgets a projection of the whole run's totals breaks, each as a sentence."""
         return [f"{name} {self.describe(reason, get(whole))} > {self.describe(reason, limit)}"

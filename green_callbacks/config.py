@@ -101,7 +101,8 @@ def read_section(path: str | Path, section: str, valid: Collection[str]) -> dict
         raise ValueError(f"{path}: both [tool.green-callbacks] and [green-callbacks] are there; keep one")
     if tables:
         (keys, table), = tables
-        if section in data and keys == ("green-callbacks",):  # (YAML's two places) one would be ignored unsaid
+        # YAML's two places for one table, both filled: one would be ignored unsaid
+        if section in data and section in table and keys == ("green-callbacks",):
             raise ValueError(f"{path}: both 'green-callbacks.{section}' and a top-level '{section}' are there; keep "
                              "one")
         data, where = table, ".".join(keys)

@@ -192,8 +192,18 @@ class StopperHost:
                 self._stopping or self._finishing_status is not None:
             return None
         self._resume_checked = True
-        progress = self.progress(step, None)
-        local = next((d for d in (s.check(progress) for s in budgets) if d.should_stop), None)
+        # at the checkpoint's last point, where its last check was (Lightning's step after a resume is one past it):
+        # the same state at the same step decides as it did there
+        progress = self.progress(self._last_point_step if self.records else step, None)
+        local = None
+        for stopper in budgets:
+            if not stopper.budget.seen_any:  # no state from the checkpoint (added, or its key changed): the run so
+                stopper.budget.adopt(progress)  # far is where it starts counting, not one interval it saw
+                continue
+            saved = stopper.budget.state_dict()
+            decision = stopper.check(progress)
+            stopper.budget.load_state_dict(saved)  # a look before the first step, not a check: its state stays
+            local = local or (decision if decision.should_stop else None)
         return self._agree(local, progress, self.rank.world_size > 1, None)
 
     def _agree(self, local: Decision | None, progress: Progress, collective: bool,

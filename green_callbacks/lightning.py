@@ -360,4 +360,10 @@ class EnergyBudget(BudgetStopper, _LightningStopper):
         # takes the checkpoint's state (the intervals it has seen), as the monitor takes its totals
         a = self._init_args
         return self._generate_state_key(limits=[k for k in ("energy", "emissions", "cost") if a[k] is not None],
-                                        on_exceed=a["on_exceed"])
+                                        on_exceed=a["on_exceed"], check_every_n_steps=a["check_every_n_steps"])
+
+    @property
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        """The key of checkpoints written before 0.1.0's last change (the amounts as given): still read."""
+        a = self._init_args
+        return self._generate_state_key(energy=a["energy"], emissions=a["emissions"], cost=a["cost"])

@@ -102,7 +102,9 @@ class LoopHost:
 
         An evaluation inside it whose :meth:`report` comes after the block keeps the epoch open until then
         (its point first, then the epoch's, as where the report is inside). An exception leaving the block
-        skips the point: ``with tracker:`` records the partial epoch.
+        skips the point there: ``with tracker:`` records the partial epoch where the exception ends the run; where
+        the loop catches it, the partial epoch (and anything before the next block) is the epoch's point at the
+        next ``epoch()``.
         """
         if not self._check_started("epoch()"):
             yield self

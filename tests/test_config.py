@@ -196,6 +196,9 @@ def test_from_yaml_and_toml_files(tmp_path):
     with pytest.raises(ValueError, match=r"two.yaml: both 'green-callbacks.budget' and a top-level 'budget' are "
                                          r"there; keep one"):
         gl.EnergyBudget.from_file(two)
+    two.write_text("green-callbacks:\n  efficiency:\n    patience: 4\nbudget:\n  energy: 2 kJ\n")
+    with pytest.raises(ValueError, match=r"two.yaml: no 'budget' table under green-callbacks; found \['efficiency'\]"):
+        gl.EnergyBudget.from_file(two)
 
 
 def test_a_bad_value_in_a_config_file_names_the_file_and_the_table(tmp_path):

@@ -153,14 +153,54 @@ def test_a_budget_resumed_from_a_checkpoint_counts_the_whole_run(tmp_path, fake_
         save_last=True)], lightning_digits_module()(), max_epochs=20, enable_checkpointing=True)
     assert first.cumulative_j == pytest.approx(402.5) and first.stop_decision.reason.value == "energy_budget"
     fake_nvml.configure(CONSTANT_250W, work_clock=True)
-    mon = monitor(tmp_path)
-    t = fit(tmp_path, [mon, gl.EnergyBudget(energy=resumed_budget), work_clock(fake_nvml)],
-            lightning_digits_module()(), max_epochs=20, ckpt_path=str(ckpt / "last.ckpt"))
+    mon, budget = monitor(tmp_path), gl.EnergyBudget(energy=resumed_budget)
+
+    class AtFirstStep(pl.Callback):  # the budget's state as the first step sees it
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.state = self.state if hasattr(self, "state") else budget.budget.state_dict()
+
+    seen = AtFirstStep()
+    t = fit(tmp_path, [mon, budget, work_clock(fake_nvml), seen], lightning_digits_module()(), max_epochs=20,
+            ckpt_path=str(ckpt / "last.ckpt"))
     assert mon.cumulative_j == pytest.approx(stops_at_j, abs=0.01) and mon.stop_decision.reason.value == \
         "energy_budget"
     assert t.global_step == round(stops_at_j / 2.5)  # 161 where the resume trained no step
+    if stops_at_j > 450:  # the look before the first step left the checkpoint's state as it was (its checks 23
+        # steps apart: one at Lightning's step after the resume, one past the last, made it 1)
+        assert (seen.state["gap"], seen.state["last_step"]) == (23, 160)
     (run,) = runs(ready_store(tmp_path))[1]
     assert run.data.tags["green.stop_reason"] == "energy_budget"
+
+
+@pytest.mark.parametrize("case", ["added", "old checkpoint"])
+def test_a_budget_the_checkpoint_has_no_state_for_counts_the_run_so_far_and_goes_on(tmp_path, fake_nvml, case):
+    # a budget added for the resume, or a checkpoint written under the earlier key (the amounts as given), took the
+    # whole run before the resume for one interval it saw: at 230 J of 450 J it stopped before its first step
+    import torch
+
+    ckpt = tmp_path / "ckpt"
+    fake_nvml.configure(CONSTANT_250W, work_clock=True)  # 23 steps an epoch: 57.5 J
+    first = [gl.EnergyBudget(energy=450)] if case == "old checkpoint" else []
+    fit(tmp_path, [monitor(tmp_path), *first, work_clock(fake_nvml), ModelCheckpoint(dirpath=ckpt, save_last=True)],
+        lightning_digits_module()(), max_epochs=4, enable_checkpointing=True)
+    if case == "old checkpoint":
+        saved = torch.load(ckpt / "last.ckpt", weights_only=False)
+        (key,) = [k for k in saved["callbacks"] if k.startswith("EnergyBudget")]
+        saved["callbacks"]["EnergyBudget{'energy': 450, 'emissions': None, 'cost': None}"] = \
+            saved["callbacks"].pop(key)
+        torch.save(saved, ckpt / "last.ckpt")
+    fake_nvml.configure(CONSTANT_250W, work_clock=True)
+    mon = monitor(tmp_path)
+    t = fit(tmp_path, [mon, gl.EnergyBudget(energy=450), work_clock(fake_nvml)], lightning_digits_module()(),
+            max_epochs=20, ckpt_path=str(ckpt / "last.ckpt"))
+    assert mon.cumulative_j == pytest.approx(402.5, abs=0.01) and t.current_epoch == 7
+    assert mon.stop_decision.reason.value == "energy_budget"
+
+
+def test_two_budgets_of_one_kind_at_different_cadences_can_share_a_trainer(tmp_path):
+    budgets = [gl.EnergyBudget(energy="1 kWh", check_every_n_steps=50), gl.EnergyBudget(energy="2 kWh")]
+    assert budgets[0].state_key != budgets[1].state_key
+    pl.Trainer(callbacks=[gl.EnergyMonitor(mlflow=False), *budgets], logger=False, default_root_dir=tmp_path)
 
 
 def test_a_training_resumed_mid_epoch_and_stopped_before_its_first_step_ends_where_it_began(tmp_path, fake_nvml):
