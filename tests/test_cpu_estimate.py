@@ -208,6 +208,28 @@ def test_the_packages_own_mlflow_sender_is_not_charged_to_the_training():
     assert sender_like < 0.3, "the package's own MLflow sender is not charged to the training"
 
 
+def test_a_sender_reaped_during_a_training_is_not_charged_to_it():
+    """A sender still ending its work as its sink closes is reaped by this process once it exits: its CPU seconds
+    then join os.times()'s children_* fields, which the tree counts, and a sender's MLflow import (seconds of CPU)
+    landed in the next training's estimate (CI: 14.7 J against 1.0 J for the same training)."""
+    import psutil
+
+    from green_callbacks.sinks.launch import reap_when_done
+
+    tree = ProcessTree(psutil)
+    before = tree.cpu_seconds(0.0)
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+    sender = subprocess.Popen([sys.executable, "-c", burn, "-m", "green_callbacks.sinks"])
+    reap_when_done(sender)
+    for i in range(100):  # the tree looked at while the sender runs, exits, and is reaped
+        time.sleep(0.05)
+        tree.cpu_seconds(1.0 + i)
+        if sender.returncode is not None:
+            break
+    assert sender.returncode == 0
+    assert tree.cpu_seconds(1000.0) - before < 0.3, "the sender's 0.6 s of CPU is the telemetry's"
+
+
 def test_a_peek_never_runs_ahead_of_what_the_next_read_books():
     """A budget check between points peeks at the estimate; the next point reads it. A peek held the last
     sampled power up to now: sampled while busy and peeked after an idle pause, it was above the read for the

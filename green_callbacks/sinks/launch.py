@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 
+from green_callbacks.sensors.cpu_power import REAPED_SENDERS
 from green_callbacks.sinks.pacing import SENDER_ENV
 from green_callbacks.sinks.spool import SpoolWriter
 
@@ -77,7 +78,19 @@ def reap_when_done(proc: subprocess.Popen[bytes] | None) -> None:
     so it is reaped when it exits and Python does not warn "subprocess N is still running" (a ResourceWarning,
     shown by pytest) when the sink is collected; the thread never keeps the training's process alive."""
     if proc is not None and proc.poll() is None:
-        threading.Thread(target=proc.wait, name="green-callbacks-sender-reaper", daemon=True).start()
+        threading.Thread(target=_reap, args=(proc,), name="green-callbacks-sender-reaper", daemon=True).start()
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for the sender's exit, take its CPU seconds out of the training's estimate (read while it is a zombie,
+    before the reaping adds them to this process's children's times), then reap it."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, IndexError):  # (no waitid or /proc: counted)
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: its times still readable
+        with open(f"/proc/{proc.pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        # utime, stime, cutime, cstime: fields 14-17 of the file, 11-14 after the command's closing parenthesis
+        REAPED_SENDERS.add(sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK"))
+    proc.wait()
 
 
 def abandon(writer: SpoolWriter) -> None:
