@@ -499,6 +499,32 @@ def test_a_counter_reset_between_polls_keeps_the_energy_before_it(fake_nvml, gre
     assert "went backwards" in green_log.text
 
 
+def test_one_slow_edge_read_on_a_busy_machine_keeps_the_edges_exact(fake_nvml):
+    # a single edge read over 10 ms (a preemption on a loaded machine: CI) ended the edges' counter reads for the
+    # rest of the run, and every window after it was interpolated from sampled power; three in a row still end them
+    (dev,) = fake_nvml.configure([{"profile_seed": 3}])
+    sensor = NvmlSensor("all", nvml=fake_nvml, counter_poll_s=60.0)
+    meter = EnergyMeter([sensor], period_s=0.05).start()
+
+    (gpu,) = sensor._gpus
+
+    def edges(read_s: float, n: int) -> bool:  # n edge reads on the training thread, each taking read_s
+        dev.counter_read_s = read_s
+        for _ in range(n):
+            with gpu.io:  # (as an edge takes it: the sampler is in no call on the device meanwhile)
+                assert sensor._edge_poll(gpu, time.monotonic())
+        dev.counter_read_s = 0.0
+        return sensor.describe()["edges"].startswith("window edges read the counter")
+
+    try:
+        meter.begin("w")
+        assert edges(0.0, 2)
+        assert edges(0.02, 2) and edges(0.0, 1) and edges(0.02, 2) and edges(0.0, 1), "slow now and then: the counter"
+        assert not edges(0.02, 20), "slow reads in a row: a slow driver, the training thread no longer waits"
+    finally:
+        meter.close()
+
+
 def test_the_training_thread_never_waits_on_the_samplers_slow_library_calls(fake_nvml):
     # two GPUs whose counter reads take 0.3 s (a busy driver): the sampler makes them, and the window edges and
     # peeks on the training thread show the last reads instead of waiting for its calls to return (600 ms before)

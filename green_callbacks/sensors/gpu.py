@@ -47,7 +47,8 @@ class GpuEnergySensor(GpuDeviceStates):
 
     component = "gpu"
     edge_read_max_s = 0.001  # a counter whose fastest read at start took longer is not read at window edges
-    edge_read_slow_s = 0.01  # an edge's counter read slower than this ends the edges' counter reads for the run
+    edge_read_slow_s = 0.01  # edge counter reads slower than this, edge_slow_reads in a row, end them for the run
+    edge_slow_reads = 3  # (one slow read is a preemption or a wait for the GIL on a busy machine, not a slow driver)
     settle_wait_s = 0.5  # the longest the end of measuring waits for a library call of the sampler's under way
 
     def __init__(self, targets: list[GpuTarget], use_counter: bool = True, counter_poll_s: float = 1.0) -> None:
@@ -57,6 +58,7 @@ class GpuEnergySensor(GpuDeviceStates):
         self.use_counter = use_counter
         self.counter_poll_s = float(counter_poll_s)
         self.counter_read_s: float | None = None  # the fastest of the counter reads timed at start
+        self._slow_edge_reads = 0  # edge counter reads slower than edge_read_slow_s in a row
         self._lock = threading.Lock()  # the devices' state: held for arithmetic only, never across a library call
         self._gpus = [GpuState(t) for t in targets]
         self._started = False
@@ -152,15 +154,18 @@ class GpuEnergySensor(GpuDeviceStates):
 
     def _edge_poll(self, gpu: GpuState, now_s: float) -> bool:
         """On the training thread, holding ``gpu.io``: a counter device's counter, where its reads are not failing,
-        read and taken in; whether it was. A read slower than ``edge_read_slow_s`` ends counter reads at the edges for
-        the rest of the run (they show the last poll plus the power since, as where reads were slow at start)."""
+        read and taken in; whether it was. ``edge_slow_reads`` reads in a row slower than ``edge_read_slow_s`` end
+        counter reads at the edges for the rest of the run (they show the last poll plus the power since, as where
+        reads were slow at start); one such read is a preemption, not a slow driver."""
         if gpu.method is not Method.COUNTER or gpu.failing_since is not None:
             return False  # while reads fail the sampler thread retries: the training thread waits on no failing device
         t = time.perf_counter()
         value_j, exc = self._read(self._counter_j, gpu)
         took_s = time.perf_counter() - t
-        if took_s > self.edge_read_slow_s and self.counter_read_s is not None:
-            self.counter_read_s = max(self.counter_read_s, took_s)
+        if self.counter_read_s is not None:
+            self._slow_edge_reads = self._slow_edge_reads + 1 if took_s > self.edge_read_slow_s else 0
+            if self._slow_edge_reads >= self.edge_slow_reads:
+                self.counter_read_s = max(self.counter_read_s, took_s)
         with self._lock:
             return self._take_counter(gpu, now_s, value_j, exc)
 
