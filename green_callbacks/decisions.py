@@ -187,11 +187,12 @@ class StopperHost:
         edge of its budget, stops here; without this it trained a whole interval past the budget before its first
         check (a 450-J budget resumed at 450 J ended at 562 J). Once per training; a fresh one has shown its
         budgets nothing yet."""
-        budgets = [s for s in self.stoppers if isinstance(s, BudgetStopper)]
-        if not budgets or not getattr(self, "_resuming", False) or self._resume_checked or self.meter is None or \
-                self._stopping or self._finishing_status is not None:
+        if self._resume_checked or not getattr(self, "_resuming", False):
             return None
-        self._resume_checked = True
+        self._resume_checked = True  # (HF asks at every step's start: after the first, one attribute read)
+        budgets = [s for s in self.stoppers if isinstance(s, BudgetStopper)]
+        if not budgets or self.meter is None or self._stopping or self._finishing_status is not None:
+            return None
         # at the checkpoint's last point, where its last check was (Lightning's step after a resume is one past it):
         # the same state at the same step decides as it did there
         progress = self.progress(self._last_point_step if self.records else step, None)

@@ -162,7 +162,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         self._session = Session(session)
         self._fits += 1
         self._resuming, self._restored = self._restored, False  # resumed from a checkpoint (see _open_sink)
-        self._resume_checked = False
+        self._resume_checked = not self._resuming  # (a fresh training has nothing to look at before its first step)
         import pandas  # noqa: F401 - imported now, not first at interpreter exit where imports can fail
 
         sensors = build_sensors(self.gpus, cuda_indices, self.measure_cpu and self.rank.measures_host, self.cpu_tdp_w,

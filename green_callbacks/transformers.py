@@ -171,7 +171,7 @@ class EnergyMonitor(EnergyTracker, TrainerCallback, ExportableState):
                       **kwargs: Any) -> None:
         # resumed: a budget the checkpoint's totals leave no room for stops the training at its first step (HF
         # looks at should_training_stop only after a step: that one step is trained)
-        if self.before_step() or self.check_resumed(state.global_step):
+        if self.before_step() or (not self._resume_checked and self.check_resumed(state.global_step)):
             control.should_training_stop = True
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
