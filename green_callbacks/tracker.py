@@ -1,12 +1,13 @@
 """EnergyTracker: the framework-free core every adapter drives: its lifecycle and windows.
 
 A run is cut into consecutive intervals at *points*: every evaluation, every epoch end, every N
-training steps between them, and the end. The tracker starts and ends the run (sensors, meter,
-MLflow sink, outputs) and opens the epoch and evaluation windows; each other concern has its own
-file: which MLflow run the energy goes to (``runs``), the point and the step cadence (``points``),
-the run's totals and resume state (``ledger``), the stoppers and their one reduction across ranks
-(``decisions``), the metric contract (``records``), how a process ends (``process``), throughput
-(``throughput``), later stages (``stages``) and the plain loop's context managers (``loop``).
+training steps between them, and the end. The tracker starts the run (sensors, meter, MLflow
+sink) and opens the epoch and evaluation windows; each other concern has its own file: how the
+run ends (``ending``: the tail, outputs, the wait for MLflow, the status), which MLflow run the
+energy goes to (``runs``), the point and the step cadence (``points``), the run's totals and
+resume state (``ledger``), the stoppers and their one reduction across ranks (``decisions``), the
+metric contract (``records``), how a process ends (``process``), throughput (``throughput``),
+later stages (``stages``) and the plain loop's context managers (``loop``).
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from green_callbacks import outputs, process
 from green_callbacks.accounting import Accountant, IntensitySeries, resolve_intensity
 from green_callbacks.decisions import StopperHost
 from green_callbacks.distributed import RankInfo, gather, speak_as
+from green_callbacks.ending import EndHost
 from green_callbacks.ledger import RunLedger
 from green_callbacks.loop import LoopHost
 from green_callbacks.meter import DEFAULT_PERIOD_S, EnergyMeter, Measurement
 from green_callbacks.points import PointHost
 from green_callbacks.policies import Decision
 from green_callbacks.process import never_raises
-from green_callbacks.records import Kind, batch_size, epoch_metrics, total_metrics
+from green_callbacks.records import Kind, batch_size, epoch_metrics
 from green_callbacks.runs import RunHost, Session
 from green_callbacks.sensors import GpuSelection, build_sensors
 from green_callbacks.stages import StageHost
@@ -37,7 +39,7 @@ from green_callbacks.units import plain
 from green_callbacks.validation import check_tracker_args
 
 
-class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, StopperHost, RunLedger):
+class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, StopperHost, EndHost, RunLedger):
     """Measures a training job interval by interval and logs it to MLflow; the adapters drive it.
 
     Args:
@@ -259,128 +261,6 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait (at most ``timeout_s``) until MLflow has what was logged so far; outside training only."""
         return self.sink.flush(timeout_s) if self.sink is not None else True
-
-    # -- the end -----------------------------------------------------------------------------
-    @never_raises
-    def end_training(self, step: int) -> None:
-        """Training is over (collective, every rank): the epoch cut short by ``max_steps`` and the tail."""
-        if self.meter is None or self._finishing_status is not None:
-            return
-        # never before the last point: a training resumed and stopped before its first step can report a step
-        # short of its checkpoint's (Lightning's batches that stepped, mid-epoch), and the end ran backwards
-        step = max(step, self._last_point_step)
-        self.meter.settle()
-        if self.epoch_open:
-            self._point(Kind.EPOCH, step)
-        self.end_held_stop(step)
-        self._point(Kind.END, step)
-        self._log(total_metrics(self.cumulative_j, self.cumulative_g, self.cumulative_cost,
-                                self.run_time_s()), step)
-
-    @never_raises
-    def finish(self, status: str = "FINISHED", keep_sink: bool = False) -> None:
-        """Close the meter; keep what an interrupted run measured; write outputs, the summary and the status (see
-        :meth:`_finish`). A SIGTERM that came while this end was under way acts once it is done, whatever
-        happened in it (the process ends by the signal, as it would have)."""
-        try:
-            self._finish(status, keep_sink)
-        finally:
-            if process.term_pending() and not any(t._finishing_status is not None for t in process.live_trackers()):
-                process.end_by_sigterm()
-
-    def _finish(self, status: str, keep_sink: bool) -> None:
-        """Close the meter; keep what an interrupted run measured; write outputs, the summary and the status.
-
-        ``keep_sink``: a stage outside training (HF ``evaluate()``, Lightning ``test()``) whose records and status
-        MLflow confirmed keeps its sender for the monitor's next stage (see :meth:`_park_sink`)."""
-        if not self.started or self._finished:
-            return
-        ended_ms = int(time.time() * 1000)  # the run's end time in MLflow (its status is written after the wait)
-        cut_short = status != "FINISHED"  # this stage's own end (the run's status may say more, below)
-        if keep_sink and not cut_short and self.ended_status in ("FAILED", "KILLED"):
-            status = self.ended_status  # test()/evaluate() after a training that failed: the run stays failed
-        self.ended_status = status
-        if not keep_sink:  # a training's end: its time is the run's (a test()/evaluate() stage's is not)
-            self.time_before_s = self.run_time_s()
-        self._finished = True
-        self._finishing_status = status
-        trace = None
-        report = self.rank.is_zero and len(self.records) > self._reported  # a later stage re-reports only news
-        confirmed = True
-        # Ctrl-C or SIGTERM in the wait for MLflow (Lightning's SIGTERMException, or this package's Terminated): the
-        # outputs first, then it
-        interrupted: KeyboardInterrupt | SystemExit | None = None
-        self._end_s = time.monotonic()  # the run's time ends here, not after the wait
-        try:
-            if self.meter is not None:
-                if cut_short or self.epoch_open:  # interrupted: this rank's part, without collectives
-                    self.meter.settle()
-                    if self.epoch_open:
-                        self._point(Kind.EPOCH, self._last_step_seen_or_point(), collective=False)
-                    self._point(Kind.END, self._last_step_seen_or_point(), collective=False)
-                    self._log(total_metrics(self.cumulative_j, self.cumulative_g, self.cumulative_cost,
-                                            self.run_time_s()), self._last_step_seen_or_point())
-                    report = self.rank.is_zero
-                trace = self.meter.trace_frame()
-                self.meter.close()
-            self._log_held()
-            if report:
-                if self.sink is not None:  # MLflow has the run, so its id names the outputs (one wait, shared)
-                    confirmed = False  # a wait cut short (Ctrl-C) is not waited again by close()
-                    try:
-                        self.waiting_for_mlflow = True
-                        confirmed = self.sink.flush(self.sink.close_wait_s, ending=True)
-                    except (KeyboardInterrupt, SystemExit) as exc:  # the files are quick, and spooled for the sender
-                        interrupted = exc
-                    finally:
-                        self.waiting_for_mlflow = False
-                    self.run = self.run or self.sink.run_ref
-                if not self.dry_run:
-                    outputs.write(self, trace)
-        finally:
-            if self.sink is not None:
-                self.sink.set_status(status, end_ms=ended_ms)
-                try:
-                    self.waiting_for_mlflow = True
-                    parked = keep_sink and confirmed and status == "FINISHED" and self._park_sink()
-                except (KeyboardInterrupt, SystemExit) as exc:  # the end goes on (closed without waiting), then it
-                    parked, confirmed, interrupted = False, False, exc
-                finally:
-                    self.waiting_for_mlflow = False
-                if not parked:
-                    try:  # close's wait (the files and status just spooled): a SIGTERM or Ctrl-C ends it too
-                        self.waiting_for_mlflow = True
-                        self.sink.close(None if confirmed else 0.0)
-                    except (KeyboardInterrupt, SystemExit) as exc:  # (close did the rest without waiting)
-                        interrupted = interrupted or exc
-                    finally:
-                        self.waiting_for_mlflow = False
-                self.run = self.run or self.sink.run_ref
-            if report:
-                self._reported = len(self.records)
-                outputs.print_summary(self, status)
-            self.sink = None
-            self.started = False
-            self._finishing_status = None
-            process.unregister(self)
-            self._end_s = None
-            if interrupted is not None and not isinstance(interrupted, process.Terminated):
-                raise interrupted  # whatever came after it, the Ctrl-C (or Lightning's SIGTERM) goes on
-
-    def _park_sink(self) -> bool:
-        """Wait for MLflow to confirm the stage's end, and keep the sink open, idle, for the next stage into the same
-        run (:meth:`~green_callbacks.runs.RunHost._open_sink`): HF's ``evaluate()`` in a loop started a sender per
-        call, MLflow's import and store (2 s a call for a 0.01-s evaluation). Unconfirmed: closed as at any end."""
-        if self.sink.blocked or not self.sink.flush(self.sink.close_wait_s, ending=True) or self.sink.unconfirmed:
-            return False  # (an artifact the store failed to take waits: the sender keeps at it, alone)
-        self._idle_sink = self.sink
-        return True
-
-    def _atexit(self) -> None:
-        if self.started and not self._finished:
-            exc = process.uncaught()
-            self.finish("FINISHED" if exc is None and not self.epoch_open else
-                        "KILLED" if exc is None or issubclass(exc, KeyboardInterrupt) else "FAILED")
 
     def summary(self) -> dict[str, Any]:
         return outputs.summary(self)

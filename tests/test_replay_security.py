@@ -12,7 +12,8 @@ from test_spool import epochs, write_spool
 
 from green_callbacks.cli import main as cli
 from green_callbacks.sinks import RunTarget, replay_spool
-from green_callbacks.sinks.spool import State, open_own, rejected_path
+from green_callbacks.sinks.files import open_own
+from green_callbacks.sinks.spool import State, rejected_path
 from green_callbacks.sinks.tracking import LOCAL_ID_TAG
 
 from helpers import free_port, ready_store

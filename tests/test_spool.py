@@ -356,7 +356,7 @@ def test_replay_of_a_running_trainings_spool_says_so_at_once(tmp_path):
     """``green-callbacks replay <folder>`` while a training writes into that folder: its sender holds the spool,
     and replay waited the whole ``--wait`` for it, then failed with 'run replay again'; the training is running
     and its own sender sends it, which replay says at once."""
-    from green_callbacks.sinks.spool import lock
+    from green_callbacks.sinks.files import lock
 
     uri = ready_store(tmp_path, "m.db")
     spool = write_spool(tmp_path / "spool-l.jsonl", RunTarget(uri, experiment_name="live"), epochs(2))  # pid: ours
@@ -442,7 +442,7 @@ def test_a_replay_waiting_for_another_that_sends_everything_ends_complete(tmp_pa
     import threading
     import time
 
-    from green_callbacks.sinks.spool import lock
+    from green_callbacks.sinks.files import lock
 
     uri = ready_store(tmp_path, "m.db")
     spool = write_spool(tmp_path / "spool-w.jsonl", RunTarget(uri, experiment_name="w"), epochs(2))
@@ -466,7 +466,7 @@ def test_two_replays_of_one_folder_at_once_both_succeed(tmp_path, capsys):
     nothing was left to send. In a folder, a spool gone since the listing was sent by another process."""
     import threading
 
-    from green_callbacks.sinks.spool import lock
+    from green_callbacks.sinks.files import lock
 
     uri = ready_store(tmp_path, "m.db")
     MlflowClient(uri).search_experiments()

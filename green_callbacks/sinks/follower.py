@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from green_callbacks.sinks.files import lock, open_own
 from green_callbacks.sinks.sender import Sender
-from green_callbacks.sinks.spool import WAKE, lock, log_path, open_own
+from green_callbacks.sinks.spool import WAKE, log_path
 
 POLL_S = 0.2
 

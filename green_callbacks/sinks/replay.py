@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from green_callbacks.sinks.spool import Record, State, Unreadable, all_sent, lock, scan
+from green_callbacks.sinks.files import lock
+from green_callbacks.sinks.spool import Record, State, Unreadable, all_sent, scan
 from green_callbacks.sinks.vetting import ReplaySender
 from green_callbacks.uris import split_credentials, temporary_env
 
