@@ -61,6 +61,7 @@ class RunLedger:
         self._last_point_j = 0.0
         self._params_logged = False
         self._tagged_methods: dict[str, str] = {}  # the green.method.* tags as set: the run's weakest so far
+        self._device_tags: dict[str, str] = {}  # what the devices are, as tagged (re-tagged at the end if changed)
         self._reported = 0  # records already written out and summarised
         self._epoch_eval = (0.0, 0.0)
         self._epoch_start_step = 0
@@ -129,7 +130,7 @@ class RunLedger:
         self._epoch_part = {"epoch": self.current_epoch, "start_step": self._epoch_start_step,
                             "start_unix": start_unix, "devices": part.devices, "methods": part.methods,
                             "peak_w": part.gpu_peak_w, "duration_s": part.duration_s, "eval": list(self._epoch_eval),
-                            "unread": sorted(part.unread)}
+                            "unread": sorted(part.unread), "watts": dict(part.watts)}
 
     def resume_epoch(self, epoch: int) -> IntervalRecord | None:
         """Epoch ``epoch`` opens: where the checkpoint this run resumed from was taken inside it, it starts where
@@ -140,7 +141,8 @@ class RunLedger:
         if part is None or int(part["epoch"]) > epoch:
             return None
         before = Merged({c: dict(d) for c, d in part["devices"].items()}, dict(part["methods"]),
-                        float(part["peak_w"]), float(part["duration_s"]), frozenset(part.get("unread", ())))
+                        float(part["peak_w"]), float(part["duration_s"]), frozenset(part.get("unread", ())),
+                        {c: float(w) for c, w in part.get("watts", {}).items()})
         if int(part["epoch"]) < epoch:
             opening, self.current_epoch = self.current_epoch, int(part["epoch"])
             record = self._make(Kind.EPOCH, int(part["epoch"]), int(part["start_step"]), self._last_point_step,
@@ -169,15 +171,16 @@ class RunLedger:
             self._recent.add(steps, max(training_j - eval_j, 0.0))
         self._cycle_steps += steps
         self._last_point_step = step
-        self._last_point_j = merged.total_j / interval.duration_s if interval.duration_s > 0 else 0.0
+        self._last_point_j = sum(merged.power_w(interval.duration_s).values())  # the mean power since the last point
 
     def _make(self, kind: Kind, index: int, start_step: int, step: int, merged: Merged, start_unix: float,
               start_rel_s: float, end_rel_s: float, metrics: Mapping[str, float], eval_j: float = 0.0,
               eval_s: float = 0.0, partial: bool = False) -> IntervalRecord:
         duration = max(end_rel_s - start_rel_s, 0.0)
         fp = self.accountant.footprint(merged.total_j, start_unix, start_unix + duration)
+        watts = merged.power_w(duration)
         # the peak of the sampled power is at least the mean: a window shorter than the sampling period holds no sample
-        gpu_mean_w = merged.components_j.get("gpu", 0.0) / duration if duration > 0 else 0.0
+        gpu_mean_w = watts.get("gpu", 0.0)
         return IntervalRecord(
             kind=kind, index=index, epoch=self.current_epoch, start_step=start_step + self.step_offset,
             step=step + self.step_offset, duration_s=duration, energy_j=merged.total_j,
@@ -185,7 +188,7 @@ class RunLedger:
             cumulative_j=self.cumulative_j, cumulative_g=self.cumulative_g, cumulative_cost=self.cumulative_cost,
             start_rel_s=start_rel_s, end_rel_s=end_rel_s, eval_j=eval_j, eval_s=eval_s,
             gpu_peak_w=max(merged.gpu_peak_w, gpu_mean_w), metrics={k: float(v) for k, v in metrics.items()},
-            partial=partial, unread=merged.unread_labels)
+            partial=partial, unread=merged.unread_labels, components_w=watts)
 
     def totals(self) -> Totals:
         return Totals(self.cumulative_j, self.cumulative_g, self.cumulative_cost)

@@ -24,6 +24,7 @@ from green_callbacks.records import (
     MEASURED_PREFIXES,
     IntervalRecord,
     Kind,
+    device_tags,
     merge_ranks,
     point_metrics,
     run_facts,
@@ -176,7 +177,10 @@ class PointHost:
             "interval": window_payload(interval, *node),
             "epoch": window_payload(epoch_m, *node) if epoch_m is not None else None,
             "eval": (eval_m.total_j, eval_m.duration_s) if eval_m is not None else (0.0, 0.0),
-            "names": self.meter.describe() if not self._params_logged else None, "work": self.take_work()}
+            # what the devices are: for the run's tags at its first point and its end (on rank 0; the other ranks
+            # cannot know when rank 0 starts a run anew, a resume into another run)
+            "names": self.meter.describe() if not (self._params_logged and self.rank.is_zero) or kind is Kind.END
+            else None, "work": self.take_work()}
         if held_epoch:
             payload.update(self._epoch_so_far(closed["epoch"]))
         payloads = gather(payload) if collective else [payload]
@@ -232,6 +236,13 @@ class PointHost:
             params, tags = run_facts(self.accountant.as_params(), self.rank.world_size, __version__, first, names)
             self.sink.log_params(params)
             self.sink.set_tags(tags)
+            self._device_tags = device_tags(names)
+        elif first.kind is Kind.END and len(names) == self.rank.world_size:  # every rank's: not an end cut short
+            tags = device_tags(names)
+            changed = {k: v for k, v in tags.items() if self._device_tags.get(k) != v}
+            if changed:
+                self.sink.set_tags(changed)
+            self._device_tags = tags
             self._tagged_methods = {k.removeprefix("green.method."): v for k, v in tags.items()
                                     if k.startswith("green.method.")}
             self._tag_weaker_methods(self.records)  # a run resumed into a new run: the checkpoint's records too

@@ -62,9 +62,12 @@ class IntervalRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     partial: bool = False
     unread: tuple[str, ...] = ()  # devices (labels as in devices_j) not read for some of the interval
+    components_w: dict[str, float] = field(default_factory=dict)  # mean power per component (see Merged.watts)
 
     @property
     def mean_power_w(self) -> float:
+        if self.components_w:
+            return sum(self.components_w.values())
         return self.energy_j / self.duration_s if self.duration_s > 0 else 0.0
 
     def row(self) -> dict[str, Any]:
@@ -127,7 +130,8 @@ def epoch_metrics(r: IntervalRecord) -> dict[str, float]:
         if component in r.unread:  # none of its devices read throughout: a 0 would read as a measurement
             continue
         out[f"energy/{component}_j"] = joules
-        out[f"power/{component}_mean_w"] = joules / r.duration_s if r.duration_s > 0 else 0.0
+        out[f"power/{component}_mean_w"] = r.components_w[component] if component in r.components_w else \
+            joules / r.duration_s if r.duration_s > 0 else 0.0
     if "gpu" in r.components_j and "gpu" not in unread:
         out["power/gpu_peak_w"] = r.gpu_peak_w
     # GPUs, and host devices labelled by node when several nodes measured theirs (node0/cpu, node1/cpu); a device
@@ -183,25 +187,33 @@ def total_metrics(cumulative_j: float, cumulative_g: float, cost: float | None, 
     return out
 
 
+def device_tags(names: Sequence[Mapping[str, Mapping[str, str]]]) -> dict[str, str]:
+    """What every rank's devices are (``names``: each rank's :meth:`~green_callbacks.meter.EnergyMeter.describe`):
+    tags set at the first point, and again at the end where they changed (the processes an estimate found, window
+    edges that stopped reading a slow counter)."""
+    # each GPU under the job-wide label its metrics have (gpu0.. in rank order), with the CUDA device it is on its
+    # rank: a training on cuda:1 logs energy/gpu0_j, and this says which card that is
+    gpu_names = [f"gpu{i} = cuda:{k.removeprefix('gpu')} {n}" for i, (k, n) in enumerate(
+        (k, n) for per_rank in names for k, n in per_rank.get("gpu", {}).items() if k != "edges")]
+    tags = {"green.gpu_names": "; ".join(gpu_names) or "none",
+            "green.cpu": "; ".join(v for n in names for k, v in n.get("cpu", {}).items()
+                                   if k != "attribution") or "not measured",
+            "green.cpu_attribution": "; ".join(n["cpu"]["attribution"] for n in names
+                                               if "attribution" in n.get("cpu", {})) or "not measured"}
+    edges = sorted({n["gpu"]["edges"] for n in names if "edges" in n.get("gpu", {})})
+    if edges:
+        tags["green.gpu_edges"] = "; ".join(edges)
+    return tags
+
+
 def run_facts(accountant_params: Mapping[str, str], world_size: int, version: str, record: IntervalRecord,
               names: Sequence[Mapping[str, Mapping[str, str]]]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Once per run: carbon settings and world size as params; methods and devices as tags."""
     params: dict[str, Any] = {f"green.{k}": v for k, v in accountant_params.items()}
     params.update({"green.world_size": world_size, "green.version": version})
-    # each GPU under the job-wide label its metrics have (gpu0.. in rank order), with the CUDA device it is on its
-    # rank: a training on cuda:1 logs energy/gpu0_j, and this says which card that is
-    gpu_names = [f"gpu{i} = cuda:{k.removeprefix('gpu')} {n}" for i, (k, n) in enumerate(
-        (k, n) for per_rank in names for k, n in per_rank.get("gpu", {}).items() if k != "edges")]
     tags: dict[str, Any] = {f"green.method.{c}": m for c, m in record.methods.items()}
-    tags.update({"green.gpu_count": sum(d.startswith("gpu") for d in record.devices_j),
-                 "green.gpu_names": "; ".join(gpu_names) or "none",
-                 "green.cpu": "; ".join(v for n in names for k, v in n.get("cpu", {}).items()
-                                        if k != "attribution") or "not measured",
-                 "green.cpu_attribution": "; ".join(n["cpu"]["attribution"] for n in names
-                                                    if "attribution" in n.get("cpu", {})) or "not measured"})
-    edges = sorted({n["gpu"]["edges"] for n in names if "edges" in n.get("gpu", {})})
-    if edges:
-        tags["green.gpu_edges"] = "; ".join(edges)
+    tags["green.gpu_count"] = sum(d.startswith("gpu") for d in record.devices_j)
+    tags.update(device_tags(names))
     for component in ("gpu", "cpu", "dram"):
         tags.setdefault(f"green.method.{component}", Method.UNAVAILABLE.value)
     return params, tags
@@ -251,6 +263,9 @@ class Merged:
     gpu_peak_w: float
     duration_s: float
     unread: frozenset[str] = frozenset()  # device labels not read for some of the window
+    # mean power per component: each rank's joules over that rank's own window, summed (the ranks reach a point at
+    # slightly different instants, so their windows differ: one rank's duration over every rank's joules was off)
+    watts: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def unread_labels(self) -> tuple[str, ...]:
@@ -261,6 +276,11 @@ class Merged:
     @property
     def components_j(self) -> dict[str, float]:
         return {c: sum(d.values()) for c, d in self.devices.items()}
+
+    def power_w(self, duration_s: float) -> dict[str, float]:
+        """Mean power per component: :attr:`watts` where the ranks gave it, else the joules over ``duration_s``."""
+        return {c: self.watts[c] if c in self.watts else j / duration_s if duration_s > 0 else 0.0
+                for c, j in self.components_j.items()}
 
     @property
     def total_j(self) -> float:
@@ -283,6 +303,7 @@ def merge_ranks(payloads: Sequence[Mapping[str, Any]]) -> Merged:
     unread: set[str] = set()
     nodes = {p["node"] for p in payloads if any(c != "gpu" and p["joules"][c] for c in p["joules"])}
     gpu_index, peak = 0, 0.0
+    watts: dict[str, float] = {}
     for p in payloads:
         stale = set(p.get("stale", ()))  # reads failing at the window's end: short of their joules, not a measurement
         for component, per_device in p["joules"].items():
@@ -296,9 +317,11 @@ def merge_ranks(payloads: Sequence[Mapping[str, Any]]) -> Merged:
                 methods.setdefault(component, []).append(Method(p["methods"][component][device]))
                 if methods[component][-1] is Method.UNAVAILABLE or device in stale:
                     unread.add(label)
+            if p["duration_s"] > 0:
+                watts[component] = watts.get(component, 0.0) + sum(per_device.values()) / p["duration_s"]
         peak += p["peak"].get("gpu", 0.0)
     return Merged(devices, {c: Method.weakest(ms).value for c, ms in methods.items()}, peak,
-                  max((p["duration_s"] for p in payloads), default=0.0), frozenset(unread))
+                  max((p["duration_s"] for p in payloads), default=0.0), frozenset(unread), watts)
 
 
 # keys whose list values a tokenizer, feature extractor or image processor writes one entry per sample

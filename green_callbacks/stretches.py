@@ -22,8 +22,11 @@ def combined(a: Merged, b: Merged) -> Merged:
             mine[device] = mine.get(device, 0.0) + joules
     methods = {c: Method.weakest([Method(m) for m in (a.methods.get(c), b.methods.get(c)) if m]).value
                for c in devices}
-    return Merged(devices, methods, max(a.gpu_peak_w, b.gpu_peak_w), a.duration_s + b.duration_s,
-                  a.unread | b.unread)
+    duration = a.duration_s + b.duration_s
+    pa, pb = a.power_w(a.duration_s), b.power_w(b.duration_s)
+    watts = {c: (pa.get(c, 0.0) * a.duration_s + pb.get(c, 0.0) * b.duration_s) / duration
+             for c in devices} if duration > 0 else {}
+    return Merged(devices, methods, max(a.gpu_peak_w, b.gpu_peak_w), duration, a.unread | b.unread, watts)
 
 
 class Recent:
@@ -53,6 +56,7 @@ class Since:
         self.peak_w = 0.0
         self.unread: set[str] = set()
         self.duration_s = 0.0  # the intervals' durations added: a stretch across fits (two meters) or a resume
+        self.watt_s: dict[str, float] | None = {}  # each interval's mean power per component times its duration, added
 
     def add(self, merged: Merged, interval: Measurement) -> None:
         if self.start_unix is None:
@@ -66,13 +70,16 @@ class Since:
         self.peak_w = max(self.peak_w, merged.gpu_peak_w)
         self.unread |= merged.unread
         self.duration_s += interval.duration_s
+        if self.watt_s is not None:
+            for component, watts in merged.power_w(interval.duration_s).items():
+                self.watt_s[component] = self.watt_s.get(component, 0.0) + watts * interval.duration_s
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of it: a run resumed from a checkpoint between two evaluations (one taken
         at a logging point) books the next evaluation's whole stretch, not only the part after the resume."""
         return {"start_step": self.start_step, "start_unix": self.start_unix, "devices": self.devices,
                 "methods": self.methods, "peak_w": self.peak_w, "unread": sorted(self.unread),
-                "duration_s": self.duration_s}
+                "duration_s": self.duration_s, "watt_s": self.watt_s}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any] | None, last_point_step: int) -> Since:
@@ -87,8 +94,13 @@ class Since:
         since.peak_w = float(state.get("peak_w", 0.0))
         since.unread = set(state.get("unread", ()))
         since.duration_s = float(state.get("duration_s", 0.0))
+        # (an older checkpoint's stretch has no watt-seconds: its power is then the joules over the duration)
+        watt_s = state.get("watt_s")
+        since.watt_s = {c: float(ws) for c, ws in watt_s.items()} if watt_s is not None else None
         return since
 
     def merged(self) -> Merged:
         methods = {c: Method.weakest([Method(m) for m in ms]).value for c, ms in self.methods.items()}
-        return Merged(self.devices, methods, self.peak_w, 0.0, frozenset(self.unread))
+        watts = {c: ws / self.duration_s for c, ws in self.watt_s.items()} \
+            if self.watt_s is not None and self.duration_s > 0 else {}
+        return Merged(self.devices, methods, self.peak_w, 0.0, frozenset(self.unread), watts)

@@ -17,7 +17,7 @@ from helpers import DigitsDataset, digits_tensors, hf_accuracy, hf_digits_model
 
 class Truth(TrainerCallback):
     def __init__(self, monitor, out):
-        self.monitor, self.out, self.truth = monitor, out, []
+        self.monitor, self.out, self.truth, self.durations = monitor, out, [], []
 
     def on_evaluate(self, args, state, control, **kwargs):
         import pynvml
@@ -25,7 +25,9 @@ class Truth(TrainerCallback):
         (dev,) = pynvml.devices()
         w = self.monitor.last_window
         self.truth.append(dev.energy_between(w.start_s, w.end_s))
+        self.durations.append(w.duration_s)
         Path(self.out, f"truth-rank{args.process_index}.json").write_text(json.dumps(self.truth))
+        Path(self.out, f"durations-rank{args.process_index}.json").write_text(json.dumps(self.durations))
 
 
 if __name__ == "__main__":

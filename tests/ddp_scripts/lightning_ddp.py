@@ -1,10 +1,13 @@
 """Lightning DDP (ddp_spawn, 2 CPU processes, gloo) with EnergyMonitor; each rank's GPU is simulated.
 
 Usage: python lightning_ddp.py TRACKING_URI OUT_DIR [stop|warn]. Each rank writes the exact joules of its
-own simulated GPU over each of its epoch windows to OUT_DIR/truth-rank{r}.json. With ``stop``, an
+own simulated GPU over each of its epoch windows to OUT_DIR/truth-rank{r}.json, and the windows' durations
+to durations-rank{r}.json. With ``stop``, an
 EfficiencyEarlyStopping watches a metric that flattens on rank 1 only; each rank writes the epoch it
 stopped at to OUT_DIR/stopped-rank{r}.txt. With ``warn``, a 1 J budget only warns (on_exceed="warn"), and an
 EfficiencyEarlyStopping sees no validation (limit_val_batches=0): what they say, every rank alike, is said once.
+With ``first``, one epoch logged to an MLFlowLogger run, its checkpoint in OUT_DIR/ckpt; with ``resume``, a second
+epoch from that checkpoint into a new MLFlowLogger run (as a new process's logger opens one).
 """
 
 import json
@@ -40,7 +43,7 @@ class Stopped(pl.Callback):
 
 class Truth(pl.Callback):
     def __init__(self, monitor, out):
-        self.monitor, self.out, self.truth = monitor, out, []
+        self.monitor, self.out, self.truth, self.durations = monitor, out, [], []
 
     def on_train_epoch_end(self, trainer, pl_module):
         import pynvml
@@ -48,7 +51,9 @@ class Truth(pl.Callback):
         (dev,) = pynvml.devices()
         w = self.monitor.last_window
         self.truth.append(dev.energy_between(w.start_s, w.end_s))
+        self.durations.append(w.duration_s)
         Path(self.out, f"truth-rank{trainer.global_rank}.json").write_text(json.dumps(self.facts(trainer)))
+        Path(self.out, f"durations-rank{trainer.global_rank}.json").write_text(json.dumps(self.durations))
 
     def facts(self, trainer):
         """What the test reads back: each epoch's exact GPU joules."""
@@ -58,14 +63,23 @@ class Truth(pl.Callback):
 if __name__ == "__main__":
     uri, out = sys.argv[1], sys.argv[2]
     stop, warn = sys.argv[3:] == ["stop"], sys.argv[3:] == ["warn"]
+    first, resume = sys.argv[3:] == ["first"], sys.argv[3:] == ["resume"]
     monitor = EnergyMonitor(gpus="all", tracking_uri=uri, experiment_name="ddp", output_dir=out)
     callbacks = [monitor, Truth(monitor, out), Stopped(out)]
     if stop:
         callbacks.append(EfficiencyEarlyStopping(monitor="val_gain", mode="max", min_evaluations=2, patience=2))
     if warn:
         callbacks += [EnergyBudget(energy="1 J", on_exceed="warn"), EfficiencyEarlyStopping()]
-    trainer = pl.Trainer(max_epochs=10 if stop else 2, accelerator="cpu", devices=2, strategy="ddp_spawn",
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=callbacks, default_root_dir=out,
-                         limit_val_batches=0 if warn else None)
-    trainer.fit(RankDependent() if stop else BoringModel())
+    logger = False
+    if first or resume:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        logger = MLFlowLogger(experiment_name="ddp", tracking_uri=uri)
+        callbacks.append(ModelCheckpoint(dirpath=Path(out, "ckpt"), save_last=True))
+    trainer = pl.Trainer(max_epochs=10 if stop else 1 if first else 2, accelerator="cpu", devices=2,
+                         strategy="ddp_spawn", logger=logger, enable_checkpointing=first or resume,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                         default_root_dir=out, limit_val_batches=0 if warn else None)
+    trainer.fit(RankDependent() if stop else BoringModel(),
+                ckpt_path=Path(out, "ckpt", "last.ckpt") if resume else None)

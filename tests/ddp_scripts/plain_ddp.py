@@ -3,8 +3,8 @@
 Usage: python plain_ddp.py TRACKING_URI OUT_DIR PORT [blind]; blind: no rank measures anything (``gpus=None,
 measure_cpu=False``, as a job of MIG slices). No launcher sets LOCAL_RANK here: the tracker finds
 each rank's place from torch.distributed and the ranks' host names. Each rank writes the exact
-joules of its own simulated GPU over each epoch window to OUT_DIR/truth-rank{r}.json, and its
-local rank to OUT_DIR/local-rank{r}.txt.
+joules of its own simulated GPU over each epoch window to OUT_DIR/truth-rank{r}.json, the windows'
+durations to durations-rank{r}.json, and its local rank to OUT_DIR/local-rank{r}.txt.
 """
 
 import json
@@ -29,7 +29,7 @@ def worker(rank: int, uri: str, out: str, port: int, blind: bool) -> None:
     sensors = {"gpus": None, "measure_cpu": False} if blind else {"gpus": "all"}
     tracker = EnergyTracker(tracking_uri=uri, experiment_name="ddp", output_dir=out, log_artifacts=False,
                             log_every_n_steps=5, **sensors)
-    truth = []
+    truth, durations = [], []
     with tracker:
         for epoch in range(2):
             with tracker.epoch(epoch):
@@ -47,7 +47,9 @@ def worker(rank: int, uri: str, out: str, port: int, blind: bool) -> None:
                 (dev,) = pynvml.devices()
                 window = tracker.last_window
                 truth.append(dev.energy_between(window.start_s, window.end_s))
+                durations.append(window.duration_s)
                 Path(out, f"truth-rank{rank}.json").write_text(json.dumps(truth))
+                Path(out, f"durations-rank{rank}.json").write_text(json.dumps(durations))
     Path(out, f"local-rank{rank}.txt").write_text(str(tracker.rank.local_rank))
     dist.destroy_process_group()
 
