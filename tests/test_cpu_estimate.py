@@ -114,6 +114,41 @@ def test_dataloader_workers_are_attributed_to_the_training():
     assert "process tree of pid" in sensor.describe()["attribution"]
 
 
+@pytest.mark.slow
+def test_a_worker_started_in_a_window_is_charged_to_that_window():
+    """A DataLoader's workers start with the epoch; the sampler lists the tree's processes once a second, so in an
+    epoch shorter than that a worker was first found in the next one, which got all its CPU so far (a probe: 3.6 J
+    then 14.8 J, 31.5 W against the estimate's own 24-W ceiling). A window's edge lists the tree again."""
+    import psutil
+
+    sensor = CpuEstimateSensor(scope="process")
+    meter = EnergyMeter([sensor], period_s=0.05).start()
+    worker = None
+    try:
+        meter.begin("epoch 0")
+        # a persistent worker: it works in this window, then waits (alive) for the next epoch's batches
+        worker = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                                   "while time.process_time() - t < 0.4: pass\nprint('done', flush=True)\n"
+                                   "time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+        assert worker.stdout.readline().strip() == "done"
+        first = meter.end("epoch 0")
+        meter.begin("epoch 1")
+        time.sleep(1.2)  # the sampler lists the tree again in it
+        second = meter.end("epoch 1")
+        worker_s = psutil.Process(worker.pid).cpu_times()
+        worker_s = worker_s.user + worker_s.system
+    finally:
+        meter.close()
+        if worker is not None:
+            worker.kill()
+            worker.wait()
+    charged = [m.component_j("cpu") / sensor.core.watts for m in (first, second)]
+    print(f"the worker spent {worker_s:.2f} CPU s in epoch 0 ({first.duration_s:.2f} s); charged {charged[0]:.2f} "
+          f"CPU s to epoch 0 and {charged[1]:.2f} to epoch 1")
+    assert charged[0] >= 0.9 * worker_s, "the worker's seconds are in the window it ran in"
+    assert charged[1] < 0.5 * worker_s, "... not in the next one"
+
+
 def test_the_process_tree_finds_grandchildren_by_its_own_threads_or_by_a_machine_scan():
     import psutil
 

@@ -213,9 +213,10 @@ class ProcessTree:
                 continue
         return out
 
-    def cpu_seconds(self, now_s: float) -> float:
-        """CPU seconds of the tree (monotonic); ``now_s`` decides when to list descendants again."""
-        if now_s - self._scanned_s >= self.rescan_s:
+    def cpu_seconds(self, now_s: float, rescan_s: float | None = None) -> float:
+        """CPU seconds of the tree (monotonic); ``now_s`` decides when to list descendants again: at least
+        ``rescan_s`` (default :attr:`rescan_s`) after the last listing."""
+        if now_s - self._scanned_s >= (self.rescan_s if rescan_s is None else rescan_s):
             try:
                 found = self.descendants(self.root)
                 inside = {c.pid for c in found} | {self.root.pid}

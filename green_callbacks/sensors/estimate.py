@@ -18,6 +18,9 @@ from green_callbacks.sensors.cpu_power import (
 from green_callbacks.sensors.integrator import PowerIntegrator
 
 CPU_SCOPES = ("process", "machine")
+# a window edge lists the training's processes again where the last listing is older than this: a walk of the tree's
+# /proc children files (one small read per thread of the tree) at most 4 times a second, whatever the edges' rate
+EDGE_RESCAN_S = 0.25
 
 
 class CpuEstimateSensor(Sensor):
@@ -99,10 +102,10 @@ class CpuEstimateSensor(Sensor):
         return {"cpu": f"estimate: {self.core.watts:.3g} W per busy CPU, at most {self.tdp_w:.3g} W",
                 "attribution": self.attribution()}
 
-    def _busy_cpu_s(self, now_s: float, rescan: bool) -> float:
+    def _busy_cpu_s(self, now_s: float, rescan_s: float | None) -> float:
         """CPU seconds to charge since the last update: the tree's, or the machine's busy share."""
         if self._tree is not None:
-            busy = self._tree.cpu_seconds(now_s if rescan else -float("inf"))
+            busy = self._tree.cpu_seconds(now_s, rescan_s)
             # a burst (children reaped at once) is charged whole, within the run's CPU x wall bound
             room = self.max_cpus * (now_s - self._t0_s) - self._charged_s
             delta = min(max(busy - self._last_busy, 0.0), max(room, 0.0))
@@ -123,24 +126,27 @@ class CpuEstimateSensor(Sensor):
                 self._last_busy, self._last_total = machine_busy_seconds(self._psutil)
             self._integrator.add(now_s, 0.0)
 
-    def _update(self, now_s: float, rescan: bool) -> None:
+    def _update(self, now_s: float, rescan_s: float | None) -> None:
         with self._lock:
             if now_s <= self._last_s:
                 return
-            delta = self._busy_cpu_s(now_s, rescan)
+            delta = self._busy_cpu_s(now_s, rescan_s)
             self._charged_s += delta
             self._power_w = self.core.watts * delta / (now_s - self._last_s)
             self._integrator.add(now_s, self._power_w)
             self._last_s = now_s
 
     def sample(self, now_s: float) -> dict[str, float]:
-        self._update(now_s, rescan=True)
+        self._update(now_s, rescan_s=None)
         return {"cpu": self._power_w}
 
     def read(self, now_s: float) -> Reading:
-        """Brings the known processes' counters up to ``now_s`` (microseconds each, no ``/proc`` scan),
-        so a window edge includes workers reaped just before it."""
-        self._update(now_s, rescan=False)
+        """Brings the known processes' counters up to ``now_s`` (microseconds each), so a window edge includes
+        workers reaped just before it; and lists the tree's processes again where the last listing is older than
+        ``EDGE_RESCAN_S``, so that workers started since (a DataLoader's, at an epoch's start) are charged to the
+        window they ran in: found by the sampler's listing once a second, a worker's CPU so far went to whichever
+        window was open then (the next epoch's, for an epoch shorter than a second)."""
+        self._update(now_s, rescan_s=EDGE_RESCAN_S)
         return Reading({"cpu": self._integrator.joules_at(now_s)}, {"cpu": Method.ESTIMATED},
                        {"cpu": self._power_w})
 
