@@ -10,9 +10,16 @@ from green_callbacks import outputs, process
 from green_callbacks.process import never_raises
 from green_callbacks.records import Kind, total_metrics
 
+# the most an end brought about by a SIGTERM waits for MLflow: the signal's sender (``docker stop``, Kubernetes,
+# Slurm) kills the process after its grace period (10 s for docker), and a wait of the whole ``mlflow_wait_s`` for a
+# store that does not answer took all of it: killed in the wait, the run's files were never written
+TERM_WAIT_S = 2.0
+
 
 class EndHost:
     """The end of a tracker's stage (mixed into :class:`~green_callbacks.tracker.EnergyTracker`)."""
+
+    _sigterms_at_start = 0  # process.sigterm_count() at the stage's start
 
     @never_raises
     def end_training(self, step: int) -> None:
@@ -82,7 +89,9 @@ class EndHost:
                     confirmed = False  # a wait cut short (Ctrl-C) is not waited again by close()
                     try:
                         self.waiting_for_mlflow = True
-                        confirmed = self.sink.flush(self.sink.close_wait_s, ending=True)
+                        terminated = cut_short and process.sigterm_count() > self._sigterms_at_start
+                        confirmed = self.sink.flush(min(self.sink.close_wait_s, TERM_WAIT_S) if terminated else
+                                                    self.sink.close_wait_s, ending=True)
                     except (KeyboardInterrupt, SystemExit) as exc:  # the files are quick, and spooled for the sender
                         interrupted = exc
                     finally:

@@ -82,6 +82,11 @@ def signal_count() -> int:
     return len(_SIGNALS)
 
 
+def sigterm_count() -> int:
+    """How many SIGTERMs reached this process so far (whoever handled them)."""
+    return _SIGNALS.count(signal.SIGTERM)
+
+
 def _recording(previous: Callable[[int, Any], Any]) -> Callable[[int, Any], Any]:
     """``previous`` (a Python signal handler), run after the signal is recorded."""
     def handler(signum: int, frame: Any) -> Any:

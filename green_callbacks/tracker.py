@@ -198,6 +198,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         self._epoch_start_step = self._last_point_step
         self._finishing_status: str | None = None
         self.waiting_for_mlflow = False  # in the end's wait for MLflow: a SIGTERM ends the wait (process.py)
+        self._sigterms_at_start = process.sigterm_count()  # a SIGTERM after it ends the stage with a short wait
         self._fit_start = time.monotonic()
         self._t_start = self._fit_start - self.time_before_s  # a run continued: its earlier fits' time too
         process.register(self)

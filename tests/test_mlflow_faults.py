@@ -764,6 +764,69 @@ def test_ctrl_c_while_the_end_waits_for_mlflow_ends_at_once(tmp_path, script_tex
                 os.kill(State.load(spool).pid, signal.SIGKILL)
 
 
+TERMINATED_TRAINING = """
+import sys, time
+import lightning.pytorch as pl
+from lightning.pytorch.demos.boring_classes import BoringModel
+from green_callbacks.lightning import EnergyMonitor
+
+class Slow(pl.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        print("epoch", trainer.current_epoch, flush=True)
+
+    def on_train_batch_end(self, *args):
+        time.sleep(0.02)
+
+monitor = EnergyMonitor(tracking_uri=sys.argv[1], output_dir=sys.argv[2])
+pl.Trainer(max_epochs=100000, limit_train_batches=4, limit_val_batches=2, callbacks=[Slow(), monitor], logger=False,
+           enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False).fit(BoringModel())
+"""
+
+
+TERMINATED_LOOP = """
+import sys, time
+from green_callbacks import EnergyTracker
+
+with EnergyTracker(tracking_uri=sys.argv[1], output_dir=sys.argv[2]) as tracker:
+    for epoch in range(100000):
+        with tracker.epoch(epoch):
+            print("epoch", epoch, flush=True)
+            time.sleep(0.1)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script_text", [TERMINATED_TRAINING, TERMINATED_LOOP], ids=["lightning", "loop"])
+def test_a_sigterm_in_training_ends_it_with_its_files_within_dockers_grace_period(tmp_path, script_text):
+    """``docker stop`` (Kubernetes, Slurm, ``timeout``): SIGTERM, then SIGKILL 10 s later. The SIGTERM came during
+    training with the server down, at MLflow's and the package's defaults: the end waited the whole 10 s for MLflow
+    before writing the run's files, and the SIGKILL came first: no intervals.csv, no summary.json."""
+    script = tmp_path / "terminated.py"
+    script.write_text(script_text)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), f"http://127.0.0.1:{free_port()}", str(out)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=fake_nvml_env("{}"))
+    try:
+        assert lines_until(proc, "epoch 3")[-1] == "epoch 3"
+        spools = lambda: [p for p in out.glob("spool-*.jsonl") if not p.name.endswith(".rejected.jsonl")]  # noqa: E731
+        wait_for("the sender tries MLflow", lambda: any(State.load(p).trying_since for p in spools()), 60)
+        terminated = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        took = time.monotonic() - terminated
+        assert took < 6, f"the end took {took:.1f} s of docker's 10-s grace period"
+        assert {p.name for p in out.glob("*/*")} >= {"intervals.csv", "summary.json", "power_trace.csv"}
+        (spool,) = spools()
+        records = read_spool(spool).records
+        assert len([r for r in records if r.kind == "artifact"]) >= 3, "the files are spooled for the sender"
+        assert [r.data["status"] for r in records if r.kind == "status"] == ["KILLED"]
+    finally:
+        proc.kill()
+        for spool in out.glob("spool-*.jsonl"):
+            with contextlib.suppress(ProcessLookupError, TypeError, ValueError):
+                os.kill(State.load(spool).pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_a_lingering_sender_does_not_hold_the_trainings_output_pipe_open(tmp_path):
     """``python train.py | tee log``, a CI job, ``subprocess.run(capture_output=True)``: the pipe ends when every
