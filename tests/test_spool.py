@@ -802,3 +802,64 @@ def test_a_locked_sqlite_store_is_said_to_be_locked_not_unreachable(tmp_path):
         holder.close()
     notes = " ".join(sender.state.notes)
     assert "is locked by another process" in notes and "cannot be reached" not in notes, notes
+
+
+CONTEXT_SCRIPT = """
+import sys
+from green_callbacks import EnergyTracker
+
+with EnergyTracker(tracking_uri=sys.argv[1], experiment_name="context", output_dir=sys.argv[2]) as tracker:
+    with tracker.epoch(0):
+        sum(range(10 ** 5))
+"""
+
+
+@pytest.mark.slow
+def test_a_run_the_package_opens_has_mlflows_context_tags(tmp_path):
+    """MLflow tags a run it opens with its user, its script and the git commit; a run this package opened had
+    ``mlflow.source.name`` "green-callbacks" and no user: the UI's Source column named no script of the user's."""
+    import getpass
+
+    repo = tmp_path / "project"
+    (repo / ".git" / "refs" / "heads").mkdir(parents=True)
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (repo / ".git" / "refs" / "heads" / "main").write_text("0123456789abcdef0123456789abcdef01234567\n")
+    script = repo / "train.py"
+    script.write_text(CONTEXT_SCRIPT)
+    uri = ready_store(tmp_path)
+    proc = subprocess.run([sys.executable, str(script), uri, str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("context").experiment_id])
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == str(script)
+    assert tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"] == getpass.getuser()
+    assert tags["mlflow.source.git.commit"] == "0123456789abcdef0123456789abcdef01234567"
+    assert tags["green.local_id"]  # (how a retry finds the run)
+
+
+def test_git_commit_is_read_from_packed_refs_a_worktree_and_a_detached_head(tmp_path):
+    from green_callbacks.sinks.target import context_tags, git_commit
+
+    sha = "89abcdef0123456789abcdef0123456789abcdef"
+    main = tmp_path / "main"
+    (main / ".git").mkdir(parents=True)
+    (main / ".git" / "HEAD").write_text("ref: refs/heads/dev\n")
+    (main / ".git" / "packed-refs").write_text(f"# pack-refs with: peeled\n{sha} refs/heads/dev\n")
+    (main / "src" / "deep").mkdir(parents=True)
+    assert git_commit(main / "src" / "deep") == sha
+    worktree = tmp_path / "wt"  # git worktree add: a .git file naming a folder whose commondir is the main .git
+    gitdir = main / ".git" / "worktrees" / "wt"
+    gitdir.mkdir(parents=True)
+    (gitdir / "HEAD").write_text("ref: refs/heads/dev\n")
+    (gitdir / "commondir").write_text("../..\n")
+    worktree.mkdir()
+    (worktree / ".git").write_text(f"gitdir: {gitdir}\n")
+    assert git_commit(worktree) == sha
+    (gitdir / "HEAD").write_text(sha[::-1] + "\n")
+    assert git_commit(worktree) == sha[::-1]
+    assert git_commit(tmp_path / "elsewhere") is None or (tmp_path / ".git").exists()
+    # a forged spool header sets MLflow's context tags only, as short printable text
+    assert context_tags({"context": {"mlflow.user": "me", "mlflow.runName": "x", "mlflow.source.name": "a\nb",
+                                     "green.stop_reason": "x"}}) == {"mlflow.user": "me"}

@@ -16,6 +16,7 @@ from typing import Any
 
 from green_callbacks.sinks.names import MAX_ENTITIES, MAX_METRICS, MAX_PARAMS, MAX_TAGS
 from green_callbacks.sinks.spool import Record
+from green_callbacks.sinks.target import context_tags
 from green_callbacks.sinks.verdicts import (
     NOT_RECOGNIZED,
     ArtifactFailed,
@@ -161,7 +162,7 @@ class RunClient:
         if found:  # the one holding something (a resumed training's), else the first
             self.run_id = next((r for r in found if _holds_data(r)), found[0]).info.run_id
         else:
-            tags = {"mlflow.source.name": "green-callbacks", LOCAL_ID_TAG: local_id}
+            tags = {"mlflow.source.name": "green-callbacks", **context_tags(header), LOCAL_ID_TAG: local_id}
             self.run_id = c.create_run(exp_id, start_time=int(header["t_ms"]), tags=tags,
                                        run_name=target.get("run_name")).info.run_id
             found = self._tagged(exp_id, local_id)
