@@ -42,13 +42,16 @@ def _probe(args: argparse.Namespace) -> int:
         print(f"gpu: {described['gpu']['edges']}")
     measured = [r for r in rows if r[2] in ("counter", "sampled")]
     if not measured:
-        from green_callbacks.sensors.rapl import RAPL_FIX
+        from green_callbacks.sensors.rapl import POWERCAP_ROOT, RAPL_FIX, find_zones
 
+        # the chmod fix only where there are RAPL counters to open up (a VM or a container often has none)
+        rapl = RAPL_FIX if any(find_zones(POWERCAP_ROOT).values()) else \
+            f"This machine has none ({POWERCAP_ROOT} shows no RAPL zone: common in VMs and containers)."
         print("\nNothing here is measured: energy will be estimated (CPU: CPU time of the training x watts "
               "per busy CPU).\n"
               "NVIDIA GPUs are measured through NVML, which needs the NVIDIA driver (libnvidia-ml.so);\n"
               "AMD GPUs through amdsmi, which needs ROCm (libamd_smi.so) and `pip install green-callbacks[amd]`.\n"
-              f"CPU/DRAM are measured through RAPL where /sys/class/powercap exists. {RAPL_FIX}")
+              f"CPU/DRAM are measured through RAPL where /sys/class/powercap exists. {rapl}")
         return 1
     return 0
 

@@ -206,8 +206,9 @@ def _require_store(uri: str) -> None:
 
 def group_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Repeats folded into one row per group: n, mean and sample standard deviation (``sd``) of the
-    energy, the metric and metric per kJ, and the runs' short ids. Only runs that ``FINISHED`` are folded in
-    (a crashed repeat would pull the means down); the others are counted in ``left_out``."""
+    energy, the metric and metric per kJ, how the energy was measured, and the runs' short ids. Only runs that
+    ``FINISHED`` are folded in (a crashed repeat would pull the means down); the others are counted in
+    ``left_out``."""
     import pandas as pd
 
     column = frame.attrs["energy_column"]
@@ -220,6 +221,8 @@ def group_frame(frame: pd.DataFrame) -> pd.DataFrame:
             row[f"{name}_mean"] = values.mean() if len(values) else None
             row[f"{name}_sd"] = values.std(ddof=1) if len(values) > 1 else None
         row["metric"] = " / ".join(sorted(set(runs["metric"].dropna()))) or None
+        # how the energy was measured, beside the means it makes: the repeats' methods, all of them where they differ
+        row["method"] = " / ".join(dict.fromkeys(runs["method"].dropna())) or None
         row["runs"] = " ".join(runs["run_id"])
         rows.append(row)
     out = pd.DataFrame(rows)

@@ -98,7 +98,8 @@ def plot_pareto(frame: pd.DataFrame, path: str | Path, grouped: bool = False) ->
         ax.scatter(xs, ys, color="grey", label="runs")
         labels = [f"{r} ({i})" for r, i in zip(shown["run"], shown["run_id"], strict=True)]
     front = pareto_front(xs, ys, frame.attrs.get("higher_is_better", True))
-    ax.plot([xs[i] for i in front], [ys[i] for i in front], "o-", color="green", label="Pareto front")
+    # above the runs' grey markers (and error bars), which covered a front of one point
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], "o-", color="green", label="Pareto front", zorder=3)
     pretty = "training energy (J)" if column == "training_j" else column.replace("_j_per_sample", "") + \
         " energy per sample (J)"
     ax.set_xlabel(pretty)

@@ -22,7 +22,9 @@ def test_probe_without_any_measurable_sensor_says_so_and_fails():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "cpu" in proc.stdout and "estimated" in proc.stdout
-    assert "Nothing here is measured" in proc.stdout and "sudo chmod o+r" in proc.stdout
+    assert "Nothing here is measured" in proc.stdout
+    # no RAPL zone at all (this VM): a chmod of files that do not exist would be no fix
+    assert "shows no RAPL zone" in proc.stdout and "sudo chmod" not in proc.stdout
 
 
 def test_probe_with_a_simulated_gpu_succeeds(fake_nvml, capsys):

@@ -143,6 +143,9 @@ def test_repeats_grouped_into_mean_and_spread(store, tmp_path, capsys):
     assert groups.loc["baseline", "training_j_sd"] == pytest.approx(10.0)  # sample sd of 90, 100, 110
     assert groups.loc["student", "value_sd"] == pytest.approx(pd.Series([0.85, 0.86]).std())
     assert pd.isna(groups.loc["quantised", "training_j_mean"])
+    # the means carry how their energy was measured, as the ungrouped table does
+    assert groups.loc["baseline", "method"] == "cpu estimated"
+    assert groups.loc["quantised", "method"] == "test: cpu estimated"
     assert png.read_bytes()[:4] == b"\x89PNG"
     test = experiment_frame("cmp", uri, energy="test", group_by="model")
     assert test.attrs["energy_column"] == "test_j_per_sample"
