@@ -359,9 +359,15 @@ class MlflowSink:
             trying = ("; its sender stopped: MLflow refused them (the warning above says why)" if said else
                       f"; its sender stopped: {blocked}" if blocked else
                       f"; its sender keeps trying for up to {self.linger_s:g} s" if not self._sender_gone() else "")
-            log.warning("green-callbacks: %d records are not yet confirmed by MLflow at %s; they are kept in %s%s%s. "
-                        "Send them with: green-callbacks replay %s", self._unsent(), uri, writer.path, lost, trying,
-                        rescued or writer.path)
+            if self.close_wait_s == 0 and not blocked and not writer.unwritten and not self._sender_gone():
+                # mlflow_wait_s=0: not waiting was the user's choice, and the sender is at it: no alarm at every end
+                log.info("green-callbacks: mlflow_wait_s=0: the end did not wait for MLflow at %s; its sender sends "
+                         "the %d records kept in %s in the background (for up to %g s; else: green-callbacks replay "
+                         "%s)", uri, self._unsent(), writer.path, self.linger_s, writer.path)
+            else:
+                log.warning("green-callbacks: %d records are not yet confirmed by MLflow at %s; they are kept in "
+                            "%s%s%s. Send them with: green-callbacks replay %s", self._unsent(), uri, writer.path,
+                            lost, trying, rescued or writer.path)
         self._closed = done
         reap_when_done(self._proc)
         if interrupted is not None:
