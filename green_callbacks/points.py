@@ -236,6 +236,9 @@ class PointHost:
             params, tags = run_facts(self.accountant.as_params(), self.rank.world_size, __version__, first, names)
             self.sink.log_params(params)
             self.sink.set_tags(tags)
+            self._tagged_methods = {k.removeprefix("green.method."): v for k, v in tags.items()
+                                    if k.startswith("green.method.")}
+            self._tag_weaker_methods(self.records)  # a run resumed into a new run: the checkpoint's records too
             self._device_tags = device_tags(names)
         elif first.kind is Kind.END and len(names) == self.rank.world_size:  # every rank's: not an end cut short
             tags = device_tags(names)
@@ -243,9 +246,6 @@ class PointHost:
             if changed:
                 self.sink.set_tags(changed)
             self._device_tags = tags
-            self._tagged_methods = {k.removeprefix("green.method."): v for k, v in tags.items()
-                                    if k.startswith("green.method.")}
-            self._tag_weaker_methods(self.records)  # a run resumed into a new run: the checkpoint's records too
         self._tag_weaker_methods(records)
         held, self._held = self._held, None
         if held is not None and held[0] != first.step:

@@ -545,6 +545,40 @@ def test_a_second_training_into_the_same_run_keeps_the_first_ones_files(tmp_path
                                                                                             "green_callbacks")}
 
 
+def test_a_training_resumed_into_a_new_run_tags_the_checkpoints_weaker_method(tmp_path, fake_nvml):
+    """The checkpoint's training read its GPU by sampled power, the resumed one reads the counter, into a run of its
+    own (the user's active run: HF's report_to=mlflow and a new MLFlowLogger do the same): the new run's totals hold
+    the sampled part, so its tag must say 'sampled', not the resumed process's 'counter'."""
+    import mlflow
+
+    from green_callbacks import EnergyTracker
+
+    def train(tracker, epochs, start=0):
+        with tracker:
+            for epoch in range(start, start + epochs):
+                with tracker.epoch(epoch):
+                    fake_nvml.advance(0.5)
+
+    uri = ready_store(tmp_path)
+    fake_nvml.configure([{"counter": False}], work_clock=True)
+    first = EnergyTracker(gpus="all", measure_cpu=False, tracking_uri=uri, experiment_name="r",
+                          output_dir=str(tmp_path / "out"))
+    train(first, 2)
+    state = json.loads(json.dumps(first.state_dict()))
+    fake_nvml.configure([{"counter": True}], work_clock=True)
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=mlflow.create_experiment("mine")) as active:
+            resumed = EnergyTracker(gpus="all", measure_cpu=False, output_dir=str(tmp_path / "out"))
+            resumed.load_state_dict(state)
+            train(resumed, 2, start=2)
+    finally:
+        mlflow.set_tracking_uri(None)
+    _, (run,) = runs(uri, "mine")
+    assert run.info.run_id == active.info.run_id != first.run.run_id
+    assert run.data.tags["green.method.gpu"] == "sampled"
+
+
 def test_a_resumed_run_tags_a_method_weaker_than_before_the_checkpoint(tmp_path, fake_nvml):
     """Resumed from a checkpoint on a GPU whose counter is gone (sampled now): the run's green.method.gpu tag stayed
     'counter' (the tags were not known after the resume), while summary.json said 'sampled'."""
