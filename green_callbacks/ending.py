@@ -89,9 +89,10 @@ class EndHost:
                     confirmed = False  # a wait cut short (Ctrl-C) is not waited again by close()
                     try:
                         self.waiting_for_mlflow = True
-                        terminated = cut_short and process.sigterm_count() > self._sigterms_at_start
-                        confirmed = self.sink.flush(min(self.sink.close_wait_s, TERM_WAIT_S) if terminated else
-                                                    self.sink.close_wait_s, ending=True)
+                        if cut_short and process.sigterm_count() > self._sigterms_at_start:
+                            # the flush's and the close's waits together, the sender's start-up included
+                            self.sink.deadline = time.monotonic() + TERM_WAIT_S
+                        confirmed = self.sink.flush(self.sink.close_wait_s, ending=True)
                     except (KeyboardInterrupt, SystemExit) as exc:  # the files are quick, and spooled for the sender
                         interrupted = exc
                     finally:

@@ -70,6 +70,10 @@ def test_green_ai_comparison_is_one_run_per_model(tmp_path):
     assert all("energy/test_j_per_sample" in r.data.metrics for r in found)
     # the pruned model really is smaller: channels removed, not zeroed
     assert {r.data.params["hidden"] for r in found if r.info.run_name == "pruned"} == {"128"}
-    assert "mean ± sd" in out and "inference mJ/sample" in out
+    assert "mean ± sd" in out and "inference mJ/sample" in out and "torch threads: 1" in out
     for t in techniques:
         assert any(line.startswith(t) and "±" in line for line in out.splitlines())
+    # every technique's change from the baseline, and whether k=2 repeats resolve it
+    for t in set(techniques) - {"baseline"}:
+        (line,) = [line for line in out.splitlines() if line.startswith(t)]
+        assert line.count(" %") >= 1 and ("resolved" in line or "within noise" in line or "no spread" in line)

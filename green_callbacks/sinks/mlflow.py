@@ -279,13 +279,15 @@ class MlflowSink:
             trying = self._state.trying_since
             waited = 0.0 if trying is None else min(elapsed, time.time() - trying)
             self._waited_s = waited
-            if waited >= timeout_s or elapsed >= timeout_s + STARTUP_S:
+            if waited >= timeout_s or elapsed >= timeout_s + STARTUP_S or \
+                    (self.deadline is not None and time.monotonic() >= self.deadline):
                 return False
             time.sleep(pause)
             pause = min(0.05, pause * 1.5)
 
     _waited_s = 0.0  # the latest wait's time on MLflow (see _wait)
     _end_waited_s = 0.0  # what the end's flush waited, taken from close's default wait
+    deadline: float | None = None  # (time.monotonic()) no wait goes past it, start-up or not: a SIGTERM's end
 
     def flush(self, timeout_s: float = 10.0, ending: bool = False) -> bool:
         """Wait until MLflow confirmed everything logged so far (``timeout_s`` as in ``close``). ``ending``: the
@@ -359,8 +361,10 @@ class MlflowSink:
             trying = ("; its sender stopped: MLflow refused them (the warning above says why)" if said else
                       f"; its sender stopped: {blocked}" if blocked else
                       f"; its sender keeps trying for up to {self.linger_s:g} s" if not self._sender_gone() else "")
-            if self.close_wait_s == 0 and not blocked and not writer.unwritten and not self._sender_gone():
-                # mlflow_wait_s=0: not waiting was the user's choice, and the sender is at it: no alarm at every end
+            if self.close_wait_s == 0 and not blocked and not writer.unwritten and not self._sender_gone() and \
+                    not self._state.notes and not recently_unanswered(self._uri):
+                # mlflow_wait_s=0: not waiting was the user's choice, and the sender is at it with no trouble said so
+                # far: no alarm at every end (a store that failed to answer, or a sender's warning, still warns)
                 log.info("green-callbacks: mlflow_wait_s=0: the end did not wait for MLflow at %s; its sender sends "
                          "the %d records kept in %s in the background (for up to %g s; else: green-callbacks replay "
                          "%s)", uri, self._unsent(), writer.path, self.linger_s, writer.path)

@@ -68,14 +68,17 @@ CONTEXT_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlfl
 
 
 def run_context() -> dict[str, str]:
-    """This training's user, script and git commit, as MLflow tags them (read here: the sender is another program)."""
+    """This training's user, script and git commit, as MLflow tags them (read here: the sender is another program).
+    Whatever fails (no user name for this uid, a deleted working directory, a link loop) is left out: never an
+    error at the sink's opening."""
     out = {"mlflow.source.type": "LOCAL", "mlflow.source.name": sys.argv[0] if sys.argv and sys.argv[0] else
            "<console>"}
-    with contextlib.suppress(Exception):  # no user name for this uid (a container's): MLflow leaves it out too
+    with contextlib.suppress(Exception):
         out["mlflow.user"] = getpass.getuser()
-    commit = git_commit(Path(out["mlflow.source.name"]).absolute().parent)
-    if commit:
-        out["mlflow.source.git.commit"] = commit
+    with contextlib.suppress(Exception):
+        commit = git_commit(Path(out["mlflow.source.name"]).absolute().parent)
+        if commit:
+            out["mlflow.source.git.commit"] = commit
     return out
 
 
