@@ -9,7 +9,9 @@ the order of the techniques rotates from one repeat to the next, so a slow spell
 neighbour's load, frequency scaling) falls on every technique rather than on one. The table at the end
 gives mean ± sample standard deviation over the repeats of test accuracy, training energy and
 inference energy per test sample, with the measurement method (``estimated`` or ``measured``, from
-the run's ``green.method.*`` tags) beside them. A difference smaller than the spreads is not a saving.
+the run's ``green.method.*`` tags) beside them, and each technique's change from the baseline with
+whether the repeats resolve it (Welch's t-test, p < 0.05) or leave it "within noise". torch runs on one
+thread (``--threads``; see ``main``), so that the CPU estimate charges the work, not threads spinning.
 
 - ``baseline``: the 512-unit MLP, trained from scratch (seed = repeat).
 - ``distilled``: a 32-unit student trained by knowledge distillation from the teacher (below). Its
@@ -44,6 +46,7 @@ import argparse
 import copy
 import statistics
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -178,6 +181,23 @@ def mean_sd(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
+def against(values: list[float], baseline: list[float]) -> str:
+    """The change of the mean from the baseline's, and whether the repeats resolve it: Welch's t-test (unequal
+    variances) at p < 0.05; with fewer than two repeats a side, or no spread at all, nothing is resolved."""
+    values, baseline = [v for v in values if v is not None], [b for b in baseline if b is not None]
+    if len(values) < 2 or len(baseline) < 2 or not statistics.fmean(baseline):
+        return "—"
+    from scipy import stats
+
+    change = 100 * (statistics.fmean(values) / statistics.fmean(baseline) - 1)
+    with warnings.catch_warnings():  # (scipy's note on repeats that are all but equal: the p-value says it)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(stats.ttest_ind(values, baseline, equal_var=False).pvalue)
+    if p != p:  # both without spread: a t-test says nothing
+        return f"{change:+.0f} % (no spread)"
+    return f"{change:+.0f} % ({'resolved' if p < 0.05 else 'within noise'}, p={p:.2g})"
+
+
 def native_bf16() -> bool:
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(check and check())
@@ -189,7 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=3, help="repeats per technique (interleaved)")
     parser.add_argument("--quick", action="store_true", help="k=2, 2 epochs, a smaller test set")
     parser.add_argument("--no-bf16", action="store_true", help="leave out the bf16 autocast technique")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1; 0: torch's default, one per core): see below")
     args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.error(f"--threads {args.threads}: give 0 (torch's default) or a positive count")
+    if args.threads:
+        # torch's threads, one per core, spin while they wait for one another; when anything else holds a core
+        # (a neighbour, the sampler, MLflow's sender), the spinning is CPU time of this training, and its estimate
+        # moved 2.4 times with one busy core beside it. One thread does the same work at the same speed on a
+        # model this small and reads the same alone and beside a neighbour (+7 %): the comparison is repeatable.
+        torch.set_num_threads(args.threads)
     epochs, k = (2, 2) if args.quick else (args.epochs, args.k)
     techniques = [t for t in TECHNIQUES if not (t == "bf16" and args.no_bf16)]
     (xt, yt), (xv, yv) = digits()
@@ -212,14 +242,24 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{k} repeats, interleaved; mean ± sd; {epochs} epochs (pruned: fine-tuned {max(1, epochs // 3)}); "
           f"{len(xv) * tile} test samples; bf16 native on this CPU: {'yes' if native_bf16() else 'no (emulated)'}")
-    print(f"{'technique':<10} {'test acc':>15} {'train J':>15} {'inference mJ/sample':>21}  method (train/inference)")
+    print(f"torch threads: {torch.get_num_threads()}")
+    print(f"{'technique':<10} {'test acc':>15} {'train J':>15} {'train vs baseline':>30} {'inference mJ/sample':>21} "
+          f"{'inference vs baseline':>30}  method (train/inference)")
+    base = [r for r in rows if r["technique"] == "baseline"]
     for t in techniques:
         mine = [r for r in rows if r["technique"] == t]
-        method = f"{mine[0]['train_method'] or '—'}/{mine[0]['infer_method']}"
+        # every repeat's method: a repeat measured where the others were estimated shows as both
+        train_m = "/".join(dict.fromkeys(r["train_method"] or "—" for r in mine))
+        infer_m = "/".join(dict.fromkeys(r["infer_method"] for r in mine))
+        versus = (("", "") if t == "baseline" else
+                  (against([r["train_j"] for r in mine], [r["train_j"] for r in base]),
+                   against([r["infer_j_per_sample"] for r in mine], [r["infer_j_per_sample"] for r in base])))
         print(f"{t:<10} {mean_sd([r['test_acc'] for r in mine], digits=4):>15} "
-              f"{mean_sd([r['train_j'] for r in mine], digits=1):>15} "
-              f"{mean_sd([r['infer_j_per_sample'] for r in mine], scale=1000, digits=4):>21}  {method}")
-    print("\nA difference smaller than the spreads (sd) is not a measured saving.")
+              f"{mean_sd([r['train_j'] for r in mine], digits=1):>15} {versus[0]:>30} "
+              f"{mean_sd([r['infer_j_per_sample'] for r in mine], scale=1000, digits=4):>21} {versus[1]:>30}  "
+              f"{train_m} / {infer_m}")
+    print("\nA change the repeats do not resolve (Welch's t-test, p >= 0.05: 'within noise') is not a measured "
+          "saving.")
     print(f"Per run in MLflow: experiment {EXPERIMENT!r} at {mlflow.get_tracking_uri()}; grouped: "
           f"green-callbacks report {EXPERIMENT} --metric test_acc --energy test --group-by technique")
     return 0
