@@ -736,15 +736,9 @@ def test_ctrl_c_while_the_end_waits_for_mlflow_ends_at_once(tmp_path, script_tex
     close() then waited the whole 30 s again; and the run's files, written after that wait, were never written.
     A SIGTERM there (``timeout``, Slurm, Kubernetes, ``docker stop``) killed the process at once, without its files,
     and the finished training was marked KILLED; now it ends as a Ctrl-C does, then by the signal."""
-    script = tmp_path / "interrupted.py"
-    script.write_text(script_text)
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(script), f"http://127.0.0.1:{free_port()}", str(out)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=fake_nvml_env("{}"))
-    try:
+    with _against_a_down_server(tmp_path, script_text) as (proc, out):
         assert lines_until(proc, "end")[-1] == "end"
-        spools = lambda: [p for p in out.glob("spool-*.jsonl") if not p.name.endswith(".rejected.jsonl")]  # noqa: E731
-        wait_for("the sender tries MLflow", lambda: any(State.load(p).trying_since for p in spools()), 60)
+        wait_for("the sender tries MLflow", lambda: any(State.load(p).trying_since for p in _spools(out)), 60)
         time.sleep(1.0)
         interrupted = time.monotonic()
         proc.send_signal(sig)
@@ -753,16 +747,38 @@ def test_ctrl_c_while_the_end_waits_for_mlflow_ends_at_once(tmp_path, script_tex
         if script_text is INTERRUPTED_LOOP_END:  # nobody else handles SIGTERM: the process ends by it, as it would
             assert proc.returncode == -signal.SIGTERM
         # the run's files were written after the cut wait, not lost with it, and spooled as artifacts to send
-        assert {p.name for p in out.glob("*/*")} >= {"intervals.csv", "summary.json", "power_trace.csv"}
-        (spool,) = spools()
-        records = read_spool(spool).records
-        assert len([r for r in records if r.kind == "artifact"]) >= 3
-        assert [r.data["status"] for r in records if r.kind == "status"] == ["FINISHED"]  # the training had ended
+        _files_written_and_spooled(out, "FINISHED")  # the training had ended
+
+
+def _spools(out: Path) -> list[Path]:
+    return [p for p in out.glob("spool-*.jsonl") if not p.name.endswith(".rejected.jsonl")]
+
+
+@contextlib.contextmanager
+def _against_a_down_server(tmp_path: Path, script_text: str):
+    """The script run with a tracking URI where nothing listens and an output folder; killed at the end, with the
+    senders it left."""
+    script = tmp_path / "script.py"
+    script.write_text(script_text)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), f"http://127.0.0.1:{free_port()}", str(out)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=fake_nvml_env("{}"))
+    try:
+        yield proc, out
     finally:
         proc.kill()
         for spool in out.glob("spool-*.jsonl"):
             with contextlib.suppress(ProcessLookupError, TypeError, ValueError):
                 os.kill(State.load(spool).pid, signal.SIGKILL)
+
+
+def _files_written_and_spooled(out: Path, status: str) -> None:
+    """The run's files are in its folder, spooled as artifacts for the sender, and the spool has ``status``."""
+    assert {p.name for p in out.glob("*/*")} >= {"intervals.csv", "summary.json", "power_trace.csv"}
+    (spool,) = _spools(out)
+    records = read_spool(spool).records
+    assert len([r for r in records if r.kind == "artifact"]) >= 3, "the files are spooled for the sender"
+    assert [r.data["status"] for r in records if r.kind == "status"] == [status]
 
 
 TERMINATED_TRAINING = """
@@ -802,30 +818,16 @@ def test_a_sigterm_in_training_ends_it_with_its_files_within_dockers_grace_perio
     """``docker stop`` (Kubernetes, Slurm, ``timeout``): SIGTERM, then SIGKILL 10 s later. The SIGTERM came during
     training with the server down, at MLflow's and the package's defaults: the end waited the whole 10 s for MLflow
     before writing the run's files, and the SIGKILL came first: no intervals.csv, no summary.json."""
-    script = tmp_path / "terminated.py"
-    script.write_text(script_text)
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(script), f"http://127.0.0.1:{free_port()}", str(out)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=fake_nvml_env("{}"))
-    try:
+    with _against_a_down_server(tmp_path, script_text) as (proc, out):
         assert lines_until(proc, "epoch 3")[-1] == "epoch 3"
-        spools = lambda: [p for p in out.glob("spool-*.jsonl") if not p.name.endswith(".rejected.jsonl")]  # noqa: E731
         # (the sender may be starting still: the end's cap counts its start-up too, up to 30 s more before)
         terminated = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         took = time.monotonic() - terminated
+        print(f"SIGTERM to exit: {took:.2f} s")
         assert took < 6, f"the end took {took:.1f} s of docker's 10-s grace period"
-        assert {p.name for p in out.glob("*/*")} >= {"intervals.csv", "summary.json", "power_trace.csv"}
-        (spool,) = spools()
-        records = read_spool(spool).records
-        assert len([r for r in records if r.kind == "artifact"]) >= 3, "the files are spooled for the sender"
-        assert [r.data["status"] for r in records if r.kind == "status"] == ["KILLED"]
-    finally:
-        proc.kill()
-        for spool in out.glob("spool-*.jsonl"):
-            with contextlib.suppress(ProcessLookupError, TypeError, ValueError):
-                os.kill(State.load(spool).pid, signal.SIGKILL)
+        _files_written_and_spooled(out, "KILLED")
 
 
 @pytest.mark.slow

@@ -545,6 +545,26 @@ def test_a_second_training_into_the_same_run_keeps_the_first_ones_files(tmp_path
                                                                                             "green_callbacks")}
 
 
+def _gpu_epochs(tracker, fake_nvml, epochs: int, start: int = 0) -> None:
+    """``epochs`` epochs of half a second of the simulated GPU each, in ``tracker``'s context."""
+    with tracker:
+        for epoch in range(start, start + epochs):
+            with tracker.epoch(epoch):
+                fake_nvml.advance(0.5)
+
+
+def _checkpointed(tmp_path, uri: str, fake_nvml, counter: bool):
+    """A tracker that trained 2 epochs on a GPU read by its counter (or by sampled power), and its checkpoint state as
+    a checkpoint holds it (through JSON)."""
+    from green_callbacks import EnergyTracker
+
+    fake_nvml.configure([{"counter": counter}], work_clock=True)
+    first = EnergyTracker(gpus="all", measure_cpu=False, tracking_uri=uri, experiment_name="r",
+                          output_dir=str(tmp_path / "out"))
+    _gpu_epochs(first, fake_nvml, 2)
+    return first, json.loads(json.dumps(first.state_dict()))
+
+
 def test_a_training_resumed_into_a_new_run_tags_the_checkpoints_weaker_method(tmp_path, fake_nvml):
     """The checkpoint's training read its GPU by sampled power, the resumed one reads the counter, into a run of its
     own (the user's active run: HF's report_to=mlflow and a new MLFlowLogger do the same): the new run's totals hold
@@ -553,25 +573,15 @@ def test_a_training_resumed_into_a_new_run_tags_the_checkpoints_weaker_method(tm
 
     from green_callbacks import EnergyTracker
 
-    def train(tracker, epochs, start=0):
-        with tracker:
-            for epoch in range(start, start + epochs):
-                with tracker.epoch(epoch):
-                    fake_nvml.advance(0.5)
-
     uri = ready_store(tmp_path)
-    fake_nvml.configure([{"counter": False}], work_clock=True)
-    first = EnergyTracker(gpus="all", measure_cpu=False, tracking_uri=uri, experiment_name="r",
-                          output_dir=str(tmp_path / "out"))
-    train(first, 2)
-    state = json.loads(json.dumps(first.state_dict()))
+    first, state = _checkpointed(tmp_path, uri, fake_nvml, counter=False)
     fake_nvml.configure([{"counter": True}], work_clock=True)
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run(experiment_id=mlflow.create_experiment("mine")) as active:
             resumed = EnergyTracker(gpus="all", measure_cpu=False, output_dir=str(tmp_path / "out"))
             resumed.load_state_dict(state)
-            train(resumed, 2, start=2)
+            _gpu_epochs(resumed, fake_nvml, 2, start=2)
     finally:
         mlflow.set_tracking_uri(None)
     _, (run,) = runs(uri, "mine")
@@ -585,22 +595,12 @@ def test_a_resumed_run_tags_a_method_weaker_than_before_the_checkpoint(tmp_path,
     from green_callbacks import EnergyTracker
     from green_callbacks.outputs import summary
 
-    def train(tracker, epochs, start=0):
-        with tracker:
-            for epoch in range(start, start + epochs):
-                with tracker.epoch(epoch):
-                    fake_nvml.advance(0.5)
-
     uri = ready_store(tmp_path)
-    fake_nvml.configure([{"counter": True}], work_clock=True)
-    first = EnergyTracker(gpus="all", measure_cpu=False, tracking_uri=uri, experiment_name="r",
-                          output_dir=str(tmp_path / "out"))
-    train(first, 2)
-    state = json.loads(json.dumps(first.state_dict()))
+    _, state = _checkpointed(tmp_path, uri, fake_nvml, counter=True)
     fake_nvml.configure([{"counter": False}], work_clock=True)  # a new process, on a GPU read by sampled power
     resumed = EnergyTracker(gpus="all", measure_cpu=False, tracking_uri=uri, experiment_name="r",
                             output_dir=str(tmp_path / "out"))
     resumed.load_state_dict(state)
-    train(resumed, 2, start=2)
+    _gpu_epochs(resumed, fake_nvml, 2, start=2)
     _, (run,) = runs(uri, "r")
     assert run.data.tags["green.method.gpu"] == summary(resumed)["methods"]["gpu"] == "sampled"
