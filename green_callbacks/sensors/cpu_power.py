@@ -143,6 +143,10 @@ class ReapedSenders:
 
 
 REAPED_SENDERS = ReapedSenders()
+# this process's MLflow senders, registered as they start (sinks.launch): known by pid, not only by their command
+# line, which a listing that catches one between its fork and its exec reads as this process's own (it was then taken
+# for a worker, and its MLflow import, seconds of CPU, went into the training's estimate: 8.8 J against 1.1 J)
+SENDER_PIDS: set[int] = set()
 
 
 class ProcessTree:
@@ -175,6 +179,10 @@ class ProcessTree:
         self._senders: dict[int, bool] = {}  # pid -> whether it is this package's MLflow sender
         self._peers: list[Any] = []  # other roots: this node's ranks that are not descendants (Ray, ddp_spawn)
         self.processes = 1  # the most processes seen at once (root included)
+        try:
+            self._own_argv = self.root.cmdline()
+        except self._psutil.Error:
+            self._own_argv = []
         self.walks_children_files = _children_files_readable()
 
     def add_peers(self, pids: list[int]) -> None:
@@ -187,14 +195,20 @@ class ProcessTree:
         self._scanned_s = -math.inf
 
     def _is_sender(self, child: Any) -> bool:
-        """Whether ``child`` runs ``-m green_callbacks.sinks`` (its command line read once per process)."""
+        """Whether ``child`` is one of this process's MLflow senders (:data:`SENDER_PIDS`) or runs
+        ``-m green_callbacks.sinks`` (its command line read once per process; a child still showing this process's
+        own command line, forked and not yet exec'd, is asked again at the next listing)."""
+        if child.pid in SENDER_PIDS:
+            return True
         known = self._senders.get(child.pid)
         if known is None:
             try:
                 argv = child.cmdline()
             except self._psutil.Error:
                 argv = []
-            known = self._senders[child.pid] = any(tuple(argv[i:i + 2]) == self.SENDER for i in range(len(argv)))
+            known = any(tuple(argv[i:i + 2]) == self.SENDER for i in range(len(argv)))
+            if known or argv != self._own_argv:
+                self._senders[child.pid] = known
         return known
 
     @staticmethod
@@ -242,6 +256,8 @@ class ProcessTree:
             total = self._seconds(self.root.cpu_times())
         alive = []
         for child in self._children:
+            if child.pid in SENDER_PIDS:  # (a sender listed before its start registered it)
+                continue
             try:
                 total += self._seconds(child.cpu_times())
             except self._psutil.Error:  # exited: its seconds reach the parent's children_* when reaped

@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 
-from green_callbacks.sensors.cpu_power import REAPED_SENDERS
+from green_callbacks.sensors.cpu_power import REAPED_SENDERS, SENDER_PIDS
 from green_callbacks.sinks.pacing import SENDER_ENV
 from green_callbacks.sinks.spool import SpoolWriter
 
@@ -52,13 +52,15 @@ def start_sender(spool: Path, credentials: dict[str, str]) -> subprocess.Popen[b
     root = str(Path(__file__).resolve().parents[2])  # the folder that holds green_callbacks
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     try:
-        return subprocess.Popen([sys.executable, "-m", "green_callbacks.sinks", str(spool)],
+        proc = subprocess.Popen([sys.executable, "-m", "green_callbacks.sinks", str(spool)],
                                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 start_new_session=True, close_fds=True)
     except OSError as exc:
         log.warning("green-callbacks: cannot start its MLflow sender (%s); records are kept in %s. Send them "
                     "with: green-callbacks replay %s", exc, spool, spool)
         return None
+    SENDER_PIDS.add(proc.pid)  # never charged to a training's CPU estimate (see cpu_power.SENDER_PIDS)
+    return proc
 
 
 def weakly(method: Callable[[OSError], None]) -> Callable[[OSError], None]:
@@ -91,6 +93,7 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
         # utime, stime, cutime, cstime: fields 14-17 of the file, 11-14 after the command's closing parenthesis
         REAPED_SENDERS.add(sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK"))
     proc.wait()
+    SENDER_PIDS.discard(proc.pid)  # (its pid may be a worker's next)
 
 
 def abandon(writer: SpoolWriter) -> None:
