@@ -248,11 +248,11 @@ def test_the_packages_own_mlflow_sender_is_not_charged_to_the_training():
 def test_a_sender_listed_between_its_fork_and_its_exec_is_not_charged():
     """A listing that caught the sender between its fork and its exec read this process's own command line, took it
     for a worker for good, and charged its MLflow import to the training (CI: 8.8 J against 1.1 J for the same HF
-    training). Senders are known by pid from their start (SENDER_PIDS), and a child showing this process's own
+    training). Senders are known by pid from their start (cpu_power.SENDERS), and a child showing this process's own
     command line is asked again."""
     import psutil
 
-    from green_callbacks.sensors.cpu_power import SENDER_PIDS
+    from green_callbacks.sensors.cpu_power import SENDERS
 
     pid = os.fork()
     if pid == 0:  # this process's image, not exec'd: spins for at most 5 s
@@ -264,12 +264,12 @@ def test_a_sender_listed_between_its_fork_and_its_exec_is_not_charged():
         tree = ProcessTree(psutil)
         tree.cpu_seconds(0.0)
         assert pid in [c.pid for c in tree._children] and pid not in tree._senders  # asked again next time
-        SENDER_PIDS.add(pid)  # as sinks.launch.start_sender does once Popen returns
+        SENDERS.started(pid)  # as sinks.launch.start_sender does once Popen returns
         before = tree.cpu_seconds(0.1)  # no new listing: the one above still holds
         time.sleep(1.0)
         spun = tree.cpu_seconds(0.2) - before
     finally:
-        SENDER_PIDS.discard(pid)
+        SENDERS.reaped(pid)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     assert spun < 0.3, f"the sender's {spun:.2f} CPU s were charged to the training"

@@ -127,26 +127,43 @@ def usable_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/c
     return float(affinity), how
 
 
-class ReapedSenders:
-    """CPU seconds of this package's MLflow senders that this process reaped (``reap_when_done``): a reaped child's
-    seconds join ``os.times()``'s ``children_*`` fields, which :class:`ProcessTree` counts, and a sender's are the
-    telemetry's, not the training's (one reaped during the next training put its MLflow import, seconds of CPU, in
-    that training's estimate: 14.7 J against 1.0 J for the same training)."""
+class Senders:
+    """This process's MLflow senders (``python -m green_callbacks.sinks``, started by ``sinks.launch``), whose CPU is
+    the telemetry's, not the training's.
+
+    - ``pids``: the live ones, registered as they start. They are known by pid, not only by their command line,
+      which a listing that catches one between its fork and its exec reads as this process's own (it was then taken
+      for a worker, and its MLflow import, seconds of CPU, went into the training's estimate: 8.8 J against 1.1 J).
+    - ``seconds``: the CPU seconds of those this process reaped. A reaped child's seconds join ``os.times()``'s
+      ``children_*`` fields, which :class:`ProcessTree` counts (one reaped during the next training put its MLflow
+      import in that training's estimate: 14.7 J against 1.0 J for the same training).
+    """
 
     def __init__(self) -> None:
+        self.pids: set[int] = set()
         self.seconds = 0.0
         self._lock = threading.Lock()
 
-    def add(self, seconds: float) -> None:
+    def __contains__(self, pid: int) -> bool:
+        return pid in self.pids
+
+    def started(self, pid: int) -> None:
+        with self._lock:
+            self.pids.add(pid)
+
+    def exited(self, seconds: float) -> None:
+        """One of them exited after ``seconds`` of CPU; called before it is reaped (the reaping adds them to
+        ``children_*``), so the tree's total never counts them."""
         with self._lock:
             self.seconds += seconds
 
+    def reaped(self, pid: int) -> None:
+        """``pid`` was reaped: it may be a worker's next."""
+        with self._lock:
+            self.pids.discard(pid)
 
-REAPED_SENDERS = ReapedSenders()
-# this process's MLflow senders, registered as they start (sinks.launch): known by pid, not only by their command
-# line, which a listing that catches one between its fork and its exec reads as this process's own (it was then taken
-# for a worker, and its MLflow import, seconds of CPU, went into the training's estimate: 8.8 J against 1.1 J)
-SENDER_PIDS: set[int] = set()
+
+SENDERS = Senders()
 
 
 class ProcessTree:
@@ -195,10 +212,10 @@ class ProcessTree:
         self._scanned_s = -math.inf
 
     def _is_sender(self, child: Any) -> bool:
-        """Whether ``child`` is one of this process's MLflow senders (:data:`SENDER_PIDS`) or runs
+        """Whether ``child`` is one of this process's MLflow senders (:data:`SENDERS`) or runs
         ``-m green_callbacks.sinks`` (its command line read once per process; a child still showing this process's
         own command line, forked and not yet exec'd, is asked again at the next listing)."""
-        if child.pid in SENDER_PIDS:
+        if child.pid in SENDERS:
             return True
         known = self._senders.get(child.pid)
         if known is None:
@@ -251,12 +268,12 @@ class ProcessTree:
             self.processes = max(self.processes, 1 + len(self._children))
         if self.root.pid == os.getpid():  # this process: system calls, not a /proc parse (20 times a second)
             own = os.times()  # (its reaped children's, in clock ticks; its reaped senders' left out)
-            total = _own_cpu_s(own) + own.children_user + own.children_system - REAPED_SENDERS.seconds
+            total = _own_cpu_s(own) + own.children_user + own.children_system - SENDERS.seconds
         else:
             total = self._seconds(self.root.cpu_times())
         alive = []
         for child in self._children:
-            if child.pid in SENDER_PIDS:  # (a sender listed before its start registered it)
+            if child.pid in SENDERS:  # (a sender listed before its start registered it)
                 continue
             try:
                 total += self._seconds(child.cpu_times())

@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 
-from green_callbacks.sensors.cpu_power import REAPED_SENDERS, SENDER_PIDS
+from green_callbacks.sensors.cpu_power import SENDERS
 from green_callbacks.sinks.pacing import SENDER_ENV
 from green_callbacks.sinks.spool import SpoolWriter
 
@@ -59,7 +59,7 @@ def start_sender(spool: Path, credentials: dict[str, str]) -> subprocess.Popen[b
         log.warning("green-callbacks: cannot start its MLflow sender (%s); records are kept in %s. Send them "
                     "with: green-callbacks replay %s", exc, spool, spool)
         return None
-    SENDER_PIDS.add(proc.pid)  # never charged to a training's CPU estimate (see cpu_power.SENDER_PIDS)
+    SENDERS.started(proc.pid)  # never charged to a training's CPU estimate (see cpu_power.Senders)
     return proc
 
 
@@ -91,9 +91,9 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
         with open(f"/proc/{proc.pid}/stat", "rb") as stat:
             fields = stat.read().rsplit(b")", 1)[1].split()
         # utime, stime, cutime, cstime: fields 14-17 of the file, 11-14 after the command's closing parenthesis
-        REAPED_SENDERS.add(sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK"))
+        SENDERS.exited(sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK"))
     proc.wait()
-    SENDER_PIDS.discard(proc.pid)  # (its pid may be a worker's next)
+    SENDERS.reaped(proc.pid)
 
 
 def abandon(writer: SpoolWriter) -> None:
