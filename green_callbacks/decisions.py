@@ -158,7 +158,8 @@ class StopperHost:
             # the validation: exact for a one-batch validation; for a longer one neither bound (on a GPU the first
             # batch's warm-up can outweigh many later batches; scaled by their number it stopped a run at once)
             if all(p[2] > 1 and p[1] is not None for p in payloads):
-                self._last_eval_j = sum(merge_ranks([p[1]]).total_j / (p[2] - 1) for p in payloads) * batches
+                steady = merge_ranks([p[1] for p in payloads]).rank_j  # (a GPU two ranks measure: counted once)
+                self._last_eval_j = sum(steady[p[1]["rank"]] / (p[2] - 1) for p in payloads) * batches
             else:
                 self._last_eval_j = merged.total_j
         # spent, and in the totals; an evaluation's, not training's: out of the rate and the budget's intervals

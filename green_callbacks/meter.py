@@ -33,6 +33,7 @@ class Measurement:
     methods: Mapping[str, Mapping[str, Method]]
     peak_power_w: Mapping[str, float] = field(default_factory=dict)
     stale: frozenset[str] = frozenset()  # devices whose reads were failing at the window's end (short of their joules)
+    ids: Mapping[str, str] = field(default_factory=dict)  # a GPU label's physical device (its UUID; see Sensor.ids)
 
     @property
     def duration_s(self) -> float:
@@ -133,6 +134,7 @@ class EnergyMeter:
         self.cuda_sync = cuda_sync
         self.clock = clock
         self.components = [c for c in COMPONENTS if any(s.component == c for s in self.sensors)]
+        self.ids = {d: i for s in self.sensors if s.component == "gpu" for d, i in getattr(s, "ids", dict)().items()}
         self.trace = DecimatingTrace([f"{c}_w" for c in self.components], trace_capacity)
         self._open: dict[str, _Open] = {}
         self._lock = threading.Lock()
@@ -315,7 +317,12 @@ class EnergyMeter:
                 joules[sensor.component][device] = max(0.0, j_end - a.joules.get(device, 0.0))
                 methods[sensor.component][device] = b.methods.get(device, Method.UNAVAILABLE)
             stale |= b.stale
-        return Measurement(name, start_s, end_s, start_unix, joules, methods, dict(peak_w), frozenset(stale))
+        peak_w = dict(peak_w)
+        if end_s > start_s:  # a window with no sampler tick in it (shorter than the period): at least its mean
+            for c, per_device in joules.items():
+                if sum(per_device.values()) > 0:
+                    peak_w[c] = max(peak_w.get(c, 0.0), sum(per_device.values()) / (end_s - start_s))
+        return Measurement(name, start_s, end_s, start_unix, joules, methods, peak_w, frozenset(stale), self.ids)
 
     def describe(self) -> dict[str, dict[str, str]]:
         """Per component, what each device is (names, UUIDs, zones), for the run's params."""

@@ -19,11 +19,12 @@ from green_callbacks.accounting import Accountant
 from green_callbacks.distributed import RankInfo, gather
 from green_callbacks.meter import EnergyMeter, Measurement
 from green_callbacks.policies import Decision
-from green_callbacks.process import never_raises
+from green_callbacks.process import never_raises, warn_once
 from green_callbacks.records import (
     MEASURED_PREFIXES,
     IntervalRecord,
     Kind,
+    Merged,
     device_tags,
     merge_ranks,
     point_metrics,
@@ -176,7 +177,7 @@ class PointHost:
         payload: dict[str, Any] = {
             "interval": window_payload(interval, *node),
             "epoch": window_payload(epoch_m, *node) if epoch_m is not None else None,
-            "eval": (eval_m.total_j, eval_m.duration_s) if eval_m is not None else (0.0, 0.0),
+            "eval": window_payload(eval_m, *node) if eval_m is not None else None,
             # what the devices are: for the run's tags at its first point and its end (on rank 0; the other ranks
             # cannot know when rank 0 starts a run anew, a resume into another run)
             "names": self.meter.describe() if not (self._params_logged and self.rank.is_zero) or kind is Kind.END
@@ -187,7 +188,9 @@ class PointHost:
         trial_j = self._trial_j  # an evaluation before training (the sanity check) in this interval: not training
         merged = merge_ranks([p["interval"] for p in payloads])
         epoch_merged = merge_ranks([p["epoch"] for p in payloads]) if epoch_m is not None else None
-        eval_j, eval_s = sum(p["eval"][0] for p in payloads), max(p["eval"][1] for p in payloads)
+        evals = [p["eval"] for p in payloads if p["eval"] is not None]
+        eval_j, eval_s = (merge_ranks(evals).total_j, max(e["duration_s"] for e in evals)) if evals else (0.0, 0.0)
+        self._say_shared(merged)
         records = self.close_interval(kind, step, merged, interval, self.meter.t0_s, epoch_merged, epoch_m,
                                       (eval_j, eval_s), metrics or {}, partial=self._finishing_status is not None
                                       and self._finishing_status != "FINISHED")
@@ -201,6 +204,15 @@ class PointHost:
         if self.sink is not None:
             self.sink.interval_end()
         return self._decide(records[0], collective)
+
+    def _say_shared(self, merged: Merged) -> None:
+        """A GPU measured by several ranks (counted once): said once, on rank 0."""
+        if merged.shared and self.rank.is_zero:
+            ident, ranks = next(iter(merged.shared.items()))
+            warn_once(self, "shared-gpu", f"{len(merged.shared)} GPU(s) are measured by more than one "
+                      f"rank ({ident} by ranks {', '.join(map(str, ranks))}); each is counted once, from the first "
+                      "rank that measures it. Under DDP each rank measures its own GPU with gpus=\"auto\"; "
+                      "gpus=\"all\" or a list names the same GPUs on every rank of a node.")
 
     _unseen_efficiency: set[str] | None = None  # efficiency_metrics no evaluation logged yet (None: not asked)
 

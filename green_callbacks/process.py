@@ -8,13 +8,15 @@ uncaught exception (so a run killed by Ctrl-C is recorded as KILLED and a crash 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
+import logging
 import os
 import signal
 import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from green_callbacks.policies import MonitorError
@@ -172,3 +174,24 @@ def warn_once(owner: Any, key: str, message: str) -> None:
     if key not in warned:
         warned.add(key)
         log.warning("green-callbacks: %s", message)
+
+
+@contextlib.contextmanager
+def said_once(said: set[str]) -> Iterator[None]:
+    """Warnings of this package logged inside the block, each said once for the life of ``said``: a monitor builds
+    its sensors again at every stage (fit, validate, test), and their start-up warnings (a root-only RAPL file, a
+    MIG instance) were said at each."""
+    def new(record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        text = record.getMessage()
+        if text in said:
+            return False
+        said.add(text)
+        return True
+
+    log.addFilter(new)
+    try:
+        yield
+    finally:
+        log.removeFilter(new)

@@ -193,8 +193,13 @@ def device_tags(names: Sequence[Mapping[str, Mapping[str, str]]]) -> dict[str, s
     edges that stopped reading a slow counter)."""
     # each GPU under the job-wide label its metrics have (gpu0.. in rank order), with the CUDA device it is on its
     # rank: a training on cuda:1 logs energy/gpu0_j, and this says which card that is
-    gpu_names = [f"gpu{i} = cuda:{k.removeprefix('gpu')} {n}" for i, (k, n) in enumerate(
-        (k, n) for per_rank in names for k, n in per_rank.get("gpu", {}).items() if k != "edges")]
+    gpus, seen = [], set()
+    for per_rank in names:
+        for k, n in per_rank.get("gpu", {}).items():
+            if k != "edges" and not (n in seen and not n.endswith("()")):  # a GPU another rank measured: counted once
+                seen.add(n)  # ("name (UUID)"; one of unknown UUID, "()", is never taken for another)
+                gpus.append((k, n))
+    gpu_names = [f"gpu{i} = cuda:{k.removeprefix('gpu')} {n}" for i, (k, n) in enumerate(gpus)]
     tags = {"green.gpu_names": "; ".join(gpu_names) or "none",
             "green.cpu": "; ".join(v for n in names for k, v in n.get("cpu", {}).items()
                                    if k != "attribution") or "not measured",
@@ -251,7 +256,7 @@ def window_payload(m: Measurement, rank: int, node: str) -> dict[str, Any]:
     """One rank's window, as plain data for the all-gather."""
     return {"rank": rank, "node": node, "joules": {c: dict(d) for c, d in m.joules.items()},
             "methods": {c: {k: v.value for k, v in d.items()} for c, d in m.methods.items()},
-            "peak": dict(m.peak_power_w), "duration_s": m.duration_s, "stale": sorted(m.stale)}
+            "peak": dict(m.peak_power_w), "duration_s": m.duration_s, "stale": sorted(m.stale), "ids": dict(m.ids)}
 
 
 @dataclass(frozen=True)
@@ -266,6 +271,9 @@ class Merged:
     # mean power per component: each rank's joules over that rank's own window, summed (the ranks reach a point at
     # slightly different instants, so their windows differ: one rank's duration over every rank's joules was off)
     watts: Mapping[str, float] = field(default_factory=dict)
+    # a GPU that more than one rank measured (its UUID: the ranks that measured it), counted once, from the first
+    shared: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    rank_j: Mapping[int, float] = field(default_factory=dict)  # each rank's joules as counted (shared GPUs once)
 
     @property
     def unread_labels(self) -> tuple[str, ...]:
@@ -294,9 +302,10 @@ class Merged:
 def merge_ranks(payloads: Sequence[Mapping[str, Any]]) -> Merged:
     """Per component, every rank's devices under job-wide labels; the method per component; GPU peak.
 
-    GPUs are numbered across ranks in rank order (``gpu0``..``gpuN``), so no device is counted
-    twice and the total is the exact sum over devices. Host components keep their label,
-    prefixed by the node when more than one node measured them.
+    GPUs are numbered across ranks in rank order (``gpu0``..``gpuN``). A GPU that several ranks measure (its UUID
+    in more than one payload: ``gpus="all"`` or the same index on every rank of a node) is counted once, from the
+    first rank that measured it, and named in :attr:`Merged.shared`; so the total is the exact sum over devices.
+    Host components keep their label, prefixed by the node when more than one node measured them.
     """
     devices: dict[str, dict[str, float]] = {}
     methods: dict[str, list[Method]] = {}
@@ -304,24 +313,42 @@ def merge_ranks(payloads: Sequence[Mapping[str, Any]]) -> Merged:
     nodes = {p["node"] for p in payloads if any(c != "gpu" and p["joules"][c] for c in p["joules"])}
     gpu_index, peak = 0, 0.0
     watts: dict[str, float] = {}
+    first: dict[str, int] = {}  # a GPU's UUID: the rank that counts it
+    shared: dict[str, list[int]] = {}
+    rank_j: dict[int, float] = {}
     for p in payloads:
         stale = set(p.get("stale", ()))  # reads failing at the window's end: short of their joules, not a measurement
+        ids = p.get("ids", {})
+        gpu_j = counted_gpu_j = 0.0
         for component, per_device in p["joules"].items():
+            counted = 0.0
             for device, joules in per_device.items():
                 if component == "gpu":
+                    gpu_j += joules
+                    ident = ids.get(device, "")
+                    if ident in first:
+                        shared.setdefault(ident, [first[ident]]).append(p["rank"])
+                        continue
+                    if ident:
+                        first[ident] = p["rank"]
                     label = f"gpu{gpu_index}"
                     gpu_index += 1
+                    counted_gpu_j += joules
                 else:
                     label = f"{p['node']}/{device}" if len(nodes) > 1 else device
                 devices.setdefault(component, {})[label] = joules
+                counted += joules
                 methods.setdefault(component, []).append(Method(p["methods"][component][device]))
                 if methods[component][-1] is Method.UNAVAILABLE or device in stale:
                     unread.add(label)
             if p["duration_s"] > 0:
-                watts[component] = watts.get(component, 0.0) + sum(per_device.values()) / p["duration_s"]
-        peak += p["peak"].get("gpu", 0.0)
+                watts[component] = watts.get(component, 0.0) + counted / p["duration_s"]
+            rank_j[p["rank"]] = rank_j.get(p["rank"], 0.0) + counted
+        # the rank's GPU peak, for the part of its GPUs' energy counted here (all of it unless it shared a GPU)
+        peak += p["peak"].get("gpu", 0.0) * (counted_gpu_j / gpu_j if gpu_j > 0 and counted_gpu_j < gpu_j else 1.0)
     return Merged(devices, {c: Method.weakest(ms).value for c, ms in methods.items()}, peak,
-                  max((p["duration_s"] for p in payloads), default=0.0), frozenset(unread), watts)
+                  max((p["duration_s"] for p in payloads), default=0.0), frozenset(unread), watts,
+                  {k: tuple(v) for k, v in shared.items()}, rank_j)
 
 
 # keys whose list values a tokenizer, feature extractor or image processor writes one entry per sample

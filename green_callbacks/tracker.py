@@ -28,7 +28,7 @@ from green_callbacks.loop import LoopHost
 from green_callbacks.meter import DEFAULT_PERIOD_S, EnergyMeter, Measurement
 from green_callbacks.points import PointHost
 from green_callbacks.policies import Decision
-from green_callbacks.process import never_raises
+from green_callbacks.process import never_raises, said_once
 from green_callbacks.records import Kind, batch_size, epoch_metrics
 from green_callbacks.runs import RunHost, Session
 from green_callbacks.sensors import GpuSelection, build_sensors
@@ -167,21 +167,23 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         self._resume_checked = not self._resuming  # (a fresh training has nothing to look at before its first step)
         import pandas  # noqa: F401 - imported now, not first at interpreter exit where imports can fail
 
-        sensors = build_sensors(self.gpus, cuda_indices, self.measure_cpu and self.rank.measures_host, self.cpu_tdp_w,
-                                cpu_scope=self.cpu_scope)
-        if self.measure_cpu and self.rank.world_size > 1:  # collective: the node's ranks, for a process estimate
-            peers = [pid for node, pid in gather((self.rank.node, os.getpid()))
-                     if node == self.rank.node and pid != os.getpid()]
-            for sensor in sensors:
-                if hasattr(sensor, "add_peers"):
-                    sensor.add_peers(peers)
-        configured = any(s.measurable for s in sensors)  # what the settings and the machine offer (GPU handles)
-        meter = EnergyMeter(sensors, self.sampling_period_s, cuda_sync=self.cuda_sync).start()
-        try:  # after the sensors' start: a GPU with a handle whose every read fails measures nothing
-            self.settle_measurable(configured, meter.measurable)
-        except BaseException:
-            meter.close()
-            raise
+        # the sensors' start-up warnings (a root-only RAPL file, a MIG instance): not said again at the next stage
+        with said_once(self.__dict__.setdefault("_sensor_warnings", set())):
+            sensors = build_sensors(self.gpus, cuda_indices, self.measure_cpu and self.rank.measures_host,
+                                    self.cpu_tdp_w, cpu_scope=self.cpu_scope)
+            if self.measure_cpu and self.rank.world_size > 1:  # collective: the node's ranks, for a process estimate
+                peers = [pid for node, pid in gather((self.rank.node, os.getpid()))
+                         if node == self.rank.node and pid != os.getpid()]
+                for sensor in sensors:
+                    if hasattr(sensor, "add_peers"):
+                        sensor.add_peers(peers)
+            configured = any(s.measurable for s in sensors)  # what the settings and the machine offer (GPU handles)
+            meter = EnergyMeter(sensors, self.sampling_period_s, cuda_sync=self.cuda_sync).start()
+            try:  # after the sensors' start: a GPU with a handle whose every read fails measures nothing
+                self.settle_measurable(configured, meter.measurable)
+            except BaseException:
+                meter.close()
+                raise
         self.meter = meter
         self.meter.begin("interval")
         self.started, self._finished = True, False

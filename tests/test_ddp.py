@@ -15,6 +15,7 @@ pytestmark = pytest.mark.alone  # two ranks of their own, and budgets on GPUs wh
 
 SCRIPTS = Path(__file__).parent / "ddp_scripts"
 PER_RANK = json.dumps({"per_rank": [{"profile_seed": 11}, {"profile_seed": 12}]})
+SHARED = json.dumps({"devices": [{"profile": [[1.0, 100.0]]}, {"profile": [[1.0, 200.0]]}]})  # one node's two GPUs
 
 
 def check_sums(uri: str, out: Path, epochs: int) -> None:
@@ -53,7 +54,8 @@ def launch(framework: str, tmp_path: Path, *extra: str) -> str:
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                    str(free_port()), str(SCRIPTS / "hf_ddp.py")]
-    proc = subprocess.run([*command, uri, str(tmp_path), *extra], env=fake_nvml_env(PER_RANK),
+    proc = subprocess.run([*command, uri, str(tmp_path), *extra],
+                          env=fake_nvml_env(SHARED if "shared" in extra else PER_RANK),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (tmp_path / "stderr.txt").write_text(proc.stderr)
@@ -68,6 +70,29 @@ def stopped_epochs(tmp_path: Path) -> list[int]:
 @pytest.mark.parametrize("framework", ["lightning", "hf"])
 def test_two_ranks_log_the_exact_sum_once(tmp_path, framework):
     check_sums(launch(framework, tmp_path), tmp_path, epochs=2)
+
+
+@pytest.mark.slow
+def test_a_gpu_every_rank_measures_is_counted_once(tmp_path):
+    """gpus="all" under torchrun on one node: both ranks see and measure the node's two GPUs (100 W and 200 W). Each
+    GPU is counted once, from the first rank (by UUID), with one warning; the run said 4 GPUs and 600 W."""
+    uri = launch("hf", tmp_path, "shared")
+    client, (run,) = runs(uri, "ddp")
+    assert run.data.tags["green.gpu_count"] == "2"
+    names = run.data.tags["green.gpu_names"].split("; ")
+    assert [n.split(" = ")[0] for n in names] == ["gpu0", "gpu1"] and len({n.split("(")[-1] for n in names}) == 2
+    h = {k: dict(history(client, run.info.run_id, k)) for k in
+         ("energy/gpu0_j", "energy/gpu1_j", "energy/gpu2_j", "energy/gpu_j", "power/gpu_mean_w", "time/epoch_s")}
+    assert not h["energy/gpu2_j"], "a GPU counted once per rank"
+    assert len(h["energy/gpu_j"]) == 2
+    for step, joules in h["energy/gpu_j"].items():
+        seconds = h["time/epoch_s"][step]
+        assert h["energy/gpu0_j"][step] / seconds == pytest.approx(100.0, rel=0.02)
+        assert h["energy/gpu1_j"][step] / seconds == pytest.approx(200.0, rel=0.02)
+        assert joules == pytest.approx(h["energy/gpu0_j"][step] + h["energy/gpu1_j"][step])
+        assert h["power/gpu_mean_w"][step] == pytest.approx(300.0, rel=0.02)
+    said = (tmp_path / "stderr.txt").read_text()
+    assert said.count("GPU(s) are measured by more than one rank") == 1, said[-3000:]
 
 
 @pytest.mark.slow

@@ -395,6 +395,19 @@ def test_a_gpu_gone_between_fit_and_test_is_a_warning_and_the_test_runs(tmp_path
         trainer(tmp_path, [monitor, EnergyBudget(energy="1 MJ")], max_epochs=1).fit(ValModel())
 
 
+def test_a_start_up_warning_is_said_once_across_fit_validate_and_test(tmp_path, fake_nvml, green_log):
+    """The sensors are built again at every stage: a MIG instance's explanation was said at fit, validate and test."""
+    fake_nvml.configure([{"mig": True}, {}])
+    monitor = EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, output_dir=str(tmp_path / "out"),
+                            log_artifacts=False)
+    t = trainer(tmp_path, [monitor], max_epochs=1)
+    model = ValModel()
+    t.fit(model)
+    t.validate(model)
+    t.test(model)
+    assert green_log.text.count("MIG instance") == 1, green_log.text
+
+
 def test_bad_arguments_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"unknown country 'Atlantis'"):
         EnergyMonitor(country="Atlantis")

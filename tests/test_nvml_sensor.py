@@ -391,6 +391,29 @@ def test_cuda_visible_devices_integers_and_invalid_entries(fake_nvml, monkeypatc
     assert [v.split("(")[1][:-1] for v in NvmlSensor("all", nvml=fake_nvml).describe().values()] == [devs[0].uuid]
 
 
+def test_a_device_named_twice_in_cuda_visible_devices_shows_none_as_in_cuda(fake_nvml, monkeypatch):
+    """"1,1": CUDA (and torch) show no device for a repeated entry; it was one 200-W GPU measured twice, at 400 W."""
+    devs = fake_nvml.configure(n=2)
+    for repeated in ("1,1", f"0,{devs[1].uuid},1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", repeated)
+        assert NvmlSensor("all", nvml=fake_nvml).devices == [], repeated
+
+
+def test_a_window_shorter_than_the_sampling_period_has_a_peak_of_at_least_its_mean(fake_nvml):
+    """No sampler tick inside it: its peak power was missing ({}) beside a mean of 300 W."""
+    fake_nvml.configure([{"profile": [(1.0, 300.0)]}])
+    meter = EnergyMeter([NvmlSensor("all", nvml=fake_nvml)], period_s=0.5).start()
+    try:
+        time.sleep(0.05)
+        meter.begin("w")
+        time.sleep(0.01)
+        m = meter.end("w")
+    finally:
+        meter.close()
+    assert m.mean_power_w("gpu") == pytest.approx(300.0, rel=0.05)
+    assert m.peak_power_w["gpu"] >= m.mean_power_w("gpu")
+
+
 def test_bad_gpu_selection_names_the_valid_choices(fake_nvml):
     fake_nvml.configure(n=2)
     with pytest.raises(ValueError, match=r"gpus=\[5\].*valid indices are \[0, 1\]"):

@@ -92,6 +92,11 @@ class Sensor(abc.ABC):
         """Facts worth recording once per run (device names, method)."""
         return {}
 
+    def ids(self) -> dict[str, str]:
+        """What physical device each label reads, where it can be shared (a GPU's UUID): two ranks that measure the
+        same GPU (``gpus="all"`` on a node under DDP) count it once. Empty: no device here is shared."""
+        return {}
+
     def warn_once(self, key: str, message: str) -> None:
         """One warning per fault kind per sensor: telemetry must not flood a training log."""
         if key not in self._warned:

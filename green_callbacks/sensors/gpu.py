@@ -75,6 +75,9 @@ class GpuEnergySensor(GpuDeviceStates):
         """Any GPU with a handle; after :meth:`start`, any that was read (one unreadable from the start is lost)."""
         return any(g.target.measurable and not (self._started and g.method is Method.UNAVAILABLE) for g in self._gpus)
 
+    def ids(self) -> dict[str, str]:
+        return {g.target.label: g.target.uuid for g in self._gpus if g.target.uuid}
+
     def describe(self) -> dict[str, str]:
         out = {g.target.label: f"{g.target.name} ({g.target.uuid})" for g in self._gpus}
         if self.counter_read_s is not None:

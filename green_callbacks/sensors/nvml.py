@@ -68,6 +68,8 @@ def _visible_ids(nvml: Any, uuids: list[str]) -> list[str]:
             if len(matches) != 1:
                 break  # CUDA ignores this entry and every one after it
             ids.append(matches[0])
+    if len(set(ids)) < len(ids):  # a device named twice ("1,1"): CUDA then shows none (torch: "Repeated ordinal
+        return []  # results in empty set")
     return ids
 
 

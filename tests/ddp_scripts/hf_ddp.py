@@ -1,7 +1,8 @@
 """HF Trainer under torchrun (2 CPU processes, gloo) with EnergyMonitor; each rank's GPU is simulated.
 
-Usage: torchrun --nproc_per_node 2 hf_ddp.py TRACKING_URI OUT_DIR [stop]. With ``stop``, an
-EnergyBudget ends training early; each rank writes the epoch it stopped at to stopped-rank{r}.txt.
+Usage: torchrun --nproc_per_node 2 hf_ddp.py TRACKING_URI OUT_DIR [stop|shared]. With ``stop``, an
+EnergyBudget ends training early; each rank writes the epoch it stopped at to stopped-rank{r}.txt. With ``shared``,
+every rank sees the node's GPUs (the fake's configuration says which) and measures them all (``gpus="all"``).
 """
 
 import json
@@ -22,6 +23,8 @@ class Truth(TrainerCallback):
     def on_evaluate(self, args, state, control, **kwargs):
         import pynvml
 
+        if len(pynvml.devices()) != 1:  # (shared: the test knows each GPU's constant power)
+            return
         (dev,) = pynvml.devices()
         w = self.monitor.last_window
         self.truth.append(dev.energy_between(w.start_s, w.end_s))
