@@ -99,10 +99,10 @@ def _recording(previous: Callable[[int, Any], Any]) -> Callable[[int, Any], Any]
 
 
 def _install_hooks() -> None:
-    """Chain ``sys.excepthook``, and where nobody handles SIGTERM (Lightning does; HF and plain scripts
-    do not) record the partial interval and summary on SIGTERM, then let the default action end the
-    process as it would have. Python handlers already there for SIGTERM and SIGINT run as before, the
-    signal recorded first (:func:`signalled`)."""
+    """Chain ``sys.excepthook``, and where nobody handles SIGTERM (HF and plain scripts do not; Lightning does from
+    each fit's start, calling this one, which then leaves the end to it) record the partial interval and summary on
+    SIGTERM, then let the default action end the process as it would have. Python handlers already there for
+    SIGTERM and SIGINT run as before, the signal recorded first (:func:`signalled`)."""
     global _HOOKED
     if _HOOKED:
         return
@@ -120,13 +120,19 @@ def _install_hooks() -> None:
         def on_sigterm(signum: int, frame: Any) -> None:
             global _TERM_PENDING
             _SIGNALS.append(signum)
+            # run by a handler installed after this one, which calls the one it found (Lightning's, registered at
+            # each fit after the callbacks' setup): that handler decides how the process ends. Without this package
+            # it would have found no handler; ending the process here took Lightning's SIGTERM path from it (its
+            # loggers' runs were left RUNNING, OnExceptionCheckpoint saved nothing)
+            chained = signal.getsignal(signal.SIGTERM) is not on_sigterm
             ending = [t for t in live_trackers() if t._finishing_status is not None]
             if ending:  # its end finishes its files first (a wait for MLflow ends at once), then the signal acts
-                _TERM_PENDING = True
+                _TERM_PENDING = _TERM_PENDING or not chained
                 if any(t.waiting_for_mlflow for t in ending):
                     raise Terminated(128 + signum)
                 return
-            end_by_sigterm()  # the partial interval and summary recorded, then the default action
+            if not chained:
+                end_by_sigterm()  # the partial interval and summary recorded, then the default action
 
         signal.signal(signal.SIGTERM, on_sigterm)
     elif callable(signal.getsignal(signal.SIGTERM)):  # the user's own (a preemption handler): recorded, then run

@@ -115,11 +115,16 @@ def test_interrupted_mid_epoch_keeps_the_partial_epoch_and_summary(tmp_path, fra
     uri = ready_store(tmp_path, "m.db")
     proc = subprocess.run([sys.executable, str(SCRIPTS / "interrupted.py"), framework, fault, uri, str(tmp_path)],
                           env=fake_nvml_env("{}"), capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0, "the interruption still ends the process"
+    if (framework, fault) == ("lightning", "sigterm"):  # Lightning's own SIGTERM path: on_exception, then its
+        # SIGTERMException, a SystemExit(0), ends the process (with 0, as without the package)
+        assert proc.returncode == 0 and "on_exception: SIGTERMException" in proc.stdout, proc.stderr[-2000:]
+    else:
+        assert proc.returncode != 0, "the interruption still ends the process"
     client, (run,) = runs(uri)
     assert run.info.status == status, proc.stderr[-2000:]
     assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == \
-        ([63, 68] if framework == "lightning" else [10, 14]), "epoch 0, and the partial epoch 1 to its last step"
+        ([63, 69 if fault == "sigterm" else 68] if framework == "lightning" else [10, 14]), \
+        "epoch 0, and the partial epoch 1 to its last step (Lightning ends the step a SIGTERM came in, then stops)"
     # the totals of what it spent, also when interrupted (they were logged only by a run that ended normally): the
     # run's whole energy (energy/cumulative_j is logged once per step, and a logging point at the step the fault came
     # at holds what came before the fault's partial interval)
@@ -130,6 +135,21 @@ def test_interrupted_mid_epoch_keeps_the_partial_epoch_and_summary(tmp_path, fra
     assert total[1] >= history(client, run.info.run_id, "energy/cumulative_j")[-1][1]
     assert summary["epochs"] == 2
     assert f"green-callbacks [{status.lower()}]" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_sigterm_ends_a_lightning_fit_by_lightnings_path_and_its_loggers_run_ends_failed(tmp_path):
+    """Lightning handles SIGTERM from each fit's start (callbacks' on_exception, OnExceptionCheckpoint, loggers
+    finalized "failed"), calling the handler it found: the package's, which ended the process at once, so the
+    user's MLFlowLogger run stayed RUNNING and no on_exception ran."""
+    uri = ready_store(tmp_path, "m.db")
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "interrupted.py"), "lightning-logger", "sigterm", uri,
+                           str(tmp_path)], env=fake_nvml_env("{}"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # Lightning's SIGTERMException is a SystemExit(0)
+    assert "on_exception: SIGTERMException" in proc.stdout and "green-callbacks [killed]" in proc.stdout
+    client, (run,) = runs(uri)
+    assert run.info.status == "FAILED", "the logger's run, ended by Lightning"
+    assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [63, 69], "to the step it ended"
 
 
 @pytest.mark.parametrize("then", ["caught", "caught-evaluate", "caught-dropped", "caught-ctrlc"])

@@ -1,4 +1,4 @@
-"""Training interrupted mid-epoch 1: python interrupted.py lightning|hf|hf-mlflow FAULT URI OUT.
+"""Training interrupted mid-epoch 1: python interrupted.py lightning|lightning-logger|hf|hf-mlflow FAULT URI OUT.
 
 FAULT: sigterm, keyboard, exception; for HF also caught (the user catches the exception and the process ends
 normally), caught-evaluate (then calls ``trainer.evaluate()``), caught-dropped (then lets the Trainer go, whose
@@ -29,7 +29,7 @@ def strike():
         raise RuntimeError("a bug in the user's training step")
 
 
-if framework == "lightning":
+if framework.startswith("lightning"):
     import lightning.pytorch as pl
     from lightning.pytorch.demos.boring_classes import BoringModel
 
@@ -41,8 +41,18 @@ if framework == "lightning":
                 strike()
             return super().training_step(batch, batch_idx)
 
-    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, callbacks=[EnergyMonitor(tracking_uri=uri, output_dir=out)])
+    class Saved(pl.Callback):  # what Lightning's SIGTERM path runs (OnExceptionCheckpoint saves a checkpoint here)
+        def on_exception(self, trainer, pl_module, exception):
+            print(f"on_exception: {type(exception).__name__}", flush=True)
+
+    if framework == "lightning-logger":  # the user's MLFlowLogger opens the run, the monitor logs into it
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        logger, monitor = MLFlowLogger(tracking_uri=uri), EnergyMonitor(output_dir=out)
+    else:
+        logger, monitor = False, EnergyMonitor(tracking_uri=uri, output_dir=out)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=logger, enable_checkpointing=False,
+                         enable_progress_bar=False, callbacks=[monitor, Saved()])
     trainer.fit(Model())
 else:
     from transformers import Trainer, TrainerCallback, TrainingArguments
