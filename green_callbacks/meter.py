@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from collections.abc import Callable, Container, Mapping, Sequence
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from green_callbacks.sensors.base import Method, Reading, Sensor, log
+from green_callbacks.units import brief, is_finite_number
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -127,8 +129,10 @@ class EnergyMeter:
         cuda_sync: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not period_s > 0:
-            raise ValueError(f"period_s={period_s!r} must be a positive number of seconds")
+        if not is_finite_number(period_s) or not period_s > 0:
+            raise ValueError(f"period_s={brief(period_s)} must be a positive, finite number of seconds")
+        if isinstance(trace_capacity, bool) or not isinstance(trace_capacity, numbers.Integral) or trace_capacity < 2:
+            raise ValueError(f"trace_capacity={brief(trace_capacity)} must be a whole number of trace points >= 2")
         self.sensors = list(sensors)
         self.period_s = float(period_s)
         self.cuda_sync = cuda_sync

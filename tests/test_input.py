@@ -503,3 +503,27 @@ def test_the_uri_records_go_to_loses_only_its_credentials(uri, sent_to, monkeypa
     assert without_credentials(uri) == sent_to
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert spool_header(RunTarget(None), "x")["env_tracking_uri"] == sent_to
+
+
+@pytest.mark.parametrize(("make", "named"), [
+    (lambda: __import__("green_callbacks").EnergyMeter([], period_s="0.05"), "period_s='0.05'"),
+    (lambda: __import__("green_callbacks").EnergyMeter([], period_s=None), "period_s=None"),
+    (lambda: __import__("green_callbacks").EnergyMeter([], period_s=10**400), "period_s=<an integer of 401 digits>"),
+    (lambda: __import__("green_callbacks").EnergyMeter([], trace_capacity="4096"), "trace_capacity='4096'"),
+    (lambda: _sensors().build_sensors(gpus=None, cpu_tdp_w="65"), "cpu_tdp_w='65'"),
+    (lambda: _sensors().build_sensors(gpus=None, cpu_tdp_w=10**400), "cpu_tdp_w=<an integer of 401 digits>"),
+    (lambda: _sensors().CpuEstimateSensor(pid="1"), "pid='1'"),
+    (lambda: _sensors().CpuEstimateSensor(pid=math.nan), "pid=nan"),
+    (lambda: _sensors().RaplSensor(root=None), "root=None"),
+])
+def test_the_meter_and_sensors_refuse_a_bad_value_by_name(make, named):
+    """The exported meter and sensors (green_callbacks, green_callbacks.sensors) raised TypeError or OverflowError
+    from deep inside ('>' not supported between 'str' and 'int'; integer division result too large for a float)."""
+    with pytest.raises(ValueError, match=re.escape(named) + " must be"):
+        make()
+
+
+def _sensors():
+    import green_callbacks.sensors
+
+    return green_callbacks.sensors

@@ -16,6 +16,7 @@ from green_callbacks.sensors.cpu_power import (
     usable_cpus,
 )
 from green_callbacks.sensors.integrator import PowerIntegrator
+from green_callbacks.units import brief, is_finite_number
 
 CPU_SCOPES = ("process", "machine")
 # a window edge lists the training's processes again where the last listing is older than this: a walk of the tree's
@@ -51,8 +52,10 @@ class CpuEstimateSensor(Sensor):
         super().__init__()
         import psutil
 
-        if tdp_w is not None and not tdp_w > 0:
-            raise ValueError(f"cpu_tdp_w={tdp_w!r} must be a positive number of watts")
+        if tdp_w is not None and not (is_finite_number(tdp_w) and 1.0 <= tdp_w <= 10_000.0):
+            raise ValueError(f"cpu_tdp_w={brief(tdp_w)} must be a finite number in [1, 10000] watts or None")
+        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid < 1):
+            raise ValueError(f"pid={brief(pid)} must be a process id (a whole number >= 1) or None (this process)")
         if scope not in CPU_SCOPES:
             raise ValueError(f"cpu_scope={scope!r} is not valid; choose from {list(CPU_SCOPES)}")
         self._psutil = psutil

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from green_callbacks.sensors.base import Method, Reading, Sensor
+from green_callbacks.units import brief
 
 POWERCAP_ROOT = Path("/sys/class/powercap")
 RAPL_FIX = (
@@ -73,6 +75,8 @@ class RaplSensor(Sensor):
         super().__init__()
         if component not in ("cpu", "dram"):
             raise ValueError(f"component={component!r} is not valid; choose 'cpu' or 'dram'")
+        if not isinstance(root, str | os.PathLike) or not os.fspath(root):
+            raise ValueError(f"root={brief(root)} must be the powercap folder's path (default {POWERCAP_ROOT})")
         self.component = component
         self._lock = threading.Lock()
         zones = find_zones(Path(root))[component]
