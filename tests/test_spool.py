@@ -706,10 +706,14 @@ def test_one_refused_name_in_a_backlog_costs_a_few_requests_not_one_per_metric(t
 
 
 @pytest.mark.slow
-def test_records_a_full_disk_kept_from_the_spool_are_copied_elsewhere_for_a_replay(tmp_path, monkeypatch, green_log):
+@pytest.mark.parametrize("torn", [False, True], ids=["whole", "torn"])
+def test_records_a_full_disk_kept_from_the_spool_are_copied_elsewhere_for_a_replay(tmp_path, monkeypatch, green_log,
+                                                                                    torn):
     """The spool's disk fills mid-run (ENOSPC): the records after it, the run's status among them, were kept in
     memory and dropped at the end ("are lost"), the run left RUNNING. Now the whole spool, they included, is
-    copied to the temporary directory (another disk) with the sender's progress, and its replay sends the rest."""
+    copied to the temporary directory (another disk) with the sender's progress, and its replay sends the rest.
+    torn: the disk fills in the middle of a record (part of it written): that part is taken back from the file, not
+    left as a line the replay "cannot read" and "sets aside"."""
     import errno
     import tempfile
     import types
@@ -724,7 +728,12 @@ def test_records_a_full_disk_kept_from_the_spool_are_copied_elsewhere_for_a_repl
         sink.interval_end()
     assert sink.flush(60)
 
+    real_write, room = os.write, [64 if torn else 0]  # bytes left on the disk
+
     def full(fd, data):
+        if room[0] > 0:
+            room[0], written = 0, real_write(fd, bytes(data)[:room[0]])
+            return written
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(spool_module, "os", types.SimpleNamespace(**{**vars(os), "write": full}))
@@ -740,7 +749,7 @@ def test_records_a_full_disk_kept_from_the_spool_are_copied_elsewhere_for_a_repl
     (copy,) = (tmp_path / "elsewhere" / "green_callbacks").glob("spool-*.jsonl")
     assert f"is copied to {copy}" in green_log.text and f"green-callbacks replay {copy}" in green_log.text
     result = replay_spool(copy)
-    assert result.complete
+    assert result.complete and result.set_aside == 0
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("full").experiment_id])
     assert [s for s, _ in history(client, run.info.run_id, "energy/cumulative_j")] == list(range(6))

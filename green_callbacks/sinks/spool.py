@@ -240,7 +240,12 @@ class SpoolWriter:
                 while written < len(buf):
                     written += os.write(self._fd, buf[written:])
             except OSError as exc:
-                if written:
+                if written and not self._torn:  # the record's part that was written taken back (needs no space):
+                    try:  # left, it was a line the replay "cannot read" and "sets aside" (the record itself is kept)
+                        os.ftruncate(self._fd, self.offset)
+                    except OSError:
+                        self._torn = True
+                elif written:
                     self._torn = True
                 self._on_error(exc)
                 return
