@@ -414,6 +414,21 @@ def test_a_window_shorter_than_the_sampling_period_has_a_peak_of_at_least_its_me
     assert m.peak_power_w["gpu"] >= m.mean_power_w("gpu")
 
 
+@pytest.mark.parametrize("counter", ["failing", "not supported"])
+def test_an_energy_counter_failing_at_start_is_sampled_with_one_warning(fake_nvml, green_log, counter):
+    """A counter that errs at start (UNKNOWN, no permission) switched to sampled power silently, while the same fault
+    mid-run is said; one a GPU does not have (NOT_SUPPORTED) is sampled silently, as designed."""
+    spec = {"profile": [(1.0, 250.0)]}
+    spec.update({"faults": {"nvmlDeviceGetTotalEnergyConsumption": fake_nvml.NVML_ERROR_UNKNOWN}}
+                if counter == "failing" else {"counter": False})
+    (dev,) = fake_nvml.configure([spec])
+    m = one_window(NvmlSensor("all", nvml=fake_nvml), 0.3)
+    assert m.methods["gpu"]["gpu0"] is Method.SAMPLED
+    assert m.joules["gpu"]["gpu0"] == pytest.approx(truth(dev, m), rel=0.05)
+    said = green_log.text.count("its energy counter failed at start")
+    assert said == (1 if counter == "failing" else 0), green_log.text
+
+
 def test_bad_gpu_selection_names_the_valid_choices(fake_nvml):
     fake_nvml.configure(n=2)
     with pytest.raises(ValueError, match=r"gpus=\[5\].*valid indices are \[0, 1\]"):

@@ -109,7 +109,10 @@ class GpuEnergySensor(GpuDeviceStates):
                 continue
             try:
                 gpu.counter_last_j, fastest_s = self._timed_read_j(gpu, 5)
-            except Exception:
+            except Exception as exc:
+                if not self._not_supported(exc):  # (a GPU without a counter: sampled, as designed, silently)
+                    self.warn_once(f"counter-start-{gpu.target.label}", f"{gpu.target.label}: its energy counter "
+                                   f"failed at start ({exc!r}); sampling its power instead (method 'sampled').")
                 self._start_sampling(gpu, now_s)
                 if gpu.failing_since is not None and gpu.method is Method.SAMPLED:  # nothing read: no gap to span
                     self._lose(gpu, gpu.failing_exc or RuntimeError("no reading"), now_s)
