@@ -34,7 +34,8 @@ class Measurement:
     joules: Mapping[str, Mapping[str, float]]
     methods: Mapping[str, Mapping[str, Method]]
     peak_power_w: Mapping[str, float] = field(default_factory=dict)
-    stale: frozenset[str] = frozenset()  # devices whose reads were failing at the window's end (short of their joules)
+    # devices whose reads were failing at the window's end (short of their joules) or start (holding joules from before)
+    stale: frozenset[str] = frozenset()
     ids: Mapping[str, str] = field(default_factory=dict)  # a GPU label's physical device (its UUID; see Sensor.ids)
 
     @property
@@ -320,7 +321,8 @@ class EnergyMeter:
             for device, j_end in b.joules.items():
                 joules[sensor.component][device] = max(0.0, j_end - a.joules.get(device, 0.0))
                 methods[sensor.component][device] = b.methods.get(device, Method.UNAVAILABLE)
-            stale |= b.stale
+            stale |= b.stale | a.stale  # failing at the start too: the reads that resume bring the gap's joules into
+            # this window (an outage over two epochs put its energy in the third, +191 %, as a measurement)
         peak_w = dict(peak_w)
         if end_s > start_s:  # a window with no sampler tick in it (shorter than the period): at least its mean
             for c, per_device in joules.items():

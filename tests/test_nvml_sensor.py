@@ -316,6 +316,38 @@ def test_a_dead_gpus_last_watts_are_not_carried_through_the_retries(fake_nvml, g
     assert epoch.methods["gpu"]["gpu0"] is Method.UNAVAILABLE and green_log.text.count("gpu0: NVML failed") == 1
 
 
+def test_the_window_an_outages_joules_arrive_in_is_not_a_measurement(fake_nvml, green_log):
+    """Every read times out across a window's edge, then works again (no loss): the window that ended in the outage
+    was marked unread, but the next, in which the reads resumed, held the gap's joules too (+191 % for an epoch)
+    and was logged as a counter measurement. Both are unread now; the run's total keeps the gap's joules."""
+    (dev,) = fake_nvml.configure([{"profile": [[1.0, 250.0]]}])
+    sensor = NvmlSensor("all", nvml=fake_nvml, counter_poll_s=0.05)
+    meter = EnergyMeter([sensor], period_s=0.01).start()
+    calls = ("nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetFieldValues", "nvmlDeviceGetPowerUsage")
+    try:
+        meter.begin("w")
+        busy_wait(0.3)
+        (first,) = meter.end_many(["w"], reopen=("w",))
+        for call in calls:
+            dev.faults[call] = fake_nvml.NVML_ERROR_TIMEOUT
+        busy_wait(0.4)
+        (outage,) = meter.end_many(["w"], reopen=("w",))
+        busy_wait(0.2)
+        for call in calls:
+            del dev.faults[call]
+        busy_wait(0.4)
+        (after,) = meter.end_many(["w"], reopen=("w",))
+        busy_wait(0.3)
+        (clean,) = meter.end_many(["w"])
+        run = meter.since_start()
+    finally:
+        meter.close()
+    assert [("gpu0" in m.stale) for m in (first, outage, after, clean)] == [False, True, True, False]
+    assert after.methods["gpu"]["gpu0"] is Method.COUNTER and after.joules["gpu"]["gpu0"] > 1.5 * truth(dev, after)
+    assert clean.joules["gpu"]["gpu0"] == pytest.approx(truth(dev, clean), rel=1e-3, abs=0.05)
+    assert run.joules["gpu"]["gpu0"] == pytest.approx(truth(dev, run), rel=0.02)
+
+
 @pytest.mark.parametrize("code", ["NVML_ERROR_UNKNOWN", "NVML_ERROR_NO_PERMISSION"])
 def test_a_gpu_unreadable_from_the_start_is_unavailable_at_once(fake_nvml, green_log, code):
     """Neither counter nor power readable at the start: no gap to carry over, so no retries (it read 'sampled',
