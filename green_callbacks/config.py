@@ -28,18 +28,20 @@ def _yaml_loader() -> type:
 
     class StrictLoader(yaml.SafeLoader):
         def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-            seen: dict[Any, int] = {}
+            seen: dict[Any, tuple[int, int]] = {}
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be given again here
                     continue
                 key = self.construct_object(key_node, deep=True)
-                line = key_node.start_mark.line + 1
-                try:
-                    first = seen.setdefault(key, line)
+                at = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)  # (one line: `{energy: 1 kWh,
+                try:  # energy: 500 kWh}`, as a flow mapping writes it)
+                    first = seen.setdefault(key, at)
                 except TypeError:  # an unhashable key: PyYAML's own error says so below
                     continue
-                if first != line:
-                    raise ValueError(f"duplicate key {brief(key)} (line {first} and line {line}); give each key once")
+                if first != at:
+                    where = (f"line {first[0]} and line {at[0]}" if first[0] != at[0] else
+                             f"line {at[0]}, columns {first[1]} and {at[1]}")
+                    raise ValueError(f"duplicate key {brief(key)} ({where}); give each key once")
             return super().construct_mapping(node, deep)
 
     return StrictLoader

@@ -277,6 +277,9 @@ def test_hf_evaluate_on_an_iterable_dataset_is_measured(tmp_path, digits):  # no
      r"dup.yaml: not valid YAML: duplicate key 'energy' \(line 3 and line 4\)"),
     ("dup2.yaml", b"budget:\n  energy: 1 kWh\nbudget:\n  energy: 2 kWh\n",
      r"duplicate key 'budget' \(line 1 and line 3\)"),
+    ("flow.yaml", b"budget: {energy: 1 kWh, energy: 500 kWh}\n",  # one line, as a flow mapping writes it
+     r"flow.yaml: not valid YAML: duplicate key 'energy' \(line 1, columns 10 and 25\)"),
+    ("flow2.yaml", b"{budget: {energy: 1 kWh}, budget: {energy: 500 kWh}}\n", r"duplicate key 'budget' \(line 1, col"),
     ("dup.toml", b"[green-callbacks.budget]\nenergy = '1 kWh'\nenergy = '5 kWh'\n",
      r"dup.toml: not valid TOML: Cannot overwrite a value \(at line 3"),
     ("latin1.yaml", "budget:\n  energy: 1 kWh  # Énergie\n".encode("latin-1"),
