@@ -215,6 +215,32 @@ def test_an_id_that_is_not_one_is_refused(tmp_path, store, field):
         replay_spool(spool)
 
 
+def test_a_header_without_its_time_is_refused_as_not_a_spool(tmp_path, store):
+    """A header without t_ms was reported as "MLflow at ... cannot be reached (KeyError: 't_ms')": an outage, which
+    a replay run again never mends."""
+    uri, _, _ = store
+    spool = write_spool(tmp_path / "spool-f8.jsonl", RunTarget(uri, experiment_name="h"), epochs(1))
+    lines = spool.read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["data"]["t_ms"]
+    spool.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"its header has no t_ms .*: not a spool green-callbacks wrote; refused"):
+        replay_spool(spool)
+
+
+def test_a_line_nested_deeper_than_the_parser_goes_is_set_aside_alone(tmp_path, store):
+    """[[[[... 100000 deep: a RecursionError failed the whole replay ("the spool is kept"); any other unreadable
+    line is set aside by its number and the rest sent."""
+    uri, client, _ = store
+    spool = write_spool(tmp_path / "spool-f9.jsonl", RunTarget(uri, experiment_name="deep"), epochs(2))
+    lines = spool.read_text().splitlines()
+    spool.write_text("\n".join([*lines[:2], "[" * 100_000 + "]" * 100_000, *lines[2:]]) + "\n")
+    result = replay_spool(spool)
+    assert result.complete and result.unreadable == [3] and result.set_aside == 1
+    (run,) = client.search_runs([client.get_experiment_by_name("deep").experiment_id])
+    assert len(client.get_metric_history(run.info.run_id, "energy/epoch_j")) == 2
+
+
 def test_credentials_in_the_replay_uri_are_never_written_or_printed(tmp_path, store, capsys):
     uri, _, _ = store
     spool = write_spool(tmp_path / "spool-f8.jsonl", RunTarget(uri, experiment_name="x"), epochs(1))

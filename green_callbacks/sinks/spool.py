@@ -89,8 +89,8 @@ def parse(raw: bytes, line: int, end: int) -> Record | Unreadable:
     try:
         d = json.loads(raw)
         return Record(int(d["seq"]), str(d["kind"]), dict(d.get("data") or {}), d.get("step"), int(d["t"]), line, end)
-    except (ValueError, KeyError, TypeError) as exc:
-        text = raw.decode("utf-8", "replace")
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # (RecursionError: [[[[... nested deeper than
+        text = raw.decode("utf-8", "replace")  # the parser goes, which failed the whole replay)
         return Unreadable(line, end, f"{text} ({type(exc).__name__})")  # whole: set aside, it is all there is of it
 
 
