@@ -208,6 +208,9 @@ def resolve_intensity(
     return world_intensity()
 
 
+MAX_G_PER_KWH = 5000.0  # the most carbon_intensity_g_per_kwh (and a series' value) may be
+
+
 class IntensitySeries:
     """Carbon intensity over time from a CSV of ``timestamp,g_per_kwh`` rows.
 
@@ -237,9 +240,9 @@ class IntensitySeries:
                 t, value = self._parse_time(row[0]), float(row[1])
             except (ValueError, IndexError, OverflowError) as exc:
                 raise ValueError(f"{self.path}:{n}: expected 'timestamp,g_per_kwh', got {row!r} ({exc})") from exc
-            if not (math.isfinite(t) and math.isfinite(value) and value >= 0):
+            if not (math.isfinite(t) and math.isfinite(value) and 0 <= value <= MAX_G_PER_KWH):
                 raise ValueError(f"{self.path}:{n}: {row!r}: the timestamp must be finite and the carbon intensity a "
-                                 "finite number of g/kWh >= 0")
+                                 f"finite number of g/kWh in [0, {MAX_G_PER_KWH:g}], as carbon_intensity_g_per_kwh")
             rows.append((t, value, n))
         if not rows:
             raise ValueError(f"{self.path}: no 'timestamp,g_per_kwh' rows")

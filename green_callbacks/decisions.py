@@ -57,7 +57,9 @@ class StopperHost:
         """Ask ``stopper`` at every point (evaluation, epoch end, every N steps) whether to stop."""
         if stopper not in self.stoppers:
             if isinstance(stopper, BudgetStopper):
-                fixed = None if self.accountant.series is not None else self.accountant.intensity.g_per_kwh
+                series = self.accountant.series  # (a series of zeros keeps every emission at 0 as a 0 does)
+                fixed = self.accountant.intensity.g_per_kwh if series is None else 0.0 if not any(series.values) \
+                    else None
                 stopper.validate_against(self.accountant.price_per_kwh, self.accountant.currency, fixed)
             self.stoppers.append(stopper)
             self.step_periods = tuple(s.check_every_n_steps for s in self.stoppers if s.check_every_n_steps)

@@ -316,8 +316,9 @@ class BudgetStopper(Stopper):
         before training."""
         if self.budget.emissions_g is not None and g_per_kwh == 0:
             raise ValueError(f"EnergyBudget(emissions={brief(self._init_args['emissions'])}) can never be reached: the "
-                             "EnergyMonitor's carbon intensity is 0 g/kWh (carbon_intensity_g_per_kwh=0), so every "
-                             "emission counts 0; set the intensity (or a country, a cloud region) or drop the limit")
+                             "EnergyMonitor's carbon intensity is 0 g/kWh (carbon_intensity_g_per_kwh=0, or a "
+                             "carbon_intensity_csv of zeros), so every emission counts 0; set the intensity (or a "
+                             "country, a cloud region) or drop the limit")
         if self.budget.cost is None:
             return
         if price_per_kwh is None:

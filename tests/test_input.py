@@ -224,6 +224,23 @@ def test_a_budget_that_a_price_or_intensity_of_zero_keeps_at_zero_is_refused():
     gl.EnergyMonitor(carbon_intensity_g_per_kwh=0, mlflow=False).attach(gl.EnergyBudget(energy="1 kJ"))
 
 
+def test_a_series_of_zero_intensity_is_refused_with_an_emissions_budget_and_one_past_the_cap_is_refused(tmp_path):
+    """A carbon_intensity_csv of zeros let an emissions budget train to its end at 0 g, unsaid (an intensity of 0
+    is refused); one of 1e308 g/kWh was read (the summary printed a 300-digit figure), where the setting caps 5000."""
+    zeros = tmp_path / "zeros.csv"
+    zeros.write_text("timestamp,g_per_kwh\n2026-01-01T00:00:00Z,0\n2026-06-01T00:00:00Z,0\n")
+    with pytest.raises(ValueError, match=r"EnergyBudget\(emissions='1 g'\) can never be reached: .*a "
+                                         r"carbon_intensity_csv of zeros"):
+        gl.EnergyMonitor(carbon_intensity_csv=str(zeros), mlflow=False).attach(gl.EnergyBudget(emissions="1 g"))
+    some = tmp_path / "some.csv"
+    some.write_text("timestamp,g_per_kwh\n2026-01-01T00:00:00Z,0\n2026-06-01T00:00:00Z,250\n")
+    gl.EnergyMonitor(carbon_intensity_csv=str(some), mlflow=False).attach(gl.EnergyBudget(emissions="1 g"))
+    huge = tmp_path / "huge.csv"
+    huge.write_text("timestamp,g_per_kwh\n2026-01-01T00:00:00Z,300\n2026-06-01T00:00:00Z,1e308\n")
+    with pytest.raises(ValueError, match=r"huge.csv:3: .*a finite number of g/kWh in \[0, 5000\]"):
+        gl.EnergyMonitor(carbon_intensity_csv=str(huge), mlflow=False)
+
+
 @pytest.mark.parametrize("name", ["RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID"])
 def test_a_launcher_variable_that_is_no_number_is_named(monkeypatch, name):
     from green_callbacks.distributed import RankInfo
@@ -306,9 +323,9 @@ def test_a_config_section_at_the_top_level_still_reads(tmp_path):
 @pytest.mark.parametrize(("rows", "message"), [
     (b"timestamp,g_per_kwh\n2026-01-01T00:00,100\n2026-01-01T01:00,nan\n",
      r"series.csv:3: \['2026-01-01T01:00', 'nan'\]: "
-     r"the timestamp must be finite and the carbon intensity a finite number of g/kWh >= 0"),
+     r"the timestamp must be finite and the carbon intensity a finite number of g/kWh in \[0, 5000\]"),
     (b"0,100\n3600,inf\n", r"series.csv:2: .*finite number"),
-    (b"0,100\n3600,-5\n", r"series.csv:2: .*>= 0"),
+    (b"0,100\n3600,-5\n", r"series.csv:2: .*in \[0, 5000\]"),
     (b"nan,100\n", r"series.csv:1: \['nan', '100'\]: the timestamp must be finite"),
     (b"0,100\n3600,200\n0,300\n", r"series.csv: lines 1 and 3 give the same timestamp"),
     (b"2026-01-01T00:00Z,100\n1767225600,5\n", r"series.csv: lines 1 and 2 give the same timestamp"),
