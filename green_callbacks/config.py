@@ -72,9 +72,10 @@ def read_section(path: str | Path, section: str, valid: Collection[str]) -> dict
         raise ValueError(f"path={brief(str(path))} holds a NUL character ('\\x00'), which no file path can hold; "
                          "give the path of a .yaml, .yml or .toml file")
     path = Path(path)
-    if path.suffix not in FORMATS:
+    suffix = path.suffix.lower()  # (green.YAML, as some systems and editors write it)
+    if suffix not in FORMATS:
         raise ValueError(f"{path}: unknown config format {brief(path.suffix)}; use .yaml, .yml or .toml")
-    kind = path.suffix[1:].upper()
+    kind = suffix[1:].upper()
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -85,7 +86,7 @@ def read_section(path: str | Path, section: str, valid: Collection[str]) -> dict
     except OSError as exc:  # a folder, no permission
         raise ValueError(f"{path}: the config file cannot be read ({exc.strerror or exc})") from None
     try:
-        if path.suffix == ".toml":
+        if suffix == ".toml":
             data: Any = tomllib.loads(text)
         else:
             import yaml

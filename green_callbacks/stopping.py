@@ -151,7 +151,7 @@ class EfficiencyStopper(Stopper):
         # every argument is validated now; a monitor left to the framework's default is filled in at fit start
         min_gain, min_evaluations = _first_version_arguments(min_gain, min_evaluations, min_gain_per_kj,
                                                              warmup_epochs)
-        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+        if monitor is not None and (not isinstance(monitor, str) or not monitor.strip()):  # (" ": no metric's name)
             raise ValueError(f"monitor={brief(monitor)} must name a validation metric, like 'val_acc', or be None "
                              "(the framework's loss)")
         if mode is not None and mode not in MODES:

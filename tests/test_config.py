@@ -190,6 +190,9 @@ def test_from_yaml_and_toml_files(tmp_path):
         gl.EfficiencyEarlyStopping.from_file(bad)
     with pytest.raises(ValueError, match=r"unknown config format '.ini'"):
         gl.EnergyBudget.from_file(tmp_path / "green.ini")
+    upper = tmp_path / "green.YAML"  # a suffix in capitals is the same format (it was "unknown config format")
+    upper.write_text("budget:\n  energy: 1 kJ\n")
+    assert gl.EnergyBudget.from_file(upper).budget.energy_j == 1000.0
     # YAML's two places for a table, both filled: one was read and the other ignored without a word
     two = tmp_path / "two.yaml"
     two.write_text("green-callbacks:\n  budget:\n    energy: 1 kJ\nbudget:\n  energy: 2 kJ\n")

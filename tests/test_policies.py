@@ -306,6 +306,7 @@ def test_gain_thresholds_read_as_people_write_them(text, relative, per, value, n
     ({"min_gain": "0.1 per furlong"}, r"min_gain='0.1 per furlong'"),
     ({"min_gain": "nan per doubling"}, r"min_gain='nan per doubling'"),
     ({"monitor": ""}, r"monitor='' must name a validation metric"),
+    ({"monitor": " "}, r"monitor=' ' must name a validation metric"),
     ({"monitor": 3}, r"monitor=3 must name a validation metric"),
     ({"mode": "maximum"}, r"mode='maximum' is not valid; choose 'max' \(accuracy-like\), 'min'"),
     ({"patience": 0}, r"patience=0 must be an integer >= 1"),
