@@ -34,7 +34,7 @@ class Measurement:
     joules: Mapping[str, Mapping[str, float]]
     methods: Mapping[str, Mapping[str, Method]]
     peak_power_w: Mapping[str, float] = field(default_factory=dict)
-    # devices whose reads were failing at the window's end (short of their joules) or start (holding joules from before)
+    # devices whose reads were failing at the window's end (short of their joules) or start (joules from before it)
     stale: frozenset[str] = frozenset()
     ids: Mapping[str, str] = field(default_factory=dict)  # a GPU label's physical device (its UUID; see Sensor.ids)
 
@@ -321,13 +321,13 @@ class EnergyMeter:
             for device, j_end in b.joules.items():
                 joules[sensor.component][device] = max(0.0, j_end - a.joules.get(device, 0.0))
                 methods[sensor.component][device] = b.methods.get(device, Method.UNAVAILABLE)
-            stale |= b.stale | a.stale  # failing at the start too: the reads that resume bring the gap's joules into
+            stale |= b.stale | a.short  # short at the start too: the reads that resume bring the gap's joules into
             # this window (an outage over two epochs put its energy in the third, +191 %, as a measurement)
         peak_w = dict(peak_w)
         if end_s > start_s:  # a window with no sampler tick in it (shorter than the period): at least its mean
             for c, per_device in joules.items():
-                if sum(per_device.values()) > 0:
-                    peak_w[c] = max(peak_w.get(c, 0.0), sum(per_device.values()) / (end_s - start_s))
+                if c not in peak_w and sum(per_device.values()) > 0:  # (a tick's peak stands: a window shorter
+                    peak_w[c] = sum(per_device.values()) / (end_s - start_s)  # than a counter's refresh reads high)
         return Measurement(name, start_s, end_s, start_unix, joules, methods, peak_w, frozenset(stale), self.ids)
 
     def describe(self) -> dict[str, dict[str, str]]:

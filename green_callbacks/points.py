@@ -180,8 +180,9 @@ class PointHost:
             "eval": window_payload(eval_m, *node) if eval_m is not None else None,
             # what the devices are: for the run's tags at its first point and its end (on rank 0; the other ranks
             # cannot know when rank 0 starts a run anew, a resume into another run)
-            "names": self.meter.describe() if not (self._params_logged and self.rank.is_zero) or kind is Kind.END
-            else None, "work": self.take_work()}
+            "names": {**self.meter.describe(), "gpu_ids": dict(self.meter.ids), "where": {"node": self.rank.node}}
+            if not (self._params_logged and self.rank.is_zero) or kind is Kind.END else None,
+            "work": self.take_work()}
         if held_epoch:
             payload.update(self._epoch_so_far(closed["epoch"]))
         payloads = gather(payload) if collective else [payload]

@@ -120,11 +120,13 @@ def _install_hooks() -> None:
         def on_sigterm(signum: int, frame: Any) -> None:
             global _TERM_PENDING
             _SIGNALS.append(signum)
-            # run by a handler installed after this one, which calls the one it found (Lightning's, registered at
-            # each fit after the callbacks' setup): that handler decides how the process ends. Without this package
+            # run by Lightning's handler, installed after this one, which calls the one it found (registered at
+            # each fit after the callbacks' setup): Lightning decides how the process ends. Without this package
             # it would have found no handler; ending the process here took Lightning's SIGTERM path from it (its
             # loggers' runs were left RUNNING, OnExceptionCheckpoint saved nothing)
-            chained = signal.getsignal(signal.SIGTERM) is not on_sigterm
+            installed = signal.getsignal(signal.SIGTERM)
+            chained = installed is not on_sigterm and type(installed).__module__.startswith(
+                ("lightning.", "pytorch_lightning."))  # (another handler that calls this one may count on its end)
             ending = [t for t in live_trackers() if t._finishing_status is not None]
             if ending:  # its end finishes its files first (a wait for MLflow ends at once), then the signal acts
                 _TERM_PENDING = _TERM_PENDING or not chained
@@ -188,8 +190,8 @@ def said_once(said: set[str]) -> Iterator[None]:
     its sensors again at every stage (fit, validate, test), and their start-up warnings (a root-only RAPL file, a
     MIG instance) were said at each."""
     def new(record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return True
+        if record.levelno < logging.WARNING or f"{os.sep}sensors{os.sep}" not in record.pathname:  # (the sensors'
+            return True  # own: not another thread's, nor a stage's "nothing can be measured", said at each)
         text = record.getMessage()
         if text in said:
             return False

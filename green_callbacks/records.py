@@ -193,12 +193,22 @@ def device_tags(names: Sequence[Mapping[str, Mapping[str, str]]]) -> dict[str, s
     edges that stopped reading a slow counter)."""
     # each GPU under the job-wide label its metrics have (gpu0.. in rank order), with the CUDA device it is on its
     # rank: a training on cuda:1 logs energy/gpu0_j, and this says which card that is
-    gpus, seen = [], set()
-    for per_rank in names:
+    gpus: list[tuple[str, str]] = []
+    at: dict[tuple[str, str], tuple[int, int]] = {}  # a GPU several ranks of a node describe: listed once, as
+    for r, per_rank in enumerate(names):  # merge_ranks counts it (where its first rank lists it)
+        node, ids = per_rank.get("where", {}).get("node", ""), per_rank.get("gpu_ids", {})
         for k, n in per_rank.get("gpu", {}).items():
-            if k != "edges" and not (n in seen and not n.endswith("()")):  # a GPU another rank measured: counted once
-                seen.add(n)  # ("name (UUID)"; one of unknown UUID, "()", is never taken for another)
-                gpus.append((k, n))
+            if k == "edges":
+                continue
+            key = (node, ids.get(k, ""))
+            if key[1] and key in at and at[key][1] != r:
+                i = at[key][0]
+                if gpus[i][1].startswith("unknown (") and not n.startswith("unknown ("):
+                    gpus[i] = (gpus[i][0], n)  # (a rank whose NVML failed on the name)
+                continue
+            if key[1]:
+                at.setdefault(key, (len(gpus), r))
+            gpus.append((k, n))
     gpu_names = [f"gpu{i} = cuda:{k.removeprefix('gpu')} {n}" for i, (k, n) in enumerate(gpus)]
     tags = {"green.gpu_names": "; ".join(gpu_names) or "none",
             "green.cpu": "; ".join(v for n in names for k, v in n.get("cpu", {}).items()
@@ -299,13 +309,30 @@ class Merged:
         return {d: j for ds in self.devices.values() for d, j in ds.items()}
 
 
+def _shared_gpus(payloads: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], tuple[int, str]]:
+    """GPUs that more than one rank of a node measured (one physical id, :meth:`Sensor.ids`, in several payloads):
+    the (rank, device) whose copy counts, a read one where there is one (a rank whose handle failed, or whose read
+    hung, reads 0 J of a GPU another rank read)."""
+    copies: dict[tuple[str, str], list[tuple[int, str, bool]]] = {}
+    for p in payloads:
+        stale, methods = set(p.get("stale", ())), p["methods"].get("gpu", {})
+        for device in p["joules"].get("gpu", {}):
+            ident = p.get("ids", {}).get(device, "")
+            if ident:
+                read = methods.get(device) != Method.UNAVAILABLE.value and device not in stale
+                copies.setdefault((p["node"], ident), []).append((p["rank"], device, read))
+    return {key: next(((r, d) for r, d, read in cs if read), (cs[0][0], cs[0][1]))
+            for key, cs in copies.items() if len({r for r, _, _ in cs}) > 1}
+
+
 def merge_ranks(payloads: Sequence[Mapping[str, Any]]) -> Merged:
     """Per component, every rank's devices under job-wide labels; the method per component; GPU peak.
 
-    GPUs are numbered across ranks in rank order (``gpu0``..``gpuN``). A GPU that several ranks measure (its UUID
-    in more than one payload: ``gpus="all"`` or the same index on every rank of a node) is counted once, from the
-    first rank that measured it, and named in :attr:`Merged.shared`; so the total is the exact sum over devices.
-    Host components keep their label, prefixed by the node when more than one node measured them.
+    GPUs are numbered across ranks in rank order (``gpu0``..``gpuN``). A GPU that several ranks of a node measure
+    (its id in more than one rank's payload: ``gpus="all"`` or the same index on every rank) is counted once, under
+    the label of its first appearance, from a rank that read it, and named in :attr:`Merged.shared`; so the total
+    is the exact sum over devices. Host components keep their label, prefixed by the node when more than one node
+    measured them.
     """
     devices: dict[str, dict[str, float]] = {}
     methods: dict[str, list[Method]] = {}
@@ -313,42 +340,43 @@ def merge_ranks(payloads: Sequence[Mapping[str, Any]]) -> Merged:
     nodes = {p["node"] for p in payloads if any(c != "gpu" and p["joules"][c] for c in p["joules"])}
     gpu_index, peak = 0, 0.0
     watts: dict[str, float] = {}
-    first: dict[str, int] = {}  # a GPU's UUID: the rank that counts it
-    shared: dict[str, list[int]] = {}
-    rank_j: dict[int, float] = {}
+    shared = _shared_gpus(payloads)
+    by_rank = {p["rank"]: p for p in payloads}
+    rank_j: dict[int, float] = {p["rank"]: 0.0 for p in payloads}
+    counted_gpu_j: dict[int, float] = {p["rank"]: 0.0 for p in payloads}
+    labelled: set[tuple[str, str]] = set()
     for p in payloads:
-        stale = set(p.get("stale", ()))  # reads failing at the window's end: short of their joules, not a measurement
-        ids = p.get("ids", {})
-        gpu_j = counted_gpu_j = 0.0
         for component, per_device in p["joules"].items():
-            counted = 0.0
             for device, joules in per_device.items():
+                src, src_device = p, device
                 if component == "gpu":
-                    gpu_j += joules
-                    ident = ids.get(device, "")
-                    if ident in first:
-                        shared.setdefault(ident, [first[ident]]).append(p["rank"])
-                        continue
-                    if ident:
-                        first[ident] = p["rank"]
+                    key = (p["node"], p.get("ids", {}).get(device, ""))
+                    if key in shared:
+                        if key in labelled:  # counted at its first appearance
+                            continue
+                        labelled.add(key)
+                        rank, src_device = shared[key]
+                        src = by_rank[rank]
+                        joules = src["joules"]["gpu"][src_device]
                     label = f"gpu{gpu_index}"
                     gpu_index += 1
-                    counted_gpu_j += joules
+                    counted_gpu_j[src["rank"]] += joules
                 else:
                     label = f"{p['node']}/{device}" if len(nodes) > 1 else device
                 devices.setdefault(component, {})[label] = joules
-                counted += joules
-                methods.setdefault(component, []).append(Method(p["methods"][component][device]))
-                if methods[component][-1] is Method.UNAVAILABLE or device in stale:
+                methods.setdefault(component, []).append(Method(src["methods"][component][src_device]))
+                if methods[component][-1] is Method.UNAVAILABLE or src_device in set(src.get("stale", ())):
                     unread.add(label)
-            if p["duration_s"] > 0:
-                watts[component] = watts.get(component, 0.0) + counted / p["duration_s"]
-            rank_j[p["rank"]] = rank_j.get(p["rank"], 0.0) + counted
-        # the rank's GPU peak, for the part of its GPUs' energy counted here (all of it unless it shared a GPU)
-        peak += p["peak"].get("gpu", 0.0) * (counted_gpu_j / gpu_j if gpu_j > 0 and counted_gpu_j < gpu_j else 1.0)
+                if src["duration_s"] > 0:
+                    watts[component] = watts.get(component, 0.0) + joules / src["duration_s"]
+                rank_j[src["rank"]] += joules
+    for p in payloads:  # each rank's GPU peak, for the part of its GPUs' energy counted (all unless it shared one)
+        gpu_j = sum(p["joules"].get("gpu", {}).values())
+        peak += p["peak"].get("gpu", 0.0) * (min(1.0, counted_gpu_j[p["rank"]] / gpu_j) if gpu_j > 0 else 1.0)
     return Merged(devices, {c: Method.weakest(ms).value for c, ms in methods.items()}, peak,
                   max((p["duration_s"] for p in payloads), default=0.0), frozenset(unread), watts,
-                  {k: tuple(v) for k, v in shared.items()}, rank_j)
+                  {ident: tuple(p["rank"] for p in payloads if ident in p.get("ids", {}).values())
+                   for _, ident in shared}, rank_j)
 
 
 # keys whose list values a tokenizer, feature extractor or image processor writes one entry per sample

@@ -210,7 +210,7 @@ def resolve_amd_gpus(amdsmi: Any, gpus: Any = "auto", cuda_indices: Sequence[int
         if mode.upper() not in WHOLE_GPU_PARTITIONS:
             targets.append(GpuTarget(index, None, dev.name, uuid, _PARTITION_REASON.format(label=label, mode=mode)))
         else:
-            targets.append(GpuTarget(index, dev.handle, dev.name, uuid))
+            targets.append(GpuTarget(index, dev.handle, dev.name, uuid, bus=dev.bdf))
     return targets
 
 

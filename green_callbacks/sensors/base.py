@@ -41,6 +41,9 @@ class Reading:
     # devices whose reads are failing now (retried, not yet lost): their joules stop at the first failure until a
     # read succeeds, which then counts the gap; a window ending now is short of theirs
     stale: frozenset[str] = frozenset()
+    # of those, the ones whose joules stop before now (the power carried between reads fails too): a read that
+    # resumes brings the gap's joules into the window then open, which a window starting now would hold
+    short: frozenset[str] = frozenset()
 
 
 class Sensor(abc.ABC):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 
@@ -54,8 +55,9 @@ class CpuEstimateSensor(Sensor):
 
         if tdp_w is not None and not (is_finite_number(tdp_w) and 1.0 <= tdp_w <= 10_000.0):
             raise ValueError(f"cpu_tdp_w={brief(tdp_w)} must be a finite number in [1, 10000] watts or None")
-        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid < 1):
+        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, numbers.Integral) or pid < 1):
             raise ValueError(f"pid={brief(pid)} must be a process id (a whole number >= 1) or None (this process)")
+        pid = None if pid is None else int(pid)  # (numpy's integers: psutil takes only int)
         if scope not in CPU_SCOPES:
             raise ValueError(f"cpu_scope={scope!r} is not valid; choose from {list(CPU_SCOPES)}")
         self._psutil = psutil

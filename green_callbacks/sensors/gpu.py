@@ -76,7 +76,8 @@ class GpuEnergySensor(GpuDeviceStates):
         return any(g.target.measurable and not (self._started and g.method is Method.UNAVAILABLE) for g in self._gpus)
 
     def ids(self) -> dict[str, str]:
-        return {g.target.label: g.target.uuid for g in self._gpus if g.target.uuid}
+        return {g.target.label: f"{g.target.uuid}@{g.target.bus}" if g.target.bus else g.target.uuid
+                for g in self._gpus if g.target.uuid}
 
     def describe(self) -> dict[str, str]:
         out = {g.target.label: f"{g.target.name} ({g.target.uuid})" for g in self._gpus}
@@ -110,12 +111,12 @@ class GpuEnergySensor(GpuDeviceStates):
             try:
                 gpu.counter_last_j, fastest_s = self._timed_read_j(gpu, 5)
             except Exception as exc:
-                if not self._not_supported(exc):  # (a GPU without a counter: sampled, as designed, silently)
-                    self.warn_once(f"counter-start-{gpu.target.label}", f"{gpu.target.label}: its energy counter "
-                                   f"failed at start ({exc!r}); sampling its power instead (method 'sampled').")
                 self._start_sampling(gpu, now_s)
                 if gpu.failing_since is not None and gpu.method is Method.SAMPLED:  # nothing read: no gap to span
                     self._lose(gpu, gpu.failing_exc or RuntimeError("no reading"), now_s)
+                elif gpu.method is Method.SAMPLED and not self._absent(exc):  # (a GPU without one: as designed)
+                    self.warn_once(f"counter-start-{gpu.target.label}", f"{gpu.target.label}: its energy counter "
+                                   f"failed at start ({exc!r}); sampling its power instead (method 'sampled').")
             else:
                 gpu.method = Method.COUNTER
                 gpu.polled_s = gpu.changed_s = now_s
@@ -211,7 +212,7 @@ class GpuEnergySensor(GpuDeviceStates):
         return self._reading(now_s, fresh=False)
 
     def _reading(self, now_s: float, fresh: bool | None) -> Reading:
-        joules, methods, power, stale = {}, {}, {}, set()
+        joules, methods, power, stale, short = {}, {}, {}, set(), set()
         at_edge = fresh is not False  # a peek between edges shows, but never holds, what runs ahead
         polled: set[str] = set()
         # an edge reads the counters where reads are cheap, each where the sampler is not in a call on its device (it
@@ -248,4 +249,6 @@ class GpuEnergySensor(GpuDeviceStates):
                 power[label] = gpu.power_w
                 if gpu.failing_since is not None and gpu.method is not Method.UNAVAILABLE:
                     stale.add(label)
-        return Reading(joules, methods, power, frozenset(stale))
+                    if carried < now_s:
+                        short.add(label)
+        return Reading(joules, methods, power, frozenset(stale), frozenset(short))

@@ -65,6 +65,10 @@ class GpuDeviceStates(Sensor):
     def _not_supported(self, exc: Exception) -> bool:
         """Whether ``exc`` says the feature does not exist (rather than that the device failed)."""
 
+    def _absent(self, exc: Exception) -> bool:
+        """Whether ``exc`` says the device or its driver has no such function (not a fault: nothing to warn)."""
+        return self._not_supported(exc)
+
     _started = False  # set once ``start`` has run: a switch mid-run reads no power (no library call)
 
     def _gone(self, exc: Exception) -> bool:

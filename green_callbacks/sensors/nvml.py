@@ -188,6 +188,10 @@ class NvmlSensor(GpuEnergySensor):
     def _not_supported(self, exc: Exception) -> bool:
         return getattr(exc, "value", None) == getattr(self._nvml, "NVML_ERROR_NOT_SUPPORTED", 3)
 
+    def _absent(self, exc: Exception) -> bool:
+        return self._not_supported(exc) or getattr(exc, "value", None) == getattr(
+            self._nvml, "NVML_ERROR_FUNCTION_NOT_FOUND", 13)  # (a driver without the function)
+
     def _gone(self, exc: Exception) -> bool:
         """Lost, in need of a reset, or errors no retry changes (no permission, no such device, no driver, a
         driver without the function)."""

@@ -20,6 +20,7 @@ class GpuTarget:
     name: str
     uuid: str
     reason: str = ""
+    bus: str = ""  # its PCI address where the UUID alone may not tell cards apart (amdsmi's, without a unique id)
 
     @property
     def label(self) -> str:

@@ -127,7 +127,7 @@ class ReplaySender(Sender):
         t_ms, local_id = self.header.get("t_ms"), target.get("local_id") or self.header.get("local_id")
         if isinstance(t_ms, bool) or not isinstance(t_ms, int) or t_ms < 0 or not local_id:  # (read at the run's
             # opening: a KeyError there was reported as "MLflow ... cannot be reached", and a retry never mends it)
-            raise ValueError(f"{spool}: its header has no {'local_id' if local_id is None else 't_ms'} (when and as "
+            raise ValueError(f"{spool}: its header has no {'t_ms' if local_id else 'local_id'} (when and as "
                              "what the training opened it): not a spool green-callbacks wrote; refused")
         ids = (("target.run_id", target.get("run_id")), ("target.local_id", target.get("local_id")),
                ("local_id", self.header.get("local_id")), ("env_experiment_id", self.header.get("env_experiment_id")))
