@@ -152,6 +152,36 @@ def test_a_sigterm_ends_a_lightning_fit_by_lightnings_path_and_its_loggers_run_e
     assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [63, 69], "to the step it ended"
 
 
+def test_a_handler_of_the_users_that_chains_the_packages_still_ends_the_process(tmp_path):
+    """A plain loop whose own SIGTERM handler, installed after the tracker started, calls the one it found (the
+    package's) and counts on it to end the process, as the default action would have: the package leaves the end
+    only to Lightning's handler, so this one still ends the run KILLED and the process by the signal."""
+    script = tmp_path / "chained.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from green_callbacks import EnergyTracker\n"
+        f"tracker = EnergyTracker(tracking_uri={ready_store(tmp_path, 'm.db')!r}, output_dir={str(tmp_path)!r})\n"
+        "with tracker:\n"
+        "    found = signal.getsignal(signal.SIGTERM)\n"
+        "    def mine(signum, frame):\n"
+        "        print('the user saves its work', flush=True)\n"
+        "        found(signum, frame)\n"
+        "    signal.signal(signal.SIGTERM, mine)\n"
+        "    for step in range(50):\n"
+        "        tracker.step(step)\n"
+        "        if step == 20:\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(0.01)\n"
+        "print('trained on after the SIGTERM', flush=True)\n")
+    proc = subprocess.run([sys.executable, str(script)], env=fake_nvml_env("{}"), capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == -15, (proc.returncode, proc.stderr[-2000:])
+    assert "the user saves its work" in proc.stdout and "trained on" not in proc.stdout
+    assert "green-callbacks [killed]" in proc.stdout
+    _, (run,) = runs(ready_store(tmp_path, "m.db"))
+    assert run.info.status == "KILLED"
+
+
 @pytest.mark.parametrize("then", ["caught", "caught-evaluate", "caught-dropped", "caught-ctrlc"])
 def test_hf_train_that_raised_and_was_caught_ends_failed(tmp_path, then):
     """HF tells no callback of an exception: one the user catches was ended KILLED at the exit (as if killed), an
