@@ -189,9 +189,11 @@ def said_once(said: set[str]) -> Iterator[None]:
     """Warnings of this package logged inside the block, each said once for the life of ``said``: a monitor builds
     its sensors again at every stage (fit, validate, test), and their start-up warnings (a root-only RAPL file, a
     MIG instance) were said at each."""
-    def new(record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING or f"{os.sep}sensors{os.sep}" not in record.pathname:  # (the sensors'
-            return True  # own: not another thread's, nor a stage's "nothing can be measured", said at each)
+    sensors = os.path.dirname(os.path.abspath(sys.modules["green_callbacks.sensors"].__file__ or ""))
+
+    def new(record: logging.LogRecord) -> bool:  # the sensors' own warnings: not another thread's, nor a stage's
+        if record.levelno < logging.WARNING or os.path.dirname(record.pathname) != sensors:  # "nothing can be
+            return True  # measured", said at each
         text = record.getMessage()
         if text in said:
             return False
