@@ -9,7 +9,8 @@ from green_callbacks.distributed import RankInfo, gather
 from green_callbacks.meter import EnergyMeter
 from green_callbacks.policies import Decision, Progress, StopReason, Totals
 from green_callbacks.process import never_raises
-from green_callbacks.records import IntervalRecord, Kind, merge_ranks, window_payload
+from green_callbacks.ranks import merge_ranks, window_payload
+from green_callbacks.records import IntervalRecord, Kind
 from green_callbacks.sensors.base import log
 from green_callbacks.stopping import BudgetStopper, Stopper
 

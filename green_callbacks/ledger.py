@@ -12,7 +12,8 @@ from typing import Any
 from green_callbacks.accounting import Accountant
 from green_callbacks.meter import Measurement
 from green_callbacks.policies import Decision, Progress, Totals
-from green_callbacks.records import IntervalRecord, Kind, Merged, run_methods
+from green_callbacks.ranks import Merged
+from green_callbacks.records import IntervalRecord, Kind, run_methods
 from green_callbacks.stretches import RATE_WINDOW, Recent, Since, combined
 
 

@@ -20,17 +20,8 @@ from green_callbacks.distributed import RankInfo, gather
 from green_callbacks.meter import EnergyMeter, Measurement
 from green_callbacks.policies import Decision
 from green_callbacks.process import never_raises, warn_once
-from green_callbacks.records import (
-    MEASURED_PREFIXES,
-    IntervalRecord,
-    Kind,
-    Merged,
-    device_tags,
-    merge_ranks,
-    point_metrics,
-    run_facts,
-    window_payload,
-)
+from green_callbacks.ranks import Merged, merge_ranks, window_payload
+from green_callbacks.records import MEASURED_PREFIXES, IntervalRecord, Kind, device_tags, point_metrics, run_facts
 from green_callbacks.sensors.base import Method, log
 
 CALIBRATION_STEPS = 10  # steps timed at the start to turn log_every_s into a step count

@@ -12,7 +12,8 @@ from green_callbacks.accounting import Accountant
 from green_callbacks.distributed import RankInfo, gather
 from green_callbacks.meter import EnergyMeter
 from green_callbacks.process import never_raises
-from green_callbacks.records import merge_ranks, stage_metrics, window_payload
+from green_callbacks.ranks import merge_ranks, window_payload
+from green_callbacks.records import stage_metrics
 
 
 class StageHost:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from green_callbacks.meter import Measurement
-from green_callbacks.records import Merged
+from green_callbacks.ranks import Merged
 from green_callbacks.sensors import Method
 
 RATE_WINDOW = 5  # recent intervals whose median cost per step projects the rest of the run

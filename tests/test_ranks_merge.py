@@ -1,9 +1,10 @@
-"""Every rank's window under job-wide labels (records.merge_ranks, device_tags): the payloads are the plain data the
-ranks all-gather (records.window_payload), written out here as a rank sends them."""
+"""Every rank's window under job-wide labels (ranks.merge_ranks, records.device_tags): the payloads are the plain
+data the ranks all-gather (ranks.window_payload), written out here as a rank sends them."""
 
 from __future__ import annotations
 
-from green_callbacks.records import device_tags, merge_ranks
+from green_callbacks.ranks import merge_ranks
+from green_callbacks.records import device_tags
 
 
 def payload(rank, gpus, node="n1", stale=(), duration_s=1.0, peak=None):
