@@ -202,8 +202,8 @@ class PointHost:
         if merged.shared and self.rank.is_zero:
             ident, ranks = next(iter(merged.shared.items()))
             warn_once(self, "shared-gpu", f"{len(merged.shared)} GPU(s) are measured by more than one "
-                      f"rank ({ident} by ranks {', '.join(map(str, ranks))}); each is counted once, from the first "
-                      "rank that measures it. Under DDP each rank measures its own GPU with gpus=\"auto\"; "
+                      f"rank ({ident} by ranks {', '.join(map(str, ranks))}); each is counted once, from a rank that "
+                      "read it. Under DDP each rank measures its own GPU with gpus=\"auto\"; "
                       "gpus=\"all\" or a list names the same GPUs on every rank of a node.")
 
     _unseen_efficiency: set[str] | None = None  # efficiency_metrics no evaluation logged yet (None: not asked)

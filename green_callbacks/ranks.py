@@ -31,7 +31,7 @@ class Merged:
     # mean power per component: each rank's joules over that rank's own window, summed (the ranks reach a point at
     # slightly different instants, so their windows differ: one rank's duration over every rank's joules was off)
     watts: Mapping[str, float] = field(default_factory=dict)
-    # a GPU that more than one rank measured (its UUID: the ranks that measured it), counted once, from the first
+    # a GPU that more than one rank of a node measured (its id: the ranks that did), counted once, from one that read it
     shared: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     rank_j: Mapping[int, float] = field(default_factory=dict)  # each rank's joules as counted (shared GPUs once)
 
