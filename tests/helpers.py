@@ -143,7 +143,10 @@ class MlflowServer:
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.root}/server.db",
              "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            # without the server's job runner for GenAI jobs: eight more processes importing MLflow and
+            # polling while the server lives (half a core at each start here); tracking does not use it
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         import urllib.request
 
         end = time.monotonic() + timeout_s
