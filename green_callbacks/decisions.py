@@ -56,6 +56,9 @@ class StopperHost:
 
     def attach(self, stopper: Stopper) -> None:
         """Ask ``stopper`` at every point (evaluation, epoch end, every N steps) whether to stop."""
+        if not isinstance(stopper, Stopper):  # refused before it is kept: a later attach must not trip over it
+            raise ValueError(f"attach() takes a stopper: an EfficiencyStopper or a BudgetStopper (or a Lightning/HF "
+                             f"EfficiencyEarlyStopping or EnergyBudget), not {stopper!r}")
         if stopper not in self.stoppers:
             if isinstance(stopper, BudgetStopper):
                 series = self.accountant.series  # (a series of zeros keeps every emission at 0 as a 0 does)

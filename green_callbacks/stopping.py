@@ -91,7 +91,15 @@ class Stopper:
 def _first_version_arguments(min_gain: str, min_evaluations: int, min_gain_per_kj: Any,
                              warmup_epochs: Any) -> tuple[str, int]:
     """The first version's ``min_gain_per_kj`` and ``warmup_epochs``, read as today's arguments, with one warning
-    each (an exchange rate per kJ depends on the hardware's power; the default per doubling does not)."""
+    each (an exchange rate per kJ depends on the hardware's power; the default per doubling does not). Given beside
+    the argument it stands for (set to other than its default), it contradicts it: refused, naming both."""
+    for old, old_value, new, new_value, default in (("min_gain_per_kj", min_gain_per_kj, "min_gain", min_gain,
+                                                     "1% per doubling"),
+                                                    ("warmup_epochs", warmup_epochs, "min_evaluations",
+                                                     min_evaluations, 4)):
+        if old_value is not None and new_value != default:
+            raise ValueError(f"{old}={brief(old_value)} and {new}={brief(new_value)} say the same thing twice, "
+                             f"differently: give {new} alone ({old} is the first version's name for it)")
     if min_gain_per_kj is not None:
         if not is_finite_number(min_gain_per_kj) or min_gain_per_kj < 0:  # (10**400: no float, not finite)
             raise ValueError(f"min_gain_per_kj={brief(min_gain_per_kj)} must be a number >= 0 (metric units per kJ); "

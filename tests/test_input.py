@@ -547,3 +547,20 @@ def _sensors():
     import green_callbacks.sensors
 
     return green_callbacks.sensors
+
+
+@pytest.mark.parametrize("thing", ["budget", None, 42])
+def test_attach_refuses_what_is_not_a_stopper_by_name_and_keeps_working(thing):
+    """``tracker.attach(x)`` with x no stopper: a ValueError naming x and what attach takes, and the tracker is
+    left as it was, so that attaching a real stopper afterwards works (it once kept x, and every later attach
+    failed on it with an AttributeError)."""
+    from green_callbacks.stopping import BudgetStopper
+    from green_callbacks.tracker import EnergyTracker
+
+    tracker = EnergyTracker(mlflow=False)
+    with pytest.raises(ValueError, match=r"attach\(\) takes a stopper.*BudgetStopper.*not " + re.escape(repr(thing))):
+        tracker.attach(thing)
+    assert tracker.stoppers == []
+    budget = BudgetStopper(energy="1 kJ")
+    tracker.attach(budget)
+    assert tracker.stoppers == [budget]

@@ -274,6 +274,12 @@ def test_the_first_versions_arguments_are_read_as_todays_with_a_warning(green_lo
     assert "min_gain_per_kj=0.5 is the first version's argument, read as min_gain='0.5 per kJ'" in green_log.text
     with pytest.raises(ValueError, match=r"min_gain_per_kj=-1 must be a number >= 0.*min_gain"):
         gl.EfficiencyEarlyStopping(min_gain_per_kj=-1)
+    # beside the argument each stands for, set otherwise, a contradiction: refused, not one silently taken
+    with pytest.raises(ValueError, match=r"min_gain_per_kj=0.5 and min_gain='2% per doubling' say the same thing "
+                                         r"twice, differently: give min_gain alone"):
+        gl.EfficiencyEarlyStopping(monitor="val_acc", min_gain="2% per doubling", min_gain_per_kj=0.5)
+    with pytest.raises(ValueError, match=r"warmup_epochs=3 and min_evaluations=6 .*give min_evaluations alone"):
+        gl.EfficiencyEarlyStopping(monitor="val_acc", min_evaluations=6, warmup_epochs=3)
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"energy": -1}, r"energy=-1 must be a positive"),
