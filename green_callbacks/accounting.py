@@ -175,7 +175,8 @@ def region_intensity(region: str) -> CarbonIntensity:
             hint = " Write it as provider:region, for example 'gcp:europe-west1'."
         raise _unknown("cloud region", key, sorted(table), hint)
     return CarbonIntensity(float(row["g_co2e_per_kwh"]), f"{key} ({row['location']})",
-                           f"Google Cloud region carbon data ({row['source_url']})", "as published")
+                           f"Google Cloud region carbon data ({row['source_url']})",
+                           "year unstated in the shipped table; the source page has it")
 
 
 def world_intensity() -> CarbonIntensity:
