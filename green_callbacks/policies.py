@@ -16,6 +16,9 @@ from green_callbacks.distributed import ALIKE
 from green_callbacks.units import ENERGY_J, brief, is_integer
 
 MODES = ("min", "max")
+# the efficiency stop's defaults, in one place (its first version's arguments are compared against them)
+DEFAULT_MIN_GAIN = "1% per doubling"
+DEFAULT_MIN_EVALUATIONS = 4
 log = logging.getLogger("green_callbacks")
 
 
@@ -218,8 +221,8 @@ class EfficiencyPlateau:
 
     slope = staticmethod(theil_sen_slope)  # the estimator; benchmarks/stopping.py compares least squares
 
-    def __init__(self, monitor: str, mode: str = "max", min_gain: str = "1% per doubling", patience: int = 3,
-                 min_evaluations: int = 4) -> None:
+    def __init__(self, monitor: str, mode: str = "max", min_gain: str = DEFAULT_MIN_GAIN, patience: int = 3,
+                 min_evaluations: int = DEFAULT_MIN_EVALUATIONS) -> None:
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"monitor={brief(monitor)} must name a validation metric, like 'val_acc'")
         if mode not in MODES:

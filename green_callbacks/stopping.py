@@ -11,6 +11,8 @@ from green_callbacks.budgets import Budget
 from green_callbacks.distributed import ALIKE
 from green_callbacks.policies import (
     CONTINUE,
+    DEFAULT_MIN_EVALUATIONS,
+    DEFAULT_MIN_GAIN,
     MODES,
     Decision,
     EfficiencyPlateau,
@@ -94,9 +96,9 @@ def _first_version_arguments(min_gain: str, min_evaluations: int, min_gain_per_k
     each (an exchange rate per kJ depends on the hardware's power; the default per doubling does not). Given beside
     the argument it stands for (set to other than its default), it contradicts it: refused, naming both."""
     for old, old_value, new, new_value, default in (("min_gain_per_kj", min_gain_per_kj, "min_gain", min_gain,
-                                                     "1% per doubling"),
+                                                     DEFAULT_MIN_GAIN),
                                                     ("warmup_epochs", warmup_epochs, "min_evaluations",
-                                                     min_evaluations, 4)):
+                                                     min_evaluations, DEFAULT_MIN_EVALUATIONS)):
         if old_value is not None and new_value != default:
             raise ValueError(f"{old}={brief(old_value)} and {new}={brief(new_value)} say the same thing twice, "
                              f"differently: give {new} alone ({old} is the first version's name for it)")
@@ -153,8 +155,9 @@ class EfficiencyStopper(Stopper):
 
     section = "efficiency"
 
-    def __init__(self, monitor: str | None = None, mode: str | None = None, min_gain: str = "1% per doubling",
-                 patience: int = 3, min_evaluations: int = 4, strict: bool = True, verbose: bool = False, *,
+    def __init__(self, monitor: str | None = None, mode: str | None = None, min_gain: str = DEFAULT_MIN_GAIN,
+                 patience: int = 3, min_evaluations: int = DEFAULT_MIN_EVALUATIONS, strict: bool = True,
+                 verbose: bool = False, *,
                  min_gain_per_kj: float | None = None, warmup_epochs: int | None = None) -> None:
         # every argument is validated now; a monitor left to the framework's default is filled in at fit start
         min_gain, min_evaluations = _first_version_arguments(min_gain, min_evaluations, min_gain_per_kj,
