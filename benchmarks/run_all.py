@@ -10,6 +10,8 @@
   ``mlflow=False``, Zeus and CodeCarbon;
 - sampler cost: CPU seconds per wall second of the sampler thread at 20 Hz;
 - memory: RSS growth over a simulated 24 hours of 20 Hz sampling with a window every minute;
+- sweep: short fits in one process with the MLflow sender kept idle for the next fit, beside a
+  new sender for every fit (wall per fit, senders started, their CPU);
 - import time of green_callbacks and of each adapter.
 - peers: Zeus and CodeCarbon on the same simulated GPU and windows, when installed (the
   ``bench`` extra), and their overhead on the same training.
@@ -195,6 +197,57 @@ def overhead(quick: bool, rounds: int | None = None, epochs: int | None = None) 
     return table + "\n\n" + overhead_note(rounds, epochs, store, runs, len(left))
 
 
+def sweep(quick: bool) -> str:
+    """Short fits in one process, as a sweep runs its trials: the MLflow sender kept idle for the next fit (the
+    default) against a new sender for every fit (``IDLE_S = 0``, as before), in alternating blocks of fits."""
+    import psutil
+
+    from green_callbacks.lightning import EnergyMonitor
+    from green_callbacks.sensors.cpu_power import SENDERS
+    from green_callbacks.sinks import launch
+    from green_callbacks.sinks import mlflow as sink_module
+
+    pids: list[int] = []
+
+    def start_sender(*args, **kwargs):  # the sinks' senders, counted (a kept one is handed the spool)
+        proc = launch.start_sender(*args, **kwargs)
+        pids.append(proc.pid if proc is not None else -1)
+        return proc
+
+    sink_module.start_sender = start_sender
+    fits, blocks = (3, 1) if quick else (4, 2)
+    modes = {"a new sender for every fit": 0.0, "the sender kept idle for the next fit (default)": launch.IDLE_S}
+    walls: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, float] = dict.fromkeys(modes, 0.0)
+    started: dict[str, set[int]] = {m: set() for m in modes}
+    with fresh_project():
+        for _ in range(blocks):
+            for mode, idle_s in modes.items():
+                launch.IDLE_S = idle_s
+                before = SENDERS.seconds
+                for _ in range(fits):
+                    t0 = time.perf_counter()
+                    digits_fit([EnergyMonitor(gpus="all")], epochs=2)
+                    walls[mode].append(time.perf_counter() - t0)
+                    started[mode].add(pids[-1])
+                launch.IDLE.close()  # the block's last sender ends: its CPU is counted once it is reaped
+                end = time.monotonic() + 60
+                while SENDERS.pids and time.monotonic() < end:
+                    time.sleep(0.1)
+                cpu[mode] += SENDERS.seconds - before
+        launch.IDLE_S = modes["the sender kept idle for the next fit (default)"]
+        sink_module.start_sender = launch.start_sender
+        rss = psutil.Process().memory_info().rss
+    n = fits * blocks
+    rows = [f"| {mode} | {statistics.median(walls[mode]):.2f} s | {max(walls[mode]):.2f} s | {len(started[mode])} | "
+            f"{cpu[mode] / n:.2f} s |" for mode in modes]
+    return ("| 2-epoch digits fits at the defaults, one process | median wall per fit | slowest fit | senders "
+            f"started for {n} fits | senders' CPU per fit |\n| --- | ---: | ---: | ---: | ---: |\n" + "\n".join(rows) +
+            f"\n\n{blocks} blocks of {fits} fits per row, alternating; MLflow's default store in a fresh folder; "
+            f"this process's RSS at the end {rss / 2**20:.0f} MiB. A fit's wall includes the end's wait for MLflow "
+            "to confirm (a new sender imports MLflow in it: the fit is shorter than `first_send_s`).")
+
+
 def own_cost(quick: bool) -> str:
     """What the monitor itself costs at its defaults, counted rather than inferred from epoch times
     (which this VM's neighbours move by tens of per cent): the time inside every one of its hooks on
@@ -359,6 +412,7 @@ SECTIONS = {
     "overhead": ("Overhead on Lightning training at the defaults (digits MLP on the CPU, a simulated GPU measured, "
                  "MLflow's default store)", overhead),
     "owncost": ("What the monitor itself costs at its defaults, counted", own_cost),
+    "sweep": ("Short fits in one process: the MLflow sender kept idle for the next fit", sweep),
     "sampler": ("Sampler cost", lambda quick: sampler_cost()),
     "memory": ("Memory over a long run", memory),
     "imports": ("Import time", lambda quick: import_times()),

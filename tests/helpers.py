@@ -83,10 +83,15 @@ def settle(uri: str, timeout_s: float = 90.0) -> None:
     def sending() -> bool:
         for proc in psutil.process_iter(["cmdline"]):
             cmd = proc.info.get("cmdline") or []
-            # (a stage's sender kept for the next stage waits with nothing to send)
-            if "green_callbacks.sinks" in cmd and any(arg.startswith(folder + os.sep) for arg in cmd) \
-                    and all_sent(Path(cmd[-1])) is None and Path(cmd[-1]).exists():
-                return True
+            if "green_callbacks.sinks" not in cmd:
+                continue
+            # its first spool (the command line), and the one it follows now (a sender kept idle by its process is
+            # handed the next training's spool: it holds that one's lock open)
+            with contextlib.suppress(psutil.Error):
+                spools = {Path(cmd[-1]), *(Path(f.path) for f in proc.open_files() if f.path.endswith(".jsonl"))}
+                # (a stage's sender kept for the next stage, or one kept idle, waits with nothing to send)
+                if any(str(s).startswith(folder + os.sep) and s.exists() and all_sent(s) is None for s in spools):
+                    return True
         return False
 
     while sending() and time.monotonic() < end:

@@ -1,13 +1,17 @@
-"""The sender process: ``python -m green_callbacks.sinks SPOOL`` tails one spool beside the training.
+"""The sender process: ``python -m green_callbacks.sinks [--next-from-stdin] SPOOL`` tails a spool beside the training.
 
 It takes the spool's lock, sends at the header's cadence through a :class:`~green_callbacks.sinks.sender.Sender`,
-waits for the training's ``close()`` at its end, and lingers ``linger_s`` after a training that is gone.
+waits for the training's ``close()`` at its end, and lingers ``linger_s`` after a training that is gone. With
+``--next-from-stdin`` (how ``MlflowSink`` starts it), a spool done is followed by the next one its training process
+hands it on its stdin (``sinks.launch.IdleSender``), MLflow still imported; it ends at the stdin's end of file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -65,12 +69,24 @@ def _pauser() -> Callable[[float], object]:
 
 
 def follow(spool: Path) -> int:
-    """The sender process: tail ``spool`` until it is closed and sent, or given up on."""
+    """The sender process: tail ``spool`` until it is closed and sent, or given up on. 0: done (or another sender
+    has it); 1: records are left unsent."""
     pause = _pauser()
     held = lock(spool)
     if held is None:
         return 0  # another sender (or a replay) has it
+    try:
+        return _follow(spool, pause)
+    finally:
+        held.close()  # the lock, for a replay (this process may follow another spool now)
+
+
+def _follow(spool: Path, pause: Callable[[float], object]) -> int:
     sender = Sender(spool)
+    cwd = sender.header.get("cwd")
+    if isinstance(cwd, str) and os.path.isdir(cwd):  # as its training (a sender kept idle followed another's)
+        with contextlib.suppress(OSError):
+            os.chdir(cwd)
     # the training that wrote the header started this sender: if it died before this line ran, the parent is
     # already another process (init), and the training must count as gone from the start
     parent = sender.header.get("pid") if isinstance(sender.header.get("pid"), int) else os.getppid()
@@ -122,10 +138,44 @@ def follow(spool: Path) -> int:
         pause(POLL_S)
 
 
+def next_spool(parent: int, stdin: int = 0) -> Path | None:
+    """The next spool its training hands this idle sender (a JSON string on a line of ``stdin``); None at an end of
+    file (the training closed it: kept long enough, or not to be kept), at anything else, or once the training
+    has gone."""
+    line = b""
+    while os.getppid() == parent:
+        with contextlib.suppress(InterruptedError):
+            if not select.select([stdin], [], [], 0.5)[0]:
+                continue
+        chunk = os.read(stdin, 4096)
+        if not chunk:
+            return None
+        line += chunk
+        if line.endswith(b"\n"):
+            try:
+                path = json.loads(line)
+            except ValueError:
+                return None
+            return Path(path) if isinstance(path, str) and path else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    more = bool(args) and args[0] == "--next-from-stdin"
+    args = args[1:] if more else args
     if len(args) != 1:
-        print("usage: python -m green_callbacks.sinks SPOOL", file=sys.stderr)
+        print("usage: python -m green_callbacks.sinks [--next-from-stdin] SPOOL", file=sys.stderr)
         return 2
     _lower_priority()
-    return follow(Path(args[0]))
+    parent = os.getppid()
+    spool: Path | None = Path(args[0])
+    while spool is not None:
+        code = follow(spool)  # (a spool done: 0, and this process waits for the next one or its end of file)
+        if code != 0:
+            return code
+        spool = next_spool(parent) if more else None
+        if spool is not None and spool.parent.is_dir():
+            with contextlib.suppress(OSError):
+                os.chdir(spool.parent)  # not the last training's folder, which may be gone by now
+    return 0

@@ -4,6 +4,7 @@ word to a sender whose sink was dropped, and the process's memory of tracking st
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -46,21 +47,147 @@ def open_spool(path: Path, write_failed: Callable[[OSError], None]) -> SpoolWrit
 
 
 def start_sender(spool: Path, credentials: dict[str, str]) -> subprocess.Popen[bytes] | None:
-    """``python -m green_callbacks.sinks SPOOL`` in its own session; a user:password reaches it through MLflow's
-    environment variables (``credentials``), never a file. None, with one warning, where it cannot start."""
+    """The sender of ``spool``: this process's idle one when it has one started with the same environment (see
+    :class:`IdleSender`), else ``python -m green_callbacks.sinks --next-from-stdin SPOOL`` in its own session. A
+    user:password reaches it through MLflow's environment variables (``credentials``), never a file. None, with
+    one warning, where it cannot start."""
     env = {**os.environ, **SENDER_ENV, **credentials}
     root = str(Path(__file__).resolve().parents[2])  # the folder that holds green_callbacks
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    kept = IDLE.take(env)
+    if kept is not None and IDLE.hand(kept, spool):
+        return kept
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "green_callbacks.sinks", str(spool)],
-                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, "-m", "green_callbacks.sinks", NEXT_FROM_STDIN, str(spool)],
+                                env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 start_new_session=True, close_fds=True)
     except OSError as exc:
         log.warning("green-callbacks: cannot start its MLflow sender (%s); records are kept in %s. Send them "
                     "with: green-callbacks replay %s", exc, spool, spool)
         return None
     SENDERS.started(proc.pid)  # never charged to a training's CPU estimate (see cpu_power.Senders)
+    _SENDER_ENV[proc.pid] = _key(env)
+    reap_when_done(proc)  # reaped whenever it exits: at its idle end, or earlier
     return proc
+
+
+NEXT_FROM_STDIN = "--next-from-stdin"  # the sender takes more spools from its stdin (follower.main)
+IDLE_S = 30.0  # how long an idle sender waits for the next training of its process before it ends
+# set for each test by pytest; no sender reads it (a sender kept across a test suite's trainings)
+_VOLATILE = ("PYTEST_CURRENT_TEST",)
+_SENDER_ENV: dict[int, tuple[tuple[str, str], ...]] = {}  # a sender's pid -> the environment it was started with
+
+
+def _key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in env.items() if k not in _VOLATILE))
+
+
+def _alive(proc: subprocess.Popen[bytes]) -> bool:
+    """Still running (an exited one is left for its reaper to reap: its CPU seconds are counted there)."""
+    if proc.returncode is not None:
+        return False
+    try:
+        if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return False
+    except ChildProcessError:  # reaped already (its reaper holds the lock that poll() needs: poll() says None)
+        return False
+    except (OSError, AttributeError):  # no waitid: asked the slow way
+        return proc.poll() is None
+    try:  # killed, its threads still dying: already a zombie, not yet one waitid reports
+        with open(f"/proc/{proc.pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X", b"x")
+    except (OSError, IndexError):  # no /proc: waitid's word
+        return True
+
+
+class IdleSender:
+    """This process's sender that finished its spool, kept ``IDLE_S`` for the process's next training.
+
+    A sender costs seconds of CPU before it sends anything (MLflow's import, 80 % of it); a process that trains
+    again (a sweep's next trial, a notebook's next ``fit``, a test suite) hands the next spool to the sender it
+    has instead. Only one whose spool MLflow confirmed is kept (one still at an outage's spool stays at it, and
+    ends when done), only for a sink with the same environment (MLflow's settings, credentials), and only in the
+    process that started it. Once its spool is done it waits on its stdin, which this process alone writes: a
+    spool's path hands it the next spool; an end of file (this process closed it: not kept, kept long enough, or
+    this process exited) ends it. It never ends by itself with code 0 otherwise, so a spool handed to it is never
+    lost; one that crashed (any other code) is started again by the sink, as any sender that dies.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._owner = 0  # the pid of the process that kept it (a forked child has a copy, not the sender)
+        self._timer: threading.Timer | None = None
+
+    def keep(self, proc: subprocess.Popen[bytes]) -> None:
+        """``proc`` finished its spool (MLflow confirmed it): kept for ``IDLE_S``, then ended."""
+        if proc.stdin is None or not _alive(proc):
+            return
+        timer = threading.Timer(IDLE_S, self._expire, args=(proc,))
+        timer.daemon = True
+        with self._lock:
+            old, self._proc, self._owner = self._proc, proc, os.getpid()
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = timer
+        timer.start()
+        if old is not None and old is not proc:
+            end_sender(old)
+
+    def take(self, env: dict[str, str]) -> subprocess.Popen[bytes] | None:
+        """The idle sender, when it was started with ``env`` and still runs; else None (one that does not fit
+        is ended)."""
+        with self._lock:
+            proc, owner, self._proc = self._proc, self._owner, None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        if proc is None or owner != os.getpid():
+            return None
+        if _SENDER_ENV.get(proc.pid) != _key(env) or not _alive(proc):
+            end_sender(proc)
+            return None
+        return proc
+
+    @staticmethod
+    def hand(proc: subprocess.Popen[bytes], spool: Path) -> bool:
+        """Give ``spool`` to an idle sender; False (and it is ended) where it cannot take it."""
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(str(spool)).encode() + b"\n")
+            proc.stdin.flush()
+        except (OSError, ValueError):  # it died meanwhile (a broken pipe), or its stdin is closed
+            end_sender(proc)
+            return False
+        return True
+
+    def _expire(self, proc: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            if self._proc is not proc:
+                return  # taken meanwhile
+            self._proc, self._timer = None, None
+        end_sender(proc)
+
+
+IDLE = IdleSender()
+
+
+def end_sender(proc: subprocess.Popen[bytes] | None) -> None:
+    """Tell a sender to end once its spool is done: its stdin closed (its reaper reaps it when it exits)."""
+    if proc is not None and proc.stdin is not None:
+        with contextlib.suppress(OSError, ValueError):
+            proc.stdin.close()
+
+
+def release(proc: subprocess.Popen[bytes] | None, confirmed: bool) -> None:
+    """A sink closed: its sender is kept idle for the next one when MLflow ``confirmed`` the spool, else told to
+    end once done (it keeps at what is unsent, alone, for its linger)."""
+    if proc is None:
+        return
+    if confirmed:
+        IDLE.keep(proc)
+    else:
+        end_sender(proc)
 
 
 def weakly(method: Callable[[OSError], None]) -> Callable[[OSError], None]:
@@ -76,9 +203,9 @@ def weakly(method: Callable[[OSError], None]) -> Callable[[OSError], None]:
 
 
 def reap_when_done(proc: subprocess.Popen[bytes] | None) -> None:
-    """A sender still running as its sink closes (it ends its own work, then exits): waited for in a daemon thread,
-    so it is reaped when it exits and Python does not warn "subprocess N is still running" (a ResourceWarning,
-    shown by pytest) when the sink is collected; the thread never keeps the training's process alive."""
+    """A sender, from its start: waited for in a daemon thread, so it is reaped when it exits and Python does not
+    warn "subprocess N is still running" (a ResourceWarning, shown by pytest) when its sink is collected; the
+    thread never keeps the training's process alive."""
     if proc is not None and proc.poll() is None:
         threading.Thread(target=_reap, args=(proc,), name="green-callbacks-sender-reaper", daemon=True).start()
 
@@ -94,14 +221,18 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
         SENDERS.exited(sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK"))
     proc.wait()
     SENDERS.reaped(proc.pid)
+    _SENDER_ENV.pop(proc.pid, None)
+    end_sender(proc)  # its stdin's pipe, this side
 
 
-def abandon(writer: SpoolWriter) -> None:
-    """A sink dropped without ``close``: tell its sender it is on its own, so it ends when done."""
+def abandon(writer: SpoolWriter, senders: list[subprocess.Popen[bytes]]) -> None:
+    """A sink dropped without ``close``: tell its ``senders`` they are on their own, so they end when done."""
     if not writer.closed:
         with contextlib.suppress(OSError, ValueError):
             writer.append("detach", {})
             writer.close()
+        for proc in senders:
+            end_sender(proc)
 
 
 def recently_unanswered(uri: str | None) -> bool:

@@ -24,8 +24,8 @@ from typing import Any
 from green_callbacks.sinks.launch import (
     abandon,
     open_spool,
-    reap_when_done,
     recently_unanswered,
+    release,
     remember,
     start_sender,
     weakly,
@@ -92,13 +92,17 @@ class MlflowSink:
             return
         self._writer.append("open", spool_header(RunTarget(**{**asdict(target), "tracking_uri": uri}), self.local_id,
                                                  float(cadence_s), float(first_send_s), self.linger_s))
+        self._senders: list[subprocess.Popen[bytes]] = []  # every sender it started or was handed (restarts)
         self._proc = self._start_sender()
-        weakref.finalize(self, abandon, self._writer)
+        weakref.finalize(self, abandon, self._writer, self._senders)
 
     # -- setting up ------------------------------------------------------------------------------
     def _start_sender(self) -> subprocess.Popen[bytes] | None:
         assert self._writer is not None
-        return start_sender(self._writer.path, self._credentials)
+        proc = start_sender(self._writer.path, self._credentials)
+        if proc is not None:
+            self._senders.append(proc)
+        return proc
 
     def _write_failed(self, exc: OSError) -> None:
         self._warn_once("write", f"green-callbacks cannot append to its MLflow spool {self.spool_path} ({exc}); "
@@ -373,7 +377,7 @@ class MlflowSink:
                             "%s%s%s. Send them with: green-callbacks replay %s", self._unsent(), uri, writer.path,
                             lost, trying, rescued or writer.path)
         self._closed = done
-        reap_when_done(self._proc)
+        release(self._proc, confirmed=done)
         if interrupted is not None:
             raise interrupted
         return done

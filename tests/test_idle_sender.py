@@ -1,0 +1,144 @@
+"""A process that trains again (a sweep's next trial, a notebook's next ``fit``) hands its next spool to the MLflow
+sender it kept idle: MLflow's import (seconds of CPU) is paid once, and no spool is ever left without a sender."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from green_callbacks.sinks import MlflowSink, RunTarget, launch
+
+from helpers import free_port, history, ready_store
+
+
+def wait_for(what: str, check, timeout_s: float = 60.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > end:
+            pytest.fail(f"not within {timeout_s:g} s: {what}")
+        time.sleep(0.1)
+
+
+def ended(pid: int) -> bool:
+    """Gone, or exited and not yet reaped."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def train(uri: str, out: Path, experiment: str, joules: float) -> tuple[MlflowSink, str]:
+    """One training's records through a sink, closed as a training's end closes it; its run's id."""
+    sink = MlflowSink(RunTarget(uri, experiment_name=experiment), out)
+    for step in range(3):
+        sink.log_metrics({"energy/cumulative_j": joules * (step + 1)}, step=step)
+        sink.interval_end()
+    sink.set_status("FINISHED")
+    assert sink.close(60), "MLflow confirmed everything"
+    return sink, sink.run_ref.run_id
+
+
+def test_trainings_of_one_process_share_its_sender_and_each_run_gets_its_own_records(tmp_path):
+    """Three trainings in a row, as a sweep runs its trials: one sender sends all three runs, each its own
+    records, to two stores (it follows each spool's own store), and each spool is removed once confirmed."""
+    first, second = ready_store(tmp_path / "a"), ready_store(tmp_path / "b")
+    done = [train(uri, tmp_path / "out", "sweep", float(i + 1)) for i, uri in enumerate((first, second, first))]
+    pids = {sink.sender_pid for sink, _ in done}
+    assert len(pids) == 1 and not ended(pids.pop())
+    for i, (uri, (sink, run_id)) in enumerate(zip((first, second, first), done, strict=True)):
+        client = MlflowClient(uri)
+        assert history(client, run_id, "energy/cumulative_j") == [(s, (i + 1.0) * (s + 1)) for s in range(3)]
+        assert client.get_run(run_id).info.status == "FINISHED" and not sink.spool_path.exists()
+    client = MlflowClient(first)
+    assert len(client.search_runs([client.get_experiment_by_name("sweep").experiment_id])) == 2
+
+
+def test_an_idle_sender_ends_after_its_wait_and_the_next_training_starts_another(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "IDLE_S", 1.0)
+    uri = ready_store(tmp_path)
+    sink, _ = train(uri, tmp_path / "out", "idle", 1.0)
+    wait_for("the idle sender's end", lambda: ended(sink.sender_pid), 30)
+    later, run_id = train(uri, tmp_path / "out", "idle", 2.0)
+    assert later.sender_pid != sink.sender_pid
+    assert history(MlflowClient(uri), run_id, "energy/cumulative_j")[-1] == (2, 6.0)
+
+
+def test_a_sender_killed_while_idle_is_replaced_and_nothing_is_lost(tmp_path):
+    uri = ready_store(tmp_path)
+    sink, _ = train(uri, tmp_path / "out", "killed", 1.0)
+    os.kill(sink.sender_pid, signal.SIGKILL)
+    wait_for("the kill", lambda: ended(sink.sender_pid), 10)
+    later, run_id = train(uri, tmp_path / "out", "killed", 2.0)
+    assert later.sender_pid != sink.sender_pid
+    assert history(MlflowClient(uri), run_id, "energy/cumulative_j")[-1] == (2, 6.0)
+
+
+def test_a_changed_environment_gets_a_new_sender_and_the_old_one_ends(tmp_path, monkeypatch):
+    """The sender reads MLflow's settings and credentials from its environment, once: a training after a change
+    of them (a token set, a proxy) is not sent by a sender that still has the old ones."""
+    uri = ready_store(tmp_path)
+    sink, _ = train(uri, tmp_path / "out", "env", 1.0)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "changed")
+    later, run_id = train(uri, tmp_path / "out", "env", 2.0)
+    assert later.sender_pid != sink.sender_pid
+    wait_for("the old sender's end", lambda: ended(sink.sender_pid), 30)
+    assert history(MlflowClient(uri), run_id, "energy/cumulative_j")[-1] == (2, 6.0)
+
+
+def test_a_sender_whose_spool_was_not_confirmed_is_not_kept_and_ends_with_its_linger(tmp_path):
+    down = f"http://127.0.0.1:{free_port()}"
+    sink = MlflowSink(RunTarget(down, experiment_name="down"), tmp_path / "out", first_send_s=0, linger_s=2)
+    sink.log_metrics({"energy/cumulative_j": 1.0}, step=0)
+    assert not sink.close(0)
+    assert launch.IDLE._proc is None or launch.IDLE._proc.pid != sink.sender_pid
+    wait_for("the sender's end after its linger", lambda: ended(sink.sender_pid), 60)
+    assert sink.spool_path.exists()  # kept for a replay
+    later, _ = train(ready_store(tmp_path), tmp_path / "out2", "after", 1.0)
+    assert later.sender_pid != sink.sender_pid
+
+
+def test_a_sink_dropped_without_close_ends_its_sender_once_sent(tmp_path):
+    uri = ready_store(tmp_path)
+    sink = MlflowSink(RunTarget(uri, experiment_name="dropped"), tmp_path / "out", first_send_s=0)
+    sink.log_metrics({"energy/cumulative_j": 1.0}, step=0)
+    pid, spool = sink.sender_pid, sink.spool_path
+    del sink
+    gc.collect()
+    wait_for("the dropped sink's sender's end", lambda: ended(pid), 60)
+    assert not spool.exists()  # sent, then removed by the sender itself
+    (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("dropped").experiment_id])
+    assert history(MlflowClient(uri), run.info.run_id, "energy/cumulative_j") == [(0, 1.0)]
+
+
+@pytest.mark.slow
+def test_a_kept_sender_does_not_hold_the_training_commands_output_open(tmp_path):
+    """``subprocess.run(["python", "train.py"], capture_output=True)`` (a CI job, ``| tee``) returns when every
+    process holding the output pipe has closed it: a sender kept idle for IDLE_S must end with the training's
+    process, not hold the command for its idle wait."""
+    uri = ready_store(tmp_path)
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from green_callbacks.sinks import MlflowSink, RunTarget
+        sink = MlflowSink(RunTarget({uri!r}, experiment_name="cli"), Path({str(tmp_path / "out")!r}))
+        sink.log_metrics({{"energy/cumulative_j": 1.0}}, step=0)
+        assert sink.close(60)
+        print(sink.sender_pid, time.time(), flush=True)
+    """)
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": root})
+    returned = time.time()
+    assert done.returncode == 0, done.stderr[-2000:]
+    pid, exited = done.stdout.split()
+    assert returned - float(exited) < launch.IDLE_S / 3 and ended(int(pid))
