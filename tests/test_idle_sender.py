@@ -142,3 +142,12 @@ def test_a_kept_sender_does_not_hold_the_training_commands_output_open(tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     pid, exited = done.stdout.split()
     assert returned - float(exited) < launch.IDLE_S / 3 and ended(int(pid))
+
+
+def test_idle_s_zero_keeps_no_sender(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "IDLE_S", 0.0)
+    uri = ready_store(tmp_path)
+    sink, _ = train(uri, tmp_path / "out", "none kept", 1.0)
+    wait_for("the sender's end", lambda: ended(sink.sender_pid), 30)
+    later, _ = train(uri, tmp_path / "out", "none kept", 2.0)
+    assert later.sender_pid != sink.sender_pid

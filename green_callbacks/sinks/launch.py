@@ -72,7 +72,7 @@ def start_sender(spool: Path, credentials: dict[str, str]) -> subprocess.Popen[b
 
 
 NEXT_FROM_STDIN = "--next-from-stdin"  # the sender takes more spools from its stdin (follower.main)
-IDLE_S = 30.0  # how long an idle sender waits for the next training of its process before it ends
+IDLE_S = 30.0  # how long an idle sender waits for the next training of its process before it ends (0: not kept)
 # set for each test by pytest; no sender reads it (a sender kept across a test suite's trainings)
 _VOLATILE = ("PYTEST_CURRENT_TEST",)
 _SENDER_ENV: dict[int, tuple[tuple[str, str], ...]] = {}  # a sender's pid -> the environment it was started with
@@ -120,8 +120,12 @@ class IdleSender:
         self._timer: threading.Timer | None = None
 
     def keep(self, proc: subprocess.Popen[bytes]) -> None:
-        """``proc`` finished its spool (MLflow confirmed it): kept for ``IDLE_S``, then ended."""
+        """``proc`` finished its spool (MLflow confirmed it): kept for ``IDLE_S``, then ended (at once where
+        ``IDLE_S`` is 0: a sender for every training)."""
         if proc.stdin is None or not _alive(proc):
+            return
+        if IDLE_S <= 0:
+            end_sender(proc)
             return
         timer = threading.Timer(IDLE_S, self._expire, args=(proc,))
         timer.daemon = True
@@ -160,6 +164,16 @@ class IdleSender:
             end_sender(proc)
             return False
         return True
+
+    def close(self) -> None:
+        """End the idle sender now, if there is one (it exits once its stdin is closed)."""
+        with self._lock:
+            proc, owner, self._proc = self._proc, self._owner, None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        if proc is not None and owner == os.getpid():
+            end_sender(proc)
 
     def _expire(self, proc: subprocess.Popen[bytes]) -> None:
         with self._lock:
