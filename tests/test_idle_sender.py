@@ -63,8 +63,9 @@ def test_trainings_of_one_process_share_its_sender_and_each_run_gets_its_own_rec
     assert len(client.search_runs([client.get_experiment_by_name("sweep").experiment_id])) == 2
 
 
-def test_an_idle_sender_ends_after_its_wait_and_the_next_training_starts_another(tmp_path, monkeypatch):
-    monkeypatch.setattr(launch, "IDLE_S", 1.0)
+@pytest.mark.parametrize("idle_s", [1.0, 0.0], ids=["ends after IDLE_S", "IDLE_S=0 keeps none"])
+def test_an_idle_sender_ends_after_its_wait_and_the_next_training_starts_another(tmp_path, monkeypatch, idle_s):
+    monkeypatch.setattr(launch, "IDLE_S", idle_s)
     uri = ready_store(tmp_path)
     sink, _ = train(uri, tmp_path / "out", "idle", 1.0)
     wait_for("the idle sender's end", lambda: ended(sink.sender_pid), 30)
@@ -143,11 +144,3 @@ def test_a_kept_sender_does_not_hold_the_training_commands_output_open(tmp_path)
     pid, exited = done.stdout.split()
     assert returned - float(exited) < launch.IDLE_S / 3 and ended(int(pid))
 
-
-def test_idle_s_zero_keeps_no_sender(tmp_path, monkeypatch):
-    monkeypatch.setattr(launch, "IDLE_S", 0.0)
-    uri = ready_store(tmp_path)
-    sink, _ = train(uri, tmp_path / "out", "none kept", 1.0)
-    wait_for("the sender's end", lambda: ended(sink.sender_pid), 30)
-    later, _ = train(uri, tmp_path / "out", "none kept", 2.0)
-    assert later.sender_pid != sink.sender_pid
