@@ -137,6 +137,7 @@ class EndHost:
         if self.sink.blocked or not self.sink.flush(self.sink.close_wait_s, ending=True) or self.sink.unconfirmed:
             return False  # (an artifact the store failed to take waits: the sender keeps at it, alone)
         self._idle_sink = self.sink
+        self.sink.park()
         return True
 
     def _atexit(self) -> None:

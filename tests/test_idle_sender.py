@@ -4,7 +4,9 @@ sender it kept idle: MLflow's import (seconds of CPU) is paid once, and no spool
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,3 +146,62 @@ def test_a_kept_sender_does_not_hold_the_training_commands_output_open(tmp_path)
     pid, exited = done.stdout.split()
     assert returned - float(exited) < launch.IDLE_S / 3 and ended(int(pid))
 
+
+
+def test_a_store_deleted_and_made_again_between_trainings_gets_the_next_run(tmp_path):
+    """A notebook's ``rm mlflow.db`` between two trainings: the kept sender wrote through MLflow's cached engine to
+    the deleted file ("attempt to write a readonly database") and the second training's records were refused."""
+    uri = ready_store(tmp_path / "store")
+    train(uri, tmp_path / "out", "again", 1.0)
+    shutil.rmtree(tmp_path / "store")
+    (tmp_path / "store").mkdir()
+    _, run_id = train(uri, tmp_path / "out", "again", 2.0)
+    assert history(MlflowClient(uri), run_id, "energy/cumulative_j")[-1] == (2, 6.0)
+
+
+def test_a_spool_deleted_under_its_sender_is_not_handed_on(tmp_path):
+    """The output folder removed before the training's end: close() found no spool and kept the sender, which was
+    still following the deleted spool, so the next training's spool was handed to a sender that never read it."""
+    uri = ready_store(tmp_path)
+    sink = MlflowSink(RunTarget(uri, experiment_name="gone"), tmp_path / "out1")
+    sink.log_metrics({"energy/cumulative_j": 1.0}, step=0)
+    shutil.rmtree(tmp_path / "out1")
+    sink.close(5)
+    _, run_id = train(uri, tmp_path / "out2", "gone", 2.0)
+    assert history(MlflowClient(uri), run_id, "energy/cumulative_j")[-1] == (2, 6.0)
+    wait_for("the first sender's end (its spool is gone)", lambda: ended(sink.sender_pid), 30)
+
+
+@pytest.mark.parametrize("change", ["PL_GLOBAL_SEED", "LOCAL_RANK"])
+def test_what_a_framework_sets_as_it_runs_does_not_refuse_the_kept_sender(tmp_path, monkeypatch, change):
+    """``seed_everything(trial)`` sets ``PL_GLOBAL_SEED`` at every trial of a sweep: no trial reused the sender."""
+    uri = ready_store(tmp_path)
+    sink, _ = train(uri, tmp_path / "out", "seeded", 1.0)
+    monkeypatch.setenv(change, "7")
+    later, _ = train(uri, tmp_path / "out", "seeded", 2.0)
+    assert later.sender_pid == sink.sender_pid
+
+
+def test_a_forked_child_does_not_keep_the_idle_sender_past_its_wait(tmp_path, monkeypatch):
+    """A fork-started pool after a training holds a copy of the sender's stdin: closing it never gave the sender
+    its end of file, and it stayed (220 MiB) for as long as the pool lived."""
+    monkeypatch.setattr(launch, "IDLE_S", 1.0)
+    sink, _ = train(ready_store(tmp_path), tmp_path / "out", "fork", 1.0)
+    with multiprocessing.get_context("fork").Pool(1):
+        wait_for("the idle sender's end beside a forked pool", lambda: ended(sink.sender_pid), 20)
+
+
+def test_a_stage_sink_dropped_with_everything_confirmed_hands_its_sender_on(tmp_path):
+    """A trial's ``fit()`` then ``test()``: the stage's sink is kept for a next stage; its monitor collected, its
+    sender was ended rather than kept for the process's next training."""
+    uri = ready_store(tmp_path)
+    sink = MlflowSink(RunTarget(uri, experiment_name="staged"), tmp_path / "out")
+    sink.log_metrics({"energy/test_j": 1.0}, step=0)
+    assert sink.flush(60) and sink.unconfirmed == 0
+    sink.park()
+    pid = sink.sender_pid
+    del sink
+    gc.collect()
+    later, run_id = train(uri, tmp_path / "out", "staged", 2.0)
+    assert later.sender_pid == pid
+    assert history(MlflowClient(uri), run_id, "energy/cumulative_j")[-1] == (2, 6.0)

@@ -130,6 +130,11 @@ def _follow(spool: Path, pause: Callable[[float], object]) -> int:
                 cleaned.set()
                 sender.cleanup()
             return 0
+        if not sender.pending and not spool.exists():  # deleted under it (its folder removed): nothing to send
+            with cleaning:
+                cleaned.set()
+                sender.cleanup()
+            return 0
         if sender.state.blocked or (alone_since is not None and now - alone_since > linger):
             if alone_since is not None:  # while the training runs, its own close() says what is left, and how many
                 print(f"green-callbacks: {sender.unsent} records could not be sent to MLflow at {sender.uri}; they are "
@@ -138,26 +143,48 @@ def _follow(spool: Path, pause: Callable[[float], object]) -> int:
         pause(POLL_S)
 
 
+_unread = bytearray()  # what was read from stdin past the last line taken
+
+
 def next_spool(parent: int, stdin: int = 0) -> Path | None:
-    """The next spool its training hands this idle sender (a JSON string on a line of ``stdin``); None at an end of
-    file (the training closed it: kept long enough, or not to be kept), at anything else, or once the training
-    has gone."""
-    line = b""
-    while os.getppid() == parent:
-        with contextlib.suppress(InterruptedError):
-            if not select.select([stdin], [], [], 0.5)[0]:
-                continue
+    """The next spool its training hands this idle sender (a JSON string on a line of ``stdin``); None at an empty
+    line or the end of file (the training ended it: not to be kept, kept long enough, or the training exited), at
+    anything else, or once the training has gone."""
+    while b"\n" not in _unread:
+        if os.getppid() != parent:
+            return None
+        if not select.select([stdin], [], [], 0.5)[0]:
+            continue
         chunk = os.read(stdin, 4096)
         if not chunk:
             return None
-        line += chunk
-        if line.endswith(b"\n"):
-            try:
-                path = json.loads(line)
-            except ValueError:
-                return None
-            return Path(path) if isinstance(path, str) and path else None
-    return None
+        _unread.extend(chunk)
+    line, _, rest = bytes(_unread).partition(b"\n")
+    _unread[:] = rest
+    try:
+        path = json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+    return Path(path) if isinstance(path, str) and path else None
+
+
+def forget_stores() -> None:
+    """MLflow keeps one SQLAlchemy engine per database URI for the life of its process, and its pooled connections
+    keep writing to the store's file as it was opened: a store deleted since (a notebook's ``rm mlflow.db`` between
+    two trainings) answered "attempt to write a readonly database", and a sweep with a store per trial in a
+    temporary folder held every deleted file open (2 fds and 9 MiB a store). A sender kept for the next spool
+    opens its store afresh."""
+    registry = sys.modules.get("mlflow.tracking._tracking_service.registry")  # the store objects, by URI
+    stores = getattr(getattr(registry, "TrackingStoreRegistry", None), "_get_store_with_resolved_uri", None)
+    with contextlib.suppress(Exception):
+        stores.cache_clear()  # type: ignore[union-attr]
+    module = sys.modules.get("mlflow.store.tracking.sqlalchemy_store")  # their engines, by database URI
+    engines = getattr(getattr(module, "SqlAlchemyStore", None), "_engine_map", None)
+    if isinstance(engines, dict):
+        for engine in list(engines.values()):
+            with contextlib.suppress(Exception):
+                engine.dispose()
+        engines.clear()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0:
             return code
         spool = next_spool(parent) if more else None
+        forget_stores()
         if spool is not None and spool.parent.is_dir():
             with contextlib.suppress(OSError):
                 os.chdir(spool.parent)  # not the last training's folder, which may be gone by now

@@ -73,13 +73,20 @@ def start_sender(spool: Path, credentials: dict[str, str]) -> subprocess.Popen[b
 
 NEXT_FROM_STDIN = "--next-from-stdin"  # the sender takes more spools from its stdin (follower.main)
 IDLE_S = 30.0  # how long an idle sender waits for the next training of its process before it ends (0: not kept)
-# set for each test by pytest; no sender reads it (a sender kept across a test suite's trainings)
-_VOLATILE = ("PYTEST_CURRENT_TEST",)
+# what training frameworks set in their own process's environment as they run (pytest for each test, Lightning's
+# seed_everything for each trial, the rank variables of a DDP launch, threads): no sender reads them, and a kept
+# sender must not be refused for them. Any other difference (MLflow's settings, credentials, proxies, certificates,
+# an artifact store's keys) starts a new sender.
+_VOLATILE_PREFIXES = ("PYTEST_", "PL_", "LIGHTNING_", "TORCHELASTIC_", "TORCHINDUCTOR_", "TORCH_", "CUDA_", "NCCL_",
+                      "OMP_", "MKL_", "KMP_", "TOKENIZERS_", "ACCELERATE_", "HYDRA_")
+_VOLATILE = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK",
+             "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE"}
 _SENDER_ENV: dict[int, tuple[tuple[str, str], ...]] = {}  # a sender's pid -> the environment it was started with
 
 
 def _key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, v) for k, v in env.items() if k not in _VOLATILE))
+    return tuple(sorted((k, v) for k, v in env.items()
+                        if k not in _VOLATILE and not k.startswith(_VOLATILE_PREFIXES)))
 
 
 def _alive(proc: subprocess.Popen[bytes]) -> bool:
@@ -130,12 +137,12 @@ class IdleSender:
         timer = threading.Timer(IDLE_S, self._expire, args=(proc,))
         timer.daemon = True
         with self._lock:
-            old, self._proc, self._owner = self._proc, proc, os.getpid()
+            old, owner, self._proc, self._owner = self._proc, self._owner, proc, os.getpid()
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = timer
         timer.start()
-        if old is not None and old is not proc:
+        if old is not None and old is not proc and owner == os.getpid():  # (a forked child's copy: not its own)
             end_sender(old)
 
     def take(self, env: dict[str, str]) -> subprocess.Popen[bytes] | None:
@@ -187,8 +194,13 @@ IDLE = IdleSender()
 
 
 def end_sender(proc: subprocess.Popen[bytes] | None) -> None:
-    """Tell a sender to end once its spool is done: its stdin closed (its reaper reaps it when it exits)."""
+    """Tell a sender to end once its spool is done: an empty line, then its stdin closed (its reaper reaps it when
+    it exits). The line, not only the end of file: a child this process forked since (a DataLoader's workers, a
+    multiprocessing pool) holds a copy of the pipe, and the end of file comes only once every copy is closed."""
     if proc is not None and proc.stdin is not None:
+        with contextlib.suppress(OSError, ValueError):
+            proc.stdin.write(b"\n")
+            proc.stdin.flush()
         with contextlib.suppress(OSError, ValueError):
             proc.stdin.close()
 
@@ -236,17 +248,28 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
     SENDERS.reaped(proc.pid)
     _SENDER_ENV.pop(proc.pid, None)
-    end_sender(proc)  # its stdin's pipe, this side
-
-
-def abandon(writer: SpoolWriter, senders: list[subprocess.Popen[bytes]]) -> None:
-    """A sink dropped without ``close``: tell its ``senders`` they are on their own, so they end when done."""
-    if not writer.closed:
+    if proc.stdin is not None:  # its stdin's pipe, this side
         with contextlib.suppress(OSError, ValueError):
-            writer.append("detach", {})
-            writer.close()
-        for proc in senders:
-            end_sender(proc)
+            proc.stdin.close()
+
+
+def abandon(writer: SpoolWriter, senders: list[subprocess.Popen[bytes]], parked: list[bool]) -> None:
+    """A sink dropped without ``close``: tell its ``senders`` they are on their own, so they end when done; where
+    it was ``parked`` (everything confirmed, kept for a next stage), its sender is kept for the next training."""
+    if writer.closed:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        writer.append("detach", {})
+        writer.close()
+    for proc in senders[:-1]:
+        end_sender(proc)
+    if senders:
+        try:
+            if not parked[0]:
+                raise RuntimeError("not parked")
+            IDLE.keep(senders[-1])
+        except RuntimeError:  # (or the interpreter's end: no thread for the idle timer)
+            end_sender(senders[-1])
 
 
 def recently_unanswered(uri: str | None) -> bool:

@@ -93,8 +93,9 @@ class MlflowSink:
         self._writer.append("open", spool_header(RunTarget(**{**asdict(target), "tracking_uri": uri}), self.local_id,
                                                  float(cadence_s), float(first_send_s), self.linger_s))
         self._senders: list[subprocess.Popen[bytes]] = []  # every sender it started or was handed (restarts)
+        self._parked = [False]  # kept for a next stage, everything confirmed (see park): shared with the finalizer
         self._proc = self._start_sender()
-        weakref.finalize(self, abandon, self._writer, self._senders)
+        weakref.finalize(self, abandon, self._writer, self._senders, self._parked)
 
     # -- setting up ------------------------------------------------------------------------------
     def _start_sender(self) -> subprocess.Popen[bytes] | None:
@@ -103,6 +104,11 @@ class MlflowSink:
         if proc is not None:
             self._senders.append(proc)
         return proc
+
+    def park(self) -> None:
+        """Kept open, idle, for a next stage, MLflow having confirmed everything so far: dropped without a close
+        later (its monitor collected), its sender is kept for this process's next training, as at a close."""
+        self._parked[0] = True
 
     def _write_failed(self, exc: OSError) -> None:
         self._warn_once("write", f"green-callbacks cannot append to its MLflow spool {self.spool_path} ({exc}); "
@@ -160,6 +166,7 @@ class MlflowSink:
         if self._writer is None or self._closed is not None:
             return
         seq = self._writer.append(kind, data, step)
+        self._parked[0] = False  # something new to confirm
         if kind in SENDABLE:
             self._sendable.append(seq)
 
@@ -377,7 +384,8 @@ class MlflowSink:
                             "%s%s%s. Send them with: green-callbacks replay %s", self._unsent(), uri, writer.path,
                             lost, trying, rescued or writer.path)
         self._closed = done
-        release(self._proc, confirmed=done)
+        # (kept only where the sender said it is done: a spool deleted under it leaves it following that spool)
+        release(self._proc, confirmed=done and bool(self._state.done))
         if interrupted is not None:
             raise interrupted
         return done
