@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 
 import mlflow
 import psutil
@@ -11,6 +12,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from green_callbacks.policies import MonitorError
+from green_callbacks.sinks import launch
 from green_callbacks.transformers import EfficiencyEarlyStopping, EnergyBudget, EnergyMonitor
 
 from helpers import (
@@ -221,9 +223,14 @@ def test_evaluate_and_predict_report_joules_per_sample(tmp_path, digits, trackin
     (spool,) = (tmp_path / "out").glob("spool-*.jsonl")
     process = psutil.Process(sender)
     del t, monitor
-    gc.collect()  # the monitor gone (the process's end): its sender, told so, ends and removes the spool
-    process.wait(30)
+    gc.collect()  # the monitor gone: its sender, told so, removes the spool and is kept for the next training
+    deadline = time.monotonic() + 30
+    while list((tmp_path / "out").glob("spool-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert list((tmp_path / "out").glob("spool-*")) == [], spool
+    assert launch.IDLE._proc is not None and launch.IDLE._proc.pid == sender
+    launch.IDLE.close()  # (or after IDLE_S, or at the process's end)
+    process.wait(30)
 
 
 def test_an_evaluate_after_train_goes_into_the_trainings_run(tmp_path, digits, tracking):
