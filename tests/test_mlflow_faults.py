@@ -440,7 +440,14 @@ def test_a_monitor_reused_for_another_users_run_starts_that_run_from_zero(tmp_pa
         firsts = [client.get_metric_history(r.info.run_id, "energy/cumulative_j") for r in found]
         for total, history in zip(totals, firsts, strict=True):
             assert min(m.value for m in history) <= total, "counted from 0 J in each run"
-        assert max(totals) < 3 * min(totals), f"{experiment}: no run carries the other's totals {totals}"
+        # a total carried on is the earlier run's total plus the later run's own, of which its epochs are the most:
+        # what the later total has beyond its own epochs stays under the earlier run's whole total (a ratio of the
+        # two totals was noise: a CPU estimate on a loaded CI machine read 2.9 J and 0.9 J for like trainings)
+        (later, later_total), (_, earlier_total) = sorted(zip(found, totals, strict=True),
+                                                          key=lambda pair: -pair[0].info.start_time)
+        own_epochs = sum(m.value for m in client.get_metric_history(later.info.run_id, "energy/epoch_j"))
+        assert later_total - own_epochs < earlier_total, \
+            f"{experiment}: the later run carries the earlier's total {earlier_total} ({later_total}, {own_epochs})"
 
 
 @pytest.mark.slow
