@@ -115,8 +115,8 @@ class IdleSender:
     has instead. Only one whose spool MLflow confirmed is kept (one still at an outage's spool stays at it, and
     ends when done), only for a sink with the same environment (MLflow's settings, credentials), and only in the
     process that started it. Once its spool is done it waits on its stdin, which this process alone writes: a
-    spool's path hands it the next spool; an end of file (this process closed it: not kept, kept long enough, or
-    this process exited) ends it. It never ends by itself with code 0 otherwise, so a spool handed to it is never
+    spool's path hands it the next spool; an empty line or an end of file (not kept, kept long enough, or this
+    process exited) ends it. It never ends by itself with code 0 otherwise, so a spool handed to it is never
     lost; one that crashed (any other code) is started again by the sink, as any sender that dies.
     """
 
