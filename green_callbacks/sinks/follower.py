@@ -91,6 +91,14 @@ def _follow(spool: Path, pause: Callable[[float], object]) -> int:
     # already another process (init), and the training must count as gone from the start
     parent = sender.header.get("pid") if isinstance(sender.header.get("pid"), int) else os.getppid()
     cleaning, cleaned = threading.Lock(), threading.Event()
+
+    def clean_up() -> int:
+        """All done: the files go (not while the orphan thread moves the output to the log, which would stay)."""
+        with cleaning:
+            cleaned.set()
+            sender.cleanup()
+        return 0
+
     _write_to_log_once_orphaned(parent, spool, cleaning, cleaned)
     sender.save()  # with this process's pid, for replay's message
     cadence = float(sender.header.get("cadence_s", 5.0))
@@ -126,15 +134,9 @@ def _follow(spool: Path, pause: Callable[[float], object]) -> int:
                 time.sleep(0.05)
                 sender.read()
                 gone = os.getppid() != parent
-            with cleaning:
-                cleaned.set()
-                sender.cleanup()
-            return 0
+            return clean_up()
         if not sender.pending and not spool.exists():  # deleted under it (its folder removed): nothing to send
-            with cleaning:
-                cleaned.set()
-                sender.cleanup()
-            return 0
+            return clean_up()
         if sender.state.blocked or (alone_since is not None and now - alone_since > linger):
             if alone_since is not None:  # while the training runs, its own close() says what is left, and how many
                 print(f"green-callbacks: {sender.unsent} records could not be sent to MLflow at {sender.uri}; they are "
@@ -202,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0:
             return code
         spool = next_spool(parent) if more else None
-        forget_stores()
-        if spool is not None and spool.parent.is_dir():
+        if spool is not None:
+            forget_stores()
             with contextlib.suppress(OSError):
                 os.chdir(spool.parent)  # not the last training's folder, which may be gone by now
     return 0

@@ -265,10 +265,8 @@ def abandon(writer: SpoolWriter, senders: list[subprocess.Popen[bytes]], parked:
         end_sender(proc)
     if senders:
         try:
-            if not parked[0]:
-                raise RuntimeError("not parked")
-            IDLE.keep(senders[-1])
-        except RuntimeError:  # (or the interpreter's end: no thread for the idle timer)
+            release(senders[-1], confirmed=parked[0])
+        except RuntimeError:  # the interpreter's end: no thread for the idle timer
             end_sender(senders[-1])
 
 
