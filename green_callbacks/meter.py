@@ -237,13 +237,27 @@ class EnergyMeter:
 
             torch.cuda.synchronize()
 
-    def _read_all(self, now_s: float, cheap: bool = False) -> list[Reading]:
+    def _read_all(self, now_s: float, cheap: bool = False, first: dict[int, Reading] | None = None) -> list[Reading]:
         readings = []
         for i, sensor in enumerate(self.sensors):
-            reading = self._guard(i, sensor.peek if cheap else sensor.read, now_s)
+            reading = (first or {}).get(i) or self._guard(i, sensor.peek if cheap else sensor.read, now_s)
             readings.append(reading if reading is not None else Reading(
                 {d: 0.0 for d in sensor.devices}, {d: Method.UNAVAILABLE for d in sensor.devices}))
         return readings
+
+    def _edge(self) -> tuple[float, list[Reading]]:
+        """A window edge: its instant and every sensor's reading. The first sensor that reads at an instant of its own
+        (GPU counters read off the training thread, at the clock's reading there: ``GpuEnergySensor.edge``) sets it,
+        and the others are read at it."""
+        self._sync()
+        for i, sensor in enumerate(self.sensors):
+            edge = getattr(sensor, "edge", None)
+            got = self._guard(i, edge, self.clock) if edge is not None else None
+            if got is not None:
+                now, reading = got
+                return now, self._read_all(now, first={i: reading})
+        now = self.clock()
+        return now, self._read_all(now)
 
     def begin(self, name: str, at_start_of: str | None = None) -> None:
         """Open window ``name`` (windows nest and may overlap; names are unique while open).
@@ -258,9 +272,7 @@ class EnergyMeter:
             with self._lock:
                 self._open[name] = _Open(like.start_s, like.start_unix, like.start, dict(like.peak_w))
             return
-        self._sync()
-        now = self.clock()
-        start = self._read_all(now)
+        now, start = self._edge()
         with self._lock:
             self._open[name] = _Open(now, time.time(), start, {})
 
@@ -293,9 +305,7 @@ class EnergyMeter:
         missing = [n for n in names if n not in self._open]
         if missing:
             raise ValueError(f"window {missing[0]!r} is not open; open windows: {sorted(self._open)}")
-        self._sync()
-        now = self.clock()
-        end = self._read_all(now)
+        now, end = self._edge()
         out = []
         with self._lock:
             for name in names:
@@ -307,10 +317,9 @@ class EnergyMeter:
 
     def since_start(self) -> Measurement:
         """Everything measured since ``start``, as a window named ``run``."""
-        now = self.clock()
+        now, end = self._edge()
         zero = [Reading({d: 0.0 for d in s.devices}, {}) for s in self.sensors]
-        return self._measure("run", self._t0_s, now, time.time() - (now - self._t0_s), zero,
-                             self._read_all(now), {})
+        return self._measure("run", self._t0_s, now, time.time() - (now - self._t0_s), zero, end, {})
 
     def _measure(self, name: str, start_s: float, end_s: float, start_unix: float,
                  start: list[Reading], end: list[Reading], peak_w: dict[str, float]) -> Measurement:

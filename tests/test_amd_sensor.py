@@ -299,6 +299,46 @@ def test_errors_mid_run_leave_the_run_going_with_one_warning(fake_amdsmi, green_
     assert green_log.text.count("gpu1: amdsmi failed") == 1 and len(green_log.records) == 1, "one fault, one warning"
 
 
+def test_a_counter_read_that_hangs_at_a_window_edge_does_not_stall_training(fake_amdsmi, green_log):
+    """gpu1's counter read hangs 3 s at an epoch's edge (a driver stuck): the edge waited for it on the training
+    thread (3 s of training lost) and put the 3 s of energy read late into the epoch before (+150 % in the #15 probe).
+    Now the edge waits at most ``edge_wait_s``, shows the last counter read plus the power since for gpu1, the read is
+    taken in when it returns, and the next edge is the counter's again: the two epochs add up to the counter."""
+    devs = fake_amdsmi.configure([{"profile_seed": 4}, {"profile_seed": 5}])
+    sensor = AmdSmiSensor("all", counter_poll_s=60.0)  # the sampler reads no counter: every counter read is an edge's
+    real = fake_amdsmi.amdsmi_get_energy_count
+    hang = {"left": 0}
+
+    def counter(h):
+        if hang["left"] and h.value == devs[1].handle.value:
+            hang["left"] -= 1
+            time.sleep(3.0)
+        return real(h)
+
+    fake_amdsmi.amdsmi_get_energy_count = counter
+    meter = EnergyMeter([sensor], period_s=0.01).start()
+    try:
+        assert sensor.describe()["edges"].startswith("window edges read the counter")
+        meter.begin("epoch")
+        busy_wait(1.0)
+        hang["left"] = 1
+        t = time.perf_counter()
+        first = meter.end("epoch", reopen=True)
+        waited_s = time.perf_counter() - t
+        busy_wait(3.5)  # the hung read returns meanwhile
+        second = meter.end("epoch")
+    finally:
+        meter.close()
+    assert waited_s < 0.2, f"the edge waited {waited_s:.2f} s for a hung read"
+    assert first.methods["gpu"] == second.methods["gpu"] == {"gpu0": Method.COUNTER, "gpu1": Method.COUNTER}
+    for m in (first, second):  # gpu0's reads are not held up by gpu1's
+        assert m.joules["gpu"]["gpu0"] == pytest.approx(truth(devs[0], m), rel=1e-3, abs=0.05)
+    assert first.joules["gpu"]["gpu1"] == pytest.approx(truth(devs[1], first), rel=0.03)  # the power since the read
+    both = first.joules["gpu"]["gpu1"] + second.joules["gpu"]["gpu1"]
+    assert both == pytest.approx(devs[1].energy_between(first.start_s, second.end_s), rel=1e-3, abs=0.05)
+    assert not green_log.records
+
+
 def test_counter_not_supported_mid_run_switches_to_sampling(fake_amdsmi, green_log):
     (dev,) = fake_amdsmi.configure([{"profile_seed": 6}])
     meter = EnergyMeter([AmdSmiSensor("all")], period_s=0.01).start()

@@ -143,8 +143,8 @@ def test_lightning_an_end_of_epoch_validation_closes_the_epoch_with_one_read_and
     fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
     reads = []
     read_all = EnergyMeter._read_all
-    monkeypatch.setattr(EnergyMeter, "_read_all", lambda self, now, cheap=False: (
-        reads.append(cheap), read_all(self, now, cheap))[1])
+    monkeypatch.setattr(EnergyMeter, "_read_all", lambda self, now, cheap=False, **kw: (
+        reads.append(cheap), read_all(self, now, cheap, **kw))[1])
 
     class ReadsPerEpoch(pl.Callback):  # after the monitor in the list: its hooks have run
         def __init__(self):

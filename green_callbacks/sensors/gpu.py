@@ -8,14 +8,92 @@ measured before any switch.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
+from collections.abc import Callable
 
 from green_callbacks.sensors.base import Method, Reading
 from green_callbacks.sensors.gpu_state import GpuDeviceStates, GpuState
 from green_callbacks.sensors.targets import GpuTarget
 
 __all__ = ["GpuDeviceStates", "GpuEnergySensor", "GpuState"]
+
+
+class _EdgeReader:
+    """The counter reads of a window edge, made on a thread of their own.
+
+    The caller holds the devices' ``io`` locks and hands them over with the reads: each is released when its device's
+    read returns. The caller waits for the reads at most as long as it chooses; one that takes longer (a driver call
+    that hangs) finishes here, holding its device's ``io`` (and those of the devices after it) meanwhile, so the
+    sampler and later edges see them busy and show their last reads, and the training thread goes on. One thread for
+    all of a sensor's devices: an edge costs one thread switch (about 50 µs), not one per GPU.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # type: ignore[type-arg]
+        self._thread: threading.Thread | None = None
+
+    def submit(self, reads: list[tuple[str, Callable[[float], bool], threading.Lock]],
+               at: float | Callable[[], float]) -> _Reads:
+        """Start the ``(label, read, io)`` reads, each called with the edge's instant: ``at``, or where ``at`` is a
+        clock, its reading right before the reads. :meth:`_Reads.wait` for which of them were taken in. Where no thread
+        can be started (the interpreter is shutting down) they are made in the caller's thread."""
+        job = _Reads(reads, at)
+        if not self.start():
+            job.run()
+            return job
+        self._jobs.put(job)
+        return job
+
+    def start(self) -> bool:
+        """Its thread started (at the sensor's start, so no edge waits for a thread to start); whether it runs."""
+        try:
+            if self._thread is None:
+                thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                thread.start()
+                self._thread = thread
+        except RuntimeError:
+            return False
+        return True
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job.run()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+
+class _Reads:
+    def __init__(self, reads: list[tuple[str, Callable[[float], bool], threading.Lock]],
+                 at: float | Callable[[], float]) -> None:
+        self.reads, self.taken, self.done = reads, [], threading.Event()  # type: ignore[var-annotated]
+        self._at = at
+        self.at: float | None = None if callable(at) else at  # the instant the reads are taken in at, once known
+
+    def wait(self, timeout_s: float) -> set[str]:
+        """The labels whose read returned, and was taken in, within ``timeout_s`` (the rest go on, on the reader)."""
+        self.done.wait(timeout_s)
+        return set(list(self.taken))
+
+    def run(self) -> None:
+        try:
+            at = self.at = self._at() if callable(self._at) else self._at
+        except Exception:  # a clock that fails: no read, and the caller's own call to it says why
+            at = None
+        for label, read, io in self.reads:
+            try:
+                if at is not None and read(at):
+                    self.taken.append(label)
+            except Exception:  # a read's own faults are taken into the device's state by the read
+                pass
+            finally:
+                io.release()
+        self.done.set()
 
 
 class GpuEnergySensor(GpuDeviceStates):
@@ -32,7 +110,10 @@ class GpuEnergySensor(GpuDeviceStates):
     run's total stays the counter's (or, where the last edge's power ran ahead of the counter, that
     edge: readings never go back, so at most one poll's power error); only the split between windows is
     interpolated, and a counter that refreshes every 100 ms (as these GPUs' do) resolves no window more
-    finely anyway.
+    finely anyway. An edge's counter reads run on the sensor's edge-reader thread, and the edge waits for them at most
+    ``edge_wait_s``: a read that hangs (a driver call stuck for seconds) delays training by that at most, the edge shows
+    that device's last poll plus the power since, and the read is taken in when it returns. The thread switch (about
+    0.1 ms) is the edge's cost, and how late after the edge's timestamp the counters are read.
 
     Subclasses implement ``_counter_j`` (the device's cumulative counter in joules),
     ``_power_now_w`` (its power now) and ``_not_supported`` (whether an error means the feature
@@ -50,6 +131,7 @@ class GpuEnergySensor(GpuDeviceStates):
     edge_read_slow_s = 0.01  # edge counter reads slower than this, edge_slow_reads in a row, end them for the run
     edge_slow_reads = 3  # (one slow read is a preemption or a wait for the GIL on a busy machine, not a slow driver)
     settle_wait_s = 0.5  # the longest the end of measuring waits for a library call of the sampler's under way
+    edge_wait_s = 0.02  # the longest an edge waits for its counter read (then it shows the last reads, see the class)
 
     def __init__(self, targets: list[GpuTarget], use_counter: bool = True, counter_poll_s: float = 1.0) -> None:
         super().__init__()
@@ -61,6 +143,7 @@ class GpuEnergySensor(GpuDeviceStates):
         self._slow_edge_reads = 0  # edge counter reads slower than edge_read_slow_s in a row
         self._lock = threading.Lock()  # the devices' state: held for arithmetic only, never across a library call
         self._gpus = [GpuState(t) for t in targets]
+        self._reader = _EdgeReader(f"green-callbacks-edges-{self.library}")
         self._started = False
         for gpu in self._gpus:
             if not gpu.target.measurable:
@@ -123,30 +206,31 @@ class GpuEnergySensor(GpuDeviceStates):
                 timings.append(fastest_s)
         if timings:
             self.counter_read_s = min(timings)
+            if self._edges_read_counter():
+                self._reader.start()
         self._started = True
 
     def settle(self, now_s: float) -> None:
         """Measuring ends: a device whose reads are failing now (not yet for ``lost_after_s``) is lost, with one
         warning, so that the energy not counted since its first failure is recorded as 'unavailable'. Each counter
         is read once (the sampler polls it once a second, so a failure may not have been seen yet), waiting at most
-        ``settle_wait_s`` in all for calls of the sampler's under way; one that has not returned by then is a
-        failing read of its device."""
-        deadline = time.monotonic() + self.settle_wait_s
+        ``settle_wait_s`` in all for calls under way (the sampler's, or an edge's still on the edge reader) and for
+        its own reads; one that has not returned by then is a failing read of its device."""
+        started = time.monotonic()
+        deadline = started + self.settle_wait_s
         for gpu in self._gpus:
             if gpu.method is Method.UNAVAILABLE:
                 continue
-            if gpu.io.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                try:
-                    self._edge_poll(gpu, now_s)
-                finally:
-                    gpu.io.release()
+            if gpu.io.acquire(timeout=max(0.0, deadline - time.monotonic())) and self._edge_polls(
+                    [gpu], now_s, max(0.0, deadline - time.monotonic()))[1]:
                 continue
             in_flight = gpu.in_flight
             with self._lock:
                 if in_flight is not None and gpu.failing_since is None and gpu.method is not Method.UNAVAILABLE:
                     what, since = in_flight
                     gpu.failing_since = since
-                    gpu.failing_exc = TimeoutError(f"a {what} read has not returned for {now_s - since:.1f} s")
+                    gpu.failing_exc = TimeoutError(f"a {what} read has not returned for "
+                                                   f"{now_s - since + time.monotonic() - started:.1f} s")
         with self._lock:
             for gpu in self._gpus:
                 if gpu.failing_since is None or gpu.method is Method.UNAVAILABLE:
@@ -160,21 +244,43 @@ class GpuEnergySensor(GpuDeviceStates):
                 self._lose(gpu, gpu.failing_exc or RuntimeError("no reading"), now_s)
 
     def _edge_poll(self, gpu: GpuState, now_s: float) -> bool:
-        """On the training thread, holding ``gpu.io``: a counter device's counter, where its reads are not failing,
-        read and taken in; whether it was. ``edge_slow_reads`` reads in a row slower than ``edge_read_slow_s`` end
-        counter reads at the edges for the rest of the run (they show the last poll plus the power since, as where
-        reads were slow at start); one such read is a preemption, not a slow driver."""
+        """Holding ``gpu.io``: a counter device's counter, where its reads are not failing, read and taken in; whether
+        it was. ``edge_slow_reads`` reads in a row slower than ``edge_read_slow_s`` end counter reads at the edges for
+        the rest of the run (they show the last poll plus the power since, as where reads were slow at start); one such
+        read is a preemption, not a slow driver."""
         if gpu.method is not Method.COUNTER or gpu.failing_since is not None:
             return False  # while reads fail the sampler thread retries: the training thread waits on no failing device
-        t = time.perf_counter()
-        value_j, exc = self._read(self._counter_j, gpu)
-        took_s = time.perf_counter() - t
-        if self.counter_read_s is not None:
-            self._slow_edge_reads = self._slow_edge_reads + 1 if took_s > self.edge_read_slow_s else 0
-            if self._slow_edge_reads >= self.edge_slow_reads:
-                self.counter_read_s = max(self.counter_read_s, took_s)
+        gpu.in_flight = ("counter", now_s)
+        try:
+            t = time.perf_counter()
+            value_j, exc = self._read(self._counter_j, gpu)
+            took_s = time.perf_counter() - t
+        finally:
+            gpu.in_flight = None
         with self._lock:
+            if self.counter_read_s is not None:
+                self._slow_edge_reads = self._slow_edge_reads + 1 if took_s > self.edge_read_slow_s else 0
+                if self._slow_edge_reads >= self.edge_slow_reads:
+                    self.counter_read_s = max(self.counter_read_s, took_s)
             return self._take_counter(gpu, now_s, value_j, exc)
+
+    def _edge_polls(self, gpus: list[GpuState], at: float | Callable[[], float], wait_s: float
+                    ) -> tuple[float, set[str]]:
+        """:meth:`_edge_poll` for each of ``gpus`` (whose ``io`` locks the caller holds and hands over) on the edge
+        reader's thread, at the instant ``at`` (or, given a clock, at its reading there, right before the reads),
+        waiting for them at most ``wait_s``: that instant, and the labels of the devices whose counter was read and
+        taken in by then. Reads still under way finish there, each device's ``io`` released after its read; where
+        the reader had not begun by then, the instant is the clock's then."""
+        job = self._reader.submit([(gpu.target.label, lambda now_s, gpu=gpu: self._edge_poll(gpu, now_s), gpu.io)
+                                   for gpu in gpus], at)
+        taken = job.wait(wait_s)
+        instant = job.at
+        return (instant if instant is not None else at()), taken  # type: ignore[operator]
+
+    def close(self) -> None:
+        """The edge reader ends (one in a call that hangs, when it returns)."""
+        if hasattr(self, "_reader"):
+            self._reader.close()
 
     def sample(self, now_s: float) -> dict[str, float]:
         """The sampler thread: the counters due a poll, and every device's power. A device's library calls hold its
@@ -205,26 +311,32 @@ class GpuEnergySensor(GpuDeviceStates):
 
     def read(self, now_s: float) -> Reading:
         """At a window edge: the counter where a read is cheap, else :meth:`peek` (see the class)."""
-        return self._reading(now_s, fresh=None)
+        return self._reading(now_s, True, self._edge_reads(now_s)[1])
+
+    def edge(self, clock: Callable[[], float]) -> tuple[float, Reading]:
+        """A window edge at an instant of its own, and its reading: where edges read counters, ``clock`` (the meter's)
+        read on the edge reader right before its reads, so they are made at the edge's instant rather than a thread
+        switch (0.1-0.6 ms) after it; else ``clock()`` now."""
+        now_s, polled = self._edge_reads(clock)
+        return now_s, self._reading(now_s, True, polled)
 
     def peek(self, now_s: float) -> Reading:
         """Counter devices: the last counter read plus the power integrated since (no library call)."""
-        return self._reading(now_s, fresh=False)
+        return self._reading(now_s, False, set())
 
-    def _reading(self, now_s: float, fresh: bool | None) -> Reading:
+    def _edge_reads(self, at: float | Callable[[], float]) -> tuple[float, set[str]]:
+        """An edge reads the counters where reads are cheap, each where the sampler is not in a call on its device (it
+        never waits on one: it shows that device's last reads then), and waits for them at most ``edge_wait_s``."""
+        ready = [gpu for gpu in self._gpus if gpu.method is Method.COUNTER and gpu.io.acquire(blocking=False)] if (
+            self._edges_read_counter()) else []
+        if ready:
+            return self._edge_polls(ready, at, self.edge_wait_s)
+        return (at() if callable(at) else at), set()
+
+    def _reading(self, now_s: float, at_edge: bool, polled: set[str]) -> Reading:
+        """The devices' cumulative joules at ``now_s``; ``polled``: those whose counter was read at it. A peek between
+        edges (not ``at_edge``) shows, but never holds, what runs ahead."""
         joules, methods, power, stale, short = {}, {}, {}, set(), set()
-        at_edge = fresh is not False  # a peek between edges shows, but never holds, what runs ahead
-        polled: set[str] = set()
-        # an edge reads the counters where reads are cheap, each where the sampler is not in a call on its device (it
-        # never waits on one: it shows that device's last reads then)
-        if fresh is None and self._edges_read_counter():
-            for gpu in self._gpus:
-                if gpu.method is Method.COUNTER and gpu.io.acquire(blocking=False):
-                    try:
-                        if self._edge_poll(gpu, now_s):
-                            polled.add(gpu.target.label)
-                    finally:
-                        gpu.io.release()
         with self._lock:
             for gpu in self._gpus:
                 carried = self._carried_to(gpu, now_s)

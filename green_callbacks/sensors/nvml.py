@@ -229,6 +229,7 @@ class NvmlSensor(GpuEnergySensor):
         return nvml.nvmlDeviceGetPowerUsage(h) / 1000.0
 
     def close(self) -> None:
+        super().close()
         if self._owns_nvml:
             self._owns_nvml = False
             with contextlib.suppress(Exception):
