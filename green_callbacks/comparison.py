@@ -180,7 +180,9 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
         raise ValueError(f"no run of {experiment!r} has {key} (energy={energy!r}); {hint}")
     frame = pd.DataFrame(rows)
     if group_by and frame["group"].isna().all():
-        raise ValueError(f"group_by={group_by!r} is neither a param nor a tag of any run of {experiment!r}")
+        named = sorted({k for run in runs for k in (*run.data.params, *run.data.tags) if not k.startswith("mlflow.")})
+        raise ValueError(f"group_by={group_by!r} is neither a param nor a tag of any run of {experiment!r}; they have "
+                         f"{named[:40] if named else 'no params or tags'}{' ...' if len(named) > 40 else ''}")
     frame.attrs["energy_column"] = column
     frame.attrs["energies_elsewhere"] = sorted(elsewhere)
     frame.attrs["metrics"] = names  # more than one: runs of different frameworks, compared as one (said by the CLI)

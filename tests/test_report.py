@@ -150,7 +150,9 @@ def test_repeats_grouped_into_mean_and_spread(store, tmp_path, capsys):
     test = experiment_frame("cmp", uri, energy="test", group_by="model")
     assert test.attrs["energy_column"] == "test_j_per_sample"
     assert cli(["report", "cmp", "--tracking-uri", uri, "--group-by", "nothing"]) == 2
-    assert "group_by='nothing' is neither a param nor a tag" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "group_by='nothing' is neither a param nor a tag" in said
+    assert "they have [" in said and "'model'" in said and "mlflow." not in said  # the names it could have been
 
 
 def test_labels_of_crowded_points_do_not_overlap():
