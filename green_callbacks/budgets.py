@@ -16,7 +16,9 @@ class Budget:
     """Stop before an energy, emissions or cost budget would be exceeded.
 
     At each check (every point of the run, and every N steps where asked) the next interval's training is
-    projected as the largest of the last three intervals' (their evaluations left out), plus an evaluation
+    projected as the largest of the last three intervals' (their evaluations left out; the first without the
+    training's set-up before its steps, where known: a 1-s set-up at 250 W took the next 4 steps for 290 J, not
+    40, and stopped a run at 300 J of its 450), plus an evaluation
     as costly as the last one where the next is expected before the following check (evaluations come
     every so many steps: the period of the last two); if the run so far plus that projection plus what a
     stop at the next check would still cost (``stop_cost_next``: the step that runs before the stop takes
@@ -69,6 +71,8 @@ class Budget:
         the last check feeds the projection. ``progress``: the check's step and the run's evaluations."""
         evaluations = progress.evaluations_so_far if progress is not None else None
         training = so_far - evaluations if evaluations is not None else so_far
+        if not self.seen_any and progress is not None and progress.setup is not None:
+            self.last_check = progress.setup  # the first interval starts at the steps: the set-up is no interval's
         last = self.last_check  # the first check's: nothing, at no cost where the run has a price
         interval = training - (Totals(last.j, last.g, 0.0) if last.cost is None else last)
         self.last_check = training

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from green_callbacks.distributed import RankInfo, gather
@@ -13,6 +14,8 @@ from green_callbacks.ranks import merge_ranks, window_payload
 from green_callbacks.records import IntervalRecord, Kind
 from green_callbacks.sensors.base import log
 from green_callbacks.stopping import BudgetStopper, Stopper
+
+FIRST_STEPS = "first-steps"  # a window from the first training step seen to the first point (see ``on_step``)
 
 
 class StopperHost:
@@ -38,6 +41,8 @@ class StopperHost:
     _last_eval_j: float
     _evaluations_j: float
     _trial_j: float
+    _first_step: int  # the first training step seen, where the first-steps window opened (PointHost.on_step)
+    _setup: Totals | None  # what the training cost before its steps, once known (Progress.setup)
 
     _held_by: str | None = None  # what holds back the stop decided in this fit (Lightning's min_epochs), while it does
     _resume_checked = False  # this training, resumed, was checked before its first step (check_resumed)
@@ -179,13 +184,43 @@ class StopperHost:
         assert self.meter is not None
         if self._stopping or self._finishing_status is not None:
             return None
+        node = (self.rank.rank, self.rank.node)
         peek = self.meter.peek("interval")
-        merged = merge_ranks(gather(window_payload(peek, self.rank.rank, self.rank.node)))
+        steps = self.meter.peek(FIRST_STEPS) if self.meter.is_open(FIRST_STEPS) else None
+        payloads = gather((window_payload(peek, *node), window_payload(steps, *node) if steps is not None else None))
+        merged = merge_ranks([p[0] for p in payloads])
         fp = self.accountant.footprint(merged.total_j, peek.start_unix, peek.start_unix + peek.duration_s)
         progress = self.progress(step, None, self.totals() + Totals(merged.total_j, fp.g_co2e, fp.cost))
+        if self._setup is None and all(p[1] is not None for p in payloads):
+            self.learn_setup(merge_ranks([p[1] for p in payloads]).total_j, step,
+                             progress.so_far - (progress.evaluations_so_far or Totals()))
+            progress = replace(progress, setup=self._setup)
         due = [s for s in self.stoppers if s.check_every_n_steps in periods]
         local = next((d for d in (s.check(progress) for s in due) if d.should_stop), None)
+        if progress.rate_per_step is None and all(p[1] is not None for p in payloads) and merged.total_j > 0 \
+                and step > self._first_step:
+            # no point yet, so no rate: a stop's saving is booked at the training steps' own rate since the first
+            # step (not the interval's, whose setup and sanity check spread over a few steps claimed 2876 J saved
+            # for about 1300 J), at the interval's emissions and cost per joule
+            rate_j = merge_ranks([p[1] for p in payloads]).total_j / (step - self._first_step)
+            per_j = Totals(1.0, fp.g_co2e / merged.total_j, None if fp.cost is None else fp.cost / merged.total_j)
+            progress = replace(progress, rate_per_step=per_j.scaled(rate_j))
         return self._agree(local, progress, True, None)
+
+    @property
+    def wants_first_steps(self) -> bool:
+        """Whether a budget is attached: its first interval leaves out the set-up, and a stop before the first point
+        books its saving at the steps' own rate; both come from the first-steps window (``PointHost.on_step``)."""
+        return any(isinstance(s, BudgetStopper) for s in self.stoppers)
+
+    def learn_setup(self, steps_j: float, step: int, training: Totals) -> None:
+        """What the training cost before its steps (``Progress.setup``), from the first-steps window's ``steps_j``
+        (every rank) at ``step``: the training so far less those joules and one step more at their rate (the first
+        step's own, its warm-up beyond that in the set-up). Learnt once."""
+        if self._setup is not None or step <= self._first_step or steps_j <= 0 or training.j <= 0:
+            return
+        setup_j = max(training.j - steps_j * (1 + 1 / (step - self._first_step)), 0.0)
+        self._setup = training.scaled(setup_j / training.j)
 
     @never_raises
     def check_resumed(self, step: int) -> Decision | None:

@@ -67,6 +67,7 @@ class RunLedger:
         self._epoch_eval = (0.0, 0.0)
         self._epoch_start_step = 0
         self._at_start = self.steps_from_zero  # no point yet: on a 0-based axis the first covers step 0 too
+        self._setup: Totals | None = None  # what the training cost before its steps (Progress.setup), once known
         self._resumed_cycle = False  # resumed: the first cycle since starts at the checkpoint, not an evaluation
         self._epoch_part: dict[str, Any] | None = None  # the open epoch so far, at a checkpoint's point (saved)
         self._restored_epoch: dict[str, Any] | None = None  # that, from the checkpoint this run resumed from
@@ -289,7 +290,8 @@ class RunLedger:
                         step if estimated and nxt is None else nxt,
                         self._as_totals(self._last_eval_j) if self._eval_steps or estimated else None,
                         self._as_totals(self._evaluations_j),
-                        evaluation_next=nxt is not None and (q := self.next_step_check(step)) is not None and nxt <= q)
+                        evaluation_next=nxt is not None and (q := self.next_step_check(step)) is not None and nxt <= q,
+                        setup=self._setup)
 
     def frame(self):  # -> pandas.DataFrame
         import pandas as pd

@@ -175,8 +175,11 @@ class EnergyMeter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2 * self.period_s + 1.0)
-        for i, sensor in enumerate(self.sensors):
-            self._guard(i, sensor.close)
+        for sensor in self.sensors:  # a sensor that failed too: its handles and threads are released
+            try:
+                sensor.close()
+            except Exception as exc:
+                log.debug("closing the %s sensor failed: %r", sensor.component, exc)
 
     @property
     def t0_s(self) -> float:

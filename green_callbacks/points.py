@@ -16,6 +16,7 @@ from typing import Any
 
 from green_callbacks import __version__
 from green_callbacks.accounting import Accountant
+from green_callbacks.decisions import FIRST_STEPS
 from green_callbacks.distributed import RankInfo, gather
 from green_callbacks.meter import EnergyMeter, Measurement
 from green_callbacks.policies import Decision
@@ -44,6 +45,8 @@ class PointHost:
     steps_from_zero: bool
     _calibration: tuple[int, float, int] | None  # the first step's, its time, the steps seen since
     _last_step_seen: int
+    _first_step: int = -1  # the first training step seen, where a budget is attached (see ``on_step``)
+    wants_first_steps: bool
     _due: int | None = None  # a logging point due at this step, not yet taken (set per run by start)
     _eval_window: Measurement | None
     _epoch_closed_at: int
@@ -68,6 +71,12 @@ class PointHost:
         if step == previous:  # another micro-batch of the same optimizer step
             return None
         self._last_step_seen = step
+        if previous < 0 and self.wants_first_steps and not self.records and not self.meter.is_open(FIRST_STEPS):
+            # a budget's first interval is the steps', not the set-up's, and its checks between points before the
+            # first point know no rate per step: the steps' own joules from here (after the first step, its warm-up
+            # and the set-up before it left out) give both
+            self.meter.begin(FIRST_STEPS)
+            self._first_step = step
         # every N steps counted: after step N-1, 2N-1... on a 0-based axis (Lightning logs there), N, 2N... on HF's;
         # on an axis that moves by more than 1 (a plain loop's samples or tokens), at the first step past a multiple
         counted = step + self.steps_from_zero
@@ -158,7 +167,8 @@ class PointHost:
         # a checkpoint's point inside an epoch: the epoch's part so far, read with the interval, stays open
         held_epoch = hold and not epoch_ends and self.meter.is_open("epoch")
         names = ["interval", *(["epoch"] if epoch_ends or held_epoch else []),
-                 *(["evaluation"] if kind is Kind.EVALUATION and self.meter.is_open("evaluation") else [])]
+                 *(["evaluation"] if kind is Kind.EVALUATION and self.meter.is_open("evaluation") else []),
+                 *([FIRST_STEPS] if self.meter.is_open(FIRST_STEPS) else [])]  # (its rate is no longer needed)
         closed = dict(zip(names, self.meter.end_many(names, reopen=("interval",), keep=("epoch",) if held_epoch
                                                      else ()), strict=True))
         interval, epoch_m = closed["interval"], closed.get("epoch") if epoch_ends else None
@@ -176,6 +186,8 @@ class PointHost:
             "work": self.take_work()}
         if held_epoch:
             payload.update(self._epoch_so_far(closed["epoch"]))
+        if FIRST_STEPS in closed:
+            payload["first_steps"] = window_payload(closed[FIRST_STEPS], *node)
         payloads = gather(payload) if collective else [payload]
         trial_j = self._trial_j  # an evaluation before training (the sanity check) in this interval: not training
         merged = merge_ranks([p["interval"] for p in payloads])
@@ -186,6 +198,9 @@ class PointHost:
         records = self.close_interval(kind, step, merged, interval, self.meter.t0_s, epoch_merged, epoch_m,
                                       (eval_j, eval_s), metrics or {}, partial=self._finishing_status is not None
                                       and self._finishing_status != "FINISHED")
+        if self._setup is None and all(p.get("first_steps") is not None for p in payloads):
+            self.learn_setup(merge_ranks([p["first_steps"] for p in payloads]).total_j, step,
+                             self.totals() - self._as_totals(self._evaluations_j))
         self._epoch_part = None  # of an earlier checkpoint: never saved with this point's totals
         if held_epoch:
             self._hold_epoch_part(payloads)

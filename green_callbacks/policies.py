@@ -84,6 +84,9 @@ class Progress:
             period of the last ones), what the last one cost, and what all of them cost so far.
         evaluation_next: the budgets' step checks (``check_every_n_steps``) say the next evaluation comes before
             (or at the step of) the next of them: it runs before that check can stop training.
+        setup: what the training cost before its steps (set-up, data loading, the first step's warm-up beyond a
+            step at the steps' own rate; evaluations left out), once known: spent, but no interval repeats it
+            (``None`` where no budget asked, or not yet known).
     """
 
     so_far: Totals
@@ -99,6 +102,7 @@ class Progress:
     evaluation_cost: Totals | None = None  # the last evaluation's cost
     evaluations_so_far: Totals | None = None  # what the run's evaluations cost in all (in ``so_far``)
     evaluation_next: bool = False  # the budgets' step checks say the next evaluation runs before the next one
+    setup: Totals | None = None  # the training's cost before its steps (see the class)
 
     @property
     def projected_end(self) -> Totals | None:

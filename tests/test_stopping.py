@@ -417,3 +417,49 @@ def test_hf_resumed_at_its_budget_stops_at_its_first_step(tmp_path, fake_nvml):
     assert mon.stop_decision.reason.value == "energy_budget"
     trainer, mon = run("1 kJ", str(tmp_path / "hf" / "checkpoint-180"))  # raised: on to the new limit
     assert 1000 - 112.5 < mon.cumulative_j <= 1000
+
+
+def slow_setup_fit(tmp_path, energy):
+    """A real-time 250 W GPU, a 1-s set-up before the first step (250 J), 6-10 J a step, 180 steps an epoch, two
+    epochs, and an EnergyBudget checked every 4 steps: the monitor, the budget, the trainer and the epoch's steps."""
+    class SlowSetUp(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            time.sleep(1.0)
+
+    mon = monitor(tmp_path)
+    budget = gl.EnergyBudget(energy=energy, check_every_n_steps=4)
+    pl.seed_everything(0, verbose=False)
+    t = pl.Trainer(max_epochs=2, callbacks=[mon, budget, SlowSetUp(), Pace(per_epoch_s=0.0, per_step_s=0.02)],
+                   accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   default_root_dir=tmp_path, enable_checkpointing=False, num_sanity_val_steps=0)
+    train, val = digits_loaders(batch_size=8)
+    t.fit(lightning_digits_module()(), train, val)
+    return mon, budget, t, len(train)
+
+
+def test_a_budget_stop_before_the_first_point_books_the_saving_at_the_steps_own_rate(tmp_path, fake_nvml):
+    """A budget stops at a check between points in the first epoch, before any point: no rate per step was known,
+    so the stop logged no `energy/saved_j_projected`. Now it is booked at the training steps' own joules since the
+    first step: not at the run's so far, whose 1-s set-up (250 J) spread over the first steps would claim several
+    times the saving."""
+    fake_nvml.configure(CONSTANT_250W)  # real time: between points the checks peek at sampled power
+    mon, budget, t, per_epoch = slow_setup_fit(tmp_path, 700)
+    assert mon.stop_decision.reason.value == "energy_budget" and 8 <= t.global_step < per_epoch, "before any point"
+    client, (run,) = runs(ready_store(tmp_path))
+    ((step, saved),) = history(client, run.info.run_id, "energy/saved_j_projected")
+    per_step = budget.budget.recent[-1].j / 4  # the last four steps, checked between points
+    expected = per_step * (2 * per_epoch - step)
+    assert 0.6 * expected < saved < 1.5 * expected, (saved, expected)
+
+
+def test_a_slow_set_up_is_not_taken_for_the_next_intervals_cost(tmp_path, fake_nvml):
+    """The budget's first check took the whole run so far for an interval: after a 1-s set-up (250 J) the next 4
+    steps were projected at 290 J, not about 40, and a 450-J budget stopped the run at its first check with 300 J
+    spent. Now the first interval starts at the steps: the run goes on until the budget is near."""
+    fake_nvml.configure(CONSTANT_250W)
+    mon, budget, t, per_epoch = slow_setup_fit(tmp_path, 450)
+    assert mon.stop_decision.reason.value == "energy_budget" and t.global_step < per_epoch
+    four_steps = max(r.j for r in budget.budget.recent)
+    assert four_steps < 100, budget.budget.recent  # no interval holds the set-up
+    assert mon.cumulative_j <= 450, "stopped before the budget"
+    assert mon.cumulative_j + 2 * four_steps > 450, f"not needlessly early: {mon.cumulative_j:.0f} J of 450"

@@ -8,6 +8,7 @@ measured before any switch.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -20,60 +21,89 @@ from green_callbacks.sensors.targets import GpuTarget
 __all__ = ["GpuDeviceStates", "GpuEnergySensor", "GpuState"]
 
 
-class _EdgeReader:
-    """The counter reads of a window edge, made on a thread of their own.
+@contextlib.contextmanager
+def _released(lock: threading.Lock):  # type: ignore[no-untyped-def]
+    """Release ``lock``, acquired by the caller, on leaving."""
+    try:
+        yield
+    finally:
+        lock.release()
 
-    The caller holds the devices' ``io`` locks and hands them over with the reads: each is released when its device's
-    read returns. The caller waits for the reads at most as long as it chooses; one that takes longer (a driver call
-    that hangs) finishes here, holding its device's ``io`` (and those of the devices after it) meanwhile, so the
-    sampler and later edges see them busy and show their last reads, and the training thread goes on. One thread for
-    all of a sensor's devices: an edge costs one thread switch (about 50 µs), not one per GPU.
+
+class _EdgeReader:
+    """The counter reads of window edges, made on a thread of their own, so a driver call that hangs holds up no
+    training.
+
+    Each read takes its device's ``io`` lock there, at once or not at all (the sampler in a call on the device: the
+    edge shows its last reads), unless the caller already holds it and hands it over (the end of measuring's reads);
+    it is released when the read returns. The caller waits for the reads at most as long as it chooses; one that takes
+    longer goes on here, holding only its own device's ``io``. Reads handed over while the thread is still in such a
+    call run on a thread of their own, so no edge queues behind a hang. One thread for all of a sensor's devices: an
+    edge costs one thread switch (about 0.1 ms), not one per GPU.
     """
 
     def __init__(self, name: str) -> None:
         self._name = name
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # type: ignore[type-arg]
         self._thread: threading.Thread | None = None
+        self._current: _Reads | None = None  # the last job handed to the thread
+        self._closed = False
 
-    def submit(self, reads: list[tuple[str, Callable[[float], bool], threading.Lock]],
-               at: float | Callable[[], float]) -> _Reads:
-        """Start the ``(label, read, io)`` reads, each called with the edge's instant: ``at``, or where ``at`` is a
-        clock, its reading right before the reads. :meth:`_Reads.wait` for which of them were taken in. Where no thread
-        can be started (the interpreter is shutting down) they are made in the caller's thread."""
-        job = _Reads(reads, at)
-        if not self.start():
-            job.run()
-            return job
-        self._jobs.put(job)
+    def submit(self, reads: list[tuple[str, Callable[[float], bool], threading.Lock, bool]],
+               at: float | Callable[[], float], wait_s: float) -> _Reads:
+        """Start the ``(label, read, io, held)`` reads, each called with the edge's instant: ``at``, or where ``at``
+        is a clock, its reading right before the reads. :meth:`_Reads.wait` for which of them were taken in. Once
+        closed, or where no thread can be started (the interpreter is shutting down), they are made in the caller's
+        thread. Reads not begun ``wait_s`` after the first began are not made (their edge shows the last reads).
+        """
+        job = _Reads(reads, at, wait_s)
+        current = self._current
+        try:
+            if self._closed:
+                job.run()
+            elif current is not None and not current.done.is_set():  # the thread is in a call that hangs
+                threading.Thread(target=job.run, name=f"{self._name}-aside", daemon=True).start()
+            else:
+                if self._thread is None:
+                    self.start()
+                self._current = job
+                self._jobs.put(job)
+        except RuntimeError:  # no thread can be started
+            if not job.done.is_set():
+                job.run()
         return job
 
-    def start(self) -> bool:
-        """Its thread started (at the sensor's start, so no edge waits for a thread to start); whether it runs."""
-        try:
-            if self._thread is None:
-                thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                thread.start()
-                self._thread = thread
-        except RuntimeError:
-            return False
-        return True
+    def start(self) -> None:
+        """Its thread started (at the sensor's start, so no edge waits for a thread to start)."""
+        if self._thread is None and not self._closed:
+            thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            thread.start()
+            self._thread = thread
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             job.run()
 
-    def close(self) -> None:
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread = None
+    def close(self, wait_s: float) -> bool:
+        """It ends (a read that hangs first returns); whether it had ended, and no read of a job handed to it was
+        under way, within ``wait_s``."""
+        self._closed = True
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return self._current is None or self._current.done.is_set()
+        self._jobs.put(None)
+        thread.join(wait_s)
+        return not thread.is_alive()
 
 
 class _Reads:
-    def __init__(self, reads: list[tuple[str, Callable[[float], bool], threading.Lock]],
-                 at: float | Callable[[], float]) -> None:
+    def __init__(self, reads: list[tuple[str, Callable[[float], bool], threading.Lock, bool]],
+                 at: float | Callable[[], float], wait_s: float) -> None:
         self.reads, self.taken, self.done = reads, [], threading.Event()  # type: ignore[var-annotated]
+        self.wait_s = wait_s
         self._at = at
         self.at: float | None = None if callable(at) else at  # the instant the reads are taken in at, once known
+        self._ran = False
 
     def wait(self, timeout_s: float) -> set[str]:
         """The labels whose read returned, and was taken in, within ``timeout_s`` (the rest go on, on the reader)."""
@@ -81,13 +111,19 @@ class _Reads:
         return set(list(self.taken))
 
     def run(self) -> None:
+        if self._ran:
+            return
+        self._ran = True
         try:
             at = self.at = self._at() if callable(self._at) else self._at
         except Exception:  # a clock that fails: no read, and the caller's own call to it says why
             at = None
-        for label, read, io in self.reads:
-            try:
-                if at is not None and read(at):
+        began = time.monotonic()
+        for label, read, io, held in self.reads:
+            if not held and not io.acquire(blocking=False):
+                continue  # the sampler is in a call on the device: the edge shows its last reads
+            try:  # (after a read that hung, the edge has shown the others' last reads: none is read late)
+                if at is not None and time.monotonic() - began <= self.wait_s and read(at):
                     self.taken.append(label)
             except Exception:  # a read's own faults are taken into the device's state by the read
                 pass
@@ -132,6 +168,7 @@ class GpuEnergySensor(GpuDeviceStates):
     edge_slow_reads = 3  # (one slow read is a preemption or a wait for the GIL on a busy machine, not a slow driver)
     settle_wait_s = 0.5  # the longest the end of measuring waits for a library call of the sampler's under way
     edge_wait_s = 0.02  # the longest an edge waits for its counter read (then it shows the last reads, see the class)
+    reads_ended = True  # after close: whether no edge read was left under way in the library
 
     def __init__(self, targets: list[GpuTarget], use_counter: bool = True, counter_poll_s: float = 1.0) -> None:
         super().__init__()
@@ -207,7 +244,8 @@ class GpuEnergySensor(GpuDeviceStates):
         if timings:
             self.counter_read_s = min(timings)
             if self._edges_read_counter():
-                self._reader.start()
+                with contextlib.suppress(RuntimeError):  # (no thread to start: edges read in the caller's thread)
+                    self._reader.start()
         self._started = True
 
     def settle(self, now_s: float) -> None:
@@ -221,13 +259,20 @@ class GpuEnergySensor(GpuDeviceStates):
         for gpu in self._gpus:
             if gpu.method is Method.UNAVAILABLE:
                 continue
-            if gpu.io.acquire(timeout=max(0.0, deadline - time.monotonic())) and self._edge_polls(
-                    [gpu], now_s, max(0.0, deadline - time.monotonic()))[1]:
+            if gpu.io.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                if gpu.method is not Method.COUNTER or gpu.failing_since is not None:
+                    gpu.io.release()  # nothing to read: a sampled device's reads are the sampler's
+                    continue
+                job = self._submit([gpu], now_s, held=True)
+                if job.done.wait(max(0.0, deadline - time.monotonic())):
+                    continue
+                what, since = "counter", now_s  # its own read, still under way
+            elif gpu.in_flight is not None:
+                what, since = gpu.in_flight  # a call of the sampler's, or of an edge's, under way
+            else:
                 continue
-            in_flight = gpu.in_flight
             with self._lock:
-                if in_flight is not None and gpu.failing_since is None and gpu.method is not Method.UNAVAILABLE:
-                    what, since = in_flight
+                if gpu.failing_since is None and gpu.method is not Method.UNAVAILABLE:
                     gpu.failing_since = since
                     gpu.failing_exc = TimeoutError(f"a {what} read has not returned for "
                                                    f"{now_s - since + time.monotonic() - started:.1f} s")
@@ -245,11 +290,13 @@ class GpuEnergySensor(GpuDeviceStates):
 
     def _edge_poll(self, gpu: GpuState, now_s: float) -> bool:
         """Holding ``gpu.io``: a counter device's counter, where its reads are not failing, read and taken in; whether
-        it was. ``edge_slow_reads`` reads in a row slower than ``edge_read_slow_s`` end counter reads at the edges for
-        the rest of the run (they show the last poll plus the power since, as where reads were slow at start); one such
-        read is a preemption, not a slow driver."""
+        it was. A read that took longer than an edge waits (``edge_wait_s``: the edge has shown the last read plus the
+        power since) is taken in at the instant it returned, when its value was read, not at the edge's: the power
+        integrated from the edge on would count that stretch again. ``edge_slow_reads`` reads in a row slower than
+        ``edge_read_slow_s`` end counter reads at the edges for the rest of the run (they show the last poll plus the
+        power since, as where reads were slow at start); one such read is a preemption, not a slow driver."""
         if gpu.method is not Method.COUNTER or gpu.failing_since is not None:
-            return False  # while reads fail the sampler thread retries: the training thread waits on no failing device
+            return False  # while reads fail the sampler thread retries: no edge waits on a failing device
         gpu.in_flight = ("counter", now_s)
         try:
             t = time.perf_counter()
@@ -262,31 +309,27 @@ class GpuEnergySensor(GpuDeviceStates):
                 self._slow_edge_reads = self._slow_edge_reads + 1 if took_s > self.edge_read_slow_s else 0
                 if self._slow_edge_reads >= self.edge_slow_reads:
                     self.counter_read_s = max(self.counter_read_s, took_s)
-            return self._take_counter(gpu, now_s, value_j, exc)
+            return self._take_counter(gpu, now_s + took_s if took_s > self.edge_wait_s else now_s, value_j, exc)
 
-    def _edge_polls(self, gpus: list[GpuState], at: float | Callable[[], float], wait_s: float
-                    ) -> tuple[float, set[str]]:
-        """:meth:`_edge_poll` for each of ``gpus`` (whose ``io`` locks the caller holds and hands over) on the edge
-        reader's thread, at the instant ``at`` (or, given a clock, at its reading there, right before the reads),
-        waiting for them at most ``wait_s``: that instant, and the labels of the devices whose counter was read and
-        taken in by then. Reads still under way finish there, each device's ``io`` released after its read; where
-        the reader had not begun by then, the instant is the clock's then."""
-        job = self._reader.submit([(gpu.target.label, lambda now_s, gpu=gpu: self._edge_poll(gpu, now_s), gpu.io)
-                                   for gpu in gpus], at)
-        taken = job.wait(wait_s)
-        instant = job.at
-        return (instant if instant is not None else at()), taken  # type: ignore[operator]
+    def _submit(self, gpus: list[GpuState], at: float | Callable[[], float], held: bool = False) -> _Reads:
+        """:meth:`_edge_poll` for each of ``gpus`` on the edge reader (see :class:`_EdgeReader`), at the instant ``at``
+        (or, given a clock, at its reading there, right before the reads); ``held``: the caller holds their ``io`` locks
+        and hands them over."""
+        return self._reader.submit([(gpu.target.label, lambda now_s, gpu=gpu: self._edge_poll(gpu, now_s), gpu.io,
+                                     held) for gpu in gpus], at, self.edge_wait_s)
 
     def close(self) -> None:
-        """The edge reader ends (one in a call that hangs, when it returns)."""
-        if hasattr(self, "_reader"):
-            self._reader.close()
+        """The edge reader ends, waiting for a read of its under way at most ``settle_wait_s`` (``reads_ended`` says
+        whether none was left: a vendor shuts its library down only then)."""
+        self.reads_ended = self._reader.close(self.settle_wait_s) if hasattr(self, "_reader") else True
 
     def sample(self, now_s: float) -> dict[str, float]:
         """The sampler thread: the counters due a poll, and every device's power. A device's library calls hold its
         ``io`` lock (an edge then shows its last reads), never the state lock a reading takes."""
         for gpu in self._gpus:
-            with gpu.io:
+            if not gpu.io.acquire(blocking=False):  # an edge's read under way on it (one that hangs holds up no tick)
+                continue
+            with _released(gpu.io):
                 try:
                     if gpu.method is Method.COUNTER and now_s - gpu.polled_s >= self.counter_poll_s:
                         gpu.in_flight = ("counter", now_s)
@@ -325,13 +368,17 @@ class GpuEnergySensor(GpuDeviceStates):
         return self._reading(now_s, False, set())
 
     def _edge_reads(self, at: float | Callable[[], float]) -> tuple[float, set[str]]:
-        """An edge reads the counters where reads are cheap, each where the sampler is not in a call on its device (it
-        never waits on one: it shows that device's last reads then), and waits for them at most ``edge_wait_s``."""
-        ready = [gpu for gpu in self._gpus if gpu.method is Method.COUNTER and gpu.io.acquire(blocking=False)] if (
-            self._edges_read_counter()) else []
-        if ready:
-            return self._edge_polls(ready, at, self.edge_wait_s)
-        return (at() if callable(at) else at), set()
+        """An edge reads the counters where reads are cheap, on the edge reader, each where no call is under way on its
+        device (it never waits on one: it shows that device's last reads then), and waits for them at most
+        ``edge_wait_s``: its instant (see :meth:`edge`), and the devices whose counter was read at it."""
+        due = [gpu for gpu in self._gpus if gpu.method is Method.COUNTER and gpu.failing_since is None
+               and not gpu.io.locked()] if self._edges_read_counter() else []
+        if not due:
+            return (at() if callable(at) else at), set()
+        job = self._submit(due, at)
+        taken = job.wait(self.edge_wait_s)
+        instant = job.at
+        return (instant if instant is not None else at() if callable(at) else at), taken
 
     def _reading(self, now_s: float, at_edge: bool, polled: set[str]) -> Reading:
         """The devices' cumulative joules at ``now_s``; ``polled``: those whose counter was read at it. A peek between

@@ -230,7 +230,7 @@ class NvmlSensor(GpuEnergySensor):
 
     def close(self) -> None:
         super().close()
-        if self._owns_nvml:
+        if self._owns_nvml and self.reads_ended:  # (never under a read still in NVML: the process's exit ends it)
             self._owns_nvml = False
             with contextlib.suppress(Exception):
                 self._nvml.nvmlShutdown()
