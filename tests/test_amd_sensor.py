@@ -342,6 +342,35 @@ def test_a_counter_read_that_hangs_at_a_window_edge_does_not_stall_training(fake
     assert not green_log.records
 
 
+def test_a_counter_read_that_hangs_at_the_start_delays_it_at_most_start_wait_s(fake_amdsmi, green_log):
+    """gpu1's first counter read hangs 5 s: the start read it on the training thread and waited the 5 s. Now the
+    reads are made on the edge reader, the start waits at most ``start_wait_s``, gpu1 is 'unavailable' with one
+    warning, and gpu0 is measured by its counter."""
+    devs = fake_amdsmi.configure([{"profile_seed": 4}, {"profile_seed": 5}])
+    real = fake_amdsmi.amdsmi_get_energy_count
+    hang = {"left": 1}
+
+    def counter(h):
+        if hang["left"] and h.value == devs[1].handle.value:
+            hang["left"] -= 1
+            time.sleep(5.0)
+        return real(h)
+
+    fake_amdsmi.amdsmi_get_energy_count = counter
+    sensor = AmdSmiSensor("all")
+    t = time.perf_counter()
+    meter = EnergyMeter([sensor], period_s=0.01).start()
+    started_s = time.perf_counter() - t
+    try:
+        (m,) = windows(meter, (0.5,))
+    finally:
+        meter.close()
+    assert started_s < sensor.start_wait_s + 0.5, f"the start waited {started_s:.1f} s"
+    assert m.methods["gpu"] == {"gpu0": Method.COUNTER, "gpu1": Method.UNAVAILABLE}
+    assert m.joules["gpu"]["gpu0"] == pytest.approx(truth(devs[0], m), rel=1e-3, abs=0.05)
+    assert green_log.text.count("had not returned after 2 s at start") == 1, green_log.text
+
+
 def test_counter_not_supported_mid_run_switches_to_sampling(fake_amdsmi, green_log):
     (dev,) = fake_amdsmi.configure([{"profile_seed": 6}])
     meter = EnergyMeter([AmdSmiSensor("all")], period_s=0.01).start()

@@ -9,16 +9,22 @@ measured before any switch.
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from green_callbacks.sensors.base import Method, Reading
 from green_callbacks.sensors.gpu_state import GpuDeviceStates, GpuState
 from green_callbacks.sensors.targets import GpuTarget
 
 __all__ = ["GpuDeviceStates", "GpuEnergySensor", "GpuState"]
+
+
+class _Hung(TimeoutError):
+    """A library call that had not returned in the time allowed."""
 
 
 @contextlib.contextmanager
@@ -167,6 +173,7 @@ class GpuEnergySensor(GpuDeviceStates):
     edge_read_slow_s = 0.01  # edge counter reads slower than this, edge_slow_reads in a row, end them for the run
     edge_slow_reads = 3  # (one slow read is a preemption or a wait for the GIL on a busy machine, not a slow driver)
     settle_wait_s = 0.5  # the longest the end of measuring waits for a library call of the sampler's under way
+    start_wait_s = 2.0  # the longest the start waits for a device's first counter reads (then: unavailable)
     edge_wait_s = 0.02  # the longest an edge waits for its counter read (then it shows the last reads, see the class)
     reads_ended = True  # after close: whether no edge read was left under way in the library
 
@@ -220,6 +227,28 @@ class GpuEnergySensor(GpuDeviceStates):
             fastest = min(fastest, time.perf_counter() - t)
         return value, fastest
 
+    def _start_reads(self, gpu: GpuState) -> tuple[float, float]:
+        """The counter read five times, timed, on the edge reader: its last value and the fastest read's seconds;
+        what a read raised; or :class:`_Hung` where the reads had not returned within ``start_wait_s`` (a driver call
+        that hangs: training starts anyway, that device unmeasured)."""
+        out: dict[str, Any] = {}
+
+        def reads(at: float) -> bool:
+            try:
+                out["value"] = self._timed_read_j(gpu, 5)
+            except Exception as exc:
+                out["exc"] = exc
+            return True
+
+        if not gpu.io.acquire(timeout=self.start_wait_s):
+            raise _Hung(f"a call on it had not returned after {self.start_wait_s:g} s at start")
+        self._reader.submit([(gpu.target.label, reads, gpu.io, True)], 0.0, math.inf).wait(self.start_wait_s)
+        if "exc" in out:
+            raise out["exc"]
+        if "value" not in out:
+            raise _Hung(f"its energy counter read had not returned after {self.start_wait_s:g} s at start")
+        return out["value"]
+
     def start(self, now_s: float) -> None:
         timings = []
         for gpu in self._gpus:
@@ -229,7 +258,9 @@ class GpuEnergySensor(GpuDeviceStates):
                 self._start_sampling(gpu, now_s)
                 continue
             try:
-                gpu.counter_last_j, fastest_s = self._timed_read_j(gpu, 5)
+                gpu.counter_last_j, fastest_s = self._start_reads(gpu)
+            except _Hung as exc:  # no library call on it meanwhile: a power read would hang as likely
+                self._lose(gpu, exc, now_s)
             except Exception as exc:
                 self._start_sampling(gpu, now_s)
                 if gpu.failing_since is not None and gpu.method is Method.SAMPLED:  # nothing read: no gap to span
