@@ -299,6 +299,22 @@ def test_errors_mid_run_leave_the_run_going_with_one_warning(fake_amdsmi, green_
     assert green_log.text.count("gpu1: amdsmi failed") == 1 and len(green_log.records) == 1, "one fault, one warning"
 
 
+def hanging_counter(fake_amdsmi, dev, seconds: float, reads: int) -> dict:
+    """Make the next ``reads`` counter reads of ``dev`` hang ``seconds`` each (a driver call stuck); the dict's
+    ``left`` arms more."""
+    real = fake_amdsmi.amdsmi_get_energy_count
+    hang = {"left": reads}
+
+    def counter(h):
+        if hang["left"] and h.value == dev.handle.value:
+            hang["left"] -= 1
+            time.sleep(seconds)
+        return real(h)
+
+    fake_amdsmi.amdsmi_get_energy_count = counter
+    return hang
+
+
 def test_a_counter_read_that_hangs_at_a_window_edge_does_not_stall_training(fake_amdsmi, green_log):
     """gpu0's counter read hangs 3 s at an epoch's edge (a driver stuck): the edge waited for it on the training
     thread (3 s of training lost) and put the 3 s of energy read late into the epoch before (+150 % in the #15 probe).
@@ -308,16 +324,7 @@ def test_a_counter_read_that_hangs_at_a_window_edge_does_not_stall_training(fake
     not read late behind the hang (that edge shows its last read too) and adds up to its counter as well."""
     devs = fake_amdsmi.configure([{"profile_seed": 4}, {"profile_seed": 5}])
     sensor = AmdSmiSensor("all", counter_poll_s=60.0)  # the sampler reads no counter: every counter read is an edge's
-    real = fake_amdsmi.amdsmi_get_energy_count
-    hang = {"left": 0}
-
-    def counter(h):
-        if hang["left"] and h.value == devs[0].handle.value:
-            hang["left"] -= 1
-            time.sleep(3.0)
-        return real(h)
-
-    fake_amdsmi.amdsmi_get_energy_count = counter
+    hang = hanging_counter(fake_amdsmi, devs[0], 3.0, reads=0)
     meter = EnergyMeter([sensor], period_s=0.01).start()
     try:
         assert sensor.describe()["edges"].startswith("window edges read the counter")
@@ -347,16 +354,7 @@ def test_a_counter_read_that_hangs_at_the_start_delays_it_at_most_start_wait_s(f
     reads are made on the edge reader, the start waits at most ``start_wait_s``, gpu1 is 'unavailable' with one
     warning, and gpu0 is measured by its counter."""
     devs = fake_amdsmi.configure([{"profile_seed": 4}, {"profile_seed": 5}])
-    real = fake_amdsmi.amdsmi_get_energy_count
-    hang = {"left": 1}
-
-    def counter(h):
-        if hang["left"] and h.value == devs[1].handle.value:
-            hang["left"] -= 1
-            time.sleep(5.0)
-        return real(h)
-
-    fake_amdsmi.amdsmi_get_energy_count = counter
+    hanging_counter(fake_amdsmi, devs[1], 5.0, reads=1)
     sensor = AmdSmiSensor("all")
     t = time.perf_counter()
     meter = EnergyMeter([sensor], period_s=0.01).start()
