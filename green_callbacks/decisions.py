@@ -43,6 +43,7 @@ class StopperHost:
     _trial_j: float
     _first_step: int  # the first training step seen, where the first-steps window opened (PointHost.on_step)
     _setup: Totals | None  # what the training cost before its steps, once known (Progress.setup)
+    _booked_at_first: Totals  # the training (evaluations left out) booked in points when its first step ended
 
     _held_by: str | None = None  # what holds back the stop decided in this fit (Lightning's min_epochs), while it does
     _resume_checked = False  # this training, resumed, was checked before its first step (check_resumed)
@@ -194,7 +195,7 @@ class StopperHost:
         if self._setup is None and all(p[1] is not None for p in payloads):
             self.learn_setup(merge_ranks([p[1] for p in payloads]).total_j, step,
                              progress.so_far - (progress.evaluations_so_far or Totals()))
-            progress = replace(progress, setup=self._setup)
+            progress = replace(progress, setup=self._setup, first_step=self._first_step if self._setup else None)
         due = [s for s in self.stoppers if s.check_every_n_steps in periods]
         local = next((d for d in (s.check(progress) for s in due) if d.should_stop), None)
         if progress.rate_per_step is None and all(p[1] is not None for p in payloads) and merged.total_j > 0 \
@@ -215,8 +216,10 @@ class StopperHost:
 
     def learn_setup(self, steps_j: float, step: int, training: Totals) -> None:
         """What the training cost before its steps (``Progress.setup``), from the first-steps window's ``steps_j``
-        (every rank) at ``step``: the training so far less those joules and one step more at their rate (the first
-        step's own, its warm-up beyond that in the set-up). Learnt once."""
+        (every rank) at ``step``: the run's training so far (``training``), less what points had booked when its
+        first step ended (a resumed run's training before it), those joules, and one step more at their rate (the
+        first step's own, its warm-up beyond that in the set-up). Learnt once a training."""
+        training = training - self._booked_at_first  # this training's: a resumed run's totals before it left out
         if self._setup is not None or step <= self._first_step or steps_j <= 0 or training.j <= 0:
             return
         setup_j = max(training.j - steps_j * (1 + 1 / (step - self._first_step)), 0.0)

@@ -68,6 +68,8 @@ class RunLedger:
         self._epoch_start_step = 0
         self._at_start = self.steps_from_zero  # no point yet: on a 0-based axis the first covers step 0 too
         self._setup: Totals | None = None  # what the training cost before its steps (Progress.setup), once known
+        self._setup_booked = False  # whether it was left out of an interval of the recent rate
+        self._first_step = -1  # the training's first step, where its steps' own joules were first read
         self._resumed_cycle = False  # resumed: the first cycle since starts at the checkpoint, not an evaluation
         self._epoch_part: dict[str, Any] | None = None  # the open epoch so far, at a checkpoint's point (saved)
         self._restored_epoch: dict[str, Any] | None = None  # that, from the checkpoint this run resumed from
@@ -167,6 +169,8 @@ class RunLedger:
         self._since_eval.add(merged, interval)
         self._previous_point_step = self._last_point_step
         training_j, self._trial_j = max(merged.total_j - self._trial_j, 0.0), 0.0
+        if self._setup is not None and not self._setup_booked:  # the set-up is no step's: out of the recent rate
+            training_j, self._setup_booked = max(training_j - self._setup.j, 0.0), True
         # the steps since the last point; the fit's first point also covers step 0 itself (a 0-based axis)
         steps, self._at_start = max(step - self._last_point_step, 0) + self._at_start, False
         if steps > 0:  # training alone: an evaluation is added per cycle in rate_per_step
@@ -291,7 +295,7 @@ class RunLedger:
                         self._as_totals(self._last_eval_j) if self._eval_steps or estimated else None,
                         self._as_totals(self._evaluations_j),
                         evaluation_next=nxt is not None and (q := self.next_step_check(step)) is not None and nxt <= q,
-                        setup=self._setup)
+                        setup=self._setup, first_step=self._first_step if self._setup is not None else None)
 
     def frame(self):  # -> pandas.DataFrame
         import pandas as pd

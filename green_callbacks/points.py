@@ -19,7 +19,7 @@ from green_callbacks.accounting import Accountant
 from green_callbacks.decisions import FIRST_STEPS
 from green_callbacks.distributed import RankInfo, gather
 from green_callbacks.meter import EnergyMeter, Measurement
-from green_callbacks.policies import Decision
+from green_callbacks.policies import Decision, Totals
 from green_callbacks.process import never_raises, warn_once
 from green_callbacks.ranks import Merged, merge_ranks, window_payload
 from green_callbacks.records import MEASURED_PREFIXES, IntervalRecord, Kind, device_tags, point_metrics, run_facts
@@ -71,12 +71,14 @@ class PointHost:
         if step == previous:  # another micro-batch of the same optimizer step
             return None
         self._last_step_seen = step
-        if previous < 0 and self.wants_first_steps and not self.records and not self.meter.is_open(FIRST_STEPS):
+        if previous < 0 and self.wants_first_steps and not self.meter.is_open(FIRST_STEPS):
             # a budget's first interval is the steps', not the set-up's, and its checks between points before the
             # first point know no rate per step: the steps' own joules from here (after the first step, its warm-up
             # and the set-up before it left out) give both
             self.meter.begin(FIRST_STEPS)
             self._first_step = step
+            # what points booked of training by now (a resumed run's before this one; a sanity check is no point's)
+            self._booked_at_first = self.totals() - self._as_totals(self._evaluations_j - self._trial_j)
         # every N steps counted: after step N-1, 2N-1... on a 0-based axis (Lightning logs there), N, 2N... on HF's;
         # on an axis that moves by more than 1 (a plain loop's samples or tokens), at the first step past a multiple
         counted = step + self.steps_from_zero
@@ -194,13 +196,18 @@ class PointHost:
         epoch_merged = merge_ranks([p["epoch"] for p in payloads]) if epoch_m is not None else None
         evals = [p["eval"] for p in payloads if p["eval"] is not None]
         eval_j, eval_s = (merge_ranks(evals).total_j, max(e["duration_s"] for e in evals)) if evals else (0.0, 0.0)
+        if self._setup is None and all(p.get("first_steps") is not None for p in payloads):  # (before the interval
+            # is booked: its training is the steps', the set-up left out of the recent rate)
+            training_j = self.cumulative_j + merged.total_j - self._evaluations_j - eval_j
+            fp = self.accountant.footprint(merged.total_j, interval.start_unix,
+                                           interval.start_unix + interval.duration_s)
+            share = 1.0 / merged.total_j if merged.total_j > 0 else 0.0
+            self.learn_setup(merge_ranks([p["first_steps"] for p in payloads]).total_j, step, Totals(
+                training_j, training_j * fp.g_co2e * share, None if fp.cost is None else training_j * fp.cost * share))
         self._say_shared(merged)
         records = self.close_interval(kind, step, merged, interval, self.meter.t0_s, epoch_merged, epoch_m,
                                       (eval_j, eval_s), metrics or {}, partial=self._finishing_status is not None
                                       and self._finishing_status != "FINISHED")
-        if self._setup is None and all(p.get("first_steps") is not None for p in payloads):
-            self.learn_setup(merge_ranks([p["first_steps"] for p in payloads]).total_j, step,
-                             self.totals() - self._as_totals(self._evaluations_j))
         self._epoch_part = None  # of an earlier checkpoint: never saved with this point's totals
         if held_epoch:
             self._hold_epoch_part(payloads)

@@ -86,7 +86,8 @@ class Progress:
             (or at the step of) the next of them: it runs before that check can stop training.
         setup: what the training cost before its steps (set-up, data loading, the first step's warm-up beyond a
             step at the steps' own rate; evaluations left out), once known: spent, but no interval repeats it
-            (``None`` where no budget asked, or not yet known).
+            (``None`` where no budget asked, or not yet known); ``first_step``: that training's first step (a
+            training resumed from a checkpoint has a set-up of its own).
     """
 
     so_far: Totals
@@ -103,6 +104,7 @@ class Progress:
     evaluations_so_far: Totals | None = None  # what the run's evaluations cost in all (in ``so_far``)
     evaluation_next: bool = False  # the budgets' step checks say the next evaluation runs before the next one
     setup: Totals | None = None  # the training's cost before its steps (see the class)
+    first_step: int | None = None  # the training's first step, where ``setup`` is known
 
     @property
     def projected_end(self) -> Totals | None:

@@ -190,6 +190,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
         self._every = self.log_every_n_steps
         self._calibration: tuple[int, float, int] | None = None
         self._last_step_seen = -1
+        self._first_step, self._setup, self._setup_booked = -1, None, False  # this training's (see learn_setup)
         self._due: int | None = None  # a logging point due at this step, not yet taken
         self._held = None
         self._projected_step = -1

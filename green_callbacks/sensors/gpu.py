@@ -176,6 +176,7 @@ class GpuEnergySensor(GpuDeviceStates):
     start_wait_s = 2.0  # the longest the start waits for a device's first counter reads (then: unavailable)
     edge_wait_s = 0.02  # the longest an edge waits for its counter read (then it shows the last reads, see the class)
     reads_ended = True  # after close: whether no edge read was left under way in the library
+    hung_after_s = 0.5  # a call under way this long at an edge is one that hangs: nothing read since it began
 
     def __init__(self, targets: list[GpuTarget], use_counter: bool = True, counter_poll_s: float = 1.0) -> None:
         super().__init__()
@@ -304,6 +305,8 @@ class GpuEnergySensor(GpuDeviceStates):
                 continue
             with self._lock:
                 if gpu.failing_since is None and gpu.method is not Method.UNAVAILABLE:
+                    # nothing of it read since the call began: the power since is not carried into what is kept
+                    gpu.power_failing_since = since if gpu.power_failing_since is None else gpu.power_failing_since
                     gpu.failing_since = since
                     gpu.failing_exc = TimeoutError(f"a {what} read has not returned for "
                                                    f"{now_s - since + time.monotonic() - started:.1f} s")
@@ -364,24 +367,34 @@ class GpuEnergySensor(GpuDeviceStates):
                 try:
                     if gpu.method is Method.COUNTER and now_s - gpu.polled_s >= self.counter_poll_s:
                         gpu.in_flight = ("counter", now_s)
-                        read = self._read(self._counter_j, gpu)
+                        at, read = self._timed(self._counter_j, gpu, now_s)
                         with self._lock:
-                            self._take_counter(gpu, now_s, *read)
+                            self._take_counter(gpu, at, *read)
                     if gpu.method in (Method.COUNTER, Method.SAMPLED):
                         gpu.in_flight = ("power", now_s)
-                        read = self._read(self._power_now_w, gpu)
+                        at, read = self._timed(self._power_now_w, gpu, now_s)
                         with self._lock:
                             if gpu.method in (Method.COUNTER, Method.SAMPLED):
-                                power = self._take_power(gpu, now_s, *read)
+                                power = self._take_power(gpu, at, *read)
                                 gpu.power_w = power or 0.0
                                 if power is not None:
-                                    (gpu.integrator if gpu.method is Method.SAMPLED else gpu.since_poll).add(now_s,
-                                                                                                             power)
+                                    (gpu.integrator if gpu.method is Method.SAMPLED else gpu.since_poll).add(at, power)
                     else:
                         gpu.power_w = 0.0
                 finally:
                     gpu.in_flight = None
         return {g.target.label: g.power_w for g in self._gpus}
+
+    def _timed(self, read: Callable[[GpuState], float], gpu: GpuState, now_s: float
+               ) -> tuple[float, tuple[float | None, Exception | None]]:
+        """One library call of the sampler's: the instant its value is taken in at, and the value or error. A call
+        slower than ``edge_wait_s`` (one that hung) is taken in at the instant it returned, when its value was read:
+        at the tick's, the counter's joules of the hang were counted again by the power integrated from the tick on
+        (epochs -47 % and +48 %, labelled 'counter', in a probe of a 3-s hang)."""
+        t = time.perf_counter()
+        value = self._read(read, gpu)
+        took_s = time.perf_counter() - t
+        return (now_s + took_s if took_s > self.edge_wait_s else now_s), value
 
     def read(self, now_s: float) -> Reading:
         """At a window edge: the counter where a read is cheap, else :meth:`peek` (see the class)."""
@@ -418,6 +431,11 @@ class GpuEnergySensor(GpuDeviceStates):
         with self._lock:
             for gpu in self._gpus:
                 carried = self._carried_to(gpu, now_s)
+                in_flight = gpu.in_flight
+                hung = in_flight is not None and now_s - in_flight[1] > self.hung_after_s and gpu.method in (
+                    Method.COUNTER, Method.SAMPLED)
+                if hung:  # a call under way on it longer than any edge waits: nothing read since it began
+                    carried = min(carried, in_flight[1])  # type: ignore[index]
                 if gpu.method is Method.COUNTER:
                     # where counters may be stuck, the power since it last moved too, once it has been still longer
                     # than a working counter ever is: one not yet declared stuck (``stuck_after_s``) shows no 0 J
@@ -437,8 +455,8 @@ class GpuEnergySensor(GpuDeviceStates):
                     gpu.shown_j = joules[label]
                 methods[label] = gpu.method
                 power[label] = gpu.power_w
-                if gpu.failing_since is not None and gpu.method is not Method.UNAVAILABLE:
-                    stale.add(label)
+                if (gpu.failing_since is not None or hung) and gpu.method is not Method.UNAVAILABLE:
+                    stale.add(label)  # (a window ending during a hung call is unread, as one during failing reads)
                     if carried < now_s:
                         short.add(label)
         return Reading(joules, methods, power, frozenset(stale), frozenset(short))
