@@ -50,7 +50,6 @@ class Budget:
         self.last_step: int | None = None
         self.gap = 1  # steps between the last two checks at different steps
         self.gap_known = False  # whether two checks at different steps have been seen
-        self._setup_left_out: Totals | None = None  # the training set-up the first interval was started after
 
     def _limits(self) -> list[tuple[StopReason, str, float, Any]]:
         out = []
@@ -73,13 +72,12 @@ class Budget:
         evaluations = progress.evaluations_so_far if progress is not None else None
         training = so_far - evaluations if evaluations is not None else so_far
         setup = progress.setup if progress is not None else None
-        if setup is not None and setup is not self._setup_left_out and progress.first_step is not None and (
+        if setup is not None and progress.first_step is not None and (  # (its first check in the training)
                 self.last_step is None or self.last_step < progress.first_step):
             # the training's first interval starts at its steps: its set-up (a resumed one's too) is no interval's
             last = self.last_check  # (a fresh one's: nothing, and no cost yet)
             cost = setup.cost if last.cost is None else None if setup.cost is None else last.cost + setup.cost
             self.last_check = Totals(last.j + setup.j, last.g + setup.g, cost)
-            self._setup_left_out = setup
         last = self.last_check  # the first check's: nothing, at no cost where the run has a price
         interval = training - (Totals(last.j, last.g, 0.0) if last.cost is None else last)
         self.last_check = training

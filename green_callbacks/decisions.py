@@ -195,7 +195,8 @@ class StopperHost:
         if self._setup is None and all(p[1] is not None for p in payloads):
             self.learn_setup(merge_ranks([p[1] for p in payloads]).total_j, step,
                              progress.so_far - (progress.evaluations_so_far or Totals()))
-            progress = replace(progress, setup=self._setup, first_step=self._first_step if self._setup else None)
+            progress = replace(progress, setup=self._setup,
+                               first_step=self._first_step if self._setup is not None else None)
         due = [s for s in self.stoppers if s.check_every_n_steps in periods]
         local = next((d for d in (s.check(progress) for s in due) if d.should_stop), None)
         if progress.rate_per_step is None and all(p[1] is not None for p in payloads) and merged.total_j > 0 \
