@@ -205,3 +205,35 @@ def test_a_stage_sink_dropped_with_everything_confirmed_hands_its_sender_on(tmp_
     later, run_id = train(uri, tmp_path / "out", "staged", 2.0)
     assert later.sender_pid == pid
     assert history(MlflowClient(uri), run_id, "energy/cumulative_j")[-1] == (2, 6.0)
+
+
+def test_a_sweeps_next_trial_takes_the_sender_the_last_trials_stage_kept(tmp_path):
+    """A sweep's trials, each with a monitor of its own, each ``fit()`` then ``validate()``: the stage's sink is kept
+    (parked) for a next stage of its monitor, and every trial started a sender of its own (MLflow's import: 3.5 s
+    at a short trial's end: examples/green_ai_comparison.py --quick took 78 s, 36 s now). The next trial takes it;
+    the earlier monitor, testing again, opens a sink of its own and its records still reach its run."""
+    import lightning.pytorch as pl
+
+    from green_callbacks.lightning import EnergyMonitor
+
+    from helpers import digits_loaders, lightning_digits_module
+
+    uri = ready_store(tmp_path)
+    train_data, val_data = digits_loaders()
+    monitors, trainers, models = [], [], []
+    for trial in range(2):
+        mon = EnergyMonitor(tracking_uri=uri, experiment_name="sweep", output_dir=str(tmp_path / "out"),
+                            log_artifacts=False)
+        t = pl.Trainer(max_epochs=1, callbacks=[mon], logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path / str(trial))
+        model = lightning_digits_module()()
+        t.fit(model, train_data, val_data)
+        t.validate(model, val_data)
+        monitors.append(mon), trainers.append(t), models.append(model)
+    first, second = (m._idle_sink for m in monitors)
+    assert second.sender_pid == first.sender_pid, "one sender for both trials"
+    trainers[0].validate(models[0], val_data)  # the first trial's monitor, again: a sink of its own
+    client = MlflowClient(uri)
+    for mon, stages in zip(monitors, (2, 1), strict=True):
+        assert client.get_run(mon.run.run_id).info.status == "FINISHED"
+        assert len(history(client, mon.run.run_id, "energy/validate_j")) == stages, mon.run.run_id

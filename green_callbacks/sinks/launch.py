@@ -145,6 +145,11 @@ class IdleSender:
         if old is not None and old is not proc and owner == os.getpid():  # (a forked child's copy: not its own)
             end_sender(old)
 
+    def holds(self) -> bool:
+        """Whether this process has an idle sender kept."""
+        with self._lock:
+            return self._proc is not None and self._owner == os.getpid()
+
     def take(self, env: dict[str, str]) -> subprocess.Popen[bytes] | None:
         """The idle sender, when it was started with ``env`` and still runs; else None (one that does not fit
         is ended)."""

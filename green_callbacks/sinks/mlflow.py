@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from green_callbacks.sinks.launch import (
+    IDLE,
     abandon,
     open_spool,
     recently_unanswered,
@@ -38,6 +39,7 @@ from green_callbacks.uris import split_credentials
 log = logging.getLogger("green_callbacks")
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+_PARKED: weakref.WeakSet[MlflowSink] = weakref.WeakSet()  # this process's sinks parked for a next stage (see park)
 MAX_RESTARTS = 3  # a sender that dies while training goes on is started again this many times at most
 
 
@@ -100,6 +102,10 @@ class MlflowSink:
     # -- setting up ------------------------------------------------------------------------------
     def _start_sender(self) -> subprocess.Popen[bytes] | None:
         assert self._writer is not None
+        if not IDLE.holds():  # none idle: the sender of another monitor's sink parked for a stage that may never come
+            parked = next(iter(sorted(_PARKED, key=lambda sink: sink._parked_at, reverse=True)), None)
+            if parked is not None and parked is not self:
+                parked.give_up_sender()
         proc = start_sender(self._writer.path, self._credentials)
         if proc is not None:
             self._senders.append(proc)
@@ -109,6 +115,21 @@ class MlflowSink:
         """Kept open, idle, for a next stage, MLflow having confirmed everything so far: dropped without a close
         later (its monitor collected), its sender is kept for this process's next training, as at a close."""
         self._parked[0] = True
+        self._parked_at = time.monotonic()
+        _PARKED.add(self)
+
+    _parked_at = 0.0
+
+    def give_up_sender(self) -> None:
+        """A sink parked (everything confirmed) gives its sender to a new sink of this process, which would start
+        one otherwise: a sweep's next trial, with a monitor of its own, while the last trial's monitor kept its sink
+        for a ``test()``/``evaluate()`` that never came (each trial paid a sender's start-up, MLflow's import: 3.5 s
+        at a short trial's end). Closed as its finalizer would close it; a later stage of its monitor opens a
+        new sink."""
+        _PARKED.discard(self)
+        if self._parked[0] and self._closed is None and self._writer is not None:
+            abandon(self._writer, self._senders, self._parked)
+            self._closed = True
 
     def _write_failed(self, exc: OSError) -> None:
         self._warn_once("write", f"green-callbacks cannot append to its MLflow spool {self.spool_path} ({exc}); "
@@ -166,7 +187,9 @@ class MlflowSink:
         if self._writer is None or self._closed is not None:
             return
         seq = self._writer.append(kind, data, step)
-        self._parked[0] = False  # something new to confirm
+        if self._parked[0]:  # something new to confirm
+            self._parked[0] = False
+            _PARKED.discard(self)
         if kind in SENDABLE:
             self._sendable.append(seq)
 
@@ -331,6 +354,7 @@ class MlflowSink:
         """
         if self._closed is not None:
             return self._closed
+        _PARKED.discard(self)
         self._closing = True
         writer = self._writer
         if writer is None:
