@@ -1,8 +1,9 @@
 """Lightning and HF Trainer inside Ray Train's TorchTrainer: 2 CPU workers (gloo), a simulated GPU per worker.
 
-Each framework runs once, under an EnergyBudget: one MLflow run (rank 0 logs), each epoch's energy the exact
-sum of both workers' devices (each measured by its own worker), and the budget's stop at the same epoch on
-both workers. Real Ray (a local 2-CPU cluster started by the script), real MLflow sqlite store in tmp.
+Each framework runs once (one after the other on one Ray), under an EnergyBudget: one MLflow run (rank 0
+logs), each epoch's energy the exact sum of both workers' devices (each measured by its own worker), and the
+budget's stop at the same epoch on both workers. Real Ray (a local 2-CPU cluster started by the script), real
+MLflow sqlite store in tmp.
 """
 
 from __future__ import annotations
@@ -43,20 +44,26 @@ def ray_env() -> dict[str, str]:
     return env
 
 
-def run_job(framework: str, tmp_path: Path) -> str:
-    uri = ready_store(tmp_path)  # absolute: the workers' working directories are Ray's, not ours
-    proc = subprocess.run([sys.executable, str(SCRIPTS / f"ray_{framework}.py"), uri, str(tmp_path), "stop"],
-                          env=ray_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return uri
+FRAMEWORKS = ("lightning", "hf")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("framework", ["lightning", "hf"])
-def test_ray_workers_one_run_exact_sum_same_stop(tmp_path, framework):
-    uri = run_job(framework, tmp_path)
+def test_ray_workers_one_run_exact_sum_same_stop(tmp_path):
+    """Each framework's job in turn on one local Ray (its start-up, 20-30 s here, paid once)."""
+    jobs = [(framework, ready_store(tmp_path / framework), tmp_path / framework) for framework in FRAMEWORKS]
+    # (the stores' URIs absolute: the workers' working directories are Ray's, not ours)
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "ray_driver.py"), "stop",
+                           *[str(part) for job in jobs for part in job]],
+                          env=ray_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    for framework, uri, out in jobs:
+        check_job(framework, uri, out)
+
+
+def check_job(framework: str, uri: str, tmp_path: Path) -> None:
+    """One framework's job: one run, each epoch the exact sum of both workers' devices, one stop on both."""
     client, found = runs(uri, "ray")
-    assert len(found) == 1, "rank 0 alone logs, into one run"
+    assert len(found) == 1, f"{framework}: rank 0 alone logs, into one run"
     run = found[0]
     assert run.data.params["green.world_size"] == "2"
     assert run.data.tags["green.gpu_count"] == "2"
@@ -88,5 +95,5 @@ def test_ray_workers_one_run_exact_sum_same_stop(tmp_path, framework):
 
     # the budget's decision is shared: both workers stop at the same epoch, well before max_epochs=20
     stopped = [int((tmp_path / f"stopped-rank{r}.txt").read_text()) for r in range(2)]
-    assert stopped[0] == stopped[1] < 20
+    assert stopped[0] == stopped[1] < 20, (framework, stopped)
     assert run.data.tags["green.stop_reason"] == "energy_budget"

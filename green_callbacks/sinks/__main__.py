@@ -1,7 +1,18 @@
 """``python -m green_callbacks.sinks SPOOL``: the sender process that ``MlflowSink`` starts."""
 
+import logging
+import os
 import sys
 
 from green_callbacks.sinks.follower import main
 
-sys.exit(main())
+code = main()
+# its work is done (every record MLflow confirmed, or kept in its spool; every call synchronous, no atexit work of
+# MLflow's pending): it ends without the interpreter's teardown of MLflow's modules, 1.2 s of CPU at every end
+logging.shutdown()
+for stream in (sys.stdout, sys.stderr):
+    try:
+        stream.flush()
+    except (OSError, ValueError, AttributeError):  # (a closed or missing stream)
+        pass
+os._exit(code if isinstance(code, int) else 1)

@@ -5,6 +5,7 @@ GPU over each of its epoch windows to OUT_DIR/truth-rank{r}.json, and the epoch 
 OUT_DIR/stopped-rank{r}.txt. With ``stop``, an EnergyBudget ends training early.
 """
 
+import sys
 from pathlib import Path
 
 import ray_driver
@@ -33,4 +34,4 @@ def train_func(config: dict) -> None:
 
 
 if __name__ == "__main__":
-    ray_driver.main(train_func)
+    ray_driver.main([(train_func, sys.argv[1], sys.argv[2])], sys.argv[3:] == ["stop"])

@@ -6,6 +6,8 @@ OUT_DIR/stopped-rank{r}.txt. With ``stop``, an EnergyBudget ends training early.
 """
 
 
+import sys
+
 import lightning.pytorch as pl
 import ray_driver
 from lightning.pytorch.demos.boring_classes import BoringModel
@@ -29,4 +31,4 @@ def train_func(config: dict) -> None:
 
 
 if __name__ == "__main__":
-    ray_driver.main(train_func)
+    ray_driver.main([(train_func, sys.argv[1], sys.argv[2])], sys.argv[3:] == ["stop"])
