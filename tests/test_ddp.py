@@ -46,14 +46,16 @@ def check_sums(uri: str, out: Path, epochs: int) -> None:
 
 
 def launch(framework: str, tmp_path: Path, *extra: str) -> str:
-    """Run a 2-rank job on CPU (Lightning ddp_spawn, or HF under torchrun); return its tracking URI (what the
-    job's ranks wrote to stderr: in tmp_path/stderr.txt)."""
+    """Run a 2-rank job on CPU (``lightning``: Lightning's ``ddp`` under torchrun, as a multi-node job runs;
+    ``lightning-spawn``: ``ddp_spawn``, Lightning starting the ranks; ``hf``: HF under torchrun); return its
+    tracking URI (what the job's ranks wrote to stderr: in tmp_path/stderr.txt). (torchrun: 20 s a job here,
+    ddp_spawn 29 s: its parent imports Lightning before the ranks do.)"""
     uri = ready_store(tmp_path)
-    if framework == "lightning":
+    if framework == "lightning-spawn":
         command = [sys.executable, str(SCRIPTS / "lightning_ddp.py")]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(free_port()), str(SCRIPTS / "hf_ddp.py")]
+                   str(free_port()), str(SCRIPTS / ("lightning_ddp.py" if framework == "lightning" else "hf_ddp.py"))]
     proc = subprocess.run([*command, uri, str(tmp_path), *extra],
                           env=fake_nvml_env(SHARED if "shared" in extra else PER_RANK),
                           capture_output=True, text=True, timeout=300)
@@ -67,7 +69,7 @@ def stopped_epochs(tmp_path: Path) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("framework", ["lightning", "hf"])
+@pytest.mark.parametrize("framework", ["lightning", "hf"])  # (ddp_spawn: tests/test_examples.py's DDP example)
 def test_two_ranks_log_the_exact_sum_once(tmp_path, framework):
     check_sums(launch(framework, tmp_path), tmp_path, epochs=2)
 

@@ -1,8 +1,9 @@
-"""Lightning DDP (ddp_spawn, 2 CPU processes, gloo) with EnergyMonitor; each rank's GPU is simulated.
+"""Lightning DDP (2 CPU processes, gloo) with EnergyMonitor; each rank's GPU is simulated.
 
-Usage: python lightning_ddp.py TRACKING_URI OUT_DIR [stop|warn]. Each rank writes the exact joules of its
-own simulated GPU over each of its epoch windows to OUT_DIR/truth-rank{r}.json, and the windows' durations
-to durations-rank{r}.json. With ``stop``, an
+Usage: python lightning_ddp.py TRACKING_URI OUT_DIR [stop|warn] (Lightning's ``ddp_spawn`` starts the ranks), or
+the same under ``torchrun --nproc_per_node 2`` (``ddp``: each rank runs the script, as a multi-node job's do).
+Each rank writes the exact joules of its own simulated GPU over each of its epoch windows to
+OUT_DIR/truth-rank{r}.json, and the windows' durations to durations-rank{r}.json. With ``stop``, an
 EfficiencyEarlyStopping watches a metric that flattens on rank 1 only; each rank writes the epoch it
 stopped at to OUT_DIR/stopped-rank{r}.txt. With ``warn``, a 1 J budget only warns (on_exceed="warn"), and an
 EfficiencyEarlyStopping sees no validation (limit_val_batches=0): what they say, every rank alike, is said once.
@@ -11,6 +12,7 @@ epoch from that checkpoint into a new MLFlowLogger run (as a new process's logge
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -77,8 +79,9 @@ if __name__ == "__main__":
 
         logger = MLFlowLogger(experiment_name="ddp", tracking_uri=uri)
         callbacks.append(ModelCheckpoint(dirpath=Path(out, "ckpt"), save_last=True))
+    strategy = "ddp" if "LOCAL_RANK" in os.environ else "ddp_spawn"  # (torchrun started the ranks, or Lightning does)
     trainer = pl.Trainer(max_epochs=10 if stop else 1 if first else 2, accelerator="cpu", devices=2,
-                         strategy="ddp_spawn", logger=logger, enable_checkpointing=first or resume,
+                         strategy=strategy, logger=logger, enable_checkpointing=first or resume,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                          default_root_dir=out, limit_val_batches=0 if warn else None)
     trainer.fit(RankDependent() if stop else BoringModel(),
