@@ -95,7 +95,10 @@ class RunHost:
         else:
             if idle is not None:
                 idle.close()
-            self.sink = MlflowSink(target, self.output_dir, close_wait_s=self.mlflow_wait_s)
+            # (not where this monitor's own was taken: two monitors alternating stages, HF evaluate() on two Trainers
+            # in turn, took each other's at every call, where each kept its own before)
+            self.sink = MlflowSink(target, self.output_dir, close_wait_s=self.mlflow_wait_s,
+                                   take_parked=not (idle is not None and idle.gave_up))
         if self.run is None:
             self.run = self.sink.run_ref
 

@@ -237,3 +237,38 @@ def test_a_sweeps_next_trial_takes_the_sender_the_last_trials_stage_kept(tmp_pat
     for mon, stages in zip(monitors, (2, 1), strict=True):
         assert client.get_run(mon.run.run_id).info.status == "FINISHED"
         assert len(history(client, mon.run.run_id, "energy/validate_j")) == stages, mon.run.run_id
+
+
+def test_a_forked_childs_training_leaves_the_parents_parked_sink_alone(tmp_path):
+    """A trial in a forked child (a fork-per-trial sweep, Lightning's ``ddp_notebook``) while the parent's monitor
+    keeps its stage's sink parked: the child's copy of the parked list named the parent's sink, the child ended that
+    spool, and the parent's next stage went to a deleted spool, lost without a word (one of two validations)."""
+    import lightning.pytorch as pl
+
+    from green_callbacks.lightning import EnergyMonitor
+
+    from helpers import digits_loaders, lightning_digits_module
+
+    uri = ready_store(tmp_path)
+    train_data, val_data = digits_loaders()
+
+    def trial(name):
+        mon = EnergyMonitor(tracking_uri=uri, experiment_name="sweep", output_dir=str(tmp_path / "out"),
+                            log_artifacts=False)
+        t = pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, callbacks=[mon], logger=False,
+                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                       default_root_dir=tmp_path / name, num_sanity_val_steps=0)
+        model = lightning_digits_module()()
+        t.fit(model, train_data, val_data)
+        t.validate(model, val_data, verbose=False)
+        return mon, t, model
+
+    mon, t, model = trial("parent")
+    child = multiprocessing.get_context("fork").Process(target=trial, args=("child",))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0
+    t.validate(model, val_data, verbose=False)  # the parent's monitor again
+    client = MlflowClient(uri)
+    assert client.get_run(mon.run.run_id).info.status == "FINISHED"
+    assert len(history(client, mon.run.run_id, "energy/validate_j")) == 2

@@ -1,5 +1,6 @@
 """``python -m green_callbacks.sinks SPOOL``: the sender process that ``MlflowSink`` starts."""
 
+import contextlib
 import logging
 import os
 import sys
@@ -11,8 +12,6 @@ code = main()
 # MLflow's pending): it ends without the interpreter's teardown of MLflow's modules, 1.2 s of CPU at every end
 logging.shutdown()
 for stream in (sys.stdout, sys.stderr):
-    try:
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # (a closed or missing stream)
         stream.flush()
-    except (OSError, ValueError, AttributeError):  # (a closed or missing stream)
-        pass
 os._exit(code if isinstance(code, int) else 1)

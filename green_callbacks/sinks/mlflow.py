@@ -58,10 +58,13 @@ class MlflowSink:
             flushes or dies: a short training never shares its CPU with MLflow's start-up.
         linger_s: how long the sender keeps trying after the training stopped waiting for it
             (``close`` timed out, or the process was killed) before leaving the rest to replay.
+        take_parked: where no sender is idle, take the one of another sink of this process parked for a next stage
+            (see ``give_up_sender``) rather than start one.
     """
 
     def __init__(self, target: RunTarget, output_dir: str | Path, *, close_wait_s: float = 10.0,
-                 cadence_s: float = 5.0, first_send_s: float = 10.0, linger_s: float = 60.0) -> None:
+                 cadence_s: float = 5.0, first_send_s: float = 10.0, linger_s: float = 60.0,
+                 take_parked: bool = True) -> None:
         if not isinstance(target, RunTarget):
             raise ValueError(f"target={target!r} must be a green_callbacks.sinks.RunTarget")
         for name, value in (("close_wait_s", close_wait_s), ("cadence_s", cadence_s), ("first_send_s", first_send_s),
@@ -69,6 +72,7 @@ class MlflowSink:
             if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 86400:
                 raise ValueError(f"{name}={value!r} must be a number of seconds in [0, 86400)")
         self.target = target
+        self.take_parked = bool(take_parked)
         self.close_wait_s = float(close_wait_s)
         self.linger_s = float(linger_s)
         self.local_id = new_local_id()
@@ -102,10 +106,12 @@ class MlflowSink:
     # -- setting up ------------------------------------------------------------------------------
     def _start_sender(self) -> subprocess.Popen[bytes] | None:
         assert self._writer is not None
-        if not IDLE.holds():  # none idle: the sender of another monitor's sink parked for a stage that may never come
-            parked = next(iter(sorted(_PARKED, key=lambda sink: sink._parked_at, reverse=True)), None)
-            if parked is not None and parked is not self:
-                parked.give_up_sender()
+        if self.take_parked and not IDLE.holds():
+            # none idle: the sender of another monitor's sink parked for a stage that may never come (this process's
+            # own: a forked child's copy of the list names the parent's sinks, whose spools it must not end)
+            mine = [sink for sink in _PARKED if sink._parked_by == os.getpid() and sink is not self]
+            if mine:
+                max(mine, key=lambda sink: sink._parked_at).give_up_sender()
         proc = start_sender(self._writer.path, self._credentials)
         if proc is not None:
             self._senders.append(proc)
@@ -115,10 +121,11 @@ class MlflowSink:
         """Kept open, idle, for a next stage, MLflow having confirmed everything so far: dropped without a close
         later (its monitor collected), its sender is kept for this process's next training, as at a close."""
         self._parked[0] = True
-        self._parked_at = time.monotonic()
+        self._parked_at, self._parked_by = time.monotonic(), os.getpid()
         _PARKED.add(self)
 
-    _parked_at = 0.0
+    _parked_at, _parked_by = 0.0, 0
+    gave_up = False  # it gave its sender to another sink (see give_up_sender)
 
     def give_up_sender(self) -> None:
         """A sink parked (everything confirmed) gives its sender to a new sink of this process, which would start
@@ -129,7 +136,7 @@ class MlflowSink:
         _PARKED.discard(self)
         if self._parked[0] and self._closed is None and self._writer is not None:
             abandon(self._writer, self._senders, self._parked)
-            self._closed = True
+            self._closed, self.gave_up = True, True
 
     def _write_failed(self, exc: OSError) -> None:
         self._warn_once("write", f"green-callbacks cannot append to its MLflow spool {self.spool_path} ({exc}); "
@@ -178,6 +185,7 @@ class MlflowSink:
                 or target.owned != run.owned or target.tracking_uri not in (None, run.tracking_uri)
                 or self.unconfirmed > 0):
             return False
+        _PARKED.discard(self)  # in use again (for a run it does not own, it writes nothing until the stage's end)
         self._end_waited_s = 0.0
         if self.target.owned:  # the run goes on: RUNNING again (a kill from here on is marked KILLED), as a new
             self._append("status", {"status": "RUNNING"})  # sender's opening of the run would set it
