@@ -207,34 +207,40 @@ def test_a_stage_sink_dropped_with_everything_confirmed_hands_its_sender_on(tmp_
     assert history(MlflowClient(uri), run_id, "energy/cumulative_j")[-1] == (2, 6.0)
 
 
-def test_a_sweeps_next_trial_takes_the_sender_the_last_trials_stage_kept(tmp_path):
-    """A sweep's trials, each with a monitor of its own, each ``fit()`` then ``validate()``: the stage's sink is kept
-    (parked) for a next stage of its monitor, and every trial started a sender of its own (MLflow's import: 3.5 s
-    at a short trial's end: examples/green_ai_comparison.py --quick took 78 s, 36 s now). The next trial takes it;
-    the earlier monitor, testing again, opens a sink of its own and its records still reach its run."""
+def staged_trial(tmp_path: Path, uri: str, name: str):
+    """A sweep's trial: a monitor of its own, ``fit()`` then ``validate()`` (whose sink is kept, parked, for a next
+    stage of its monitor); the monitor, the trainer, the model and the validation data."""
     import lightning.pytorch as pl
 
     from green_callbacks.lightning import EnergyMonitor
 
     from helpers import digits_loaders, lightning_digits_module
 
-    uri = ready_store(tmp_path)
     train_data, val_data = digits_loaders()
-    monitors, trainers, models = [], [], []
-    for trial in range(2):
-        mon = EnergyMonitor(tracking_uri=uri, experiment_name="sweep", output_dir=str(tmp_path / "out"),
-                            log_artifacts=False)
-        t = pl.Trainer(max_epochs=1, callbacks=[mon], logger=False, enable_progress_bar=False,
-                       enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path / str(trial))
-        model = lightning_digits_module()()
-        t.fit(model, train_data, val_data)
-        t.validate(model, val_data)
-        monitors.append(mon), trainers.append(t), models.append(model)
-    first, second = (m._idle_sink for m in monitors)
+    mon = EnergyMonitor(tracking_uri=uri, experiment_name="sweep", output_dir=str(tmp_path / "out"),
+                        log_artifacts=False)
+    t = pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, callbacks=[mon], logger=False,
+                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                   default_root_dir=tmp_path / name, num_sanity_val_steps=0)
+    model = lightning_digits_module()()
+    t.fit(model, train_data, val_data)
+    t.validate(model, val_data, verbose=False)
+    return mon, t, model, val_data
+
+
+def test_a_sweeps_next_trial_takes_the_sender_the_last_trials_stage_kept(tmp_path):
+    """A sweep's trials, each with a monitor of its own, each ``fit()`` then ``validate()``: the stage's sink is kept
+    (parked) for a next stage of its monitor, and every trial started a sender of its own (MLflow's import: 3.5 s
+    at a short trial's end: examples/green_ai_comparison.py --quick took 78 s, 36 s now). The next trial takes it;
+    the earlier monitor, testing again, opens a sink of its own and its records still reach its run."""
+    uri = ready_store(tmp_path)
+    trials = [staged_trial(tmp_path, uri, str(trial)) for trial in range(2)]
+    first, second = (mon._idle_sink for mon, *_ in trials)
     assert second.sender_pid == first.sender_pid, "one sender for both trials"
-    trainers[0].validate(models[0], val_data)  # the first trial's monitor, again: a sink of its own
+    _, t, model, val_data = trials[0]
+    t.validate(model, val_data, verbose=False)  # the first trial's monitor, again: a sink of its own
     client = MlflowClient(uri)
-    for mon, stages in zip(monitors, (2, 1), strict=True):
+    for (mon, *_), stages in zip(trials, (2, 1), strict=True):
         assert client.get_run(mon.run.run_id).info.status == "FINISHED"
         assert len(history(client, mon.run.run_id, "energy/validate_j")) == stages, mon.run.run_id
 
@@ -243,28 +249,9 @@ def test_a_forked_childs_training_leaves_the_parents_parked_sink_alone(tmp_path)
     """A trial in a forked child (a fork-per-trial sweep, Lightning's ``ddp_notebook``) while the parent's monitor
     keeps its stage's sink parked: the child's copy of the parked list named the parent's sink, the child ended that
     spool, and the parent's next stage went to a deleted spool, lost without a word (one of two validations)."""
-    import lightning.pytorch as pl
-
-    from green_callbacks.lightning import EnergyMonitor
-
-    from helpers import digits_loaders, lightning_digits_module
-
     uri = ready_store(tmp_path)
-    train_data, val_data = digits_loaders()
-
-    def trial(name):
-        mon = EnergyMonitor(tracking_uri=uri, experiment_name="sweep", output_dir=str(tmp_path / "out"),
-                            log_artifacts=False)
-        t = pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, callbacks=[mon], logger=False,
-                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                       default_root_dir=tmp_path / name, num_sanity_val_steps=0)
-        model = lightning_digits_module()()
-        t.fit(model, train_data, val_data)
-        t.validate(model, val_data, verbose=False)
-        return mon, t, model
-
-    mon, t, model = trial("parent")
-    child = multiprocessing.get_context("fork").Process(target=trial, args=("child",))
+    mon, t, model, val_data = staged_trial(tmp_path, uri, "parent")
+    child = multiprocessing.get_context("fork").Process(target=staged_trial, args=(tmp_path, uri, "child"))
     child.start()
     child.join(120)
     assert child.exitcode == 0
