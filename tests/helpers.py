@@ -318,3 +318,14 @@ def busy_wait(seconds: float) -> None:
 def truth(device, m) -> float:
     """A simulated device's exact joules over measurement ``m``'s window."""
     return device.energy_between(m.start_s, m.end_s)
+
+
+EDGE_LAG_S = 0.005  # how long after its clock was read an edge's counter read may come: both cores busy with the
+# ranks of a DDP job, the edge reader waits for the GIL (Python's switch interval) or for a core
+
+
+def lag_slack(device, window) -> list[float]:
+    """The joules ``device`` spent in the ``EDGE_LAG_S`` after each edge of ``window``: how far an exact measurement,
+    its counter read late at an edge, may fall below (start) or above (end) the window's own exact joules."""
+    return [device.energy_between(window.start_s, window.start_s + EDGE_LAG_S),
+            device.energy_between(window.end_s, window.end_s + EDGE_LAG_S)]

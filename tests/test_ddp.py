@@ -29,16 +29,20 @@ def check_sums(uri: str, out: Path, epochs: int) -> None:
           "power/gpu_peak_w")}
     ends = sorted(h["energy/gpu_j"])
     assert len(ends) == epochs
+    lags = [json.loads((out / f"lag-rank{r}.json").read_text()) for r in range(2)]
     for epoch, step in enumerate(ends):
-        # each rank's device, measured by that rank, equals that device's exact energy
-        assert h["energy/gpu0_j"][step] == pytest.approx(truth[0][epoch], rel=1e-3, abs=0.05)
-        assert h["energy/gpu1_j"][step] == pytest.approx(truth[1][epoch], rel=1e-3, abs=0.05)
+        # each rank's device, measured by that rank, equals that device's exact energy (its counter read at most
+        # EDGE_LAG_S after the edge's clock: the joules in that time after the edges, found by the rank, bound it)
+        for r in range(2):
+            below, above = lags[r][epoch]
+            assert truth[r][epoch] - below - 0.05 <= h[f"energy/gpu{r}_j"][step] <= truth[r][epoch] + above + 0.05, \
+                (r, epoch, h[f"energy/gpu{r}_j"][step], truth[r][epoch], lags[r][epoch])
         # totals are the exact sum over devices: no device counted twice, CPU once per node
         assert h["energy/gpu_j"][step] == pytest.approx(h["energy/gpu0_j"][step] + h["energy/gpu1_j"][step])
         assert h["energy/epoch_j"][step] == pytest.approx(h["energy/gpu_j"][step] + h["energy/cpu_j"][step])
         # the summed power is each GPU's joules over its own rank's window: the ranks reach an epoch's end at
         # slightly different instants, and one rank's duration over both ranks' joules overstated it (HF: +5 %)
-        watts = sum(truth[r][epoch] / durations[r][epoch] for r in range(2))
+        watts = sum(h[f"energy/gpu{r}_j"][step] / durations[r][epoch] for r in range(2))
         assert h["power/gpu_mean_w"][step] == pytest.approx(watts, rel=1e-3)
         assert h["power/gpu_peak_w"][step] >= h["power/gpu_mean_w"][step]
     assert run.data.params["green.world_size"] == "2"

@@ -1156,7 +1156,9 @@ def test_a_file_store_refused_by_mlflow_3_says_how_to_allow_it(tmp_path, green_l
     is said once: the end's warning and the summary line said it twice more (three copies of 600 characters)."""
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     out = tmp_path / "out"
-    monitor = EnergyMonitor(tracking_uri=f"file:{tmp_path}/mlruns", output_dir=str(out), mlflow_wait_s=5,
+    # (the refusal ends the end's wait at once; a wait of 5 s ran out first on a loaded machine, its sender's store
+    # not opened yet, and the end's warning could not yet say why)
+    monitor = EnergyMonitor(tracking_uri=f"file:{tmp_path}/mlruns", output_dir=str(out), mlflow_wait_s=30,
                             log_artifacts=False)
     trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=4, limit_val_batches=2).fit(ValModel())
 

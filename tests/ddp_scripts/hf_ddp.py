@@ -13,12 +13,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from green_callbacks.transformers import EnergyBudget, EnergyMonitor
 
-from helpers import DigitsDataset, digits_tensors, hf_accuracy, hf_digits_model
+from helpers import DigitsDataset, digits_tensors, hf_accuracy, hf_digits_model, lag_slack
 
 
 class Truth(TrainerCallback):
     def __init__(self, monitor, out):
-        self.monitor, self.out, self.truth, self.durations = monitor, out, [], []
+        self.monitor, self.out, self.truth, self.durations, self.lags = monitor, out, [], [], []
 
     def on_evaluate(self, args, state, control, **kwargs):
         import pynvml
@@ -29,8 +29,10 @@ class Truth(TrainerCallback):
         w = self.monitor.last_window
         self.truth.append(dev.energy_between(w.start_s, w.end_s))
         self.durations.append(w.duration_s)
+        self.lags.append(lag_slack(dev, w))
         Path(self.out, f"truth-rank{args.process_index}.json").write_text(json.dumps(self.truth))
         Path(self.out, f"durations-rank{args.process_index}.json").write_text(json.dumps(self.durations))
+        Path(self.out, f"lag-rank{args.process_index}.json").write_text(json.dumps(self.lags))
 
 
 if __name__ == "__main__":

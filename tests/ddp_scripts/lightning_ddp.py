@@ -3,7 +3,8 @@
 Usage: python lightning_ddp.py TRACKING_URI OUT_DIR [stop|warn] (Lightning's ``ddp_spawn`` starts the ranks), or
 the same under ``torchrun --nproc_per_node 2`` (``ddp``: each rank runs the script, as a multi-node job's do).
 Each rank writes the exact joules of its own simulated GPU over each of its epoch windows to
-OUT_DIR/truth-rank{r}.json, and the windows' durations to durations-rank{r}.json. With ``stop``, an
+OUT_DIR/truth-rank{r}.json, the windows' durations to durations-rank{r}.json, and what its GPU spent just after
+each window's edges to lag-rank{r}.json (see helpers.lag_slack). With ``stop``, an
 EfficiencyEarlyStopping watches a metric that flattens on rank 1 only; each rank writes the epoch it
 stopped at to OUT_DIR/stopped-rank{r}.txt. With ``warn``, a 1 J budget only warns (on_exceed="warn"), and an
 EfficiencyEarlyStopping sees no validation (limit_val_batches=0): what they say, every rank alike, is said once.
@@ -20,6 +21,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from green_callbacks.lightning import EfficiencyEarlyStopping, EnergyBudget, EnergyMonitor
+
+from helpers import lag_slack
 
 
 class RankDependent(BoringModel):
@@ -45,7 +48,7 @@ class Stopped(pl.Callback):
 
 class Truth(pl.Callback):
     def __init__(self, monitor, out):
-        self.monitor, self.out, self.truth, self.durations = monitor, out, [], []
+        self.monitor, self.out, self.truth, self.durations, self.lags = monitor, out, [], [], []
 
     def on_train_epoch_end(self, trainer, pl_module):
         import pynvml
@@ -54,8 +57,10 @@ class Truth(pl.Callback):
         w = self.monitor.last_window
         self.truth.append(dev.energy_between(w.start_s, w.end_s))
         self.durations.append(w.duration_s)
+        self.lags.append(lag_slack(dev, w))
         Path(self.out, f"truth-rank{trainer.global_rank}.json").write_text(json.dumps(self.facts(trainer)))
         Path(self.out, f"durations-rank{trainer.global_rank}.json").write_text(json.dumps(self.durations))
+        Path(self.out, f"lag-rank{trainer.global_rank}.json").write_text(json.dumps(self.lags))
 
     def facts(self, trainer):
         """What the test reads back: each epoch's exact GPU joules."""

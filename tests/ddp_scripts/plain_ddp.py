@@ -4,7 +4,8 @@ Usage: python plain_ddp.py TRACKING_URI OUT_DIR PORT [blind]; blind: no rank mea
 measure_cpu=False``, as a job of MIG slices). No launcher sets LOCAL_RANK here: the tracker finds
 each rank's place from torch.distributed and the ranks' host names. Each rank writes the exact
 joules of its own simulated GPU over each epoch window to OUT_DIR/truth-rank{r}.json, the windows'
-durations to durations-rank{r}.json, and its local rank to OUT_DIR/local-rank{r}.txt.
+durations to durations-rank{r}.json, its GPU's joules just after the windows' edges to lag-rank{r}.json
+(helpers.lag_slack), and its local rank to OUT_DIR/local-rank{r}.txt.
 """
 
 import json
@@ -18,6 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from green_callbacks import EnergyTracker
 
+from helpers import lag_slack
+
 
 def worker(rank: int, uri: str, out: str, port: int, blind: bool) -> None:
     import pynvml
@@ -29,7 +32,7 @@ def worker(rank: int, uri: str, out: str, port: int, blind: bool) -> None:
     sensors = {"gpus": None, "measure_cpu": False} if blind else {"gpus": "all"}
     tracker = EnergyTracker(tracking_uri=uri, experiment_name="ddp", output_dir=out, log_artifacts=False,
                             log_every_n_steps=5, **sensors)
-    truth, durations = [], []
+    truth, durations, lags = [], [], []
     with tracker:
         for epoch in range(2):
             with tracker.epoch(epoch):
@@ -48,8 +51,10 @@ def worker(rank: int, uri: str, out: str, port: int, blind: bool) -> None:
                 window = tracker.last_window
                 truth.append(dev.energy_between(window.start_s, window.end_s))
                 durations.append(window.duration_s)
+                lags.append(lag_slack(dev, window))
                 Path(out, f"truth-rank{rank}.json").write_text(json.dumps(truth))
                 Path(out, f"durations-rank{rank}.json").write_text(json.dumps(durations))
+                Path(out, f"lag-rank{rank}.json").write_text(json.dumps(lags))
     Path(out, f"local-rank{rank}.txt").write_text(str(tracker.rank.local_rank))
     dist.destroy_process_group()
 
