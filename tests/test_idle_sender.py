@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -259,3 +260,95 @@ def test_a_forked_childs_training_leaves_the_parents_parked_sink_alone(tmp_path)
     client = MlflowClient(uri)
     assert client.get_run(mon.run.run_id).info.status == "FINISHED"
     assert len(history(client, mon.run.run_id, "energy/validate_j")) == 2
+
+
+def test_sinks_parked_and_taken_on_threads_at_once_are_each_taken_once():
+    """A sweep whose trials train on threads of one process (Optuna's ``n_jobs``): one trial's stage parks its sink
+    while another's new sink looks for a parked one. The parked set changed while it was being read ("Set changed
+    size during iteration", raised into the new trial's training), and two new sinks could take one sender."""
+    parked = launch.ParkedSinks()
+
+    class Stage:  # what the set holds: any sink, weakly
+        pass
+
+    stages = [Stage() for _ in range(40)]
+    for stage in stages[:20]:
+        parked.add(stage)
+    stop, errors, taken = False, [], []
+
+    def park_and_resume():  # the other trial's stages, parked and in use again
+        i = 0
+        while not stop:
+            stage = stages[20 + i % 20]
+            parked.add(stage)
+            parked.discard(stage)
+            i += 1
+
+    def take():
+        try:
+            for _ in range(2000):
+                got = parked.take(None)
+                if got is not None:
+                    taken.append(got)
+                    parked.add(got)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        hammer = threading.Thread(target=park_and_resume)
+        takers = [threading.Thread(target=take) for _ in range(2)]
+        hammer.start()
+        for thread in takers:
+            thread.start()
+        for thread in takers:
+            thread.join(60)
+    finally:
+        stop = True
+        sys.setswitchinterval(old)
+        hammer.join(60)
+    assert not errors, errors[0]
+    assert taken
+    # a sink taken is no longer parked: a second take of it would give one sender to two sinks
+    first = parked.take(None)
+    assert first is not None and parked.take(first) is not first and not parked.discard(first)
+
+
+def test_a_stage_resuming_its_parked_sink_as_another_thread_takes_it_opens_its_own(tmp_path):
+    """Trials on threads of one process: a monitor's next stage (into the ``MLFlowLogger`` run, which it does not
+    own) resumes its parked sink just as another trial's new sink takes that sink's sender. The stage wrote into a
+    sink given up under it, and its records were lost without a word."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from green_callbacks.lightning import EnergyMonitor
+
+    from helpers import digits_loaders, lightning_digits_module
+
+    uri = ready_store(tmp_path)
+    taken = []
+
+    class AnotherTrialStarts(pl.Callback):  # the other thread's new sink, at the two moments that race
+        def on_validation_start(self, trainer, pl_module):  # before the monitor resumes its parked sink
+            if mon._idle_sink is not None:  # the second validate(): the first one's sink is parked
+                taken.append(launch.PARKED.take(None))
+
+        def on_validation_batch_end(self, trainer, *args):  # in the stage: it gives the taken sink's sender up
+            if taken and taken[-1] is not None:
+                taken.pop().give_up_sender()
+
+    train_data, val_data = digits_loaders()
+    mon = EnergyMonitor(output_dir=str(tmp_path / "out"), log_artifacts=False)
+    logger = MLFlowLogger(experiment_name="threads", tracking_uri=uri)
+    t = pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2, callbacks=[AnotherTrialStarts(), mon],
+                   logger=logger, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                   default_root_dir=tmp_path, num_sanity_val_steps=0)
+    model = lightning_digits_module()()
+    t.fit(model, train_data, val_data)
+    t.validate(model, val_data, verbose=False)
+    assert mon._idle_sink is not None
+    t.validate(model, val_data, verbose=False)
+    assert not taken, "the race happened"
+    client = MlflowClient(uri)
+    assert len(history(client, logger.run_id, "energy/validate_j")) == 2

@@ -198,6 +198,46 @@ class IdleSender:
 IDLE = IdleSender()
 
 
+class ParkedSinks:
+    """This process's sinks parked for a next stage, everything confirmed (``MlflowSink.park``), whose sender a
+    new sink of this process may take rather than start one (``MlflowSink.give_up_sender``).
+
+    Thread-safe: a sweep's trials may train on threads of one process (Optuna's ``n_jobs``), one parking its
+    sink as another's starts. A forked child's copy names its parent's sinks, and never hands them out.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sinks: weakref.WeakKeyDictionary[object, tuple[float, int]] = weakref.WeakKeyDictionary()
+        os.register_at_fork(after_in_child=self._forked)  # a lock held by another thread at a fork stays held
+
+    def _forked(self) -> None:
+        self._lock = threading.Lock()
+
+    def add(self, sink: object) -> None:
+        with self._lock:
+            self._sinks[sink] = (time.monotonic(), os.getpid())
+
+    def discard(self, sink: object) -> bool:
+        """No longer parked; whether it still was (not taken meanwhile)."""
+        with self._lock:
+            return self._sinks.pop(sink, None) is not None
+
+    def take(self, other_than: object) -> object | None:
+        """The sink of this process parked last (not ``other_than``), no longer parked; None if there is none."""
+        pid = os.getpid()
+        with self._lock:
+            mine = [(at, sink) for sink, (at, by) in self._sinks.items() if by == pid and sink is not other_than]
+            if not mine:
+                return None
+            sink = max(mine, key=lambda entry: entry[0])[1]
+            del self._sinks[sink]
+        return sink
+
+
+PARKED = ParkedSinks()
+
+
 def end_sender(proc: subprocess.Popen[bytes] | None) -> None:
     """Tell a sender to end once its spool is done: an empty line, then its stdin closed (its reaper reaps it when
     it exits). The line, not only the end of file: a child this process forked since (a DataLoader's workers, a

@@ -23,6 +23,7 @@ from typing import Any
 
 from green_callbacks.sinks.launch import (
     IDLE,
+    PARKED,
     abandon,
     open_spool,
     recently_unanswered,
@@ -39,7 +40,6 @@ from green_callbacks.uris import split_credentials
 log = logging.getLogger("green_callbacks")
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
-_PARKED: weakref.WeakSet[MlflowSink] = weakref.WeakSet()  # this process's sinks parked for a next stage (see park)
 MAX_RESTARTS = 3  # a sender that dies while training goes on is started again this many times at most
 
 
@@ -109,9 +109,9 @@ class MlflowSink:
         if self.take_parked and not IDLE.holds():
             # none idle: the sender of another monitor's sink parked for a stage that may never come (this process's
             # own: a forked child's copy of the list names the parent's sinks, whose spools it must not end)
-            mine = [sink for sink in _PARKED if sink._parked_by == os.getpid() and sink is not self]
-            if mine:
-                max(mine, key=lambda sink: sink._parked_at).give_up_sender()
+            parked = PARKED.take(self)
+            if isinstance(parked, MlflowSink):
+                parked.give_up_sender()
         proc = start_sender(self._writer.path, self._credentials)
         if proc is not None:
             self._senders.append(proc)
@@ -121,10 +121,8 @@ class MlflowSink:
         """Kept open, idle, for a next stage, MLflow having confirmed everything so far: dropped without a close
         later (its monitor collected), its sender is kept for this process's next training, as at a close."""
         self._parked[0] = True
-        self._parked_at, self._parked_by = time.monotonic(), os.getpid()
-        _PARKED.add(self)
+        PARKED.add(self)
 
-    _parked_at, _parked_by = 0.0, 0
     gave_up = False  # it gave its sender to another sink (see give_up_sender)
 
     def give_up_sender(self) -> None:
@@ -133,7 +131,7 @@ class MlflowSink:
         for a ``test()``/``evaluate()`` that never came (each trial paid a sender's start-up, MLflow's import: 3.5 s
         at a short trial's end). Closed as its finalizer would close it; a later stage of its monitor opens a
         new sink."""
-        _PARKED.discard(self)
+        PARKED.discard(self)
         if self._parked[0] and self._closed is None and self._writer is not None:
             abandon(self._writer, self._senders, self._parked)
             self._closed, self.gave_up = True, True
@@ -185,7 +183,10 @@ class MlflowSink:
                 or target.owned != run.owned or target.tracking_uri not in (None, run.tracking_uri)
                 or self.unconfirmed > 0):
             return False
-        _PARKED.discard(self)  # in use again (for a run it does not own, it writes nothing until the stage's end)
+        # in use again (for a run it does not own, it writes nothing until the stage's end), unless a new sink on
+        # another thread took it from the parked ones just now (its sender is being given up)
+        if not PARKED.discard(self) and self._parked[0]:
+            return False
         self._end_waited_s = 0.0
         if self.target.owned:  # the run goes on: RUNNING again (a kill from here on is marked KILLED), as a new
             self._append("status", {"status": "RUNNING"})  # sender's opening of the run would set it
@@ -197,7 +198,7 @@ class MlflowSink:
         seq = self._writer.append(kind, data, step)
         if self._parked[0]:  # something new to confirm
             self._parked[0] = False
-            _PARKED.discard(self)
+            PARKED.discard(self)
         if kind in SENDABLE:
             self._sendable.append(seq)
 
@@ -362,7 +363,7 @@ class MlflowSink:
         """
         if self._closed is not None:
             return self._closed
-        _PARKED.discard(self)
+        PARKED.discard(self)
         self._closing = True
         writer = self._writer
         if writer is None:
