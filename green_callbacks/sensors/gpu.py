@@ -10,132 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from green_callbacks.sensors.base import Method, Reading
+from green_callbacks.sensors.edge_reader import EdgeReader, Hung, Reads, released
 from green_callbacks.sensors.gpu_state import GpuDeviceStates, GpuState
 from green_callbacks.sensors.targets import GpuTarget
 
 __all__ = ["GpuDeviceStates", "GpuEnergySensor", "GpuState"]
-
-
-class _Hung(TimeoutError):
-    """A library call that had not returned in the time allowed."""
-
-
-@contextlib.contextmanager
-def _released(lock: threading.Lock):  # type: ignore[no-untyped-def]
-    """Release ``lock``, acquired by the caller, on leaving."""
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-class _EdgeReader:
-    """The counter reads of window edges, made on a thread of their own, so a driver call that hangs holds up no
-    training.
-
-    Each read takes its device's ``io`` lock there, at once or not at all (the sampler in a call on the device: the
-    edge shows its last reads), unless the caller already holds it and hands it over (the end of measuring's reads);
-    it is released when the read returns. The caller waits for the reads at most as long as it chooses; one that takes
-    longer goes on here, holding only its own device's ``io``. Reads handed over while the thread is still in such a
-    call run on a thread of their own, so no edge queues behind a hang. One thread for all of a sensor's devices: an
-    edge costs one thread switch (about 0.1 ms), not one per GPU.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # type: ignore[type-arg]
-        self._thread: threading.Thread | None = None
-        self._current: _Reads | None = None  # the last job handed to the thread
-        self._closed = False
-
-    def submit(self, reads: list[tuple[str, Callable[[float], bool], threading.Lock, bool]],
-               at: float | Callable[[], float], wait_s: float) -> _Reads:
-        """Start the ``(label, read, io, held)`` reads, each called with the edge's instant: ``at``, or where ``at``
-        is a clock, its reading right before the reads. :meth:`_Reads.wait` for which of them were taken in. Once
-        closed, or where no thread can be started (the interpreter is shutting down), they are made in the caller's
-        thread. Reads not begun ``wait_s`` after the first began are not made (their edge shows the last reads).
-        """
-        job = _Reads(reads, at, wait_s)
-        current = self._current
-        try:
-            if self._closed:
-                job.run()
-            elif current is not None and not current.done.is_set():  # the thread is in a call that hangs
-                threading.Thread(target=job.run, name=f"{self._name}-aside", daemon=True).start()
-            else:
-                if self._thread is None:
-                    self.start()
-                self._current = job
-                self._jobs.put(job)
-        except RuntimeError:  # no thread can be started
-            if not job.done.is_set():
-                job.run()
-        return job
-
-    def start(self) -> None:
-        """Its thread started (at the sensor's start, so no edge waits for a thread to start)."""
-        if self._thread is None and not self._closed:
-            thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-            thread.start()
-            self._thread = thread
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            job.run()
-
-    def close(self, wait_s: float) -> bool:
-        """It ends (a read that hangs first returns); whether it had ended, and no read of a job handed to it was
-        under way, within ``wait_s``."""
-        self._closed = True
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return self._current is None or self._current.done.is_set()
-        self._jobs.put(None)
-        thread.join(wait_s)
-        return not thread.is_alive()
-
-
-class _Reads:
-    def __init__(self, reads: list[tuple[str, Callable[[float], bool], threading.Lock, bool]],
-                 at: float | Callable[[], float], wait_s: float) -> None:
-        self.reads, self.taken, self.done = reads, [], threading.Event()  # type: ignore[var-annotated]
-        self.wait_s = wait_s
-        self._at = at
-        self.at: float | None = None if callable(at) else at  # the instant the reads are taken in at, once known
-        self._ran = False
-
-    def wait(self, timeout_s: float) -> set[str]:
-        """The labels whose read returned, and was taken in, within ``timeout_s`` (the rest go on, on the reader)."""
-        self.done.wait(timeout_s)
-        return set(list(self.taken))
-
-    def run(self) -> None:
-        if self._ran:
-            return
-        self._ran = True
-        try:
-            at = self.at = self._at() if callable(self._at) else self._at
-        except Exception:  # a clock that fails: no read, and the caller's own call to it says why
-            at = None
-        began = time.monotonic()
-        for label, read, io, held in self.reads:
-            if not held and not io.acquire(blocking=False):
-                continue  # the sampler is in a call on the device: the edge shows its last reads
-            try:  # (after a read that hung, the edge has shown the others' last reads: none is read late)
-                if at is not None and time.monotonic() - began <= self.wait_s and read(at):
-                    self.taken.append(label)
-            except Exception:  # a read's own faults are taken into the device's state by the read
-                pass
-            finally:
-                io.release()
-        self.done.set()
 
 
 class GpuEnergySensor(GpuDeviceStates):
@@ -188,7 +73,7 @@ class GpuEnergySensor(GpuDeviceStates):
         self._slow_edge_reads = 0  # edge counter reads slower than edge_read_slow_s in a row
         self._lock = threading.Lock()  # the devices' state: held for arithmetic only, never across a library call
         self._gpus = [GpuState(t) for t in targets]
-        self._reader = _EdgeReader(f"green-callbacks-edges-{self.library}")
+        self._reader = EdgeReader(f"green-callbacks-edges-{self.library}")
         self._started = False
         for gpu in self._gpus:
             if not gpu.target.measurable:
@@ -230,7 +115,7 @@ class GpuEnergySensor(GpuDeviceStates):
 
     def _start_reads(self, gpu: GpuState) -> tuple[float, float]:
         """The counter read five times, timed, on the edge reader: its last value and the fastest read's seconds;
-        what a read raised; or :class:`_Hung` where the reads had not returned within ``start_wait_s`` (a driver call
+        what a read raised; or :class:`Hung` where the reads had not returned within ``start_wait_s`` (a driver call
         that hangs: training starts anyway, that device unmeasured)."""
         out: dict[str, Any] = {}
 
@@ -242,12 +127,12 @@ class GpuEnergySensor(GpuDeviceStates):
             return True
 
         if not gpu.io.acquire(timeout=self.start_wait_s):
-            raise _Hung(f"a call on it had not returned after {self.start_wait_s:g} s at start")
+            raise Hung(f"a call on it had not returned after {self.start_wait_s:g} s at start")
         self._reader.submit([(gpu.target.label, reads, gpu.io, True)], 0.0, math.inf).wait(self.start_wait_s)
         if "exc" in out:
             raise out["exc"]
         if "value" not in out:
-            raise _Hung(f"its energy counter read had not returned after {self.start_wait_s:g} s at start")
+            raise Hung(f"its energy counter read had not returned after {self.start_wait_s:g} s at start")
         return out["value"]
 
     def start(self, now_s: float) -> None:
@@ -260,7 +145,7 @@ class GpuEnergySensor(GpuDeviceStates):
                 continue
             try:
                 gpu.counter_last_j, fastest_s = self._start_reads(gpu)
-            except _Hung as exc:  # no library call on it meanwhile: a power read would hang as likely
+            except Hung as exc:  # no library call on it meanwhile: a power read would hang as likely
                 self._lose(gpu, exc, now_s)
             except Exception as exc:
                 self._start_sampling(gpu, now_s)
@@ -345,8 +230,8 @@ class GpuEnergySensor(GpuDeviceStates):
                     self.counter_read_s = max(self.counter_read_s, took_s)
             return self._take_counter(gpu, now_s + took_s if took_s > self.edge_wait_s else now_s, value_j, exc)
 
-    def _submit(self, gpus: list[GpuState], at: float | Callable[[], float], held: bool = False) -> _Reads:
-        """:meth:`_edge_poll` for each of ``gpus`` on the edge reader (see :class:`_EdgeReader`), at the instant ``at``
+    def _submit(self, gpus: list[GpuState], at: float | Callable[[], float], held: bool = False) -> Reads:
+        """:meth:`_edge_poll` for each of ``gpus`` on the edge reader (see :class:`EdgeReader`), at the instant ``at``
         (or, given a clock, at its reading there, right before the reads); ``held``: the caller holds their ``io`` locks
         and hands them over."""
         return self._reader.submit([(gpu.target.label, lambda now_s, gpu=gpu: self._edge_poll(gpu, now_s), gpu.io,
@@ -363,7 +248,7 @@ class GpuEnergySensor(GpuDeviceStates):
         for gpu in self._gpus:
             if not gpu.io.acquire(blocking=False):  # an edge's read under way on it (one that hangs holds up no tick)
                 continue
-            with _released(gpu.io):
+            with released(gpu.io):
                 try:
                     if gpu.method is Method.COUNTER and now_s - gpu.polled_s >= self.counter_poll_s:
                         gpu.in_flight = ("counter", now_s)
