@@ -352,3 +352,27 @@ def test_a_stage_resuming_its_parked_sink_as_another_thread_takes_it_opens_its_o
     assert not taken, "the race happened"
     client = MlflowClient(uri)
     assert len(history(client, logger.run_id, "energy/validate_j")) == 2
+
+
+def what_a_new_sink_asks() -> None:
+    launch.IDLE.holds()
+    launch.PARKED.take(None)
+
+
+@pytest.mark.parametrize("held", ["idle sender", "parked sinks"])
+def test_a_child_forked_while_a_thread_held_the_senders_lock_can_train(held):
+    """A fork (a DataLoader's workers, a fork-per-trial sweep) while another thread of the parent held the idle
+    sender's or the parked sinks' lock (the idle sender's timer ending it, a trial on another thread parking its
+    sink): the child's copy of the lock stayed held, and the child's first sink waited on it for ever."""
+    registry = launch.IDLE if held == "idle sender" else launch.PARKED
+    registry._lock.acquire()  # as the other thread holds it at the fork
+    try:
+        child = multiprocessing.get_context("fork").Process(target=what_a_new_sink_asks)
+        child.start()
+        child.join(20)
+        hung = child.is_alive()
+        if hung:
+            child.kill()
+    finally:
+        registry._lock.release()
+    assert not hung and child.exitcode == 0

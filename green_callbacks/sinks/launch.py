@@ -125,6 +125,11 @@ class IdleSender:
         self._proc: subprocess.Popen[bytes] | None = None
         self._owner = 0  # the pid of the process that kept it (a forked child has a copy, not the sender)
         self._timer: threading.Timer | None = None
+        os.register_at_fork(after_in_child=self._forked)  # a lock held by another thread (the timer's) at a fork
+        # stays held in the child, whose next training would wait on it for ever
+
+    def _forked(self) -> None:
+        self._lock = threading.Lock()
 
     def keep(self, proc: subprocess.Popen[bytes]) -> None:
         """``proc`` finished its spool (MLflow confirmed it): kept for ``IDLE_S``, then ended (at once where
@@ -209,7 +214,7 @@ class ParkedSinks:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sinks: weakref.WeakKeyDictionary[object, tuple[float, int]] = weakref.WeakKeyDictionary()
-        os.register_at_fork(after_in_child=self._forked)  # a lock held by another thread at a fork stays held
+        os.register_at_fork(after_in_child=self._forked)  # (as IdleSender's)
 
     def _forked(self) -> None:
         self._lock = threading.Lock()
