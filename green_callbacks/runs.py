@@ -93,12 +93,14 @@ class RunHost:
         if idle is not None and idle.continues(target):
             self.sink = idle
         else:
-            if idle is not None:
+            # a sink whose sender a new sink took (another thread's training) is ended by that sink: a close here as
+            # well raced its giving up (the spool closed under close(): a ValueError out of the user's validate())
+            taken = idle is not None and idle.gave_up
+            if idle is not None and not taken:
                 idle.close()
             # (not where this monitor's own was taken: two monitors alternating stages, HF evaluate() on two Trainers
             # in turn, took each other's at every call, where each kept its own before)
-            self.sink = MlflowSink(target, self.output_dir, close_wait_s=self.mlflow_wait_s,
-                                   take_parked=not (idle is not None and idle.gave_up))
+            self.sink = MlflowSink(target, self.output_dir, close_wait_s=self.mlflow_wait_s, take_parked=not taken)
         if self.run is None:
             self.run = self.sink.run_ref
 

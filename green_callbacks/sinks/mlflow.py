@@ -121,7 +121,7 @@ class MlflowSink(SenderLink):
         self._parked[0] = True
         PARKED.add(self)
 
-    gave_up = False  # it gave its sender to another sink (see give_up_sender)
+    gave_up = False  # it gave its sender, or another sink took it to be given (see give_up_sender): that sink ends it
 
     def give_up_sender(self) -> None:
         """A sink parked (everything confirmed) gives its sender to a new sink of this process, which would start
@@ -178,8 +178,9 @@ class MlflowSink(SenderLink):
                 or self.unconfirmed > 0):
             return False
         # in use again (for a run it does not own, it writes nothing until the stage's end), unless a new sink on
-        # another thread took it from the parked ones just now (its sender is being given up)
+        # another thread took it from the parked ones just now: that sink ends it, giving its sender up
         if not PARKED.discard(self) and self._parked[0]:
+            self.gave_up = True
             return False
         self._end_waited_s = 0.0
         if self.target.owned:  # the run goes on: RUNNING again (a kill from here on is marked KILLED), as a new
