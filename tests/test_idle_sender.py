@@ -312,7 +312,7 @@ def test_sinks_parked_and_taken_on_threads_at_once_are_each_taken_once():
     assert taken
     # a sink taken is no longer parked: a second take of it would give one sender to two sinks
     first = parked.take(None)
-    assert first is not None and parked.take(first) is not first and not parked.discard(first)
+    assert first is not None and parked.take(None) is not first and not parked.discard(first)
 
 
 def test_a_stage_resuming_its_parked_sink_as_another_thread_takes_it_opens_its_own(tmp_path):
