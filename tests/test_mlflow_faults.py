@@ -45,8 +45,8 @@ SCRIPT = Path(__file__).parent / "fault_scripts" / "mlflow_kill.py"
 
 class Link:
     """A TCP hop on 127.0.0.1 in front of a real server: ``up``, ``down`` (port closed) or ``hung``, or a few
-    faulty servers (``flaky``, ``slow-create``, ``deny-writes``: every write answered 401, reads served;
-    ``deny-writes-json``: the same, in the JSON of a gateway, without MLflow's ``error_code``; ``deploy``: every
+    faulty servers (``flaky``, ``slow-create``, ``late-create``, ``deny-writes``: every write answered 401, reads
+    served; ``deny-writes-json``: the same, in the JSON of a gateway, without MLflow's ``error_code``; ``deploy``: every
     write answered ``404 <html>Not Found</html>``, as a gateway during a deploy; ``artifacts-413`` and
     ``artifacts-500``: every artifact upload refused by a proxy's body limit, or failed by a broken artifact store).
 
@@ -100,12 +100,13 @@ class Link:
             threading.Thread(target=self._pump, args=(upstream, conn), daemon=True).start()
 
     requests = 0  # in ``flaky``: the requests seen, every other one answered 503
-    creates = 0  # in ``slow-create``: the runs/create requests seen
+    creates = 0  # in ``slow-create`` and ``late-create``: the runs/create requests seen
 
     def _flaky(self, conn: socket.socket) -> None:
         """``flaky``: a replica behind a round-robin balancer answers every other request 503 (one request per
         connection, as the balancer closes them); the others go to the server. ``slow-create``: every request
-        goes to the server, and a run's creation is answered 6 s late (a loaded or cold server)."""
+        goes to the server, and a run's creation is answered 6 s late (a loaded or cold server); ``late-create``:
+        the same, with the creation made at the end of those 6 s (a queue in front of the server)."""
         with contextlib.suppress(OSError), conn:
             data = b""
             while b"\r\n\r\n" not in data:
@@ -123,7 +124,7 @@ class Link:
                 self.requests += 1
                 state = self.state
                 bad = self.requests % 2 == 1 and state == "flaky"
-                slow = state == "slow-create" and b"/runs/create " in first
+                slow = state in ("slow-create", "late-create") and b"/runs/create " in first
                 self.creates += slow
                 answer = ANSWERS.get(state) if (b"/runs/log-batch " in first if state in WRITES
                                                 else b"/mlflow-artifacts/" in first) else None
@@ -138,9 +139,11 @@ class Link:
                              "Connection: close\r\n\r\n".encode() + text)
                 return
             lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")]
+            if slow and state == "late-create":
+                time.sleep(6.0)
             with socket.create_connection(("127.0.0.1", self.upstream)) as upstream:
                 upstream.sendall(b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n" + body)
-                if slow:
+                if slow and state == "slow-create":
                     time.sleep(6.0)
                 while chunk := upstream.recv(65536):
                     conn.sendall(chunk)
@@ -170,7 +173,7 @@ ANSWERS = {
     "artifacts-500": ("500 Internal Server Error", "text/plain", b"artifact store unavailable"),
 }
 WRITES = ("deny-writes", "deny-writes-json", "deploy")
-FAULTY = ("flaky", "slow-create", *ANSWERS)
+FAULTY = ("flaky", "slow-create", "late-create", *ANSWERS)
 
 
 def store(path: Path) -> str:
@@ -603,28 +606,32 @@ def test_a_server_answering_every_other_request_503_gets_everything(tmp_path, se
     wait_for("the sender removed its spool", lambda: no_spool(out), 30)
 
 
-def test_a_server_slow_to_create_the_run_leaves_one_run(tmp_path, server, link, green_log):
-    """A server that answers the run's creation after the sender's timeout: MLflow's client sends the create
-    again, and the server made a run per try (two stayed RUNNING and empty for ever beside the real one)."""
-    link.set("slow-create")
+@pytest.mark.parametrize("state", ["slow-create", "late-create"])
+def test_a_server_slow_to_create_the_run_leaves_one_run(tmp_path, server, link, green_log, state):
+    """A server that answers the run's creation after the sender's timeout. The sender sends it again, and the
+    server made a run per try (two stayed RUNNING and empty for ever beside the real one); since MLflow 3.18, whose
+    client no longer retries a create, the creation failed and the sender began again later. ``slow-create``: the
+    run is made at once and answered late, and the sender finds it before creating another. ``late-create``: the
+    run is made late, so the sender creates again, and the twin is deleted."""
+    link.set(state)
     out = tmp_path / "out"
-    monitor = EnergyMonitor(tracking_uri=link.uri, experiment_name="slow-create", output_dir=str(out))
+    monitor = EnergyMonitor(tracking_uri=link.uri, experiment_name=state, output_dir=str(out))
     trainer(tmp_path, [monitor], max_epochs=3).fit(ValModel())
 
     def ended() -> bool:
-        exp = MlflowClient(server.uri).get_experiment_by_name("slow-create")
+        exp = MlflowClient(server.uri).get_experiment_by_name(state)
         return exp is not None and any(r.info.status == "FINISHED"
                                        for r in MlflowClient(server.uri).search_runs([exp.experiment_id]))
 
     wait_for("the run finished in MLflow", ended, 120)
-    client, run = the_run(server.uri, "slow-create")  # one live run
+    client, run = the_run(server.uri, state)  # one live run
     assert_every_interval(client, run.info.run_id, monitor.records)
-    assert link.creates > 1  # the client did retry the create
-    exp = client.get_experiment_by_name("slow-create")
+    assert link.creates == 1 if state == "slow-create" else link.creates > 1
+    exp = client.get_experiment_by_name(state)
     every = client.search_runs([exp.experiment_id], run_view_type=3)  # deleted runs too
     assert len(every) == link.creates and all(r.info.lifecycle_stage == "deleted"
-                                          for r in every if r.info.run_id != run.info.run_id)
-
+                                              for r in every if r.info.run_id != run.info.run_id)
+    assert "the records wait in" not in green_log.text  # no outage: one request was slow
 
 
 def end_wait_s(tmp_path, uri: str) -> float:

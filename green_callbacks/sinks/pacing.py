@@ -15,8 +15,9 @@ BACKOFF_S = (1.0, 2.0, 4.0, 8.0)  # then every 8 s: a refused connection costs n
 # quick retries of one request ride out a replica answering 503/429 now and then (urllib3 retries those
 # statuses and refused connections; a whole send sequence retried instead could fail at the same request each
 # time); a request that times out unanswered doubles the timeout for the next (a slow server is not a dead
-# one) until one succeeds. A create that timed out and was retried can make a second run: the empty twins are
-# deleted once the run is known (tracking.RunClient.open).
+# one) until one succeeds. Creates are retried by the sender itself (``tracking.created``: MLflow 3.18's client
+# no longer retries them); one retried after a 503 the server had processed can make a second run: the empty twins
+# are deleted once the run is known (tracking.RunClient.open).
 SENDER_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
               "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}  # retries after 0 s and 2 s (urllib3's backoff)

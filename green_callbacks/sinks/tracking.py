@@ -10,7 +10,9 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Iterator
+import random
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +22,16 @@ from green_callbacks.sinks.target import context_tags
 from green_callbacks.sinks.verdicts import (
     NOT_RECOGNIZED,
     ArtifactFailed,
+    access_refused,
     causes,
     describe,
     foreign_json,
     http_timeout_s,
     permanent,
     sqlite_unwritable,
+    timed_out,
 )
+from green_callbacks.uris import temporary_env
 
 LOCAL_ID_TAG = "green.local_id"  # finds a run created by an earlier try whose answer was lost
 
@@ -163,8 +168,9 @@ class RunClient:
             self.run_id = next((r for r in found if _holds_data(r)), found[0]).info.run_id
         else:
             tags = {"mlflow.source.name": "green-callbacks", **context_tags(header), LOCAL_ID_TAG: local_id}
-            self.run_id = c.create_run(exp_id, start_time=int(header["t_ms"]), tags=tags,
-                                       run_name=target.get("run_name")).info.run_id
+            self.run_id = created(lambda: c.create_run(exp_id, start_time=int(header["t_ms"]), tags=tags,
+                                                       run_name=target.get("run_name")).info.run_id,
+                                  lambda: next((r.info.run_id for r in self._tagged(exp_id, local_id)), None))
             found = self._tagged(exp_id, local_id)
         self._drop_twins(found)
         return self.run_id, True
@@ -173,8 +179,8 @@ class RunClient:
         return list(self.client.search_runs([exp_id], f"tags.`{LOCAL_ID_TAG}` = '{local_id}'", max_results=20))
 
     def _drop_twins(self, found: list[Any]) -> None:
-        """Empty runs made by the same create as the one kept: MLflow's client retries a request that timed out,
-        a create included, and a slow server then makes a run per try. Best effort: they hold nothing."""
+        """Empty runs made by the same create as the one kept: a create retried after a 503 that the server had
+        processed, or after a timeout with the run not yet found (``created``). Best effort: they hold nothing."""
         kept = next((r for r in found if r.info.run_id == self.run_id), None)
         for r in found:
             if kept is not None and r is not kept and r.info.start_time == kept.info.start_time and not _holds_data(r):
@@ -189,7 +195,8 @@ class RunClient:
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             try:
-                return str(self.client.create_experiment(name))
+                return str(created(lambda: self.client.create_experiment(name),
+                                   lambda: getattr(self.client.get_experiment_by_name(name), "experiment_id", None)))
             except MlflowException:  # created meanwhile by another process
                 exp = self.client.get_experiment_by_name(name)
                 if exp is None:
@@ -251,6 +258,32 @@ class RunClient:
     @_probed
     def status(self) -> str:
         return str(self.client.get_run(self.run_id).info.status)
+
+
+def created(create: Callable[[], Any], find: Callable[[], Any]) -> Any:
+    """What ``create`` made (a run, an experiment), retried here as MLflow's client retried it before 3.18, which
+    retries no request that may have reached the server: a create that timed out, or answered 503 (a balancer's
+    failing replica, a server starting), failed at once, and a whole sequence retried later could fail at the same
+    request every time. After a timeout the server may be making it still: ``find`` looks for it first. After an
+    answer, the create goes again at once (a twin made by a 503 that was processed is dropped by ``_drop_twins``; a
+    second experiment of the name is refused). The client's own retries are off for it (the same on every MLflow
+    version); the count and backoff are its settings (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``..._BACKOFF_FACTOR``)."""
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES
+
+    retries, factor = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
+    attempt = 0
+    while True:
+        try:
+            with temporary_env({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}):
+                return create()
+        except Exception as exc:
+            if attempt >= retries or permanent(exc) or access_refused(exc):
+                raise
+            if attempt:  # urllib3's backoff: none before the first retry, then factor * 2, 4 ... s
+                time.sleep(min(factor * 2 ** attempt, 60) * (1 + random.random() / 2))
+            if timed_out(exc) and (made := find()) is not None:
+                return made
+        attempt += 1
 
 
 def _holds_data(run: Any) -> bool:
