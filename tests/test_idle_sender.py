@@ -379,3 +379,27 @@ def test_a_child_forked_while_a_thread_held_the_senders_lock_can_train(held):
     finally:
         registry._lock.release()
     assert not hung and child.exitcode == 0
+
+
+def validate_again(t, model, val_data) -> None:
+    t.validate(model, val_data, verbose=False)
+
+
+def test_a_forked_child_validating_with_the_parents_monitor_writes_a_spool_of_its_own(tmp_path, green_log):
+    """A child forked after a stage (a fork-per-evaluation pool) runs a stage with its copy of the parent's monitor,
+    whose sink the parent keeps parked: the child's copy resumed the parent's sink and wrote into the parent's spool
+    beside it (two writers, one file), and its end would have ended the parent's sender."""
+    uri = ready_store(tmp_path)
+    mon, t, model, val_data = staged_trial(tmp_path, uri, "parent")
+    parked, pid = mon._idle_sink, mon._idle_sink.sender_pid
+    child = multiprocessing.get_context("fork").Process(target=validate_again, args=(t, model, val_data))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0
+    t.validate(model, val_data, verbose=False)  # the parent's monitor again: its own parked sink, sender and spool
+    assert mon._idle_sink is parked and parked.sender_pid == pid and not ended(pid)
+    client = MlflowClient(uri)
+    points = lambda: len(history(client, mon.run.run_id, "energy/validate_j"))  # noqa: E731
+    wait_for("the child's validation in the run", lambda: points() == 3)
+    assert client.get_run(mon.run.run_id).info.status == "FINISHED"
+    assert "sent again from its start" not in green_log.text

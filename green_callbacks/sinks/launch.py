@@ -303,10 +303,11 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
             proc.stdin.close()
 
 
-def abandon(writer: SpoolWriter, senders: list[subprocess.Popen[bytes]], parked: list[bool]) -> None:
+def abandon(writer: SpoolWriter, senders: list[subprocess.Popen[bytes]], parked: list[bool], pid: int) -> None:
     """A sink dropped without ``close``: tell its ``senders`` they are on their own, so they end when done; where
-    it was ``parked`` (everything confirmed, kept for a next stage), its sender is kept for the next training."""
-    if writer.closed:
+    it was ``parked`` (everything confirmed, kept for a next stage), its sender is kept for the next training. Only
+    in the process ``pid`` that wrote it: a forked child's copy dropped there is its parent's, spool and senders."""
+    if writer.closed or pid != os.getpid():
         return
     with contextlib.suppress(OSError, ValueError):
         writer.append("detach", {})

@@ -92,6 +92,7 @@ class MlflowSink(SenderLink):
         self._writer = open_spool(Path(output_dir).absolute() / f"spool-{self.local_id}.jsonl",
                                   weakly(self._write_failed))  # in the output folder: the sender and replay see it
         self._proc: subprocess.Popen[bytes] | None = None
+        self._pid = os.getpid()  # the process writing its spool (a forked child's copy: see forked_copy)
         if self._writer is None:
             return
         self._writer.append("open", spool_header(RunTarget(**{**asdict(target), "tracking_uri": uri}), self.local_id,
@@ -99,7 +100,7 @@ class MlflowSink(SenderLink):
         self._senders: list[subprocess.Popen[bytes]] = []  # every sender it started or was handed (restarts)
         self._parked = [False]  # kept for a next stage, everything confirmed (see park): shared with the finalizer
         self._proc = self._start_sender()
-        weakref.finalize(self, abandon, self._writer, self._senders, self._parked)
+        weakref.finalize(self, abandon, self._writer, self._senders, self._parked, self._pid)
 
     # -- setting up ------------------------------------------------------------------------------
     def _start_sender(self) -> subprocess.Popen[bytes] | None:
@@ -131,7 +132,7 @@ class MlflowSink(SenderLink):
         new sink."""
         PARKED.discard(self)
         if self._parked[0] and self._closed is None and self._writer is not None:
-            abandon(self._writer, self._senders, self._parked)
+            abandon(self._writer, self._senders, self._parked, self._pid)
             self._closed, self.gave_up = True, True
 
     def _write_failed(self, exc: OSError) -> None:
@@ -169,9 +170,17 @@ class MlflowSink(SenderLink):
                 self._run_ref = RunRef(s.run_id, s.tracking_uri, s.owned)
         return self._run_ref
 
+    @property
+    def forked_copy(self) -> bool:
+        """Whether this is a forked child's copy of its parent's sink (a monitor used again in a fork-started
+        pool): the spool, its sender and the sender's pipe are the parent's, written and ended by the parent only."""
+        return os.getpid() != self._pid
+
     def continues(self, target: RunTarget) -> bool:
         """Whether this sink, kept open after a stage that MLflow confirmed, takes a later stage's records for
         ``target``: the same run, sending still; its sender is then warm (no start-up, no wait for one)."""
+        if self.forked_copy:
+            return False
         run = self.run_ref
         if (self._closed is not None or self.blocked or run is None or target.run_id != run.run_id
                 or target.owned != run.owned or target.tracking_uri not in (None, run.tracking_uri)
@@ -261,6 +270,9 @@ class MlflowSink(SenderLink):
         """
         if self._closed is not None:
             return self._closed
+        if self.forked_copy:  # the parent's (a forked child's monitor opening a sink of its own): left to it
+            self._closed = False
+            return False
         PARKED.discard(self)
         self._closing = True
         writer = self._writer
