@@ -141,7 +141,7 @@ class EndHost:
         return True
 
     def _atexit(self) -> None:
-        if self.started and not self._finished:
+        if self.started and not self._finished and self in process.live_trackers():  # (not a forked copy's exit)
             exc = process.uncaught()
             self.finish("FINISHED" if exc is None and not self.epoch_open else
                         "KILLED" if exc is None or issubclass(exc, KeyboardInterrupt) else "FAILED")

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from green_callbacks.tracker import EnergyTracker
 
 F = TypeVar("F", bound=Callable[..., Any])
-_RUNNING: list[weakref.ref[EnergyTracker]] = []
+_RUNNING: list[tuple[weakref.ref[EnergyTracker], int]] = []  # with the pid that started it (not a forked copy)
 _UNCAUGHT: list[type[BaseException]] = []
 _SIGNALS: list[int] = []  # SIGTERM / SIGINT received, whoever handled them
 _HOOKED = False
@@ -54,7 +54,7 @@ def end_by_sigterm() -> None:
 
 def register(tracker: EnergyTracker) -> None:
     """A tracker has started: it ends its run properly however the process ends."""
-    _RUNNING.append(weakref.ref(tracker))
+    _RUNNING.append((weakref.ref(tracker), os.getpid()))
     atexit.register(tracker._atexit)
     _install_hooks()
 
@@ -64,7 +64,11 @@ def unregister(tracker: EnergyTracker) -> None:
 
 
 def live_trackers() -> list[EnergyTracker]:
-    return [t for t in (ref() for ref in _RUNNING) if t is not None and t.started]
+    """The trackers this process started that have not finished. A forked child's copies of its parent's (a fork
+    ``multiprocessing`` pool's workers, which ``Pool.terminate()`` ends by SIGTERM) are not: ending one there wrote
+    its end, ``KILLED``, into the parent's run."""
+    pid = os.getpid()
+    return [t for t in (ref() for ref, by in _RUNNING if by == pid) if t is not None and t.started]
 
 
 def uncaught() -> type[BaseException] | None:

@@ -14,6 +14,7 @@ import time
 import pandas as pd
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import digits_tensors, history, ready_store, records_of, runs
@@ -604,3 +605,21 @@ def test_a_resumed_run_tags_a_method_weaker_than_before_the_checkpoint(tmp_path,
     _gpu_epochs(resumed, fake_nvml, 2, start=2)
     _, (run,) = runs(uri, "r")
     assert run.data.tags["green.method.gpu"] == summary(resumed)["methods"]["gpu"] == "sampled"
+
+
+def test_a_fork_pool_ended_inside_a_training_leaves_the_run_to_the_training(tmp_path, uri, gpu, capfd):
+    """A fork-started ``multiprocessing`` pool inside an epoch: ``Pool.__exit__`` ends its workers by SIGTERM, and
+    each worker's copy of the package's handler ended its copy of the parent's tracker, ``KILLED``: its final
+    metrics, artifacts and status went into the parent's spool (a second ``energy/total_j``, a "[killed]" summary
+    per worker)."""
+    import multiprocessing
+
+    tracker = tracker_for(tmp_path, uri)
+    with tracker, tracker.epoch(0):
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            assert pool.map(abs, [-1, -2, -3]) == [1, 2, 3]
+        gpu.advance(0.01)
+    _, (run,) = runs(uri, "my-run")
+    assert run.info.status == "FINISHED"
+    assert len(history(MlflowClient(uri), run.info.run_id, "energy/total_j")) == 1
+    assert "[killed]" not in capfd.readouterr().out

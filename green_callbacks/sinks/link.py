@@ -30,6 +30,13 @@ class SenderLink:
     _relayed: int
     _next_poll: float
     _sendable: list[int]
+    _pid: int  # the process that writes the spool
+
+    @property
+    def forked_copy(self) -> bool:
+        """Whether this is a forked child's copy of its parent's sink (a monitor used again in a fork-started
+        pool): the spool, its sender and the sender's pipe are the parent's, written and ended by the parent only."""
+        return os.getpid() != self._pid
 
     @property
     def spool_path(self) -> Path:
@@ -61,7 +68,8 @@ class SenderLink:
         """A sender killed (or crashed) while training goes on is started again, at most ``MAX_RESTARTS`` times:
         the new one goes on from what the spool's state says was sent, so nothing is sent twice."""
         proc = self._proc
-        if proc is None or self._closing or self._restarts >= MAX_RESTARTS or proc.poll() in (None, 0):
+        if proc is None or self._closing or self._restarts >= MAX_RESTARTS or self.forked_copy \
+                or proc.poll() in (None, 0):
             return
         if self._writer is None or not self._writer.path.exists():
             return

@@ -170,12 +170,6 @@ class MlflowSink(SenderLink):
                 self._run_ref = RunRef(s.run_id, s.tracking_uri, s.owned)
         return self._run_ref
 
-    @property
-    def forked_copy(self) -> bool:
-        """Whether this is a forked child's copy of its parent's sink (a monitor used again in a fork-started
-        pool): the spool, its sender and the sender's pipe are the parent's, written and ended by the parent only."""
-        return os.getpid() != self._pid
-
     def continues(self, target: RunTarget) -> bool:
         """Whether this sink, kept open after a stage that MLflow confirmed, takes a later stage's records for
         ``target``: the same run, sending still; its sender is then warm (no start-up, no wait for one)."""
@@ -197,7 +191,7 @@ class MlflowSink(SenderLink):
         return True
 
     def _append(self, kind: str, data: dict[str, Any], step: int | None = None) -> None:
-        if self._writer is None or self._closed is not None:
+        if self._writer is None or self._closed is not None or self.forked_copy:
             return
         seq = self._writer.append(kind, data, step)
         if self._parked[0]:  # something new to confirm
@@ -242,7 +236,7 @@ class MlflowSink(SenderLink):
     def flush(self, timeout_s: float = 10.0, ending: bool = False) -> bool:
         """Wait until MLflow confirmed everything logged so far (``timeout_s`` as in ``close``). ``ending``: the
         first wait of the run's end, whose time ``close`` then deducts from its own (one wait for the whole end)."""
-        if self._writer is None or self._closed is not None:
+        if self._writer is None or self._closed is not None or self.forked_copy:
             return self._closed is True
         writer = self._writer
         self._append("flush", {})  # the sender sends now instead of at its next cadence
