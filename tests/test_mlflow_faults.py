@@ -101,12 +101,13 @@ class Link:
 
     requests = 0  # in ``flaky``: the requests seen, every other one answered 503
     creates = 0  # in ``slow-create`` and ``late-create``: the runs/create requests seen
+    made = 0  # in ``late-create``: those passed on to the server (the run made)
 
     def _flaky(self, conn: socket.socket) -> None:
         """``flaky``: a replica behind a round-robin balancer answers every other request 503 (one request per
         connection, as the balancer closes them); the others go to the server. ``slow-create``: every request
         goes to the server, and a run's creation is answered 6 s late (a loaded or cold server); ``late-create``:
-        the same, with the creation made at the end of those 6 s (a queue in front of the server)."""
+        every run's creation reaches the server 9 s late (a queue in front of it), and is answered then."""
         with contextlib.suppress(OSError), conn:
             data = b""
             while b"\r\n\r\n" not in data:
@@ -140,7 +141,9 @@ class Link:
                 return
             lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")]
             if slow and state == "late-create":
-                time.sleep(6.0)
+                time.sleep(9.0)
+                with self._lock:
+                    self.made += 1
             with socket.create_connection(("127.0.0.1", self.upstream)) as upstream:
                 upstream.sendall(b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n" + body)
                 if slow and state == "slow-create":
@@ -612,11 +615,18 @@ def test_a_server_slow_to_create_the_run_leaves_one_run(tmp_path, server, link, 
     server made a run per try (two stayed RUNNING and empty for ever beside the real one); since MLflow 3.18, whose
     client no longer retries a create, the creation failed and the sender began again later. ``slow-create``: the
     run is made at once and answered late, and the sender finds it before creating another. ``late-create``: the
-    run is made late, so the sender creates again, and the twin is deleted."""
+    run is made late, so the sender creates again; the second creation reaches the server after the sender found
+    the first run, and its twin, made before the training's end, is deleted then."""
     link.set(state)
     out = tmp_path / "out"
     monitor = EnergyMonitor(tracking_uri=link.uri, experiment_name=state, output_dir=str(out))
-    trainer(tmp_path, [monitor], max_epochs=3).fit(ValModel())
+
+    class TwinMade(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            if state == "late-create":
+                wait_for("the second creation made a run", lambda: link.made >= 2, 60)
+
+    trainer(tmp_path, [TwinMade(), monitor], max_epochs=3).fit(ValModel())  # (its end before the status)
 
     def ended() -> bool:
         exp = MlflowClient(server.uri).get_experiment_by_name(state)

@@ -120,6 +120,8 @@ class RunClient:
             raise PermissionError(why)
         self.client = MlflowClient(uri)
         self.run_id: str | None = None
+        self.remote = uri.startswith(("http://", "https://"))  # a tracking server: creates retried (``created``)
+        self._twins_of: tuple[str, str] | None = None  # (experiment, local id) of a run created in several tries
 
     def probe(self, exc: BaseException) -> None:
         """An error answer in JSON that is not MLflow's (``{"message": "Unauthorized"}``): MLflow calls it a 500
@@ -168,10 +170,18 @@ class RunClient:
             self.run_id = next((r for r in found if _holds_data(r)), found[0]).info.run_id
         else:
             tags = {"mlflow.source.name": "green-callbacks", **context_tags(header), LOCAL_ID_TAG: local_id}
-            self.run_id = created(lambda: c.create_run(exp_id, start_time=int(header["t_ms"]), tags=tags,
-                                                       run_name=target.get("run_name")).info.run_id,
-                                  lambda: next((r.info.run_id for r in self._tagged(exp_id, local_id)), None))
+            sent = []
+
+            def create() -> str:
+                sent.append(1)
+                return str(c.create_run(exp_id, start_time=int(header["t_ms"]), tags=tags,
+                                        run_name=target.get("run_name")).info.run_id)
+
+            self.run_id = created(create, lambda: next((r.info.run_id for r in self._tagged(exp_id, local_id)), None),
+                                  self.remote)
             found = self._tagged(exp_id, local_id)
+            if len(sent) > 1:  # a create that timed out may still land: its twin looked for again at the run's end
+                self._twins_of = (exp_id, local_id)
         self._drop_twins(found)
         return self.run_id, True
 
@@ -196,7 +206,8 @@ class RunClient:
         if exp is None:
             try:
                 return str(created(lambda: self.client.create_experiment(name),
-                                   lambda: getattr(self.client.get_experiment_by_name(name), "experiment_id", None)))
+                                   lambda: getattr(self.client.get_experiment_by_name(name), "experiment_id", None),
+                                   self.remote))
             except MlflowException:  # created meanwhile by another process
                 exp = self.client.get_experiment_by_name(name)
                 if exp is None:
@@ -254,22 +265,28 @@ class RunClient:
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             self.client.set_terminated(self.run_id, status, end_time=end_time_ms)
+            if self._twins_of is not None:
+                with contextlib.suppress(Exception):
+                    self._drop_twins(self._tagged(*self._twins_of))
 
     @_probed
     def status(self) -> str:
         return str(self.client.get_run(self.run_id).info.status)
 
 
-def created(create: Callable[[], Any], find: Callable[[], Any]) -> Any:
+def created(create: Callable[[], Any], find: Callable[[], Any], remote: bool) -> Any:
     """What ``create`` made (a run, an experiment), retried here as MLflow's client retried it before 3.18, which
     retries no request that may have reached the server: a create that timed out, or answered 503 (a balancer's
     failing replica, a server starting), failed at once, and a whole sequence retried later could fail at the same
     request every time. After a timeout the server may be making it still: ``find`` looks for it first. After an
     answer, the create goes again at once (a twin made by a 503 that was processed is dropped by ``_drop_twins``; a
     second experiment of the name is refused). The client's own retries are off for it (the same on every MLflow
-    version); the count and backoff are its settings (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``..._BACKOFF_FACTOR``)."""
+    version); the count and backoff are its settings (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``..._BACKOFF_FACTOR``).
+    Not ``remote`` (a local store: no HTTP, nothing MLflow would retry): one try, its error raised at once."""
     from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES
 
+    if not remote:
+        return create()
     retries, factor = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
     attempt = 0
     while True:
