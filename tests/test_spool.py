@@ -61,6 +61,33 @@ def test_a_replayed_run_ends_when_its_training_ended_not_at_the_replay(tmp_path)
     assert run.info.status == "FINISHED" and run.info.end_time <= ended_ms
 
 
+def test_a_replay_into_a_locked_local_store_tries_the_run_once_then_sends_it_when_unlocked(tmp_path, monkeypatch):
+    """A local store's create is tried once, as MLflow tries it: the retries of a create meant for a tracking server
+    (``tracking.created``) slept minutes, with MLflow's default settings, on a sqlite store another process held."""
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.delenv(name, raising=False)  # MLflow's defaults, as a user's replay has them
+    import sqlite3
+
+    uri = ready_store(tmp_path, "m.db")
+    MlflowClient(uri).create_experiment("locked")
+    spool = write_spool(tmp_path / "spool-locked.jsonl", RunTarget(uri, experiment_name="locked"),
+                        [*epochs(2), ("status", {"status": "FINISHED"}, None)])
+    holder = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process writing: reads go on, every write waits, then fails
+    started = time.monotonic()
+    try:
+        assert not replay_spool(spool).complete
+        took = time.monotonic() - started
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert took < 60, f"the replay retried a local store's create for {took:.0f} s"
+    assert replay_spool(spool).complete
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("locked").experiment_id])
+    assert history(client, run.info.run_id, "energy/epoch_j") == [(0, 0.0), (1, 10.0)]
+
+
 def test_names_are_sanitised_as_lightnings_mlflow_logger_does(tmp_path):
     from lightning.pytorch.loggers import MLFlowLogger
 
