@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import mlflow
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
@@ -40,7 +41,7 @@ def ended(pid: int) -> bool:
         return True
 
 
-def train(uri: str, out: Path, experiment: str, joules: float) -> tuple[MlflowSink, str]:
+def train(uri: str | None, out: Path, experiment: str, joules: float) -> tuple[MlflowSink, str]:
     """One training's records through a sink, closed as a training's end closes it; its run's id."""
     sink = MlflowSink(RunTarget(uri, experiment_name=experiment), out)
     for step in range(3):
@@ -64,6 +65,27 @@ def test_trainings_of_one_process_share_its_sender_and_each_run_gets_its_own_rec
         assert client.get_run(run_id).info.status == "FINISHED" and not sink.spool_path.exists()
     client = MlflowClient(first)
     assert len(client.search_runs([client.get_experiment_by_name("sweep").experiment_id])) == 2
+
+
+def test_trainings_into_the_stores_that_set_tracking_uri_names_share_the_sender(tmp_path, monkeypatch):
+    """A sweep that names each trial's store with ``mlflow.set_tracking_uri`` (which sets ``MLFLOW_TRACKING_URI``
+    in the process's environment): the kept sender is handed every spool (a new one was started, and MLflow
+    imported again, at every change of store), and each run's records reach the store that trial named."""
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", None)  # (put back after the test, as MLFLOW_TRACKING_URI is)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    stores = [ready_store(tmp_path / "a"), ready_store(tmp_path / "b"), ready_store(tmp_path / "c")]
+    done = []
+    for i, uri in enumerate(stores):
+        mlflow.set_tracking_uri(uri)
+        done.append(train(None, tmp_path / "out", "sweep", float(i + 1)))
+    assert len({sink.sender_pid for sink, _ in done}) == 1, "one sender for the three trainings"
+    for i, (uri, (_, run_id)) in enumerate(zip(stores, done, strict=True)):
+        client = MlflowClient(uri)
+        assert [r.info.run_id for r in client.search_runs([client.get_experiment_by_name("sweep").experiment_id])] \
+            == [run_id], "each store holds its own trial's run"
+        assert history(client, run_id, "energy/cumulative_j") == [(s, (i + 1.0) * (s + 1)) for s in range(3)]
 
 
 @pytest.mark.parametrize("idle_s", [1.0, 0.0], ids=["ends after IDLE_S", "IDLE_S=0 keeps none"])

@@ -22,6 +22,8 @@ from pathlib import Path
 from green_callbacks.sinks.files import lock, open_own
 from green_callbacks.sinks.sender import Sender
 from green_callbacks.sinks.spool import WAKE, log_path
+from green_callbacks.sinks.target import ADOPTED
+from green_callbacks.uris import without_credentials
 
 POLL_S = 0.2
 
@@ -81,12 +83,28 @@ def follow(spool: Path) -> int:
         held.close()  # the lock, for a replay (this process may follow another spool now)
 
 
+def adopt(header: dict[str, object]) -> None:
+    """MLflow's environment variables that say where records go, as the spool's training had them: a sender kept
+    for its process's next training (``--next-from-stdin``) was started with the environment of an earlier one,
+    which may have set another tracking URI (``mlflow.set_tracking_uri`` sets ``MLFLOW_TRACKING_URI``). The first
+    spool's are the sender's own already (its user and password, if the URI held them, stay)."""
+    for name, key in ADOPTED.items():
+        value = header.get(key)
+        if without_credentials(os.environ.get(name)) == value:
+            continue
+        if isinstance(value, str) and value:
+            os.environ[name] = value
+        else:
+            os.environ.pop(name, None)
+
+
 def _follow(spool: Path, pause: Callable[[float], object]) -> int:
     sender = Sender(spool)
     cwd = sender.header.get("cwd")
     if isinstance(cwd, str) and os.path.isdir(cwd):  # as its training (a sender kept idle followed another's)
         with contextlib.suppress(OSError):
             os.chdir(cwd)
+    adopt(sender.header)
     # the training that wrote the header started this sender: if it died before this line ran, the parent is
     # already another process (init), and the training must count as gone from the start
     parent = sender.header.get("pid") if isinstance(sender.header.get("pid"), int) else os.getppid()

@@ -19,6 +19,7 @@ from pathlib import Path
 from green_callbacks.sensors.cpu_power import SENDERS
 from green_callbacks.sinks.pacing import SENDER_ENV
 from green_callbacks.sinks.spool import SpoolWriter
+from green_callbacks.sinks.target import ADOPTED
 
 log = logging.getLogger("green_callbacks")
 
@@ -80,7 +81,11 @@ IDLE_S = 30.0  # how long an idle sender waits for the next training of its proc
 _VOLATILE_PREFIXES = ("PYTEST_", "PL_", "LIGHTNING_", "TORCHELASTIC_", "TORCHINDUCTOR_", "TORCH_", "CUDA_", "NCCL_",
                       "OMP_", "MKL_", "KMP_", "TOKENIZERS_", "ACCELERATE_", "HYDRA_")
 _VOLATILE = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK",
-             "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE"}
+             "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE",
+             # where the records go: each spool's header says (MLflow's set_tracking_uri() sets the first in the
+             # environment, so a process that trains into one store after another changed it at every training),
+             # and a kept sender takes them from the header of the spool it is handed (follower.adopt)
+             *ADOPTED}
 _SENDER_ENV: dict[int, tuple[tuple[str, str], ...]] = {}  # a sender's pid -> the environment it was started with
 
 

@@ -51,6 +51,12 @@ class RunRef:
     owned: bool = False
 
 
+# the environment variables a spool's header records (as ``env_...``, credentials taken out), by the key it records each
+# under: a sender kept for its process's next training takes them from the next spool (sinks.launch, sinks.follower)
+ADOPTED = {"MLFLOW_TRACKING_URI": "env_tracking_uri", "MLFLOW_EXPERIMENT_NAME": "env_experiment_name",
+           "MLFLOW_EXPERIMENT_ID": "env_experiment_id"}
+
+
 def spool_header(target: RunTarget, local_id: str, cadence_s: float = 5.0, first_send_s: float = 10.0,
                  linger_s: float = 60.0) -> dict[str, Any]:
     """The spool's first record: all a sender (or a replay, days later) needs to find or create the run."""
