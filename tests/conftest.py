@@ -91,13 +91,16 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.green_tree_before = tree_files()
 
 
-# The files whose tests take longest, sent out first (``--no-loadscope-reorder``: pytest-xdist sends whole files
-# in collection order, to whichever worker is free), so that the suite does not end with one worker on a long file
-# while the other stands idle; seconds summed per file in a run on two cores of 2026-12-07. The rest follow in
-# their order, and ``test_zz_clean_tree.py`` (which checks what the suite left behind) last.
-LONGEST_FIRST = ("test_mlflow_faults.py", "test_faults.py", "test_examples.py", "test_ddp.py", "test_stopping.py",
-                 "test_plain_loop.py", "test_intervals.py", "test_spool.py", "test_ray_train.py",
-                 "test_lightning_monitor.py", "test_schedule_edges.py", "test_hf_monitor.py")
+# The two files of ``quiet`` tests first, one on each worker, side by side (one after the other, each had the other
+# worker stand still for its whole length); then the files whose tests take longest (``--no-loadscope-reorder``:
+# pytest-xdist sends whole files in collection order, to whichever worker is free), so that the suite does not end
+# with one worker on a long file while the other stands idle; seconds summed per file in a run on two cores of
+# 2026-12-07. The rest follow in their order, and ``test_zz_clean_tree.py`` (which checks what the suite left
+# behind) last.
+LONGEST_FIRST = ("test_nvml_sensor.py", "test_amd_sensor.py", "test_mlflow_faults.py", "test_faults.py",
+                 "test_examples.py", "test_ddp.py", "test_stopping.py", "test_plain_loop.py", "test_intervals.py",
+                 "test_spool.py", "test_ray_train.py", "test_lightning_monitor.py", "test_schedule_edges.py",
+                 "test_hf_monitor.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -110,24 +113,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=place)  # stable: a file's tests keep their order
 
 
-_alone_run: list = []  # this worker's gate and room files while it holds a run of ``alone`` tests
+_held: list = []  # this worker's open lock files and the kind of run it holds (a run of ``alone`` or ``quiet`` tests)
 
 
-def _alone(item: pytest.Item | None) -> bool:
-    return item is not None and item.get_closest_marker("alone") is not None
+def _kind(item: pytest.Item | None) -> str | None:
+    if item is None:
+        return None
+    return next((k for k in ("alone", "quiet") if item.get_closest_marker(k) is not None), "shared")
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     """With the tests on several processes (pytest-xdist), a test marked ``alone`` runs with no other test
-    beside it: the sensors' edge accuracy (a read a millisecond late on a busy core is a sample off), energy
-    that follows wall time into a budget's decision, several ranks or a Ray cluster of their own. Every other
-    test holds a shared lock while it runs, an ``alone`` test the exclusive one; a gate taken first keeps a
-    stream of shared holders from starving it. The lock is held over the test's whole protocol, so the
-    fixtures it sets up and tears down (a module's MLflow server started for its first test) are inside it
-    too. A run of ``alone`` tests one after another on a worker (a file of them: the tests go out by file)
-    holds the exclusive lock from its first to its last: taken for each, every one waited for the test the
-    other worker had started, and the other worker stood still meanwhile (a third of the suite's time on
+    beside it: energy that follows wall time into a budget's decision, several ranks or a Ray cluster of their
+    own, CPU time charged to a process tree. A test marked ``quiet`` runs beside other ``quiet`` tests only: the
+    sensors' tests on simulated devices, which sleep through windows checked to their edges (a read a millisecond
+    late on a busy core is a sample off), but whose sampler threads leave the other core free.
+
+    Three lock files: every other test holds ``shared`` (a shared lock), a quiet one ``quiet`` (a shared lock too);
+    a test takes the other group's file exclusively for a moment on its way in, so that no test of the other group
+    runs (an ``alone`` test takes both, and keeps them). The way in, the ``gate``, is taken exclusively by one test
+    at a time, so a stream of one group's tests does not starve the other. The locks are held over the test's whole
+    protocol, so the fixtures it sets up and tears down (a module's MLflow server started for its first test) are
+    inside it too. A run of ``alone`` (or of ``quiet``) tests one after another on a worker (a file of them: the
+    tests go out by file) holds its locks from its first test to its last: taken for each, every one waited for the
+    test the other worker had started, and the other worker stood still meanwhile (a third of the suite's time on
     two cores). On one process nothing is locked."""
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if run is None:
@@ -135,27 +145,30 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         return
     import fcntl
 
-    alone = _alone(item)
-    if _alone_run:  # the run of alone tests this worker holds goes on (only an alone test follows one)
-        gate, room = _alone_run
-    else:
+    kind = _kind(item)
+    if not _held:
         base = item.config._tmp_path_factory.getbasetemp().parent / f"green-tests-{run}"
-        gate, room = open(f"{base}.gate", "a"), open(f"{base}.room", "a")  # noqa: SIM115 (held across tests)
-        fcntl.flock(gate, fcntl.LOCK_EX)
+        files = {name: open(f"{base}.{name}", "a") for name in ("gate", "shared", "quiet")}  # noqa: SIM115
+        fcntl.flock(files["gate"], fcntl.LOCK_EX)
         try:
-            fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+            if kind == "alone":
+                fcntl.flock(files["shared"], fcntl.LOCK_EX)
+                fcntl.flock(files["quiet"], fcntl.LOCK_EX)
+            else:
+                other = files["quiet" if kind == "shared" else "shared"]
+                fcntl.flock(other, fcntl.LOCK_EX)  # no test of the other group runs (this one holds the gate)
+                fcntl.flock(files[kind], fcntl.LOCK_SH)
+                fcntl.flock(other, fcntl.LOCK_UN)
         finally:
-            if not alone:
-                fcntl.flock(gate, fcntl.LOCK_UN)
-        if alone:
-            _alone_run[:] = [gate, room]
+            if kind != "alone":
+                fcntl.flock(files["gate"], fcntl.LOCK_UN)
+        _held[:] = [files, kind]
     try:
         yield
     finally:
-        if not (alone and _alone(nextitem)):
-            fcntl.flock(room, fcntl.LOCK_UN)
-            if alone:
-                fcntl.flock(gate, fcntl.LOCK_UN)
-            gate.close()
-            room.close()
-            _alone_run.clear()
+        files, held = _held
+        if held == "shared" or _kind(nextitem) != held:
+            for f in files.values():
+                fcntl.flock(f, fcntl.LOCK_UN)
+                f.close()
+            _held.clear()

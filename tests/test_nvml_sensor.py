@@ -12,7 +12,8 @@ from green_callbacks.sensors import Method, NvmlSensor, build_sensors
 
 from helpers import busy_wait, truth
 
-pytestmark = pytest.mark.alone  # windows checked to their edges: a read a millisecond late on a busy core is off
+pytestmark = pytest.mark.quiet  # windows checked to their edges: a read a millisecond late on a busy core is off
+# (beside the other file of quiet tests only: both sleep through their windows, see conftest.py)
 
 
 def one_window(sensor, seconds: float, **meter_kw):
