@@ -3,6 +3,7 @@ creates no store and sends no credential to a server the file names; it says whe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -140,6 +141,27 @@ def test_a_forged_spool_creates_no_store_at_a_path_it_names(tmp_path, capsys):
     assert cli(["replay", str(spool), "--tracking-uri", mine]) == 0
     assert "(--tracking-uri)" in capsys.readouterr().out
     assert len(MlflowClient(mine).search_runs([MlflowClient(mine).get_experiment_by_name("x").experiment_id])) == 1
+
+
+def test_a_forged_spool_runs_no_migrations_in_another_programs_database(tmp_path, capsys):
+    """A sqlite file that exists but holds no MLflow store (a browser's history, an application's data) is refused
+    whole: MLflow would add its tables to it and write the run there."""
+    import sqlite3
+
+    app = tmp_path / "app.sqlite"
+    with contextlib.closing(sqlite3.connect(app)) as db:
+        db.execute("CREATE TABLE history (url TEXT)")
+        db.execute("INSERT INTO history VALUES ('https://example.org')")
+        db.commit()
+    before = app.read_bytes()
+    spool = write_spool(tmp_path / "spool-f7.jsonl", RunTarget(f"sqlite:///{app}", experiment_name="x"), epochs(1))
+    assert cli(["replay", str(spool)]) == 1
+    err = capsys.readouterr().err
+    assert f"names the MLflow store sqlite:///{app}, which is not an MLflow store; replay creates no store" in err
+    assert app.read_bytes() == before and spool.exists()
+    mine = ready_store(tmp_path, "mine.db")  # a real store, named in a spool: sent as before
+    spool = write_spool(tmp_path / "spool-f8.jsonl", RunTarget(mine, experiment_name="x"), epochs(1))
+    assert cli(["replay", str(spool)]) == 0 and not spool.exists()
 
 
 def test_credentials_in_the_environment_go_only_to_a_server_the_user_names(tmp_path, monkeypatch, capsys):

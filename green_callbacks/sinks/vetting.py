@@ -4,7 +4,8 @@ A spool (and its state file) is a file anyone who can write the folder could hav
 sender trusts its spool (the training beside it wrote it a moment ago); ``green-callbacks replay``
 does not:
 
-- the destination: a local store (sqlite, a file store) the spool names must already exist (a
+- the destination: a local store (sqlite, a file store) the spool names must already exist, and be
+  MLflow's (a sqlite file without its tables, another program's database, gets no migrations; a
   replay creates no database at a path a file names), and a server the spool names gets no MLflow
   credentials (from the environment or MLflow's credentials file) unless the user names it
   (``--tracking-uri``, or ``MLFLOW_TRACKING_URI``: the same scheme, host and port);
@@ -26,6 +27,7 @@ import configparser
 import contextlib
 import os
 import re
+import sqlite3
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -105,9 +107,29 @@ def _store_exists(path: Path) -> bool:
         return any(path.glob("*/meta.yaml"))
     try:
         with path.open("rb") as f:
-            return f.read(16) == b"SQLite format 3\x00"
+            if f.read(16) != b"SQLite format 3\x00":
+                return False
     except OSError:
         return False
+    return _mlflow_tables(path)
+
+
+def _mlflow_tables(path: Path) -> bool:
+    """The sqlite file holds an MLflow store (its migrations' table, its runs and experiments), read only.
+
+    Any other database (a browser's, an application's) is not a store: MLflow would run its migrations in
+    it, adding its tables, and write the run there."""
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+    except (sqlite3.Error, ValueError):
+        return False
+    try:
+        names = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:
+        return False
+    finally:
+        db.close()
+    return {"alembic_version", "experiments", "runs", "metrics"} <= names
 
 
 class ReplaySender(Sender):
@@ -151,8 +173,9 @@ class ReplaySender(Sender):
         again = f"run replay again with --tracking-uri {uri} if that is where the run belongs"
         store = local_store(uri)
         if store is not None and not _store_exists(store):
-            raise ValueError(f"{self.spool} names the MLflow store {uri}, which does not exist; replay creates no "
-                             f"store at a path a spool names: create it, or {again}")
+            what = "is not an MLflow store" if store.is_file() and store.stat().st_size else "does not exist"
+            raise ValueError(f"{self.spool} names the MLflow store {uri}, which {what}; replay creates no store at a "
+                             f"path a spool names (nor MLflow's tables in another database): create it, or {again}")
         if store is not None and (why := not_yours(store)) is not None:  # its runs' artifact folders are its say
             raise ValueError(f"{self.spool} names the MLflow store {uri}, which {why}: replay writes only to "
                              f"stores of your own: {again}")
