@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from green_callbacks.policies import higher_is_better
-from green_callbacks.uris import PASSWORD_ENV, split_credentials, temporary_env
+from green_callbacks.uris import DB_PASSWORD_ENV, PASSWORD_ENV, split_credentials, temporary_env, with_credentials
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -112,12 +112,14 @@ def experiment_frame(experiment: str, tracking_uri: str | None = None, metric: s
     _require_store(uri)
     try:
         with temporary_env(secrets):
-            client = MlflowClient(uri)
+            client = MlflowClient(with_credentials(uri))
             exp = client.get_experiment_by_name(experiment)
             names = [] if exp is not None else sorted(e.name for e in client.search_experiments())
             runs = client.search_runs([exp.experiment_id], max_results=5000) if exp is not None else []
     except Exception as exc:
-        said = str(exc).replace(secrets[PASSWORD_ENV], "***") if secrets.get(PASSWORD_ENV) else str(exc)
+        said = str(exc)
+        for name in (PASSWORD_ENV, DB_PASSWORD_ENV):
+            said = said.replace(secrets[name], "***") if secrets.get(name) else said
         raise ValueError(f"cannot read MLflow at {uri}: {said}") from exc
     if exp is None:
         raise ValueError(f"no experiment {experiment!r} at {uri}; experiments there: {names}")

@@ -31,7 +31,7 @@ from green_callbacks.sinks.verdicts import (
     sqlite_unwritable,
     timed_out,
 )
-from green_callbacks.uris import temporary_env
+from green_callbacks.uris import temporary_env, with_credentials
 
 LOCAL_ID_TAG = "green.local_id"  # finds a run created by an earlier try whose answer was lost
 
@@ -118,7 +118,7 @@ class RunClient:
         why = sqlite_unwritable(uri)
         if why is not None:
             raise PermissionError(why)
-        self.client = MlflowClient(uri)
+        self.client = MlflowClient(with_credentials(uri))  # a database's user and password: in memory only
         self.run_id: str | None = None
         self.remote = uri.startswith(("http://", "https://"))  # a tracking server: creates retried (``created``)
         self._twins_of: tuple[str, str] | None = None  # (experiment, local id) of a run created in several tries

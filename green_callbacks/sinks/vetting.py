@@ -37,13 +37,13 @@ from urllib.parse import urlsplit
 from green_callbacks.sinks.sender import Sender
 from green_callbacks.sinks.spool import Record, Unreadable, state_path
 from green_callbacks.sinks.tracking import LOCAL_ID_TAG, Blocked, resolve_uri
-from green_callbacks.uris import PASSWORD_ENV, without_credentials
+from green_callbacks.uris import DB_PASSWORD_ENV, PASSWORD_ENV, is_database, without_credentials
 
 ARTIFACT_DIR = "green_callbacks"  # outputs.ARTIFACT_DIR, without importing the tracker's side
 ARTIFACT_NAMES = ("intervals.csv", "power_trace.csv", "summary.json", "power.png")  # outputs._write_files
 # what MLflow sends to any server it talks to: a password, a token, a client certificate, an auth plugin, AWS SigV4
-CREDENTIAL_ENV = (PASSWORD_ENV, "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH", "MLFLOW_TRACKING_AUTH",
-                  "MLFLOW_TRACKING_AWS_SIGV4", "DATABRICKS_TOKEN")
+CREDENTIAL_ENV = (PASSWORD_ENV, DB_PASSWORD_ENV, "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+                  "MLFLOW_TRACKING_AUTH", "MLFLOW_TRACKING_AWS_SIGV4", "DATABRICKS_TOKEN")
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # run ids and local ids: nothing a search filter would read as syntax
 # the names this package logs (docs/metrics.md): into a run it did not open, a replay sends no others
 OWN_METRICS = ("energy/", "power/", "emissions/", "cost/", "efficiency/", "stopping/", "projection/", "throughput/",
@@ -179,6 +179,11 @@ class ReplaySender(Sender):
         if store is not None and (why := not_yours(store)) is not None:  # its runs' artifact folders are its say
             raise ValueError(f"{self.spool} names the MLflow store {uri}, which {why}: replay writes only to "
                              f"stores of your own: {again}")
+        if store is None and is_database(uri):  # a database server: MLflow would run its migrations in whatever
+            # database the spool names, one of yours a local server lets in without a password included
+            raise ValueError(f"{self.spool} names the database {uri}; replay writes to a database server only when "
+                             f"you name it (its user and password are never in a spool): run replay again with "
+                             f"--tracking-uri {uri}, its user and password in it")
         secrets = credentials()
         env_uri = without_credentials(os.environ.get("MLFLOW_TRACKING_URI"))
         if store is None and secrets and (not env_uri or _server(env_uri) != _server(uri)):
