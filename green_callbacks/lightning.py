@@ -101,7 +101,7 @@ class EnergyMonitor(EnergyTracker, Callback):
             return False
         schedule = self._schedule
         if at is not None and schedule is not None and schedule.n is not None:
-            return (at // schedule.batches + 1) % schedule.n == 0
+            return (schedule.epoch_of(at) + 1) % schedule.n == 0
         validates = self._validates_this_epoch
         return validates is None or bool(validates())
 

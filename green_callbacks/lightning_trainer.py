@@ -135,53 +135,95 @@ def max_steps(trainer: pl.Trainer) -> float | None:
 @dataclass(frozen=True)
 class Schedule:
     """Lightning's validation schedule on the step axis, where it is one of steps: a validation every ``every``
-    batches, in every ``n``-th epoch (``None``: counted over the whole run) of ``batches`` training batches."""
+    batches, in every ``n``-th epoch (``None``: counted over the whole run) of ``batches`` training batches (inf:
+    an endless stream, where ``n`` is None), with gradients accumulated over ``accumulate`` batches. Validations
+    are counted in batches, the axis in optimizer steps: a step a batch, or one every ``accumulate`` batches and
+    at each epoch's last."""
 
     every: int
     n: int | None
-    batches: int
+    batches: float
+    accumulate: int = 1
 
     @classmethod
     def of(cls, trainer: pl.Trainer) -> Schedule | None:
-        """The trainer's, or ``None`` where it is not one of steps, or the axis is not one batch a step: validation
-        off, by time, an epoch of unknown length, accumulated gradients."""
+        """The trainer's, or ``None`` where it is not one of steps: validation off, by time, an epoch of unknown
+        length validated by epochs, an accumulation that changes during the run."""
         try:
+            from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
             every, n, batches = trainer.val_check_batch, trainer.check_val_every_n_epoch, trainer.num_training_batches
-            if not trainer.enable_validation or trainer.accumulate_grad_batches != 1 or type(every) is not int \
-                    or every < 1 or not (n is None or (type(n) is int and n >= 1)):
+            k = trainer.accumulate_grad_batches
+            if not trainer.enable_validation or type(k) is not int or k < 1 or type(every) is not int \
+                    or every < 1 or not (n is None or (type(n) is int and n >= 1)) \
+                    or any(isinstance(c, GradientAccumulationScheduler) for c in trainer.callbacks):
                 return None
-            if n is None:
-                return cls(every, None, 1)
-            if batches == float("inf") or int(batches) < 1:
+            batches = float(batches) if batches == float("inf") else int(batches)
+            if (batches < 1 and (n is not None or k > 1)) or (n is not None and batches == float("inf")):
                 return None
-            return cls(every, n, int(batches))
+            return cls(every, n, batches, k)
         except Exception:  # another Lightning
             return None
 
-    def next_validation(self, step: int) -> int:
-        """The step of the first validation at or after ``step`` (a validation after batch t is at step t)."""
-        every, n, batches = self.every, self.n, self.batches
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.batches if self.accumulate == 1 else math.ceil(self.batches / self.accumulate) \
+            if math.isfinite(self.batches) else math.inf
+
+    def epoch_of(self, step: int) -> int:
+        """The epoch of a step (where epochs have a length)."""
+        return int(step // self.steps_per_epoch)
+
+    def _step(self, batch: int) -> int:
+        """The step a validation after (global) batch ``batch`` is logged at: the steps before the batch's own."""
+        k, b = self.accumulate, self.batches
+        if k == 1:
+            return batch
+        if not math.isfinite(b):
+            return batch // k
+        epoch, within = divmod(batch, int(b))
+        return int(epoch * self.steps_per_epoch + within // k)
+
+    def _batch(self, step: int) -> int:
+        """The first batch whose validation is logged at ``step`` or later."""
+        k, b = self.accumulate, self.batches
+        if k == 1:
+            return step
+        if not math.isfinite(b):
+            return step * k
+        epoch, j = divmod(step, int(self.steps_per_epoch))
+        return int(epoch * b + j * k)
+
+    def _next_batch(self, batch: int) -> int:
+        """The first batch at or after ``batch`` that a validation follows."""
+        every, n = self.every, self.n
         if n is None:  # every ``every`` batches of the whole run: after batch t where (t + 1) % every == 0
-            return math.ceil((step + 1) / every) * every - 1
-        epoch, batch = divmod(step, batches)
-        within = math.ceil((batch + 1) / every) * every - 1  # the epoch's batches counted: after (b + 1) % every == 0
+            return math.ceil((batch + 1) / every) * every - 1
+        batches = int(self.batches)
+        epoch, within_epoch = divmod(batch, batches)
+        within = math.ceil((within_epoch + 1) / every) * every - 1  # the epoch's batches: after (b + 1) % every == 0
         if (epoch + 1) % n == 0 and within < batches:  # this epoch validates, and has a check still to come
             return epoch * batches + within
         epoch = ((epoch + 1) // n + 1) * n - 1  # the next epoch that validates, at its first check
         return epoch * batches + every - 1
 
+    def next_validation(self, step: int) -> int:
+        """The step of the first validation at or after ``step``."""
+        return self._step(self._next_batch(self._batch(step)))
+
     def count(self, last: float, most: int = 1000) -> int:
         """The validations at steps up to ``last`` (the run's last step), counted up to ``most``."""
-        n, at = 0, self.next_validation(0)
-        while at <= last and n < most:
-            n, at = n + 1, self.next_validation(at + 1)
+        n, at = 0, self._next_batch(0)
+        while self._step(at) <= last and n < most:
+            n, at = n + 1, self._next_batch(at + 1)
         return n
 
     def period(self) -> float:
         """Steps per validation (an epoch's validations spread over ``n`` epochs)."""
         if self.n is None:
-            return float(self.every)
-        return self.n * self.batches / max(self.batches // self.every, 1)
+            per_batch = 1 / self.accumulate if not math.isfinite(self.batches) else self.steps_per_epoch / self.batches
+            return self.every * per_batch
+        return self.n * self.steps_per_epoch / max(int(self.batches) // self.every, 1)
 
 
 def steps_in_time(timer: Timer | None, step: int, left: float | None) -> float | None:

@@ -739,6 +739,29 @@ def test_lightning_a_budget_stop_keeps_the_step_and_the_validation_that_follow_i
     assert "stopping then" in monitor.stop_decision.message
 
 
+@pytest.mark.parametrize("accumulate", [1, 2, 4])
+def test_lightning_a_budget_reserves_the_next_validation_with_accumulated_gradients(tmp_path, fake_nvml, accumulate):
+    """``accumulate_grad_batches``: validations are counted in batches, the step axis in optimizer steps. The
+    next validation was guessed from the last two's spacing where it was not read from Lightning's schedule: with
+    validations 4 and 8 steps apart (23 batches an epoch, one every 8 batches, accumulated by 2) a 500 J budget
+    ended at 546 J, by 4 at 735 J for 700. 3 J a batch, 60 J a validation."""
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, mlflow=False, log_artifacts=False,
+                               output_dir=str(tmp_path / "out"))
+    budget = {1: 500.0, 2: 500.0, 4: 700.0}[accumulate]
+    (xt, yt), (xv, yv) = digits_tensors()
+    pl.Trainer(max_epochs=20, val_check_interval=8, accumulate_grad_batches=accumulate, logger=False,
+               callbacks=[work_clock(fake_nvml, train_s=0.03, val_s=0.6), monitor,
+                          gl.EnergyBudget(energy=f"{budget} J")],
+               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+               num_sanity_val_steps=0).fit(
+        lightning_digits_module()(), DataLoader(TensorDataset(xt[:184], yt[:184]), batch_size=8),  # 23 batches
+        DataLoader(TensorDataset(xv[:64], yv[:64]), batch_size=64))  # one validation batch: 60 J
+    assert monitor.stop_decision is not None and monitor.stop_decision.reason.value == "energy_budget"
+    assert budget - 100 <= monitor.cumulative_j <= budget, monitor.stop_decision.message
+    assert "+ an evaluation ~60 J" in monitor.stop_decision.message
+
+
 def test_hf_a_budget_stop_keeps_the_step_that_follows_it_in_the_budget(tmp_path, digits, fake_nvml):  # noqa: F811
     """HF: a point due at step 10 is taken as step 11 begins, and step 11 runs before the stop takes effect. On this
     work clock (1 J a step, a point every 5) the budget of 15.5 J used to end at 16 J."""

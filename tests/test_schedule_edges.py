@@ -164,7 +164,11 @@ def test_hf_a_budget_step_check_keeps_the_evaluation_before_the_next_check(tmp_p
     (dict(max_epochs=3, check_val_every_n_epoch=5), "has none"),  # every 5th epoch of 3: never
     (dict(max_steps=60, val_check_interval=100, check_val_every_n_epoch=None), "has none"),
     (dict(max_epochs=4), "this training has 3 before its last step"),  # fewer than min_evaluations=4
-    (dict(max_epochs=6), None)])
+    (dict(max_epochs=6), None),
+    # 8 batches an epoch accumulated by 4: 2 steps an epoch; a validation every 6 batches comes once an epoch, 3
+    # before the 6th step (the schedule was not read under accumulation: nothing was said)
+    (dict(max_epochs=3, val_check_interval=6, accumulate_grad_batches=4), "this training has 2 before its last step"),
+    (dict(max_epochs=5, val_check_interval=6, accumulate_grad_batches=4), None)])
 def test_lightning_a_schedule_with_too_few_validations_for_the_stop_says_so_before_the_first_step(
         tmp_path, fake_nvml, green_log, schedule, said):
     """A validation every 5th epoch of a 3-epoch run, or every 100 batches of a 60-step run: the stopper can never
