@@ -104,7 +104,8 @@ def check_tracking_uri(name: str, uri: str) -> None:
     the URI's user or password."""
     parts, shown = _uri_parts(name, uri)
     scheme = parts.scheme.lower()
-    if len(scheme) == 1 and scheme.isalpha():  # C:\mlruns: a Windows path
+    if (len(scheme) == 1 and scheme.isalpha()) or scheme in ("", "file"):  # a file store (C:\mlruns: a Windows path)
+        _check_file_store_taken(name, shown)
         return
     base = scheme.split("+", 1)[0] if scheme.split("+", 1)[0] in _DB_SCHEMES else scheme
     if base not in _STORE_SCHEMES and base not in _store_schemes():
@@ -117,6 +118,28 @@ def check_tracking_uri(name: str, uri: str) -> None:
         if local_store(uri) is None:
             raise ValueError(f"{name}={brief(shown)} names no database file (an in-memory store would be lost with "
                              "the process that sends to it); like 'sqlite:///mlflow.db'")
+
+
+def _check_file_store_taken(name: str, shown: str) -> None:
+    """MLflow from 3.13 on refuses a file store (``./mlruns``, ``file:./mlruns``, a folder path) unless
+    ``MLFLOW_ALLOW_FILE_STORE`` is true: an error now, not "nothing more can be sent" after the training. Only a
+    file store's URI pays MLflow's import here."""
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    except ImportError:  # an MLflow that takes file stores as they are
+        return
+    try:
+        if MLFLOW_ALLOW_FILE_STORE.get():
+            return
+    except ValueError:  # MLFLOW_ALLOW_FILE_STORE=yes: MLflow would refuse the store for it
+        raise ValueError(f"MLFLOW_ALLOW_FILE_STORE={brief(os.environ.get('MLFLOW_ALLOW_FILE_STORE'))} is not a value "
+                         "MLflow reads; choose from ['true', 'false', '1', '0']") from None
+    from importlib.metadata import version
+
+    raise ValueError(f"{name}={brief(shown)} names a file store (a folder of runs), which MLflow {version('mlflow')} "
+                     "refuses unless MLFLOW_ALLOW_FILE_STORE=true; choose a database store, like "
+                     "'sqlite:///mlflow.db' (`mlflow migrate-filestore` moves an existing folder into one), a server, "
+                     "like 'http://127.0.0.1:5000', or set MLFLOW_ALLOW_FILE_STORE=true")
 
 
 def check_no_nul(name: str, path: Any) -> None:

@@ -180,6 +180,7 @@ def test_a_tracking_uri_mlflow_could_never_open_is_refused_before_training(uri, 
 
 
 def test_tracking_uris_mlflow_opens_are_taken_and_a_bad_one_in_the_environment_is_named(monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # file stores: see the test below
     for uri in ("sqlite:///mlflow.db", "sqlite:////tmp/x.db?timeout=30", "http://user:pw@127.0.0.1:5000",
                 "https://mlflow.example.com", "file:///tmp/mlruns", "mlruns", "databricks", "databricks://profile",
                 "postgresql+psycopg2://u:p@db/mlflow", "mysql://db/mlflow", r"C:\mlruns"):
@@ -188,6 +189,27 @@ def test_tracking_uris_mlflow_opens_are_taken_and_a_bad_one_in_the_environment_i
     with pytest.raises(ValueError, match=r"MLFLOW_TRACKING_URI='htp://bad:5000': MLflow has no tracking store"):
         gl.EnergyMonitor()
     gl.EnergyMonitor(mlflow=False)  # nothing is sent: the variable is not this run's business
+
+
+@pytest.mark.parametrize("module", [gl, gt])
+def test_a_file_store_mlflow_refuses_is_an_error_before_training(monkeypatch, module):
+    """MLflow 3.13+ refuses a file store (``./mlruns``, ``file:``, a folder path) unless MLFLOW_ALLOW_FILE_STORE is
+    true: it was taken, the training ran, and "nothing more can be sent" came after it, the records left in the
+    spool. ``mlflow.db`` without ``sqlite:///`` is such a folder to MLflow."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for uri in ("file:./mlruns", "./mlruns", "mlflow.db", "/tmp/runs", "file:///tmp/mlruns"):
+        with pytest.raises(ValueError, match=rf"tracking_uri='{re.escape(uri)}' names a file store .* refuses unless "
+                                             r"MLFLOW_ALLOW_FILE_STORE=true; choose a database store, like "
+                                             r"'sqlite:///mlflow.db'"):
+            module.EnergyMonitor(tracking_uri=uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "./mlruns")
+    with pytest.raises(ValueError, match=r"MLFLOW_TRACKING_URI='./mlruns' names a file store"):
+        module.EnergyMonitor()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "yes")
+    with pytest.raises(ValueError, match=r"MLFLOW_ALLOW_FILE_STORE='yes' is not a value MLflow reads; choose from "):
+        module.EnergyMonitor()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "1")
+    module.EnergyMonitor()
 
 
 def test_paths_may_be_pathlib_paths_and_one_intensity_source_is_taken(tmp_path):
