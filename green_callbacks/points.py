@@ -253,9 +253,11 @@ class PointHost:
         epoch's where an evaluation ends the epoch) and throughput, in one record at one step; rank 0 only.
         ``hold``: keep them for the next point, which logs them with its own at the same step (see
         :meth:`before_checkpoint`), or first, at their own step, where it comes later."""
-        if not self.rank.is_zero or self.sink is None:
+        if not self.rank.is_zero:
             return
-        self._check_efficiency_names(records)
+        self._check_efficiency_names(records)  # (with MLflow off too: a typo in a config is one all the same)
+        if self.sink is None:
+            return
         first = records[0]
         if not self._params_logged:
             self._params_logged = True

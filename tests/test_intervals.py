@@ -365,11 +365,15 @@ def test_a_metric_not_logged_at_an_evaluation_is_not_read_again_from_an_earlier_
     assert "efficiency_metrics names" not in green_log.text  # it is logged, if not at every evaluation
 
 
-def test_an_efficiency_metric_no_evaluation_logs_is_said_once_with_the_names_logged(tmp_path, fake_nvml, green_log):
+@pytest.mark.parametrize("mlflow_on", [True, False])
+def test_an_efficiency_metric_no_evaluation_logs_is_said_once_with_the_names_logged(tmp_path, fake_nvml, green_log,
+                                                                                    mlflow_on):
     """``efficiency_metrics=["val_accuracy"]`` where the evaluations log ``val_acc``: no efficiency metric and no
-    word of it; now one warning, naming what was logged and the close name."""
+    word of it; now one warning, naming what was logged and the close name (with ``mlflow=False`` too, where the
+    config's typo went unsaid)."""
     fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
-    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=ready_store(tmp_path),
+    where = dict(tracking_uri=ready_store(tmp_path)) if mlflow_on else dict(mlflow=False)
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, **where,
                                output_dir=str(tmp_path / "out"), log_artifacts=False,
                                efficiency_metrics=["scores", "score"])
     lightning_fit(tmp_path, val_module([0.5, 0.6, 0.7]), [monitor, work_clock(fake_nvml, val_s=0.002)],
