@@ -20,6 +20,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 FORMATS = (".toml", ".yaml", ".yml")
+SECTIONS = ("budget", "efficiency")  # the tables a green-callbacks table holds (the stoppers' ``section``)
 
 
 def _yaml_loader() -> type:
@@ -44,7 +45,31 @@ def _yaml_loader() -> type:
                     raise ValueError(f"duplicate key {brief(key)} ({where}); give each key once")
             return super().construct_mapping(node, deep)
 
+        def construct_yaml_int(self, node: Any) -> int:
+            return _plain_number(node, super().construct_yaml_int(node))
+
+        def construct_yaml_float(self, node: Any) -> float:
+            return _plain_number(node, super().construct_yaml_float(node))
+
+    StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
+    StrictLoader.add_constructor("tag:yaml.org,2002:float", StrictLoader.construct_yaml_float)
     return StrictLoader
+
+
+def _plain_number(node: Any, value: Any) -> Any:
+    """YAML 1.1 (PyYAML's) reads ``1:30`` as 90 (base 60) and ``010`` as 8 (octal), where YAML 1.2 and a person
+    read a time and ten: refused, with what it would have been, rather than a budget or a cadence silently other
+    than the one written."""
+    text = str(node.value).replace("_", "").lstrip("+-")
+    sexagesimal = ":" in text
+    octal = len(text) > 1 and text[0] == "0" and text[1].isdigit() and "." not in text and "e" not in text.lower()
+    if sexagesimal or octal:
+        sign = "-" if str(node.value).lstrip().startswith("-") else ""
+        fix = ("write the number you mean, or quote it if it is text" if sexagesimal else
+               f"write {sign}{text.lstrip('0') or '0'} for the decimal number, or quote it if it is text")
+        raise ValueError(f"{brief(node.value)} (line {node.start_mark.line + 1}) reads as {value!r} in YAML 1.1, "
+                         f"{'a number in base 60' if sexagesimal else 'an octal number'}; {fix}")
+    return value
 
 
 def _table(path: Path, data: dict[str, Any], *keys: str) -> dict[str, Any] | None:
@@ -109,6 +134,11 @@ def read_section(path: str | Path, section: str, valid: Collection[str]) -> dict
             raise ValueError(f"{path}: both 'green-callbacks.{section}' and a top-level '{section}' are there; keep "
                              "one")
         data, where = table, ".".join(keys)
+        strays = sorted(map(str, set(data) - set(SECTIONS)))  # (a top level is anyone's: a Hydra config's own keys)
+        if strays:  # a `monitor:` table beside the budget was read by nothing, without a word
+            raise ValueError(f"{path}: unknown table(s) {strays} under {where}; it holds {list(SECTIONS)} (read by "
+                             "EnergyBudget.from_file and EfficiencyEarlyStopping.from_file); the monitor's settings "
+                             "are its arguments")
     else:
         where = "the top level"
     if section not in data:

@@ -204,6 +204,31 @@ def test_from_yaml_and_toml_files(tmp_path):
         gl.EnergyBudget.from_file(two)
 
 
+def test_a_config_file_holds_only_the_stoppers_tables_and_no_yaml_1_1_numbers(tmp_path):
+    """A `monitor:` table beside the budget under green-callbacks was read by nothing, without a word; YAML 1.1
+    read `1:30` as 90 (base 60) and `010` as 8 (octal): a 90-J budget, a check every 8 steps."""
+    green = tmp_path / "green.yaml"
+    green.write_text("green-callbacks:\n  budget: {energy: 1 kJ}\n  monitor: {country: FR}\n")
+    with pytest.raises(ValueError, match=r"green.yaml: unknown table\(s\) \['monitor'\] under green-callbacks; it "
+                                         r"holds \['budget', 'efficiency'\]"):
+        gl.EnergyBudget.from_file(green)
+    toml = tmp_path / "pyproject.toml"
+    toml.write_text('[tool.green-callbacks.budget]\nenergy = "1 kJ"\n[tool.green-callbacks.budgte]\ncost = 1\n')
+    with pytest.raises(ValueError, match=r"unknown table\(s\) \['budgte'\] under tool.green-callbacks"):
+        gt.EnergyBudget.from_file(toml)
+    hydra = tmp_path / "hydra.yaml"  # a top level is anyone's: a Hydra config's own keys stay its own
+    hydra.write_text("trainer: {max_epochs: 3}\nbudget: {energy: 1 kJ}\n")
+    assert gl.EnergyBudget.from_file(hydra).budget.energy_j == 1000.0
+    for text, said in (("budget: {energy: 1:30}\n", r"'1:30' \(line 1\) reads as 90 in YAML 1.1, a number in base 60"),
+                       ("budget:\n  energy: 1 kJ\n  check_every_n_steps: 010\n",
+                        r"'010' \(line 3\) reads as 8 in YAML 1.1, an octal number; write 10 for the decimal number")):
+        green.write_text(text)
+        with pytest.raises(ValueError, match=rf"green.yaml: not valid YAML: {said}"):
+            gl.EnergyBudget.from_file(green)
+    green.write_text("budget:\n  energy: 1 kJ\n  check_every_n_steps: 10\n")
+    assert gl.EnergyBudget.from_file(green).check_every_n_steps == 10
+
+
 def test_a_bad_value_in_a_config_file_names_the_file_and_the_table(tmp_path):
     bad = tmp_path / "green.yaml"
     bad.write_text("green-callbacks:\n  budget:\n    energy: 5 kWhh\n  efficiency:\n    patience: -2\n")
