@@ -16,6 +16,7 @@ from green_callbacks.lightning_trainer import (
     cuda_indices,
     ends_epoch,
     epoch_ends_before_run,
+    epoch_training_metrics,
     fresh_metrics,
     max_steps,
     mlflow_logger_run,
@@ -253,6 +254,12 @@ class EnergyMonitor(EnergyTracker, Callback):
                 self._verify_training_metrics(trainer, last=True)
             metrics = fresh_metrics(trainer, self._metrics_before)
             self._metrics_before = dict(trainer.callback_metrics)
+            wanted = {s.monitor for s in self.stoppers if getattr(s, "monitor", None)}
+            wanted |= set(self.efficiency_metrics or ())
+            current, per_epoch = epoch_training_metrics(trainer, wanted, ends_epoch(trainer))
+            for name in per_epoch:  # the previous epoch's value: this evaluation's, where it ends the epoch
+                metrics.pop(name, None)
+            metrics.update(current)
             if self.end_evaluation(step_of(trainer), metrics, ends_epoch(trainer)):
                 trainer.should_stop = True
 

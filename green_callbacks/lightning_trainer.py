@@ -75,6 +75,32 @@ def fresh_metrics(trainer: pl.Trainer, before: dict[str, Any] | None) -> dict[st
             if before.get(k) is not v and getattr(v, "numel", lambda: 1)() == 1}
 
 
+def epoch_training_metrics(trainer: pl.Trainer, wanted: set[str], now: bool) -> tuple[dict[str, float], set[str]]:
+    """Training metrics logged per epoch only (``self.log(..., on_step=False, on_epoch=True)`` in
+    ``training_step``) among ``wanted``: Lightning reports them at the epoch's end, after the epoch's validation,
+    so at a validation ``callback_metrics`` holds the previous epoch's value (an evaluation was paired with the
+    metric of the epoch before, and the first had none). Their names, whose value a validation must not read as
+    new; and where the validation ends the epoch (``now``: nothing is trained before the epoch's end), this
+    epoch's values, computed as Lightning computes them at the epoch's end (its metrics keep the value computed:
+    the epoch's end reads it, synchronised across ranks once, where ``sync_dist`` asks). Empty where this
+    Lightning keeps its results otherwise."""
+    if not wanted:
+        return {}, set()
+    try:
+        results = trainer.fit_loop.epoch_loop._results
+        found = [(results._forked_name(m, False)[0], m) for _, m in results.valid_items()
+                 if m.meta.on_epoch and not m.meta.on_step]
+        found = [(name, m) for name, m in found if name in wanted]
+        values = {}
+        for name, metric in found if now else ():
+            value = results._get_cache(metric, False)
+            if value is not None and value.numel() == 1:
+                values[name] = float(value)
+        return values, {name for name, _ in found}
+    except Exception:  # another Lightning
+        return {}, set()
+
+
 def step_of(trainer: pl.Trainer, counted: bool = False) -> int:
     """The step Lightning's loggers log at, so energy points overlay the loss and accuracy charts of the
     same run: ``fit_loop.epoch_loop._batches_that_stepped``, the batches that stepped the optimizers (once

@@ -382,6 +382,40 @@ def test_an_efficiency_metric_no_evaluation_logs_is_said_once_with_the_names_log
     assert len(said) == 1 and "'scores'" in said[0] and "did you mean 'score'?" in said[0], said
 
 
+@pytest.mark.parametrize("val_check_interval", [1.0, 0.5])
+def test_a_training_metric_logged_per_epoch_is_read_with_its_own_epochs_evaluation(tmp_path, fake_nvml,
+                                                                                   val_check_interval):
+    """``self.log("train_score", ..., on_step=False, on_epoch=True)`` in ``training_step``: Lightning reports it at
+    the epoch's end, after the epoch's validation. Each evaluation was paired with the epoch before's value (the
+    first had none, the last epoch's was never read). Now an evaluation that ends the epoch reads this epoch's,
+    and one within the epoch reads none (the value there is the last epoch's, no new measurement)."""
+    values = [0.2, 0.5, 0.6, 0.9]
+    base = lightning_digits_module()
+
+    class TrainScored(base):
+        def training_step(self, batch, batch_idx):
+            self.log("train_score", values[self.current_epoch], on_step=False, on_epoch=True)
+            return super().training_step(batch, batch_idx)
+
+    fake_nvml.configure([{"profile": [[1.0, 100.0]]}], work_clock=True)
+    uri = ready_store(tmp_path)
+    monitor = gl.EnergyMonitor(gpus="all", measure_cpu=False, tracking_uri=uri, output_dir=str(tmp_path / "out"),
+                               log_artifacts=False, efficiency_metrics=["train_score"])
+    stopper = gl.EfficiencyEarlyStopping(monitor="train_score", patience=10)
+    lightning_fit(tmp_path, TrainScored(), [monitor, stopper, work_clock(fake_nvml, val_s=0.002)],
+                  max_epochs=len(values), num_sanity_val_steps=0, val_check_interval=val_check_interval)
+    client, (run,) = runs(uri)
+    cumulative = dict(history(client, run.info.run_id, "energy/cumulative_j"))
+    per_kj = history(client, run.info.run_id, "efficiency/train_score_per_kj")
+    epoch_ends = [4 * (e + 1) - 1 for e in range(len(values))]  # 4 batches an epoch, a step each
+    assert [s for s, _ in per_kj] == epoch_ends
+    assert [round(v * cumulative[s] / 1000, 6) for s, v in per_kj] == values
+    window = [round(v, 6) for _, v in stopper.state_dict()["window"]]  # (the last doubling's evaluations)
+    assert window and window == values[-len(window):], window
+    validations = [s for s, _ in history(client, run.info.run_id, "energy/eval_j")]
+    assert len(validations) == len(values) / val_check_interval
+
+
 def test_nan_is_skipped_once_and_nan_for_patience_evaluations_is_a_divergence(tmp_path, green_log):
     monitor = gl.EnergyMonitor(mlflow=False, log_artifacts=False)
     t = lightning_fit(tmp_path, val_module([0.5, math.nan, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97]),
