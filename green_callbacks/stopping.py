@@ -22,6 +22,7 @@ from green_callbacks.policies import (
     higher_is_better,
 )
 from green_callbacks.units import brief, is_finite_number, is_integer, plain
+from green_callbacks.validation import named_arguments
 
 log = logging.getLogger("green_callbacks")
 S = TypeVar("S", bound="Stopper")
@@ -155,6 +156,7 @@ class EfficiencyStopper(Stopper):
 
     section = "efficiency"
 
+    @named_arguments
     def __init__(self, monitor: str | None = None, mode: str | None = None, min_gain: str = DEFAULT_MIN_GAIN,
                  patience: int = 3, min_evaluations: int = DEFAULT_MIN_EVALUATIONS, strict: bool = True,
                  verbose: bool = False, *,
@@ -308,6 +310,7 @@ class BudgetStopper(Stopper):
 
     section = "budget"
 
+    @named_arguments
     def __init__(self, energy: float | str | None = None, emissions: float | str | None = None,
                  cost: float | str | None = None, on_exceed: str = "stop",
                  check_every_n_steps: int | None = None) -> None:

@@ -36,7 +36,7 @@ from green_callbacks.stages import StageHost
 from green_callbacks.stopping import Stopper
 from green_callbacks.throughput import ThroughputHost
 from green_callbacks.units import plain
-from green_callbacks.validation import check_tracker_args
+from green_callbacks.validation import check_tracker_args, named_arguments
 
 
 class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, StopperHost, EndHost, RunLedger):
@@ -79,6 +79,7 @@ class EnergyTracker(RunHost, PointHost, LoopHost, ThroughputHost, StageHost, Sto
 
     _warned_unmeasured = False  # "nothing can be measured here", said once per tracker
 
+    @named_arguments
     def __init__(
         self,
         gpus: GpuSelection | None = "auto",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,6 +39,26 @@ def _number(name: str, value: Any, low: float, high: float = math.inf, optional:
         raise ValueError(f"{name}={brief(value)} must be a finite number {bounds}{what}"
                          f"{' or None' if optional else ''}")
     return float(value)
+
+
+def named_arguments(init: Callable[..., None]) -> Callable[..., None]:
+    """A public ``__init__`` whose unknown keyword (a typo in a Hydra config, ``enrgy=``) is a TypeError naming the
+    class the user wrote, the close name and every argument, not Python's ``BudgetStopper.__init__() got an
+    unexpected keyword argument`` (an inherited class's name, no choices). The signature stays ``init``'s
+    (``functools.wraps``): LightningCLI and jsonargparse read it."""
+    params = inspect.signature(init).parameters
+    names = [n for n, p in list(params.items())[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    @functools.wraps(init)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            raise TypeError(f"{type(self).__name__} has no argument {unknown[0]!r}"
+                            f"{f' (did you mean {close[0]!r}?)' if close else ''}; its arguments are {names}")
+        init(self, *args, **kwargs)
+
+    return checked
 
 
 def _string(name: str, value: Any, optional: bool = True) -> str | None:

@@ -104,6 +104,21 @@ def test_hydra_instantiate_with_dictconfig_values(tmp_path):
     assert efficiency.plateau.min_gain.text == "0.1 per kWh"
     with pytest.raises(Exception, match=r"unknown country 'Narnia'"):
         instantiate(OmegaConf.create({"_target_": "green_callbacks.lightning.EnergyMonitor", "country": "Narnia"}))
+    # a misspelt key: Python's "BudgetStopper.__init__() got an unexpected keyword argument", an inherited class's
+    # name and no choices
+    for target, key, said in (("transformers.EnergyBudget", "enrgy", "EnergyBudget has no argument 'enrgy' (did you "
+                                                                     "mean 'energy'?); its arguments are ['energy'"),
+                              ("lightning.EnergyMonitor", "contry", "EnergyMonitor has no argument 'contry' (did you "
+                                                                    "mean 'country'?); its arguments are ['gpus'"),
+                              ("lightning.EfficiencyEarlyStopping", "patiense", "EfficiencyEarlyStopping has no "
+                                                                                "argument 'patiense' (did you mean "
+                                                                                "'patience'?)")):
+        with pytest.raises(Exception, match=re.escape(said)):
+            instantiate(OmegaConf.create({"_target_": f"green_callbacks.{target}", key: 1}))
+    from green_callbacks import EnergyTracker
+
+    with pytest.raises(TypeError, match=r"EnergyTracker has no argument 'wombat'; its arguments are \['gpus'"):
+        EnergyTracker(wombat="green")
 
 
 def test_hydra_built_hf_callbacks_save_their_checkpoints(tmp_path, monkeypatch, fake_nvml):
