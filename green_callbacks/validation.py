@@ -116,8 +116,11 @@ def _reason_without_secrets(shown: str) -> str:
 
 def check_server_uri(name: str, uri: str) -> None:
     """The form of a tracking URI given to read from (``green-callbacks report --tracking-uri``): readable, and a
-    server URI with a host, said without the URI's user and password. Its scheme is left to MLflow."""
-    _uri_parts(name, uri)
+    server URI with a host, said without the URI's user and password, in a scheme MLflow has a store for."""
+    parts, shown = _uri_parts(name, uri)
+    scheme = parts.scheme.lower()
+    if not ((len(scheme) == 1 and scheme.isalpha()) or scheme in ("", "file")):
+        _check_scheme(name, scheme, shown)
 
 
 def check_tracking_uri(name: str, uri: str) -> None:
@@ -130,17 +133,22 @@ def check_tracking_uri(name: str, uri: str) -> None:
     if (len(scheme) == 1 and scheme.isalpha()) or scheme in ("", "file"):  # a file store (C:\mlruns: a Windows path)
         _check_file_store_taken(name, shown)
         return
-    base = scheme.split("+", 1)[0] if scheme.split("+", 1)[0] in _DB_SCHEMES else scheme
-    if base not in _STORE_SCHEMES and base not in _store_schemes():
-        raise ValueError(f"{name}={brief(shown)}: MLflow has no tracking store for the scheme {brief(parts.scheme)}; "
-                         f"choose from {_store_schemes()} (or a folder path), like 'sqlite:///mlflow.db' or "
-                         "'http://127.0.0.1:5000'")
+    base = _check_scheme(name, scheme, shown)
     if base == "sqlite":
         from green_callbacks.sinks.vetting import local_store
 
         if local_store(uri) is None:
             raise ValueError(f"{name}={brief(shown)} names no database file (an in-memory store would be lost with "
                              "the process that sends to it); like 'sqlite:///mlflow.db'")
+
+
+def _check_scheme(name: str, scheme: str, shown: str) -> str:
+    """The scheme (a database's without its driver: ``postgresql+pg8000``), one MLflow has a tracking store for."""
+    base = scheme.split("+", 1)[0] if scheme.split("+", 1)[0] in _DB_SCHEMES else scheme
+    if base not in _STORE_SCHEMES and base not in _store_schemes():
+        raise ValueError(f"{name}={brief(shown)}: MLflow has no tracking store for the scheme {brief(scheme)}; "
+                         f"choose from {_store_schemes()}, like 'sqlite:///mlflow.db' or 'http://127.0.0.1:5000'")
+    return base
 
 
 def _check_file_store_taken(name: str, shown: str) -> None:

@@ -122,5 +122,9 @@ def test_report_a_bare_name_that_is_no_store_is_named(tmp_path, monkeypatch, cap
 
 
 def test_report_bad_tracking_uri_is_a_clear_error(capsys):
-    assert cli(["report", "x", "--tracking-uri", "bogus://nowhere"]) == 2
-    assert "error: cannot read MLflow at bogus://nowhere" in capsys.readouterr().err
+    """A scheme MLflow has no store for was MLflow's text about its model registry; now the schemes to choose from,
+    before MLflow is asked."""
+    assert cli(["report", "x", "--tracking-uri", "htp://nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --tracking-uri='htp://nowhere': MLflow has no tracking store for the scheme 'htp'; choose from " \
+           "['file', 'http', 'https'" in err and "registry" not in err
