@@ -140,9 +140,18 @@ def _positive(name: str, value: float, original: object) -> float:
     return value
 
 
+def _unit_written(name: str, value: object, unit: str, example: str, plain_unit: str, units: str) -> None:
+    """A string names its unit: ``'2.5'`` (from an environment variable, a quoted YAML value) was read as 2.5 J, a
+    budget the run's first check exceeds, where the person meant kWh; a number stays in the base unit."""
+    if isinstance(value, str) and not unit:
+        raise ValueError(f"{name}={brief(value)} is a string without a unit; write the unit, like {example} "
+                         f"(the units: {units}), or give a number, which is in {plain_unit}")
+
+
 def parse_energy_j(name: str, value: float | str) -> float:
     """Joules from a number (joules) or a string with J, kJ, MJ, Wh, kWh or MWh."""
     number, unit = _number(name, value, ", ".join(ENERGY_J))
+    _unit_written(name, value, unit, f"'{number:g} kWh'", "joules", ", ".join(ENERGY_J))
     factor = ENERGY_J.get(unit, _ENERGY_ANY_CASE.get(unit.lower())) if unit else 1.0
     if factor is None:
         raise ValueError(f"{name}={brief(value)}: unknown energy unit {unit!r}; choose one of {', '.join(ENERGY_J)}")
@@ -152,6 +161,7 @@ def parse_energy_j(name: str, value: float | str) -> float:
 def parse_mass_g(name: str, value: float | str) -> float:
     """Grams CO2e from a number (grams) or a string with g, kg or t (optionally followed by CO2e)."""
     number, unit = _number(name, value, "g, kg, t (of CO2e), like '300 g' or '1.5 kg'", co2=True)
+    _unit_written(name, value, unit, f"'{number:g} kg'", "grams", "g, kg, t")
     factor = MASS_G.get(unit.lower()) if unit else 1.0
     if factor is None:
         raise ValueError(f"{name}={brief(value)}: unknown mass unit {unit!r}; choose one of g, kg, t (of CO2e)")

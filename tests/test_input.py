@@ -93,6 +93,12 @@ def test_numpy_numbers_from_a_config_or_an_array_are_numbers():
                                           r"kg, t"),
     ({"cost": "$3"}, r"cost='\$3' is not '<number> <unit>'; the units: an ISO 4217 currency code after the amount, "
                      r"like '0.5 EUR'"),
+    # a string without its unit (an environment variable through Hydra's oc.env, a quoted YAML value) was read as
+    # joules (grams): a 2.5-J budget, which the run's first check exceeds
+    ({"energy": "2.5"}, r"energy='2.5' is a string without a unit; write the unit, like '2.5 kWh' \(the units: J, "
+                        r"kJ, MJ, Wh, kWh, MWh\), or give a number, which is in joules"),
+    ({"emissions": "300"}, r"emissions='300' is a string without a unit; write the unit, like '300 kg' \(the units: "
+                           r"g, kg, t\), or give a number, which is in grams"),
 ])
 def test_a_malformed_budget_names_the_units_it_takes(kwargs, message):
     for module in (gl, gt):
