@@ -75,11 +75,15 @@ class EndHost:
             if self.meter is not None:
                 if cut_short or self.epoch_open:  # interrupted: this rank's part, without collectives
                     self.meter.settle()
+                    step = self._last_step_seen_or_point()
+                    last_epoch = next((r.step for r in reversed(self.records) if r.kind is Kind.EPOCH), None)
+                    if self.epoch_open and last_epoch == step:  # cut short in its first step: that step's, not the
+                        step += 1  # last epoch's step (its energy/epoch_j was logged twice there, the later ~0 J)
                     if self.epoch_open:
-                        self._point(Kind.EPOCH, self._last_step_seen_or_point(), collective=False)
-                    self._point(Kind.END, self._last_step_seen_or_point(), collective=False)
+                        self._point(Kind.EPOCH, step, collective=False)
+                    self._point(Kind.END, step, collective=False)
                     self._log(total_metrics(self.cumulative_j, self.cumulative_g, self.cumulative_cost,
-                                            self.run_time_s()), self._last_step_seen_or_point())
+                                            self.run_time_s()), step)
                     report = self.rank.is_zero
                 trace = self.meter.trace_frame()
                 self.meter.close()

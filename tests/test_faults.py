@@ -105,6 +105,45 @@ def test_nvml_fault_mid_training_hf(tmp_path, fake_nvml, green_log):
     assert green_log.text.count("gpu0: NVML failed") == 1
 
 
+def test_a_training_cut_short_in_an_epochs_first_step_logs_that_step_not_the_last_epochs(tmp_path):
+    """An exception in the first batch of epoch 2: the partial epoch (about 0 J) was logged at epoch 1's step, a
+    second energy/epoch_j there, which MLflow then showed as the run's latest value."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Failing(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 2)
+
+        def training_step(self, batch, batch_idx):
+            if self.current_epoch == 2 and batch_idx == 0:
+                raise RuntimeError("boom in the first batch of epoch 2")
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_acc", (self.layer(x).argmax(-1) == y).float().mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    x = torch.randn(64, 4)
+    data = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)  # 8 steps an epoch
+    uri = ready_store(tmp_path)
+    monitor = gl.EnergyMonitor(tracking_uri=uri, output_dir=str(tmp_path / "out"), log_artifacts=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        pl.Trainer(max_epochs=4, logger=False, callbacks=[monitor], enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   default_root_dir=tmp_path).fit(Failing(), data, data)
+    client, (run,) = runs(uri)
+    assert run.info.status == "FAILED"
+    assert [s for s, _ in history(client, run.info.run_id, "energy/epoch_j")] == [7, 15, 16]
+    assert [s for s, _ in history(client, run.info.run_id, "energy/total_j")] == [16]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("framework", ["lightning", "hf", "hf-mlflow"])
 @pytest.mark.parametrize(("fault", "status"), [("sigterm", "KILLED"), ("keyboard", "KILLED"),
