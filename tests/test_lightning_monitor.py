@@ -83,10 +83,12 @@ def test_logs_the_metric_contract_per_epoch_and_evaluation_at_the_global_step(tm
         assert 0 < val[step] < epoch[step]
         assert 0 < evals[step] < interval[step]
         assert grams[step] == pytest.approx(epoch[step] / J_PER_KWH * intensity)
-    # the evaluation intervals tile the run; the last cumulative point, the total, and the summary agree
+    # the evaluation intervals tile the run to its last evaluation (what follows it, the training's end, is in none:
+    # on this wall-clock GPU a loaded CI machine made that tail 2.4 % of the run, where the total was compared); the
+    # last cumulative point, the total, and the summary agree
     total = history(client, rid, "energy/total_j")
     assert total[0][1] == pytest.approx(monitor.cumulative_j)
-    assert sum(interval.values()) == pytest.approx(monitor.cumulative_j, rel=0.02)
+    assert sum(interval.values()) == pytest.approx(cumulative[191], rel=1e-6)
     assert cumulative[191] <= total[0][1]
     eff = dict(history(client, rid, "efficiency/val_score_per_kj"))
     assert eff[191] == pytest.approx(3.0 / (cumulative[191] / 1000), rel=1e-6)
